@@ -1,0 +1,1 @@
+//! qcow2: filled in by its implementation.

@@ -1,0 +1,1 @@
+//! test-http-probe

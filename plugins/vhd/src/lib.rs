@@ -1,0 +1,1 @@
+//! vhd: filled in by its implementation.

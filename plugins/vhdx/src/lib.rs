@@ -1,0 +1,1 @@
+//! vhdx: filled in by its implementation.

@@ -1,0 +1,1 @@
+//! vmdk: filled in by its implementation.
