@@ -1,1 +1,704 @@
-//! placeholder
+//! Haven's sandboxed plugin host.
+//!
+//! Adapters and target writers are Wasm components implementing `haven:plugin@0.1.0`
+//! (`wit/haven-plugin@0.1.0/`). The host loads them from files (precompiled artefacts are cached,
+//! see [`cache`]), refuses a component that imports a capability its [`Grants`] do not cover,
+//! and runs every call under a CPU deadline (epoch interruption) and a memory limit. A trap, a
+//! timeout or running out of memory is contained: the call fails with a [`PluginError`] naming
+//! the plugin and the call, the instance is thrown away and a fresh one serves the next call.
+//!
+//! Architecture invariant: nothing here blocks on the network or spawns tasks; calls are
+//! synchronous and the caller picks the thread (the engine runs them on blocking threads).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+pub mod buffers;
+pub mod cache;
+pub mod grants;
+pub mod storage;
+pub mod wit;
+mod writer;
+
+pub use cache::{ArtifactCache, CacheOutcome};
+pub use grants::Grants;
+pub use writer::{Access, Disk, WriterPlugin};
+
+use grants::HttpGrant;
+use storage::StorageGrant;
+use wit::since_v0_1_0::adapter::{Adapter, AdapterPre};
+pub(crate) use wit::since_v0_1_0::writer::haven::plugin::types::Error as WitError;
+use wit::since_v0_1_0::writer::{TargetWriter, TargetWriterPre};
+
+/// How often the epoch ticks; deadlines are whole ticks, so a call past its deadline stops
+/// within one tick of it.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A plugin to load: its name, its component file and what it is granted.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Name used in logs, errors and metrics.
+    pub name: String,
+    /// Path of the component (`.wasm`).
+    pub path: PathBuf,
+    /// Capabilities and limits of each instance.
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// The plugin host: one wasmtime engine, its epoch ticker and the linkers of each world.
+pub struct Host {
+    engine: Engine,
+    writer_linker: Linker<State>,
+    adapter_linker: Linker<State>,
+    cache: Option<ArtifactCache>,
+    ticker: Option<Ticker>,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.ticker.take();
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin `{plugin}`: cannot read component {path}: {source}")]
+    Read {
+        plugin: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin `{plugin}`: {path} is not a valid component: {source:#}")]
+    Compile {
+        plugin: String,
+        path: PathBuf,
+        source: wasmtime::Error,
+    },
+    #[error("plugin `{plugin}` imports `{import}`, which is refused: {why}")]
+    Refused {
+        plugin: String,
+        import: String,
+        why: String,
+    },
+    #[error("plugin `{plugin}`: storage root {root} cannot be opened: {source}")]
+    StorageRoot {
+        plugin: String,
+        root: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin `{plugin}` does not implement the `{world}` world: {source:#}")]
+    World {
+        plugin: String,
+        world: &'static str,
+        source: wasmtime::Error,
+    },
+}
+
+/// How a call into a plugin ended badly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrapKind {
+    /// It ran past its deadline.
+    Timeout(Duration),
+    /// It tried to grow memory past its limit.
+    OutOfMemory(u64),
+    /// It trapped (a panic, an out-of-bounds access, …); the text is wasmtime's.
+    Crash(String),
+}
+
+/// Why a call into a plugin failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PluginError {
+    /// The plugin answered with an error.
+    #[error("plugin `{plugin}` call `{call}` failed: {error}{}", denials_suffix(.denials))]
+    Failed {
+        plugin: String,
+        call: &'static str,
+        error: haven_image::Error,
+        denials: Vec<String>,
+    },
+    /// The plugin trapped; the instance was replaced by a fresh one.
+    #[error("plugin `{plugin}` call `{call}` {}; the instance was restarted", trap_text(.kind))]
+    Trapped {
+        plugin: String,
+        call: &'static str,
+        kind: TrapKind,
+    },
+    /// A disk handle from before a restart was used.
+    #[error(
+        "plugin `{plugin}` call `{call}`: the disk was opened by an instance that has since been restarted; open it again"
+    )]
+    Stale { plugin: String, call: &'static str },
+    /// The host itself failed around the call.
+    #[error("plugin `{plugin}` call `{call}`: host error: {message}")]
+    Host {
+        plugin: String,
+        call: &'static str,
+        message: String,
+    },
+}
+
+fn denials_suffix(denials: &[String]) -> String {
+    if denials.is_empty() {
+        String::new()
+    } else {
+        format!(" (host refused: {})", denials.join("; "))
+    }
+}
+
+fn trap_text(kind: &TrapKind) -> String {
+    match kind {
+        TrapKind::Timeout(d) => {
+            format!("ran past its {} ms deadline and was stopped", d.as_millis())
+        }
+        TrapKind::OutOfMemory(limit) => {
+            format!("ran out of memory (limit {} MiB)", limit >> 20)
+        }
+        TrapKind::Crash(text) => format!("trapped: {text}"),
+    }
+}
+
+impl PluginError {
+    /// The plugin's own error, when it answered with one.
+    pub fn plugin_error(&self) -> Option<&haven_image::Error> {
+        match self {
+            Self::Failed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// The state of one plugin instance's store.
+pub struct State {
+    name: Arc<str>,
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_grant: HttpGrant,
+    storage: Option<StorageGrant>,
+    limiter: MemoryLimiter,
+    log_lines: u64,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_grant,
+        }
+    }
+}
+
+/// Bounds linear memory and tables, and remembers whether it refused a growth (a guest that
+/// runs out of memory then traps with `unreachable`; this tells it apart from other traps).
+struct MemoryLimiter {
+    max_memory: usize,
+    refused: bool,
+}
+
+/// Most table elements an instance may have.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory;
+        self.refused |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl wit::since_v0_1_0::writer::haven::plugin::types::Host for State {}
+
+impl wit::since_v0_1_0::writer::haven::plugin::log::Host for State {
+    fn log(
+        &mut self,
+        level: wit::since_v0_1_0::writer::haven::plugin::log::Level,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        use wit::since_v0_1_0::writer::haven::plugin::log::Level;
+        let mut message = message;
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        self.log_lines += 1;
+        let plugin = &*self.name;
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl wit::since_v0_1_0::writer::haven::plugin::clock::Host for State {
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(now.as_millis() as u64)
+    }
+
+    fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        Ok(ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64)
+    }
+}
+
+/// Options of a [`Host`].
+#[derive(Debug, Clone, Default)]
+pub struct HostConfig {
+    /// Folder of precompiled artefacts; `None` compiles every load.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Host {
+    pub fn new(config: HostConfig) -> wasmtime::Result<Self> {
+        let mut c = Config::new();
+        c.epoch_interruption(true);
+        c.wasm_component_model(true);
+        c.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&c)?;
+
+        let mut writer_linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut writer_linker)?;
+        TargetWriter::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
+            &mut writer_linker,
+            |s| s,
+        )?;
+
+        let mut adapter_linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut adapter_linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut adapter_linker)?;
+        use wit::since_v0_1_0::writer::haven::plugin as haven;
+        type Me = wasmtime::component::HasSelf<State>;
+        haven::types::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
+        haven::buffers::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
+        haven::log::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
+        haven::clock::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("haven-epoch".into())
+                .spawn(move || {
+                    // The epoch follows the wall clock (one tick per EPOCH_TICK since start), so a
+                    // late wake-up is caught up at once instead of stretching every deadline.
+                    let start = Instant::now();
+                    let mut ticks: u128 = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        let due = start.elapsed().as_nanos() / EPOCH_TICK.as_nanos();
+                        while ticks < due {
+                            engine.increment_epoch();
+                            ticks += 1;
+                        }
+                    }
+                })?
+        };
+        Ok(Self {
+            engine,
+            writer_linker,
+            adapter_linker,
+            cache: config.cache_dir.map(ArtifactCache::new),
+            ticker: Some(Ticker {
+                stop,
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Reads, compiles (or loads precompiled) and checks the imports of a component.
+    fn component(&self, spec: &PluginSpec) -> Result<(Component, CacheOutcome), LoadError> {
+        let wasm = std::fs::read(&spec.path).map_err(|source| LoadError::Read {
+            plugin: spec.name.clone(),
+            path: spec.path.clone(),
+            source,
+        })?;
+        let compiled = match &self.cache {
+            Some(cache) => cache.load(&self.engine, &wasm),
+            None => Component::new(&self.engine, &wasm).map(|c| (c, CacheOutcome::Compiled)),
+        };
+        let (component, outcome) = compiled.map_err(|source| LoadError::Compile {
+            plugin: spec.name.clone(),
+            path: spec.path.clone(),
+            source,
+        })?;
+        for (import, _) in component.component_type().imports(&self.engine) {
+            if let Some(why) = grants::refuse_import(import, &spec.grants) {
+                return Err(LoadError::Refused {
+                    plugin: spec.name.clone(),
+                    import: import.to_owned(),
+                    why,
+                });
+            }
+        }
+        Ok((component, outcome))
+    }
+
+    /// The imports of the component at `path`, for operators (`haven plugin inspect`).
+    pub fn imports(&self, path: &std::path::Path) -> wasmtime::Result<Vec<String>> {
+        let wasm = std::fs::read(path)?;
+        let component = Component::new(&self.engine, &wasm)?;
+        Ok(component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect())
+    }
+
+    fn runner<W: World>(
+        &self,
+        spec: &PluginSpec,
+        linker: &Linker<State>,
+    ) -> Result<Runner<W>, LoadError> {
+        let (component, outcome) = self.component(spec)?;
+        let world_error = |source: wasmtime::Error| LoadError::World {
+            plugin: spec.name.clone(),
+            world: W::NAME,
+            source,
+        };
+        let pre = linker.instantiate_pre(&component).map_err(world_error)?;
+        let pre = W::pre(pre).map_err(world_error)?;
+        let storage = match &spec.grants.storage_root {
+            Some(root) => Some(Arc::new(root.clone())),
+            None => None,
+        };
+        let mut runner = Runner {
+            engine: self.engine.clone(),
+            spec: Arc::new(spec.clone()),
+            name: spec.name.as_str().into(),
+            storage_root: storage,
+            pre,
+            live: None,
+            generation: 0,
+            outcome,
+        };
+        // Instantiate now, so a component that cannot run is refused at load, not at first use.
+        runner.instantiate().map_err(|e| match e {
+            RunnerError::Storage(source) => LoadError::StorageRoot {
+                plugin: spec.name.clone(),
+                root: spec.grants.storage_root.clone().unwrap_or_default(),
+                source,
+            },
+            RunnerError::Wasm(source) => world_error(source),
+        })?;
+        Ok(runner)
+    }
+
+    /// Loads a target writer.
+    pub fn load_writer(&self, spec: &PluginSpec) -> Result<WriterPlugin, LoadError> {
+        Ok(WriterPlugin::new(self.runner(spec, &self.writer_linker)?))
+    }
+
+    /// Loads an adapter.
+    pub fn load_adapter(&self, spec: &PluginSpec) -> Result<AdapterPlugin, LoadError> {
+        Ok(AdapterPlugin {
+            runner: self.runner(spec, &self.adapter_linker)?,
+        })
+    }
+}
+
+/// A world's bindings, as the runner needs them.
+pub(crate) trait World: Sized {
+    const NAME: &'static str;
+    type Pre;
+    fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<State>) -> wasmtime::Result<Self>;
+}
+
+impl World for TargetWriter {
+    const NAME: &'static str = "target-writer";
+    type Pre = TargetWriterPre<State>;
+    fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
+        TargetWriterPre::new(pre)
+    }
+    fn instantiate(pre: &Self::Pre, store: &mut Store<State>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+}
+
+impl World for Adapter {
+    const NAME: &'static str = "adapter";
+    type Pre = AdapterPre<State>;
+    fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
+        AdapterPre::new(pre)
+    }
+    fn instantiate(pre: &Self::Pre, store: &mut Store<State>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+}
+
+enum RunnerError {
+    Storage(std::io::Error),
+    Wasm(wasmtime::Error),
+}
+
+struct Live<W> {
+    store: Store<State>,
+    bindings: W,
+}
+
+/// One plugin instance, replaced by a fresh one after a trap.
+pub(crate) struct Runner<W: World> {
+    engine: Engine,
+    spec: Arc<PluginSpec>,
+    name: Arc<str>,
+    storage_root: Option<Arc<PathBuf>>,
+    pre: W::Pre,
+    live: Option<Live<W>>,
+    /// Bumped at every restart; handles carry the generation they were made in.
+    generation: u64,
+    outcome: CacheOutcome,
+}
+
+impl<W: World> Runner<W> {
+    fn instantiate(&mut self) -> Result<(), RunnerError> {
+        let grants = &self.spec.grants;
+        let storage = match &self.storage_root {
+            Some(root) => Some(StorageGrant::new(root).map_err(RunnerError::Storage)?),
+            None => None,
+        };
+        let state = State {
+            name: self.name.clone(),
+            table: ResourceTable::new(),
+            // Nothing: no arguments, environment, preopened folders, sockets or stdio.
+            wasi: WasiCtx::builder()
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build(),
+            http: WasiHttpCtx::new(),
+            http_grant: HttpGrant {
+                plugin: self.name.clone(),
+                hosts: grants.http_hosts.clone(),
+                denials: Vec::new(),
+            },
+            storage,
+            limiter: MemoryLimiter {
+                max_memory: (grants.memory_mib << 20) as usize,
+                refused: false,
+            },
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let bindings = W::instantiate(&self.pre, &mut store).map_err(RunnerError::Wasm)?;
+        self.live = Some(Live { store, bindings });
+        Ok(())
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let timeout = self.spec.grants.call_timeout_ms.max(1);
+        timeout.div_ceil(EPOCH_TICK.as_millis() as u64)
+    }
+
+    fn host_error(&self, call: &'static str, message: impl std::fmt::Display) -> PluginError {
+        PluginError::Host {
+            plugin: self.name.to_string(),
+            call,
+            message: message.to_string(),
+        }
+    }
+
+    /// Runs `f` against the live instance under the call's deadline. A trap ends the instance:
+    /// the call fails with [`PluginError::Trapped`] and a fresh instance is made for the next.
+    fn call<T>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&W, &mut Store<State>) -> wasmtime::Result<Result<T, WitError>>,
+    ) -> Result<T, PluginError> {
+        if self.live.is_none() {
+            self.restart(call)?;
+        }
+        let ticks = self.deadline_ticks();
+        let live = self.live.as_mut().expect("instantiated above");
+        live.store.set_epoch_deadline(ticks);
+        live.store.data_mut().limiter.refused = false;
+        live.store.data_mut().http_grant.denials.clear();
+        match f(&live.bindings, &mut live.store) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(PluginError::Failed {
+                plugin: self.name.to_string(),
+                call,
+                error: from_wit(error),
+                denials: std::mem::take(&mut live.store.data_mut().http_grant.denials),
+            }),
+            Err(e) => {
+                let kind = if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                    TrapKind::Timeout(Duration::from_millis(self.spec.grants.call_timeout_ms))
+                } else if live.store.data().limiter.refused {
+                    TrapKind::OutOfMemory(self.spec.grants.memory_mib << 20)
+                } else {
+                    TrapKind::Crash(format!("{e:#}"))
+                };
+                let error = PluginError::Trapped {
+                    plugin: self.name.to_string(),
+                    call,
+                    kind,
+                };
+                tracing::error!(plugin = %self.name, call, "{error}");
+                self.live = None;
+                // Replace the instance now so the next call does not pay for it; if that fails
+                // the next call tries again and reports why.
+                let _ = self.restart(call);
+                Err(error)
+            }
+        }
+    }
+
+    fn restart(&mut self, call: &'static str) -> Result<(), PluginError> {
+        self.generation += 1;
+        self.instantiate().map_err(|e| match e {
+            RunnerError::Storage(e) => {
+                self.host_error(call, format!("storage root cannot be opened: {e}"))
+            }
+            RunnerError::Wasm(e) => self.host_error(call, format!("cannot instantiate: {e:#}")),
+        })
+    }
+
+    /// The store, for host-side bookkeeping between calls (resources, tables).
+    fn store(&mut self) -> Option<&mut Store<State>> {
+        self.live.as_mut().map(|l| &mut l.store)
+    }
+
+    fn check_generation(&self, generation: u64, call: &'static str) -> Result<(), PluginError> {
+        if generation == self.generation && self.live.is_some() {
+            Ok(())
+        } else {
+            Err(PluginError::Stale {
+                plugin: self.name.to_string(),
+                call,
+            })
+        }
+    }
+}
+
+/// Converts the contract's error variant into a Haven error.
+pub(crate) fn from_wit(e: WitError) -> haven_image::Error {
+    use haven_image::{Error, ErrorKind as K};
+    let (kind, message) = match e {
+        WitError::InvalidArgument(m) => (K::InvalidArgument, m),
+        WitError::NotFound(m) => (K::NotFound, m),
+        WitError::AlreadyExists(m) => (K::AlreadyExists, m),
+        WitError::Unsupported(m) => (K::Unsupported, m),
+        WitError::Corrupt(m) => (K::Corrupt, m),
+        WitError::Denied(m) => (K::Denied, m),
+        WitError::Io(m) => (K::Io, m),
+        WitError::Platform(m) => (K::Io, format!("platform: {m}")),
+        WitError::Limit(m) => (K::Limit, m),
+    };
+    Error::new(kind, message)
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub kinds: Vec<String>,
+}
+
+/// A loaded adapter.
+pub struct AdapterPlugin {
+    runner: Runner<Adapter>,
+}
+
+impl AdapterPlugin {
+    /// Where the component came from (compiled now or precompiled).
+    pub fn cache_outcome(&self) -> CacheOutcome {
+        self.runner.outcome
+    }
+
+    pub fn describe(&mut self) -> Result<PluginInfo, PluginError> {
+        let info = self.runner.call("plugin.describe", |b, s| {
+            Ok(Ok(b.haven_plugin_plugin().call_describe(s)?))
+        })?;
+        Ok(PluginInfo {
+            name: info.name,
+            version: info.version,
+            description: info.description,
+            kinds: info.kinds,
+        })
+    }
+
+    /// Prepares `machine` for an application-consistent point.
+    pub fn quiesce(&mut self, machine: &str, timeout: Duration) -> Result<(), PluginError> {
+        let ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        self.runner.call("platform.quiesce", |b, s| {
+            b.haven_plugin_platform().call_quiesce(s, machine, ms)
+        })
+    }
+
+    /// Ends a quiesce.
+    pub fn thaw(&mut self, machine: &str) -> Result<(), PluginError> {
+        self.runner.call("platform.thaw", |b, s| {
+            b.haven_plugin_platform().call_thaw(s, machine)
+        })
+    }
+}
+
+/// Returns `resource` to the guest's table for dropping, ignoring a dead instance.
+pub(crate) fn drop_resource(store: &mut Store<State>, resource: ResourceAny) {
+    let _ = resource.resource_drop(store);
+}

@@ -1,4 +1,4 @@
-//! Test plugin: imports wasi:sockets (through std::net), which Haven never grants
+//! Test plugin: imports wasi:filesystem and wasi:sockets (through std), which Haven never grants
 //!
 //! Used only by the host's containment tests. Every disk call other than `create` is refused.
 
@@ -14,7 +14,10 @@ fn refused<T>() -> Result<T> {
 impl Disk for Hostile {
     fn create(path: &str, options: CreateOptions) -> Result<Self> {
         let _ = (path, options);
-        // Opening a TCP connection pulls wasi:sockets into the component's imports.
+        // std::fs pulls wasi:filesystem into the component's imports, std::net wasi:sockets.
+        if let Ok(secret) = std::fs::read_to_string("/etc/hostname") {
+            return Err(Error::invalid(format!("test plugin: read {secret}")));
+        }
         match std::net::TcpStream::connect("127.0.0.1:9") {
             Ok(_) => Err(Error::invalid("test plugin: connected")),
             Err(e) => Err(Error::io(format!("test plugin: {e}"))),

@@ -1,0 +1,504 @@
+//! The plugin host against real components (built by `cargo xtask build`, see `plugin()`),
+//! real files and qemu-img as the reference.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use haven_host::{Access, Grants, Host, HostConfig, LoadError, PluginError, PluginSpec, TrapKind};
+use haven_image::{ErrorKind, ExtentState};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The component built for `crate_name` by `cargo xtask build`.
+fn plugin(crate_name: &str) -> PathBuf {
+    let dir = std::env::var_os("HAVEN_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins with `cargo xtask build`",
+        path.display()
+    );
+    path
+}
+
+fn spec(name: &str, crate_name: &str, grants: Grants) -> PluginSpec {
+    PluginSpec {
+        name: name.into(),
+        path: plugin(crate_name),
+        grants,
+    }
+}
+
+fn storage(root: &Path) -> Grants {
+    Grants {
+        storage_root: Some(root.to_owned()),
+        ..Grants::default()
+    }
+}
+
+fn host() -> Host {
+    Host::new(HostConfig::default()).expect("host")
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One operation of the raw writer test, applied both through Haven and through qemu-io.
+enum Op {
+    Write { offset: u64, len: u64, pattern: u8 },
+    Zero { offset: u64, len: u64 },
+}
+
+#[test]
+fn raw_writer_matches_qemu_io() {
+    const SIZE: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(0x4a7e);
+    let mut ops = Vec::new();
+    for i in 0..200 {
+        // Sector-aligned offsets and lengths, most of them not aligned to 4 KiB or to anything
+        // larger; a few large writes; one op in four zeroes a range.
+        let sectors = if i % 17 == 0 {
+            rng.random_range(1..4096)
+        } else {
+            rng.random_range(1..64)
+        };
+        let len = sectors * 512;
+        let offset = rng.random_range(0..(SIZE - len) / 512) * 512;
+        if i % 4 == 3 {
+            ops.push(Op::Zero { offset, len });
+        } else {
+            ops.push(Op::Write {
+                offset,
+                len,
+                pattern: rng.random_range(1..=255),
+            });
+        }
+    }
+
+    // The reference: qemu-io on a raw file.
+    let reference = dir.path().join("reference.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&reference)
+        .arg(SIZE.to_string()));
+    let mut qemu_io = Command::new("qemu-io");
+    qemu_io.args(["-f", "raw"]);
+    for op in &ops {
+        let c = match op {
+            Op::Write {
+                offset,
+                len,
+                pattern,
+            } => format!("write -P {pattern} {offset} {len}"),
+            Op::Zero { offset, len } => format!("write -z {offset} {len}"),
+        };
+        qemu_io.args(["-c", &c]);
+    }
+    run(qemu_io.arg(&reference));
+
+    // Haven: the raw plugin through the host, data lent by buffer handle.
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let host = host();
+    let mut raw = host
+        .load_writer(&spec("raw", "haven-raw", storage(&root)))
+        .unwrap();
+    let info = raw.describe().unwrap();
+    assert_eq!(info.name, "raw");
+    let disk = raw.create("haven.img", SIZE, 512, &[]).unwrap();
+    for op in &ops {
+        match *op {
+            Op::Write {
+                offset,
+                len,
+                pattern,
+            } => {
+                let mut data = vec![pattern; len as usize];
+                raw.write(&disk, offset, &mut data).unwrap();
+                assert_eq!(data.len(), len as usize, "the host gets its buffer back");
+            }
+            Op::Zero { offset, len } => raw.write_zeroes(&disk, offset, len, true).unwrap(),
+        }
+    }
+    raw.flush(&disk).unwrap();
+
+    // Reads through the plugin return what was written.
+    let mut expected = vec![0u8; SIZE as usize];
+    for op in &ops {
+        match *op {
+            Op::Write {
+                offset,
+                len,
+                pattern,
+            } => expected[offset as usize..(offset + len) as usize].fill(pattern),
+            Op::Zero { offset, len } => expected[offset as usize..(offset + len) as usize].fill(0),
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    raw.read(&disk, 5 << 20, &mut buf).unwrap();
+    assert_eq!(buf, expected[5 << 20..6 << 20]);
+
+    // The map's zero entries read as zeros, and most of the disk was never written: a hole.
+    let map = raw.map(&disk, 0, SIZE).unwrap();
+    assert_eq!(map.first().unwrap().offset, 0);
+    assert_eq!(map.iter().map(|e| e.length).sum::<u64>(), SIZE);
+    let zero_bytes: u64 = map
+        .iter()
+        .filter(|e| e.state == ExtentState::Zero)
+        .map(|e| e.length)
+        .sum();
+    assert!(
+        zero_bytes > SIZE / 2,
+        "unwritten ranges stay holes ({zero_bytes} zero bytes)"
+    );
+    for e in map.iter().filter(|e| e.state == ExtentState::Zero) {
+        let range = &expected[e.offset as usize..(e.offset + e.length) as usize];
+        assert!(
+            range.iter().all(|&b| b == 0),
+            "zero extent {e:?} holds data"
+        );
+    }
+    let info = raw.info(&disk).unwrap();
+    assert_eq!((info.format.as_str(), info.size), ("raw", SIZE));
+    raw.close(disk).unwrap();
+
+    let haven = root.join("haven.img");
+    assert_eq!(std::fs::metadata(&haven).unwrap().len(), SIZE);
+    assert_eq!(std::fs::read(&haven).unwrap(), expected);
+    let status = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&reference)
+        .arg(&haven)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "qemu-img compare finds the images different"
+    );
+
+    // Reopen read-only: writes are refused, reads work.
+    let disk = raw.open("haven.img", Access::ReadOnly, &[]).unwrap();
+    let mut data = vec![1u8; 512];
+    let err = raw.write(&disk, 0, &mut data).unwrap_err();
+    assert_eq!(
+        err.plugin_error().unwrap().kind,
+        ErrorKind::InvalidArgument,
+        "{err}"
+    );
+    // Out-of-range and unaligned requests are refused, not attempted.
+    let mut data = vec![0u8; 512];
+    let err = raw.read(&disk, SIZE, &mut data).unwrap_err();
+    assert!(err.to_string().contains("outside the disk"), "{err}");
+    let mut data = vec![0u8; 100];
+    let err = raw.read(&disk, 0, &mut data).unwrap_err();
+    assert!(err.to_string().contains("not aligned"), "{err}");
+    raw.close(disk).unwrap();
+}
+
+/// A good plugin, on the same host, after a hostile one: it must still work.
+fn good_plugin_still_works(host: &Host, root: &Path) {
+    let mut raw = host
+        .load_writer(&spec("raw", "haven-raw", storage(root)))
+        .unwrap();
+    let name = format!("after-{}.img", rand::random::<u32>());
+    let disk = raw.create(&name, 1 << 20, 512, &[]).unwrap();
+    let mut data = vec![0x5a; 4096];
+    raw.write(&disk, 8192, &mut data).unwrap();
+    let mut back = vec![0; 4096];
+    raw.read(&disk, 8192, &mut back).unwrap();
+    assert_eq!(back, data);
+    raw.close(disk).unwrap();
+}
+
+#[test]
+fn infinite_loop_is_stopped_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host();
+    let timeout = Duration::from_millis(500);
+    let grants = Grants {
+        call_timeout_ms: timeout.as_millis() as u64,
+        ..Grants::default()
+    };
+    let mut spin = host
+        .load_writer(&spec("spin", "test-spin", grants))
+        .unwrap();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let err = spin.create("x.img", 1 << 20, 512, &[]).unwrap_err();
+        let elapsed = started.elapsed();
+        assert_eq!(
+            err,
+            PluginError::Trapped {
+                plugin: "spin".into(),
+                call: "disk.create",
+                kind: TrapKind::Timeout(timeout)
+            }
+        );
+        assert!(
+            err.to_string().contains("ran past its 500 ms deadline"),
+            "{err}"
+        );
+        assert!(elapsed >= timeout, "stopped early: {elapsed:?}");
+        assert!(
+            elapsed < timeout + Duration::from_millis(100),
+            "stopped {elapsed:?} after the call began"
+        );
+    }
+    // The instance was replaced: the plugin still answers calls that do not loop.
+    assert_eq!(spin.describe().unwrap().name, "test-spin");
+    assert_eq!(spin.restarts(), 2);
+    good_plugin_still_works(&host, dir.path());
+}
+
+#[test]
+fn memory_bomb_is_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host();
+    let grants = Grants {
+        memory_mib: 64,
+        ..Grants::default()
+    };
+    let mut bomb = host
+        .load_writer(&spec("bomb", "test-membomb", grants))
+        .unwrap();
+    let err = bomb.create("x.img", 1 << 20, 512, &[]).unwrap_err();
+    assert_eq!(
+        err,
+        PluginError::Trapped {
+            plugin: "bomb".into(),
+            call: "disk.create",
+            kind: TrapKind::OutOfMemory(64 << 20)
+        }
+    );
+    assert!(
+        err.to_string().contains("ran out of memory (limit 64 MiB)"),
+        "{err}"
+    );
+    assert_eq!(bomb.describe().unwrap().name, "test-membomb");
+    good_plugin_still_works(&host, dir.path());
+}
+
+#[test]
+fn storage_paths_cannot_leave_the_granted_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"secret").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("sub/escape-dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("escape-file")).unwrap();
+    std::os::unix::fs::symlink("../../outside", root.join("sub/relative-escape")).unwrap();
+
+    let host = host();
+    let mut traverse = host
+        .load_writer(&spec("traverse", "test-traverse", storage(&root)))
+        .unwrap();
+    let attempts = [
+        ("../outside/new", "`..` would leave the granted root"),
+        ("sub/../../outside/new", "`..` would leave the granted root"),
+        ("/etc/passwd", "absolute paths are not allowed"),
+        ("sub/escape-dir/new", "leads outside the granted root"),
+        ("escape-file", "leads outside the granted root"),
+        ("sub/relative-escape/new", "leads outside the granted root"),
+    ];
+    for (path, why) in attempts {
+        let err = traverse.create(path, 1 << 20, 512, &[]).unwrap_err();
+        let error = err
+            .plugin_error()
+            .unwrap_or_else(|| panic!("{path}: {err}"));
+        assert_eq!(error.kind, ErrorKind::Denied, "{path}: {err}");
+        let grant = format!("storage grant (root {})", root.display());
+        assert!(error.message.contains(&grant), "{path}: {err}");
+        assert!(error.message.contains(why), "{path}: {err}");
+    }
+    // Nothing was created or changed outside the root.
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["secret"]);
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");
+    // Inside the root the same plugin may open files (it then reports that it could).
+    let err = traverse
+        .create("sub/inside", 1 << 20, 512, &[])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the host let me open sub/inside"),
+        "{err}"
+    );
+    assert!(root.join("sub/inside").exists());
+
+    // A plugin without a storage grant may not even import storage.
+    let err = host
+        .load_writer(&spec("traverse", "test-traverse", Grants::default()))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, LoadError::Refused { plugin, import, .. } if plugin == "traverse" && import == "haven:plugin/storage@0.1.0"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("has no storage grant; give it `storage_root`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ungranted_imports_are_refused_at_load() {
+    let host = host();
+    let err = host
+        .load_writer(&spec("ungranted", "test-ungranted", Grants::default()))
+        .err()
+        .unwrap();
+    let LoadError::Refused {
+        plugin,
+        import,
+        why,
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(plugin, "ungranted");
+    assert!(
+        import.starts_with("wasi:filesystem/") || import.starts_with("wasi:sockets/"),
+        "{err}"
+    );
+    assert!(why.starts_with("Haven never grants wasi:"), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "plugin `ungranted` imports `{import}`, which is refused"
+        )),
+        "{text}"
+    );
+}
+
+/// A one-shot HTTP server on loopback: answers 200 to each request, counts connections.
+fn http_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn http_goes_only_to_granted_hosts() {
+    use std::sync::atomic::Ordering;
+    let (granted, granted_hits) = http_server();
+    let (other, other_hits) = http_server();
+    let host = host();
+    let grants = Grants {
+        http_hosts: vec![format!("127.0.0.1:{granted}")],
+        ..Grants::default()
+    };
+    let mut probe = host
+        .load_adapter(&spec("probe", "test-http-probe", grants))
+        .unwrap();
+
+    probe
+        .quiesce(
+            &format!("http://127.0.0.1:{granted}/ping"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(granted_hits.load(Ordering::SeqCst), 1);
+
+    let err = probe
+        .quiesce(
+            &format!("http://127.0.0.1:{other}/ping"),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+    let PluginError::Failed { denials, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        denials,
+        &[format!(
+            "plugin `probe`: HTTP request to 127.0.0.1:{other} denied: not in its grant http_hosts = [\"127.0.0.1:{granted}\"]"
+        )]
+    );
+    assert!(err.to_string().contains("HttpRequestDenied"), "{err}");
+    assert_eq!(
+        other_hits.load(Ordering::SeqCst),
+        0,
+        "the refused host was contacted"
+    );
+
+    // Without any HTTP grant the adapter is refused at load.
+    let err = host
+        .load_adapter(&spec("probe", "test-http-probe", Grants::default()))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("has no HTTP grant; list the hosts it may reach in `http_hosts`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn precompiled_artefacts_survive_a_restart_and_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = HostConfig {
+        cache_dir: Some(cache.clone()),
+    };
+    let spec = spec("raw", "haven-raw", storage(dir.path()));
+    {
+        let host = Host::new(config.clone()).unwrap();
+        let raw = host.load_writer(&spec).unwrap();
+        assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Compiled);
+    }
+    // A new host (a gateway restart) loads the artefact instead of compiling.
+    let host = Host::new(config.clone()).unwrap();
+    let mut raw = host.load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Hit);
+    assert_eq!(raw.describe().unwrap().name, "raw");
+
+    // A damaged artefact is detected by its checksum and rebuilt, never loaded.
+    let artefact = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&artefact).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 0xff;
+    std::fs::write(&artefact, bytes).unwrap();
+    let host = Host::new(config).unwrap();
+    let mut raw = host.load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Compiled);
+    assert_eq!(raw.describe().unwrap().name, "raw");
+}
