@@ -1,1 +1,268 @@
-fn main() {}
+//! `cargo xtask`: everything that is more than one cargo command.
+//!
+//! - `cargo xtask build`  builds the plugins (wasm32-wasip2 components) and the native binaries.
+//! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
+//!   lints, and runs every test of both workspaces.
+//! - `cargo xtask demo`   builds and runs the demo.
+//! - `cargo xtask bench [plugins|formats]` runs benchmarks against their baselines.
+//! - `cargo xtask fuzz FORMAT [SECONDS]` runs a format parser's fuzz target (needs cargo-fuzz).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Plugins that implement the `target-writer` world (built together: same SDK feature).
+const WRITER_PLUGINS: &[&str] = &[
+    "haven-raw",
+    "haven-vmdk",
+    "haven-vhdx",
+    "haven-vhd",
+    "haven-qcow2",
+    "test-spin",
+    "test-membomb",
+    "test-traverse",
+    "test-ungranted",
+];
+/// Plugins that implement the `adapter` world.
+const ADAPTER_PLUGINS: &[&str] = &["test-http-probe"];
+/// Crates of the plugins workspace that also build and test natively.
+const NATIVE_PLUGIN_CRATES: &[&str] = &[
+    "haven-image",
+    "haven-vmdk",
+    "haven-vhdx",
+    "haven-vhd",
+    "haven-qcow2",
+];
+/// Debian packages the tests use.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match args.first().map(String::as_str) {
+        Some("build") => build(rest.contains(&"--release")),
+        Some("test") => test(),
+        Some("lint") => lint(),
+        Some("demo") => demo(),
+        Some("bench") => bench(&rest),
+        Some("fuzz") => fuzz(&rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats] | fuzz FORMAT [SECONDS]>"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the wasm32-wasip2 target when it is missing.
+fn ensure_wasm_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.trim() == "wasm32-wasip2") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages the tests need when their programs are missing.
+fn ensure_test_tools() -> Result<()> {
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(program, _)| !have(program))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sudo = if output(Command::new("id").arg("-u"))?.trim() == "0" {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
+    let apt = |args: &[&str]| {
+        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+/// Builds the plugins for wasm32-wasip2 (always release: they are what the gateway runs).
+fn build_plugins() -> Result<()> {
+    ensure_wasm_target()?;
+    for group in [WRITER_PLUGINS, ADAPTER_PLUGINS] {
+        let mut c = cargo();
+        c.current_dir(root().join("plugins")).args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+        ]);
+        for p in group {
+            c.args(["-p", p]);
+        }
+        run(&mut c)?;
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    build_plugins()?;
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .current_dir(root().join("plugins"))
+        .args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut c = cargo();
+    c.current_dir(root().join("plugins"))
+        .args(["clippy", "--all-targets"]);
+    for p in NATIVE_PLUGIN_CRATES {
+        c.args(["-p", p]);
+    }
+    run(c.args(["--", "-D", "warnings"]))?;
+    let mut c = cargo();
+    c.current_dir(root().join("plugins"))
+        .args(["clippy", "--target", "wasm32-wasip2"]);
+    for p in WRITER_PLUGINS {
+        c.args(["-p", p]);
+    }
+    run(c.args(["--", "-D", "warnings"]))
+}
+
+fn test() -> Result<()> {
+    ensure_test_tools()?;
+    build(false)?;
+    lint()?;
+    run(cargo().args(["test", "--workspace"]))?;
+    let mut c = cargo();
+    c.current_dir(root().join("plugins")).arg("test");
+    for p in NATIVE_PLUGIN_CRATES {
+        c.args(["-p", p]);
+    }
+    run(&mut c)
+}
+
+fn demo() -> Result<()> {
+    ensure_test_tools()?;
+    build(false)?;
+    run(cargo().args(["run", "--quiet", "-p", "haven-e2e", "--bin", "haven-demo"]))
+}
+
+fn bench(args: &[&str]) -> Result<()> {
+    let which = args.first().copied().unwrap_or("all");
+    build_plugins()?;
+    match which {
+        "plugins" | "all" => run(cargo().args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "haven-host",
+            "--example",
+            "bench-plugins",
+        ])),
+        other => bail!("unknown benchmark `{other}` (known: plugins)"),
+    }
+}
+
+fn fuzz(args: &[&str]) -> Result<()> {
+    let Some(format) = args.first() else {
+        bail!("usage: cargo xtask fuzz FORMAT [SECONDS]")
+    };
+    let seconds = args.get(1).copied().unwrap_or("60");
+    let dir = root().join("plugins").join(format).join("fuzz");
+    if !dir.exists() {
+        bail!("no fuzz target for `{format}` (expected {})", dir.display());
+    }
+    if !have("cargo-fuzz") {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = std::env::temp_dir().join(format!("haven-fuzz-{format}"));
+    std::fs::create_dir_all(&corpus)?;
+    // cargo-fuzz needs nightly features; the stable toolchain allows them with RUSTC_BOOTSTRAP.
+    run(cargo()
+        .current_dir(&dir)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "run", format])
+        .arg(&corpus)
+        .arg(dir.join("seeds"))
+        .args(["--", &format!("-max_total_time={seconds}")]))
+}

@@ -15,6 +15,9 @@ pub struct Grants {
     /// import `haven:plugin/storage`.
     #[serde(default)]
     pub storage_root: Option<PathBuf>,
+    /// With `storage_root`: files may be read but not created, written, renamed or removed.
+    #[serde(default)]
+    pub storage_read_only: bool,
     /// Hosts the plugin may send HTTP requests to, as `name` (any port) or `name:port`. Without
     /// any the plugin may not import `wasi:http`.
     #[serde(default)]
@@ -39,6 +42,7 @@ impl Default for Grants {
     fn default() -> Self {
         Self {
             storage_root: None,
+            storage_read_only: false,
             http_hosts: Vec::new(),
             memory_mib: default_memory_mib(),
             call_timeout_ms: default_call_timeout_ms(),

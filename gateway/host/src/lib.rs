@@ -308,7 +308,11 @@ pub struct HostConfig {
 }
 
 impl Host {
-    pub fn new(config: HostConfig) -> wasmtime::Result<Self> {
+    pub fn new(config: HostConfig) -> anyhow::Result<Self> {
+        Self::build(config).map_err(|e| anyhow::anyhow!("cannot start the plugin host: {e:#}"))
+    }
+
+    fn build(config: HostConfig) -> wasmtime::Result<Self> {
         let mut c = Config::new();
         c.epoch_interruption(true);
         c.wasm_component_model(true);
@@ -394,9 +398,11 @@ impl Host {
     }
 
     /// The imports of the component at `path`, for operators (`haven plugin inspect`).
-    pub fn imports(&self, path: &std::path::Path) -> wasmtime::Result<Vec<String>> {
-        let wasm = std::fs::read(path)?;
-        let component = Component::new(&self.engine, &wasm)?;
+    pub fn imports(&self, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+        let wasm = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read component {}: {e}", path.display()))?;
+        let component = Component::new(&self.engine, &wasm)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid component: {e:#}", path.display()))?;
         Ok(component
             .component_type()
             .imports(&self.engine)
@@ -513,7 +519,9 @@ impl<W: World> Runner<W> {
     fn instantiate(&mut self) -> Result<(), RunnerError> {
         let grants = &self.spec.grants;
         let storage = match &self.storage_root {
-            Some(root) => Some(StorageGrant::new(root).map_err(RunnerError::Storage)?),
+            Some(root) => Some(
+                StorageGrant::new(root, grants.storage_read_only).map_err(RunnerError::Storage)?,
+            ),
             None => None,
         };
         let state = State {

@@ -28,16 +28,26 @@ pub const MAX_EXTENTS: usize = 1 << 20;
 pub struct StorageGrant {
     root: PathBuf,
     dir: Dir,
+    read_only: bool,
 }
 
 impl StorageGrant {
     /// Opens `root`; it must be an existing directory.
-    pub fn new(root: &Path) -> std::io::Result<Self> {
+    pub fn new(root: &Path, read_only: bool) -> std::io::Result<Self> {
         let dir = Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
         Ok(Self {
             root: root.to_owned(),
             dir,
+            read_only,
         })
+    }
+
+    fn check_writable(&self, path: &str) -> Result<(), Error> {
+        if self.read_only {
+            Err(self.denied(path, "the grant is read-only"))
+        } else {
+            Ok(())
+        }
     }
 
     fn denied(&self, path: &str, why: &str) -> Error {
@@ -85,6 +95,9 @@ impl StorageGrant {
         self.check(path)?;
         let mut options = OpenOptions::new();
         let write = flags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE);
+        if write {
+            self.check_writable(path)?;
+        }
         options.read(true).write(write);
         if flags.contains(OpenFlags::CREATE) {
             if flags.contains(OpenFlags::EXCLUSIVE) {
@@ -216,6 +229,7 @@ impl Host for State {
         ok(self.grant("rename").and_then(|g| {
             g.check(&from)?;
             g.check(&to)?;
+            g.check_writable(&from)?;
             g.dir
                 .rename(&from, &g.dir, &to)
                 .map_err(|e| g.io_error(&from, "rename", e))?;

@@ -14,12 +14,8 @@ pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
-const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
-    | INCOMPAT_CORRUPT
-    | INCOMPAT_DATA_FILE
-    | INCOMPAT_COMPRESSION
-    | INCOMPAT_EXTL2;
-pub(crate) const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 const EXT_END: u32 = 0;
@@ -88,7 +84,9 @@ impl Header {
         let name = file.name().to_owned();
         let file_len = file.len()?;
         let mut fixed = [0u8; 104];
-        let n = fixed.len().min(usize::try_from(file_len).unwrap_or(usize::MAX));
+        let n = fixed
+            .len()
+            .min(usize::try_from(file_len).unwrap_or(usize::MAX));
         file.read_exact_at(0, &mut fixed[..n], "qcow2 header")?;
         if n < V2_HEADER_LEN as usize || fixed[..4] != MAGIC {
             return Err(Error::corrupt(
@@ -223,7 +221,11 @@ impl Header {
                 ));
             }
             if compression_type != 0 {
-                let what = if compression_type == 1 { "zstd" } else { "unknown" };
+                let what = if compression_type == 1 {
+                    "zstd"
+                } else {
+                    "unknown"
+                };
                 return Err(Error::unsupported(format!(
                     "qcow2: file {name} uses {what} compression (compression_type \
                      {compression_type}); only deflate is supported"
@@ -268,7 +270,7 @@ impl Header {
                 limits::MAX_TABLE_BYTES
             )));
         }
-        if h.l1_size > 0 && (h.l1_table_offset == 0 || h.l1_table_offset % cs != 0) {
+        if h.l1_size > 0 && (h.l1_table_offset == 0 || !h.l1_table_offset.is_multiple_of(cs)) {
             return Err(Error::corrupt(
                 FMT,
                 &name,
@@ -277,7 +279,7 @@ impl Header {
                 "is not aligned to a cluster",
             ));
         }
-        if h.refcount_table_offset % cs != 0 {
+        if !h.refcount_table_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 FMT,
                 &name,

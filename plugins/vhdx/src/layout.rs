@@ -97,7 +97,9 @@ pub fn read_headers<F: FileIo>(file: &F) -> Result<(Header, usize)> {
         let mut b = vec![0u8; HEADER_SIZE];
         file.read_exact_at(off, &mut b, "vhdx header")?;
         if let Some(h) = Header::parse(&b)
-            && best.as_ref().is_none_or(|(cur, _)| h.sequence > cur.sequence)
+            && best
+                .as_ref()
+                .is_none_or(|(cur, _)| h.sequence > cur.sequence)
         {
             best = Some((h, slot));
         }
@@ -154,7 +156,9 @@ fn parse_region_table(b: &[u8], name: &str, at: u64) -> Result<Regions> {
     }
     let count = le32(b, 8);
     if count > MAX_TABLE_ENTRIES {
-        return Err(bad(&format!("has {count} entries (at most {MAX_TABLE_ENTRIES})")));
+        return Err(bad(&format!(
+            "has {count} entries (at most {MAX_TABLE_ENTRIES})"
+        )));
     }
     let mut bat = None;
     let mut meta = None;
@@ -177,7 +181,8 @@ fn parse_region_table(b: &[u8], name: &str, at: u64) -> Result<Regions> {
         } else {
             continue;
         };
-        if offset < MIB || !offset.is_multiple_of(MIB) || length == 0 || !length.is_multiple_of(MIB) {
+        if offset < MIB || !offset.is_multiple_of(MIB) || length == 0 || !length.is_multiple_of(MIB)
+        {
             return Err(bad(&format!(
                 "entry {i} places region {} at {offset:#x}+{length:#x} (must be whole MiB \
                  past the first MiB)",
@@ -193,7 +198,12 @@ fn parse_region_table(b: &[u8], name: &str, at: u64) -> Result<Regions> {
     if bat_offset < metadata_offset + metadata_length && metadata_offset < bat_offset + bat_length {
         return Err(bad("has overlapping BAT and metadata regions"));
     }
-    Ok(Regions { bat_offset, bat_length, metadata_offset, metadata_length })
+    Ok(Regions {
+        bat_offset,
+        bat_length,
+        metadata_offset,
+        metadata_length,
+    })
 }
 
 /// Reads the region table, falling back to the second copy when the first is damaged.
@@ -247,13 +257,18 @@ pub struct Metadata {
     pub page83: Guid,
     /// Key/value pairs of the parent locator (differencing images only).
     pub parent_locator: Vec<(String, String)>,
+    /// File offset of the parent locator item (for error messages).
+    pub parent_locator_offset: u64,
 }
 
 fn utf16(b: &[u8]) -> Option<String> {
     if !b.len().is_multiple_of(2) {
         return None;
     }
-    let units: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
     String::from_utf16(&units).ok()
 }
 
@@ -265,11 +280,17 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
     file.read_exact_at(base, &mut t, "vhdx metadata table")?;
     let bad = |at: u64, what: String| Error::corrupt(FORMAT, name, "metadata table", at, what);
     if &t[..8] != b"metadata" {
-        return Err(bad(base, "has a bad signature (expected `metadata`)".into()));
+        return Err(bad(
+            base,
+            "has a bad signature (expected `metadata`)".into(),
+        ));
     }
     let count = u32::from(le16(&t, 10));
     if count > MAX_TABLE_ENTRIES {
-        return Err(bad(base, format!("has {count} entries (at most {MAX_TABLE_ENTRIES})")));
+        return Err(bad(
+            base,
+            format!("has {count} entries (at most {MAX_TABLE_ENTRIES})"),
+        ));
     }
     let mut items: Vec<(Guid, u64, u32)> = Vec::new();
     for i in 0..count as usize {
@@ -298,7 +319,8 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
             continue;
         }
         if length > 0
-            && (offset < METADATA_TABLE_SIZE as u64 || offset + u64::from(length) > r.metadata_length)
+            && (offset < METADATA_TABLE_SIZE as u64
+                || offset + u64::from(length) > r.metadata_length)
         {
             return Err(bad(
                 base + 32 + i as u64 * 32,
@@ -320,7 +342,10 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
             return Ok(None);
         };
         if len < min {
-            return Err(bad(base + off, format!("item `{what}` is {len} bytes (needs {min})")));
+            return Err(bad(
+                base + off,
+                format!("item `{what}` is {len} bytes (needs {min})"),
+            ));
         }
         let mut v = vec![0u8; len as usize];
         file.read_exact_at(base + off, &mut v, &format!("vhdx metadata item `{what}`"))?;
@@ -335,7 +360,9 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
     if !block_size.is_power_of_two() || !(MIB as u32..=256 * MIB as u32).contains(&block_size) {
         return Err(bad(
             base,
-            format!("file parameters give block size {block_size} (must be a power of two, 1 MiB to 256 MiB)"),
+            format!(
+                "file parameters give block size {block_size} (must be a power of two, 1 MiB to 256 MiB)"
+            ),
         ));
     }
     let size_item = read_item(guid::VIRTUAL_DISK_SIZE, "virtual disk size", 8)?
@@ -349,13 +376,18 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
     let physical_sector = le32(&pss, 0);
     for (what, v) in [("logical", logical_sector), ("physical", physical_sector)] {
         if v != 512 && v != 4096 {
-            return Err(bad(base, format!("{what} sector size is {v} (must be 512 or 4096)")));
+            return Err(bad(
+                base,
+                format!("{what} sector size is {v} (must be 512 or 4096)"),
+            ));
         }
     }
     if disk_size == 0 || !disk_size.is_multiple_of(u64::from(logical_sector)) {
         return Err(bad(
             base,
-            format!("virtual disk size {disk_size} is not a positive multiple of the {logical_sector}-byte sector"),
+            format!(
+                "virtual disk size {disk_size} is not a positive multiple of the {logical_sector}-byte sector"
+            ),
         ));
     }
     if disk_size > haven_image::limits::MAX_DISK_SIZE {
@@ -369,10 +401,16 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
         .unwrap_or_default();
     let has_parent = flags & 2 != 0;
     let mut parent_locator = Vec::new();
+    let mut parent_locator_offset = 0;
     if has_parent {
         let item = read_item(guid::PARENT_LOCATOR, "parent locator", 20)?
             .ok_or_else(|| missing("parent locator"))?;
-        let off = items.iter().find(|(g, _, _)| *g == guid::PARENT_LOCATOR).expect("found").1;
+        let off = items
+            .iter()
+            .find(|(g, _, _)| *g == guid::PARENT_LOCATOR)
+            .expect("found")
+            .1;
+        parent_locator_offset = base + off;
         parent_locator = parse_parent_locator(&item, name, base + off)?;
     }
     Ok(Metadata {
@@ -384,6 +422,7 @@ pub fn read_metadata<F: FileIo>(file: &F, r: &Regions) -> Result<Metadata> {
         physical_sector,
         page83,
         parent_locator,
+        parent_locator_offset,
     })
 }
 
@@ -398,7 +437,10 @@ fn parse_parent_locator(item: &[u8], name: &str, at: u64) -> Result<Vec<(String,
     }
     let count = usize::from(le16(item, 18));
     if 20 + count * 12 > item.len() {
-        return Err(bad(format!("has {count} entries, more than its {} bytes hold", item.len())));
+        return Err(bad(format!(
+            "has {count} entries, more than its {} bytes hold",
+            item.len()
+        )));
     }
     let mut pairs = Vec::with_capacity(count);
     for i in 0..count {
@@ -408,7 +450,10 @@ fn parse_parent_locator(item: &[u8], name: &str, at: u64) -> Result<Vec<(String,
         let text = |o: usize, l: usize| -> Result<String> {
             let end = o.checked_add(l).filter(|&end| end <= item.len());
             let bytes = end.map(|end| &item[o..end]).ok_or_else(|| {
-                bad(format!("entry {i} points at {o:#x}+{l:#x}, outside the {}-byte item", item.len()))
+                bad(format!(
+                    "entry {i} points at {o:#x}+{l:#x}, outside the {}-byte item",
+                    item.len()
+                ))
             })?;
             utf16(bytes).ok_or_else(|| bad(format!("entry {i} is not valid UTF-16")))
         };
@@ -427,10 +472,22 @@ pub fn metadata_bytes(m: &Metadata) -> Vec<u8> {
     fp.extend_from_slice(&flags.to_le_bytes());
     // Flags: 4 = IsRequired, 2 = IsVirtualDisk.
     items.push((guid::FILE_PARAMETERS, fp, 4));
-    items.push((guid::VIRTUAL_DISK_SIZE, m.disk_size.to_le_bytes().to_vec(), 6));
+    items.push((
+        guid::VIRTUAL_DISK_SIZE,
+        m.disk_size.to_le_bytes().to_vec(),
+        6,
+    ));
     items.push((guid::PAGE83_DATA, m.page83.0.to_vec(), 6));
-    items.push((guid::LOGICAL_SECTOR_SIZE, m.logical_sector.to_le_bytes().to_vec(), 6));
-    items.push((guid::PHYSICAL_SECTOR_SIZE, m.physical_sector.to_le_bytes().to_vec(), 6));
+    items.push((
+        guid::LOGICAL_SECTOR_SIZE,
+        m.logical_sector.to_le_bytes().to_vec(),
+        6,
+    ));
+    items.push((
+        guid::PHYSICAL_SECTOR_SIZE,
+        m.physical_sector.to_le_bytes().to_vec(),
+        6,
+    ));
     put16(&mut b, 10, items.len() as u16);
     let mut off = METADATA_TABLE_SIZE;
     for (i, (id, value, flags)) in items.iter().enumerate() {

@@ -58,7 +58,8 @@ impl<'a> Log<'a> {
         let offset = header.log_offset;
         let length = u64::from(header.log_length);
         let bad = |what: String| Error::corrupt(FORMAT, name, "log", offset, what);
-        if offset < MIB || !offset.is_multiple_of(MIB) || !length.is_multiple_of(MIB) || length == 0 {
+        if offset < MIB || !offset.is_multiple_of(MIB) || !length.is_multiple_of(MIB) || length == 0
+        {
             return Err(bad(format!(
                 "of {length} bytes is misplaced (offset and length must be whole MiB past the first)"
             )));
@@ -71,7 +72,13 @@ impl<'a> Log<'a> {
         }
         let mut bytes = vec![0u8; length as usize];
         file.read_exact_at(offset, &mut bytes, "vhdx log")?;
-        Ok(Log { bytes, guid: header.log_guid, name, offset, budget: 2 * length + 16 * MIB })
+        Ok(Log {
+            bytes,
+            guid: header.log_guid,
+            name,
+            offset,
+            budget: 2 * length + 16 * MIB,
+        })
     }
 
     fn sectors(&self) -> usize {
@@ -137,7 +144,10 @@ impl<'a> Log<'a> {
                     if !length.is_multiple_of(SECTOR as u64) {
                         return Ok(None);
                     }
-                    changes.push(Change::Zero { file_offset, length });
+                    changes.push(Change::Zero {
+                        file_offset,
+                        length,
+                    });
                 }
                 b"desc" => {
                     if (data_sector + 1) * SECTOR > length {
@@ -152,7 +162,10 @@ impl<'a> Log<'a> {
                     sector.extend_from_slice(&d[8..16]);
                     sector.extend_from_slice(&s[8..SECTOR - 4]);
                     sector.extend_from_slice(&d[4..8]);
-                    changes.push(Change::Data { file_offset, sector });
+                    changes.push(Change::Data {
+                        file_offset,
+                        sector,
+                    });
                     data_sector += 1;
                 }
                 _ => return Ok(None),
@@ -181,14 +194,17 @@ impl<'a> Log<'a> {
             return Ok(Vec::new());
         }
         let mut heads: Vec<&Entry> = valid.values().collect();
-        heads.sort_by(|a, b| b.sequence.cmp(&a.sequence));
+        heads.sort_by_key(|e| std::cmp::Reverse(e.sequence));
         for head in heads {
             let mut seq = Vec::new();
             let mut at = head.tail;
             let mut ok = false;
             for _ in 0..self.sectors() {
                 let Some(e) = valid.get(&at) else { break };
-                if seq.last().is_some_and(|p: &Entry| e.sequence != p.sequence.wrapping_add(1)) {
+                if seq
+                    .last()
+                    .is_some_and(|p: &Entry| e.sequence != p.sequence.wrapping_add(1))
+                {
                     break;
                 }
                 seq.push(e.clone());
@@ -241,7 +257,13 @@ pub fn replay<F: FileIo>(file: &F, header: &Header, entries: &[Entry]) -> Result
             ));
         }
         if e.last_file_offset > limits::MAX_DISK_SIZE * 2 {
-            return Err(Error::corrupt(FORMAT, name, "log entry", at, "names an absurd file size"));
+            return Err(Error::corrupt(
+                FORMAT,
+                name,
+                "log entry",
+                at,
+                "names an absurd file size",
+            ));
         }
         last = last.max(e.last_file_offset);
     }
@@ -251,9 +273,12 @@ pub fn replay<F: FileIo>(file: &F, header: &Header, entries: &[Entry]) -> Result
         for c in &e.changes {
             let (off, len) = match c {
                 Change::Data { file_offset, .. } => (*file_offset, SECTOR as u64),
-                Change::Zero { file_offset, length } => (*file_offset, *length),
+                Change::Zero {
+                    file_offset,
+                    length,
+                } => (*file_offset, *length),
             };
-            let end = off.checked_add(len).unwrap_or(u64::MAX);
+            let end = off.saturating_add(len);
             if off < PROTECTED_END || end > limit || (off < log_end && log_start < end) {
                 return Err(Error::corrupt(
                     FORMAT,
@@ -274,8 +299,14 @@ pub fn replay<F: FileIo>(file: &F, header: &Header, entries: &[Entry]) -> Result
     for e in entries {
         for c in &e.changes {
             match c {
-                Change::Data { file_offset, sector } => file.write_at(*file_offset, sector)?,
-                Change::Zero { file_offset, length } => file.punch_hole(*file_offset, *length)?,
+                Change::Data {
+                    file_offset,
+                    sector,
+                } => file.write_at(*file_offset, sector)?,
+                Change::Zero {
+                    file_offset,
+                    length,
+                } => file.punch_hole(*file_offset, *length)?,
             }
         }
     }

@@ -76,7 +76,11 @@ pub fn parse(text: &[u8], file: &str, base: u64) -> Result<Descriptor> {
             continue;
         }
         let Some((key, value)) = line.split_once('=') else {
-            return Err(bad(file, line_at, format!("`{line}` is neither key=value nor an extent")));
+            return Err(bad(
+                file,
+                line_at,
+                format!("`{line}` is neither key=value nor an extent"),
+            ));
         };
         let key = key.trim();
         let value = value.trim().trim_matches('"');
@@ -84,7 +88,11 @@ pub fn parse(text: &[u8], file: &str, base: u64) -> Result<Descriptor> {
             "createType" => d.create_type = value.to_owned(),
             "parentCID" => {
                 let cid = u32::from_str_radix(value, 16).map_err(|_| {
-                    bad(file, line_at, format!("parentCID `{value}` is not a hex number"))
+                    bad(
+                        file,
+                        line_at,
+                        format!("parentCID `{value}` is not a hex number"),
+                    )
                 })?;
                 d.parent_cid = Some(cid);
             }
@@ -122,7 +130,12 @@ fn parse_extent(line: &str, file: &str, at: u64) -> Result<ExtentLine> {
         }
     };
     if kind == ExtentType::Zero {
-        return Ok(ExtentLine { sectors, kind, file: String::new(), offset: 0 });
+        return Ok(ExtentLine {
+            sectors,
+            kind,
+            file: String::new(),
+            offset: 0,
+        });
     }
     let rest = rest.trim();
     let Some(rest) = rest.strip_prefix('"') else {
@@ -141,7 +154,12 @@ fn parse_extent(line: &str, file: &str, at: u64) -> Result<ExtentLine> {
         tail.parse()
             .map_err(|_| bad(file, at, format!("extent offset `{tail}` is not a number")))?
     };
-    Ok(ExtentLine { sectors, kind, file: name.to_owned(), offset })
+    Ok(ExtentLine {
+        sectors,
+        kind,
+        file: name.to_owned(),
+        offset,
+    })
 }
 
 /// A descriptor for a new image.
@@ -152,7 +170,11 @@ pub fn generate(
     sectors: u64,
     adapter: &str,
 ) -> String {
-    let (heads, secs) = if adapter == "ide" { (16u64, 63u64) } else { (255, 63) };
+    let (heads, secs) = if adapter == "ide" {
+        (16u64, 63u64)
+    } else {
+        (255, 63)
+    };
     let cylinders = (sectors / (heads * secs)).min(16383);
     let mut s = format!(
         "{SIGNATURE}\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
@@ -201,7 +223,10 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        assert_eq!(parse(b"hello\n", "x", 0).unwrap_err().kind, ErrorKind::Corrupt);
+        assert_eq!(
+            parse(b"hello\n", "x", 0).unwrap_err().kind,
+            ErrorKind::Corrupt
+        );
         let e = parse(b"createType=\"a\"\nRW x FLAT \"f\"\n", "x", 0).unwrap_err();
         assert!(e.message.contains("extent size"), "{e}");
         let e = parse(b"createType=\"a\"\nRW 1 SESPARSE \"f\"\n", "x", 0).unwrap_err();
