@@ -45,7 +45,10 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
@@ -204,7 +207,11 @@ impl Options {
     }
     /// The value of `key`, if given.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
     /// Refuses any key not in `known`, naming the format and the keys it knows.
     pub fn check_known(&self, format: &str, known: &[&str]) -> Result<()> {
@@ -212,7 +219,11 @@ impl Options {
             if !known.contains(&k.as_str()) {
                 return Err(Error::invalid(format!(
                     "{format}: unknown option `{k}` (known options: {})",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 )));
             }
         }
@@ -308,8 +319,11 @@ pub trait Format {
         options: &Options,
     ) -> Result<Box<dyn Image>>;
     /// Creates a new image; fails if `path` exists.
-    fn create<B: Backend>(backend: &B, path: &str, options: &CreateOptions)
-    -> Result<Box<dyn Image>>;
+    fn create<B: Backend>(
+        backend: &B,
+        path: &str,
+        options: &CreateOptions,
+    ) -> Result<Box<dyn Image>>;
 }
 
 /// Checks that `[offset, offset+len)` lies within a disk of `size` bytes and is aligned to
@@ -334,6 +348,8 @@ pub fn check_range(format: &str, offset: u64, len: u64, size: u64, sector: u32) 
 pub fn is_zero(data: &[u8]) -> bool {
     let chunks = data.chunks_exact(16);
     let rest = chunks.remainder();
-    chunks.map(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes"))).all(|w| w == 0)
+    chunks
+        .map(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")))
+        .all(|w| w == 0)
         && rest.iter().all(|&b| b == 0)
 }

@@ -68,7 +68,10 @@ impl Backend for StdBackend {
             .create_new(true)
             .open(self.path(path))
             .map_err(|e| io_error(path, "cannot create", e))?;
-        Ok(StdFile { name: path.to_owned(), file })
+        Ok(StdFile {
+            name: path.to_owned(),
+            file,
+        })
     }
 
     fn exists(&self, path: &str) -> Result<bool> {
@@ -106,15 +109,23 @@ impl FileIo for StdFile {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, offset).map_err(|e| io_error(&self.name, "cannot write", e))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_error(&self.name, "cannot write", e))
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(|e| io_error(&self.name, "cannot stat", e))?.len())
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| io_error(&self.name, "cannot stat", e))?
+            .len())
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| io_error(&self.name, "cannot resize", e))
+        self.file
+            .set_len(len)
+            .map_err(|e| io_error(&self.name, "cannot resize", e))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
@@ -133,15 +144,22 @@ impl FileIo for StdFile {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.sync_all().map_err(|e| io_error(&self.name, "cannot fsync", e))
+        self.file
+            .sync_all()
+            .map_err(|e| io_error(&self.name, "cannot fsync", e))
     }
 }
 
 /// Deallocates `[offset, offset+len)` of `file`, keeping its size.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use rustix::fs::{FallocateFlags, fallocate};
-    fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
-        .map_err(std::io::Error::from)
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// The allocated ranges of `file` within `[offset, offset+len)` (SEEK_DATA / SEEK_HOLE).
@@ -162,7 +180,10 @@ pub fn data_extents(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<E
         }
         let hole = seek(file, SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
         let stop = hole.min(end);
-        out.push(Extent { offset: data, length: stop - data });
+        out.push(Extent {
+            offset: data,
+            length: stop - data,
+        });
         pos = stop;
     }
     Ok(out)

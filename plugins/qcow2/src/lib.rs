@@ -135,7 +135,8 @@ haven_plugin_sdk::export_format!(
     haven_plugin_sdk::writer::PluginInfo {
         name: "qcow2".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "QEMU qcow2 v3: read and write; compressed clusters and dirty bitmaps read".into(),
+        description: "QEMU qcow2 v3: read and write; compressed clusters and dirty bitmaps read"
+            .into(),
         kinds: vec!["qcow2".into()],
     }
 );

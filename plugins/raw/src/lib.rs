@@ -5,8 +5,8 @@
 //! the allocation map comes from the file's holes, so an image stays as sparse as its data.
 
 use haven_plugin_sdk::image::{
-    CreateOptions, Error, ExtentState, ImageInfo, MapEntry, OpenMode, Options, Result,
-    check_range, push_map,
+    CreateOptions, Error, ExtentState, ImageInfo, MapEntry, OpenMode, Options, Result, check_range,
+    push_map,
 };
 use haven_plugin_sdk::writer::bindings::haven::plugin::storage::{self, File, OpenFlags};
 use haven_plugin_sdk::writer::{Buffer, Disk, PluginInfo, from_wit};
@@ -27,9 +27,9 @@ fn sector_size(options: &Options, default: u32) -> Result<u32> {
         None => Ok(default),
         Some("512") => Ok(512),
         Some("4096") => Ok(4096),
-        Some(other) => {
-            Err(Error::invalid(format!("raw: sector_size must be 512 or 4096, not `{other}`")))
-        }
+        Some(other) => Err(Error::invalid(format!(
+            "raw: sector_size must be 512 or 4096, not `{other}`"
+        ))),
     }
 }
 
@@ -42,7 +42,10 @@ impl RawDisk {
         if self.writable {
             Ok(())
         } else {
-            Err(Error::invalid(format!("raw: {} is open read-only", self.path)))
+            Err(Error::invalid(format!(
+                "raw: {} is open read-only",
+                self.path
+            )))
         }
     }
 }
@@ -66,7 +69,13 @@ impl Disk for RawDisk {
         let flags = OpenFlags::CREATE | OpenFlags::EXCLUSIVE | OpenFlags::WRITE;
         let file = storage::open(path, flags).map_err(from_wit)?;
         file.set_length(options.size).map_err(from_wit)?;
-        Ok(Self { path: path.to_owned(), file, size: options.size, sector_size, writable: true })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size: options.size,
+            sector_size,
+            writable: true,
+        })
     }
 
     fn open(path: &str, mode: OpenMode, options: Options) -> Result<Self> {
@@ -79,7 +88,13 @@ impl Disk for RawDisk {
         let file = storage::open(path, flags).map_err(from_wit)?;
         let size = file.length().map_err(from_wit)?;
         let writable = mode == OpenMode::ReadWrite;
-        Ok(Self { path: path.to_owned(), file, size, sector_size, writable })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size,
+            sector_size,
+            writable,
+        })
     }
 
     fn probe(_path: &str) -> Result<Option<String>> {
@@ -101,7 +116,10 @@ impl Disk for RawDisk {
 
     fn read(&mut self, offset: u64, dst: &Buffer, dst_offset: u32, len: u32) -> Result<()> {
         self.check(offset, u64::from(len))?;
-        let n = self.file.read_into(offset, dst, dst_offset, len).map_err(from_wit)?;
+        let n = self
+            .file
+            .read_into(offset, dst, dst_offset, len)
+            .map_err(from_wit)?;
         if n < len {
             // The file is shorter than the disk (truncated behind our back): the rest reads as
             // zeros, as a hole would.
@@ -113,7 +131,9 @@ impl Disk for RawDisk {
     fn write(&mut self, offset: u64, src: &Buffer, src_offset: u32, len: u32) -> Result<()> {
         self.check_writable()?;
         self.check(offset, u64::from(len))?;
-        self.file.write_from(offset, src, src_offset, len).map_err(from_wit)
+        self.file
+            .write_from(offset, src, src_offset, len)
+            .map_err(from_wit)
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, _discard: bool) -> Result<()> {
@@ -124,24 +144,52 @@ impl Disk for RawDisk {
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.writable { self.file.flush().map_err(from_wit) } else { Ok(()) }
+        if self.writable {
+            self.file.flush().map_err(from_wit)
+        } else {
+            Ok(())
+        }
     }
 
     fn map(&mut self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| {
-            Error::invalid(format!(
-                "raw: map range {offset:#x}+{len:#x} lies outside the disk ({} bytes)",
-                self.size
-            ))
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "raw: map range {offset:#x}+{len:#x} lies outside the disk ({} bytes)",
+                    self.size
+                ))
+            })?;
         let mut map = Vec::new();
         let mut pos = offset;
         for e in self.file.data_extents(offset, len).map_err(from_wit)? {
-            push_map(&mut map, MapEntry { offset: pos, length: e.offset - pos, state: ExtentState::Zero });
-            push_map(&mut map, MapEntry { offset: e.offset, length: e.length, state: ExtentState::Data });
+            push_map(
+                &mut map,
+                MapEntry {
+                    offset: pos,
+                    length: e.offset - pos,
+                    state: ExtentState::Zero,
+                },
+            );
+            push_map(
+                &mut map,
+                MapEntry {
+                    offset: e.offset,
+                    length: e.length,
+                    state: ExtentState::Data,
+                },
+            );
             pos = e.offset + e.length;
         }
-        push_map(&mut map, MapEntry { offset: pos, length: end - pos, state: ExtentState::Zero });
+        push_map(
+            &mut map,
+            MapEntry {
+                offset: pos,
+                length: end - pos,
+                state: ExtentState::Zero,
+            },
+        );
         Ok(map)
     }
 

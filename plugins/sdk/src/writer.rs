@@ -19,11 +19,11 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::haven::plugin::writer as wit;
-use bindings::haven::plugin::storage;
 pub use bindings::exports::haven::plugin::plugin::PluginInfo;
+use bindings::exports::haven::plugin::writer as wit;
 pub use bindings::haven::plugin::buffers::Buffer;
 pub use bindings::haven::plugin::log::Level;
+use bindings::haven::plugin::storage;
 pub use bindings::haven::plugin::types::Error as WitError;
 
 crate::error_conversions!(bindings::haven::plugin::types::Error);
@@ -71,7 +71,11 @@ fn options(pairs: Vec<bindings::haven::plugin::types::OptionPair>) -> Options {
 
 impl<D: Disk> wit::GuestDisk for DiskResource<D> {
     fn create(path: String, o: wit::CreateOptions) -> Result<wit::Disk, WitError> {
-        let o = CreateOptions { size: o.size, sector_size: o.sector_size, options: options(o.options) };
+        let o = CreateOptions {
+            size: o.size,
+            sector_size: o.sector_size,
+            options: options(o.options),
+        };
         let disk = D::create(&path, o).map_err(to_wit)?;
         Ok(wit::Disk::new(Self(RefCell::new(Some(disk)))))
     }
@@ -233,7 +237,11 @@ impl<F: Format + 'static> Disk for FormatDisk<F> {
 
 impl<F: Format> FormatDisk<F> {
     fn new(image: Box<dyn Image>) -> Self {
-        Self { image, scratch: Vec::new(), _format: std::marker::PhantomData }
+        Self {
+            image,
+            scratch: Vec::new(),
+            _format: std::marker::PhantomData,
+        }
     }
 }
 
@@ -266,7 +274,10 @@ impl FileIo for HostFile {
         let mut done = 0;
         while done < buf.len() {
             let want = (buf.len() - done).min(MAX_IO) as u32;
-            let got = self.file.read(offset + done as u64, want).map_err(from_wit)?;
+            let got = self
+                .file
+                .read(offset + done as u64, want)
+                .map_err(from_wit)?;
             buf[done..done + got.len()].copy_from_slice(&got);
             done += got.len();
             if got.len() < want as usize {
@@ -278,7 +289,9 @@ impl FileIo for HostFile {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         for (i, chunk) in data.chunks(MAX_IO).enumerate() {
-            self.file.write(offset + (i * MAX_IO) as u64, chunk).map_err(from_wit)?;
+            self.file
+                .write(offset + (i * MAX_IO) as u64, chunk)
+                .map_err(from_wit)?;
         }
         Ok(())
     }
@@ -299,7 +312,10 @@ impl FileIo for HostFile {
         let extents = self.file.data_extents(offset, len).map_err(from_wit)?;
         Ok(extents
             .into_iter()
-            .map(|e| haven_image::Extent { offset: e.offset, length: e.length })
+            .map(|e| haven_image::Extent {
+                offset: e.offset,
+                length: e.length,
+            })
             .collect())
     }
 
@@ -317,15 +333,20 @@ impl Backend for HostBackend {
             OpenMode::ReadWrite => storage::OpenFlags::WRITE,
         };
         let file = storage::open(path, flags).map_err(from_wit)?;
-        Ok(HostFile { name: path.to_owned(), file })
+        Ok(HostFile {
+            name: path.to_owned(),
+            file,
+        })
     }
 
     fn create(&self, path: &str) -> Result<HostFile> {
-        let flags = storage::OpenFlags::CREATE
-            | storage::OpenFlags::EXCLUSIVE
-            | storage::OpenFlags::WRITE;
+        let flags =
+            storage::OpenFlags::CREATE | storage::OpenFlags::EXCLUSIVE | storage::OpenFlags::WRITE;
         let file = storage::open(path, flags).map_err(from_wit)?;
-        Ok(HostFile { name: path.to_owned(), file })
+        Ok(HostFile {
+            name: path.to_owned(),
+            file,
+        })
     }
 
     fn exists(&self, path: &str) -> Result<bool> {

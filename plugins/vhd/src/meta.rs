@@ -198,9 +198,8 @@ impl Footer {
     /// that geometry is the maximum, which means "too big for CHS, see current size").
     pub fn virtual_size(&self) -> u64 {
         const CURRENT_SIZE_CREATORS: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"];
-        let chs = u64::from(self.cylinders)
-            * u64::from(self.heads)
-            * u64::from(self.sectors_per_track);
+        let chs =
+            u64::from(self.cylinders) * u64::from(self.heads) * u64::from(self.sectors_per_track);
         let use_chs = !CURRENT_SIZE_CREATORS.contains(&&self.creator_app);
         if !use_chs || chs == MAX_GEOMETRY_SECTORS {
             self.current_size / SECTOR * SECTOR
@@ -238,7 +237,11 @@ pub fn geometry(size: u64) -> (u16, u8, u8) {
         cyl_heads = ch;
     }
     // Bounded above: cylinders <= 65535, heads <= 16, spt <= 255.
-    ((cyl_heads / heads).min(65535) as u16, heads as u8, spt as u8)
+    (
+        (cyl_heads / heads).min(65535) as u16,
+        heads as u8,
+        spt as u8,
+    )
 }
 
 /// Now as a VHD timestamp (seconds since 2000-01-01 UTC).
@@ -394,11 +397,16 @@ pub fn locator_path(platform: u32, data: &[u8]) -> Option<String> {
         PLATFORM_MACX => {
             let s = String::from_utf8_lossy(data);
             let s = s.trim_end_matches('\0');
-            s.strip_prefix("file://localhost").or_else(|| s.strip_prefix("file://")).unwrap_or(s).to_owned()
+            s.strip_prefix("file://localhost")
+                .or_else(|| s.strip_prefix("file://"))
+                .unwrap_or(s)
+                .to_owned()
         }
-        p if p == u32::from_be_bytes(*b"Wi2r") || p == u32::from_be_bytes(*b"Wi2k") => {
-            data.iter().take_while(|&&b| b != 0).map(|&b| char::from(b)).collect()
-        }
+        p if p == u32::from_be_bytes(*b"Wi2r") || p == u32::from_be_bytes(*b"Wi2k") => data
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| char::from(b))
+            .collect(),
         _ => return None,
     };
     let text = text.trim().to_owned();
@@ -432,7 +440,11 @@ pub fn normalize(path: &str) -> String {
         }
     }
     let joined = parts.join("/");
-    if path.starts_with('/') { format!("/{joined}") } else { joined }
+    if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }
 
 /// An error for a value of the footer or header that is valid but beyond what Haven handles.

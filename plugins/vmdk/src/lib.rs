@@ -700,7 +700,8 @@ haven_plugin_sdk::export_format!(
     haven_plugin_sdk::writer::PluginInfo {
         name: "vmdk".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "VMware VMDK: monolithicSparse, monolithicFlat, twoGbMaxExtent*, streamOptimized".into(),
+        description:
+            "VMware VMDK: monolithicSparse, monolithicFlat, twoGbMaxExtent*, streamOptimized".into(),
         kinds: vec!["vmdk".into()],
     }
 );

@@ -4,6 +4,7 @@
 //! Used only by the host's grant tests: a request to a granted host goes through, any other is
 //! refused by the host.
 
+use haven_plugin_sdk::adapter::Buffer;
 use haven_plugin_sdk::adapter::bindings::exports::haven::plugin::platform::{
     Guest, Machine, PowerOffMode, ReplicaMachine, ReplicaSpec, Snapshot,
 };
@@ -12,26 +13,39 @@ use haven_plugin_sdk::adapter::bindings::exports::haven::plugin::plugin::{
 };
 use haven_plugin_sdk::adapter::bindings::haven::plugin::types::{Error, Extent};
 use haven_plugin_sdk::adapter::bindings::wasi::http::{outgoing_handler, types as http};
-use haven_plugin_sdk::adapter::Buffer;
 
 struct Probe;
 
 fn unsupported<T>() -> Result<T, Error> {
-    Err(Error::Unsupported("test plugin: only quiesce is implemented".into()))
+    Err(Error::Unsupported(
+        "test plugin: only quiesce is implemented".into(),
+    ))
 }
 
 /// GETs `url` and returns the status code.
 fn get(url: &str) -> Result<u16, Error> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| Error::InvalidArgument(url.into()))?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| Error::InvalidArgument(url.into()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let request = http::OutgoingRequest::new(http::Fields::new());
-    let scheme = if scheme == "https" { http::Scheme::Https } else { http::Scheme::Http };
-    request.set_scheme(Some(&scheme)).map_err(|()| Error::InvalidArgument("scheme".into()))?;
-    request.set_authority(Some(authority)).map_err(|()| Error::InvalidArgument("authority".into()))?;
-    request.set_path_with_query(Some(path)).map_err(|()| Error::InvalidArgument("path".into()))?;
+    let scheme = if scheme == "https" {
+        http::Scheme::Https
+    } else {
+        http::Scheme::Http
+    };
+    request
+        .set_scheme(Some(&scheme))
+        .map_err(|()| Error::InvalidArgument("scheme".into()))?;
+    request
+        .set_authority(Some(authority))
+        .map_err(|()| Error::InvalidArgument("authority".into()))?;
+    request
+        .set_path_with_query(Some(path))
+        .map_err(|()| Error::InvalidArgument("path".into()))?;
     let pending = outgoing_handler::handle(request, None)
         .map_err(|e| Error::Platform(format!("request failed: {e:?}")))?;
     pending.subscribe().block();
@@ -60,7 +74,11 @@ impl Guest for Probe {
     }
     fn quiesce(machine: String, _timeout_ms: u32) -> Result<(), Error> {
         let status = get(&machine)?;
-        if status == 200 { Ok(()) } else { Err(Error::Platform(format!("status {status}"))) }
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(Error::Platform(format!("status {status}")))
+        }
     }
     fn thaw(_: String) -> Result<(), Error> {
         Ok(())

@@ -2,13 +2,17 @@
 //!
 //! Used only by the host's containment tests. Every disk call other than `create` is refused.
 
-use haven_plugin_sdk::image::{CreateOptions, Error, ImageInfo, MapEntry, OpenMode, Options, Result};
+use haven_plugin_sdk::image::{
+    CreateOptions, Error, ImageInfo, MapEntry, OpenMode, Options, Result,
+};
 use haven_plugin_sdk::writer::{Buffer, Disk, PluginInfo};
 
 struct Hostile;
 
 fn refused<T>() -> Result<T> {
-    Err(Error::unsupported("test plugin: only create is implemented"))
+    Err(Error::unsupported(
+        "test plugin: only create is implemented",
+    ))
 }
 
 impl Disk for Hostile {

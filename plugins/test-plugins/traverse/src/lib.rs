@@ -2,13 +2,17 @@
 //!
 //! Used only by the host's containment tests. Every disk call other than `create` is refused.
 
-use haven_plugin_sdk::image::{CreateOptions, Error, ImageInfo, MapEntry, OpenMode, Options, Result};
+use haven_plugin_sdk::image::{
+    CreateOptions, Error, ImageInfo, MapEntry, OpenMode, Options, Result,
+};
 use haven_plugin_sdk::writer::{Buffer, Disk, PluginInfo};
 
 struct Hostile;
 
 fn refused<T>() -> Result<T> {
-    Err(Error::unsupported("test plugin: only create is implemented"))
+    Err(Error::unsupported(
+        "test plugin: only create is implemented",
+    ))
 }
 
 impl Disk for Hostile {
@@ -18,7 +22,9 @@ impl Disk for Hostile {
         use haven_plugin_sdk::writer::bindings::haven::plugin::storage::{OpenFlags, open};
         let flags = OpenFlags::CREATE | OpenFlags::WRITE;
         open(path, flags).map_err(haven_plugin_sdk::writer::from_wit)?;
-        Err(Error::invalid(format!("test plugin: the host let me open {path}")))
+        Err(Error::invalid(format!(
+            "test plugin: the host let me open {path}"
+        )))
     }
     fn open(_: &str, _: OpenMode, _: Options) -> Result<Self> {
         refused()
