@@ -16,19 +16,30 @@ const ROUNDS: usize = 3;
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let plugin_dir = std::env::var_os("HAVEN_PLUGIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/release")
-    });
+    let plugin_dir = std::env::var_os("HAVEN_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/release")
+        });
     let host = Host::new(HostConfig::default())?;
     let spec = PluginSpec {
         name: "raw".into(),
         path: plugin_dir.join("haven_raw.wasm"),
-        grants: Grants { storage_root: Some(dir.path().to_owned()), ..Grants::default() },
+        grants: Grants {
+            storage_root: Some(dir.path().to_owned()),
+            ..Grants::default()
+        },
     };
     let mut raw = host.load_writer(&spec)?;
 
-    println!("write throughput, {} GiB per case, best of {ROUNDS}", TOTAL >> 30);
-    println!("{:<10} {:>12} {:>12} {:>8}", "block", "native GB/s", "plugin GB/s", "ratio");
+    println!(
+        "write throughput, {} GiB per case, best of {ROUNDS}",
+        TOTAL >> 30
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>8}",
+        "block", "native GB/s", "plugin GB/s", "ratio"
+    );
     for block in [1u64 << 20, 64 << 10] {
         let mut native_best = Duration::MAX;
         let mut plugin_best = Duration::MAX;
@@ -65,7 +76,11 @@ fn main() -> anyhow::Result<()> {
             std::fs::remove_file(dir.path().join(&name))?;
         }
         let gbps = |d: Duration| TOTAL as f64 / d.as_secs_f64() / 1e9;
-        let label = if block >= 1 << 20 { format!("{} MiB", block >> 20) } else { format!("{} KiB", block >> 10) };
+        let label = if block >= 1 << 20 {
+            format!("{} MiB", block >> 20)
+        } else {
+            format!("{} KiB", block >> 10)
+        };
         println!(
             "{label:<10} {:>12.2} {:>12.2} {:>7.0}%",
             gbps(native_best),
