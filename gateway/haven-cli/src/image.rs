@@ -363,11 +363,7 @@ fn copy(source: &mut Image, plugin: &mut WriterPlugin, disk: &Disk, progress: bo
 }
 
 fn show_progress(shown: &mut Option<u64>, done: u64, total: u64) {
-    let per_mille = if total == 0 {
-        1000
-    } else {
-        done * 1000 / total
-    };
+    let per_mille = (done * 1000).checked_div(total).unwrap_or(1000);
     if *shown != Some(per_mille) {
         *shown = Some(per_mille);
         eprint!("\r    ({:>5.1}/100%)", per_mille as f64 / 10.0);

@@ -423,15 +423,10 @@ impl Host {
         };
         let pre = linker.instantiate_pre(&component).map_err(world_error)?;
         let pre = W::pre(pre).map_err(world_error)?;
-        let storage = match &spec.grants.storage_root {
-            Some(root) => Some(Arc::new(root.clone())),
-            None => None,
-        };
         let mut runner = Runner {
             engine: self.engine.clone(),
             spec: Arc::new(spec.clone()),
             name: spec.name.as_str().into(),
-            storage_root: storage,
             pre,
             live: None,
             generation: 0,
@@ -507,7 +502,6 @@ pub(crate) struct Runner<W: World> {
     engine: Engine,
     spec: Arc<PluginSpec>,
     name: Arc<str>,
-    storage_root: Option<Arc<PathBuf>>,
     pre: W::Pre,
     live: Option<Live<W>>,
     /// Bumped at every restart; handles carry the generation they were made in.
@@ -518,7 +512,7 @@ pub(crate) struct Runner<W: World> {
 impl<W: World> Runner<W> {
     fn instantiate(&mut self) -> Result<(), RunnerError> {
         let grants = &self.spec.grants;
-        let storage = match &self.storage_root {
+        let storage = match &grants.storage_root {
             Some(root) => Some(
                 StorageGrant::new(root, grants.storage_read_only).map_err(RunnerError::Storage)?,
             ),

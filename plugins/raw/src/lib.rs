@@ -60,7 +60,7 @@ impl Disk for RawDisk {
                 options.sector_size
             )));
         }
-        if options.size % u64::from(sector_size) != 0 {
+        if !options.size.is_multiple_of(u64::from(sector_size)) {
             return Err(Error::invalid(format!(
                 "raw: size {} is not a multiple of the {sector_size}-byte sector",
                 options.size
