@@ -12,6 +12,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod demo;
+
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
 const WRITER_PLUGINS: &[&str] = &[
     "haven-raw",
@@ -165,7 +167,11 @@ fn build_plugins() -> Result<()> {
         }
         run(&mut c)?;
     }
-    Ok(())
+    // The third-party example builds out of tree, against the SDK only.
+    run(cargo()
+        .current_dir(root().join("examples/plugin-null-writer"))
+        .env("CARGO_TARGET_DIR", root().join("target"))
+        .args(["build", "--release", "--target", "wasm32-wasip2"]))
 }
 
 fn build(release: bool) -> Result<()> {
@@ -223,7 +229,7 @@ fn test() -> Result<()> {
 fn demo() -> Result<()> {
     ensure_test_tools()?;
     build(false)?;
-    run(cargo().args(["run", "--quiet", "-p", "haven-e2e", "--bin", "haven-demo"]))
+    demo::run(&root())
 }
 
 fn bench(args: &[&str]) -> Result<()> {

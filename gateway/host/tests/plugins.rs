@@ -502,3 +502,29 @@ fn precompiled_artefacts_survive_a_restart_and_damage() {
     assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Compiled);
     assert_eq!(raw.describe().unwrap().name, "raw");
 }
+
+#[test]
+fn third_party_plugin_built_out_of_tree_loads_and_works() {
+    let host = host();
+    let mut null = host
+        .load_writer(&spec("null", "null-writer", Grants::default()))
+        .unwrap();
+    assert_eq!(null.describe().unwrap().name, "null");
+    let disk = null.create("ignored", 1 << 20, 512, &[]).unwrap();
+    let mut data = vec![1u8; 8192];
+    null.write(&disk, 4096, &mut data).unwrap();
+    null.write_zeroes(&disk, 8192, 512, true).unwrap();
+    let map = null.map(&disk, 0, 1 << 20).unwrap();
+    let states: Vec<_> = map.iter().map(|e| (e.offset, e.length, e.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (0, 4096, ExtentState::Zero),
+            (4096, 4096, ExtentState::Data),
+            (8192, 512, ExtentState::Zero),
+            (8704, 3584, ExtentState::Data),
+            (12288, (1 << 20) - 12288, ExtentState::Zero),
+        ]
+    );
+    null.close(disk).unwrap();
+}
