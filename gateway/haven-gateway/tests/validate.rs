@@ -116,3 +116,27 @@ fn unknown_fields_are_refused_with_their_place() {
     assert_eq!(code, Some(78));
     assert!(stderr.contains("unknown field `plugins`"), "{stderr}");
 }
+
+#[test]
+fn the_example_config_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(env!("CARGO_BIN_EXE_haven-gateway"))
+        .current_dir(&root)
+        .args(["validate", "--config", "examples/gateway.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("`replicas-raw`: ok — raw 0.1.0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`replicas-vmdk`: ok — vmdk 0.1.0"),
+        "{stdout}"
+    );
+}
