@@ -12,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod demo;
 
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
@@ -236,7 +237,11 @@ fn bench(args: &[&str]) -> Result<()> {
     let which = args.first().copied().unwrap_or("all");
     build_plugins()?;
     match which {
-        "plugins" | "all" => run(cargo().args([
+        "all" => {
+            bench(&["plugins"])?;
+            bench(&["formats"])
+        }
+        "plugins" => run(cargo().args([
             "run",
             "--release",
             "--quiet",
@@ -245,7 +250,11 @@ fn bench(args: &[&str]) -> Result<()> {
             "--example",
             "bench-plugins",
         ])),
-        other => bail!("unknown benchmark `{other}` (known: plugins)"),
+        "formats" => {
+            run(cargo().args(["build", "--release", "-p", "haven-cli"]))?;
+            bench::formats(&root())
+        }
+        other => bail!("unknown benchmark `{other}` (known: plugins, formats)"),
     }
 }
 
