@@ -309,22 +309,41 @@ fn convert(
         );
     }
     let mut plugin = plugins.writer(out_format, &root, true)?;
-    let disk = plugin.create(&name, info.size, info.sector_size, &options.0)?;
+    let fail =
+        |e: anyhow::Error| e.context(format!("converting {} to {}", src.display(), dst.display()));
+    let disk = match plugin.create(&name, info.size, info.sector_size, &options.0) {
+        Ok(disk) => disk,
+        Err(e) => {
+            // `dst` did not exist before: whatever a failed create left there is ours.
+            let _ = std::fs::remove_file(dst);
+            return Err(fail(e.into()));
+        }
+    };
     let result = copy(&mut source, &mut plugin, &disk, progress);
-    let files = plugin
-        .info(&disk)
-        .map(|i| i.files)
-        .unwrap_or_else(|_| vec![name.clone()]);
-    let closed = plugin.close(disk);
-    source.close()?;
-    if let Err(e) = result.and_then(|()| closed.map_err(Into::into)) {
+    // The destination's files, as the plugin names them (a flat VMDK has a descriptor and an
+    // extent). Only plain names in the destination's folder are trusted for removal.
+    let mut files = plugin.info(&disk).map(|i| i.files).unwrap_or_default();
+    files.retain(|f| is_plain_name(f));
+    if !files.contains(&name) {
+        files.push(name.clone());
+    }
+    let result = result.and_then(|()| plugin.close(disk).map_err(Into::into));
+    if let Err(e) = source.close() {
+        tracing::warn!("closing {}: {e:#}", src.display());
+    }
+    if let Err(e) = result {
         // Leave nothing half-written behind.
         for f in files {
             let _ = std::fs::remove_file(root.join(f));
         }
-        return Err(e.context(format!("converting {} to {}", src.display(), dst.display())));
+        return Err(fail(e));
     }
     Ok(())
+}
+
+/// A file name with no folder part: no `/`, not `.` or `..`, not empty.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 /// Copies every data range of `source` into `disk`; zero ranges stay unallocated.
@@ -545,6 +564,14 @@ fn print_map(map: &[MapEntry], output: Output) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_names_are_removed_after_a_failed_convert() {
+        assert!(is_plain_name("web01-flat.vmdk"));
+        for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b"] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_parse_like_qemu_img() {

@@ -8,14 +8,29 @@ use crate::wit::since_v0_1_0::writer::haven::plugin::types::Error;
 
 /// Largest buffer a plugin may create: 64 MiB.
 pub const MAX_BUFFER: u32 = 64 << 20;
+/// Most bytes of buffers one plugin instance may hold at once (those the host lends for a call
+/// do not count).
+pub const MAX_BUFFER_BYTES: u64 = 256 << 20;
 
 /// A buffer: bytes owned by the host, lent to a plugin by handle.
 #[derive(Debug, Default)]
 pub struct Buffer {
     pub data: Vec<u8>,
+    /// Lent by the host as a source: the plugin may read it but not change it.
+    pub read_only: bool,
 }
 
 impl Buffer {
+    /// The range `[offset, offset+len)` for writing: refused on a read-only buffer.
+    pub fn range_mut(&self, offset: u32, len: u32) -> Result<std::ops::Range<usize>, Error> {
+        if self.read_only {
+            return Err(Error::InvalidArgument(
+                "the buffer is a read-only source lent for this call".into(),
+            ));
+        }
+        self.range(offset, len)
+    }
+
     /// The range `[offset, offset+len)`, or an error naming it.
     pub fn range(&self, offset: u32, len: u32) -> Result<std::ops::Range<usize>, Error> {
         let start = offset as usize;
@@ -36,9 +51,20 @@ impl HostBuffer for State {
         if len > MAX_BUFFER {
             wasmtime::bail!("buffer of {len} bytes exceeds the {MAX_BUFFER}-byte limit");
         }
-        Ok(self.table.push(Buffer {
+        if self.buffer_bytes + u64::from(len) > MAX_BUFFER_BYTES {
+            wasmtime::bail!(
+                "plugin `{}` holds {} bytes of buffers; another {len} would pass the \
+                 {MAX_BUFFER_BYTES}-byte limit",
+                self.name,
+                self.buffer_bytes
+            );
+        }
+        let handle = self.table.push(Buffer {
             data: vec![0; len as usize],
-        })?)
+            read_only: false,
+        })?;
+        self.buffer_bytes += u64::from(len);
+        Ok(handle)
     }
 
     fn len(&mut self, this: Resource<Buffer>) -> wasmtime::Result<u32> {
@@ -64,7 +90,7 @@ impl HostBuffer for State {
         let buffer = self.table.get_mut(&this)?;
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         Ok(buffer
-            .range(offset, len)
+            .range_mut(offset, len)
             .map(|r| buffer.data[r].copy_from_slice(&data)))
     }
 
@@ -82,7 +108,7 @@ impl HostBuffer for State {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
             };
-            if let Err(e) = buffer.range(offset, len) {
+            if let Err(e) = buffer.range_mut(offset, len) {
                 return Ok(Err(e));
             }
             buffer.data.copy_within(from, offset as usize);
@@ -97,7 +123,7 @@ impl HostBuffer for State {
         let bytes = std::mem::take(&mut self.table.get_mut(&src)?.data);
         let target = self.table.get_mut(&this)?;
         let result = target
-            .range(offset, len)
+            .range_mut(offset, len)
             .map(|to| target.data[to].copy_from_slice(&bytes[from]));
         self.table.get_mut(&src)?.data = bytes;
         Ok(result)
@@ -110,7 +136,9 @@ impl HostBuffer for State {
         len: u32,
     ) -> wasmtime::Result<Result<(), Error>> {
         let buffer = self.table.get_mut(&this)?;
-        Ok(buffer.range(offset, len).map(|r| buffer.data[r].fill(0)))
+        Ok(buffer
+            .range_mut(offset, len)
+            .map(|r| buffer.data[r].fill(0)))
     }
 
     fn is_zero(
@@ -128,7 +156,8 @@ impl HostBuffer for State {
     fn drop(&mut self, this: Resource<Buffer>) -> wasmtime::Result<()> {
         // Only buffers the guest created (owned handles) are dropped by it; buffers the host
         // lends for a call are borrowed and taken back by the host after the call.
-        self.table.delete(this)?;
+        let buffer = self.table.delete(this)?;
+        self.buffer_bytes = self.buffer_bytes.saturating_sub(buffer.data.len() as u64);
         Ok(())
     }
 }

@@ -57,16 +57,17 @@ impl ArtifactCache {
         wasm: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
         let path = self.path(engine, wasm);
-        if let Ok(bytes) = fs::read(&path) {
+        if let Some(bytes) = self.read_trusted(&path) {
             match payload(&bytes) {
                 Ok(payload) => {
                     // SAFETY: `Component::deserialize` requires bytes produced by
                     // `Component::serialize` of a compatible engine. The file name carries the
-                    // engine's compatibility hash, and the payload is exactly what `store` wrote:
-                    // its SHA-256 is checked above, so a torn or damaged file is never
-                    // deserialized. Only a party able to write this gateway's cache folder
-                    // could substitute an artefact, and such a party can already replace the
-                    // gateway binary itself.
+                    // engine's compatibility hash; the payload's SHA-256 is checked above, so a
+                    // torn or damaged file is never deserialized; and `read_trusted` loads only
+                    // a regular file (not a link) in a folder, both owned by this user and
+                    // writable by no one else. So the bytes are what `store` below wrote for
+                    // this engine, unless this same user (who could equally replace the
+                    // program or its plugins) put them there.
                     #[allow(unsafe_code)]
                     let component = unsafe { Component::deserialize(engine, payload) };
                     match component {
@@ -91,6 +92,35 @@ impl ArtifactCache {
     }
 }
 
+impl ArtifactCache {
+    /// The artefact's bytes, if the folder and the file can only have been written by this
+    /// user: both owned by the effective user, neither writable by group or others, the file
+    /// not a symbolic link. Anything else is ignored (and recompiled), never loaded.
+    fn read_trusted(&self, path: &Path) -> Option<Vec<u8>> {
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let me = rustix::process::geteuid().as_raw();
+        let private = |m: &fs::Metadata| m.uid() == me && m.mode() & 0o022 == 0;
+        let dir = fs::metadata(&self.dir).ok()?;
+        if !private(&dir) {
+            tracing::warn!(dir = %self.dir.display(), "plugin cache folder is not private to this user; not using it");
+            return None;
+        }
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .ok()?;
+        if !private(&file.metadata().ok()?) {
+            tracing::warn!(path = %path.display(), "precompiled plugin is not private to this user; recompiling");
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ok()?;
+        Some(bytes)
+    }
+}
+
 fn payload(bytes: &[u8]) -> Result<&[u8], String> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err("bad magic".into());
@@ -110,10 +140,27 @@ fn payload(bytes: &[u8]) -> Result<&[u8], String> {
 
 fn store(path: &Path, payload: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("artefacts live in a folder");
-    fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
-        let mut f = fs::File::create(&tmp)?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        // A folder created earlier by a wider umask is narrowed to this user.
+        let mode = fs::metadata(dir)?.permissions().mode();
+        if mode & 0o022 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o022))?;
+        }
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(MAGIC)?;
         f.write_all(&FORMAT_VERSION.to_le_bytes())?;
         f.write_all(&Sha256::digest(payload))?;

@@ -62,7 +62,8 @@ pub struct Host {
     writer_linker: Linker<State>,
     adapter_linker: Linker<State>,
     cache: Option<ArtifactCache>,
-    ticker: Option<Ticker>,
+    /// Shared with every loaded plugin, so deadlines keep ticking while any plugin lives.
+    ticker: Arc<Ticker>,
 }
 
 struct Ticker {
@@ -76,12 +77,6 @@ impl Drop for Ticker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.ticker.take();
     }
 }
 
@@ -203,6 +198,10 @@ pub struct State {
     storage: Option<StorageGrant>,
     limiter: MemoryLimiter,
     log_lines: u64,
+    /// Files the plugin has open (bounded by `storage::MAX_OPEN_FILES`).
+    open_files: usize,
+    /// Bytes of buffers the plugin created and holds (bounded by `buffers::MAX_BUFFER_BYTES`).
+    buffer_bytes: u64,
 }
 
 impl WasiView for State {
@@ -224,24 +223,33 @@ impl WasiHttpView for State {
     }
 }
 
-/// Bounds linear memory and tables, and remembers whether it refused a growth (a guest that
-/// runs out of memory then traps with `unreachable`; this tells it apart from other traps).
+/// Bounds linear memory (summed over every memory of the instance) and tables, and remembers
+/// whether it refused a growth (a guest that runs out of memory then traps with `unreachable`;
+/// this tells it apart from other traps).
 struct MemoryLimiter {
     max_memory: usize,
+    /// Bytes of linear memory the instance has, over all its memories.
+    total: usize,
     refused: bool,
 }
 
 /// Most table elements an instance may have.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// Most host resources (buffers, files, WASI handles) one instance may hold.
+const MAX_RESOURCES: usize = 4096;
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_memory;
+        let after = self.total.saturating_add(desired.saturating_sub(current));
+        let ok = after <= self.max_memory;
+        if ok {
+            self.total = after;
+        }
         self.refused |= !ok;
         Ok(ok)
     }
@@ -362,7 +370,7 @@ impl Host {
             writer_linker,
             adapter_linker,
             cache: config.cache_dir.map(ArtifactCache::new),
-            ticker: Some(Ticker {
+            ticker: Arc::new(Ticker {
                 stop,
                 thread: Some(thread),
             }),
@@ -429,8 +437,10 @@ impl Host {
             name: spec.name.as_str().into(),
             pre,
             live: None,
+            dead: None,
             generation: 0,
             outcome,
+            _ticker: self.ticker.clone(),
         };
         // Instantiate now, so a component that cannot run is refused at load, not at first use.
         runner.instantiate().map_err(|e| match e {
@@ -504,9 +514,13 @@ pub(crate) struct Runner<W: World> {
     name: Arc<str>,
     pre: W::Pre,
     live: Option<Live<W>>,
+    /// The instance that trapped in the last call, kept until the next call so the caller can
+    /// take back what it lent to it.
+    dead: Option<Live<W>>,
     /// Bumped at every restart; handles carry the generation they were made in.
     generation: u64,
     outcome: CacheOutcome,
+    _ticker: Arc<Ticker>,
 }
 
 impl<W: World> Runner<W> {
@@ -518,9 +532,11 @@ impl<W: World> Runner<W> {
             ),
             None => None,
         };
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         let state = State {
             name: self.name.clone(),
-            table: ResourceTable::new(),
+            table,
             // Nothing: no arguments, environment, preopened folders, sockets or stdio.
             wasi: WasiCtx::builder()
                 .allow_tcp(false)
@@ -536,9 +552,12 @@ impl<W: World> Runner<W> {
             storage,
             limiter: MemoryLimiter {
                 max_memory: (grants.memory_mib << 20) as usize,
+                total: 0,
                 refused: false,
             },
             log_lines: 0,
+            open_files: 0,
+            buffer_bytes: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -550,8 +569,10 @@ impl<W: World> Runner<W> {
     }
 
     fn deadline_ticks(&self) -> u64 {
+        // One tick more than the timeout: the epoch is not aligned with the call's start, so
+        // the call gets at least its timeout and at most one tick beyond it.
         let timeout = self.spec.grants.call_timeout_ms.max(1);
-        timeout.div_ceil(EPOCH_TICK.as_millis() as u64)
+        timeout.div_ceil(EPOCH_TICK.as_millis() as u64) + 1
     }
 
     fn host_error(&self, call: &'static str, message: impl std::fmt::Display) -> PluginError {
@@ -569,6 +590,7 @@ impl<W: World> Runner<W> {
         call: &'static str,
         f: impl FnOnce(&W, &mut Store<State>) -> wasmtime::Result<Result<T, WitError>>,
     ) -> Result<T, PluginError> {
+        self.dead = None;
         if self.live.is_none() {
             self.restart(call)?;
         }
@@ -599,7 +621,7 @@ impl<W: World> Runner<W> {
                     kind,
                 };
                 tracing::error!(plugin = %self.name, call, "{error}");
-                self.live = None;
+                self.dead = self.live.take();
                 // Replace the instance now so the next call does not pay for it; if that fails
                 // the next call tries again and reports why.
                 let _ = self.restart(call);
@@ -621,6 +643,17 @@ impl<W: World> Runner<W> {
     /// The store, for host-side bookkeeping between calls (resources, tables).
     fn store(&mut self) -> Option<&mut Store<State>> {
         self.live.as_mut().map(|l| &mut l.store)
+    }
+
+    /// The store of generation `generation`: the live one, or the one that just trapped.
+    fn store_of(&mut self, generation: u64) -> Option<&mut Store<State>> {
+        if generation == self.generation {
+            self.live.as_mut().map(|l| &mut l.store)
+        } else if generation + 1 == self.generation {
+            self.dead.as_mut().map(|l| &mut l.store)
+        } else {
+            None
+        }
     }
 
     fn check_generation(&self, generation: u64, call: &'static str) -> Result<(), PluginError> {

@@ -22,6 +22,8 @@ use crate::wit::since_v0_1_0::writer::haven::plugin::types::{Error, Extent};
 pub const MAX_READ: u32 = 64 << 20;
 /// Most extents one `data-extents` call returns before failing with `limit`.
 pub const MAX_EXTENTS: usize = 1 << 20;
+/// Most files one plugin instance may have open at once.
+pub const MAX_OPEN_FILES: usize = 256;
 
 /// A granted storage root, opened once.
 #[derive(Debug)]
@@ -109,6 +111,13 @@ impl StorageGrant {
         if flags.contains(OpenFlags::TRUNCATE) {
             options.truncate(true);
         }
+        // Opening a FIFO or a terminal can block or change the host's state before the
+        // regular-file check below: open without blocking and without a controlling terminal.
+        {
+            use cap_std::fs::OpenOptionsExt;
+            use rustix::fs::OFlags;
+            options.custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32);
+        }
         let file = self
             .dir
             .open_with(path, &options)
@@ -126,17 +135,19 @@ impl StorageGrant {
         })
     }
 
+    /// Makes a rename or removal below the root durable by syncing the folder it happened in.
+    /// cap-std's directory handles cannot be synced (they are `O_PATH`), so the folder is
+    /// opened by path: it was checked lexically, and syncing a folder changes nothing in it.
     fn sync_parent(&self, path: &str) -> Result<(), Error> {
         let parent = Path::new(path)
             .parent()
             .filter(|p| !p.as_os_str().is_empty());
-        let dir = match parent {
-            Some(p) => self.dir.open_dir(p),
-            None => self.dir.try_clone(),
-        }
-        .map_err(|e| self.io_error(path, "sync folder of", e))?;
-        dir.into_std_file()
-            .sync_all()
+        let folder = match parent {
+            Some(p) => self.root.join(p),
+            None => self.root.clone(),
+        };
+        File::open(&folder)
+            .and_then(|f| f.sync_all())
             .map_err(|e| Error::Io(format!("sync folder of `{path}`: {e}")))
     }
 }
@@ -208,16 +219,26 @@ impl Host for State {
         path: String,
         flags: OpenFlags,
     ) -> wasmtime::Result<Result<Resource<OpenFile>, Error>> {
+        if self.open_files >= MAX_OPEN_FILES {
+            return ok(Err(Error::Limit(format!(
+                "open `{path}`: plugin `{}` has {MAX_OPEN_FILES} files open, the most allowed; \
+                 close some first",
+                self.name
+            ))));
+        }
         let file = match self.grant("open").and_then(|g| g.open(&path, flags)) {
             Ok(f) => f,
             Err(e) => return ok(Err(e)),
         };
-        ok(Ok(self.table.push(file)?))
+        let handle = self.table.push(file)?;
+        self.open_files += 1;
+        ok(Ok(handle))
     }
 
     fn remove(&mut self, path: String) -> wasmtime::Result<Result<(), Error>> {
         ok(self.grant("remove").and_then(|g| {
             g.check(&path)?;
+            g.check_writable(&path)?;
             g.dir
                 .remove_file(&path)
                 .map_err(|e| g.io_error(&path, "remove", e))?;
@@ -276,7 +297,7 @@ impl HostFile for State {
         len: u32,
     ) -> wasmtime::Result<Result<u32, Error>> {
         let buffer = self.table.get_mut(&dst)?;
-        let range = match buffer.range(dst_offset, len) {
+        let range = match buffer.range_mut(dst_offset, len) {
             Ok(r) => r,
             Err(e) => return ok(Err(e)),
         };
@@ -367,7 +388,12 @@ impl HostFile for State {
         len: u64,
     ) -> wasmtime::Result<Result<Vec<Extent>, Error>> {
         let file = self.table.get(&this)?;
-        let extents = match haven_image::std_backend::data_extents(&file.file, offset, len) {
+        let extents = match haven_image::std_backend::data_extents_at_most(
+            &file.file,
+            offset,
+            len,
+            MAX_EXTENTS + 1,
+        ) {
             Ok(e) => e,
             Err(e) => return ok(Err(file.io("map holes of", e))),
         };
@@ -393,6 +419,7 @@ impl HostFile for State {
 
     fn drop(&mut self, this: Resource<OpenFile>) -> wasmtime::Result<()> {
         self.table.delete(this)?;
+        self.open_files -= 1;
         Ok(())
     }
 }

@@ -139,11 +139,13 @@ impl WriterPlugin {
     }
 
     /// Lends `data` to the plugin as a buffer for one call and takes it back, whatever the
-    /// outcome: the bytes are moved, never copied.
+    /// outcome (also after a trap: from the instance that trapped). The bytes are moved, never
+    /// copied. A `read_only` buffer is a source the plugin may read but not change.
     fn with_buffer<T>(
         &mut self,
         call: &'static str,
         data: &mut Vec<u8>,
+        read_only: bool,
         f: impl FnOnce(
             &TargetWriter,
             &mut wasmtime::Store<crate::State>,
@@ -159,6 +161,7 @@ impl WriterPlugin {
                 ),
             ));
         }
+        let generation = self.runner.generation;
         let lent = {
             let plugin = self.runner.name.to_string();
             let store = self
@@ -167,24 +170,22 @@ impl WriterPlugin {
                 .ok_or(PluginError::Stale { plugin, call })?;
             let buffer = Buffer {
                 data: std::mem::take(data),
+                read_only,
             };
-            let resource = store
-                .data_mut()
-                .table
-                .push(buffer)
-                .map_err(|e| PluginError::Host {
-                    plugin: String::new(),
-                    call,
-                    message: e.to_string(),
-                })?;
-            resource.rep()
+            match store.data_mut().table.push(buffer) {
+                Ok(resource) => resource.rep(),
+                Err(e) => {
+                    return Err(self
+                        .runner
+                        .host_error(call, format!("cannot lend buffer: {e}")));
+                }
+            }
         };
         let result = self.runner.call(call, |b, s| {
             f(b, s, wasmtime::component::Resource::new_borrow(lent))
         });
-        // Take the bytes back. After a trap the old store is gone together with the lent
-        // buffer; the caller then gets an empty vector back and the error.
-        if let Some(store) = self.runner.store() {
+        // Take the bytes back from the store they were lent to, live or trapped.
+        if let Some(store) = self.runner.store_of(generation) {
             let own = wasmtime::component::Resource::<Buffer>::new_own(lent);
             if let Ok(buffer) = store.data_mut().table.delete(own) {
                 *data = buffer.data;
@@ -197,14 +198,15 @@ impl WriterPlugin {
     pub fn read(&mut self, disk: &Disk, offset: u64, buf: &mut Vec<u8>) -> Result<(), PluginError> {
         self.runner.check_generation(disk.generation, "disk.read")?;
         let len = buf.len() as u32;
-        self.with_buffer("disk.read", buf, |b, s, r| {
+        self.with_buffer("disk.read", buf, false, |b, s, r| {
             b.haven_plugin_writer()
                 .disk()
                 .call_read(s, disk.resource, offset, r, 0, len)
         })
     }
 
-    /// Writes `data` at `offset`. `data` is lent to the plugin and given back unchanged.
+    /// Writes `data` at `offset`. `data` is lent to the plugin read-only and given back
+    /// unchanged, also when the call fails or traps.
     pub fn write(
         &mut self,
         disk: &Disk,
@@ -214,7 +216,7 @@ impl WriterPlugin {
         self.runner
             .check_generation(disk.generation, "disk.write")?;
         let len = data.len() as u32;
-        self.with_buffer("disk.write", data, |b, s, r| {
+        self.with_buffer("disk.write", data, true, |b, s, r| {
             b.haven_plugin_writer()
                 .disk()
                 .call_write(s, disk.resource, offset, r, 0, len)
@@ -258,6 +260,31 @@ impl WriterPlugin {
                 .disk()
                 .call_allocation_map(s, disk.resource, offset, len)
         })?;
+        // A plugin's map is not trusted: it must cover exactly the range asked, in order.
+        let mut pos = offset;
+        for e in &map {
+            let end = e.offset.checked_add(e.length);
+            if e.offset != pos || e.length == 0 || end.is_none_or(|end| end > offset + len) {
+                return Err(self.runner.host_error(
+                    "disk.allocation-map",
+                    format!(
+                        "the plugin returned an invalid map entry {:#x}+{:#x} for the range \
+                         {offset:#x}+{len:#x} (entries must be contiguous, non-empty and within it)",
+                        e.offset, e.length
+                    ),
+                ));
+            }
+            pos = e.offset + e.length;
+        }
+        if pos != offset + len {
+            return Err(self.runner.host_error(
+                "disk.allocation-map",
+                format!(
+                    "the plugin's map stops at {pos:#x}, short of {:#x}",
+                    offset + len
+                ),
+            ));
+        }
         Ok(map
             .into_iter()
             .map(|e| MapEntry {

@@ -528,3 +528,70 @@ fn third_party_plugin_built_out_of_tree_loads_and_works() {
     );
     null.close(disk).unwrap();
 }
+
+#[test]
+fn read_only_grants_refuse_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep"), b"keep").unwrap();
+    let host = host();
+    let grants = Grants {
+        storage_read_only: true,
+        ..storage(dir.path())
+    };
+    let mut traverse = host
+        .load_writer(&spec("ro", "test-traverse", grants))
+        .unwrap();
+    for path in ["rm:keep", "new-file", "keep"] {
+        let err = traverse.create(path, 1 << 20, 512, &[]).unwrap_err();
+        let error = err
+            .plugin_error()
+            .unwrap_or_else(|| panic!("{path}: {err}"));
+        assert_eq!(error.kind, ErrorKind::Denied, "{path}: {err}");
+        assert!(
+            error.message.contains("the grant is read-only"),
+            "{path}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"keep");
+    assert!(!dir.path().join("new-file").exists());
+
+    // With a writable grant the same removal goes through (the test plugin then reports it).
+    let mut traverse = host
+        .load_writer(&spec("rw", "test-traverse", storage(dir.path())))
+        .unwrap();
+    let err = traverse.create("rm:keep", 1 << 20, 512, &[]).unwrap_err();
+    assert!(
+        err.to_string().contains("the host let me remove keep"),
+        "{err}"
+    );
+    assert!(!dir.path().join("keep").exists());
+}
+
+#[test]
+fn a_fifo_in_the_root_cannot_block_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("extent.fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let host = host();
+    let mut traverse = host
+        .load_writer(&spec("fifo", "test-traverse", storage(dir.path())))
+        .unwrap();
+    // Opened for writing with no reader, a FIFO would block forever; the host returns at once.
+    let started = Instant::now();
+    let err = traverse
+        .create("extent.fifo", 1 << 20, 512, &[])
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "blocked for {:?}",
+        started.elapsed()
+    );
+    assert!(err.plugin_error().is_some(), "{err}");
+    // And the raw writer refuses to take it for a disk.
+    let mut raw = host
+        .load_writer(&spec("raw", "haven-raw", storage(dir.path())))
+        .unwrap();
+    let err = raw.open("extent.fifo", Access::ReadOnly, &[]).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}

@@ -164,12 +164,23 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 
 /// The allocated ranges of `file` within `[offset, offset+len)` (SEEK_DATA / SEEK_HOLE).
 pub fn data_extents(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    data_extents_at_most(file, offset, len, usize::MAX)
+}
+
+/// Like [`data_extents`], but stops after `most` extents (a caller that enforces a limit asks
+/// for one more than it allows, and never holds more).
+pub fn data_extents_at_most(
+    file: &File,
+    offset: u64,
+    len: u64,
+    most: usize,
+) -> std::io::Result<Vec<Extent>> {
     use rustix::fs::{SeekFrom, seek};
     let size = file.metadata()?.len();
     let end = offset.saturating_add(len).min(size);
     let mut out = Vec::new();
     let mut pos = offset;
-    while pos < end {
+    while pos < end && out.len() < most {
         let data = match seek(file, SeekFrom::Data(pos)) {
             Ok(p) => p,
             Err(rustix::io::Errno::NXIO) => break,

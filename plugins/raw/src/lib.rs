@@ -13,6 +13,8 @@ use haven_plugin_sdk::writer::{Buffer, Disk, PluginInfo, from_wit};
 
 /// Options raw understands.
 const OPTIONS: &[&str] = &["sector_size"];
+/// Zeros written per call where holes cannot be punched.
+const ZERO_CHUNK: u64 = 4 << 20;
 
 struct RawDisk {
     path: String,
@@ -87,6 +89,12 @@ impl Disk for RawDisk {
         };
         let file = storage::open(path, flags).map_err(from_wit)?;
         let size = file.length().map_err(from_wit)?;
+        if !size.is_multiple_of(u64::from(sector_size)) {
+            return Err(Error::invalid(format!(
+                "raw: {path} is {size} bytes, not a whole number of {sector_size}-byte sectors; \
+                 extend it to the next sector (truncate -s) or name its sector size"
+            )));
+        }
         let writable = mode == OpenMode::ReadWrite;
         Ok(Self {
             path: path.to_owned(),
@@ -140,7 +148,19 @@ impl Disk for RawDisk {
         self.check_writable()?;
         self.check(offset, len)?;
         // A hole reads as zeros and holds no space: the right answer with or without discard.
-        self.file.punch_hole(offset, len).map_err(from_wit)
+        if self.file.punch_hole(offset, len).is_ok() {
+            return Ok(());
+        }
+        // A file system without holes: write zeros, a bounded buffer at a time.
+        let chunk = len.min(ZERO_CHUNK) as u32;
+        let zeros = Buffer::new(chunk);
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(u64::from(chunk)) as u32;
+            self.file.write_from(pos, &zeros, 0, n).map_err(from_wit)?;
+            pos += u64::from(n);
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {

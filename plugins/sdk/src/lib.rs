@@ -10,8 +10,11 @@
 //!   `adapter::bindings::exports::haven::plugin::platform::Guest` and call [`export_adapter!`].
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `cdylib` is the component.
-//! A plugin gets only the capabilities the operator grants it: a call to an import that was not
-//! granted fails with `Error { kind: Denied, .. }` naming the grant.
+//! A plugin gets only the capabilities the operator grants it: a plugin importing a capability
+//! it was not granted is refused at load, and a call outside a grant (a path leaving the storage
+//! root, a write under a read-only grant, a host not on the HTTP list) fails with
+//! `Error { kind: Denied, .. }` naming the grant. Every call has a deadline and a memory limit;
+//! a trap throws the instance away with its open disks (see the contract's package comment).
 
 pub use haven_image as image;
 pub use haven_image::{Error, ErrorKind, Result};

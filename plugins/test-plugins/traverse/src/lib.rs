@@ -17,9 +17,14 @@ fn refused<T>() -> Result<T> {
 
 impl Disk for Hostile {
     fn create(path: &str, options: CreateOptions) -> Result<Self> {
-        // `path` is what the test asks for: "../x", "/etc/passwd", or a symlink leaving the root.
+        // `path` is what the test asks for: "../x", "/etc/passwd", a symlink leaving the root;
+        // or "rm:NAME", which removes NAME.
         let _ = options;
-        use haven_plugin_sdk::writer::bindings::haven::plugin::storage::{OpenFlags, open};
+        use haven_plugin_sdk::writer::bindings::haven::plugin::storage::{OpenFlags, open, remove};
+        if let Some(name) = path.strip_prefix("rm:") {
+            remove(name).map_err(haven_plugin_sdk::writer::from_wit)?;
+            return Err(Error::invalid(format!("test plugin: the host let me remove {name}")));
+        }
         let flags = OpenFlags::CREATE | OpenFlags::WRITE;
         open(path, flags).map_err(haven_plugin_sdk::writer::from_wit)?;
         Err(Error::invalid(format!(
