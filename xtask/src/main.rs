@@ -5,7 +5,8 @@
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
 //! - `cargo xtask bench [plugins|formats]` runs benchmarks against their baselines.
-//! - `cargo xtask fuzz FORMAT [SECONDS]` runs a format parser's fuzz target (needs cargo-fuzz).
+//! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
+//!   target (installs cargo-fuzz).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -260,10 +261,14 @@ fn bench(args: &[&str]) -> Result<()> {
 
 fn fuzz(args: &[&str]) -> Result<()> {
     let Some(format) = args.first() else {
-        bail!("usage: cargo xtask fuzz FORMAT [SECONDS]")
+        bail!("usage: cargo xtask fuzz FORMAT|wire [SECONDS]")
     };
     let seconds = args.get(1).copied().unwrap_or("60");
-    let dir = root().join("plugins").join(format).join("fuzz");
+    // The wire protocol's decoder, or a disk format's parser.
+    let (dir, target) = match *format {
+        "wire" => (root().join("gateway/wire/fuzz"), "decode"),
+        f => (root().join("plugins").join(f).join("fuzz"), f),
+    };
     if !dir.exists() {
         bail!("no fuzz target for `{format}` (expected {})", dir.display());
     }
@@ -276,7 +281,7 @@ fn fuzz(args: &[&str]) -> Result<()> {
     run(cargo()
         .current_dir(&dir)
         .env("RUSTC_BOOTSTRAP", "1")
-        .args(["fuzz", "run", format])
+        .args(["fuzz", "run", target])
         .arg(&corpus)
         .arg(dir.join("seeds"))
         .args(["--", &format!("-max_total_time={seconds}")]))

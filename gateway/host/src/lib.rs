@@ -722,7 +722,9 @@ impl AdapterPlugin {
         // The plugin's own wait stays within nine tenths of the call's deadline, so it can give
         // up cleanly before the host stops it.
         let limit = self.runner.spec.grants.call_timeout_ms * 9 / 10;
-        let ms = (timeout.as_millis() as u64).min(limit).min(u64::from(u32::MAX)) as u32;
+        let ms = (timeout.as_millis() as u64)
+            .min(limit)
+            .min(u64::from(u32::MAX)) as u32;
         self.runner.call("platform.quiesce", |b, s| {
             b.haven_plugin_platform().call_quiesce(s, machine, ms)
         })

@@ -1,0 +1,1015 @@
+//! The durable change log: every change applied to a protected disk, in the order it was applied.
+//!
+//! # Format (version 1, all integers little-endian)
+//!
+//! The log is a folder of segment files named after the sequence number of their first record,
+//! `000000000001.hlog`, `000000004711.hlog`, … Sequence numbers start at 1 and are contiguous
+//! across segments. Only the last segment (the *active* one) is ever appended to.
+//!
+//! Segment header, [`SEGMENT_HEADER_LEN`] bytes:
+//!
+//! | bytes  | field                                   |
+//! |--------|-----------------------------------------|
+//! | 0..8   | magic `HVNCHLOG`                        |
+//! | 8..12  | format version ([`FORMAT_VERSION`])     |
+//! | 12..16 | header length (32)                      |
+//! | 16..24 | sequence number of the first record     |
+//! | 24..28 | reserved, zero                          |
+//! | 28..32 | CRC32C of bytes 0..28                   |
+//!
+//! Record, [`RECORD_HEADER_LEN`] bytes of header then the payload (writes only):
+//!
+//! | bytes  | field                                            |
+//! |--------|--------------------------------------------------|
+//! | 0..4   | magic `HVNR`                                     |
+//! | 4..6   | kind: 1 write, 2 zero, 3 trim                    |
+//! | 6..8   | flags, zero                                      |
+//! | 8..16  | sequence number                                  |
+//! | 16..24 | disk offset                                      |
+//! | 24..32 | length in bytes                                  |
+//! | 32..36 | CRC32C of bytes 0..32 followed by the payload    |
+//!
+//! # Durability
+//!
+//! [`ChangeLog::append`] writes a record (it is *written*); [`ChangeLog::sync`] makes every
+//! written record durable and returns the durable sequence number. The two are tracked apart,
+//! and only the durable sequence number may be used to acknowledge anything.
+//!
+//! A segment is created atomically (header written to `NAME.tmp`, synced, renamed, folder
+//! synced), and the active segment is synced before the next one is created, so every segment
+//! but the last is complete and durable. On [`ChangeLog::open`] a torn tail of the last segment
+//! (a record cut short or never fully written by a crash) is truncated; damage anywhere else is
+//! an error naming the segment file and the offset.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use haven_wire::crc32c::{Crc32c, crc32c};
+
+/// Magic at the start of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"HVNCHLOG";
+/// Magic at the start of every record.
+pub const RECORD_MAGIC: [u8; 4] = *b"HVNR";
+/// Format version written and understood.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of a segment header.
+pub const SEGMENT_HEADER_LEN: u64 = 32;
+/// Size of a record header.
+pub const RECORD_HEADER_LEN: u64 = 36;
+/// Largest payload of one write record (the NBD front end's maximum request).
+pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
+/// File name extension of segments.
+pub const SEGMENT_EXT: &str = "hlog";
+const LOCK_FILE: &str = "lock";
+const IO_CHUNK: usize = 1024 * 1024;
+
+/// Size limits of a change log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes all segments together may hold; an append beyond it is refused with
+    /// [`LogError::LogFull`].
+    pub max_bytes: u64,
+    /// Size at which the active segment is closed and a new one started. A single record larger
+    /// than this gets a segment of its own.
+    pub segment_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a record changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Bytes written; the record carries them.
+    Write,
+    /// A range set to zero (NBD `WRITE_ZEROES`).
+    Zero,
+    /// A range discarded (NBD `TRIM`); the agent's backing disk reads it as zero afterwards.
+    Trim,
+}
+
+impl Kind {
+    fn code(self) -> u16 {
+        match self {
+            Kind::Write => 1,
+            Kind::Zero => 2,
+            Kind::Trim => 3,
+        }
+    }
+
+    fn from_code(code: u16) -> Option<Kind> {
+        match code {
+            1 => Some(Kind::Write),
+            2 => Some(Kind::Zero),
+            3 => Some(Kind::Trim),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name, as `log-dump` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Write => "write",
+            Kind::Zero => "zero",
+            Kind::Trim => "trim",
+        }
+    }
+}
+
+/// A change to append.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// `data` written at `offset`.
+    Write {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// The bytes; at most [`MAX_PAYLOAD`].
+        data: &'a [u8],
+    },
+    /// `len` bytes at `offset` set to zero.
+    Zero {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `len` bytes at `offset` discarded.
+    Trim {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl Change<'_> {
+    fn parts(&self) -> (Kind, u64, u64, &[u8]) {
+        match *self {
+            Change::Write { offset, data } => (Kind::Write, offset, data.len() as u64, data),
+            Change::Zero { offset, len } => (Kind::Zero, offset, len, &[]),
+            Change::Trim { offset, len } => (Kind::Trim, offset, len, &[]),
+        }
+    }
+}
+
+/// A record read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number.
+    pub seq: u64,
+    /// What it changes.
+    pub kind: Kind,
+    /// Disk offset in bytes.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The bytes written (`len` of them) for [`Kind::Write`]; empty otherwise.
+    pub data: Vec<u8>,
+}
+
+/// Counters of a change log. Sequence number 0 means "none".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStats {
+    /// Bytes of all segment files.
+    pub bytes_used: u64,
+    /// Number of segment files.
+    pub segments: usize,
+    /// Sequence number of the oldest record held; equals `next_seq` when the log holds none.
+    pub first_seq: u64,
+    /// Sequence number of the last record appended (written, maybe not yet durable).
+    pub last_seq: u64,
+    /// Every record up to this one is durable.
+    pub durable_seq: u64,
+    /// Sequence number the next append gets.
+    pub next_seq: u64,
+}
+
+/// Errors of the change log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The append would exceed `max_bytes`; nothing was appended.
+    #[error(
+        "change log full: a record of {needed} bytes would exceed the limit of {max_bytes} bytes \
+         ({used} used); ship and release records or raise the limit (the agent must resync)"
+    )]
+    LogFull {
+        /// Bytes in use.
+        used: u64,
+        /// Bytes the refused append needed.
+        needed: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// A segment is damaged somewhere a crash cannot explain.
+    #[error("change log damaged: {path}, offset {offset}: {what}", path = path.display())]
+    Damaged {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte offset in that file.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// Another process holds the log folder.
+    #[error(
+        "change log folder {path} is in use by another process (a running haven-agent?)",
+        path = path.display()
+    )]
+    Locked {
+        /// The log folder.
+        path: PathBuf,
+    },
+    /// A request the log cannot take.
+    #[error("change log: {0}")]
+    Invalid(String),
+    /// An I/O error, with what was being done and where.
+    #[error("change log: {what} {path}: {source}", path = path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Result of the change log.
+pub type Result<T, E = LogError> = std::result::Result<T, E>;
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
+    move |source| LogError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Segment {
+    path: PathBuf,
+    first_seq: u64,
+    /// `first_seq - 1` while empty.
+    last_seq: u64,
+    len: u64,
+}
+
+impl Segment {
+    fn is_empty(&self) -> bool {
+        self.last_seq < self.first_seq
+    }
+}
+
+/// The change log of one disk. See the module documentation for the format.
+#[derive(Debug)]
+pub struct ChangeLog {
+    dir: PathBuf,
+    limits: Limits,
+    _lock: File,
+    /// Sorted by sequence number; never empty; the last one is active.
+    segments: Vec<Segment>,
+    active: File,
+    next_seq: u64,
+    durable_seq: u64,
+    bytes_used: u64,
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:012}.{SEGMENT_EXT}")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".hlog")?;
+    if stem.len() < 12 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&first_seq.to_le_bytes());
+    let crc = crc32c(&h[0..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks a segment header; returns its first sequence number or what is wrong.
+fn decode_segment_header(h: &[u8]) -> std::result::Result<u64, String> {
+    if h.len() < SEGMENT_HEADER_LEN as usize {
+        return Err(format!(
+            "segment header cut short ({} of 32 bytes)",
+            h.len()
+        ));
+    }
+    if h[0..8] != SEGMENT_MAGIC {
+        return Err("not a Haven change-log segment (bad magic)".into());
+    }
+    let stored = u32::from_le_bytes(h[28..32].try_into().unwrap_or_default());
+    if crc32c(&h[0..28]) != stored {
+        return Err("segment header checksum mismatch".into());
+    }
+    let version = u32::from_le_bytes(h[8..12].try_into().unwrap_or_default());
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "segment format version {version} is not supported (this agent reads {FORMAT_VERSION})"
+        ));
+    }
+    let len = u32::from_le_bytes(h[12..16].try_into().unwrap_or_default());
+    if u64::from(len) != SEGMENT_HEADER_LEN {
+        return Err(format!("segment header length {len}, expected 32"));
+    }
+    Ok(u64::from_le_bytes(h[16..24].try_into().unwrap_or_default()))
+}
+
+fn encode_record_header(kind: Kind, seq: u64, offset: u64, len: u64, payload: &[u8]) -> [u8; 36] {
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    h[0..4].copy_from_slice(&RECORD_MAGIC);
+    h[4..6].copy_from_slice(&kind.code().to_le_bytes());
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&offset.to_le_bytes());
+    h[24..32].copy_from_slice(&len.to_le_bytes());
+    let mut crc = Crc32c::new();
+    crc.update(&h[0..32]);
+    crc.update(payload);
+    h[32..36].copy_from_slice(&crc.finish().to_le_bytes());
+    h
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RecordHeader {
+    kind: Kind,
+    seq: u64,
+    offset: u64,
+    len: u64,
+    crc: u32,
+    raw: [u8; 32],
+}
+
+impl RecordHeader {
+    fn payload_len(&self) -> u64 {
+        if self.kind == Kind::Write {
+            self.len
+        } else {
+            0
+        }
+    }
+
+    fn total_len(&self) -> u64 {
+        RECORD_HEADER_LEN + self.payload_len()
+    }
+}
+
+/// Parses a record header (without checking the CRC, which covers the payload too).
+fn decode_record_header(h: &[u8; 36]) -> std::result::Result<RecordHeader, String> {
+    if h[0..4] != RECORD_MAGIC {
+        return Err("bad record magic".into());
+    }
+    let code = u16::from_le_bytes([h[4], h[5]]);
+    let kind = Kind::from_code(code).ok_or_else(|| format!("unknown record kind {code}"))?;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    if flags != 0 {
+        return Err(format!("unknown record flags {flags:#x}"));
+    }
+    let seq = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+    let offset = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(h[24..32].try_into().unwrap_or_default());
+    if kind == Kind::Write && len > MAX_PAYLOAD {
+        return Err(format!(
+            "write record of {len} bytes exceeds the maximum of {MAX_PAYLOAD}"
+        ));
+    }
+    if offset.checked_add(len).is_none() {
+        return Err(format!("record range {offset}+{len} overflows"));
+    }
+    let crc = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default());
+    let mut raw = [0u8; 32];
+    raw.copy_from_slice(&h[0..32]);
+    Ok(RecordHeader {
+        kind,
+        seq,
+        offset,
+        len,
+        crc,
+        raw,
+    })
+}
+
+/// Reads exactly `buf.len()` bytes at `pos`, or reports how many were available.
+fn read_at_most(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Outcome of checking one record in place.
+enum Check {
+    Good(RecordHeader),
+    Bad(String),
+}
+
+/// Checks the record at `pos` of a file of `file_len` bytes; with `want_data`, the payload is
+/// returned too.
+fn check_record(
+    file: &File,
+    pos: u64,
+    file_len: u64,
+    expected_seq: Option<u64>,
+    want_data: Option<&mut Vec<u8>>,
+) -> io::Result<Check> {
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    let got = read_at_most(file, &mut h, pos)?;
+    if got < h.len() {
+        return Ok(Check::Bad(format!(
+            "record header cut short ({got} of 36 bytes)"
+        )));
+    }
+    let hdr = match decode_record_header(&h) {
+        Ok(hdr) => hdr,
+        Err(why) => return Ok(Check::Bad(why)),
+    };
+    if let Some(want) = expected_seq
+        && hdr.seq != want
+    {
+        return Ok(Check::Bad(format!(
+            "sequence number {} where {want} was expected",
+            hdr.seq
+        )));
+    }
+    let payload = hdr.payload_len();
+    if pos + RECORD_HEADER_LEN + payload > file_len {
+        return Ok(Check::Bad(format!(
+            "record payload cut short ({} of {payload} bytes)",
+            file_len.saturating_sub(pos + RECORD_HEADER_LEN)
+        )));
+    }
+    let mut crc = Crc32c::new();
+    crc.update(&hdr.raw);
+    if let Some(data) = want_data {
+        data.clear();
+        data.resize(payload as usize, 0);
+        let got = read_at_most(file, data, pos + RECORD_HEADER_LEN)?;
+        if got as u64 != payload {
+            return Ok(Check::Bad("record payload cut short".into()));
+        }
+        crc.update(data);
+    } else {
+        let mut buf = vec![0u8; IO_CHUNK.min(payload as usize)];
+        let mut done = 0u64;
+        while done < payload {
+            let n = (payload - done).min(buf.len() as u64) as usize;
+            let got = read_at_most(file, &mut buf[..n], pos + RECORD_HEADER_LEN + done)?;
+            if got != n {
+                return Ok(Check::Bad("record payload cut short".into()));
+            }
+            crc.update(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    if crc.finish() != hdr.crc {
+        return Ok(Check::Bad(format!("record {} checksum mismatch", hdr.seq)));
+    }
+    Ok(Check::Good(hdr))
+}
+
+/// Looks for any intact record after `start` whose sequence number is at least `min_seq`: if one
+/// exists, the bad bytes before it are damage, not a torn tail.
+fn find_intact_record_after(
+    file: &File,
+    start: u64,
+    file_len: u64,
+    min_seq: u64,
+) -> io::Result<Option<(u64, u64)>> {
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut base = start;
+    while base < file_len {
+        let n = read_at_most(file, &mut buf, base)?;
+        if n < RECORD_MAGIC.len() {
+            break;
+        }
+        for i in 0..=n - RECORD_MAGIC.len() {
+            if buf[i..i + 4] == RECORD_MAGIC {
+                let pos = base + i as u64;
+                if let Check::Good(h) = check_record(file, pos, file_len, None, None)?
+                    && h.seq >= min_seq
+                {
+                    return Ok(Some((pos, h.seq)));
+                }
+            }
+        }
+        // Overlap by the magic's length so a magic across the window edge is seen.
+        base += (n - (RECORD_MAGIC.len() - 1)) as u64;
+    }
+    Ok(None)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing folder", dir))
+}
+
+impl ChangeLog {
+    /// Opens (or creates) the log in `dir`, recovering after a crash: every segment is
+    /// validated, a torn tail of the last segment is truncated (and logged), damage anywhere
+    /// else is [`LogError::Damaged`]. Everything recovered is durable when this returns.
+    ///
+    /// The folder is locked for this process (`flock` on `DIR/lock`).
+    pub fn open(dir: impl AsRef<Path>, limits: Limits) -> Result<ChangeLog> {
+        let dir = dir.as_ref().to_path_buf();
+        if limits.segment_bytes < SEGMENT_HEADER_LEN + RECORD_HEADER_LEN
+            || limits.max_bytes < limits.segment_bytes
+        {
+            return Err(LogError::Invalid(format!(
+                "limits: segment_bytes ({}) must be at least {} and at most max_bytes ({})",
+                limits.segment_bytes,
+                SEGMENT_HEADER_LEN + RECORD_HEADER_LEN,
+                limits.max_bytes
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(io_err("creating folder", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(LogError::Locked { path: dir }),
+            Err(e) => return Err(io_err("locking", &lock_path)(e.into())),
+        }
+
+        let mut firsts = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".hlog.tmp") {
+                // A segment whose creation did not complete: it never held a record.
+                let path = entry.path();
+                tracing::warn!(path = %path.display(), "removing unfinished segment");
+                fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            } else if let Some(first) = parse_segment_name(name) {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+
+        let mut segments = Vec::with_capacity(firsts.len());
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let expected_first = segments.last().map(|s: &Segment| s.last_seq + 1);
+            let seg = Self::recover_segment(&path, first, expected_first, i + 1 == count)?;
+            segments.push(seg);
+        }
+
+        if segments.is_empty() {
+            let seg = Self::create_segment(&dir, 1)?;
+            segments.push(seg);
+        }
+        let last = segments[segments.len() - 1].clone();
+        let active = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&last.path)
+            .map_err(io_err("opening", &last.path))?;
+        // What the previous process wrote may still be only in the page cache.
+        active.sync_data().map_err(io_err("syncing", &last.path))?;
+        sync_dir(&dir)?;
+        let bytes_used = segments.iter().map(|s| s.len).sum();
+        let next_seq = last.last_seq + 1;
+        let log = ChangeLog {
+            dir,
+            limits,
+            _lock: lock,
+            segments,
+            active,
+            next_seq,
+            durable_seq: next_seq - 1,
+            bytes_used,
+        };
+        tracing::info!(
+            dir = %log.dir.display(),
+            segments = log.segments.len(),
+            first_seq = log.segments[0].first_seq,
+            last_seq = log.next_seq - 1,
+            bytes_used = log.bytes_used,
+            "change log open"
+        );
+        Ok(log)
+    }
+
+    /// Validates one segment; truncates a torn tail when it is the last.
+    fn recover_segment(
+        path: &Path,
+        name_first: u64,
+        expected_first: Option<u64>,
+        is_last: bool,
+    ) -> Result<Segment> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(is_last)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        let file_len = file
+            .metadata()
+            .map_err(io_err("reading metadata of", path))?
+            .len();
+        let damaged = |offset: u64, what: String| LogError::Damaged {
+            path: path.to_path_buf(),
+            offset,
+            what,
+        };
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        let got = read_at_most(&file, &mut h, 0).map_err(io_err("reading", path))?;
+        let first = decode_segment_header(&h[..got]).map_err(|why| damaged(0, why))?;
+        if first != name_first {
+            return Err(damaged(
+                16,
+                format!("header says first sequence {first} but the file name says {name_first}"),
+            ));
+        }
+        if let Some(want) = expected_first
+            && first != want
+        {
+            return Err(damaged(
+                16,
+                format!(
+                    "first sequence {first}, but the previous segment ends at {} (records missing)",
+                    want - 1
+                ),
+            ));
+        }
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut next = first;
+        while pos < file_len {
+            match check_record(&file, pos, file_len, Some(next), None)
+                .map_err(io_err("reading", path))?
+            {
+                Check::Good(hdr) => {
+                    pos += hdr.total_len();
+                    next += 1;
+                }
+                Check::Bad(why) => {
+                    if !is_last {
+                        return Err(damaged(pos, why));
+                    }
+                    if let Some((at, seq)) =
+                        find_intact_record_after(&file, pos + 1, file_len, next)
+                            .map_err(io_err("reading", path))?
+                    {
+                        return Err(damaged(
+                            pos,
+                            format!("{why}; an intact record {seq} follows at offset {at}"),
+                        ));
+                    }
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = pos,
+                        dropped_bytes = file_len - pos,
+                        reason = %why,
+                        "truncating torn tail of the change log"
+                    );
+                    file.set_len(pos).map_err(io_err("truncating", path))?;
+                    file.sync_all().map_err(io_err("syncing", path))?;
+                    break;
+                }
+            }
+        }
+        Ok(Segment {
+            path: path.to_path_buf(),
+            first_seq: first,
+            last_seq: next - 1,
+            len: pos,
+        })
+    }
+
+    /// Creates a segment atomically: temporary file, header, sync, rename, sync folder.
+    fn create_segment(dir: &Path, first_seq: u64) -> Result<Segment> {
+        let path = dir.join(segment_name(first_seq));
+        let tmp = dir.join(format!("{}.tmp", segment_name(first_seq)));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err("creating", &tmp))?;
+        f.write_all_at(&encode_segment_header(first_seq), 0)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("writing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+        sync_dir(dir)?;
+        Ok(Segment {
+            path,
+            first_seq,
+            last_seq: first_seq - 1,
+            len: SEGMENT_HEADER_LEN,
+        })
+    }
+
+    fn active_segment(&self) -> &Segment {
+        // `segments` is never empty (open creates one, release keeps the active one).
+        &self.segments[self.segments.len() - 1]
+    }
+
+    /// Starts a new active segment; the current one is synced first so that every segment but
+    /// the last is complete and durable.
+    fn roll(&mut self) -> Result<()> {
+        let old = self.active_segment().clone();
+        self.active
+            .sync_data()
+            .map_err(io_err("syncing", &old.path))?;
+        self.durable_seq = self.durable_seq.max(old.last_seq);
+        let seg = Self::create_segment(&self.dir, self.next_seq)?;
+        let active = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&seg.path)
+            .map_err(io_err("opening", &seg.path))?;
+        self.bytes_used += seg.len;
+        self.segments.push(seg);
+        self.active = active;
+        Ok(())
+    }
+
+    /// Appends a record and returns its sequence number. The record is written, not durable:
+    /// call [`ChangeLog::sync`] before acknowledging anything that depends on it. Refused with
+    /// [`LogError::LogFull`] (nothing appended) when `max_bytes` would be exceeded.
+    pub fn append(&mut self, change: Change<'_>) -> Result<u64> {
+        let (kind, offset, len, payload) = change.parts();
+        if payload.len() as u64 > MAX_PAYLOAD {
+            return Err(LogError::Invalid(format!(
+                "write of {} bytes exceeds the maximum record payload of {MAX_PAYLOAD}",
+                payload.len()
+            )));
+        }
+        if offset.checked_add(len).is_none() {
+            return Err(LogError::Invalid(format!("range {offset}+{len} overflows")));
+        }
+        let size = RECORD_HEADER_LEN + payload.len() as u64;
+        let active = self.active_segment();
+        let roll = !active.is_empty() && active.len + size > self.limits.segment_bytes;
+        let needed = size + if roll { SEGMENT_HEADER_LEN } else { 0 };
+        if self.bytes_used + needed > self.limits.max_bytes {
+            return Err(LogError::LogFull {
+                used: self.bytes_used,
+                needed,
+                max_bytes: self.limits.max_bytes,
+            });
+        }
+        if roll {
+            self.roll()?;
+        }
+        let seq = self.next_seq;
+        let header = encode_record_header(kind, seq, offset, len, payload);
+        let at = self.active_segment().len;
+        let written = self
+            .active
+            .write_all_at(&header, at)
+            .and_then(|()| self.active.write_all_at(payload, at + RECORD_HEADER_LEN));
+        if let Err(e) = written {
+            // Leave no partial record behind; the next append starts at the same place.
+            let _ = self.active.set_len(at);
+            return Err(io_err("appending to", &self.active_segment().path)(e));
+        }
+        let idx = self.segments.len() - 1;
+        let seg = &mut self.segments[idx];
+        seg.len += size;
+        seg.last_seq = seq;
+        self.bytes_used += size;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Makes every appended record durable (`fdatasync` of the active segment; segments are
+    /// created with their folder synced) and returns the durable sequence number.
+    pub fn sync(&mut self) -> Result<u64> {
+        let last = self.next_seq - 1;
+        if self.durable_seq < last {
+            let path = &self.active_segment().path;
+            self.active.sync_data().map_err(io_err("syncing", path))?;
+            self.durable_seq = last;
+        }
+        Ok(self.durable_seq)
+    }
+
+    /// Sequence number of the last appended record (0: none yet).
+    pub fn written_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Every record up to this sequence number is durable (0: none).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// The log's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            bytes_used: self.bytes_used,
+            segments: self.segments.len(),
+            first_seq: self
+                .segments
+                .iter()
+                .find(|s| !s.is_empty())
+                .map_or(self.next_seq, |s| s.first_seq),
+            last_seq: self.next_seq - 1,
+            durable_seq: self.durable_seq,
+            next_seq: self.next_seq,
+        }
+    }
+
+    /// Reads the records from `seq` up to the last one appended when this is called.
+    /// `seq` must not be released yet; `written_seq() + 1` gives an empty reader.
+    pub fn read_from(&self, seq: u64) -> Result<LogReader> {
+        let first = self.stats().first_seq;
+        if seq < first || seq > self.next_seq {
+            return Err(LogError::Invalid(format!(
+                "cannot read from sequence {seq}: the log holds {first}..{}",
+                self.next_seq
+            )));
+        }
+        let segments = self
+            .segments
+            .iter()
+            .filter(|s| !s.is_empty() && s.last_seq >= seq)
+            .cloned()
+            .collect();
+        Ok(LogReader {
+            segments,
+            next_seq: seq,
+            upto: self.next_seq - 1,
+            cur: None,
+        })
+    }
+
+    /// Frees every whole segment whose records are all at most `upto_seq` (they were
+    /// acknowledged downstream). When that includes the active segment, a new empty one is
+    /// started first, so the sequence numbering survives a restart. Returns the bytes freed.
+    pub fn release(&mut self, upto_seq: u64) -> Result<u64> {
+        let upto = upto_seq.min(self.next_seq - 1);
+        let active = self.active_segment();
+        if !active.is_empty() && active.last_seq <= upto {
+            self.roll()?;
+        }
+        let keep_from = self
+            .segments
+            .iter()
+            .position(|s| s.last_seq > upto || s.is_empty())
+            .unwrap_or(self.segments.len() - 1);
+        let mut freed = 0;
+        for seg in self.segments.drain(..keep_from) {
+            fs::remove_file(&seg.path).map_err(io_err("removing", &seg.path))?;
+            freed += seg.len;
+            tracing::debug!(path = %seg.path.display(), last_seq = seg.last_seq, "segment released");
+        }
+        if freed > 0 {
+            self.bytes_used -= freed;
+            sync_dir(&self.dir)?;
+        }
+        Ok(freed)
+    }
+}
+
+/// Iterator over records of a log, in sequence order (see [`ChangeLog::read_from`]). Each item
+/// is checked again (magic, sequence, CRC32C) as it is read.
+#[derive(Debug)]
+pub struct LogReader {
+    segments: Vec<Segment>,
+    next_seq: u64,
+    upto: u64,
+    cur: Option<(File, u64, u64)>,
+}
+
+impl LogReader {
+    fn open_segment(&mut self) -> Result<()> {
+        let seg = self.segments.remove(0);
+        let file = File::open(&seg.path).map_err(io_err("opening", &seg.path))?;
+        let file_len = file
+            .metadata()
+            .map_err(io_err("reading metadata of", &seg.path))?
+            .len();
+        // Skip the records before `next_seq`, checking headers only.
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut seq = seg.first_seq;
+        while seq < self.next_seq {
+            let mut h = [0u8; RECORD_HEADER_LEN as usize];
+            let got = read_at_most(&file, &mut h, pos).map_err(io_err("reading", &seg.path))?;
+            let hdr = if got == h.len() {
+                decode_record_header(&h)
+            } else {
+                Err("cut short".into())
+            };
+            match hdr {
+                Ok(hdr) if hdr.seq == seq => pos += hdr.total_len(),
+                Ok(hdr) => {
+                    return Err(LogError::Damaged {
+                        path: seg.path.clone(),
+                        offset: pos,
+                        what: format!("sequence number {} where {seq} was expected", hdr.seq),
+                    });
+                }
+                Err(what) => {
+                    return Err(LogError::Damaged {
+                        path: seg.path.clone(),
+                        offset: pos,
+                        what,
+                    });
+                }
+            }
+            seq += 1;
+        }
+        self.cur = Some((file, pos, file_len));
+        self.segments.insert(0, seg);
+        Ok(())
+    }
+
+    fn read_next(&mut self) -> Result<Option<Record>> {
+        if self.next_seq > self.upto {
+            return Ok(None);
+        }
+        loop {
+            let Some(seg) = self.segments.first() else {
+                return Ok(None);
+            };
+            if seg.last_seq < self.next_seq {
+                self.segments.remove(0);
+                self.cur = None;
+                continue;
+            }
+            if self.cur.is_none() {
+                self.open_segment()?;
+            }
+            let path = self.segments[0].path.clone();
+            let Some((file, pos, file_len)) = self.cur.as_mut() else {
+                return Ok(None);
+            };
+            let mut data = Vec::new();
+            let check = check_record(file, *pos, *file_len, Some(self.next_seq), Some(&mut data))
+                .map_err(io_err("reading", &path))?;
+            return match check {
+                Check::Good(hdr) => {
+                    *pos += hdr.total_len();
+                    self.next_seq += 1;
+                    Ok(Some(Record {
+                        seq: hdr.seq,
+                        kind: hdr.kind,
+                        offset: hdr.offset,
+                        len: hdr.len,
+                        data,
+                    }))
+                }
+                Check::Bad(what) => Err(LogError::Damaged {
+                    path,
+                    offset: *pos,
+                    what,
+                }),
+            };
+        }
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.read_next() {
+            Ok(Some(r)) => Some(Ok(r)),
+            Ok(None) => None,
+            Err(e) => {
+                // Stop after an error.
+                self.upto = 0;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

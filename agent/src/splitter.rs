@@ -1,0 +1,283 @@
+//! The write path: every change lands on the backing disk and in the change log.
+//!
+//! # Durability contract (standard block-device semantics)
+//!
+//! - A write acknowledged *without* FUA has been applied to the backing disk and appended to the
+//!   log, but it is durable only after the next FLUSH completes: until then either copy may sit
+//!   in the page cache and be lost with the machine (not with the agent process: both copies are
+//!   in the kernel once a write is acknowledged).
+//! - FLUSH (and a write with FUA, for itself and everything acknowledged before it) means
+//!   durable on *both* the backing disk (`fdatasync`) and the log ([`ChangeLog::sync`]) before
+//!   the reply is sent. So after a crash, every write acknowledged before the last completed
+//!   FLUSH is on the backing disk and in the log.
+//!
+//! # Ordering
+//!
+//! Changes are serialized by one lock held across "append to the log, apply to the disk", so
+//! the log's order is the order in which changes were applied to the backing disk, and replaying
+//! the log onto the disk's earlier state gives its current state. The record is appended first
+//! (write-ahead): when the log refuses (full), the disk is left untouched and the client gets
+//! `ENOSPC`, so the log never misses a change the disk has. If the disk write then fails, the
+//! client gets `EIO` and the log holds a change whose range is undefined on the disk, as for any
+//! failed block write.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rustix::fs::FallocateFlags;
+
+use crate::log::{Change, ChangeLog, LogError, LogStats};
+
+/// Sector size: every request must be aligned to it.
+pub const SECTOR: u64 = 512;
+
+/// Why a change was refused or failed; maps onto an NBD error.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    /// A bad request (range, alignment).
+    #[error("{0}")]
+    Invalid(String),
+    /// The log is full; nothing was applied.
+    #[error(transparent)]
+    LogFull(LogError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(LogError),
+    /// The backing disk failed.
+    #[error("backing disk {path}: {what}: {source}", path = path.display())]
+    Disk {
+        /// The backing disk.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+impl SplitError {
+    /// The errno sent to an NBD client.
+    pub fn errno(&self) -> u32 {
+        match self {
+            SplitError::Invalid(_) => 22,                      // EINVAL
+            SplitError::LogFull(_) => 28,                      // ENOSPC
+            SplitError::Log(_) | SplitError::Disk { .. } => 5, // EIO
+        }
+    }
+}
+
+impl From<LogError> for SplitError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::LogFull { .. } => SplitError::LogFull(e),
+            other => SplitError::Log(other),
+        }
+    }
+}
+
+/// A protected disk: the backing disk plus its change log.
+#[derive(Debug)]
+pub struct Splitter {
+    disk: File,
+    path: PathBuf,
+    size: u64,
+    block_device: bool,
+    log: Mutex<ChangeLog>,
+}
+
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Splitter {
+    /// Opens the backing disk (a regular file or a block device) read-write. Its size must be a
+    /// multiple of [`SECTOR`].
+    pub fn open(path: impl AsRef<Path>, log: ChangeLog) -> anyhow::Result<Splitter> {
+        let path = path.as_ref().to_path_buf();
+        let mut disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening backing disk {}: {e}", path.display()))?;
+        let meta = disk.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        let size = if block_device {
+            disk.seek(SeekFrom::End(0))?
+        } else {
+            meta.len()
+        };
+        if !block_device && !meta.file_type().is_file() {
+            anyhow::bail!(
+                "backing disk {}: not a regular file or block device",
+                path.display()
+            );
+        }
+        if size == 0 || !size.is_multiple_of(SECTOR) {
+            anyhow::bail!(
+                "backing disk {}: size {size} is not a positive multiple of {SECTOR} bytes",
+                path.display()
+            );
+        }
+        Ok(Splitter {
+            disk,
+            path,
+            size,
+            block_device,
+            log: Mutex::new(log),
+        })
+    }
+
+    /// Size of the disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Counters of the change log.
+    pub fn log_stats(&self) -> LogStats {
+        self.lock().stats()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChangeLog> {
+        // A panic while holding the lock cannot leave a half-appended record (append truncates
+        // on failure), so the log stays usable.
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `offset..offset+len` is inside the disk and sector-aligned.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<(), SplitError> {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(SplitError::Invalid(format!(
+                "request {offset}+{len} is not aligned to {SECTOR} bytes"
+            )));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(SplitError::Invalid(format!(
+                "request {offset}+{len} is past the end of the disk ({} bytes)",
+                self.size
+            ))),
+        }
+    }
+
+    fn disk_err(&self, what: &'static str) -> impl FnOnce(io::Error) -> SplitError + '_ {
+        move |source| SplitError::Disk {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitError> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.disk
+            .read_exact_at(buf, offset)
+            .map_err(self.disk_err("reading"))
+    }
+
+    /// Writes `data` at `offset`: appended to the log, then applied to the disk. With `fua`,
+    /// durable on both before returning; otherwise durable after the next [`Splitter::flush`].
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), SplitError> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut log = self.lock();
+        log.append(Change::Write { offset, data })?;
+        self.disk
+            .write_all_at(data, offset)
+            .map_err(self.disk_err("writing"))?;
+        if fua {
+            self.sync_locked(&mut log)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `len` bytes at `offset` to zero (NBD `WRITE_ZEROES`). With `may_punch` (the client
+    /// did not send `NO_HOLE`) a regular file gets a hole; otherwise the range stays allocated.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), SplitError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut log = self.lock();
+        log.append(Change::Zero { offset, len })?;
+        self.zero_range(offset, len, may_punch)?;
+        if fua {
+            self.sync_locked(&mut log)?;
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset` (NBD `TRIM`). The agent makes the range read as zeroes
+    /// (a hole in a regular file, zeroes written on a block device) so that the log's replay and
+    /// the disk agree byte for byte.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), SplitError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut log = self.lock();
+        log.append(Change::Trim { offset, len })?;
+        self.zero_range(offset, len, true)?;
+        if fua {
+            self.sync_locked(&mut log)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every change applied so far durable on the backing disk and in the log; returns
+    /// the log's durable sequence number.
+    pub fn flush(&self) -> Result<u64, SplitError> {
+        let mut log = self.lock();
+        self.sync_locked(&mut log)
+    }
+
+    fn sync_locked(&self, log: &mut ChangeLog) -> Result<u64, SplitError> {
+        self.disk.sync_data().map_err(self.disk_err("syncing"))?;
+        Ok(log.sync()?)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), SplitError> {
+        zero_file_range(&self.disk, self.block_device, offset, len, may_punch)
+            .map_err(self.disk_err("zeroing"))
+    }
+}
+
+/// Makes `offset..offset+len` of `file` read as zeroes: a hole (`may_punch`) or an allocated
+/// zeroed range in a regular file, zeroes written on a block device or where the file system
+/// cannot do either.
+pub fn zero_file_range(
+    file: &File,
+    block_device: bool,
+    offset: u64,
+    len: u64,
+    may_punch: bool,
+) -> io::Result<()> {
+    if !block_device {
+        let mode = if may_punch {
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        };
+        match rustix::fs::fallocate(file, mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROES.len() as u64) as usize;
+        file.write_all_at(&ZEROES[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
