@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
@@ -346,39 +347,88 @@ fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
-/// Copies every data range of `source` into `disk`; zero ranges stay unallocated.
+/// Chunks read ahead of the writer.
+const PIPELINE_DEPTH: usize = 4;
+
+/// Copies every data range of `source` into `disk`; zero ranges stay unallocated. The source's
+/// plugin reads on its own thread while the destination's plugin writes on this one (they are
+/// separate instances), with at most `PIPELINE_DEPTH` chunks in between.
 fn copy(source: &mut Image, plugin: &mut WriterPlugin, disk: &Disk, progress: bool) -> Result<()> {
     let size = source.size;
-    let mut buf = Vec::with_capacity(CHUNK as usize);
+    let (chunks, received) = mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(PIPELINE_DEPTH);
+    let (recycle, spare) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || read_data(source, &chunks, &spare));
+        let mut shown = None;
+        let mut result = Ok(());
+        while let Ok(chunk) = received.recv() {
+            let (pos, mut buf) = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if let Err(e) = plugin.write(disk, pos, &mut buf) {
+                result = Err(e.into());
+                break;
+            }
+            if progress {
+                show_progress(&mut shown, pos + buf.len() as u64, size);
+            }
+            let _ = recycle.send(buf);
+        }
+        // Stops the reader at its next chunk if the writer gave up.
+        drop(received);
+        if reader.join().is_err() {
+            result = result.and(Err(anyhow::anyhow!("the reading thread panicked")));
+        }
+        if progress && result.is_ok() {
+            show_progress(&mut shown, size, size);
+            eprintln!();
+        }
+        result
+    })
+}
+
+/// Reads the data ranges of `source` in chunks and sends those that are not all zeros.
+fn read_data(
+    source: &mut Image,
+    chunks: &mpsc::SyncSender<Result<(u64, Vec<u8>)>>,
+    spare: &mpsc::Receiver<Vec<u8>>,
+) {
+    let size = source.size;
     let mut window = 0;
-    let mut shown = None;
     while window < size {
         let len = MAP_WINDOW.min(size - window);
-        for extent in source.data(window, len)? {
+        let extents = match source.data(window, len) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = chunks.send(Err(e));
+                return;
+            }
+        };
+        for extent in extents {
             let mut pos = extent.offset;
             let end = extent.offset + extent.length;
             while pos < end {
                 let n = CHUNK.min(end - pos);
+                let mut buf = spare
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK as usize));
                 buf.resize(n as usize, 0);
-                source.read(pos, &mut buf)?;
-                if !haven_image::is_zero(&buf) {
-                    plugin.write(disk, pos, &mut buf)?;
+                if let Err(e) = source.read(pos, &mut buf) {
+                    let _ = chunks.send(Err(e));
+                    return;
+                }
+                if !haven_image::is_zero(&buf) && chunks.send(Ok((pos, buf))).is_err() {
+                    return;
                 }
                 pos += n;
-                if progress {
-                    show_progress(&mut shown, pos, size);
-                }
             }
         }
         window += len;
-        if progress {
-            show_progress(&mut shown, window, size);
-        }
     }
-    if progress {
-        eprintln!();
-    }
-    Ok(())
 }
 
 fn show_progress(shown: &mut Option<u64>, done: u64, total: u64) {
