@@ -470,13 +470,26 @@ impl Host {
 /// A world's bindings, as the runner needs them.
 pub(crate) trait World: Sized {
     const NAME: &'static str;
+    /// Calls the `plugin.describe` export (each world's bindings have their own types).
+    fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo>;
     type Pre;
     fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre>;
     fn instantiate(pre: &Self::Pre, store: &mut Store<State>) -> wasmtime::Result<Self>;
 }
 
+/// Converts a `plugin-info` record of any world's bindings.
+macro_rules! plugin_info {
+    ($info:expr) => {{
+        let i = $info;
+        PluginInfo { name: i.name, version: i.version, description: i.description, kinds: i.kinds }
+    }};
+}
+
 impl World for TargetWriter {
     const NAME: &'static str = "target-writer";
+    fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo> {
+        Ok(plugin_info!(self.haven_plugin_plugin().call_describe(store)?))
+    }
     type Pre = TargetWriterPre<State>;
     fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
         TargetWriterPre::new(pre)
@@ -488,6 +501,9 @@ impl World for TargetWriter {
 
 impl World for Adapter {
     const NAME: &'static str = "adapter";
+    fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo> {
+        Ok(plugin_info!(self.haven_plugin_plugin().call_describe(store)?))
+    }
     type Pre = AdapterPre<State>;
     fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
         AdapterPre::new(pre)
@@ -630,6 +646,11 @@ impl<W: World> Runner<W> {
         }
     }
 
+    /// What the plugin says about itself.
+    fn describe(&mut self) -> Result<PluginInfo, PluginError> {
+        self.call("plugin.describe", |b, s| Ok(Ok(b.describe(s)?)))
+    }
+
     fn restart(&mut self, call: &'static str) -> Result<(), PluginError> {
         self.generation += 1;
         self.instantiate().map_err(|e| match e {
@@ -706,15 +727,7 @@ impl AdapterPlugin {
     }
 
     pub fn describe(&mut self) -> Result<PluginInfo, PluginError> {
-        let info = self.runner.call("plugin.describe", |b, s| {
-            Ok(Ok(b.haven_plugin_plugin().call_describe(s)?))
-        })?;
-        Ok(PluginInfo {
-            name: info.name,
-            version: info.version,
-            description: info.description,
-            kinds: info.kinds,
-        })
+        self.runner.describe()
     }
 
     /// Prepares `machine` for an application-consistent point.

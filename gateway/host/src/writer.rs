@@ -60,15 +60,7 @@ impl WriterPlugin {
     }
 
     pub fn describe(&mut self) -> Result<PluginInfo, PluginError> {
-        let info = self.runner.call("plugin.describe", |b, s| {
-            Ok(Ok(b.haven_plugin_plugin().call_describe(s)?))
-        })?;
-        Ok(PluginInfo {
-            name: info.name,
-            version: info.version,
-            description: info.description,
-            kinds: info.kinds,
-        })
+        self.runner.describe()
     }
 
     /// The subformat when the file at `path` is an image of this plugin's format.

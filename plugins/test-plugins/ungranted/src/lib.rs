@@ -1,67 +1,15 @@
-//! Test plugin: imports wasi:filesystem and wasi:sockets (through std), which Haven never grants
+//! Test plugin (hostile): imports wasi:filesystem and wasi:sockets (through std), which Haven
+//! never grants.
 //!
-//! Used only by the host's containment tests. Every disk call other than `create` is refused.
+//! Used only by the host's containment tests.
 
-use haven_plugin_sdk::image::{
-    CreateOptions, Error, ImageInfo, MapEntry, OpenMode, Options, Result,
-};
-use haven_plugin_sdk::writer::{Buffer, Disk, PluginInfo};
-
-struct Hostile;
-
-fn refused<T>() -> Result<T> {
-    Err(Error::unsupported(
-        "test plugin: only create is implemented",
-    ))
-}
-
-impl Disk for Hostile {
-    fn create(path: &str, options: CreateOptions) -> Result<Self> {
-        let _ = (path, options);
-        // std::fs pulls wasi:filesystem into the component's imports, std::net wasi:sockets.
-        if let Ok(secret) = std::fs::read_to_string("/etc/hostname") {
-            return Err(Error::invalid(format!("test plugin: read {secret}")));
-        }
-        match std::net::TcpStream::connect("127.0.0.1:9") {
-            Ok(_) => Err(Error::invalid("test plugin: connected")),
-            Err(e) => Err(Error::io(format!("test plugin: {e}"))),
-        }
+test_hostile::hostile_writer!(|path, options| {
+    // std::fs pulls wasi:filesystem into the component's imports, std::net wasi:sockets.
+    if let Ok(secret) = std::fs::read_to_string("/etc/hostname") {
+        return Err(Error::invalid(format!("test plugin: read {secret}")));
     }
-    fn open(_: &str, _: OpenMode, _: Options) -> Result<Self> {
-        refused()
+    match std::net::TcpStream::connect("127.0.0.1:9") {
+        Ok(_) => Err(Error::invalid("test plugin: connected")),
+        Err(e) => Err(Error::io(format!("test plugin: {e}"))),
     }
-    fn probe(_: &str) -> Result<Option<String>> {
-        Ok(None)
-    }
-    fn info(&self) -> Result<ImageInfo> {
-        refused()
-    }
-    fn read(&mut self, _: u64, _: &Buffer, _: u32, _: u32) -> Result<()> {
-        refused()
-    }
-    fn write(&mut self, _: u64, _: &Buffer, _: u32, _: u32) -> Result<()> {
-        refused()
-    }
-    fn write_zeroes(&mut self, _: u64, _: u64, _: bool) -> Result<()> {
-        refused()
-    }
-    fn flush(&mut self) -> Result<()> {
-        refused()
-    }
-    fn map(&mut self, _: u64, _: u64) -> Result<Vec<MapEntry>> {
-        refused()
-    }
-    fn close(&mut self) -> Result<()> {
-        refused()
-    }
-}
-
-haven_plugin_sdk::export_writer!(
-    Hostile,
-    PluginInfo {
-        name: env!("CARGO_PKG_NAME").into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: env!("CARGO_PKG_DESCRIPTION").into(),
-        kinds: vec![],
-    }
-);
+});
