@@ -481,14 +481,21 @@ pub(crate) trait World: Sized {
 macro_rules! plugin_info {
     ($info:expr) => {{
         let i = $info;
-        PluginInfo { name: i.name, version: i.version, description: i.description, kinds: i.kinds }
+        PluginInfo {
+            name: i.name,
+            version: i.version,
+            description: i.description,
+            kinds: i.kinds,
+        }
     }};
 }
 
 impl World for TargetWriter {
     const NAME: &'static str = "target-writer";
     fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo> {
-        Ok(plugin_info!(self.haven_plugin_plugin().call_describe(store)?))
+        Ok(plugin_info!(
+            self.haven_plugin_plugin().call_describe(store)?
+        ))
     }
     type Pre = TargetWriterPre<State>;
     fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
@@ -502,7 +509,9 @@ impl World for TargetWriter {
 impl World for Adapter {
     const NAME: &'static str = "adapter";
     fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo> {
-        Ok(plugin_info!(self.haven_plugin_plugin().call_describe(store)?))
+        Ok(plugin_info!(
+            self.haven_plugin_plugin().call_describe(store)?
+        ))
     }
     type Pre = AdapterPre<State>;
     fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {

@@ -12,9 +12,13 @@ test_hostile::hostile_writer!(|path, options| {
     use test_hostile::haven_plugin_sdk::writer::from_wit;
     if let Some(name) = path.strip_prefix("rm:") {
         remove(name).map_err(from_wit)?;
-        return Err(Error::invalid(format!("test plugin: the host let me remove {name}")));
+        return Err(Error::invalid(format!(
+            "test plugin: the host let me remove {name}"
+        )));
     }
     let flags = OpenFlags::CREATE | OpenFlags::WRITE;
     open(path, flags).map_err(from_wit)?;
-    Err(Error::invalid(format!("test plugin: the host let me open {path}")))
+    Err(Error::invalid(format!(
+        "test plugin: the host let me open {path}"
+    )))
 });
