@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustix::fs::FallocateFlags;
 
-use crate::log::{Change, ChangeLog, LogError, LogStats};
+use crate::log::{Change, ChangeLog, Kind, LogError, LogStats};
 
 /// Sector size: every request must be aligned to it.
 pub const SECTOR: u64 = 512;
@@ -119,13 +119,59 @@ impl Splitter {
                 path.display()
             );
         }
-        Ok(Splitter {
+        let splitter = Splitter {
             disk,
             path,
             size,
             block_device,
             log: Mutex::new(log),
-        })
+        };
+        splitter.reapply_last_record()?;
+        Ok(splitter)
+    }
+
+    /// A change is appended to the log, then applied to the disk, under one lock: if the agent
+    /// died in between, the log's last record is the only one the disk may lack. Applying it
+    /// again is harmless when the disk has it, and completes the disk when it does not, so the
+    /// disk and the log agree before anything is served.
+    fn reapply_last_record(&self) -> anyhow::Result<()> {
+        let log = self.lock();
+        let last = log.stats().last_seq;
+        if last == 0 {
+            return Ok(());
+        }
+        let Some(record) = log.read_from(last)?.next().transpose()? else {
+            return Ok(());
+        };
+        if record
+            .offset
+            .checked_add(record.len)
+            .is_none_or(|end| end > self.size)
+        {
+            anyhow::bail!(
+                "change log record {} ({} at {}+{}) lies past the end of backing disk {} \
+                 ({} bytes): the log belongs to another disk",
+                record.seq,
+                record.kind.name(),
+                record.offset,
+                record.len,
+                self.path.display(),
+                self.size
+            );
+        }
+        match record.kind {
+            Kind::Write => self.disk.write_all_at(&record.data, record.offset)?,
+            Kind::Zero | Kind::Trim => zero_file_range(
+                &self.disk,
+                self.block_device,
+                record.offset,
+                record.len,
+                true,
+            )?,
+        }
+        self.disk.sync_data()?;
+        tracing::debug!(seq = record.seq, "re-applied the change log's last record");
+        Ok(())
     }
 
     /// Size of the disk in bytes.
@@ -280,4 +326,64 @@ pub fn zero_file_range(
         done += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::Limits;
+
+    /// The agent died after appending a change to the log and before writing it to the disk:
+    /// opening the splitter completes the disk from the log.
+    #[test]
+    fn a_change_logged_but_not_applied_is_applied_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let logs = dir.path().join("log");
+        {
+            let mut log = ChangeLog::open(&logs, Limits::default()).unwrap();
+            log.append(Change::Write {
+                offset: 4096,
+                data: &[0x5a; 512],
+            })
+            .unwrap();
+            log.sync().unwrap();
+        }
+        let log = ChangeLog::open(&logs, Limits::default()).unwrap();
+        let splitter = Splitter::open(&disk, log).unwrap();
+        let mut buf = [0u8; 512];
+        splitter.read(4096, &mut buf).unwrap();
+        assert_eq!(buf, [0x5a; 512]);
+        assert_eq!(std::fs::read(&disk).unwrap()[4096..4608], [0x5a; 512]);
+    }
+
+    #[test]
+    fn a_log_of_another_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let logs = dir.path().join("log");
+        {
+            let mut log = ChangeLog::open(&logs, Limits::default()).unwrap();
+            log.append(Change::Zero {
+                offset: 4 << 20,
+                len: 512,
+            })
+            .unwrap();
+            log.sync().unwrap();
+        }
+        let log = ChangeLog::open(&logs, Limits::default()).unwrap();
+        let err = Splitter::open(&disk, log).err().unwrap().to_string();
+        assert!(
+            err.contains("lies past the end of backing disk") && err.contains("another disk"),
+            "{err}"
+        );
+    }
 }
