@@ -108,9 +108,21 @@ pub fn run(plugins: &Plugins, command: ImageCommand) -> Result<ExitCode> {
             let size = parse_size(&size)?;
             let options = Options::parse(options.as_deref().unwrap_or(""))?;
             let (root, name) = split(&file)?;
+            if file.exists() {
+                bail!(
+                    "{} exists; remove it first or choose another name",
+                    file.display()
+                );
+            }
             let mut plugin = plugins.writer(&format, &root, true)?;
-            let disk = plugin.create(&name, size, 512, &options.0)?;
-            plugin.close(disk)?;
+            let created = plugin
+                .create(&name, size, 512, &options.0)
+                .map_err(anyhow::Error::from);
+            if let Err(e) = created.and_then(|disk| plugin.close(disk).map_err(Into::into)) {
+                // The file did not exist before: whatever a failed create left there is ours.
+                let _ = std::fs::remove_file(&file);
+                return Err(e);
+            }
             println!(
                 "Formatting '{}', fmt={} size={size}",
                 file.display(),
