@@ -1,0 +1,15 @@
+//! Haven's transport: QUIC with mutual TLS, the site CA and enrollment.
+//!
+//! - [`ca`]: the site CA persisted in a folder: server certificates, one-time enrollment tokens,
+//!   agent certificates signed from a CSR, revocation and the CRL.
+//! - [`tls`]: rustls configurations (ring provider, TLS 1.3 only) for both sides, including the
+//!   CA-pinning verifier used at enrollment.
+//! - [`endpoint`]: quinn endpoints: [`endpoint::Server`] (ALPNs `haven/1` and `haven-enroll/1`),
+//!   [`endpoint::connect`] and [`endpoint::enroll`] for agents.
+
+pub mod ca;
+pub mod endpoint;
+pub mod tls;
+
+pub use ca::{CaError, EnrollToken, IssuedCert, PeerIdentity, SiteCa, Validity};
+pub use endpoint::{AgentConnection, EnrollError, EnrolledIdentity, NetError, Refusal, Server};
