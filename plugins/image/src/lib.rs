@@ -299,6 +299,17 @@ pub trait Image {
     fn flush(&mut self) -> Result<()>;
     /// Allocation map of `[offset, offset+len)`: consecutive entries covering it, merged.
     fn map(&mut self, offset: u64, len: u64) -> Result<Vec<MapEntry>>;
+    /// Where `[offset, offset+len)` of the disk is stored unchanged and contiguously in one of
+    /// the image's files — `(that file's path, offset in it)` — when reading it (`write` false)
+    /// or writing it (`write` true) needs nothing else from the format. A caller that can move
+    /// bytes without copying them (a plugin lending the host's buffers) then reads or writes
+    /// the file directly. `Some` promises the range is valid for the disk and, with `write`,
+    /// that the image is writable. The default, `None`, means: go through `read`/`write`.
+    fn direct_location(&self, offset: u64, len: u64, write: bool) -> Option<(&str, u64)> {
+        let _ = (offset, len, write);
+        None
+    }
+
     /// Flushes and finishes the image (a streamOptimized VMDK writes its footer here).
     fn close(&mut self) -> Result<()> {
         self.flush()

@@ -187,7 +187,16 @@ macro_rules! export_format {
 pub struct FormatDisk<F: Format> {
     image: Box<dyn Image>,
     scratch: Vec<u8>,
+    /// The file ranges the image stores unchanged are read and written through (see
+    /// [`Image::direct_location`]), without the bytes entering plugin memory.
+    direct: Option<DirectFile>,
     _format: std::marker::PhantomData<F>,
+}
+
+struct DirectFile {
+    path: String,
+    writable: bool,
+    file: HostFile,
 }
 
 impl<F: Format + 'static> Disk for FormatDisk<F> {
@@ -208,12 +217,26 @@ impl<F: Format + 'static> Disk for FormatDisk<F> {
     }
 
     fn read(&mut self, offset: u64, dst: &Buffer, dst_offset: u32, len: u32) -> Result<()> {
+        if let Some((handle, at)) = self.direct(offset, len, false)? {
+            let n = handle
+                .read_into(at, dst, dst_offset, len)
+                .map_err(from_wit)?;
+            if n < len {
+                dst.zero(dst_offset + n, len - n).map_err(from_wit)?;
+            }
+            return Ok(());
+        }
         self.scratch.resize(len as usize, 0);
         self.image.read(offset, &mut self.scratch)?;
         dst.write(dst_offset, &self.scratch).map_err(from_wit)
     }
 
     fn write(&mut self, offset: u64, src: &Buffer, src_offset: u32, len: u32) -> Result<()> {
+        if let Some((handle, at)) = self.direct(offset, len, true)? {
+            return handle
+                .write_from(at, src, src_offset, len)
+                .map_err(from_wit);
+        }
         let data = src.read(src_offset, len).map_err(from_wit)?;
         self.image.write(offset, &data)
     }
@@ -231,6 +254,7 @@ impl<F: Format + 'static> Disk for FormatDisk<F> {
     }
 
     fn close(&mut self) -> Result<()> {
+        self.direct = None;
         self.image.close()
     }
 }
@@ -240,8 +264,39 @@ impl<F: Format> FormatDisk<F> {
         Self {
             image,
             scratch: Vec::new(),
+            direct: None,
             _format: std::marker::PhantomData,
         }
+    }
+
+    /// The host file and offset holding `[offset, offset+len)` unchanged, if the image has one;
+    /// the file is opened once and kept. (Its data reaches the disk with the image's own
+    /// `flush`: an fsync covers the whole file, whichever handle wrote it.)
+    fn direct(
+        &mut self,
+        offset: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<Option<(&storage::File, u64)>> {
+        let Some((path, at)) = self.image.direct_location(offset, u64::from(len), write) else {
+            return Ok(None);
+        };
+        let reuse = matches!(&self.direct, Some(d) if d.path == path && (d.writable || !write));
+        if !reuse {
+            let mode = if write {
+                OpenMode::ReadWrite
+            } else {
+                OpenMode::ReadOnly
+            };
+            let file = HostBackend.open(path, mode)?;
+            self.direct = Some(DirectFile {
+                path: path.to_owned(),
+                writable: write,
+                file,
+            });
+        }
+        let direct = self.direct.as_ref().expect("opened above");
+        Ok(Some((direct.file.handle(), at)))
     }
 }
 

@@ -894,6 +894,16 @@ impl<F: FileIo> Image for VhdImage<F> {
         Ok(())
     }
 
+    fn direct_location(&self, offset: u64, len: u64, write: bool) -> Option<(&str, u64)> {
+        // A fixed disk's data lies at its own offsets at the start of the file; the footer
+        // after it never changes. A dynamic disk's blocks need the BAT.
+        if self.dynamic.is_some() || (write && self.mode == OpenMode::ReadOnly) {
+            return None;
+        }
+        check_range(NAME, offset, len, self.size, SECTOR as u32).ok()?;
+        Some((self.path.as_str(), offset))
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range(NAME, offset, data.len() as u64, self.size, SECTOR as u32)?;
