@@ -189,6 +189,44 @@ pub fn sibling(path: &str, name: &str) -> String {
     }
 }
 
+/// `path` with `.` and `..` components resolved lexically and `\` taken as `/`, so the files of
+/// a parent chain can be compared whatever the spelling (loop detection). A `..` above the start
+/// is kept: `../a` and `a` are different files.
+pub fn normalize_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split(['/', '\\']) {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let joined = parts.join("/");
+    if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
+
+/// Creates `path` and lets `layout` write the new image's structures into it; if that fails
+/// the file is removed, so a failed create leaves nothing behind.
+pub fn create_file<B: Backend>(
+    backend: &B,
+    path: &str,
+    layout: impl FnOnce(&B::File) -> Result<()>,
+) -> Result<()> {
+    let file = backend.create(path)?;
+    let result = layout(&file);
+    drop(file);
+    if result.is_err() {
+        let _ = backend.remove(path);
+    }
+    result
+}
+
 /// Format options (`key=value`), as given by `-o` or a pipeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options(pub Vec<(String, String)>);

@@ -94,26 +94,6 @@ pub(crate) struct Qcow2Image<F: FileIo> {
     modified: bool,
 }
 
-/// Lexical normalisation of a backend path, for loop detection.
-fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for p in path.split('/') {
-        match p {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    let joined = parts.join("/");
-    if path.starts_with('/') {
-        format!("/{joined}")
-    } else {
-        joined
-    }
-}
-
 fn rc_get(data: &[u8], i: u64, order: u32) -> u64 {
     match order {
         0..=2 => {
@@ -208,7 +188,7 @@ fn open_backing<B: Backend>(
         "raw" | "file" => {
             let file = backend.open(path, OpenMode::ReadOnly)?;
             let size = file.len()?;
-            chain.push(normalize(path));
+            chain.push(haven_image::normalize_path(path));
             Ok(Backing::Raw { file, size })
         }
         other => Err(Error::unsupported(format!(
@@ -226,7 +206,7 @@ impl<F: FileIo + 'static> Qcow2Image<F> {
         mode: OpenMode,
         chain: &mut Vec<String>,
     ) -> Result<Self> {
-        let norm = normalize(path);
+        let norm = haven_image::normalize_path(path);
         if chain.contains(&norm) {
             return Err(Error::corrupt(
                 FMT,

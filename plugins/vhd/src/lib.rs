@@ -87,13 +87,7 @@ impl Format for Vhd {
         options: &CreateOptions,
     ) -> Result<Box<dyn Image>> {
         let plan = CreatePlan::new(options)?;
-        let file = backend.create(path)?;
-        if let Err(e) = plan.write(&file) {
-            drop(file);
-            let _ = backend.remove(path);
-            return Err(e);
-        }
-        drop(file);
+        haven_image::create_file(backend, path, |file| plan.write(file))?;
         Ok(Box::new(open_chain(
             backend,
             path,
@@ -446,7 +440,7 @@ fn open_chain<B: Backend>(
     image.dynamic = Some(dynamic);
 
     if footer.disk_type == DiskType::Differencing {
-        chain.paths.push(meta::normalize(path));
+        chain.paths.push(haven_image::normalize_path(path));
         let parent = open_parent(backend, &image, &header, len, chain);
         chain.paths.pop();
         image.parent = Some(parent?);
@@ -596,7 +590,7 @@ fn open_parent<B: Backend>(
     }
     let mut candidates: Vec<String> = Vec::new();
     let add = |candidates: &mut Vec<String>, p: String| {
-        let p = meta::normalize(&p);
+        let p = haven_image::normalize_path(&p);
         if !p.is_empty() && !candidates.contains(&p) {
             candidates.push(p);
         }

@@ -426,27 +426,6 @@ pub fn base_name(path: &str) -> &str {
     path.rsplit(['/', '\\']).next().unwrap_or(path)
 }
 
-/// `path` with `.` and `..` components resolved lexically and `\` turned into `/`, for
-/// comparing names of files in a chain. A `..` above the start is kept.
-pub fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split(['/', '\\']) {
-        match part {
-            "" | "." => {}
-            ".." if parts.last().is_some_and(|p| *p != "..") => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    let joined = parts.join("/");
-    if path.starts_with('/') {
-        format!("/{joined}")
-    } else {
-        joined
-    }
-}
-
 /// An error for a value of the footer or header that is valid but beyond what Haven handles.
 pub fn limit(file: &str, what: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Limit, format!("vhd: {what} (file {file})"))
@@ -486,8 +465,8 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(normalize("a/./b/../c.vhd"), "a/c.vhd");
-        assert_eq!(normalize(".\\base.vhd"), "base.vhd");
+        assert_eq!(haven_image::normalize_path("a/./b/../c.vhd"), "a/c.vhd");
+        assert_eq!(haven_image::normalize_path(".\\base.vhd"), "base.vhd");
         assert_eq!(base_name("C:\\vms\\base.vhd"), "base.vhd");
         assert!(is_absolute("C:\\x"));
         assert!(!is_absolute(".\\x"));

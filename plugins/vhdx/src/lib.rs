@@ -84,13 +84,7 @@ impl Format for Vhdx {
         options: &CreateOptions,
     ) -> Result<Box<dyn Image>> {
         let plan = CreatePlan::new(options)?;
-        let file = backend.create(path)?;
-        if let Err(e) = plan.write(&file) {
-            drop(file);
-            let _ = backend.remove(path);
-            return Err(e);
-        }
-        drop(file);
+        haven_image::create_file(backend, path, |file| plan.write(file))?;
         let mut visited = Vec::new();
         Ok(Box::new(VhdxImage::open(
             backend,
@@ -109,26 +103,6 @@ fn subformat(m: &Metadata) -> &'static str {
         "fixed"
     } else {
         "dynamic"
-    }
-}
-
-/// Collapses `.` and `a/..` components, so chain loops are found whatever the spelling.
-fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for p in path.split('/') {
-        match p {
-            "" | "." => {}
-            ".." if parts.last().is_some_and(|l| *l != "..") => {
-                parts.pop();
-            }
-            _ => parts.push(p),
-        }
-    }
-    let joined = parts.join("/");
-    if path.starts_with('/') {
-        format!("/{joined}")
-    } else {
-        joined
     }
 }
 
@@ -166,7 +140,7 @@ impl<B: Backend> VhdxImage<B> {
         depth: usize,
         visited: &mut Vec<String>,
     ) -> Result<Self> {
-        visited.push(normalize(path));
+        visited.push(haven_image::normalize_path(path));
         let file = backend.open(path, mode)?;
         let mut sig = [0u8; 8];
         file.read_exact_at(0, &mut sig, "vhdx file type identifier")?;
@@ -439,7 +413,7 @@ impl<B: Backend> VhdxImage<B> {
                 ),
             )
         })?;
-        if visited.contains(&normalize(&parent_path)) {
+        if visited.contains(&haven_image::normalize_path(&parent_path)) {
             return Err(corrupt(format!(
                 "names {parent_path} as parent, which is already in the chain: the parent chain \
                  loops"
