@@ -197,7 +197,6 @@ pub struct State {
     http_grant: HttpGrant,
     storage: Option<StorageGrant>,
     limiter: MemoryLimiter,
-    log_lines: u64,
     /// Files the plugin has open (bounded by `storage::MAX_OPEN_FILES`).
     open_files: usize,
     /// Bytes of buffers the plugin created and holds (bounded by `buffers::MAX_BUFFER_BYTES`).
@@ -281,7 +280,6 @@ impl wit::since_v0_1_0::writer::haven::plugin::log::Host for State {
             }
             message.truncate(cut);
         }
-        self.log_lines += 1;
         let plugin = &*self.name;
         match level {
             Level::Trace => tracing::trace!(plugin, "{message}"),
@@ -580,7 +578,6 @@ impl<W: World> Runner<W> {
                 total: 0,
                 refused: false,
             },
-            log_lines: 0,
             open_files: 0,
             buffer_bytes: 0,
         };

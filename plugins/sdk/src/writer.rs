@@ -3,8 +3,8 @@
 use std::cell::RefCell;
 
 use haven_image::{
-    Backend, CreateOptions, Error, ExtentState, FileIo, Format, Image, ImageInfo, MapEntry,
-    OpenMode, Options, Result,
+    Backend, CreateOptions, ExtentState, FileIo, Format, Image, ImageInfo, MapEntry, OpenMode,
+    Options, Result,
 };
 
 /// Generated bindings of the `target-writer` world.
@@ -415,10 +415,4 @@ impl Backend for HostBackend {
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         storage::rename(from, to).map_err(from_wit)
     }
-}
-
-/// Turns an error into the contract's variant; for plugin code that implements the generated
-/// traits directly.
-pub fn error(e: Error) -> WitError {
-    to_wit(e)
 }
