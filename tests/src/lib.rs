@@ -1,1 +1,512 @@
+//! A two-site cluster of real processes on loopback, for end-to-end tests and the demo.
+//!
+//! A [`Cluster`] runs a master target (secondary site), a process server (primary site) and an
+//! agent protecting one raw disk, each a real process with its own data folder, enrolled
+//! through the real token flow (`haven token create` → `haven-gateway enroll` /
+//! `haven-agent enroll`). Every process can be killed with SIGKILL and restarted.
+//!
+//! Binaries come from `$HAVEN_BIN_DIR`, else `target/debug` of this workspace (`cargo xtask
+//! build` makes them).
 
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use haven_engine::status::GatewayStatus;
+use haven_net::stream::{DiskState, Report};
+
+/// Where the binaries are.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("HAVEN_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A process, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// Its stderr, appended across restarts.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
+        let mut f = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        writeln!(f, "---- start {} ----", now_ms())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait up to 10 s (then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Fails with the log's tail when the process has exited.
+    pub fn check_alive(&mut self, what: &str) -> Result<()> {
+        if let Some(c) = self.child.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            bail!("{what} exited with {status}:\n{tail}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One gateway: its data folder, configuration and process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    /// `http://127.0.0.1:PORT`
+    pub api: String,
+    /// The QUIC port its role listens on.
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Gateway {
+    fn init(root: &Path, name: &str, site: &str) -> Result<(PathBuf, u16, u16)> {
+        let data_dir = root.join(name);
+        run_ok(Command::new(bin("haven-gateway")).args([
+            "init",
+            "--data-dir",
+            &data_dir.to_string_lossy(),
+            "--site",
+            site,
+            "--name",
+            "127.0.0.1",
+        ]))?;
+        Ok((data_dir, free_udp_port(), free_tcp_port()))
+    }
+
+    fn start(
+        name: &str,
+        data_dir: PathBuf,
+        config: String,
+        port: u16,
+        api_port: u16,
+    ) -> Result<Gateway> {
+        let path = data_dir.join("gateway.toml");
+        fs::write(&path, config)?;
+        let proc = Proc::spawn(
+            Command::new(bin("haven-gateway"))
+                .args(["run", "--config"])
+                .arg(&path)
+                .env(
+                    "HAVEN_LOG",
+                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
+                ),
+            &data_dir.join("gateway.log"),
+        )?;
+        let mut g = Gateway {
+            name: name.into(),
+            data_dir,
+            config: path,
+            api: format!("http://127.0.0.1:{api_port}"),
+            port,
+            proc,
+        };
+        g.wait_ready()?;
+        Ok(g)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.proc.check_alive(&self.name)?;
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not answer on {} in time", self.name, self.api);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills (SIGKILL) and starts the gateway again with the same configuration.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = Proc::spawn(
+            Command::new(bin("haven-gateway"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env(
+                    "HAVEN_LOG",
+                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
+                ),
+            &self.data_dir.join("gateway.log"),
+        )?;
+        self.wait_ready()
+    }
+
+    /// The gateway's status, through `haven status --json`.
+    pub fn status(&self) -> Result<GatewayStatus> {
+        let out =
+            run_ok(Command::new(bin("haven")).args(["status", "--json", "--api", &self.api]))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(serde_json::from_value(v[0]["status"].clone())?)
+    }
+
+    /// A one-time enrollment token, through `haven token create`.
+    pub fn token(&self) -> Result<String> {
+        Ok(
+            run_ok(Command::new(bin("haven")).args(["token", "create", "--api", &self.api]))?
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+/// The agent protecting one disk.
+#[derive(Debug)]
+pub struct Agent {
+    pub data_dir: PathBuf,
+    pub disk: PathBuf,
+    /// `nbd://127.0.0.1:PORT/disk`
+    pub nbd: String,
+    pub nbd_port: u16,
+    server: String,
+    extra: Vec<String>,
+    pub proc: Proc,
+}
+
+impl Agent {
+    fn spawn(&mut self) -> Result<()> {
+        self.proc = Proc::spawn(
+            Command::new(bin("haven-agent"))
+                .args(["protect", "--data-dir"])
+                .arg(&self.data_dir)
+                .arg("--disk")
+                .arg(&self.disk)
+                .args(["--server", &self.server])
+                .args(["--listen", &format!("127.0.0.1:{}", self.nbd_port)])
+                .args(&self.extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
+                ),
+            &self.data_dir.join("agent.log"),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_err() {
+            self.proc.check_alive("haven-agent")?;
+            if Instant::now() > deadline {
+                bail!("the agent's NBD server did not come up in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills (SIGKILL) and starts the agent again.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.spawn()
+    }
+
+    /// The agent's own last report (`<data-dir>/status.json`), if any.
+    pub fn report(&self) -> Option<Report> {
+        let text = fs::read_to_string(self.data_dir.join("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// Master target, process server and agent on loopback.
+#[derive(Debug)]
+pub struct Cluster {
+    pub root: PathBuf,
+    pub mt: Gateway,
+    pub ps: Gateway,
+    pub agent: Agent,
+}
+
+/// Options of a [`Cluster`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Extra `haven-agent protect` arguments.
+    pub agent_args: Vec<String>,
+    /// Extra lines for the process server's `[process_server]` section.
+    pub ps_config: String,
+}
+
+impl Cluster {
+    /// Starts everything below `root` and protects `disk` (a raw file).
+    pub fn start(root: &Path, disk: &Path, options: ClusterOptions) -> Result<Cluster> {
+        let (mt_dir, mt_port, mt_api) = Gateway::init(root, "mt", "secondary")?;
+        let mt = Gateway::start(
+            "master target",
+            mt_dir.clone(),
+            format!(
+                "data_dir = {mt_dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n\n\
+                 [api]\nlisten = \"127.0.0.1:{mt_api}\"\n"
+            ),
+            mt_port,
+            mt_api,
+        )?;
+        let (ps_dir, ps_port, ps_api) = Gateway::init(root, "ps", "primary")?;
+        run_ok(
+            Command::new(bin("haven-gateway"))
+                .args(["enroll", "--data-dir"])
+                .arg(&ps_dir)
+                .args(["--upstream", &format!("127.0.0.1:{mt_port}")])
+                .args(["--token", &mt.token()?, "--name", "ps-primary"]),
+        )?;
+        let ps = Gateway::start(
+            "process server",
+            ps_dir.clone(),
+            format!(
+                "data_dir = {ps_dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
+                 upstream = \"127.0.0.1:{mt_port}\"\n{}\n\n[api]\nlisten = \"127.0.0.1:{ps_api}\"\n",
+                options.ps_config
+            ),
+            ps_port,
+            ps_api,
+        )?;
+        let agent_dir = root.join("agent");
+        let server = format!("127.0.0.1:{ps_port}");
+        run_ok(
+            Command::new(bin("haven-agent"))
+                .args(["enroll", "--data-dir"])
+                .arg(&agent_dir)
+                .args(["--server", &server, "--token", &ps.token()?])
+                .args(["--machine-name", "web01"]),
+        )?;
+        let nbd_port = free_tcp_port();
+        let mut agent = Agent {
+            data_dir: agent_dir,
+            disk: disk.to_owned(),
+            nbd: format!("nbd://127.0.0.1:{nbd_port}/disk"),
+            nbd_port,
+            server,
+            extra: options.agent_args,
+            proc: Proc {
+                child: None,
+                log: PathBuf::new(),
+            },
+        };
+        agent.spawn()?;
+        Ok(Cluster {
+            root: root.to_owned(),
+            mt,
+            ps,
+            agent,
+        })
+    }
+
+    /// The replica's file on the master target (the raw writer's layout).
+    pub fn replica(&self) -> Result<PathBuf> {
+        let s = self.mt.status()?;
+        let mt = s.master_target.context("no master target role")?;
+        let r = mt.replicas.first().context("no replica yet")?;
+        Ok(self.mt.data_dir.join("replicas").join(&r.path))
+    }
+
+    /// Fails when a process died.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.mt.proc.check_alive("master target")?;
+        self.ps.proc.check_alive("process server")?;
+        self.agent.proc.check_alive("haven-agent")
+    }
+
+    /// Waits until the agent, in a report made after `since_ms`, is protected with everything
+    /// acknowledged, and the master target has applied all of it. Calls `progress` about twice a
+    /// second with the latest statuses.
+    pub fn wait_caught_up(
+        &mut self,
+        since_ms: u64,
+        timeout: Duration,
+        mut progress: impl FnMut(Option<&Report>, &GatewayStatus),
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let report = self.agent.report();
+            let mt = self.mt.status()?;
+            progress(report.as_ref(), &mt);
+            if let Some(r) = &report
+                && r.time_ms > since_ms
+                && let Some(d) = r.disks.first()
+                && d.state == DiskState::Protected
+                && d.acked_seq == d.last_seq
+                && let Some(rep) = mt.master_target.as_ref().and_then(|m| m.replicas.first())
+                && rep.applied_seq >= d.last_seq
+                && rep.error.is_none()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not caught up after {timeout:?}: agent {report:?}, master target {:?}",
+                    mt.master_target
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// `qemu-img compare` of two raw images: `Ok(true)` when identical.
+pub fn images_equal(a: &Path, b: &Path) -> Result<bool> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .context("cannot run qemu-img")?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => bail!(
+            "qemu-img compare failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Runs qemu-io commands against an NBD URI.
+pub fn qemu_io(uri: &str, commands: &[String]) -> Result<()> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(uri);
+    let out = run_ok(&mut cmd)?;
+    if out.contains("failed") {
+        bail!("qemu-io reported a failure: {out}");
+    }
+    Ok(())
+}
+
+/// A raw disk of `size` bytes made of a mix: zero regions, text-like data, random data.
+pub fn mixed_disk(path: &Path, size: u64, seed: u64) -> Result<()> {
+    let f = File::create(path)?;
+    f.set_len(size)?;
+    let mut rng = seed | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let chunk = 1 << 20;
+    let mut buf = vec![0u8; chunk];
+    let words = b"replica journal recovery point failover master target process server agent ";
+    use std::os::unix::fs::FileExt;
+    let mut off = 0;
+    while off < size {
+        match (off / chunk as u64) % 3 {
+            0 => {} // stays a hole of zeroes
+            1 => {
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = words[(i + off as usize / 7) % words.len()];
+                }
+                f.write_all_at(&buf, off)?;
+            }
+            _ => {
+                for b in buf.chunks_mut(8) {
+                    let v = next().to_le_bytes();
+                    b.copy_from_slice(&v[..b.len()]);
+                }
+                f.write_all_at(&buf, off)?;
+            }
+        }
+        off += chunk as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}

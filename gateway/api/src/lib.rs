@@ -1,1 +1,248 @@
-//! Haven's HTTP API (`/v1`), console and metrics, over the engine.
+//! Haven's HTTP API (hyper, HTTP/1.1), served by every gateway.
+//!
+//! | method | path          | what                                                          |
+//! |--------|---------------|---------------------------------------------------------------|
+//! | GET    | `/v1/status`  | the roles' status as JSON ([`GatewayStatus`])                 |
+//! | POST   | `/v1/tokens`  | a one-time enrollment token; query `ttl=SECONDS` (default 3600) |
+//! | GET    | `/metrics`    | Prometheus text: lag, throughput, cache and journal sizes     |
+//!
+//! The API has no authentication of its own: it listens on loopback by default, and whoever
+//! can reach it can mint enrollment tokens. Bind it elsewhere only behind access control.
+//!
+//! Architecture invariant: this is the only crate with an HTTP server.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use haven_engine::status::GatewayStatus;
+use haven_net::SiteCa;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// Produces the gateway's status on demand.
+pub type StatusFn = Arc<dyn Fn() -> GatewayStatus + Send + Sync>;
+
+/// What the API serves.
+#[derive(Clone)]
+pub struct Api {
+    /// The gateway's status.
+    pub status: StatusFn,
+    /// The site CA, for tokens.
+    pub ca: Option<Arc<Mutex<SiteCa>>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+/// Binds `addr` and serves the API until the task is dropped. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    api: Api,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the API on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "API listening");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = code;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    reply(code, "application/json", body)
+}
+
+impl Api {
+    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/v1/status") => {
+                let status = (self.status)();
+                match serde_json::to_vec_pretty(&status) {
+                    Ok(body) => reply(StatusCode::OK, "application/json", body),
+                    Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            (&Method::POST, "/v1/tokens") => self.token(req.uri().query().unwrap_or("")),
+            (&Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics(&(self.status)()),
+            ),
+            (_, "/v1/status" | "/v1/tokens" | "/metrics") => {
+                json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            (_, path) => json_error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint {path}; see /v1/status, /v1/tokens, /metrics"),
+            ),
+        }
+    }
+
+    fn token(&self, query: &str) -> Response<Full<Bytes>> {
+        let Some(ca) = &self.ca else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "this gateway has no site CA; run `haven-gateway init` for its data folder",
+            );
+        };
+        let mut ttl = 3600;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("ttl", v)) => match v.parse::<u64>() {
+                    Ok(v) if (1..=30 * 24 * 3600).contains(&v) => ttl = v,
+                    _ => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("ttl={v}: give whole seconds from 1 to 2592000 (30 days)"),
+                        );
+                    }
+                },
+                _ => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown query parameter `{pair}`; only ttl=SECONDS is known"),
+                    );
+                }
+            }
+        }
+        let created = ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .create_token(Duration::from_secs(ttl));
+        match created {
+            Ok(token) => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({ "token": token.to_string(), "ttl_seconds": ttl }).to_string(),
+            ),
+            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+}
+
+/// Prometheus text exposition of `status`. Units are in the metric names.
+pub fn metrics(status: &GatewayStatus) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    if let Some(ps) = &status.process_server {
+        let label = |d: &haven_engine::status::CachedDisk| {
+            format!(
+                "agent=\"{}\",machine=\"{}\",disk=\"{}\"",
+                d.agent_id, d.machine_name, d.disk
+            )
+        };
+        metric(
+            "haven_cache_bytes",
+            "gauge",
+            "Bytes the process server's cache holds for a disk.",
+            ps.disks
+                .iter()
+                .map(|d| (label(d), d.cache_bytes as f64))
+                .collect(),
+        );
+        metric(
+            "haven_received_bytes_total",
+            "counter",
+            "Bytes of disk extent received from agents.",
+            ps.disks
+                .iter()
+                .map(|d| (label(d), d.received_bytes_total as f64))
+                .collect(),
+        );
+        metric(
+            "haven_cache_stored_bytes_total",
+            "counter",
+            "Bytes stored in the cache after compression.",
+            ps.disks
+                .iter()
+                .map(|d| (label(d), d.stored_bytes_total as f64))
+                .collect(),
+        );
+    }
+    if let Some(mt) = &status.master_target {
+        let label = |r: &haven_engine::status::ReplicaStatus| {
+            format!(
+                "agent=\"{}\",machine=\"{}\",disk=\"{}\"",
+                r.agent_id, r.machine_name, r.disk
+            )
+        };
+        metric(
+            "haven_replication_lag_seconds",
+            "gauge",
+            "Age of the oldest journaled record not yet applied to the replica.",
+            mt.replicas
+                .iter()
+                .map(|r| (label(r), r.lag_seconds))
+                .collect(),
+        );
+        metric(
+            "haven_replication_lag_bytes",
+            "gauge",
+            "Bytes of extent journaled and not yet applied to the replica.",
+            mt.replicas
+                .iter()
+                .map(|r| (label(r), r.lag_bytes as f64))
+                .collect(),
+        );
+        metric(
+            "haven_applied_bytes_total",
+            "counter",
+            "Bytes of extent applied to the replica.",
+            mt.replicas
+                .iter()
+                .map(|r| (label(r), r.applied_bytes_total as f64))
+                .collect(),
+        );
+        metric(
+            "haven_journal_bytes",
+            "gauge",
+            "Bytes the master target's journal holds for a disk.",
+            mt.replicas
+                .iter()
+                .map(|r| (label(r), r.journal_bytes as f64))
+                .collect(),
+        );
+    }
+    out
+}

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod plugins;
+mod remote;
 
 /// Haven: site recovery for machine disks.
 #[derive(Debug, Parser)]
@@ -28,6 +29,18 @@ enum Command {
     /// Plugins: list the ones installed, inspect a component.
     #[command(subcommand)]
     Plugin(plugins::PluginCommand),
+    /// Every protected disk the gateways know: state, sync progress, lag, throughput.
+    Status {
+        /// A gateway's API (repeat for several; default http://127.0.0.1:9480).
+        #[arg(long)]
+        api: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(remote::TokenCommand),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +56,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Image(c) => image::run(&plugins, c),
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),
+        Command::Status { api, json } => remote::status(&api, json).map(|()| ExitCode::SUCCESS),
+        Command::Token(c) => remote::token(c).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

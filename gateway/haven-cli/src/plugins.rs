@@ -30,9 +30,7 @@ pub struct Plugins {
 
 impl Plugins {
     pub fn new(dir: Option<PathBuf>) -> Self {
-        let dir = dir
-            .or_else(|| std::env::var_os("HAVEN_PLUGIN_DIR").map(PathBuf::from))
-            .or_else(default_dir);
+        let dir = dir.or_else(haven_host::default_plugin_dir);
         Self {
             dir,
             host: std::cell::OnceCell::new(),
@@ -96,21 +94,6 @@ pub fn canonical_format(format: &str) -> Result<&'static str> {
         .copied()
         .find(|k| *k == f)
         .with_context(|| format!("unknown format `{format}` (known: {})", FORMATS.join(", ")))
-}
-
-/// Plugins next to the program: `<prefix>/lib/haven/plugins` for an installed `<prefix>/bin/haven`,
-/// `target/wasm32-wasip2/release` for a development build in `target/<profile>/haven`.
-fn default_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?;
-    let candidates = [
-        bin.join("../lib/haven/plugins"),
-        bin.join("../wasm32-wasip2/release"),
-        "/usr/lib/haven/plugins".into(),
-    ];
-    candidates
-        .into_iter()
-        .find(|d| d.join("haven_raw.wasm").exists())
 }
 
 /// Where precompiled plugins are kept between runs.

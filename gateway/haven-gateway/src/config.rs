@@ -1,6 +1,7 @@
 //! The gateway's configuration file.
 
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use haven_host::{Host, HostConfig, PluginSpec};
@@ -10,11 +11,113 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// Folder for the gateway's state (precompiled plugins live in `cache/plugins` below it).
+    /// Folder for the gateway's state: the site CA (`ca/`), its TLS certificate (`tls/`), its
+    /// identity at the next hop (`upstream/`), each role's state (`ps/`, `mt/`), replicas
+    /// (`replicas/` by default) and precompiled plugins (`cache/plugins`).
     pub data_dir: PathBuf,
+    /// Run the process server role (primary site).
+    #[serde(default)]
+    pub process_server: Option<ProcessServerSection>,
+    /// Run the master target role (secondary site).
+    #[serde(default)]
+    pub master_target: Option<MasterTargetSection>,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiSection,
     /// The plugins this gateway runs, each with its grants.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
+}
+
+/// `[process_server]`: receive agents' streams, cache, compress, encrypt, forward.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerSection {
+    /// UDP address agents connect to.
+    #[serde(default = "default_ps_listen")]
+    pub listen: SocketAddr,
+    /// The master target's address.
+    pub upstream: SocketAddr,
+    /// The name in the master target's certificate (default: the upstream's IP address).
+    #[serde(default)]
+    pub upstream_server_name: Option<String>,
+    /// Most bytes the cache of one disk may hold (compressed); at least 64 MiB.
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: u64,
+    /// Bytes forwarded to the master target and not yet acknowledged, per agent.
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: u64,
+}
+
+/// `[master_target]`: journal streams and apply them to replicas.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterTargetSection {
+    /// UDP address process servers connect to.
+    #[serde(default = "default_mt_listen")]
+    pub listen: SocketAddr,
+    /// Name of the `target-writer` plugin that writes replicas. Default: the installed raw
+    /// writer with its storage root at `<data_dir>/replicas`.
+    #[serde(default)]
+    pub writer: Option<String>,
+    /// Most bytes the journal of one disk may hold.
+    #[serde(default = "default_journal_max_bytes")]
+    pub journal_max_bytes: u64,
+}
+
+/// `[api]`: the HTTP API (`/v1`, `/metrics`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// TCP address of the API. It has no authentication: keep it on loopback.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: default_api_listen(),
+        }
+    }
+}
+
+fn default_ps_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9443))
+}
+
+fn default_mt_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9444))
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9480))
+}
+
+fn default_cache_max_bytes() -> u64 {
+    4 << 30
+}
+
+fn default_window_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_journal_max_bytes() -> u64 {
+    16 << 30
+}
+
+impl GatewayConfig {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<GatewayConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The plugin named `name`.
+    pub fn plugin(&self, name: &str) -> Option<&PluginConfig> {
+        self.plugins.iter().find(|p| p.spec.name == name)
+    }
 }
 
 /// One plugin: a component, the world it implements and what it is granted.
@@ -36,10 +139,7 @@ pub enum PluginKind {
 
 /// Reads and checks `path`: the report on success, every problem on failure.
 pub fn validate(path: &Path) -> Result<String, Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
-    let config: GatewayConfig =
-        toml::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let config = GatewayConfig::load(path).map_err(|e| vec![e])?;
     let host = Host::new(HostConfig {
         cache_dir: Some(config.data_dir.join("cache/plugins")),
     })
@@ -82,6 +182,43 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
             Ok(Err(e)) => errors.push(format!("{at}: {e}")),
             Err(e) => errors.push(format!("{at}: {e}")),
         }
+    }
+    if config.process_server.is_none() && config.master_target.is_none() {
+        let _ = writeln!(report, "roles: none (only plugins are checked)");
+    }
+    if let Some(ps) = &config.process_server {
+        if ps.cache_max_bytes < 64 << 20 {
+            errors.push(format!(
+                "process_server.cache_max_bytes {}: at least 67108864 (64 MiB, two of the \
+                 largest records) is needed",
+                ps.cache_max_bytes
+            ));
+        }
+        let _ = writeln!(
+            report,
+            "process_server: listen {}, forwards to {}",
+            ps.listen, ps.upstream
+        );
+    }
+    if let Some(mt) = &config.master_target {
+        if let Some(name) = &mt.writer {
+            match config.plugin(name) {
+                Some(p) if p.kind == PluginKind::TargetWriter => {}
+                Some(_) => errors.push(format!(
+                    "master_target.writer `{name}` is an adapter; name a target-writer plugin"
+                )),
+                None => errors.push(format!(
+                    "master_target.writer `{name}` names no [[plugin]]; add one or remove the \
+                     field to use the built-in raw writer"
+                )),
+            }
+        }
+        let _ = writeln!(
+            report,
+            "master_target: listen {}, writer {}",
+            mt.listen,
+            mt.writer.as_deref().unwrap_or("raw (built in)")
+        );
     }
     if errors.is_empty() {
         Ok(report)

@@ -1,12 +1,25 @@
 //! `haven-gateway`: one binary for the process server, master target and configuration server
 //! roles.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use haven_engine::Identity;
+use haven_engine::master_target::{MasterTarget, MasterTargetConfig};
+use haven_engine::process_server::{ProcessServer, ProcessServerConfig, Upstream};
+use haven_engine::status::GatewayStatus;
+use haven_host::{Grants, Host, HostConfig, PluginSpec};
+use haven_net::SiteCa;
+use haven_net::endpoint::ServerTls;
+use haven_store::journal::JournalOptions;
 
 mod config;
+
+use config::GatewayConfig;
 
 /// The Haven gateway.
 #[derive(Debug, Parser)]
@@ -18,6 +31,43 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Creates the site CA and this gateway's TLS certificate in a data folder.
+    Init {
+        /// The gateway's data folder.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The site's name (in the CA certificate).
+        #[arg(long)]
+        site: String,
+        /// Names agents and gateways reach this gateway by (DNS names or IP addresses).
+        /// Default: 127.0.0.1, localhost and the host name.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Enrolls this gateway (a process server) with the next hop (a master target) using a
+    /// one-time token from that site; stores the identity in `<data-dir>/upstream/`.
+    Enroll {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The master target's address, HOST:PORT.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// The name in the master target's certificate (default: the address's IP).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The token (`haven token create` at the master target's site).
+        #[arg(long)]
+        token: String,
+        /// This gateway's name, as the master target will show it.
+        #[arg(long, default_value = "process-server")]
+        name: String,
+    },
+    /// Runs the roles of a configuration until SIGINT or SIGTERM.
+    Run {
+        /// The gateway configuration (TOML).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
     /// Checks a gateway configuration without starting anything: every plugin loads, implements
     /// its world, imports only what its grants cover, and its storage root exists. Reports every
     /// problem at once.
@@ -35,23 +85,282 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Validate { config } => match config::validate(&config) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("error: {e}");
+    let result = match Cli::parse().command {
+        Command::Validate { config } => {
+            return match config::validate(&config) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
                 }
-                eprintln!("{}: {} error(s)", config.display(), errors.len());
-                ExitCode::from(EXIT_CONFIG)
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("error: {e}");
+                    }
+                    eprintln!("{}: {} error(s)", config.display(), errors.len());
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
+        }
+        Command::Init {
+            data_dir,
+            site,
+            names,
+        } => init(&data_dir, &site, names),
+        Command::Enroll {
+            data_dir,
+            upstream,
+            server_name,
+            token,
+            name,
+        } => runtime()
+            .and_then(|rt| rt.block_on(enroll(&data_dir, upstream, server_name, &token, &name))),
+        Command::Run { config } => match GatewayConfig::load(&config) {
+            Ok(c) => runtime().and_then(|rt| rt.block_on(run(c))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
             }
         },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("haven-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Writes `text` to `path` atomically (temporary file, sync, rename, sync folder).
+fn write_atomic(path: &Path, text: &str, private: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().context("a file without a folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn init(data_dir: &Path, site: &str, mut names: Vec<String>) -> Result<()> {
+    if data_dir.join("ca").exists() {
+        bail!(
+            "{} already holds a site CA; use another folder, or remove {} to start over \
+             (every enrolled agent must then enroll again)",
+            data_dir.display(),
+            data_dir.join("ca").display()
+        );
+    }
+    if names.is_empty() {
+        names = vec!["127.0.0.1".into(), "localhost".into()];
+        if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
+            let h = h.trim();
+            if !h.is_empty() && h != "localhost" {
+                names.push(h.to_string());
+            }
+        }
+    }
+    let mut ca = SiteCa::init(data_dir.join("ca"), site)?;
+    let (cert, key) = ca.issue_server_cert(&names)?;
+    write_atomic(&data_dir.join("tls/cert.pem"), &cert, false)?;
+    write_atomic(&data_dir.join("tls/key.pem"), &key, true)?;
+    println!("site `{site}` initialised in {}", data_dir.display());
+    println!("CA fingerprint (SHA-256): {}", ca.ca_fingerprint());
+    println!("server names: {}", names.join(", "));
+    Ok(())
+}
+
+async fn enroll(
+    data_dir: &Path,
+    upstream: SocketAddr,
+    server_name: Option<String>,
+    token: &str,
+    name: &str,
+) -> Result<()> {
+    let dir = data_dir.join("upstream");
+    if dir.join("cert.pem").exists() {
+        bail!(
+            "{} already holds an identity at the next hop; remove the folder to enroll again",
+            dir.display()
+        );
+    }
+    let server_name = server_name.unwrap_or_else(|| upstream.ip().to_string());
+    let id = haven_net::endpoint::enroll(upstream, &server_name, token, name).await?;
+    write_atomic(&dir.join("ca.pem"), &id.ca_pem, false)?;
+    write_atomic(&dir.join("key.pem"), &id.key_pem, true)?;
+    write_atomic(&dir.join("cert.pem"), &id.cert_pem, false)?;
+    println!(
+        "enrolled with {upstream} as `{name}` (id {}); identity in {}",
+        id.agent_id,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The server TLS material of `data_dir` (from `init`).
+fn server_tls(data_dir: &Path, ca: &SiteCa) -> Result<ServerTls> {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "cannot read {}; run `haven-gateway init --data-dir {}` first",
+                p.display(),
+                data_dir.display()
+            )
+        })
+    };
+    Ok(ServerTls {
+        cert_pem: read(data_dir.join("tls/cert.pem"))?,
+        key_pem: read(data_dir.join("tls/key.pem"))?,
+        ca_pem: ca.ca_cert_pem().to_string(),
+        crl_pems: vec![ca.crl_pem()?],
+    })
+}
+
+/// The writer that writes replicas: a configured plugin, or the installed raw writer with its
+/// storage root at `<data_dir>/replicas`.
+fn writer_spec(config: &GatewayConfig, name: Option<&str>) -> Result<PluginSpec> {
+    if let Some(name) = name {
+        let p = config
+            .plugin(name)
+            .with_context(|| format!("master_target.writer `{name}` names no [[plugin]]"))?;
+        return Ok(p.spec.clone());
+    }
+    let dir = haven_host::default_plugin_dir().context(
+        "no plugin folder found: set HAVEN_PLUGIN_DIR or install the plugins beside the program",
+    )?;
+    let root = config.data_dir.join("replicas");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(PluginSpec {
+        name: "raw".into(),
+        path: dir.join("haven_raw.wasm"),
+        grants: Grants {
+            storage_root: Some(root),
+            call_timeout_ms: 60_000,
+            ..Grants::default()
+        },
+    })
+}
+
+async fn run(config: GatewayConfig) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    let ca = SiteCa::open(data_dir.join("ca")).with_context(|| {
+        format!(
+            "no site CA in {}; run `haven-gateway init --data-dir {} --site NAME` first",
+            data_dir.display(),
+            data_dir.display()
+        )
+    })?;
+    let tls = server_tls(&data_dir, &ca)?;
+    let site = ca.site_name().to_string();
+    let ca = Arc::new(Mutex::new(ca));
+
+    let mut ps = None;
+    if let Some(section) = &config.process_server {
+        let identity = Identity::load(&data_dir.join("upstream"))?;
+        let server = ProcessServer::open(ProcessServerConfig {
+            listen: section.listen,
+            data_dir: data_dir.join("ps"),
+            cache: JournalOptions {
+                max_bytes: section.cache_max_bytes,
+                ..JournalOptions::default()
+            },
+            upstream: Upstream {
+                addr: section.upstream,
+                server_name: section
+                    .upstream_server_name
+                    .clone()
+                    .unwrap_or_else(|| section.upstream.ip().to_string()),
+                identity,
+            },
+            window_bytes: section.window_bytes,
+        })?;
+        let s = server.clone();
+        let (tls, ca) = (tls.clone(), ca.clone());
+        tokio::spawn(async move {
+            if let Err(e) = s.serve(tls, Some(ca)).await {
+                tracing::error!(error = %format!("{e:#}"), "process server stopped");
+                std::process::exit(1);
+            }
+        });
+        ps = Some(server);
+    }
+
+    let mut mt = None;
+    if let Some(section) = &config.master_target {
+        let host = Arc::new(Host::new(HostConfig {
+            cache_dir: Some(data_dir.join("cache/plugins")),
+        })?);
+        let writer = writer_spec(&config, section.writer.as_deref())?;
+        let target = MasterTarget::open(
+            MasterTargetConfig {
+                listen: section.listen,
+                data_dir: data_dir.join("mt"),
+                writer,
+                journal: JournalOptions {
+                    max_bytes: section.journal_max_bytes,
+                    ..JournalOptions::default()
+                },
+            },
+            host,
+        )?;
+        let t = target.clone();
+        let (tls, ca) = (tls.clone(), ca.clone());
+        tokio::spawn(async move {
+            if let Err(e) = t.serve(tls, Some(ca)).await {
+                tracing::error!(error = %format!("{e:#}"), "master target stopped");
+                std::process::exit(1);
+            }
+        });
+        mt = Some(target);
+    }
+    if ps.is_none() && mt.is_none() {
+        bail!("the configuration enables no role: add [process_server] and/or [master_target]");
+    }
+
+    let status = {
+        let (ps, mt, site) = (ps.clone(), mt.clone(), site.clone());
+        Arc::new(move || GatewayStatus {
+            site: site.clone(),
+            process_server: ps.as_ref().map(|p| p.status()),
+            master_target: mt.as_ref().map(|m| m.status()),
+        })
+    };
+    let (api_addr, _api) = haven_api::serve(
+        config.api.listen,
+        haven_api::Api {
+            status,
+            ca: Some(ca),
+        },
+    )
+    .await?;
+    tracing::info!(site = %site, api = %api_addr, "gateway running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    Ok(())
 }

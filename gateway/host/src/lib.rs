@@ -43,6 +43,25 @@ use wit::since_v0_1_0::writer::{TargetWriter, TargetWriterPre};
 /// within one tick of it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// The folder of installed plugins: `$HAVEN_PLUGIN_DIR`, else the first of `../lib/haven/plugins`
+/// beside the running program, a development build's `target/wasm32-wasip2/release`, and
+/// `/usr/lib/haven/plugins` that holds `haven_raw.wasm`.
+pub fn default_plugin_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("HAVEN_PLUGIN_DIR") {
+        return Some(d.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?;
+    let candidates = [
+        bin.join("../lib/haven/plugins"),
+        bin.join("../wasm32-wasip2/release"),
+        "/usr/lib/haven/plugins".into(),
+    ];
+    candidates
+        .into_iter()
+        .find(|d| d.join("haven_raw.wasm").exists())
+}
+
 /// A plugin to load: its name, its component file and what it is granted.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -6,10 +6,14 @@
 //!   CA-pinning verifier used at enrollment.
 //! - [`endpoint`]: quinn endpoints: [`endpoint::Server`] (ALPNs `haven/1` and `haven-enroll/1`),
 //!   [`endpoint::connect`] and [`endpoint::enroll`] for agents.
+//! - [`stream`]: frames and reports over the streams of a `haven/1` connection.
 
 pub mod ca;
 pub mod endpoint;
+pub mod stream;
 pub mod tls;
 
 pub use ca::{CaError, EnrollToken, IssuedCert, PeerIdentity, SiteCa, Validity};
 pub use endpoint::{AgentConnection, EnrollError, EnrolledIdentity, NetError, Refusal, Server};
+
+pub use quinn;

@@ -1,0 +1,345 @@
+//! The receiving loop both roles share.
+//!
+//! One replication stream (a QUIC bidirectional stream) carries one source agent's disks. The
+//! loop reads the `Hello` first — so the [`Receiver`] can be built with the durable sequence
+//! numbers of exactly that peer's disks — then, for every batch of frames:
+//!
+//! 1. the records go, in order, into their disk's [`Journal`] (written);
+//! 2. each journal touched is synced once (group commit) and the role is told what became
+//!    durable ([`Sink::on_durable`]: the master target indexes it in redb);
+//! 3. only then `Receiver::mark_durable`, so every `Ack` sent means durable here.
+//!
+//! A journal that is full (`StoreError::Full`) stops the loop from reading the stream until
+//! the role frees space: QUIC flow control then slows the sender, whose own log absorbs the
+//! rest. Records already received wait in order; none is dropped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use haven_net::quinn;
+use haven_net::stream::{FrameReader, write_frames};
+use haven_store::StoreError;
+use haven_store::journal::{AppendInfo, Journal};
+use haven_store::state::StreamKey;
+use haven_wire::frame::error_code;
+use haven_wire::{
+    DiskId, DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Hello, PeerId, Receiver,
+    ReceiverConfig, ReceiverEvent, Record, Seq,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::Rate;
+
+/// One disk's stream at this gateway: its journal and the progress around it.
+#[derive(Debug)]
+pub struct DiskStream {
+    pub key: StreamKey,
+    pub info: DiskInfo,
+    pub machine_name: Mutex<String>,
+    journal: Mutex<Journal>,
+    /// Every record up to this seq is durable in the journal.
+    durable: AtomicU64,
+    /// Journal space was freed (wakes a blocked ingest loop).
+    pub freed: Notify,
+    /// A receiving loop is connected for this disk.
+    pub connected: AtomicBool,
+    pub received: Mutex<Rate>,
+    pub stored_bytes_total: AtomicU64,
+    /// Why this stream stopped; shown in status.
+    pub error: Mutex<Option<String>>,
+}
+
+impl DiskStream {
+    /// A stream over an opened journal; its durable seq is what the journal holds.
+    pub fn new(key: StreamKey, info: DiskInfo, machine_name: String, journal: Journal) -> Self {
+        let durable = journal.stats().last_seq;
+        DiskStream {
+            key,
+            info,
+            machine_name: Mutex::new(machine_name),
+            journal: Mutex::new(journal),
+            durable: AtomicU64::new(durable),
+            freed: Notify::new(),
+            connected: AtomicBool::new(false),
+            received: Mutex::new(Rate::default()),
+            stored_bytes_total: AtomicU64::new(0),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// The journal, locked. Held only for one operation at a time.
+    pub fn journal(&self) -> MutexGuard<'_, Journal> {
+        lock(&self.journal)
+    }
+
+    /// Every record up to this seq is durable here.
+    pub fn durable(&self) -> Seq {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Records why the stream stopped.
+    pub fn set_error(&self, message: Option<String>) {
+        *lock(&self.error) = message;
+    }
+
+    pub fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a role does with a receiving loop's events.
+pub trait Sink: Send + Sync + 'static {
+    /// The streams of `hello`'s disks for its peer, opened or created.
+    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>>;
+
+    /// Records up to `durable` of `stream` are durable in its journal; `appended` are the
+    /// records appended in this batch (with what the journal stored). Wakes whatever consumes
+    /// the journal.
+    fn on_durable(
+        &self,
+        stream: &DiskStream,
+        durable: Seq,
+        appended: &[(Record, AppendInfo)],
+    ) -> Result<()>;
+
+    /// Digests of the replica for a resync; answered when the replica reflects every record
+    /// received so far.
+    fn hashes(
+        &self,
+        stream: &Arc<DiskStream>,
+        request: HashRequest,
+    ) -> oneshot::Receiver<Result<Hashes, String>>;
+}
+
+/// Serves one replication stream until it ends. `expected_peer`, when given, is the only peer
+/// id the `Hello` may carry (an agent must name itself as its certificate does).
+pub async fn serve_stream<S: Sink>(
+    sink: Arc<S>,
+    expected_peer: Option<PeerId>,
+    machine_name: String,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<()> {
+    let mut reader = FrameReader::new(recv);
+    let hello = match reader.next().await {
+        Ok(Some(Frame::Hello(h))) => h,
+        Ok(Some(other)) => {
+            let msg = format!("expected Hello first, got {:?}", other.frame_type());
+            refuse(&mut send, error_code::PROTOCOL, &msg).await;
+            bail!("{msg}");
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => bail!("{e}"),
+    };
+    if let Some(expected) = expected_peer
+        && hello.peer_id != expected
+    {
+        let msg = format!(
+            "the Hello names peer {}, but the client certificate is agent {}",
+            crate::peer_hex(&hello.peer_id),
+            crate::peer_hex(&expected)
+        );
+        refuse(&mut send, error_code::PROTOCOL, &msg).await;
+        bail!("{msg}");
+    }
+    let streams = match sink.open_disks(&hello, &machine_name) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            refuse(&mut send, error_code::INTERNAL, &msg).await;
+            return Err(e);
+        }
+    };
+    let by_disk: BTreeMap<DiskId, Arc<DiskStream>> =
+        streams.iter().map(|s| (s.info.id, s.clone())).collect();
+    for s in &streams {
+        s.connected.store(true, Ordering::Release);
+    }
+    let result = run(&sink, &by_disk, hello, &mut send, &mut reader).await;
+    for s in &streams {
+        s.connected.store(false, Ordering::Release);
+    }
+    result
+}
+
+async fn refuse(send: &mut quinn::SendStream, code: u16, msg: &str) {
+    let _ = write_frames(send, [Frame::Error(ErrorFrame::new(code, msg))]).await;
+    let _ = send.finish();
+}
+
+async fn run<S: Sink>(
+    sink: &Arc<S>,
+    streams: &BTreeMap<DiskId, Arc<DiskStream>>,
+    hello: Hello,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+) -> Result<()> {
+    let durable = streams.values().map(|s| (s.info.id, s.durable()));
+    let mut rx = Receiver::new(ReceiverConfig::default(), durable);
+    let now = Instant::now();
+    rx.connect(now);
+    rx.handle(now, Frame::Hello(hello));
+    let (hash_tx, mut hash_rx) = mpsc::channel::<Result<Hashes, String>>(16);
+    let mut pending: VecDeque<Record> = VecDeque::new();
+    loop {
+        while let Some(event) = rx.poll_event() {
+            match event {
+                ReceiverEvent::Record(r) => pending.push_back(r),
+                ReceiverEvent::HashRequest(q) => {
+                    let Some(s) = streams.get(&q.disk) else {
+                        continue;
+                    };
+                    let answer = sink.hashes(s, q);
+                    let tx = hash_tx.clone();
+                    tokio::spawn(async move {
+                        let h = answer
+                            .await
+                            .unwrap_or_else(|_| Err("the replica's hashing stopped".into()));
+                        let _ = tx.send(h).await;
+                    });
+                }
+                ReceiverEvent::Hello(_) => {}
+                ReceiverEvent::PeerError(e) => {
+                    tracing::info!(code = e.code, message = %e.message, "peer closed the stream with an error");
+                }
+                ReceiverEvent::ProtocolError(v) => {
+                    tracing::warn!(violation = %v, "peer broke the protocol");
+                }
+                ReceiverEvent::ConnectionDead => tracing::info!("replication stream idle; closing"),
+            }
+        }
+
+        let blocked = append_pending(sink, streams, &mut pending, &mut rx)?;
+
+        let now = Instant::now();
+        let frames: Vec<Frame> = std::iter::from_fn(|| rx.poll_transmit(now)).collect();
+        if !frames.is_empty() {
+            write_frames(send, frames).await?;
+        }
+        if rx.is_closed() {
+            let _ = send.finish();
+            return Ok(());
+        }
+
+        let deadline = rx.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            frame = reader.next(), if blocked.is_none() => {
+                let now = Instant::now();
+                match frame {
+                    Ok(Some(f)) => {
+                        rx.handle(now, f);
+                        // Everything already received joins this batch (one sync for all).
+                        while let Ok(Some(f)) = reader.try_next() {
+                            rx.handle(now, f);
+                        }
+                    }
+                    Ok(None) => {
+                        rx.connection_lost();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        refuse(send, error_code::MALFORMED, &e.to_string()).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            () = wait_freed(blocked.as_deref()), if blocked.is_some() => {}
+            Some(h) = hash_rx.recv() => match h {
+                Ok(h) => {
+                    if let Err(e) = rx.send_hashes(h) {
+                        tracing::warn!(error = %e, "cannot send hashes");
+                    }
+                }
+                Err(msg) => {
+                    refuse(send, error_code::INTERNAL, &format!("resync hashes: {msg}")).await;
+                    bail!("resync hashes: {msg}");
+                }
+            },
+            () = sleep_until(deadline) => rx.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+async fn wait_freed(stream: Option<&DiskStream>) {
+    if let Some(s) = stream {
+        s.freed.notified().await;
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Appends pending records in order, syncs each journal touched once, reports and acknowledges
+/// what became durable. Returns the stream whose journal is full, if any.
+fn append_pending<S: Sink>(
+    sink: &Arc<S>,
+    streams: &BTreeMap<DiskId, Arc<DiskStream>>,
+    pending: &mut VecDeque<Record>,
+    rx: &mut Receiver,
+) -> Result<Option<Arc<DiskStream>>> {
+    let mut appended: BTreeMap<DiskId, Vec<(Record, AppendInfo)>> = BTreeMap::new();
+    let mut blocked = None;
+    let now = Instant::now();
+    while let Some(r) = pending.front() {
+        let s = streams
+            .get(&r.disk())
+            .context("a record for a disk the Hello did not announce")?;
+        let result = s.journal().append(r);
+        match result {
+            Ok(info) => {
+                lock(&s.received).add(now, r.wire_extent());
+                s.stored_bytes_total
+                    .fetch_add(info.stored_bytes, Ordering::Relaxed);
+                let r = pending.pop_front().context("pending record vanished")?;
+                appended.entry(r.disk()).or_default().push((r, info));
+            }
+            Err(StoreError::Full { .. }) => {
+                blocked = Some(s.clone());
+                break;
+            }
+            Err(e) => {
+                let msg = format!("disk {}: cannot journal record {}: {e}", s.key, r.seq());
+                s.set_error(Some(msg.clone()));
+                bail!("{msg}");
+            }
+        }
+    }
+    for (disk, records) in appended {
+        let s = &streams[&disk];
+        let durable = s
+            .journal()
+            .sync()
+            .with_context(|| format!("disk {}: syncing the journal", s.key))?;
+        s.durable.store(durable, Ordering::Release);
+        sink.on_durable(s, durable, &records)?;
+        rx.mark_durable(disk, durable)
+            .with_context(|| format!("disk {}: acknowledging seq {durable}", s.key))?;
+    }
+    Ok(blocked)
+}
+
+/// Bytes of disk a record covers (0 for a tag).
+pub trait RecordExt {
+    fn wire_extent(&self) -> u64;
+}
+
+impl RecordExt for Record {
+    fn wire_extent(&self) -> u64 {
+        match self {
+            Record::Write(w) => w.data.extent_len(),
+            Record::Tag(_) => 0,
+        }
+    }
+}

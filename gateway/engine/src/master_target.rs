@@ -1,0 +1,620 @@
+//! The master target: journals every stream durably and applies it to replicas.
+//!
+//! ```text
+//! process server ──QUIC──▶ ingest (Receiver) ──▶ journal/<agent>/<disk>/ (encrypted segments)
+//!                                  │                 │ redb: durable seq, index by seq + extent
+//!                                  │ Ack (durable)   ▼
+//!                                  ◀──────────  applier thread ──▶ target writer plugin ──▶ replica
+//!                                                    │ flush, then applied seq in redb,
+//!                                                    ▼ then the journal is released
+//! ```
+//!
+//! Each replica has one applier thread, which owns one instance of the target writer plugin.
+//! It applies journaled records strictly in sequence order, flushes the replica, records the
+//! applied seq in redb and only then releases the journal up to it: after a crash anywhere, the
+//! journal still holds every record after the recorded applied seq, and re-applying a record
+//! the replica already has is harmless (writes are idempotent in order).
+//!
+//! A record that fails its authentication (a tampered or damaged segment) is never applied:
+//! the replica stops at the record before it and its status names the file and offset.
+//!
+//! Resync hashes are computed by the applier between batches, once everything journaled is
+//! applied, so they describe the replica after exactly the records received so far.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use haven_host::{Access, Disk, Host, PluginSpec, WriterPlugin};
+use haven_net::endpoint::{Server, ServerTls};
+use haven_net::stream::{Report, read_report};
+use haven_net::{SiteCa, quinn};
+use haven_store::journal::{AppendInfo, Journal, JournalOptions};
+use haven_store::key::Key;
+use haven_store::state::{StateDb, StreamKey, StreamRecord};
+use haven_store::{StoreError, decompress};
+use haven_wire::{HashRequest, Hashes, Hello, Payload, Record, Seq};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::ingest::{self, DiskStream, RecordExt, Sink, lock};
+use crate::status::{MasterTargetStatus, ReplicaStatus};
+use crate::{Rate, now_ms, peer_hex};
+
+/// Most bytes of extent applied between two flushes of a replica.
+const APPLY_BATCH_BYTES: u64 = 64 << 20;
+/// Bytes read from a replica per plugin call when hashing.
+const HASH_READ: u64 = 4 << 20;
+
+/// How a master target runs.
+#[derive(Clone, Debug)]
+pub struct MasterTargetConfig {
+    /// UDP address process servers connect to.
+    pub listen: SocketAddr,
+    /// The gateway's state folder: `journal/`, `state.redb`, `journal.key`.
+    pub data_dir: PathBuf,
+    /// The target writer that writes replicas (its storage root holds them).
+    pub writer: PluginSpec,
+    /// Journal limits.
+    pub journal: JournalOptions,
+}
+
+/// A running master target.
+pub struct MasterTarget {
+    config: MasterTargetConfig,
+    state: Arc<StateDb>,
+    key: Key,
+    host: Arc<Host>,
+    replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
+    reports: Mutex<HashMap<String, Report>>,
+    server: Mutex<Option<Arc<Server>>>,
+}
+
+impl std::fmt::Debug for MasterTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterTarget")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Wake {
+    Changed,
+    Hash(HashRequest, oneshot::Sender<Result<Hashes, String>>),
+}
+
+/// One replica: its journal stream and the applier's progress.
+struct Replica {
+    stream: Arc<DiskStream>,
+    path: String,
+    applied: AtomicU64,
+    /// Journaled, unapplied records: seq, extent bytes, when journaled.
+    unapplied: Mutex<VecDeque<(Seq, u64, Instant)>>,
+    applied_rate: Mutex<Rate>,
+    wake: Mutex<std_mpsc::Sender<Wake>>,
+}
+
+impl MasterTarget {
+    /// Opens the state and replays what it says: every known replica gets its applier back.
+    pub fn open(config: MasterTargetConfig, host: Arc<Host>) -> Result<Arc<MasterTarget>> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let state = Arc::new(StateDb::open(&config.data_dir.join("state.redb"))?);
+        let key = Key::load_or_create(&config.data_dir.join("journal.key"))?;
+        let mt = Arc::new(MasterTarget {
+            config,
+            state,
+            key,
+            host,
+            replicas: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
+            server: Mutex::new(None),
+        });
+        for (key, record) in mt.state.streams()? {
+            let info = haven_wire::DiskInfo {
+                id: key.disk,
+                size: record.size,
+                block_size: record.block_size,
+            };
+            mt.replica(key, info, &record.machine_name)?;
+        }
+        Ok(mt)
+    }
+
+    /// Serves process servers until the endpoint closes. With `ca`, process servers may enroll
+    /// here with a token.
+    pub async fn serve(
+        self: &Arc<Self>,
+        tls: ServerTls,
+        ca: Option<Arc<Mutex<SiteCa>>>,
+    ) -> Result<()> {
+        let server = Arc::new(Server::bind(self.config.listen, tls, ca)?);
+        tracing::info!(addr = %server.local_addr()?, "master target listening");
+        *lock(&self.server) = Some(server.clone());
+        while let Some(conn) = server.accept().await {
+            let mt = self.clone();
+            tokio::spawn(async move {
+                let peer = conn.peer.machine_name.clone();
+                mt.connection(conn.connection, peer).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// The bound address once serving.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        lock(&self.server).as_ref()?.local_addr().ok()
+    }
+
+    async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: String) {
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let mt = self.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = ingest::serve_stream(mt, None, peer, send, recv).await {
+                                tracing::warn!(error = %format!("{e:#}"), "replication stream ended");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!(%peer, reason = %e, "process server disconnected");
+                        return;
+                    }
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        if let Ok(report) = read_report(recv).await {
+                            lock(&self.reports).insert(report.agent_id.clone(), report);
+                        }
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// The replica of `key`, its applier started, created when new.
+    fn replica(
+        &self,
+        key: StreamKey,
+        info: haven_wire::DiskInfo,
+        machine: &str,
+    ) -> Result<Arc<Replica>> {
+        let mut replicas = lock(&self.replicas);
+        if let Some(r) = replicas.get(&key) {
+            if r.stream.info.size != info.size {
+                return Err(anyhow!(
+                    "disk {key}: the source announces {} bytes, but its replica has {}; \
+                     a resized disk must be protected again",
+                    info.size,
+                    r.stream.info.size
+                ));
+            }
+            *lock(&r.stream.machine_name) = machine.to_string();
+            return Ok(r.clone());
+        }
+        let record = match self.state.get_stream(key)? {
+            Some(r) => r,
+            None => {
+                let r = StreamRecord {
+                    size: info.size,
+                    block_size: info.block_size,
+                    machine_name: machine.to_string(),
+                    created_ms: now_ms(),
+                    ..Default::default()
+                };
+                self.state.put_stream(key, &r)?;
+                r
+            }
+        };
+        let dir = self
+            .config
+            .data_dir
+            .join("journal")
+            .join(peer_hex(&key.peer))
+            .join(key.disk.to_string());
+        let journal = Journal::open(&dir, &self.key, self.config.journal)?;
+        let unapplied: VecDeque<_> = journal
+            .entries()
+            .into_iter()
+            .filter(|e| e.seq > record.applied_seq)
+            .map(|e| (e.seq, e.len, Instant::now()))
+            .collect();
+        let stream = Arc::new(DiskStream::new(key, info, machine.to_string(), journal));
+        let (tx, rx) = std_mpsc::channel();
+        let replica = Arc::new(Replica {
+            stream,
+            path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
+            applied: AtomicU64::new(record.applied_seq),
+            unapplied: Mutex::new(unapplied),
+            applied_rate: Mutex::new(Rate::default()),
+            wake: Mutex::new(tx),
+        });
+        let applier = Applier {
+            replica: replica.clone(),
+            host: self.host.clone(),
+            spec: self.config.writer.clone(),
+            state: self.state.clone(),
+            wake: rx,
+            deferred: VecDeque::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("apply-{key}"))
+            .spawn(move || applier.run())
+            .context("starting an applier thread")?;
+        replicas.insert(key, replica.clone());
+        Ok(replica)
+    }
+
+    /// What the master target reports.
+    pub fn status(&self) -> MasterTargetStatus {
+        let now = Instant::now();
+        let reports = lock(&self.reports).clone();
+        let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
+            .values()
+            .map(|r| {
+                let s = &r.stream;
+                let unapplied = lock(&r.unapplied);
+                let agent_id = peer_hex(&s.key.peer);
+                let rate = lock(&r.applied_rate);
+                ReplicaStatus {
+                    report: reports.get(&agent_id).cloned(),
+                    agent_id,
+                    machine_name: lock(&s.machine_name).clone(),
+                    disk: s.key.disk,
+                    size: s.info.size,
+                    path: r.path.clone(),
+                    durable_seq: s.durable(),
+                    applied_seq: r.applied.load(Ordering::Acquire),
+                    lag_bytes: unapplied.iter().map(|(_, b, _)| b).sum(),
+                    lag_seconds: unapplied
+                        .front()
+                        .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64()),
+                    apply_bytes_per_second: rate.per_second(now),
+                    applied_bytes_total: rate.total(),
+                    journal_bytes: s.journal().stats().bytes,
+                    error: s.error(),
+                }
+            })
+            .collect();
+        replicas.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
+        MasterTargetStatus {
+            listen: self
+                .local_addr()
+                .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
+            writer: self.config.writer.name.clone(),
+            replicas,
+        }
+    }
+
+    /// The storage root replicas are written below.
+    pub fn replica_root(&self) -> Option<PathBuf> {
+        self.config.writer.grants.storage_root.clone()
+    }
+}
+
+impl Sink for MasterTarget {
+    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>> {
+        hello
+            .disks
+            .iter()
+            .map(|d| {
+                let key = StreamKey {
+                    peer: hello.peer_id,
+                    disk: d.id,
+                };
+                Ok(self.replica(key, *d, machine_name)?.stream.clone())
+            })
+            .collect()
+    }
+
+    fn on_durable(
+        &self,
+        stream: &DiskStream,
+        durable: Seq,
+        appended: &[(Record, AppendInfo)],
+    ) -> Result<()> {
+        let replica = lock(&self.replicas)
+            .get(&stream.key)
+            .cloned()
+            .context("durable records for an unknown replica")?;
+        let first = appended.first().map_or(durable + 1, |(r, _)| r.seq());
+        let entries: Vec<_> = stream
+            .journal()
+            .entries()
+            .into_iter()
+            .filter(|e| e.seq >= first)
+            .collect();
+        self.state.index_put(stream.key, &entries)?;
+        let mut record = self
+            .state
+            .get_stream(stream.key)?
+            .context("stream record missing")?;
+        record.durable_seq = durable;
+        self.state.put_stream(stream.key, &record)?;
+        let now = Instant::now();
+        lock(&replica.unapplied).extend(
+            appended
+                .iter()
+                .map(|(r, _)| (r.seq(), r.wire_extent(), now)),
+        );
+        let _ = lock(&replica.wake).send(Wake::Changed);
+        Ok(())
+    }
+
+    fn hashes(
+        &self,
+        stream: &Arc<DiskStream>,
+        request: HashRequest,
+    ) -> oneshot::Receiver<Result<Hashes, String>> {
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.replicas).get(&stream.key) {
+            Some(r) => {
+                let _ = lock(&r.wake).send(Wake::Hash(request, tx));
+            }
+            None => {
+                let _ = tx.send(Err(format!("no replica for disk {}", stream.key)));
+            }
+        }
+        rx
+    }
+}
+
+/// The thread that applies one replica's journal.
+struct Applier {
+    replica: Arc<Replica>,
+    host: Arc<Host>,
+    spec: PluginSpec,
+    state: Arc<StateDb>,
+    wake: std_mpsc::Receiver<Wake>,
+    /// Hash requests waiting for the journal to be fully applied.
+    deferred: VecDeque<(HashRequest, oneshot::Sender<Result<Hashes, String>>)>,
+}
+
+/// Why applying stopped.
+enum Stop {
+    /// A record failed authentication or the journal is damaged: never retried.
+    Refused(String),
+    /// The plugin or the state failed: retried after a pause.
+    Failed(String),
+}
+
+impl Applier {
+    fn run(mut self) {
+        let key = self.replica.stream.key;
+        loop {
+            match self.open() {
+                Ok((plugin, disk)) => match self.serve(plugin, disk) {
+                    Stop::Refused(msg) => {
+                        tracing::error!(replica = %key, error = %msg, "applying stopped");
+                        self.replica.stream.set_error(Some(msg));
+                        // Nothing more is applied; hash requests are refused.
+                        while let Ok(w) = self.wake.recv() {
+                            if let Wake::Hash(_, tx) = w {
+                                let _ = tx.send(Err(
+                                    "the replica's journal is damaged; see the gateway's status"
+                                        .into(),
+                                ));
+                            }
+                        }
+                        return;
+                    }
+                    Stop::Failed(msg) => {
+                        tracing::warn!(replica = %key, error = %msg, "applying failed; retrying in 5 s");
+                        self.replica.stream.set_error(Some(msg));
+                    }
+                },
+                Err(e) => {
+                    let msg = format!("replica {}: {e:#}", self.replica.path);
+                    tracing::warn!(replica = %key, error = %msg, "cannot open the replica; retrying in 5 s");
+                    self.replica.stream.set_error(Some(msg));
+                }
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    }
+
+    /// Loads the writer and opens the replica, creating it (sparse, all zero) when new.
+    fn open(&self) -> Result<(WriterPlugin, Disk)> {
+        let mut plugin = self.host.load_writer(&self.spec)?;
+        let path = &self.replica.path;
+        let root = self
+            .spec
+            .grants
+            .storage_root
+            .as_ref()
+            .context("the writer plugin has no storage root")?;
+        let exists = root.join(path).exists();
+        let disk = if exists {
+            plugin.open(path, Access::ReadWrite, &[])?
+        } else {
+            if let Some(parent) = root.join(path).parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            plugin.create(path, self.replica.stream.info.size, 512, &[])?
+        };
+        Ok((plugin, disk))
+    }
+
+    fn serve(&mut self, mut plugin: WriterPlugin, disk: Disk) -> Stop {
+        self.replica.stream.set_error(None);
+        loop {
+            let durable = self.replica.stream.durable();
+            let applied = self.replica.applied.load(Ordering::Acquire);
+            if durable > applied {
+                if let Err(stop) = self.apply(&mut plugin, &disk, applied, durable) {
+                    let _ = plugin.close(disk);
+                    return stop;
+                }
+                continue;
+            }
+            // Caught up: answer the hash requests that waited for it.
+            while let Some((req, tx)) = self.deferred.pop_front() {
+                let _ = tx.send(self.hash(&mut plugin, &disk, req));
+            }
+            match self.wake.recv() {
+                Ok(Wake::Changed) => {}
+                Ok(Wake::Hash(req, tx)) => self.deferred.push_back((req, tx)),
+                Err(_) => return Stop::Failed("the master target stopped".into()),
+            }
+            while let Ok(w) = self.wake.try_recv() {
+                if let Wake::Hash(req, tx) = w {
+                    self.deferred.push_back((req, tx));
+                }
+            }
+        }
+    }
+
+    /// Applies records `applied+1 ..= durable` in batches, each flushed and recorded.
+    fn apply(
+        &self,
+        plugin: &mut WriterPlugin,
+        disk: &Disk,
+        applied: Seq,
+        durable: Seq,
+    ) -> Result<(), Stop> {
+        let stream = &self.replica.stream;
+        let reader = stream.journal().read_from(applied + 1);
+        let mut batch_bytes = 0;
+        let mut last = applied;
+        for record in reader {
+            let record = record.map_err(|e| match e {
+                e @ (StoreError::Tampered { .. } | StoreError::Damaged { .. }) => {
+                    Stop::Refused(format!("replica {}: {e}", self.replica.path))
+                }
+                e => Stop::Failed(format!("replica {}: {e}", self.replica.path)),
+            })?;
+            if record.seq() > durable {
+                break;
+            }
+            if let Record::Write(w) = &record {
+                let failed = |e: &dyn std::fmt::Display| {
+                    Stop::Failed(format!(
+                        "replica {}: applying record {} at {}: {e}",
+                        self.replica.path, w.seq, w.offset
+                    ))
+                };
+                match &w.data {
+                    Payload::Data(_) | Payload::Compressed { .. } => {
+                        let bytes = decompress(&w.data).map_err(|e| {
+                            Stop::Refused(format!(
+                                "replica {}: record {}: {e}",
+                                self.replica.path, w.seq
+                            ))
+                        })?;
+                        let mut buf = bytes.to_vec();
+                        plugin
+                            .write(disk, w.offset, &mut buf)
+                            .map_err(|e| failed(&e))?;
+                    }
+                    Payload::Zero { len } => plugin
+                        .write_zeroes(disk, w.offset, *len, false)
+                        .map_err(|e| failed(&e))?,
+                    Payload::Trim { len } => plugin
+                        .write_zeroes(disk, w.offset, *len, true)
+                        .map_err(|e| failed(&e))?,
+                }
+            }
+            batch_bytes += record.wire_extent();
+            last = record.seq();
+            if batch_bytes >= APPLY_BATCH_BYTES {
+                self.commit(plugin, disk, last, batch_bytes)?;
+                batch_bytes = 0;
+            }
+        }
+        if last > self.replica.applied.load(Ordering::Acquire) {
+            self.commit(plugin, disk, last, batch_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the replica, records `seq` as applied, then frees the journal up to it.
+    fn commit(
+        &self,
+        plugin: &mut WriterPlugin,
+        disk: &Disk,
+        seq: Seq,
+        bytes: u64,
+    ) -> Result<(), Stop> {
+        let stream = &self.replica.stream;
+        let fail = |e: &dyn std::fmt::Display| {
+            Stop::Failed(format!(
+                "replica {}: committing seq {seq}: {e}",
+                self.replica.path
+            ))
+        };
+        plugin.flush(disk).map_err(|e| fail(&e))?;
+        let mut record = self
+            .state
+            .get_stream(stream.key)
+            .map_err(|e| fail(&e))?
+            .ok_or_else(|| fail(&"stream record missing"))?;
+        record.applied_seq = seq;
+        self.state
+            .put_stream(stream.key, &record)
+            .map_err(|e| fail(&e))?;
+        self.replica.applied.store(seq, Ordering::Release);
+        stream.journal().release(seq).map_err(|e| fail(&e))?;
+        self.state
+            .index_remove_upto(stream.key, seq)
+            .map_err(|e| fail(&e))?;
+        let mut unapplied = lock(&self.replica.unapplied);
+        while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
+            unapplied.pop_front();
+        }
+        lock(&self.replica.applied_rate).add(Instant::now(), bytes);
+        stream.freed.notify_one();
+        Ok(())
+    }
+
+    /// SHA-256 of each block of the requested range of the replica.
+    fn hash(
+        &self,
+        plugin: &mut WriterPlugin,
+        disk: &Disk,
+        req: HashRequest,
+    ) -> Result<Hashes, String> {
+        let size = self.replica.stream.info.size;
+        let end = req
+            .offset
+            .checked_add(req.len)
+            .filter(|e| *e <= size)
+            .ok_or_else(|| {
+                format!(
+                    "hash request {}+{} lies past the end of the {size}-byte replica",
+                    req.offset, req.len
+                )
+            })?;
+        let block = u64::from(req.block_size);
+        let chunk = HASH_READ.max(block) / block * block;
+        let mut hashes = Vec::new();
+        let mut pos = req.offset;
+        let mut buf = Vec::new();
+        while pos < end {
+            let n = chunk.min(end - pos);
+            buf.resize(n as usize, 0);
+            plugin
+                .read(disk, pos, &mut buf)
+                .map_err(|e| format!("reading the replica at {pos}: {e}"))?;
+            hashes.extend(buf.chunks(block as usize).map(|b| {
+                let d: [u8; 32] = Sha256::digest(b).into();
+                d
+            }));
+            pos += n;
+        }
+        Ok(Hashes {
+            disk: req.disk,
+            offset: req.offset,
+            block_size: req.block_size,
+            hashes,
+        })
+    }
+}

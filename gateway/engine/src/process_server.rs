@@ -1,0 +1,644 @@
+//! The process server: the durable, compressed, encrypted cache between agents and the master
+//! target.
+//!
+//! ```text
+//! agent ──QUIC haven/1──▶ ingest (Receiver) ──▶ cache/<agent>/<disk>/ (zstd, AES-256-GCM)
+//!         ◀── Ack = durable in the cache ──┘          │
+//!                                                     ▼
+//!                          forwarder (Sender) ──QUIC haven/1──▶ master target
+//!                          frees the cache only up to what the master target acknowledged
+//! ```
+//!
+//! One forwarder task per source agent holds its own connection to the master target and one
+//! replication stream whose `Hello` names the agent (the master target keys replicas by it).
+//! It forwards only records durable in the cache, at most a window of them unacknowledged,
+//! already compressed (the cache's bytes travel as they are stored).
+//!
+//! Backpressure: the cache of each disk has a size limit. When it is full the ingest loop stops
+//! reading the agent's stream (see [`crate::ingest`]); QUIC flow control stops the agent's
+//! sender, and the agent's change log absorbs the workload's writes. Nothing is dropped.
+//!
+//! Resync: a hash request from an agent is passed to the master target only once every record
+//! the cache holds for that disk has been acknowledged by it, so the replica's digests describe
+//! exactly the records the agent has sent.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use haven_net::endpoint::{self, Refusal, Server, ServerTls};
+use haven_net::stream::{FrameReader, Report, read_report, send_report, write_frames};
+use haven_net::{SiteCa, quinn};
+use haven_store::journal::{AppendInfo, Journal, JournalOptions};
+use haven_store::key::Key;
+use haven_store::state::{StateDb, StreamKey, StreamRecord};
+use haven_wire::{
+    DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, Sender, SenderConfig, SenderEvent,
+    Seq,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::ingest::{self, DiskStream, Sink, lock};
+use crate::status::{CachedDisk, ProcessServerStatus};
+use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
+
+/// Bytes a forwarder reads ahead of what the master target acknowledged, beyond the window.
+const READ_AHEAD: u64 = 8 << 20;
+
+/// Where the process server forwards to.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The master target's address.
+    pub addr: SocketAddr,
+    /// The name in the master target's certificate.
+    pub server_name: String,
+    /// This gateway's identity at the master target's site.
+    pub identity: Identity,
+}
+
+/// How a process server runs.
+#[derive(Clone, Debug)]
+pub struct ProcessServerConfig {
+    /// UDP address agents connect to (default port 9443).
+    pub listen: SocketAddr,
+    /// The gateway's state folder: `cache/`, `state.redb`, `cache.key`.
+    pub data_dir: PathBuf,
+    /// Limits of each disk's cache.
+    pub cache: JournalOptions,
+    /// The master target.
+    pub upstream: Upstream,
+    /// Bytes forwarded and not yet acknowledged, per agent.
+    pub window_bytes: u64,
+}
+
+/// One source agent: its disks' caches and its forwarder.
+struct AgentEntry {
+    peer: PeerId,
+    disks: Mutex<BTreeMap<DiskId, Arc<DiskStream>>>,
+    /// Records became durable in one of the caches.
+    wake: Notify,
+    hash_tx: mpsc::UnboundedSender<HashJob>,
+    hash_rx: Mutex<Option<mpsc::UnboundedReceiver<HashJob>>>,
+    report: Mutex<Option<Report>>,
+    upstream_connected: AtomicBool,
+    forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+type HashJob = (HashRequest, oneshot::Sender<Result<Hashes, String>>);
+
+/// A running process server.
+pub struct ProcessServer {
+    config: ProcessServerConfig,
+    state: Arc<StateDb>,
+    key: Key,
+    agents: Mutex<HashMap<PeerId, Arc<AgentEntry>>>,
+    server: Mutex<Option<Arc<Server>>>,
+    /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
+    me: std::sync::Weak<ProcessServer>,
+}
+
+impl std::fmt::Debug for ProcessServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessServer")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessServer {
+    /// Opens the state; every cache that still holds records gets its forwarder back. Must be
+    /// called inside a tokio runtime.
+    pub fn open(config: ProcessServerConfig) -> Result<Arc<ProcessServer>> {
+        if config.cache.max_bytes < 2 * u64::from(haven_wire::frame::MAX_DATA_LEN) {
+            bail!(
+                "cache_max_bytes {} is below the minimum of {} (two of the largest records)",
+                config.cache.max_bytes,
+                2 * u64::from(haven_wire::frame::MAX_DATA_LEN)
+            );
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let state = Arc::new(StateDb::open(&config.data_dir.join("state.redb"))?);
+        let key = Key::load_or_create(&config.data_dir.join("cache.key"))?;
+        let ps = Arc::new_cyclic(|me| ProcessServer {
+            config,
+            state,
+            key,
+            agents: Mutex::new(HashMap::new()),
+            server: Mutex::new(None),
+            me: me.clone(),
+        });
+        let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
+        for (k, r) in ps.state.streams()? {
+            by_peer.entry(k.peer).or_default().push((k, r));
+        }
+        for (peer, streams) in by_peer {
+            let disks: Vec<_> = streams
+                .iter()
+                .map(|(k, r)| haven_wire::DiskInfo {
+                    id: k.disk,
+                    size: r.size,
+                    block_size: r.block_size,
+                })
+                .collect();
+            let machine = streams[0].1.machine_name.clone();
+            ps.agent_disks(peer, &disks, &machine)?;
+        }
+        Ok(ps)
+    }
+
+    /// Serves agents until the endpoint closes. With `ca`, agents may enroll with a token.
+    pub async fn serve(
+        self: &Arc<Self>,
+        tls: ServerTls,
+        ca: Option<Arc<Mutex<SiteCa>>>,
+    ) -> Result<()> {
+        let server = Arc::new(Server::bind(self.config.listen, tls, ca)?);
+        tracing::info!(addr = %server.local_addr()?, "process server listening");
+        *lock(&self.server) = Some(server.clone());
+        while let Some(conn) = server.accept().await {
+            let Some(peer) = parse_peer(&conn.peer.agent_id) else {
+                conn.connection
+                    .close(endpoint::CLOSE_BAD_IDENTITY.into(), b"bad agent id");
+                continue;
+            };
+            let ps = self.clone();
+            tokio::spawn(async move {
+                ps.connection(conn.connection, peer, conn.peer.machine_name)
+                    .await;
+            });
+        }
+        Ok(())
+    }
+
+    /// The bound address once serving.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        lock(&self.server).as_ref()?.local_addr().ok()
+    }
+
+    async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerId, machine: String) {
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let ps = self.clone();
+                        let machine = machine.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) =
+                                ingest::serve_stream(ps, Some(peer), machine, send, recv).await
+                            {
+                                tracing::warn!(agent = %peer_hex(&peer), error = %format!("{e:#}"), "agent stream ended");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!(agent = %peer_hex(&peer), reason = %e, "agent disconnected");
+                        return;
+                    }
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => match read_report(recv).await {
+                        Ok(mut report) => {
+                            // The id is the certificate's, never what the agent wrote.
+                            report.agent_id = peer_hex(&peer);
+                            report.machine_name.clone_from(&machine);
+                            if let Some(a) = lock(&self.agents).get(&peer) {
+                                *lock(&a.report) = Some(report);
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "bad report"),
+                    },
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// The agent's entry with caches for `disks`, its forwarder (re)started when the set of
+    /// disks grew.
+    fn agent_disks(
+        self: &Arc<Self>,
+        peer: PeerId,
+        disks: &[haven_wire::DiskInfo],
+        machine: &str,
+    ) -> Result<Vec<Arc<DiskStream>>> {
+        let entry = {
+            let mut agents = lock(&self.agents);
+            agents
+                .entry(peer)
+                .or_insert_with(|| {
+                    let (hash_tx, hash_rx) = mpsc::unbounded_channel();
+                    Arc::new(AgentEntry {
+                        peer,
+                        disks: Mutex::new(BTreeMap::new()),
+                        wake: Notify::new(),
+                        hash_tx,
+                        hash_rx: Mutex::new(Some(hash_rx)),
+                        report: Mutex::new(None),
+                        upstream_connected: AtomicBool::new(false),
+                        forwarder: Mutex::new(None),
+                    })
+                })
+                .clone()
+        };
+        let mut grew = false;
+        let mut streams = Vec::new();
+        {
+            let mut known = lock(&entry.disks);
+            for info in disks {
+                let key = StreamKey {
+                    peer,
+                    disk: info.id,
+                };
+                if let Some(s) = known.get(&info.id) {
+                    if s.info.size != info.size {
+                        bail!(
+                            "disk {key}: the agent announces {} bytes, but it was protected \
+                             with {}; a resized disk must be protected again",
+                            info.size,
+                            s.info.size
+                        );
+                    }
+                    *lock(&s.machine_name) = machine.to_string();
+                    streams.push(s.clone());
+                    continue;
+                }
+                let mut record = self.state.get_stream(key)?.unwrap_or(StreamRecord {
+                    size: info.size,
+                    block_size: info.block_size,
+                    created_ms: now_ms(),
+                    ..Default::default()
+                });
+                machine.clone_into(&mut record.machine_name);
+                self.state.put_stream(key, &record)?;
+                let dir = self
+                    .config
+                    .data_dir
+                    .join("cache")
+                    .join(peer_hex(&peer))
+                    .join(info.id.to_string());
+                let journal = Journal::open(&dir, &self.key, self.config.cache)?;
+                let s = Arc::new(DiskStream::new(key, *info, machine.to_string(), journal));
+                known.insert(info.id, s.clone());
+                streams.push(s);
+                grew = true;
+            }
+        }
+        if grew {
+            let mut forwarder = lock(&entry.forwarder);
+            if let Some(old) = forwarder.take() {
+                old.abort();
+            }
+            let ps = self.clone();
+            let e = entry.clone();
+            *forwarder = Some(tokio::spawn(async move { ps.forward(e).await }));
+        }
+        Ok(streams)
+    }
+
+    /// What the process server reports.
+    pub fn status(&self) -> ProcessServerStatus {
+        let now = Instant::now();
+        let agents: Vec<Arc<AgentEntry>> = lock(&self.agents).values().cloned().collect();
+        let mut disks = Vec::new();
+        let mut connected = false;
+        for a in &agents {
+            connected |= a.upstream_connected.load(Ordering::Acquire);
+            let report = lock(&a.report).clone();
+            for s in lock(&a.disks).values() {
+                let stats = s.journal().stats();
+                let rate = lock(&s.received);
+                disks.push(CachedDisk {
+                    agent_id: peer_hex(&a.peer),
+                    machine_name: lock(&s.machine_name).clone(),
+                    disk: s.key.disk,
+                    agent_connected: s.connected.load(Ordering::Acquire),
+                    durable_seq: s.durable(),
+                    forwarded_seq: self
+                        .state
+                        .get_stream(s.key)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |r| r.released_seq),
+                    cache_bytes: stats.bytes,
+                    receive_bytes_per_second: rate.per_second(now),
+                    received_bytes_total: rate.total(),
+                    stored_bytes_total: s.stored_bytes_total.load(Ordering::Relaxed),
+                    report: report.clone(),
+                    error: s.error(),
+                });
+            }
+        }
+        disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
+        ProcessServerStatus {
+            listen: self
+                .local_addr()
+                .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
+            upstream: self.config.upstream.addr.to_string(),
+            upstream_connected: connected,
+            cache_bytes: disks.iter().map(|d| d.cache_bytes).sum(),
+            cache_max_bytes: self.config.cache.max_bytes,
+            disks,
+        }
+    }
+
+    /// Forwards one agent's caches to the master target, reconnecting forever.
+    async fn forward(self: Arc<Self>, entry: Arc<AgentEntry>) {
+        let Some(mut hash_rx) = lock(&entry.hash_rx).take() else {
+            return;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            let result = self.forward_once(&entry, &mut hash_rx, &mut backoff).await;
+            entry.upstream_connected.store(false, Ordering::Release);
+            if let Err(e) = result {
+                let refusal = e
+                    .downcast_ref::<quinn::ConnectionError>()
+                    .and_then(Refusal::of);
+                tracing::info!(
+                    agent = %peer_hex(&entry.peer),
+                    upstream = %self.config.upstream.addr,
+                    error = %format!("{e:#}"),
+                    refusal = ?refusal,
+                    "forwarding interrupted; reconnecting"
+                );
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn forward_once(
+        &self,
+        entry: &AgentEntry,
+        hash_rx: &mut mpsc::UnboundedReceiver<HashJob>,
+        backoff: &mut Backoff,
+    ) -> Result<()> {
+        let up = &self.config.upstream;
+        let conn = endpoint::connect(
+            up.addr,
+            &up.server_name,
+            &up.identity.ca_pem,
+            &up.identity.cert_pem,
+            &up.identity.key_pem,
+        )
+        .await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv);
+        let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
+        let mut config = SenderConfig::new(Role::ProcessServer, entry.peer);
+        config.window_bytes = self.config.window_bytes;
+        let mut lanes: Vec<Lane> = disks
+            .iter()
+            .map(|s| {
+                let st = s.journal().stats();
+                let first = if st.records > 0 {
+                    st.first_seq
+                } else {
+                    st.last_seq + 1
+                };
+                Lane {
+                    stream: s.clone(),
+                    next: first,
+                    reader: None,
+                    peeked: None,
+                    pushed: VecDeque::new(),
+                }
+            })
+            .collect();
+        let mut sender = Sender::new(
+            config,
+            lanes
+                .iter()
+                .map(|l| (l.stream.info, l.next))
+                .collect::<Vec<_>>(),
+        )?;
+        let now = Instant::now();
+        sender.connect(now);
+        let mut waiting: VecDeque<HashJob> = VecDeque::new();
+        let mut asked: VecDeque<HashJob> = VecDeque::new();
+        let mut report_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            // Push durable records while the read-ahead allows.
+            let budget = self.config.window_bytes + READ_AHEAD;
+            for lane in &mut lanes {
+                lane.push_durable(&mut sender, budget)?;
+            }
+            while let Some(event) = sender.poll_event() {
+                match event {
+                    SenderEvent::Connected => {
+                        backoff.reset();
+                        entry.upstream_connected.store(true, Ordering::Release);
+                        tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
+                    }
+                    SenderEvent::Released { disk, up_to } => {
+                        if let Some(lane) = lanes.iter_mut().find(|l| l.stream.info.id == disk) {
+                            lane.released(&self.state, up_to)?;
+                        }
+                    }
+                    SenderEvent::Hashes(h) => {
+                        if let Some(i) = asked
+                            .iter()
+                            .position(|(q, _)| q.disk == h.disk && q.offset == h.offset)
+                            && let Some((_, tx)) = asked.remove(i)
+                        {
+                            let _ = tx.send(Ok(h));
+                        }
+                    }
+                    SenderEvent::PeerError(e) => {
+                        bail!(
+                            "the master target closed the stream: {} (code {})",
+                            e.message,
+                            e.code
+                        )
+                    }
+                    SenderEvent::ProtocolError(v) => {
+                        if let Some(lane) = lanes.iter().find(|l| {
+                            matches!(v, haven_wire::Violation::ResumeGap { disk, .. } if disk == l.stream.info.id)
+                        }) {
+                            lane.stream.set_error(Some(format!(
+                                "the master target lost records this cache already freed ({v}); \
+                                 the agent's disk needs a resync"
+                            )));
+                        }
+                        let now = Instant::now();
+                        let frames: Vec<_> =
+                            std::iter::from_fn(|| sender.poll_transmit(now)).collect();
+                        let _ = write_frames(&mut send, frames).await;
+                        bail!("protocol error with the master target: {v}");
+                    }
+                    SenderEvent::ConnectionDead => bail!("the master target stopped answering"),
+                }
+            }
+            // A hash request goes on once the master target holds everything cached.
+            if sender.is_streaming() {
+                while let Some((q, _)) = waiting.front() {
+                    let drained = lanes
+                        .iter()
+                        .find(|l| l.stream.info.id == q.disk)
+                        .is_none_or(|l| l.drained(&sender));
+                    if !drained {
+                        break;
+                    }
+                    let Some(job) = waiting.pop_front() else {
+                        break;
+                    };
+                    match sender.request_hashes(job.0) {
+                        Ok(()) => asked.push_back(job),
+                        Err(e) => {
+                            let _ = job.1.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            let frames: Vec<_> = std::iter::from_fn(|| sender.poll_transmit(now)).collect();
+            if !frames.is_empty() {
+                write_frames(&mut send, frames).await?;
+            }
+            let deadline = sender.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                frame = reader.next() => match frame? {
+                    Some(f) => {
+                        let now = Instant::now();
+                        sender.handle(now, f);
+                        while let Ok(Some(f)) = reader.try_next() {
+                            sender.handle(now, f);
+                        }
+                    }
+                    None => bail!("the master target finished the stream"),
+                },
+                () = entry.wake.notified() => {}
+                Some(job) = hash_rx.recv() => waiting.push_back(job),
+                _ = report_tick.tick() => {
+                    let report = lock(&entry.report).clone();
+                    if let Some(r) = report {
+                        let _ = send_report(&conn, &r).await;
+                    }
+                }
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => sender.handle_timeout(Instant::now()),
+            }
+        }
+    }
+}
+
+/// One disk's forwarding: what was pushed to the sender and where reading continues.
+struct Lane {
+    stream: Arc<DiskStream>,
+    /// Seq of the next record to push.
+    next: Seq,
+    reader: Option<haven_store::journal::JournalReader>,
+    peeked: Option<Record>,
+    /// Pushed, unreleased: seq and extent cost.
+    pushed: VecDeque<(Seq, u64)>,
+}
+
+impl Lane {
+    fn push_durable(&mut self, sender: &mut Sender, budget: u64) -> Result<()> {
+        let durable = self.stream.durable();
+        let mut in_use: u64 = self.pushed.iter().map(|(_, c)| c).sum();
+        while self.next <= durable && in_use < budget {
+            let record = match self.peeked.take() {
+                Some(r) => r,
+                None => {
+                    if self.reader.is_none() {
+                        self.reader = Some(self.stream.journal().read_from(self.next));
+                    }
+                    match self.reader.as_mut().and_then(Iterator::next) {
+                        Some(Ok(r)) => r,
+                        Some(Err(e)) => {
+                            // Never forwarded: a damaged or tampered record stops this disk.
+                            let msg =
+                                format!("disk {}: cache record refused: {e}", self.stream.key);
+                            self.stream.set_error(Some(msg.clone()));
+                            self.reader = None;
+                            bail!("{msg}");
+                        }
+                        None => {
+                            // The reader ends where the journal ended when it was made.
+                            self.reader = None;
+                            if self.stream.journal().stats().last_seq < self.next {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            if record.seq() > durable {
+                self.peeked = Some(record);
+                break;
+            }
+            let cost = record.wire_len();
+            let seq = record.seq();
+            sender.push(record)?;
+            self.pushed.push_back((seq, cost));
+            in_use += cost;
+            self.next = seq + 1;
+        }
+        Ok(())
+    }
+
+    fn released(&mut self, state: &StateDb, up_to: Seq) -> Result<()> {
+        while self.pushed.front().is_some_and(|(s, _)| *s <= up_to) {
+            self.pushed.pop_front();
+        }
+        self.stream.journal().release(up_to)?;
+        if let Some(mut r) = state.get_stream(self.stream.key)? {
+            r.released_seq = r.released_seq.max(up_to);
+            state.put_stream(self.stream.key, &r)?;
+        }
+        self.stream.freed.notify_one();
+        Ok(())
+    }
+
+    /// Everything durable in the cache is durable at the master target.
+    fn drained(&self, sender: &Sender) -> bool {
+        sender
+            .released(self.stream.info.id)
+            .is_some_and(|r| r >= self.stream.durable())
+    }
+}
+
+impl Sink for ProcessServer {
+    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>> {
+        self.me
+            .upgrade()
+            .context("the process server is shutting down")?
+            .agent_disks(hello.peer_id, &hello.disks, machine_name)
+    }
+
+    fn on_durable(&self, stream: &DiskStream, _: Seq, _: &[(Record, AppendInfo)]) -> Result<()> {
+        if let Some(a) = lock(&self.agents).get(&stream.key.peer) {
+            a.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn hashes(
+        &self,
+        stream: &Arc<DiskStream>,
+        request: HashRequest,
+    ) -> oneshot::Receiver<Result<Hashes, String>> {
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.agents).get(&stream.key.peer) {
+            Some(a) => {
+                if let Err(mpsc::error::SendError((_, tx))) = a.hash_tx.send((request, tx)) {
+                    let _ = tx.send(Err("the forwarder stopped".into()));
+                }
+            }
+            None => {
+                let _ = tx.send(Err(format!("no cache for disk {}", stream.key)));
+            }
+        }
+        rx
+    }
+}

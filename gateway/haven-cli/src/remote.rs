@@ -1,0 +1,204 @@
+//! Commands that talk to a gateway's HTTP API: `haven status`, `haven token create`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use haven_engine::status::GatewayStatus;
+
+/// The API address when none is given.
+pub const DEFAULT_API: &str = "http://127.0.0.1:9480";
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a one-time enrollment token at a gateway (for an agent, or for a process
+    /// server enrolling with a master target).
+    Create {
+        /// The gateway's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+/// One HTTP/1.1 exchange with a gateway's API; returns the body of a 2xx answer.
+fn request(api: &str, method: &str, path: &str) -> Result<String> {
+    let authority = api
+        .strip_prefix("http://")
+        .with_context(|| format!("API address `{api}`: give it as http://HOST:PORT"))?
+        .trim_end_matches('/');
+    let mut tcp = TcpStream::connect(authority).with_context(|| {
+        format!("cannot reach the gateway API at {api}; is `haven-gateway run` running there?")
+    })?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer of {api}{path}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{api}{path}: not an HTTP answer"))?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{api}{path}: no status code"))?;
+    if !(200..300).contains(&code) {
+        let message = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| body.to_string());
+        bail!("{api}{path}: HTTP {code}: {message}");
+    }
+    Ok(body.to_string())
+}
+
+/// Fetches a gateway's status.
+pub fn fetch_status(api: &str) -> Result<GatewayStatus> {
+    let body = request(api, "GET", "/v1/status")?;
+    serde_json::from_str(&body).with_context(|| format!("{api}/v1/status: unexpected answer"))
+}
+
+pub fn token(command: TokenCommand) -> Result<()> {
+    match command {
+        TokenCommand::Create { api, ttl } => {
+            let body = request(&api, "POST", &format!("/v1/tokens?ttl={ttl}"))?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{}", v["token"].as_str().context("no token in the answer")?);
+            Ok(())
+        }
+    }
+}
+
+fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `haven status`: every protected disk seen by the given gateways.
+pub fn status(apis: &[String], json: bool) -> Result<()> {
+    let apis: Vec<String> = if apis.is_empty() {
+        vec![DEFAULT_API.to_string()]
+    } else {
+        apis.to_vec()
+    };
+    let mut all = Vec::new();
+    for api in &apis {
+        all.push((api.clone(), fetch_status(api)?));
+    }
+    if json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(api, s)| serde_json::json!({ "api": api, "status": s }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for (api, s) in &all {
+        println!("gateway {api} (site {})", s.site);
+        if let Some(ps) = &s.process_server {
+            println!(
+                "  process server on {}: master target {} {}, cache {} of {}",
+                ps.listen,
+                ps.upstream,
+                if ps.upstream_connected {
+                    "connected"
+                } else {
+                    "NOT connected"
+                },
+                human_bytes(ps.cache_bytes as f64),
+                human_bytes(ps.cache_max_bytes as f64)
+            );
+            println!(
+                "  {:<16} {:>4} {:<13} {:>7} {:>12} {:>12} {:>10}",
+                "MACHINE", "DISK", "STATE", "SYNC", "RECEIVING", "CACHE", "AGENT"
+            );
+            for d in &ps.disks {
+                let agent = d
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.disks.iter().find(|x| x.disk == d.disk));
+                let state = match (&d.error, agent) {
+                    (Some(_), _) => "error",
+                    (None, Some(a)) => a.state.name(),
+                    (None, None) => "unknown",
+                };
+                let sync = agent.map_or("-".to_string(), |a| {
+                    format!(
+                        "{:.0}%",
+                        100.0 * a.sync_done_bytes as f64 / a.size.max(1) as f64
+                    )
+                });
+                println!(
+                    "  {:<16} {:>4} {:<13} {:>7} {:>10}/s {:>12} {:>10}",
+                    d.machine_name,
+                    d.disk,
+                    state,
+                    sync,
+                    human_bytes(d.receive_bytes_per_second),
+                    human_bytes(d.cache_bytes as f64),
+                    if d.agent_connected {
+                        "connected"
+                    } else {
+                        "away"
+                    }
+                );
+                if let Some(e) = &d.error {
+                    println!("    error: {e}");
+                }
+            }
+        }
+        if let Some(mt) = &s.master_target {
+            println!("  master target on {} (writer {}):", mt.listen, mt.writer);
+            println!(
+                "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9} {:>12} {:>10}",
+                "MACHINE", "DISK", "STATE", "SYNC", "LAG", "LAG(s)", "APPLYING", "SIZE"
+            );
+            for r in &mt.replicas {
+                let agent = r
+                    .report
+                    .as_ref()
+                    .and_then(|rep| rep.disks.iter().find(|x| x.disk == r.disk));
+                let sync = agent.map_or("-".to_string(), |a| {
+                    format!(
+                        "{:.0}%",
+                        100.0 * a.sync_done_bytes as f64 / a.size.max(1) as f64
+                    )
+                });
+                println!(
+                    "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9.1} {:>10}/s {:>10}",
+                    r.machine_name,
+                    r.disk,
+                    r.state(),
+                    sync,
+                    human_bytes(r.lag_bytes as f64),
+                    r.lag_seconds,
+                    human_bytes(r.apply_bytes_per_second),
+                    human_bytes(r.size as f64)
+                );
+                if let Some(e) = &r.error {
+                    println!("    error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

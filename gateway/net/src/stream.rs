@@ -1,0 +1,194 @@
+//! Carrying Haven's protocols over QUIC streams of a `haven/1` connection.
+//!
+//! One `haven/1` connection carries:
+//!
+//! - **replication streams**: bidirectional streams opened by the sending side (the agent, or a
+//!   process server forwarding to a master target), each carrying one [`haven_wire`] frame
+//!   stream (`Hello` first). A process server opens one per source agent it forwards.
+//! - **reports**: unidirectional streams opened by the sending side, each carrying exactly one
+//!   JSON [`Report`] of at most [`MAX_REPORT_LEN`] bytes, then finished.
+//!
+//! [`FrameReader`] and [`write_frames`] are the only glue between QUIC's bytes and the sans-IO
+//! state machines; everything about order, acknowledgement and resume lives in `haven-wire`.
+
+use haven_wire::{Decoder, Frame, WireError};
+use serde::{Deserialize, Serialize};
+
+/// Largest report body, in bytes.
+pub const MAX_REPORT_LEN: usize = 64 * 1024;
+/// Most bytes read from a stream in one call.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Errors while carrying frames.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("replication stream: cannot decode frame: {0}")]
+    Decode(#[from] WireError),
+    #[error("replication stream: read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("replication stream: write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("report stream: {0}")]
+    Report(String),
+}
+
+/// Reads whole frames from a QUIC receive stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    finished: bool,
+}
+
+impl FrameReader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: Decoder::new(),
+            finished: false,
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the peer finished the stream cleanly. A decode error
+    /// is final (the connection should be closed after sending an `Error` frame).
+    pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        loop {
+            if let Some(frame) = self.decoder.next()? {
+                return Ok(Some(frame));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// A frame already decoded from received bytes, without waiting.
+    pub fn try_next(&mut self) -> Result<Option<Frame>, StreamError> {
+        Ok(self.decoder.next()?)
+    }
+}
+
+/// Encodes `frames` and writes them in order, batching small frames into one write.
+pub async fn write_frames(
+    send: &mut quinn::SendStream,
+    frames: impl IntoIterator<Item = Frame>,
+) -> Result<(), StreamError> {
+    let mut buf = Vec::new();
+    for frame in frames {
+        frame.encode(&mut buf)?;
+        if buf.len() >= READ_CHUNK {
+            send.write_all(&buf).await?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        send.write_all(&buf).await?;
+    }
+    Ok(())
+}
+
+/// The state of a protected disk as its agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// The first full pass over the disk is running.
+    InitialSync,
+    /// Every change is in the change log and shipped from it.
+    Protected,
+    /// The change log was lost or damaged: blocks are compared by hash with the replica and
+    /// only differences are sent.
+    Resyncing,
+    /// Replication stopped; `message` says why and what to do.
+    Error,
+}
+
+impl DiskState {
+    /// Lower-case name, as the CLI prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskState::InitialSync => "initial-sync",
+            DiskState::Protected => "protected",
+            DiskState::Resyncing => "resyncing",
+            DiskState::Error => "error",
+        }
+    }
+}
+
+/// One protected disk in a [`Report`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    /// The disk's id in the replication stream.
+    pub disk: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Replication state.
+    pub state: DiskState,
+    /// Bytes of the disk covered so far by the initial pass or the resync (= size when done).
+    pub sync_done_bytes: u64,
+    /// Bytes the current resync found different and sent (0 outside a resync).
+    pub resync_sent_bytes: u64,
+    /// Bytes the change log holds (not yet acknowledged downstream).
+    pub log_bytes: u64,
+    /// The change log's limit.
+    pub log_max_bytes: u64,
+    /// Total bytes written by the workload since the agent started.
+    pub written_bytes_total: u64,
+    /// Total bytes of records acknowledged by the process server since the agent started.
+    pub shipped_bytes_total: u64,
+    /// Last record written to the change log (stream seq).
+    pub last_seq: u64,
+    /// Last record acknowledged durable downstream (stream seq).
+    pub acked_seq: u64,
+    /// Why the disk is in the error state, and what to do.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What an agent reports about itself, about once a second.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// The agent's id (as in its certificate); filled in by the receiving side from the
+    /// verified certificate when it forwards the report, never trusted from the agent.
+    #[serde(default)]
+    pub agent_id: String,
+    /// The machine's name.
+    pub machine_name: String,
+    /// Milliseconds since the Unix epoch when the agent made the report.
+    pub time_ms: u64,
+    /// Protected disks.
+    pub disks: Vec<DiskReport>,
+}
+
+/// Sends one report on a new unidirectional stream.
+pub async fn send_report(conn: &quinn::Connection, report: &Report) -> Result<(), StreamError> {
+    let body = serde_json::to_vec(report).map_err(|e| StreamError::Report(e.to_string()))?;
+    if body.len() > MAX_REPORT_LEN {
+        return Err(StreamError::Report(format!(
+            "report of {} bytes exceeds the limit of {MAX_REPORT_LEN}",
+            body.len()
+        )));
+    }
+    let mut send = conn
+        .open_uni()
+        .await
+        .map_err(|e| StreamError::Report(e.to_string()))?;
+    send.write_all(&body).await?;
+    send.finish()
+        .map_err(|e| StreamError::Report(e.to_string()))?;
+    Ok(())
+}
+
+/// Reads one report from an accepted unidirectional stream.
+pub async fn read_report(mut recv: quinn::RecvStream) -> Result<Report, StreamError> {
+    let body = recv
+        .read_to_end(MAX_REPORT_LEN)
+        .await
+        .map_err(|e| StreamError::Report(e.to_string()))?;
+    serde_json::from_slice(&body).map_err(|e| StreamError::Report(format!("bad report: {e}")))
+}

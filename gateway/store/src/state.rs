@@ -1,0 +1,485 @@
+//! Small durable state in one redb file: streams, the journal index and small JSON values.
+//!
+//! Every write is one redb transaction committed with redb's default (immediate) durability;
+//! redb checksums its pages and makes a commit atomic, so this file needs no magic of its own
+//! beyond the schema version below.
+//!
+//! # Tables (schema version [`SCHEMA_VERSION`])
+//!
+//! | table           | key                                              | value |
+//! |-----------------|--------------------------------------------------|-------|
+//! | `schema`        | `"version"`                                      | `u32` schema version |
+//! | `streams`       | peer id (16) + disk id (4, big-endian)           | [`StreamRecord`] as JSON |
+//! | `journal_index` | peer id (16) + disk id (4, BE) + sequence (8, BE) | index entry, below |
+//! | `meta`          | a string                                         | any JSON value |
+//!
+//! Keys are big-endian so that redb's byte order is the order of (stream, sequence number).
+//!
+//! Index entry, 34 bytes, little-endian:
+//!
+//! | bytes  | field                                   |
+//! |--------|-----------------------------------------|
+//! | 0      | entry version (1)                       |
+//! | 1      | kind: 1 write, 2 zero, 3 trim, 4 tag    |
+//! | 2..10  | disk offset                             |
+//! | 10..18 | extent length                           |
+//! | 18..26 | bytes stored in the journal             |
+//! | 26..34 | journal segment number                  |
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StoreError};
+use crate::fsutil::{hex, le64};
+use crate::journal::{EntryKind, EntryMeta};
+
+/// Schema version written and understood.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA: TableDefinition<'_, &str, u32> = TableDefinition::new("schema");
+const STREAMS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("streams");
+const INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("journal_index");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const INDEX_ENTRY_LEN: usize = 34;
+const INDEX_ENTRY_VERSION: u8 = 1;
+
+/// One replication stream: a peer's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamKey {
+    /// The peer's id (its enrolment id).
+    pub peer: [u8; 16],
+    /// The disk's id.
+    pub disk: u32,
+}
+
+impl fmt::Display for StreamKey {
+    /// `<32 hex digits of the peer>/<disk>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", hex(&self.peer), self.disk)
+    }
+}
+
+impl StreamKey {
+    fn bytes(&self) -> [u8; 20] {
+        let mut k = [0u8; 20];
+        k[0..16].copy_from_slice(&self.peer);
+        k[16..20].copy_from_slice(&self.disk.to_be_bytes());
+        k
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<StreamKey> {
+        if b.len() != 20 {
+            return None;
+        }
+        let mut peer = [0u8; 16];
+        peer.copy_from_slice(&b[0..16]);
+        let mut disk = [0u8; 4];
+        disk.copy_from_slice(&b[16..20]);
+        Some(StreamKey {
+            peer,
+            disk: u32::from_be_bytes(disk),
+        })
+    }
+
+    fn index_key(&self, seq: u64) -> [u8; 28] {
+        let mut k = [0u8; 28];
+        k[0..20].copy_from_slice(&self.bytes());
+        k[20..28].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+}
+
+/// What the gateway keeps about a stream. Stored as JSON; every field but `size` has a default
+/// so that fields can be added.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRecord {
+    /// Size of the disk in bytes.
+    pub size: u64,
+    /// Logical block size of the disk in bytes.
+    #[serde(default)]
+    pub block_size: u32,
+    /// Name of the protected machine.
+    #[serde(default)]
+    pub machine_name: String,
+    /// Every record up to this one is durable here.
+    #[serde(default)]
+    pub durable_seq: u64,
+    /// Every record up to this one is applied to the replica (master target).
+    #[serde(default)]
+    pub applied_seq: u64,
+    /// Records up to this one were released from the journal.
+    #[serde(default)]
+    pub released_seq: u64,
+    /// When the stream was first seen, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_ms: u64,
+    /// The stream's last error, if it is stopped by one.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The state database. See the module documentation for the tables.
+pub struct StateDb {
+    path: PathBuf,
+    db: Database,
+}
+
+impl fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateDb")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode_entry(e: &EntryMeta) -> [u8; INDEX_ENTRY_LEN] {
+    let mut v = [0u8; INDEX_ENTRY_LEN];
+    v[0] = INDEX_ENTRY_VERSION;
+    v[1] = e.kind.code();
+    v[2..10].copy_from_slice(&e.offset.to_le_bytes());
+    v[10..18].copy_from_slice(&e.len.to_le_bytes());
+    v[18..26].copy_from_slice(&e.stored_bytes.to_le_bytes());
+    v[26..34].copy_from_slice(&e.segment.to_le_bytes());
+    v
+}
+
+impl StateDb {
+    /// Opens (or creates) the database at `path`. [`StoreError::Locked`] when another process
+    /// has it open; [`StoreError::Db`] when it is damaged or of another schema version.
+    pub fn open(path: &Path) -> Result<StateDb> {
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(db_err(path, "opening")(e)),
+        };
+        let this = StateDb {
+            path: path.to_path_buf(),
+            db,
+        };
+        let txn = this
+            .db
+            .begin_write()
+            .map_err(this.err("starting a transaction"))?;
+        {
+            let mut schema = txn
+                .open_table(SCHEMA)
+                .map_err(this.err("opening table schema"))?;
+            let found = schema
+                .get("version")
+                .map_err(this.err("reading the schema version"))?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    schema
+                        .insert("version", SCHEMA_VERSION)
+                        .map_err(this.err("writing the schema version"))?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(v) => {
+                    return Err(StoreError::Db(format!(
+                        "{}: schema version {v} is not supported (this build reads \
+                         {SCHEMA_VERSION}); use the matching haven-gateway version",
+                        path.display()
+                    )));
+                }
+            }
+            txn.open_table(STREAMS)
+                .map_err(this.err("creating table streams"))?;
+            txn.open_table(INDEX)
+                .map_err(this.err("creating table journal_index"))?;
+            txn.open_table(META)
+                .map_err(this.err("creating table meta"))?;
+        }
+        txn.commit().map_err(this.err("committing"))?;
+        Ok(this)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err<'a, E: Into<redb::Error>>(
+        &'a self,
+        what: &'static str,
+    ) -> impl FnOnce(E) -> StoreError + 'a {
+        db_err(&self.path, what)
+    }
+
+    /// Stores (replaces) a stream's record.
+    pub fn put_stream(&self, key: StreamKey, value: &StreamRecord) -> Result<()> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Invalid(format!("stream {key}: cannot encode: {e}")))?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(STREAMS)
+                .map_err(self.err("opening table streams"))?;
+            t.insert(key.bytes().as_slice(), json.as_slice())
+                .map_err(self.err("writing a stream"))?;
+        }
+        txn.commit().map_err(self.err("committing a stream"))
+    }
+
+    /// A stream's record, if stored.
+    pub fn get_stream(&self, key: StreamKey) -> Result<Option<StreamRecord>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        let t = txn
+            .open_table(STREAMS)
+            .map_err(self.err("opening table streams"))?;
+        let Some(v) = t
+            .get(key.bytes().as_slice())
+            .map_err(self.err("reading a stream"))?
+        else {
+            return Ok(None);
+        };
+        self.decode_stream(key, v.value()).map(Some)
+    }
+
+    fn decode_stream(&self, key: StreamKey, json: &[u8]) -> Result<StreamRecord> {
+        serde_json::from_slice(json).map_err(|e| {
+            StoreError::Db(format!(
+                "{}: stream {key}: record does not decode ({e}); remove the stream and add it \
+                 again",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Every stream, in key order.
+    pub fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        let t = txn
+            .open_table(STREAMS)
+            .map_err(self.err("opening table streams"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(self.err("listing streams"))? {
+            let (k, v) = item.map_err(self.err("listing streams"))?;
+            let key = StreamKey::from_bytes(k.value()).ok_or_else(|| {
+                StoreError::Db(format!(
+                    "{}: table streams holds a key of {} bytes (20 expected); the file is \
+                     damaged, restore it from a backup",
+                    self.path.display(),
+                    k.value().len()
+                ))
+            })?;
+            out.push((key, self.decode_stream(key, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Removes a stream's record and its whole journal index.
+    pub fn remove_stream(&self, key: StreamKey) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(STREAMS)
+                .map_err(self.err("opening table streams"))?;
+            t.remove(key.bytes().as_slice())
+                .map_err(self.err("removing a stream"))?;
+            let mut i = txn
+                .open_table(INDEX)
+                .map_err(self.err("opening table journal_index"))?;
+            let (lo, hi) = (key.index_key(0), key.index_key(u64::MAX));
+            i.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)
+                .map_err(self.err("removing index entries"))?;
+        }
+        txn.commit().map_err(self.err("committing"))
+    }
+
+    /// Adds (or replaces) journal index entries of a stream, in one transaction.
+    pub fn index_put(&self, key: StreamKey, entries: &[EntryMeta]) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(INDEX)
+                .map_err(self.err("opening table journal_index"))?;
+            for e in entries {
+                t.insert(key.index_key(e.seq).as_slice(), encode_entry(e).as_slice())
+                    .map_err(self.err("writing an index entry"))?;
+            }
+        }
+        txn.commit().map_err(self.err("committing index entries"))
+    }
+
+    /// A stream's index entries with `from_seq <= seq <= to_seq`, in sequence order.
+    pub fn index_range(
+        &self,
+        key: StreamKey,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<EntryMeta>> {
+        let mut out = Vec::new();
+        if from_seq > to_seq {
+            return Ok(out);
+        }
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        let t = txn
+            .open_table(INDEX)
+            .map_err(self.err("opening table journal_index"))?;
+        let (lo, hi) = (key.index_key(from_seq), key.index_key(to_seq));
+        for item in t
+            .range(lo.as_slice()..=hi.as_slice())
+            .map_err(self.err("reading the index"))?
+        {
+            let (k, v) = item.map_err(self.err("reading the index"))?;
+            out.push(self.decode_entry(key, k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn decode_entry(&self, key: StreamKey, k: &[u8], v: &[u8]) -> Result<EntryMeta> {
+        let damaged = |what: String| {
+            StoreError::Db(format!(
+                "{}: stream {key}: index entry {what}; the file is damaged: remove the stream's \
+                 index (it is rebuilt from the journal's headers) or restore a backup",
+                self.path.display()
+            ))
+        };
+        if k.len() != 28 {
+            return Err(damaged(format!("key of {} bytes (28 expected)", k.len())));
+        }
+        let seq = u64::from_be_bytes(k[20..28].try_into().unwrap_or_default());
+        if v.len() != INDEX_ENTRY_LEN || v[0] != INDEX_ENTRY_VERSION {
+            return Err(damaged(format!(
+                "{seq} has {} bytes or version {} ({INDEX_ENTRY_LEN} bytes, version \
+                 {INDEX_ENTRY_VERSION} expected)",
+                v.len(),
+                v.first().copied().unwrap_or(0)
+            )));
+        }
+        let kind = EntryKind::from_code(v[1])
+            .ok_or_else(|| damaged(format!("{seq} has unknown kind {}", v[1])))?;
+        Ok(EntryMeta {
+            seq,
+            kind,
+            offset: le64(v, 2),
+            len: le64(v, 10),
+            stored_bytes: le64(v, 18),
+            segment: le64(v, 26),
+        })
+    }
+
+    /// Removes a stream's index entries with `seq <= upto_seq`; returns how many.
+    pub fn index_remove_upto(&self, key: StreamKey, upto_seq: u64) -> Result<u64> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        let mut removed = 0u64;
+        {
+            let mut t = txn
+                .open_table(INDEX)
+                .map_err(self.err("opening table journal_index"))?;
+            let (lo, hi) = (key.index_key(0), key.index_key(upto_seq));
+            t.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(self.err("removing index entries"))?;
+        }
+        txn.commit().map_err(self.err("committing"))?;
+        Ok(removed)
+    }
+
+    /// A stream's index entries with `seq <= upto_seq` whose extent overlaps
+    /// `[offset, offset + len)`, in sequence order (tags have no extent and never overlap).
+    ///
+    /// Cost: a scan of every index entry of the stream up to `upto_seq`, O(entries); fine for a
+    /// journal of a few million records, to be replaced by an extent tree if it shows.
+    pub fn index_overlapping(
+        &self,
+        key: StreamKey,
+        offset: u64,
+        len: u64,
+        upto_seq: u64,
+    ) -> Result<Vec<EntryMeta>> {
+        let end = offset.saturating_add(len);
+        let mut out = self.index_range(key, 0, upto_seq)?;
+        out.retain(|e| {
+            e.kind != EntryKind::Tag
+                && e.len > 0
+                && e.offset < end
+                && offset < e.offset.saturating_add(e.len)
+        });
+        Ok(out)
+    }
+
+    /// Stores (replaces) a JSON value under `table_key` in the `meta` table.
+    pub fn put_json<T: Serialize>(&self, table_key: &str, value: &T) -> Result<()> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Invalid(format!("meta {table_key}: cannot encode: {e}")))?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(self.err("opening table meta"))?;
+            t.insert(table_key, json.as_slice())
+                .map_err(self.err("writing a meta value"))?;
+        }
+        txn.commit().map_err(self.err("committing a meta value"))
+    }
+
+    /// The JSON value under `table_key` in the `meta` table, if any.
+    pub fn get_json<T: DeserializeOwned>(&self, table_key: &str) -> Result<Option<T>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        let t = txn
+            .open_table(META)
+            .map_err(self.err("opening table meta"))?;
+        let Some(v) = t.get(table_key).map_err(self.err("reading a meta value"))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(|e| {
+            StoreError::Db(format!(
+                "{}: meta value {table_key:?} does not decode as the type asked for ({e}); \
+                 store it again",
+                self.path.display()
+            ))
+        })
+    }
+}
+
+fn db_err<'a, E: Into<redb::Error>>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(E) -> StoreError + 'a {
+    move |e| {
+        StoreError::Db(format!(
+            "{}: {what}: {}; check the disk, and if the file is damaged restore it from a backup",
+            path.display(),
+            e.into()
+        ))
+    }
+}

@@ -1,0 +1,286 @@
+//! End to end: agent → process server → master target, real processes on loopback, real QUIC
+//! with mutual TLS, qemu-io as the workload, qemu-img as the judge.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use haven_e2e::{Cluster, ClusterOptions, images_equal, mixed_disk, now_ms, qemu_io};
+
+const DISK: u64 = 64 << 20;
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// A small xorshift generator: the same seed gives the same schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// qemu-io commands: random offsets and lengths (unaligned ones too), zero writes, trims,
+/// flushes.
+fn workload(rng: &mut Rng, n: usize) -> Vec<String> {
+    let mut cmds = Vec::new();
+    for _ in 0..n {
+        let len = 1 + rng.below(256 << 10);
+        let off = rng.below(DISK - len);
+        let cmd = match rng.below(10) {
+            0 => format!("write -z {} {}", off / 512 * 512, (len / 512 + 1) * 512),
+            1 => format!("discard {} {}", off / 4096 * 4096, (len / 4096 + 1) * 4096),
+            2 => "flush".to_string(),
+            _ => format!("write -P {} {off} {len}", rng.below(255) + 1),
+        };
+        cmds.push(cmd);
+    }
+    cmds
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn assert_replica_equal(c: &Cluster) {
+    let replica = c.replica().unwrap();
+    let equal = images_equal(&c.agent.disk, &replica).unwrap();
+    assert!(
+        equal,
+        "replica {} differs from source {}\nagent log:\n{}\nps log:\n{}\nmt log:\n{}",
+        replica.display(),
+        c.agent.disk.display(),
+        log_tail(&c.agent.proc.log),
+        log_tail(&c.ps.proc.log),
+        log_tail(&c.mt.proc.log)
+    );
+}
+
+#[test]
+fn workload_during_initial_sync_converges_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("web01.raw");
+    mixed_disk(&disk, DISK, 7).unwrap();
+    let mut c = Cluster::start(dir.path(), &disk, ClusterOptions::default()).unwrap();
+    // The workload starts at once, while the initial pass runs.
+    let mut rng = Rng(0x5eed_0001);
+    for _ in 0..4 {
+        qemu_io(&c.agent.nbd, &workload(&mut rng, 50)).unwrap();
+    }
+    let done = now_ms();
+    c.wait_caught_up(done, CATCH_UP, |_, _| {}).unwrap();
+    assert_replica_equal(&c);
+
+    // The status surface reports the disk as protected with no lag.
+    let mt = c.mt.status().unwrap().master_target.unwrap();
+    let r = &mt.replicas[0];
+    assert_eq!(r.state(), "protected");
+    assert_eq!(r.lag_bytes, 0);
+    assert_eq!(r.size, DISK);
+    let ps = c.ps.status().unwrap().process_server.unwrap();
+    assert!(ps.upstream_connected);
+    assert_eq!(ps.disks[0].durable_seq, ps.disks[0].forwarded_seq);
+
+    // And delta replication continues.
+    qemu_io(&c.agent.nbd, &workload(&mut rng, 30)).unwrap();
+    c.wait_caught_up(now_ms(), CATCH_UP, |_, _| {}).unwrap();
+    assert_replica_equal(&c);
+}
+
+#[test]
+fn sigkill_of_any_process_loses_nothing() {
+    let seed: u64 = std::env::var("HAVEN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ms() | 1);
+    let kills: usize = std::env::var("HAVEN_CRASH_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(21);
+    eprintln!("crash schedule seed {seed} ({kills} kills); replay with HAVEN_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("db01.raw");
+    mixed_disk(&disk, DISK, seed).unwrap();
+    let mut c = Cluster::start(dir.path(), &disk, ClusterOptions::default()).unwrap();
+
+    // A workload runs on its own thread through every kill; a write cut short by the agent's
+    // death is an error for qemu-io, and either reached the disk and the log or neither.
+    let stop = Arc::new(AtomicBool::new(false));
+    let nbd = c.agent.nbd.clone();
+    let worker = {
+        let stop = stop.clone();
+        let mut wrng = Rng(seed.rotate_left(17) | 1);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = qemu_io(&nbd, &workload(&mut wrng, 20));
+            }
+        })
+    };
+    for i in 0..kills {
+        std::thread::sleep(Duration::from_millis(200 + rng.below(800)));
+        let victim = match (i % 3, rng.below(3)) {
+            // Each process is killed at least once per three rounds.
+            (0, _) => 0,
+            (1, _) => 1,
+            (_, v) => v,
+        };
+        match victim {
+            0 => c.agent.restart().unwrap(),
+            1 => c.ps.restart().unwrap(),
+            _ => c.mt.restart().unwrap(),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    let done = now_ms();
+    c.wait_caught_up(done, CATCH_UP, |_, _| {})
+        .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    assert_replica_equal(&c);
+}
+
+#[test]
+fn lost_change_log_resyncs_only_the_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("app01.raw");
+    mixed_disk(&disk, DISK, 3).unwrap();
+    let mut c = Cluster::start(dir.path(), &disk, ClusterOptions::default()).unwrap();
+    c.wait_caught_up(now_ms(), CATCH_UP, |_, _| {}).unwrap();
+
+    // The agent dies, its log is lost, and the disk changes behind its back: 16 blocks of
+    // 64 KiB that neither the log nor the replica know about.
+    c.agent.proc.kill();
+    std::fs::remove_dir_all(c.agent.data_dir.join("log")).unwrap();
+    let mut rng = Rng(0xd1ff);
+    let mut changed = 0u64;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 16 {
+            let block = rng.below(DISK / 65536);
+            if seen.insert(block) {
+                let fill = vec![(block as u8) ^ 0x5a; 65536];
+                f.write_all_at(&fill, block * 65536).unwrap();
+                changed += 65536;
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    let started = now_ms();
+    c.agent.restart().unwrap();
+    c.wait_caught_up(started, CATCH_UP, |_, _| {}).unwrap();
+    assert_replica_equal(&c);
+    let report = c.agent.report().unwrap();
+    let sent = report.disks[0].resync_sent_bytes;
+    assert!(
+        sent >= changed && sent <= 2 * changed,
+        "resync sent {sent} bytes for {changed} changed bytes of a {DISK}-byte disk"
+    );
+}
+
+#[test]
+fn a_tampered_cache_record_is_refused_never_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("fs01.raw");
+    mixed_disk(&disk, 16 << 20, 5).unwrap();
+    let mut c = Cluster::start(dir.path(), &disk, ClusterOptions::default()).unwrap();
+    c.wait_caught_up(now_ms(), CATCH_UP, |_, _| {}).unwrap();
+
+    // With the master target away, new writes stay in the process server's cache.
+    c.mt.proc.kill();
+    qemu_io(
+        &c.agent.nbd,
+        &["write -P 0xc3 1M 256k".to_string(), "flush".to_string()],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = c.ps.status().unwrap().process_server.unwrap();
+        let d = &ps.disks[0];
+        let agent = c.agent.report().unwrap();
+        if d.durable_seq == agent.disks[0].last_seq && d.durable_seq > d.forwarded_seq {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache never filled: {ps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ps.proc.kill();
+    // Flip one byte in the sealed body of the cached record of that write (segment header 80
+    // bytes; record header 56 bytes with the body length at 12..16 and the disk offset at
+    // 24..32; see haven_store::journal).
+    let mut tampered = 0;
+    for path in walk(&c.ps.data_dir.join("ps/cache")) {
+        if path.extension().is_none_or(|e| e != "hjnl") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut at = 80;
+        while at + 56 <= bytes.len() {
+            let body = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().unwrap()) as usize;
+            let offset = u64::from_le_bytes(bytes[at + 24..at + 32].try_into().unwrap());
+            if offset == 1 << 20 && at + 56 + body <= bytes.len() {
+                bytes[at + 56] ^= 0xff;
+                tampered += 1;
+            }
+            at += 56 + body;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    assert!(
+        tampered > 0,
+        "the write's record was not found in the cache"
+    );
+    c.ps.restart().unwrap();
+    c.mt.restart().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let error = loop {
+        let ps = c.ps.status().unwrap().process_server.unwrap();
+        if let Some(e) = &ps.disks[0].error {
+            break e.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error reported: {ps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(error.contains("failed verification"), "{error}");
+    assert!(error.contains(".hjnl"), "the error names the file: {error}");
+    // The replica never received the refused record.
+    let replica = std::fs::read(c.replica().unwrap()).unwrap();
+    assert!(
+        replica[1 << 20..(1 << 20) + (256 << 10)]
+            .iter()
+            .any(|b| *b != 0xc3),
+        "the tampered record's data reached the replica"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
