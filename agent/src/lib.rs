@@ -4,8 +4,16 @@
 //! - [`splitter`]: the write path: every change lands on the backing disk and in the log.
 //! - [`log`]: the durable change log, shipped downstream and released once acknowledged.
 //! - [`replay`]: applies a log onto a raw image (operators and tests).
+//! - [`identity`]: enrollment and the stored identity.
+//! - [`state`]: `disk.state` and atomic writes.
+//! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
+//! - [`protect`]: `serve` and `protect`: opening a protected disk and running it.
 
+pub mod identity;
 pub mod log;
 pub mod nbd;
+pub mod protect;
 pub mod replay;
+pub mod replicate;
 pub mod splitter;
+pub mod state;

@@ -814,6 +814,26 @@ impl ChangeLog {
         Ok(self.durable_seq)
     }
 
+    /// What [`ChangeLog::sync`] would sync, to be synced *outside* the caller's lock (group
+    /// commit by the shipper): a handle on the active segment and the last record written to
+    /// it. Syncing the handle makes every record up to that seq durable (earlier segments were
+    /// synced when they were closed, see [`ChangeLog::roll`]); then call
+    /// [`ChangeLog::mark_synced`] with the seq.
+    pub fn sync_handle(&self) -> Result<(File, u64)> {
+        let path = &self.active_segment().path;
+        let file = self
+            .active
+            .try_clone()
+            .map_err(io_err("duplicating", path))?;
+        Ok((file, self.next_seq - 1))
+    }
+
+    /// Records that every record up to `seq` is durable, after the handle of
+    /// [`ChangeLog::sync_handle`] that returned `seq` was synced.
+    pub fn mark_synced(&mut self, seq: u64) {
+        self.durable_seq = self.durable_seq.max(seq.min(self.next_seq - 1));
+    }
+
     /// Sequence number of the last appended record (0: none yet).
     pub fn written_seq(&self) -> u64 {
         self.next_seq - 1

@@ -1,16 +1,14 @@
-//! `haven-agent`: serve a protected disk over NBD through the write splitter, and inspect or
-//! replay its change log.
+//! `haven-agent`: enroll with a gateway, protect a disk (serve it over NBD through the write
+//! splitter and replicate it), show its status, and inspect or replay a change log.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use haven_agent::identity;
 use haven_agent::log::{ChangeLog, Limits};
-use haven_agent::nbd::{self, Server};
-use haven_agent::splitter::Splitter;
+use haven_agent::protect::{self, NbdConfig, ProtectConfig};
+use haven_net::stream::Report;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,6 +23,63 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Enroll this machine with a gateway using a one-time token; stores DATA/identity.
+    Enroll {
+        /// The agent's data folder.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The gateway (process server), HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// Name the gateway's certificate is checked against (default: the host part).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The one-time enrollment token (haven1.…).
+        #[arg(long)]
+        token: String,
+        /// This machine's name (default: the host name).
+        #[arg(long)]
+        machine_name: Option<String>,
+    },
+    /// Serve a disk over NBD through the write splitter and replicate it to the gateway.
+    Protect {
+        /// The agent's data folder (enrolled).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Backing disk: a raw image file or a block device.
+        #[arg(long)]
+        disk: PathBuf,
+        /// The gateway, HOST:PORT (default: the one enrolled with).
+        #[arg(long)]
+        server: Option<String>,
+        /// TCP address to listen on (default 127.0.0.1:10809 when --socket is not given).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Export name (clients asking for the empty name get it too).
+        #[arg(long, default_value = "disk")]
+        export: String,
+        /// Most bytes the change log may hold; writes beyond it fail with ENOSPC.
+        #[arg(long, default_value_t = Limits::default().max_bytes)]
+        log_max_bytes: u64,
+        /// Size of one change-log segment file.
+        #[arg(long, default_value_t = Limits::default().segment_bytes)]
+        log_segment_bytes: u64,
+        /// Most bytes of records sent and not yet acknowledged by the gateway.
+        #[arg(long, default_value_t = 64 << 20)]
+        window_bytes: u64,
+    },
+    /// Print the replication status of a protected disk (from DATA/status.json).
+    Status {
+        /// The agent's data folder.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print the JSON report as it is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a disk over NBD; every change lands on the disk and in the change log.
     Serve {
         /// Backing disk: a raw image file or a block device.
@@ -83,6 +138,55 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Enroll {
+            data_dir,
+            server,
+            server_name,
+            token,
+            machine_name,
+        } => {
+            let id = identity::enroll(
+                &data_dir,
+                &server,
+                server_name.as_deref(),
+                &token,
+                machine_name.as_deref(),
+            )?;
+            println!(
+                "enrolled as agent {} ({}) with {}; identity stored in {}",
+                id.info.agent_id,
+                id.info.machine_name,
+                id.info.server,
+                data_dir.join(identity::IDENTITY_DIR).display()
+            );
+            Ok(())
+        }
+        Command::Protect {
+            data_dir,
+            disk,
+            server,
+            listen,
+            socket,
+            export,
+            log_max_bytes,
+            log_segment_bytes,
+            window_bytes,
+        } => protect::protect(ProtectConfig {
+            data_dir,
+            disk,
+            server,
+            nbd: NbdConfig {
+                listen,
+                socket,
+                export,
+            },
+            limits: Limits {
+                max_bytes: log_max_bytes,
+                segment_bytes: log_segment_bytes,
+            },
+            window_bytes,
+        }),
+        Command::Status { data_dir, json } => status(&data_dir, json),
         Command::Serve {
             disk,
             log_dir,
@@ -91,48 +195,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             export,
             log_max_bytes,
             log_segment_bytes,
-        } => {
-            let limits = Limits {
+        } => protect::serve(
+            &disk,
+            &log_dir,
+            Limits {
                 max_bytes: log_max_bytes,
                 segment_bytes: log_segment_bytes,
-            };
-            let log = ChangeLog::open(&log_dir, limits)?;
-            let splitter = Arc::new(Splitter::open(&disk, log)?);
-            let server = Arc::new(Server::new(Arc::clone(&splitter), export.clone()));
-            let listen = match (&listen, &socket) {
-                (None, None) => Some("127.0.0.1:10809".to_string()),
-                _ => listen,
-            };
-            let mut threads = Vec::new();
-            if let Some(addr) = listen {
-                let listener =
-                    TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-                let local = listener.local_addr()?;
-                tracing::info!(addr = %local, export = %export, "listening on TCP");
-                let server = Arc::clone(&server);
-                threads.push(thread::spawn(move || server.serve_tcp(listener)));
-            }
-            if let Some(path) = socket {
-                let listener = nbd::bind_unix(&path)
-                    .with_context(|| format!("listening on Unix socket {}", path.display()))?;
-                tracing::info!(socket = %path.display(), export = %export, "listening on Unix socket");
-                let server = Arc::clone(&server);
-                threads.push(thread::spawn(move || server.serve_unix(listener)));
-            }
-            tracing::info!(
-                disk = %disk.display(),
-                size = splitter.size(),
-                log_dir = %log_dir.display(),
-                "agent serving"
-            );
-            for t in threads {
-                match t.join() {
-                    Ok(r) => r?,
-                    Err(_) => anyhow::bail!("a listener thread panicked"),
-                }
-            }
-            Ok(())
-        }
+            },
+            &NbdConfig {
+                listen,
+                socket,
+                export,
+            },
+        ),
         Command::LogDump { log_dir } => {
             let limits = Limits {
                 max_bytes: u64::MAX,
@@ -159,4 +234,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `haven-agent status`: the last report the running agent wrote.
+fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let path = data_dir.join("status.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is `haven-agent protect --data-dir {}` running?)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    if json {
+        print!("{text}");
+        return Ok(());
+    }
+    let report: Report =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let age_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .saturating_sub(report.time_ms)
+        / 1000;
+    println!("machine {} (report {age_s} s old)", report.machine_name);
+    println!(
+        "{:>4}  {:<12}  {:>12}  {:>7}  {:>10}  {:>10}  {:>8}  {:>12}  {:>12}",
+        "DISK", "STATE", "SIZE", "SYNC", "LAST SEQ", "ACKED SEQ", "LAG", "LOG", "SHIPPED"
+    );
+    for d in &report.disks {
+        let sync = if d.size == 0 {
+            100.0
+        } else {
+            d.sync_done_bytes as f64 * 100.0 / d.size as f64
+        };
+        println!(
+            "{:>4}  {:<12}  {:>12}  {:>6.1}%  {:>10}  {:>10}  {:>8}  {:>12}  {:>12}",
+            d.disk,
+            d.state.name(),
+            d.size,
+            sync,
+            d.last_seq,
+            d.acked_seq,
+            d.last_seq.saturating_sub(d.acked_seq),
+            format!("{}/{}", d.log_bytes, d.log_max_bytes),
+            d.shipped_bytes_total
+        );
+        if d.resync_sent_bytes > 0 {
+            println!("      resync sent {} bytes", d.resync_sent_bytes);
+        }
+        if let Some(m) = &d.message {
+            println!("      {m}");
+        }
+    }
+    Ok(())
 }

@@ -25,11 +25,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rustix::fs::FallocateFlags;
 
-use crate::log::{Change, ChangeLog, Kind, LogError, LogStats};
+use crate::log::{Change, ChangeLog, Kind, LogError, LogReader, LogStats};
 
 /// Sector size: every request must be aligned to it.
 pub const SECTOR: u64 = 512;
@@ -46,6 +47,9 @@ pub enum SplitError {
     /// The log failed.
     #[error(transparent)]
     Log(LogError),
+    /// The agent is stopping; nothing was applied.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
     /// The backing disk failed.
     #[error("backing disk {path}: {what}: {source}", path = path.display())]
     Disk {
@@ -64,6 +68,7 @@ impl SplitError {
         match self {
             SplitError::Invalid(_) => 22,                      // EINVAL
             SplitError::LogFull(_) => 28,                      // ENOSPC
+            SplitError::ShuttingDown => 108,                   // ESHUTDOWN
             SplitError::Log(_) | SplitError::Disk { .. } => 5, // EIO
         }
     }
@@ -86,6 +91,21 @@ pub struct Splitter {
     size: u64,
     block_device: bool,
     log: Mutex<ChangeLog>,
+    /// Set by [`Splitter::shutdown`]: every later change is refused.
+    closed: AtomicBool,
+    /// Bytes changed by clients (writes, zeroes, trims) since the splitter was opened.
+    client_bytes: AtomicU64,
+    /// Every record up to this seq is durable in the log *and* on the disk.
+    both_durable: AtomicU64,
+}
+
+/// What [`Splitter::capture_blocks`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// Blocks appended to the log as write records.
+    pub blocks: u64,
+    /// Bytes of those records.
+    pub bytes: u64,
 }
 
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -125,8 +145,15 @@ impl Splitter {
             size,
             block_device,
             log: Mutex::new(log),
+            closed: AtomicBool::new(false),
+            client_bytes: AtomicU64::new(0),
+            both_durable: AtomicU64::new(0),
         };
         splitter.reapply_last_record()?;
+        // What the previous process applied may still be only in the page cache.
+        splitter.disk.sync_data()?;
+        let durable = splitter.lock().durable_seq();
+        splitter.both_durable.store(durable, Ordering::Release);
         Ok(splitter)
     }
 
@@ -229,8 +256,10 @@ impl Splitter {
         if data.is_empty() {
             return Ok(());
         }
-        let mut log = self.lock();
+        let mut log = self.lock_open()?;
         log.append(Change::Write { offset, data })?;
+        self.client_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.disk
             .write_all_at(data, offset)
             .map_err(self.disk_err("writing"))?;
@@ -253,8 +282,9 @@ impl Splitter {
         if len == 0 {
             return Ok(());
         }
-        let mut log = self.lock();
+        let mut log = self.lock_open()?;
         log.append(Change::Zero { offset, len })?;
+        self.client_bytes.fetch_add(len, Ordering::Relaxed);
         self.zero_range(offset, len, may_punch)?;
         if fua {
             self.sync_locked(&mut log)?;
@@ -270,8 +300,9 @@ impl Splitter {
         if len == 0 {
             return Ok(());
         }
-        let mut log = self.lock();
+        let mut log = self.lock_open()?;
         log.append(Change::Trim { offset, len })?;
+        self.client_bytes.fetch_add(len, Ordering::Relaxed);
         self.zero_range(offset, len, true)?;
         if fua {
             self.sync_locked(&mut log)?;
@@ -286,9 +317,113 @@ impl Splitter {
         self.sync_locked(&mut log)
     }
 
+    /// The lock, unless the splitter was shut down.
+    fn lock_open(&self) -> Result<MutexGuard<'_, ChangeLog>, SplitError> {
+        let log = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SplitError::ShuttingDown);
+        }
+        Ok(log)
+    }
+
+    /// Bytes changed by clients since the splitter was opened.
+    pub fn client_bytes(&self) -> u64 {
+        self.client_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` and, under the same lock (so that nothing changes
+    /// the disk in between), appends every block of `block` bytes (the last one may be shorter)
+    /// for which `keep(block_offset, block_data)` is true to the log as a write record. The
+    /// records are thereby ordered with the clients' changes: one made after this call gets a
+    /// later sequence number. Used by the initial pass (`keep` = "not all zero") and by resync
+    /// (`keep` = "differs from the replica's digest").
+    ///
+    /// On [`SplitError::LogFull`] the blocks before the refused one stay appended (each is a
+    /// valid record of the disk's state at this moment); calling again appends them again,
+    /// which is redundant but harmless.
+    pub fn capture_blocks(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        block: usize,
+        mut keep: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<Captured, SplitError> {
+        self.check_range(offset, buf.len() as u64)?;
+        if block == 0 || block as u64 > crate::log::MAX_PAYLOAD {
+            return Err(SplitError::Invalid(format!(
+                "capture block size {block} must be 1..={}",
+                crate::log::MAX_PAYLOAD
+            )));
+        }
+        let mut log = self.lock_open()?;
+        self.disk
+            .read_exact_at(buf, offset)
+            .map_err(self.disk_err("reading"))?;
+        let mut done = Captured::default();
+        for (i, data) in buf.chunks(block).enumerate() {
+            let at = offset + (i * block) as u64;
+            if keep(at, data) {
+                log.append(Change::Write { offset: at, data })?;
+                done.blocks += 1;
+                done.bytes += data.len() as u64;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Group commit for the shipper: makes every change applied so far durable on the backing
+    /// disk and in the log, without holding the lock during the syncs, and returns the seq up to
+    /// which records are durable in both (only those may leave the machine).
+    ///
+    /// The disk is synced too: a record the downstream holds must never be missing from the
+    /// disk after a power loss, or the replica would hold a change the source lost.
+    pub fn sync_for_shipping(&self) -> Result<u64, SplitError> {
+        let (file, seq) = {
+            let log = self.lock();
+            // Every record up to `seq` has been applied to the disk: the lock covers both.
+            let both = self.both_durable.load(Ordering::Acquire);
+            if both >= log.written_seq() {
+                return Ok(both);
+            }
+            log.sync_handle()?
+        };
+        self.disk.sync_data().map_err(self.disk_err("syncing"))?;
+        file.sync_data().map_err(|source| {
+            SplitError::Log(LogError::Io {
+                what: "syncing",
+                path: self.lock().dir().to_path_buf(),
+                source,
+            })
+        })?;
+        self.lock().mark_synced(seq);
+        self.both_durable.fetch_max(seq, Ordering::AcqRel);
+        Ok(seq)
+    }
+
+    /// A reader of the log's records from `seq` up to the last one appended now. The reader
+    /// needs no lock; `seq` must not have been released.
+    pub fn read_log_from(&self, seq: u64) -> Result<LogReader, LogError> {
+        self.lock().read_from(seq)
+    }
+
+    /// Frees the log's segments whose records are all at most `seq` (acknowledged downstream).
+    pub fn release_log(&self, seq: u64) -> Result<u64, LogError> {
+        self.lock().release(seq)
+    }
+
+    /// Makes everything durable (disk and log) and refuses every later change, so that what
+    /// is durable is final: the agent then exits. Returns the log's durable seq.
+    pub fn shutdown(&self) -> Result<u64, SplitError> {
+        let mut log = self.lock();
+        self.closed.store(true, Ordering::Release);
+        self.sync_locked(&mut log)
+    }
+
     fn sync_locked(&self, log: &mut ChangeLog) -> Result<u64, SplitError> {
         self.disk.sync_data().map_err(self.disk_err("syncing"))?;
-        Ok(log.sync()?)
+        let seq = log.sync()?;
+        self.both_durable.fetch_max(seq, Ordering::AcqRel);
+        Ok(seq)
     }
 
     fn zero_range(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), SplitError> {

@@ -130,7 +130,7 @@ pub struct DiskReport {
     pub state: DiskState,
     /// Bytes of the disk covered so far by the initial pass or the resync (= size when done).
     pub sync_done_bytes: u64,
-    /// Bytes the current resync found different and sent (0 outside a resync).
+    /// Bytes the current or last resync since the agent started found different and sent.
     pub resync_sent_bytes: u64,
     /// Bytes the change log holds (not yet acknowledged downstream).
     pub log_bytes: u64,

@@ -1,0 +1,315 @@
+//! `haven-agent serve` and `haven-agent protect`: opening a protected disk, serving it over NBD,
+//! and (for `protect`) replicating it.
+//!
+//! # Data folder of `protect`
+//!
+//! ```text
+//! DATA/identity/{cert.pem, key.pem, ca.pem, agent.json}   enrollment (see identity.rs)
+//! DATA/disk.state                                        replication state (see state.rs)
+//! DATA/log/                                              the change log
+//! DATA/log.damaged-<unix time>/                          a damaged log, moved aside (resync)
+//! DATA/status.json                                       the last report, every second
+//! ```
+
+use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use crate::identity::{Identity, host_part};
+use crate::log::{ChangeLog, Limits, LogError};
+use crate::nbd::{self, Server};
+use crate::replicate::{self, Shared, ShipConfig};
+use crate::splitter::Splitter;
+use crate::state::{DiskRecord, Phase};
+
+/// Where NBD clients reach the disk.
+#[derive(Clone, Debug)]
+pub struct NbdConfig {
+    /// TCP address (default 127.0.0.1:10809 when no socket is given).
+    pub listen: Option<String>,
+    /// Unix socket.
+    pub socket: Option<PathBuf>,
+    /// Export name.
+    pub export: String,
+}
+
+/// Starts the NBD listeners on their threads; a thread's result says why it stopped.
+pub fn serve_nbd(
+    splitter: &Arc<Splitter>,
+    cfg: &NbdConfig,
+) -> anyhow::Result<Vec<thread::JoinHandle<std::io::Result<()>>>> {
+    let server = Arc::new(Server::new(Arc::clone(splitter), cfg.export.clone()));
+    let listen = match (&cfg.listen, &cfg.socket) {
+        (None, None) => Some("127.0.0.1:10809".to_string()),
+        (l, _) => l.clone(),
+    };
+    let mut threads = Vec::new();
+    if let Some(addr) = listen {
+        let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, export = %cfg.export, "listening on TCP");
+        let server = Arc::clone(&server);
+        threads.push(thread::spawn(move || server.serve_tcp(listener)));
+    }
+    if let Some(path) = &cfg.socket {
+        let listener = nbd::bind_unix(path)
+            .with_context(|| format!("listening on Unix socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), export = %cfg.export, "listening on Unix socket");
+        let server = Arc::clone(&server);
+        threads.push(thread::spawn(move || server.serve_unix(listener)));
+    }
+    Ok(threads)
+}
+
+/// `haven-agent serve`: the write splitter without replication.
+pub fn serve(disk: &Path, log_dir: &Path, limits: Limits, nbd: &NbdConfig) -> anyhow::Result<()> {
+    let log = ChangeLog::open(log_dir, limits)?;
+    let splitter = Arc::new(Splitter::open(disk, log)?);
+    let threads = serve_nbd(&splitter, nbd)?;
+    tracing::info!(
+        disk = %disk.display(),
+        size = splitter.size(),
+        log_dir = %log_dir.display(),
+        "agent serving"
+    );
+    for t in threads {
+        match t.join() {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("a listener thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+/// Options of `haven-agent protect`.
+#[derive(Clone, Debug)]
+pub struct ProtectConfig {
+    /// The data folder (enrolled).
+    pub data_dir: PathBuf,
+    /// The backing disk.
+    pub disk: PathBuf,
+    /// The process server, overriding `agent.json`.
+    pub server: Option<String>,
+    /// NBD front end.
+    pub nbd: NbdConfig,
+    /// Change-log limits.
+    pub limits: Limits,
+    /// The sender's window.
+    pub window_bytes: u64,
+}
+
+/// Size of a raw file or block device.
+fn disk_size(path: &Path) -> anyhow::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("opening backing disk {}", path.display()))?;
+    let meta = f.metadata()?;
+    Ok(if meta.file_type().is_block_device() {
+        f.seek(SeekFrom::End(0))?
+    } else {
+        meta.len()
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Moves a lost or damaged log aside so a fresh one can start.
+fn move_aside(data_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
+    if !log_dir.exists() {
+        return Ok(());
+    }
+    let mut to = data_dir.join(format!("log.damaged-{}", unix_now()));
+    let mut n = 1;
+    while to.exists() {
+        to = data_dir.join(format!("log.damaged-{}-{n}", unix_now()));
+        n += 1;
+    }
+    std::fs::rename(log_dir, &to)
+        .with_context(|| format!("moving {} to {}", log_dir.display(), to.display()))?;
+    crate::state::sync_dir(data_dir)?;
+    tracing::warn!(to = %to.display(), "moved the damaged change log aside");
+    Ok(())
+}
+
+/// Opens `disk.state` and the log, deciding whether the disk must be resynced.
+fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, ChangeLog)> {
+    let state_path = cfg.data_dir.join("disk.state");
+    let log_dir = cfg.data_dir.join("log");
+    let size = disk_size(&cfg.disk)?;
+    let Some(mut rec) = DiskRecord::load(&state_path)? else {
+        if log_dir.exists() {
+            anyhow::bail!(
+                "{} holds a change log but no disk.state: it is not this disk's replication \
+                 log (a `serve` log?); move it away to start protecting {} from scratch",
+                log_dir.display(),
+                cfg.disk.display()
+            );
+        }
+        let rec = DiskRecord::new(size);
+        rec.store(&state_path)?;
+        tracing::info!(disk = %cfg.disk.display(), size, "first protection: initial sync");
+        let log = ChangeLog::open(&log_dir, cfg.limits)?;
+        return Ok((rec, log));
+    };
+    if rec.size != size {
+        anyhow::bail!(
+            "backing disk {} is {size} bytes but was {} bytes when its protection started \
+             ({}); a resized disk needs a new protection: stop the agent, remove {} and {}, \
+             and start again (a full initial sync)",
+            cfg.disk.display(),
+            rec.size,
+            state_path.display(),
+            state_path.display(),
+            log_dir.display()
+        );
+    }
+    let mut lost: Option<String> = None;
+    if !log_dir.exists() {
+        lost = Some(format!("the change log {} is missing", log_dir.display()));
+    }
+    let log = match ChangeLog::open(&log_dir, cfg.limits) {
+        Ok(log) if lost.is_none() && log.stats().last_seq < rec.log_seq => {
+            let why = format!(
+                "the change log {} ends at record {} but records up to {} were durable",
+                log_dir.display(),
+                log.stats().last_seq,
+                rec.log_seq
+            );
+            drop(log);
+            move_aside(&cfg.data_dir, &log_dir)?;
+            lost = Some(why);
+            ChangeLog::open(&log_dir, cfg.limits)?
+        }
+        Ok(log) => log,
+        Err(e @ LogError::Damaged { .. }) => {
+            lost = Some(e.to_string());
+            move_aside(&cfg.data_dir, &log_dir)?;
+            ChangeLog::open(&log_dir, cfg.limits)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(why) = lost {
+        tracing::warn!(
+            "{why}: the disk will be resynced by comparing block hashes with the replica"
+        );
+        rec.state = Phase::Resyncing;
+        rec.sync_offset = 0;
+        rec.log_seq = log.stats().durable_seq;
+        rec.store(&state_path)?;
+    }
+    Ok((rec, log))
+}
+
+/// `haven-agent protect`: serve the disk over NBD and replicate it, until SIGTERM/SIGINT.
+pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
+    let identity = Identity::load(&cfg.data_dir)?;
+    let (rec, log) = open_state_and_log(&cfg)?;
+    let splitter = Arc::new(Splitter::open(&cfg.disk, log)?);
+    let shared = Arc::new(Shared::new(
+        Arc::clone(&splitter),
+        &cfg.data_dir,
+        rec,
+        cfg.limits.max_bytes,
+        identity.info.machine_name.clone(),
+    ));
+    // Record the log's durable seq now, so a log lost from here on is noticed.
+    shared.update(|_| {})?;
+    let server = cfg
+        .server
+        .clone()
+        .unwrap_or_else(|| identity.info.server.clone());
+    let server_name = if cfg.server.is_some() {
+        host_part(&server).to_string()
+    } else {
+        identity.info.server_name.clone()
+    };
+    let ship_cfg = ShipConfig {
+        server: server.clone(),
+        server_name,
+        identity,
+        window_bytes: cfg.window_bytes,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("haven-ship")
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shipper = rt.spawn(replicate::ship(
+        Arc::clone(&shared),
+        ship_cfg,
+        stop_rx.clone(),
+    ));
+    let reporter = rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx));
+
+    let sync_thread = (rec.state == Phase::InitialSync).then(|| {
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("initial-sync".into())
+            .spawn(move || {
+                if let Err(e) = replicate::initial_sync(&shared) {
+                    tracing::error!(error = %format!("{e:#}"), "initial sync stopped");
+                }
+            })
+    });
+    let sync_thread = sync_thread.transpose()?;
+
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for t in serve_nbd(&splitter, &cfg.nbd)? {
+        let done_tx = done_tx.clone();
+        thread::spawn(move || {
+            let r = match t.join() {
+                Ok(r) => r.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("a listener thread panicked")),
+            };
+            let _ = done_tx.send(r);
+        });
+    }
+    drop(done_tx);
+    tracing::info!(
+        disk = %cfg.disk.display(),
+        size = splitter.size(),
+        state = ?rec.state,
+        server = %server,
+        "agent protecting"
+    );
+
+    let ended = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            r = done_rx.recv() => return r.unwrap_or(Ok(())).context("NBD listener stopped"),
+        }
+        anyhow::Ok(())
+    });
+
+    // Stop: no more changes, everything durable, state recorded.
+    shared.stop();
+    let _ = stop_tx.send(true);
+    let durable = splitter.shutdown()?;
+    if let Some(t) = sync_thread {
+        let _ = t.join();
+    }
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), shipper).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), reporter).await;
+    });
+    shared.update(|_| {})?;
+    let _ = shared.write_status();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    tracing::info!(durable_seq = durable, "agent stopped");
+    ended
+}

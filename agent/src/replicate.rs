@@ -1,0 +1,885 @@
+//! Replication of a protected disk: the shipper, the initial pass, resync, and reports.
+//!
+//! # Sequence numbers
+//!
+//! The stream's seq of a record is its change-log seq plus `seq_base` (kept in `disk.state`).
+//! `seq_base` is 0 from the first protection and changes only when a resync starts over a log
+//! that no longer continues what the downstream holds.
+//!
+//! # Shipping
+//!
+//! The shipper runs on tokio. It connects (mutual TLS QUIC), opens one bidirectional stream and
+//! runs a [`Sender`] over it. The [`Sender`] outlives connections (a [`Session`]); records are
+//! pushed into it lazily from the log, at most `window_bytes + 8 MiB` of pushed-unreleased
+//! bytes, and only records that are durable in the log and on the backing disk (the shipper
+//! does that group commit itself, see [`Splitter::sync_for_shipping`]): the downstream never
+//! holds a change the agent could lose. `Released` frees the log's segments.
+//!
+//! # Initial pass
+//!
+//! On first protection, [`initial_sync`] reads the disk in 1 MiB chunks and appends every chunk
+//! that is not all zero to the log as a write record, under the splitter's lock, so it is
+//! ordered with the workload's writes. It waits while the log is more than half full, records
+//! its progress in `disk.state` (after a sync) and resumes from there.
+//!
+//! # Resync
+//!
+//! When the log was lost or damaged, or the downstream resumes below what the agent released
+//! (it lost records), the disk is `resyncing`. On each connection the shipper first checks that
+//! the log's first record maps to the downstream's resume point `M`; if not it sets
+//! `seq_base` so that it does, persists it and reconnects. Then it asks the replica's SHA-256
+//! digests of 64 KiB blocks for the whole disk, and appends every local block that differs
+//! (read, compared and appended under the splitter's lock). No record is pushed before every
+//! range was answered and compared: the digests then all describe the replica at `M - 1`, and
+//! replaying the log on top of it gives the disk (a block found equal was equal before every
+//! record that follows; a block that differed is overwritten whole by its own record). Then
+//! the disk is `protected` and shipping proceeds. A connection lost during the pass redoes it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use haven_net::endpoint;
+use haven_net::quinn;
+use haven_net::stream::{DiskReport, FrameReader, Report, write_frames};
+use haven_wire::frame::error_code;
+use haven_wire::{
+    DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Payload, Record, Role, Sender, SenderConfig,
+    SenderEvent, Seq, Violation, Write,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::identity::{Identity, resolve};
+use crate::log::{self, Kind};
+use crate::splitter::{Captured, SplitError, Splitter};
+use crate::state::{DiskRecord, Phase, write_atomic};
+
+/// The disk's id in the stream: one disk per agent process.
+pub const DISK_ID: u32 = 1;
+/// Block size of resync digests.
+pub const RESYNC_BLOCK: u32 = 64 * 1024;
+/// Chunk of the initial pass.
+pub const SYNC_CHUNK: usize = 1 << 20;
+/// Pushed-unreleased bytes allowed beyond the window.
+const PUSH_SLACK: u64 = 8 << 20;
+/// Most bytes of records read from the log in one go.
+const FILL_BYTES: u64 = 8 << 20;
+/// Hash ranges asked and not yet answered.
+const HASH_RANGES_IN_FLIGHT: usize = 2;
+/// How often the shipper looks for new records when idle.
+const POLL: Duration = Duration::from_millis(10);
+/// How often acknowledged records are freed from the log (when it is not filling up).
+const RELEASE_EVERY: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where and how to replicate.
+#[derive(Clone, Debug)]
+pub struct ShipConfig {
+    /// The process server, `HOST:PORT`.
+    pub server: String,
+    /// The name its certificate is checked against.
+    pub server_name: String,
+    /// The agent's identity.
+    pub identity: Identity,
+    /// The sender's window.
+    pub window_bytes: u64,
+}
+
+/// State shared by the shipper, the initial pass, the reporter and the main thread.
+#[derive(Debug)]
+pub struct Shared {
+    /// The protected disk.
+    pub splitter: Arc<Splitter>,
+    state_path: PathBuf,
+    status_path: PathBuf,
+    record: Mutex<DiskRecord>,
+    log_max_bytes: u64,
+    machine_name: String,
+    sync_done: AtomicU64,
+    resync_sent: AtomicU64,
+    shipped_total: AtomicU64,
+    acked_seq: AtomicU64,
+    conn: Mutex<Option<quinn::Connection>>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state over an opened disk and its (already stored) `disk.state`.
+    pub fn new(
+        splitter: Arc<Splitter>,
+        data_dir: &std::path::Path,
+        record: DiskRecord,
+        log_max_bytes: u64,
+        machine_name: String,
+    ) -> Shared {
+        let sync_done = match record.state {
+            Phase::InitialSync => record.sync_offset,
+            Phase::Protected => record.size,
+            Phase::Resyncing => 0,
+        };
+        let acked = seq_add(splitter.log_stats().first_seq, record.seq_base).saturating_sub(1);
+        Shared {
+            splitter,
+            state_path: data_dir.join("disk.state"),
+            status_path: data_dir.join("status.json"),
+            record: Mutex::new(record),
+            log_max_bytes,
+            machine_name,
+            sync_done: AtomicU64::new(sync_done),
+            resync_sent: AtomicU64::new(0),
+            shipped_total: AtomicU64::new(0),
+            acked_seq: AtomicU64::new(acked),
+            conn: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The current `disk.state`.
+    pub fn record(&self) -> DiskRecord {
+        *self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes `disk.state` and writes it (with the log's durable seq refreshed). Never called
+    /// with the splitter's lock held.
+    pub fn update(&self, f: impl FnOnce(&mut DiskRecord)) -> anyhow::Result<DiskRecord> {
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = *rec;
+        f(&mut next);
+        next.log_seq = self.splitter.log_stats().durable_seq;
+        next.store(&self.state_path)?;
+        *rec = next;
+        Ok(next)
+    }
+
+    /// Asks the initial pass and the shipper to stop.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The report of this moment.
+    pub fn report(&self) -> Report {
+        let rec = self.record();
+        let st = self.splitter.log_stats();
+        let sync_done = match rec.state {
+            Phase::Protected => rec.size,
+            Phase::InitialSync | Phase::Resyncing => self.sync_done.load(Ordering::Relaxed),
+        };
+        let resync_sent = self.resync_sent.load(Ordering::Relaxed);
+        Report {
+            agent_id: String::new(),
+            machine_name: self.machine_name.clone(),
+            time_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            disks: vec![DiskReport {
+                disk: DISK_ID,
+                size: rec.size,
+                state: rec.state.report_state(),
+                sync_done_bytes: sync_done,
+                resync_sent_bytes: resync_sent,
+                log_bytes: st.bytes_used,
+                log_max_bytes: self.log_max_bytes,
+                written_bytes_total: self.splitter.client_bytes(),
+                shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
+                last_seq: seq_add(st.last_seq, rec.seq_base),
+                acked_seq: self.acked_seq.load(Ordering::Relaxed),
+                message: None,
+            }],
+        }
+    }
+
+    /// Writes `status.json` (atomically).
+    pub fn write_status(&self) -> anyhow::Result<()> {
+        let body = serde_json::to_vec_pretty(&self.report())?;
+        write_atomic(&self.status_path, &body, 0o644)
+    }
+}
+
+/// `seq + base`, never below 0.
+fn seq_add(seq: u64, base: i64) -> u64 {
+    (seq as i128 + base as i128).clamp(0, u64::MAX as i128) as u64
+}
+
+/// Whether `data` is all zero (16 bytes at a time).
+pub fn all_zero(data: &[u8]) -> bool {
+    let chunks = data.chunks_exact(16);
+    let tail = chunks.remainder();
+    chunks
+        .map(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])))
+        .all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The initial pass.
+
+/// The initial pass over the disk (see the module docs). Runs on its own thread until done,
+/// until the disk leaves the initial-sync state (a resync supersedes it), or until stopped.
+pub fn initial_sync(shared: &Shared) -> anyhow::Result<()> {
+    let splitter = &shared.splitter;
+    let size = splitter.size();
+    let mut offset = shared.record().sync_offset.min(size);
+    let mut buf = vec![0u8; SYNC_CHUNK];
+    let mut since_persist = 0;
+    tracing::info!(offset, size, "initial sync running");
+    while offset < size {
+        if shared.stopping() || shared.record().state != Phase::InitialSync {
+            return Ok(());
+        }
+        // Leave the workload room: wait while the log is more than half full.
+        if splitter.log_stats().bytes_used > shared.log_max_bytes / 2 {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let n = (size - offset).min(SYNC_CHUNK as u64) as usize;
+        match splitter.capture_blocks(offset, &mut buf[..n], n, |_, d| !all_zero(d)) {
+            Ok(_) => {}
+            Err(SplitError::LogFull(_)) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(SplitError::ShuttingDown) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        offset += n as u64;
+        shared.sync_done.store(offset, Ordering::Relaxed);
+        since_persist += 1;
+        if since_persist >= 8 || offset == size {
+            since_persist = 0;
+            splitter.sync_for_shipping()?;
+            shared.update(|r| {
+                if r.state == Phase::InitialSync {
+                    r.sync_offset = offset;
+                    if offset == size {
+                        r.state = Phase::Protected;
+                    }
+                }
+            })?;
+        }
+    }
+    if shared.record().state == Phase::Protected {
+        tracing::info!(size, "initial sync done: the disk is protected");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shipper.
+
+/// Records read from the log: (log seq, stream record).
+type Filled = Vec<(u64, Record)>;
+
+/// A [`Sender`] and what is pushed into it; lives across connections while `seq_base` holds.
+struct Session {
+    sender: Sender,
+    base: i64,
+    /// The log's first seq when the session started.
+    first_log: u64,
+    /// The next log seq to push.
+    next_log: u64,
+    /// Wire seq and cost of every pushed, unreleased record.
+    costs: VecDeque<(Seq, u64)>,
+    pushed_bytes: u64,
+    fill: Option<JoinHandle<Result<Filled, String>>>,
+    /// Log seq up to which the log may be freed, and when it last was.
+    release_to: u64,
+    released_at: Instant,
+}
+
+impl Session {
+    fn new(shared: &Shared, window_bytes: u64, peer_id: [u8; 16]) -> anyhow::Result<Session> {
+        let rec = shared.record();
+        let first_log = shared.splitter.log_stats().first_seq;
+        let mut first = seq_add(first_log, rec.seq_base);
+        let mut base = rec.seq_base;
+        if first == 0 {
+            // Only while resyncing can the mapping be unknown; probe from 1.
+            base = 1 - first_log as i64;
+            first = 1;
+        }
+        let mut config = SenderConfig::new(Role::Agent, peer_id);
+        config.window_bytes = window_bytes;
+        let info = DiskInfo {
+            id: DISK_ID,
+            size: rec.size,
+            block_size: rec.block_size,
+        };
+        let sender = Sender::new(config, [(info, first)])?;
+        shared.acked_seq.store(first - 1, Ordering::Relaxed);
+        Ok(Session {
+            sender,
+            base,
+            first_log,
+            next_log: first_log,
+            costs: VecDeque::new(),
+            pushed_bytes: 0,
+            fill: None,
+            release_to: 0,
+            released_at: Instant::now(),
+        })
+    }
+
+    fn first_wire(&self) -> Seq {
+        seq_add(self.first_log, self.base)
+    }
+}
+
+/// Why a connection ended.
+enum Outcome {
+    /// The agent is stopping.
+    Stop,
+    /// `seq_base` changed: start a new session.
+    Rebase,
+    /// The connection ended; try again after the backoff. `welcomed`: it got as far as the
+    /// `Welcome` (the backoff starts over).
+    Lost { why: String, welcomed: bool },
+}
+
+/// A hash pass on one connection.
+struct HashPass {
+    size: u64,
+    next_offset: u64,
+    asked: BTreeMap<u64, HashRequest>,
+    answered: VecDeque<(HashRequest, Hashes)>,
+    comparing: Option<JoinHandle<Result<Captured, SplitError>>>,
+}
+
+impl HashPass {
+    fn new(size: u64) -> HashPass {
+        HashPass {
+            size,
+            next_offset: 0,
+            asked: BTreeMap::new(),
+            answered: VecDeque::new(),
+            comparing: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.next_offset >= self.size
+            && self.asked.is_empty()
+            && self.answered.is_empty()
+            && self.comparing.is_none()
+    }
+}
+
+/// Runs the shipper until `stop` turns true.
+pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receiver<bool>) {
+    let peer_id = match cfg.identity.peer_id() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot replicate");
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    let mut session: Option<Session> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let s = match &mut session {
+            Some(s) => s,
+            None => match Session::new(&shared, cfg.window_bytes, peer_id) {
+                Ok(s) => session.insert(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the replication stream");
+                    return;
+                }
+            },
+        };
+        let outcome = connection(&shared, &cfg, s, &mut stop).await;
+        s.sender.connection_lost();
+        if let Some(conn) = shared.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            conn.close(0u32.into(), b"agent reconnecting");
+        }
+        match outcome {
+            Outcome::Stop => return,
+            Outcome::Rebase => {
+                session = None;
+                backoff = BACKOFF_MIN;
+            }
+            Outcome::Lost { why, welcomed } => {
+                if welcomed {
+                    backoff = BACKOFF_MIN;
+                }
+                tracing::warn!(server = %cfg.server, retry_in_ms = backoff.as_millis() as u64,
+                    "replication connection: {why}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Names a connection error, with the gateway's refusal and what to do about it.
+fn describe(err: &quinn::ConnectionError) -> String {
+    use haven_net::Refusal;
+    match Refusal::of(err) {
+        Some(Refusal::CertificateRequired) => {
+            "refused by the gateway: it requires a client certificate (enroll first)".into()
+        }
+        Some(Refusal::UnknownCa) => "refused by the gateway: this agent's certificate is not from \
+             its site CA (enrolled with another site? remove DATA/identity and enroll again)"
+            .into(),
+        Some(Refusal::CertificateExpired) => {
+            "refused by the gateway: this agent's certificate has expired (renew it)".into()
+        }
+        Some(Refusal::CertificateRevoked) => "refused by the gateway: this agent's certificate \
+             was revoked (remove DATA/identity and enroll again with a new token)"
+            .into(),
+        Some(r) => format!("refused by the gateway ({r:?}): {err}"),
+        None => format!("connection lost: {err}"),
+    }
+}
+
+fn lost(why: impl Into<String>, welcomed: bool) -> Outcome {
+    Outcome::Lost {
+        why: why.into(),
+        welcomed,
+    }
+}
+
+async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Option<T> {
+    match h {
+        Some(handle) => {
+            let r = handle.await.ok();
+            *h = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One connection: connect, handshake, stream until it ends.
+async fn connection(
+    shared: &Arc<Shared>,
+    cfg: &ShipConfig,
+    s: &mut Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let id = &cfg.identity;
+    let addr = match resolve(&cfg.server).await {
+        Ok(a) => a,
+        Err(e) => return lost(format!("{e:#}"), false),
+    };
+    let conn = tokio::select! {
+        c = endpoint::connect(addr, &cfg.server_name, &id.ca_pem, &id.cert_pem, &id.key_pem) => c,
+        _ = stop.changed() => return Outcome::Stop,
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(haven_net::NetError::Connection { source, .. }) => {
+            return lost(describe(&source), false);
+        }
+        Err(e) => return lost(e.to_string(), false),
+    };
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return lost(describe(&e), false),
+    };
+    *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    let mut reader = FrameReader::new(recv);
+    let size = shared.splitter.size();
+    let window = s.sender.config().window_bytes;
+    s.sender.connect(Instant::now());
+    let mut welcomed = false;
+    let mut pass: Option<HashPass> = None;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(%addr, first_seq = s.first_wire(), "replication connection open");
+
+    loop {
+        let phase = shared.record().state;
+        let now = Instant::now();
+
+        // Read more records from the log when pushing is allowed and the budget has room.
+        if phase != Phase::Resyncing
+            && s.fill.is_none()
+            && s.pushed_bytes < window + PUSH_SLACK
+            && shared.splitter.log_stats().last_seq >= s.next_log
+        {
+            let splitter = Arc::clone(&shared.splitter);
+            let (from, base) = (s.next_log, s.base);
+            s.fill = Some(tokio::task::spawn_blocking(move || {
+                fill(&splitter, from, base)
+            }));
+        }
+
+        // Free acknowledged records from the log, not on every ack (a release of the whole
+        // log starts a new segment).
+        if s.release_to >= s.first_log
+            && (s.released_at.elapsed() >= RELEASE_EVERY
+                || shared.splitter.log_stats().bytes_used > shared.log_max_bytes / 2)
+        {
+            let splitter = Arc::clone(&shared.splitter);
+            let upto = s.release_to;
+            s.released_at = Instant::now();
+            s.release_to = 0;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = splitter.release_log(upto) {
+                    tracing::warn!(error = %e, "freeing acknowledged records from the log");
+                }
+            });
+        }
+
+        // The hash pass: ask (a bounded number of ranges at once), compare one at a time.
+        if let Some(p) = &mut pass {
+            while p.asked.len() < HASH_RANGES_IN_FLIGHT && p.next_offset < p.size {
+                let len = (p.size - p.next_offset)
+                    .min(haven_wire::frame::MAX_HASHES as u64 * u64::from(RESYNC_BLOCK));
+                let req = HashRequest {
+                    disk: DISK_ID,
+                    offset: p.next_offset,
+                    len,
+                    block_size: RESYNC_BLOCK,
+                };
+                if let Err(e) = s.sender.request_hashes(req) {
+                    return lost(format!("asking the replica's digests: {e}"), welcomed);
+                }
+                p.asked.insert(req.offset, req);
+                p.next_offset += len;
+            }
+            if p.comparing.is_none()
+                && let Some((req, hashes)) = p.answered.pop_front()
+            {
+                let splitter = Arc::clone(&shared.splitter);
+                p.comparing = Some(tokio::task::spawn_blocking(move || {
+                    compare(&splitter, req, &hashes)
+                }));
+            }
+            if p.done() {
+                pass = None;
+                match shared.update(|r| {
+                    if r.state == Phase::Resyncing {
+                        r.state = Phase::Protected;
+                    }
+                }) {
+                    Ok(_) => tracing::info!(
+                        sent_bytes = shared.resync_sent.load(Ordering::Relaxed),
+                        "resync done: the disk is protected"
+                    ),
+                    Err(e) => return lost(format!("{e:#}"), welcomed),
+                }
+                continue;
+            }
+        }
+
+        let frames: Vec<Frame> = std::iter::from_fn(|| s.sender.poll_transmit(now)).collect();
+        if !frames.is_empty()
+            && let Err(e) = write_frames(&mut send, frames).await
+        {
+            return lost(format!("sending: {e}"), welcomed);
+        }
+
+        while let Some(ev) = s.sender.poll_event() {
+            match ev {
+                SenderEvent::Connected => {
+                    welcomed = true;
+                    let released = s.sender.released(DISK_ID).unwrap_or(0);
+                    tracing::info!(resume_seq = released + 1, "replication stream resumed");
+                    shared.acked_seq.store(released, Ordering::Relaxed);
+                    if phase == Phase::Resyncing {
+                        if released + 1 != s.first_wire() {
+                            // The log's first record must map to where the downstream resumes.
+                            let base = released as i64 + 1 - s.first_log as i64;
+                            tracing::info!(
+                                resume_seq = released + 1,
+                                seq_base = base,
+                                "resync: mapping the change log onto the replica's stream"
+                            );
+                            return match shared.update(|r| r.seq_base = base) {
+                                Ok(_) => Outcome::Rebase,
+                                Err(e) => lost(format!("{e:#}"), true),
+                            };
+                        }
+                        tracing::info!(size, block = RESYNC_BLOCK, "resync: comparing digests");
+                        shared.sync_done.store(0, Ordering::Relaxed);
+                        shared.resync_sent.store(0, Ordering::Relaxed);
+                        pass = Some(HashPass::new(size));
+                    }
+                }
+                SenderEvent::Released { up_to, .. } => {
+                    while s.costs.front().is_some_and(|&(seq, _)| seq <= up_to) {
+                        if let Some((_, cost)) = s.costs.pop_front() {
+                            s.pushed_bytes -= cost;
+                            shared.shipped_total.fetch_add(cost, Ordering::Relaxed);
+                        }
+                    }
+                    shared.acked_seq.fetch_max(up_to, Ordering::Relaxed);
+                    let log_seq = up_to as i128 - s.base as i128;
+                    if log_seq >= 1 {
+                        s.release_to = s.release_to.max(log_seq as u64);
+                    }
+                }
+                SenderEvent::Hashes(h) => {
+                    if let Some(p) = &mut pass
+                        && let Some(req) = p.asked.remove(&h.offset)
+                    {
+                        p.answered.push_back((req, h));
+                    } else {
+                        tracing::warn!(offset = h.offset, "unasked digests ignored");
+                    }
+                }
+                SenderEvent::PeerError(e) => {
+                    if e.code == error_code::RESUME_GAP {
+                        return enter_resync(shared, None, &e.message);
+                    }
+                    return lost(
+                        format!(
+                            "the gateway ended the stream: {} (code {})",
+                            e.message, e.code
+                        ),
+                        welcomed,
+                    );
+                }
+                SenderEvent::ProtocolError(v) => {
+                    let frames: Vec<Frame> =
+                        std::iter::from_fn(|| s.sender.poll_transmit(now)).collect();
+                    let _ = write_frames(&mut send, frames).await;
+                    let _ = send.finish();
+                    if let Violation::ResumeGap { next_seq, .. } = v {
+                        let base = next_seq as i64 - shared.splitter.log_stats().first_seq as i64;
+                        return enter_resync(shared, Some(base), &v.to_string());
+                    }
+                    return lost(format!("protocol error: {v}"), welcomed);
+                }
+                SenderEvent::ConnectionDead => {
+                    return lost("the gateway stopped answering", welcomed);
+                }
+            }
+        }
+        if s.sender.is_closed() {
+            return lost("stream closed", welcomed);
+        }
+
+        let timeout = s.sender.poll_timeout();
+        let phase_now = shared.record().state;
+        tokio::select! {
+            _ = stop.changed() => return Outcome::Stop,
+            frame = reader.next() => match frame {
+                Ok(Some(f)) => {
+                    s.sender.handle(Instant::now(), f);
+                    // Take what else has arrived without waiting.
+                    loop {
+                        match reader.try_next() {
+                            Ok(Some(f)) => s.sender.handle(Instant::now(), f),
+                            Ok(None) => break,
+                            Err(e) => return decode_failed(&mut send, e, welcomed).await,
+                        }
+                    }
+                }
+                Ok(None) => return lost("the gateway finished the stream", welcomed),
+                Err(e) => return decode_failed(&mut send, e, welcomed).await,
+            },
+            records = join(&mut s.fill) => match records {
+                Some(Ok(records)) => {
+                    if phase_now == Phase::Resyncing {
+                        // Read before a resync started: drop, the session is about to change.
+                        continue;
+                    }
+                    for (log_seq, r) in records {
+                        let seq = r.seq();
+                        let cost = r.wire_len();
+                        if let Err(e) = s.sender.push(r) {
+                            tracing::error!(error = %e, "pushing a log record");
+                            return Outcome::Rebase;
+                        }
+                        s.costs.push_back((seq, cost));
+                        s.pushed_bytes += cost;
+                        s.next_log = log_seq + 1;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "reading the change log");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                None => {}
+            },
+            done = async {
+                match &mut pass {
+                    Some(p) => join(&mut p.comparing).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match done {
+                    Some(Ok(c)) => {
+                        if let Some(p) = &mut pass {
+                            shared.resync_sent.fetch_add(c.bytes, Ordering::Relaxed);
+                            let covered = p.next_offset
+                                - p.asked.values().map(|r| r.len).sum::<u64>()
+                                - p.answered.iter().map(|(r, _)| r.len).sum::<u64>();
+                            shared.sync_done.store(covered.min(size), Ordering::Relaxed);
+                        }
+                    }
+                    Some(Err(e)) => return lost(format!("resync: {e}"), welcomed),
+                    None => return lost("resync: a comparison task failed", welcomed),
+                }
+            },
+            _ = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => s.sender.handle_timeout(Instant::now()),
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// The peer's bytes did not decode: tell it, then end the connection.
+async fn decode_failed(
+    send: &mut quinn::SendStream,
+    e: haven_net::stream::StreamError,
+    welcomed: bool,
+) -> Outcome {
+    match e {
+        haven_net::stream::StreamError::Decode(w) => {
+            let frame = Frame::Error(ErrorFrame::from_wire_error(&w));
+            let _ = write_frames(send, [frame]).await;
+            let _ = send.finish();
+            lost(format!("undecodable frame from the gateway: {w}"), welcomed)
+        }
+        haven_net::stream::StreamError::Read(quinn::ReadError::ConnectionLost(c)) => {
+            lost(describe(&c), welcomed)
+        }
+        other => lost(other.to_string(), welcomed),
+    }
+}
+
+/// The downstream lost records this agent released: the disk goes to resync.
+fn enter_resync(shared: &Shared, base: Option<i64>, why: &str) -> Outcome {
+    tracing::warn!(
+        "the replica lost records already released here ({why}): resyncing by hash compare"
+    );
+    match shared.update(|r| {
+        r.state = Phase::Resyncing;
+        if let Some(b) = base {
+            r.seq_base = b;
+        }
+    }) {
+        Ok(_) => Outcome::Rebase,
+        Err(e) => lost(format!("{e:#}"), true),
+    }
+}
+
+/// Reads durable records from `from` (at most [`FILL_BYTES`]), as stream records.
+fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
+    let durable = splitter.sync_for_shipping().map_err(|e| e.to_string())?;
+    if durable < from {
+        return Ok(Vec::new());
+    }
+    let reader = splitter.read_log_from(from).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for rec in reader {
+        let rec = rec.map_err(|e| e.to_string())?;
+        if rec.seq > durable {
+            break;
+        }
+        bytes += rec.data.len() as u64 + 64;
+        out.push((rec.seq, to_wire(rec, base)));
+        if bytes >= FILL_BYTES {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A log record as a stream record.
+fn to_wire(rec: log::Record, base: i64) -> Record {
+    let data = match rec.kind {
+        Kind::Write if all_zero(&rec.data) => Payload::Zero { len: rec.len },
+        Kind::Write => Payload::Data(Bytes::from(rec.data)),
+        Kind::Zero => Payload::Zero { len: rec.len },
+        Kind::Trim => Payload::Trim { len: rec.len },
+    };
+    Record::Write(Write {
+        disk: DISK_ID,
+        seq: seq_add(rec.seq, base),
+        offset: rec.offset,
+        data,
+    })
+}
+
+/// Compares the local blocks of `req` with the replica's digests and appends those that
+/// differ (a block without a digest counts as different).
+fn compare(splitter: &Splitter, req: HashRequest, hashes: &Hashes) -> Result<Captured, SplitError> {
+    let bs = req.block_size as usize;
+    let end = (req.offset + req.len).min(splitter.size());
+    let mut buf = vec![0u8; bs * 16];
+    let mut total = Captured::default();
+    let mut off = req.offset;
+    let mut warned = Instant::now() - Duration::from_secs(60);
+    while off < end {
+        let n = (end - off).min(buf.len() as u64) as usize;
+        let differs = |at: u64, data: &[u8]| {
+            let digest = (hashes.block_size == req.block_size && at >= hashes.offset)
+                .then(|| ((at - hashes.offset) / u64::from(hashes.block_size)) as usize)
+                .and_then(|i| hashes.hashes.get(i));
+            digest.is_none_or(|d| Sha256::digest(data).as_slice() != d.as_slice())
+        };
+        match splitter.capture_blocks(off, &mut buf[..n], bs, differs) {
+            Ok(c) => {
+                total.blocks += c.blocks;
+                total.bytes += c.bytes;
+                off += n as u64;
+            }
+            Err(SplitError::LogFull(e)) => {
+                if warned.elapsed() >= Duration::from_secs(10) {
+                    warned = Instant::now();
+                    tracing::warn!(error = %e, "resync waits for room in the change log: the \
+                        blocks that differ must fit in it (raise --log-max-bytes)");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+/// Every second: `status.json`, and a report to the gateway when connected.
+pub async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let s = Arc::clone(&shared);
+        let report = tokio::task::spawn_blocking(move || {
+            if let Err(e) = s.write_status() {
+                tracing::warn!(error = %e, "writing status.json");
+            }
+            s.report()
+        })
+        .await;
+        let conn = shared
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Ok(report), Some(conn)) = (report, conn) {
+            tokio::spawn(async move {
+                if let Err(e) = haven_net::stream::send_report(&conn, &report).await {
+                    tracing::debug!(error = %e, "sending a report");
+                }
+            });
+        }
+    }
+}
