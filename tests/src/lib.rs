@@ -5,8 +5,8 @@
 //! through the real token flow (`haven token create` → `haven-gateway enroll` /
 //! `haven-agent enroll`). Every process can be killed with SIGKILL and restarted.
 //!
-//! Binaries come from `$HAVEN_BIN_DIR`, else `target/debug` of this workspace (`cargo xtask
-//! build` makes them).
+//! Binaries come from [`ClusterOptions::bin_dir`], else `$HAVEN_BIN_DIR`, else `target/debug` of
+//! this workspace (`cargo xtask build` makes them).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -18,15 +18,11 @@ use anyhow::{Context, Result, bail};
 use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
-/// Where the binaries are.
-pub fn bin_dir() -> PathBuf {
+/// Where the binaries are by default: `$HAVEN_BIN_DIR`, else this workspace's `target/debug`.
+pub fn default_bin_dir() -> PathBuf {
     std::env::var_os("HAVEN_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
-}
-
-fn bin(name: &str) -> PathBuf {
-    bin_dir().join(name)
 }
 
 /// A TCP port that was free a moment ago.
@@ -91,6 +87,19 @@ impl Proc {
         })
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Peak resident memory in bytes (`VmHWM`), while it runs.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -147,6 +156,7 @@ impl Drop for Proc {
 /// One gateway: its data folder, configuration and process.
 #[derive(Debug)]
 pub struct Gateway {
+    bins: PathBuf,
     pub name: String,
     pub data_dir: PathBuf,
     pub config: PathBuf,
@@ -158,9 +168,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn init(root: &Path, name: &str, site: &str) -> Result<(PathBuf, u16, u16)> {
+    fn init(bins: &Path, root: &Path, name: &str, site: &str) -> Result<(PathBuf, u16, u16)> {
         let data_dir = root.join(name);
-        run_ok(Command::new(bin("haven-gateway")).args([
+        run_ok(Command::new(bins.join("haven-gateway")).args([
             "init",
             "--data-dir",
             &data_dir.to_string_lossy(),
@@ -173,6 +183,7 @@ impl Gateway {
     }
 
     fn start(
+        bins: &Path,
         name: &str,
         data_dir: PathBuf,
         config: String,
@@ -182,7 +193,7 @@ impl Gateway {
         let path = data_dir.join("gateway.toml");
         fs::write(&path, config)?;
         let proc = Proc::spawn(
-            Command::new(bin("haven-gateway"))
+            Command::new(bins.join("haven-gateway"))
                 .args(["run", "--config"])
                 .arg(&path)
                 .env(
@@ -192,6 +203,7 @@ impl Gateway {
             &data_dir.join("gateway.log"),
         )?;
         let mut g = Gateway {
+            bins: bins.to_owned(),
             name: name.into(),
             data_dir,
             config: path,
@@ -221,7 +233,7 @@ impl Gateway {
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
         self.proc = Proc::spawn(
-            Command::new(bin("haven-gateway"))
+            Command::new(self.bins.join("haven-gateway"))
                 .args(["run", "--config"])
                 .arg(&self.config)
                 .env(
@@ -235,25 +247,27 @@ impl Gateway {
 
     /// The gateway's status, through `haven status --json`.
     pub fn status(&self) -> Result<GatewayStatus> {
-        let out =
-            run_ok(Command::new(bin("haven")).args(["status", "--json", "--api", &self.api]))?;
+        let out = run_ok(
+            Command::new(self.bins.join("haven")).args(["status", "--json", "--api", &self.api]),
+        )?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         Ok(serde_json::from_value(v[0]["status"].clone())?)
     }
 
     /// A one-time enrollment token, through `haven token create`.
     pub fn token(&self) -> Result<String> {
-        Ok(
-            run_ok(Command::new(bin("haven")).args(["token", "create", "--api", &self.api]))?
-                .trim()
-                .to_string(),
-        )
+        Ok(run_ok(
+            Command::new(self.bins.join("haven")).args(["token", "create", "--api", &self.api]),
+        )?
+        .trim()
+        .to_string())
     }
 }
 
 /// The agent protecting one disk.
 #[derive(Debug)]
 pub struct Agent {
+    bins: PathBuf,
     pub data_dir: PathBuf,
     pub disk: PathBuf,
     /// `nbd://127.0.0.1:PORT/disk`
@@ -267,7 +281,7 @@ pub struct Agent {
 impl Agent {
     fn spawn(&mut self) -> Result<()> {
         self.proc = Proc::spawn(
-            Command::new(bin("haven-agent"))
+            Command::new(self.bins.join("haven-agent"))
                 .args(["protect", "--data-dir"])
                 .arg(&self.data_dir)
                 .arg("--disk")
@@ -321,13 +335,18 @@ pub struct ClusterOptions {
     pub agent_args: Vec<String>,
     /// Extra lines for the process server's `[process_server]` section.
     pub ps_config: String,
+    /// Where the binaries are (default: [`default_bin_dir`]).
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Cluster {
     /// Starts everything below `root` and protects `disk` (a raw file).
     pub fn start(root: &Path, disk: &Path, options: ClusterOptions) -> Result<Cluster> {
-        let (mt_dir, mt_port, mt_api) = Gateway::init(root, "mt", "secondary")?;
+        let bins = options.bin_dir.clone().unwrap_or_else(default_bin_dir);
+        let bins = bins.as_path();
+        let (mt_dir, mt_port, mt_api) = Gateway::init(bins, root, "mt", "secondary")?;
         let mt = Gateway::start(
+            bins,
             "master target",
             mt_dir.clone(),
             format!(
@@ -337,15 +356,16 @@ impl Cluster {
             mt_port,
             mt_api,
         )?;
-        let (ps_dir, ps_port, ps_api) = Gateway::init(root, "ps", "primary")?;
+        let (ps_dir, ps_port, ps_api) = Gateway::init(bins, root, "ps", "primary")?;
         run_ok(
-            Command::new(bin("haven-gateway"))
+            Command::new(bins.join("haven-gateway"))
                 .args(["enroll", "--data-dir"])
                 .arg(&ps_dir)
                 .args(["--upstream", &format!("127.0.0.1:{mt_port}")])
                 .args(["--token", &mt.token()?, "--name", "ps-primary"]),
         )?;
         let ps = Gateway::start(
+            bins,
             "process server",
             ps_dir.clone(),
             format!(
@@ -359,7 +379,7 @@ impl Cluster {
         let agent_dir = root.join("agent");
         let server = format!("127.0.0.1:{ps_port}");
         run_ok(
-            Command::new(bin("haven-agent"))
+            Command::new(bins.join("haven-agent"))
                 .args(["enroll", "--data-dir"])
                 .arg(&agent_dir)
                 .args(["--server", &server, "--token", &ps.token()?])
@@ -367,6 +387,7 @@ impl Cluster {
         )?;
         let nbd_port = free_tcp_port();
         let mut agent = Agent {
+            bins: bins.to_owned(),
             data_dir: agent_dir,
             disk: disk.to_owned(),
             nbd: format!("nbd://127.0.0.1:{nbd_port}/disk"),

@@ -127,11 +127,11 @@ pub fn formats(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ratio(ours: Duration, theirs: Duration) -> f64 {
+pub(crate) fn ratio(ours: Duration, theirs: Duration) -> f64 {
     ours.as_secs_f64() / theirs.as_secs_f64().max(1e-9)
 }
 
-fn timed(cmd: &mut Command) -> Result<Duration> {
+pub(crate) fn timed(cmd: &mut Command) -> Result<Duration> {
     let started = Instant::now();
     let out = cmd.output()?;
     if !out.status.success() {

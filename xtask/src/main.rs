@@ -4,7 +4,7 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats]` runs benchmarks against their baselines.
+//! - `cargo xtask bench [plugins|formats|replication]` runs benchmarks against their baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
 
@@ -14,6 +14,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_replication;
 mod demo;
 
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
@@ -53,7 +54,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -125,7 +126,12 @@ fn ensure_wasm_target() -> Result<()> {
 
 /// Installs the Debian packages the tests need when their programs are missing.
 fn ensure_test_tools() -> Result<()> {
-    let mut missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_programs(DEBIAN_PACKAGES)
+}
+
+/// Installs, from Debian, the package of each program that is missing.
+fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = programs
         .iter()
         .filter(|(program, _)| !have(program))
         .map(|(_, package)| *package)
@@ -247,7 +253,8 @@ fn bench(args: &[&str]) -> Result<()> {
     match which {
         "all" => {
             bench(&["plugins"])?;
-            bench(&["formats"])
+            bench(&["formats"])?;
+            bench(&["replication"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -262,7 +269,12 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "haven-cli"]))?;
             bench::formats(&root())
         }
-        other => bail!("unknown benchmark `{other}` (known: plugins, formats)"),
+        "replication" => {
+            ensure_programs(&[("qemu-img", "qemu-utils"), ("rsync", "rsync")])?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_replication::run(&root())
+        }
+        other => bail!("unknown benchmark `{other}` (known: plugins, formats, replication)"),
     }
 }
 

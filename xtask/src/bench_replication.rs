@@ -1,0 +1,246 @@
+//! `cargo xtask bench replication`: Haven's replication against rsync, and the agent's write
+//! path against writing the disk directly, in one run, with the processes' peak memory.
+//!
+//! 1. Initial replication of a 4 GiB mixed disk (1/3 never written, 1/3 text-like, 1/3
+//!    random): agent → process server → master target on loopback, until the replica has
+//!    applied everything, vs an rsync daemon on loopback receiving the same file.
+//! 2. Delta replication of 1 % of the disk's 4 KiB blocks changed: from the first write through
+//!    the agent until the replica has applied the last, vs `rsync --no-whole-file --inplace` of
+//!    the changed file onto the old copy (default block size, and `-B 4096`).
+//! 3. Write throughput: `qemu-img bench` writing 1 GiB in 1 MiB requests through the agent's NBD
+//!    front end (while it replicates) vs onto a file directly, each ending with a flush.
+//! 4. Peak resident memory (VmHWM) of the agent and both gateways.
+//!
+//! Release builds; every time includes making the result durable (`sync` for rsync, the
+//! replica's own flush for Haven).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use haven_e2e::{Cluster, ClusterOptions, free_tcp_port, images_equal, mixed_disk, now_ms};
+
+use crate::bench::{ratio, timed};
+
+const SIZE: u64 = 4 << 30;
+const BLOCK: u64 = 4096;
+const WRITE_BYTES: u64 = 1 << 30;
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1048576.0 / d.as_secs_f64()
+}
+
+pub fn run(root: &Path) -> Result<()> {
+    let dir = root.join("target/bench-replication");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let source = dir.join("source.raw");
+    mixed_disk(&source, SIZE, 42)?;
+    println!(
+        "source: {} GiB raw, 1 MiB stripes: never written / text-like / random\n",
+        SIZE >> 30
+    );
+
+    // --- 1. Initial replication -------------------------------------------------------------
+    let rsync_dir = dir.join("rsync");
+    std::fs::create_dir_all(rsync_dir.join("module"))?;
+    let port = free_tcp_port();
+    let conf = rsync_dir.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = false\n[bench]\npath = {}\nread only = false\n",
+            rsync_dir.join("module").display()
+        ),
+    )?;
+    let mut daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the rsync daemon")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rsync_initial = timed(
+        Command::new("rsync")
+            .args(["--inplace", "--sparse"])
+            .arg(&source)
+            .arg(format!("rsync://127.0.0.1:{port}/bench/disk.raw")),
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let rsync_initial = rsync_initial?;
+    let old_copy = rsync_dir.join("module/disk.raw");
+
+    let bins = root.join("target/release");
+    let started = Instant::now();
+    let mut cluster = Cluster::start(
+        &dir.join("sites"),
+        &source,
+        ClusterOptions {
+            bin_dir: Some(bins),
+            ..ClusterOptions::default()
+        },
+    )?;
+    cluster.wait_caught_up(now_ms(), Duration::from_secs(3600), |_, _| {})?;
+    let haven_initial = started.elapsed();
+    let replica = cluster.replica()?;
+    if !images_equal(&source, &replica)? {
+        bail!("the replica differs from the source after the initial replication");
+    }
+    let ps = cluster.ps.status()?.process_server.unwrap_or_default();
+    let cached = ps
+        .disks
+        .first()
+        .map_or((0, 0), |d| (d.received_bytes_total, d.stored_bytes_total));
+
+    // --- 2. Delta replication ---------------------------------------------------------------
+    // Two copies of the old disk for rsync's two runs.
+    let old_copy_b = rsync_dir.join("disk-b4096.raw");
+    timed(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&old_copy)
+            .arg(&old_copy_b),
+    )?;
+    let blocks = SIZE / BLOCK;
+    let changed = blocks / 100;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut picked = std::collections::BTreeSet::new();
+    while (picked.len() as u64) < changed {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        picked.insert(x % blocks);
+    }
+    let script: Vec<String> = picked
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("write -P {} {} {BLOCK}", 1 + i % 250, b * BLOCK))
+        .chain(std::iter::once("flush".to_string()))
+        .collect();
+    let script_file = dir.join("delta.qemu-io");
+    std::fs::write(&script_file, script.join("\n") + "\n")?;
+    let started = Instant::now();
+    let since = now_ms();
+    // qemu-io reads its commands from standard input.
+    let status = Command::new("qemu-io")
+        .args(["-f", "raw", &cluster.agent.nbd])
+        .stdin(std::fs::File::open(&script_file)?)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("the delta workload failed");
+    }
+    let workload = started.elapsed();
+    cluster.wait_caught_up(since, Duration::from_secs(3600), |_, _| {})?;
+    let haven_delta = started.elapsed();
+    if !images_equal(&source, &replica)? {
+        bail!("the replica differs from the source after the delta");
+    }
+    let rsync_delta = timed(
+        Command::new("rsync")
+            .args(["--no-whole-file", "--inplace"])
+            .arg(&source)
+            .arg(&old_copy),
+    )?;
+    let rsync_delta_4k = timed(
+        Command::new("rsync")
+            .args(["--no-whole-file", "--inplace", "-B", "4096"])
+            .arg(&source)
+            .arg(&old_copy_b),
+    )?;
+
+    // --- 3. Write path ----------------------------------------------------------------------
+    let direct = dir.join("direct.raw");
+    std::fs::File::create(&direct)?.set_len(SIZE)?;
+    let count = (WRITE_BYTES >> 20).to_string();
+    let bench = |target: &str| {
+        timed(Command::new("qemu-img").args([
+            "bench",
+            "-w",
+            "-f",
+            "raw",
+            "-s",
+            "1M",
+            "-d",
+            "8",
+            "-c",
+            &count,
+            "--flush-interval",
+            &count,
+            target,
+        ]))
+    };
+    let direct_time = bench(&direct.to_string_lossy())?;
+    let nbd_time = bench(&cluster.agent.nbd)?;
+    cluster.wait_caught_up(now_ms(), Duration::from_secs(3600), |_, _| {})?;
+    if !images_equal(&source, &replica)? {
+        bail!("the replica differs from the source after the write test");
+    }
+
+    // --- 4. Memory --------------------------------------------------------------------------
+    let rss = |p: &haven_e2e::Proc| p.peak_rss().map_or(0.0, |b| b as f64 / 1048576.0);
+    let (agent_rss, ps_rss, mt_rss) = (
+        rss(&cluster.agent.proc),
+        rss(&cluster.ps.proc),
+        rss(&cluster.mt.proc),
+    );
+
+    println!(
+        "{:<46} {:>10} {:>10} {:>8}",
+        "", "Haven", "baseline", "speed-up"
+    );
+    println!(
+        "{:<46} {:>9.2}s {:>9.2}s {:>7.2}x",
+        "initial replication, 4 GiB (vs rsync daemon)",
+        secs(haven_initial),
+        secs(rsync_initial),
+        ratio(rsync_initial, haven_initial)
+    );
+    println!(
+        "{:<46} {:>9.2}s {:>9.2}s {:>7.1}x",
+        "delta, 1 % of 4 KiB blocks (vs rsync)",
+        secs(haven_delta),
+        secs(rsync_delta),
+        ratio(rsync_delta, haven_delta)
+    );
+    println!(
+        "{:<46} {:>9.2}s {:>9.2}s {:>7.1}x",
+        "delta, 1 % of 4 KiB blocks (vs rsync -B 4096)",
+        secs(haven_delta),
+        secs(rsync_delta_4k),
+        ratio(rsync_delta_4k, haven_delta)
+    );
+    println!(
+        "{:<46} {:>7.0}MB/s {:>7.0}MB/s {:>7.0}%",
+        "write 1 GiB, 1 MiB requests (NBD vs direct)",
+        mib_s(WRITE_BYTES, nbd_time),
+        mib_s(WRITE_BYTES, direct_time),
+        100.0 * secs(direct_time) / secs(nbd_time)
+    );
+    println!();
+    println!(
+        "delta: the workload itself took {:.2}s of Haven's {:.2}s ({} blocks through NBD)",
+        secs(workload),
+        secs(haven_delta),
+        changed
+    );
+    println!(
+        "initial: the process server received {} MiB and cached {} MiB (zstd + AES-256-GCM)",
+        cached.0 >> 20,
+        cached.1 >> 20
+    );
+    println!(
+        "peak memory: agent {agent_rss:.0} MiB, process server {ps_rss:.0} MiB, master target \
+         {mt_rss:.0} MiB"
+    );
+    println!("every replica state was checked with qemu-img compare");
+    Ok(())
+}
