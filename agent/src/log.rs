@@ -40,6 +40,15 @@
 //! but the last is complete and durable. On [`ChangeLog::open`] a torn tail of the last segment
 //! (a record cut short or never fully written by a crash) is truncated; damage anywhere else is
 //! an error naming the segment file and the offset.
+//!
+//! # Overflow marker
+//!
+//! A splitter that keeps serving writes after the log filled up (see `splitter.rs`) first
+//! creates the file [`OVERFLOW_MARKER`] in the folder, durably: from then on the disk may hold
+//! writes the log lacks, so the records held no longer describe the disk's history and must
+//! never be replayed onto it. [`ChangeLog::is_overflowed`] reports the marker;
+//! [`ChangeLog::discard_all`] drops every record and then the marker. The marker's presence is
+//! the whole information (its text is for people), so no damage to it can change its meaning.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -63,6 +72,8 @@ pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
 /// File name extension of segments.
 pub const SEGMENT_EXT: &str = "hlog";
 const LOCK_FILE: &str = "lock";
+/// File whose presence says the log overflowed: its records are void (see the module docs).
+pub const OVERFLOW_MARKER: &str = "overflowed";
 const IO_CHUNK: usize = 1024 * 1024;
 
 /// Size limits of a change log.
@@ -260,6 +271,8 @@ struct Segment {
     /// `first_seq - 1` while empty.
     last_seq: u64,
     len: u64,
+    /// Largest `offset + len` of its records (0 when empty).
+    max_end: u64,
 }
 
 impl Segment {
@@ -280,6 +293,8 @@ pub struct ChangeLog {
     next_seq: u64,
     durable_seq: u64,
     bytes_used: u64,
+    /// The overflow marker exists.
+    overflowed: bool,
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -599,6 +614,7 @@ impl ChangeLog {
         sync_dir(&dir)?;
         let bytes_used = segments.iter().map(|s| s.len).sum();
         let next_seq = last.last_seq + 1;
+        let overflowed = dir.join(OVERFLOW_MARKER).exists();
         let log = ChangeLog {
             dir,
             limits,
@@ -608,6 +624,7 @@ impl ChangeLog {
             next_seq,
             durable_seq: next_seq - 1,
             bytes_used,
+            overflowed,
         };
         tracing::info!(
             dir = %log.dir.display(),
@@ -615,6 +632,7 @@ impl ChangeLog {
             first_seq = log.segments[0].first_seq,
             last_seq = log.next_seq - 1,
             bytes_used = log.bytes_used,
+            overflowed = log.overflowed,
             "change log open"
         );
         Ok(log)
@@ -663,6 +681,7 @@ impl ChangeLog {
         }
         let mut pos = SEGMENT_HEADER_LEN;
         let mut next = first;
+        let mut max_end = 0;
         while pos < file_len {
             match check_record(&file, pos, file_len, Some(next), None)
                 .map_err(io_err("reading", path))?
@@ -670,6 +689,7 @@ impl ChangeLog {
                 Check::Good(hdr) => {
                     pos += hdr.total_len();
                     next += 1;
+                    max_end = max_end.max(hdr.offset + hdr.len);
                 }
                 Check::Bad(why) => {
                     if !is_last {
@@ -702,6 +722,7 @@ impl ChangeLog {
             first_seq: first,
             last_seq: next - 1,
             len: pos,
+            max_end,
         })
     }
 
@@ -725,6 +746,7 @@ impl ChangeLog {
             first_seq,
             last_seq: first_seq - 1,
             len: SEGMENT_HEADER_LEN,
+            max_end: 0,
         })
     }
 
@@ -797,6 +819,7 @@ impl ChangeLog {
         let seg = &mut self.segments[idx];
         seg.len += size;
         seg.last_seq = seq;
+        seg.max_end = seg.max_end.max(offset + len);
         self.bytes_used += size;
         self.next_seq += 1;
         Ok(seq)
@@ -847,6 +870,64 @@ impl ChangeLog {
     /// The log's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The limits it was opened with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Largest `offset + len` of the records held (0 when none).
+    pub fn max_record_end(&self) -> u64 {
+        self.segments.iter().map(|s| s.max_end).max().unwrap_or(0)
+    }
+
+    /// Whether the overflow marker exists: the records held are void (see the module docs).
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// Creates the overflow marker durably (file synced, folder synced) before returning. The
+    /// caller appends nothing more until [`ChangeLog::discard_all`].
+    pub fn mark_overflowed(&mut self, why: &str) -> Result<()> {
+        if self.overflowed {
+            return Ok(());
+        }
+        let path = self.dir.join(OVERFLOW_MARKER);
+        let text = format!(
+            "HAVEN-LOG-OVERFLOWED 1\n{why}\nThe records in this folder are void: the disk has \
+             writes they lack. The agent drops them and resyncs by block comparison.\n"
+        );
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("creating", &path))?;
+        f.write_all_at(text.as_bytes(), 0)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("writing", &path))?;
+        sync_dir(&self.dir)?;
+        self.overflowed = true;
+        Ok(())
+    }
+
+    /// Drops every record held (written or not, acknowledged or not), then the overflow
+    /// marker. Sequence numbers continue: the next record gets `next_seq` as before. Returns the
+    /// bytes freed.
+    pub fn discard_all(&mut self) -> Result<u64> {
+        let freed = self.release(self.next_seq - 1)?;
+        if self.overflowed {
+            let path = self.dir.join(OVERFLOW_MARKER);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
+            }
+            sync_dir(&self.dir)?;
+            self.overflowed = false;
+        }
+        Ok(freed)
     }
 
     /// Counters.

@@ -61,7 +61,8 @@ enum Command {
         /// Export name (clients asking for the empty name get it too).
         #[arg(long, default_value = "disk")]
         export: String,
-        /// Most bytes the change log may hold; writes beyond it fail with ENOSPC.
+        /// Most bytes the change log may hold. Writes never fail when it is full: the agent
+        /// stops logging, then resets the log and resyncs by block comparison.
         #[arg(long, default_value_t = Limits::default().max_bytes)]
         log_max_bytes: u64,
         /// Size of one change-log segment file.
@@ -126,7 +127,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
+            tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();

@@ -6,7 +6,8 @@
 //! ```text
 //! DATA/identity/{cert.pem, key.pem, ca.pem, agent.json}   enrollment (see identity.rs)
 //! DATA/disk.state                                        replication state (see state.rs)
-//! DATA/log/                                              the change log
+//! DATA/log/                                              the change log (`log/overflowed`:
+//!                                                        it overflowed, see splitter.rs)
 //! DATA/log.damaged-<unix time>/                          a damaged log, moved aside (resync)
 //! DATA/status.json                                       the last report, every second
 //! ```
@@ -24,7 +25,7 @@ use crate::identity::{Identity, host_part};
 use crate::log::{ChangeLog, Limits, LogError};
 use crate::nbd::{self, Server};
 use crate::replicate::{self, Shared, ShipConfig};
-use crate::splitter::Splitter;
+use crate::splitter::{OnFull, Splitter};
 use crate::state::{DiskRecord, Phase};
 
 /// Where NBD clients reach the disk.
@@ -69,7 +70,7 @@ pub fn serve_nbd(
 /// `haven-agent serve`: the write splitter without replication.
 pub fn serve(disk: &Path, log_dir: &Path, limits: Limits, nbd: &NbdConfig) -> anyhow::Result<()> {
     let log = ChangeLog::open(log_dir, limits)?;
-    let splitter = Arc::new(Splitter::open(disk, log)?);
+    let splitter = Arc::new(Splitter::open(disk, log, OnFull::Refuse)?);
     let threads = serve_nbd(&splitter, nbd)?;
     tracing::info!(
         disk = %disk.display(),
@@ -203,6 +204,7 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
         );
         rec.state = Phase::Resyncing;
         rec.sync_offset = 0;
+        rec.remap = true;
         rec.log_seq = log.stats().durable_seq;
         rec.store(&state_path)?;
     }
@@ -213,7 +215,8 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
 pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     let identity = Identity::load(&cfg.data_dir)?;
     let (rec, log) = open_state_and_log(&cfg)?;
-    let splitter = Arc::new(Splitter::open(&cfg.disk, log)?);
+    // A full log degrades the protection (a resync), never the workload.
+    let splitter = Arc::new(Splitter::open(&cfg.disk, log, OnFull::Overflow)?);
     let shared = Arc::new(Shared::new(
         Arc::clone(&splitter),
         &cfg.data_dir,

@@ -19,23 +19,74 @@
 //!
 //! On first protection, [`initial_sync`] reads the disk in 1 MiB chunks and appends every chunk
 //! that is not all zero to the log as a write record, under the splitter's lock, so it is
-//! ordered with the workload's writes. It waits while the log is more than half full, records
-//! its progress in `disk.state` (after a sync) and resumes from there.
+//! ordered with the workload's writes. It waits while the log is more than half full (its own
+//! appends never overflow the log: only clients' writes do), records its progress in
+//! `disk.state` (after a sync) and resumes from there. An overflow turns the disk to
+//! `resyncing`, which supersedes the initial pass.
 //!
 //! # Resync
 //!
-//! When the log was lost or damaged, or the downstream resumes below what the agent released
-//! (it lost records), the disk is `resyncing`. On each connection the shipper first checks that
-//! the log's first record maps to the downstream's resume point `M`; if not it sets
-//! `seq_base` so that it does, persists it and reconnects. Then it asks the replica's SHA-256
-//! digests of 64 KiB blocks for the whole disk, and appends every local block that differs
-//! (read, compared and appended under the splitter's lock). No record is pushed before every
-//! range was answered and compared: the digests then all describe the replica at `M - 1`, and
-//! replaying the log on top of it gives the disk (a block found equal was equal before every
-//! record that follows; a block that differed is overwritten whole by its own record). Then
-//! the disk is `protected` and shipping proceeds. A connection lost during the pass redoes it.
+//! The disk is `resyncing` when its log was lost or damaged, when the downstream resumes below
+//! what the agent released (it lost records), or when the log overflowed (below). A resync
+//! makes the replica equal to the disk by comparing SHA-256 digests of 64 KiB blocks.
+//!
+//! *Mapping.* While `disk.state` says `remap`, the stream seq of the log's first record is not
+//! known: at the `Welcome` the shipper sets `seq_base` so that the log's first record maps onto
+//! the downstream's resume point `M`, persists it (clearing `remap`) and reconnects. Nothing is
+//! pushed while `remap` holds. Call `R0` the replica after every record below `M`, and `L` the
+//! log's records from its first, in order: the replica ends as `R0` with `L` applied.
+//!
+//! *The pass*, range by range (at most [`RESYNC_RANGE`] bytes each), resumable from
+//! `sync_offset`: (1) hold pushes until every record pushed so far is acknowledged; (2) ask the
+//! range's digests (still holding pushes, so the process server's cache drains and it forwards
+//! the request; the master target answers once it applied everything); (3) compare the range
+//! with the disk, appending every block that differs to the log under the splitter's lock
+//! (ordered with the workload's writes), while pushes go on; (4) sync, persist `sync_offset` at
+//! the range's end, next range. The compare waits while the log is more than half full, and the
+//! pushes of (3) drain it, so the log never has to hold more than half its size of captures:
+//! however large the differences, a pass does not deadlock on a small log.
+//!
+//! *Why the replica converges.* Invariant: since the log's first record, every change to the
+//! disk is in `L`, in the order it reached the disk (overflow breaks this, and is handled below).
+//! Take a byte `x` of a range whose digests describe the replica after `R0` plus a prefix of `L`
+//! (records are applied in order; the prefix holds only records appended before the comparison,
+//! since they were pushed before the digests were computed), compared with the disk at time `T`:
+//! - if `x`'s block differed, a capture of the disk's value at `T` is appended at `T`;
+//! - if it was equal, the replica's `x` after that prefix equals the disk's `x` at `T`.
+//!
+//! In the end the replica's `x` is the value of the last record of `L` touching `x`, or `R0`'s
+//! if none does. If a record after `T` touches `x`, the last one carries the disk's current value
+//! (every change is logged, in disk order). Otherwise, with a capture, the last record touching
+//! `x` is at or before `T` and carries the disk's value at `T`, which is current. Without a
+//! capture: the last record touching `x` at or before `T`, if any, carries the disk's value at
+//! `T` (the prefix applied for the digests either includes it, or ends before it and the record
+//! still comes later); if none, the replica keeps the prefix's value, equal to the disk's at
+//! `T`. So the replica ends equal to the disk, whatever prefix each range's digests saw; waiting
+//! for acknowledgements before asking only keeps records in flight from showing up as
+//! differences. A connection lost mid-pass resumes from `sync_offset` on the same mapping; a
+//! mapping that changes (`remap`) restarts the pass from 0. When every range is compared, the
+//! disk is `protected`: every difference is in the log and ships from it.
+//!
+//! # A full log
+//!
+//! The splitter does not fail writes when the log is full (see `splitter.rs`): it marks the log
+//! overflowed and applies changes to the disk only. The shipper notices ([`Splitter::overflow`]),
+//! and (1) records `state=resyncing`, `remap`, `sync_offset=0` in `disk.state` durably, with the
+//! report's message naming the cause; (2) resets the log ([`Splitter::reset_log`]: its records are
+//! dropped, no longer needed since the pass finds every difference, and the splitter logs again,
+//! switched under its lock); (3) reconnects, so the mapping and the pass above start afresh on
+//! the emptied log. The invariant holds again from the switch: changes before it are on the disk
+//! and the pass (which starts after it) compares the disk; changes after it are in `L`. A crash
+//! anywhere in between is safe: the overflow marker in the log folder was durable before the
+//! first unlogged change reached the disk, so a restart never applies the void records and
+//! resets the log the same way; `disk.state` says `resyncing` before the marker goes.
+//!
+//! Termination: a pass needs the log only for half its size at a time, so it completes as long
+//! as the workload's write rate stays below what the link ships. If it does not, the log
+//! overflows again and the resync starts over; the workload is never affected, and the report
+//! says to raise `--log-max-bytes` or check the connection.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +107,7 @@ use tokio::task::JoinHandle;
 
 use crate::identity::{Identity, resolve};
 use crate::log::{self, Kind};
-use crate::splitter::{Captured, SplitError, Splitter};
+use crate::splitter::{Captured, Overflow, SplitError, Splitter};
 use crate::state::{DiskRecord, Phase, write_atomic};
 
 /// The disk's id in the stream: one disk per agent process.
@@ -69,8 +120,8 @@ pub const SYNC_CHUNK: usize = 1 << 20;
 const PUSH_SLACK: u64 = 8 << 20;
 /// Most bytes of records read from the log in one go.
 const FILL_BYTES: u64 = 8 << 20;
-/// Hash ranges asked and not yet answered.
-const HASH_RANGES_IN_FLIGHT: usize = 2;
+/// Most bytes of one range of the hash pass (4096 digests).
+pub const RESYNC_RANGE: u64 = 4096 * RESYNC_BLOCK as u64;
 /// How often the shipper looks for new records when idle.
 const POLL: Duration = Duration::from_millis(10);
 /// How often acknowledged records are freed from the log (when it is not filling up).
@@ -107,6 +158,13 @@ pub struct Shared {
     acked_seq: AtomicU64,
     conn: Mutex<Option<quinn::Connection>>,
     stopping: AtomicBool,
+    /// Why the disk is not protected, for the report.
+    message: Mutex<Option<String>>,
+    /// Why the agent is not connected to the process server (refusal, loss), until it is again.
+    link: Mutex<Option<String>>,
+    /// Bumped (inside [`Shared::update`]) whenever a resync starts over: a pass of an older
+    /// epoch must not record progress.
+    epoch: AtomicU64,
 }
 
 impl Shared {
@@ -119,9 +177,8 @@ impl Shared {
         machine_name: String,
     ) -> Shared {
         let sync_done = match record.state {
-            Phase::InitialSync => record.sync_offset,
+            Phase::InitialSync | Phase::Resyncing => record.sync_offset,
             Phase::Protected => record.size,
-            Phase::Resyncing => 0,
         };
         let acked = seq_add(splitter.log_stats().first_seq, record.seq_base).saturating_sub(1);
         Shared {
@@ -137,7 +194,18 @@ impl Shared {
             acked_seq: AtomicU64::new(acked),
             conn: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            message: Mutex::new(None),
+            link: Mutex::new(None),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    fn set_link(&self, m: Option<String>) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = m;
+    }
+
+    fn set_message(&self, m: Option<String>) {
+        *self.message.lock().unwrap_or_else(|e| e.into_inner()) = m;
     }
 
     /// The current `disk.state`.
@@ -193,7 +261,12 @@ impl Shared {
                 shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
                 last_seq: seq_add(st.last_seq, rec.seq_base),
                 acked_seq: self.acked_seq.load(Ordering::Relaxed),
-                message: None,
+                message: self
+                    .message
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .or_else(|| self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             }],
         }
     }
@@ -244,7 +317,8 @@ pub fn initial_sync(shared: &Shared) -> anyhow::Result<()> {
         let n = (size - offset).min(SYNC_CHUNK as u64) as usize;
         match splitter.capture_blocks(offset, &mut buf[..n], n, |_, d| !all_zero(d)) {
             Ok(_) => {}
-            Err(SplitError::LogFull(_)) => {
+            // Overflowed: the shipper turns the disk to resyncing, which supersedes this pass.
+            Err(SplitError::LogFull(_) | SplitError::Overflowed) => {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
@@ -302,8 +376,9 @@ impl Session {
         let first_log = shared.splitter.log_stats().first_seq;
         let mut first = seq_add(first_log, rec.seq_base);
         let mut base = rec.seq_base;
-        if first == 0 {
-            // Only while resyncing can the mapping be unknown; probe from 1.
+        if first == 0 || (rec.state == Phase::Resyncing && rec.remap) {
+            // The mapping is unknown (only while resyncing): probe from 1, so that any resume
+            // point is accepted; the `Welcome` then sets the mapping.
             base = 1 - first_log as i64;
             first = 1;
         }
@@ -340,37 +415,87 @@ enum Outcome {
     Stop,
     /// `seq_base` changed: start a new session.
     Rebase,
+    /// The log overflowed: reset it and resync (new session).
+    Overflow,
     /// The connection ended; try again after the backoff. `welcomed`: it got as far as the
     /// `Welcome` (the backoff starts over).
     Lost { why: String, welcomed: bool },
 }
 
-/// A hash pass on one connection.
+/// A hash pass on one connection, range by range (see the module docs).
 struct HashPass {
     size: u64,
-    next_offset: u64,
-    asked: BTreeMap<u64, HashRequest>,
-    answered: VecDeque<(HashRequest, Hashes)>,
+    /// The epoch of [`Shared`] it belongs to.
+    epoch: u64,
+    /// Every range below this was compared and its differing blocks appended.
+    done_to: u64,
+    /// The range asked and not yet answered.
+    asked: Option<HashRequest>,
+    /// The comparison running.
     comparing: Option<JoinHandle<Result<Captured, SplitError>>>,
+    /// Set when the pass is dropped, so that a comparison still running stops.
+    cancel: Arc<AtomicBool>,
 }
 
 impl HashPass {
-    fn new(size: u64) -> HashPass {
+    fn new(size: u64, from: u64, epoch: u64) -> HashPass {
         HashPass {
             size,
-            next_offset: 0,
-            asked: BTreeMap::new(),
-            answered: VecDeque::new(),
+            epoch,
+            done_to: from.min(size),
+            asked: None,
             comparing: None,
+            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn done(&self) -> bool {
-        self.next_offset >= self.size
-            && self.asked.is_empty()
-            && self.answered.is_empty()
-            && self.comparing.is_none()
+    /// Pushing waits from the end of one comparison until the next range's digests arrive.
+    fn holds_pushes(&self) -> bool {
+        self.comparing.is_none() && self.done_to < self.size
     }
+
+    fn done(&self) -> bool {
+        self.done_to >= self.size && self.asked.is_none() && self.comparing.is_none()
+    }
+}
+
+impl Drop for HashPass {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+/// Resolves when the splitter's log has overflowed.
+async fn overflowed(splitter: &Splitter) {
+    while splitter.overflow().is_none() {
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The log overflowed: record that the disk resyncs, then reset the log (module docs, "A full
+/// log"). Blocking.
+fn handle_overflow(shared: &Shared) -> anyhow::Result<()> {
+    let Some(Overflow { used, max_bytes }) = shared.splitter.overflow() else {
+        return Ok(());
+    };
+    let msg = format!(
+        "change log full ({used} of {max_bytes} bytes); resyncing by block comparison — raise \
+         --log-max-bytes or check the connection to the process server"
+    );
+    tracing::warn!("{msg}");
+    shared.set_message(Some(msg));
+    shared.update(|r| {
+        r.state = Phase::Resyncing;
+        r.remap = true;
+        r.sync_offset = 0;
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+    })?;
+    shared.sync_done.store(0, Ordering::Relaxed);
+    shared.resync_sent.store(0, Ordering::Relaxed);
+    shared.splitter.reset_log()?;
+    // The log's durable seq, after the reset.
+    shared.update(|_| {})?;
+    Ok(())
 }
 
 /// Runs the shipper until `stop` turns true.
@@ -387,6 +512,22 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
     loop {
         if *stop.borrow() {
             return;
+        }
+        if shared.splitter.overflow().is_some() {
+            session = None;
+            let sh = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || handle_overflow(&sh)).await {
+                Ok(Ok(())) => backoff = BACKOFF_MIN,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "resetting the overflowed change log");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            }
         }
         let s = match &mut session {
             Some(s) => s,
@@ -409,16 +550,19 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
                 session = None;
                 backoff = BACKOFF_MIN;
             }
+            Outcome::Overflow => continue,
             Outcome::Lost { why, welcomed } => {
                 if welcomed {
                     backoff = BACKOFF_MIN;
                 }
                 tracing::warn!(server = %cfg.server, retry_in_ms = backoff.as_millis() as u64,
                     "replication connection: {why}");
+                shared.set_link(Some(format!("process server {}: {why}", cfg.server)));
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = overflowed(&shared.splitter) => {}
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -442,7 +586,18 @@ fn describe(err: &quinn::ConnectionError) -> String {
              was revoked (remove DATA/identity and enroll again with a new token)"
             .into(),
         Some(r) => format!("refused by the gateway ({r:?}): {err}"),
-        None => format!("connection lost: {err}"),
+        None => match err {
+            // This side refused the gateway: its certificate is not from our site's CA.
+            quinn::ConnectionError::TransportError(t)
+                if t.code == quinn::TransportErrorCode::crypto(48) =>
+            {
+                "the gateway's certificate is not from the site CA this agent enrolled with \
+                 (wrong address, or enrolled with another site? remove DATA/identity and enroll \
+                 again with this site's token)"
+                    .into()
+            }
+            _ => format!("connection lost: {err}"),
+        },
     }
 }
 
@@ -478,6 +633,7 @@ async fn connection(
     };
     let conn = tokio::select! {
         c = endpoint::connect(addr, &cfg.server_name, &id.ca_pem, &id.cert_pem, &id.key_pem) => c,
+        _ = overflowed(&shared.splitter) => return Outcome::Overflow,
         _ = stop.changed() => return Outcome::Stop,
     };
     let conn = match conn {
@@ -503,11 +659,16 @@ async fn connection(
     tracing::info!(%addr, first_seq = s.first_wire(), "replication connection open");
 
     loop {
+        if shared.splitter.overflow().is_some() {
+            return Outcome::Overflow;
+        }
         let phase = shared.record().state;
         let now = Instant::now();
 
-        // Read more records from the log when pushing is allowed and the budget has room.
-        if phase != Phase::Resyncing
+        // Read more records from the log when pushing is allowed and the budget has room:
+        // resyncing, only while the pass lets pushes go (the mapping is known once it runs).
+        let hold = phase == Phase::Resyncing && pass.as_ref().is_none_or(HashPass::holds_pushes);
+        if !hold
             && s.fill.is_none()
             && s.pushed_bytes < window + PUSH_SLACK
             && shared.splitter.log_stats().last_seq >= s.next_log
@@ -536,42 +697,45 @@ async fn connection(
             });
         }
 
-        // The hash pass: ask (a bounded number of ranges at once), compare one at a time.
+        // The hash pass, range by range: ask a range once everything pushed is acknowledged.
         if let Some(p) = &mut pass {
-            while p.asked.len() < HASH_RANGES_IN_FLIGHT && p.next_offset < p.size {
-                let len = (p.size - p.next_offset)
-                    .min(haven_wire::frame::MAX_HASHES as u64 * u64::from(RESYNC_BLOCK));
+            if p.asked.is_none()
+                && p.comparing.is_none()
+                && p.done_to < p.size
+                && s.fill.is_none()
+                && s.sender.unreleased() == 0
+            {
                 let req = HashRequest {
                     disk: DISK_ID,
-                    offset: p.next_offset,
-                    len,
+                    offset: p.done_to,
+                    len: (p.size - p.done_to).min(RESYNC_RANGE),
                     block_size: RESYNC_BLOCK,
                 };
                 if let Err(e) = s.sender.request_hashes(req) {
                     return lost(format!("asking the replica's digests: {e}"), welcomed);
                 }
-                p.asked.insert(req.offset, req);
-                p.next_offset += len;
-            }
-            if p.comparing.is_none()
-                && let Some((req, hashes)) = p.answered.pop_front()
-            {
-                let splitter = Arc::clone(&shared.splitter);
-                p.comparing = Some(tokio::task::spawn_blocking(move || {
-                    compare(&splitter, req, &hashes)
-                }));
+                p.asked = Some(req);
             }
             if p.done() {
+                let epoch = p.epoch;
                 pass = None;
                 match shared.update(|r| {
-                    if r.state == Phase::Resyncing {
+                    if r.state == Phase::Resyncing
+                        && !r.remap
+                        && shared.epoch.load(Ordering::Acquire) == epoch
+                    {
                         r.state = Phase::Protected;
+                        r.sync_offset = 0;
+                        shared.set_message(None);
                     }
                 }) {
-                    Ok(_) => tracing::info!(
-                        sent_bytes = shared.resync_sent.load(Ordering::Relaxed),
-                        "resync done: the disk is protected"
-                    ),
+                    Ok(r) if r.state == Phase::Protected => {
+                        tracing::info!(
+                            sent_bytes = shared.resync_sent.load(Ordering::Relaxed),
+                            "resync done: the disk is protected"
+                        );
+                    }
+                    Ok(_) => {}
                     Err(e) => return lost(format!("{e:#}"), welcomed),
                 }
                 continue;
@@ -589,27 +753,48 @@ async fn connection(
             match ev {
                 SenderEvent::Connected => {
                     welcomed = true;
+                    shared.set_link(None);
                     let released = s.sender.released(DISK_ID).unwrap_or(0);
                     tracing::info!(resume_seq = released + 1, "replication stream resumed");
                     shared.acked_seq.store(released, Ordering::Relaxed);
-                    if phase == Phase::Resyncing {
-                        if released + 1 != s.first_wire() {
+                    let rec = shared.record();
+                    if rec.state == Phase::Resyncing {
+                        if rec.remap {
                             // The log's first record must map to where the downstream resumes.
                             let base = released as i64 + 1 - s.first_log as i64;
+                            let rebase = released + 1 != s.first_wire();
                             tracing::info!(
                                 resume_seq = released + 1,
                                 seq_base = base,
                                 "resync: mapping the change log onto the replica's stream"
                             );
-                            return match shared.update(|r| r.seq_base = base) {
-                                Ok(_) => Outcome::Rebase,
-                                Err(e) => lost(format!("{e:#}"), true),
-                            };
+                            if let Err(e) = shared.update(|r| {
+                                r.seq_base = base;
+                                r.remap = false;
+                                r.sync_offset = 0;
+                            }) {
+                                return lost(format!("{e:#}"), true);
+                            }
+                            if rebase {
+                                return Outcome::Rebase;
+                            }
                         }
-                        tracing::info!(size, block = RESYNC_BLOCK, "resync: comparing digests");
-                        shared.sync_done.store(0, Ordering::Relaxed);
-                        shared.resync_sent.store(0, Ordering::Relaxed);
-                        pass = Some(HashPass::new(size));
+                        let from = shared.record().sync_offset;
+                        tracing::info!(
+                            size,
+                            from,
+                            block = RESYNC_BLOCK,
+                            "resync: comparing digests"
+                        );
+                        shared.sync_done.store(from, Ordering::Relaxed);
+                        if from == 0 {
+                            shared.resync_sent.store(0, Ordering::Relaxed);
+                        }
+                        pass = Some(HashPass::new(
+                            size,
+                            from,
+                            shared.epoch.load(Ordering::Acquire),
+                        ));
                     }
                 }
                 SenderEvent::Released { up_to, .. } => {
@@ -627,9 +812,14 @@ async fn connection(
                 }
                 SenderEvent::Hashes(h) => {
                     if let Some(p) = &mut pass
-                        && let Some(req) = p.asked.remove(&h.offset)
+                        && let Some(req) = p.asked.filter(|r| r.offset == h.offset)
                     {
-                        p.answered.push_back((req, h));
+                        p.asked = None;
+                        let (sh, cancel, epoch) =
+                            (Arc::clone(shared), Arc::clone(&p.cancel), p.epoch);
+                        p.comparing = Some(tokio::task::spawn_blocking(move || {
+                            compare(&sh, req, &h, epoch, &cancel)
+                        }));
                     } else {
                         tracing::warn!(offset = h.offset, "unasked digests ignored");
                     }
@@ -687,7 +877,7 @@ async fn connection(
             },
             records = join(&mut s.fill) => match records {
                 Some(Ok(records)) => {
-                    if phase_now == Phase::Resyncing {
+                    if phase_now == Phase::Resyncing && pass.is_none() {
                         // Read before a resync started: drop, the session is about to change.
                         continue;
                     }
@@ -719,12 +909,12 @@ async fn connection(
                     Some(Ok(c)) => {
                         if let Some(p) = &mut pass {
                             shared.resync_sent.fetch_add(c.bytes, Ordering::Relaxed);
-                            let covered = p.next_offset
-                                - p.asked.values().map(|r| r.len).sum::<u64>()
-                                - p.answered.iter().map(|(r, _)| r.len).sum::<u64>();
-                            shared.sync_done.store(covered.min(size), Ordering::Relaxed);
+                            p.done_to = (p.done_to + RESYNC_RANGE).min(size);
+                            shared.sync_done.store(p.done_to, Ordering::Relaxed);
                         }
                     }
+                    // Seen at the top of the loop.
+                    Some(Err(SplitError::Overflowed)) => {}
                     Some(Err(e)) => return lost(format!("resync: {e}"), welcomed),
                     None => return lost("resync: a comparison task failed", welcomed),
                 }
@@ -767,9 +957,12 @@ fn enter_resync(shared: &Shared, base: Option<i64>, why: &str) -> Outcome {
     );
     match shared.update(|r| {
         r.state = Phase::Resyncing;
+        r.sync_offset = 0;
+        r.remap = base.is_none();
         if let Some(b) = base {
             r.seq_base = b;
         }
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
     }) {
         Ok(_) => Outcome::Rebase,
         Err(e) => lost(format!("{e:#}"), true),
@@ -816,8 +1009,17 @@ fn to_wire(rec: log::Record, base: i64) -> Record {
 }
 
 /// Compares the local blocks of `req` with the replica's digests and appends those that
-/// differ (a block without a digest counts as different).
-fn compare(splitter: &Splitter, req: HashRequest, hashes: &Hashes) -> Result<Captured, SplitError> {
+/// differ (a block without a digest counts as different), waiting while the log is more than
+/// half full; then makes them durable and records the pass's progress (if the pass is still the
+/// current one). Stops on `cancel`, on an overflow and when the agent stops.
+fn compare(
+    shared: &Shared,
+    req: HashRequest,
+    hashes: &Hashes,
+    epoch: u64,
+    cancel: &AtomicBool,
+) -> Result<Captured, SplitError> {
+    let splitter = &shared.splitter;
     let bs = req.block_size as usize;
     let end = (req.offset + req.len).min(splitter.size());
     let mut buf = vec![0u8; bs * 16];
@@ -825,7 +1027,19 @@ fn compare(splitter: &Splitter, req: HashRequest, hashes: &Hashes) -> Result<Cap
     let mut off = req.offset;
     let mut warned = Instant::now() - Duration::from_secs(60);
     while off < end {
+        if cancel.load(Ordering::Acquire) || shared.stopping() {
+            return Err(SplitError::ShuttingDown);
+        }
         let n = (end - off).min(buf.len() as u64) as usize;
+        if splitter.log_stats().bytes_used + n as u64 > shared.log_max_bytes / 2 {
+            // Leave the workload room; the shipper drains the log meanwhile.
+            if warned.elapsed() >= Duration::from_secs(10) {
+                warned = Instant::now();
+                tracing::info!("resync waits for the change log to drain below half full");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         let differs = |at: u64, data: &[u8]| {
             let digest = (hashes.block_size == req.block_size && at >= hashes.offset)
                 .then(|| ((at - hashes.offset) / u64::from(hashes.block_size)) as usize)
@@ -838,17 +1052,26 @@ fn compare(splitter: &Splitter, req: HashRequest, hashes: &Hashes) -> Result<Cap
                 total.bytes += c.bytes;
                 off += n as u64;
             }
-            Err(SplitError::LogFull(e)) => {
-                if warned.elapsed() >= Duration::from_secs(10) {
-                    warned = Instant::now();
-                    tracing::warn!(error = %e, "resync waits for room in the change log: the \
-                        blocks that differ must fit in it (raise --log-max-bytes)");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Err(SplitError::LogFull(_)) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e),
         }
     }
+    splitter.sync_for_shipping()?;
+    shared
+        .update(|r| {
+            if r.state == Phase::Resyncing
+                && !r.remap
+                && r.sync_offset == req.offset
+                && shared.epoch.load(Ordering::Acquire) == epoch
+            {
+                r.sync_offset = end;
+            }
+        })
+        .map_err(|e| {
+            SplitError::Log(log::LogError::Invalid(format!(
+                "recording the resync's progress: {e:#}"
+            )))
+        })?;
     Ok(total)
 }
 

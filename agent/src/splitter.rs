@@ -16,10 +16,38 @@
 //! Changes are serialized by one lock held across "append to the log, apply to the disk", so
 //! the log's order is the order in which changes were applied to the backing disk, and replaying
 //! the log onto the disk's earlier state gives its current state. The record is appended first
-//! (write-ahead): when the log refuses (full), the disk is left untouched and the client gets
-//! `ENOSPC`, so the log never misses a change the disk has. If the disk write then fails, the
-//! client gets `EIO` and the log holds a change whose range is undefined on the disk, as for any
-//! failed block write.
+//! (write-ahead). If appending fails with an I/O error, the disk is left untouched and the client
+//! gets `EIO`. If the disk write then fails, the client gets `EIO` and the log holds a change
+//! whose range is undefined on the disk, as for any failed block write.
+//!
+//! # A full log ([`OnFull`])
+//!
+//! - [`OnFull::Refuse`] (`haven-agent serve`, where the log is the product): the write is refused
+//!   with `ENOSPC` before the disk is touched, so the log never misses a change the disk has.
+//! - [`OnFull::Overflow`] (`haven-agent protect`): the protection degrades, the workload does
+//!   not. The splitter becomes *overflowed*: it makes the log's overflow marker durable
+//!   ([`ChangeLog::mark_overflowed`]) and only then applies the write, and that one and every
+//!   later change go to the disk only (FLUSH and FUA still sync the disk). Nothing more is
+//!   appended to the log — not even the replication's own block captures, which are refused
+//!   with [`SplitError::Overflowed`] — so no record ever follows a change the log lacks (the
+//!   replica would otherwise apply an older record over newer data it never got). The
+//!   replication side sees [`Splitter::overflow`], records that the disk is resyncing, and calls
+//!   [`Splitter::reset_log`], which, under the lock, drops every record and switches back to
+//!   logging: every change before the switch is on the disk (and found by the hash pass, which
+//!   starts after it), every change after it is in the fresh log.
+//!
+//! # Opening: the whole log is applied again
+//!
+//! [`Splitter::open`] applies every record the log holds to the backing disk, in order, then
+//! syncs the disk. The records held are those not yet released, i.e. after the last point the
+//! disk was synced for shipping; after a power loss the disk may lack any of them (its page
+//! cache is lost; the log's group commit may have made them durable), and after a killed
+//! process the last one may be missing from the disk (appended, not yet applied). Applying a
+//! suffix of the disk's own history again, in order, onto a disk that already has some or all of
+//! it gives the same bytes, so this is always safe. The cost is bounded by the log's size limit
+//! (`--log-max-bytes`) and logged. A log marked overflowed is never applied (its records are
+//! older than writes the disk has): with [`OnFull::Overflow`] the splitter opens overflowed (the
+//! replication side resets the log and resyncs), with [`OnFull::Refuse`] opening fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -44,6 +72,9 @@ pub enum SplitError {
     /// The log is full; nothing was applied.
     #[error(transparent)]
     LogFull(LogError),
+    /// The log overflowed and is not appended to until it is reset; nothing was captured.
+    #[error("the change log overflowed: nothing is appended until it is reset")]
+    Overflowed,
     /// The log failed.
     #[error(transparent)]
     Log(LogError),
@@ -66,10 +97,10 @@ impl SplitError {
     /// The errno sent to an NBD client.
     pub fn errno(&self) -> u32 {
         match self {
-            SplitError::Invalid(_) => 22,                      // EINVAL
-            SplitError::LogFull(_) => 28,                      // ENOSPC
-            SplitError::ShuttingDown => 108,                   // ESHUTDOWN
-            SplitError::Log(_) | SplitError::Disk { .. } => 5, // EIO
+            SplitError::Invalid(_) => 22,    // EINVAL
+            SplitError::LogFull(_) => 28,    // ENOSPC
+            SplitError::ShuttingDown => 108, // ESHUTDOWN
+            SplitError::Log(_) | SplitError::Overflowed | SplitError::Disk { .. } => 5, // EIO
         }
     }
 }
@@ -83,6 +114,24 @@ impl From<LogError> for SplitError {
     }
 }
 
+/// What a change does when the log is full (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFull {
+    /// Refuse it with `ENOSPC`, the disk untouched.
+    Refuse,
+    /// Apply it to the disk only, and stop logging until [`Splitter::reset_log`].
+    Overflow,
+}
+
+/// Why and when the log overflowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overflow {
+    /// Bytes the log held.
+    pub used: u64,
+    /// Its limit.
+    pub max_bytes: u64,
+}
+
 /// A protected disk: the backing disk plus its change log.
 #[derive(Debug)]
 pub struct Splitter {
@@ -90,7 +139,11 @@ pub struct Splitter {
     path: PathBuf,
     size: u64,
     block_device: bool,
+    on_full: OnFull,
     log: Mutex<ChangeLog>,
+    /// Set (under the log's lock) while the log is overflowed: changes go to the disk only.
+    overflowed: AtomicBool,
+    overflow: Mutex<Option<Overflow>>,
     /// Set by [`Splitter::shutdown`]: every later change is refused.
     closed: AtomicBool,
     /// Bytes changed by clients (writes, zeroes, trims) since the splitter was opened.
@@ -112,8 +165,12 @@ static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Splitter {
     /// Opens the backing disk (a regular file or a block device) read-write. Its size must be a
-    /// multiple of [`SECTOR`].
-    pub fn open(path: impl AsRef<Path>, log: ChangeLog) -> anyhow::Result<Splitter> {
+    /// multiple of [`SECTOR`]. Every record of `log` is applied to it again (module docs).
+    pub fn open(
+        path: impl AsRef<Path>,
+        log: ChangeLog,
+        on_full: OnFull,
+    ) -> anyhow::Result<Splitter> {
         let path = path.as_ref().to_path_buf();
         let mut disk = OpenOptions::new()
             .read(true)
@@ -139,17 +196,42 @@ impl Splitter {
                 path.display()
             );
         }
+        let overflowed = log.is_overflowed();
+        if overflowed && on_full == OnFull::Refuse {
+            anyhow::bail!(
+                "change log {} overflowed (it holds the marker file `{}`): its records are older \
+                 than writes the disk has and must not be applied; move the folder away to serve \
+                 {} with a fresh log",
+                log.dir().display(),
+                crate::log::OVERFLOW_MARKER,
+                path.display()
+            );
+        }
+        let overflow = overflowed.then(|| Overflow {
+            used: log.stats().bytes_used,
+            max_bytes: log.limits().max_bytes,
+        });
         let splitter = Splitter {
             disk,
             path,
             size,
             block_device,
+            on_full,
             log: Mutex::new(log),
+            overflowed: AtomicBool::new(overflowed),
+            overflow: Mutex::new(overflow),
             closed: AtomicBool::new(false),
             client_bytes: AtomicU64::new(0),
             both_durable: AtomicU64::new(0),
         };
-        splitter.reapply_last_record()?;
+        if overflowed {
+            tracing::warn!(
+                "the change log overflowed before the agent stopped: its records are not applied; \
+                 the disk will be resynced by block comparison"
+            );
+        } else {
+            splitter.reapply_log()?;
+        }
         // What the previous process applied may still be only in the page cache.
         splitter.disk.sync_data()?;
         let durable = splitter.lock().durable_seq();
@@ -157,47 +239,65 @@ impl Splitter {
         Ok(splitter)
     }
 
-    /// A change is appended to the log, then applied to the disk, under one lock: if the agent
-    /// died in between, the log's last record is the only one the disk may lack. Applying it
-    /// again is harmless when the disk has it, and completes the disk when it does not, so the
-    /// disk and the log agree before anything is served.
-    fn reapply_last_record(&self) -> anyhow::Result<()> {
+    /// Applies every record the log holds to the disk again, in order (see the module docs).
+    fn reapply_log(&self) -> anyhow::Result<()> {
         let log = self.lock();
-        let last = log.stats().last_seq;
-        if last == 0 {
+        let st = log.stats();
+        if st.last_seq < st.first_seq {
             return Ok(());
         }
-        let Some(record) = log.read_from(last)?.next().transpose()? else {
-            return Ok(());
-        };
-        if record
-            .offset
-            .checked_add(record.len)
-            .is_none_or(|end| end > self.size)
-        {
+        if log.max_record_end() > self.size {
             anyhow::bail!(
-                "change log record {} ({} at {}+{}) lies past the end of backing disk {} \
-                 ({} bytes): the log belongs to another disk",
-                record.seq,
-                record.kind.name(),
-                record.offset,
-                record.len,
+                "change log {} holds a record that lies past the end of backing disk {} ({} \
+                 bytes; it reaches byte {}): the log belongs to another disk",
+                log.dir().display(),
                 self.path.display(),
-                self.size
+                self.size,
+                log.max_record_end()
             );
         }
-        match record.kind {
-            Kind::Write => self.disk.write_all_at(&record.data, record.offset)?,
-            Kind::Zero | Kind::Trim => zero_file_range(
-                &self.disk,
-                self.block_device,
-                record.offset,
-                record.len,
-                true,
-            )?,
+        let started = std::time::Instant::now();
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for record in log.read_from(st.first_seq)? {
+            let record = record?;
+            if record
+                .offset
+                .checked_add(record.len)
+                .is_none_or(|end| end > self.size)
+            {
+                anyhow::bail!(
+                    "change log record {} ({} at {}+{}) lies past the end of backing disk {} \
+                     ({} bytes): the log belongs to another disk",
+                    record.seq,
+                    record.kind.name(),
+                    record.offset,
+                    record.len,
+                    self.path.display(),
+                    self.size
+                );
+            }
+            match record.kind {
+                Kind::Write => self.disk.write_all_at(&record.data, record.offset)?,
+                Kind::Zero | Kind::Trim => zero_file_range(
+                    &self.disk,
+                    self.block_device,
+                    record.offset,
+                    record.len,
+                    true,
+                )?,
+            }
+            records += 1;
+            bytes += record.len;
         }
         self.disk.sync_data()?;
-        tracing::debug!(seq = record.seq, "re-applied the change log's last record");
+        tracing::info!(
+            records,
+            bytes,
+            first_seq = st.first_seq,
+            last_seq = st.last_seq,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "re-applied the change log's records to the backing disk"
+        );
         Ok(())
     }
 
@@ -257,7 +357,7 @@ impl Splitter {
             return Ok(());
         }
         let mut log = self.lock_open()?;
-        log.append(Change::Write { offset, data })?;
+        self.log_change(&mut log, Change::Write { offset, data })?;
         self.client_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.disk
@@ -283,7 +383,7 @@ impl Splitter {
             return Ok(());
         }
         let mut log = self.lock_open()?;
-        log.append(Change::Zero { offset, len })?;
+        self.log_change(&mut log, Change::Zero { offset, len })?;
         self.client_bytes.fetch_add(len, Ordering::Relaxed);
         self.zero_range(offset, len, may_punch)?;
         if fua {
@@ -301,7 +401,7 @@ impl Splitter {
             return Ok(());
         }
         let mut log = self.lock_open()?;
-        log.append(Change::Trim { offset, len })?;
+        self.log_change(&mut log, Change::Trim { offset, len })?;
         self.client_bytes.fetch_add(len, Ordering::Relaxed);
         self.zero_range(offset, len, true)?;
         if fua {
@@ -315,6 +415,63 @@ impl Splitter {
     pub fn flush(&self) -> Result<u64, SplitError> {
         let mut log = self.lock();
         self.sync_locked(&mut log)
+    }
+
+    /// Appends a client's change (before it is applied to the disk), unless the log overflowed:
+    /// then, or when it overflows now under [`OnFull::Overflow`], the change goes to the disk
+    /// only. The marker is durable before this returns, so before the disk is touched.
+    fn log_change(&self, log: &mut ChangeLog, change: Change<'_>) -> Result<(), SplitError> {
+        if self.overflowed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match log.append(change) {
+            Ok(_) => Ok(()),
+            Err(LogError::LogFull {
+                used, max_bytes, ..
+            }) if self.on_full == OnFull::Overflow => {
+                log.mark_overflowed(&format!(
+                    "change log full ({used} of {max_bytes} bytes) at record {}",
+                    log.stats().next_seq
+                ))?;
+                *self.overflow.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Overflow { used, max_bytes });
+                self.overflowed.store(true, Ordering::Release);
+                tracing::warn!(
+                    used,
+                    max_bytes,
+                    "change log full: writes go to the disk only until the log is reset; the \
+                     disk will be resynced by block comparison"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether (and how) the log overflowed and awaits [`Splitter::reset_log`].
+    pub fn overflow(&self) -> Option<Overflow> {
+        if !self.overflowed.load(Ordering::Acquire) {
+            return None;
+        }
+        *self.overflow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops every record of the log (and its overflow marker) and, under the same lock, switches
+    /// an overflowed splitter back to logging: every change applied before is on the disk, every
+    /// change after is in the emptied log. Sequence numbers continue. The caller must have
+    /// recorded durably that the disk needs a resync first. Returns the seq the next record gets.
+    pub fn reset_log(&self) -> Result<u64, SplitError> {
+        let mut log = self.lock();
+        let freed = log.discard_all()?;
+        self.overflowed.store(false, Ordering::Release);
+        *self.overflow.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let next = log.stats().next_seq;
+        tracing::info!(
+            freed,
+            next_seq = next,
+            "change log reset: changes are logged again"
+        );
+        Ok(next)
     }
 
     /// The lock, unless the splitter was shut down.
@@ -340,7 +497,9 @@ impl Splitter {
     ///
     /// On [`SplitError::LogFull`] the blocks before the refused one stay appended (each is a
     /// valid record of the disk's state at this moment); calling again appends them again,
-    /// which is redundant but harmless.
+    /// which is redundant but harmless. A full log never makes a capture overflow the splitter
+    /// (only clients' changes do); an overflowed splitter refuses captures
+    /// ([`SplitError::Overflowed`]).
     pub fn capture_blocks(
         &self,
         offset: u64,
@@ -356,6 +515,9 @@ impl Splitter {
             )));
         }
         let mut log = self.lock_open()?;
+        if self.overflowed.load(Ordering::Acquire) {
+            return Err(SplitError::Overflowed);
+        }
         self.disk
             .read_exact_at(buf, offset)
             .map_err(self.disk_err("reading"))?;
@@ -489,7 +651,7 @@ mod tests {
             log.sync().unwrap();
         }
         let log = ChangeLog::open(&logs, Limits::default()).unwrap();
-        let splitter = Splitter::open(&disk, log).unwrap();
+        let splitter = Splitter::open(&disk, log, OnFull::Refuse).unwrap();
         let mut buf = [0u8; 512];
         splitter.read(4096, &mut buf).unwrap();
         assert_eq!(buf, [0x5a; 512]);
@@ -515,10 +677,150 @@ mod tests {
             log.sync().unwrap();
         }
         let log = ChangeLog::open(&logs, Limits::default()).unwrap();
-        let err = Splitter::open(&disk, log).err().unwrap().to_string();
+        let err = Splitter::open(&disk, log, OnFull::Refuse)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("lies past the end of backing disk") && err.contains("another disk"),
             "{err}"
+        );
+    }
+
+    fn disk_of(dir: &Path, size: u64) -> PathBuf {
+        let disk = dir.join("disk.img");
+        std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+        disk
+    }
+
+    /// A power loss kept the log (group commit) but not the disk's page cache: every record
+    /// held is applied again at open, in order.
+    #[test]
+    fn every_record_held_is_applied_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_of(dir.path(), 1 << 20);
+        let logs = dir.path().join("log");
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            segment_bytes: 16 << 10,
+        };
+        // Overlapping changes across several segments: the order matters.
+        let mut ranges = Vec::new();
+        {
+            let s = Splitter::open(
+                &disk,
+                ChangeLog::open(&logs, limits).unwrap(),
+                OnFull::Refuse,
+            )
+            .unwrap();
+            for i in 0..40u64 {
+                let off = (i * 7 % 64) * 4096;
+                let data = vec![i as u8 + 1; 8192];
+                s.write(off, &data, false).unwrap();
+                ranges.push((off, 8192));
+            }
+            s.write_zeroes(8192, 4096, false, false).unwrap();
+            s.trim(65536, 8192, false).unwrap();
+            s.write(65536 + 4096, &[0xab; 512], false).unwrap();
+            s.flush().unwrap();
+            assert!(s.log_stats().segments > 2);
+        }
+        let want = std::fs::read(&disk).unwrap();
+        // The disk lacks every change.
+        let f = OpenOptions::new().write(true).open(&disk).unwrap();
+        for &(off, len) in &ranges {
+            f.write_all_at(&vec![0u8; len], off).unwrap();
+        }
+        drop(f);
+        assert_ne!(std::fs::read(&disk).unwrap(), want);
+        let s = Splitter::open(
+            &disk,
+            ChangeLog::open(&logs, limits).unwrap(),
+            OnFull::Refuse,
+        )
+        .unwrap();
+        assert_eq!(s.log_stats().last_seq, 43);
+        drop(s);
+        assert!(std::fs::read(&disk).unwrap() == want);
+    }
+
+    /// With `OnFull::Overflow`, a full log never fails a write: the splitter stops logging (the
+    /// marker durable first), refuses captures, and logs again after `reset_log`. A log left
+    /// overflowed is never applied at open.
+    #[test]
+    fn a_full_log_overflows_instead_of_failing_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_of(dir.path(), 1 << 20);
+        let logs = dir.path().join("log");
+        let limits = Limits {
+            max_bytes: 64 << 10,
+            segment_bytes: 32 << 10,
+        };
+        let s = Splitter::open(
+            &disk,
+            ChangeLog::open(&logs, limits).unwrap(),
+            OnFull::Overflow,
+        )
+        .unwrap();
+        for i in 0..40u64 {
+            s.write(i * 8192, &[i as u8 + 1; 8192], i % 5 == 0).unwrap();
+        }
+        let o = s.overflow().expect("overflowed");
+        assert_eq!(o.max_bytes, 64 << 10);
+        let logged = s.log_stats().last_seq;
+        assert!((5..10).contains(&logged), "{logged}");
+        assert!(logs.join(crate::log::OVERFLOW_MARKER).exists());
+        s.write_zeroes(0, 8192, true, false).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.log_stats().last_seq, logged);
+        let mut buf = vec![0u8; 65536];
+        assert!(matches!(
+            s.capture_blocks(0, &mut buf, 65536, |_, _| true),
+            Err(SplitError::Overflowed)
+        ));
+        let want = std::fs::read(&disk).unwrap();
+        assert!(want[..8192].iter().all(|&b| b == 0));
+        assert!(want[39 * 8192..40 * 8192].iter().all(|&b| b == 40));
+        drop(s);
+
+        // Reopened: the void records are not applied (they would undo the zeroes at 0).
+        let err = Splitter::open(
+            &disk,
+            ChangeLog::open(&logs, limits).unwrap(),
+            OnFull::Refuse,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("overflowed"), "{err}");
+        let s = Splitter::open(
+            &disk,
+            ChangeLog::open(&logs, limits).unwrap(),
+            OnFull::Overflow,
+        )
+        .unwrap();
+        assert!(s.overflow().is_some());
+        assert!(std::fs::read(&disk).unwrap() == want);
+
+        // Reset: empty, numbering continues, logging again.
+        assert_eq!(s.reset_log().unwrap(), logged + 1);
+        assert!(s.overflow().is_none());
+        assert!(!logs.join(crate::log::OVERFLOW_MARKER).exists());
+        let st = s.log_stats();
+        assert_eq!((st.first_seq, st.last_seq), (logged + 1, logged));
+        s.write(0, &[7; 512], false).unwrap();
+        assert_eq!(s.log_stats().last_seq, logged + 1);
+        // A capture larger than the room left is refused, never an overflow.
+        assert!(matches!(
+            s.capture_blocks(0, &mut buf, 65536, |_, _| true),
+            Err(SplitError::LogFull(_))
+        ));
+        assert!(s.overflow().is_none());
+        assert_eq!(
+            s.capture_blocks(0, &mut buf[..4096], 4096, |_, _| true)
+                .unwrap()
+                .blocks,
+            1
         );
     }
 }

@@ -6,8 +6,10 @@
 //!
 //! ```text
 //! HAVEN-DISK-STATE 1 <CRC32C of the body, 8 lowercase hex digits>\n
-//! {"disk":1,"size":67108864,"block_size":512,"state":"protected","seq_base":0,"sync_offset":0,"log_seq":42}
+//! {"disk":1,"size":67108864,"block_size":512,"state":"protected","seq_base":0,"sync_offset":0,"log_seq":42,"remap":false}
 //! ```
+//!
+//! `remap` may be absent (read as `false`): files written before it existed stay readable.
 //!
 //! Written atomically: temporary file, fsync, rename, fsync of the folder. A file whose magic,
 //! version or checksum does not match is refused with an error naming it, never guessed at.
@@ -35,8 +37,8 @@ pub enum Phase {
     InitialSync,
     /// Every change is in the change log and shipped from it.
     Protected,
-    /// The change log was lost, or the downstream lost records the agent had released: blocks
-    /// are compared by hash with the replica and only differences are sent.
+    /// The change log was lost or overflowed, or the downstream lost records the agent had
+    /// released: blocks are compared by hash with the replica and only differences are sent.
     Resyncing,
 }
 
@@ -66,10 +68,15 @@ pub struct DiskRecord {
     /// Stream seq = change-log seq + `seq_base` (signed: a fresh log after a resync starts at 1
     /// wherever the downstream stands).
     pub seq_base: i64,
-    /// Bytes of the disk the initial pass has appended to the log (durably); it resumes here.
+    /// Bytes of the disk the initial pass (or, resyncing, the hash pass) has appended to the
+    /// log (durably); it resumes here.
     pub sync_offset: u64,
     /// A log seq known durable when this was written: a log found holding less was lost.
     pub log_seq: u64,
+    /// Resyncing only: the stream seq of the log's first record is not known yet; at the next
+    /// `Welcome`, `seq_base` is set so that it maps onto the downstream's resume point.
+    #[serde(default)]
+    pub remap: bool,
 }
 
 impl DiskRecord {
@@ -83,6 +90,7 @@ impl DiskRecord {
             seq_base: 0,
             sync_offset: 0,
             log_seq: 0,
+            remap: false,
         }
     }
 
@@ -206,6 +214,7 @@ mod tests {
             seq_base: -41,
             sync_offset: 12 << 20,
             log_seq: 4711,
+            remap: true,
         }
     }
 

@@ -1,6 +1,6 @@
 //! `haven-agent enroll` and `protect` against a real QUIC receiver (written here: the gateway is
 //! built elsewhere): initial sync under a workload, SIGKILL at any moment, resync after the log
-//! is lost, graceful stop, status.
+//! is lost, a log that overflows while the gateway is away, graceful stop, status.
 
 mod common;
 
@@ -41,6 +41,8 @@ struct Site {
     ca: Arc<Mutex<SiteCa>>,
     addr: std::net::SocketAddr,
     replica: Arc<Mutex<Replica>>,
+    /// While true the receiver is away: connections are closed, new ones refused.
+    paused: tokio::sync::watch::Sender<bool>,
     _rt: tokio::runtime::Runtime,
     _server: Arc<Server>,
 }
@@ -68,9 +70,14 @@ impl Site {
         let addr = server.local_addr().unwrap();
         let replica = Arc::new(Mutex::new(Replica::default()));
         let (srv, rep) = (server.clone(), replica.clone());
+        let (paused, paused_rx) = tokio::sync::watch::channel(false);
         rt.spawn(async move {
             while let Some(conn) = srv.accept().await {
-                tokio::spawn(serve_agent(conn.connection, rep.clone()));
+                if *paused_rx.borrow() {
+                    conn.connection.close(0u32.into(), b"away");
+                    continue;
+                }
+                tokio::spawn(serve_agent(conn.connection, rep.clone(), paused_rx.clone()));
             }
         });
         Site {
@@ -78,6 +85,7 @@ impl Site {
             ca,
             addr,
             replica,
+            paused,
             _rt: rt,
             _server: server,
         }
@@ -90,6 +98,11 @@ impl Site {
             .create_token(Duration::from_secs(600))
             .unwrap()
             .to_string()
+    }
+
+    /// Takes the receiver away (`true`) or brings it back.
+    fn pause(&self, on: bool) {
+        self.paused.send_replace(on);
     }
 
     fn server(&self) -> String {
@@ -132,7 +145,11 @@ impl Site {
 }
 
 /// One agent connection: reports on uni streams, one replication stream.
-async fn serve_agent(conn: haven_net::quinn::Connection, replica: Arc<Mutex<Replica>>) {
+async fn serve_agent(
+    conn: haven_net::quinn::Connection,
+    replica: Arc<Mutex<Replica>>,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
     replica.lock().unwrap().connections += 1;
     let reports = conn.clone();
     let rep = replica.clone();
@@ -197,7 +214,14 @@ async fn serve_agent(conn: haven_net::quinn::Connection, replica: Arc<Mutex<Repl
         if rx.is_closed() {
             return;
         }
-        match reader.next().await {
+        let frame = tokio::select! {
+            f = reader.next() => f,
+            _ = paused.wait_for(|p| *p) => {
+                conn.close(0u32.into(), b"away");
+                return;
+            }
+        };
+        match frame {
             Ok(Some(f)) => rx.handle(Instant::now(), f),
             _ => return,
         }
@@ -548,4 +572,80 @@ fn lost_log_resyncs_only_the_differences() {
     assert!(log.contains("resync done"), "{log}");
     drop(r);
     drop(agent);
+}
+
+/// The gateway is away and the workload writes three times the log's size: every write
+/// succeeds, the agent reports a resync with the cause, and once the gateway is back the
+/// replica converges, sending about what differs rather than the whole disk.
+#[test]
+fn a_full_log_while_the_gateway_is_away_resyncs_and_never_fails_a_write() {
+    let seed = seed();
+    let site = Site::new();
+    let data = site.dir.path().join("agent");
+    let disk = site.dir.path().join("disk.raw");
+    const SIZE: u64 = 64 << 20;
+    const LOG: u64 = 8 << 20;
+    prefilled_disk(&disk, SIZE, seed);
+    site.enroll(&data);
+    let log_max = LOG.to_string();
+    let args = [
+        "--log-max-bytes",
+        log_max.as_str(),
+        "--log-segment-bytes",
+        "1048576",
+    ];
+    let agent = Agent::start(&data, &disk, &args);
+    wait_converged(&site, &agent, &data, &disk, Duration::from_secs(60));
+
+    site.pause(true);
+    // 3 × the log: an 8 MiB region written three times over, 1 MiB at a time.
+    const REGION: u64 = 16 << 20;
+    let mut cmds = Vec::new();
+    for round in 0..3u64 {
+        for i in 0..8u64 {
+            let pattern = 0x11 + round * 16 + i;
+            cmds.push(format!("write -P {pattern} {} 1M", REGION + (i << 20)));
+        }
+        cmds.push("flush".to_string());
+    }
+    qemu_io_ok(&agent.url(), &cmds);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = status(&data);
+        if let Some(d) = &st
+            && d.state == haven_net::stream::DiskState::Resyncing
+            && d.message
+                .as_deref()
+                .is_some_and(|m| m.contains("change log full") && m.contains("--log-max-bytes"))
+        {
+            assert!(d.log_bytes <= LOG, "{d:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resync reported: {st:?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!site.replica_equals(&disk));
+    let received_before = site.replica.lock().unwrap().data_bytes;
+
+    site.pause(false);
+    wait_converged(&site, &agent, &data, &disk, Duration::from_secs(60));
+    let sent = site.replica.lock().unwrap().data_bytes - received_before;
+    let changed = 8u64 << 20;
+    eprintln!("changed {changed} bytes, sent {sent} bytes after the gateway came back");
+    assert!(
+        sent >= changed && sent <= 2 * changed + (1 << 20),
+        "sent {sent}, changed {changed}"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("change log full"), "{log}");
+    assert!(log.contains("resync done"), "{log}");
+    assert!(
+        status(&data).unwrap().message.is_none(),
+        "{:?}",
+        status(&data)
+    );
 }
