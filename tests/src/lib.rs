@@ -254,6 +254,15 @@ impl Gateway {
         Ok(serde_json::from_value(v[0]["status"].clone())?)
     }
 
+    /// Runs `haven ARGS --api <this gateway>` and returns its output.
+    pub fn haven(&self, args: &[&str]) -> Result<String> {
+        run_ok(
+            Command::new(self.bins.join("haven"))
+                .args(args)
+                .args(["--api", &self.api]),
+        )
+    }
+
     /// A one-time enrollment token, through `haven token create`.
     pub fn token(&self) -> Result<String> {
         Ok(run_ok(
@@ -290,7 +299,7 @@ impl Agent {
                 .args(["--listen", &format!("127.0.0.1:{}", self.nbd_port)])
                 .args(&self.extra)
                 .env(
-                    "RUST_LOG",
+                    "HAVEN_LOG",
                     std::env::var("HAVEN_LOG").unwrap_or("info".into()),
                 ),
             &self.data_dir.join("agent.log"),

@@ -4,6 +4,8 @@
 //! |--------|---------------|---------------------------------------------------------------|
 //! | GET    | `/v1/status`  | the roles' status as JSON ([`GatewayStatus`])                 |
 //! | POST   | `/v1/tokens`  | a one-time enrollment token; query `ttl=SECONDS` (default 3600) |
+//! | GET    | `/v1/agents`  | certificates this site's CA issued to agents (and process servers) |
+//! | POST   | `/v1/agents/ID/revoke` | revokes every certificate of agent `ID` and cuts its live connections |
 //! | GET    | `/metrics`    | Prometheus text: lag, throughput, cache and journal sizes     |
 //!
 //! The API has no authentication of its own: it listens on loopback by default, and whoever
@@ -29,13 +31,19 @@ use hyper_util::rt::TokioIo;
 /// Produces the gateway's status on demand.
 pub type StatusFn = Arc<dyn Fn() -> GatewayStatus + Send + Sync>;
 
+/// Called after a revocation with the new CRL and the agent id: the roles load the CRL for new
+/// connections and close the agent's live ones.
+pub type RevokeFn = Arc<dyn Fn(Vec<String>, &str) + Send + Sync>;
+
 /// What the API serves.
 #[derive(Clone)]
 pub struct Api {
     /// The gateway's status.
     pub status: StatusFn,
-    /// The site CA, for tokens.
+    /// The site CA, for tokens and revocation.
     pub ca: Option<Arc<Mutex<SiteCa>>>,
+    /// What to do after a revocation.
+    pub on_revoke: Option<RevokeFn>,
 }
 
 impl std::fmt::Debug for Api {
@@ -99,27 +107,106 @@ impl Api {
                 }
             }
             (&Method::POST, "/v1/tokens") => self.token(req.uri().query().unwrap_or("")),
+            (&Method::GET, "/v1/agents") => self.agents(),
+            (&Method::POST, path)
+                if path.starts_with("/v1/agents/") && path.ends_with("/revoke") =>
+            {
+                let id = &path["/v1/agents/".len()..path.len() - "/revoke".len()];
+                self.revoke(id)
+            }
             (&Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 metrics(&(self.status)()),
             ),
-            (_, "/v1/status" | "/v1/tokens" | "/metrics") => {
+            (_, "/v1/status" | "/v1/tokens" | "/v1/agents" | "/metrics") => {
                 json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             (_, path) => json_error(
                 StatusCode::NOT_FOUND,
-                &format!("no such endpoint {path}; see /v1/status, /v1/tokens, /metrics"),
+                &format!(
+                    "no such endpoint {path}; see /v1/status, /v1/tokens, /v1/agents, /metrics"
+                ),
             ),
         }
     }
 
+    fn no_ca() -> Response<Full<Bytes>> {
+        json_error(
+            StatusCode::NOT_FOUND,
+            "this gateway has no site CA; run `haven-gateway init` for its data folder",
+        )
+    }
+
+    fn agents(&self) -> Response<Full<Bytes>> {
+        let Some(ca) = &self.ca else {
+            return Self::no_ca();
+        };
+        let ca = ca.lock().unwrap_or_else(|e| e.into_inner());
+        let agents: Vec<_> = ca
+            .issued()
+            .iter()
+            .filter(|(_, r)| r.kind == "agent")
+            .map(|(serial, r)| {
+                serde_json::json!({
+                    "agent_id": r.subject,
+                    "machine_name": r.names,
+                    "serial": serial,
+                    "issued_at": r.issued_at,
+                    "not_after": r.not_after,
+                    "revoked": ca.revoked().iter().any(|x| &x.serial == serial),
+                })
+            })
+            .collect();
+        reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::Value::Array(agents).to_string(),
+        )
+    }
+
+    fn revoke(&self, agent_id: &str) -> Response<Full<Bytes>> {
+        let Some(ca) = &self.ca else {
+            return Self::no_ca();
+        };
+        let (serials, crl) = {
+            let mut ca = ca.lock().unwrap_or_else(|e| e.into_inner());
+            let serials: Vec<String> = ca
+                .issued()
+                .iter()
+                .filter(|(_, r)| r.kind == "agent" && r.subject == agent_id)
+                .map(|(s, _)| s.clone())
+                .collect();
+            if serials.is_empty() {
+                return json_error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no agent {agent_id} was enrolled here; see GET /v1/agents"),
+                );
+            }
+            for serial in &serials {
+                if let Err(e) = ca.revoke(serial) {
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+                }
+            }
+            match ca.crl_pem() {
+                Ok(crl) => (serials, crl),
+                Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        };
+        if let Some(f) = &self.on_revoke {
+            f(vec![crl], agent_id);
+        }
+        tracing::info!(agent = %agent_id, ?serials, "agent revoked");
+        reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({ "agent_id": agent_id, "revoked_serials": serials }).to_string(),
+        )
+    }
+
     fn token(&self, query: &str) -> Response<Full<Bytes>> {
         let Some(ca) = &self.ca else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                "this gateway has no site CA; run `haven-gateway init` for its data folder",
-            );
+            return Self::no_ca();
         };
         let mut ttl = 3600;
         for pair in query.split('&').filter(|p| !p.is_empty()) {

@@ -123,6 +123,41 @@ impl Rate {
     }
 }
 
+/// Live connections by the peer's agent id (from its certificate), so that a revoked peer can be
+/// cut off at once rather than at its next connection.
+#[derive(Debug, Default)]
+pub struct Connections(std::sync::Mutex<Vec<(String, u64, haven_net::quinn::Connection)>>);
+
+impl Connections {
+    /// Registers a connection; returns a ticket for [`Connections::remove`].
+    pub fn add(&self, agent_id: &str, conn: &haven_net::quinn::Connection) -> u64 {
+        let ticket = conn.stable_id() as u64;
+        ingest::lock(&self.0).push((agent_id.to_string(), ticket, conn.clone()));
+        ticket
+    }
+
+    /// Forgets a connection that ended.
+    pub fn remove(&self, ticket: u64) {
+        ingest::lock(&self.0).retain(|(_, t, _)| *t != ticket);
+    }
+
+    /// Closes every connection of `agent_id`; returns how many.
+    pub fn close(&self, agent_id: &str, reason: &[u8]) -> usize {
+        let mut conns = ingest::lock(&self.0);
+        let mut closed = 0;
+        conns.retain(|(id, _, c)| {
+            if id == agent_id {
+                c.close(haven_net::endpoint::CLOSE_REVOKED.into(), reason);
+                closed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        closed
+    }
+}
+
 /// Backoff between reconnection attempts: 100 ms doubling to 5 s.
 #[derive(Debug)]
 pub struct Backoff(Duration);

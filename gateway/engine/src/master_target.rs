@@ -72,6 +72,7 @@ pub struct MasterTarget {
     replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
     reports: Mutex<HashMap<String, Report>>,
     server: Mutex<Option<Arc<Server>>>,
+    connections: crate::Connections,
 }
 
 impl std::fmt::Debug for MasterTarget {
@@ -113,6 +114,7 @@ impl MasterTarget {
             replicas: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
             server: Mutex::new(None),
+            connections: crate::Connections::default(),
         });
         for (key, record) in mt.state.streams()? {
             let info = haven_wire::DiskInfo {
@@ -138,8 +140,10 @@ impl MasterTarget {
         while let Some(conn) = server.accept().await {
             let mt = self.clone();
             tokio::spawn(async move {
+                let ticket = mt.connections.add(&conn.peer.agent_id, &conn.connection);
                 let peer = conn.peer.machine_name.clone();
-                mt.connection(conn.connection, peer).await;
+                mt.clone().connection(conn.connection, peer).await;
+                mt.connections.remove(ticket);
             });
         }
         Ok(())
@@ -148,6 +152,19 @@ impl MasterTarget {
     /// The bound address once serving.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         lock(&self.server).as_ref()?.local_addr().ok()
+    }
+
+    /// New CRLs for new connections, after a revocation.
+    pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
+        if let Some(server) = lock(&self.server).as_ref() {
+            server.set_crls(crl_pems)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the live connections of a revoked peer (a process server); returns how many.
+    pub fn disconnect(&self, agent_id: &str) -> usize {
+        self.connections.close(agent_id, b"certificate revoked")
     }
 
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: String) {

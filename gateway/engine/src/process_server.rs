@@ -97,6 +97,7 @@ pub struct ProcessServer {
     key: Key,
     agents: Mutex<HashMap<PeerId, Arc<AgentEntry>>>,
     server: Mutex<Option<Arc<Server>>>,
+    connections: crate::Connections,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
 }
@@ -130,6 +131,7 @@ impl ProcessServer {
             key,
             agents: Mutex::new(HashMap::new()),
             server: Mutex::new(None),
+            connections: crate::Connections::default(),
             me: me.clone(),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
@@ -180,7 +182,31 @@ impl ProcessServer {
         lock(&self.server).as_ref()?.local_addr().ok()
     }
 
+    /// New CRLs for new connections, after a revocation.
+    pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
+        if let Some(server) = lock(&self.server).as_ref() {
+            server.set_crls(crl_pems)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the live connections of a revoked agent; returns how many.
+    pub fn disconnect(&self, agent_id: &str) -> usize {
+        self.connections.close(agent_id, b"certificate revoked")
+    }
+
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerId, machine: String) {
+        let ticket = self.connections.add(&peer_hex(&peer), &conn);
+        self.serve_connection(&conn, peer, machine).await;
+        self.connections.remove(ticket);
+    }
+
+    async fn serve_connection(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        peer: PeerId,
+        machine: String,
+    ) {
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {

@@ -41,6 +41,9 @@ enum Command {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(remote::TokenCommand),
+    /// Enrolled agents: list, revoke.
+    #[command(subcommand)]
+    Agent(remote::AgentCommand),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),
         Command::Status { api, json } => remote::status(&api, json).map(|()| ExitCode::SUCCESS),
         Command::Token(c) => remote::token(c).map(|()| ExitCode::SUCCESS),
+        Command::Agent(c) => remote::agent(c).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

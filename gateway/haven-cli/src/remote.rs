@@ -25,6 +25,52 @@ pub enum TokenCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Lists the agents (and process servers) enrolled at a gateway's site CA.
+    List {
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Revokes an agent's certificates and cuts its live connections; it must enroll again
+    /// with a new token to replicate.
+    Revoke {
+        /// The agent id (32 hex digits, from `haven agent list`).
+        agent_id: String,
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+}
+
+pub fn agent(command: AgentCommand) -> Result<()> {
+    match command {
+        AgentCommand::List { api } => {
+            let body = request(&api, "GET", "/v1/agents")?;
+            let agents: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            println!("{:<34} {:<20} {:<8}", "AGENT", "MACHINE", "STATE");
+            for a in agents {
+                println!(
+                    "{:<34} {:<20} {:<8}",
+                    a["agent_id"].as_str().unwrap_or("?"),
+                    a["machine_name"].as_str().unwrap_or("?"),
+                    if a["revoked"].as_bool().unwrap_or(false) {
+                        "revoked"
+                    } else {
+                        "enrolled"
+                    }
+                );
+            }
+            Ok(())
+        }
+        AgentCommand::Revoke { agent_id, api } => {
+            let path = format!("/v1/agents/{agent_id}/revoke");
+            request(&api, "POST", &path)?;
+            println!("agent {agent_id} revoked");
+            Ok(())
+        }
+    }
+}
+
 /// One HTTP/1.1 exchange with a gateway's API; returns the body of a 2xx answer.
 fn request(api: &str, method: &str, path: &str) -> Result<String> {
     let authority = api

@@ -346,11 +346,29 @@ async fn run(config: GatewayConfig) -> Result<()> {
             master_target: mt.as_ref().map(|m| m.status()),
         })
     };
+    let on_revoke: haven_api::RevokeFn = {
+        let (ps, mt) = (ps.clone(), mt.clone());
+        Arc::new(move |crls: Vec<String>, agent_id: &str| {
+            if let Some(p) = &ps {
+                if let Err(e) = p.set_crls(crls.clone()) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot load the new CRL");
+                }
+                p.disconnect(agent_id);
+            }
+            if let Some(m) = &mt {
+                if let Err(e) = m.set_crls(crls.clone()) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot load the new CRL");
+                }
+                m.disconnect(agent_id);
+            }
+        })
+    };
     let (api_addr, _api) = haven_api::serve(
         config.api.listen,
         haven_api::Api {
             status,
             ca: Some(ca),
+            on_revoke: Some(on_revoke),
         },
     )
     .await?;

@@ -140,3 +140,49 @@ fn the_example_config_validates() {
         "{stdout}"
     );
 }
+
+/// The site examples validate once their installation paths point at this build.
+#[test]
+fn the_site_examples_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plugins = plugin("haven_raw.wasm");
+    let plugin_dir = plugins.parent().unwrap().to_str().unwrap().to_string();
+    for (file, expect) in [
+        (
+            "primary-site.toml",
+            "process_server: listen 0.0.0.0:9443, forwards to 192.0.2.20:9444",
+        ),
+        (
+            "secondary-site.toml",
+            "master_target: listen 0.0.0.0:9444, writer replicas-raw",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join("examples").join(file)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("replicas")).unwrap();
+        let text = text
+            .replace("/usr/lib/haven/plugins", &plugin_dir)
+            .replace("/var/lib/haven-gateway", dir.path().to_str().unwrap());
+        let (code, stdout, stderr) = validate(&text);
+        assert_eq!(code, Some(0), "{file}: {stderr}");
+        assert!(stdout.contains(expect), "{file}: {stdout}");
+    }
+}
+
+#[test]
+fn role_mistakes_are_reported_together() {
+    let (code, _, stderr) = validate(
+        "data_dir = \"DATA\"\n\n[process_server]\nupstream = \"127.0.0.1:9444\"\n\
+         cache_max_bytes = 1048576\n\n[master_target]\nwriter = \"nope\"\n",
+    );
+    assert_eq!(code, Some(78));
+    assert!(
+        stderr.contains("process_server.cache_max_bytes 1048576: at least 67108864"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("master_target.writer `nope` names no [[plugin]]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}

@@ -66,6 +66,8 @@ pub const CLOSE_BAD_IDENTITY: u32 = 0x4802;
 pub const CLOSE_ENROLL_DISABLED: u32 = 0x4803;
 /// Application close code: the enrollment exchange is over.
 pub const CLOSE_ENROLL_DONE: u32 = 0x4804;
+/// Application close code: the peer's certificate was revoked while it was connected.
+pub const CLOSE_REVOKED: u32 = 0x4805;
 /// Largest enrollment frame body, in bytes.
 pub const MAX_ENROLL_FRAME: usize = 64 * 1024;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +150,8 @@ impl Refusal {
                 let code = u64::from(c.error_code);
                 Some(if code == u64::from(CLOSE_CERT_REQUIRED) {
                     Refusal::CertificateRequired
+                } else if code == u64::from(CLOSE_REVOKED) {
+                    Refusal::CertificateRevoked
                 } else {
                     Refusal::Application(code)
                 })
