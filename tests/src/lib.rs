@@ -108,6 +108,22 @@ impl Proc {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("the process is not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the process did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, and wait up to 10 s (then SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -157,6 +173,8 @@ impl Drop for Proc {
 #[derive(Debug)]
 pub struct Gateway {
     bins: PathBuf,
+    /// Extra environment of the process (e.g. `HAVEN_FAILPOINTS`), kept across restarts.
+    pub env: Vec<(String, String)>,
     pub name: String,
     pub data_dir: PathBuf,
     pub config: PathBuf,
@@ -189,30 +207,40 @@ impl Gateway {
         config: String,
         port: u16,
         api_port: u16,
+        env: Vec<(String, String)>,
     ) -> Result<Gateway> {
         let path = data_dir.join("gateway.toml");
         fs::write(&path, config)?;
-        let proc = Proc::spawn(
-            Command::new(bins.join("haven-gateway"))
-                .args(["run", "--config"])
-                .arg(&path)
-                .env(
-                    "HAVEN_LOG",
-                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
-                ),
-            &data_dir.join("gateway.log"),
-        )?;
         let mut g = Gateway {
+            env,
             bins: bins.to_owned(),
             name: name.into(),
+            proc: Proc {
+                child: None,
+                log: data_dir.join("gateway.log"),
+            },
             data_dir,
             config: path,
             api: format!("http://127.0.0.1:{api_port}"),
             port,
-            proc,
         };
-        g.wait_ready()?;
+        g.spawn()?;
         Ok(g)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.proc = Proc::spawn(
+            Command::new(self.bins.join("haven-gateway"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env(
+                    "HAVEN_LOG",
+                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
+                )
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
+            &self.data_dir.join("gateway.log"),
+        )?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -229,20 +257,11 @@ impl Gateway {
         }
     }
 
-    /// Kills (SIGKILL) and starts the gateway again with the same configuration.
+    /// Kills (SIGKILL) and starts the gateway again with the same configuration and
+    /// environment.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = Proc::spawn(
-            Command::new(self.bins.join("haven-gateway"))
-                .args(["run", "--config"])
-                .arg(&self.config)
-                .env(
-                    "HAVEN_LOG",
-                    std::env::var("HAVEN_LOG").unwrap_or("info".into()),
-                ),
-            &self.data_dir.join("gateway.log"),
-        )?;
-        self.wait_ready()
+        self.spawn()
     }
 
     /// The gateway's status, through `haven status --json`.
@@ -344,6 +363,9 @@ pub struct ClusterOptions {
     pub agent_args: Vec<String>,
     /// Extra lines for the process server's `[process_server]` section.
     pub ps_config: String,
+    /// Extra environment of the master target and of the process server.
+    pub mt_env: Vec<(String, String)>,
+    pub ps_env: Vec<(String, String)>,
     /// Where the binaries are (default: [`default_bin_dir`]).
     pub bin_dir: Option<PathBuf>,
 }
@@ -364,6 +386,7 @@ impl Cluster {
             ),
             mt_port,
             mt_api,
+            options.mt_env.clone(),
         )?;
         let (ps_dir, ps_port, ps_api) = Gateway::init(bins, root, "ps", "primary")?;
         run_ok(
@@ -384,6 +407,7 @@ impl Cluster {
             ),
             ps_port,
             ps_api,
+            options.ps_env.clone(),
         )?;
         let agent_dir = root.join("agent");
         let server = format!("127.0.0.1:{ps_port}");

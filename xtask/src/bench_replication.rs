@@ -69,7 +69,7 @@ pub fn run(root: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let rsync_initial = timed(
         Command::new("rsync")
-            .args(["--inplace", "--sparse"])
+            .arg("--sparse")
             .arg(&source)
             .arg(format!("rsync://127.0.0.1:{port}/bench/disk.raw")),
     );

@@ -316,6 +316,9 @@ fn append_pending<S: Sink>(
             }
         }
     }
+    if !appended.is_empty() {
+        crate::failpoint::hit("ingest.after-append");
+    }
     for (disk, records) in appended {
         let s = &streams[&disk];
         let durable = s
@@ -324,6 +327,7 @@ fn append_pending<S: Sink>(
             .with_context(|| format!("disk {}: syncing the journal", s.key))?;
         s.durable.store(durable, Ordering::Release);
         sink.on_durable(s, durable, &records)?;
+        crate::failpoint::hit("ingest.after-sync");
         rx.mark_durable(disk, durable)
             .with_context(|| format!("disk {}: acknowledging seq {durable}", s.key))?;
     }

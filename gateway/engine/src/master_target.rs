@@ -41,6 +41,7 @@ use haven_wire::{HashRequest, Hashes, Hello, Payload, Record, Seq};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::failpoint;
 use crate::ingest::{self, DiskStream, RecordExt, Sink, lock};
 use crate::status::{MasterTargetStatus, ReplicaStatus};
 use crate::{Rate, now_ms, peer_hex};
@@ -73,6 +74,8 @@ pub struct MasterTarget {
     reports: Mutex<HashMap<String, Report>>,
     server: Mutex<Option<Arc<Server>>>,
     connections: crate::Connections,
+    /// Streams whose journal or replica could not be opened, and why: reported, not served.
+    broken: Mutex<HashMap<StreamKey, (haven_wire::DiskInfo, String, String)>>,
 }
 
 impl std::fmt::Debug for MasterTarget {
@@ -115,6 +118,7 @@ impl MasterTarget {
             reports: Mutex::new(HashMap::new()),
             server: Mutex::new(None),
             connections: crate::Connections::default(),
+            broken: Mutex::new(HashMap::new()),
         });
         for (key, record) in mt.state.streams()? {
             let info = haven_wire::DiskInfo {
@@ -122,7 +126,10 @@ impl MasterTarget {
                 size: record.size,
                 block_size: record.block_size,
             };
-            mt.replica(key, info, &record.machine_name)?;
+            // One damaged journal must not keep the other replicas from being served.
+            if let Err(e) = mt.replica(key, info, &record.machine_name) {
+                tracing::error!(replica = %key, error = %format!("{e:#}"), "replica not served");
+            }
         }
         Ok(mt)
     }
@@ -197,8 +204,28 @@ impl MasterTarget {
         }
     }
 
-    /// The replica of `key`, its applier started, created when new.
+    /// The replica of `key`, its applier started, created when new. A failure is remembered
+    /// and reported in the status until a later attempt succeeds.
     fn replica(
+        &self,
+        key: StreamKey,
+        info: haven_wire::DiskInfo,
+        machine: &str,
+    ) -> Result<Arc<Replica>> {
+        let result = self.open_replica(key, info, machine);
+        let mut broken = lock(&self.broken);
+        match &result {
+            Ok(_) => {
+                broken.remove(&key);
+            }
+            Err(e) => {
+                broken.insert(key, (info, machine.to_string(), format!("{e:#}")));
+            }
+        }
+        result
+    }
+
+    fn open_replica(
         &self,
         key: StreamKey,
         info: haven_wire::DiskInfo,
@@ -301,6 +328,25 @@ impl MasterTarget {
                 }
             })
             .collect();
+        for (key, (info, machine, error)) in lock(&self.broken).iter() {
+            let agent_id = peer_hex(&key.peer);
+            replicas.push(ReplicaStatus {
+                report: reports.get(&agent_id).cloned(),
+                agent_id,
+                machine_name: machine.clone(),
+                disk: key.disk,
+                size: info.size,
+                path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
+                durable_seq: 0,
+                applied_seq: 0,
+                lag_bytes: 0,
+                lag_seconds: 0.0,
+                apply_bytes_per_second: 0.0,
+                applied_bytes_total: 0,
+                journal_bytes: 0,
+                error: Some(format!("not served: {error}")),
+            });
+        }
         replicas.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
         MasterTargetStatus {
             listen: self
@@ -466,7 +512,7 @@ impl Applier {
         loop {
             let durable = self.replica.stream.durable();
             let applied = self.replica.applied.load(Ordering::Acquire);
-            if durable > applied {
+            if durable > applied && !failpoint::paused("apply") {
                 if let Err(stop) = self.apply(&mut plugin, &disk, applied, durable) {
                     let _ = plugin.close(disk);
                     return stop;
@@ -568,6 +614,7 @@ impl Applier {
                 self.replica.path
             ))
         };
+        failpoint::hit("apply.after-write");
         plugin.flush(disk).map_err(|e| fail(&e))?;
         let mut record = self
             .state
@@ -579,6 +626,7 @@ impl Applier {
             .put_stream(stream.key, &record)
             .map_err(|e| fail(&e))?;
         self.replica.applied.store(seq, Ordering::Release);
+        failpoint::hit("apply.after-commit");
         stream.journal().release(seq).map_err(|e| fail(&e))?;
         self.state
             .index_remove_upto(stream.key, seq)

@@ -98,6 +98,8 @@ pub struct ProcessServer {
     agents: Mutex<HashMap<PeerId, Arc<AgentEntry>>>,
     server: Mutex<Option<Arc<Server>>>,
     connections: crate::Connections,
+    /// Agents whose cache could not be opened, and why: reported, not served.
+    broken: Mutex<HashMap<PeerId, (String, String)>>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
 }
@@ -132,6 +134,7 @@ impl ProcessServer {
             agents: Mutex::new(HashMap::new()),
             server: Mutex::new(None),
             connections: crate::Connections::default(),
+            broken: Mutex::new(HashMap::new()),
             me: me.clone(),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
@@ -148,7 +151,11 @@ impl ProcessServer {
                 })
                 .collect();
             let machine = streams[0].1.machine_name.clone();
-            ps.agent_disks(peer, &disks, &machine)?;
+            // One damaged cache must not keep the other agents from being served.
+            if let Err(e) = ps.agent_disks(peer, &disks, &machine) {
+                tracing::error!(agent = %peer_hex(&peer), error = %format!("{e:#}"), "agent's cache not served");
+                lock(&ps.broken).insert(peer, (machine, format!("{e:#}")));
+            }
         }
         Ok(ps)
     }
@@ -358,6 +365,22 @@ impl ProcessServer {
                     error: s.error(),
                 });
             }
+        }
+        for (peer, (machine, error)) in lock(&self.broken).iter() {
+            disks.push(CachedDisk {
+                agent_id: peer_hex(peer),
+                machine_name: machine.clone(),
+                disk: 0,
+                agent_connected: false,
+                durable_seq: 0,
+                forwarded_seq: 0,
+                cache_bytes: 0,
+                receive_bytes_per_second: 0.0,
+                received_bytes_total: 0,
+                stored_bytes_total: 0,
+                report: None,
+                error: Some(format!("not served: {error}")),
+            });
         }
         disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
         ProcessServerStatus {
@@ -636,10 +659,21 @@ impl Lane {
 
 impl Sink for ProcessServer {
     fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>> {
-        self.me
+        let result = self
+            .me
             .upgrade()
             .context("the process server is shutting down")?
-            .agent_disks(hello.peer_id, &hello.disks, machine_name)
+            .agent_disks(hello.peer_id, &hello.disks, machine_name);
+        let mut broken = lock(&self.broken);
+        match &result {
+            Ok(_) => {
+                broken.remove(&hello.peer_id);
+            }
+            Err(e) => {
+                broken.insert(hello.peer_id, (machine_name.to_string(), format!("{e:#}")));
+            }
+        }
+        result
     }
 
     fn on_durable(&self, stream: &DiskStream, _: Seq, _: &[(Record, AppendInfo)]) -> Result<()> {
