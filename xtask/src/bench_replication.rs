@@ -54,7 +54,7 @@ pub fn run(root: &Path) -> Result<()> {
     std::fs::write(
         &conf,
         format!(
-            "use chroot = false\n[bench]\npath = {}\nread only = false\n",
+            "use chroot = false\nuid = root\ngid = root\n[bench]\npath = {}\nread only = false\n",
             rsync_dir.join("module").display()
         ),
     )?;

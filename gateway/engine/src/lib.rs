@@ -124,38 +124,67 @@ impl Rate {
     }
 }
 
-/// Live connections by the peer's agent id (from its certificate), so that a revoked peer can be
-/// cut off at once rather than at its next connection.
+/// A role's QUIC endpoint and its live connections by peer (the agent id of the peer's
+/// certificate), so that after a revocation new connections are checked against the new CRL and
+/// the revoked peer's live ones are cut at once.
 #[derive(Debug, Default)]
-pub struct Connections(std::sync::Mutex<Vec<(String, u64, haven_net::quinn::Connection)>>);
+pub struct Listener {
+    server: std::sync::Mutex<Option<std::sync::Arc<haven_net::Server>>>,
+    live: std::sync::Mutex<Vec<(String, usize, haven_net::quinn::Connection)>>,
+}
 
-impl Connections {
-    /// Registers a connection; returns a ticket for [`Connections::remove`].
-    pub fn add(&self, agent_id: &str, conn: &haven_net::quinn::Connection) -> u64 {
-        let ticket = conn.stable_id() as u64;
-        ingest::lock(&self.0).push((agent_id.to_string(), ticket, conn.clone()));
+impl Listener {
+    /// Binds the endpoint (see [`haven_net::Server::bind`]).
+    pub fn bind(
+        &self,
+        addr: std::net::SocketAddr,
+        tls: haven_net::endpoint::ServerTls,
+        ca: Option<std::sync::Arc<std::sync::Mutex<haven_net::SiteCa>>>,
+    ) -> Result<std::sync::Arc<haven_net::Server>> {
+        let server = std::sync::Arc::new(haven_net::Server::bind(addr, tls, ca)?);
+        *ingest::lock(&self.server) = Some(server.clone());
+        Ok(server)
+    }
+
+    /// The bound address once bound.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        ingest::lock(&self.server).as_ref()?.local_addr().ok()
+    }
+
+    /// New CRLs for new connections, after a revocation.
+    pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
+        if let Some(server) = ingest::lock(&self.server).as_ref() {
+            server.set_crls(crl_pems)?;
+        }
+        Ok(())
+    }
+
+    /// Registers a live connection; returns a ticket for [`Listener::remove`].
+    pub fn add(&self, agent_id: &str, conn: &haven_net::quinn::Connection) -> usize {
+        let ticket = conn.stable_id();
+        ingest::lock(&self.live).push((agent_id.to_string(), ticket, conn.clone()));
         ticket
     }
 
     /// Forgets a connection that ended.
-    pub fn remove(&self, ticket: u64) {
-        ingest::lock(&self.0).retain(|(_, t, _)| *t != ticket);
+    pub fn remove(&self, ticket: usize) {
+        ingest::lock(&self.live).retain(|(_, t, _)| *t != ticket);
     }
 
-    /// Closes every connection of `agent_id`; returns how many.
-    pub fn close(&self, agent_id: &str, reason: &[u8]) -> usize {
-        let mut conns = ingest::lock(&self.0);
-        let mut closed = 0;
-        conns.retain(|(id, _, c)| {
+    /// Closes every live connection of `agent_id` (its certificate was revoked); how many.
+    pub fn disconnect(&self, agent_id: &str) -> usize {
+        let mut live = ingest::lock(&self.live);
+        let before = live.len();
+        live.retain(|(id, _, c)| {
             if id == agent_id {
-                c.close(haven_net::endpoint::CLOSE_REVOKED.into(), reason);
-                closed += 1;
-                false
-            } else {
-                true
+                c.close(
+                    haven_net::endpoint::CLOSE_REVOKED.into(),
+                    b"certificate revoked",
+                );
             }
+            id != agent_id
         });
-        closed
+        before - live.len()
     }
 }
 

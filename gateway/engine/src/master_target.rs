@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use haven_host::{Access, Disk, Host, PluginSpec, WriterPlugin};
-use haven_net::endpoint::{Server, ServerTls};
+use haven_net::endpoint::ServerTls;
 use haven_net::stream::{Report, read_report};
 use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
@@ -72,8 +72,7 @@ pub struct MasterTarget {
     host: Arc<Host>,
     replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
     reports: Mutex<HashMap<String, Report>>,
-    server: Mutex<Option<Arc<Server>>>,
-    connections: crate::Connections,
+    listener: crate::Listener,
     /// Streams whose journal or replica could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<StreamKey, (haven_wire::DiskInfo, String, String)>>,
 }
@@ -116,8 +115,7 @@ impl MasterTarget {
             host,
             replicas: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
-            server: Mutex::new(None),
-            connections: crate::Connections::default(),
+            listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
         });
         for (key, record) in mt.state.streams()? {
@@ -141,37 +139,23 @@ impl MasterTarget {
         tls: ServerTls,
         ca: Option<Arc<Mutex<SiteCa>>>,
     ) -> Result<()> {
-        let server = Arc::new(Server::bind(self.config.listen, tls, ca)?);
+        let server = self.listener.bind(self.config.listen, tls, ca)?;
         tracing::info!(addr = %server.local_addr()?, "master target listening");
-        *lock(&self.server) = Some(server.clone());
         while let Some(conn) = server.accept().await {
             let mt = self.clone();
             tokio::spawn(async move {
-                let ticket = mt.connections.add(&conn.peer.agent_id, &conn.connection);
+                let ticket = mt.listener.add(&conn.peer.agent_id, &conn.connection);
                 let peer = conn.peer.machine_name.clone();
                 mt.clone().connection(conn.connection, peer).await;
-                mt.connections.remove(ticket);
+                mt.listener.remove(ticket);
             });
         }
         Ok(())
     }
 
-    /// The bound address once serving.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        lock(&self.server).as_ref()?.local_addr().ok()
-    }
-
-    /// New CRLs for new connections, after a revocation.
-    pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
-        if let Some(server) = lock(&self.server).as_ref() {
-            server.set_crls(crl_pems)?;
-        }
-        Ok(())
-    }
-
-    /// Closes the live connections of a revoked peer (a process server); returns how many.
-    pub fn disconnect(&self, agent_id: &str) -> usize {
-        self.connections.close(agent_id, b"certificate revoked")
+    /// The role's endpoint: its address, CRLs and live connections.
+    pub fn listener(&self) -> &crate::Listener {
+        &self.listener
     }
 
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: String) {
@@ -350,6 +334,7 @@ impl MasterTarget {
         replicas.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
         MasterTargetStatus {
             listen: self
+                .listener
                 .local_addr()
                 .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
             writer: self.config.writer.name.clone(),

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use haven_net::endpoint::{self, Refusal, Server, ServerTls};
+use haven_net::endpoint::{self, Refusal, ServerTls};
 use haven_net::stream::{FrameReader, Report, read_report, send_report, write_frames};
 use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
@@ -96,8 +96,7 @@ pub struct ProcessServer {
     state: Arc<StateDb>,
     key: Key,
     agents: Mutex<HashMap<PeerId, Arc<AgentEntry>>>,
-    server: Mutex<Option<Arc<Server>>>,
-    connections: crate::Connections,
+    listener: crate::Listener,
     /// Agents whose cache could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<PeerId, (String, String)>>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
@@ -132,8 +131,7 @@ impl ProcessServer {
             state,
             key,
             agents: Mutex::new(HashMap::new()),
-            server: Mutex::new(None),
-            connections: crate::Connections::default(),
+            listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
             me: me.clone(),
         });
@@ -166,9 +164,8 @@ impl ProcessServer {
         tls: ServerTls,
         ca: Option<Arc<Mutex<SiteCa>>>,
     ) -> Result<()> {
-        let server = Arc::new(Server::bind(self.config.listen, tls, ca)?);
+        let server = self.listener.bind(self.config.listen, tls, ca)?;
         tracing::info!(addr = %server.local_addr()?, "process server listening");
-        *lock(&self.server) = Some(server.clone());
         while let Some(conn) = server.accept().await {
             let Some(peer) = parse_peer(&conn.peer.agent_id) else {
                 conn.connection
@@ -184,28 +181,15 @@ impl ProcessServer {
         Ok(())
     }
 
-    /// The bound address once serving.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        lock(&self.server).as_ref()?.local_addr().ok()
-    }
-
-    /// New CRLs for new connections, after a revocation.
-    pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
-        if let Some(server) = lock(&self.server).as_ref() {
-            server.set_crls(crl_pems)?;
-        }
-        Ok(())
-    }
-
-    /// Closes the live connections of a revoked agent; returns how many.
-    pub fn disconnect(&self, agent_id: &str) -> usize {
-        self.connections.close(agent_id, b"certificate revoked")
+    /// The role's endpoint: its address, CRLs and live connections.
+    pub fn listener(&self) -> &crate::Listener {
+        &self.listener
     }
 
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerId, machine: String) {
-        let ticket = self.connections.add(&peer_hex(&peer), &conn);
+        let ticket = self.listener.add(&peer_hex(&peer), &conn);
         self.serve_connection(&conn, peer, machine).await;
-        self.connections.remove(ticket);
+        self.listener.remove(ticket);
     }
 
     async fn serve_connection(
@@ -385,6 +369,7 @@ impl ProcessServer {
         disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
         ProcessServerStatus {
             listen: self
+                .listener
                 .local_addr()
                 .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
             upstream: self.config.upstream.addr.to_string(),

@@ -349,17 +349,15 @@ async fn run(config: GatewayConfig) -> Result<()> {
     let on_revoke: haven_api::RevokeFn = {
         let (ps, mt) = (ps.clone(), mt.clone());
         Arc::new(move |crls: Vec<String>, agent_id: &str| {
-            if let Some(p) = &ps {
-                if let Err(e) = p.set_crls(crls.clone()) {
+            let listeners = ps
+                .iter()
+                .map(|p| p.listener())
+                .chain(mt.iter().map(|m| m.listener()));
+            for listener in listeners {
+                if let Err(e) = listener.set_crls(crls.clone()) {
                     tracing::error!(error = %format!("{e:#}"), "cannot load the new CRL");
                 }
-                p.disconnect(agent_id);
-            }
-            if let Some(m) = &mt {
-                if let Err(e) = m.set_crls(crls.clone()) {
-                    tracing::error!(error = %format!("{e:#}"), "cannot load the new CRL");
-                }
-                m.disconnect(agent_id);
+                listener.disconnect(agent_id);
             }
         })
     };
