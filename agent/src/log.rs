@@ -22,7 +22,7 @@
 //! | bytes  | field                                            |
 //! |--------|--------------------------------------------------|
 //! | 0..4   | magic `HVNR`                                     |
-//! | 4..6   | kind: 1 write, 2 zero, 3 trim                    |
+//! | 4..6   | kind: 1 write, 2 zero, 3 trim, 4 copy            |
 //! | 6..8   | flags, zero                                      |
 //! | 8..16  | sequence number                                  |
 //! | 16..24 | disk offset                                      |
@@ -105,6 +105,11 @@ pub enum Kind {
     Zero,
     /// A range discarded (NBD `TRIM`); the agent's backing disk reads it as zero afterwards.
     Trim,
+    /// The disk's own content of a range, read when the record is shipped (initial sync and
+    /// resync): it carries no bytes. Shipped later than it was logged, it is at least as new as
+    /// the disk was at its place in the log, and every change made after that place follows it
+    /// in the log, so replaying the log still ends at the disk's state.
+    Copy,
 }
 
 impl Kind {
@@ -113,6 +118,7 @@ impl Kind {
             Kind::Write => 1,
             Kind::Zero => 2,
             Kind::Trim => 3,
+            Kind::Copy => 4,
         }
     }
 
@@ -121,6 +127,7 @@ impl Kind {
             1 => Some(Kind::Write),
             2 => Some(Kind::Zero),
             3 => Some(Kind::Trim),
+            4 => Some(Kind::Copy),
             _ => None,
         }
     }
@@ -131,6 +138,7 @@ impl Kind {
             Kind::Write => "write",
             Kind::Zero => "zero",
             Kind::Trim => "trim",
+            Kind::Copy => "copy",
         }
     }
 }
@@ -159,6 +167,13 @@ pub enum Change<'a> {
         /// Length in bytes.
         len: u64,
     },
+    /// `len` bytes at `offset` to be copied from the disk when shipped ([`Kind::Copy`]).
+    Copy {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// Length in bytes; at most [`MAX_PAYLOAD`].
+        len: u64,
+    },
 }
 
 impl Change<'_> {
@@ -167,6 +182,7 @@ impl Change<'_> {
             Change::Write { offset, data } => (Kind::Write, offset, data.len() as u64, data),
             Change::Zero { offset, len } => (Kind::Zero, offset, len, &[]),
             Change::Trim { offset, len } => (Kind::Trim, offset, len, &[]),
+            Change::Copy { offset, len } => (Kind::Copy, offset, len, &[]),
         }
     }
 }

@@ -232,6 +232,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "applied {} records ({}..={}), {} bytes written",
                 st.records, st.first_seq, st.last_seq, st.bytes_written
             );
+            if st.copies_skipped > 0 {
+                println!(
+                    "{} copy records passed over: they stand for the protected disk's own \
+                     content (initial sync, resync), which the log does not hold",
+                    st.copies_skipped
+                );
+            }
             Ok(())
         }
     }

@@ -257,10 +257,11 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
 
     let sync_thread = (rec.state == Phase::InitialSync).then(|| {
         let shared = Arc::clone(&shared);
+        let window_bytes = cfg.window_bytes;
         thread::Builder::new()
             .name("initial-sync".into())
             .spawn(move || {
-                if let Err(e) = replicate::initial_sync(&shared) {
+                if let Err(e) = replicate::initial_sync(&shared, window_bytes) {
                     tracing::error!(error = %format!("{e:#}"), "initial sync stopped");
                 }
             })

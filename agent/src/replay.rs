@@ -23,6 +23,9 @@ pub struct ReplayStats {
     pub last_seq: u64,
     /// Payload bytes written.
     pub bytes_written: u64,
+    /// Copy records passed over: they stand for the protected disk's own content when they
+    /// were shipped, which the log does not hold.
+    pub copies_skipped: u64,
 }
 
 /// Applies every record held in the log at `log_dir` onto the image at `image`, then syncs the
@@ -64,6 +67,8 @@ pub fn replay(log_dir: &Path, image: &Path) -> anyhow::Result<ReplayStats> {
             Kind::Zero | Kind::Trim => {
                 zero_file_range(&file, block_device, rec.offset, rec.len, true)?;
             }
+            // The protected disk's own content at shipping time: not in the log.
+            Kind::Copy => stats.copies_skipped += 1,
         }
         if stats.records == 0 {
             stats.first_seq = rec.seq;

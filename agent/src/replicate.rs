@@ -298,7 +298,7 @@ pub fn all_zero(data: &[u8]) -> bool {
 
 /// The initial pass over the disk (see the module docs). Runs on its own thread until done,
 /// until the disk leaves the initial-sync state (a resync supersedes it), or until stopped.
-pub fn initial_sync(shared: &Shared) -> anyhow::Result<()> {
+pub fn initial_sync(shared: &Shared, ahead_bytes: u64) -> anyhow::Result<()> {
     let splitter = &shared.splitter;
     let size = splitter.size();
     let mut offset = shared.record().sync_offset.min(size);
@@ -309,8 +309,13 @@ pub fn initial_sync(shared: &Shared) -> anyhow::Result<()> {
         if shared.stopping() || shared.record().state != Phase::InitialSync {
             return Ok(());
         }
-        // Leave the workload room: wait while the log is more than half full.
-        if splitter.log_stats().bytes_used > shared.log_max_bytes / 2 {
+        // Leave the workload room: wait while the log is more than half full. And stay at most
+        // `ahead_bytes` of copies ahead of what the downstream acknowledged, so that progress
+        // means shipped and the copies read the disk close to when they were logged.
+        let st = splitter.log_stats();
+        let unacked = seq_add(st.last_seq, shared.record().seq_base)
+            .saturating_sub(shared.acked_seq.load(Ordering::Relaxed));
+        if st.bytes_used > shared.log_max_bytes / 2 || unacked * SYNC_CHUNK as u64 > ahead_bytes {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
@@ -978,10 +983,19 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
     let reader = splitter.read_log_from(from).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
+    let mut copied = false;
     for rec in reader {
-        let rec = rec.map_err(|e| e.to_string())?;
+        let mut rec = rec.map_err(|e| e.to_string())?;
         if rec.seq > durable {
             break;
+        }
+        if rec.kind == Kind::Copy {
+            // The disk's content now: at least as new as at the record's place in the log.
+            rec.data = vec![0; rec.len as usize];
+            splitter
+                .read(rec.offset, &mut rec.data)
+                .map_err(|e| e.to_string())?;
+            copied = true;
         }
         bytes += rec.data.len() as u64 + 64;
         out.push((rec.seq, to_wire(rec, base)));
@@ -989,14 +1003,19 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
             break;
         }
     }
+    if copied {
+        // What was just read may include writes not yet synced: make them durable before any of
+        // it leaves the machine (a replica must never hold what the source could lose).
+        splitter.sync_disk().map_err(|e| e.to_string())?;
+    }
     Ok(out)
 }
 
 /// A log record as a stream record.
 fn to_wire(rec: log::Record, base: i64) -> Record {
     let data = match rec.kind {
-        Kind::Write if all_zero(&rec.data) => Payload::Zero { len: rec.len },
-        Kind::Write => Payload::Data(Bytes::from(rec.data)),
+        Kind::Write | Kind::Copy if all_zero(&rec.data) => Payload::Zero { len: rec.len },
+        Kind::Write | Kind::Copy => Payload::Data(Bytes::from(rec.data)),
         Kind::Zero => Payload::Zero { len: rec.len },
         Kind::Trim => Payload::Trim { len: rec.len },
     };

@@ -278,6 +278,8 @@ impl Splitter {
             }
             match record.kind {
                 Kind::Write => self.disk.write_all_at(&record.data, record.offset)?,
+                // The disk's own content: nothing to apply.
+                Kind::Copy => continue,
                 Kind::Zero | Kind::Trim => zero_file_range(
                     &self.disk,
                     self.block_device,
@@ -488,9 +490,16 @@ impl Splitter {
         self.client_bytes.load(Ordering::Relaxed)
     }
 
+    /// Makes the backing disk durable (`fdatasync`): the shipper calls it after reading the
+    /// bytes of copy records, so that nothing it sends can be lost by the source in a power cut.
+    pub fn sync_disk(&self) -> Result<(), SplitError> {
+        self.disk.sync_data().map_err(self.disk_err("syncing"))
+    }
+
     /// Reads `buf.len()` bytes at `offset` and, under the same lock (so that nothing changes
     /// the disk in between), appends every block of `block` bytes (the last one may be shorter)
-    /// for which `keep(block_offset, block_data)` is true to the log as a write record. The
+    /// for which `keep(block_offset, block_data)` is true to the log as a copy record (the
+    /// shipper reads the bytes from the disk when it ships the record, see `Kind::Copy`). The
     /// records are thereby ordered with the clients' changes: one made after this call gets a
     /// later sequence number. Used by the initial pass (`keep` = "not all zero") and by resync
     /// (`keep` = "differs from the replica's digest").
@@ -525,7 +534,11 @@ impl Splitter {
         for (i, data) in buf.chunks(block).enumerate() {
             let at = offset + (i * block) as u64;
             if keep(at, data) {
-                log.append(Change::Write { offset: at, data })?;
+                // The bytes are read again from the disk when shipped (see `Kind::Copy`).
+                log.append(Change::Copy {
+                    offset: at,
+                    len: data.len() as u64,
+                })?;
                 done.blocks += 1;
                 done.bytes += data.len() as u64;
             }
@@ -810,17 +823,19 @@ mod tests {
         assert_eq!((st.first_seq, st.last_seq), (logged + 1, logged));
         s.write(0, &[7; 512], false).unwrap();
         assert_eq!(s.log_stats().last_seq, logged + 1);
-        // A capture larger than the room left is refused, never an overflow.
-        assert!(matches!(
-            s.capture_blocks(0, &mut buf, 65536, |_, _| true),
-            Err(SplitError::LogFull(_))
-        ));
-        assert!(s.overflow().is_none());
+        // A capture logs copy records (no bytes: the shipper reads the disk), so even one of
+        // more bytes than the log has room for fits, and never overflows the splitter.
+        let blocks = buf.len() / 65536;
+        let before = s.log_stats();
         assert_eq!(
-            s.capture_blocks(0, &mut buf[..4096], 4096, |_, _| true)
+            s.capture_blocks(0, &mut buf, 65536, |_, _| true)
                 .unwrap()
-                .blocks,
-            1
+                .blocks as usize,
+            blocks
         );
+        let after = s.log_stats();
+        assert_eq!(after.last_seq, before.last_seq + blocks as u64);
+        assert!(after.bytes_used - before.bytes_used < (blocks as u64) * 64);
+        assert!(s.overflow().is_none());
     }
 }

@@ -100,6 +100,16 @@ impl Proc {
         Some(kib * 1024)
     }
 
+    /// CPU seconds (user + system) used so far, while it runs.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Fields after the command name (which is in parentheses): utime is the 14th field.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -489,6 +499,48 @@ impl Cluster {
                 );
             }
             std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Cluster {
+    /// How long after `end` (a workload's last acknowledged write; `end_ms` the same moment on
+    /// the wall clock) the master target had applied everything the agent wrote: the master
+    /// target's applied seq is sampled every 20 ms and compared with the agent's last seq from
+    /// its first report made after `end_ms`.
+    pub fn applied_after(
+        &mut self,
+        end: Instant,
+        end_ms: u64,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let mut samples: Vec<(Instant, u64)> = Vec::new();
+        let mut last_seq = None;
+        let deadline = end + timeout;
+        loop {
+            let applied = self
+                .mt
+                .status()?
+                .master_target
+                .and_then(|m| m.replicas.first().map(|r| r.applied_seq))
+                .unwrap_or(0);
+            samples.push((Instant::now(), applied));
+            if last_seq.is_none()
+                && let Some(r) = self.agent.report()
+                && r.time_ms > end_ms
+                && let Some(d) = r.disks.first()
+            {
+                last_seq = Some(d.last_seq);
+            }
+            if let Some(l) = last_seq
+                && let Some((t, _)) = samples.iter().find(|(_, a)| *a >= l)
+            {
+                return Ok(t.saturating_duration_since(end));
+            }
+            if Instant::now() > deadline {
+                bail!("not applied within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
