@@ -374,19 +374,14 @@ impl Sink for MasterTarget {
             .cloned()
             .context("durable records for an unknown replica")?;
         let first = appended.first().map_or(durable + 1, |(r, _)| r.seq());
-        let entries: Vec<_> = stream
-            .journal()
-            .entries()
-            .into_iter()
-            .filter(|e| e.seq >= first)
-            .collect();
-        self.state.index_put(stream.key, &entries)?;
+        let entries = stream.journal().entries_from(first);
         let mut record = self
             .state
             .get_stream(stream.key)?
             .context("stream record missing")?;
         record.durable_seq = durable;
-        self.state.put_stream(stream.key, &record)?;
+        self.state
+            .index_put_with(stream.key, &entries, Some(&record))?;
         let now = Instant::now();
         lock(&replica.unapplied).extend(
             appended
@@ -607,15 +602,13 @@ impl Applier {
             .map_err(|e| fail(&e))?
             .ok_or_else(|| fail(&"stream record missing"))?;
         record.applied_seq = seq;
+        // The applied seq and the index entries it makes unnecessary, in one transaction.
         self.state
-            .put_stream(stream.key, &record)
+            .index_remove_upto_with(stream.key, seq, Some(&record))
             .map_err(|e| fail(&e))?;
         self.replica.applied.store(seq, Ordering::Release);
         failpoint::hit("apply.after-commit");
         stream.journal().release(seq).map_err(|e| fail(&e))?;
-        self.state
-            .index_remove_upto(stream.key, seq)
-            .map_err(|e| fail(&e))?;
         let mut unapplied = lock(&self.replica.unapplied);
         while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
             unapplied.pop_front();

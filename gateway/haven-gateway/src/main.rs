@@ -319,6 +319,8 @@ async fn run(config: GatewayConfig) -> Result<()> {
                 writer,
                 journal: JournalOptions {
                     max_bytes: section.journal_max_bytes,
+                    // What arrives uncompressed did not compress at the process server.
+                    compress: false,
                     ..JournalOptions::default()
                 },
             },

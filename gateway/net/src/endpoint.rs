@@ -209,13 +209,26 @@ pub struct Server {
     task: JoinHandle<()>,
 }
 
+/// Flow-control windows for replication: a stream may have 16 MiB in flight (a receiver that
+/// pauses to sync its journal must not stall the sender at quinn's default of ~1.2 MiB), a
+/// connection 64 MiB. Memory per connection stays bounded by these.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    Arc::new(t)
+}
+
 fn quinn_server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, NetError> {
     let cfg = tls::server_config(&tls.cert_pem, &tls.key_pem, &tls.ca_pem, &tls.crl_pems)?;
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config {
         what: "QUIC server configuration",
         detail: e.to_string(),
     })?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
 }
 
 impl Server {
@@ -476,7 +489,9 @@ fn quic_client(cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, NetErro
         what: "QUIC client configuration",
         detail: e.to_string(),
     })?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
 }
 
 /// Opens a replication connection (ALPN `haven/1`) presenting the agent's certificate.

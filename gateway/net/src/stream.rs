@@ -72,21 +72,36 @@ impl FrameReader {
     }
 }
 
-/// Encodes `frames` and writes them in order, batching small frames into one write.
+/// Encodes `frames` and writes them in order. Headers and small frames are gathered into
+/// shared buffers; a `Write`'s data is handed to QUIC as it is, never copied.
 pub async fn write_frames(
     send: &mut quinn::SendStream,
     frames: impl IntoIterator<Item = Frame>,
 ) -> Result<(), StreamError> {
-    let mut buf = Vec::new();
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut head = Vec::new();
+    let mut queued = 0;
     for frame in frames {
-        frame.encode(&mut buf)?;
-        if buf.len() >= READ_CHUNK {
-            send.write_all(&buf).await?;
-            buf.clear();
+        if let Some((data, trailer)) = frame.encode_split(&mut head)? {
+            queued += data.len();
+            chunks.push(std::mem::take(&mut head).into());
+            chunks.push(data);
+            head.extend_from_slice(&trailer);
+        }
+        if queued + head.len() >= READ_CHUNK {
+            if !head.is_empty() {
+                chunks.push(std::mem::take(&mut head).into());
+            }
+            send.write_all_chunks(&mut chunks).await?;
+            chunks.clear();
+            queued = 0;
         }
     }
-    if !buf.is_empty() {
-        send.write_all(&buf).await?;
+    if !head.is_empty() {
+        chunks.push(head.into());
+    }
+    if !chunks.is_empty() {
+        send.write_all_chunks(&mut chunks).await?;
     }
     Ok(())
 }

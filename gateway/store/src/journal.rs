@@ -152,6 +152,10 @@ pub struct JournalOptions {
     pub max_bytes: u64,
     /// zstd level used to compress data at rest (default 1).
     pub zstd_level: i32,
+    /// Whether uncompressed data is compressed at rest (default true). A journal fed by a
+    /// hop that already compressed what compresses (the master target, fed by a process server)
+    /// turns it off: data that arrives uncompressed did not compress.
+    pub compress: bool,
 }
 
 impl Default for JournalOptions {
@@ -160,6 +164,7 @@ impl Default for JournalOptions {
             segment_bytes: 64 << 20,
             max_bytes: 4 << 30,
             zstd_level: 1,
+            compress: true,
         }
     }
 }
@@ -848,17 +853,21 @@ impl Journal {
                             buf = vec![0; header_len];
                             (Encoding::Zero, data.len() as u64)
                         } else {
-                            let packed =
+                            let packed = if self.opts.compress {
                                 zstd::bulk::compress(data, self.opts.zstd_level).map_err(|e| {
                                     StoreError::Invalid(format!(
                                         "record {seq}: zstd compression failed: {e}"
                                     ))
-                                })?;
-                            let (encoding, body): (_, &[u8]) = if packed.len() < data.len() {
-                                (Encoding::Zstd, &packed)
+                                })?
                             } else {
-                                (Encoding::Raw, data)
+                                Vec::new()
                             };
+                            let (encoding, body): (_, &[u8]) =
+                                if !packed.is_empty() && packed.len() < data.len() {
+                                    (Encoding::Zstd, &packed)
+                                } else {
+                                    (Encoding::Raw, data)
+                                };
                             buf = Vec::with_capacity(header_len + body.len() + 16);
                             buf.resize(header_len, 0);
                             buf.extend_from_slice(body);
@@ -1014,10 +1023,22 @@ impl Journal {
     /// Metadata of every record held, in order, from the plaintext headers (nothing is
     /// decrypted or read from disk).
     pub fn entries(&self) -> Vec<EntryMeta> {
-        self.segments
-            .iter()
-            .flat_map(|s| s.locs.iter().map(|l| meta(s.number, l)))
-            .collect()
+        self.entries_from(0)
+    }
+
+    /// Metadata of the records held with seq ≥ `seq`, in order; its cost is in the number of
+    /// segments plus the records returned.
+    pub fn entries_from(&self, seq: u64) -> Vec<EntryMeta> {
+        let mut out = Vec::new();
+        for s in self.segments.iter().rev() {
+            let start = s.locs.partition_point(|l| l.seq < seq);
+            out.extend(s.locs[start..].iter().rev().map(|l| meta(s.number, l)));
+            if start > 0 {
+                break;
+            }
+        }
+        out.reverse();
+        out
     }
 
     fn not_held(&self, seq: u64) -> StoreError {

@@ -216,20 +216,28 @@ impl StateDb {
 
     /// Stores (replaces) a stream's record.
     pub fn put_stream(&self, key: StreamKey, value: &StreamRecord) -> Result<()> {
-        let json = serde_json::to_vec(value)
-            .map_err(|e| StoreError::Invalid(format!("stream {key}: cannot encode: {e}")))?;
         let txn = self
             .db
             .begin_write()
             .map_err(self.err("starting a transaction"))?;
-        {
-            let mut t = txn
-                .open_table(STREAMS)
-                .map_err(self.err("opening table streams"))?;
-            t.insert(key.bytes().as_slice(), json.as_slice())
-                .map_err(self.err("writing a stream"))?;
-        }
+        self.put_stream_in(&txn, key, value)?;
         txn.commit().map_err(self.err("committing a stream"))
+    }
+
+    fn put_stream_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        key: StreamKey,
+        value: &StreamRecord,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Invalid(format!("stream {key}: cannot encode: {e}")))?;
+        let mut t = txn
+            .open_table(STREAMS)
+            .map_err(self.err("opening table streams"))?;
+        t.insert(key.bytes().as_slice(), json.as_slice())
+            .map_err(self.err("writing a stream"))?;
+        Ok(())
     }
 
     /// A stream's record, if stored.
@@ -309,6 +317,17 @@ impl StateDb {
 
     /// Adds (or replaces) journal index entries of a stream, in one transaction.
     pub fn index_put(&self, key: StreamKey, entries: &[EntryMeta]) -> Result<()> {
+        self.index_put_with(key, entries, None)
+    }
+
+    /// [`StateDb::index_put`] and, in the same transaction (one commit, one sync), the stream's
+    /// record.
+    pub fn index_put_with(
+        &self,
+        key: StreamKey,
+        entries: &[EntryMeta],
+        stream: Option<&StreamRecord>,
+    ) -> Result<()> {
         let txn = self
             .db
             .begin_write()
@@ -321,6 +340,9 @@ impl StateDb {
                 t.insert(key.index_key(e.seq).as_slice(), encode_entry(e).as_slice())
                     .map_err(self.err("writing an index entry"))?;
             }
+        }
+        if let Some(record) = stream {
+            self.put_stream_in(&txn, key, record)?;
         }
         txn.commit().map_err(self.err("committing index entries"))
     }
@@ -388,10 +410,23 @@ impl StateDb {
 
     /// Removes a stream's index entries with `seq <= upto_seq`; returns how many.
     pub fn index_remove_upto(&self, key: StreamKey, upto_seq: u64) -> Result<u64> {
+        self.index_remove_upto_with(key, upto_seq, None)
+    }
+
+    /// [`StateDb::index_remove_upto`] and, in the same transaction, the stream's record.
+    pub fn index_remove_upto_with(
+        &self,
+        key: StreamKey,
+        upto_seq: u64,
+        stream: Option<&StreamRecord>,
+    ) -> Result<u64> {
         let txn = self
             .db
             .begin_write()
             .map_err(self.err("starting a transaction"))?;
+        if let Some(record) = stream {
+            self.put_stream_in(&txn, key, record)?;
+        }
         let mut removed = 0u64;
         {
             let mut t = txn

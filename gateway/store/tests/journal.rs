@@ -124,7 +124,7 @@ fn small() -> JournalOptions {
     JournalOptions {
         segment_bytes: 4096,
         max_bytes: 1 << 20,
-        zstd_level: 1,
+        ..JournalOptions::default()
     }
 }
 
@@ -602,7 +602,7 @@ fn full_journal_refuses_and_appends_nothing() {
     let opts = JournalOptions {
         segment_bytes: 4096,
         max_bytes: 8192,
-        zstd_level: 1,
+        ..JournalOptions::default()
     };
     let mut j = Journal::open(dir, &key(), opts).expect("open");
     let mut rng = Rng(3);
@@ -716,7 +716,7 @@ fn random_ops(seed: u64) {
     let opts = JournalOptions {
         segment_bytes: 8192,
         max_bytes: 64 * 1024,
-        zstd_level: 1,
+        ..JournalOptions::default()
     };
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut j = Journal::open(dir, &key(), opts).expect("open");
@@ -749,6 +749,11 @@ fn random_ops(seed: u64) {
             }
             6 => {
                 assert_eq!(j.sync().expect("sync"), last, "{ctx}");
+                // The metadata from any seq is the tail of all of it.
+                let all = j.entries();
+                let from = rng.below(last + 2);
+                let tail: Vec<_> = all.iter().filter(|e| e.seq >= from).copied().collect();
+                assert_eq!(j.entries_from(from), tail, "{ctx}: entries from {from}");
             }
             7 => {
                 let upto = if last == 0 { 0 } else { rng.below(last + 1) };
@@ -801,4 +806,30 @@ fn random_operations_match_the_model() {
 #[test]
 fn random_operations_pinned_seed() {
     random_ops(0x5eed);
+}
+
+#[test]
+fn without_compression_data_is_stored_as_it_came() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let opts = JournalOptions {
+        compress: false,
+        ..JournalOptions::default()
+    };
+    let mut j = Journal::open(tmp.path(), &key(), opts).expect("open");
+    let text = bytes::Bytes::from(b"replica journal ".repeat(4096));
+    let info = j
+        .append(&Record::Write(Write {
+            disk: 1,
+            seq: 1,
+            offset: 0,
+            data: Payload::Data(text.clone()),
+        }))
+        .expect("append");
+    assert_eq!(info.encoding, Encoding::Raw);
+    assert!(info.stored_bytes > text.len() as u64);
+    j.sync().expect("sync");
+    match j.get(1).expect("get") {
+        Record::Write(w) => assert_eq!(w.data, Payload::Data(text)),
+        other => panic!("{other:?}"),
+    }
 }

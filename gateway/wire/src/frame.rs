@@ -704,9 +704,28 @@ impl Frame {
     /// Appends the encoded frame to `out`. A frame that breaks a limit or rule is refused with
     /// the error the decoder would give, and `out` is left as it was.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        if let Some((data, trailer)) = self.encode_split(out)? {
+            out.extend_from_slice(&data);
+            out.extend_from_slice(&trailer);
+        }
+        Ok(())
+    }
+
+    /// Encodes the frame without copying a `Write`'s data: for a `Write` carrying bytes, appends
+    /// everything before the data to `out` and returns the data (shared, not copied) and the
+    /// 4-byte trailer, which follow it on the wire in that order. For any other frame appends the
+    /// whole frame and returns `None`. Refused like [`Frame::encode`].
+    pub fn encode_split(&self, out: &mut Vec<u8>) -> Result<Option<(Bytes, [u8; 4])>, WireError> {
         self.validate()?;
         let start = out.len();
-        out.reserve(self.encoded_len());
+        let data = match self {
+            Self::Write(Write {
+                data: Payload::Data(b) | Payload::Compressed { bytes: b, .. },
+                ..
+            }) => Some(b.clone()),
+            _ => None,
+        };
+        out.reserve(self.encoded_len() - data.as_ref().map_or(0, Bytes::len));
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         out.push(self.frame_type() as u8);
@@ -736,10 +755,10 @@ impl Frame {
                 out.extend_from_slice(&w.seq.to_le_bytes());
                 out.extend_from_slice(&w.offset.to_le_bytes());
                 match &w.data {
-                    Payload::Data(b) => out.extend_from_slice(b),
-                    Payload::Compressed { raw_len, bytes } => {
+                    // The data follows what `out` holds: see below.
+                    Payload::Data(_) => {}
+                    Payload::Compressed { raw_len, .. } => {
                         out.extend_from_slice(&raw_len.to_le_bytes());
-                        out.extend_from_slice(bytes);
                     }
                     Payload::Zero { len } | Payload::Trim { len } => {
                         out.extend_from_slice(&len.to_le_bytes())
@@ -782,9 +801,13 @@ impl Frame {
             }
         }
         let crc = crc32c::crc32c(&out[start..]);
+        if let Some(data) = data {
+            let crc = crc32c::update(crc, &data);
+            return Ok(Some((data, crc.to_le_bytes())));
+        }
         out.extend_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(out.len() - start, self.encoded_len());
-        Ok(())
+        Ok(None)
     }
 
     /// The encoded frame in a new buffer.

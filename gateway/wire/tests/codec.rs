@@ -168,6 +168,17 @@ proptest! {
     }
 
     #[test]
+    fn split_encoding_is_the_same_bytes(frame in arb_frame()) {
+        let whole = frame.to_vec().unwrap();
+        let mut parts = Vec::new();
+        if let Some((data, trailer)) = frame.encode_split(&mut parts).unwrap() {
+            parts.extend_from_slice(&data);
+            parts.extend_from_slice(&trailer);
+        }
+        prop_assert_eq!(parts, whole);
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(
         valid_start in any::<bool>(),
         tail in proptest::collection::vec(any::<u8>(), 0..256),
