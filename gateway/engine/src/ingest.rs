@@ -50,7 +50,14 @@ pub struct DiskStream {
     pub stored_bytes_total: AtomicU64,
     /// Why this stream stopped; shown in status.
     pub error: Mutex<Option<String>>,
+    /// The latest records appended, as stored (compressed where they were), at most
+    /// [`FRESH_BYTES`]: the consumer (forwarder, applier) takes them from here instead of
+    /// reading and decrypting them back; older ones it reads from the journal.
+    fresh: Mutex<(VecDeque<Record>, u64)>,
 }
+
+/// Bytes of fresh records a stream keeps in memory for its consumer.
+pub const FRESH_BYTES: u64 = 16 << 20;
 
 impl DiskStream {
     /// A stream over an opened journal; its durable seq is what the journal holds.
@@ -67,7 +74,37 @@ impl DiskStream {
             received: Mutex::new(Rate::default()),
             stored_bytes_total: AtomicU64::new(0),
             error: Mutex::new(None),
+            fresh: Mutex::new((VecDeque::new(), 0)),
         }
+    }
+
+    fn keep_fresh(&self, record: Record) {
+        let mut fresh = lock(&self.fresh);
+        fresh.1 += record.wire_len();
+        fresh.0.push_back(record);
+        while fresh.1 > FRESH_BYTES {
+            let Some(old) = fresh.0.pop_front() else {
+                break;
+            };
+            fresh.1 -= old.wire_len();
+        }
+    }
+
+    /// Record `seq` if it is among the fresh ones (those before it are dropped: the consumer
+    /// is past them).
+    pub fn take_fresh(&self, seq: Seq) -> Option<Record> {
+        let mut fresh = lock(&self.fresh);
+        while let Some(front) = fresh.0.front() {
+            if front.seq() > seq {
+                return None;
+            }
+            let r = fresh.0.pop_front()?;
+            fresh.1 -= r.wire_len();
+            if r.seq() == seq {
+                return Some(r);
+            }
+        }
+        None
     }
 
     /// The journal, locked. Held only for one operation at a time.
@@ -303,6 +340,13 @@ fn append_pending<S: Sink>(
                 s.stored_bytes_total
                     .fetch_add(info.stored_bytes, Ordering::Relaxed);
                 let r = pending.pop_front().context("pending record vanished")?;
+                s.keep_fresh(match (&r, &info.stored) {
+                    (Record::Write(w), Some(data)) => Record::Write(haven_wire::Write {
+                        data: data.clone(),
+                        ..w.clone()
+                    }),
+                    _ => r.clone(),
+                });
                 appended.entry(r.disk()).or_default().push((r, info));
             }
             Err(StoreError::Full { .. }) => {

@@ -525,16 +525,27 @@ impl Applier {
         durable: Seq,
     ) -> Result<(), Stop> {
         let stream = &self.replica.stream;
-        let reader = stream.journal().read_from(applied + 1);
+        let mut reader = None;
         let mut batch_bytes = 0;
         let mut last = applied;
-        for record in reader {
-            let record = record.map_err(|e| match e {
-                e @ (StoreError::Tampered { .. } | StoreError::Damaged { .. }) => {
-                    Stop::Refused(format!("replica {}: {e}", self.replica.path))
+        while last < durable {
+            // Fresh records come from memory; older ones are read back and verified.
+            let record = match stream.take_fresh(last + 1) {
+                Some(r) => {
+                    reader = None;
+                    r
                 }
-                e => Stop::Failed(format!("replica {}: {e}", self.replica.path)),
-            })?;
+                None => {
+                    let r = reader.get_or_insert_with(|| stream.journal().read_from(last + 1));
+                    let Some(record) = r.next() else { break };
+                    record.map_err(|e| match e {
+                        e @ (StoreError::Tampered { .. } | StoreError::Damaged { .. }) => {
+                            Stop::Refused(format!("replica {}: {e}", self.replica.path))
+                        }
+                        e => Stop::Failed(format!("replica {}: {e}", self.replica.path)),
+                    })?
+                }
+            };
             if record.seq() > durable {
                 break;
             }
@@ -553,7 +564,8 @@ impl Applier {
                                 self.replica.path, w.seq
                             ))
                         })?;
-                        let mut buf = bytes.to_vec();
+                        // Without a copy when the bytes are not shared (they were just read).
+                        let mut buf = Vec::from(bytes);
                         plugin
                             .write(disk, w.offset, &mut buf)
                             .map_err(|e| failed(&e))?;

@@ -580,7 +580,15 @@ impl Lane {
         let durable = self.stream.durable();
         let mut in_use: u64 = self.pushed.iter().map(|(_, c)| c).sum();
         while self.next <= durable && in_use < budget {
-            let record = match self.peeked.take() {
+            let fresh = match self.peeked.take() {
+                Some(r) if r.seq() == self.next => Some(r),
+                _ => self.stream.take_fresh(self.next),
+            };
+            if fresh.is_some() {
+                // The journal reader, if any, would return this record again.
+                self.reader = None;
+            }
+            let record = match fresh {
                 Some(r) => r,
                 None => {
                     if self.reader.is_none() {

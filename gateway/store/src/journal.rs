@@ -252,12 +252,16 @@ impl EntryKind {
 }
 
 /// What [`Journal::append`] stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppendInfo {
     /// Bytes the record takes on disk (header and sealed body).
     pub stored_bytes: u64,
     /// How the body was stored.
     pub encoding: Encoding,
+    /// A write's payload as [`Journal::get`] will return it (compressed when it was stored
+    /// compressed), so that a consumer of fresh records can take them without reading them
+    /// back; `None` for a tag.
+    pub stored: Option<Payload>,
 }
 
 /// A record's metadata, read from its plaintext header.
@@ -830,6 +834,7 @@ impl Journal {
         }
         let header_len = RECORD_HEADER_LEN as usize;
         let mut buf: Vec<u8>;
+        let mut stored = None;
         let (encoding, disk, offset, len) = match record {
             Record::Tag(t) => {
                 buf = Vec::with_capacity(header_len + 17 + 16);
@@ -851,6 +856,9 @@ impl Journal {
                         }
                         if is_all_zero(data) {
                             buf = vec![0; header_len];
+                            stored = Some(Payload::Zero {
+                                len: data.len() as u64,
+                            });
                             (Encoding::Zero, data.len() as u64)
                         } else {
                             let packed = if self.opts.compress {
@@ -871,6 +879,14 @@ impl Journal {
                             buf = Vec::with_capacity(header_len + body.len() + 16);
                             buf.resize(header_len, 0);
                             buf.extend_from_slice(body);
+                            stored = Some(if encoding == Encoding::Zstd {
+                                Payload::Compressed {
+                                    raw_len: data.len() as u32,
+                                    bytes: Bytes::from(packed),
+                                }
+                            } else {
+                                Payload::Data(data.clone())
+                            });
                             (encoding, data.len() as u64)
                         }
                     }
@@ -889,14 +905,17 @@ impl Journal {
                         buf = Vec::with_capacity(header_len + bytes.len() + 16);
                         buf.resize(header_len, 0);
                         buf.extend_from_slice(bytes);
+                        stored = Some(w.data.clone());
                         (Encoding::Zstd, u64::from(*raw_len))
                     }
                     Payload::Zero { len } => {
                         buf = vec![0; header_len];
+                        stored = Some(w.data.clone());
                         (Encoding::Zero, *len)
                     }
                     Payload::Trim { len } => {
                         buf = vec![0; header_len];
+                        stored = Some(w.data.clone());
                         (Encoding::Trim, *len)
                     }
                 };
@@ -969,6 +988,7 @@ impl Journal {
         Ok(AppendInfo {
             stored_bytes: size,
             encoding,
+            stored,
         })
     }
 

@@ -833,3 +833,27 @@ fn without_compression_data_is_stored_as_it_came() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn append_reports_the_payload_as_get_returns_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut j = Journal::open(tmp.path(), &key(), JournalOptions::default()).expect("open");
+    let mut rng = Rng(77);
+    let payloads = [
+        Payload::Data(Bytes::from(text(100_000))),
+        Payload::Data(Bytes::from(rng.bytes(100_000))),
+        Payload::Data(Bytes::from(vec![0; 8192])),
+        Payload::Zero { len: 4096 },
+        Payload::Trim { len: 4096 },
+    ];
+    for (i, p) in payloads.into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        let info = j.append(&write(seq, 0, p)).expect("append");
+        match j.get(seq).expect("get") {
+            Record::Write(w) => assert_eq!(info.stored, Some(w.data), "record {seq}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let info = j.append(&tag(9, 1)).expect("append");
+    assert_eq!(info.stored, None);
+}
