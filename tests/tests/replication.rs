@@ -231,21 +231,34 @@ fn a_tampered_cache_record_is_refused_never_forwarded() {
     );
     c.ps.restart().unwrap();
     c.mt.restart().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let error = loop {
+    let error = wait_error(|| {
         let ps = c.ps.status().unwrap().process_server.unwrap();
-        if let Some(e) = &ps.disks[0].error {
-            break e.clone();
+        (ps.disks[0].error.clone(), format!("{ps:?}"))
+    });
+    assert!(error.contains("failed verification"), "{error}");
+    assert_refused(&c, &error);
+}
+
+/// The first error a status reports within a minute; `probe` returns it (if any) and the
+/// status, for the failure message.
+fn wait_error(mut probe: impl FnMut() -> (Option<String>, String)) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (error, status) = probe();
+        if let Some(e) = error {
+            return e;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no error reported: {ps:?}"
+            "no error reported: {status}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(error.contains("failed verification"), "{error}");
+    }
+}
+
+/// The error names the damaged file, and the replica never received the 0xc3 write at 1 MiB.
+fn assert_refused(c: &Cluster, error: &str) {
     assert!(error.contains(".hjnl"), "the error names the file: {error}");
-    // The replica never received the refused record.
     let replica = std::fs::read(c.replica().unwrap()).unwrap();
     assert!(
         replica[1 << 20..(1 << 20) + (256 << 10)]
@@ -354,29 +367,14 @@ fn a_tampered_journal_record_is_refused_never_applied() {
     );
     c.mt.env.clear();
     c.mt.restart().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let error = loop {
+    let error = wait_error(|| {
         let mt = c.mt.status().unwrap().master_target.unwrap();
-        if let Some(e) = &mt.replicas[0].error {
-            break e.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no error reported: {mt:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        (mt.replicas[0].error.clone(), format!("{mt:?}"))
+    });
     // Refused when read (failed verification) or, in the segment last written, already when
     // the journal is opened (a damaged record before intact ones): either way named, not applied.
     assert!(error.contains("AES-GCM"), "{error}");
-    assert!(error.contains(".hjnl"), "the error names the file: {error}");
-    let replica = std::fs::read(c.replica().unwrap()).unwrap();
-    assert!(
-        replica[1 << 20..(1 << 20) + (256 << 10)]
-            .iter()
-            .any(|b| *b != 0xc3),
-        "the tampered record's data reached the replica"
-    );
+    assert_refused(&c, &error);
 }
 
 /// Flips the first body byte of every journal record whose extent starts at `offset` (segment
