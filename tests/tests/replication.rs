@@ -84,6 +84,7 @@ fn workload_during_initial_sync_converges_byte_for_byte() {
     let mt = c.mt.status().unwrap().master_target.unwrap();
     let r = &mt.replicas[0];
     assert_eq!(r.state(), "protected");
+    assert_eq!(r.machine_name, "web01");
     assert_eq!(r.lag_bytes, 0);
     assert_eq!(r.size, DISK);
     let ps = c.ps.status().unwrap().process_server.unwrap();

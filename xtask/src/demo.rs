@@ -208,10 +208,18 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
     }
     println!("replica: {}", replica.display());
     println!(
-        "see it yourself: target/debug/haven status --api {} --api {}",
+        "\n$ haven status --api {} --api {}",
         cluster.ps.api, cluster.mt.api
     );
+    let status = Command::new(root_bin("haven"))
+        .args(["status", "--api", &cluster.ps.api, "--api", &cluster.mt.api])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&status.stdout));
     Ok(replica)
+}
+
+fn root_bin(name: &str) -> std::path::PathBuf {
+    haven_e2e::default_bin_dir().join(name)
 }
 
 fn progress(cluster: &haven_e2e::Cluster) -> Result<()> {

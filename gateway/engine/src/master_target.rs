@@ -292,10 +292,14 @@ impl MasterTarget {
                 let unapplied = lock(&r.unapplied);
                 let agent_id = peer_hex(&s.key.peer);
                 let rate = lock(&r.applied_rate);
+                let report = reports.get(&agent_id).cloned();
                 ReplicaStatus {
-                    report: reports.get(&agent_id).cloned(),
+                    // The connection is the process server's; the machine is the agent's.
+                    machine_name: report
+                        .as_ref()
+                        .map_or_else(|| lock(&s.machine_name).clone(), |r| r.machine_name.clone()),
+                    report,
                     agent_id,
-                    machine_name: lock(&s.machine_name).clone(),
                     disk: s.key.disk,
                     size: s.info.size,
                     path: r.path.clone(),
@@ -349,7 +353,13 @@ impl MasterTarget {
 }
 
 impl Sink for MasterTarget {
-    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>> {
+    fn open_disks(&self, hello: &Hello, via: &str) -> Result<Vec<Arc<DiskStream>>> {
+        // The connection is the process server's (`via`); the machine's name comes with the
+        // agent's reports.
+        let machine_name = lock(&self.reports)
+            .get(&peer_hex(&hello.peer_id))
+            .map_or_else(|| format!("(via {via})"), |r| r.machine_name.clone());
+        let machine_name = machine_name.as_str();
         hello
             .disks
             .iter()
