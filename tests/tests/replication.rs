@@ -341,7 +341,13 @@ fn a_tampered_journal_record_is_refused_never_applied() {
     let mut c = Cluster::start(dir.path(), &disk, options).unwrap();
     qemu_io(
         &c.agent.nbd,
-        &["write -P 0xc3 1M 256k".to_string(), "flush".to_string()],
+        // A later write keeps the tampered record from being the journal's last one (a bad
+        // last record is a torn tail to the journal: truncated, and resent by the sender).
+        &[
+            "write -P 0xc3 1M 256k".to_string(),
+            "write -P 0x01 5M 4k".to_string(),
+            "flush".to_string(),
+        ],
     )
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -401,4 +407,57 @@ fn tamper_record_at(dir: &Path, offset: u64) -> usize {
         std::fs::write(&path, &bytes).unwrap();
     }
     tampered
+}
+
+/// The process server loses its cache (removed after damage): it resumes after what the master
+/// target acknowledged, the agent resyncs what the lost cache held, and nothing is skipped.
+#[test]
+fn a_process_server_that_lost_its_cache_resumes_without_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("ps01.raw");
+    mixed_disk(&disk, 16 << 20, 21).unwrap();
+    let mut c = Cluster::start(dir.path(), &disk, ClusterOptions::default()).unwrap();
+    c.wait_caught_up(now_ms(), CATCH_UP, |_, _| {}).unwrap();
+    // With the master target away, writes pile up in the cache, which is then lost.
+    c.mt.proc.kill();
+    qemu_io(
+        &c.agent.nbd,
+        &[
+            "write -P 0x5a 2M 512k".to_string(),
+            "write -P 0xa5 9M 64k".to_string(),
+            "flush".to_string(),
+        ],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = c.ps.status().unwrap().process_server.unwrap();
+        let agent = c.agent.report().unwrap();
+        // Acknowledged by the process server and released from the agent's log: only the
+        // cache holds these writes now.
+        if ps.disks[0].durable_seq == agent.disks[0].last_seq
+            && agent.disks[0].acked_seq == agent.disks[0].last_seq
+            && agent.disks[0].log_bytes < 4096
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache never filled: {ps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ps.proc.kill();
+    std::fs::remove_dir_all(c.ps.data_dir.join("ps/cache")).unwrap();
+    c.ps.restart().unwrap();
+    c.mt.restart().unwrap();
+    qemu_io(&c.agent.nbd, &["write -P 0x33 12M 64k".to_string()]).unwrap();
+    c.wait_caught_up(now_ms(), CATCH_UP, |_, _| {}).unwrap();
+    assert_replica_equal(&c);
+    // The lost writes came back through a resync, not a full copy.
+    let sent = c.agent.report().unwrap().disks[0].resync_sent_bytes;
+    assert!(
+        ((512 + 64) << 10..=4 << 20).contains(&sent),
+        "resync sent {sent} bytes"
+    );
 }

@@ -56,6 +56,13 @@ pub struct DiskStream {
     fresh: Mutex<(VecDeque<Record>, u64)>,
 }
 
+/// Most bytes of received records waiting for journal space before the stream stops being read.
+const PENDING_MAX: u64 = 256 << 20;
+
+fn pending_bytes(pending: &VecDeque<Record>) -> u64 {
+    pending.iter().map(Record::wire_len).sum()
+}
+
 /// Bytes of fresh records a stream keeps in memory for its consumer.
 pub const FRESH_BYTES: u64 = 16 << 20;
 
@@ -117,6 +124,12 @@ impl DiskStream {
         self.durable.load(Ordering::Acquire)
     }
 
+    /// Everything up to `seq` is known durable downstream of here (e.g. acknowledged by the
+    /// master target before this cache was lost): the stream resumes after it.
+    pub fn raise_durable(&self, seq: Seq) {
+        self.durable.fetch_max(seq, Ordering::AcqRel);
+    }
+
     /// Records why the stream stopped.
     pub fn set_error(&self, message: Option<String>) {
         *lock(&self.error) = message;
@@ -146,6 +159,10 @@ pub trait Sink: Send + Sync + 'static {
         durable: Seq,
         appended: &[(Record, AppendInfo)],
     ) -> Result<()>;
+
+    /// Whether compressed payloads are decompressed once on arrival to prove them sound (the
+    /// first hop that takes them from an agent; later hops trust it).
+    fn check_compressed(&self) -> bool;
 
     /// Digests of the replica for a resync; answered when the replica reflects every record
     /// received so far.
@@ -219,6 +236,18 @@ async fn run<S: Sink>(
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
 ) -> Result<()> {
+    // Whatever an earlier loop appended and did not get to sync (it failed, or a crash left it
+    // written) is made durable now, so the journal and the resume point agree.
+    for s in streams.values() {
+        let synced = s
+            .journal()
+            .sync()
+            .with_context(|| format!("disk {}: syncing the journal", s.key))?;
+        if synced > s.durable() {
+            s.raise_durable(synced);
+            sink.on_durable(s, synced, &[])?;
+        }
+    }
     let durable = streams.values().map(|s| (s.info.id, s.durable()));
     let mut rx = Receiver::new(ReceiverConfig::default(), durable);
     let now = Instant::now();
@@ -268,7 +297,10 @@ async fn run<S: Sink>(
 
         let deadline = rx.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            frame = reader.next(), if blocked.is_none() => {
+            // While a journal is full, records wait in `pending` (bounded by the sender's
+            // window; a sender that ignores it is cut off at PENDING_MAX) and control frames
+            // (pings) keep being answered.
+            frame = reader.next(), if pending_bytes(&pending) < PENDING_MAX => {
                 let now = Instant::now();
                 match frame {
                     Ok(Some(f)) => {
@@ -328,11 +360,16 @@ fn append_pending<S: Sink>(
 ) -> Result<Option<Arc<DiskStream>>> {
     let mut appended: BTreeMap<DiskId, Vec<(Record, AppendInfo)>> = BTreeMap::new();
     let mut blocked = None;
+    let mut failed = None;
     let now = Instant::now();
     while let Some(r) = pending.front() {
         let s = streams
             .get(&r.disk())
             .context("a record for a disk the Hello did not announce")?;
+        if let Err(why) = check(r, s, sink.check_compressed()) {
+            failed = Some(format!("disk {}: record {} refused: {why}", s.key, r.seq()));
+            break;
+        }
         let result = s.journal().append(r);
         match result {
             Ok(info) => {
@@ -356,10 +393,12 @@ fn append_pending<S: Sink>(
             Err(e) => {
                 let msg = format!("disk {}: cannot journal record {}: {e}", s.key, r.seq());
                 s.set_error(Some(msg.clone()));
-                bail!("{msg}");
+                failed = Some(msg);
+                break;
             }
         }
     }
+    // What was appended before a failure is still made durable and acknowledged below.
     if !appended.is_empty() {
         crate::failpoint::hit("ingest.after-append");
     }
@@ -375,7 +414,29 @@ fn append_pending<S: Sink>(
         rx.mark_durable(disk, durable)
             .with_context(|| format!("disk {}: acknowledging seq {durable}", s.key))?;
     }
+    if let Some(msg) = failed {
+        bail!("{msg}");
+    }
     Ok(blocked)
+}
+
+/// What the wire cannot check: the extent lies on the disk, and (where asked) compressed data
+/// decompresses to its declared length. A record failing either is never journaled.
+fn check(r: &Record, s: &DiskStream, compressed: bool) -> Result<(), String> {
+    let Record::Write(w) = r else { return Ok(()) };
+    let end = w.offset.checked_add(w.data.extent_len());
+    if end.is_none_or(|end| end > s.info.size) {
+        return Err(format!(
+            "extent {}+{} lies past the end of the {}-byte disk",
+            w.offset,
+            w.data.extent_len(),
+            s.info.size
+        ));
+    }
+    if compressed && matches!(w.data, haven_wire::Payload::Compressed { .. }) {
+        haven_store::decompress(&w.data).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Bytes of disk a record covers (0 for a tag).

@@ -99,11 +99,20 @@ struct Replica {
     unapplied: Mutex<VecDeque<(Seq, u64, Instant)>>,
     applied_rate: Mutex<Rate>,
     wake: Mutex<std_mpsc::Sender<Wake>>,
+    /// A `Wake::Changed` is queued and not yet seen: at most one is ever queued.
+    change_queued: std::sync::atomic::AtomicBool,
 }
 
 impl MasterTarget {
     /// Opens the state and replays what it says: every known replica gets its applier back.
     pub fn open(config: MasterTargetConfig, host: Arc<Host>) -> Result<Arc<MasterTarget>> {
+        let min = 2 * u64::from(haven_wire::frame::MAX_DATA_LEN);
+        if config.journal.max_bytes < min {
+            anyhow::bail!(
+                "journal_max_bytes {} is below the minimum of {min} (two of the largest records)",
+                config.journal.max_bytes
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let state = Arc::new(StateDb::open(&config.data_dir.join("state.redb"))?);
@@ -264,6 +273,7 @@ impl MasterTarget {
             unapplied: Mutex::new(unapplied),
             applied_rate: Mutex::new(Rate::default()),
             wake: Mutex::new(tx),
+            change_queued: std::sync::atomic::AtomicBool::new(false),
         });
         let applier = Applier {
             replica: replica.clone(),
@@ -398,8 +408,14 @@ impl Sink for MasterTarget {
                 .iter()
                 .map(|(r, _)| (r.seq(), r.wire_extent(), now)),
         );
-        let _ = lock(&replica.wake).send(Wake::Changed);
+        if !replica.change_queued.swap(true, Ordering::AcqRel) {
+            let _ = lock(&replica.wake).send(Wake::Changed);
+        }
         Ok(())
+    }
+
+    fn check_compressed(&self) -> bool {
+        false
     }
 
     fn hashes(
@@ -514,13 +530,14 @@ impl Applier {
                 let _ = tx.send(self.hash(&mut plugin, &disk, req));
             }
             match self.wake.recv() {
-                Ok(Wake::Changed) => {}
+                Ok(Wake::Changed) => self.replica.change_queued.store(false, Ordering::Release),
                 Ok(Wake::Hash(req, tx)) => self.deferred.push_back((req, tx)),
                 Err(_) => return Stop::Failed("the master target stopped".into()),
             }
             while let Ok(w) = self.wake.try_recv() {
-                if let Wake::Hash(req, tx) = w {
-                    self.deferred.push_back((req, tx));
+                match w {
+                    Wake::Hash(req, tx) => self.deferred.push_back((req, tx)),
+                    Wake::Changed => self.replica.change_queued.store(false, Ordering::Release),
                 }
             }
         }

@@ -81,8 +81,8 @@ struct AgentEntry {
     disks: Mutex<BTreeMap<DiskId, Arc<DiskStream>>>,
     /// Records became durable in one of the caches.
     wake: Notify,
-    hash_tx: mpsc::UnboundedSender<HashJob>,
-    hash_rx: Mutex<Option<mpsc::UnboundedReceiver<HashJob>>>,
+    /// Hash requests for the current forwarder (a new channel with each forwarder).
+    hash_tx: Mutex<mpsc::UnboundedSender<HashJob>>,
     report: Mutex<Option<Report>>,
     upstream_connected: AtomicBool,
     forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -248,13 +248,12 @@ impl ProcessServer {
             agents
                 .entry(peer)
                 .or_insert_with(|| {
-                    let (hash_tx, hash_rx) = mpsc::unbounded_channel();
+                    let (hash_tx, _) = mpsc::unbounded_channel();
                     Arc::new(AgentEntry {
                         peer,
                         disks: Mutex::new(BTreeMap::new()),
                         wake: Notify::new(),
-                        hash_tx,
-                        hash_rx: Mutex::new(Some(hash_rx)),
+                        hash_tx: Mutex::new(hash_tx),
                         report: Mutex::new(None),
                         upstream_connected: AtomicBool::new(false),
                         forwarder: Mutex::new(None),
@@ -300,6 +299,9 @@ impl ProcessServer {
                     .join(info.id.to_string());
                 let journal = Journal::open(&dir, &self.key, self.config.cache)?;
                 let s = Arc::new(DiskStream::new(key, *info, machine.to_string(), journal));
+                // A cache that lost records (removed after damage) still resumes after what
+                // the master target acknowledged: the agent then resyncs from there.
+                s.raise_durable(record.released_seq);
                 known.insert(info.id, s.clone());
                 streams.push(s);
                 grew = true;
@@ -310,9 +312,11 @@ impl ProcessServer {
             if let Some(old) = forwarder.take() {
                 old.abort();
             }
+            let (hash_tx, hash_rx) = mpsc::unbounded_channel();
+            *lock(&entry.hash_tx) = hash_tx;
             let ps = self.clone();
             let e = entry.clone();
-            *forwarder = Some(tokio::spawn(async move { ps.forward(e).await }));
+            *forwarder = Some(tokio::spawn(async move { ps.forward(e, hash_rx).await }));
         }
         Ok(streams)
     }
@@ -381,10 +385,11 @@ impl ProcessServer {
     }
 
     /// Forwards one agent's caches to the master target, reconnecting forever.
-    async fn forward(self: Arc<Self>, entry: Arc<AgentEntry>) {
-        let Some(mut hash_rx) = lock(&entry.hash_rx).take() else {
-            return;
-        };
+    async fn forward(
+        self: Arc<Self>,
+        entry: Arc<AgentEntry>,
+        mut hash_rx: mpsc::UnboundedReceiver<HashJob>,
+    ) {
         let mut backoff = Backoff::default();
         loop {
             let result = self.forward_once(&entry, &mut hash_rx, &mut backoff).await;
@@ -429,11 +434,18 @@ impl ProcessServer {
             .iter()
             .map(|s| {
                 let st = s.journal().stats();
-                let first = if st.records > 0 {
+                let held = if st.records > 0 {
                     st.first_seq
                 } else {
                     st.last_seq + 1
                 };
+                let released = self
+                    .state
+                    .get_stream(s.key)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |r| r.released_seq);
+                let first = held.max(released + 1);
                 Lane {
                     stream: s.clone(),
                     next: first,
@@ -464,6 +476,23 @@ impl ProcessServer {
             while let Some(event) = sender.poll_event() {
                 match event {
                     SenderEvent::Connected => {
+                        // The master target may not hold more than this cache ever did: that
+                        // means the process server's state was lost, and forwarding would
+                        // silently skip records (the protocol releases what the receiver
+                        // already has).
+                        for lane in &lanes {
+                            let theirs = sender.released(lane.stream.info.id).unwrap_or(0);
+                            if theirs > lane.stream.durable() {
+                                let msg = format!(
+                                    "the master target holds records up to {theirs}, this cache \
+                                     only up to {}: the process server's state was lost; remove \
+                                     the disk's cache and state to resynchronise",
+                                    lane.stream.durable()
+                                );
+                                lane.stream.set_error(Some(msg.clone()));
+                                bail!("{msg}");
+                            }
+                        }
                         backoff.reset();
                         entry.upstream_connected.store(true, Ordering::Release);
                         tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
@@ -676,6 +705,10 @@ impl Sink for ProcessServer {
         Ok(())
     }
 
+    fn check_compressed(&self) -> bool {
+        true
+    }
+
     fn hashes(
         &self,
         stream: &Arc<DiskStream>,
@@ -684,7 +717,7 @@ impl Sink for ProcessServer {
         let (tx, rx) = oneshot::channel();
         match lock(&self.agents).get(&stream.key.peer) {
             Some(a) => {
-                if let Err(mpsc::error::SendError((_, tx))) = a.hash_tx.send((request, tx)) {
+                if let Err(mpsc::error::SendError((_, tx))) = lock(&a.hash_tx).send((request, tx)) {
                     let _ = tx.send(Err("the forwarder stopped".into()));
                 }
             }

@@ -201,6 +201,13 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
         );
     }
     if let Some(mt) = &config.master_target {
+        if mt.journal_max_bytes < 64 << 20 {
+            errors.push(format!(
+                "master_target.journal_max_bytes {}: at least 67108864 (64 MiB, two of the \
+                 largest records) is needed",
+                mt.journal_max_bytes
+            ));
+        }
         if let Some(name) = &mt.writer {
             match config.plugin(name) {
                 Some(p) if p.kind == PluginKind::TargetWriter => {}
