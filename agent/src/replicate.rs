@@ -496,7 +496,6 @@ fn handle_overflow(shared: &Shared) -> anyhow::Result<()> {
         shared.epoch.fetch_add(1, Ordering::AcqRel);
     })?;
     shared.sync_done.store(0, Ordering::Relaxed);
-    shared.resync_sent.store(0, Ordering::Relaxed);
     shared.splitter.reset_log()?;
     // The log's durable seq, after the reset.
     shared.update(|_| {})?;
@@ -792,9 +791,6 @@ async fn connection(
                             "resync: comparing digests"
                         );
                         shared.sync_done.store(from, Ordering::Relaxed);
-                        if from == 0 {
-                            shared.resync_sent.store(0, Ordering::Relaxed);
-                        }
                         pass = Some(HashPass::new(
                             size,
                             from,

@@ -80,8 +80,16 @@ fn workload_during_initial_sync_converges_byte_for_byte() {
     c.wait_caught_up(done, CATCH_UP, |_, _| {}).unwrap();
     assert_replica_equal(&c);
 
-    // The status surface reports the disk as protected with no lag.
-    let mt = c.mt.status().unwrap().master_target.unwrap();
+    // The status surface reports the disk as protected with no lag (the agent's state reaches
+    // the master target with its next forwarded report, within a few seconds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mt = loop {
+        let mt = c.mt.status().unwrap().master_target.unwrap();
+        if mt.replicas[0].state() == "protected" || std::time::Instant::now() > deadline {
+            break mt;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let r = &mt.replicas[0];
     assert_eq!(r.state(), "protected");
     assert_eq!(r.machine_name, "web01");
@@ -205,12 +213,15 @@ fn a_tampered_cache_record_is_refused_never_forwarded() {
         &["write -P 0xc3 1M 256k".to_string(), "flush".to_string()],
     )
     .unwrap();
+    let written = now_ms();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let ps = c.ps.status().unwrap().process_server.unwrap();
         let d = &ps.disks[0];
-        let agent = c.agent.report().unwrap();
-        if d.durable_seq == agent.disks[0].last_seq && d.durable_seq > d.forwarded_seq {
+        if let Some(agent) = fresh_report(&c, written)
+            && d.durable_seq == agent.disks[0].last_seq
+            && d.durable_seq > d.forwarded_seq
+        {
             break;
         }
         assert!(
@@ -238,6 +249,11 @@ fn a_tampered_cache_record_is_refused_never_forwarded() {
     });
     assert!(error.contains("failed verification"), "{error}");
     assert_refused(&c, &error);
+}
+
+/// The agent's report if it was made after `since_ms`.
+fn fresh_report(c: &Cluster, since_ms: u64) -> Option<haven_net::stream::Report> {
+    c.agent.report().filter(|r| r.time_ms > since_ms)
 }
 
 /// The first error a status reports within a minute; `probe` returns it (if any) and the
@@ -350,12 +366,14 @@ fn a_tampered_journal_record_is_refused_never_applied() {
         ],
     )
     .unwrap();
+    let written = now_ms();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mt = c.mt.status().unwrap().master_target.unwrap();
-        let agent = c.agent.report();
-        if let (Some(r), Some(a)) = (mt.replicas.first(), agent)
-            && a.disks[0].last_seq > 0
+        // A report made after the writes, with the initial sync done: the journal then holds
+        // every record, the tampered one followed by others.
+        if let (Some(r), Some(a)) = (mt.replicas.first(), fresh_report(&c, written))
+            && a.disks[0].state == haven_net::stream::DiskState::Protected
             && r.durable_seq == a.disks[0].last_seq
         {
             break;
@@ -429,10 +447,14 @@ fn a_process_server_that_lost_its_cache_resumes_without_skipping() {
         ],
     )
     .unwrap();
+    let written = now_ms();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let ps = c.ps.status().unwrap().process_server.unwrap();
-        let agent = c.agent.report().unwrap();
+        let Some(agent) = fresh_report(&c, written) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
         // Acknowledged by the process server and released from the agent's log: only the
         // cache holds these writes now.
         if ps.disks[0].durable_seq == agent.disks[0].last_seq

@@ -145,7 +145,8 @@ pub struct DiskReport {
     pub state: DiskState,
     /// Bytes of the disk covered so far by the initial pass or the resync (= size when done).
     pub sync_done_bytes: u64,
-    /// Bytes the current or last resync since the agent started found different and sent.
+    /// Bytes resyncs found different and sent since the agent started (every pass counted:
+    /// a pass redone after a lost connection adds what it finds).
     pub resync_sent_bytes: u64,
     /// Bytes the change log holds (not yet acknowledged downstream).
     pub log_bytes: u64,
