@@ -52,15 +52,8 @@ enum Command {
         /// The gateway, HOST:PORT (default: the one enrolled with).
         #[arg(long)]
         server: Option<String>,
-        /// TCP address to listen on (default 127.0.0.1:10809 when --socket is not given).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Unix socket to listen on.
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Export name (clients asking for the empty name get it too).
-        #[arg(long, default_value = "disk")]
-        export: String,
+        #[command(flatten)]
+        nbd: NbdConfig,
         /// Most bytes the change log may hold. Writes never fail when it is full: the agent
         /// stops logging, then resets the log and resyncs by block comparison.
         #[arg(long, default_value_t = Limits::default().max_bytes)]
@@ -89,15 +82,8 @@ enum Command {
         /// Folder of the change log (created if missing).
         #[arg(long)]
         log_dir: PathBuf,
-        /// TCP address to listen on (default 127.0.0.1:10809 when --socket is not given).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Unix socket to listen on.
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Export name (clients asking for the empty name get it too).
-        #[arg(long, default_value = "disk")]
-        export: String,
+        #[command(flatten)]
+        nbd: NbdConfig,
         /// Most bytes the change log may hold; writes beyond it fail with ENOSPC.
         #[arg(long, default_value_t = Limits::default().max_bytes)]
         log_max_bytes: u64,
@@ -166,9 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             disk,
             server,
-            listen,
-            socket,
-            export,
+            nbd,
             log_max_bytes,
             log_segment_bytes,
             window_bytes,
@@ -176,11 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             disk,
             server,
-            nbd: NbdConfig {
-                listen,
-                socket,
-                export,
-            },
+            nbd,
             limits: Limits {
                 max_bytes: log_max_bytes,
                 segment_bytes: log_segment_bytes,
@@ -191,9 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             disk,
             log_dir,
-            listen,
-            socket,
-            export,
+            nbd,
             log_max_bytes,
             log_segment_bytes,
         } => protect::serve(
@@ -203,11 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_bytes: log_max_bytes,
                 segment_bytes: log_segment_bytes,
             },
-            &NbdConfig {
-                listen,
-                socket,
-                export,
-            },
+            &nbd,
         ),
         Command::LogDump { log_dir } => {
             let limits = Limits {

@@ -28,14 +28,17 @@ use crate::replicate::{self, Shared, ShipConfig};
 use crate::splitter::{OnFull, Splitter};
 use crate::state::{DiskRecord, Phase};
 
-/// Where NBD clients reach the disk.
-#[derive(Clone, Debug)]
+/// Where NBD clients reach the disk (the command-line options of `serve` and `protect`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct NbdConfig {
-    /// TCP address (default 127.0.0.1:10809 when no socket is given).
+    /// TCP address to listen on (default 127.0.0.1:10809 when --socket is not given).
+    #[arg(long)]
     pub listen: Option<String>,
-    /// Unix socket.
+    /// Unix socket to listen on.
+    #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Export name.
+    /// Export name (clients asking for the empty name get it too).
+    #[arg(long, default_value = "disk")]
     pub export: String,
 }
 
