@@ -18,11 +18,16 @@ use anyhow::{Context, Result, bail};
 use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
-/// Where the binaries are by default: `$HAVEN_BIN_DIR`, else this workspace's `target/debug`.
+/// Where the binaries are by default: `$HAVEN_BIN_DIR`, else `debug` in `$CARGO_TARGET_DIR`,
+/// else this workspace's `target/debug`.
 pub fn default_bin_dir() -> PathBuf {
-    std::env::var_os("HAVEN_BIN_DIR")
+    if let Some(dir) = std::env::var_os("HAVEN_BIN_DIR") {
+        return dir.into();
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("debug")
 }
 
 /// A TCP port that was free a moment ago.
