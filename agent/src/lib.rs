@@ -6,13 +6,16 @@
 //! - [`replay`]: applies a log onto a raw image (operators and tests).
 //! - [`identity`]: enrollment and the stored identity.
 //! - [`state`]: `disk.state` and atomic writes.
+//! - [`points`]: recovery points (tags) on an interval and on request; the planned-failover stop.
 //! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
 //! - [`protect`]: `serve` and `protect`: opening a protected disk and running it.
 
 pub mod identity;
 pub mod log;
 pub mod nbd;
+pub mod points;
 pub mod protect;
+pub mod quiesce;
 pub mod replay;
 pub mod replicate;
 pub mod splitter;

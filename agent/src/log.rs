@@ -17,12 +17,13 @@
 //! | 24..28 | reserved, zero                          |
 //! | 28..32 | CRC32C of bytes 0..28                   |
 //!
-//! Record, [`RECORD_HEADER_LEN`] bytes of header then the payload (writes only):
+//! Record, [`RECORD_HEADER_LEN`] bytes of header then the payload (writes: `length` bytes;
+//! tags: [`TAG_PAYLOAD_LEN`] bytes — point id u64, source time ms u64, kind u8 (1 crash, 2 app)):
 //!
 //! | bytes  | field                                            |
 //! |--------|--------------------------------------------------|
 //! | 0..4   | magic `HVNR`                                     |
-//! | 4..6   | kind: 1 write, 2 zero, 3 trim, 4 copy            |
+//! | 4..6   | kind: 1 write, 2 zero, 3 trim, 4 copy, 5 tag     |
 //! | 6..8   | flags, zero                                      |
 //! | 8..16  | sequence number                                  |
 //! | 16..24 | disk offset                                      |
@@ -69,6 +70,8 @@ pub const SEGMENT_HEADER_LEN: u64 = 32;
 pub const RECORD_HEADER_LEN: u64 = 36;
 /// Largest payload of one write record (the NBD front end's maximum request).
 pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
+/// Payload of a tag record: point id, source time, kind.
+pub const TAG_PAYLOAD_LEN: u64 = 17;
 /// File name extension of segments.
 pub const SEGMENT_EXT: &str = "hlog";
 const LOCK_FILE: &str = "lock";
@@ -110,6 +113,9 @@ pub enum Kind {
     /// the disk was at its place in the log, and every change made after that place follows it
     /// in the log, so replaying the log still ends at the disk's state.
     Copy,
+    /// A recovery point: every change before it in the log, and none after, is in the point.
+    /// It changes nothing on the disk.
+    Tag,
 }
 
 impl Kind {
@@ -119,6 +125,7 @@ impl Kind {
             Kind::Zero => 2,
             Kind::Trim => 3,
             Kind::Copy => 4,
+            Kind::Tag => 5,
         }
     }
 
@@ -128,6 +135,7 @@ impl Kind {
             2 => Some(Kind::Zero),
             3 => Some(Kind::Trim),
             4 => Some(Kind::Copy),
+            5 => Some(Kind::Tag),
             _ => None,
         }
     }
@@ -139,6 +147,7 @@ impl Kind {
             Kind::Zero => "zero",
             Kind::Trim => "trim",
             Kind::Copy => "copy",
+            Kind::Tag => "tag",
         }
     }
 }
@@ -174,15 +183,55 @@ pub enum Change<'a> {
         /// Length in bytes; at most [`MAX_PAYLOAD`].
         len: u64,
     },
+    /// A recovery point ([`Kind::Tag`]).
+    Tag(TagInfo),
 }
 
-impl Change<'_> {
-    fn parts(&self) -> (Kind, u64, u64, &[u8]) {
+/// What a tag record says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TagInfo {
+    /// The point's id.
+    pub point: u64,
+    /// When it was taken, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Application-consistent (taken with the workload quiesced).
+    pub app: bool,
+}
+
+impl TagInfo {
+    fn encode(&self) -> [u8; TAG_PAYLOAD_LEN as usize] {
+        let mut b = [0u8; TAG_PAYLOAD_LEN as usize];
+        b[0..8].copy_from_slice(&self.point.to_le_bytes());
+        b[8..16].copy_from_slice(&self.time_ms.to_le_bytes());
+        b[16] = if self.app { 2 } else { 1 };
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<TagInfo> {
+        if b.len() != TAG_PAYLOAD_LEN as usize {
+            return None;
+        }
+        let app = match b[16] {
+            1 => false,
+            2 => true,
+            _ => return None,
+        };
+        Some(TagInfo {
+            point: u64::from_le_bytes(b[0..8].try_into().ok()?),
+            time_ms: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            app,
+        })
+    }
+}
+
+impl<'a> Change<'a> {
+    fn parts(&self) -> (Kind, u64, u64, &'a [u8]) {
         match *self {
             Change::Write { offset, data } => (Kind::Write, offset, data.len() as u64, data),
             Change::Zero { offset, len } => (Kind::Zero, offset, len, &[]),
             Change::Trim { offset, len } => (Kind::Trim, offset, len, &[]),
             Change::Copy { offset, len } => (Kind::Copy, offset, len, &[]),
+            Change::Tag(_) => (Kind::Tag, 0, 0, &[]),
         }
     }
 }
@@ -198,8 +247,18 @@ pub struct Record {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
-    /// The bytes written (`len` of them) for [`Kind::Write`]; empty otherwise.
+    /// The bytes written (`len` of them) for [`Kind::Write`]; a tag's payload for [`Kind::Tag`];
+    /// empty otherwise.
     pub data: Vec<u8>,
+}
+
+impl Record {
+    /// What a tag record says; `None` for other kinds.
+    pub fn tag(&self) -> Option<TagInfo> {
+        (self.kind == Kind::Tag)
+            .then(|| TagInfo::decode(&self.data))
+            .flatten()
+    }
 }
 
 /// Counters of a change log. Sequence number 0 means "none".
@@ -390,10 +449,10 @@ struct RecordHeader {
 
 impl RecordHeader {
     fn payload_len(&self) -> u64 {
-        if self.kind == Kind::Write {
-            self.len
-        } else {
-            0
+        match self.kind {
+            Kind::Write => self.len,
+            Kind::Tag => TAG_PAYLOAD_LEN,
+            _ => 0,
         }
     }
 
@@ -423,6 +482,9 @@ fn decode_record_header(h: &[u8; 36]) -> std::result::Result<RecordHeader, Strin
     }
     if offset.checked_add(len).is_none() {
         return Err(format!("record range {offset}+{len} overflows"));
+    }
+    if kind == Kind::Tag && (offset != 0 || len != 0) {
+        return Err(format!("tag record with an extent {offset}+{len}"));
     }
     let crc = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default());
     let mut raw = [0u8; 32];
@@ -795,7 +857,14 @@ impl ChangeLog {
     /// call [`ChangeLog::sync`] before acknowledging anything that depends on it. Refused with
     /// [`LogError::LogFull`] (nothing appended) when `max_bytes` would be exceeded.
     pub fn append(&mut self, change: Change<'_>) -> Result<u64> {
-        let (kind, offset, len, payload) = change.parts();
+        let tag;
+        let (kind, offset, len, payload) = match change {
+            Change::Tag(info) => {
+                tag = info.encode();
+                (Kind::Tag, 0, 0, &tag[..])
+            }
+            other => other.parts(),
+        };
         if payload.len() as u64 > MAX_PAYLOAD {
             return Err(LogError::Invalid(format!(
                 "write of {} bytes exceeds the maximum record payload of {MAX_PAYLOAD}",

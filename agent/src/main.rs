@@ -64,6 +64,8 @@ enum Command {
         /// Most bytes of records sent and not yet acknowledged by the gateway.
         #[arg(long, default_value_t = 64 << 20)]
         window_bytes: u64,
+        #[command(flatten)]
+        points: haven_agent::points::PointsArgs,
     },
     /// Print the replication status of a protected disk (from DATA/status.json).
     Status {
@@ -156,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log_max_bytes,
             log_segment_bytes,
             window_bytes,
+            points,
         } => protect::protect(ProtectConfig {
             data_dir,
             disk,
@@ -166,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 segment_bytes: log_segment_bytes,
             },
             window_bytes,
+            points,
         }),
         Command::Status { data_dir, json } => status(&data_dir, json),
         Command::Serve {

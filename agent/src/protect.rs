@@ -42,12 +42,16 @@ pub struct NbdConfig {
     pub export: String,
 }
 
-/// Starts the NBD listeners on their threads; a thread's result says why it stopped.
+/// The NBD listeners' threads; a thread's result says why it stopped.
+type Listeners = Vec<thread::JoinHandle<std::io::Result<()>>>;
+
+/// Starts the NBD listeners on their threads; returns the server (to close it) and them.
 pub fn serve_nbd(
     splitter: &Arc<Splitter>,
     cfg: &NbdConfig,
-) -> anyhow::Result<Vec<thread::JoinHandle<std::io::Result<()>>>> {
-    let server = Arc::new(Server::new(Arc::clone(splitter), cfg.export.clone()));
+) -> anyhow::Result<(Arc<Server>, Listeners)> {
+    let backend: Arc<Splitter> = Arc::clone(splitter);
+    let server = Arc::new(Server::new(backend, cfg.export.clone()));
     let listen = match (&cfg.listen, &cfg.socket) {
         (None, None) => Some("127.0.0.1:10809".to_string()),
         (l, _) => l.clone(),
@@ -67,14 +71,14 @@ pub fn serve_nbd(
         let server = Arc::clone(&server);
         threads.push(thread::spawn(move || server.serve_unix(listener)));
     }
-    Ok(threads)
+    Ok((server, threads))
 }
 
 /// `haven-agent serve`: the write splitter without replication.
 pub fn serve(disk: &Path, log_dir: &Path, limits: Limits, nbd: &NbdConfig) -> anyhow::Result<()> {
     let log = ChangeLog::open(log_dir, limits)?;
     let splitter = Arc::new(Splitter::open(disk, log, OnFull::Refuse)?);
-    let threads = serve_nbd(&splitter, nbd)?;
+    let (_server, threads) = serve_nbd(&splitter, nbd)?;
     tracing::info!(
         disk = %disk.display(),
         size = splitter.size(),
@@ -105,6 +109,8 @@ pub struct ProtectConfig {
     pub limits: Limits,
     /// The sender's window.
     pub window_bytes: u64,
+    /// Recovery points: intervals and quiesce hooks.
+    pub points: crate::points::PointsArgs,
 }
 
 /// Size of a raw file or block device.
@@ -217,6 +223,10 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
 /// `haven-agent protect`: serve the disk over NBD and replicate it, until SIGTERM/SIGINT.
 pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     let identity = Identity::load(&cfg.data_dir)?;
+    if let Some(why) = crate::points::failed_over(&cfg.data_dir) {
+        anyhow::bail!("{} is not served: {why}", cfg.disk.display());
+    }
+    let (policy, hooks) = cfg.points.resolve()?;
     let (rec, log) = open_state_and_log(&cfg)?;
     // A full log degrades the protection (a resync), never the workload.
     let splitter = Arc::new(Splitter::open(&cfg.disk, log, OnFull::Overflow)?);
@@ -229,6 +239,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     ));
     // Record the log's durable seq now, so a log lost from here on is noticed.
     shared.update(|_| {})?;
+    shared.points.set_hooks(hooks);
     let server = cfg
         .server
         .clone()
@@ -271,8 +282,20 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     });
     let sync_thread = sync_thread.transpose()?;
 
+    let (nbd_server, listeners) = serve_nbd(&splitter, &cfg.nbd)?;
+    {
+        let server = Arc::clone(&nbd_server);
+        shared.points.set_close_front_end(move || server.close());
+    }
+    {
+        let shared = Arc::clone(&shared);
+        let data_dir = cfg.data_dir.clone();
+        thread::Builder::new()
+            .name("points".into())
+            .spawn(move || crate::points::run_interval(shared, data_dir, policy))?;
+    }
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    for t in serve_nbd(&splitter, &cfg.nbd)? {
+    for t in listeners {
         let done_tx = done_tx.clone();
         thread::spawn(move || {
             let r = match t.join() {
@@ -298,7 +321,22 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            r = done_rx.recv() => return r.unwrap_or(Ok(())).context("NBD listener stopped"),
+            r = done_rx.recv() => {
+                if crate::points::failed_over(&cfg.data_dir).is_none() {
+                    return r.unwrap_or(Ok(())).context("NBD listener stopped");
+                }
+                // A planned failover closed the front end: ship the rest, then stop.
+                let last = shared.wire_seq(splitter.log_stats().last_seq);
+                tracing::info!(last_seq = last, "planned failover: shipping the last records");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+                while shared.acked_seq() < last && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tracing::warn!(
+                    acked_seq = shared.acked_seq(),
+                    "planned failover: the source is stopped; the replica is the primary now"
+                );
+            }
         }
         anyhow::Ok(())
     });

@@ -69,6 +69,8 @@ pub fn replay(log_dir: &Path, image: &Path) -> anyhow::Result<ReplayStats> {
             }
             // The protected disk's own content at shipping time: not in the log.
             Kind::Copy => stats.copies_skipped += 1,
+            // Recovery points change nothing on the disk.
+            Kind::Tag => {}
         }
         if stats.records == 0 {
             stats.first_seq = rec.seq;

@@ -147,6 +147,9 @@ pub struct ShipConfig {
 pub struct Shared {
     /// The protected disk.
     pub splitter: Arc<Splitter>,
+    /// Recovery points: id counter, hooks, the front end to close on a planned failover.
+    pub points: crate::points::Points,
+    data_dir: PathBuf,
     state_path: PathBuf,
     status_path: PathBuf,
     record: Mutex<DiskRecord>,
@@ -183,6 +186,8 @@ impl Shared {
         let acked = seq_add(splitter.log_stats().first_seq, record.seq_base).saturating_sub(1);
         Shared {
             splitter,
+            points: crate::points::Points::default(),
+            data_dir: data_dir.to_path_buf(),
             state_path: data_dir.join("disk.state"),
             status_path: data_dir.join("status.json"),
             record: Mutex::new(record),
@@ -232,6 +237,32 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Whether the agent is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping()
+    }
+
+    /// The agent's data folder.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The stream seq of change-log record `log_seq`.
+    pub fn wire_seq(&self, log_seq: u64) -> u64 {
+        seq_add(log_seq, self.record().seq_base)
+    }
+
+    /// Every record up to this stream seq is acknowledged durable downstream.
+    pub fn acked_seq(&self) -> u64 {
+        self.acked_seq.load(Ordering::Relaxed)
+    }
+
+    /// How much of the initial pass or resync is done, in whole percent.
+    pub fn sync_percent(&self) -> u64 {
+        let size = self.record().size.max(1);
+        self.sync_done.load(Ordering::Relaxed).min(size) * 100 / size
     }
 
     /// The report of this moment.
@@ -652,6 +683,12 @@ async fn connection(
         Err(e) => return lost(describe(&e), false),
     };
     *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    // Requests from the master target (points, planned failover) come on this connection; the
+    // task ends with it.
+    tokio::spawn(crate::points::serve_control(
+        Arc::clone(shared),
+        conn.clone(),
+    ));
     let mut reader = FrameReader::new(recv);
     let size = shared.splitter.size();
     let window = s.sender.config().window_bytes;
@@ -994,7 +1031,8 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
             copied = true;
         }
         bytes += rec.data.len() as u64 + 64;
-        out.push((rec.seq, to_wire(rec, base)));
+        let seq = rec.seq;
+        out.push((seq, to_wire(rec, base)?));
         if bytes >= FILL_BYTES {
             break;
         }
@@ -1008,19 +1046,35 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
 }
 
 /// A log record as a stream record.
-fn to_wire(rec: log::Record, base: i64) -> Record {
+fn to_wire(rec: log::Record, base: i64) -> Result<Record, String> {
+    if rec.kind == Kind::Tag {
+        let tag = rec
+            .tag()
+            .ok_or_else(|| format!("change log record {}: a damaged tag", rec.seq))?;
+        return Ok(Record::Tag(haven_wire::Tag {
+            disk: DISK_ID,
+            seq: seq_add(rec.seq, base),
+            point: tag.point,
+            kind: if tag.app {
+                haven_wire::TagKind::App
+            } else {
+                haven_wire::TagKind::Crash
+            },
+            source_time_ms: tag.time_ms,
+        }));
+    }
     let data = match rec.kind {
         Kind::Write | Kind::Copy if all_zero(&rec.data) => Payload::Zero { len: rec.len },
         Kind::Write | Kind::Copy => Payload::Data(Bytes::from(rec.data)),
         Kind::Zero => Payload::Zero { len: rec.len },
-        Kind::Trim => Payload::Trim { len: rec.len },
+        Kind::Trim | Kind::Tag => Payload::Trim { len: rec.len },
     };
-    Record::Write(Write {
+    Ok(Record::Write(Write {
         disk: DISK_ID,
         seq: seq_add(rec.seq, base),
         offset: rec.offset,
         data,
-    })
+    }))
 }
 
 /// Compares the local blocks of `req` with the replica's digests and appends those that

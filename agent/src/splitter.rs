@@ -150,6 +150,10 @@ pub struct Splitter {
     client_bytes: AtomicU64,
     /// Every record up to this seq is durable in the log *and* on the disk.
     both_durable: AtomicU64,
+    /// Log seq of the last copy record appended (0: none since the splitter opened and none in
+    /// the log it opened). A copy record carries the disk's content when it ships, so a point
+    /// tagged after it is consistent only once it has shipped.
+    last_copy: AtomicU64,
 }
 
 /// What [`Splitter::capture_blocks`] did.
@@ -223,6 +227,7 @@ impl Splitter {
             closed: AtomicBool::new(false),
             client_bytes: AtomicU64::new(0),
             both_durable: AtomicU64::new(0),
+            last_copy: AtomicU64::new(0),
         };
         if overflowed {
             tracing::warn!(
@@ -279,7 +284,12 @@ impl Splitter {
             match record.kind {
                 Kind::Write => self.disk.write_all_at(&record.data, record.offset)?,
                 // The disk's own content: nothing to apply.
-                Kind::Copy => continue,
+                Kind::Copy => {
+                    self.last_copy.fetch_max(record.seq, Ordering::AcqRel);
+                    continue;
+                }
+                // A recovery point changes nothing on the disk.
+                Kind::Tag => continue,
                 Kind::Zero | Kind::Trim => zero_file_range(
                     &self.disk,
                     self.block_device,
@@ -535,10 +545,11 @@ impl Splitter {
             let at = offset + (i * block) as u64;
             if keep(at, data) {
                 // The bytes are read again from the disk when shipped (see `Kind::Copy`).
-                log.append(Change::Copy {
+                let seq = log.append(Change::Copy {
                     offset: at,
                     len: data.len() as u64,
                 })?;
+                self.last_copy.fetch_max(seq, Ordering::AcqRel);
                 done.blocks += 1;
                 done.bytes += data.len() as u64;
             }
@@ -584,6 +595,37 @@ impl Splitter {
     /// Frees the log's segments whose records are all at most `seq` (acknowledged downstream).
     pub fn release_log(&self, seq: u64) -> Result<u64, LogError> {
         self.lock().release(seq)
+    }
+
+    /// Log seq of the last copy record appended (0: none). See [`Splitter::tag`].
+    pub fn last_copy_seq(&self) -> u64 {
+        self.last_copy.load(Ordering::Acquire)
+    }
+
+    /// Appends a recovery point's tag after every change applied so far (under the lock that
+    /// orders changes, so a change acknowledged before this call is before the tag and one
+    /// that starts after it is after) and makes it durable; returns its log seq. With `close`,
+    /// every later change is refused from the same moment ([`Splitter::shutdown`]): the tag is
+    /// the last record, which is what a planned failover needs.
+    ///
+    /// Refused when the log overflowed (changes since then are not in it, so no point would
+    /// hold them). The caller checks that no unshipped copy record precedes the tag
+    /// ([`Splitter::last_copy_seq`]).
+    pub fn tag(&self, info: crate::log::TagInfo, close: bool) -> Result<u64, SplitError> {
+        let mut log = if close {
+            self.lock()
+        } else {
+            self.lock_open()?
+        };
+        if self.overflowed.load(Ordering::Acquire) {
+            return Err(SplitError::Overflowed);
+        }
+        let seq = log.append(Change::Tag(info))?;
+        if close {
+            self.closed.store(true, Ordering::Release);
+        }
+        self.sync_locked(&mut log)?;
+        Ok(seq)
     }
 
     /// Makes everything durable (disk and log) and refuses every later change, so that what

@@ -18,6 +18,8 @@ use anyhow::{Context, Result, bail};
 use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
+pub mod nbd;
+
 /// Where the binaries are by default: `$HAVEN_BIN_DIR`, else `debug` in `$CARGO_TARGET_DIR`,
 /// else this workspace's `target/debug`.
 pub fn default_bin_dir() -> PathBuf {
@@ -383,6 +385,10 @@ pub struct ClusterOptions {
     pub ps_env: Vec<(String, String)>,
     /// Where the binaries are (default: [`default_bin_dir`]).
     pub bin_dir: Option<PathBuf>,
+    /// Lines of the master target's `[master_target.retention]`; `None` keeps no points
+    /// (`window = "0s"`: the replica file then follows the stream, which is what the
+    /// replication tests compare).
+    pub retention: Option<String>,
 }
 
 impl Cluster {
@@ -397,7 +403,11 @@ impl Cluster {
             mt_dir.clone(),
             format!(
                 "data_dir = {mt_dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n\n\
-                 [api]\nlisten = \"127.0.0.1:{mt_api}\"\n"
+                 [master_target.retention]\n{}\n\n[api]\nlisten = \"127.0.0.1:{mt_api}\"\n",
+                options
+                    .retention
+                    .clone()
+                    .unwrap_or_else(|| "window = \"0s\"".into())
             ),
             mt_port,
             mt_api,

@@ -7,6 +7,18 @@
 //! | GET    | `/v1/agents`  | certificates this site's CA issued to agents (and process servers) |
 //! | POST   | `/v1/agents/ID/revoke` | revokes every certificate of agent `ID` and cuts its live connections |
 //! | GET    | `/metrics`    | Prometheus text: lag, throughput, cache and journal sizes     |
+//! | GET    | `/v1/items`   | protected items at this master target, with their failover state |
+//! | GET    | `/v1/items/ITEM` | one item, with its state history                          |
+//! | GET    | `/v1/items/ITEM/points` | the item's recovery points                        |
+//! | POST   | `/v1/items/ITEM/points` | takes a point now (`kind=crash\|app`); answers once it is here |
+//! | POST   | `/v1/items/ITEM/test-failover` | exports a point over NBD (`point=ID\|latest`, `writable=true`) |
+//! | DELETE | `/v1/items/ITEM/test-failover` | ends the test failover, discarding its writes |
+//! | POST   | `/v1/items/ITEM/failover` | fails over (`point=ID\|latest`, or `planned=true`) |
+//! | POST   | `/v1/items/ITEM/commit` | makes a failover final                              |
+//!
+//! `ITEM` is a machine name, an agent id (or a unique prefix of 6+ hex digits), or
+//! `MACHINE%2FDISK`. Errors are `{"error": "..."}` with 404 (unknown item or point), 409 (not
+//! possible in the item's state), 400 (bad argument), 503 (the source cannot be reached).
 //!
 //! The API has no authentication of its own: it listens on loopback by default, and whoever
 //! can reach it can mint enrollment tokens. Bind it elsewhere only behind access control.
@@ -21,6 +33,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use haven_engine::master_target::MasterTarget;
+use haven_engine::recovery::{ErrorKind, PointSel, RecoveryError};
 use haven_engine::status::GatewayStatus;
 use haven_net::SiteCa;
 use http_body_util::Full;
@@ -44,6 +58,8 @@ pub struct Api {
     pub ca: Option<Arc<Mutex<SiteCa>>>,
     /// What to do after a revocation.
     pub on_revoke: Option<RevokeFn>,
+    /// The master target, for recovery points and failover.
+    pub recovery: Option<Arc<MasterTarget>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -71,7 +87,7 @@ pub async fn serve(
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req)) }
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
@@ -97,7 +113,11 @@ fn json_error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
 }
 
 impl Api {
-    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/items") {
+            let query = req.uri().query().unwrap_or("").to_string();
+            return self.items(req.method(), rest, &query).await;
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/status") => {
                 let status = (self.status)();
@@ -127,6 +147,75 @@ impl Api {
                 &format!(
                     "no such endpoint {path}; see /v1/status, /v1/tokens, /v1/agents, /metrics"
                 ),
+            ),
+        }
+    }
+
+    /// `/v1/items…`: `rest` is the path after `/v1/items`.
+    async fn items(&self, method: &Method, rest: &str, query: &str) -> Response<Full<Bytes>> {
+        let Some(mt) = &self.recovery else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "this gateway is not a master target: items, points and failover live at the                  secondary site's gateway",
+            );
+        };
+        let q = Query::parse(query);
+        let rest = rest.trim_start_matches('/');
+        let (item, action) = match rest.split_once('/') {
+            Some((i, a)) => (percent_decode(i), a),
+            None => (percent_decode(rest), ""),
+        };
+        let result: Result<serde_json::Value, RecoveryError> = match (method, item.as_str(), action)
+        {
+            (&Method::GET, "", "") => Ok(serde_json::json!(mt.items())),
+            (&Method::GET, item, "") => mt.item(item).map(|i| serde_json::json!(i)),
+            (&Method::GET, item, "points") => mt.points(item).map(|p| serde_json::json!(p)),
+            (&Method::POST, item, "points") => match q.get("kind").unwrap_or("crash") {
+                kind @ ("crash" | "app") => mt
+                    .create_point(item, kind == "app")
+                    .await
+                    .map(|p| serde_json::json!(p)),
+                other => Err(bad(format!("kind {other:?}: use crash or app"))),
+            },
+            (&Method::POST, item, "test-failover") => match (q.point(), q.flag("writable")) {
+                (Ok(sel), Ok(w)) => mt.test_failover(item, sel, w).map(|t| serde_json::json!(t)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            },
+            (&Method::DELETE, item, "test-failover") => {
+                mt.cleanup_test(item).map(|t| serde_json::json!(t))
+            }
+            (&Method::POST, item, "failover") => match (q.point(), q.flag("planned")) {
+                (Ok(sel), Ok(planned)) => mt
+                    .failover(item, sel, planned)
+                    .await
+                    .map(|i| serde_json::json!(i)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            },
+            (&Method::POST, item, "commit") => mt.commit(item).map(|i| serde_json::json!(i)),
+            _ => {
+                return json_error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "no such endpoint {method} /v1/items/{rest}; see the API table in the                          README"
+                    ),
+                );
+            }
+        };
+        match result {
+            Ok(v) => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            ),
+            Err(e) => json_error(
+                match e.kind {
+                    ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                    ErrorKind::Conflict => StatusCode::CONFLICT,
+                    ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                    ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+                },
+                &e.message,
             ),
         }
     }
@@ -332,4 +421,74 @@ pub fn metrics(status: &GatewayStatus) -> String {
         );
     }
     out
+}
+
+fn bad(message: String) -> RecoveryError {
+    RecoveryError {
+        kind: ErrorKind::Invalid,
+        message,
+    }
+}
+
+/// A request's query string.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: &str) -> Query {
+        Query(
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                    None => (percent_decode(p), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `point=ID|latest`, `latest` when absent.
+    fn point(&self) -> Result<PointSel, RecoveryError> {
+        self.get("point").unwrap_or("latest").parse()
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, RecoveryError> {
+        match self.get(key) {
+            None | Some("false") => Ok(false),
+            Some("true" | "") => Ok(true),
+            Some(v) => Err(bad(format!("{key}={v:?}: use true or false"))),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) of a URL component.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

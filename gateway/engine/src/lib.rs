@@ -19,7 +19,10 @@
 pub mod failpoint;
 pub mod ingest;
 pub mod master_target;
+pub mod overlay;
 pub mod process_server;
+pub mod recovery;
+pub mod retention;
 pub mod status;
 
 use std::path::Path;
@@ -169,6 +172,15 @@ impl Listener {
     /// Forgets a connection that ended.
     pub fn remove(&self, ticket: usize) {
         ingest::lock(&self.live).retain(|(_, t, _)| *t != ticket);
+    }
+
+    /// The newest live connection of `agent_id`.
+    pub fn connection(&self, agent_id: &str) -> Option<haven_net::quinn::Connection> {
+        ingest::lock(&self.live)
+            .iter()
+            .rev()
+            .find(|(id, _, c)| id == agent_id && c.close_reason().is_none())
+            .map(|(_, _, c)| c.clone())
     }
 
     /// Closes every live connection of `agent_id` (its certificate was revoked); how many.

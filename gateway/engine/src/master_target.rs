@@ -62,16 +62,25 @@ pub struct MasterTargetConfig {
     pub writer: PluginSpec,
     /// Journal limits.
     pub journal: JournalOptions,
+    /// How long recovery points are kept.
+    pub retention: crate::retention::RetentionPolicy,
+    /// Address test-failover NBD exports listen on (a free port each).
+    pub nbd_host: std::net::IpAddr,
 }
 
 /// A running master target.
 pub struct MasterTarget {
-    config: MasterTargetConfig,
-    state: Arc<StateDb>,
+    pub(crate) config: MasterTargetConfig,
+    pub(crate) state: Arc<StateDb>,
     key: Key,
-    host: Arc<Host>,
-    replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
-    reports: Mutex<HashMap<String, Report>>,
+    pub(crate) host: Arc<Host>,
+    pub(crate) replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
+    pub(crate) reports: Mutex<HashMap<String, Report>>,
+    /// The connection that forwards each agent's stream (its reports come on it): control
+    /// requests for the agent go there.
+    pub(crate) routes: Mutex<HashMap<String, quinn::Connection>>,
+    /// Milliseconds since the Unix epoch, for retention (replaceable in tests).
+    pub(crate) clock: Box<dyn Fn() -> u64 + Send + Sync>,
     listener: crate::Listener,
     /// Streams whose journal or replica could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<StreamKey, (haven_wire::DiskInfo, String, String)>>,
@@ -85,22 +94,24 @@ impl std::fmt::Debug for MasterTarget {
     }
 }
 
-enum Wake {
+pub(crate) enum Wake {
     Changed,
     Hash(HashRequest, oneshot::Sender<Result<Hashes, String>>),
 }
 
 /// One replica: its journal stream and the applier's progress.
-struct Replica {
-    stream: Arc<DiskStream>,
-    path: String,
-    applied: AtomicU64,
+pub(crate) struct Replica {
+    pub(crate) stream: Arc<DiskStream>,
+    pub(crate) path: String,
+    pub(crate) applied: AtomicU64,
+    /// Points, the base hold, the failover state.
+    pub(crate) recovery: crate::recovery::ReplicaRecovery,
     /// Journaled, unapplied records: seq, extent bytes, when journaled.
     unapplied: Mutex<VecDeque<(Seq, u64, Instant)>>,
     applied_rate: Mutex<Rate>,
-    wake: Mutex<std_mpsc::Sender<Wake>>,
+    pub(crate) wake: Mutex<std_mpsc::Sender<Wake>>,
     /// A `Wake::Changed` is queued and not yet seen: at most one is ever queued.
-    change_queued: std::sync::atomic::AtomicBool,
+    pub(crate) change_queued: std::sync::atomic::AtomicBool,
 }
 
 impl MasterTarget {
@@ -124,6 +135,8 @@ impl MasterTarget {
             host,
             replicas: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            clock: clock_from_env(),
             listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
         });
@@ -134,10 +147,19 @@ impl MasterTarget {
                 block_size: record.block_size,
             };
             // One damaged journal must not keep the other replicas from being served.
-            if let Err(e) = mt.replica(key, info, &record.machine_name) {
-                tracing::error!(replica = %key, error = %format!("{e:#}"), "replica not served");
+            match mt.replica(key, info, &record.machine_name) {
+                Ok(r) => {
+                    // A failover cut short by a stop starts its image again.
+                    if lock(&r.recovery.item).state == crate::recovery::ItemState::FailingOver {
+                        mt.resume_failover(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(replica = %key, error = %format!("{e:#}"), "replica not served")
+                }
             }
         }
+        mt.spawn_retention();
         Ok(mt)
     }
 
@@ -188,6 +210,12 @@ impl MasterTarget {
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
                         if let Ok(report) = read_report(recv).await {
+                            lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
+                            for r in lock(&self.replicas).values() {
+                                if peer_hex(&r.stream.key.peer) == report.agent_id {
+                                    *lock(&r.stream.machine_name) = report.machine_name.clone();
+                                }
+                            }
                             lock(&self.reports).insert(report.agent_id.clone(), report);
                         }
                     }
@@ -270,12 +298,15 @@ impl MasterTarget {
             stream,
             path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
             applied: AtomicU64::new(record.applied_seq),
+            recovery: Default::default(),
             unapplied: Mutex::new(unapplied),
             applied_rate: Mutex::new(Rate::default()),
             wake: Mutex::new(tx),
             change_queued: std::sync::atomic::AtomicBool::new(false),
         });
+        self.load_recovery(&replica, record.applied_seq)?;
         let applier = Applier {
+            keep_points: !self.config.retention.window.is_zero(),
             replica: replica.clone(),
             host: self.host.clone(),
             spec: self.config.writer.clone(),
@@ -303,6 +334,12 @@ impl MasterTarget {
                 let agent_id = peer_hex(&s.key.peer);
                 let rate = lock(&r.applied_rate);
                 let report = reports.get(&agent_id).cloned();
+                let newest = r.recovery.newest();
+                // Records after the newest point (or the base) are what a failover now loses.
+                let covered = newest
+                    .map_or(0, |p| p.seq)
+                    .max(r.applied.load(Ordering::Acquire));
+                let uncovered = || unapplied.iter().filter(|(s, _, _)| *s > covered);
                 ReplicaStatus {
                     // The connection is the process server's; the machine is the agent's.
                     machine_name: report
@@ -315,10 +352,14 @@ impl MasterTarget {
                     path: r.path.clone(),
                     durable_seq: s.durable(),
                     applied_seq: r.applied.load(Ordering::Acquire),
-                    lag_bytes: unapplied.iter().map(|(_, b, _)| b).sum(),
-                    lag_seconds: unapplied
-                        .front()
+                    lag_bytes: uncovered().map(|(_, b, _)| b).sum(),
+                    lag_seconds: uncovered()
+                        .next()
                         .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64()),
+                    item_state: lock(&r.recovery.item).state.name().to_string(),
+                    points: lock(&r.recovery.points).len(),
+                    newest_point_ms: newest.map(|p| p.source_time_ms),
+                    test_failover: lock(&r.recovery.test).as_ref().map(|t| t.uri().to_string()),
                     apply_bytes_per_second: rate.per_second(now),
                     applied_bytes_total: rate.total(),
                     journal_bytes: s.journal().stats().bytes,
@@ -339,6 +380,10 @@ impl MasterTarget {
                 applied_seq: 0,
                 lag_bytes: 0,
                 lag_seconds: 0.0,
+                item_state: String::new(),
+                points: 0,
+                newest_point_ms: None,
+                test_failover: None,
                 apply_bytes_per_second: 0.0,
                 applied_bytes_total: 0,
                 journal_bytes: 0,
@@ -362,6 +407,25 @@ impl MasterTarget {
     }
 }
 
+/// The clock retention uses: the system's, shifted by the number of milliseconds in the file
+/// `$HAVEN_CLOCK_OFFSET_FILE` when that is set (re-read on every call; for drills and tests
+/// that need hours to pass).
+fn clock_from_env() -> Box<dyn Fn() -> u64 + Send + Sync> {
+    match std::env::var_os("HAVEN_CLOCK_OFFSET_FILE") {
+        None => Box::new(now_ms),
+        Some(path) => {
+            tracing::warn!(file = ?path, "retention clock shifted by the offset in a file");
+            Box::new(move || {
+                let offset: i64 = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                now_ms().saturating_add_signed(offset)
+            })
+        }
+    }
+}
+
 impl Sink for MasterTarget {
     fn open_disks(&self, hello: &Hello, via: &str) -> Result<Vec<Arc<DiskStream>>> {
         // The connection is the process server's (`via`); the machine's name comes with the
@@ -378,7 +442,11 @@ impl Sink for MasterTarget {
                     peer: hello.peer_id,
                     disk: d.id,
                 };
-                Ok(self.replica(key, *d, machine_name)?.stream.clone())
+                let replica = self.replica(key, *d, machine_name)?;
+                if let Some(why) = self.refusal(&replica) {
+                    anyhow::bail!("{why}");
+                }
+                Ok(replica.stream.clone())
             })
             .collect()
     }
@@ -402,15 +470,20 @@ impl Sink for MasterTarget {
         record.durable_seq = durable;
         self.state
             .index_put_with(stream.key, &entries, Some(&record))?;
+        if !self.config.retention.window.is_zero() {
+            for (r, _) in appended {
+                if let Record::Tag(t) = r {
+                    crate::recovery::register_tag(&self.state, &replica, t);
+                }
+            }
+        }
         let now = Instant::now();
         lock(&replica.unapplied).extend(
             appended
                 .iter()
                 .map(|(r, _)| (r.seq(), r.wire_extent(), now)),
         );
-        if !replica.change_queued.swap(true, Ordering::AcqRel) {
-            let _ = lock(&replica.wake).send(Wake::Changed);
-        }
+        replica.wake();
         Ok(())
     }
 
@@ -438,6 +511,8 @@ impl Sink for MasterTarget {
 
 /// The thread that applies one replica's journal.
 struct Applier {
+    /// Points are kept (retention window above 0): the base stops at the oldest.
+    keep_points: bool,
     replica: Arc<Replica>,
     host: Arc<Host>,
     spec: PluginSpec,
@@ -518,8 +593,12 @@ impl Applier {
         loop {
             let durable = self.replica.stream.durable();
             let applied = self.replica.applied.load(Ordering::Acquire);
-            if durable > applied && !failpoint::paused("apply") {
-                if let Err(stop) = self.apply(&mut plugin, &disk, applied, durable) {
+            let target = self
+                .replica
+                .recovery
+                .apply_target(durable, self.keep_points);
+            if target > applied && !failpoint::paused("apply") {
+                if let Err(stop) = self.apply(&mut plugin, &disk, applied, target) {
                     let _ = plugin.close(disk);
                     return stop;
                 }
@@ -607,6 +686,13 @@ impl Applier {
             }
             batch_bytes += record.wire_extent();
             last = record.seq();
+            if let Record::Tag(t) = &record
+                && self.keep_points
+            {
+                // A point: the base may stop here (the target is recomputed with it).
+                crate::recovery::register_tag(&self.state, &self.replica, t);
+                break;
+            }
             if batch_bytes >= APPLY_BATCH_BYTES {
                 self.commit(plugin, disk, last, batch_bytes)?;
                 batch_bytes = 0;
@@ -641,13 +727,15 @@ impl Applier {
             .map_err(|e| fail(&e))?
             .ok_or_else(|| fail(&"stream record missing"))?;
         record.applied_seq = seq;
+        // What a test failover or failover reads stays in the journal.
+        let release = self.replica.recovery.release_limit(seq);
         // The applied seq and the index entries it makes unnecessary, in one transaction.
         self.state
-            .index_remove_upto_with(stream.key, seq, Some(&record))
+            .index_remove_upto_with(stream.key, release, Some(&record))
             .map_err(|e| fail(&e))?;
         self.replica.applied.store(seq, Ordering::Release);
         failpoint::hit("apply.after-commit");
-        stream.journal().release(seq).map_err(|e| fail(&e))?;
+        stream.journal().release(release).map_err(|e| fail(&e))?;
         let mut unapplied = lock(&self.replica.unapplied);
         while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
             unapplied.pop_front();
@@ -680,17 +768,50 @@ impl Applier {
         let mut hashes = Vec::new();
         let mut pos = req.offset;
         let mut buf = Vec::new();
+        // With points kept, the base stops at the oldest one: the digests describe the base
+        // with every durable record laid over it, as a view at the durable seq.
+        let durable = self.replica.stream.durable();
+        let applied = self.replica.applied.load(Ordering::Acquire);
+        let view = if durable > applied {
+            let mut base = self
+                .host
+                .load_writer(&self.spec)
+                .map_err(|e| format!("loading the writer to read the replica: {e}"))?;
+            let d = base
+                .open(&self.replica.path, Access::ReadOnly, &[])
+                .map_err(|e| format!("opening the replica: {e}"))?;
+            Some(
+                crate::overlay::View::build(
+                    self.replica.stream.clone(),
+                    crate::overlay::Base::new(base, d),
+                    applied,
+                    durable,
+                    None,
+                )
+                .map_err(|e| format!("building a view of the replica: {e:#}"))?,
+            )
+        } else {
+            None
+        };
         while pos < end {
             let n = chunk.min(end - pos);
             buf.resize(n as usize, 0);
-            plugin
-                .read(disk, pos, &mut buf)
-                .map_err(|e| format!("reading the replica at {pos}: {e}"))?;
+            match &view {
+                Some(v) => v
+                    .read(pos, &mut buf)
+                    .map_err(|e| format!("reading the replica's view at {pos}: {e:#}"))?,
+                None => plugin
+                    .read(disk, pos, &mut buf)
+                    .map_err(|e| format!("reading the replica at {pos}: {e}"))?,
+            }
             hashes.extend(buf.chunks(block as usize).map(|b| {
                 let d: [u8; 32] = Sha256::digest(b).into();
                 d
             }));
             pos += n;
+        }
+        if let Some(v) = view {
+            let _ = v.discard();
         }
         Ok(Hashes {
             disk: req.disk,

@@ -48,6 +48,8 @@ use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
 
 /// Bytes a forwarder reads ahead of what the master target acknowledged, beyond the window.
 const READ_AHEAD: u64 = 8 << 20;
+/// Longest an agent may take to answer a control request (its quiesce hooks included).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where the process server forwards to.
 #[derive(Clone, Debug)]
@@ -96,7 +98,7 @@ pub struct ProcessServer {
     state: Arc<StateDb>,
     key: Key,
     agents: Mutex<HashMap<PeerId, Arc<AgentEntry>>>,
-    listener: crate::Listener,
+    listener: Arc<crate::Listener>,
     /// Agents whose cache could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<PeerId, (String, String)>>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
@@ -131,7 +133,7 @@ impl ProcessServer {
             state,
             key,
             agents: Mutex::new(HashMap::new()),
-            listener: crate::Listener::default(),
+            listener: Arc::new(crate::Listener::default()),
             broken: Mutex::new(HashMap::new()),
             me: me.clone(),
         });
@@ -425,6 +427,13 @@ impl ProcessServer {
             &up.identity.key_pem,
         )
         .await?;
+        // The master target's requests for this agent come on this connection.
+        let relay = tokio::spawn(relay_control(
+            self.listener.clone(),
+            peer_hex(&entry.peer),
+            conn.clone(),
+        ));
+        let _relay = AbortOnDrop(relay);
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv);
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
@@ -726,5 +735,48 @@ impl Sink for ProcessServer {
             }
         }
         rx
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Relays the master target's control requests for `agent_id` (arriving on `upstream`, the
+/// forwarder's connection) to the agent's own connection, and the replies back.
+async fn relay_control(
+    listener: Arc<crate::Listener>,
+    agent_id: String,
+    upstream: quinn::Connection,
+) {
+    use haven_net::control::{self, Reply, Request};
+    while let Ok((mut send, mut recv)) = upstream.accept_bi().await {
+        let listener = listener.clone();
+        let agent_id = agent_id.clone();
+        tokio::spawn(async move {
+            let reply = match control::read_message::<Request>(&mut recv).await {
+                Err(e) => Reply::Failed(format!("process server: bad request: {e}")),
+                Ok(req) if req.agent_id != agent_id => Reply::Failed(format!(
+                    "process server: a request for agent {} came on the connection of agent                      {agent_id}",
+                    req.agent_id
+                )),
+                Ok(req) => match listener.connection(&agent_id) {
+                    None => Reply::Failed(format!(
+                        "process server: agent {agent_id} is not connected; start it (or check                          its status) and try again"
+                    )),
+                    Some(conn) => control::call(&conn, &req, CONTROL_TIMEOUT)
+                        .await
+                        .unwrap_or_else(|e| Reply::Failed(format!("agent {agent_id}: {e}"))),
+                },
+            };
+            if let Err(e) = control::write_message(&mut send, &reply).await {
+                tracing::warn!(agent = %agent_id, error = %e, "relaying a control reply");
+            }
+        });
     }
 }

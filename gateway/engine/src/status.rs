@@ -80,10 +80,25 @@ pub struct ReplicaStatus {
     pub durable_seq: u64,
     /// Last record applied to the replica (and flushed).
     pub applied_seq: u64,
-    /// Bytes of disk extent journaled and not yet applied.
+    /// Bytes of disk extent journaled but in no recovery point yet (without points: not yet
+    /// applied to the replica).
     pub lag_bytes: u64,
-    /// Age of the oldest journaled record not yet applied, in seconds (0 when caught up).
+    /// Age of the oldest journaled record in no recovery point yet (without points: not yet
+    /// applied), in seconds; 0 when every record is covered. This is the recovery point
+    /// objective the site achieves now.
     pub lag_seconds: f64,
+    /// The item's failover state (`protected`, `failing-over`, `failed-over`, …).
+    #[serde(default)]
+    pub item_state: String,
+    /// Recovery points held.
+    #[serde(default)]
+    pub points: usize,
+    /// Source time of the newest point, ms since the Unix epoch.
+    #[serde(default)]
+    pub newest_point_ms: Option<u64>,
+    /// The running test failover's NBD URI.
+    #[serde(default)]
+    pub test_failover: Option<String>,
     /// Bytes applied per second (5 s window).
     pub apply_bytes_per_second: f64,
     /// Bytes of extent applied since the gateway started.

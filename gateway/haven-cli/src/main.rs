@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod plugins;
+mod recovery;
 mod remote;
 
 /// Haven: site recovery for machine disks.
@@ -44,6 +45,12 @@ enum Command {
     /// Enrolled agents: list, revoke.
     #[command(subcommand)]
     Agent(remote::AgentCommand),
+    /// Recovery points of a protected item: list, create.
+    #[command(subcommand)]
+    Point(recovery::PointCommand),
+    /// Failover: `haven failover ITEM --point P|latest` (or `--planned`), and `test`,
+    /// `cleanup`, `commit`, `show`.
+    Failover(recovery::FailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +69,8 @@ fn main() -> ExitCode {
         Command::Status { api, json } => remote::status(&api, json).map(|()| ExitCode::SUCCESS),
         Command::Token(c) => remote::token(c).map(|()| ExitCode::SUCCESS),
         Command::Agent(c) => remote::agent(c).map(|()| ExitCode::SUCCESS),
+        Command::Point(c) => recovery::point(c).map(|()| ExitCode::SUCCESS),
+        Command::Failover(a) => recovery::failover(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

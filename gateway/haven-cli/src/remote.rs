@@ -73,6 +73,11 @@ pub fn agent(command: AgentCommand) -> Result<()> {
 
 /// One HTTP/1.1 exchange with a gateway's API; returns the body of a 2xx answer.
 fn request(api: &str, method: &str, path: &str) -> Result<String> {
+    request_with(api, method, path, Duration::from_secs(10))
+}
+
+/// [`request`], waiting at most `timeout` for the answer.
+pub fn request_with(api: &str, method: &str, path: &str, timeout: Duration) -> Result<String> {
     let authority = api
         .strip_prefix("http://")
         .with_context(|| format!("API address `{api}`: give it as http://HOST:PORT"))?
@@ -80,7 +85,7 @@ fn request(api: &str, method: &str, path: &str) -> Result<String> {
     let mut tcp = TcpStream::connect(authority).with_context(|| {
         format!("cannot reach the gateway API at {api}; is `haven-gateway run` running there?")
     })?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_read_timeout(Some(timeout))?;
     write!(
         tcp,
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -124,7 +129,7 @@ pub fn token(command: TokenCommand) -> Result<()> {
     }
 }
 
-fn human_bytes(n: f64) -> String {
+pub fn human_bytes(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n;
     let mut u = 0;
@@ -215,8 +220,17 @@ pub fn status(apis: &[String], json: bool) -> Result<()> {
         if let Some(mt) = &s.master_target {
             println!("  master target on {} (writer {}):", mt.listen, mt.writer);
             println!(
-                "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9} {:>12} {:>10}",
-                "MACHINE", "DISK", "STATE", "SYNC", "LAG", "LAG(s)", "APPLYING", "SIZE"
+                "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9} {:>12} {:>10} {:>7} {:<13}",
+                "MACHINE",
+                "DISK",
+                "STATE",
+                "SYNC",
+                "LAG",
+                "RPO(s)",
+                "APPLYING",
+                "SIZE",
+                "POINTS",
+                "ITEM"
             );
             for r in &mt.replicas {
                 let agent = r
@@ -230,7 +244,7 @@ pub fn status(apis: &[String], json: bool) -> Result<()> {
                     )
                 });
                 println!(
-                    "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9.1} {:>10}/s {:>10}",
+                    "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9.1} {:>10}/s {:>10} {:>7} {:<13}",
                     r.machine_name,
                     r.disk,
                     r.state(),
@@ -238,8 +252,13 @@ pub fn status(apis: &[String], json: bool) -> Result<()> {
                     human_bytes(r.lag_bytes as f64),
                     r.lag_seconds,
                     human_bytes(r.apply_bytes_per_second),
-                    human_bytes(r.size as f64)
+                    human_bytes(r.size as f64),
+                    r.points,
+                    r.item_state
                 );
+                if let Some(uri) = &r.test_failover {
+                    println!("    test failover: {uri}");
+                }
                 if let Some(e) = &r.error {
                     println!("    error: {e}");
                 }

@@ -60,9 +60,21 @@ pub struct MasterTargetSection {
     /// writer with its storage root at `<data_dir>/replicas`.
     #[serde(default)]
     pub writer: Option<String>,
-    /// Most bytes the journal of one disk may hold.
+    /// Most bytes the journal of one disk may hold. Above 75 % of it the oldest recovery
+    /// points are dropped early.
     #[serde(default = "default_journal_max_bytes")]
     pub journal_max_bytes: u64,
+    /// How long recovery points are kept, and how they thin out with age (`window = "0s"`
+    /// keeps none: the replica then follows the stream).
+    #[serde(default)]
+    pub retention: haven_engine::retention::RetentionPolicy,
+    /// Address test-failover NBD exports listen on (each on a free port).
+    #[serde(default = "default_nbd_host")]
+    pub nbd_host: std::net::IpAddr,
+}
+
+fn default_nbd_host() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }
 
 /// `[api]`: the HTTP API (`/v1`, `/metrics`).
@@ -207,6 +219,11 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
                  largest records) is needed",
                 mt.journal_max_bytes
             ));
+        }
+        if let Err(e) = mt.retention.validate() {
+            for line in e.lines() {
+                errors.push(format!("master_target.retention: {line}"));
+            }
         }
         if let Some(name) = &mt.writer {
             match config.plugin(name) {

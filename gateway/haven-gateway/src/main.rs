@@ -323,6 +323,8 @@ async fn run(config: GatewayConfig) -> Result<()> {
                     compress: false,
                     ..JournalOptions::default()
                 },
+                retention: section.retention.clone(),
+                nbd_host: section.nbd_host,
             },
             host,
         )?;
@@ -369,6 +371,7 @@ async fn run(config: GatewayConfig) -> Result<()> {
             status,
             ca: Some(ca),
             on_revoke: Some(on_revoke),
+            recovery: mt.clone(),
         },
     )
     .await?;

@@ -7,8 +7,11 @@
 //! - [`endpoint`]: quinn endpoints: [`endpoint::Server`] (ALPNs `haven/1` and `haven-enroll/1`),
 //!   [`endpoint::connect`] and [`endpoint::enroll`] for agents.
 //! - [`stream`]: frames and reports over the streams of a `haven/1` connection.
+//! - [`control`]: requests from the master target to a source agent (points, planned failover),
+//!   relayed by the process server.
 
 pub mod ca;
+pub mod control;
 pub mod endpoint;
 pub mod stream;
 pub mod tls;

@@ -7,6 +7,8 @@
 //!   stream (`Hello` first). A process server opens one per source agent it forwards.
 //! - **reports**: unidirectional streams opened by the sending side, each carrying exactly one
 //!   JSON [`Report`] of at most [`MAX_REPORT_LEN`] bytes, then finished.
+//! - **control requests**: bidirectional streams opened *against* the replication direction
+//!   (master target to process server, process server to agent), see [`crate::control`].
 //!
 //! [`FrameReader`] and [`write_frames`] are the only glue between QUIC's bytes and the sans-IO
 //! state machines; everything about order, acknowledgement and resume lives in `haven-wire`.

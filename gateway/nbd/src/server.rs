@@ -1,27 +1,86 @@
 //! The NBD server: accept loops, handshake and transmission over blocking sockets.
 
+use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
+use std::time::Duration;
 
-use super::proto::{self, Request};
-use crate::splitter::{SplitError, Splitter};
+use crate::backend::{Backend, Error};
+use crate::proto::{self, Request};
 
 /// Largest option data read into memory; `INFO`/`GO` with a 4096-byte name fit.
 const MAX_OPTION_DATA: u32 = 8 * 1024;
 /// Larger option data than this is not even drained: the connection is closed.
 const MAX_OPTION_DRAIN: u32 = 1024 * 1024;
 const DRAIN_CHUNK: usize = 64 * 1024;
+/// How long [`Server::close`] waits to reach a TCP listener it wakes.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// An NBD server exporting one protected disk under one name.
-#[derive(Debug)]
+/// An NBD server exporting one [`Backend`] under one name.
+///
+/// [`Server::serve_tcp`] and [`Server::serve_unix`] run accept loops (any number, on their
+/// own threads) until [`Server::close`], which also shuts down every connection they accepted.
 pub struct Server {
-    splitter: Arc<Splitter>,
+    backend: Arc<dyn Backend>,
     export: String,
-    next_conn: AtomicU64,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    /// Addresses of the running accept loops, so that `close` can wake them.
+    listeners: Mutex<HashMap<u64, Listening>>,
+    /// A clone of each live connection's socket, so that `close` can shut it down.
+    connections: Mutex<HashMap<u64, Socket>>,
+}
+
+/// Where an accept loop listens.
+enum Listening {
+    Tcp(SocketAddr),
+    /// `None`: an unnamed socket, which `close` cannot reach.
+    Unix(Option<PathBuf>),
+}
+
+/// A connection's socket.
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// Removes a connection from the registry when dropped (its thread ended, or never started).
+struct Registered {
+    server: Arc<Server>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.server.connections).remove(&self.id);
+    }
+}
+
+/// Removes an accept loop's address when dropped.
+struct ListenerEntry<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for ListenerEntry<'_> {
+    fn drop(&mut self) {
+        lock(&self.server.listeners).remove(&self.id);
+    }
 }
 
 /// How a handshake ended.
@@ -32,27 +91,56 @@ enum Handshake {
     Closed,
 }
 
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("export", &self.export)
+            .field("size", &self.backend.size())
+            .field("read_only", &self.backend.read_only())
+            .field("closed", &self.is_closed())
+            .field("connections", &self.connections())
+            .finish()
+    }
+}
+
 impl Server {
-    /// A server for `splitter`, exported as `export` (the empty name reaches it too).
-    pub fn new(splitter: Arc<Splitter>, export: impl Into<String>) -> Server {
+    /// A server for `backend`, exported as `export` (the empty name reaches it too).
+    pub fn new(backend: Arc<dyn Backend>, export: impl Into<String>) -> Server {
         Server {
-            splitter,
+            backend,
             export: export.into(),
-            next_conn: AtomicU64::new(1),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            listeners: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Accepts TCP connections forever, one thread each.
+    /// The export's name.
+    pub fn export(&self) -> &str {
+        &self.export
+    }
+
+    /// Accepts TCP connections, one thread each, until [`Server::close`]; then returns `Ok`
+    /// and drops the listener. An error means a connection's thread could not be started.
     pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        let _entry = self.listening(Listening::Tcp(listener.local_addr()?));
         loop {
+            if self.is_closed() {
+                return Ok(());
+            }
             let (stream, peer) = match listener.accept() {
                 Ok(c) => c,
+                Err(_) if self.is_closed() => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a TCP connection failed");
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
+            let Some(registered) = self.register(stream.try_clone().map(Socket::Tcp)) else {
+                continue;
+            };
             let server = Arc::clone(self);
             let peer = peer.to_string();
             thread::Builder::new()
@@ -65,21 +153,32 @@ impl Server {
                             return;
                         }
                     };
-                    server.run_connection(reader, &stream, &peer);
+                    server.serve_connection(registered.id, reader, &stream, &peer);
                     let _ = stream.shutdown(Shutdown::Both);
+                    drop(registered);
                 })?;
         }
     }
 
-    /// Accepts Unix-socket connections forever, one thread each.
+    /// Accepts Unix-socket connections, one thread each, until [`Server::close`]; then returns
+    /// `Ok` and drops the listener. An error means a connection's thread could not be started.
     pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        let path = listener.local_addr()?.as_pathname().map(PathBuf::from);
+        let _entry = self.listening(Listening::Unix(path));
         loop {
+            if self.is_closed() {
+                return Ok(());
+            }
             let (stream, _) = match listener.accept() {
                 Ok(c) => c,
+                Err(_) if self.is_closed() => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a Unix-socket connection failed");
                     continue;
                 }
+            };
+            let Some(registered) = self.register(stream.try_clone().map(Socket::Unix)) else {
+                continue;
             };
             let server = Arc::clone(self);
             thread::Builder::new()
@@ -92,15 +191,101 @@ impl Server {
                             return;
                         }
                     };
-                    server.run_connection(reader, &stream, "unix");
+                    server.serve_connection(registered.id, reader, &stream, "unix");
                     let _ = stream.shutdown(Shutdown::Both);
+                    drop(registered);
                 })?;
         }
     }
 
-    /// Serves one connection until the client disconnects or breaks the protocol.
-    pub fn run_connection<R: Read, W: Write>(&self, reader: R, mut writer: W, peer: &str) {
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+    /// Stops serving: every accept loop returns `Ok` (a loop blocked in `accept` is woken by a
+    /// connection to its own address), every open connection is shut down (its client sees the
+    /// connection end; a request in progress on the backend finishes first), and connections
+    /// that still arrive are refused. Returns without waiting for connections' threads to end:
+    /// [`Server::connections`] reaches 0 when they have. Connections served by
+    /// [`Server::run_connection`] are not reached. Calling it again does nothing more.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(export = %self.export, "closing the NBD server");
+        // Every loop registered after this sees `closed` (it checks after registering).
+        let listeners: Vec<Listening> = lock(&self.listeners)
+            .values()
+            .map(|l| match l {
+                Listening::Tcp(a) => Listening::Tcp(*a),
+                Listening::Unix(p) => Listening::Unix(p.clone()),
+            })
+            .collect();
+        for l in listeners {
+            match l {
+                Listening::Tcp(addr) => {
+                    let _ = TcpStream::connect_timeout(&reachable(addr), WAKE_TIMEOUT);
+                }
+                Listening::Unix(Some(path)) => {
+                    let _ = UnixStream::connect(&path);
+                }
+                Listening::Unix(None) => {
+                    tracing::warn!(
+                        "an accept loop on an unnamed Unix socket cannot be woken; it stops at \
+                         its next connection"
+                    );
+                }
+            }
+        }
+        // Registration checks `closed` under this lock, so no connection is added after.
+        for socket in lock(&self.connections).values() {
+            socket.shutdown();
+        }
+    }
+
+    /// Whether [`Server::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// How many connections accepted by the serve loops are live (their threads still running).
+    pub fn connections(&self) -> usize {
+        lock(&self.connections).len()
+    }
+
+    /// Records an accept loop's address until the returned entry drops.
+    fn listening(&self, at: Listening) -> ListenerEntry<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.listeners).insert(id, at);
+        ListenerEntry { server: self, id }
+    }
+
+    /// Records an accepted connection's socket, unless the server is closed.
+    fn register(self: &Arc<Self>, socket: io::Result<Socket>) -> Option<Registered> {
+        let socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cloning an accepted socket failed");
+                return None;
+            }
+        };
+        let mut connections = lock(&self.connections);
+        if self.is_closed() {
+            socket.shutdown();
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        connections.insert(id, socket);
+        Some(Registered {
+            server: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Serves one connection until the client disconnects or breaks the protocol. For
+    /// transports other than the serve loops' sockets; [`Server::close`] does not reach it.
+    pub fn run_connection<R: Read, W: Write>(&self, reader: R, writer: W, peer: &str) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.serve_connection(id, reader, writer, peer);
+    }
+
+    fn serve_connection<R: Read, W: Write>(&self, conn: u64, reader: R, mut writer: W, peer: &str) {
         let span = tracing::info_span!("nbd", conn, peer);
         let _enter = span.enter();
         tracing::info!("client connected");
@@ -113,6 +298,7 @@ impl Server {
             });
         match result {
             Ok(()) => tracing::info!("client disconnected"),
+            Err(_) if self.is_closed() => tracing::info!("connection shut down: server closed"),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 tracing::info!("client closed the connection")
             }
@@ -131,8 +317,8 @@ impl Server {
             return Ok(Handshake::Closed);
         }
         let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
-        let size = self.splitter.size();
-        let flags = proto::TRANSMISSION_FLAGS;
+        let size = self.backend.size();
+        let flags = proto::transmission_flags(self.backend.read_only());
         loop {
             let mut hb = [0u8; proto::OPTION_HEADER_LEN];
             r.read_exact(&mut hb)?;
@@ -207,7 +393,7 @@ impl Server {
                     };
                     if !self.is_export(&req.name) {
                         let msg = format!(
-                            "no export named {:?} (this agent exports {:?})",
+                            "no export named {:?} (this server exports {:?})",
                             req.name, self.export
                         );
                         w.write_all(&proto::option_reply(
@@ -268,11 +454,12 @@ impl Server {
                     "bad request magic",
                 ));
             };
+            let len = u64::from(req.len);
+            let fua = req.flags & proto::CMD_FLAG_FUA != 0;
             match req.command {
                 proto::CMD_DISC => return Ok(()),
                 proto::CMD_READ => self.do_read(&req, w)?,
                 proto::CMD_WRITE => {
-                    let len = u64::from(req.len);
                     if req.len > proto::MAX_BLOCK {
                         // Never hold an unbounded payload: drain it in bounded chunks.
                         drain(r, len)?;
@@ -282,30 +469,26 @@ impl Server {
                     }
                     payload.resize(req.len as usize, 0);
                     r.read_exact(&mut payload)?;
-                    let result = check_flags(&req, proto::CMD_FLAG_FUA).and_then(|()| {
-                        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                        self.splitter.write(req.offset, &payload, fua)
-                    });
-                    self.reply(w, &req, result.map(drop))?;
+                    let result = self
+                        .check_change(&req, proto::CMD_FLAG_FUA)
+                        .and_then(|()| self.backend.write(req.offset, &payload, fua));
+                    self.reply(w, &req, result)?;
                 }
                 proto::CMD_FLUSH => {
-                    let result = self.splitter.flush().map(drop);
+                    let result = self.backend.flush();
                     self.reply(w, &req, result)?;
                 }
                 proto::CMD_TRIM => {
-                    let result = check_flags(&req, proto::CMD_FLAG_FUA).and_then(|()| {
-                        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                        self.splitter.trim(req.offset, u64::from(req.len), fua)
-                    });
+                    let result = self
+                        .check_change(&req, proto::CMD_FLAG_FUA)
+                        .and_then(|()| self.backend.trim(req.offset, len, fua));
                     self.reply(w, &req, result)?;
                 }
                 proto::CMD_WRITE_ZEROES => {
                     let allowed = proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE;
-                    let result = check_flags(&req, allowed).and_then(|()| {
-                        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+                    let result = self.check_change(&req, allowed).and_then(|()| {
                         let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                        self.splitter
-                            .write_zeroes(req.offset, u64::from(req.len), may_punch, fua)
+                        self.backend.write_zeroes(req.offset, len, may_punch, fua)
                     });
                     self.reply(w, &req, result)?;
                 }
@@ -317,19 +500,34 @@ impl Server {
         }
     }
 
+    /// Checks a change (WRITE, TRIM, WRITE_ZEROES) before the backend sees it: its flags, that
+    /// the export is writable, its range.
+    fn check_change(&self, req: &Request, allowed_flags: u16) -> Result<(), Error> {
+        check_flags(req, allowed_flags)?;
+        if self.backend.read_only() {
+            return Err(Error::refused(
+                proto::EPERM,
+                format!(
+                    "command {} on read-only export {:?}",
+                    req.command, self.export
+                ),
+            ));
+        }
+        self.backend.check_range(req.offset, u64::from(req.len))
+    }
+
     fn do_read<W: Write>(&self, req: &Request, w: &mut W) -> io::Result<()> {
         let len = u64::from(req.len);
         if req.len > proto::MAX_BLOCK {
             tracing::warn!(offset = req.offset, len, "read larger than the maximum");
             return w.write_all(&proto::simple_reply(proto::EINVAL, req.handle));
         }
-        if let Err(e) =
-            check_flags(req, 0).and_then(|()| self.splitter.check_range(req.offset, len))
+        if let Err(e) = check_flags(req, 0).and_then(|()| self.backend.check_range(req.offset, len))
         {
             return self.reply(w, req, Err(e));
         }
         let mut out = vec![0u8; 16 + req.len as usize];
-        match self.splitter.read(req.offset, &mut out[16..]) {
+        match self.backend.read(req.offset, &mut out[16..]) {
             Ok(()) => {
                 out[..16].copy_from_slice(&proto::simple_reply(0, req.handle));
                 w.write_all(&out)
@@ -342,16 +540,15 @@ impl Server {
         &self,
         w: &mut W,
         req: &Request,
-        result: Result<(), SplitError>,
+        result: Result<(), Error>,
     ) -> io::Result<()> {
         let error = match result {
             Ok(()) => 0,
             Err(e) => {
-                match &e {
-                    SplitError::Invalid(_) => {
-                        tracing::debug!(command = req.command, error = %e, "request refused")
-                    }
-                    _ => tracing::error!(command = req.command, error = %e, "request failed"),
+                if e.is_client_fault() {
+                    tracing::debug!(command = req.command, errno = e.errno(), error = %e, "request refused")
+                } else {
+                    tracing::error!(command = req.command, errno = e.errno(), error = %e, "request failed")
                 }
                 e.errno()
             }
@@ -360,14 +557,34 @@ impl Server {
     }
 }
 
-fn check_flags(req: &Request, allowed: u16) -> Result<(), SplitError> {
+fn check_flags(req: &Request, allowed: u16) -> Result<(), Error> {
     if req.flags & !allowed != 0 {
-        return Err(SplitError::Invalid(format!(
+        return Err(Error::invalid(format!(
             "command {} with unsupported flags {:#x}",
             req.command, req.flags
         )));
     }
     Ok(())
+}
+
+/// A server's own listening address as something it can connect to: an unspecified address
+/// (`0.0.0.0`, `::`) becomes the loopback address.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Locks a registry; a panic while it was held cannot leave it inconsistent (single inserts
+/// and removes).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads and discards `len` bytes in bounded chunks.

@@ -1,6 +1,6 @@
 //! NBD wire format: constants, parsing and encoding. No I/O here.
 //!
-//! Only what the agent speaks: the fixed newstyle handshake (`EXPORT_NAME`, `INFO`, `GO`,
+//! Only what the server speaks: the fixed newstyle handshake (`EXPORT_NAME`, `INFO`, `GO`,
 //! `LIST`, `ABORT`) and simple replies in the transmission phase. All integers are big-endian.
 
 /// `NBDMAGIC`, the first thing the server sends.
@@ -59,6 +59,8 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+/// The export is read-only.
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 /// FLUSH supported.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 /// FUA supported.
@@ -67,9 +69,20 @@ pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 /// WRITE_ZEROES supported.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-/// What the agent's exports offer.
+/// What a writable export offers.
 pub const TRANSMISSION_FLAGS: u16 =
     TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+/// What a read-only export offers: reads only.
+pub const TRANSMISSION_FLAGS_READ_ONLY: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY;
+
+/// The transmission flags of an export.
+pub fn transmission_flags(read_only: bool) -> u16 {
+    if read_only {
+        TRANSMISSION_FLAGS_READ_ONLY
+    } else {
+        TRANSMISSION_FLAGS
+    }
+}
 
 /// Commands.
 pub const CMD_READ: u16 = 0;
@@ -89,12 +102,17 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: `WRITE_ZEROES` must not punch a hole.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
-/// Errors sent in simple replies.
+/// Errors sent in simple replies (the values the NBD protocol fixes, Linux's): not permitted
+/// (a change to a read-only export).
+pub const EPERM: u32 = 1;
+/// I/O error.
 pub const EIO: u32 = 5;
 /// Invalid argument.
 pub const EINVAL: u32 = 22;
-/// No space (the change log is full).
+/// No space left (e.g. the agent's change log is full).
 pub const ENOSPC: u32 = 28;
+/// The server is shutting down.
+pub const ESHUTDOWN: u32 = 108;
 
 /// Block sizes advertised with `NBD_INFO_BLOCK_SIZE`.
 pub const MIN_BLOCK: u32 = 512;

@@ -1,0 +1,54 @@
+//! The NBD front end: a workload (QEMU, qemu-io, qemu-img, any NBD client) uses the protected
+//! disk through a [`haven_nbd::Server`] whose backend is the [`Splitter`], so every write goes
+//! through the write splitter. The server itself (handshake, transmission, close) is the
+//! `haven-nbd` crate; this module maps the splitter onto its [`Backend`] trait.
+//!
+//! Requests must be aligned to [`crate::splitter::SECTOR`] (advertised as the minimum block
+//! size); a refused change ([`SplitError::Invalid`]) is the client's fault, anything else the
+//! splitter's failure, with the errno of [`SplitError::errno`] (`ENOSPC` when the log is full).
+
+pub use haven_nbd::{Server, bind_unix};
+
+use haven_nbd::{Backend, Error};
+
+use crate::splitter::{SplitError, Splitter};
+
+impl From<SplitError> for Error {
+    fn from(e: SplitError) -> Error {
+        match e {
+            SplitError::Invalid(msg) => Error::invalid(msg),
+            other => Error::failed(other.errno(), other.to_string()),
+        }
+    }
+}
+
+impl Backend for Splitter {
+    fn size(&self) -> u64 {
+        Splitter::size(self)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
+        Ok(Splitter::check_range(self, offset, len)?)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        Ok(Splitter::read(self, offset, buf)?)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), Error> {
+        Ok(Splitter::write(self, offset, data, fua)?)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool, fua: bool) -> Result<(), Error> {
+        Ok(Splitter::write_zeroes(self, offset, len, may_punch, fua)?)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        Ok(Splitter::trim(self, offset, len, fua)?)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        Splitter::flush(self)?;
+        Ok(())
+    }
+}

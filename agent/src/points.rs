@@ -1,0 +1,369 @@
+//! Recovery points on the source: tags in the change log, on a policy interval and on request,
+//! and the planned-failover stop.
+//!
+//! A point is a tag record appended to the change log under the splitter's lock
+//! ([`Splitter::tag`](crate::splitter::Splitter::tag)), so it sits after every write
+//! acknowledged before it and before every write that starts after it; it ships like any other
+//! record and the master target indexes it. A point is only taken when it is crash-consistent
+//! at the replica:
+//!
+//! - the disk is `protected` (during the initial sync or a resync the replica is still being
+//!   filled by copy records, which carry the disk's content at the time they ship, so the
+//!   replica at a tag would not be the disk at the tag);
+//! - every copy record in the log has been acknowledged (the last ones of a finished sync
+//!   may still be in flight);
+//! - the log did not overflow (writes since then are not in it).
+//!
+//! Ids are `max(previous + 1, now in ms)`: increasing, unique for the disk, and readable as a
+//! time.
+//!
+//! # Planned failover
+//!
+//! [`Command::Stop`]: the tag is appended with the splitter closed in the same locked step (no
+//! write is accepted after it: a client gets `ESHUTDOWN`, never an acknowledgement that would
+//! be lost), the NBD front end is closed, and `DATA/failed-over` is written so that a restarted
+//! agent does not serve the old primary again. The shipper keeps running until the tag is
+//! acknowledged, so the master target receives everything.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use haven_net::control::{Command, PointTaken, Reply, Request};
+use haven_net::quinn;
+
+use crate::log::TagInfo;
+use crate::quiesce::Hooks;
+use crate::replicate::{DISK_ID, Shared};
+use crate::state::Phase;
+
+/// File in the data folder that says the disk was failed over (planned): the agent refuses to
+/// serve it again until an operator removes it.
+pub const FAILED_OVER: &str = "failed-over";
+/// Shortest interval between crash-consistent points.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often points are taken.
+#[derive(Clone, Debug)]
+pub struct PointPolicy {
+    /// Crash-consistent points, at least [`MIN_INTERVAL`] apart.
+    pub interval: Duration,
+    /// Application-consistent points (with the hooks), if any.
+    pub app_interval: Option<Duration>,
+}
+
+/// Command-line options of `haven-agent protect` for recovery points.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PointsArgs {
+    /// Time between crash-consistent recovery points: `5s`, `1s`, `500ms`, `2m` (at least 1s).
+    #[arg(long, default_value = "5s")]
+    pub point_interval: String,
+    /// Time between application-consistent points (the hooks run around them); none unless
+    /// given. Needs --freeze and/or --pre-script/--post-script.
+    #[arg(long)]
+    pub app_point_interval: Option<String>,
+    /// A mount point frozen (fsfreeze) during an application-consistent point; repeat for
+    /// several.
+    #[arg(long = "freeze")]
+    pub freeze: Vec<PathBuf>,
+    /// Program run before an application-consistent point (HAVEN_HOOK=pre).
+    #[arg(long)]
+    pub pre_script: Option<PathBuf>,
+    /// Program run after it, also on failure (HAVEN_HOOK=post, HAVEN_POINT_RESULT=ok|failed).
+    #[arg(long)]
+    pub post_script: Option<PathBuf>,
+    /// Longest one hook step may take (a script, one fsfreeze).
+    #[arg(long, default_value = "30s")]
+    pub hook_timeout: String,
+}
+
+/// `5s`, `500ms`, `2m`, `1h` as a duration.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: give a whole number and a unit, e.g. 5s or 500ms"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+impl PointsArgs {
+    /// The policy and the hooks, checked.
+    pub fn resolve(&self) -> anyhow::Result<(PointPolicy, Option<Hooks>)> {
+        let interval = parse_interval(&self.point_interval)
+            .map_err(|e| anyhow::anyhow!("--point-interval {e}"))?;
+        if interval < MIN_INTERVAL {
+            anyhow::bail!("--point-interval {}: at least 1s", self.point_interval);
+        }
+        let app_interval = self
+            .app_point_interval
+            .as_deref()
+            .map(|s| {
+                parse_interval(s)
+                    .map_err(|e| anyhow::anyhow!("--app-point-interval {e}"))
+                    .and_then(|d| {
+                        if d < MIN_INTERVAL {
+                            anyhow::bail!("--app-point-interval {s}: at least 1s");
+                        }
+                        Ok(d)
+                    })
+            })
+            .transpose()?;
+        let hooks =
+            if self.freeze.is_empty() && self.pre_script.is_none() && self.post_script.is_none() {
+                None
+            } else {
+                let hooks = Hooks {
+                    freeze: self.freeze.clone(),
+                    pre: self.pre_script.clone(),
+                    post: self.post_script.clone(),
+                    timeout: parse_interval(&self.hook_timeout)
+                        .map_err(|e| anyhow::anyhow!("--hook-timeout {e}"))?,
+                };
+                hooks
+                    .validate()
+                    .map_err(|e| anyhow::anyhow!("application-consistent hooks: {e}"))?;
+                Some(hooks)
+            };
+        if app_interval.is_some() && hooks.is_none() {
+            anyhow::bail!(
+                "--app-point-interval needs hooks: give --freeze MOUNT and/or --pre-script /                  --post-script"
+            );
+        }
+        Ok((
+            PointPolicy {
+                interval,
+                app_interval,
+            },
+            hooks,
+        ))
+    }
+}
+
+/// What the agent keeps for its points.
+#[derive(Default)]
+pub struct Points {
+    last_point: AtomicU64,
+    hooks: Mutex<Option<Hooks>>,
+    close_front_end: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Points {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Points")
+            .field("last_point", &self.last_point)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Points {
+    /// The quiesce hooks of application-consistent points.
+    pub fn set_hooks(&self, hooks: Option<Hooks>) {
+        *self.hooks.lock().unwrap_or_else(|e| e.into_inner()) = hooks;
+    }
+
+    /// What closes the front end for a planned failover.
+    pub fn set_close_front_end(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self
+            .close_front_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    fn next_id(&self, now_ms: u64) -> u64 {
+        let mut id = 0;
+        let _ = self
+            .last_point
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                id = (last + 1).max(now_ms);
+                Some(id)
+            });
+        id
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a point cannot be taken now, if it cannot.
+pub fn not_ready(shared: &Shared) -> Option<String> {
+    let rec = shared.record();
+    match rec.state {
+        Phase::Protected => {}
+        Phase::InitialSync => {
+            return Some(format!(
+                "the disk is in its initial sync ({}% done): points are taken once it is \
+                 protected; wait for `haven status` to show it protected",
+                shared.sync_percent()
+            ));
+        }
+        Phase::Resyncing => {
+            return Some(
+                "the disk is resyncing (its change log was lost or overflowed): points are taken \
+                 again once it is protected"
+                    .into(),
+            );
+        }
+    }
+    if shared.splitter.overflow().is_some() {
+        return Some("the change log overflowed: the disk resyncs before the next point".into());
+    }
+    let last_copy = shared.splitter.last_copy_seq();
+    if last_copy > 0 && shared.wire_seq(last_copy) > shared.acked_seq() {
+        return Some(
+            "the last blocks of the sync are still being shipped: try again in a few seconds"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Takes a point: checks it would be consistent, runs the hooks for `app`, appends the tag.
+/// With `close`, the front end is closed for good (planned failover, see the module docs).
+pub fn take(
+    shared: &Shared,
+    data_dir: &Path,
+    app: bool,
+    close: bool,
+) -> Result<PointTaken, String> {
+    if let Some(why) = not_ready(shared) {
+        return Err(why);
+    }
+    let time_ms = now_ms();
+    let info = TagInfo {
+        point: shared.points.next_id(time_ms),
+        time_ms,
+        app,
+    };
+    let tag = || {
+        shared
+            .splitter
+            .tag(info, close)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let seq = if app {
+        let hooks = shared
+            .points
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                "no quiesce hooks are configured on this agent (--freeze, --pre-script, \
+                 --post-script): take a crash-consistent point, or start the agent with hooks"
+                    .to_string()
+            })?;
+        crate::quiesce::run(&hooks, tag).map_err(|e| e.to_string())?
+    } else {
+        tag().map_err(|e| format!("{e:#}"))?
+    };
+    if close {
+        mark_failed_over(data_dir, info.point).map_err(|e| format!("{e:#}"))?;
+        if let Some(f) = shared
+            .points
+            .close_front_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f();
+        }
+        tracing::warn!(
+            point = info.point,
+            "planned failover: the front end is closed and no write is accepted any more"
+        );
+    }
+    tracing::info!(point = info.point, seq, app, "recovery point taken");
+    Ok(PointTaken {
+        point: info.point,
+        disk: DISK_ID,
+        seq: shared.wire_seq(seq),
+        source_time_ms: time_ms,
+        app,
+    })
+}
+
+fn mark_failed_over(data_dir: &Path, point: u64) -> anyhow::Result<()> {
+    let body = format!(
+        "failed over (planned) at point {point}: the replica at the secondary site is the \
+         primary now; remove this file to protect this disk again (its replica will be resynced)\n"
+    );
+    crate::state::write_atomic(&data_dir.join(FAILED_OVER), body.as_bytes(), 0o644)
+}
+
+/// Why the agent must not serve the disk, when a planned failover stopped it.
+pub fn failed_over(data_dir: &Path) -> Option<String> {
+    let path: PathBuf = data_dir.join(FAILED_OVER);
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(format!("{} ({})", text.trim(), path.display()))
+}
+
+/// Takes points on the policy's intervals until the agent stops. A point that is not ready
+/// (initial sync, resync) is skipped quietly; other failures are logged.
+pub fn run_interval(shared: Arc<Shared>, data_dir: PathBuf, policy: PointPolicy) {
+    let mut next = Instant::now() + policy.interval;
+    let mut next_app = policy.app_interval.map(|d| Instant::now() + d);
+    let mut was_ready = true;
+    while !shared.is_stopping() {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(200)));
+            continue;
+        }
+        next = now + policy.interval;
+        let app = next_app.is_some_and(|t| now >= t);
+        if app {
+            next_app = policy.app_interval.map(|d| now + d);
+        }
+        if let Some(why) = not_ready(&shared) {
+            if was_ready {
+                tracing::info!(reason = %why, "recovery points paused");
+            }
+            was_ready = false;
+            continue;
+        }
+        was_ready = true;
+        if let Err(e) = take(&shared, &data_dir, app, false) {
+            tracing::warn!(error = %e, app, "taking a recovery point failed");
+        }
+    }
+}
+
+/// Answers the master target's requests on `conn` until it closes.
+pub async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let reply = match haven_net::control::read_message::<Request>(&mut recv).await {
+                Ok(req) => {
+                    let (app, close) = match req.command {
+                        Command::Point { app } => (app, false),
+                        Command::Stop => (false, true),
+                    };
+                    let sh = Arc::clone(&shared);
+                    let dir = shared.data_dir().to_path_buf();
+                    match tokio::task::spawn_blocking(move || take(&sh, &dir, app, close)).await {
+                        Ok(Ok(p)) => Reply::Taken(vec![p]),
+                        Ok(Err(why)) => Reply::Failed(why),
+                        Err(_) => Reply::Failed("the agent's point task failed".into()),
+                    }
+                }
+                Err(e) => Reply::Failed(format!("bad request: {e}")),
+            };
+            if let Err(e) = haven_net::control::write_message(&mut send, &reply).await {
+                tracing::warn!(error = %e, "answering a control request");
+            }
+        });
+    }
+}

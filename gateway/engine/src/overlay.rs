@@ -1,0 +1,436 @@
+//! A recovery point as a disk, without copying it: the base replica, with the journal's
+//! records up to the point laid over it, and (for a writable test failover) a scratch file
+//! over both.
+//!
+//! ```text
+//! read(x) = scratch(x)            if a test-failover client wrote x
+//!         | record(seq)(x)        the newest journal record in (base, point] touching x
+//!         | base replica(x)       otherwise
+//! ```
+//!
+//! Building a view reads only the journal's in-memory index (offset, length, seq of every
+//! record), so it takes the same short time whatever the disk's size; bytes are read when a
+//! client asks for them. While a view exists, the master target holds the base replica where it
+//! was when the view was built (the applier does not advance it and the journal is not freed),
+//! so neither changes under the view.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use haven_host::{Disk, WriterPlugin};
+use haven_store::decompress;
+use haven_store::journal::EntryKind;
+use haven_wire::{Payload, Record, Seq};
+
+use crate::ingest::{DiskStream, lock};
+
+/// Decoded journal records kept for reads that hit the same record again.
+const RECORD_CACHE: usize = 16;
+
+/// What covers an extent of the view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The journal record with this seq (its data, or zeroes for a zero/trim record).
+    Record(Seq),
+    /// The scratch file (a client's write to a writable view).
+    Scratch,
+}
+
+/// Disjoint extents `start → (end, source)`; inserting an extent replaces what it overlaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExtentMap {
+    map: BTreeMap<u64, (u64, Source)>,
+}
+
+impl ExtentMap {
+    /// Lays `start..end` from `source` over what is there.
+    pub fn insert(&mut self, start: u64, end: u64, source: Source) {
+        if start >= end {
+            return;
+        }
+        // An extent starting before `start` and reaching into it is cut (and split if it also
+        // reaches past `end`).
+        if let Some((&s, &(e, src))) = self.map.range(..start).next_back()
+            && e > start
+        {
+            self.map.insert(s, (start, src));
+            if e > end {
+                self.map.insert(end, (e, src));
+            }
+        }
+        // Extents starting inside `start..end` are removed; the last may keep its tail.
+        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            if let Some((e, src)) = self.map.remove(&s)
+                && e > end
+            {
+                self.map.insert(end, (e, src));
+            }
+        }
+        self.map.insert(start, (end, source));
+    }
+
+    /// The pieces of `start..end`, in order: `(start, end, Some(source))` where an extent
+    /// covers it, `None` for gaps.
+    pub fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Source>)> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        let first = self
+            .map
+            .range(..=start)
+            .next_back()
+            .filter(|(_, (e, _))| *e > start)
+            .map(|(&s, &v)| (s, v));
+        let rest = self
+            .map
+            .range(start.saturating_add(1)..end)
+            .map(|(&s, &v)| (s, v));
+        for (s, (e, src)) in first.into_iter().chain(rest) {
+            if s > pos {
+                out.push((pos, s.min(end), None));
+            }
+            let (a, b) = (s.max(pos), e.min(end));
+            if a < b {
+                out.push((a, b, Some(src)));
+                pos = b;
+            }
+            if pos >= end {
+                break;
+            }
+        }
+        if pos < end {
+            out.push((pos, end, None));
+        }
+        out
+    }
+
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The base replica, read through the writer plugin.
+pub struct Base {
+    plugin: WriterPlugin,
+    disk: Disk,
+    buf: Vec<u8>,
+}
+
+impl Base {
+    /// A base opened by the caller (read-only).
+    pub fn new(plugin: WriterPlugin, disk: Disk) -> Base {
+        Base {
+            plugin,
+            disk,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// A point as a disk. See the module docs.
+pub struct View {
+    size: u64,
+    /// The point's tag seq: the view holds every record up to it.
+    pub point_seq: Seq,
+    /// The base replica's applied seq when the view was built.
+    pub base_seq: Seq,
+    stream: Arc<DiskStream>,
+    base: Mutex<Base>,
+    extents: Mutex<ExtentMap>,
+    scratch: Option<(PathBuf, File)>,
+    cache: Mutex<Vec<(Seq, Bytes)>>,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("size", &self.size)
+            .field("point_seq", &self.point_seq)
+            .field("base_seq", &self.base_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl View {
+    /// The view of `stream` at `point_seq` over `base` (the replica after `base_seq`). With
+    /// `scratch`, writes are accepted and kept in that file (created sparse, removed by
+    /// [`View::discard`]).
+    pub fn build(
+        stream: Arc<DiskStream>,
+        base: Base,
+        base_seq: Seq,
+        point_seq: Seq,
+        scratch: Option<&Path>,
+    ) -> anyhow::Result<View> {
+        let mut extents = ExtentMap::default();
+        for e in stream.journal().entries_from(base_seq + 1) {
+            if e.seq > point_seq {
+                break;
+            }
+            match e.kind {
+                EntryKind::Write | EntryKind::Zero | EntryKind::Trim => {
+                    extents.insert(e.offset, e.offset + e.len, Source::Record(e.seq))
+                }
+                EntryKind::Tag => {}
+            }
+        }
+        let scratch = match scratch {
+            None => None,
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|e| anyhow::anyhow!("creating scratch {}: {e}", path.display()))?;
+                file.set_len(stream.info.size)?;
+                Some((path.to_path_buf(), file))
+            }
+        };
+        Ok(View {
+            size: stream.info.size,
+            point_seq,
+            base_seq,
+            stream,
+            base: Mutex::new(base),
+            extents: Mutex::new(extents),
+            scratch,
+            cache: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are accepted.
+    pub fn writable(&self) -> bool {
+        self.scratch.is_some()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= self.size)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "read {offset}+{} past the end of the {}-byte disk",
+                    buf.len(),
+                    self.size
+                )
+            })?;
+        let pieces = lock(&self.extents).pieces(offset, end);
+        for (a, b, src) in pieces {
+            let out = &mut buf[(a - offset) as usize..(b - offset) as usize];
+            match src {
+                None => {
+                    let mut base = lock(&self.base);
+                    let Base { plugin, disk, buf } = &mut *base;
+                    buf.resize(out.len(), 0);
+                    plugin
+                        .read(disk, a, buf)
+                        .map_err(|e| anyhow::anyhow!("reading the base replica at {a}: {e}"))?;
+                    out.copy_from_slice(buf);
+                }
+                Some(Source::Scratch) => {
+                    let (path, file) = self
+                        .scratch
+                        .as_ref()
+                        .ok_or_else(|| anyhow::anyhow!("no scratch file"))?;
+                    file.read_exact_at(out, a)
+                        .map_err(|e| anyhow::anyhow!("reading {} at {a}: {e}", path.display()))?;
+                }
+                Some(Source::Record(seq)) => self.read_record(seq, a, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the part of record `seq` at `at` into `out`. A record's decoded bytes are kept
+    /// with its disk offset in front (8 bytes) in a small cache.
+    fn read_record(&self, seq: Seq, at: u64, out: &mut [u8]) -> anyhow::Result<()> {
+        let cached = lock(&self.cache)
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, b)| b.clone());
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let Record::Write(w) = self.stream.journal().get(seq)? else {
+                    anyhow::bail!("journal record {seq} is a tag where data was expected");
+                };
+                if matches!(w.data, Payload::Zero { .. } | Payload::Trim { .. }) {
+                    out.fill(0);
+                    return Ok(());
+                }
+                let data = decompress(&w.data)?;
+                let mut with = Vec::with_capacity(8 + data.len());
+                with.extend_from_slice(&w.offset.to_le_bytes());
+                with.extend_from_slice(&data);
+                let b = Bytes::from(with);
+                let mut cache = lock(&self.cache);
+                if cache.len() >= RECORD_CACHE {
+                    cache.remove(0);
+                }
+                cache.push((seq, b.clone()));
+                b
+            }
+        };
+        let rec_offset = u64::from_le_bytes(bytes[..8].try_into()?);
+        let from = (at - rec_offset) as usize + 8;
+        let slice = bytes
+            .get(from..from + out.len())
+            .ok_or_else(|| anyhow::anyhow!("journal record {seq} is shorter than its extent"))?;
+        out.copy_from_slice(slice);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the scratch file (writable views only).
+    pub fn write(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        let (path, file) = self.scratch_file(offset, data.len() as u64)?;
+        file.write_all_at(data, offset)
+            .map_err(|e| anyhow::anyhow!("writing {} at {offset}: {e}", path.display()))?;
+        lock(&self.extents).insert(offset, offset + data.len() as u64, Source::Scratch);
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset` (writable views only).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> anyhow::Result<()> {
+        let (path, file) = self.scratch_file(offset, len)?;
+        let zero = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zero.len() as u64) as usize;
+            file.write_all_at(&zero[..n], pos)
+                .map_err(|e| anyhow::anyhow!("writing {} at {pos}: {e}", path.display()))?;
+            pos += n as u64;
+        }
+        lock(&self.extents).insert(offset, offset + len, Source::Scratch);
+        Ok(())
+    }
+
+    /// Makes the scratch durable.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        if let Some((path, file)) = &self.scratch {
+            file.sync_data()
+                .map_err(|e| anyhow::anyhow!("syncing {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn scratch_file(&self, offset: u64, len: u64) -> anyhow::Result<&(PathBuf, File)> {
+        let scratch = self
+            .scratch
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this view is read-only"))?;
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            anyhow::bail!(
+                "write {offset}+{len} past the end of the {}-byte disk",
+                self.size
+            );
+        }
+        Ok(scratch)
+    }
+
+    /// Closes the base and removes the scratch file.
+    pub fn discard(self) -> anyhow::Result<()> {
+        let base = self.base.into_inner().unwrap_or_else(|e| e.into_inner());
+        let _ = base.plugin_close();
+        if let Some((path, file)) = self.scratch {
+            drop(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("removing {}: {e}", path.display()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Base {
+    fn plugin_close(self) -> anyhow::Result<()> {
+        let Base {
+            mut plugin, disk, ..
+        } = self;
+        plugin.close(disk).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte map of the disk, the straightforward way.
+    fn model(ops: &[(u64, u64, u8)], size: usize) -> Vec<Option<u8>> {
+        let mut m = vec![None; size];
+        for &(s, e, v) in ops {
+            for x in &mut m[s as usize..e as usize] {
+                *x = Some(v);
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn extent_map_matches_a_byte_model() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _round in 0..200 {
+            let size = 64u64;
+            let mut map = ExtentMap::default();
+            let mut ops = Vec::new();
+            for i in 0..12u8 {
+                let a = next() % size;
+                let b = (a + 1 + next() % 20).min(size);
+                map.insert(a, b, Source::Record(u64::from(i)));
+                ops.push((a, b, i));
+            }
+            let want = model(&ops, size as usize);
+            let (qa, qb) = {
+                let a = next() % size;
+                (a, (a + 1 + next() % size).min(size))
+            };
+            let mut got = vec![None; size as usize];
+            let pieces = map.pieces(qa, qb);
+            let mut pos = qa;
+            for (a, b, src) in pieces {
+                assert_eq!(a, pos, "pieces are contiguous");
+                assert!(a < b);
+                for x in a..b {
+                    got[x as usize] = src.map(|s| match s {
+                        Source::Record(v) => v as u8,
+                        Source::Scratch => 255,
+                    });
+                }
+                pos = b;
+            }
+            assert_eq!(pos, qb);
+            assert_eq!(
+                &got[qa as usize..qb as usize],
+                &want[qa as usize..qb as usize]
+            );
+        }
+    }
+}

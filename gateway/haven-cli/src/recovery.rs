@@ -1,0 +1,367 @@
+//! `haven point …` and `haven failover …`: recovery points and failover, through the master
+//! target's API (`/v1/items`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use haven_engine::recovery::{ItemInfo, ItemRecord, PointInfo, PointRecord, TestFailoverInfo};
+
+use crate::remote::{DEFAULT_API, request_with};
+
+/// Longest the CLI waits for a point the agent takes, or a planned failover's stop.
+const AGENT_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Subcommand)]
+pub enum PointCommand {
+    /// Lists an item's recovery points, oldest first.
+    List {
+        /// The item: machine name, agent id, or MACHINE/DISK.
+        item: String,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Takes a recovery point now; prints its id once the master target holds it.
+    Create {
+        /// The item: machine name, agent id, or MACHINE/DISK.
+        item: String,
+        /// Application-consistent: the agent runs its quiesce hooks around the tag.
+        #[arg(long)]
+        app: bool,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+}
+
+/// `haven failover ITEM --point P|latest` (or `--planned`), or one of the subcommands.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FailoverArgs {
+    #[command(subcommand)]
+    command: Option<FailoverCommand>,
+    /// The item to fail over: machine name, agent id, or MACHINE/DISK.
+    item: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The point: an id from `haven point list`, or `latest`.
+    #[arg(long, default_value = "latest", conflicts_with = "planned")]
+    point: String,
+    /// Planned failover: the source stops taking writes, everything drains, a final point is
+    /// taken and the item fails over to it (nothing is lost).
+    #[arg(long)]
+    planned: bool,
+    /// Return once materialising has started instead of waiting for the image.
+    #[arg(long)]
+    no_wait: bool,
+    /// The master target's API.
+    #[arg(long, default_value = DEFAULT_API)]
+    api: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum FailoverCommand {
+    /// Presents a point as a disk over NBD at once, while replication goes on; prints the URI.
+    Test {
+        /// The item.
+        item: String,
+        /// The point: an id from `haven point list`, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Accept writes (kept in a scratch overlay, discarded by cleanup).
+        #[arg(long)]
+        writable: bool,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Ends a test failover and discards what was written to it.
+    Cleanup {
+        /// The item.
+        item: String,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Makes a failover final: the item's other points are discarded.
+    Commit {
+        /// The item.
+        item: String,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Shows an item's failover state and its history.
+    Show {
+        /// The item.
+        item: String,
+        /// The master target's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The item as a path segment.
+fn seg(item: &str) -> String {
+    let mut out = String::new();
+    for b in item.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn call<T: serde::de::DeserializeOwned>(
+    api: &str,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<T> {
+    let body = request_with(api, method, path, timeout)?;
+    serde_json::from_str(&body).with_context(|| format!("{api}{path}: unexpected answer"))
+}
+
+fn time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (d, s) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+pub fn point(command: PointCommand) -> Result<()> {
+    match command {
+        PointCommand::List { item, api, json } => {
+            let path = format!("/v1/items/{}/points", seg(&item));
+            let points: Vec<PointInfo> = call(&api, "GET", &path, Duration::from_secs(10))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>10} {:<26} {:<6} {:<10}",
+                "POINT", "SEQ", "SOURCE TIME", "KIND", "STATE"
+            );
+            for p in &points {
+                println!(
+                    "{:<16} {:>10} {:<26} {:<6} {:<10}",
+                    p.record.point,
+                    p.record.seq,
+                    time(p.record.source_time_ms),
+                    kind(&p.record),
+                    p.state
+                );
+            }
+            if points.is_empty() {
+                println!("(no points)");
+            }
+            Ok(())
+        }
+        PointCommand::Create { item, app, api } => {
+            let kind = if app { "app" } else { "crash" };
+            let path = format!("/v1/items/{}/points?kind={kind}", seg(&item));
+            let p: PointRecord = call(&api, "POST", &path, AGENT_WAIT)?;
+            println!("{}", p.point);
+            eprintln!(
+                "point {} ({kind}, taken {}, seq {}) is at the master target",
+                p.point,
+                time(p.source_time_ms),
+                p.seq
+            );
+            Ok(())
+        }
+    }
+}
+
+fn kind(p: &PointRecord) -> &'static str {
+    match p.kind {
+        haven_engine::recovery::PointKind::Crash => "crash",
+        haven_engine::recovery::PointKind::App => "app",
+    }
+}
+
+pub fn failover(args: FailoverArgs) -> Result<()> {
+    match args.command {
+        Some(FailoverCommand::Test {
+            item,
+            point,
+            writable,
+            api,
+        }) => {
+            let path = format!(
+                "/v1/items/{}/test-failover?point={}&writable={writable}",
+                seg(&item),
+                seg(&point)
+            );
+            let t: TestFailoverInfo = call(&api, "POST", &path, Duration::from_secs(30))?;
+            println!("{}", t.uri);
+            eprintln!(
+                "test failover of {item} at point {} (taken {}), {}; replication goes on. End it \
+                 with `haven failover cleanup {item}`",
+                t.point.point,
+                time(t.point.source_time_ms),
+                if t.writable {
+                    "writable (writes go to a scratch overlay)"
+                } else {
+                    "read-only"
+                }
+            );
+            Ok(())
+        }
+        Some(FailoverCommand::Cleanup { item, api }) => {
+            let path = format!("/v1/items/{}/test-failover", seg(&item));
+            let t: TestFailoverInfo = call(&api, "DELETE", &path, Duration::from_secs(30))?;
+            println!(
+                "test failover of {item} at point {} cleaned up",
+                t.point.point
+            );
+            Ok(())
+        }
+        Some(FailoverCommand::Commit { item, api }) => {
+            let path = format!("/v1/items/{}/commit", seg(&item));
+            let r: ItemRecord = call(&api, "POST", &path, Duration::from_secs(30))?;
+            println!("{item}: {}", r.state.name());
+            Ok(())
+        }
+        Some(FailoverCommand::Show { item, api, json }) => {
+            let path = format!("/v1/items/{}", seg(&item));
+            let i: ItemInfo = call(&api, "GET", &path, Duration::from_secs(10))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                show(&i);
+            }
+            Ok(())
+        }
+        None => {
+            let Some(item) = args.item else {
+                bail!(
+                    "name the item to fail over (`haven failover ITEM --point P|latest`), or use \
+                     `haven failover test|cleanup|commit|show`"
+                );
+            };
+            let run = args.run;
+            let path = if run.planned {
+                format!("/v1/items/{}/failover?planned=true", seg(&item))
+            } else {
+                format!(
+                    "/v1/items/{}/failover?point={}",
+                    seg(&item),
+                    seg(&run.point)
+                )
+            };
+            let r: ItemRecord = call(&run.api, "POST", &path, AGENT_WAIT)?;
+            let point = r.point.map_or(0, |p| p.point);
+            eprintln!("{item}: failing over to point {point}");
+            if run.no_wait {
+                println!("{}", r.state.name());
+                return Ok(());
+            }
+            let started = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let i: ItemInfo = call(
+                    &run.api,
+                    "GET",
+                    &format!("/v1/items/{}", seg(&item)),
+                    Duration::from_secs(10),
+                )?;
+                match i.item.state {
+                    haven_engine::recovery::ItemState::FailedOver => {
+                        println!("{}", i.item.image.unwrap_or_default());
+                        eprintln!(
+                            "{item}: failed over to point {point} in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        );
+                        return Ok(());
+                    }
+                    haven_engine::recovery::ItemState::FailoverFailed => {
+                        let cause = i
+                            .item
+                            .history
+                            .last()
+                            .map(|t| t.cause.clone())
+                            .unwrap_or_default();
+                        bail!("{item}: failover failed: {cause}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn show(i: &ItemInfo) {
+    println!(
+        "{} disk {} ({}): {}",
+        i.machine_name,
+        i.disk,
+        i.agent_id,
+        i.item.state.name()
+    );
+    if let Some(p) = &i.item.point {
+        println!("  point: {} (taken {})", p.point, time(p.source_time_ms));
+    }
+    if let Some(img) = &i.item.image {
+        println!("  image: {img}");
+    }
+    if let Some(t) = &i.test_failover {
+        println!("  test failover: {} (point {})", t.uri, t.point.point);
+    }
+    println!("  points held: {}", i.points);
+    for t in &i.item.history {
+        println!(
+            "  {}  {} -> {}: {}",
+            time(t.at_ms),
+            t.from.name(),
+            t.to.name(),
+            t.cause
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(time(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(time(1_795_866_245_123), "2026-11-28 07:44:05.123Z");
+    }
+
+    #[test]
+    fn items_are_escaped_as_one_segment() {
+        assert_eq!(seg("web01/2"), "web01%2F2");
+        assert_eq!(seg("a b"), "a%20b");
+    }
+}

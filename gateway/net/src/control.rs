@@ -1,0 +1,131 @@
+//! Control requests: the master target asks a source agent to act, through the process server.
+//!
+//! A request travels against the replication direction, on the connections that already exist
+//! (nothing connects to an agent):
+//!
+//! ```text
+//! master target ──bi stream on the forwarder's connection──▶ process server
+//!               ──bi stream on the agent's connection──────▶ agent ──reply──▶ (same way back)
+//! ```
+//!
+//! Each request is one bidirectional stream opened by the asking side: one JSON [`Request`]
+//! of at most [`MAX_CONTROL_LEN`] bytes, then finished; the answer is one JSON [`Reply`], then
+//! finished. The process server relays the bytes unchanged after checking that the named agent
+//! is the one the stream's connection forwards for.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request or reply body, in bytes.
+pub const MAX_CONTROL_LEN: usize = 64 * 1024;
+
+/// What an agent is asked to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    /// Take a recovery point now: a tag in each disk's stream, after every write acknowledged
+    /// so far. With `app`, the quiesce hooks run around it.
+    Point {
+        /// Application-consistent (hooks) rather than crash-consistent.
+        app: bool,
+    },
+    /// Planned failover: flush, close the front end (no write is accepted from then on), and
+    /// take a final point.
+    Stop,
+}
+
+/// A request for one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The agent (32 hex digits of its id).
+    pub agent_id: String,
+    /// What to do.
+    pub command: Command,
+}
+
+/// A point the agent tagged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointTaken {
+    /// The point's id.
+    pub point: u64,
+    /// The disk whose stream carries the tag.
+    pub disk: u32,
+    /// The tag's sequence number in the disk's stream.
+    pub seq: u64,
+    /// When it was taken on the source, milliseconds since the Unix epoch.
+    pub source_time_ms: u64,
+    /// Application-consistent.
+    pub app: bool,
+}
+
+/// The answer: the point taken, or why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Reply {
+    /// Done; the points taken (one per disk).
+    Taken(Vec<PointTaken>),
+    /// Refused or failed: what happened and what to do.
+    Failed(String),
+}
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control stream: {0}")]
+    Stream(String),
+    #[error("control stream: no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("control stream: bad message: {0}")]
+    Bad(String),
+}
+
+fn stream_err(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Stream(e.to_string())
+}
+
+/// Reads one JSON message (the whole stream, bounded).
+pub async fn read_message<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, ControlError> {
+    let body = recv
+        .read_to_end(MAX_CONTROL_LEN)
+        .await
+        .map_err(stream_err)?;
+    serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
+}
+
+/// Writes one JSON message and finishes the stream.
+pub async fn write_message<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+) -> Result<(), ControlError> {
+    let body = serde_json::to_vec(message).map_err(|e| ControlError::Bad(e.to_string()))?;
+    if body.len() > MAX_CONTROL_LEN {
+        return Err(ControlError::Bad(format!(
+            "message of {} bytes exceeds the limit of {MAX_CONTROL_LEN}",
+            body.len()
+        )));
+    }
+    send.write_all(&body).await.map_err(stream_err)?;
+    send.finish().map_err(stream_err)?;
+    Ok(())
+}
+
+/// Sends `request` on a new stream of `conn` and waits at most `timeout` for the reply.
+pub async fn call(
+    conn: &quinn::Connection,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Reply, ControlError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(stream_err)?;
+        write_message(&mut send, request).await?;
+        read_message::<Reply>(&mut recv).await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ControlError::Timeout(timeout))?
+}
