@@ -302,6 +302,11 @@ fn on_demand_points_equal_copies_and_test_failover_leaves_no_trace() -> Result<(
         e.contains("only a failed-over item can be committed"),
         "{e}"
     );
+    let e = haven_fails(&c, &["point", "create", "web01", "--app"]);
+    assert!(
+        e.contains("no quiesce hooks are configured on this agent"),
+        "{e}"
+    );
 
     let mut copies = Vec::new();
     for i in 0..3u64 {
@@ -694,5 +699,96 @@ fn without_retention_failover_says_there_is_no_point() -> Result<()> {
         ),
         "{e}"
     );
+    Ok(())
+}
+
+#[test]
+fn app_consistent_points_run_the_hooks_around_the_tag() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    zero_disk(&disk, 4 << 20)?;
+    let trace = tmp.path().join("hooks.log");
+    let script = |name: &str| -> Result<PathBuf> {
+        let path = tmp.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"$HAVEN_HOOK ${{HAVEN_POINT_RESULT:-}}\" >> {}\n",
+                trace.display()
+            ),
+        )?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path)
+    };
+    let (pre, post) = (script("pre.sh")?, script("post.sh")?);
+    let c = start(
+        tmp.path(),
+        &disk,
+        Some(DEFAULT_RETENTION),
+        &[
+            "--pre-script",
+            &pre.to_string_lossy(),
+            "--post-script",
+            &post.to_string_lossy(),
+        ],
+    )?;
+    wait_points(&c, 1, Duration::from_secs(120))?;
+    let before = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert_eq!(before, "", "no app point was asked for yet");
+    qemu_io(&c.agent.nbd, &["write -P 3 0 1M".into()])?;
+    let copy = tmp.path().join("copy.raw");
+    std::fs::copy(&disk, &copy)?;
+    let out = c.mt.haven(&["point", "create", "web01", "--app"])?;
+    let id: u64 = out.trim().parse()?;
+    assert_eq!(std::fs::read_to_string(&trace)?, "pre \npost ok\n");
+    let p = list(&c)?
+        .into_iter()
+        .find(|p| p.record.point == id)
+        .context("the app point is listed")?;
+    assert_eq!(p.record.kind, haven_engine::recovery::PointKind::App);
+    let uri =
+        c.mt.haven(&["failover", "test", "web01", "--point", &id.to_string()])?;
+    let got = tmp.path().join("got.raw");
+    export_to_file(uri.trim(), &got)?;
+    assert!(images_equal(&copy, &got)?);
+    c.mt.haven(&["failover", "cleanup", "web01"])?;
+    Ok(())
+}
+
+#[test]
+fn failover_during_the_initial_sync_says_to_wait() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    // Random data that cannot all be in flight: the master target reads nothing, so the
+    // process server's cache fills and the agent's initial sync stalls.
+    mixed_disk(&disk, 512 << 20, 11)?;
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            retention: Some(DEFAULT_RETENTION.into()),
+            ps_config: "cache_max_bytes = 67108864".into(),
+            mt_env: vec![("HAVEN_FAILPOINTS".into(), "ingest=pause".into())],
+            ..Default::default()
+        },
+    )?;
+    // Wait until the master target has heard the agent's report (the item has a name).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let e = loop {
+        let e = haven_fails(&c, &["failover", "web01", "--point", "latest"]);
+        if !e.contains("no protected item") {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        e.contains("item web01 is in its initial sync (")
+            && e.contains("% done) and has no recovery point yet: wait until `haven status` shows it protected"),
+        "{e}"
+    );
+    let e = haven_fails(&c, &["failover", "test", "web01"]);
+    assert!(e.contains("is in its initial sync"), "{e}");
     Ok(())
 }

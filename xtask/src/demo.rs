@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: a disk protected across two sites on loopback — agent, process server,
-//! master target — with a workload running through the agent's NBD front end; once the replica
-//! has caught up it is checked against the source and converted into every target format.
+//! master target — with a workload running through the agent's NBD front end and a recovery
+//! point every second; then a point taken on demand is presented over NBD at once (test
+//! failover) and checked against the source, a planned failover stops the source and
+//! materialises its final point, and the failover image is converted into every target format.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -55,7 +57,7 @@ pub fn run(root: &Path) -> Result<()> {
     let replica = replicate(&dir.join("sites"), &source)?;
 
     println!(
-        "\n== the replica, materialised in every target format through its sandboxed plugin\n"
+        "\n== the failover image, converted into every target format through its sandboxed plugin\n"
     );
     let status = Command::new(&haven).args(["plugin", "list"]).status()?;
     if !status.success() {
@@ -130,7 +132,15 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
     use haven_e2e::{Cluster, ClusterOptions, images_equal, now_ms, qemu_io};
     std::fs::create_dir_all(root)?;
     let started = Instant::now();
-    let mut cluster = Cluster::start(root, disk, ClusterOptions::default())?;
+    let cluster = Cluster::start(
+        root,
+        disk,
+        ClusterOptions {
+            retention: Some("window = \"72h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            ..Default::default()
+        },
+    )?;
     println!(
         "master target  {} (QUIC :{}), state in {}",
         cluster.mt.api,
@@ -180,23 +190,90 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         "workload done: {} MiB written through NBD while replicating",
         written >> 20
     );
-    cluster.wait_caught_up(
-        now_ms(),
-        std::time::Duration::from_secs(300),
-        |report, mt| {
-            print_progress(report, mt);
-        },
-    )?;
+    let since = now_ms();
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let report = cluster.agent.report();
+        let mt = cluster.mt.status()?;
+        print_progress(report.as_ref(), &mt);
+        let shipped = report
+            .as_ref()
+            .and_then(|r| r.disks.first())
+            .is_some_and(|d| {
+                report.as_ref().is_some_and(|r| r.time_ms > since)
+                    && d.state == haven_net::stream::DiskState::Protected
+                    && d.acked_seq == d.last_seq
+            });
+        if shipped {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not ship everything in time");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     println!();
-    let replica = cluster.replica()?;
+    let point = cluster.mt.haven(&["point", "create", "web01"])?;
+    let point = point.trim();
+    println!("\n$ haven point create web01   -> point {point}");
+    let points = cluster.mt.haven(&["point", "list", "web01"])?;
+    let lines: Vec<&str> = points.lines().collect();
+    println!("$ haven point list web01   ({} points)", lines.len() - 1);
+    for l in lines.iter().take(1).chain(lines.iter().rev().take(3).rev()) {
+        println!("  {l}");
+    }
+    let asked = Instant::now();
+    let uri = cluster
+        .mt
+        .haven(&["failover", "test", "web01", "--point", point])?;
+    let uri = uri.trim().to_string();
+    println!(
+        "$ haven failover test web01 --point {point}   -> {uri} in {:.2} s (CLI round trip)",
+        asked.elapsed().as_secs_f64()
+    );
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(disk)
+        .arg(&uri)
+        .status()?;
+    if !same.success() {
+        bail!("the test failover at point {point} differs from the source");
+    }
+    println!("  qemu-img compare source {uri}: identical (replication goes on meanwhile)");
+    cluster.mt.haven(&["failover", "cleanup", "web01"])?;
+    println!("$ haven failover cleanup web01");
+
+    let asked = Instant::now();
+    let image = cluster.mt.haven(&["failover", "web01", "--planned"])?;
+    let replica = cluster
+        .replica()?
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join(image.trim()))
+        .ok_or_else(|| anyhow::anyhow!("no storage root"))?;
+    println!(
+        "$ haven failover web01 --planned   -> {} in {:.1} s: the source stopped taking writes, \
+         its last point was materialised",
+        image.trim(),
+        asked.elapsed().as_secs_f64()
+    );
     if !images_equal(disk, &replica)? {
-        bail!("the replica {} differs from the source", replica.display());
+        bail!(
+            "the failover image {} differs from the source",
+            replica.display()
+        );
+    }
+    let show = cluster.mt.haven(&["failover", "show", "web01"])?;
+    println!("$ haven failover show web01");
+    for l in show.lines() {
+        println!("  {l}");
     }
     let ps = cluster.ps.status()?.process_server.unwrap_or_default();
     let d = ps.disks.first();
     println!("\n== summary");
     println!(
-        "caught up after {:.1} s; qemu-img compare: the replica equals the source byte for byte",
+        "failed over after {:.1} s; qemu-img compare: the failover image equals the source byte \
+         for byte",
         started.elapsed().as_secs_f64()
     );
     if let Some(d) = d {
@@ -206,7 +283,7 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
             d.stored_bytes_total >> 20
         );
     }
-    println!("replica: {}", replica.display());
+    println!("failover image: {}", replica.display());
     println!(
         "\n$ haven status --api {} --api {}",
         cluster.ps.api, cluster.mt.api

@@ -14,6 +14,8 @@
 //! | `apply.after-write` | a batch written to the replica, not yet flushed or recorded |
 //! | `apply.after-commit` | the applied seq recorded, the journal not yet released |
 //! | `apply` (`pause`) | the master target journals but does not apply |
+//! | `ingest` (`pause`) | a receiving gateway stops reading its replication streams |
+//! | `failover.mid-copy` | half of a failover image written |
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

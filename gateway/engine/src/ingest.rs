@@ -300,7 +300,9 @@ async fn run<S: Sink>(
             // While a journal is full, records wait in `pending` (bounded by the sender's
             // window; a sender that ignores it is cut off at PENDING_MAX) and control frames
             // (pings) keep being answered.
-            frame = reader.next(), if pending_bytes(&pending) < PENDING_MAX => {
+            // `HAVEN_FAILPOINTS=ingest=pause` stops reading (tests hold a sync mid-way).
+            frame = reader.next(), if pending_bytes(&pending) < PENDING_MAX
+                && !crate::failpoint::paused("ingest") => {
                 let now = Instant::now();
                 match frame {
                     Ok(Some(f)) => {

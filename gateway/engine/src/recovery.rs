@@ -778,10 +778,17 @@ impl MasterTarget {
                 format!("item {item} has no test failover to clean up"),
             )
         })?;
-        active.server.close();
-        // The connections' threads hold the view; they end once closed.
+        let ActiveTest {
+            info,
+            view,
+            server,
+            dir,
+        } = active;
+        server.close();
+        drop(server);
+        // The accept loop and the connections' threads hold the view; they end once closed.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut view = active.view;
+        let mut view = view;
         let discarded = loop {
             match Arc::try_unwrap(view) {
                 Ok(v) => break v.discard(),
@@ -795,9 +802,9 @@ impl MasterTarget {
         if let Err(e) = discarded {
             tracing::warn!(error = %format!("{e:#}"), "discarding the test failover's view");
         }
-        if active.dir.exists() {
-            std::fs::remove_dir_all(&active.dir)
-                .map_err(|e| internal(format!("removing {}: {e}", active.dir.display())))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| internal(format!("removing {}: {e}", dir.display())))?;
         }
         let state = lock(&r.recovery.item).state;
         if state == ItemState::Protected {
@@ -807,13 +814,10 @@ impl MasterTarget {
         self.transition(
             &r,
             state,
-            format!(
-                "test failover at point {} cleaned up",
-                active.info.point.point
-            ),
+            format!("test failover at point {} cleaned up", info.point.point),
             |_| {},
         )?;
-        Ok(active.info)
+        Ok(info)
     }
 
     /// `haven failover`: fails the item over to a point (unplanned), or (planned) stops the
@@ -854,7 +858,13 @@ impl MasterTarget {
                 return Err(err(ErrorKind::Conflict, self.no_points_message(&r, item)));
             }
             let taken = self.ask_agent(&r, Command::Stop).await?;
-            self.await_point(&r, taken.seq).await?
+            self.await_point(&r, taken.seq).await.map_err(|e| RecoveryError {
+                message: format!(
+                    "the source of item {item} is stopped (its final point is {}), but: {}; once                      the point has arrived (`haven point list {item}`), fail over with `haven                      failover {item} --point {}`",
+                    taken.point, e.message, taken.point
+                ),
+                ..e
+            })?
         } else {
             self.pick(&r, item, sel)?
         };

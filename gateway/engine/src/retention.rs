@@ -686,7 +686,7 @@ mod tests {
             "{e}"
         );
 
-        let e = bad(0, vec![tier(0, 0)]);
+        let e = bad(72 * H, vec![tier(0, 0)]);
         assert!(
             e.contains("tiers[0].for_last must be greater than 0"),
             "{e}"

@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn times_print_as_utc() {
         assert_eq!(time(0), "1970-01-01 00:00:00.000Z");
-        assert_eq!(time(1_795_866_245_123), "2026-11-28 07:44:05.123Z");
+        assert_eq!(time(1_795_866_245_123), "2026-11-28 11:44:05.123Z");
     }
 
     #[test]
