@@ -135,7 +135,8 @@ impl PointsArgs {
             };
         if app_interval.is_some() && hooks.is_none() {
             anyhow::bail!(
-                "--app-point-interval needs hooks: give --freeze MOUNT and/or --pre-script /                  --post-script"
+                "--app-point-interval needs hooks: give --freeze MOUNT and/or --pre-script / \
+                 --post-script"
             );
         }
         Ok((
@@ -152,6 +153,8 @@ impl PointsArgs {
 #[derive(Default)]
 pub struct Points {
     last_point: AtomicU64,
+    /// Held while a point is taken (hooks included).
+    taking: Mutex<()>,
     hooks: Mutex<Option<Hooks>>,
     close_front_end: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
@@ -237,39 +240,64 @@ pub fn take(
     app: bool,
     close: bool,
 ) -> Result<PointTaken, String> {
+    // One point at a time: two sets of hooks must not interleave.
+    let _one = shared
+        .points
+        .taking
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(why) = not_ready(shared) {
         return Err(why);
     }
-    let time_ms = now_ms();
-    let info = TagInfo {
-        point: shared.points.next_id(time_ms),
-        time_ms,
-        app,
-    };
+    if close {
+        // Before the tag: from here on a restarted agent never serves the disk again.
+        mark_failed_over(data_dir).map_err(|e| format!("{e:#}"))?;
+    }
     let tag = || {
-        shared
+        // Checked again: the hooks may have taken a while, and a resync may have started.
+        if let Some(why) = not_ready(shared) {
+            anyhow::bail!("{why}");
+        }
+        let time_ms = now_ms();
+        let info = TagInfo {
+            point: shared.points.next_id(time_ms),
+            time_ms,
+            app,
+        };
+        let seq = shared
             .splitter
             .tag(info, close)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((seq, info))
     };
-    let seq = if app {
-        let hooks = shared
+    let tagged = if app {
+        match shared
             .points
             .hooks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| {
+        {
+            None => Err(
                 "no quiesce hooks are configured on this agent (--freeze, --pre-script, \
                  --post-script): take a crash-consistent point, or start the agent with hooks"
-                    .to_string()
-            })?;
-        crate::quiesce::run(&hooks, tag).map_err(|e| e.to_string())?
+                    .to_string(),
+            ),
+            Some(hooks) => crate::quiesce::run(&hooks, tag).map_err(|e| e.to_string()),
+        }
     } else {
-        tag().map_err(|e| format!("{e:#}"))?
+        tag().map_err(|e| format!("{e:#}"))
+    };
+    let (seq, info) = match tagged {
+        Ok(t) => t,
+        Err(e) => {
+            if close {
+                let _ = std::fs::remove_file(data_dir.join(FAILED_OVER));
+            }
+            return Err(e);
+        }
     };
     if close {
-        mark_failed_over(data_dir, info.point).map_err(|e| format!("{e:#}"))?;
         if let Some(f) = shared
             .points
             .close_front_end
@@ -289,16 +317,14 @@ pub fn take(
         point: info.point,
         disk: DISK_ID,
         seq: shared.wire_seq(seq),
-        source_time_ms: time_ms,
+        source_time_ms: info.time_ms,
         app,
     })
 }
 
-fn mark_failed_over(data_dir: &Path, point: u64) -> anyhow::Result<()> {
-    let body = format!(
-        "failed over (planned) at point {point}: the replica at the secondary site is the \
-         primary now; remove this file to protect this disk again (its replica will be resynced)\n"
-    );
+fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
+    let body = "failed over (planned): the replica at the secondary site is the primary now; \
+                remove this file to protect this disk again (its replica will be resynced)\n";
     crate::state::write_atomic(&data_dir.join(FAILED_OVER), body.as_bytes(), 0o644)
 }
 

@@ -223,8 +223,14 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
 /// `haven-agent protect`: serve the disk over NBD and replicate it, until SIGTERM/SIGINT.
 pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     let identity = Identity::load(&cfg.data_dir)?;
-    if let Some(why) = crate::points::failed_over(&cfg.data_dir) {
-        anyhow::bail!("{} is not served: {why}", cfg.disk.display());
+    // After a planned failover the disk is never served again; what the log still holds is
+    // shipped, then the agent stops.
+    let failed_over = crate::points::failed_over(&cfg.data_dir);
+    if let Some(why) = &failed_over {
+        tracing::warn!(
+            disk = %cfg.disk.display(),
+            "not served: {why}; shipping what the change log still holds"
+        );
     }
     let (policy, hooks) = cfg.points.resolve()?;
     let (rec, log) = open_state_and_log(&cfg)?;
@@ -240,6 +246,9 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     // Record the log's durable seq now, so a log lost from here on is noticed.
     shared.update(|_| {})?;
     shared.points.set_hooks(hooks);
+    if failed_over.is_some() {
+        splitter.shutdown()?;
+    }
     let server = cfg
         .server
         .clone()
@@ -269,7 +278,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     ));
     let reporter = rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx));
 
-    let sync_thread = (rec.state == Phase::InitialSync).then(|| {
+    let sync_thread = (rec.state == Phase::InitialSync && failed_over.is_none()).then(|| {
         let shared = Arc::clone(&shared);
         let window_bytes = cfg.window_bytes;
         thread::Builder::new()
@@ -282,18 +291,20 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     });
     let sync_thread = sync_thread.transpose()?;
 
-    let (nbd_server, listeners) = serve_nbd(&splitter, &cfg.nbd)?;
-    {
-        let server = Arc::clone(&nbd_server);
-        shared.points.set_close_front_end(move || server.close());
-    }
-    {
+    let listeners = if failed_over.is_some() {
+        Vec::new()
+    } else {
+        let (nbd_server, listeners) = serve_nbd(&splitter, &cfg.nbd)?;
+        shared
+            .points
+            .set_close_front_end(move || nbd_server.close());
         let shared = Arc::clone(&shared);
         let data_dir = cfg.data_dir.clone();
         thread::Builder::new()
             .name("points".into())
             .spawn(move || crate::points::run_interval(shared, data_dir, policy))?;
-    }
+        listeners
+    };
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     for t in listeners {
         let done_tx = done_tx.clone();
@@ -318,6 +329,30 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let drained = async {
+            // A planned failover closed the front end (or had, before a restart): every record
+            // is shipped before the agent stops, however long the path takes to come back.
+            let last = shared.wire_seq(splitter.log_stats().last_seq);
+            tracing::info!(
+                last_seq = last,
+                "planned failover: shipping the last records"
+            );
+            while shared.acked_seq() < last {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::warn!(
+                acked_seq = shared.acked_seq(),
+                "planned failover: everything is shipped; the source stays stopped"
+            );
+        };
+        if failed_over.is_some() {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                () = drained => {}
+            }
+            return anyhow::Ok(());
+        }
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
@@ -325,17 +360,11 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
                 if crate::points::failed_over(&cfg.data_dir).is_none() {
                     return r.unwrap_or(Ok(())).context("NBD listener stopped");
                 }
-                // A planned failover closed the front end: ship the rest, then stop.
-                let last = shared.wire_seq(splitter.log_stats().last_seq);
-                tracing::info!(last_seq = last, "planned failover: shipping the last records");
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-                while shared.acked_seq() < last && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                    () = drained => {}
                 }
-                tracing::warn!(
-                    acked_seq = shared.acked_seq(),
-                    "planned failover: the source is stopped; the replica is the primary now"
-                );
             }
         }
         anyhow::Ok(())

@@ -4,7 +4,8 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats|replication]` runs benchmarks against their baselines.
+//! - `cargo xtask bench [plugins|formats|replication|points]` runs benchmarks against their
+//!   baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
 
@@ -14,6 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_points;
 mod bench_replication;
 mod demo;
 
@@ -54,7 +56,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -254,7 +256,8 @@ fn bench(args: &[&str]) -> Result<()> {
         "all" => {
             bench(&["plugins"])?;
             bench(&["formats"])?;
-            bench(&["replication"])
+            bench(&["replication"])?;
+            bench(&["points"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -274,7 +277,14 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_replication::run(&root())
         }
-        other => bail!("unknown benchmark `{other}` (known: plugins, formats, replication)"),
+        "points" => {
+            ensure_programs(&[("qemu-img", "qemu-utils")])?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_points::run(&root())
+        }
+        other => {
+            bail!("unknown benchmark `{other}` (known: plugins, formats, replication, points)")
+        }
     }
 }
 

@@ -156,7 +156,8 @@ impl Api {
         let Some(mt) = &self.recovery else {
             return json_error(
                 StatusCode::NOT_FOUND,
-                "this gateway is not a master target: items, points and failover live at the                  secondary site's gateway",
+                "this gateway is not a master target: items, points and failover live at the \
+                 secondary site's gateway",
             );
         };
         let q = Query::parse(query);
@@ -182,7 +183,17 @@ impl Api {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
             (&Method::DELETE, item, "test-failover") => {
-                mt.cleanup_test(item).map(|t| serde_json::json!(t))
+                // It waits for the export's connections to end: off the async workers.
+                let (mt, item) = (mt.clone(), item.to_string());
+                tokio::task::spawn_blocking(move || mt.cleanup_test(&item))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(RecoveryError {
+                            kind: ErrorKind::Internal,
+                            message: format!("cleanup task failed: {e}"),
+                        })
+                    })
+                    .map(|t| serde_json::json!(t))
             }
             (&Method::POST, item, "failover") => match (q.point(), q.flag("planned")) {
                 (Ok(sel), Ok(planned)) => mt
@@ -196,7 +207,8 @@ impl Api {
                 return json_error(
                     StatusCode::NOT_FOUND,
                     &format!(
-                        "no such endpoint {method} /v1/items/{rest}; see the API table in the                          README"
+                        "no such endpoint {method} /v1/items/{rest}; see the API table in the \
+                         README"
                     ),
                 );
             }

@@ -211,16 +211,37 @@ impl MasterTarget {
                     Ok(recv) => {
                         if let Ok(report) = read_report(recv).await {
                             lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
-                            for r in lock(&self.replicas).values() {
-                                if peer_hex(&r.stream.key.peer) == report.agent_id {
-                                    *lock(&r.stream.machine_name) = report.machine_name.clone();
-                                }
-                            }
+                            self.learn_machine_name(&report);
                             lock(&self.reports).insert(report.agent_id.clone(), report);
                         }
                     }
                     Err(_) => return,
                 },
+            }
+        }
+    }
+
+    /// Keeps the machine's name from its agent's report, in memory and in redb (items are
+    /// named by it, also after a restart before the next report).
+    fn learn_machine_name(&self, report: &Report) {
+        let replicas: Vec<Arc<Replica>> = lock(&self.replicas)
+            .values()
+            .filter(|r| peer_hex(&r.stream.key.peer) == report.agent_id)
+            .cloned()
+            .collect();
+        for r in replicas {
+            {
+                let mut name = lock(&r.stream.machine_name);
+                if *name == report.machine_name {
+                    continue;
+                }
+                name.clone_from(&report.machine_name);
+            }
+            if let Ok(Some(mut rec)) = self.state.get_stream(r.stream.key) {
+                rec.machine_name.clone_from(&report.machine_name);
+                if let Err(e) = self.state.put_stream(r.stream.key, &rec) {
+                    tracing::warn!(error = %e, "recording the machine's name");
+                }
             }
         }
     }
@@ -470,6 +491,9 @@ impl Sink for MasterTarget {
         record.durable_seq = durable;
         self.state
             .index_put_with(stream.key, &entries, Some(&record))?;
+        if let Some(why) = self.refusal(&replica) {
+            anyhow::bail!("{why}");
+        }
         if !self.config.retention.window.is_zero() {
             for (r, _) in appended {
                 if let Record::Tag(t) = r {
@@ -686,11 +710,12 @@ impl Applier {
             }
             batch_bytes += record.wire_extent();
             last = record.seq();
+            // A new point (its tag durable before `on_durable` listed it): the base may stop
+            // here, and the target is computed again with it.
             if let Record::Tag(t) = &record
                 && self.keep_points
+                && crate::recovery::register_tag(&self.state, &self.replica, t)
             {
-                // A point: the base may stop here (the target is recomputed with it).
-                crate::recovery::register_tag(&self.state, &self.replica, t);
                 break;
             }
             if batch_bytes >= APPLY_BATCH_BYTES {
@@ -727,8 +752,10 @@ impl Applier {
             .map_err(|e| fail(&e))?
             .ok_or_else(|| fail(&"stream record missing"))?;
         record.applied_seq = seq;
-        // What a test failover or failover reads stays in the journal.
-        let release = self.replica.recovery.release_limit(seq);
+        // What a test failover or failover reads stays in the journal; the hold is locked from
+        // here until the journal is freed (see `hold_base`).
+        let hold = lock(&self.replica.recovery.hold);
+        let release = hold.map_or(seq, |h| seq.min(h));
         // The applied seq and the index entries it makes unnecessary, in one transaction.
         self.state
             .index_remove_upto_with(stream.key, release, Some(&record))
@@ -736,6 +763,7 @@ impl Applier {
         self.replica.applied.store(seq, Ordering::Release);
         failpoint::hit("apply.after-commit");
         stream.journal().release(release).map_err(|e| fail(&e))?;
+        drop(hold);
         let mut unapplied = lock(&self.replica.unapplied);
         while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
             unapplied.pop_front();

@@ -78,6 +78,9 @@ impl ExtentMap {
     /// covers it, `None` for gaps.
     pub fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Source>)> {
         let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
         let mut pos = start;
         let first = self
             .map
@@ -172,6 +175,12 @@ impl View {
         point_seq: Seq,
         scratch: Option<&Path>,
     ) -> anyhow::Result<View> {
+        if point_seq < base_seq {
+            anyhow::bail!(
+                "point at seq {point_seq} is older than the base replica (seq {base_seq}): it \
+                 can no longer be presented"
+            );
+        }
         let mut extents = ExtentMap::default();
         for e in stream.journal().entries_from(base_seq + 1) {
             if e.seq > point_seq {

@@ -762,12 +762,14 @@ async fn relay_control(
             let reply = match control::read_message::<Request>(&mut recv).await {
                 Err(e) => Reply::Failed(format!("process server: bad request: {e}")),
                 Ok(req) if req.agent_id != agent_id => Reply::Failed(format!(
-                    "process server: a request for agent {} came on the connection of agent                      {agent_id}",
+                    "process server: a request for agent {} came on the connection of agent \
+                     {agent_id}",
                     req.agent_id
                 )),
                 Ok(req) => match listener.connection(&agent_id) {
                     None => Reply::Failed(format!(
-                        "process server: agent {agent_id} is not connected; start it (or check                          its status) and try again"
+                        "process server: agent {agent_id} is not connected; start it (or check \
+                         its status) and try again"
                     )),
                     Some(conn) => control::call(&conn, &req, CONTROL_TIMEOUT)
                         .await

@@ -59,6 +59,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(150);
 const POINT_ARRIVAL: Duration = Duration::from_secs(120);
 /// Bytes copied per step of a materialisation.
 const COPY_CHUNK: usize = 4 << 20;
+/// All-zero blocks of this size are left as holes in a failover image.
+const SPARSE_BLOCK: usize = 64 << 10;
 
 /// Crash- or application-consistent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +234,11 @@ pub(crate) struct ReplicaRecovery {
     pub hold: Mutex<Option<Seq>>,
     pub item: Mutex<ItemRecord>,
     pub test: Mutex<Option<ActiveTest>>,
+    /// Highest tag seq ever registered: a tag at or below it that is not listed was dropped
+    /// by retention and is not registered again.
+    pub registered: std::sync::atomic::AtomicU64,
+    /// A failover request is running (planned ones wait for the source).
+    pub busy: std::sync::atomic::AtomicBool,
 }
 
 impl ReplicaRecovery {
@@ -245,11 +252,6 @@ impl ReplicaRecovery {
             target = target.min(h);
         }
         target
-    }
-
-    /// The seq the journal may be freed up to, given what is applied.
-    pub fn release_limit(&self, applied: Seq) -> Seq {
-        lock(&self.hold).map_or(applied, |h| applied.min(h))
     }
 
     /// The newest point held.
@@ -355,6 +357,8 @@ impl MasterTarget {
         // A point below the base replica can no longer be presented.
         points.retain(|&seq, _| seq >= applied);
         let changed = points.len() != before;
+        let newest = points.keys().next_back().copied().unwrap_or(0);
+        rec.registered.store(newest.max(applied), Ordering::Release);
         *lock(&rec.points) = points;
         if changed {
             self.save_points(replica)?;
@@ -605,6 +609,12 @@ impl MasterTarget {
                 .into_iter()
                 .find(|p| p.disk == r.stream.key.disk)
                 .ok_or_else(|| err(ErrorKind::Internal, "the agent tagged another disk")),
+            // The relay's own failures (agent not connected, no answer) mean "try later".
+            Ok(Reply::Failed(why))
+                if why.starts_with("process server:") || why.contains("control stream") =>
+            {
+                Err(err(ErrorKind::Unavailable, why))
+            }
             Ok(Reply::Failed(why)) => Err(err(ErrorKind::Conflict, format!("the agent: {why}"))),
             Err(e) => Err(err(ErrorKind::Unavailable, e.to_string())),
         }
@@ -616,8 +626,8 @@ impl MasterTarget {
             if let Some(p) = lock(&r.recovery.points).get(&seq) {
                 return Ok(*p);
             }
-            if r.stream.durable() >= seq {
-                // Durable but dropped at once (retention window 0).
+            if self.config.retention.window.is_zero() && r.stream.durable() >= seq {
+                // Durable but not kept (retention window 0).
                 return Err(err(
                     ErrorKind::Conflict,
                     "the point arrived but retention dropped it at once (window 0s)",
@@ -670,6 +680,12 @@ impl MasterTarget {
                     "item {item} is {}: a test failover needs a protected item",
                     state.name()
                 ),
+            ));
+        }
+        if r.recovery.busy.load(Ordering::Acquire) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("a failover of item {item} is running"),
             ));
         }
         let mut test = lock(&r.recovery.test);
@@ -755,12 +771,13 @@ impl MasterTarget {
     /// Holds the base replica where it is and returns its applied seq (see
     /// [`ReplicaRecovery::release_limit`]: nothing is freed above the hold).
     fn hold_base(&self, r: &Replica) -> Seq {
-        // First forbid any release, then read what is applied: a batch being applied now
-        // may still raise it, but the records it applies stay in the journal.
-        *lock(&r.recovery.hold) = Some(0);
+        // The applier records its applied seq and frees the journal under this lock, so the
+        // seq read here is what the journal holds everything after. A batch being written now
+        // may still raise the applied seq, but nothing above the hold is freed.
+        let mut hold = lock(&r.recovery.hold);
         let applied = r.applied.load(Ordering::Acquire);
-        *lock(&r.recovery.hold) = Some(applied);
-        applied
+        *hold = Some(hold.map_or(applied, |h| h.min(applied)));
+        hold.unwrap_or(applied)
     }
 
     fn open_base(&self, r: &Replica) -> anyhow::Result<Base> {
@@ -807,7 +824,7 @@ impl MasterTarget {
                 .map_err(|e| internal(format!("removing {}: {e}", dir.display())))?;
         }
         let state = lock(&r.recovery.item).state;
-        if state == ItemState::Protected {
+        if state == ItemState::Protected && !r.recovery.busy.load(Ordering::Acquire) {
             *lock(&r.recovery.hold) = None;
             r.wake();
         }
@@ -829,6 +846,15 @@ impl MasterTarget {
         planned: bool,
     ) -> Result<ItemRecord, RecoveryError> {
         let r = self.find_item(item)?;
+        if r.recovery.busy.swap(true, Ordering::AcqRel) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "a failover of item {item} is already running; see `haven failover show {item}`"
+                ),
+            ));
+        }
+        let _busy = Busy(&r.recovery.busy);
         let state = lock(&r.recovery.item).state;
         match state {
             ItemState::Protected | ItemState::FailoverFailed => {}
@@ -860,7 +886,9 @@ impl MasterTarget {
             let taken = self.ask_agent(&r, Command::Stop).await?;
             self.await_point(&r, taken.seq).await.map_err(|e| RecoveryError {
                 message: format!(
-                    "the source of item {item} is stopped (its final point is {}), but: {}; once                      the point has arrived (`haven point list {item}`), fail over with `haven                      failover {item} --point {}`",
+                    "the source of item {item} is stopped (its final point is {}), but: {}; once \
+                     the point has arrived (`haven point list {item}`), fail over with `haven \
+                     failover {item} --point {}`",
                     taken.point, e.message, taken.point
                 ),
                 ..e
@@ -883,7 +911,7 @@ impl MasterTarget {
             i.image = None;
         })?;
         self.stop_replication(&r);
-        self.spawn_materialise(r);
+        self.spawn_materialise(r.clone());
         Ok(record)
     }
 
@@ -1001,9 +1029,24 @@ impl MasterTarget {
         while pos < size {
             let n = (size - pos).min(COPY_CHUNK as u64) as usize;
             view.read(pos, &mut buf[..n])?;
-            if !haven_store::is_all_zero(&buf[..n]) {
-                let mut chunk = buf[..n].to_vec();
-                plugin.write(&disk, pos, &mut chunk)?;
+            // Runs of blocks that are not all zero are written; the rest stays a hole of the
+            // new (all-zero) image.
+            let mut run: Option<usize> = None;
+            for (i, block) in buf[..n].chunks(SPARSE_BLOCK).enumerate() {
+                let zero = haven_store::is_all_zero(block);
+                match (run, zero) {
+                    (None, false) => run = Some(i * SPARSE_BLOCK),
+                    (Some(start), true) => {
+                        let mut data = buf[start..i * SPARSE_BLOCK].to_vec();
+                        plugin.write(&disk, pos + start as u64, &mut data)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run {
+                let mut data = buf[start..n].to_vec();
+                plugin.write(&disk, pos + start as u64, &mut data)?;
             }
             pos += n as u64;
             if !half_hit && pos >= size / 2 {
@@ -1083,16 +1126,30 @@ impl MasterTarget {
                     .collect();
                 retention::keep(policy, &ages, now_ms)
             };
-            // Journal space: drop the oldest points until enough would be freed.
+            // The newest point stays, however old: a source that has been away longer than
+            // the window must still be recoverable.
+            if !policy.window.is_zero()
+                && let Some((&newest, _)) = points.last_key_value()
+            {
+                keep.insert(newest);
+            }
+            // Journal space: drop the oldest points until enough would be freed — the newest
+            // too when needed (a long stretch without points, e.g. a resync): replication must
+            // never stall on a full journal.
             let stats = r.stream.journal().stats();
             let high = self.config.journal.max_bytes / 100 * JOURNAL_HIGH_PERCENT;
-            if stats.bytes > high && keep.len() > 1 {
+            if stats.bytes > high && !keep.is_empty() {
                 let excess = stats.bytes - high;
                 let entries = r.stream.journal().entries();
                 let mut freed = 0u64;
                 let mut i = 0;
                 let kept: Vec<u64> = keep.iter().copied().collect();
-                for &seq in &kept[..kept.len() - 1] {
+                tracing::warn!(
+                    item = %r.stream.key,
+                    journal_bytes = stats.bytes,
+                    "the journal is {JOURNAL_HIGH_PERCENT}% full: dropping the oldest points early"
+                );
+                for &seq in &kept {
                     while i < entries.len() && entries[i].seq <= seq {
                         freed += entries[i].stored_bytes;
                         i += 1;
@@ -1145,10 +1202,18 @@ fn save_points(state: &StateDb, replica: &Replica) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers a point whose tag is durable here (idempotent).
-pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) {
+/// Registers a point whose tag is durable here (idempotent; a tag retention already dropped is
+/// not registered again). Returns whether it was new.
+pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) -> bool {
     let inserted = {
         let mut points = lock(&replica.recovery.points);
+        if tag.seq <= replica.recovery.registered.load(Ordering::Acquire) {
+            return false;
+        }
+        replica
+            .recovery
+            .registered
+            .fetch_max(tag.seq, Ordering::AcqRel);
         match points.entry(tag.seq) {
             std::collections::btree_map::Entry::Occupied(_) => false,
             std::collections::btree_map::Entry::Vacant(v) => {
@@ -1159,6 +1224,16 @@ pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) {
     };
     if inserted && let Err(e) = save_points(state, replica) {
         tracing::warn!(item = %replica.stream.key, error = %format!("{e:#}"), "saving the points list");
+    }
+    inserted
+}
+
+/// Clears a replica's `busy` flag when a failover request ends.
+struct Busy<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -287,14 +287,31 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
                 return Ok(());
             }
             let started = Instant::now();
+            let mut failing_since: Option<Instant> = None;
             loop {
                 std::thread::sleep(Duration::from_millis(100));
-                let i: ItemInfo = call(
+                // A gateway restarting meanwhile resumes the failover: keep asking a while.
+                let i: ItemInfo = match call(
                     &run.api,
                     "GET",
                     &format!("/v1/items/{}", seg(&item)),
                     Duration::from_secs(10),
-                )?;
+                ) {
+                    Ok(i) => {
+                        failing_since = None;
+                        i
+                    }
+                    Err(e) if failing_since.is_some_and(|t| t.elapsed() > AGENT_WAIT) => {
+                        return Err(e.context(format!(
+                            "{item}: the failover was started; follow it with `haven failover \
+                             show {item}`"
+                        )));
+                    }
+                    Err(_) => {
+                        failing_since.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                };
                 match i.item.state {
                     haven_engine::recovery::ItemState::FailedOver => {
                         println!("{}", i.item.image.unwrap_or_default());
