@@ -6,26 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use haven_e2e::{Cluster, ClusterOptions, images_equal, mixed_disk, now_ms, qemu_io};
+use haven_e2e::{Cluster, ClusterOptions, Rng, images_equal, mixed_disk, now_ms, qemu_io};
 
 const DISK: u64 = 64 << 20;
 const CATCH_UP: Duration = Duration::from_secs(180);
-
-/// A small xorshift generator: the same seed gives the same schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// qemu-io commands: random offsets and lengths (unaligned ones too), zero writes, trims,
 /// flushes.

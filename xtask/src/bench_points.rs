@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use haven_e2e::nbd::NbdClient;
-use haven_e2e::{Cluster, ClusterOptions, images_equal, mixed_disk, now_ms};
+use haven_e2e::{Cluster, ClusterOptions, Rng, images_equal, mixed_disk, now_ms};
 use haven_engine::status::{GatewayStatus, ReplicaStatus};
 use haven_net::stream::DiskState;
 
@@ -118,25 +118,13 @@ impl Out {
     }
 }
 
-/// xorshift64: the workload's offsets and data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+/// 1 MiB of random bytes.
+fn random_mib(rng: &mut Rng) -> Vec<u8> {
+    let mut data = vec![0u8; MIB as usize];
+    for w in data.chunks_exact_mut(8) {
+        w.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
-
-    /// 1 MiB of random bytes.
-    fn mib(&mut self) -> Vec<u8> {
-        let mut data = vec![0u8; MIB as usize];
-        for w in data.chunks_exact_mut(8) {
-            w.copy_from_slice(&self.next().to_le_bytes());
-        }
-        data
-    }
+    data
 }
 
 /// Makes write `n` differ from every other: stamps each 4 KiB block of `data`.
@@ -216,10 +204,10 @@ fn wait_protected(c: &mut Cluster) -> Result<()> {
 fn write_random(c: &Cluster, size: u64, count: u64, seed: u64) -> Result<()> {
     let mut client = NbdClient::connect(&format!("127.0.0.1:{}", c.agent.nbd_port), "disk")?;
     let mut rng = Rng(seed | 1);
-    let mut data = rng.mib();
+    let mut data = random_mib(&mut rng);
     for n in 0..count {
         vary(&mut data, n ^ seed);
-        client.write(rng.next() % (size / MIB) * MIB, &data)?;
+        client.write(rng.below(size / MIB) * MIB, &data)?;
     }
     client.flush()?;
     client.disconnect()
@@ -277,7 +265,7 @@ struct Churn {
 fn churn(port: u16, rate: u64, seed: u64) -> Result<Churn> {
     let mut client = NbdClient::connect(&format!("127.0.0.1:{port}"), "disk")?;
     let mut rng = Rng(seed | 1);
-    let mut data = rng.mib();
+    let mut data = random_mib(&mut rng);
     let slots = CHURN_DISK / MIB;
     let interval = Duration::from_secs(1) / rate as u32;
     let started = Instant::now();
@@ -295,7 +283,7 @@ fn churn(port: u16, rate: u64, seed: u64) -> Result<Churn> {
         }
         vary(&mut data, u64::from(n) ^ seed);
         let t = Instant::now();
-        client.write(rng.next() % slots * MIB, &data)?;
+        client.write(rng.below(slots) * MIB, &data)?;
         latencies.push(t.elapsed());
         n += 1;
     }
@@ -530,7 +518,7 @@ fn ready(dir: &Path, bins: &Path, gib: u64, copy_baseline: bool) -> Result<Ready
     // A few MiB spread over the disk, so the point has journal records.
     let mut client = NbdClient::connect(&format!("127.0.0.1:{}", c.agent.nbd_port), "disk")?;
     let mut rng = Rng(gib | 1);
-    let mut data = rng.mib();
+    let mut data = random_mib(&mut rng);
     let mut first = Vec::new();
     for i in 0..8u64 {
         vary(&mut data, i);
