@@ -360,7 +360,11 @@ impl MasterTarget {
                 let covered = newest
                     .map_or(0, |p| p.seq)
                     .max(r.applied.load(Ordering::Acquire));
-                let uncovered = || unapplied.iter().filter(|(s, _, _)| *s > covered);
+                // The deque is in seq order: only its tail is uncovered.
+                let uncovered = || {
+                    let from = unapplied.partition_point(|(s, _, _)| *s <= covered);
+                    unapplied.range(from..)
+                };
                 ReplicaStatus {
                     // The connection is the process server's; the machine is the agent's.
                     machine_name: report

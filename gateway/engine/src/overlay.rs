@@ -151,7 +151,8 @@ pub struct View {
     base: Mutex<Base>,
     extents: Mutex<ExtentMap>,
     scratch: Option<(PathBuf, File)>,
-    cache: Mutex<Vec<(Seq, Bytes)>>,
+    /// Recently decoded records: seq, disk offset, bytes.
+    cache: Mutex<Vec<(Seq, u64, Bytes)>>,
 }
 
 impl std::fmt::Debug for View {
@@ -271,15 +272,15 @@ impl View {
         Ok(())
     }
 
-    /// Copies the part of record `seq` at `at` into `out`. A record's decoded bytes are kept
-    /// with its disk offset in front (8 bytes) in a small cache.
+    /// Copies the part of record `seq` at `at` into `out`. Decoded records are kept, with
+    /// their disk offset, in a small cache.
     fn read_record(&self, seq: Seq, at: u64, out: &mut [u8]) -> anyhow::Result<()> {
         let cached = lock(&self.cache)
             .iter()
-            .find(|(s, _)| *s == seq)
-            .map(|(_, b)| b.clone());
-        let bytes = match cached {
-            Some(b) => b,
+            .find(|(s, _, _)| *s == seq)
+            .map(|(_, o, b)| (*o, b.clone()));
+        let (rec_offset, bytes) = match cached {
+            Some(c) => c,
             None => {
                 let Record::Write(w) = self.stream.journal().get(seq)? else {
                     anyhow::bail!("journal record {seq} is a tag where data was expected");
@@ -288,21 +289,16 @@ impl View {
                     out.fill(0);
                     return Ok(());
                 }
-                let data = decompress(&w.data)?;
-                let mut with = Vec::with_capacity(8 + data.len());
-                with.extend_from_slice(&w.offset.to_le_bytes());
-                with.extend_from_slice(&data);
-                let b = Bytes::from(with);
+                let bytes = decompress(&w.data)?;
                 let mut cache = lock(&self.cache);
                 if cache.len() >= RECORD_CACHE {
                     cache.remove(0);
                 }
-                cache.push((seq, b.clone()));
-                b
+                cache.push((seq, w.offset, bytes.clone()));
+                (w.offset, bytes)
             }
         };
-        let rec_offset = u64::from_le_bytes(bytes[..8].try_into()?);
-        let from = (at - rec_offset) as usize + 8;
+        let from = (at - rec_offset) as usize;
         let slice = bytes
             .get(from..from + out.len())
             .ok_or_else(|| anyhow::anyhow!("journal record {seq} is shorter than its extent"))?;

@@ -650,16 +650,7 @@ impl MasterTarget {
     /// `haven point create`: the agent tags its stream now; returns once the point is here.
     pub async fn create_point(&self, item: &str, app: bool) -> Result<PointRecord, RecoveryError> {
         let r = self.find_item(item)?;
-        let state = lock(&r.recovery.item).state;
-        if state != ItemState::Protected {
-            return Err(err(
-                ErrorKind::Conflict,
-                format!(
-                    "item {item} is {}: no points are taken after a failover",
-                    state.name()
-                ),
-            ));
-        }
+        require_protected(&r, item, "no points are taken after a failover")?;
         let taken = self.ask_agent(&r, Command::Point { app }).await?;
         self.await_point(&r, taken.seq).await
     }
@@ -672,16 +663,7 @@ impl MasterTarget {
         writable: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let r = self.find_item(item)?;
-        let state = lock(&r.recovery.item).state;
-        if state != ItemState::Protected {
-            return Err(err(
-                ErrorKind::Conflict,
-                format!(
-                    "item {item} is {}: a test failover needs a protected item",
-                    state.name()
-                ),
-            ));
-        }
+        require_protected(&r, item, "a test failover needs a protected item")?;
         if r.recovery.busy.load(Ordering::Acquire) {
             return Err(err(
                 ErrorKind::Conflict,
@@ -1226,6 +1208,18 @@ pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) -> boo
         tracing::warn!(item = %replica.stream.key, error = %format!("{e:#}"), "saving the points list");
     }
     inserted
+}
+
+/// Refuses with `why` unless the item is protected.
+fn require_protected(r: &Replica, item: &str, why: &str) -> Result<(), RecoveryError> {
+    let state = lock(&r.recovery.item).state;
+    if state == ItemState::Protected {
+        return Ok(());
+    }
+    Err(err(
+        ErrorKind::Conflict,
+        format!("item {item} is {}: {why}", state.name()),
+    ))
 }
 
 /// Clears a replica's `busy` flag when a failover request ends.
