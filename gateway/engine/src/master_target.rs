@@ -283,7 +283,8 @@ impl MasterTarget {
                     r.stream.info.size
                 ));
             }
-            *lock(&r.stream.machine_name) = machine.to_string();
+            // The name it has stays: a known one comes from the agent's reports
+            // (`learn_machine_name`), and `machine` may be only a placeholder until one arrives.
             return Ok(r.clone());
         }
         let record = match self.state.get_stream(key)? {
