@@ -85,6 +85,22 @@ fn haven_fails(c: &Cluster, args: &[&str]) -> String {
     format!("{err:#}")
 }
 
+/// Bytes allocated on disk by the files under `dir`.
+fn allocated_under(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            allocated_under(&entry.path())?
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    Ok(total)
+}
+
 fn create_point(c: &Cluster) -> Result<u64> {
     Ok(c.mt.haven(&["point", "create", "web01"])?.trim().parse()?)
 }
@@ -407,8 +423,20 @@ fn on_demand_points_equal_copies_and_test_failover_leaves_no_trace() -> Result<(
                     "read -P 200 5M 1M".into(),
                     "write -z 0 64k".into(),
                     "read -P 0 0 64k".into(),
+                    "discard 5632k 512k".into(),
+                    "read -P 200 5M 512k".into(),
+                    "read -P 0 5632k 512k".into(),
+                    "write -z 8M 24M".into(),
+                    "read -P 0 8M 24M".into(),
                 ],
             )?;
+            // Zeroes and trims are kept as extents, not written: the scratch holds only the
+            // half of the 1 MiB write that was not trimmed.
+            let allocated = allocated_under(&test_dir)?;
+            assert!(
+                allocated <= 1 << 20,
+                "the scratch holds {allocated} bytes after a 1 MiB write"
+            );
         }
         c.mt.haven(&["failover", "cleanup", "web01"])?;
     }

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! read(x) = scratch(x)            if a test-failover client wrote x
+//!         | 0                     if a client zeroed or trimmed x, or the newest journal
+//!                                 record touching x is a zero or trim record
 //!         | record(seq)(x)        the newest journal record in (base, point] touching x
 //!         | base replica(x)       otherwise
 //! ```
@@ -34,8 +36,11 @@ const RECORD_CACHE: usize = 16;
 /// What covers an extent of the view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// The journal record with this seq (its data, or zeroes for a zero/trim record).
+    /// The journal record with this seq (a write record's data).
     Record(Seq),
+    /// Zeroes: a zero or trim record, or a client's zero or trim on a writable view. Nothing
+    /// is read or stored for them.
+    Zero,
     /// The scratch file (a client's write to a writable view).
     Scratch,
 }
@@ -188,8 +193,11 @@ impl View {
                 break;
             }
             match e.kind {
-                EntryKind::Write | EntryKind::Zero | EntryKind::Trim => {
+                EntryKind::Write => {
                     extents.insert(e.offset, e.offset + e.len, Source::Record(e.seq))
+                }
+                EntryKind::Zero | EntryKind::Trim => {
+                    extents.insert(e.offset, e.offset + e.len, Source::Zero)
                 }
                 EntryKind::Tag => {}
             }
@@ -266,6 +274,7 @@ impl View {
                     file.read_exact_at(out, a)
                         .map_err(|e| anyhow::anyhow!("reading {} at {a}: {e}", path.display()))?;
                 }
+                Some(Source::Zero) => out.fill(0),
                 Some(Source::Record(seq)) => self.read_record(seq, a, out)?,
             }
         }
@@ -315,18 +324,30 @@ impl View {
         Ok(())
     }
 
-    /// Zeroes `len` bytes at `offset` (writable views only).
+    /// Zeroes (or trims) `len` bytes at `offset` (writable views only). Nothing is written:
+    /// the range reads as zeroes from the extent map, and what the scratch held there is
+    /// released (a hole is punched; where the file system cannot, the bytes stay allocated
+    /// but are never read again).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> anyhow::Result<()> {
         let (path, file) = self.scratch_file(offset, len)?;
-        let zero = vec![0u8; len.min(1 << 20) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zero.len() as u64) as usize;
-            file.write_all_at(&zero[..n], pos)
-                .map_err(|e| anyhow::anyhow!("writing {} at {pos}: {e}", path.display()))?;
-            pos += n as u64;
+        let mut extents = lock(&self.extents);
+        let held = extents
+            .pieces(offset, offset + len)
+            .iter()
+            .any(|(_, _, src)| *src == Some(Source::Scratch));
+        if held && len > 0 {
+            use rustix::fs::{FallocateFlags, fallocate};
+            match fallocate(
+                file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {}
+                Err(e) => anyhow::bail!("punching {offset}+{len} in {}: {e}", path.display()),
+            }
         }
-        lock(&self.extents).insert(offset, offset + len, Source::Scratch);
+        extents.insert(offset, offset + len, Source::Zero);
         Ok(())
     }
 
@@ -426,6 +447,7 @@ mod tests {
                 for x in a..b {
                     got[x as usize] = src.map(|s| match s {
                         Source::Record(v) => v as u8,
+                        Source::Zero => 254,
                         Source::Scratch => 255,
                     });
                 }
