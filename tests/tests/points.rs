@@ -624,6 +624,130 @@ fn a_master_target_killed_while_materialising_finishes_after_restart() -> Result
 }
 
 #[test]
+fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 16 << 20, 5)?;
+    let mut c = start(tmp.path(), &disk, Some(DEFAULT_RETENTION), &[])?;
+    wait_points(&c, 1, Duration::from_secs(120))?;
+    qemu_io(&c.agent.nbd, &["write -P 31 1M 3M".into()])?;
+    let copy = tmp.path().join("copy.raw");
+    std::fs::copy(&disk, &copy)?;
+    let id = create_point(&c)?;
+    let uri = c.mt.haven(&[
+        "failover",
+        "test",
+        "web01",
+        "--point",
+        &id.to_string(),
+        "--writable",
+    ])?;
+    let uri = uri.trim().to_string();
+    // The drill writes (qemu-io flushes as it closes), then the master target is killed.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 201 2M 1M".into(),
+            "write -z 6M 1M".into(),
+            "discard 9M 64k".into(),
+        ],
+    )?;
+    let mut want = std::fs::read(&copy)?;
+    want[2 << 20..3 << 20].fill(201);
+    want[6 << 20..7 << 20].fill(0);
+    want[(9 << 20)..(9 << 20) + (64 << 10)].fill(0);
+    c.mt.restart()?;
+
+    // It comes back at the same address, with the drill's writes; the history says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        if let Ok(info) = item(&c)
+            && info.test_failover.is_some()
+        {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no test failover after the restart\n{}",
+            logs(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let test = info.test_failover.context("test failover")?;
+    assert_eq!(test.uri, uri);
+    assert_eq!(test.point.point, id);
+    assert!(
+        info.item
+            .history
+            .iter()
+            .any(|t| t.cause.contains("served again after a restart")),
+        "{:?}",
+        info.item.history
+    );
+    let got = tmp.path().join("got.raw");
+    export_to_file(&uri, &got)?;
+    assert!(
+        std::fs::read(&got)? == want,
+        "the test failover after the restart lost the drill's writes"
+    );
+    // It still takes writes, and replication went on beside it.
+    qemu_io(
+        &uri,
+        &["write -P 202 12M 64k".into(), "read -P 202 12M 64k".into()],
+    )?;
+    qemu_io(&c.agent.nbd, &["write -P 32 13M 1M".into()])?;
+    let later = tmp.path().join("later.raw");
+    std::fs::copy(&disk, &later)?;
+    // The process server reconnects after the restart in its own time.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id2 = loop {
+        match create_point(&c) {
+            Ok(id2) => break id2,
+            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("not reachable") => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    assert!(id2 > id);
+
+    // Cleanup leaves nothing to serve after the next restart either.
+    c.mt.haven(&["failover", "cleanup", "web01"])?;
+    c.mt.restart()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        if let Ok(info) = item(&c) {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no item after the restart\n{}",
+            logs(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(info.test_failover, None);
+    assert!(
+        !c.mt
+            .data_dir
+            .join("mt")
+            .join("test-failover")
+            .read_dir()?
+            .any(|_| true)
+    );
+    let uri2 =
+        c.mt.haven(&["failover", "test", "web01", "--point", &id2.to_string()])?;
+    let got2 = tmp.path().join("got2.raw");
+    export_to_file(uri2.trim(), &got2)?;
+    assert!(
+        images_equal(&later, &got2)?,
+        "point {id2} differs from its copy"
+    );
+    c.mt.haven(&["failover", "cleanup", "web01"])?;
+    Ok(())
+}
+
+#[test]
 fn retention_keeps_what_the_policy_says_as_time_passes() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let disk = tmp.path().join("disk.raw");

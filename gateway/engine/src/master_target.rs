@@ -149,6 +149,7 @@ impl MasterTarget {
             // One damaged journal must not keep the other replicas from being served.
             match mt.replica(key, info, &record.machine_name) {
                 Ok(r) => {
+                    mt.restore_test(&r);
                     // A failover cut short by a stop starts its image again.
                     if lock(&r.recovery.item).state == crate::recovery::ItemState::FailingOver {
                         mt.resume_failover(r);
@@ -819,7 +820,7 @@ impl Applier {
                     crate::overlay::Base::new(base, d),
                     applied,
                     durable,
-                    None,
+                    crate::overlay::Scratch::None,
                 )
                 .map_err(|e| format!("building a view of the replica: {e:#}"))?,
             )

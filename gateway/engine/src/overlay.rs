@@ -10,6 +10,12 @@
 //!         | base replica(x)       otherwise
 //! ```
 //!
+//! A writable view's scratch is two files: the data (sparse, at the disk's offsets) and a map
+//! log with one entry per client write or zero, appended in the order the extent map took
+//! them. A flush syncs the data, then the map. Reopening replays the map over the journal's
+//! extents, so a test failover comes back after a restart with every flushed write (and, after
+//! a process crash rather than a power loss, every write), and rewrites the map compacted.
+//!
 //! Building a view reads only the journal's in-memory index (offset, length, seq of every
 //! record), so it takes the same short time whatever the disk's size; bytes are read when a
 //! client asks for them. While a view exists, the master target holds the base replica where it
@@ -18,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,6 +39,11 @@ use crate::ingest::{DiskStream, lock};
 
 /// Decoded journal records kept for reads that hit the same record again.
 const RECORD_CACHE: usize = 16;
+
+/// A scratch map entry: kind (1 data, 2 zero), offset and length, little-endian.
+const MAP_ENTRY: usize = 17;
+const MAP_DATA: u8 = 1;
+const MAP_ZERO: u8 = 2;
 
 /// What covers an extent of the view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +128,11 @@ impl ExtentMap {
         out
     }
 
+    /// Every extent, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Source)> + '_ {
+        self.map.iter().map(|(&s, &(e, src))| (s, e, src))
+    }
+
     /// Number of extents.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -155,9 +172,152 @@ pub struct View {
     stream: Arc<DiskStream>,
     base: Mutex<Base>,
     extents: Mutex<ExtentMap>,
-    scratch: Option<(PathBuf, File)>,
+    scratch: Option<ScratchFiles>,
     /// Recently decoded records: seq, disk offset, bytes.
     cache: Mutex<Vec<(Seq, u64, Bytes)>>,
+}
+
+/// How a view gets its scratch.
+#[derive(Clone, Copy, Debug)]
+pub enum Scratch<'a> {
+    /// Read-only: no scratch.
+    None,
+    /// A new, empty scratch at this path (its map beside it, `.map` appended).
+    Create(&'a Path),
+    /// The scratch an earlier view left at this path, its writes kept.
+    Reopen(&'a Path),
+}
+
+/// A writable view's data file and map log.
+struct ScratchFiles {
+    path: PathBuf,
+    file: File,
+    map_path: PathBuf,
+    map: File,
+}
+
+fn map_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".map");
+    PathBuf::from(p)
+}
+
+fn map_entry(kind: u8, offset: u64, len: u64) -> [u8; MAP_ENTRY] {
+    let mut e = [0u8; MAP_ENTRY];
+    e[0] = kind;
+    e[1..9].copy_from_slice(&offset.to_le_bytes());
+    e[9..].copy_from_slice(&len.to_le_bytes());
+    e
+}
+
+impl ScratchFiles {
+    fn create(path: &Path, size: u64) -> anyhow::Result<ScratchFiles> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("creating scratch {}: {e}", path.display()))?;
+        file.set_len(size)?;
+        let map_path = map_path(path);
+        // Written only under the extent map's lock, so its offset only moves forward.
+        let map = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&map_path)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", map_path.display()))?;
+        Ok(ScratchFiles {
+            path: path.to_path_buf(),
+            file,
+            map_path,
+            map,
+        })
+    }
+
+    /// Opens the scratch at `path`, replays its map over `extents` and rewrites the map
+    /// compacted (written beside it, synced, renamed over it).
+    fn reopen(path: &Path, size: u64, extents: &mut ExtentMap) -> anyhow::Result<ScratchFiles> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("opening scratch {}: {e}", path.display()))?;
+        let map_path = map_path(path);
+        let log = std::fs::read(&map_path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_path.display()))?;
+        // A torn last entry (a power loss mid-append) was never flushed: it is left out.
+        for (i, e) in log.chunks_exact(MAP_ENTRY).enumerate() {
+            let offset = u64::from_le_bytes(e[1..9].try_into().expect("8 bytes"));
+            let len = u64::from_le_bytes(e[9..].try_into().expect("8 bytes"));
+            let source = match e[0] {
+                MAP_DATA => Source::Scratch,
+                MAP_ZERO => Source::Zero,
+                k => anyhow::bail!(
+                    "{}: entry {i} has kind {k}, not 1 (data) or 2 (zero); the map is damaged, \
+                     clean the test failover up and start it again",
+                    map_path.display()
+                ),
+            };
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                anyhow::bail!(
+                    "{}: entry {i} ({offset}+{len}) reaches past the {size}-byte disk; the map \
+                     is damaged, clean the test failover up and start it again",
+                    map_path.display()
+                );
+            }
+            extents.insert(offset, offset + len, source);
+        }
+        // One entry per run of touching extents of one kind.
+        let mut runs: Vec<(u8, u64, u64)> = Vec::new();
+        for (start, end, source) in extents.iter() {
+            let kind = match source {
+                Source::Scratch => MAP_DATA,
+                Source::Zero => MAP_ZERO,
+                Source::Record(_) => continue,
+            };
+            match runs.last_mut() {
+                Some((k, _, e)) if *k == kind && *e == start => *e = end,
+                _ => runs.push((kind, start, end)),
+            }
+        }
+        let compact: Vec<u8> = runs
+            .iter()
+            .flat_map(|&(kind, start, end)| map_entry(kind, start, end - start))
+            .collect();
+        let mut tmp_path = map_path.clone().into_os_string();
+        tmp_path.push(".tmp");
+        let tmp_path = PathBuf::from(tmp_path);
+        {
+            let mut tmp = File::create(&tmp_path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", tmp_path.display()))?;
+            tmp.write_all(&compact)?;
+            tmp.sync_all()?;
+        }
+        std::fs::rename(&tmp_path, &map_path)
+            .map_err(|e| anyhow::anyhow!("replacing {}: {e}", map_path.display()))?;
+        let map = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&map_path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", map_path.display()))?;
+        Ok(ScratchFiles {
+            path: path.to_path_buf(),
+            file,
+            map_path,
+            map,
+        })
+    }
+
+    /// Appends an entry; called under the extent map's lock, so the log's order is the map's.
+    fn log(&self, kind: u8, offset: u64, len: u64) -> anyhow::Result<()> {
+        (&self.map)
+            .write_all(&map_entry(kind, offset, len))
+            .map_err(|e| anyhow::anyhow!("appending to {}: {e}", self.map_path.display()))
+    }
 }
 
 impl std::fmt::Debug for View {
@@ -171,15 +331,15 @@ impl std::fmt::Debug for View {
 }
 
 impl View {
-    /// The view of `stream` at `point_seq` over `base` (the replica after `base_seq`). With
-    /// `scratch`, writes are accepted and kept in that file (created sparse, removed by
+    /// The view of `stream` at `point_seq` over `base` (the replica after `base_seq`). With a
+    /// scratch, writes are accepted and kept in it (the data file sparse; both removed by
     /// [`View::discard`]).
     pub fn build(
         stream: Arc<DiskStream>,
         base: Base,
         base_seq: Seq,
         point_seq: Seq,
-        scratch: Option<&Path>,
+        scratch: Scratch<'_>,
     ) -> anyhow::Result<View> {
         if point_seq < base_seq {
             anyhow::bail!(
@@ -203,20 +363,10 @@ impl View {
             }
         }
         let scratch = match scratch {
-            None => None,
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|e| anyhow::anyhow!("creating scratch {}: {e}", path.display()))?;
-                file.set_len(stream.info.size)?;
-                Some((path.to_path_buf(), file))
+            Scratch::None => None,
+            Scratch::Create(path) => Some(ScratchFiles::create(path, stream.info.size)?),
+            Scratch::Reopen(path) => {
+                Some(ScratchFiles::reopen(path, stream.info.size, &mut extents)?)
             }
         };
         Ok(View {
@@ -267,12 +417,13 @@ impl View {
                     out.copy_from_slice(buf);
                 }
                 Some(Source::Scratch) => {
-                    let (path, file) = self
+                    let s = self
                         .scratch
                         .as_ref()
                         .ok_or_else(|| anyhow::anyhow!("no scratch file"))?;
-                    file.read_exact_at(out, a)
-                        .map_err(|e| anyhow::anyhow!("reading {} at {a}: {e}", path.display()))?;
+                    s.file
+                        .read_exact_at(out, a)
+                        .map_err(|e| anyhow::anyhow!("reading {} at {a}: {e}", s.path.display()))?;
                 }
                 Some(Source::Zero) => out.fill(0),
                 Some(Source::Record(seq)) => self.read_record(seq, a, out)?,
@@ -317,10 +468,14 @@ impl View {
 
     /// Writes `data` at `offset` into the scratch file (writable views only).
     pub fn write(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
-        let (path, file) = self.scratch_file(offset, data.len() as u64)?;
-        file.write_all_at(data, offset)
-            .map_err(|e| anyhow::anyhow!("writing {} at {offset}: {e}", path.display()))?;
-        lock(&self.extents).insert(offset, offset + data.len() as u64, Source::Scratch);
+        let s = self.scratch_file(offset, data.len() as u64)?;
+        s.file
+            .write_all_at(data, offset)
+            .map_err(|e| anyhow::anyhow!("writing {} at {offset}: {e}", s.path.display()))?;
+        let len = data.len() as u64;
+        let mut extents = lock(&self.extents);
+        s.log(MAP_DATA, offset, len)?;
+        extents.insert(offset, offset + len, Source::Scratch);
         Ok(())
     }
 
@@ -329,7 +484,7 @@ impl View {
     /// released (a hole is punched; where the file system cannot, the bytes stay allocated
     /// but are never read again).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> anyhow::Result<()> {
-        let (path, file) = self.scratch_file(offset, len)?;
+        let s = self.scratch_file(offset, len)?;
         let mut extents = lock(&self.extents);
         let held = extents
             .pieces(offset, offset + len)
@@ -338,29 +493,34 @@ impl View {
         if held && len > 0 {
             use rustix::fs::{FallocateFlags, fallocate};
             match fallocate(
-                file,
+                &s.file,
                 FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
                 offset,
                 len,
             ) {
                 Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {}
-                Err(e) => anyhow::bail!("punching {offset}+{len} in {}: {e}", path.display()),
+                Err(e) => anyhow::bail!("punching {offset}+{len} in {}: {e}", s.path.display()),
             }
         }
+        s.log(MAP_ZERO, offset, len)?;
         extents.insert(offset, offset + len, Source::Zero);
         Ok(())
     }
 
-    /// Makes the scratch durable.
+    /// Makes the scratch durable: the data first, then the map that points at it.
     pub fn flush(&self) -> anyhow::Result<()> {
-        if let Some((path, file)) = &self.scratch {
-            file.sync_data()
-                .map_err(|e| anyhow::anyhow!("syncing {}: {e}", path.display()))?;
+        if let Some(s) = &self.scratch {
+            s.file
+                .sync_data()
+                .map_err(|e| anyhow::anyhow!("syncing {}: {e}", s.path.display()))?;
+            s.map
+                .sync_data()
+                .map_err(|e| anyhow::anyhow!("syncing {}: {e}", s.map_path.display()))?;
         }
         Ok(())
     }
 
-    fn scratch_file(&self, offset: u64, len: u64) -> anyhow::Result<&(PathBuf, File)> {
+    fn scratch_file(&self, offset: u64, len: u64) -> anyhow::Result<&ScratchFiles> {
         let scratch = self
             .scratch
             .as_ref()
@@ -374,16 +534,18 @@ impl View {
         Ok(scratch)
     }
 
-    /// Closes the base and removes the scratch file.
+    /// Closes the base and removes the scratch files.
     pub fn discard(self) -> anyhow::Result<()> {
         let base = self.base.into_inner().unwrap_or_else(|e| e.into_inner());
         let _ = base.plugin_close();
-        if let Some((path, file)) = self.scratch {
-            drop(file);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => anyhow::bail!("removing {}: {e}", path.display()),
+        if let Some(s) = self.scratch {
+            let ScratchFiles { path, map_path, .. } = s;
+            for p in [path, map_path] {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => anyhow::bail!("removing {}: {e}", p.display()),
+                }
             }
         }
         Ok(())
@@ -412,6 +574,66 @@ mod tests {
             }
         }
         m
+    }
+
+    #[test]
+    fn a_reopened_scratch_has_the_extents_it_logged_and_a_compacted_map() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("scratch.raw");
+        let journal = |m: &mut ExtentMap| m.insert(0, 100, Source::Record(7));
+        let mut want = ExtentMap::default();
+        journal(&mut want);
+        {
+            let s = ScratchFiles::create(&path, 1000).expect("create");
+            for (kind, off, len) in [
+                (MAP_DATA, 10, 20),
+                (MAP_ZERO, 15, 5),
+                (MAP_DATA, 200, 50),
+                (MAP_DATA, 210, 10),
+                (MAP_ZERO, 900, 100),
+            ] {
+                s.log(kind, off, len).expect("log");
+                let src = if kind == MAP_DATA {
+                    Source::Scratch
+                } else {
+                    Source::Zero
+                };
+                want.insert(off, off + len, src);
+            }
+            // A torn entry at the end (a power loss mid-append) is left out.
+            (&s.map).write_all(&[MAP_DATA, 1, 2]).expect("torn");
+        }
+        let mut got = ExtentMap::default();
+        journal(&mut got);
+        ScratchFiles::reopen(&path, 1000, &mut got).expect("reopen");
+        assert_eq!(got, want);
+        // Compacted: one entry per scratch or zero extent (10..15, 15..20, 20..30, 200..250,
+        // 900..1000), and it replays to the same map.
+        let log = std::fs::read(map_path(&path)).expect("map");
+        assert_eq!(log.len(), 5 * MAP_ENTRY);
+        let mut again = ExtentMap::default();
+        journal(&mut again);
+        ScratchFiles::reopen(&path, 1000, &mut again).expect("reopen again");
+        let bytes = |m: &ExtentMap| {
+            m.pieces(0, 1000)
+                .into_iter()
+                .flat_map(|(a, b, src)| (a..b).map(move |_| src))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bytes(&again), bytes(&want));
+
+        // A damaged map is refused with what to do.
+        std::fs::write(map_path(&path), map_entry(MAP_DATA, 990, 20)).expect("write");
+        let e = ScratchFiles::reopen(&path, 1000, &mut ExtentMap::default())
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains(
+                "entry 0 (990+20) reaches past the 1000-byte disk; the map is damaged, clean \
+                 the test failover up and start it again"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

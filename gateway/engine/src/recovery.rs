@@ -19,7 +19,9 @@
 //! # Test failover and failover
 //!
 //! A test failover presents a point as an [`overlay::View`] exported over NBD; the base replica
-//! is *held* (not advanced, the journal not freed) while it exists. A failover holds the base
+//! is *held* (not advanced, the journal not freed) while it exists. It is recorded in redb
+//! (`test/<agent>/<disk>`), so a restarted master target serves it again, at the same address
+//! when that port is free, with its scratch's writes. A failover holds the base
 //! too, materialises the point into a new image through the writer plugin, and stops the item's
 //! replication. The item's state machine, each transition recorded with time and cause:
 //!
@@ -47,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ingest::lock;
 use crate::master_target::{MasterTarget, Replica, Wake};
-use crate::overlay::{Base, View};
+use crate::overlay::{Base, Scratch, View};
 use crate::retention::{self, PointAge};
 use crate::{failpoint, now_ms, peer_hex};
 
@@ -187,6 +189,15 @@ pub struct TestFailoverInfo {
     pub started_ms: u64,
 }
 
+/// A running test failover as redb keeps it, to serve it again after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TestRecord {
+    info: TestFailoverInfo,
+    /// The NBD export's name and port.
+    export: String,
+    port: u16,
+}
+
 /// An item as listed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ItemInfo {
@@ -216,6 +227,7 @@ pub(crate) struct ActiveTest {
     view: Arc<View>,
     server: Arc<haven_nbd::Server>,
     dir: PathBuf,
+    port: u16,
 }
 
 impl ActiveTest {
@@ -328,6 +340,10 @@ fn item_key(key: StreamKey) -> String {
     format!("item/{key}")
 }
 
+fn test_key(key: StreamKey) -> String {
+    format!("test/{key}")
+}
+
 impl MasterTarget {
     /// Loads a replica's points and item state (at open), adding tags the journal holds that
     /// redb missed, and clearing what a previous run's test failover left.
@@ -371,12 +387,97 @@ impl MasterTarget {
             *lock(&rec.hold) = Some(applied);
         }
         *lock(&rec.item) = item;
-        let dir = self.test_dir(key);
-        if dir.exists() {
-            tracing::info!(dir = %dir.display(), "removing a test failover left by an earlier run");
-            std::fs::remove_dir_all(&dir)?;
+        // A recorded test failover is served again (`restore_test`, once the replica is open);
+        // until then the base stays where it is. Anything else in its folder is a leftover of
+        // one that was starting or being cleaned up.
+        let test: Option<TestRecord> = self.state.get_json(&test_key(key))?;
+        match test {
+            Some(t) if t.info.point.seq >= applied => {
+                let mut hold = lock(&rec.hold);
+                *hold = Some(hold.map_or(applied, |h| h.min(applied)));
+            }
+            _ => {
+                let dir = self.test_dir(key);
+                if dir.exists() {
+                    tracing::info!(dir = %dir.display(), "removing a test failover left by an earlier run");
+                    std::fs::remove_dir_all(&dir)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Serves again the test failover a previous run recorded for `r` (at start). One that
+    /// cannot be served is cleaned up, and its history says why.
+    pub(crate) fn restore_test(&self, r: &Replica) {
+        let key = r.stream.key;
+        let record: TestRecord = match self.state.get_json(&test_key(key)) {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(item = %key, error = %e, "reading the recorded test failover");
+                return;
+            }
+        };
+        let applied = r.applied.load(Ordering::Acquire);
+        let point = record.info.point;
+        let restored = if point.seq < applied || !lock(&r.recovery.points).contains_key(&point.seq)
+        {
+            Err(anyhow::anyhow!(
+                "point {} is no longer held (the base replica is at seq {applied})",
+                point.point
+            ))
+        } else {
+            self.start_test(r, &record, applied, true)
+        };
+        let state = lock(&r.recovery.item).state;
+        match restored {
+            Ok(active) => {
+                let uri = active.info.uri.clone();
+                let moved = active.port != record.port;
+                let record = TestRecord {
+                    info: active.info.clone(),
+                    export: record.export,
+                    port: active.port,
+                };
+                *lock(&r.recovery.test) = Some(active);
+                if let Err(e) = self.state.put_json(&test_key(key), &record) {
+                    tracing::warn!(item = %key, error = %e, "recording the test failover");
+                }
+                let cause = if !moved {
+                    format!(
+                        "test failover at point {} served again after a restart ({uri})",
+                        point.point
+                    )
+                } else {
+                    format!(
+                        "test failover at point {} served again after a restart, at a new address \
+                         ({uri}; its port was taken)",
+                        point.point
+                    )
+                };
+                let _ = self.transition(r, state, cause, |_| {});
+            }
+            Err(e) => {
+                tracing::error!(item = %key, error = %format!("{e:#}"), "test failover not served again");
+                let _ = std::fs::remove_dir_all(self.test_dir(key));
+                let _ = self.state.remove_json(&test_key(key));
+                if state == ItemState::Protected {
+                    *lock(&r.recovery.hold) = None;
+                    r.wake();
+                }
+                let _ = self.transition(
+                    r,
+                    state,
+                    format!(
+                        "test failover at point {} could not be served again after a restart and \
+                         was cleaned up: {e:#}",
+                        point.point
+                    ),
+                    |_| {},
+                );
+            }
+        }
     }
 
     fn test_dir(&self, key: StreamKey) -> PathBuf {
@@ -683,50 +784,39 @@ impl MasterTarget {
         }
         let point = self.pick(&r, item, sel)?;
         let base_seq = self.hold_base(&r);
-        let dir = self.test_dir(r.stream.key);
-        let built = (|| -> anyhow::Result<ActiveTest> {
-            let base = self.open_base(&r)?;
-            let scratch = writable.then(|| dir.join("scratch.raw"));
-            let view = Arc::new(View::build(
-                r.stream.clone(),
-                base,
-                base_seq,
-                point.seq,
-                scratch.as_deref(),
-            )?);
-            let machine = lock(&r.stream.machine_name).clone();
-            let export = format!("{machine}-{}-{}", r.stream.key.disk, point.point);
-            let listener = std::net::TcpListener::bind((self.config.nbd_host, 0))?;
-            let addr = listener.local_addr()?;
-            let server = Arc::new(haven_nbd::Server::new(
-                Arc::new(ViewBackend(view.clone())),
-                export.clone(),
-            ));
-            let s = server.clone();
-            std::thread::Builder::new()
-                .name(format!("nbd-test-{}", r.stream.key))
-                .spawn(move || {
-                    if let Err(e) = s.serve_tcp(listener) {
-                        tracing::warn!(error = %e, "test failover NBD server stopped");
+        let machine = lock(&r.stream.machine_name).clone();
+        let export = format!("{machine}-{}-{}", r.stream.key.disk, point.point);
+        let want = TestRecord {
+            info: TestFailoverInfo {
+                point,
+                uri: String::new(),
+                writable,
+                started_ms: now_ms(),
+            },
+            export: export.clone(),
+            port: 0,
+        };
+        let started = self
+            .start_test(&r, &want, base_seq, false)
+            .and_then(|active| {
+                let record = TestRecord {
+                    info: active.info.clone(),
+                    export: export.clone(),
+                    port: active.port,
+                };
+                match self.state.put_json(&test_key(r.stream.key), &record) {
+                    Ok(()) => Ok(active),
+                    Err(e) => {
+                        active.server.close();
+                        Err(anyhow::anyhow!("recording it: {e}"))
                     }
-                })?;
-            Ok(ActiveTest {
-                info: TestFailoverInfo {
-                    point,
-                    uri: format!("nbd://{addr}/{export}"),
-                    writable,
-                    started_ms: now_ms(),
-                },
-                view,
-                server,
-                dir: dir.clone(),
-            })
-        })();
-        let active = match built {
+                }
+            });
+        let active = match started {
             Ok(a) => a,
             Err(e) => {
                 *lock(&r.recovery.hold) = None;
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(self.test_dir(r.stream.key));
                 return Err(internal(format!(
                     "item {item}: starting the test failover: {e:#}"
                 )));
@@ -748,6 +838,71 @@ impl MasterTarget {
             |_| {},
         )?;
         Ok(info)
+    }
+
+    /// Builds the view of `want`'s point over the base (at `base_seq`, held) and serves it
+    /// over NBD as `want.export` on `want.port` (0: any; a taken port falls back to any).
+    /// `reopen` keeps the scratch an earlier run left.
+    fn start_test(
+        &self,
+        r: &Replica,
+        want: &TestRecord,
+        base_seq: Seq,
+        reopen: bool,
+    ) -> anyhow::Result<ActiveTest> {
+        let TestRecord { info, export, port } = want;
+        let (point, writable, port) = (info.point, info.writable, *port);
+        let dir = self.test_dir(r.stream.key);
+        let scratch_path = dir.join("scratch.raw");
+        let scratch = match (writable, reopen) {
+            (false, _) => Scratch::None,
+            (true, false) => Scratch::Create(&scratch_path),
+            (true, true) => Scratch::Reopen(&scratch_path),
+        };
+        let base = self.open_base(r)?;
+        let view = Arc::new(View::build(
+            r.stream.clone(),
+            base,
+            base_seq,
+            point.seq,
+            scratch,
+        )?);
+        let listener = match std::net::TcpListener::bind((self.config.nbd_host, port)) {
+            Ok(l) => l,
+            Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(
+                    port,
+                    "the test failover's port is taken; serving it on another"
+                );
+                std::net::TcpListener::bind((self.config.nbd_host, 0))?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let addr = listener.local_addr()?;
+        let server = Arc::new(haven_nbd::Server::new(
+            Arc::new(ViewBackend(view.clone())),
+            export.clone(),
+        ));
+        let s = server.clone();
+        std::thread::Builder::new()
+            .name(format!("nbd-test-{}", r.stream.key))
+            .spawn(move || {
+                if let Err(e) = s.serve_tcp(listener) {
+                    tracing::warn!(error = %e, "test failover NBD server stopped");
+                }
+            })?;
+        Ok(ActiveTest {
+            info: TestFailoverInfo {
+                point,
+                uri: format!("nbd://{addr}/{export}"),
+                writable,
+                started_ms: info.started_ms,
+            },
+            view,
+            server,
+            dir,
+            port: addr.port(),
+        })
     }
 
     /// Holds the base replica where it is and returns its applied seq (see
@@ -782,6 +937,7 @@ impl MasterTarget {
             view,
             server,
             dir,
+            ..
         } = active;
         server.close();
         drop(server);
@@ -805,6 +961,9 @@ impl MasterTarget {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| internal(format!("removing {}: {e}", dir.display())))?;
         }
+        self.state
+            .remove_json(&test_key(r.stream.key))
+            .map_err(internal)?;
         let state = lock(&r.recovery.item).state;
         if state == ItemState::Protected && !r.recovery.busy.load(Ordering::Acquire) {
             *lock(&r.recovery.hold) = None;
@@ -999,7 +1158,7 @@ impl MasterTarget {
             self.open_base(r)?,
             base_seq,
             point.seq,
-            None,
+            Scratch::None,
         )?;
         let mut plugin = self.host.load_writer(&self.config.writer)?;
         let disk = plugin.create(&image, view.size(), 512, &[])?;

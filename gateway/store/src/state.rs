@@ -484,6 +484,22 @@ impl StateDb {
         txn.commit().map_err(self.err("committing a meta value"))
     }
 
+    /// Removes the value under `table_key` from the `meta` table (nothing if absent).
+    pub fn remove_json(&self, table_key: &str) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(self.err("opening table meta"))?;
+            t.remove(table_key)
+                .map_err(self.err("removing a meta value"))?;
+        }
+        txn.commit().map_err(self.err("committing a meta removal"))
+    }
+
     /// The JSON value under `table_key` in the `meta` table, if any.
     pub fn get_json<T: DeserializeOwned>(&self, table_key: &str) -> Result<Option<T>> {
         let txn = self

@@ -164,4 +164,12 @@ fn meta_values() {
         db.get_json::<Site>("agents/web01"),
         Err(StoreError::Db(_))
     ));
+    db.remove_json("site").expect("remove");
+    db.remove_json("never stored").expect("removing nothing");
+    assert_eq!(db.get_json::<Site>("site").expect("get"), None);
+    assert!(
+        db.get_json::<Vec<u32>>("agents/web01")
+            .expect("get")
+            .is_some()
+    );
 }
