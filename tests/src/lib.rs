@@ -264,7 +264,9 @@ impl Gateway {
         Ok(g)
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Starts the gateway with its configuration and environment (again, after `proc.kill()`),
+    /// and waits until it answers.
+    pub fn spawn(&mut self) -> Result<()> {
         self.proc = Proc::spawn(
             Command::new(self.bins.join("haven-gateway"))
                 .args(["run", "--config"])

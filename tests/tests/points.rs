@@ -747,6 +747,111 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     Ok(())
 }
 
+/// The body of an HTTP GET of `url` (`http://host:port/path`).
+fn get(url: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
+    let (host, path) = rest.split_once('/').context("no path")?;
+    let mut conn = std::net::TcpStream::connect(host)?;
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {url}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// The master target's RPO for the one item, and its own lag measure.
+fn rpo(c: &Cluster) -> Result<(Option<f64>, f64)> {
+    let status = c.mt.status()?;
+    let r = &status.master_target.as_ref().context("mt")?.replicas[0];
+    Ok((r.rpo_seconds, r.lag_seconds))
+}
+
+#[test]
+fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 8 << 20, 9)?;
+    let mut c = start(
+        tmp.path(),
+        &disk,
+        Some(DEFAULT_RETENTION),
+        &["--point-interval", "1s"],
+    )?;
+    wait_points(&c, 2, Duration::from_secs(120))?;
+    let write = |c: &Cluster, i: u64| {
+        qemu_io(
+            &c.agent.nbd,
+            &[format!(
+                "write -P {} {} 64k",
+                i % 250 + 1,
+                (i % 100) * 65536
+            )],
+        )
+    };
+    // Replicating: the RPO is about the point interval.
+    for i in 0..4 {
+        write(&c, i)?;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (before, _) = rpo(&c)?;
+    let before = before.context("no RPO while protected with points")?;
+    assert!(before < 5.0, "RPO {before} s while replicating");
+
+    // The process server is gone while the source writes on: nothing new reaches the master
+    // target, and its RPO counts the time since its newest point.
+    c.ps.proc.kill();
+    let down = Instant::now();
+    let mut i = 4;
+    while down.elapsed() < Duration::from_secs(8) {
+        write(&c, i)?;
+        i += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (during, lag) = rpo(&c)?;
+    let during = during.context("no RPO")?;
+    assert!(
+        during >= 7.0,
+        "RPO {during} s after 8 s without a process server (lag measure {lag} s)"
+    );
+    // Prometheus sees it too.
+    let metrics = get(&format!("{}/metrics", c.mt.api))?;
+    let exported: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("haven_rpo_seconds{"))
+        .and_then(|l| l.rsplit_once(' '))
+        .context("no haven_rpo_seconds sample")?
+        .1
+        .parse()?;
+    assert!(exported >= during, "{metrics}");
+
+    // Back: the log drains, new points arrive, and the RPO falls again.
+    c.ps.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        write(&c, i)?;
+        i += 1;
+        if let (Some(now), _) = rpo(&c)?
+            && now < 5.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the RPO did not recover\n{}",
+            logs(&c)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}
+
 #[test]
 fn retention_keeps_what_the_policy_says_as_time_passes() -> Result<()> {
     let tmp = tempfile::tempdir()?;

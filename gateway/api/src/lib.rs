@@ -398,16 +398,28 @@ pub fn metrics(status: &GatewayStatus) -> String {
         metric(
             "haven_replication_lag_seconds",
             "gauge",
-            "Age of the oldest journaled record not yet applied to the replica.",
+            "Age of the oldest journaled record in no recovery point yet (without points: not \
+             yet applied to the replica), counted from its arrival at the master target.",
             mt.replicas
                 .iter()
                 .map(|r| (label(r), r.lag_seconds))
                 .collect(),
         );
         metric(
+            "haven_rpo_seconds",
+            "gauge",
+            "Recovery point objective achieved now: how far back a failover now would go \
+             (absent before the first point and once failed over).",
+            mt.replicas
+                .iter()
+                .filter_map(|r| Some((label(r), r.rpo_seconds?)))
+                .collect(),
+        );
+        metric(
             "haven_replication_lag_bytes",
             "gauge",
-            "Bytes of extent journaled and not yet applied to the replica.",
+            "Bytes of extent journaled and in no recovery point yet (without points: not yet \
+             applied to the replica).",
             mt.replicas
                 .iter()
                 .map(|r| (label(r), r.lag_bytes as f64))

@@ -50,6 +50,8 @@ use crate::{Rate, now_ms, peer_hex};
 const APPLY_BATCH_BYTES: u64 = 64 << 20;
 /// Bytes read from a replica per plugin call when hashing.
 const HASH_READ: u64 = 4 << 20;
+/// An agent's report older than this says nothing about the writes its source made since.
+const REPORT_FRESH: Duration = Duration::from_secs(5);
 
 /// How a master target runs.
 #[derive(Clone, Debug)]
@@ -76,6 +78,8 @@ pub struct MasterTarget {
     pub(crate) host: Arc<Host>,
     pub(crate) replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
     pub(crate) reports: Mutex<HashMap<String, Report>>,
+    /// When each agent's latest report arrived, and its clock's offset from ours then.
+    heard: Mutex<HashMap<String, Heard>>,
     /// The connection that forwards each agent's stream (its reports come on it): control
     /// requests for the agent go there.
     pub(crate) routes: Mutex<HashMap<String, quinn::Connection>>,
@@ -92,6 +96,52 @@ impl std::fmt::Debug for MasterTarget {
             .field("listen", &self.config.listen)
             .finish_non_exhaustive()
     }
+}
+
+/// When an agent's report arrived.
+#[derive(Clone, Copy, Debug)]
+struct Heard {
+    at: Instant,
+    /// The agent's clock minus ours, in ms, as the report's time said on arrival.
+    skew_ms: i64,
+}
+
+/// The recovery point objective achieved now for one item, in seconds: how far back a
+/// failover now would go. `None` before there is a point to fail over to, and once the item
+/// is failed over.
+///
+/// With points kept: when the source has written since the newest point the master target
+/// holds (its fresh report's last seq is past what points cover), or when it has not been
+/// heard from lately (a process server or link down: it may have), everything since that
+/// point is at stake: the age of the point, on the source's clock. Otherwise, and without
+/// points, it is the master target's own measure: the age of the oldest record it holds that
+/// no point covers.
+fn rpo_seconds(
+    keep_points: bool,
+    newest_point: Option<&crate::recovery::PointRecord>,
+    covered: Seq,
+    last_seq: Option<(u64, Heard)>,
+    now: Instant,
+    now_ms: u64,
+    lag_seconds: f64,
+) -> Option<f64> {
+    if !keep_points {
+        return Some(lag_seconds);
+    }
+    let point = newest_point?;
+    let written_since = match last_seq {
+        Some((last, heard)) if now.duration_since(heard.at) <= REPORT_FRESH => last > covered,
+        _ => true,
+    };
+    if !written_since {
+        return Some(lag_seconds);
+    }
+    let source_now = match last_seq {
+        Some((_, heard)) => now_ms as i64 + heard.skew_ms,
+        None => now_ms as i64,
+    };
+    let age = (source_now - point.source_time_ms as i64).max(0) as f64 / 1000.0;
+    Some(age.max(lag_seconds))
 }
 
 pub(crate) enum Wake {
@@ -135,6 +185,7 @@ impl MasterTarget {
             host,
             replicas: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             clock: clock_from_env(),
             listener: crate::Listener::default(),
@@ -213,6 +264,11 @@ impl MasterTarget {
                         if let Ok(report) = read_report(recv).await {
                             lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
                             self.learn_machine_name(&report);
+                            let heard = Heard {
+                                at: Instant::now(),
+                                skew_ms: report.time_ms as i64 - now_ms() as i64,
+                            };
+                            lock(&self.heard).insert(report.agent_id.clone(), heard);
                             lock(&self.reports).insert(report.agent_id.clone(), report);
                         }
                     }
@@ -349,6 +405,8 @@ impl MasterTarget {
     pub fn status(&self) -> MasterTargetStatus {
         let now = Instant::now();
         let reports = lock(&self.reports).clone();
+        let heard = lock(&self.heard).clone();
+        let keep_points = !self.config.retention.window.is_zero();
         let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
             .values()
             .map(|r| {
@@ -367,6 +425,28 @@ impl MasterTarget {
                     let from = unapplied.partition_point(|(s, _, _)| *s <= covered);
                     unapplied.range(from..)
                 };
+                let lag_seconds = uncovered()
+                    .next()
+                    .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64());
+                let item_state = lock(&r.recovery.item).state;
+                let last_seq = report
+                    .as_ref()
+                    .and_then(|rep| rep.disks.iter().find(|d| d.disk == s.key.disk))
+                    .zip(heard.get(&agent_id))
+                    .map(|(d, h)| (d.last_seq, *h));
+                let rpo = (item_state == crate::recovery::ItemState::Protected)
+                    .then(|| {
+                        rpo_seconds(
+                            keep_points,
+                            newest.as_ref(),
+                            covered,
+                            last_seq,
+                            now,
+                            now_ms(),
+                            lag_seconds,
+                        )
+                    })
+                    .flatten();
                 ReplicaStatus {
                     // The connection is the process server's; the machine is the agent's.
                     machine_name: report
@@ -380,10 +460,9 @@ impl MasterTarget {
                     durable_seq: s.durable(),
                     applied_seq: r.applied.load(Ordering::Acquire),
                     lag_bytes: uncovered().map(|(_, b, _)| b).sum(),
-                    lag_seconds: uncovered()
-                        .next()
-                        .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64()),
-                    item_state: lock(&r.recovery.item).state.name().to_string(),
+                    lag_seconds,
+                    rpo_seconds: rpo,
+                    item_state: item_state.name().to_string(),
                     points: lock(&r.recovery.points).len(),
                     newest_point_ms: newest.map(|p| p.source_time_ms),
                     test_failover: lock(&r.recovery.test).as_ref().map(|t| t.uri().to_string()),
@@ -407,6 +486,7 @@ impl MasterTarget {
                 applied_seq: 0,
                 lag_bytes: 0,
                 lag_seconds: 0.0,
+                rpo_seconds: None,
                 item_state: String::new(),
                 points: 0,
                 newest_point_ms: None,
@@ -853,5 +933,58 @@ impl Applier {
             block_size: req.block_size,
             hashes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery::{PointKind, PointRecord};
+
+    fn point(seq: Seq, source_time_ms: u64) -> PointRecord {
+        PointRecord {
+            point: source_time_ms,
+            seq,
+            source_time_ms,
+            kind: PointKind::Crash,
+            received_ms: source_time_ms,
+        }
+    }
+
+    #[test]
+    fn rpo_is_the_newest_points_age_on_the_source_clock_while_writes_are_uncovered() {
+        let now = Instant::now();
+        let now_ms = 1_000_000;
+        let p = point(10, now_ms - 800);
+        // The source's clock runs 5 s ahead; a report just arrived.
+        let heard = Heard {
+            at: now,
+            skew_ms: 5_000,
+        };
+        let p_ahead = point(10, now_ms + 5_000 - 800);
+        let rpo = |p: Option<&PointRecord>, last: Option<(u64, Heard)>, lag: f64| {
+            rpo_seconds(true, p, 10, last, now, now_ms, lag)
+        };
+        // Writes after the point: its age, on the source's clock.
+        assert_eq!(rpo(Some(&p_ahead), Some((12, heard)), 0.2), Some(0.8));
+        // None since: the master target's own measure.
+        assert_eq!(rpo(Some(&p_ahead), Some((10, heard)), 0.0), Some(0.0));
+        // Not heard from for longer than a report's freshness: it may have written.
+        let stale = Heard {
+            at: now - REPORT_FRESH - Duration::from_secs(1),
+            skew_ms: 0,
+        };
+        assert_eq!(rpo(Some(&p), Some((10, stale)), 0.0), Some(0.8));
+        // Never heard from: the same, on our clock.
+        assert_eq!(rpo(Some(&p), None, 0.0), Some(0.8));
+        // The master target's measure wins when larger.
+        assert_eq!(rpo(Some(&p), Some((12, heard)), 7.5), Some(7.5));
+        // Nothing to fail over to yet.
+        assert_eq!(rpo(None, Some((12, heard)), 3.0), None);
+        // Without points: the master target's measure.
+        assert_eq!(
+            rpo_seconds(false, None, 10, Some((12, heard)), now, now_ms, 1.5),
+            Some(1.5)
+        );
     }
 }

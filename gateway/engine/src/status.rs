@@ -84,9 +84,14 @@ pub struct ReplicaStatus {
     /// applied to the replica).
     pub lag_bytes: u64,
     /// Age of the oldest journaled record in no recovery point yet (without points: not yet
-    /// applied), in seconds; 0 when every record is covered. This is the recovery point
-    /// objective the site achieves now.
+    /// applied), in seconds, counted from its arrival here; 0 when every record is covered.
     pub lag_seconds: f64,
+    /// The recovery point objective achieved now, in seconds: with points kept, the age of the
+    /// newest point (on the source's clock) when the source has written since it or has not
+    /// reported lately, else `lag_seconds`; without points, `lag_seconds`. `None` before the
+    /// first point and once the item is failed over.
+    #[serde(default)]
+    pub rpo_seconds: Option<f64>,
     /// The item's failover state (`protected`, `failing-over`, `failed-over`, …).
     #[serde(default)]
     pub item_state: String,

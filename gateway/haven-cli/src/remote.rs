@@ -243,14 +243,15 @@ pub fn status(apis: &[String], json: bool) -> Result<()> {
                         100.0 * a.sync_done_bytes as f64 / a.size.max(1) as f64
                     )
                 });
+                let rpo = r.rpo_seconds.map_or("-".to_string(), |x| format!("{x:.1}"));
                 println!(
-                    "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9.1} {:>10}/s {:>10} {:>7} {:<13}",
+                    "  {:<16} {:>4} {:<13} {:>7} {:>10} {:>9} {:>10}/s {:>10} {:>7} {:<13}",
                     r.machine_name,
                     r.disk,
                     r.state(),
                     sync,
                     human_bytes(r.lag_bytes as f64),
-                    r.lag_seconds,
+                    rpo,
                     human_bytes(r.apply_bytes_per_second),
                     human_bytes(r.size as f64),
                     r.points,
