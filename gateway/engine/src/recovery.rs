@@ -1163,38 +1163,63 @@ impl MasterTarget {
         let mut plugin = self.host.load_writer(&self.config.writer)?;
         let disk = plugin.create(&image, view.size(), 512, &[])?;
         let started = Instant::now();
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let mut pos = 0u64;
         let size = view.size();
-        let mut half_hit = false;
-        while pos < size {
-            let n = (size - pos).min(COPY_CHUNK as u64) as usize;
-            view.read(pos, &mut buf[..n])?;
-            // Runs of blocks that are not all zero are written; the rest stays a hole of the
-            // new (all-zero) image.
-            let mut run: Option<usize> = None;
-            for (i, block) in buf[..n].chunks(SPARSE_BLOCK).enumerate() {
-                let zero = haven_store::is_all_zero(block);
-                match (run, zero) {
-                    (None, false) => run = Some(i * SPARSE_BLOCK),
-                    (Some(start), true) => {
-                        let mut data = buf[start..i * SPARSE_BLOCK].to_vec();
-                        plugin.write(&disk, pos + start as u64, &mut data)?;
-                        run = None;
+        // Reading the view and writing the image overlap: a reader thread fills chunks (at
+        // most two ahead) while this one writes the last.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<(u64, Vec<u8>)>>(2);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            // Owned here, so an error below drops it and ends the reader before the scope
+            // joins it.
+            let rx = rx;
+            let view = &view;
+            scope.spawn(move || {
+                let mut pos = 0u64;
+                while pos < size {
+                    let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+                    let mut buf = vec![0u8; n];
+                    let read = view.read(pos, &mut buf).map(|()| (pos, buf));
+                    let failed = read.is_err();
+                    // The writer stopped (an error of its own): nothing more to read for.
+                    if tx.send(read).is_err() || failed {
+                        return;
                     }
-                    _ => {}
+                    pos += n as u64;
+                }
+            });
+            let mut half_hit = false;
+            for chunk in &rx {
+                let (pos, mut buf) = chunk?;
+                // Runs of blocks that are not all zero are written; the rest stays a hole of
+                // the new (all-zero) image.
+                let mut run: Option<usize> = None;
+                for (i, block) in buf.chunks(SPARSE_BLOCK).enumerate() {
+                    let zero = haven_store::is_all_zero(block);
+                    match (run, zero) {
+                        (None, false) => run = Some(i * SPARSE_BLOCK),
+                        (Some(start), true) => {
+                            let mut data = buf[start..i * SPARSE_BLOCK].to_vec();
+                            plugin.write(&disk, pos + start as u64, &mut data)?;
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                let end = pos + buf.len() as u64;
+                match run {
+                    Some(0) => plugin.write(&disk, pos, &mut buf)?,
+                    Some(start) => {
+                        let mut data = buf[start..].to_vec();
+                        plugin.write(&disk, pos + start as u64, &mut data)?;
+                    }
+                    None => {}
+                }
+                if !half_hit && end >= size / 2 {
+                    half_hit = true;
+                    failpoint::hit("failover.mid-copy");
                 }
             }
-            if let Some(start) = run {
-                let mut data = buf[start..n].to_vec();
-                plugin.write(&disk, pos + start as u64, &mut data)?;
-            }
-            pos += n as u64;
-            if !half_hit && pos >= size / 2 {
-                half_hit = true;
-                failpoint::hit("failover.mid-copy");
-            }
-        }
+            Ok(())
+        })?;
         plugin.flush(&disk)?;
         plugin.close(disk)?;
         let _ = view.discard();
