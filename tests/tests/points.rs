@@ -656,6 +656,7 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     want[2 << 20..3 << 20].fill(201);
     want[6 << 20..7 << 20].fill(0);
     want[(9 << 20)..(9 << 20) + (64 << 10)].fill(0);
+    let listed: Vec<u64> = list(&c)?.iter().map(|p| p.record.point).collect();
     c.mt.restart()?;
 
     // It comes back at the same address, with the drill's writes; the history says so.
@@ -675,6 +676,12 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     };
     let test = info.test_failover.context("test failover")?;
     assert_eq!(test.uri, uri);
+    // Every point listed before the kill is listed after it.
+    let after: Vec<u64> = list(&c)?.iter().map(|p| p.record.point).collect();
+    assert!(
+        listed.iter().all(|p| after.contains(p)),
+        "{listed:?} before, {after:?} after"
+    );
     assert_eq!(test.point.point, id);
     assert!(
         info.item

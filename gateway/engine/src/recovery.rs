@@ -3,9 +3,10 @@
 //! # Points
 //!
 //! A point is a tag record in a disk's stream (taken by the agent, see `agent/src/points.rs`).
-//! When its tag is durable in the journal the master target lists it (redb `meta`
-//! `points/<agent>/<disk>`, and rebuilt from the journal's tags at start, so a crash between the
-//! journal and redb loses none). The replica at point P is the base replica with every journal
+//! When its tag is durable in the journal the master target lists it (redb `meta`, one key
+//! per point, `point/<agent>/<disk>/<seq>`, so a point costs one small write however many are
+//! kept; rebuilt from the journal's tags at start, so a crash between the journal and redb loses
+//! none). The replica at point P is the base replica with every journal
 //! record up to P's tag applied.
 //!
 //! # Retention
@@ -332,8 +333,20 @@ impl std::str::FromStr for PointSel {
     }
 }
 
-fn points_key(key: StreamKey) -> String {
+/// Where an earlier version kept a disk's whole points list in one value (read at start,
+/// moved to one key per point).
+fn legacy_points_key(key: StreamKey) -> String {
     format!("points/{key}")
+}
+
+/// The prefix of a disk's point keys: one key per point, so registering or dropping one
+/// writes only that one.
+fn points_prefix(key: StreamKey) -> String {
+    format!("point/{key}/")
+}
+
+fn point_key(key: StreamKey, seq: Seq) -> String {
+    format!("point/{key}/{seq:020}")
 }
 
 fn item_key(key: StreamKey) -> String {
@@ -350,14 +363,19 @@ impl MasterTarget {
     pub(crate) fn load_recovery(&self, replica: &Replica, applied: Seq) -> anyhow::Result<()> {
         let key = replica.stream.key;
         let rec = &replica.recovery;
-        let mut points: BTreeMap<Seq, PointRecord> = self
+        let stored: BTreeMap<Seq, PointRecord> = self
             .state
-            .get_json::<Vec<PointRecord>>(&points_key(key))?
-            .unwrap_or_default()
+            .json_with_prefix::<PointRecord>(&points_prefix(key))?
             .into_iter()
-            .map(|p| (p.seq, p))
+            .map(|(_, p)| (p.seq, p))
             .collect();
-        let before = points.len();
+        let legacy = self
+            .state
+            .get_json::<Vec<PointRecord>>(&legacy_points_key(key))?;
+        let mut points = stored.clone();
+        for p in legacy.iter().flatten() {
+            points.entry(p.seq).or_insert(*p);
+        }
         {
             let journal = replica.stream.journal();
             for e in journal.entries() {
@@ -372,12 +390,22 @@ impl MasterTarget {
         }
         // A point below the base replica can no longer be presented.
         points.retain(|&seq, _| seq >= applied);
-        let changed = points.len() != before;
+        let added: Vec<PointRecord> = points
+            .values()
+            .filter(|p| !stored.contains_key(&p.seq))
+            .copied()
+            .collect();
+        let dropped: Vec<Seq> = stored
+            .keys()
+            .filter(|s| !points.contains_key(s))
+            .copied()
+            .collect();
         let newest = points.keys().next_back().copied().unwrap_or(0);
         rec.registered.store(newest.max(applied), Ordering::Release);
         *lock(&rec.points) = points;
-        if changed {
-            self.save_points(replica)?;
+        store_points(&self.state, key, &added, &dropped)?;
+        if legacy.is_some() {
+            self.state.remove_json(&legacy_points_key(key))?;
         }
         let item: ItemRecord = self.state.get_json(&item_key(key))?.unwrap_or_default();
         if matches!(
@@ -486,10 +514,6 @@ impl MasterTarget {
             peer_hex(&key.peer),
             key.disk
         ))
-    }
-
-    fn save_points(&self, replica: &Replica) -> anyhow::Result<()> {
-        save_points(&self.state, replica)
     }
 
     fn transition(
@@ -1246,17 +1270,21 @@ impl MasterTarget {
             ));
         }
         let keep = lock(&r.recovery.item).point.map(|p| p.seq);
-        let dropped = {
+        let dropped: Vec<Seq> = {
             let mut points = lock(&r.recovery.points);
-            let before = points.len();
+            let dropped = points
+                .keys()
+                .filter(|seq| Some(**seq) != keep)
+                .copied()
+                .collect();
             points.retain(|seq, _| Some(*seq) == keep);
-            before - points.len()
+            dropped
         };
-        self.save_points(&r).map_err(internal)?;
+        store_points(&self.state, r.stream.key, &[], &dropped).map_err(internal)?;
         self.transition(
             &r,
             ItemState::Committed,
-            format!("committed; {dropped} other points discarded"),
+            format!("committed; {} other points discarded", dropped.len()),
             |_| {},
         )
     }
@@ -1342,7 +1370,8 @@ impl MasterTarget {
             return Ok(());
         }
         tracing::debug!(item = %r.stream.key, dropped = dropped.len(), "retention dropped points");
-        self.save_points(r)?;
+        let seqs: Vec<Seq> = dropped.iter().map(|p| p.seq).collect();
+        store_points(&self.state, r.stream.key, &[], &seqs)?;
         r.wake();
         Ok(())
     }
@@ -1362,9 +1391,20 @@ impl MasterTarget {
     }
 }
 
-fn save_points(state: &StateDb, replica: &Replica) -> anyhow::Result<()> {
-    let list: Vec<PointRecord> = lock(&replica.recovery.points).values().copied().collect();
-    state.put_json(&points_key(replica.stream.key), &list)?;
+/// Records `added` points and forgets the `removed` ones, in one transaction.
+fn store_points(
+    state: &StateDb,
+    key: StreamKey,
+    added: &[PointRecord],
+    removed: &[Seq],
+) -> anyhow::Result<()> {
+    if added.is_empty() && removed.is_empty() {
+        return Ok(());
+    }
+    let puts: Vec<(String, PointRecord)> =
+        added.iter().map(|p| (point_key(key, p.seq), *p)).collect();
+    let removes: Vec<String> = removed.iter().map(|&seq| point_key(key, seq)).collect();
+    state.update_json(&puts, &removes)?;
     Ok(())
 }
 
@@ -1381,17 +1421,19 @@ pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) -> boo
             .registered
             .fetch_max(tag.seq, Ordering::AcqRel);
         match points.entry(tag.seq) {
-            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Occupied(_) => None,
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(PointRecord::from_tag(tag));
-                true
+                Some(*v.insert(PointRecord::from_tag(tag)))
             }
         }
     };
-    if inserted && let Err(e) = save_points(state, replica) {
-        tracing::warn!(item = %replica.stream.key, error = %format!("{e:#}"), "saving the points list");
+    // A point redb misses (a crash right here) is found again in the journal at start.
+    if let Some(p) = inserted
+        && let Err(e) = store_points(state, replica.stream.key, &[p], &[])
+    {
+        tracing::warn!(item = %replica.stream.key, error = %format!("{e:#}"), "recording a point");
     }
-    inserted
+    inserted.is_some()
 }
 
 /// Refuses with `why` unless the item is protected.

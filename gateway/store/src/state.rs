@@ -484,6 +484,69 @@ impl StateDb {
         txn.commit().map_err(self.err("committing a meta value"))
     }
 
+    /// Stores the values of `puts` and removes the keys of `removes` in the `meta` table, in one
+    /// transaction.
+    pub fn update_json<T: Serialize>(
+        &self,
+        puts: &[(String, T)],
+        removes: &[String],
+    ) -> Result<()> {
+        let encoded = puts
+            .iter()
+            .map(|(k, v)| {
+                serde_json::to_vec(v)
+                    .map(|json| (k.as_str(), json))
+                    .map_err(|e| StoreError::Invalid(format!("meta {k}: cannot encode: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(self.err("opening table meta"))?;
+            for (k, json) in &encoded {
+                t.insert(*k, json.as_slice())
+                    .map_err(self.err("writing a meta value"))?;
+            }
+            for k in removes {
+                t.remove(k.as_str())
+                    .map_err(self.err("removing a meta value"))?;
+            }
+        }
+        txn.commit().map_err(self.err("committing meta values"))
+    }
+
+    /// Every value in the `meta` table whose key starts with `prefix`, in key order.
+    pub fn json_with_prefix<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        let t = txn
+            .open_table(META)
+            .map_err(self.err("opening table meta"))?;
+        let mut out = Vec::new();
+        for row in t.range(prefix..).map_err(self.err("reading meta values"))? {
+            let (k, v) = row.map_err(self.err("reading a meta value"))?;
+            let k = k.value();
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let value = serde_json::from_slice(v.value()).map_err(|e| {
+                StoreError::Db(format!(
+                    "{}: meta value {k:?} does not decode as the type asked for ({e}); \
+                     store it again",
+                    self.path.display()
+                ))
+            })?;
+            out.push((k.to_string(), value));
+        }
+        Ok(out)
+    }
+
     /// Removes the value under `table_key` from the `meta` table (nothing if absent).
     pub fn remove_json(&self, table_key: &str) -> Result<()> {
         let txn = self

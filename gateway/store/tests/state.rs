@@ -172,4 +172,24 @@ fn meta_values() {
             .expect("get")
             .is_some()
     );
+
+    // Values under a prefix, in key order; one transaction puts and removes.
+    let puts: Vec<(String, u32)> = [3u32, 1, 2, 10]
+        .iter()
+        .map(|i| (format!("point/a/{i:03}"), *i))
+        .collect();
+    db.update_json(&puts, &[]).expect("puts");
+    db.put_json("point/ab/001", &99u32).expect("put");
+    db.put_json("point/b", &98u32).expect("put");
+    db.update_json(
+        &[("point/a/004".to_string(), 4u32)],
+        &["point/a/002".to_string()],
+    )
+    .expect("update");
+    let got: Vec<(String, u32)> = db.json_with_prefix("point/a/").expect("prefix");
+    assert_eq!(
+        got.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
+        vec![1, 3, 4, 10]
+    );
+    assert_eq!(got[0].0, "point/a/001");
 }
