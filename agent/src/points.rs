@@ -41,8 +41,11 @@ use crate::state::Phase;
 /// File in the data folder that says the disk was failed over (planned): the agent refuses to
 /// serve it again until an operator removes it.
 pub const FAILED_OVER: &str = "failed-over";
-/// Shortest interval between crash-consistent points.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest interval between crash-consistent points (a point is one small record in the
+/// stream and one small redb write at the master target).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// Shortest interval between application-consistent points (each one freezes file systems).
+pub const MIN_APP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often points are taken.
 #[derive(Clone, Debug)]
@@ -56,7 +59,8 @@ pub struct PointPolicy {
 /// Command-line options of `haven-agent protect` for recovery points.
 #[derive(Clone, Debug, clap::Args)]
 pub struct PointsArgs {
-    /// Time between crash-consistent recovery points: `5s`, `1s`, `500ms`, `2m` (at least 1s).
+    /// Time between crash-consistent recovery points: `5s`, `1s`, `500ms`, `2m` (at least
+    /// 250ms). The recovery point objective is about this interval plus the transit time.
     #[arg(long, default_value = "5s")]
     pub point_interval: String,
     /// Time between application-consistent points (the hooks run around them); none unless
@@ -101,7 +105,11 @@ impl PointsArgs {
         let interval = parse_interval(&self.point_interval)
             .map_err(|e| anyhow::anyhow!("--point-interval {e}"))?;
         if interval < MIN_INTERVAL {
-            anyhow::bail!("--point-interval {}: at least 1s", self.point_interval);
+            anyhow::bail!(
+                "--point-interval {}: give at least {}ms",
+                self.point_interval,
+                MIN_INTERVAL.as_millis()
+            );
         }
         let app_interval = self
             .app_point_interval
@@ -110,8 +118,11 @@ impl PointsArgs {
                 parse_interval(s)
                     .map_err(|e| anyhow::anyhow!("--app-point-interval {e}"))
                     .and_then(|d| {
-                        if d < MIN_INTERVAL {
-                            anyhow::bail!("--app-point-interval {s}: at least 1s");
+                        if d < MIN_APP_INTERVAL {
+                            anyhow::bail!(
+                                "--app-point-interval {s}: give at least {}s",
+                                MIN_APP_INTERVAL.as_secs()
+                            );
                         }
                         Ok(d)
                     })
@@ -391,5 +402,37 @@ pub async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
                 tracing::warn!(error = %e, "answering a control request");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(interval: &str, app: Option<&str>) -> PointsArgs {
+        PointsArgs {
+            point_interval: interval.into(),
+            app_point_interval: app.map(str::to_string),
+            freeze: Vec::new(),
+            pre_script: Some(PathBuf::from("/bin/true")),
+            post_script: None,
+            hook_timeout: "30s".into(),
+        }
+    }
+
+    #[test]
+    fn intervals_are_checked_against_their_minimums() {
+        let (policy, _) = args("250ms", Some("1s")).resolve().expect("valid");
+        assert_eq!(policy.interval, Duration::from_millis(250));
+        assert_eq!(policy.app_interval, Some(Duration::from_secs(1)));
+        let e = args("100ms", None).resolve().expect_err("too short");
+        assert_eq!(e.to_string(), "--point-interval 100ms: give at least 250ms");
+        let e = args("1s", Some("500ms")).resolve().expect_err("too short");
+        assert_eq!(
+            e.to_string(),
+            "--app-point-interval 500ms: give at least 1s"
+        );
+        let e = args("5 s", None).resolve().expect_err("bad unit");
+        assert!(e.to_string().starts_with("--point-interval \"5 s\""), "{e}");
     }
 }

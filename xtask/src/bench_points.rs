@@ -3,6 +3,7 @@
 //! 1. RPO under sustained churn: one 4 GiB disk, `--point-interval 1s`, a writer pacing 1 MiB
 //!    writes at random 1 MiB-aligned offsets through the agent's NBD front end at 25, 50 and
 //!    100 MiB/s for 20 s each (one cluster, one rate after the other, draining in between),
+//!    then 100 MiB/s again on a second cluster with `--point-interval 500ms`,
 //!    while the master target's `GET /v1/status` is sampled every 100 ms. Printed: p50/p99/max
 //!    of `lag_seconds` (age of the oldest journaled record in no point yet) and of the newest
 //!    point's age (what a failover to `latest` loses, transit included), after the first 3 s.
@@ -16,7 +17,7 @@
 //!    point.
 //!
 //! Release builds; results in `target/bench-points/`: `results.txt` (what was printed) and
-//! `rpo-RATEmibs.csv` (every status sample of the churn runs).
+//! `rpo-RATEmibs-INTERVALms.csv` (every status sample of the churn runs).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -37,6 +38,12 @@ const GIB: u64 = 1 << 30;
 const CHURN_DISK: u64 = 4 * GIB;
 /// Churn rates, MiB/s.
 const RATES: [u64; 3] = [25, 50, 100];
+/// Point intervals of the churn runs, with the rates each runs: every rate at 1 s, the
+/// highest again at 500 ms.
+const INTERVALS: [(Duration, &[u64]); 2] = [
+    (Duration::from_secs(1), &RATES),
+    (Duration::from_millis(500), &[100]),
+];
 const CHURN_TIME: Duration = Duration::from_secs(20);
 /// Samples before this are left out of the percentiles.
 const WARMUP: Duration = Duration::from_secs(3);
@@ -300,6 +307,7 @@ fn churn(port: u16, rate: u64, seed: u64) -> Result<Churn> {
 /// One rate's results.
 struct RpoRun {
     rate: u64,
+    interval: Duration,
     achieved: f64,
     write_p99: Duration,
     samples: usize,
@@ -347,7 +355,7 @@ fn cpu(c: &Cluster) -> [f64; 3] {
 }
 
 /// Runs the writer at `rate` MiB/s, samples the status, and writes the samples to `csv`.
-fn rpo_run(c: &mut Cluster, rate: u64, csv: &Path) -> Result<RpoRun> {
+fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result<RpoRun> {
     let points_before = replica(&c.mt.api)?.points;
     let cpu_before = cpu(c);
     let port = c.agent.nbd_port;
@@ -446,6 +454,7 @@ fn rpo_run(c: &mut Cluster, rate: u64, csv: &Path) -> Result<RpoRun> {
     }
     Ok(RpoRun {
         rate,
+        interval,
         achieved: mib_s(churned.writes * MIB, churned.elapsed),
         write_p99,
         samples,
@@ -460,20 +469,31 @@ fn rpo_run(c: &mut Cluster, rate: u64, csv: &Path) -> Result<RpoRun> {
 }
 
 fn rpo(dir: &Path, bins: &Path) -> Result<Vec<RpoRun>> {
-    let sites = dir.join("rpo");
-    std::fs::create_dir_all(&sites)?;
-    let disk = sites.join("source.raw");
-    std::fs::File::create(&disk)?.set_len(CHURN_DISK)?;
-    let mut c = start(&sites, &disk, bins, &["--point-interval", "1s"])?;
-    wait_protected(&mut c)?;
     let mut runs = Vec::new();
-    for rate in RATES {
-        eprintln!("churn at {rate} MiB/s for {}s …", CHURN_TIME.as_secs());
-        let csv = dir.join(format!("rpo-{rate}mibs.csv"));
-        runs.push(rpo_run(&mut c, rate, &csv)?);
+    for (interval, rates) in INTERVALS {
+        let ms = interval.as_millis();
+        let sites = dir.join(format!("rpo-{ms}ms"));
+        std::fs::create_dir_all(&sites)?;
+        let disk = sites.join("source.raw");
+        std::fs::File::create(&disk)?.set_len(CHURN_DISK)?;
+        let mut c = start(
+            &sites,
+            &disk,
+            bins,
+            &["--point-interval", &format!("{ms}ms")],
+        )?;
+        wait_protected(&mut c)?;
+        for &rate in rates {
+            eprintln!(
+                "churn at {rate} MiB/s for {}s, points every {ms} ms …",
+                CHURN_TIME.as_secs()
+            );
+            let csv = dir.join(format!("rpo-{rate}mibs-{ms}ms.csv"));
+            runs.push(rpo_run(&mut c, rate, interval, &csv)?);
+        }
+        drop(c);
+        remove_bulk(&sites);
     }
-    drop(c);
-    remove_bulk(&sites);
     Ok(runs)
 }
 
@@ -661,7 +681,7 @@ pub fn run(root: &Path) -> Result<()> {
     // --- Details ---
     out.line(format!(
         "1. RPO under churn: {} GiB disk, 1 MiB writes at random offsets paced for {}s, \
-         --point-interval 1s, master target status sampled every {} ms, percentiles after the \
+         --point-interval as listed, master target status sampled every {} ms, percentiles after the \
          first {}s",
         CHURN_DISK / GIB,
         CHURN_TIME.as_secs(),
@@ -669,7 +689,8 @@ pub fn run(root: &Path) -> Result<()> {
         WARMUP.as_secs()
     ));
     out.line(format!(
-        "{:>9} {:>11} {:>9} {:>7}  {:>23}  {:>23}  {:>7} {:>6} {:>6}  {}",
+        "{:>8} {:>9} {:>11} {:>9} {:>7}  {:>23}  {:>23}  {:>7} {:>6} {:>6}  {}",
+        "points",
         "target",
         "achieved",
         "write p99",
@@ -691,7 +712,8 @@ pub fn run(root: &Path) -> Result<()> {
             )
         };
         out.line(format!(
-            "{:>5}MiB/s {:>5.1}MiB/s{} {:>9} {:>7}  {:>23}  {:>23}  {:>4}MiB {:>6} {:>6}  {:.0}/{:.0}/{:.0}{}",
+            "{:>8} {:>5}MiB/s {:>5.1}MiB/s{} {:>9} {:>7}  {:>23}  {:>23}  {:>4}MiB {:>6} {:>6}  {:.0}/{:.0}/{:.0}{}",
+            format!("{}ms", r.interval.as_millis()),
             r.rate,
             r.achieved,
             if r.sustained() { " " } else { "!" },
@@ -787,10 +809,11 @@ pub fn run(root: &Path) -> Result<()> {
         "", "Haven", "baseline", "ratio", "goal"
     ));
     let churn = |r: &RpoRun| {
+        let every = format!("{}ms points", r.interval.as_millis());
         if r.sustained() {
-            format!("{} MiB/s churn", r.rate)
+            format!("{} MiB/s, {every}", r.rate)
         } else {
-            format!("{:.0} of {} MiB/s churn", r.achieved, r.rate)
+            format!("{:.0} of {} MiB/s, {every}", r.achieved, r.rate)
         }
     };
     for (what, pick) in [
