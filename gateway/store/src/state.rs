@@ -468,20 +468,7 @@ impl StateDb {
 
     /// Stores (replaces) a JSON value under `table_key` in the `meta` table.
     pub fn put_json<T: Serialize>(&self, table_key: &str, value: &T) -> Result<()> {
-        let json = serde_json::to_vec(value)
-            .map_err(|e| StoreError::Invalid(format!("meta {table_key}: cannot encode: {e}")))?;
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(self.err("starting a transaction"))?;
-        {
-            let mut t = txn
-                .open_table(META)
-                .map_err(self.err("opening table meta"))?;
-            t.insert(table_key, json.as_slice())
-                .map_err(self.err("writing a meta value"))?;
-        }
-        txn.commit().map_err(self.err("committing a meta value"))
+        self.update_json(&[(table_key.to_string(), value)], &[])
     }
 
     /// Stores the values of `puts` and removes the keys of `removes` in the `meta` table, in one
@@ -535,32 +522,14 @@ impl StateDb {
             if !k.starts_with(prefix) {
                 break;
             }
-            let value = serde_json::from_slice(v.value()).map_err(|e| {
-                StoreError::Db(format!(
-                    "{}: meta value {k:?} does not decode as the type asked for ({e}); \
-                     store it again",
-                    self.path.display()
-                ))
-            })?;
-            out.push((k.to_string(), value));
+            out.push((k.to_string(), self.decode_meta(k, v.value())?));
         }
         Ok(out)
     }
 
     /// Removes the value under `table_key` from the `meta` table (nothing if absent).
     pub fn remove_json(&self, table_key: &str) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(self.err("starting a transaction"))?;
-        {
-            let mut t = txn
-                .open_table(META)
-                .map_err(self.err("opening table meta"))?;
-            t.remove(table_key)
-                .map_err(self.err("removing a meta value"))?;
-        }
-        txn.commit().map_err(self.err("committing a meta removal"))
+        self.update_json::<()>(&[], &[table_key.to_string()])
     }
 
     /// The JSON value under `table_key` in the `meta` table, if any.
@@ -575,7 +544,11 @@ impl StateDb {
         let Some(v) = t.get(table_key).map_err(self.err("reading a meta value"))? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value()).map(Some).map_err(|e| {
+        self.decode_meta(table_key, v.value()).map(Some)
+    }
+
+    fn decode_meta<T: DeserializeOwned>(&self, table_key: &str, json: &[u8]) -> Result<T> {
+        serde_json::from_slice(json).map_err(|e| {
             StoreError::Db(format!(
                 "{}: meta value {table_key:?} does not decode as the type asked for ({e}); \
                  store it again",
