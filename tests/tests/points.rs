@@ -816,16 +816,18 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
     c.ps.proc.kill();
     let down = Instant::now();
     let mut i = 4;
-    while down.elapsed() < Duration::from_secs(8) {
+    while down.elapsed() < Duration::from_secs(9) {
         write(&c, i)?;
         i += 1;
         std::thread::sleep(Duration::from_millis(250));
     }
     let (during, lag) = rpo(&c)?;
     let during = during.context("no RPO")?;
+    // The newest point is from before the kill; the estimate of the source's clock may be
+    // behind by a report's forwarding delay (about a second).
     assert!(
-        during >= 7.0,
-        "RPO {during} s after 8 s without a process server (lag measure {lag} s)"
+        during >= 6.5,
+        "RPO {during} s after 9 s without a process server (lag measure {lag} s)"
     );
     // Prometheus sees it too.
     let metrics = get(&format!("{}/metrics", c.mt.api))?;
@@ -840,22 +842,45 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
 
     // Back: the log drains, new points arrive, and the RPO falls again.
     c.ps.spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        write(&c, i)?;
-        i += 1;
-        if let (Some(now), _) = rpo(&c)?
-            && now < 5.0
-        {
-            break;
+    let recovered = |c: &Cluster, i: &mut u64, write_on: bool| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if write_on {
+                write(c, *i)?;
+                *i += 1;
+            }
+            if let (Some(now), _) = rpo(c)?
+                && now < 5.0
+            {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the RPO did not recover\n{}",
+                logs(c)
+            );
+            std::thread::sleep(Duration::from_millis(250));
         }
-        assert!(
-            Instant::now() < deadline,
-            "the RPO did not recover\n{}",
-            logs(&c)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    };
+    recovered(&c, &mut i, true)?;
+
+    // The agent is silent (stopped) while its process server runs on: the process server's
+    // copy of its last report says nothing new, and the RPO grows again. It stops idle, every
+    // write in a point, so the master target holds nothing uncovered that would age.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = c.agent.proc.pid().context("agent pid")?.to_string();
+    let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
+    signal("-STOP")?;
+    std::thread::sleep(Duration::from_secs(9));
+    let silent = rpo(&c);
+    signal("-CONT")?;
+    let (silent, lag) = silent?;
+    let silent = silent.context("no RPO")?;
+    assert!(
+        silent >= 6.0,
+        "RPO {silent} s after 9 s without news of the source (lag measure {lag} s)"
+    );
+    recovered(&c, &mut i, false)?;
     Ok(())
 }
 

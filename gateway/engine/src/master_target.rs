@@ -101,7 +101,10 @@ impl std::fmt::Debug for MasterTarget {
 /// When an agent's report arrived.
 #[derive(Clone, Copy, Debug)]
 struct Heard {
+    /// When it first arrived.
     at: Instant,
+    /// The agent's time in it.
+    time_ms: u64,
     /// The agent's clock minus ours, in ms, as the report's time said on arrival.
     skew_ms: i64,
 }
@@ -264,11 +267,22 @@ impl MasterTarget {
                         if let Ok(report) = read_report(recv).await {
                             lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
                             self.learn_machine_name(&report);
-                            let heard = Heard {
-                                at: Instant::now(),
-                                skew_ms: report.time_ms as i64 - now_ms() as i64,
-                            };
-                            lock(&self.heard).insert(report.agent_id.clone(), heard);
+                            // The process server sends its latest report of the agent every
+                            // second, the same one again while the agent is cut off from it:
+                            // only a newer report is news of the source.
+                            let mut heard = lock(&self.heard);
+                            let seen = heard.get(&report.agent_id).map(|h| h.time_ms);
+                            if seen.is_none_or(|t| report.time_ms > t) {
+                                heard.insert(
+                                    report.agent_id.clone(),
+                                    Heard {
+                                        at: Instant::now(),
+                                        time_ms: report.time_ms,
+                                        skew_ms: report.time_ms as i64 - now_ms() as i64,
+                                    },
+                                );
+                            }
+                            drop(heard);
                             lock(&self.reports).insert(report.agent_id.clone(), report);
                         }
                     }
@@ -959,6 +973,7 @@ mod tests {
         // The source's clock runs 5 s ahead; a report just arrived.
         let heard = Heard {
             at: now,
+            time_ms: now_ms + 5_000,
             skew_ms: 5_000,
         };
         let p_ahead = point(10, now_ms + 5_000 - 800);
@@ -972,6 +987,7 @@ mod tests {
         // Not heard from for longer than a report's freshness: it may have written.
         let stale = Heard {
             at: now - REPORT_FRESH - Duration::from_secs(1),
+            time_ms: now_ms - 6_000,
             skew_ms: 0,
         };
         assert_eq!(rpo(Some(&p), Some((10, stale)), 0.0), Some(0.8));
