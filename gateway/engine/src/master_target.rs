@@ -203,7 +203,6 @@ impl MasterTarget {
             // One damaged journal must not keep the other replicas from being served.
             match mt.replica(key, info, &record.machine_name) {
                 Ok(r) => {
-                    mt.restore_test(&r);
                     // A failover cut short by a stop starts its image again.
                     if lock(&r.recovery.item).state == crate::recovery::ItemState::FailingOver {
                         mt.resume_failover(r);
@@ -398,6 +397,7 @@ impl MasterTarget {
             change_queued: std::sync::atomic::AtomicBool::new(false),
         });
         self.load_recovery(&replica, record.applied_seq)?;
+        self.restore_test(&replica);
         let applier = Applier {
             keep_points: !self.config.retention.window.is_zero(),
             replica: replica.clone(),

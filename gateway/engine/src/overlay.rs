@@ -194,6 +194,16 @@ struct ScratchFiles {
     file: File,
     map_path: PathBuf,
     map: File,
+    /// Bytes of whole entries in the map: the next entry goes here, so an append that failed
+    /// part-way is overwritten rather than shifting every later entry.
+    map_len: std::sync::atomic::AtomicU64,
+}
+
+/// Makes the entries of `dir` (a file created or renamed in it) durable.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| anyhow::anyhow!("syncing folder {}: {e}", dir.display()))
 }
 
 fn map_path(path: &Path) -> PathBuf {
@@ -224,18 +234,21 @@ impl ScratchFiles {
             .map_err(|e| anyhow::anyhow!("creating scratch {}: {e}", path.display()))?;
         file.set_len(size)?;
         let map_path = map_path(path);
-        // Written only under the extent map's lock, so its offset only moves forward.
         let map = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&map_path)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", map_path.display()))?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
         Ok(ScratchFiles {
             path: path.to_path_buf(),
             file,
             map_path,
             map,
+            map_len: 0.into(),
         })
     }
 
@@ -250,8 +263,12 @@ impl ScratchFiles {
         let map_path = map_path(path);
         let log = std::fs::read(&map_path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_path.display()))?;
-        // A torn last entry (a power loss mid-append) was never flushed: it is left out.
+        // A torn last entry (a power loss mid-append) was never flushed: it is left out, as are
+        // all-zero entries at the end (the file's size made durable before their bytes).
         for (i, e) in log.chunks_exact(MAP_ENTRY).enumerate() {
+            if e[0] == 0 && log[i * MAP_ENTRY..].iter().all(|&b| b == 0) {
+                break;
+            }
             let offset = u64::from_le_bytes(e[1..9].try_into().expect("8 bytes"));
             let len = u64::from_le_bytes(e[9..].try_into().expect("8 bytes"));
             let source = match e[0] {
@@ -300,8 +317,11 @@ impl ScratchFiles {
         }
         std::fs::rename(&tmp_path, &map_path)
             .map_err(|e| anyhow::anyhow!("replacing {}: {e}", map_path.display()))?;
+        if let Some(dir) = map_path.parent() {
+            sync_dir(dir)?;
+        }
         let map = std::fs::OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&map_path)
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", map_path.display()))?;
         Ok(ScratchFiles {
@@ -309,14 +329,19 @@ impl ScratchFiles {
             file,
             map_path,
             map,
+            map_len: (compact.len() as u64).into(),
         })
     }
 
     /// Appends an entry; called under the extent map's lock, so the log's order is the map's.
     fn log(&self, kind: u8, offset: u64, len: u64) -> anyhow::Result<()> {
-        (&self.map)
-            .write_all(&map_entry(kind, offset, len))
-            .map_err(|e| anyhow::anyhow!("appending to {}: {e}", self.map_path.display()))
+        use std::sync::atomic::Ordering;
+        let at = self.map_len.load(Ordering::Acquire);
+        self.map
+            .write_all_at(&map_entry(kind, offset, len), at)
+            .map_err(|e| anyhow::anyhow!("appending to {}: {e}", self.map_path.display()))?;
+        self.map_len.store(at + MAP_ENTRY as u64, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -601,7 +626,8 @@ mod tests {
                 want.insert(off, off + len, src);
             }
             // A torn entry at the end (a power loss mid-append) is left out.
-            (&s.map).write_all(&[MAP_DATA, 1, 2]).expect("torn");
+            let at = s.map_len.load(std::sync::atomic::Ordering::Acquire);
+            s.map.write_all_at(&[MAP_DATA, 1, 2], at).expect("torn");
         }
         let mut got = ExtentMap::default();
         journal(&mut got);
@@ -621,6 +647,14 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(bytes(&again), bytes(&want));
+        // So are all-zero entries at the end (the size durable before the bytes).
+        let mut log = std::fs::read(map_path(&path)).expect("map");
+        log.extend([0u8; 2 * MAP_ENTRY]);
+        std::fs::write(map_path(&path), &log).expect("zero tail");
+        let mut third = ExtentMap::default();
+        journal(&mut third);
+        ScratchFiles::reopen(&path, 1000, &mut third).expect("reopen a third time");
+        assert_eq!(bytes(&third), bytes(&want));
 
         // A damaged map is refused with what to do.
         std::fs::write(map_path(&path), map_entry(MAP_DATA, 990, 20)).expect("write");

@@ -227,7 +227,6 @@ pub(crate) struct ActiveTest {
     info: TestFailoverInfo,
     view: Arc<View>,
     server: Arc<haven_nbd::Server>,
-    dir: PathBuf,
     port: u16,
 }
 
@@ -449,17 +448,29 @@ impl MasterTarget {
         };
         let applied = r.applied.load(Ordering::Acquire);
         let point = record.info.point;
-        let restored = if point.seq < applied || !lock(&r.recovery.points).contains_key(&point.seq)
-        {
-            Err(anyhow::anyhow!(
-                "point {} is no longer held (the base replica is at seq {applied})",
-                point.point
-            ))
-        } else {
-            self.start_test(r, &record, applied, true)
-        };
         let state = lock(&r.recovery.item).state;
-        match restored {
+        if point.seq < applied || !lock(&r.recovery.points).contains_key(&point.seq) {
+            tracing::error!(item = %key, point = point.point, "the test failover's point is gone");
+            let _ = std::fs::remove_dir_all(self.test_dir(key));
+            let _ = self.state.remove_json(&test_key(key));
+            if state == ItemState::Protected {
+                *lock(&r.recovery.hold) = None;
+                r.wake();
+            }
+            let _ = self.transition(
+                r,
+                state,
+                format!(
+                    "test failover at point {} could not be served again after a restart (the \
+                     point is no longer held; the base replica is at seq {applied}) and was \
+                     cleaned up",
+                    point.point
+                ),
+                |_| {},
+            );
+            return;
+        }
+        match self.start_test(r, &record, applied, true) {
             Ok(active) => {
                 let uri = active.info.uri.clone();
                 let moved = active.port != record.port;
@@ -486,20 +497,18 @@ impl MasterTarget {
                 };
                 let _ = self.transition(r, state, cause, |_| {});
             }
+            // Kept as it is (record, scratch, the base held): the cause may pass, and what the
+            // drill wrote is not thrown away without the operator.
             Err(e) => {
                 tracing::error!(item = %key, error = %format!("{e:#}"), "test failover not served again");
-                let _ = std::fs::remove_dir_all(self.test_dir(key));
-                let _ = self.state.remove_json(&test_key(key));
-                if state == ItemState::Protected {
-                    *lock(&r.recovery.hold) = None;
-                    r.wake();
-                }
+                let machine = lock(&r.stream.machine_name).clone();
                 let _ = self.transition(
                     r,
                     state,
                     format!(
-                        "test failover at point {} could not be served again after a restart and \
-                         was cleaned up: {e:#}",
+                        "test failover at point {} could not be served again after a restart: \
+                         {e:#}; it is kept with its writes: restart the master target once the \
+                         cause is fixed, or discard it with `haven failover cleanup {machine}`",
                         point.point
                     ),
                     |_| {},
@@ -924,7 +933,6 @@ impl MasterTarget {
             },
             view,
             server,
-            dir,
             port: addr.port(),
         })
     }
@@ -950,44 +958,58 @@ impl MasterTarget {
     /// `haven failover cleanup`: ends the test failover and discards what it wrote.
     pub fn cleanup_test(&self, item: &str) -> Result<TestFailoverInfo, RecoveryError> {
         let r = self.find_item(item)?;
-        let active = lock(&r.recovery.test).take().ok_or_else(|| {
-            err(
-                ErrorKind::Conflict,
-                format!("item {item} has no test failover to clean up"),
-            )
-        })?;
-        let ActiveTest {
-            info,
-            view,
-            server,
-            dir,
-            ..
-        } = active;
-        server.close();
-        drop(server);
-        // The accept loop and the connections' threads hold the view; they end once closed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut view = view;
-        let discarded = loop {
-            match Arc::try_unwrap(view) {
-                Ok(v) => break v.discard(),
-                Err(v) if Instant::now() < deadline => {
-                    view = v;
-                    std::thread::sleep(Duration::from_millis(10));
+        let key = r.stream.key;
+        let active = lock(&r.recovery.test).take();
+        let info = match active {
+            Some(active) => {
+                let ActiveTest {
+                    info, view, server, ..
+                } = active;
+                server.close();
+                drop(server);
+                // The accept loop and the connections' threads hold the view; they end once
+                // closed.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut view = view;
+                let discarded = loop {
+                    match Arc::try_unwrap(view) {
+                        Ok(v) => break v.discard(),
+                        Err(v) if Instant::now() < deadline => {
+                            view = v;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(_) => break Ok(()),
+                    }
+                };
+                if let Err(e) = discarded {
+                    tracing::warn!(error = %format!("{e:#}"), "discarding the test failover's view");
                 }
-                Err(_) => break Ok(()),
+                info
             }
+            // One a restart could not serve again is only recorded.
+            None => match self
+                .state
+                .get_json::<TestRecord>(&test_key(key))
+                .map_err(internal)?
+            {
+                Some(record) => record.info,
+                None => {
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!("item {item} has no test failover to clean up"),
+                    ));
+                }
+            },
         };
-        if let Err(e) = discarded {
-            tracing::warn!(error = %format!("{e:#}"), "discarding the test failover's view");
+        // Whatever fails from here, the hold is released: files left behind are removed at
+        // the next start, as is a record whose files are gone.
+        let forgotten = self.state.remove_json(&test_key(key));
+        let dir = self.test_dir(key);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing the test failover's files");
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| internal(format!("removing {}: {e}", dir.display())))?;
-        }
-        self.state
-            .remove_json(&test_key(r.stream.key))
-            .map_err(internal)?;
         let state = lock(&r.recovery.item).state;
         if state == ItemState::Protected && !r.recovery.busy.load(Ordering::Acquire) {
             *lock(&r.recovery.hold) = None;
@@ -999,6 +1021,12 @@ impl MasterTarget {
             format!("test failover at point {} cleaned up", info.point.point),
             |_| {},
         )?;
+        forgotten.map_err(|e| {
+            internal(format!(
+                "item {item}: the test failover is stopped and its files removed, but its \
+                 record could not be removed ({e}); run the cleanup again"
+            ))
+        })?;
         Ok(info)
     }
 
@@ -1472,6 +1500,16 @@ fn in_use(r: &Replica) -> BTreeSet<Seq> {
 /// A view served over NBD.
 struct ViewBackend(Arc<View>);
 
+impl ViewBackend {
+    /// A write with FUA is durable before it is acknowledged.
+    fn flush_if(&self, fua: bool) -> Result<(), haven_nbd::Error> {
+        if fua {
+            self.0.flush().map_err(nbd_err)?;
+        }
+        Ok(())
+    }
+}
+
 fn nbd_err(e: anyhow::Error) -> haven_nbd::Error {
     haven_nbd::Error::failed(5, format!("{e:#}"))
 }
@@ -1489,8 +1527,9 @@ impl haven_nbd::Backend for ViewBackend {
         self.0.read(offset, buf).map_err(nbd_err)
     }
 
-    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), haven_nbd::Error> {
-        self.0.write(offset, data).map_err(nbd_err)
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), haven_nbd::Error> {
+        self.0.write(offset, data).map_err(nbd_err)?;
+        self.flush_if(fua)
     }
 
     fn write_zeroes(
@@ -1498,13 +1537,15 @@ impl haven_nbd::Backend for ViewBackend {
         offset: u64,
         len: u64,
         _may_punch: bool,
-        _fua: bool,
+        fua: bool,
     ) -> Result<(), haven_nbd::Error> {
-        self.0.write_zeroes(offset, len).map_err(nbd_err)
+        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.flush_if(fua)
     }
 
-    fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), haven_nbd::Error> {
-        self.0.write_zeroes(offset, len).map_err(nbd_err)
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), haven_nbd::Error> {
+        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.flush_if(fua)
     }
 
     fn flush(&self) -> Result<(), haven_nbd::Error> {
