@@ -265,7 +265,6 @@ impl MasterTarget {
                     Ok(recv) => {
                         if let Ok(report) = read_report(recv).await {
                             lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
-                            self.learn_machine_name(&report);
                             // The process server sends its latest report of the agent every
                             // second, the same one again while the agent is cut off from it:
                             // only a newer report is news of the source.
@@ -282,7 +281,10 @@ impl MasterTarget {
                                 );
                             }
                             drop(heard);
-                            lock(&self.reports).insert(report.agent_id.clone(), report);
+                            // The report first: an item found by the name below must find its
+                            // report too (its state says why a failover is refused).
+                            lock(&self.reports).insert(report.agent_id.clone(), report.clone());
+                            self.learn_machine_name(&report);
                         }
                     }
                     Err(_) => return,

@@ -414,7 +414,7 @@ impl ProcessServer {
 
     async fn forward_once(
         &self,
-        entry: &AgentEntry,
+        entry: &Arc<AgentEntry>,
         hash_rx: &mut mpsc::UnboundedReceiver<HashJob>,
         backoff: &mut Backoff,
     ) -> Result<()> {
@@ -434,6 +434,22 @@ impl ProcessServer {
             conn.clone(),
         ));
         let _relay = AbortOnDrop(relay);
+        // The agent's latest report goes up once a second on a task of its own, so it is not
+        // held up behind records waiting for the master target's flow control.
+        let reporter = {
+            let (entry, conn) = (entry.clone(), conn.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let report = lock(&entry.report).clone();
+                    if let Some(r) = report {
+                        let _ = send_report(&conn, &r).await;
+                    }
+                }
+            })
+        };
+        let _reporter = AbortOnDrop(reporter);
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv);
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
@@ -475,7 +491,6 @@ impl ProcessServer {
         sender.connect(now);
         let mut waiting: VecDeque<HashJob> = VecDeque::new();
         let mut asked: VecDeque<HashJob> = VecDeque::new();
-        let mut report_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             // Push durable records while the read-ahead allows.
             let budget = self.config.window_bytes + READ_AHEAD;
@@ -585,12 +600,6 @@ impl ProcessServer {
                 },
                 () = entry.wake.notified() => {}
                 Some(job) = hash_rx.recv() => waiting.push_back(job),
-                _ = report_tick.tick() => {
-                    let report = lock(&entry.report).clone();
-                    if let Some(r) = report {
-                        let _ = send_report(&conn, &r).await;
-                    }
-                }
                 () = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
