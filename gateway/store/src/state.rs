@@ -214,6 +214,19 @@ impl StateDb {
         db_err(&self.path, what)
     }
 
+    /// `table` in a new read transaction (`what` names it in an error).
+    fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        table: TableDefinition<'_, K, V>,
+        what: &'static str,
+    ) -> Result<redb::ReadOnlyTable<K, V>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.err("starting a transaction"))?;
+        txn.open_table(table).map_err(self.err(what))
+    }
+
     /// Stores (replaces) a stream's record.
     pub fn put_stream(&self, key: StreamKey, value: &StreamRecord) -> Result<()> {
         let txn = self
@@ -242,13 +255,7 @@ impl StateDb {
 
     /// A stream's record, if stored.
     pub fn get_stream(&self, key: StreamKey) -> Result<Option<StreamRecord>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(self.err("starting a transaction"))?;
-        let t = txn
-            .open_table(STREAMS)
-            .map_err(self.err("opening table streams"))?;
+        let t = self.read_table(STREAMS, "opening table streams")?;
         let Some(v) = t
             .get(key.bytes().as_slice())
             .map_err(self.err("reading a stream"))?
@@ -270,13 +277,7 @@ impl StateDb {
 
     /// Every stream, in key order.
     pub fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(self.err("starting a transaction"))?;
-        let t = txn
-            .open_table(STREAMS)
-            .map_err(self.err("opening table streams"))?;
+        let t = self.read_table(STREAMS, "opening table streams")?;
         let mut out = Vec::new();
         for item in t.iter().map_err(self.err("listing streams"))? {
             let (k, v) = item.map_err(self.err("listing streams"))?;
@@ -358,13 +359,7 @@ impl StateDb {
         if from_seq > to_seq {
             return Ok(out);
         }
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(self.err("starting a transaction"))?;
-        let t = txn
-            .open_table(INDEX)
-            .map_err(self.err("opening table journal_index"))?;
+        let t = self.read_table(INDEX, "opening table journal_index")?;
         let (lo, hi) = (key.index_key(from_seq), key.index_key(to_seq));
         for item in t
             .range(lo.as_slice()..=hi.as_slice())
@@ -508,13 +503,7 @@ impl StateDb {
 
     /// Every value in the `meta` table whose key starts with `prefix`, in key order.
     pub fn json_with_prefix<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(self.err("starting a transaction"))?;
-        let t = txn
-            .open_table(META)
-            .map_err(self.err("opening table meta"))?;
+        let t = self.read_table(META, "opening table meta")?;
         let mut out = Vec::new();
         for row in t.range(prefix..).map_err(self.err("reading meta values"))? {
             let (k, v) = row.map_err(self.err("reading a meta value"))?;
@@ -534,13 +523,7 @@ impl StateDb {
 
     /// The JSON value under `table_key` in the `meta` table, if any.
     pub fn get_json<T: DeserializeOwned>(&self, table_key: &str) -> Result<Option<T>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(self.err("starting a transaction"))?;
-        let t = txn
-            .open_table(META)
-            .map_err(self.err("opening table meta"))?;
+        let t = self.read_table(META, "opening table meta")?;
         let Some(v) = t.get(table_key).map_err(self.err("reading a meta value"))? else {
             return Ok(None);
         };
