@@ -82,6 +82,24 @@ impl Rng {
     }
 }
 
+/// Calls `probe` every `every` until it returns `Ok(Ok(value))`. `Ok(Err(why))` means not
+/// yet: once `timeout` has passed, the last `why` is the error. An `Err` from `probe` ends the
+/// wait at once.
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Result<Result<T, String>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe()? {
+            Ok(value) => return Ok(value),
+            Err(why) if Instant::now() >= deadline => bail!("{why}"),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

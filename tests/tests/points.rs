@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use haven_e2e::nbd::NbdClient;
-use haven_e2e::{Cluster, ClusterOptions, images_equal, mixed_disk, now_ms, qemu_io};
+use haven_e2e::{Cluster, ClusterOptions, images_equal, mixed_disk, now_ms, poll, qemu_io};
 use haven_engine::recovery::{ItemInfo, ItemState, PointInfo};
 use haven_net::stream::DiskState;
 
@@ -49,24 +49,41 @@ fn start(root: &Path, disk: &Path, retention: Option<&str>, agent: &[&str]) -> R
 
 /// Waits until the agent says protected and the master target holds at least `n` points.
 fn wait_points(c: &Cluster, n: usize, timeout: Duration) -> Result<Vec<PointInfo>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let protected = c
-            .agent
-            .report()
-            .is_some_and(|r| r.disks.iter().all(|d| d.state == DiskState::Protected));
+    poll(timeout, Duration::from_millis(100), || {
         // The master target learns the machine's name from the agent's first report.
-        if protected
+        if protected(c)
             && let Ok(points) = list(c)
             && points.len() >= n
         {
-            return Ok(points);
+            return Ok(Ok(points));
         }
-        if Instant::now() > deadline {
-            bail!("fewer than {n} points after {timeout:?}\n{}", logs(c));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(Err(format!("fewer than {n} points after {timeout:?}")))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(c)))
+}
+
+/// Whether the agent reports every disk protected.
+fn protected(c: &Cluster) -> bool {
+    c.agent
+        .report()
+        .is_some_and(|r| r.disks.iter().all(|d| d.state == DiskState::Protected))
+}
+
+/// The item, once `ready` says it is as wanted (`why` not), polled every 100 ms for at most
+/// `timeout`; the error ends with the gateways' logs.
+fn wait_item(
+    c: &Cluster,
+    timeout: Duration,
+    why: &str,
+    ready: impl Fn(&ItemInfo) -> bool,
+) -> Result<ItemInfo> {
+    poll(timeout, Duration::from_millis(100), || {
+        Ok(item(c)
+            .ok()
+            .filter(|i| ready(i))
+            .ok_or_else(|| why.to_string()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(c)))
 }
 
 fn list(c: &Cluster) -> Result<Vec<PointInfo>> {
@@ -583,19 +600,9 @@ fn a_master_target_killed_while_materialising_finishes_after_restart() -> Result
     assert!(!status.success(), "the failpoint should have stopped it");
     c.mt.env.clear();
     c.mt.restart()?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let info = loop {
-        let info = item(&c)?;
-        if info.item.state != ItemState::FailingOver {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still failing over\n{}",
-            logs(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let info = wait_item(&c, Duration::from_secs(120), "still failing over", |i| {
+        i.item.state != ItemState::FailingOver
+    })?;
     assert_eq!(
         info.item.state,
         ItemState::FailedOver,
@@ -660,20 +667,12 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     c.mt.restart()?;
 
     // It comes back at the same address, with the drill's writes; the history says so.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        if let Ok(info) = item(&c)
-            && info.test_failover.is_some()
-        {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no test failover after the restart\n{}",
-            logs(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let info = wait_item(
+        &c,
+        Duration::from_secs(60),
+        "no test failover after the restart",
+        |i| i.test_failover.is_some(),
+    )?;
     let test = info.test_failover.context("test failover")?;
     // The same address, unless another process took its port meanwhile (then the history
     // says where it went).
@@ -719,33 +718,26 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     let later = tmp.path().join("later.raw");
     std::fs::copy(&disk, &later)?;
     // The process server reconnects after the restart in its own time.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id2 = loop {
-        match create_point(&c) {
-            Ok(id2) => break id2,
-            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("not reachable") => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let id2 = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || match create_point(&c) {
+            Ok(id2) => Ok(Ok(id2)),
+            Err(e) if format!("{e:#}").contains("not reachable") => Ok(Err(format!("{e:#}"))),
+            Err(e) => Err(e),
+        },
+    )?;
     assert!(id2 > id);
 
     // Cleanup leaves nothing to serve after the next restart either.
     c.mt.haven(&["failover", "cleanup", "web01"])?;
     c.mt.restart()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        if let Ok(info) = item(&c) {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no item after the restart\n{}",
-            logs(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let info = wait_item(
+        &c,
+        Duration::from_secs(60),
+        "no item after the restart",
+        |_| true,
+    )?;
     assert_eq!(info.test_failover, None);
     assert!(
         !c.mt
@@ -889,24 +881,17 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
     // Back: the log drains, new points arrive, and the RPO falls again.
     c.ps.spawn()?;
     let recovered = |c: &Cluster, i: &mut u64, write_on: bool| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
+        poll(Duration::from_secs(90), Duration::from_millis(250), || {
             if write_on {
                 write(c, *i)?;
                 *i += 1;
             }
-            if let (Some(now), _) = rpo(c)?
-                && now < 5.0
-            {
-                return Ok(());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the RPO did not recover\n{}",
-                logs(c)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            Ok(match rpo(c)? {
+                (Some(now), _) if now < 5.0 => Ok(()),
+                (now, _) => Err(format!("the RPO did not recover: {now:?}")),
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(c)))
     };
     recovered(&c, &mut i, true)?;
 
@@ -977,36 +962,31 @@ fn retention_keeps_what_the_policy_says_as_time_passes() -> Result<()> {
             want.push(p.record.point);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(Duration::from_secs(10), Duration::from_millis(200), || {
         let got: Vec<u64> = list(&c)?.iter().map(|p| p.record.point).collect();
-        if got == want {
-            break;
-        }
-        assert!(Instant::now() < deadline, "kept {got:?}, want {want:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(if got == want {
+            Ok(())
+        } else {
+            Err(format!("kept {got:?}, want {want:?}"))
+        })
+    })?;
 
     // Five hours later they are all outside the window: only the newest is kept (a source
     // away longer than the window stays recoverable), and the base replica advances to it.
     std::fs::write(&clock, (5 * 3600 * 1000).to_string())?;
     let newest = all.last().context("points")?.record;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(Duration::from_secs(10), Duration::from_millis(200), || {
         let status = c.mt.status()?;
         let r = &status.master_target.as_ref().context("mt")?.replicas[0];
-        if r.points == 1 && r.applied_seq == newest.seq {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "points {} applied {} newest point's seq {}",
-            r.points,
-            r.applied_seq,
-            newest.seq
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(if r.points == 1 && r.applied_seq == newest.seq {
+            Ok(())
+        } else {
+            Err(format!(
+                "points {} applied {} newest point's seq {}",
+                r.points, r.applied_seq, newest.seq
+            ))
+        })
+    })?;
     let kept: Vec<u64> = list(&c)?.iter().map(|p| p.record.point).collect();
     assert_eq!(kept, vec![newest.point]);
     Ok(())
@@ -1018,15 +998,11 @@ fn without_retention_failover_says_there_is_no_point() -> Result<()> {
     let disk = tmp.path().join("disk.raw");
     zero_disk(&disk, 4 << 20)?;
     let c = start(tmp.path(), &disk, None, &[])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !c
-        .agent
-        .report()
-        .is_some_and(|r| r.disks.iter().all(|d| d.state == DiskState::Protected))
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(Duration::from_secs(60), Duration::from_millis(100), || {
+        Ok(protected(&c)
+            .then_some(())
+            .ok_or("not protected".to_string()))
+    })?;
     let e = haven_fails(&c, &["failover", "web01"]);
     assert!(
         e.contains(
@@ -1109,15 +1085,14 @@ fn failover_during_the_initial_sync_says_to_wait() -> Result<()> {
         },
     )?;
     // Wait until the master target has heard the agent's report (the item has a name).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let e = loop {
+    let e = poll(Duration::from_secs(60), Duration::from_millis(200), || {
         let e = haven_fails(&c, &["failover", "web01", "--point", "latest"]);
-        if !e.contains("no protected item") {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "{e}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        Ok(if e.contains("no protected item") {
+            Err(e)
+        } else {
+            Ok(e)
+        })
+    })?;
     assert!(
         e.contains("item web01 is in its initial sync (")
             && e.contains("% done) and has no recovery point yet: wait until `haven status` shows it protected"),
