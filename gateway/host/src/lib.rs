@@ -80,7 +80,9 @@ pub struct Host {
     engine: Engine,
     writer_linker: Linker<State>,
     adapter_linker: Linker<State>,
-    cache: Option<ArtifactCache>,
+    /// Every component this host loaded, and the folder of precompiled artefacts if any: each
+    /// component is compiled at most once per host, however many plugins load it at once.
+    cache: ArtifactCache,
     /// Shared with every loaded plugin, so deadlines keep ticking while any plugin lives.
     ticker: Arc<Ticker>,
 }
@@ -328,7 +330,8 @@ impl wit::since_v0_1_0::writer::haven::plugin::clock::Host for State {
 /// Options of a [`Host`].
 #[derive(Debug, Clone, Default)]
 pub struct HostConfig {
-    /// Folder of precompiled artefacts; `None` compiles every load.
+    /// Folder of precompiled artefacts; `None` compiles each component once per [`Host`], at its
+    /// first load.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -382,11 +385,12 @@ impl Host {
                     }
                 })?
         };
+        let cache = ArtifactCache::new(&engine, config.cache_dir);
         Ok(Self {
             engine,
             writer_linker,
             adapter_linker,
-            cache: config.cache_dir.map(ArtifactCache::new),
+            cache,
             ticker: Arc::new(Ticker {
                 stop,
                 thread: Some(thread),
@@ -401,15 +405,14 @@ impl Host {
             path: spec.path.clone(),
             source,
         })?;
-        let compiled = match &self.cache {
-            Some(cache) => cache.load(&self.engine, &wasm),
-            None => Component::new(&self.engine, &wasm).map(|c| (c, CacheOutcome::Compiled)),
-        };
-        let (component, outcome) = compiled.map_err(|source| LoadError::Compile {
-            plugin: spec.name.clone(),
-            path: spec.path.clone(),
-            source,
-        })?;
+        let (component, outcome) = self
+            .cache
+            .load(&wasm)
+            .map_err(|source| LoadError::Compile {
+                plugin: spec.name.clone(),
+                path: spec.path.clone(),
+                source,
+            })?;
         for (import, _) in component.component_type().imports(&self.engine) {
             if let Some(why) = grants::refuse_import(import, &spec.grants) {
                 return Err(LoadError::Refused {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use haven_host::{Access, Grants, Host, HostConfig, LoadError, PluginError, PluginSpec, TrapKind};
+use haven_host::{
+    Access, CacheOutcome, Grants, Host, HostConfig, LoadError, PluginError, PluginSpec, TrapKind,
+};
 use haven_image::{ErrorKind, ExtentState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -478,12 +480,12 @@ fn precompiled_artefacts_survive_a_restart_and_damage() {
     {
         let host = Host::new(config.clone()).unwrap();
         let raw = host.load_writer(&spec).unwrap();
-        assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Compiled);
+        assert_eq!(raw.cache_outcome(), CacheOutcome::Compiled);
     }
     // A new host (a gateway restart) loads the artefact instead of compiling.
     let host = Host::new(config.clone()).unwrap();
     let mut raw = host.load_writer(&spec).unwrap();
-    assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Hit);
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Hit);
     assert_eq!(raw.describe().unwrap().name, "raw");
 
     // A damaged artefact is detected by its checksum and rebuilt, never loaded.
@@ -499,8 +501,128 @@ fn precompiled_artefacts_survive_a_restart_and_damage() {
     std::fs::write(&artefact, bytes).unwrap();
     let host = Host::new(config).unwrap();
     let mut raw = host.load_writer(&spec).unwrap();
-    assert_eq!(raw.cache_outcome(), haven_host::CacheOutcome::Compiled);
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Compiled);
     assert_eq!(raw.describe().unwrap().name, "raw");
+}
+
+/// The files in the cache folder, sorted.
+fn cache_files(cache: &Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Loads `spec` through each of `hosts` from `per_host` threads at once; the outcomes, by host.
+fn load_at_once(hosts: &[&Host], per_host: usize, spec: &PluginSpec) -> Vec<Vec<CacheOutcome>> {
+    let barrier = &std::sync::Barrier::new(hosts.len() * per_host);
+    std::thread::scope(|s| {
+        let loads: Vec<Vec<_>> = hosts
+            .iter()
+            .map(|&host| {
+                (0..per_host)
+                    .map(|_| {
+                        s.spawn(move || {
+                            barrier.wait();
+                            let mut raw = host.load_writer(spec).map_err(|e| e.to_string())?;
+                            assert_eq!(raw.describe().unwrap().name, "raw");
+                            Ok::<_, String>(raw.cache_outcome())
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        loads
+            .into_iter()
+            .map(|host| {
+                host.into_iter()
+                    .map(|load| load.join().unwrap().unwrap_or_else(|e| panic!("{e}")))
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn concurrent_loads_through_one_host_compile_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = HostConfig {
+        cache_dir: Some(cache.clone()),
+    };
+    let spec = spec("raw", "haven-raw", storage(dir.path()));
+    let host = Host::new(config.clone()).unwrap();
+    let outcomes = load_at_once(&[&host], 16, &spec).remove(0);
+    let compiled = outcomes
+        .iter()
+        .filter(|&&o| o == CacheOutcome::Compiled)
+        .count();
+    assert_eq!(compiled, 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|&o| matches!(o, CacheOutcome::Compiled | CacheOutcome::Shared)),
+        "{outcomes:?}"
+    );
+    let files = cache_files(&cache);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with(".cwasm"), "{files:?}");
+    // Later loads through the same host share the component; a new host reads the artefact.
+    let raw = host.load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Shared);
+    let raw = Host::new(config).unwrap().load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Hit);
+}
+
+#[test]
+fn hosts_sharing_a_cache_folder_store_concurrently() {
+    // Two hosts stand for two gateway processes: each compiles (or, if the other stored it
+    // first, reads) the component once, and every store succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = HostConfig {
+        cache_dir: Some(cache.clone()),
+    };
+    let spec = spec("raw", "haven-raw", storage(dir.path()));
+    let (a, b) = (
+        Host::new(config.clone()).unwrap(),
+        Host::new(config.clone()).unwrap(),
+    );
+    for outcomes in load_at_once(&[&a, &b], 4, &spec) {
+        let own = outcomes
+            .iter()
+            .filter(|&&o| o != CacheOutcome::Shared)
+            .count();
+        assert_eq!(own, 1, "{outcomes:?}");
+    }
+    let files = cache_files(&cache);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with(".cwasm"), "{files:?}");
+    let mut raw = Host::new(config).unwrap().load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Hit);
+    assert_eq!(raw.describe().unwrap().name, "raw");
+}
+
+#[test]
+fn a_cache_folder_that_cannot_be_written_does_not_fail_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the folder's parent should be: the folder cannot be made, even by root.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, b"").unwrap();
+    let host = Host::new(HostConfig {
+        cache_dir: Some(blocker.join("cache")),
+    })
+    .unwrap();
+    let spec = spec("raw", "haven-raw", storage(dir.path()));
+    let mut raw = host.load_writer(&spec).unwrap();
+    assert_eq!(raw.cache_outcome(), CacheOutcome::Compiled);
+    assert_eq!(raw.describe().unwrap().name, "raw");
+    assert_eq!(
+        host.load_writer(&spec).unwrap().cache_outcome(),
+        CacheOutcome::Shared
+    );
 }
 
 #[test]
