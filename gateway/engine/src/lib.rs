@@ -200,7 +200,7 @@ impl Listener {
     }
 }
 
-/// Backoff between reconnection attempts: 100 ms doubling to 5 s.
+/// Backoff between reconnection attempts: 100 ms doubling to 2 s.
 #[derive(Debug)]
 pub struct Backoff(Duration);
 
@@ -214,7 +214,7 @@ impl Backoff {
     /// The next delay.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
         d
     }
 

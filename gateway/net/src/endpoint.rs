@@ -209,6 +209,17 @@ pub struct Server {
     task: JoinHandle<()>,
 }
 
+/// How often an idle connection is probed (a QUIC PING): a peer that restarted is found at
+/// the next probe (see [`endpoint_config`]), not when a timeout expires.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A connection that hears nothing for this long is closed: the peer (or the path to it) is
+/// gone without a word. Probes every [`KEEP_ALIVE`] keep a live idle connection open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection attempt that has no answer in this time is given up (and tried again by the
+/// caller's backoff): a handshake takes a few round trips, and a gateway that is restarting
+/// answers a fresh attempt at once but a retransmitted one only after QUIC's own backoff.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Flow-control windows for replication: a stream may have 16 MiB in flight (a receiver that
 /// pauses to sync its journal must not stall the sender at quinn's default of ~1.2 MiB), a
 /// connection 64 MiB. Memory per connection stays bounded by these.
@@ -217,7 +228,37 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("the idle timeout fits QUIC's range"),
+    ));
     Arc::new(t)
+}
+
+/// The server endpoint's stateless-reset key and connection-id key, derived from the server's
+/// private key, which the gateway keeps across restarts. So a restarted gateway recognises the
+/// connection ids it issued before and answers a packet of a connection it no longer has with a
+/// stateless reset its client accepts (RFC 9000 §10.3): the client's connection ends at once
+/// and it reconnects, instead of waiting for a keepalive or idle timeout. (With keys drawn at
+/// random per process, the reset would not verify and the packet would be dropped.)
+fn endpoint_config(key_pem: &str) -> quinn::EndpointConfig {
+    use sha2::{Digest, Sha256};
+    let derive = |label: &[u8]| {
+        let mut h = Sha256::new();
+        h.update(b"haven quic endpoint v1\0");
+        h.update(label);
+        h.update(key_pem.as_bytes());
+        h.finalize()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"stateless-reset\0"));
+    let cid_key = u64::from_le_bytes(derive(b"connection-id\0")[..8].try_into().expect("8 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 fn quinn_server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, NetError> {
@@ -241,8 +282,13 @@ impl Server {
         enrollment: Option<Arc<Mutex<SiteCa>>>,
     ) -> Result<Server, NetError> {
         let cfg = quinn_server_config(&tls)?;
+        let bind = |source| NetError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
         let endpoint =
-            quinn::Endpoint::server(cfg, addr).map_err(|source| NetError::Bind { addr, source })?;
+            quinn::Endpoint::new(endpoint_config(&tls.key_pem), Some(cfg), socket, runtime)
+                .map_err(bind)?;
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(accept_loop(endpoint.clone(), tx, enrollment));
         Ok(Server {
@@ -512,9 +558,13 @@ pub async fn connect(
             server_name: server_name.to_string(),
             source,
         })?;
-    connecting
-        .await
-        .map_err(|source| NetError::Connection { addr, source })
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connected) => connected.map_err(|source| NetError::Connection { addr, source }),
+        Err(_) => Err(NetError::Connection {
+            addr,
+            source: quinn::ConnectionError::TimedOut,
+        }),
+    }
 }
 
 /// What an agent keeps after enrolling.
