@@ -598,6 +598,22 @@ fn a_master_target_killed_while_materialising_finishes_after_restart() -> Result
     assert_eq!(out.trim(), "failing-over");
     let status = c.mt.proc.wait_exit(Duration::from_secs(60))?;
     assert!(!status.success(), "the failpoint should have stopped it");
+    // Half an image was written when it stopped: nothing is under an image's name yet.
+    let visible: Vec<_> = std::fs::read_dir(storage_root(&c)?.join("failover"))?
+        .flatten()
+        .flat_map(|agent| {
+            std::fs::read_dir(agent.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(
+        visible.is_empty(),
+        "an incomplete image is visible: {visible:?}"
+    );
     c.mt.env.clear();
     c.mt.restart()?;
     let info = wait_item(&c, Duration::from_secs(120), "still failing over", |i| {
@@ -617,7 +633,8 @@ fn a_master_target_killed_while_materialising_finishes_after_restart() -> Result
         "{:?}",
         info.item.history
     );
-    let path = storage_root(&c)?.join(info.item.image.context("no image")?);
+    let path = PathBuf::from(info.item.image.context("no image")?);
+    assert!(path.is_absolute(), "{path:?} is not the image's full path");
     assert!(
         images_equal(&copy, &path)?,
         "the resumed image differs from the point's copy"

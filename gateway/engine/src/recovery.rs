@@ -37,11 +37,12 @@
 //! and a final tag), waits until that tag is durable here, then fails over to it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use haven_host::Access;
 use haven_net::control::{self, Command, Reply, Request};
 use haven_store::state::{StateDb, StreamKey};
@@ -1178,17 +1179,22 @@ impl MasterTarget {
         }
     }
 
-    /// Writes the point into a new image through the writer plugin; returns its path below
-    /// the storage root. An image left by an interrupted run is replaced.
+    /// Writes the point into a new image through the writer plugin; returns its full path.
+    ///
+    /// The image is written in a staging folder (`failover/<agent>/.staging-disk<N>/`) and
+    /// renamed to its final name only once it is complete and flushed, with the folder synced
+    /// after: whoever sees `failover/<agent>/disk<N>-point<P>.<writer>` sees a whole image. (A
+    /// format of several files keeps their relative names: the others are moved first, the
+    /// named file last.) What an interrupted run left is removed and made again.
     fn materialise(&self, r: &Replica, point: PointRecord) -> anyhow::Result<String> {
         let key = r.stream.key;
-        let image = format!(
-            "failover/{}/disk{}-point{}.{}",
-            peer_hex(&key.peer),
-            key.disk,
-            point.point,
-            self.config.writer.name
+        let agent_dir = format!("failover/{}", peer_hex(&key.peer));
+        let name = format!(
+            "disk{}-point{}.{}",
+            key.disk, point.point, self.config.writer.name
         );
+        let staging = format!("{agent_dir}/.staging-disk{}", key.disk);
+        let image = format!("{staging}/{name}");
         let root = self
             .config
             .writer
@@ -1196,14 +1202,17 @@ impl MasterTarget {
             .storage_root
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))?;
-        let full = root.join(&image);
-        if let Some(dir) = full.parent() {
-            std::fs::create_dir_all(dir)?;
+        let (final_dir, staging_dir) = (root.join(&agent_dir), root.join(&staging));
+        let full = final_dir.join(&name);
+        if staging_dir.exists() {
+            tracing::info!(folder = %staging_dir.display(), "removing an incomplete failover image");
+            std::fs::remove_dir_all(&staging_dir)?;
         }
         if full.exists() {
-            tracing::info!(image = %full.display(), "replacing an incomplete failover image");
+            tracing::info!(image = %full.display(), "replacing a failover image made before a restart");
             std::fs::remove_file(&full)?;
         }
+        std::fs::create_dir_all(&staging_dir)?;
         let base_seq = r.applied.load(Ordering::Acquire);
         let view = View::build(
             r.stream.clone(),
@@ -1275,13 +1284,14 @@ impl MasterTarget {
         plugin.flush(&disk)?;
         plugin.close(disk)?;
         let _ = view.discard();
+        publish(&staging_dir, &final_dir, &name)?;
         tracing::info!(
             image = %full.display(),
             bytes = size,
             seconds = started.elapsed().as_secs_f64(),
             "failover image complete"
         );
-        Ok(image)
+        Ok(full.display().to_string())
     }
 
     /// `haven failover commit`: the failover is final; the other points are discarded.
@@ -1465,6 +1475,32 @@ pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) -> boo
 }
 
 /// Refuses with `why` unless the item is protected.
+/// Moves a complete image's files from `staging` into `dir`, `name` last, syncs both folders
+/// and removes `staging`. Each file is synced before it moves (the writer flushed its data,
+/// this makes sure of it whatever the plugin did).
+fn publish(staging: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
+    let sync = |p: &Path| -> anyhow::Result<()> {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", p.display()))
+    };
+    let mut files: Vec<_> = std::fs::read_dir(staging)
+        .with_context(|| format!("reading {}", staging.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    // The named file last: once it appears, its companions are in place.
+    files.sort_by_key(|f| f == name);
+    for f in &files {
+        let from = staging.join(f);
+        sync(&from)?;
+        std::fs::rename(&from, dir.join(f))
+            .with_context(|| format!("moving {} into {}", from.display(), dir.display()))?;
+    }
+    sync(dir)?;
+    std::fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))?;
+    sync(dir)
+}
+
 fn require_protected(r: &Replica, item: &str, why: &str) -> Result<(), RecoveryError> {
     let state = lock(&r.recovery.item).state;
     if state == ItemState::Protected {
