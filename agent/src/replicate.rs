@@ -95,7 +95,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use haven_net::endpoint;
 use haven_net::quinn;
-use haven_net::stream::{DiskReport, FrameReader, Report, write_frames};
+use haven_net::stream::{DiskReport, DiskState, FrameReader, Report, write_frames};
 use haven_wire::frame::error_code;
 use haven_wire::{
     DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Payload, Record, Role, Sender, SenderConfig,
@@ -127,7 +127,9 @@ const POLL: Duration = Duration::from_millis(10);
 /// How often acknowledged records are freed from the log (when it is not filling up).
 const RELEASE_EVERY: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnection attempts back off to this at most (a restarted gateway is usually noticed at
+/// once, by its stateless reset, and answers the first attempt).
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Where and how to replicate.
 #[derive(Clone, Debug)]
@@ -165,6 +167,11 @@ pub struct Shared {
     message: Mutex<Option<String>>,
     /// Why the agent is not connected to the process server (refusal, loss), until it is again.
     link: Mutex<Option<String>>,
+    /// The disk was failed over at the secondary site (the gateway said so): replication is
+    /// stopped for good.
+    failed_over: Mutex<Option<String>>,
+    /// The agent's id, from its certificate.
+    agent_id: String,
     /// Bumped (inside [`Shared::update`]) whenever a resync starts over: a pass of an older
     /// epoch must not record progress.
     epoch: AtomicU64,
@@ -178,6 +185,7 @@ impl Shared {
         record: DiskRecord,
         log_max_bytes: u64,
         machine_name: String,
+        agent_id: String,
     ) -> Shared {
         let sync_done = match record.state {
             Phase::InitialSync | Phase::Resyncing => record.sync_offset,
@@ -201,6 +209,8 @@ impl Shared {
             stopping: AtomicBool::new(false),
             message: Mutex::new(None),
             link: Mutex::new(None),
+            failed_over: Mutex::new(None),
+            agent_id,
             epoch: AtomicU64::new(0),
         }
     }
@@ -274,8 +284,26 @@ impl Shared {
             Phase::InitialSync | Phase::Resyncing => self.sync_done.load(Ordering::Relaxed),
         };
         let resync_sent = self.resync_sent.load(Ordering::Relaxed);
+        // Failed over: told by the gateway, or (planned) marked in the data folder.
+        let failed_over = self
+            .failed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .or_else(|| crate::points::failed_over(&self.data_dir));
+        let (state, message) = match failed_over {
+            Some(why) => (DiskState::FailedOver, Some(why)),
+            None => (
+                rec.state.report_state(),
+                self.message
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .or_else(|| self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            ),
+        };
         Report {
-            agent_id: String::new(),
+            agent_id: self.agent_id.clone(),
             machine_name: self.machine_name.clone(),
             time_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -283,7 +311,7 @@ impl Shared {
             disks: vec![DiskReport {
                 disk: DISK_ID,
                 size: rec.size,
-                state: rec.state.report_state(),
+                state,
                 sync_done_bytes: sync_done,
                 resync_sent_bytes: resync_sent,
                 log_bytes: st.bytes_used,
@@ -292,12 +320,7 @@ impl Shared {
                 shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
                 last_seq: seq_add(st.last_seq, rec.seq_base),
                 acked_seq: self.acked_seq.load(Ordering::Relaxed),
-                message: self
-                    .message
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .or_else(|| self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                message,
             }],
         }
     }
@@ -456,6 +479,8 @@ enum Outcome {
     /// The connection ended; try again after the backoff. `welcomed`: it got as far as the
     /// `Welcome` (the backoff starts over).
     Lost { why: String, welcomed: bool },
+    /// The gateway says the disk was failed over: replication stops for good.
+    FailedOver(String),
 }
 
 /// A hash pass on one connection, range by range (see the module docs).
@@ -586,6 +611,19 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
                 backoff = BACKOFF_MIN;
             }
             Outcome::Overflow => continue,
+            Outcome::FailedOver(why) => {
+                let why = format!(
+                    "{why}; the replica at the secondary site is the production copy now and \
+                     writes here are no longer replicated (to protect this disk again, enroll \
+                     the agent anew with a new data folder)"
+                );
+                tracing::warn!("replication stopped: {why}");
+                *shared.failed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                shared.set_link(None);
+                // Nothing more to ship, ever: wait for the agent to stop.
+                let _ = stop.wait_for(|stopping| *stopping).await;
+                return;
+            }
             Outcome::Lost { why, welcomed } => {
                 if welcomed {
                     backoff = BACKOFF_MIN;
@@ -865,6 +903,9 @@ async fn connection(
                 SenderEvent::PeerError(e) => {
                     if e.code == error_code::RESUME_GAP {
                         return enter_resync(shared, None, &e.message);
+                    }
+                    if e.code == error_code::FAILED_OVER {
+                        return Outcome::FailedOver(e.message);
                     }
                     return lost(
                         format!(

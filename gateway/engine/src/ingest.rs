@@ -14,7 +14,7 @@
 //! rest. Records already received wait in order; none is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -29,7 +29,7 @@ use haven_wire::{
     DiskId, DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Hello, PeerId, Receiver,
     ReceiverConfig, ReceiverEvent, Record, Seq,
 };
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::Rate;
 
@@ -44,8 +44,12 @@ pub struct DiskStream {
     durable: AtomicU64,
     /// Journal space was freed (wakes a blocked ingest loop).
     pub freed: Notify,
-    /// A receiving loop is connected for this disk.
-    pub connected: AtomicBool,
+    /// The receiving loop that owns this disk now (0: none). A newer loop for the disk (the
+    /// peer reconnected, perhaps after a restart) supersedes the older one, which ends; only
+    /// the owner's end clears it.
+    owner: watch::Sender<u64>,
+    /// Why the stream was halted for good ([`DiskStream::halt`]): the running loop ends with it.
+    halted: Mutex<Option<Refused>>,
     pub received: Mutex<Rate>,
     pub stored_bytes_total: AtomicU64,
     /// Why this stream stopped; shown in status.
@@ -77,7 +81,8 @@ impl DiskStream {
             journal: Mutex::new(journal),
             durable: AtomicU64::new(durable),
             freed: Notify::new(),
-            connected: AtomicBool::new(false),
+            owner: watch::Sender::new(0),
+            halted: Mutex::new(None),
             received: Mutex::new(Rate::default()),
             stored_bytes_total: AtomicU64::new(0),
             error: Mutex::new(None),
@@ -130,6 +135,40 @@ impl DiskStream {
         self.durable.fetch_max(seq, Ordering::AcqRel);
     }
 
+    /// Whether a receiving loop is connected for this disk.
+    pub fn connected(&self) -> bool {
+        !matches!(*self.owner.borrow(), 0 | HALTED)
+    }
+
+    /// Makes loop `id` the disk's owner; the previous owner, if any, ends.
+    fn claim(&self, id: u64) {
+        self.owner.send_replace(id);
+    }
+
+    /// Loop `id` ended: the disk has no owner, unless a newer loop claimed it meanwhile.
+    fn release(&self, id: u64) {
+        self.owner.send_if_modified(|owner| {
+            let mine = *owner == id;
+            if mine {
+                *owner = 0;
+            }
+            mine
+        });
+    }
+
+    /// Ends the receiving loop, if one runs, with `why` (sent to the peer in an `Error` frame).
+    pub fn halt(&self, why: Refused) {
+        *lock(&self.halted) = Some(why);
+        self.owner.send_replace(HALTED);
+    }
+
+    /// Resolves once a loop other than `id` owns the disk.
+    async fn superseded(&self, id: u64) {
+        let mut rx = self.owner.subscribe();
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = rx.wait_for(|owner| *owner != id).await;
+    }
+
     /// Records why the stream stopped.
     pub fn set_error(&self, message: Option<String>) {
         *lock(&self.error) = message;
@@ -138,6 +177,35 @@ impl DiskStream {
     pub fn error(&self) -> Option<String> {
         lock(&self.error).clone()
     }
+}
+
+/// The owner of a halted stream: no loop.
+const HALTED: u64 = u64::MAX;
+
+/// A stream refused for a reason its sender must act on (not a failure to retry): carried in
+/// the `Error` frame with its code.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// An [`error_code`].
+    pub code: u16,
+    pub message: String,
+}
+
+impl Refused {
+    /// The disk was failed over: replication of it is stopped.
+    pub fn failed_over(message: impl Into<String>) -> anyhow::Error {
+        Refused {
+            code: error_code::FAILED_OVER,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+/// The `Error` frame's code for `e`: its own for a [`Refused`], else `fallback`.
+fn code_of(e: &anyhow::Error, fallback: u16) -> u16 {
+    e.downcast_ref::<Refused>().map_or(fallback, |r| r.code)
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent.
@@ -208,20 +276,55 @@ pub async fn serve_stream<S: Sink>(
         Ok(s) => s,
         Err(e) => {
             let msg = format!("{e:#}");
-            refuse(&mut send, error_code::INTERNAL, &msg).await;
+            refuse(&mut send, code_of(&e, error_code::INTERNAL), &msg).await;
             return Err(e);
         }
     };
     let by_disk: BTreeMap<DiskId, Arc<DiskStream>> =
         streams.iter().map(|s| (s.info.id, s.clone())).collect();
+    static LOOPS: AtomicU64 = AtomicU64::new(1);
+    let id = LOOPS.fetch_add(1, Ordering::Relaxed);
     for s in &streams {
-        s.connected.store(true, Ordering::Release);
+        s.claim(id);
     }
-    let result = run(&sink, &by_disk, hello, &mut send, &mut reader).await;
+    let result = tokio::select! {
+        r = run(&sink, &by_disk, hello, &mut send, &mut reader) => match r {
+            Err(e) if e.downcast_ref::<Refused>().is_some() => {
+                refuse(&mut send, code_of(&e, error_code::INTERNAL), &format!("{e:#}")).await;
+                Err(e)
+            }
+            r => r,
+        },
+        () = superseded(&streams, id) => {
+            let halted = streams.iter().find_map(|s| lock(&s.halted).clone());
+            if let Some(why) = halted {
+                refuse(&mut send, why.code, &why.message).await;
+                return Err(why.into());
+            }
+            tracing::info!(peer = %crate::peer_hex(&streams[0].key.peer),
+                "a newer replication stream took over; closing the old one");
+            // The old peer is most likely gone: nothing is awaited on its stream.
+            let _ = send.reset(quinn::VarInt::from_u32(u32::from(error_code::PROTOCOL)));
+            Ok(())
+        }
+    };
     for s in &streams {
-        s.connected.store(false, Ordering::Release);
+        s.release(id);
     }
     result
+}
+
+/// Resolves once another receiving loop owns any of `streams`.
+async fn superseded(streams: &[Arc<DiskStream>], id: u64) {
+    let mut waits = tokio::task::JoinSet::new();
+    for s in streams {
+        let s = s.clone();
+        waits.spawn(async move { s.superseded(id).await });
+    }
+    match waits.join_next().await {
+        Some(_) => {}
+        None => std::future::pending().await,
+    }
 }
 
 async fn refuse(send: &mut quinn::SendStream, code: u16, msg: &str) {

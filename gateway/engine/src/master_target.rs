@@ -567,7 +567,7 @@ impl Sink for MasterTarget {
                 };
                 let replica = self.replica(key, *d, machine_name)?;
                 if let Some(why) = self.refusal(&replica) {
-                    anyhow::bail!("{why}");
+                    return Err(crate::ingest::Refused::failed_over(why));
                 }
                 Ok(replica.stream.clone())
             })
@@ -594,7 +594,7 @@ impl Sink for MasterTarget {
         self.state
             .index_put_with(stream.key, &entries, Some(&record))?;
         if let Some(why) = self.refusal(&replica) {
-            anyhow::bail!("{why}");
+            return Err(crate::ingest::Refused::failed_over(why));
         }
         if !self.config.retention.window.is_zero() {
             for (r, _) in appended {

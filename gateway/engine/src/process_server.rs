@@ -36,13 +36,14 @@ use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
 use haven_store::state::{StateDb, StreamKey, StreamRecord};
+use haven_wire::frame::error_code;
 use haven_wire::{
     DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, Sender, SenderConfig, SenderEvent,
     Seq,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::ingest::{self, DiskStream, Sink, lock};
+use crate::ingest::{self, DiskStream, Refused, Sink, lock};
 use crate::status::{CachedDisk, ProcessServerStatus};
 use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
 
@@ -88,6 +89,9 @@ struct AgentEntry {
     report: Mutex<Option<Report>>,
     upstream_connected: AtomicBool,
     forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The master target failed the agent's disks over: nothing is forwarded or taken from the
+    /// agent any more (until this gateway restarts and asks again).
+    failed_over: Mutex<Option<String>>,
 }
 
 type HashJob = (HashRequest, oneshot::Sender<Result<Hashes, String>>);
@@ -259,10 +263,14 @@ impl ProcessServer {
                         report: Mutex::new(None),
                         upstream_connected: AtomicBool::new(false),
                         forwarder: Mutex::new(None),
+                        failed_over: Mutex::new(None),
                     })
                 })
                 .clone()
         };
+        if let Some(why) = lock(&entry.failed_over).clone() {
+            return Err(crate::ingest::Refused::failed_over(why));
+        }
         let mut grew = false;
         let mut streams = Vec::new();
         {
@@ -339,7 +347,7 @@ impl ProcessServer {
                     agent_id: peer_hex(&a.peer),
                     machine_name: lock(&s.machine_name).clone(),
                     disk: s.key.disk,
-                    agent_connected: s.connected.load(Ordering::Acquire),
+                    agent_connected: s.connected(),
                     durable_seq: s.durable(),
                     forwarded_seq: self
                         .state
@@ -353,6 +361,7 @@ impl ProcessServer {
                     stored_bytes_total: s.stored_bytes_total.load(Ordering::Relaxed),
                     report: report.clone(),
                     error: s.error(),
+                    failed_over: lock(&a.failed_over).clone(),
                 });
             }
         }
@@ -370,6 +379,7 @@ impl ProcessServer {
                 stored_bytes_total: 0,
                 report: None,
                 error: Some(format!("not served: {error}")),
+                failed_over: None,
             });
         }
         disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
@@ -396,6 +406,25 @@ impl ProcessServer {
         loop {
             let result = self.forward_once(&entry, &mut hash_rx, &mut backoff).await;
             entry.upstream_connected.store(false, Ordering::Release);
+            if let Some(refused) = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<Refused>())
+                .filter(|r| r.code == error_code::FAILED_OVER)
+            {
+                // Final: the agent is told (its streams end with the same refusal) and
+                // nothing is retried.
+                tracing::warn!(
+                    agent = %peer_hex(&entry.peer),
+                    "the master target failed the agent over; forwarding stopped: {}",
+                    refused.message
+                );
+                *lock(&entry.failed_over) = Some(refused.message.clone());
+                for s in lock(&entry.disks).values() {
+                    s.halt(refused.clone());
+                }
+                return;
+            }
             if let Err(e) = result {
                 let refusal = e
                     .downcast_ref::<quinn::ConnectionError>()
@@ -534,6 +563,9 @@ impl ProcessServer {
                         {
                             let _ = tx.send(Ok(h));
                         }
+                    }
+                    SenderEvent::PeerError(e) if e.code == error_code::FAILED_OVER => {
+                        return Err(Refused::failed_over(e.message));
                     }
                     SenderEvent::PeerError(e) => {
                         bail!(

@@ -1,6 +1,6 @@
 //! What the roles report: served by the API at `GET /v1/status`, printed by `haven status`.
 
-use haven_net::stream::Report;
+use haven_net::stream::{DiskState, Report};
 use serde::{Deserialize, Serialize};
 
 /// A gateway's status: the roles it runs.
@@ -56,6 +56,26 @@ pub struct CachedDisk {
     pub report: Option<Report>,
     /// Why the stream stopped, and what to do.
     pub error: Option<String>,
+    /// Set when the master target failed the disk over: replication of it is stopped, and
+    /// this says what happened and what to do.
+    #[serde(default)]
+    pub failed_over: Option<String>,
+}
+
+impl CachedDisk {
+    /// The disk's replication state for an operator.
+    pub fn state(&self) -> &'static str {
+        if self.failed_over.is_some() {
+            return "failed-over";
+        }
+        if self.error.is_some() {
+            return "error";
+        }
+        self.report
+            .as_ref()
+            .and_then(|r| r.disks.iter().find(|d| d.disk == self.disk))
+            .map_or("unknown", |d| d.state.name())
+    }
 }
 
 /// The master target's view.
@@ -117,9 +137,16 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
-    /// The disk's replication state for an operator: the agent's state when the agent is
-    /// heard from and the replica has no error of its own.
+    /// The disk's replication state for an operator: `stopped` once the item failed over;
+    /// else the agent's state when the agent is heard from and the replica has no error of its
+    /// own — but `catching-up` while the agent says `protected` and records it acknowledged
+    /// before its latest report are not all here (journaled, and applied to the replica when
+    /// no point is kept). So `protected` here means: this site holds every write the source
+    /// acknowledged before its last report.
     pub fn state(&self) -> &'static str {
+        if !matches!(self.item_state.as_str(), "" | "protected") {
+            return "stopped";
+        }
         if self.error.is_some() {
             return "error";
         }
@@ -128,8 +155,83 @@ impl ReplicaStatus {
             .as_ref()
             .and_then(|r| r.disks.iter().find(|d| d.disk == self.disk))
         {
+            Some(d) if d.state == DiskState::Protected && self.behind(d.last_seq) => "catching-up",
             Some(d) => d.state.name(),
             None => "unknown",
         }
+    }
+
+    /// Whether records up to `seq` are not all held here: journaled, and applied to the
+    /// replica when no point is kept (the replica file is then the latest state).
+    fn behind(&self, seq: u64) -> bool {
+        self.durable_seq < seq || (self.points == 0 && self.applied_seq < seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use haven_net::stream::DiskReport;
+
+    use super::*;
+
+    fn replica(durable: u64, applied: u64, points: usize, agent_last: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            agent_id: "a".into(),
+            machine_name: "web01".into(),
+            disk: 1,
+            size: 1 << 20,
+            path: "a/disk1.raw".into(),
+            durable_seq: durable,
+            applied_seq: applied,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            rpo_seconds: None,
+            item_state: "protected".into(),
+            points,
+            newest_point_ms: None,
+            test_failover: None,
+            apply_bytes_per_second: 0.0,
+            applied_bytes_total: 0,
+            journal_bytes: 0,
+            report: Some(Report {
+                agent_id: "a".into(),
+                machine_name: "web01".into(),
+                time_ms: 1,
+                disks: vec![DiskReport {
+                    disk: 1,
+                    size: 1 << 20,
+                    state: DiskState::Protected,
+                    sync_done_bytes: 1 << 20,
+                    resync_sent_bytes: 0,
+                    log_bytes: 0,
+                    log_max_bytes: 1 << 30,
+                    written_bytes_total: 0,
+                    shipped_bytes_total: 0,
+                    last_seq: agent_last,
+                    acked_seq: agent_last,
+                    message: None,
+                }],
+            }),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn protected_only_when_this_site_holds_what_the_agent_acknowledged() {
+        // Without points the replica file must hold it: applied.
+        assert_eq!(replica(10, 7, 0, 10).state(), "catching-up");
+        assert_eq!(replica(10, 10, 0, 10).state(), "protected");
+        // With points, journaled is enough (views read the journal).
+        assert_eq!(replica(10, 3, 2, 10).state(), "protected");
+        assert_eq!(replica(9, 3, 2, 10).state(), "catching-up");
+    }
+
+    #[test]
+    fn a_failed_over_item_is_stopped_whatever_the_agent_says() {
+        let mut r = replica(10, 10, 0, 10);
+        r.item_state = "failed-over".into();
+        assert_eq!(r.state(), "stopped");
+        r.error = Some("boom".into());
+        assert_eq!(r.state(), "stopped");
     }
 }

@@ -121,6 +121,9 @@ pub enum DiskState {
     Resyncing,
     /// Replication stopped; `message` says why and what to do.
     Error,
+    /// The disk was failed over to the secondary site: replication of it is stopped for good
+    /// (writes here are no longer protected); `message` says what to do.
+    FailedOver,
 }
 
 impl DiskState {
@@ -131,6 +134,7 @@ impl DiskState {
             DiskState::Protected => "protected",
             DiskState::Resyncing => "resyncing",
             DiskState::Error => "error",
+            DiskState::FailedOver => "failed-over",
         }
     }
 }

@@ -103,6 +103,9 @@ pub mod error_code {
     pub const RESUME_GAP: u16 = 5;
     /// The receiving side failed (storage, shutdown); retry later.
     pub const INTERNAL: u16 = 6;
+    /// The disk was failed over at the master target: its replication is stopped for good (until
+    /// it is protected again). The sender must not retry.
+    pub const FAILED_OVER: u16 = 7;
 }
 
 /// Identifies a protected disk within a connection's `Hello`; stable across connections.
