@@ -1,5 +1,6 @@
 //! `haven`, the operator's command-line tool.
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,9 +32,19 @@ enum Command {
     #[command(subcommand)]
     Plugin(plugins::PluginCommand),
     /// Every protected disk the gateways know: state, sync progress, lag, throughput.
+    ///
+    /// A gateway that does not answer is shown as `unreachable: API: why`, the others as
+    /// usual. Exit status: 0 when every gateway answered, 1 when some did not, 2 when none
+    /// did (or on another error).
     Status {
-        /// A gateway's API (repeat for several; default http://127.0.0.1:9480).
-        #[arg(long)]
+        /// A gateway's API, a process server's or a master target's (repeat, or separate with
+        /// commas, for several).
+        #[arg(
+            long,
+            env = "HAVEN_API",
+            value_delimiter = ',',
+            default_value = remote::DEFAULT_API
+        )]
         api: Vec<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -54,19 +65,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let cli = Cli::parse();
     let plugins = plugins::Plugins::new(cli.plugin_dir);
     let result = match cli.command {
         Command::Image(c) => image::run(&plugins, c),
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),
-        Command::Status { api, json } => remote::status(&api, json).map(|()| ExitCode::SUCCESS),
+        Command::Status { api, json } => remote::status(&api, json),
         Command::Token(c) => remote::token(c).map(|()| ExitCode::SUCCESS),
         Command::Agent(c) => remote::agent(c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(c).map(|()| ExitCode::SUCCESS),
@@ -80,4 +96,30 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Makes output to a closed pipe (`haven point list web01 | head -1`) end the program quietly
+/// with status 141, as SIGPIPE ends Unix tools (a shell reports 128 + 13), for every command.
+///
+/// Rust ignores SIGPIPE, so a write to a pipe whose reader is gone fails with `BrokenPipe`,
+/// and `println!` panics on it ("failed printing to stdout: Broken pipe"). This hook catches
+/// that one panic, from any `println!`/`eprintln!` of the program, before it prints anything;
+/// another failure to print (a full disk) gets a one-line error and status 2 instead of a
+/// backtrace. std's message is not a stable API: the test `closed_stdout_ends_quietly`
+/// (tests/operator.rs) fails if it changes.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let Some(message) = info
+            .payload_as_str()
+            .filter(|m| m.starts_with("failed printing to std"))
+        else {
+            return default(info);
+        };
+        if message.to_ascii_lowercase().contains("broken pipe") {
+            std::process::exit(141);
+        }
+        let _ = writeln!(std::io::stderr(), "haven: {message}");
+        std::process::exit(2);
+    }));
 }

@@ -18,8 +18,9 @@ pub enum PointCommand {
     List {
         /// The item: machine name, agent id, or MACHINE/DISK.
         item: String,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
         /// Print JSON.
         #[arg(long)]
@@ -32,8 +33,9 @@ pub enum PointCommand {
         /// Application-consistent: the agent runs its quiesce hooks around the tag.
         #[arg(long)]
         app: bool,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
     },
 }
@@ -62,8 +64,9 @@ struct RunArgs {
     /// Return once materialising has started instead of waiting for the image.
     #[arg(long)]
     no_wait: bool,
-    /// The master target's API.
-    #[arg(long, default_value = DEFAULT_API)]
+    /// The master target's API (where the replica and its points are; not the process
+    /// server's).
+    #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
     api: String,
 }
 
@@ -79,32 +82,36 @@ enum FailoverCommand {
         /// Accept writes (kept in a scratch overlay, discarded by cleanup).
         #[arg(long)]
         writable: bool,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
     },
     /// Ends a test failover and discards what was written to it.
     Cleanup {
         /// The item.
         item: String,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
     },
     /// Makes a failover final: the item's other points are discarded.
     Commit {
         /// The item.
         item: String,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
     },
     /// Shows an item's failover state and its history.
     Show {
         /// The item.
         item: String,
-        /// The master target's API.
-        #[arg(long, default_value = DEFAULT_API)]
+        /// The master target's API (where the replica and its points are; not the process
+        /// server's).
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
         api: String,
         /// Print JSON.
         #[arg(long)]
