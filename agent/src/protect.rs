@@ -40,6 +40,11 @@ pub struct NbdConfig {
     /// Export name (clients asking for the empty name get it too).
     #[arg(long, default_value = "disk")]
     pub export: String,
+    /// A file created once the disk is served (the listeners accept connections), holding
+    /// the addresses served, one per line; removed when the agent stops. A script started the
+    /// agent in the background waits for it before using the disk.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// The NBD listeners' threads; a thread's result says why it stopped.
@@ -57,10 +62,12 @@ pub fn serve_nbd(
         (l, _) => l.clone(),
     };
     let mut threads = Vec::new();
+    let mut served = String::new();
     if let Some(addr) = listen {
         let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, export = %cfg.export, "listening on TCP");
+        served.push_str(&format!("nbd://{local}/{}\n", cfg.export));
         let server = Arc::clone(&server);
         threads.push(thread::spawn(move || server.serve_tcp(listener)));
     }
@@ -68,10 +75,26 @@ pub fn serve_nbd(
         let listener = nbd::bind_unix(path)
             .with_context(|| format!("listening on Unix socket {}", path.display()))?;
         tracing::info!(socket = %path.display(), export = %cfg.export, "listening on Unix socket");
+        served.push_str(&format!(
+            "nbd+unix:///{}?socket={}\n",
+            cfg.export,
+            path.display()
+        ));
         let server = Arc::clone(&server);
         threads.push(thread::spawn(move || server.serve_unix(listener)));
     }
+    if let Some(ready) = &cfg.ready_file {
+        crate::state::write_atomic(ready, served.as_bytes(), 0o644)
+            .with_context(|| format!("writing the ready file {}", ready.display()))?;
+    }
     Ok((server, threads))
+}
+
+/// Removes the ready file of `cfg`, if any (the disk is no longer served).
+pub fn not_ready(cfg: &NbdConfig) {
+    if let Some(ready) = &cfg.ready_file {
+        let _ = std::fs::remove_file(ready);
+    }
 }
 
 /// `haven-agent serve`: the write splitter without replication.
@@ -242,6 +265,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         rec,
         cfg.limits.max_bytes,
         identity.info.machine_name.clone(),
+        identity.info.agent_id.clone(),
     ));
     // Record the log's durable seq now, so a log lost from here on is noticed.
     shared.update(|_| {})?;
@@ -371,6 +395,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     });
 
     // Stop: no more changes, everything durable, state recorded.
+    not_ready(&cfg.nbd);
     shared.stop();
     let _ = stop_tx.send(true);
     let durable = splitter.shutdown()?;

@@ -67,6 +67,11 @@ enum Command {
         /// The gateway configuration (TOML).
         #[arg(long, short = 'c')]
         config: PathBuf,
+        /// A file created once the gateway serves (its API answers), holding the API's URL;
+        /// removed when it stops. A script that started the gateway in the background waits
+        /// for it.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Checks a gateway configuration without starting anything: every plugin loads, implements
     /// its world, imports only what its grants cover, and its storage root exists. Reports every
@@ -88,6 +93,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let result = match Cli::parse().command {
         Command::Validate { config } => {
@@ -118,8 +127,8 @@ fn main() -> ExitCode {
             name,
         } => runtime()
             .and_then(|rt| rt.block_on(enroll(&data_dir, upstream, server_name, &token, &name))),
-        Command::Run { config } => match GatewayConfig::load(&config) {
-            Ok(c) => runtime().and_then(|rt| rt.block_on(run(c))),
+        Command::Run { config, ready_file } => match GatewayConfig::load(&config) {
+            Ok(c) => runtime().and_then(|rt| rt.block_on(run(c, ready_file.as_deref()))),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_CONFIG);
@@ -262,7 +271,7 @@ fn writer_spec(config: &GatewayConfig, name: Option<&str>) -> Result<PluginSpec>
     })
 }
 
-async fn run(config: GatewayConfig) -> Result<()> {
+async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
     let data_dir = config.data_dir.clone();
     let ca = SiteCa::open(data_dir.join("ca")).with_context(|| {
         format!(
@@ -376,6 +385,10 @@ async fn run(config: GatewayConfig) -> Result<()> {
     )
     .await?;
     tracing::info!(site = %site, api = %api_addr, "gateway running");
+    if let Some(ready) = ready_file {
+        write_atomic(ready, &format!("http://{api_addr}\n"), false)
+            .with_context(|| format!("writing the ready file {}", ready.display()))?;
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -383,5 +396,8 @@ async fn run(config: GatewayConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("stopping");
+    if let Some(ready) = ready_file {
+        let _ = std::fs::remove_file(ready);
+    }
     Ok(())
 }

@@ -1,0 +1,133 @@
+//! The README's walkthrough, run as written: the shell block under "Two sites on one machine"
+//! is taken from README.md line by line (folders moved below a temporary folder, ports made
+//! free), run with bash, and then checked: the machine is protected under its name, a point
+//! taken afterwards reads back equal to the source through a test failover.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use haven_e2e::{default_bin_dir, free_tcp_port, free_udp_port, poll};
+
+/// The walkthrough's shell block, as it renders (the list item's indentation removed).
+fn walkthrough(readme: &str) -> Result<String> {
+    let from = readme
+        .find("Two sites on one machine, step by step")
+        .context("README has no walkthrough")?;
+    let rest = &readme[from..];
+    let open = rest.find("```sh\n").context("no shell block")? + "```sh\n".len();
+    let close = rest[open..].find("```").context("unclosed shell block")? + open;
+    Ok(rest[open..close]
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Kills the walkthrough's background processes (its process group) when dropped.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+fn haven(bins: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bins.join("haven")).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "haven {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_readme_walkthrough_works_as_written() -> Result<()> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let script = walkthrough(&readme)?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let mut script = script
+        .replace("/srv/", &format!("{}/srv/", root.display()))
+        .replace("/var/lib/haven", &format!("{}/agent", root.display()));
+    let (mt_api, ps_api) = (free_tcp_port(), free_tcp_port());
+    for (port, new) in [
+        ("9444", free_udp_port()),
+        ("9443", free_udp_port()),
+        ("9481", mt_api),
+        ("9480", ps_api),
+        ("10809", free_tcp_port()),
+    ] {
+        script = script.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{new}"));
+    }
+    std::fs::create_dir_all(root.join("srv"))?;
+    let bins = default_bin_dir();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    use std::os::unix::process::CommandExt;
+    // Output to files: the programs it leaves in the background keep theirs open.
+    let (out_path, err_path) = (root.join("walkthrough.out"), root.join("walkthrough.err"));
+    let mut child = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("PATH", path)
+        .env_remove("HAVEN_API")
+        .current_dir(root)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()?;
+    let _group = Group(child.id());
+    let status = child.wait()?;
+    let stdout = std::fs::read_to_string(&out_path)?;
+    assert!(
+        status.success(),
+        "the walkthrough failed ({status}):\n{stdout}\n{}",
+        std::fs::read_to_string(&err_path)?
+    );
+    // Its last commands printed both sites and the agent.
+    assert!(stdout.contains("web01"), "{stdout}");
+
+    // The item is found by the name the walkthrough gave it, at the master target's API.
+    let mt = format!("http://127.0.0.1:{mt_api}");
+    let point = poll(
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || match haven(&bins, &["point", "create", "web01", "--api", &mt]) {
+            Ok(id) => Ok(Ok(id.trim().to_string())),
+            Err(e) => Ok(Err(format!("no point taken: {e:#}"))),
+        },
+    )?;
+    let list = haven(&bins, &["point", "list", "web01", "--api", &mt])?;
+    assert!(list.contains(&point), "{list}");
+    // The point equals the source disk (nothing wrote after the walkthrough's write).
+    let uri = haven(
+        &bins,
+        &["failover", "test", "web01", "--point", &point, "--api", &mt],
+    )?;
+    let disk = root.join("srv/web01.img");
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&disk)
+        .arg(uri.trim())
+        .output()?;
+    assert!(
+        cmp.status.success(),
+        "the point differs from the source: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    haven(&bins, &["failover", "cleanup", "web01", "--api", &mt])?;
+    Ok(())
+}
