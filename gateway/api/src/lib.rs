@@ -178,22 +178,18 @@ impl Api {
                     .map(|p| serde_json::json!(p)),
                 other => Err(bad(format!("kind {other:?}: use crash or app"))),
             },
+            // Plugin calls, files and redb commits: off the async workers.
             (&Method::POST, item, "test-failover") => match (q.point(), q.flag("writable")) {
-                (Ok(sel), Ok(w)) => mt.test_failover(item, sel, w).map(|t| serde_json::json!(t)),
+                (Ok(sel), Ok(w)) => {
+                    let (mt, item) = (mt.clone(), item.to_string());
+                    blocking(move || mt.test_failover(&item, sel, w)).await
+                }
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
             (&Method::DELETE, item, "test-failover") => {
-                // It waits for the export's connections to end: off the async workers.
+                // It also waits for the export's connections to end.
                 let (mt, item) = (mt.clone(), item.to_string());
-                tokio::task::spawn_blocking(move || mt.cleanup_test(&item))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(RecoveryError {
-                            kind: ErrorKind::Internal,
-                            message: format!("cleanup task failed: {e}"),
-                        })
-                    })
-                    .map(|t| serde_json::json!(t))
+                blocking(move || mt.cleanup_test(&item)).await
             }
             (&Method::POST, item, "failover") => match (q.point(), q.flag("planned")) {
                 (Ok(sel), Ok(planned)) => mt
@@ -202,7 +198,10 @@ impl Api {
                     .map(|i| serde_json::json!(i)),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
-            (&Method::POST, item, "commit") => mt.commit(item).map(|i| serde_json::json!(i)),
+            (&Method::POST, item, "commit") => {
+                let (mt, item) = (mt.clone(), item.to_string());
+                blocking(move || mt.commit(&item)).await
+            }
             _ => {
                 return json_error(
                     StatusCode::NOT_FOUND,
@@ -515,4 +514,20 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs a recovery call that does blocking work (plugins, files, redb) on the blocking pool and
+/// serialises its answer.
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    call: impl FnOnce() -> Result<T, RecoveryError> + Send + 'static,
+) -> Result<serde_json::Value, RecoveryError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or_else(|e| {
+            Err(RecoveryError {
+                kind: ErrorKind::Internal,
+                message: format!("the request's task failed: {e}"),
+            })
+        })
+        .map(|v| serde_json::json!(v))
 }

@@ -9,6 +9,9 @@
 //!    durable ([`Sink::on_durable`]: the master target indexes it in redb);
 //! 3. only then `Receiver::mark_durable`, so every `Ack` sent means durable here.
 //!
+//! The blocking steps run in `tokio::task::block_in_place`: the engine needs tokio's
+//! multi-threaded runtime (the gateway's).
+//!
 //! A journal that is full (`StoreError::Full`) stops the loop from reading the stream until
 //! the role frees space: QUIC flow control then slows the sender, whose own log absorbs the
 //! rest. Records already received wait in order; none is dropped.
@@ -341,16 +344,19 @@ async fn run<S: Sink>(
 ) -> Result<()> {
     // Whatever an earlier loop appended and did not get to sync (it failed, or a crash left it
     // written) is made durable now, so the journal and the resume point agree.
-    for s in streams.values() {
-        let synced = s
-            .journal()
-            .sync()
-            .with_context(|| format!("disk {}: syncing the journal", s.key))?;
-        if synced > s.durable() {
-            s.raise_durable(synced);
-            sink.on_durable(s, synced, &[])?;
+    tokio::task::block_in_place(|| -> Result<()> {
+        for s in streams.values() {
+            let synced = s
+                .journal()
+                .sync()
+                .with_context(|| format!("disk {}: syncing the journal", s.key))?;
+            if synced > s.durable() {
+                s.raise_durable(synced);
+                sink.on_durable(s, synced, &[])?;
+            }
         }
-    }
+        Ok(())
+    })?;
     let durable = streams.values().map(|s| (s.info.id, s.durable()));
     let mut rx = Receiver::new(ReceiverConfig::default(), durable);
     let now = Instant::now();
@@ -386,7 +392,14 @@ async fn run<S: Sink>(
             }
         }
 
-        let blocked = append_pending(sink, streams, &mut pending, &mut rx)?;
+        // Journal appends, fdatasync and the role's redb commit block: the worker's other tasks
+        // move to another worker meanwhile. (Not `spawn_blocking`: a batch is never cut short
+        // by the loop ending, so two loops never append to one journal at once.)
+        let blocked = if pending.is_empty() {
+            None
+        } else {
+            tokio::task::block_in_place(|| append_pending(sink, streams, &mut pending, &mut rx))?
+        };
 
         let now = Instant::now();
         let frames: Vec<Frame> = std::iter::from_fn(|| rx.poll_transmit(now)).collect();

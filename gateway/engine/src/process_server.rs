@@ -552,7 +552,8 @@ impl ProcessServer {
                     }
                     SenderEvent::Released { disk, up_to } => {
                         if let Some(lane) = lanes.iter_mut().find(|l| l.stream.info.id == disk) {
-                            lane.released(&self.state, up_to)?;
+                            // Segment removal and a redb commit.
+                            tokio::task::block_in_place(|| lane.released(&self.state, up_to))?;
                         }
                     }
                     SenderEvent::Hashes(h) => {
@@ -670,10 +671,15 @@ impl Lane {
             let record = match fresh {
                 Some(r) => r,
                 None => {
-                    if self.reader.is_none() {
-                        self.reader = Some(self.stream.journal().read_from(self.next));
-                    }
-                    match self.reader.as_mut().and_then(Iterator::next) {
+                    // Reading back (file I/O, decryption) blocks: the worker's other tasks
+                    // move to another worker meanwhile.
+                    let next = tokio::task::block_in_place(|| {
+                        if self.reader.is_none() {
+                            self.reader = Some(self.stream.journal().read_from(self.next));
+                        }
+                        self.reader.as_mut().and_then(Iterator::next)
+                    });
+                    match next {
                         Some(Ok(r)) => r,
                         Some(Err(e)) => {
                             // Never forwarded: a damaged or tampered record stops this disk.
