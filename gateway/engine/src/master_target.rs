@@ -577,22 +577,15 @@ impl Sink for MasterTarget {
     fn on_durable(
         &self,
         stream: &DiskStream,
-        durable: Seq,
+        _durable: Seq,
         appended: &[(Record, AppendInfo)],
     ) -> Result<()> {
         let replica = lock(&self.replicas)
             .get(&stream.key)
             .cloned()
             .context("durable records for an unknown replica")?;
-        let first = appended.first().map_or(durable + 1, |(r, _)| r.seq());
-        let entries = stream.journal().entries_from(first);
-        let mut record = self
-            .state
-            .get_stream(stream.key)?
-            .context("stream record missing")?;
-        record.durable_seq = durable;
-        self.state
-            .index_put_with(stream.key, &entries, Some(&record))?;
+        // The journal indexes what it holds (rebuilt from its segments at open): nothing to
+        // record here but the points below.
         if let Some(why) = self.refusal(&replica) {
             return Err(crate::ingest::Refused::failed_over(why));
         }
@@ -858,9 +851,8 @@ impl Applier {
         // here until the journal is freed (see `hold_base`).
         let hold = lock(&self.replica.recovery.hold);
         let release = hold.map_or(seq, |h| seq.min(h));
-        // The applied seq and the index entries it makes unnecessary, in one transaction.
         self.state
-            .index_remove_upto_with(stream.key, release, Some(&record))
+            .put_stream(stream.key, &record)
             .map_err(|e| fail(&e))?;
         self.replica.applied.store(seq, Ordering::Release);
         failpoint::hit("apply.after-commit");

@@ -333,12 +333,6 @@ impl std::str::FromStr for PointSel {
     }
 }
 
-/// Where an earlier version kept a disk's whole points list in one value (read at start,
-/// moved to one key per point).
-fn legacy_points_key(key: StreamKey) -> String {
-    format!("points/{key}")
-}
-
 /// The prefix of a disk's point keys: one key per point, so registering or dropping one
 /// writes only that one.
 fn points_prefix(key: StreamKey) -> String {
@@ -369,13 +363,7 @@ impl MasterTarget {
             .into_iter()
             .map(|(_, p)| (p.seq, p))
             .collect();
-        let legacy = self
-            .state
-            .get_json::<Vec<PointRecord>>(&legacy_points_key(key))?;
         let mut points = stored.clone();
-        for p in legacy.iter().flatten() {
-            points.entry(p.seq).or_insert(*p);
-        }
         {
             let journal = replica.stream.journal();
             for e in journal.entries() {
@@ -404,9 +392,6 @@ impl MasterTarget {
         rec.registered.store(newest.max(applied), Ordering::Release);
         *lock(&rec.points) = points;
         store_points(&self.state, key, &added, &dropped)?;
-        if legacy.is_some() {
-            self.state.remove_json(&legacy_points_key(key))?;
-        }
         let item: ItemRecord = self.state.get_json(&item_key(key))?.unwrap_or_default();
         if matches!(
             item.state,

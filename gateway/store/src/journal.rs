@@ -230,27 +230,6 @@ pub enum EntryKind {
     Tag,
 }
 
-impl EntryKind {
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            EntryKind::Write => 1,
-            EntryKind::Zero => 2,
-            EntryKind::Trim => 3,
-            EntryKind::Tag => 4,
-        }
-    }
-
-    pub(crate) fn from_code(code: u8) -> Option<EntryKind> {
-        Some(match code {
-            1 => EntryKind::Write,
-            2 => EntryKind::Zero,
-            3 => EntryKind::Trim,
-            4 => EntryKind::Tag,
-            _ => return None,
-        })
-    }
-}
-
 /// What [`Journal::append`] stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppendInfo {

@@ -1,4 +1,5 @@
-//! Small durable state in one redb file: streams, the journal index and small JSON values.
+//! Small durable state in one redb file: streams and small JSON values. (The journal's index
+//! lives in the journal itself, rebuilt from its segments at open: one index, one owner.)
 //!
 //! Every write is one redb transaction committed with redb's default (immediate) durability;
 //! redb checksums its pages and makes a commit atomic, so this file needs no magic of its own
@@ -10,21 +11,8 @@
 //! |-----------------|--------------------------------------------------|-------|
 //! | `schema`        | `"version"`                                      | `u32` schema version |
 //! | `streams`       | peer id (16) + disk id (4, big-endian)           | [`StreamRecord`] as JSON |
-//! | `journal_index` | peer id (16) + disk id (4, BE) + sequence (8, BE) | index entry, below |
 //! | `meta`          | a string                                         | any JSON value |
 //!
-//! Keys are big-endian so that redb's byte order is the order of (stream, sequence number).
-//!
-//! Index entry, 34 bytes, little-endian:
-//!
-//! | bytes  | field                                   |
-//! |--------|-----------------------------------------|
-//! | 0      | entry version (1)                       |
-//! | 1      | kind: 1 write, 2 zero, 3 trim, 4 tag    |
-//! | 2..10  | disk offset                             |
-//! | 10..18 | extent length                           |
-//! | 18..26 | bytes stored in the journal             |
-//! | 26..34 | journal segment number                  |
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,18 +22,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
-use crate::fsutil::{hex, le64};
-use crate::journal::{EntryKind, EntryMeta};
+use crate::fsutil::hex;
 
 /// Schema version written and understood.
 pub const SCHEMA_VERSION: u32 = 1;
 
 const SCHEMA: TableDefinition<'_, &str, u32> = TableDefinition::new("schema");
 const STREAMS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("streams");
-const INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("journal_index");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
-const INDEX_ENTRY_LEN: usize = 34;
-const INDEX_ENTRY_VERSION: u8 = 1;
 
 /// One replication stream: a peer's disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,13 +68,6 @@ impl StreamKey {
             disk: u32::from_be_bytes(disk),
         })
     }
-
-    fn index_key(&self, seq: u64) -> [u8; 28] {
-        let mut k = [0u8; 28];
-        k[0..20].copy_from_slice(&self.bytes());
-        k[20..28].copy_from_slice(&seq.to_be_bytes());
-        k
-    }
 }
 
 /// What the gateway keeps about a stream. Stored as JSON; every field but `size` has a default
@@ -105,9 +82,6 @@ pub struct StreamRecord {
     /// Name of the protected machine.
     #[serde(default)]
     pub machine_name: String,
-    /// Every record up to this one is durable here.
-    #[serde(default)]
-    pub durable_seq: u64,
     /// Every record up to this one is applied to the replica (master target).
     #[serde(default)]
     pub applied_seq: u64,
@@ -134,17 +108,6 @@ impl fmt::Debug for StateDb {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-fn encode_entry(e: &EntryMeta) -> [u8; INDEX_ENTRY_LEN] {
-    let mut v = [0u8; INDEX_ENTRY_LEN];
-    v[0] = INDEX_ENTRY_VERSION;
-    v[1] = e.kind.code();
-    v[2..10].copy_from_slice(&e.offset.to_le_bytes());
-    v[10..18].copy_from_slice(&e.len.to_le_bytes());
-    v[18..26].copy_from_slice(&e.stored_bytes.to_le_bytes());
-    v[26..34].copy_from_slice(&e.segment.to_le_bytes());
-    v
 }
 
 impl StateDb {
@@ -193,8 +156,6 @@ impl StateDb {
             }
             txn.open_table(STREAMS)
                 .map_err(this.err("creating table streams"))?;
-            txn.open_table(INDEX)
-                .map_err(this.err("creating table journal_index"))?;
             txn.open_table(META)
                 .map_err(this.err("creating table meta"))?;
         }
@@ -294,7 +255,7 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Removes a stream's record and its whole journal index.
+    /// Removes a stream's record.
     pub fn remove_stream(&self, key: StreamKey) -> Result<()> {
         let txn = self
             .db
@@ -306,159 +267,8 @@ impl StateDb {
                 .map_err(self.err("opening table streams"))?;
             t.remove(key.bytes().as_slice())
                 .map_err(self.err("removing a stream"))?;
-            let mut i = txn
-                .open_table(INDEX)
-                .map_err(self.err("opening table journal_index"))?;
-            let (lo, hi) = (key.index_key(0), key.index_key(u64::MAX));
-            i.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)
-                .map_err(self.err("removing index entries"))?;
         }
         txn.commit().map_err(self.err("committing"))
-    }
-
-    /// Adds (or replaces) journal index entries of a stream, in one transaction.
-    pub fn index_put(&self, key: StreamKey, entries: &[EntryMeta]) -> Result<()> {
-        self.index_put_with(key, entries, None)
-    }
-
-    /// [`StateDb::index_put`] and, in the same transaction (one commit, one sync), the stream's
-    /// record.
-    pub fn index_put_with(
-        &self,
-        key: StreamKey,
-        entries: &[EntryMeta],
-        stream: Option<&StreamRecord>,
-    ) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(self.err("starting a transaction"))?;
-        {
-            let mut t = txn
-                .open_table(INDEX)
-                .map_err(self.err("opening table journal_index"))?;
-            for e in entries {
-                t.insert(key.index_key(e.seq).as_slice(), encode_entry(e).as_slice())
-                    .map_err(self.err("writing an index entry"))?;
-            }
-        }
-        if let Some(record) = stream {
-            self.put_stream_in(&txn, key, record)?;
-        }
-        txn.commit().map_err(self.err("committing index entries"))
-    }
-
-    /// A stream's index entries with `from_seq <= seq <= to_seq`, in sequence order.
-    pub fn index_range(
-        &self,
-        key: StreamKey,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Vec<EntryMeta>> {
-        let mut out = Vec::new();
-        if from_seq > to_seq {
-            return Ok(out);
-        }
-        let t = self.read_table(INDEX, "opening table journal_index")?;
-        let (lo, hi) = (key.index_key(from_seq), key.index_key(to_seq));
-        for item in t
-            .range(lo.as_slice()..=hi.as_slice())
-            .map_err(self.err("reading the index"))?
-        {
-            let (k, v) = item.map_err(self.err("reading the index"))?;
-            out.push(self.decode_entry(key, k.value(), v.value())?);
-        }
-        Ok(out)
-    }
-
-    fn decode_entry(&self, key: StreamKey, k: &[u8], v: &[u8]) -> Result<EntryMeta> {
-        let damaged = |what: String| {
-            StoreError::Db(format!(
-                "{}: stream {key}: index entry {what}; the file is damaged: remove the stream's \
-                 index (it is rebuilt from the journal's headers) or restore a backup",
-                self.path.display()
-            ))
-        };
-        if k.len() != 28 {
-            return Err(damaged(format!("key of {} bytes (28 expected)", k.len())));
-        }
-        let seq = u64::from_be_bytes(k[20..28].try_into().unwrap_or_default());
-        if v.len() != INDEX_ENTRY_LEN || v[0] != INDEX_ENTRY_VERSION {
-            return Err(damaged(format!(
-                "{seq} has {} bytes or version {} ({INDEX_ENTRY_LEN} bytes, version \
-                 {INDEX_ENTRY_VERSION} expected)",
-                v.len(),
-                v.first().copied().unwrap_or(0)
-            )));
-        }
-        let kind = EntryKind::from_code(v[1])
-            .ok_or_else(|| damaged(format!("{seq} has unknown kind {}", v[1])))?;
-        Ok(EntryMeta {
-            seq,
-            kind,
-            offset: le64(v, 2),
-            len: le64(v, 10),
-            stored_bytes: le64(v, 18),
-            segment: le64(v, 26),
-        })
-    }
-
-    /// Removes a stream's index entries with `seq <= upto_seq`; returns how many.
-    pub fn index_remove_upto(&self, key: StreamKey, upto_seq: u64) -> Result<u64> {
-        self.index_remove_upto_with(key, upto_seq, None)
-    }
-
-    /// [`StateDb::index_remove_upto`] and, in the same transaction, the stream's record.
-    pub fn index_remove_upto_with(
-        &self,
-        key: StreamKey,
-        upto_seq: u64,
-        stream: Option<&StreamRecord>,
-    ) -> Result<u64> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(self.err("starting a transaction"))?;
-        if let Some(record) = stream {
-            self.put_stream_in(&txn, key, record)?;
-        }
-        let mut removed = 0u64;
-        {
-            let mut t = txn
-                .open_table(INDEX)
-                .map_err(self.err("opening table journal_index"))?;
-            let (lo, hi) = (key.index_key(0), key.index_key(upto_seq));
-            t.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| {
-                removed += 1;
-                false
-            })
-            .map_err(self.err("removing index entries"))?;
-        }
-        txn.commit().map_err(self.err("committing"))?;
-        Ok(removed)
-    }
-
-    /// A stream's index entries with `seq <= upto_seq` whose extent overlaps
-    /// `[offset, offset + len)`, in sequence order (tags have no extent and never overlap).
-    ///
-    /// Cost: a scan of every index entry of the stream up to `upto_seq`, O(entries); fine for a
-    /// journal of a few million records, to be replaced by an extent tree if it shows.
-    pub fn index_overlapping(
-        &self,
-        key: StreamKey,
-        offset: u64,
-        len: u64,
-        upto_seq: u64,
-    ) -> Result<Vec<EntryMeta>> {
-        let end = offset.saturating_add(len);
-        let mut out = self.index_range(key, 0, upto_seq)?;
-        out.retain(|e| {
-            e.kind != EntryKind::Tag
-                && e.len > 0
-                && e.offset < end
-                && offset < e.offset.saturating_add(e.len)
-        });
-        Ok(out)
     }
 
     /// Stores (replaces) a JSON value under `table_key` in the `meta` table.

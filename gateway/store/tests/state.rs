@@ -1,23 +1,12 @@
 //! The redb state database.
 
-use haven_store::{EntryKind, EntryMeta, StateDb, StoreError, StreamKey, StreamRecord};
+use haven_store::{StateDb, StoreError, StreamKey, StreamRecord};
 use serde::{Deserialize, Serialize};
 
 fn sk(p: u8, disk: u32) -> StreamKey {
     StreamKey {
         peer: [p; 16],
         disk,
-    }
-}
-
-fn entry(seq: u64, kind: EntryKind, offset: u64, len: u64) -> EntryMeta {
-    EntryMeta {
-        seq,
-        kind,
-        offset,
-        len,
-        stored_bytes: len / 2 + 72,
-        segment: seq / 10,
     }
 }
 
@@ -29,7 +18,6 @@ fn streams_survive_reopen() {
         size: 1 << 30,
         block_size: 512,
         machine_name: "web01".into(),
-        durable_seq: 10,
         applied_seq: 8,
         released_seq: 5,
         created_ms: 1_700_000_000_000,
@@ -69,69 +57,6 @@ fn stream_record_grows_compatibly() {
     assert_eq!(r.size, 42);
     assert_eq!(r.machine_name, "");
     assert!(serde_json::from_str::<StreamRecord>("{}").is_err());
-}
-
-#[test]
-fn journal_index() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let db = StateDb::open(&tmp.path().join("state.redb")).expect("open");
-    let s = sk(1, 0);
-    let other = sk(1, 1);
-    let entries = vec![
-        entry(1, EntryKind::Write, 0, 4096),
-        entry(2, EntryKind::Write, 8192, 4096),
-        entry(3, EntryKind::Zero, 4096, 8192),
-        entry(4, EntryKind::Tag, 0, 0),
-        entry(5, EntryKind::Trim, 1 << 20, 1 << 20),
-        entry(7, EntryKind::Write, 6000, 100),
-    ];
-    db.index_put(s, &entries).expect("put");
-    db.index_put(other, &[entry(3, EntryKind::Write, 0, 1 << 30)])
-        .expect("put other");
-    assert_eq!(db.index_range(s, 0, u64::MAX).expect("range"), entries);
-    assert_eq!(
-        db.index_range(s, 2, 4).expect("range"),
-        entries[1..4].to_vec()
-    );
-    assert_eq!(db.index_range(s, 6, 6).expect("range"), vec![]);
-    assert_eq!(db.index_range(s, 5, 1).expect("range"), vec![]);
-
-    let seqs = |v: Vec<EntryMeta>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
-    // [4096, 8192) overlaps 3 (4096..12288) and 7 (6000..6100); 1 ends at 4096, 2 starts at 8192.
-    assert_eq!(
-        seqs(db.index_overlapping(s, 4096, 4096, 100).expect("overlap")),
-        vec![3, 7]
-    );
-    assert_eq!(
-        seqs(db.index_overlapping(s, 4096, 4096, 5).expect("overlap")),
-        vec![3]
-    );
-    assert_eq!(
-        seqs(db.index_overlapping(s, 0, 1, 100).expect("overlap")),
-        vec![1]
-    );
-    assert_eq!(
-        seqs(db.index_overlapping(s, 0, u64::MAX, 100).expect("overlap")),
-        vec![1, 2, 3, 5, 7]
-    );
-    assert_eq!(
-        seqs(db.index_overlapping(s, 4096, 0, 100).expect("overlap")),
-        Vec::<u64>::new()
-    );
-
-    assert_eq!(db.index_remove_upto(s, 3).expect("remove"), 3);
-    assert_eq!(
-        seqs(db.index_range(s, 0, u64::MAX).expect("range")),
-        vec![4, 5, 7]
-    );
-    assert_eq!(db.index_range(other, 0, u64::MAX).expect("range").len(), 1);
-    // Replacing an entry.
-    db.index_put(s, &[entry(5, EntryKind::Zero, 0, 1)])
-        .expect("put");
-    assert_eq!(
-        db.index_range(s, 5, 5).expect("range"),
-        vec![entry(5, EntryKind::Zero, 0, 1)]
-    );
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
