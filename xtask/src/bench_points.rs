@@ -7,7 +7,9 @@
 //!    while the master target's `GET /v1/status` is sampled every 100 ms. Printed: p50/p99/max
 //!    of `lag_seconds` (age of the oldest journaled record in no point yet) and of the newest
 //!    point's age (what a failover to `latest` loses, transit included), after the first 3 s.
-//!    No baseline: the goal is p99 ≤ 1 s at 100 MB/s.
+//!    (the 1 s cluster also runs 100 MiB/s once more while a busy loop spins on one core: a
+//!    machine busy with other work).
+//!    No baseline: the goal is a point age p99 ≤ the point interval + 0.5 s at 100 MiB/s.
 //! 2. Test-failover ready time for a 1 GiB and a 16 GiB disk: `haven failover test web01
 //!    --point latest` from spawn to the URI printed, five times each, vs a copy-based test
 //!    failover: `cp --sparse=never` of the 1 GiB disk plus `sync` (16 GiB estimated as 16×).
@@ -38,6 +40,8 @@ const GIB: u64 = 1 << 30;
 const CHURN_DISK: u64 = 4 * GIB;
 /// Churn rates, MiB/s.
 const RATES: [u64; 3] = [25, 50, 100];
+/// The churn of the busy-machine case, MiB/s.
+const BUSY_RATE: u64 = 100;
 /// Point intervals of the churn runs, with the rates each runs: every rate at 1 s, the
 /// highest again at 500 ms.
 const INTERVALS: [(Duration, &[u64]); 2] = [
@@ -55,7 +59,8 @@ const RETENTION: &str = "window = \"72h\"";
 const READY_SIZES: [u64; 2] = [1, 16];
 const READY_RUNS: usize = 5;
 /// Goals, seconds.
-const RPO_GOAL: f64 = 1.0;
+/// RPO goal: the point age's p99 at most the point interval plus this.
+const RPO_SLACK: f64 = 0.5;
 const READY_GOAL: f64 = 1.0;
 /// Longest wait for an initial sync and the first point.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(900);
@@ -325,6 +330,29 @@ struct RpoRun {
     drain: Option<Duration>,
     /// CPU used during the run, percent of one core: agent, process server, master target.
     cpu: [f64; 3],
+    /// A busy loop competed for one core during the run.
+    busy: bool,
+}
+
+/// A process spinning on one core (other work on the machine) until dropped.
+struct BusyCore(std::process::Child);
+
+impl BusyCore {
+    fn start() -> Result<BusyCore> {
+        Ok(BusyCore(
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .context("starting a busy loop")?,
+        ))
+    }
+}
+
+impl Drop for BusyCore {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl RpoRun {
@@ -465,6 +493,7 @@ fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result
         states,
         drain,
         cpu,
+        busy: false,
     })
 }
 
@@ -490,6 +519,16 @@ fn rpo(dir: &Path, bins: &Path) -> Result<Vec<RpoRun>> {
             );
             let csv = dir.join(format!("rpo-{rate}mibs-{ms}ms.csv"));
             runs.push(rpo_run(&mut c, rate, interval, &csv)?);
+        }
+        // The same churn on a machine busy with other work: one core spinning meanwhile.
+        if interval == Duration::from_secs(1) {
+            let rate = BUSY_RATE;
+            eprintln!("churn at {rate} MiB/s with one core busy, points every {ms} ms …");
+            let csv = dir.join(format!("rpo-{rate}mibs-{ms}ms-busy.csv"));
+            let _busy = BusyCore::start()?;
+            let mut run = rpo_run(&mut c, rate, interval, &csv)?;
+            run.busy = true;
+            runs.push(run);
         }
         drop(c);
         remove_bulk(&sites);
@@ -713,7 +752,11 @@ pub fn run(root: &Path) -> Result<()> {
         };
         out.line(format!(
             "{:>8} {:>5}MiB/s {:>5.1}MiB/s{} {:>9} {:>7}  {:>23}  {:>23}  {:>4}MiB {:>6} {:>6}  {:.0}/{:.0}/{:.0}{}",
-            format!("{}ms", r.interval.as_millis()),
+            format!(
+                "{}ms{}",
+                r.interval.as_millis(),
+                if r.busy { "+busy" } else { "" }
+            ),
             r.rate,
             r.achieved,
             if r.sustained() { " " } else { "!" },
@@ -746,7 +789,8 @@ pub fn run(root: &Path) -> Result<()> {
          (counted from its arrival there); point age: now - the newest point's source time, i.e. \
          what a failover to `latest` loses, transit through agent and process server included; \
          log max: the agent's change-log backlog; drain: writer's end until every acknowledged \
-         write is in a point at the master target; samples in rpo-*.csv",
+         write is in a point at the master target; +busy: one core spun a busy loop meanwhile \
+         (a machine busy with other work); samples in rpo-*.csv",
     );
     out.line("");
 
@@ -809,7 +853,11 @@ pub fn run(root: &Path) -> Result<()> {
         "", "Haven", "baseline", "ratio", "goal"
     ));
     let churn = |r: &RpoRun| {
-        let every = format!("{}ms points", r.interval.as_millis());
+        let every = format!(
+            "{}ms points{}",
+            r.interval.as_millis(),
+            if r.busy { ", 1 core busy" } else { "" }
+        );
         if r.sustained() {
             format!("{} MiB/s, {every}", r.rate)
         } else {
@@ -825,10 +873,12 @@ pub fn run(root: &Path) -> Result<()> {
     ] {
         for r in &rpo {
             let p99 = percentile(pick(r), 0.99);
-            let goal = if r.rate == 100 {
+            // The goal: a failover to `latest` loses at most the interval plus half a second.
+            let goal_s = r.interval.as_secs_f64() + RPO_SLACK;
+            let goal = if r.rate == 100 && what == "point age" {
                 format!(
-                    "<= {RPO_GOAL:.0}s: {}",
-                    if p99 <= RPO_GOAL && r.sustained() {
+                    "<= {goal_s:.1}s: {}",
+                    if p99 <= goal_s && r.sustained() {
                         "met"
                     } else {
                         "NOT met"
