@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{sync_dir, write_atomic};
+use haven_fsutil::{sync_dir, write_atomic};
 
 /// Name of the identity folder inside the data folder.
 pub const IDENTITY_DIR: &str = "identity";
@@ -105,7 +105,7 @@ impl Identity {
                 dir.display()
             );
         }
-        fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        haven_fsutil::create_dir_all(data_dir)?;
         let tmp = data_dir.join(format!("{IDENTITY_DIR}.tmp"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
@@ -116,9 +116,9 @@ impl Identity {
         write_atomic(&tmp.join("key.pem"), self.key_pem.as_bytes(), 0o600)?;
         write_atomic(&tmp.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
         write_atomic(&tmp.join("agent.json"), &info, 0o644)?;
-        sync_dir(&tmp).with_context(|| format!("syncing {}", tmp.display()))?;
+        sync_dir(&tmp)?;
         fs::rename(&tmp, &dir).with_context(|| format!("renaming {}", tmp.display()))?;
-        sync_dir(data_dir).with_context(|| format!("syncing {}", data_dir.display()))?;
+        sync_dir(data_dir)?;
         Ok(dir)
     }
 }

@@ -36,8 +36,9 @@
 //! written record durable and returns the durable sequence number. The two are tracked apart,
 //! and only the durable sequence number may be used to acknowledge anything.
 //!
-//! A segment is created atomically (header written to `NAME.tmp`, synced, renamed, folder
-//! synced), and the active segment is synced before the next one is created, so every segment
+//! A segment is created atomically (`haven_fsutil::write_atomic`: header written to a
+//! temporary file, synced, renamed, folder synced; a temporary file a crash left is removed at
+//! open), and the active segment is synced before the next one is created, so every segment
 //! but the last is complete and durable. On [`ChangeLog::open`] a torn tail of the last segment
 //! (a record cut short or never fully written by a crash) is truncated; damage anywhere else is
 //! an error naming the segment file and the offset.
@@ -56,6 +57,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use haven_fsutil::{read_at_most, sync_dir};
 use haven_wire::crc32c::{Crc32c, crc32c};
 
 /// Magic at the start of every segment file.
@@ -74,7 +76,6 @@ pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
 pub const TAG_PAYLOAD_LEN: u64 = 17;
 /// File name extension of segments.
 pub const SEGMENT_EXT: &str = "hlog";
-const LOCK_FILE: &str = "lock";
 /// File whose presence says the log overflowed: its records are void (see the module docs).
 pub const OVERFLOW_MARKER: &str = "overflowed";
 const IO_CHUNK: usize = 1024 * 1024;
@@ -331,6 +332,16 @@ pub enum LogError {
 /// Result of the change log.
 pub type Result<T, E = LogError> = std::result::Result<T, E>;
 
+impl From<haven_fsutil::Error> for LogError {
+    fn from(e: haven_fsutil::Error) -> LogError {
+        LogError::Io {
+            what: e.step,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
     move |source| LogError::Io {
         what,
@@ -499,20 +510,6 @@ fn decode_record_header(h: &[u8; 36]) -> std::result::Result<RecordHeader, Strin
     })
 }
 
-/// Reads exactly `buf.len()` bytes at `pos`, or reports how many were available.
-fn read_at_most(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], pos + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 /// Outcome of checking one record in place.
 enum Check {
     Good(RecordHeader),
@@ -614,12 +611,6 @@ fn find_intact_record_after(
     Ok(None)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing folder", dir))
-}
-
 impl ChangeLog {
     /// Opens (or creates) the log in `dir`, recovering after a crash: every segment is
     /// validated, a torn tail of the last segment is truncated (and logged), damage anywhere
@@ -638,27 +629,24 @@ impl ChangeLog {
                 limits.max_bytes
             )));
         }
-        fs::create_dir_all(&dir).map_err(io_err("creating folder", &dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("opening", &lock_path))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(LogError::Locked { path: dir }),
-            Err(e) => return Err(io_err("locking", &lock_path)(e.into())),
-        }
+        haven_fsutil::create_dir_all(&dir)?;
+        let lock = match haven_fsutil::lock_dir(&dir) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(LogError::Locked { path: dir });
+            }
+            Err(e) => return Err(e.into()),
+        };
 
         let mut firsts = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".hlog.tmp") {
-                // A segment whose creation did not complete: it never held a record.
+            // `.NAME.PID.N.tmp`, or `NAME.tmp` from builds before haven-fsutil.
+            if haven_fsutil::is_temporary(name) || name.ends_with(".hlog.tmp") {
+                // A segment (or overflow marker) whose creation did not complete: it never held
+                // a record.
                 let path = entry.path();
                 tracing::warn!(path = %path.display(), "removing unfinished segment");
                 fs::remove_file(&path).map_err(io_err("removing", &path))?;
@@ -807,18 +795,8 @@ impl ChangeLog {
     /// Creates a segment atomically: temporary file, header, sync, rename, sync folder.
     fn create_segment(dir: &Path, first_seq: u64) -> Result<Segment> {
         let path = dir.join(segment_name(first_seq));
-        let tmp = dir.join(format!("{}.tmp", segment_name(first_seq)));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.write_all_at(&encode_segment_header(first_seq), 0)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("writing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
-        sync_dir(dir)?;
+        // Mode 0666 less the umask, as segments always had.
+        haven_fsutil::write_atomic(&path, &encode_segment_header(first_seq), 0o666)?;
         Ok(Segment {
             path,
             first_seq,
@@ -983,16 +961,7 @@ impl ChangeLog {
             "HAVEN-LOG-OVERFLOWED 1\n{why}\nThe records in this folder are void: the disk has \
              writes they lack. The agent drops them and resyncs by block comparison.\n"
         );
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("creating", &path))?;
-        f.write_all_at(text.as_bytes(), 0)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("writing", &path))?;
-        sync_dir(&self.dir)?;
+        haven_fsutil::write_atomic(&path, text.as_bytes(), 0o666)?;
         self.overflowed = true;
         Ok(())
     }

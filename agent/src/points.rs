@@ -336,7 +336,11 @@ pub fn take(
 fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
     let body = "failed over (planned): the replica at the secondary site is the primary now; \
                 remove this file to protect this disk again (its replica will be resynced)\n";
-    crate::state::write_atomic(&data_dir.join(FAILED_OVER), body.as_bytes(), 0o644)
+    Ok(haven_fsutil::write_atomic(
+        &data_dir.join(FAILED_OVER),
+        body.as_bytes(),
+        0o644,
+    )?)
 }
 
 /// Why the agent must not serve the disk, when a planned failover stopped it.

@@ -84,7 +84,7 @@ pub fn serve_nbd(
         threads.push(thread::spawn(move || server.serve_unix(listener)));
     }
     if let Some(ready) = &cfg.ready_file {
-        crate::state::write_atomic(ready, served.as_bytes(), 0o644)
+        haven_fsutil::write_atomic(ready, served.as_bytes(), 0o644)
             .with_context(|| format!("writing the ready file {}", ready.display()))?;
     }
     Ok((server, threads))
@@ -168,7 +168,7 @@ fn move_aside(data_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::rename(log_dir, &to)
         .with_context(|| format!("moving {} to {}", log_dir.display(), to.display()))?;
-    crate::state::sync_dir(data_dir)?;
+    haven_fsutil::sync_dir(data_dir)?;
     tracing::warn!(to = %to.display(), "moved the damaged change log aside");
     Ok(())
 }

@@ -108,7 +108,7 @@ use tokio::task::JoinHandle;
 use crate::identity::{Identity, resolve};
 use crate::log::{self, Kind};
 use crate::splitter::{Captured, Overflow, SplitError, Splitter};
-use crate::state::{DiskRecord, Phase, write_atomic};
+use crate::state::{DiskRecord, Phase};
 
 /// The disk's id in the stream: one disk per agent process.
 pub const DISK_ID: u32 = 1;
@@ -328,7 +328,7 @@ impl Shared {
     /// Writes `status.json` (atomically).
     pub fn write_status(&self) -> anyhow::Result<()> {
         let body = serde_json::to_vec_pretty(&self.report())?;
-        write_atomic(&self.status_path, &body, 0o644)
+        Ok(haven_fsutil::write_atomic(&self.status_path, &body, 0o644)?)
     }
 }
 

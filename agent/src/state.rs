@@ -1,4 +1,5 @@
-//! The agent's small durable files: the disk state (`disk.state`) and atomic file writes.
+//! The disk state (`disk.state`). Atomic writes of this and the agent's other small files are
+//! `haven_fsutil`'s.
 //!
 //! # `disk.state` (version 1)
 //!
@@ -11,13 +12,12 @@
 //!
 //! `remap` may be absent (read as `false`): files written before it existed stay readable.
 //!
-//! Written atomically: temporary file, fsync, rename, fsync of the folder. A file whose magic,
-//! version or checksum does not match is refused with an error naming it, never guessed at.
+//! Written by [`haven_fsutil::write_atomic`]: temporary file, fsync, rename, fsync of the
+//! folder. A file whose magic, version or checksum does not match is refused with an error
+//! naming it, never guessed at.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::Path;
 
 use haven_wire::crc32c::crc32c;
 use serde::{Deserialize, Serialize};
@@ -164,45 +164,14 @@ impl DiskRecord {
 
     /// Writes `path` atomically.
     pub fn store(&self, path: &Path) -> anyhow::Result<()> {
-        write_atomic(path, &self.encode(), 0o644)
+        Ok(haven_fsutil::write_atomic(path, &self.encode(), 0o644)?)
     }
-}
-
-/// Writes `path` atomically: `path.tmp` written with `mode`, synced, renamed over `path`, then
-/// the folder synced.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
-    let res = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
-    })();
-    res.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("writing {}: {e}", path.display())
-    })
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// fsync of a folder, so that a rename or creation in it is durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn sample() -> DiskRecord {
@@ -229,7 +198,11 @@ mod tests {
         next.state = Phase::Protected;
         next.store(&path).unwrap();
         assert_eq!(DiskRecord::load(&path).unwrap(), Some(next));
-        assert!(!dir.path().join("disk.state.tmp").exists());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["disk.state"], "no temporary file is left");
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("HAVEN-DISK-STATE 1 "), "{text}");
         assert!(text.contains("\"state\":\"protected\""), "{text}");

@@ -16,6 +16,25 @@
 //! extents, so a test failover comes back after a restart with every flushed write (and, after
 //! a process crash rather than a power loss, every write), and rewrites the map compacted.
 //!
+//! # The scratch map (`SCRATCH.map`, version 1)
+//!
+//! ```text
+//! header (32 bytes): magic "HVNSCMAP", version u32 = 1, entry length u32 = 24,
+//!                    disk size u64, zero u32, CRC32C of the 28 bytes before it
+//! entry  (24 bytes): kind u8 (1 data, 2 zero), 3 zero bytes, offset u64, length u64,
+//!                    CRC32C of the 20 bytes before it
+//! ```
+//!
+//! Little-endian. The file is created, and rewritten compacted, whole by
+//! [`haven_fsutil::write_atomic`]; entries are appended after it. On reopening, an entry that
+//! fails its checksum is a torn tail when it is the last whole entry or only zeroes follow it
+//! (a crash mid-append, or the size made durable before the bytes): it and what follows are
+//! left out, as are the bytes of a partial entry at the end. A failing entry anywhere else, an
+//! entry whose checksum holds but whose content cannot be (a kind other than 1 or 2, an extent
+//! past the disk's end), and a bad header are errors naming the file and the offset. A map
+//! without the header (written before it existed) is refused, not guessed at: cleaning the test
+//! failover up and starting it again is the way on.
+//!
 //! Building a view reads only the journal's in-memory index (offset, length, seq of every
 //! record), so it takes the same short time whatever the disk's size; bytes are read when a
 //! client asks for them. While a view exists, the master target holds the base replica where it
@@ -24,7 +43,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,6 +51,7 @@ use bytes::Bytes;
 use haven_host::{Disk, WriterPlugin};
 use haven_store::decompress;
 use haven_store::journal::EntryKind;
+use haven_wire::crc32c::crc32c;
 use haven_wire::{Payload, Record, Seq};
 
 use crate::ingest::{DiskStream, lock};
@@ -40,10 +59,21 @@ use crate::ingest::{DiskStream, lock};
 /// Decoded journal records kept for reads that hit the same record again.
 const RECORD_CACHE: usize = 16;
 
-/// A scratch map entry: kind (1 data, 2 zero), offset and length, little-endian.
-const MAP_ENTRY: usize = 17;
+/// The scratch map's magic (see the module docs for the layout).
+const MAP_MAGIC: [u8; 8] = *b"HVNSCMAP";
+/// The scratch map's format version, written and understood.
+const MAP_VERSION: u32 = 1;
+/// Length of the scratch map's header.
+const MAP_HEADER: usize = 32;
+/// Length of a scratch map entry.
+const MAP_ENTRY: usize = 24;
 const MAP_DATA: u8 = 1;
 const MAP_ZERO: u8 = 2;
+/// What to do about a damaged scratch map.
+const MAP_ADVICE: &str = "clean the test failover up (`haven failover cleanup ITEM`) and \
+                          start it again";
+/// Permissions of new scratch files, as before the map was written atomically (`File::create`).
+const SCRATCH_MODE: u32 = 0o666;
 
 /// What covers an extent of the view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,31 +229,139 @@ struct ScratchFiles {
     map_len: std::sync::atomic::AtomicU64,
 }
 
-/// Makes the entries of `dir` (a file created or renamed in it) durable.
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| anyhow::anyhow!("syncing folder {}: {e}", dir.display()))
-}
-
 fn map_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".map");
     PathBuf::from(p)
 }
 
+fn map_header(size: u64) -> [u8; MAP_HEADER] {
+    let mut h = [0u8; MAP_HEADER];
+    h[0..8].copy_from_slice(&MAP_MAGIC);
+    h[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(MAP_ENTRY as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&size.to_le_bytes());
+    let crc = crc32c(&h[..MAP_HEADER - 4]);
+    h[MAP_HEADER - 4..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
 fn map_entry(kind: u8, offset: u64, len: u64) -> [u8; MAP_ENTRY] {
     let mut e = [0u8; MAP_ENTRY];
     e[0] = kind;
-    e[1..9].copy_from_slice(&offset.to_le_bytes());
-    e[9..].copy_from_slice(&len.to_le_bytes());
+    e[4..12].copy_from_slice(&offset.to_le_bytes());
+    e[12..20].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c(&e[..MAP_ENTRY - 4]);
+    e[MAP_ENTRY - 4..].copy_from_slice(&crc.to_le_bytes());
     e
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Checks the header of the map `log` read from `path` for a disk of `size` bytes.
+fn check_map_header(path: &Path, log: &[u8], size: u64) -> anyhow::Result<()> {
+    let bad = |what: String| {
+        anyhow::anyhow!(
+            "scratch map {}, offset 0: {what}; {MAP_ADVICE}",
+            path.display()
+        )
+    };
+    if log.len() < MAP_MAGIC.len() || log[..MAP_MAGIC.len()] != MAP_MAGIC {
+        return Err(bad(format!(
+            "no {:?} header: not a scratch map, or one written by an older Haven (before maps \
+             had a header), which this one does not read",
+            String::from_utf8_lossy(&MAP_MAGIC)
+        )));
+    }
+    if log.len() < MAP_HEADER {
+        return Err(bad(format!(
+            "the header is cut short ({} of {MAP_HEADER} bytes)",
+            log.len()
+        )));
+    }
+    if crc32c(&log[..MAP_HEADER - 4]) != le32(log, MAP_HEADER - 4) {
+        return Err(bad("header checksum mismatch (the file is damaged)".into()));
+    }
+    let version = le32(log, 8);
+    if version != MAP_VERSION {
+        return Err(bad(format!(
+            "format version {version} is not supported (this build reads version {MAP_VERSION})"
+        )));
+    }
+    let entry = le32(log, 12);
+    if entry as usize != MAP_ENTRY {
+        return Err(bad(format!(
+            "entries of {entry} bytes (version {MAP_VERSION} has {MAP_ENTRY})"
+        )));
+    }
+    let for_size = le64(log, 16);
+    if for_size != size {
+        return Err(bad(format!(
+            "the map is for a {for_size}-byte disk, this disk has {size} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The entries of the map `log` read from `path` (header checked), in order; a torn tail is
+/// left out (see the module docs).
+fn read_map_entries(path: &Path, log: &[u8], size: u64) -> anyhow::Result<Vec<(u64, u64, Source)>> {
+    check_map_header(path, log, size)?;
+    let whole = (log.len() - MAP_HEADER) / MAP_ENTRY;
+    let mut out = Vec::with_capacity(whole);
+    for i in 0..whole {
+        let at = MAP_HEADER + i * MAP_ENTRY;
+        let e = &log[at..at + MAP_ENTRY];
+        let damaged = |what: String| {
+            anyhow::anyhow!(
+                "scratch map {}, offset {at}: {what}; the map is damaged, {MAP_ADVICE}",
+                path.display()
+            )
+        };
+        if crc32c(&e[..MAP_ENTRY - 4]) != le32(e, MAP_ENTRY - 4) {
+            if i + 1 == whole || log[at..].iter().all(|&b| b == 0) {
+                tracing::warn!(
+                    map = %path.display(),
+                    offset = at,
+                    dropped_bytes = log.len() - at,
+                    "leaving out the torn tail of a scratch map (written, never flushed)"
+                );
+                break;
+            }
+            return Err(damaged(format!(
+                "entry {i} fails its checksum and entries follow it"
+            )));
+        }
+        let (offset, len) = (le64(e, 4), le64(e, 12));
+        let source = match e[0] {
+            MAP_DATA => Source::Scratch,
+            MAP_ZERO => Source::Zero,
+            k => {
+                return Err(damaged(format!(
+                    "entry {i} has kind {k}, not 1 (data) or 2 (zero)"
+                )));
+            }
+        };
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(damaged(format!(
+                "entry {i} ({offset}+{len}) reaches past the {size}-byte disk"
+            )));
+        }
+        out.push((offset, offset + len, source));
+    }
+    Ok(out)
 }
 
 impl ScratchFiles {
     fn create(path: &Path, size: u64) -> anyhow::Result<ScratchFiles> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            haven_fsutil::create_dir_all(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -233,22 +371,20 @@ impl ScratchFiles {
             .open(path)
             .map_err(|e| anyhow::anyhow!("creating scratch {}: {e}", path.display()))?;
         file.set_len(size)?;
+        // The map appears whole, with its header; that also syncs the folder (the data
+        // file's entry too).
         let map_path = map_path(path);
+        haven_fsutil::write_atomic(&map_path, &map_header(size), SCRATCH_MODE)?;
         let map = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
             .open(&map_path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", map_path.display()))?;
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
-        }
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", map_path.display()))?;
         Ok(ScratchFiles {
             path: path.to_path_buf(),
             file,
             map_path,
             map,
-            map_len: 0.into(),
+            map_len: (MAP_HEADER as u64).into(),
         })
     }
 
@@ -263,31 +399,8 @@ impl ScratchFiles {
         let map_path = map_path(path);
         let log = std::fs::read(&map_path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_path.display()))?;
-        // A torn last entry (a power loss mid-append) was never flushed: it is left out, as are
-        // all-zero entries at the end (the file's size made durable before their bytes).
-        for (i, e) in log.chunks_exact(MAP_ENTRY).enumerate() {
-            if e[0] == 0 && log[i * MAP_ENTRY..].iter().all(|&b| b == 0) {
-                break;
-            }
-            let offset = u64::from_le_bytes(e[1..9].try_into().expect("8 bytes"));
-            let len = u64::from_le_bytes(e[9..].try_into().expect("8 bytes"));
-            let source = match e[0] {
-                MAP_DATA => Source::Scratch,
-                MAP_ZERO => Source::Zero,
-                k => anyhow::bail!(
-                    "{}: entry {i} has kind {k}, not 1 (data) or 2 (zero); the map is damaged, \
-                     clean the test failover up and start it again",
-                    map_path.display()
-                ),
-            };
-            if offset.checked_add(len).is_none_or(|end| end > size) {
-                anyhow::bail!(
-                    "{}: entry {i} ({offset}+{len}) reaches past the {size}-byte disk; the map \
-                     is damaged, clean the test failover up and start it again",
-                    map_path.display()
-                );
-            }
-            extents.insert(offset, offset + len, source);
+        for (start, end, source) in read_map_entries(&map_path, &log, size)? {
+            extents.insert(start, end, source);
         }
         // One entry per run of touching extents of one kind.
         let mut runs: Vec<(u8, u64, u64)> = Vec::new();
@@ -302,24 +415,14 @@ impl ScratchFiles {
                 _ => runs.push((kind, start, end)),
             }
         }
-        let compact: Vec<u8> = runs
-            .iter()
-            .flat_map(|&(kind, start, end)| map_entry(kind, start, end - start))
+        let compact: Vec<u8> = map_header(size)
+            .into_iter()
+            .chain(
+                runs.iter()
+                    .flat_map(|&(kind, start, end)| map_entry(kind, start, end - start)),
+            )
             .collect();
-        let mut tmp_path = map_path.clone().into_os_string();
-        tmp_path.push(".tmp");
-        let tmp_path = PathBuf::from(tmp_path);
-        {
-            let mut tmp = File::create(&tmp_path)
-                .map_err(|e| anyhow::anyhow!("creating {}: {e}", tmp_path.display()))?;
-            tmp.write_all(&compact)?;
-            tmp.sync_all()?;
-        }
-        std::fs::rename(&tmp_path, &map_path)
-            .map_err(|e| anyhow::anyhow!("replacing {}: {e}", map_path.display()))?;
-        if let Some(dir) = map_path.parent() {
-            sync_dir(dir)?;
-        }
+        haven_fsutil::write_atomic(&map_path, &compact, SCRATCH_MODE)?;
         let map = std::fs::OpenOptions::new()
             .write(true)
             .open(&map_path)
@@ -636,38 +739,87 @@ mod tests {
         // Compacted: one entry per scratch or zero extent (10..15, 15..20, 20..30, 200..250,
         // 900..1000), and it replays to the same map.
         let log = std::fs::read(map_path(&path)).expect("map");
-        assert_eq!(log.len(), 5 * MAP_ENTRY);
-        let mut again = ExtentMap::default();
-        journal(&mut again);
-        ScratchFiles::reopen(&path, 1000, &mut again).expect("reopen again");
+        assert_eq!(log.len(), MAP_HEADER + 5 * MAP_ENTRY);
+        assert_eq!(&log[..8], b"HVNSCMAP");
+        let replay = |log: &[u8]| {
+            std::fs::write(map_path(&path), log).expect("write map");
+            let mut m = ExtentMap::default();
+            journal(&mut m);
+            ScratchFiles::reopen(&path, 1000, &mut m).map(|_| m)
+        };
         let bytes = |m: &ExtentMap| {
             m.pieces(0, 1000)
                 .into_iter()
                 .flat_map(|(a, b, src)| (a..b).map(move |_| src))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(bytes(&again), bytes(&want));
-        // So are all-zero entries at the end (the size durable before the bytes).
-        let mut log = std::fs::read(map_path(&path)).expect("map");
-        log.extend([0u8; 2 * MAP_ENTRY]);
-        std::fs::write(map_path(&path), &log).expect("zero tail");
-        let mut third = ExtentMap::default();
-        journal(&mut third);
-        ScratchFiles::reopen(&path, 1000, &mut third).expect("reopen a third time");
-        assert_eq!(bytes(&third), bytes(&want));
+        assert_eq!(bytes(&replay(&log).expect("reopen again")), bytes(&want));
+        // So are all-zero entries at the end (the size durable before the bytes), a last entry
+        // failing its checksum, and a partial entry after one.
+        let with = |tail: &[u8]| [log.as_slice(), tail].concat();
+        let mut bad_last = map_entry(MAP_DATA, 500, 10);
+        bad_last[6] ^= 1;
+        for tail in [
+            with(&[0u8; 2 * MAP_ENTRY]),
+            with(&bad_last),
+            with(&[bad_last.as_slice(), &[7, 7, 7]].concat()),
+        ] {
+            assert_eq!(bytes(&replay(&tail).expect("torn tail")), bytes(&want));
+        }
+        // A compacted rewrite leaves no torn tail and no temporary file behind.
+        assert_eq!(std::fs::read(map_path(&path)).expect("map"), log);
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
 
-        // A damaged map is refused with what to do.
-        std::fs::write(map_path(&path), map_entry(MAP_DATA, 990, 20)).expect("write");
-        let e = ScratchFiles::reopen(&path, 1000, &mut ExtentMap::default())
-            .err()
-            .expect("refused");
-        assert!(
-            e.to_string().contains(
-                "entry 0 (990+20) reaches past the 1000-byte disk; the map is damaged, clean \
-                 the test failover up and start it again"
+        // Damage a crash cannot explain is refused, naming the file and the offset.
+        let refused = |log: &[u8], want: &str| {
+            let e = replay(log).expect_err("refused").to_string();
+            assert!(
+                e.contains(&format!("scratch map {}", map_path(&path).display()))
+                    && e.contains(want)
+                    && e.contains("haven failover cleanup"),
+                "{e}"
+            );
+        };
+        // A bad entry with an intact one after it.
+        let mut middle = log.clone();
+        middle[MAP_HEADER + MAP_ENTRY + 5] ^= 1;
+        refused(
+            &middle,
+            &format!(
+                "offset {}: entry 1 fails its checksum and entries follow it",
+                MAP_HEADER + MAP_ENTRY
             ),
-            "{e}"
         );
+        // Intact entries that cannot be.
+        refused(
+            &with(&map_entry(MAP_DATA, 990, 20)),
+            &format!(
+                "offset {}: entry 5 (990+20) reaches past the 1000-byte disk",
+                MAP_HEADER + 5 * MAP_ENTRY
+            ),
+        );
+        refused(&with(&map_entry(3, 0, 1)), "entry 5 has kind 3");
+        // The header: damaged, another version, another disk, cut short.
+        let mut header = log.clone();
+        header[20] ^= 1;
+        refused(&header, "offset 0: header checksum mismatch");
+        let mut v2 = map_header(1000);
+        v2[8] = 2;
+        let crc = crc32c(&v2[..MAP_HEADER - 4]);
+        v2[MAP_HEADER - 4..].copy_from_slice(&crc.to_le_bytes());
+        refused(&v2, "format version 2 is not supported");
+        refused(&map_header(2000), "the map is for a 2000-byte disk");
+        refused(&log[..12], "the header is cut short");
+        // A map of the format before the header (17-byte entries) is refused, not guessed at.
+        let mut old = vec![MAP_DATA];
+        old.extend(10u64.to_le_bytes());
+        old.extend(20u64.to_le_bytes());
+        refused(&old, "written by an older Haven");
+        refused(&[], "written by an older Haven");
     }
 
     #[test]

@@ -1197,7 +1197,8 @@ impl MasterTarget {
             tracing::info!(image = %full.display(), "replacing a failover image made before a restart");
             std::fs::remove_file(&full)?;
         }
-        std::fs::create_dir_all(&staging_dir)?;
+        // Each folder made is durable in its parent (the image's folder too, for the rename).
+        haven_fsutil::create_dir_all(&staging_dir)?;
         let base_seq = r.applied.load(Ordering::Acquire);
         let view = View::build(
             r.stream.clone(),
@@ -1459,16 +1460,10 @@ pub(crate) fn register_tag(state: &StateDb, replica: &Replica, tag: &Tag) -> boo
     inserted.is_some()
 }
 
-/// Refuses with `why` unless the item is protected.
 /// Moves a complete image's files from `staging` into `dir`, `name` last, syncs both folders
 /// and removes `staging`. Each file is synced before it moves (the writer flushed its data,
 /// this makes sure of it whatever the plugin did).
 fn publish(staging: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
-    let sync = |p: &Path| -> anyhow::Result<()> {
-        std::fs::File::open(p)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("syncing {}", p.display()))
-    };
     let mut files: Vec<_> = std::fs::read_dir(staging)
         .with_context(|| format!("reading {}", staging.display()))?
         .map(|e| e.map(|e| e.file_name()))
@@ -1477,15 +1472,16 @@ fn publish(staging: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
     files.sort_by_key(|f| f == name);
     for f in &files {
         let from = staging.join(f);
-        sync(&from)?;
+        haven_fsutil::sync_file(&from)?;
         std::fs::rename(&from, dir.join(f))
             .with_context(|| format!("moving {} into {}", from.display(), dir.display()))?;
     }
-    sync(dir)?;
+    haven_fsutil::sync_dir(dir)?;
     std::fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))?;
-    sync(dir)
+    Ok(haven_fsutil::sync_dir(dir)?)
 }
 
+/// Refuses with `why` unless the item is protected.
 fn require_protected(r: &Replica, item: &str, why: &str) -> Result<(), RecoveryError> {
     let state = lock(&r.recovery.item).state;
     if state == ItemState::Protected {

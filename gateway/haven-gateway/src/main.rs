@@ -151,24 +151,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Writes `text` to `path` atomically (temporary file, sync, rename, sync folder).
+/// Writes `text` to `path` atomically (`haven_fsutil::write_atomic`), its folder created
+/// first; `private` files get mode 0600, others 0644.
 fn write_atomic(path: &Path, text: &str, private: bool) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("a file without a folder")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
+    haven_fsutil::create_dir_all(dir)?;
+    let mode = if private { 0o600 } else { 0o644 };
+    haven_fsutil::write_atomic(path, text.as_bytes(), mode)?;
     Ok(())
 }
 

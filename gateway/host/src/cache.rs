@@ -8,10 +8,10 @@
 //! On disk, an artefact is named by the SHA-256 of the component's bytes and the engine's
 //! compatibility hash (wasmtime version and every setting that changes code), so a new gateway
 //! version or configuration never loads an artefact made by another. The file is `MAGIC`, a
-//! format version, the SHA-256 of the payload, then the payload; it is written to a temporary
-//! file of its own (a unique name, mode 0600), synced, renamed into place and the folder synced,
-//! so processes storing the same artefact at once all succeed and the last rename wins with the
-//! same content. A damaged artefact is logged, removed and rebuilt. Failing to store an artefact
+//! format version, the SHA-256 of the payload, then the payload; it is written by
+//! `haven_fsutil::write_atomic_with` (a temporary file of its own, mode 0600, synced, renamed
+//! into place, the folder synced), so processes storing the same artefact at once all succeed
+//! and the last rename wins with the same content. A damaged artefact is logged, removed and rebuilt. Failing to store an artefact
 //! does not fail the load: the component is used and the failure logged.
 
 use std::collections::HashMap;
@@ -208,26 +208,16 @@ fn store(path: &Path, payload: &[u8]) -> std::io::Result<()> {
             fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o022))?;
         }
     }
-    // A temporary file of this writer's own (a random name, created exclusively, mode 0600,
-    // removed if anything below fails): other threads and processes storing the same artefact
-    // write their own, and each rename replaces the artefact whole with the same content.
-    let name = path
-        .file_name()
-        .expect("artefacts have a name")
-        .to_string_lossy();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .permissions(fs::Permissions::from_mode(0o600))
-        .tempfile_in(dir)?;
-    let f = tmp.as_file_mut();
-    f.write_all(MAGIC)?;
-    f.write_all(&FORMAT_VERSION.to_le_bytes())?;
-    f.write_all(&Sha256::digest(payload))?;
-    f.write_all(payload)?;
-    f.sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    fs::File::open(dir)?.sync_all()
+    // A temporary file of this writer's own (created exclusively, mode 0600, removed if
+    // anything fails): other threads and processes storing the same artefact write their own,
+    // and each rename replaces the artefact whole with the same content.
+    haven_fsutil::write_atomic_with(path, 0o600, |f| {
+        f.write_all(MAGIC)?;
+        f.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        f.write_all(&Sha256::digest(payload))?;
+        f.write_all(payload)
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -146,9 +146,9 @@ impl StorageGrant {
             Some(p) => self.root.join(p),
             None => self.root.clone(),
         };
-        File::open(&folder)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::Io(format!("sync folder of `{path}`: {e}")))
+        // Only the plugin's own path in the message: the host's folders are not its business.
+        haven_fsutil::sync_dir(&folder)
+            .map_err(|e| Error::Io(format!("sync folder of `{path}`: {}", e.source)))
     }
 }
 

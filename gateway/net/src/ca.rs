@@ -35,10 +35,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,6 +138,21 @@ pub enum CaError {
 }
 
 type Result<T, E = CaError> = std::result::Result<T, E>;
+
+/// Mode of the CA's private key (written through `haven_fsutil::write_atomic`).
+const PRIVATE: u32 = 0o600;
+/// Mode of its other files.
+const PUBLIC: u32 = 0o644;
+
+impl From<haven_fsutil::Error> for CaError {
+    fn from(e: haven_fsutil::Error) -> CaError {
+        CaError::Io {
+            action: e.step,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
 
 /// A one-time enrollment token.
 #[derive(Clone, PartialEq, Eq)]
@@ -373,7 +387,7 @@ impl SiteCa {
                 return Err(CaError::AlreadyInitialised { dir, file });
             }
         }
-        fs::create_dir_all(&dir).map_err(io("create folder", &dir))?;
+        haven_fsutil::create_dir_all(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(io("set permissions of", &dir))?;
 
@@ -408,9 +422,10 @@ impl SiteCa {
             crl_number: 1,
         };
         // Key first, certificate second, state last: `open` requires all three.
-        write_atomic(&dir, CA_KEY_FILE, key.serialize_pem().as_bytes(), true)?;
-        write_atomic(&dir, CA_CERT_FILE, cert.pem().as_bytes(), false)?;
-        write_atomic(&dir, STATE_FILE, &encode_state(&state), false)?;
+        let key_pem = key.serialize_pem();
+        haven_fsutil::write_atomic(&dir.join(CA_KEY_FILE), key_pem.as_bytes(), PRIVATE)?;
+        haven_fsutil::write_atomic(&dir.join(CA_CERT_FILE), cert.pem().as_bytes(), PUBLIC)?;
+        haven_fsutil::write_atomic(&dir.join(STATE_FILE), &encode_state(&state), PUBLIC)?;
         Self::open(dir)
     }
 
@@ -772,7 +787,7 @@ impl SiteCa {
     }
 
     fn commit(&mut self, state: State) -> Result<()> {
-        write_atomic(&self.dir, STATE_FILE, &encode_state(&state), false)?;
+        haven_fsutil::write_atomic(&self.dir.join(STATE_FILE), &encode_state(&state), PUBLIC)?;
         self.state = state;
         Ok(())
     }
@@ -832,23 +847,6 @@ fn decode_state(bytes: &[u8]) -> Result<State, String> {
         ));
     }
     serde_json::from_slice(body).map_err(|e| format!("body does not parse: {e}"))
-}
-
-fn write_atomic(dir: &Path, name: &str, data: &[u8], private: bool) -> Result<()> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut opts = OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    opts.mode(if private { 0o600 } else { 0o644 });
-    let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync folder", dir))?;
-    Ok(())
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CaError + use<> {

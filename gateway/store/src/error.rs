@@ -132,6 +132,16 @@ pub enum StoreError {
 /// Result of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl From<haven_fsutil::Error> for StoreError {
+    fn from(e: haven_fsutil::Error) -> StoreError {
+        StoreError::Io {
+            what: e.step,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 pub(crate) fn io_err<'a>(
     what: &'static str,
     path: &'a Path,

@@ -76,8 +76,9 @@
 //! record durable (`fdatasync`) and returns the durable sequence number. The two are tracked
 //! apart; only the durable one may be acknowledged.
 //!
-//! A segment is created atomically (header written to `NAME.tmp`, synced, renamed, folder
-//! synced), and the active segment is synced before the next one is created, so every segment but
+//! A segment is created atomically (`haven_fsutil::write_atomic`: header written to a temporary
+//! file, synced, renamed, folder synced; a temporary file a crash left is removed at open), and
+//! the active segment is synced before the next one is created, so every segment but
 //! the last is complete and durable. On [`Journal::open`] every segment header and record header
 //! is checked (CRC32C, lengths, increasing sequence numbers, record indexes, the chain of
 //! "previous last sequence numbers"), and the records of the last segment are authenticated
@@ -105,6 +106,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use haven_fsutil::{read_at_most, sync_dir};
 use haven_wire::crc32c::crc32c;
 use haven_wire::frame::MAX_DATA_LEN;
 use haven_wire::{Payload, Record, Tag, TagKind, Write};
@@ -112,9 +114,9 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf;
 
 use crate::error::{Result, StoreError, io_err};
-use crate::fsutil::{le32, le64, lock_dir, random, read_at_most, sync_dir};
 use crate::key::Key;
 use crate::payload::is_all_zero;
+use crate::util::{le32, le64, random};
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"HVNJOURN";
@@ -673,15 +675,19 @@ impl Journal {
             )));
         }
         let dir = dir.to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err("creating folder", &dir))?;
-        let lock = lock_dir(&dir)?;
+        haven_fsutil::create_dir_all(&dir)?;
+        let lock = haven_fsutil::lock_dir(&dir).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => StoreError::Locked { path: dir.clone() },
+            _ => e.into(),
+        })?;
 
         let mut numbers = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".hjnl.tmp") {
+            // `.NAME.PID.N.tmp`, or `NAME.tmp` from builds before haven-fsutil.
+            if haven_fsutil::is_temporary(name) || name.ends_with(".hjnl.tmp") {
                 // A segment whose creation did not complete: it never held a record.
                 let path = entry.path();
                 tracing::warn!(path = %path.display(), "removing unfinished journal segment");
@@ -1168,18 +1174,9 @@ fn create_segment(dir: &Path, master: &Key, number: u64, prev_last: u64) -> Resu
     let id = random::<16>()?;
     let key = segment_key(master, &id)?;
     let path = dir.join(segment_name(number));
-    let tmp = dir.join(format!("{}.tmp", segment_name(number)));
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    f.write_all_at(&encode_segment_header(number, &id, prev_last, &key)?, 0)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err("writing", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
-    sync_dir(dir)?;
+    let header = encode_segment_header(number, &id, prev_last, &key)?;
+    // Mode 0666 less the umask, as segments always had.
+    haven_fsutil::write_atomic(&path, &header, 0o666)?;
     Ok(Segment {
         number,
         path,

@@ -10,21 +10,21 @@
 //! | 16..48 | the key                               |
 //! | 48..52 | CRC32C of bytes 0..48                 |
 //!
-//! The file is created with mode 0600 by writing a temporary file in the same folder, syncing it,
-//! linking it to its name (which never replaces a key another process created meanwhile: losing
-//! a key loses every journal sealed with it), removing the temporary name and syncing the
-//! folder. A key file that is damaged, not a regular file, not owned by this user, or open to
+//! The file is created with mode 0600 by [`haven_fsutil::write_new`]: a temporary file in the
+//! same folder, synced, linked to its name (which never replaces a key another process created
+//! meanwhile: losing a key loses every journal sealed with it), the temporary name removed and
+//! the folder synced. A key file that is damaged, not a regular file, not owned by this user, or open to
 //! group or others is refused, never repaired: replacing a key makes the journals unreadable.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write as _};
+use std::fs::OpenOptions;
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use haven_wire::crc32c::crc32c;
 
 use crate::error::{Result, StoreError};
-use crate::fsutil::{hex, le32, random, sync_dir};
+use crate::util::le32;
 
 /// Magic at the start of a key file.
 pub const KEY_FILE_MAGIC: [u8; 8] = *b"HVNATKEY";
@@ -157,7 +157,7 @@ impl Key {
     }
 
     fn create(path: &Path) -> Result<Key> {
-        let key = Key(random::<32>()?);
+        let key = Key(crate::util::random::<32>()?);
         let mut buf = [0u8; KEY_FILE_LEN];
         buf[0..8].copy_from_slice(&KEY_FILE_MAGIC);
         buf[8..12].copy_from_slice(&KEY_FILE_VERSION.to_le_bytes());
@@ -166,44 +166,13 @@ impl Key {
         let crc = crc32c(&buf[0..48]);
         buf[48..52].copy_from_slice(&crc.to_le_bytes());
 
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "key".into());
-        let tmp = dir.join(format!(".{name}.{}.tmp", hex(&random::<8>()?)));
-        let io = |what: &'static str, p: &Path| {
-            let p = p.to_path_buf();
-            move |source| StoreError::Io {
-                what,
-                path: p,
-                source,
-            }
-        };
-        let mut f: File = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("creating key file", &tmp))?;
-        let written = f.write_all(&buf).and_then(|()| f.sync_all());
-        drop(f);
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io("writing key file", &tmp)(e));
-        }
-        let linked = fs::hard_link(&tmp, path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
+        // Whole, private, and never over a key another process created meanwhile.
+        match haven_fsutil::write_new(path, &buf, 0o600) {
             Ok(()) => {}
             // Another process created the key meanwhile: use that one.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Self::load(path),
-            Err(e) => return Err(io("creating key file", path)(e)),
+            Err(e) => return Err(e.into()),
         }
-        sync_dir(dir)?;
         tracing::info!(path = %path.display(), "created a new at-rest key");
         Ok(key)
     }

@@ -25,11 +25,11 @@
 //! authentication tag verified.
 
 pub mod error;
-mod fsutil;
 pub mod journal;
 pub mod key;
 pub mod payload;
 pub mod state;
+mod util;
 
 pub use error::{Result, StoreError};
 pub use journal::{

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
-use crate::fsutil::hex;
+use crate::util::hex;
 
 /// Schema version written and understood.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -668,6 +668,34 @@ fn second_open_is_locked() {
     Journal::open(&dir, &key(), JournalOptions::default()).expect("open after the first closed");
 }
 
+/// Temporary files a crash left mid-creation of a segment (`.NAME.PID.N.tmp` of
+/// `haven_fsutil::write_atomic`, or `NAME.tmp` of builds before it) are removed at open.
+#[test]
+fn leftover_temporary_segments_are_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let mut j = Journal::open(dir, &key(), small()).expect("open");
+    j.append(&write(1, 0, Payload::Data(Bytes::from(vec![1u8; 100]))))
+        .expect("append");
+    j.sync().expect("sync");
+    drop(j);
+    let left = [".000000000009.hjnl.4242.0.tmp", "000000000009.hjnl.tmp"];
+    for name in left {
+        fs::write(dir.join(name), b"HVNJ").expect("leftover");
+    }
+    let j = Journal::open(dir, &key(), small()).expect("open");
+    assert_eq!(j.stats().records, 1);
+    for name in left {
+        assert!(!dir.join(name).exists(), "{name} left");
+    }
+    let names: Vec<String> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
 #[test]
 fn decompress_and_zero_detection() {
     let text = text(10000);
