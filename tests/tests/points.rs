@@ -554,8 +554,18 @@ fn planned_failover_loses_no_acknowledged_write() -> Result<()> {
         "image holds writes 1..={k}, {acked} acknowledged"
     );
 
-    // The source takes no more writes.
+    // The source takes no more writes, and its agent says so.
     assert!(qemu_io(&c.agent.nbd, &["write -P 1 0 4096".into()]).is_err());
+    let report = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(match c.agent.report() {
+            Some(r) if r.disks[0].state == DiskState::FailedOver => Ok(r),
+            r => Err(format!(
+                "the stopped agent does not report failed-over: {r:?}"
+            )),
+        })
+    })?;
+    let why = report.disks[0].message.clone().unwrap_or_default();
+    assert!(why.contains("failed over (planned)"), "{why}");
     let info = item(&c)?;
     assert_eq!(info.item.state, ItemState::FailedOver);
     assert!(info.item.planned);
