@@ -31,7 +31,7 @@ struct Group(u32);
 impl Drop for Group {
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0)])
+            .args(["-s", "KILL", "--", &format!("-{}", self.0)])
             .status();
     }
 }
