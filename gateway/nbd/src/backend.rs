@@ -6,8 +6,11 @@ use crate::proto;
 ///
 /// The server calls [`Backend::check_range`] before every `read`, `write`, `write_zeroes` and
 /// `trim`, and calls those only with a range it accepted; `read` and `write` get at most
-/// [`proto::MAX_BLOCK`] bytes. Calls come from one thread per connection, concurrently when
-/// several clients are connected.
+/// [`proto::MAX_BLOCK`] bytes. Calls come concurrently: up to 1 + [`crate::WORKERS`] at once
+/// per connection, from every connection open. The server orders only FLUSH: it is called once
+/// every change received before it on that connection has returned; changes in flight
+/// together may reach the backend in any order (NBD does not order them), so a backend that
+/// needs one order of changes (the agent's log) takes its own lock.
 pub trait Backend: Send + Sync {
     /// Size of the export in bytes.
     fn size(&self) -> u64;

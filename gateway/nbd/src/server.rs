@@ -11,14 +11,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use crate::backend::{Backend, Error};
-use crate::proto::{self, Request};
+use crate::backend::Backend;
+use crate::proto;
+use crate::transmission;
 
 /// Largest option data read into memory; `INFO`/`GO` with a 4096-byte name fit.
 const MAX_OPTION_DATA: u32 = 8 * 1024;
 /// Larger option data than this is not even drained: the connection is closed.
 const MAX_OPTION_DRAIN: u32 = 1024 * 1024;
 const DRAIN_CHUNK: usize = 64 * 1024;
+/// What a connection reads from its socket at once: several small requests, or the start of a
+/// large write's payload (the rest is read straight into the payload's buffer). Small requests
+/// found buffered are run before their replies are sent (see `transmission`).
+const READ_BUFFER: usize = 64 * 1024;
 /// How long [`Server::close`] waits to reach a TCP listener it wakes.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -121,8 +126,9 @@ impl Server {
         &self.export
     }
 
-    /// Accepts TCP connections, one thread each, until [`Server::close`]; then returns `Ok`
-    /// and drops the listener. An error means a connection's thread could not be started.
+    /// Accepts TCP connections, one thread each (and its workers), until [`Server::close`];
+    /// then returns `Ok` and drops the listener. An error means a connection's thread could not
+    /// be started.
     pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
         let _entry = self.listening(Listening::Tcp(listener.local_addr()?));
         loop {
@@ -153,15 +159,19 @@ impl Server {
                             return;
                         }
                     };
-                    server.serve_connection(registered.id, reader, &stream, &peer);
+                    let shut_down = || {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    };
+                    server.serve_connection(registered.id, reader, &stream, &shut_down, &peer);
                     let _ = stream.shutdown(Shutdown::Both);
                     drop(registered);
                 })?;
         }
     }
 
-    /// Accepts Unix-socket connections, one thread each, until [`Server::close`]; then returns
-    /// `Ok` and drops the listener. An error means a connection's thread could not be started.
+    /// Accepts Unix-socket connections, one thread each (and its workers), until
+    /// [`Server::close`]; then returns `Ok` and drops the listener. An error means a
+    /// connection's thread could not be started.
     pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
         let path = listener.local_addr()?.as_pathname().map(PathBuf::from);
         let _entry = self.listening(Listening::Unix(path));
@@ -191,7 +201,10 @@ impl Server {
                             return;
                         }
                     };
-                    server.serve_connection(registered.id, reader, &stream, "unix");
+                    let shut_down = || {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    };
+                    server.serve_connection(registered.id, reader, &stream, &shut_down, "unix");
                     let _ = stream.shutdown(Shutdown::Both);
                     drop(registered);
                 })?;
@@ -200,10 +213,11 @@ impl Server {
 
     /// Stops serving: every accept loop returns `Ok` (a loop blocked in `accept` is woken by a
     /// connection to its own address), every open connection is shut down (its client sees the
-    /// connection end; a request in progress on the backend finishes first), and connections
-    /// that still arrive are refused. Returns without waiting for connections' threads to end:
-    /// [`Server::connections`] reaches 0 when they have. Connections served by
-    /// [`Server::run_connection`] are not reached. Calling it again does nothing more.
+    /// connection end; requests running on the backend finish first, queued ones are dropped),
+    /// and connections that still arrive are refused. Returns without waiting for connections'
+    /// threads to end: [`Server::connections`] reaches 0 when they have (workers included).
+    /// Connections served by [`Server::run_connection`] are not reached. Calling it again does
+    /// nothing more.
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
@@ -278,22 +292,39 @@ impl Server {
         })
     }
 
-    /// Serves one connection until the client disconnects or breaks the protocol. For
-    /// transports other than the serve loops' sockets; [`Server::close`] does not reach it.
-    pub fn run_connection<R: Read, W: Write>(&self, reader: R, writer: W, peer: &str) {
+    /// Serves one connection until the client disconnects or breaks the protocol, its
+    /// requests run by worker threads that write their replies to `writer` (hence `Send`). For
+    /// transports other than the serve loops' sockets; [`Server::close`] does not reach it, and
+    /// a reply that cannot be written does not wake a read blocked on `reader` (the serve loops
+    /// shut their socket down).
+    pub fn run_connection<R: Read, W: Write + Send>(&self, reader: R, writer: W, peer: &str) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.serve_connection(id, reader, writer, peer);
+        self.serve_connection(id, reader, writer, &|| {}, peer);
     }
 
-    fn serve_connection<R: Read, W: Write>(&self, conn: u64, reader: R, mut writer: W, peer: &str) {
+    /// `shut_down` shuts the socket down when the connection breaks.
+    fn serve_connection<R: Read, W: Write + Send>(
+        &self,
+        conn: u64,
+        reader: R,
+        mut writer: W,
+        shut_down: &(dyn Fn() + Sync),
+        peer: &str,
+    ) {
         let span = tracing::info_span!("nbd", conn, peer);
         let _enter = span.enter();
         tracing::info!("client connected");
-        let mut reader = BufReader::with_capacity(256 * 1024, reader);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
         let result = self
             .handshake(&mut reader, &mut writer)
             .and_then(|h| match h {
-                Handshake::Transmission => self.transmission(&mut reader, &mut writer),
+                Handshake::Transmission => transmission::run(
+                    self.backend.as_ref(),
+                    &self.export,
+                    &mut reader,
+                    writer,
+                    shut_down,
+                ),
                 Handshake::Closed => Ok(()),
             });
         match result {
@@ -437,134 +468,6 @@ impl Server {
     fn is_export(&self, name: &str) -> bool {
         name.is_empty() || name == self.export
     }
-
-    fn transmission<R: Read, W: Write>(&self, r: &mut R, w: &mut W) -> io::Result<()> {
-        let mut payload = Vec::new();
-        loop {
-            let mut hb = [0u8; proto::REQUEST_LEN];
-            match r.read_exact(&mut hb) {
-                Ok(()) => {}
-                // A client that closes between requests just leaves.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let Some(req) = proto::parse_request(&hb) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "bad request magic",
-                ));
-            };
-            let len = u64::from(req.len);
-            let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-            match req.command {
-                proto::CMD_DISC => return Ok(()),
-                proto::CMD_READ => self.do_read(&req, w)?,
-                proto::CMD_WRITE => {
-                    if req.len > proto::MAX_BLOCK {
-                        // Never hold an unbounded payload: drain it in bounded chunks.
-                        drain(r, len)?;
-                        tracing::warn!(offset = req.offset, len, "write larger than the maximum");
-                        w.write_all(&proto::simple_reply(proto::EINVAL, req.handle))?;
-                        continue;
-                    }
-                    payload.resize(req.len as usize, 0);
-                    r.read_exact(&mut payload)?;
-                    let result = self
-                        .check_change(&req, proto::CMD_FLAG_FUA)
-                        .and_then(|()| self.backend.write(req.offset, &payload, fua));
-                    self.reply(w, &req, result)?;
-                }
-                proto::CMD_FLUSH => {
-                    let result = self.backend.flush();
-                    self.reply(w, &req, result)?;
-                }
-                proto::CMD_TRIM => {
-                    let result = self
-                        .check_change(&req, proto::CMD_FLAG_FUA)
-                        .and_then(|()| self.backend.trim(req.offset, len, fua));
-                    self.reply(w, &req, result)?;
-                }
-                proto::CMD_WRITE_ZEROES => {
-                    let allowed = proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE;
-                    let result = self.check_change(&req, allowed).and_then(|()| {
-                        let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                        self.backend.write_zeroes(req.offset, len, may_punch, fua)
-                    });
-                    self.reply(w, &req, result)?;
-                }
-                other => {
-                    tracing::warn!(command = other, "unsupported command");
-                    w.write_all(&proto::simple_reply(proto::EINVAL, req.handle))?;
-                }
-            }
-        }
-    }
-
-    /// Checks a change (WRITE, TRIM, WRITE_ZEROES) before the backend sees it: its flags, that
-    /// the export is writable, its range.
-    fn check_change(&self, req: &Request, allowed_flags: u16) -> Result<(), Error> {
-        check_flags(req, allowed_flags)?;
-        if self.backend.read_only() {
-            return Err(Error::refused(
-                proto::EPERM,
-                format!(
-                    "command {} on read-only export {:?}",
-                    req.command, self.export
-                ),
-            ));
-        }
-        self.backend.check_range(req.offset, u64::from(req.len))
-    }
-
-    fn do_read<W: Write>(&self, req: &Request, w: &mut W) -> io::Result<()> {
-        let len = u64::from(req.len);
-        if req.len > proto::MAX_BLOCK {
-            tracing::warn!(offset = req.offset, len, "read larger than the maximum");
-            return w.write_all(&proto::simple_reply(proto::EINVAL, req.handle));
-        }
-        if let Err(e) = check_flags(req, 0).and_then(|()| self.backend.check_range(req.offset, len))
-        {
-            return self.reply(w, req, Err(e));
-        }
-        let mut out = vec![0u8; 16 + req.len as usize];
-        match self.backend.read(req.offset, &mut out[16..]) {
-            Ok(()) => {
-                out[..16].copy_from_slice(&proto::simple_reply(0, req.handle));
-                w.write_all(&out)
-            }
-            Err(e) => self.reply(w, req, Err(e)),
-        }
-    }
-
-    fn reply<W: Write>(
-        &self,
-        w: &mut W,
-        req: &Request,
-        result: Result<(), Error>,
-    ) -> io::Result<()> {
-        let error = match result {
-            Ok(()) => 0,
-            Err(e) => {
-                if e.is_client_fault() {
-                    tracing::debug!(command = req.command, errno = e.errno(), error = %e, "request refused")
-                } else {
-                    tracing::error!(command = req.command, errno = e.errno(), error = %e, "request failed")
-                }
-                e.errno()
-            }
-        };
-        w.write_all(&proto::simple_reply(error, req.handle))
-    }
-}
-
-fn check_flags(req: &Request, allowed: u16) -> Result<(), Error> {
-    if req.flags & !allowed != 0 {
-        return Err(Error::invalid(format!(
-            "command {} with unsupported flags {:#x}",
-            req.command, req.flags
-        )));
-    }
-    Ok(())
 }
 
 /// A server's own listening address as something it can connect to: an unspecified address
@@ -583,12 +486,12 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 
 /// Locks a registry; a panic while it was held cannot leave it inconsistent (single inserts
 /// and removes).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads and discards `len` bytes in bounded chunks.
-fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
+pub(crate) fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; DRAIN_CHUNK];
     let mut left = len;
     while left > 0 {
