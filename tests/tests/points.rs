@@ -1030,10 +1030,11 @@ fn without_retention_failover_says_there_is_no_point() -> Result<()> {
     let disk = tmp.path().join("disk.raw");
     zero_disk(&disk, 4 << 20)?;
     let c = start(tmp.path(), &disk, None, &[])?;
+    // Protected, and the master target knows the machine's name (from a forwarded report).
     poll(Duration::from_secs(60), Duration::from_millis(100), || {
-        Ok(protected(&c)
+        Ok((protected(&c) && item(&c).is_ok())
             .then_some(())
-            .ok_or("not protected".to_string()))
+            .ok_or("not protected under its name".to_string()))
     })?;
     let e = haven_fails(&c, &["failover", "web01"]);
     assert!(
