@@ -94,7 +94,7 @@ pub fn run(root: &Path) -> Result<()> {
         &dir.join("sites"),
         &source,
         ClusterOptions {
-            bin_dir: Some(bins),
+            bin_dir: Some(bins.clone()),
             ..ClusterOptions::default()
         },
     )?;
@@ -200,6 +200,9 @@ pub fn run(root: &Path) -> Result<()> {
         direct_time = direct_time.min(bench(&direct.to_string_lossy())?);
         nbd_time = nbd_time.min(bench(&cluster.agent.nbd)?);
     }
+    // The same transport with and without Haven behind it: qemu-nbd serving a file, the
+    // agent's write splitter alone (`haven-agent serve`), the agent protecting (replicating).
+    let transport = nbd_transport(&dir, &bins, &cluster.agent.nbd)?;
     cluster.wait_caught_up(now_ms(), Duration::from_secs(3600), |_, _| {})?;
     if !images_equal(&source, &replica)? {
         bail!("the replica differs from the source after the write test");
@@ -245,7 +248,23 @@ pub fn run(root: &Path) -> Result<()> {
         mib_s(WRITE_BYTES, direct_time),
         100.0 * secs(direct_time) / secs(nbd_time)
     );
+    for t in &transport {
+        println!(
+            "{:<46} {:>8.0}{} {:>8.0}{} {:>7.0}%",
+            format!("NBD qd16 {}, {} (vs qemu-nbd)", t.size, t.who),
+            t.haven,
+            t.unit,
+            t.qemu_nbd,
+            t.unit,
+            100.0 * t.haven / t.qemu_nbd
+        );
+    }
     println!();
+    println!(
+        "NBD qd16: `qemu-img bench -w -d 16` (sequential requests, a flush at the end) over TCP \
+         loopback against qemu-nbd serving a file and against the agent, same file system; goal \
+         >= 90 % of qemu-nbd while replicating"
+    );
     println!(
         "delta: Haven's time is from the workload's last write until the replica has applied it; \
          the workload ({changed} writes of 4 KiB, one at a time through NBD) took {:.2}s before",
@@ -266,4 +285,130 @@ pub fn run(root: &Path) -> Result<()> {
     );
     println!("every replica state was checked with qemu-img compare");
     Ok(())
+}
+
+/// One row of the NBD transport comparison.
+struct Transport {
+    size: &'static str,
+    who: &'static str,
+    unit: &'static str,
+    haven: f64,
+    qemu_nbd: f64,
+}
+
+/// Kills a helper process when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `qemu-img bench -w -d 16` at 1 MiB and 4 KiB against qemu-nbd, `haven-agent serve` and the
+/// protecting agent at `protecting` (an `nbd://` URI); best of two rounds each.
+fn nbd_transport(dir: &Path, bins: &Path, protecting: &str) -> Result<Vec<Transport>> {
+    const SIZE: u64 = 1 << 30;
+    let file = |name: &str| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::File::create(&p)?.set_len(SIZE)?;
+        Ok(p)
+    };
+    let q_port = free_tcp_port();
+    let _qemu_nbd = Killed(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-x",
+                "disk",
+                "-t",
+                "-b",
+                "127.0.0.1",
+                "--cache=writeback",
+            ])
+            .arg(format!("--port={q_port}"))
+            .arg(file("qemu-nbd.raw")?)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd")?,
+    );
+    let s_port = free_tcp_port();
+    let ready = dir.join("serve.ready");
+    let _serve = Killed(
+        Command::new(bins.join("haven-agent"))
+            .args([
+                "serve",
+                "--log-max-bytes",
+                &(8u64 << 30).to_string(),
+                "--disk",
+            ])
+            .arg(file("serve.raw")?)
+            .arg("--log-dir")
+            .arg(dir.join("serve-log"))
+            .args(["--listen", &format!("127.0.0.1:{s_port}"), "--ready-file"])
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haven-agent serve")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        if Instant::now() > deadline {
+            bail!("haven-agent serve did not get ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let qemu_uri = format!("nbd://127.0.0.1:{q_port}/disk");
+    let serve_uri = format!("nbd://127.0.0.1:{s_port}/disk");
+    // qemu-nbd may take a moment to listen.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", q_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bench = |uri: &str, size: &str, count: u64| -> Result<Duration> {
+        let count = count.to_string();
+        let mut best = Duration::MAX;
+        for _ in 0..2 {
+            best = best.min(timed(Command::new("qemu-img").args([
+                "bench",
+                "-w",
+                "-f",
+                "raw",
+                "-d",
+                "16",
+                "-s",
+                size,
+                "-c",
+                &count,
+                "--flush-interval",
+                &count,
+                uri,
+            ]))?);
+        }
+        Ok(best)
+    };
+    let mut rows = Vec::new();
+    // 512 MiB in 1 MiB requests (MB/s), 64 MiB in 4 KiB requests (IOPS).
+    for (size, count, unit, per) in [
+        ("1 MiB", 512u64, "MB/s", 1048576.0 / 1e6),
+        ("4 KiB", 16384u64, "IOPS", 1.0),
+    ] {
+        let arg = if size == "1 MiB" { "1M" } else { "4K" };
+        let rate = |d: Duration| count as f64 * per / d.as_secs_f64();
+        let qemu_nbd = rate(bench(&qemu_uri, arg, count)?);
+        for (who, uri) in [("serve", serve_uri.as_str()), ("protect", protecting)] {
+            rows.push(Transport {
+                size,
+                who,
+                unit,
+                haven: rate(bench(uri, arg, count)?),
+                qemu_nbd,
+            });
+        }
+    }
+    Ok(rows)
 }
