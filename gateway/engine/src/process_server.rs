@@ -235,7 +235,10 @@ impl ProcessServer {
                         }
                         Err(e) => tracing::debug!(error = %e, "bad report"),
                     },
-                    Err(_) => return,
+                    Err(e) => {
+                        tracing::info!(agent = %peer_hex(&peer), reason = %e, "agent disconnected");
+                        return;
+                    }
                 },
             }
         }
