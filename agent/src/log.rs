@@ -40,8 +40,10 @@
 //! temporary file, synced, renamed, folder synced; a temporary file a crash left is removed at
 //! open), and the active segment is synced before the next one is created, so every segment
 //! but the last is complete and durable. On [`ChangeLog::open`] a torn tail of the last segment
-//! (a record cut short or never fully written by a crash) is truncated; damage anywhere else is
-//! an error naming the segment file and the offset.
+//! (a record cut short or never fully written by a crash, with no intact record after it) is
+//! truncated; damage anywhere else is an error naming the segment file and the offset. The
+//! folder listing and this recovery walk are `haven_fsutil::segments`, shared with the store's
+//! journal; the record checks are this module's.
 //!
 //! # Overflow marker
 //!
@@ -57,6 +59,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use haven_fsutil::segments::{
+    OpenSegment, RecordCheck, RecordFormat, RecoverError, list_segments, segment_file_name,
+};
 use haven_fsutil::{read_at_most, sync_dir};
 use haven_wire::crc32c::{Crc32c, crc32c};
 
@@ -342,6 +347,17 @@ impl From<haven_fsutil::Error> for LogError {
     }
 }
 
+impl From<RecoverError> for LogError {
+    fn from(e: RecoverError) -> LogError {
+        match e {
+            RecoverError::Damaged { path, offset, what } => {
+                LogError::Damaged { path, offset, what }
+            }
+            RecoverError::Io(e) => e.into(),
+        }
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
     move |source| LogError::Io {
         what,
@@ -381,18 +397,6 @@ pub struct ChangeLog {
     bytes_used: u64,
     /// The overflow marker exists.
     overflowed: bool,
-}
-
-fn segment_name(first_seq: u64) -> String {
-    format!("{first_seq:012}.{SEGMENT_EXT}")
-}
-
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".hlog")?;
-    if stem.len() < 12 || !stem.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    stem.parse().ok()
 }
 
 fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
@@ -580,35 +584,37 @@ fn check_record(
     Ok(Check::Good(hdr))
 }
 
-/// Looks for any intact record after `start` whose sequence number is at least `min_seq`: if one
-/// exists, the bad bytes before it are damage, not a torn tail.
-fn find_intact_record_after(
-    file: &File,
-    start: u64,
-    file_len: u64,
-    min_seq: u64,
-) -> io::Result<Option<(u64, u64)>> {
-    let mut buf = vec![0u8; IO_CHUNK];
-    let mut base = start;
-    while base < file_len {
-        let n = read_at_most(file, &mut buf, base)?;
-        if n < RECORD_MAGIC.len() {
-            break;
-        }
-        for i in 0..=n - RECORD_MAGIC.len() {
-            if buf[i..i + 4] == RECORD_MAGIC {
-                let pos = base + i as u64;
-                if let Check::Good(h) = check_record(file, pos, file_len, None, None)?
-                    && h.seq >= min_seq
-                {
-                    return Ok(Some((pos, h.seq)));
+/// What [`ChangeLog::open`] walks a segment with: the sequence number the next record must
+/// have, and the largest extent end of the records taken.
+struct Recovery {
+    next: u64,
+    max_end: u64,
+}
+
+impl RecordFormat for Recovery {
+    const RECORD_MAGIC: &'static [u8] = &RECORD_MAGIC;
+
+    fn check_next(&mut self, file: &File, pos: u64, file_len: u64) -> io::Result<RecordCheck> {
+        Ok(
+            match check_record(file, pos, file_len, Some(self.next), None)? {
+                Check::Good(hdr) => {
+                    self.next += 1;
+                    self.max_end = self.max_end.max(hdr.offset + hdr.len);
+                    RecordCheck::Valid(hdr.total_len())
                 }
-            }
-        }
-        // Overlap by the magic's length so a magic across the window edge is seen.
-        base += (n - (RECORD_MAGIC.len() - 1)) as u64;
+                Check::Bad(why) => RecordCheck::Invalid(why),
+            },
+        )
     }
-    Ok(None)
+
+    /// A whole record (its payload's checksum too) whose sequence number is not below the
+    /// next one expected.
+    fn intact_record_at(&self, file: &File, pos: u64, file_len: u64) -> io::Result<Option<u64>> {
+        Ok(match check_record(file, pos, file_len, None, None)? {
+            Check::Good(h) if h.seq >= self.next => Some(h.seq),
+            _ => None,
+        })
+    }
 }
 
 impl ChangeLog {
@@ -638,30 +644,17 @@ impl ChangeLog {
             Err(e) => return Err(e.into()),
         };
 
-        let mut firsts = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
-            let entry = entry.map_err(io_err("listing", &dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            // `.NAME.PID.N.tmp`, or `NAME.tmp` from builds before haven-fsutil.
-            if haven_fsutil::is_temporary(name) || name.ends_with(".hlog.tmp") {
-                // A segment (or overflow marker) whose creation did not complete: it never held
-                // a record.
-                let path = entry.path();
-                tracing::warn!(path = %path.display(), "removing unfinished segment");
-                fs::remove_file(&path).map_err(io_err("removing", &path))?;
-            } else if let Some(first) = parse_segment_name(name) {
-                firsts.push(first);
-            }
+        // A segment (or overflow marker) whose creation did not complete never held a record.
+        let listing = list_segments(&dir, SEGMENT_EXT)?;
+        for path in &listing.removed {
+            tracing::warn!(path = %path.display(), "removed unfinished segment");
         }
-        firsts.sort_unstable();
-
-        let mut segments = Vec::with_capacity(firsts.len());
-        let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
-            let path = dir.join(segment_name(first));
+        let mut segments = Vec::with_capacity(listing.segments.len());
+        let count = listing.segments.len();
+        for (i, file) in listing.segments.iter().enumerate() {
             let expected_first = segments.last().map(|s: &Segment| s.last_seq + 1);
-            let seg = Self::recover_segment(&path, first, expected_first, i + 1 == count)?;
+            let seg =
+                Self::recover_segment(&file.path, file.number, expected_first, i + 1 == count)?;
             segments.push(seg);
         }
 
@@ -704,29 +697,23 @@ impl ChangeLog {
         Ok(log)
     }
 
-    /// Validates one segment; truncates a torn tail when it is the last.
+    /// Validates one segment: its header here, then its records walked by
+    /// `haven_fsutil::segments` with this format's checks ([`Recovery`]), which truncates a torn
+    /// tail when it is the last segment.
     fn recover_segment(
         path: &Path,
         name_first: u64,
         expected_first: Option<u64>,
         is_last: bool,
     ) -> Result<Segment> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(is_last)
-            .open(path)
-            .map_err(io_err("opening", path))?;
-        let file_len = file
-            .metadata()
-            .map_err(io_err("reading metadata of", path))?
-            .len();
+        let seg = OpenSegment::open(path, is_last)?;
         let damaged = |offset: u64, what: String| LogError::Damaged {
             path: path.to_path_buf(),
             offset,
             what,
         };
         let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
-        let got = read_at_most(&file, &mut h, 0).map_err(io_err("reading", path))?;
+        let got = read_at_most(&seg.file, &mut h, 0).map_err(io_err("reading", path))?;
         let first = decode_segment_header(&h[..got]).map_err(|why| damaged(0, why))?;
         if first != name_first {
             return Err(damaged(
@@ -745,56 +732,32 @@ impl ChangeLog {
                 ),
             ));
         }
-        let mut pos = SEGMENT_HEADER_LEN;
-        let mut next = first;
-        let mut max_end = 0;
-        while pos < file_len {
-            match check_record(&file, pos, file_len, Some(next), None)
-                .map_err(io_err("reading", path))?
-            {
-                Check::Good(hdr) => {
-                    pos += hdr.total_len();
-                    next += 1;
-                    max_end = max_end.max(hdr.offset + hdr.len);
-                }
-                Check::Bad(why) => {
-                    if !is_last {
-                        return Err(damaged(pos, why));
-                    }
-                    if let Some((at, seq)) =
-                        find_intact_record_after(&file, pos + 1, file_len, next)
-                            .map_err(io_err("reading", path))?
-                    {
-                        return Err(damaged(
-                            pos,
-                            format!("{why}; an intact record {seq} follows at offset {at}"),
-                        ));
-                    }
-                    tracing::warn!(
-                        path = %path.display(),
-                        offset = pos,
-                        dropped_bytes = file_len - pos,
-                        reason = %why,
-                        "truncating torn tail of the change log"
-                    );
-                    file.set_len(pos).map_err(io_err("truncating", path))?;
-                    file.sync_all().map_err(io_err("syncing", path))?;
-                    break;
-                }
-            }
+        let mut records = Recovery {
+            next: first,
+            max_end: 0,
+        };
+        let recovered = seg.recover_records(SEGMENT_HEADER_LEN, &mut records)?;
+        if let Some(torn) = &recovered.torn {
+            tracing::warn!(
+                path = %path.display(),
+                offset = torn.offset,
+                dropped_bytes = torn.dropped_bytes,
+                reason = %torn.reason,
+                "truncating torn tail of the change log"
+            );
         }
         Ok(Segment {
             path: path.to_path_buf(),
             first_seq: first,
-            last_seq: next - 1,
-            len: pos,
-            max_end,
+            last_seq: records.next - 1,
+            len: recovered.end,
+            max_end: records.max_end,
         })
     }
 
     /// Creates a segment atomically: temporary file, header, sync, rename, sync folder.
     fn create_segment(dir: &Path, first_seq: u64) -> Result<Segment> {
-        let path = dir.join(segment_name(first_seq));
+        let path = dir.join(segment_file_name(first_seq, SEGMENT_EXT));
         // Mode 0666 less the umask, as segments always had.
         haven_fsutil::write_atomic(&path, &encode_segment_header(first_seq), 0o666)?;
         Ok(Segment {

@@ -26,9 +26,15 @@
 //! [`failpoint`]: named crash points (`HAVEN_FAILPOINTS`) for tests of real processes;
 //! `fsutil.before-rename` sits between the temporary file's `fsync` and the rename.
 //!
+//! [`segments`]: the folder layout and the recovery at open of segmented append-only logs (the
+//! agent's change log, the store's journal): segment files listed by number, crash leftovers
+//! removed, each segment's records walked with the format's own checks, a torn tail of the
+//! last segment truncated and synced, damage anywhere else an error naming file and offset.
+//!
 //! Std only, nothing async: the callers run it on threads of their own or blocking pools.
 
 pub mod failpoint;
+pub mod segments;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;

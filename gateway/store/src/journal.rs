@@ -86,7 +86,8 @@
 //! that is any bad record with no intact record after it, including one failing authentication)
 //! is truncated and logged; damage anywhere else is [`StoreError::Damaged`] naming the file and
 //! offset. A wrong at-rest key is found by the segment header's key check before anything is
-//! truncated.
+//! truncated. The folder listing and this recovery walk are `haven_fsutil::segments`, shared
+//! with the agent's change log; the record checks are this module's.
 //! Record bodies of other segments are authenticated when read: a body altered after it was
 //! written is refused with [`StoreError::Tampered`], never returned.
 //!
@@ -106,6 +107,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use haven_fsutil::segments::{
+    OpenSegment, RecordCheck, RecordFormat, RecoverError, list_segments, segment_file_name,
+};
 use haven_fsutil::{read_at_most, sync_dir};
 use haven_wire::crc32c::crc32c;
 use haven_wire::frame::MAX_DATA_LEN;
@@ -139,7 +143,6 @@ const TAG_BODY_LEN: u64 = 17;
 const MAX_DATA: u64 = MAX_DATA_LEN as u64;
 /// A segment is closed after this many records whatever its size.
 const MAX_RECORDS_PER_SEGMENT: usize = u32::MAX as usize;
-const SCAN_CHUNK: usize = 1024 * 1024;
 /// Nonce counter of a segment header's key check; records use 0..2³².
 const KEY_CHECK_NONCE: u64 = u64::MAX;
 
@@ -306,18 +309,6 @@ impl Segment {
     fn last_seq(&self) -> u64 {
         self.locs.last().map_or(self.prev_last, |l| l.seq)
     }
-}
-
-fn segment_name(number: u64) -> String {
-    format!("{number:012}.{SEGMENT_EXT}")
-}
-
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".hjnl")?;
-    if stem.len() < 12 || !stem.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    stem.parse().ok()
 }
 
 fn segment_key(master: &Key, id: &[u8; 16]) -> Result<LessSafeKey> {
@@ -594,36 +585,65 @@ fn read_record(
     Ok((hdr, record))
 }
 
-/// Looks for an intact record header after `start` with a sequence number above `after`: if one
-/// exists, the bad bytes before it are damage, not a torn tail.
-fn find_intact_after(
-    file: &File,
-    start: u64,
-    file_len: u64,
-    after: u64,
-) -> io::Result<Option<(u64, u64)>> {
-    let mut buf = vec![0u8; SCAN_CHUNK];
-    let mut base = start;
-    while base < file_len {
-        let n = read_at_most(file, &mut buf, base)?;
-        if n < RECORD_MAGIC.len() {
-            break;
-        }
-        for i in 0..=n - RECORD_MAGIC.len() {
-            if buf[i..i + 4] == RECORD_MAGIC {
-                let pos = base + i as u64;
-                let mut h = [0u8; RECORD_HEADER_LEN as usize];
-                if read_at_most(file, &mut h, pos)? == h.len()
-                    && let Ok(hdr) = RecHeader::decode(&h)
-                    && hdr.seq > after
-                {
-                    return Ok(Some((pos, hdr.seq)));
-                }
+/// What [`Journal::open`] walks a segment with: its key, whether its records are
+/// authenticated (the last segment's) or only their headers checked, and the records taken.
+struct Recovery<'a> {
+    key: &'a LessSafeKey,
+    authenticate: bool,
+    /// The last sequence number taken (the segment's "previous last" before its first record).
+    last: u64,
+    locs: Vec<Loc>,
+}
+
+impl RecordFormat for Recovery<'_> {
+    const RECORD_MAGIC: &'static [u8] = &RECORD_MAGIC;
+
+    fn check_next(&mut self, file: &File, pos: u64, file_len: u64) -> io::Result<RecordCheck> {
+        let index = self.locs.len() as u64;
+        let checked = if self.authenticate {
+            read_record(file, self.key, pos, file_len).map(|(hdr, _)| hdr)
+        } else {
+            read_header(file, pos, file_len)
+        };
+        let why = match checked {
+            Ok(hdr) if hdr.index != index => {
+                format!(
+                    "record {} has index {} where {index} was expected",
+                    hdr.seq, hdr.index
+                )
             }
-        }
-        base += (n - (RECORD_MAGIC.len() - 1)) as u64;
+            Ok(hdr) if hdr.seq <= self.last => {
+                format!("record {} does not follow record {}", hdr.seq, self.last)
+            }
+            Ok(hdr) => {
+                self.locs.push(Loc {
+                    seq: hdr.seq,
+                    encoding: hdr.encoding,
+                    offset: hdr.offset,
+                    len: hdr.len,
+                    pos,
+                    stored: hdr.total_len(),
+                });
+                self.last = hdr.seq;
+                return Ok(RecordCheck::Valid(hdr.total_len()));
+            }
+            Err(Bad::Io(e)) => return Err(e),
+            Err(Bad::Record(why, _)) => why,
+        };
+        Ok(RecordCheck::Invalid(why))
     }
-    Ok(None)
+
+    /// An intact record header (not its body) with a sequence number above the last taken.
+    fn intact_record_at(&self, file: &File, pos: u64, _file_len: u64) -> io::Result<Option<u64>> {
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        if read_at_most(file, &mut h, pos)? == h.len()
+            && let Ok(hdr) = RecHeader::decode(&h)
+            && hdr.seq > self.last
+        {
+            return Ok(Some(hdr.seq));
+        }
+        Ok(None)
+    }
 }
 
 /// The journal of one replication stream. See the module documentation for the format and the
@@ -681,34 +701,16 @@ impl Journal {
             _ => e.into(),
         })?;
 
-        let mut numbers = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
-            let entry = entry.map_err(io_err("listing", &dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            // `.NAME.PID.N.tmp`, or `NAME.tmp` from builds before haven-fsutil.
-            if haven_fsutil::is_temporary(name) || name.ends_with(".hjnl.tmp") {
-                // A segment whose creation did not complete: it never held a record.
-                let path = entry.path();
-                tracing::warn!(path = %path.display(), "removing unfinished journal segment");
-                fs::remove_file(&path).map_err(io_err("removing", &path))?;
-            } else if let Some(n) = parse_segment_name(name) {
-                numbers.push(n);
-            }
+        // A segment whose creation did not complete never held a record.
+        let listing = list_segments(&dir, SEGMENT_EXT)?;
+        for path in &listing.removed {
+            tracing::warn!(path = %path.display(), "removed unfinished journal segment");
         }
-        numbers.sort_unstable();
-
-        let mut segments: Vec<Segment> = Vec::with_capacity(numbers.len() + 1);
-        let count = numbers.len();
-        for (i, number) in numbers.into_iter().enumerate() {
+        let mut segments: Vec<Segment> = Vec::with_capacity(listing.segments.len() + 1);
+        let count = listing.segments.len();
+        for (i, file) in listing.segments.iter().enumerate() {
             let prev = segments.last().map(Segment::last_seq);
-            let seg = recover_segment(
-                &dir.join(segment_name(number)),
-                number,
-                key,
-                prev,
-                i + 1 == count,
-            )?;
+            let seg = recover_segment(&file.path, file.number, key, prev, i + 1 == count)?;
             segments.push(seg);
         }
         let last_seq = segments.last().map_or(0, Segment::last_seq);
@@ -1173,7 +1175,7 @@ fn meta(segment: u64, l: &Loc) -> EntryMeta {
 fn create_segment(dir: &Path, master: &Key, number: u64, prev_last: u64) -> Result<Segment> {
     let id = random::<16>()?;
     let key = segment_key(master, &id)?;
-    let path = dir.join(segment_name(number));
+    let path = dir.join(segment_file_name(number, SEGMENT_EXT));
     let header = encode_segment_header(number, &id, prev_last, &key)?;
     // Mode 0666 less the umask, as segments always had.
     haven_fsutil::write_atomic(&path, &header, 0o666)?;
@@ -1187,7 +1189,9 @@ fn create_segment(dir: &Path, master: &Key, number: u64, prev_last: u64) -> Resu
     })
 }
 
-/// Validates one segment; authenticates the records of the last one and truncates its torn tail.
+/// Validates one segment: its header here, then its records walked by `haven_fsutil::segments`
+/// with this format's checks ([`Recovery`]); the records of the last segment are authenticated
+/// and its torn tail truncated.
 fn recover_segment(
     path: &Path,
     name_number: u64,
@@ -1195,22 +1199,14 @@ fn recover_segment(
     prev_last: Option<u64>,
     is_last: bool,
 ) -> Result<Segment> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(is_last)
-        .open(path)
-        .map_err(io_err("opening", path))?;
-    let file_len = file
-        .metadata()
-        .map_err(io_err("reading metadata of", path))?
-        .len();
+    let seg = OpenSegment::open(path, is_last)?;
     let damaged = |offset: u64, what: String| StoreError::Damaged {
         path: path.to_path_buf(),
         offset,
         what,
     };
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
-    let got = read_at_most(&file, &mut h, 0).map_err(io_err("reading", path))?;
+    let got = read_at_most(&seg.file, &mut h, 0).map_err(io_err("reading", path))?;
     let (number, id, seg_prev_last) =
         decode_segment_header(&h[..got]).map_err(|(at, why)| damaged(at, why))?;
     if number != name_number {
@@ -1236,69 +1232,35 @@ fn recover_segment(
             path: path.to_path_buf(),
         });
     }
-    let mut locs = Vec::new();
-    let mut pos = SEGMENT_HEADER_LEN;
-    let mut last = seg_prev_last;
-    while pos < file_len {
-        let index = locs.len() as u64;
-        let checked = if is_last {
-            read_record(&file, &key, pos, file_len).map(|(hdr, _)| hdr)
-        } else {
-            read_header(&file, pos, file_len)
-        };
-        let why = match checked {
-            Ok(hdr) if hdr.index != index => {
-                format!(
-                    "record {} has index {} where {index} was expected",
-                    hdr.seq, hdr.index
-                )
+    let mut records = Recovery {
+        key: &key,
+        authenticate: is_last,
+        last: seg_prev_last,
+        locs: Vec::new(),
+    };
+    let recovered = seg
+        .recover_records(SEGMENT_HEADER_LEN, &mut records)
+        .map_err(|e| match e {
+            RecoverError::Damaged { path, offset, what } => {
+                StoreError::Damaged { path, offset, what }
             }
-            Ok(hdr) if hdr.seq <= last => {
-                format!("record {} does not follow record {last}", hdr.seq)
-            }
-            Ok(hdr) => {
-                locs.push(Loc {
-                    seq: hdr.seq,
-                    encoding: hdr.encoding,
-                    offset: hdr.offset,
-                    len: hdr.len,
-                    pos,
-                    stored: hdr.total_len(),
-                });
-                pos += hdr.total_len();
-                last = hdr.seq;
-                continue;
-            }
-            Err(Bad::Io(e)) => return Err(io_err("reading", path)(e)),
-            Err(Bad::Record(why, _)) => why,
-        };
-        if !is_last {
-            return Err(damaged(pos, why));
-        }
-        if let Some((at, seq)) =
-            find_intact_after(&file, pos + 1, file_len, last).map_err(io_err("reading", path))?
-        {
-            return Err(damaged(
-                pos,
-                format!("{why}; an intact record {seq} follows at offset {at}"),
-            ));
-        }
+            RecoverError::Io(e) => e.into(),
+        })?;
+    if let Some(torn) = &recovered.torn {
         tracing::warn!(
             path = %path.display(),
-            offset = pos,
-            dropped_bytes = file_len - pos,
-            reason = %why,
+            offset = torn.offset,
+            dropped_bytes = torn.dropped_bytes,
+            reason = %torn.reason,
             "truncating torn tail of the journal"
         );
-        file.set_len(pos).map_err(io_err("truncating", path))?;
-        file.sync_all().map_err(io_err("syncing", path))?;
-        break;
     }
+    let locs = records.locs;
     Ok(Segment {
         number,
         path: path.to_path_buf(),
         prev_last: seg_prev_last,
-        len: pos,
+        len: recovered.end,
         key,
         locs,
     })
