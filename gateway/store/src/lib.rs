@@ -28,6 +28,7 @@ pub mod error;
 pub mod journal;
 pub mod key;
 pub mod payload;
+mod record_store;
 pub mod state;
 mod util;
 

@@ -885,3 +885,24 @@ fn append_reports_the_payload_as_get_returns_it() {
     let info = j.append(&tag(9, 1)).expect("append");
     assert_eq!(info.stored, None);
 }
+
+/// The journal keeps the record-store contract the replication machines and their simulation
+/// are written against (the same check runs on the in-memory store there).
+#[test]
+fn the_journal_keeps_the_record_store_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j");
+    let mut rng = Rng(11);
+    let records: Vec<Record> = (1..=8)
+        .map(|seq| write(seq, seq * 4096, Payload::Data(Bytes::from(rng.bytes(4096)))))
+        .collect();
+    let open = || Journal::open(&path, &key(), JournalOptions::default()).expect("open");
+    haven_replication::store::check_contract(
+        open,
+        |j| {
+            drop(j);
+            open()
+        },
+        &records,
+    );
+}
