@@ -6,10 +6,12 @@
 //! - [`replay`]: applies a log onto a raw image (operators and tests).
 //! - [`identity`]: enrollment and the stored identity.
 //! - [`state`]: `disk.state` and atomic writes.
+//! - [`disk`]: the protected disk's shared state: splitter, `disk.state`, progress, report.
 //! - [`points`]: recovery points (tags) on an interval and on request; the planned-failover stop.
 //! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
 //! - [`protect`]: `serve` and `protect`: opening a protected disk and running it.
 
+pub mod disk;
 pub mod identity;
 pub mod log;
 pub mod nbd;

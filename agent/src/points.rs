@@ -33,14 +33,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use haven_net::control::{Command, PointTaken, Reply, Request};
 use haven_net::quinn;
 
+pub use crate::disk::failed_over;
+use crate::disk::{DISK_ID, FAILED_OVER, Shared};
 use crate::log::TagInfo;
 use crate::quiesce::Hooks;
-use crate::replicate::{DISK_ID, Shared};
 use crate::state::Phase;
 
 /// File in the data folder that says the disk was failed over (planned): the agent refuses to
 /// serve it again until an operator removes it.
-pub const FAILED_OVER: &str = "failed-over";
 /// Shortest interval between crash-consistent points (a point is one small record in the
 /// stream and one small redb write at the master target).
 pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -247,16 +247,13 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
 /// With `close`, the front end is closed for good (planned failover, see the module docs).
 pub fn take(
     shared: &Shared,
+    points: &Points,
     data_dir: &Path,
     app: bool,
     close: bool,
 ) -> Result<PointTaken, String> {
     // One point at a time: two sets of hooks must not interleave.
-    let _one = shared
-        .points
-        .taking
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = points.taking.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(why) = not_ready(shared) {
         return Err(why);
     }
@@ -271,7 +268,7 @@ pub fn take(
         }
         let time_ms = now_ms();
         let info = TagInfo {
-            point: shared.points.next_id(time_ms),
+            point: points.next_id(time_ms),
             time_ms,
             app,
         };
@@ -282,8 +279,7 @@ pub fn take(
         Ok((seq, info))
     };
     let tagged = if app {
-        match shared
-            .points
+        match points
             .hooks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -309,8 +305,7 @@ pub fn take(
         }
     };
     if close {
-        if let Some(f) = shared
-            .points
+        if let Some(f) = points
             .close_front_end
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -343,16 +338,14 @@ fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
     )?)
 }
 
-/// Why the agent must not serve the disk, when a planned failover stopped it.
-pub fn failed_over(data_dir: &Path) -> Option<String> {
-    let path: PathBuf = data_dir.join(FAILED_OVER);
-    let text = std::fs::read_to_string(&path).ok()?;
-    Some(format!("{} ({})", text.trim(), path.display()))
-}
-
 /// Takes points on the policy's intervals until the agent stops. A point that is not ready
 /// (initial sync, resync) is skipped quietly; other failures are logged.
-pub fn run_interval(shared: Arc<Shared>, data_dir: PathBuf, policy: PointPolicy) {
+pub fn run_interval(
+    shared: Arc<Shared>,
+    points: Arc<Points>,
+    data_dir: PathBuf,
+    policy: PointPolicy,
+) {
     let mut next = Instant::now() + policy.interval;
     let mut next_app = policy.app_interval.map(|d| Instant::now() + d);
     let mut was_ready = true;
@@ -375,16 +368,17 @@ pub fn run_interval(shared: Arc<Shared>, data_dir: PathBuf, policy: PointPolicy)
             continue;
         }
         was_ready = true;
-        if let Err(e) = take(&shared, &data_dir, app, false) {
+        if let Err(e) = take(&shared, &points, &data_dir, app, false) {
             tracing::warn!(error = %e, app, "taking a recovery point failed");
         }
     }
 }
 
 /// Answers the master target's requests on `conn` until it closes.
-pub async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
+pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn::Connection) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let shared = Arc::clone(&shared);
+        let points = Arc::clone(&points);
         tokio::spawn(async move {
             let reply = match haven_net::control::read_message::<Request>(&mut recv).await {
                 Ok(req) => {
@@ -394,7 +388,9 @@ pub async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
                     };
                     let sh = Arc::clone(&shared);
                     let dir = shared.data_dir().to_path_buf();
-                    match tokio::task::spawn_blocking(move || take(&sh, &dir, app, close)).await {
+                    match tokio::task::spawn_blocking(move || take(&sh, &points, &dir, app, close))
+                        .await
+                    {
                         Ok(Ok(p)) => Reply::Taken(vec![p]),
                         Ok(Err(why)) => Reply::Failed(why),
                         Err(_) => Reply::Failed("the agent's point task failed".into()),

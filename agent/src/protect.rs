@@ -269,7 +269,8 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     ));
     // Record the log's durable seq now, so a log lost from here on is noticed.
     shared.update(|_| {})?;
-    shared.points.set_hooks(hooks);
+    let points = Arc::new(crate::points::Points::default());
+    points.set_hooks(hooks);
     if failed_over.is_some() {
         splitter.shutdown()?;
     }
@@ -287,6 +288,16 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         server_name,
         identity,
         window_bytes: cfg.window_bytes,
+        on_connection: Some({
+            let (shared, points) = (Arc::clone(&shared), Arc::clone(&points));
+            Arc::new(move |conn| {
+                tokio::spawn(crate::points::serve_control(
+                    Arc::clone(&shared),
+                    Arc::clone(&points),
+                    conn,
+                ));
+            })
+        }),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -319,14 +330,13 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         Vec::new()
     } else {
         let (nbd_server, listeners) = serve_nbd(&splitter, &cfg.nbd)?;
-        shared
-            .points
-            .set_close_front_end(move || nbd_server.close());
+        points.set_close_front_end(move || nbd_server.close());
         let shared = Arc::clone(&shared);
+        let points = Arc::clone(&points);
         let data_dir = cfg.data_dir.clone();
         thread::Builder::new()
             .name("points".into())
-            .spawn(move || crate::points::run_interval(shared, data_dir, policy))?;
+            .spawn(move || crate::points::run_interval(shared, points, data_dir, policy))?;
         listeners
     };
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -8,12 +8,15 @@
 //!
 //! # Shipping
 //!
-//! The shipper runs on tokio. It connects (mutual TLS QUIC), opens one bidirectional stream and
-//! runs a [`Sender`] over it. The [`Sender`] outlives connections (a [`Session`]); records are
-//! pushed into it lazily from the log, at most `window_bytes + 8 MiB` of pushed-unreleased
-//! bytes, and only records that are durable in the log and on the backing disk (the shipper
-//! does that group commit itself, see [`Splitter::sync_for_shipping`]): the downstream never
-//! holds a change the agent could lose. `Released` frees the log's segments.
+//! What to ship, when to free the log, the mapping and the hash pass are decided by
+//! [`haven_replication::Shipper`], a sans-IO machine; this module is its driver on tokio. It
+//! connects (mutual TLS QUIC), opens one bidirectional stream, feeds the machine the stream's
+//! frames, its timers and a view of the log, and runs what it asks: read records from the log
+//! (on the blocking pool), free acknowledged segments, write `disk.state`, compare a range of
+//! blocks. The machine outlives connections (a `Session`); records are pushed into it lazily
+//! from the log, at most `window_bytes + 8 MiB` of pushed-unreleased bytes, and only records
+//! that are durable in the log and on the backing disk (the read does that group commit, see
+//! [`Splitter::sync_for_shipping`]): the downstream never holds a change the agent could lose.
 //!
 //! # Initial pass
 //!
@@ -86,32 +89,28 @@
 //! overflows again and the resync starts over; the workload is never affected, and the report
 //! says to raise `--log-max-bytes` or check the connection.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use haven_net::endpoint;
 use haven_net::quinn;
-use haven_net::stream::{DiskReport, DiskState, FrameReader, Report, write_frames};
-use haven_wire::frame::error_code;
-use haven_wire::{
-    DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Payload, Record, Role, Sender, SenderConfig,
-    SenderEvent, Seq, Violation, Write,
+use haven_net::stream::{FrameReader, write_frames};
+use haven_replication::shipper::{
+    Change, LogView, Resync, Shipper, ShipperAction, ShipperConfig, ShipperEnd, Start,
 };
+use haven_wire::{DiskInfo, ErrorFrame, Frame, HashRequest, Hashes, Payload, Record, Write};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::disk::seq_add;
+pub use crate::disk::{DISK_ID, Shared};
 use crate::identity::{Identity, resolve};
 use crate::log::{self, Kind};
 use crate::splitter::{Captured, Overflow, SplitError, Splitter};
-use crate::state::{DiskRecord, Phase};
-
-/// The disk's id in the stream: one disk per agent process.
-pub const DISK_ID: u32 = 1;
+use crate::state::Phase;
 /// Block size of resync digests.
 pub const RESYNC_BLOCK: u32 = 64 * 1024;
 /// Chunk of the initial pass.
@@ -132,7 +131,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Where and how to replicate.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ShipConfig {
     /// The process server, `HOST:PORT`.
     pub server: String,
@@ -142,199 +141,19 @@ pub struct ShipConfig {
     pub identity: Identity,
     /// The sender's window.
     pub window_bytes: u64,
+    /// Called with each new connection to the process server (the master target's requests
+    /// for points and planned failover arrive on it).
+    pub on_connection: Option<Arc<dyn Fn(quinn::Connection) + Send + Sync>>,
 }
 
-/// State shared by the shipper, the initial pass, the reporter and the main thread.
-#[derive(Debug)]
-pub struct Shared {
-    /// The protected disk.
-    pub splitter: Arc<Splitter>,
-    /// Recovery points: id counter, hooks, the front end to close on a planned failover.
-    pub points: crate::points::Points,
-    data_dir: PathBuf,
-    state_path: PathBuf,
-    status_path: PathBuf,
-    record: Mutex<DiskRecord>,
-    log_max_bytes: u64,
-    machine_name: String,
-    sync_done: AtomicU64,
-    resync_sent: AtomicU64,
-    shipped_total: AtomicU64,
-    acked_seq: AtomicU64,
-    conn: Mutex<Option<quinn::Connection>>,
-    stopping: AtomicBool,
-    /// Why the disk is not protected, for the report.
-    message: Mutex<Option<String>>,
-    /// Why the agent is not connected to the process server (refusal, loss), until it is again.
-    link: Mutex<Option<String>>,
-    /// The disk was failed over at the secondary site (the gateway said so): replication is
-    /// stopped for good.
-    failed_over: Mutex<Option<String>>,
-    /// The agent's id, from its certificate.
-    agent_id: String,
-    /// Bumped (inside [`Shared::update`]) whenever a resync starts over: a pass of an older
-    /// epoch must not record progress.
-    epoch: AtomicU64,
-}
-
-impl Shared {
-    /// Shared state over an opened disk and its (already stored) `disk.state`.
-    pub fn new(
-        splitter: Arc<Splitter>,
-        data_dir: &std::path::Path,
-        record: DiskRecord,
-        log_max_bytes: u64,
-        machine_name: String,
-        agent_id: String,
-    ) -> Shared {
-        let sync_done = match record.state {
-            Phase::InitialSync | Phase::Resyncing => record.sync_offset,
-            Phase::Protected => record.size,
-        };
-        let acked = seq_add(splitter.log_stats().first_seq, record.seq_base).saturating_sub(1);
-        Shared {
-            splitter,
-            points: crate::points::Points::default(),
-            data_dir: data_dir.to_path_buf(),
-            state_path: data_dir.join("disk.state"),
-            status_path: data_dir.join("status.json"),
-            record: Mutex::new(record),
-            log_max_bytes,
-            machine_name,
-            sync_done: AtomicU64::new(sync_done),
-            resync_sent: AtomicU64::new(0),
-            shipped_total: AtomicU64::new(0),
-            acked_seq: AtomicU64::new(acked),
-            conn: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            message: Mutex::new(None),
-            link: Mutex::new(None),
-            failed_over: Mutex::new(None),
-            agent_id,
-            epoch: AtomicU64::new(0),
-        }
+impl std::fmt::Debug for ShipConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShipConfig")
+            .field("server", &self.server)
+            .field("server_name", &self.server_name)
+            .field("window_bytes", &self.window_bytes)
+            .finish_non_exhaustive()
     }
-
-    fn set_link(&self, m: Option<String>) {
-        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = m;
-    }
-
-    fn set_message(&self, m: Option<String>) {
-        *self.message.lock().unwrap_or_else(|e| e.into_inner()) = m;
-    }
-
-    /// The current `disk.state`.
-    pub fn record(&self) -> DiskRecord {
-        *self.record.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Changes `disk.state` and writes it (with the log's durable seq refreshed). Never called
-    /// with the splitter's lock held.
-    pub fn update(&self, f: impl FnOnce(&mut DiskRecord)) -> anyhow::Result<DiskRecord> {
-        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = *rec;
-        f(&mut next);
-        next.log_seq = self.splitter.log_stats().durable_seq;
-        next.store(&self.state_path)?;
-        *rec = next;
-        Ok(next)
-    }
-
-    /// Asks the initial pass and the shipper to stop.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
-    /// Whether the agent is stopping.
-    pub fn is_stopping(&self) -> bool {
-        self.stopping()
-    }
-
-    /// The agent's data folder.
-    pub fn data_dir(&self) -> &std::path::Path {
-        &self.data_dir
-    }
-
-    /// The stream seq of change-log record `log_seq`.
-    pub fn wire_seq(&self, log_seq: u64) -> u64 {
-        seq_add(log_seq, self.record().seq_base)
-    }
-
-    /// Every record up to this stream seq is acknowledged durable downstream.
-    pub fn acked_seq(&self) -> u64 {
-        self.acked_seq.load(Ordering::Relaxed)
-    }
-
-    /// How much of the initial pass or resync is done, in whole percent.
-    pub fn sync_percent(&self) -> u64 {
-        let size = self.record().size.max(1);
-        self.sync_done.load(Ordering::Relaxed).min(size) * 100 / size
-    }
-
-    /// The report of this moment.
-    pub fn report(&self) -> Report {
-        let rec = self.record();
-        let st = self.splitter.log_stats();
-        let sync_done = match rec.state {
-            Phase::Protected => rec.size,
-            Phase::InitialSync | Phase::Resyncing => self.sync_done.load(Ordering::Relaxed),
-        };
-        let resync_sent = self.resync_sent.load(Ordering::Relaxed);
-        // Failed over: told by the gateway, or (planned) marked in the data folder.
-        let failed_over = self
-            .failed_over
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .or_else(|| crate::points::failed_over(&self.data_dir));
-        let (state, message) = match failed_over {
-            Some(why) => (DiskState::FailedOver, Some(why)),
-            None => (
-                rec.state.report_state(),
-                self.message
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .or_else(|| self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-            ),
-        };
-        Report {
-            agent_id: self.agent_id.clone(),
-            machine_name: self.machine_name.clone(),
-            time_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            disks: vec![DiskReport {
-                disk: DISK_ID,
-                size: rec.size,
-                state,
-                sync_done_bytes: sync_done,
-                resync_sent_bytes: resync_sent,
-                log_bytes: st.bytes_used,
-                log_max_bytes: self.log_max_bytes,
-                written_bytes_total: self.splitter.client_bytes(),
-                shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
-                last_seq: seq_add(st.last_seq, rec.seq_base),
-                acked_seq: self.acked_seq.load(Ordering::Relaxed),
-                message,
-            }],
-        }
-    }
-
-    /// Writes `status.json` (atomically).
-    pub fn write_status(&self) -> anyhow::Result<()> {
-        let body = serde_json::to_vec_pretty(&self.report())?;
-        Ok(haven_fsutil::write_atomic(&self.status_path, &body, 0o644)?)
-    }
-}
-
-/// `seq + base`, never below 0.
-fn seq_add(seq: u64, base: i64) -> u64 {
-    (seq as i128 + base as i128).clamp(0, u64::MAX as i128) as u64
 }
 
 /// Whether `data` is all zero (16 bytes at a time).
@@ -407,64 +226,74 @@ pub fn initial_sync(shared: &Shared, ahead_bytes: u64) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The shipper.
+// The shipper: a thin driver of `haven_replication::Shipper`.
 
 /// Records read from the log: (log seq, stream record).
 type Filled = Vec<(u64, Record)>;
 
-/// A [`Sender`] and what is pushed into it; lives across connections while `seq_base` holds.
+/// A [`Shipper`] and the work it asked for that outlives a connection.
 struct Session {
-    sender: Sender,
-    base: i64,
-    /// The log's first seq when the session started.
-    first_log: u64,
-    /// The next log seq to push.
-    next_log: u64,
-    /// Wire seq and cost of every pushed, unreleased record.
-    costs: VecDeque<(Seq, u64)>,
-    pushed_bytes: u64,
-    fill: Option<JoinHandle<Result<Filled, String>>>,
-    /// Log seq up to which the log may be freed, and when it last was.
-    release_to: u64,
-    released_at: Instant,
+    shipper: Shipper,
+    /// The log read running, and the base it maps with.
+    fill: Option<(i64, JoinHandle<Result<Filled, String>>)>,
+    /// What was already added to the shared totals.
+    shipped: u64,
+    resync_sent: u64,
 }
 
 impl Session {
     fn new(shared: &Shared, window_bytes: u64, peer_id: [u8; 16]) -> anyhow::Result<Session> {
         let rec = shared.record();
-        let first_log = shared.splitter.log_stats().first_seq;
-        let mut first = seq_add(first_log, rec.seq_base);
-        let mut base = rec.seq_base;
-        if first == 0 || (rec.state == Phase::Resyncing && rec.remap) {
-            // The mapping is unknown (only while resyncing): probe from 1, so that any resume
-            // point is accepted; the `Welcome` then sets the mapping.
-            base = 1 - first_log as i64;
-            first = 1;
-        }
-        let mut config = SenderConfig::new(Role::Agent, peer_id);
-        config.window_bytes = window_bytes;
-        let info = DiskInfo {
-            id: DISK_ID,
-            size: rec.size,
-            block_size: rec.block_size,
+        let mut config = ShipperConfig::new(
+            peer_id,
+            DiskInfo {
+                id: DISK_ID,
+                size: rec.size,
+                block_size: rec.block_size,
+            },
+        );
+        config.sender.window_bytes = window_bytes;
+        config.push_slack = PUSH_SLACK;
+        config.resync_block = RESYNC_BLOCK;
+        config.resync_range = RESYNC_RANGE;
+        config.release_every = RELEASE_EVERY;
+        let start = Start {
+            seq_base: rec.seq_base,
+            resync: (rec.state == Phase::Resyncing).then_some(Resync {
+                remap: rec.remap,
+                sync_offset: rec.sync_offset,
+            }),
+            log_first: shared.splitter.log_stats().first_seq,
         };
-        let sender = Sender::new(config, [(info, first)])?;
-        shared.acked_seq.store(first - 1, Ordering::Relaxed);
+        let shipper = Shipper::new(config, start)?;
+        shared
+            .acked_seq
+            .store(shipper.acked_seq(), Ordering::Relaxed);
         Ok(Session {
-            sender,
-            base,
-            first_log,
-            next_log: first_log,
-            costs: VecDeque::new(),
-            pushed_bytes: 0,
+            shipper,
             fill: None,
-            release_to: 0,
-            released_at: Instant::now(),
+            shipped: 0,
+            resync_sent: 0,
         })
     }
 
-    fn first_wire(&self) -> Seq {
-        seq_add(self.first_log, self.base)
+    /// Copies the shipper's progress into the shared state the report and points read.
+    fn publish(&mut self, shared: &Shared) {
+        let sh = &self.shipper;
+        shared.acked_seq.store(sh.acked_seq(), Ordering::Relaxed);
+        let shipped = sh.shipped_bytes();
+        shared
+            .shipped_total
+            .fetch_add(shipped - self.shipped, Ordering::Relaxed);
+        self.shipped = shipped;
+        let sent = sh.resync_sent_bytes();
+        shared
+            .resync_sent
+            .fetch_add(sent - self.resync_sent, Ordering::Relaxed);
+        self.resync_sent = sent;
+        if let Some(done) = sh.sync_done() {
+            shared.sync_done.store(done, Ordering::Relaxed);
+        }
     }
 }
 
@@ -472,58 +301,16 @@ impl Session {
 enum Outcome {
     /// The agent is stopping.
     Stop,
-    /// `seq_base` changed: start a new session.
+    /// `seq_base` changed (or stored state could not be written): start a new session from
+    /// `disk.state`.
     Rebase,
-    /// The log overflowed: reset it and resync (new session).
+    /// The log overflowed: the shipper turns the disk to resyncing.
     Overflow,
     /// The connection ended; try again after the backoff. `welcomed`: it got as far as the
     /// `Welcome` (the backoff starts over).
     Lost { why: String, welcomed: bool },
     /// The gateway says the disk was failed over: replication stops for good.
     FailedOver(String),
-}
-
-/// A hash pass on one connection, range by range (see the module docs).
-struct HashPass {
-    size: u64,
-    /// The epoch of [`Shared`] it belongs to.
-    epoch: u64,
-    /// Every range below this was compared and its differing blocks appended.
-    done_to: u64,
-    /// The range asked and not yet answered.
-    asked: Option<HashRequest>,
-    /// The comparison running.
-    comparing: Option<JoinHandle<Result<Captured, SplitError>>>,
-    /// Set when the pass is dropped, so that a comparison still running stops.
-    cancel: Arc<AtomicBool>,
-}
-
-impl HashPass {
-    fn new(size: u64, from: u64, epoch: u64) -> HashPass {
-        HashPass {
-            size,
-            epoch,
-            done_to: from.min(size),
-            asked: None,
-            comparing: None,
-            cancel: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Pushing waits from the end of one comparison until the next range's digests arrive.
-    fn holds_pushes(&self) -> bool {
-        self.comparing.is_none() && self.done_to < self.size
-    }
-
-    fn done(&self) -> bool {
-        self.done_to >= self.size && self.asked.is_none() && self.comparing.is_none()
-    }
-}
-
-impl Drop for HashPass {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Release);
-    }
 }
 
 /// Resolves when the splitter's log has overflowed.
@@ -533,28 +320,81 @@ async fn overflowed(splitter: &Splitter) {
     }
 }
 
-/// The log overflowed: record that the disk resyncs, then reset the log (module docs, "A full
-/// log"). Blocking.
-fn handle_overflow(shared: &Shared) -> anyhow::Result<()> {
+/// Makes a change the shipper decided durable in `disk.state` (blocking).
+fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
+    match &change {
+        Change::Mapped {
+            seq_base,
+            resume_seq,
+        } => tracing::info!(
+            resume_seq,
+            seq_base,
+            "resync: mapping the change log onto the replica's stream"
+        ),
+        Change::Resync { why, .. } => {
+            tracing::warn!("{why}");
+            shared.set_message(Some(why.clone()));
+            shared.sync_done.store(0, Ordering::Relaxed);
+        }
+        Change::Progress { .. } | Change::Protected => {}
+    }
+    let rec = shared.update(|r| match change {
+        Change::Mapped { seq_base, .. } => {
+            r.seq_base = seq_base;
+            r.remap = false;
+            r.sync_offset = 0;
+        }
+        Change::Resync { seq_base, .. } => {
+            r.state = Phase::Resyncing;
+            r.sync_offset = 0;
+            r.remap = seq_base.is_none();
+            if let Some(b) = seq_base {
+                r.seq_base = b;
+            }
+        }
+        Change::Progress { sync_offset } => {
+            if r.state == Phase::Resyncing && !r.remap {
+                r.sync_offset = sync_offset;
+            }
+        }
+        Change::Protected => {
+            if r.state == Phase::Resyncing {
+                r.state = Phase::Protected;
+                r.sync_offset = 0;
+            }
+        }
+    })?;
+    if matches!(change, Change::Protected) && rec.state == Phase::Protected {
+        shared.set_message(None);
+        tracing::info!(
+            sent_bytes = shared.resync_sent.load(Ordering::Relaxed),
+            "resync done: the disk is protected"
+        );
+    }
+    Ok(())
+}
+
+/// The log overflowed: the shipper records that the disk resyncs, then the log is reset
+/// (module docs, "A full log"). Blocking.
+fn handle_overflow(shared: &Shared, session: &mut Session) -> anyhow::Result<()> {
     let Some(Overflow { used, max_bytes }) = shared.splitter.overflow() else {
         return Ok(());
     };
-    let msg = format!(
+    session.shipper.overflowed(format!(
         "change log full ({used} of {max_bytes} bytes); resyncing by block comparison — raise \
          --log-max-bytes or check the connection to the process server"
-    );
-    tracing::warn!("{msg}");
-    shared.set_message(Some(msg));
-    shared.update(|r| {
-        r.state = Phase::Resyncing;
-        r.remap = true;
-        r.sync_offset = 0;
-        shared.epoch.fetch_add(1, Ordering::AcqRel);
-    })?;
-    shared.sync_done.store(0, Ordering::Relaxed);
-    shared.splitter.reset_log()?;
-    // The log's durable seq, after the reset.
-    shared.update(|_| {})?;
+    ));
+    while let Some(action) = session.shipper.poll_action(Instant::now()) {
+        match action {
+            ShipperAction::Persist(change) => persist(shared, change)?,
+            ShipperAction::ResetLog => {
+                shared.splitter.reset_log()?;
+                // The log's durable seq, after the reset.
+                shared.update(|_| {})?;
+            }
+            other => tracing::debug!(?other, "not run: the shipper is being replaced"),
+        }
+    }
     Ok(())
 }
 
@@ -573,22 +413,6 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
         if *stop.borrow() {
             return;
         }
-        if shared.splitter.overflow().is_some() {
-            session = None;
-            let sh = Arc::clone(&shared);
-            match tokio::task::spawn_blocking(move || handle_overflow(&sh)).await {
-                Ok(Ok(())) => backoff = BACKOFF_MIN,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "resetting the overflowed change log");
-                    tokio::select! {
-                        _ = tokio::time::sleep(BACKOFF_MAX) => {}
-                        _ = stop.changed() => return,
-                    }
-                    continue;
-                }
-                Err(_) => return,
-            }
-        }
         let s = match &mut session {
             Some(s) => s,
             None => match Session::new(&shared, cfg.window_bytes, peer_id) {
@@ -599,8 +423,23 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
                 }
             },
         };
+        if shared.splitter.overflow().is_some() {
+            let result = tokio::task::block_in_place(|| handle_overflow(&shared, s));
+            session = None;
+            match result {
+                Ok(()) => backoff = BACKOFF_MIN,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "resetting the overflowed change log");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+            continue;
+        }
         let outcome = connection(&shared, &cfg, s, &mut stop).await;
-        s.sender.connection_lost();
+        s.shipper.connection_lost();
         if let Some(conn) = shared.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
             conn.close(0u32.into(), b"agent reconnecting");
         }
@@ -692,7 +531,17 @@ async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Option<T> {
     }
 }
 
-/// One connection: connect, handshake, stream until it ends.
+/// Sets a flag when dropped: a comparison still running for an ended connection stops.
+struct Cancel(Arc<AtomicBool>);
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// One connection: connect, handshake, then run the shipper's actions and frames until it says
+/// the connection is over.
 async fn connection(
     shared: &Arc<Shared>,
     cfg: &ShipConfig,
@@ -721,231 +570,102 @@ async fn connection(
         Err(e) => return lost(describe(&e), false),
     };
     *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-    // Requests from the master target (points, planned failover) come on this connection; the
-    // task ends with it.
-    tokio::spawn(crate::points::serve_control(
-        Arc::clone(shared),
-        conn.clone(),
-    ));
+    if let Some(hook) = &cfg.on_connection {
+        // Requests from the master target (points, planned failover) come on this connection.
+        hook(conn.clone());
+    }
     let mut reader = FrameReader::new(recv);
-    let size = shared.splitter.size();
-    let window = s.sender.config().window_bytes;
-    s.sender.connect(Instant::now());
+    s.shipper.connect(Instant::now());
     let mut welcomed = false;
-    let mut pass: Option<HashPass> = None;
+    // The comparison of a range (resync) running, with the offset it answers.
+    let mut comparing: Option<JoinHandle<(u64, Result<Captured, SplitError>)>> = None;
+    let cancel = Cancel(Arc::new(AtomicBool::new(false)));
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!(%addr, first_seq = s.first_wire(), "replication connection open");
+    tracing::info!(%addr, first_seq = s.shipper.first_seq(), "replication connection open");
 
     loop {
         if shared.splitter.overflow().is_some() {
             return Outcome::Overflow;
         }
-        let phase = shared.record().state;
+        let st = shared.splitter.log_stats();
+        s.shipper.log(LogView {
+            first_seq: st.first_seq,
+            last_seq: st.last_seq,
+            bytes_used: st.bytes_used,
+            max_bytes: shared.log_max_bytes,
+        });
         let now = Instant::now();
-
-        // Read more records from the log when pushing is allowed and the budget has room:
-        // resyncing, only while the pass lets pushes go (the mapping is known once it runs).
-        let hold = phase == Phase::Resyncing && pass.as_ref().is_none_or(HashPass::holds_pushes);
-        if !hold
-            && s.fill.is_none()
-            && s.pushed_bytes < window + PUSH_SLACK
-            && shared.splitter.log_stats().last_seq >= s.next_log
-        {
-            let splitter = Arc::clone(&shared.splitter);
-            let (from, base) = (s.next_log, s.base);
-            s.fill = Some(tokio::task::spawn_blocking(move || {
-                fill(&splitter, from, base)
-            }));
-        }
-
-        // Free acknowledged records from the log, not on every ack (a release of the whole
-        // log starts a new segment).
-        if s.release_to >= s.first_log
-            && (s.released_at.elapsed() >= RELEASE_EVERY
-                || shared.splitter.log_stats().bytes_used > shared.log_max_bytes / 2)
-        {
-            let splitter = Arc::clone(&shared.splitter);
-            let upto = s.release_to;
-            s.released_at = Instant::now();
-            s.release_to = 0;
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = splitter.release_log(upto) {
-                    tracing::warn!(error = %e, "freeing acknowledged records from the log");
-                }
-            });
-        }
-
-        // The hash pass, range by range: ask a range once everything pushed is acknowledged.
-        if let Some(p) = &mut pass {
-            if p.asked.is_none()
-                && p.comparing.is_none()
-                && p.done_to < p.size
-                && s.fill.is_none()
-                && s.sender.unreleased() == 0
-            {
-                let req = HashRequest {
-                    disk: DISK_ID,
-                    offset: p.done_to,
-                    len: (p.size - p.done_to).min(RESYNC_RANGE),
-                    block_size: RESYNC_BLOCK,
-                };
-                if let Err(e) = s.sender.request_hashes(req) {
-                    return lost(format!("asking the replica's digests: {e}"), welcomed);
-                }
-                p.asked = Some(req);
-            }
-            if p.done() {
-                let epoch = p.epoch;
-                pass = None;
-                match shared.update(|r| {
-                    if r.state == Phase::Resyncing
-                        && !r.remap
-                        && shared.epoch.load(Ordering::Acquire) == epoch
-                    {
-                        r.state = Phase::Protected;
-                        r.sync_offset = 0;
-                        shared.set_message(None);
+        while let Some(action) = s.shipper.poll_action(now) {
+            match action {
+                ShipperAction::Persist(change) => {
+                    if let Err(e) = tokio::task::block_in_place(|| persist(shared, change)) {
+                        tracing::error!(error = %format!("{e:#}"), "writing disk.state");
+                        return Outcome::Rebase;
                     }
-                }) {
-                    Ok(r) if r.state == Phase::Protected => {
-                        tracing::info!(
-                            sent_bytes = shared.resync_sent.load(Ordering::Relaxed),
-                            "resync done: the disk is protected"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => return lost(format!("{e:#}"), welcomed),
                 }
-                continue;
+                ShipperAction::Fill { from, base } => {
+                    let splitter = Arc::clone(&shared.splitter);
+                    s.fill = Some((
+                        base,
+                        tokio::task::spawn_blocking(move || fill(&splitter, from, base)),
+                    ));
+                }
+                ShipperAction::Release { up_to } => {
+                    let splitter = Arc::clone(&shared.splitter);
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = splitter.release_log(up_to) {
+                            tracing::warn!(error = %e, "freeing acknowledged records from the log");
+                        }
+                    });
+                }
+                ShipperAction::Compare { request, hashes } => {
+                    if request.offset == 0 || comparing.is_none() {
+                        tracing::debug!(offset = request.offset, "resync: comparing a range");
+                    }
+                    let (sh, stop_flag) = (Arc::clone(shared), Arc::clone(&cancel.0));
+                    comparing = Some(tokio::task::spawn_blocking(move || {
+                        (request.offset, compare(&sh, request, &hashes, &stop_flag))
+                    }));
+                }
+                ShipperAction::ResetLog => return Outcome::Overflow,
             }
         }
+        s.publish(shared);
+        if !welcomed && s.shipper.sender().is_streaming() {
+            welcomed = true;
+            shared.set_link(None);
+            tracing::info!(
+                resume_seq = s.shipper.acked_seq() + 1,
+                "replication stream resumed"
+            );
+        }
 
-        let frames: Vec<Frame> = std::iter::from_fn(|| s.sender.poll_transmit(now)).collect();
+        let frames: Vec<Frame> = std::iter::from_fn(|| s.shipper.poll_transmit(now)).collect();
         if !frames.is_empty()
             && let Err(e) = write_frames(&mut send, frames).await
         {
             return lost(format!("sending: {e}"), welcomed);
         }
-
-        while let Some(ev) = s.sender.poll_event() {
-            match ev {
-                SenderEvent::Connected => {
-                    welcomed = true;
-                    shared.set_link(None);
-                    let released = s.sender.released(DISK_ID).unwrap_or(0);
-                    tracing::info!(resume_seq = released + 1, "replication stream resumed");
-                    shared.acked_seq.store(released, Ordering::Relaxed);
-                    let rec = shared.record();
-                    if rec.state == Phase::Resyncing {
-                        if rec.remap {
-                            // The log's first record must map to where the downstream resumes.
-                            let base = released as i64 + 1 - s.first_log as i64;
-                            let rebase = released + 1 != s.first_wire();
-                            tracing::info!(
-                                resume_seq = released + 1,
-                                seq_base = base,
-                                "resync: mapping the change log onto the replica's stream"
-                            );
-                            if let Err(e) = shared.update(|r| {
-                                r.seq_base = base;
-                                r.remap = false;
-                                r.sync_offset = 0;
-                            }) {
-                                return lost(format!("{e:#}"), true);
-                            }
-                            if rebase {
-                                return Outcome::Rebase;
-                            }
-                        }
-                        let from = shared.record().sync_offset;
-                        tracing::info!(
-                            size,
-                            from,
-                            block = RESYNC_BLOCK,
-                            "resync: comparing digests"
-                        );
-                        shared.sync_done.store(from, Ordering::Relaxed);
-                        pass = Some(HashPass::new(
-                            size,
-                            from,
-                            shared.epoch.load(Ordering::Acquire),
-                        ));
-                    }
-                }
-                SenderEvent::Released { up_to, .. } => {
-                    while s.costs.front().is_some_and(|&(seq, _)| seq <= up_to) {
-                        if let Some((_, cost)) = s.costs.pop_front() {
-                            s.pushed_bytes -= cost;
-                            shared.shipped_total.fetch_add(cost, Ordering::Relaxed);
-                        }
-                    }
-                    shared.acked_seq.fetch_max(up_to, Ordering::Relaxed);
-                    let log_seq = up_to as i128 - s.base as i128;
-                    if log_seq >= 1 {
-                        s.release_to = s.release_to.max(log_seq as u64);
-                    }
-                }
-                SenderEvent::Hashes(h) => {
-                    if let Some(p) = &mut pass
-                        && let Some(req) = p.asked.filter(|r| r.offset == h.offset)
-                    {
-                        p.asked = None;
-                        let (sh, cancel, epoch) =
-                            (Arc::clone(shared), Arc::clone(&p.cancel), p.epoch);
-                        p.comparing = Some(tokio::task::spawn_blocking(move || {
-                            compare(&sh, req, &h, epoch, &cancel)
-                        }));
-                    } else {
-                        tracing::warn!(offset = h.offset, "unasked digests ignored");
-                    }
-                }
-                SenderEvent::PeerError(e) => {
-                    if e.code == error_code::RESUME_GAP {
-                        return enter_resync(shared, None, &e.message);
-                    }
-                    if e.code == error_code::FAILED_OVER {
-                        return Outcome::FailedOver(e.message);
-                    }
-                    return lost(
-                        format!(
-                            "the gateway ended the stream: {} (code {})",
-                            e.message, e.code
-                        ),
-                        welcomed,
-                    );
-                }
-                SenderEvent::ProtocolError(v) => {
-                    let frames: Vec<Frame> =
-                        std::iter::from_fn(|| s.sender.poll_transmit(now)).collect();
-                    let _ = write_frames(&mut send, frames).await;
-                    let _ = send.finish();
-                    if let Violation::ResumeGap { next_seq, .. } = v {
-                        let base = next_seq as i64 - shared.splitter.log_stats().first_seq as i64;
-                        return enter_resync(shared, Some(base), &v.to_string());
-                    }
-                    return lost(format!("protocol error: {v}"), welcomed);
-                }
-                SenderEvent::ConnectionDead => {
-                    return lost("the gateway stopped answering", welcomed);
-                }
-            }
-        }
-        if s.sender.is_closed() {
-            return lost("stream closed", welcomed);
+        if let Some(end) = s.shipper.poll_end() {
+            let _ = send.finish();
+            return match end {
+                ShipperEnd::Rebase => Outcome::Rebase,
+                ShipperEnd::Lost { why, welcomed } => lost(why, welcomed),
+                ShipperEnd::FailedOver(why) => Outcome::FailedOver(why),
+            };
         }
 
-        let timeout = s.sender.poll_timeout();
-        let phase_now = shared.record().state;
+        let timeout = s.shipper.poll_timeout();
         tokio::select! {
             _ = stop.changed() => return Outcome::Stop,
             frame = reader.next() => match frame {
                 Ok(Some(f)) => {
-                    s.sender.handle(Instant::now(), f);
+                    s.shipper.handle_frame(Instant::now(), f);
                     // Take what else has arrived without waiting.
                     loop {
                         match reader.try_next() {
-                            Ok(Some(f)) => s.sender.handle(Instant::now(), f),
+                            Ok(Some(f)) => s.shipper.handle_frame(Instant::now(), f),
                             Ok(None) => break,
                             Err(e) => return decode_failed(&mut send, e, welcomed).await,
                         }
@@ -954,56 +674,35 @@ async fn connection(
                 Ok(None) => return lost("the gateway finished the stream", welcomed),
                 Err(e) => return decode_failed(&mut send, e, welcomed).await,
             },
-            records = join(&mut s.fill) => match records {
-                Some(Ok(records)) => {
-                    if phase_now == Phase::Resyncing && pass.is_none() {
-                        // Read before a resync started: drop, the session is about to change.
-                        continue;
-                    }
-                    for (log_seq, r) in records {
-                        let seq = r.seq();
-                        let cost = r.wire_len();
-                        if let Err(e) = s.sender.push(r) {
-                            tracing::error!(error = %e, "pushing a log record");
-                            return Outcome::Rebase;
-                        }
-                        s.costs.push_back((seq, cost));
-                        s.pushed_bytes += cost;
-                        s.next_log = log_seq + 1;
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "reading the change log");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                None => {}
-            },
-            done = async {
-                match &mut pass {
-                    Some(p) => join(&mut p.comparing).await,
+            records = async {
+                match &mut s.fill {
+                    Some((_, h)) => h.await.ok(),
                     None => std::future::pending().await,
                 }
             } => {
-                match done {
-                    Some(Ok(c)) => {
-                        if let Some(p) = &mut pass {
-                            shared.resync_sent.fetch_add(c.bytes, Ordering::Relaxed);
-                            p.done_to = (p.done_to + RESYNC_RANGE).min(size);
-                            shared.sync_done.store(p.done_to, Ordering::Relaxed);
-                        }
+                let base = s.fill.take().map_or(0, |(b, _)| b);
+                match records {
+                    Some(Ok(records)) => s.shipper.filled(base, records),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "reading the change log");
+                        s.shipper.fill_failed(Instant::now());
                     }
-                    // Seen at the top of the loop.
-                    Some(Err(SplitError::Overflowed)) => {}
-                    Some(Err(e)) => return lost(format!("resync: {e}"), welcomed),
-                    None => return lost("resync: a comparison task failed", welcomed),
+                    None => s.shipper.fill_failed(Instant::now()),
                 }
+            },
+            done = join(&mut comparing) => match done {
+                Some((offset, Ok(c))) => s.shipper.compared(offset, c.bytes),
+                // Seen at the top of the loop.
+                Some((_, Err(SplitError::Overflowed))) => {}
+                Some((_, Err(e))) => s.shipper.compare_failed(e.to_string()),
+                None => s.shipper.compare_failed("a comparison task failed".into()),
             },
             _ = async {
                 match timeout {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
                     None => std::future::pending().await,
                 }
-            } => s.sender.handle_timeout(Instant::now()),
+            } => s.shipper.handle_timeout(Instant::now()),
             _ = tick.tick() => {}
         }
     }
@@ -1026,25 +725,6 @@ async fn decode_failed(
             lost(describe(&c), welcomed)
         }
         other => lost(other.to_string(), welcomed),
-    }
-}
-
-/// The downstream lost records this agent released: the disk goes to resync.
-fn enter_resync(shared: &Shared, base: Option<i64>, why: &str) -> Outcome {
-    tracing::warn!(
-        "the replica lost records already released here ({why}): resyncing by hash compare"
-    );
-    match shared.update(|r| {
-        r.state = Phase::Resyncing;
-        r.sync_offset = 0;
-        r.remap = base.is_none();
-        if let Some(b) = base {
-            r.seq_base = b;
-        }
-        shared.epoch.fetch_add(1, Ordering::AcqRel);
-    }) {
-        Ok(_) => Outcome::Rebase,
-        Err(e) => lost(format!("{e:#}"), true),
     }
 }
 
@@ -1120,13 +800,12 @@ fn to_wire(rec: log::Record, base: i64) -> Result<Record, String> {
 
 /// Compares the local blocks of `req` with the replica's digests and appends those that
 /// differ (a block without a digest counts as different), waiting while the log is more than
-/// half full; then makes them durable and records the pass's progress (if the pass is still the
-/// current one). Stops on `cancel`, on an overflow and when the agent stops.
+/// half full; then makes them durable (the shipper then records the pass's progress). Stops on
+/// `cancel`, on an overflow and when the agent stops.
 fn compare(
     shared: &Shared,
     req: HashRequest,
     hashes: &Hashes,
-    epoch: u64,
     cancel: &AtomicBool,
 ) -> Result<Captured, SplitError> {
     let splitter = &shared.splitter;
@@ -1167,21 +846,6 @@ fn compare(
         }
     }
     splitter.sync_for_shipping()?;
-    shared
-        .update(|r| {
-            if r.state == Phase::Resyncing
-                && !r.remap
-                && r.sync_offset == req.offset
-                && shared.epoch.load(Ordering::Acquire) == epoch
-            {
-                r.sync_offset = end;
-            }
-        })
-        .map_err(|e| {
-            SplitError::Log(log::LogError::Invalid(format!(
-                "recording the resync's progress: {e:#}"
-            )))
-        })?;
     Ok(total)
 }
 
