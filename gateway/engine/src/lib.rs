@@ -16,6 +16,7 @@
 //! Architecture invariant: nothing is acknowledged upstream before it is durable here, and
 //! nothing is freed here before it is durable downstream (or applied to the replica).
 
+mod applier;
 pub mod failpoint;
 pub mod ingest;
 pub mod master_target;

@@ -20,6 +20,9 @@
 //!
 //! Resync hashes are computed by the applier between batches, once everything journaled is
 //! applied, so they describe the replica after exactly the records received so far.
+//!
+//! The applier thread is in `applier.rs`; points, test failover and failover in
+//! [`crate::recovery`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -29,27 +32,21 @@ use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use haven_host::{Access, Disk, Host, PluginSpec, WriterPlugin};
+use haven_host::{Host, PluginSpec};
 use haven_net::endpoint::ServerTls;
 use haven_net::stream::{Report, read_report};
 use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
 use haven_store::state::{StateDb, StreamKey, StreamRecord};
-use haven_store::{StoreError, decompress};
-use haven_wire::{HashRequest, Hashes, Hello, Payload, Record, Seq};
-use sha2::{Digest, Sha256};
+use haven_wire::{HashRequest, Hashes, Hello, Record, Seq};
 use tokio::sync::oneshot;
 
-use crate::failpoint;
+use crate::applier::Applier;
 use crate::ingest::{self, DiskStream, RecordExt, Sink, lock};
 use crate::status::{MasterTargetStatus, ReplicaStatus};
 use crate::{Rate, now_ms, peer_hex};
 
-/// Most bytes of extent applied between two flushes of a replica.
-const APPLY_BATCH_BYTES: u64 = 64 << 20;
-/// Bytes read from a replica per plugin call when hashing.
-const HASH_READ: u64 = 4 << 20;
 /// An agent's report older than this says nothing about the writes its source made since.
 const REPORT_FRESH: Duration = Duration::from_secs(5);
 
@@ -167,6 +164,25 @@ pub(crate) struct Replica {
     pub(crate) change_queued: std::sync::atomic::AtomicBool,
 }
 
+impl Replica {
+    /// Wakes the applier (coalesced).
+    pub(crate) fn wake(&self) {
+        if !self.change_queued.swap(true, Ordering::AcqRel) {
+            let _ = lock(&self.wake).send(Wake::Changed);
+        }
+    }
+
+    /// Records up to `seq` (`bytes` of extent) are applied: they leave the lag and count in
+    /// the apply rate.
+    pub(crate) fn note_applied(&self, seq: Seq, bytes: u64) {
+        let mut unapplied = lock(&self.unapplied);
+        while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
+            unapplied.pop_front();
+        }
+        lock(&self.applied_rate).add(Instant::now(), bytes);
+    }
+}
+
 impl MasterTarget {
     /// Opens the state and replays what it says: every known replica gets its applier back.
     pub fn open(config: MasterTargetConfig, host: Arc<Host>) -> Result<Arc<MasterTarget>> {
@@ -204,7 +220,8 @@ impl MasterTarget {
             match mt.replica(key, info, &record.machine_name) {
                 Ok(r) => {
                     // A failover cut short by a stop starts its image again.
-                    if lock(&r.recovery.item).state == crate::recovery::ItemState::FailingOver {
+                    let state = lock(&r.recovery.state).item.state;
+                    if state == crate::recovery::ItemState::FailingOver {
                         mt.resume_failover(r);
                     }
                 }
@@ -400,19 +417,14 @@ impl MasterTarget {
         });
         self.load_recovery(&replica, record.applied_seq)?;
         self.restore_test(&replica);
-        let applier = Applier {
-            keep_points: !self.config.retention.window.is_zero(),
-            replica: replica.clone(),
-            host: self.host.clone(),
-            spec: self.config.writer.clone(),
-            state: self.state.clone(),
-            wake: rx,
-            deferred: VecDeque::new(),
-        };
-        std::thread::Builder::new()
-            .name(format!("apply-{key}"))
-            .spawn(move || applier.run())
-            .context("starting an applier thread")?;
+        Applier::spawn(
+            !self.config.retention.window.is_zero(),
+            replica.clone(),
+            self.host.clone(),
+            self.config.writer.clone(),
+            self.state.clone(),
+            rx,
+        )?;
         replicas.insert(key, replica.clone());
         Ok(replica)
     }
@@ -431,7 +443,16 @@ impl MasterTarget {
                 let agent_id = peer_hex(&s.key.peer);
                 let rate = lock(&r.applied_rate);
                 let report = reports.get(&agent_id).cloned();
-                let newest = r.recovery.newest();
+                // The recovery facts at one instant.
+                let (newest, item_state, points, test_failover) = {
+                    let st = lock(&r.recovery.state);
+                    (
+                        st.points.values().next_back().copied(),
+                        st.item.state,
+                        st.points.len(),
+                        st.test.running().map(|t| t.uri().to_string()),
+                    )
+                };
                 // Records after the newest point (or the base) are what a failover now loses.
                 let covered = newest
                     .map_or(0, |p| p.seq)
@@ -444,7 +465,6 @@ impl MasterTarget {
                 let lag_seconds = uncovered()
                     .next()
                     .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64());
-                let item_state = lock(&r.recovery.item).state;
                 let last_seq = report
                     .as_ref()
                     .and_then(|rep| rep.disks.iter().find(|d| d.disk == s.key.disk))
@@ -479,9 +499,9 @@ impl MasterTarget {
                     lag_seconds,
                     rpo_seconds: rpo,
                     item_state: item_state.name().to_string(),
-                    points: lock(&r.recovery.points).len(),
+                    points,
                     newest_point_ms: newest.map(|p| p.source_time_ms),
-                    test_failover: lock(&r.recovery.test).as_ref().map(|t| t.uri().to_string()),
+                    test_failover,
                     apply_bytes_per_second: rate.per_second(now),
                     applied_bytes_total: rate.total(),
                     journal_bytes: s.journal().stats().bytes,
@@ -625,322 +645,6 @@ impl Sink for MasterTarget {
             }
         }
         rx
-    }
-}
-
-/// The thread that applies one replica's journal.
-struct Applier {
-    /// Points are kept (retention window above 0): the base stops at the oldest.
-    keep_points: bool,
-    replica: Arc<Replica>,
-    host: Arc<Host>,
-    spec: PluginSpec,
-    state: Arc<StateDb>,
-    wake: std_mpsc::Receiver<Wake>,
-    /// Hash requests waiting for the journal to be fully applied.
-    deferred: VecDeque<(HashRequest, oneshot::Sender<Result<Hashes, String>>)>,
-}
-
-/// Why applying stopped.
-enum Stop {
-    /// A record failed authentication or the journal is damaged: never retried.
-    Refused(String),
-    /// The plugin or the state failed: retried after a pause.
-    Failed(String),
-}
-
-impl Applier {
-    fn run(mut self) {
-        let key = self.replica.stream.key;
-        loop {
-            match self.open() {
-                Ok((plugin, disk)) => match self.serve(plugin, disk) {
-                    Stop::Refused(msg) => {
-                        tracing::error!(replica = %key, error = %msg, "applying stopped");
-                        self.replica.stream.set_error(Some(msg));
-                        // Nothing more is applied; hash requests are refused.
-                        while let Ok(w) = self.wake.recv() {
-                            if let Wake::Hash(_, tx) = w {
-                                let _ = tx.send(Err(
-                                    "the replica's journal is damaged; see the gateway's status"
-                                        .into(),
-                                ));
-                            }
-                        }
-                        return;
-                    }
-                    Stop::Failed(msg) => {
-                        tracing::warn!(replica = %key, error = %msg, "applying failed; retrying in 5 s");
-                        self.replica.stream.set_error(Some(msg));
-                    }
-                },
-                Err(e) => {
-                    let msg = format!("replica {}: {e:#}", self.replica.path);
-                    tracing::warn!(replica = %key, error = %msg, "cannot open the replica; retrying in 5 s");
-                    self.replica.stream.set_error(Some(msg));
-                }
-            }
-            std::thread::sleep(Duration::from_secs(5));
-        }
-    }
-
-    /// Loads the writer and opens the replica, creating it (sparse, all zero) when new.
-    fn open(&self) -> Result<(WriterPlugin, Disk)> {
-        let mut plugin = self.host.load_writer(&self.spec)?;
-        let path = &self.replica.path;
-        let root = self
-            .spec
-            .grants
-            .storage_root
-            .as_ref()
-            .context("the writer plugin has no storage root")?;
-        let exists = root.join(path).exists();
-        let disk = if exists {
-            plugin.open(path, Access::ReadWrite, &[])?
-        } else {
-            if let Some(parent) = root.join(path).parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            plugin.create(path, self.replica.stream.info.size, 512, &[])?
-        };
-        Ok((plugin, disk))
-    }
-
-    fn serve(&mut self, mut plugin: WriterPlugin, disk: Disk) -> Stop {
-        self.replica.stream.set_error(None);
-        loop {
-            let durable = self.replica.stream.durable();
-            let applied = self.replica.applied.load(Ordering::Acquire);
-            let target = self
-                .replica
-                .recovery
-                .apply_target(durable, self.keep_points);
-            if target > applied && !failpoint::paused("apply") {
-                if let Err(stop) = self.apply(&mut plugin, &disk, applied, target) {
-                    let _ = plugin.close(disk);
-                    return stop;
-                }
-                continue;
-            }
-            // Caught up: answer the hash requests that waited for it.
-            while let Some((req, tx)) = self.deferred.pop_front() {
-                let _ = tx.send(self.hash(&mut plugin, &disk, req));
-            }
-            match self.wake.recv() {
-                Ok(Wake::Changed) => self.replica.change_queued.store(false, Ordering::Release),
-                Ok(Wake::Hash(req, tx)) => self.deferred.push_back((req, tx)),
-                Err(_) => return Stop::Failed("the master target stopped".into()),
-            }
-            while let Ok(w) = self.wake.try_recv() {
-                match w {
-                    Wake::Hash(req, tx) => self.deferred.push_back((req, tx)),
-                    Wake::Changed => self.replica.change_queued.store(false, Ordering::Release),
-                }
-            }
-        }
-    }
-
-    /// Applies records `applied+1 ..= durable` in batches, each flushed and recorded.
-    fn apply(
-        &self,
-        plugin: &mut WriterPlugin,
-        disk: &Disk,
-        applied: Seq,
-        durable: Seq,
-    ) -> Result<(), Stop> {
-        let stream = &self.replica.stream;
-        let mut reader = None;
-        let mut batch_bytes = 0;
-        let mut last = applied;
-        while last < durable {
-            // Fresh records come from memory; older ones are read back and verified.
-            let record = match stream.take_fresh(last + 1) {
-                Some(r) => {
-                    reader = None;
-                    r
-                }
-                None => {
-                    let r = reader.get_or_insert_with(|| stream.journal().read_from(last + 1));
-                    let Some(record) = r.next() else { break };
-                    record.map_err(|e| match e {
-                        e @ (StoreError::Tampered { .. } | StoreError::Damaged { .. }) => {
-                            Stop::Refused(format!("replica {}: {e}", self.replica.path))
-                        }
-                        e => Stop::Failed(format!("replica {}: {e}", self.replica.path)),
-                    })?
-                }
-            };
-            if record.seq() > durable {
-                break;
-            }
-            if let Record::Write(w) = &record {
-                let failed = |e: &dyn std::fmt::Display| {
-                    Stop::Failed(format!(
-                        "replica {}: applying record {} at {}: {e}",
-                        self.replica.path, w.seq, w.offset
-                    ))
-                };
-                match &w.data {
-                    Payload::Data(_) | Payload::Compressed { .. } => {
-                        let bytes = decompress(&w.data).map_err(|e| {
-                            Stop::Refused(format!(
-                                "replica {}: record {}: {e}",
-                                self.replica.path, w.seq
-                            ))
-                        })?;
-                        // Without a copy when the bytes are not shared (they were just read).
-                        let mut buf = Vec::from(bytes);
-                        plugin
-                            .write(disk, w.offset, &mut buf)
-                            .map_err(|e| failed(&e))?;
-                    }
-                    Payload::Zero { len } => plugin
-                        .write_zeroes(disk, w.offset, *len, false)
-                        .map_err(|e| failed(&e))?,
-                    Payload::Trim { len } => plugin
-                        .write_zeroes(disk, w.offset, *len, true)
-                        .map_err(|e| failed(&e))?,
-                }
-            }
-            batch_bytes += record.wire_extent();
-            last = record.seq();
-            // A new point (its tag durable before `on_durable` listed it): the base may stop
-            // here, and the target is computed again with it.
-            if let Record::Tag(t) = &record
-                && self.keep_points
-                && crate::recovery::register_tag(&self.state, &self.replica, t)
-            {
-                break;
-            }
-            if batch_bytes >= APPLY_BATCH_BYTES {
-                self.commit(plugin, disk, last, batch_bytes)?;
-                batch_bytes = 0;
-            }
-        }
-        if last > self.replica.applied.load(Ordering::Acquire) {
-            self.commit(plugin, disk, last, batch_bytes)?;
-        }
-        Ok(())
-    }
-
-    /// Flushes the replica, records `seq` as applied, then frees the journal up to it.
-    fn commit(
-        &self,
-        plugin: &mut WriterPlugin,
-        disk: &Disk,
-        seq: Seq,
-        bytes: u64,
-    ) -> Result<(), Stop> {
-        let stream = &self.replica.stream;
-        let fail = |e: &dyn std::fmt::Display| {
-            Stop::Failed(format!(
-                "replica {}: committing seq {seq}: {e}",
-                self.replica.path
-            ))
-        };
-        failpoint::hit("apply.after-write");
-        plugin.flush(disk).map_err(|e| fail(&e))?;
-        let mut record = self
-            .state
-            .get_stream(stream.key)
-            .map_err(|e| fail(&e))?
-            .ok_or_else(|| fail(&"stream record missing"))?;
-        record.applied_seq = seq;
-        // What a test failover or failover reads stays in the journal; the hold is locked from
-        // here until the journal is freed (see `hold_base`).
-        let hold = lock(&self.replica.recovery.hold);
-        let release = hold.map_or(seq, |h| seq.min(h));
-        self.state
-            .put_stream(stream.key, &record)
-            .map_err(|e| fail(&e))?;
-        self.replica.applied.store(seq, Ordering::Release);
-        failpoint::hit("apply.after-commit");
-        stream.journal().release(release).map_err(|e| fail(&e))?;
-        drop(hold);
-        let mut unapplied = lock(&self.replica.unapplied);
-        while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
-            unapplied.pop_front();
-        }
-        lock(&self.replica.applied_rate).add(Instant::now(), bytes);
-        stream.freed.notify_one();
-        Ok(())
-    }
-
-    /// SHA-256 of each block of the requested range of the replica.
-    fn hash(
-        &self,
-        plugin: &mut WriterPlugin,
-        disk: &Disk,
-        req: HashRequest,
-    ) -> Result<Hashes, String> {
-        let size = self.replica.stream.info.size;
-        let end = req
-            .offset
-            .checked_add(req.len)
-            .filter(|e| *e <= size)
-            .ok_or_else(|| {
-                format!(
-                    "hash request {}+{} lies past the end of the {size}-byte replica",
-                    req.offset, req.len
-                )
-            })?;
-        let block = u64::from(req.block_size);
-        let chunk = HASH_READ.max(block) / block * block;
-        let mut hashes = Vec::new();
-        let mut pos = req.offset;
-        let mut buf = Vec::new();
-        // With points kept, the base stops at the oldest one: the digests describe the base
-        // with every durable record laid over it, as a view at the durable seq.
-        let durable = self.replica.stream.durable();
-        let applied = self.replica.applied.load(Ordering::Acquire);
-        let view = if durable > applied {
-            let mut base = self
-                .host
-                .load_writer(&self.spec)
-                .map_err(|e| format!("loading the writer to read the replica: {e}"))?;
-            let d = base
-                .open(&self.replica.path, Access::ReadOnly, &[])
-                .map_err(|e| format!("opening the replica: {e}"))?;
-            Some(
-                crate::overlay::View::build(
-                    self.replica.stream.clone(),
-                    crate::overlay::Base::new(base, d),
-                    applied,
-                    durable,
-                    crate::overlay::Scratch::None,
-                )
-                .map_err(|e| format!("building a view of the replica: {e:#}"))?,
-            )
-        } else {
-            None
-        };
-        while pos < end {
-            let n = chunk.min(end - pos);
-            buf.resize(n as usize, 0);
-            match &view {
-                Some(v) => v
-                    .read(pos, &mut buf)
-                    .map_err(|e| format!("reading the replica's view at {pos}: {e:#}"))?,
-                None => plugin
-                    .read(disk, pos, &mut buf)
-                    .map_err(|e| format!("reading the replica at {pos}: {e}"))?,
-            }
-            hashes.extend(buf.chunks(block as usize).map(|b| {
-                let d: [u8; 32] = Sha256::digest(b).into();
-                d
-            }));
-            pos += n;
-        }
-        if let Some(v) = view {
-            let _ = v.discard();
-        }
-        Ok(Hashes {
-            disk: req.disk,
-            offset: req.offset,
-            block_size: req.block_size,
-            hashes,
-        })
     }
 }
 

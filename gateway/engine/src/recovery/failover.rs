@@ -1,0 +1,411 @@
+//! Failover: the request (a chosen point, or planned: the source stopped through the control
+//! path at a final point), materialising the point into an image through the writer plugin,
+//! publishing the image under its name once whole, and the commit (module docs of [`super`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use haven_net::control::{self, Command, Reply, Request};
+use haven_wire::Seq;
+
+use super::item::{ItemEvent, ItemRecord, record, transition};
+use super::points::store_points;
+use super::{
+    ErrorKind, PointRecord, PointSel, RecoveryError, ReplicaRecovery, err, hold_base, internal,
+};
+use crate::ingest::lock;
+use crate::master_target::{MasterTarget, Replica};
+use crate::overlay::{Scratch, View};
+use crate::{failpoint, peer_hex};
+
+/// Longest a control request to the agent may take (its quiesce hooks included).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(150);
+/// Bytes copied per step of a materialisation.
+const COPY_CHUNK: usize = 4 << 20;
+/// All-zero blocks of this size are left as holes in a failover image.
+const SPARSE_BLOCK: usize = 64 << 10;
+
+/// Clears a replica's `busy` flag when a failover request ends.
+struct Busy<'a>(&'a ReplicaRecovery);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).busy = false;
+    }
+}
+
+impl MasterTarget {
+    /// The connection that forwards the item's stream: control requests for its agent go there.
+    fn route(&self, r: &Replica) -> Result<haven_net::quinn::Connection, RecoveryError> {
+        let id = peer_hex(&r.stream.key.peer);
+        lock(&self.routes)
+            .get(&id)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the source of item {} ({id}) is not reachable: no process server \
+                         forwards for it now; check that its agent and process server run \
+                         (`haven status` on both sites)",
+                        lock(&r.stream.machine_name)
+                    ),
+                )
+            })
+    }
+
+    /// Sends `command` to the item's agent through its process server; returns the point the
+    /// agent took for the item's disk.
+    pub(super) async fn ask_agent(
+        &self,
+        r: &Replica,
+        command: Command,
+    ) -> Result<haven_net::control::PointTaken, RecoveryError> {
+        let conn = self.route(r)?;
+        let req = Request {
+            agent_id: peer_hex(&r.stream.key.peer),
+            command,
+        };
+        match control::call(&conn, &req, CONTROL_TIMEOUT).await {
+            Ok(Reply::Taken(points)) => points
+                .into_iter()
+                .find(|p| p.disk == r.stream.key.disk)
+                .ok_or_else(|| err(ErrorKind::Internal, "the agent tagged another disk")),
+            // The relay's own failures (agent not connected, no answer) mean "try later".
+            Ok(Reply::Failed(why))
+                if why.starts_with("process server:") || why.contains("control stream") =>
+            {
+                Err(err(ErrorKind::Unavailable, why))
+            }
+            Ok(Reply::Failed(why)) => Err(err(ErrorKind::Conflict, format!("the agent: {why}"))),
+            Err(e) => Err(err(ErrorKind::Unavailable, e.to_string())),
+        }
+    }
+
+    /// `haven failover`: fails the item over to a point (unplanned), or (planned) stops the
+    /// source, takes a final point and fails over to it. Returns when materialising started.
+    pub async fn failover(
+        self: &Arc<Self>,
+        item: &str,
+        sel: PointSel,
+        planned: bool,
+    ) -> Result<ItemRecord, RecoveryError> {
+        let r = self.find_item(item)?;
+        let event = if planned {
+            ItemEvent::PlannedFailover
+        } else {
+            ItemEvent::FailoverStarted
+        };
+        // Checked and claimed in one step: no test failover or other failover starts
+        // meanwhile.
+        {
+            let mut st = lock(&r.recovery.state);
+            if st.busy {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!(
+                        "a failover of item {item} is already running; see `haven failover show \
+                         {item}`"
+                    ),
+                ));
+            }
+            transition(st.item.state, event).map_err(|e| e.into_error(item))?;
+            if let Some(p) = st.test.point() {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!(
+                        "a test failover of item {item} is running (point {}): clean it up first \
+                         with `haven failover cleanup {item}`",
+                        p.point
+                    ),
+                ));
+            }
+            st.busy = true;
+        }
+        let _busy = Busy(&r.recovery);
+        let point = if planned {
+            let none = lock(&r.recovery.state).points.is_empty();
+            if none {
+                return Err(err(ErrorKind::Conflict, self.no_points_message(&r, item)));
+            }
+            let taken = self.ask_agent(&r, Command::Stop).await?;
+            self.await_point(&r, taken.seq).await.map_err(|e| RecoveryError {
+                message: format!(
+                    "the source of item {item} is stopped (its final point is {}), but: {}; once \
+                     the point has arrived (`haven point list {item}`), fail over with `haven \
+                     failover {item} --point {}`",
+                    taken.point, e.message, taken.point
+                ),
+                ..e
+            })?
+        } else {
+            let picked = {
+                let st = lock(&r.recovery.state);
+                self.pick(&r, &st.points, item, sel)
+            };
+            picked?
+        };
+        hold_base(&r);
+        let cause = if planned {
+            format!(
+                "planned failover: the source stopped at point {}",
+                point.point
+            )
+        } else {
+            format!("failover to point {} requested", point.point)
+        };
+        let record = record(&self.state, &r, item, event, cause, |i| {
+            i.point = Some(point);
+            i.planned = planned;
+            i.image = None;
+        })?;
+        self.stop_replication(&r);
+        self.spawn_materialise(r.clone());
+        Ok(record)
+    }
+
+    /// Cuts the item's replication: its process-server connection is closed and
+    /// [`MasterTarget::refusal`] refuses it from now on.
+    fn stop_replication(&self, r: &Replica) {
+        let id = peer_hex(&r.stream.key.peer);
+        if let Some(conn) = lock(&self.routes).remove(&id) {
+            conn.close(0u32.into(), b"item failed over");
+        }
+    }
+
+    /// Why the item's stream is refused, if it is.
+    pub(crate) fn refusal(&self, r: &Replica) -> Option<String> {
+        let st = lock(&r.recovery.state);
+        let item = &st.item;
+        (item.state != super::ItemState::Protected).then(|| {
+            format!(
+                "disk {} was failed over at the master target (state {}, point {}): replication \
+                 of it is stopped",
+                r.stream.key,
+                item.state.name(),
+                item.point.map_or(0, |p| p.point)
+            )
+        })
+    }
+
+    /// A failover a stop cut short: its image is made again from the start.
+    pub(crate) fn resume_failover(self: &Arc<Self>, r: Arc<Replica>) {
+        if let Err(e) = record(
+            &self.state,
+            &r,
+            &r.stream.key.to_string(),
+            ItemEvent::FailoverResumed,
+            "materialising again after a restart (the incomplete image is replaced)",
+            |_| {},
+        ) {
+            tracing::error!(error = %e, "recording a failover transition");
+        }
+        self.spawn_materialise(r);
+    }
+
+    fn spawn_materialise(self: &Arc<Self>, r: Arc<Replica>) {
+        let mt = self.clone();
+        let name = format!("materialise-{}", r.stream.key);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let Some(point) = lock(&r.recovery.state).item.point else {
+                return;
+            };
+            let item = r.stream.key.to_string();
+            let outcome = match mt.materialise(&r, point) {
+                Ok(image) => record(
+                    &mt.state,
+                    &r,
+                    &item,
+                    ItemEvent::Materialised,
+                    format!("point {} materialised into {image}", point.point),
+                    |i| i.image = Some(image.clone()),
+                ),
+                Err(e) => record(
+                    &mt.state,
+                    &r,
+                    &item,
+                    ItemEvent::MaterialiseFailed,
+                    format!(
+                        "materialising point {} failed: {e:#}; retry `haven failover`",
+                        point.point
+                    ),
+                    |_| {},
+                ),
+            };
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "recording a failover transition");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start materialising");
+        }
+    }
+
+    /// Writes the point into a new image through the writer plugin; returns its full path.
+    ///
+    /// The image is written in a staging folder (`failover/<agent>/.staging-disk<N>/`) and
+    /// renamed to its final name only once it is complete and flushed, with the folder synced
+    /// after: whoever sees `failover/<agent>/disk<N>-point<P>.<writer>` sees a whole image. (A
+    /// format of several files keeps their relative names: the others are moved first, the
+    /// named file last.) What an interrupted run left is removed and made again.
+    fn materialise(&self, r: &Replica, point: PointRecord) -> anyhow::Result<String> {
+        let key = r.stream.key;
+        let agent_dir = format!("failover/{}", peer_hex(&key.peer));
+        let name = format!(
+            "disk{}-point{}.{}",
+            key.disk, point.point, self.config.writer.name
+        );
+        let staging = format!("{agent_dir}/.staging-disk{}", key.disk);
+        let image = format!("{staging}/{name}");
+        let root = self
+            .config
+            .writer
+            .grants
+            .storage_root
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))?;
+        let (final_dir, staging_dir) = (root.join(&agent_dir), root.join(&staging));
+        let full = final_dir.join(&name);
+        if staging_dir.exists() {
+            tracing::info!(folder = %staging_dir.display(), "removing an incomplete failover image");
+            std::fs::remove_dir_all(&staging_dir)?;
+        }
+        if full.exists() {
+            tracing::info!(image = %full.display(), "replacing a failover image made before a restart");
+            std::fs::remove_file(&full)?;
+        }
+        // Each folder made is durable in its parent (the image's folder too, for the rename).
+        haven_fsutil::create_dir_all(&staging_dir)?;
+        let base_seq = r.applied.load(Ordering::Acquire);
+        let view = View::build(
+            r.stream.clone(),
+            self.open_base(r)?,
+            base_seq,
+            point.seq,
+            Scratch::None,
+        )?;
+        let mut plugin = self.host.load_writer(&self.config.writer)?;
+        let disk = plugin.create(&image, view.size(), 512, &[])?;
+        let started = Instant::now();
+        let size = view.size();
+        // Reading the view and writing the image overlap: a reader thread fills chunks (at
+        // most two ahead) while this one writes the last.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<(u64, Vec<u8>)>>(2);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            // Owned here, so an error below drops it and ends the reader before the scope
+            // joins it.
+            let rx = rx;
+            let view = &view;
+            scope.spawn(move || {
+                let mut pos = 0u64;
+                while pos < size {
+                    let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+                    let mut buf = vec![0u8; n];
+                    let read = view.read(pos, &mut buf).map(|()| (pos, buf));
+                    let failed = read.is_err();
+                    // The writer stopped (an error of its own): nothing more to read for.
+                    if tx.send(read).is_err() || failed {
+                        return;
+                    }
+                    pos += n as u64;
+                }
+            });
+            let mut half_hit = false;
+            for chunk in &rx {
+                let (pos, mut buf) = chunk?;
+                // Runs of blocks that are not all zero are written; the rest stays a hole of
+                // the new (all-zero) image.
+                let mut run: Option<usize> = None;
+                for (i, block) in buf.chunks(SPARSE_BLOCK).enumerate() {
+                    let zero = haven_store::is_all_zero(block);
+                    match (run, zero) {
+                        (None, false) => run = Some(i * SPARSE_BLOCK),
+                        (Some(start), true) => {
+                            let mut data = buf[start..i * SPARSE_BLOCK].to_vec();
+                            plugin.write(&disk, pos + start as u64, &mut data)?;
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                let end = pos + buf.len() as u64;
+                match run {
+                    Some(0) => plugin.write(&disk, pos, &mut buf)?,
+                    Some(start) => {
+                        let mut data = buf[start..].to_vec();
+                        plugin.write(&disk, pos + start as u64, &mut data)?;
+                    }
+                    None => {}
+                }
+                if !half_hit && end >= size / 2 {
+                    half_hit = true;
+                    failpoint::hit("failover.mid-copy");
+                }
+            }
+            Ok(())
+        })?;
+        plugin.flush(&disk)?;
+        plugin.close(disk)?;
+        let _ = view.discard();
+        publish(&staging_dir, &final_dir, &name)?;
+        tracing::info!(
+            image = %full.display(),
+            bytes = size,
+            seconds = started.elapsed().as_secs_f64(),
+            "failover image complete"
+        );
+        Ok(full.display().to_string())
+    }
+
+    /// `haven failover commit`: the failover is final; the other points are discarded.
+    pub fn commit(&self, item: &str) -> Result<ItemRecord, RecoveryError> {
+        let r = self.find_item(item)?;
+        let dropped: Vec<Seq> = {
+            let mut st = lock(&r.recovery.state);
+            transition(st.item.state, ItemEvent::Committed).map_err(|e| e.into_error(item))?;
+            let keep = st.item.point.map(|p| p.seq);
+            let dropped = st
+                .points
+                .keys()
+                .filter(|seq| Some(**seq) != keep)
+                .copied()
+                .collect();
+            st.points.retain(|seq, _| Some(*seq) == keep);
+            dropped
+        };
+        store_points(&self.state, r.stream.key, &[], &dropped).map_err(internal)?;
+        record(
+            &self.state,
+            &r,
+            item,
+            ItemEvent::Committed,
+            format!("committed; {} other points discarded", dropped.len()),
+            |_| {},
+        )
+    }
+}
+
+/// Moves a complete image's files from `staging` into `dir`, `name` last, syncs both folders
+/// and removes `staging`. Each file is synced before it moves (the writer flushed its data,
+/// this makes sure of it whatever the plugin did).
+fn publish(staging: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
+    let mut files: Vec<_> = std::fs::read_dir(staging)
+        .with_context(|| format!("reading {}", staging.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    // The named file last: once it appears, its companions are in place.
+    files.sort_by_key(|f| f == name);
+    for f in &files {
+        let from = staging.join(f);
+        haven_fsutil::sync_file(&from)?;
+        std::fs::rename(&from, dir.join(f))
+            .with_context(|| format!("moving {} into {}", from.display(), dir.display()))?;
+    }
+    haven_fsutil::sync_dir(dir)?;
+    std::fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))?;
+    Ok(haven_fsutil::sync_dir(dir)?)
+}

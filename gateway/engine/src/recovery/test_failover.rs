@@ -1,0 +1,551 @@
+//! Test failover: a point presented as a view over the held base replica, exported over NBD on
+//! a free port (writes, when allowed, go to a scratch overlay), recorded in redb and served
+//! again after a restart; cleaned up on request (module docs of [`super`]).
+//!
+//! Starting and cleaning up build views, bind sockets and remove files: they claim the
+//! replica's [`TestSlot`] under its state lock first (`Starting`, `Stopping`), do that work
+//! without the lock, and publish the outcome under it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use haven_store::state::StreamKey;
+use haven_wire::Seq;
+use serde::{Deserialize, Serialize};
+
+use super::item::{ItemEvent, ItemState, record, transition};
+use super::{ErrorKind, PointRecord, PointSel, RecoveryError, err, hold_base, internal, test_key};
+use crate::ingest::lock;
+use crate::master_target::{MasterTarget, Replica};
+use crate::overlay::{Scratch, View};
+use crate::{now_ms, peer_hex};
+
+/// A running test failover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailoverInfo {
+    /// The point presented.
+    pub point: PointRecord,
+    /// Where NBD clients reach it.
+    pub uri: String,
+    /// Whether writes are accepted (into a scratch overlay).
+    pub writable: bool,
+    /// When it started, ms since the Unix epoch.
+    pub started_ms: u64,
+}
+
+/// A running test failover as redb keeps it, to serve it again after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TestRecord {
+    info: TestFailoverInfo,
+    /// The NBD export's name and port.
+    export: String,
+    port: u16,
+}
+
+/// A running test failover's parts.
+pub(crate) struct ActiveTest {
+    pub(super) info: TestFailoverInfo,
+    view: Arc<View>,
+    server: Arc<haven_nbd::Server>,
+    port: u16,
+}
+
+impl ActiveTest {
+    /// Where NBD clients reach it.
+    pub fn uri(&self) -> &str {
+        &self.info.uri
+    }
+}
+
+/// A replica's test failover, as far as it has got.
+#[derive(Default)]
+pub(crate) enum TestSlot {
+    /// None runs (one a restart could not serve again may still be recorded in redb).
+    #[default]
+    Idle,
+    /// Being started at this point (its view built, its export bound): the point is in use,
+    /// and another test failover or a failover is refused.
+    Starting(PointRecord),
+    /// Served.
+    Running(ActiveTest),
+    /// Being cleaned up (its export closed, its files removed): another test failover is
+    /// refused until it is gone.
+    Stopping,
+}
+
+impl TestSlot {
+    /// The running test failover.
+    pub fn running(&self) -> Option<&ActiveTest> {
+        match self {
+            TestSlot::Running(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The point a test failover starting or running uses.
+    pub fn point(&self) -> Option<PointRecord> {
+        match self {
+            TestSlot::Starting(p) => Some(*p),
+            TestSlot::Running(t) => Some(t.info.point),
+            TestSlot::Idle | TestSlot::Stopping => None,
+        }
+    }
+}
+
+impl MasterTarget {
+    /// Whether a test failover a previous run recorded for `key` is to be served again (at
+    /// open): one whose point is not below the base (`applied`). Anything else in its folder is
+    /// a leftover of one that was starting or being cleaned up, and is removed.
+    pub(super) fn recorded_test(&self, key: StreamKey, applied: Seq) -> anyhow::Result<bool> {
+        let test: Option<TestRecord> = self.state.get_json(&test_key(key))?;
+        if test.is_some_and(|t| t.info.point.seq >= applied) {
+            return Ok(true);
+        }
+        let dir = self.test_dir(key);
+        if dir.exists() {
+            tracing::info!(dir = %dir.display(), "removing a test failover left by an earlier run");
+            std::fs::remove_dir_all(&dir)?;
+        }
+        Ok(false)
+    }
+
+    /// Serves again the test failover a previous run recorded for `r` (at start, before the
+    /// replica is served). One that cannot be served is cleaned up, and its history says why.
+    pub(crate) fn restore_test(&self, r: &Replica) {
+        let key = r.stream.key;
+        let name = key.to_string();
+        let record: TestRecord = match self.state.get_json(&test_key(key)) {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(item = %key, error = %e, "reading the recorded test failover");
+                return;
+            }
+        };
+        let applied = r.applied.load(Ordering::Acquire);
+        let point = record.info.point;
+        let (state, held) = {
+            let st = lock(&r.recovery.state);
+            (st.item.state, st.points.contains_key(&point.seq))
+        };
+        if point.seq < applied || !held {
+            tracing::error!(item = %key, point = point.point, "the test failover's point is gone");
+            let _ = std::fs::remove_dir_all(self.test_dir(key));
+            let _ = self.state.remove_json(&test_key(key));
+            if state == ItemState::Protected {
+                *lock(&r.recovery.hold) = None;
+                r.wake();
+            }
+            let _ = record_event(
+                self,
+                r,
+                &name,
+                ItemEvent::TestFailoverNotRestored,
+                format!(
+                    "test failover at point {} could not be served again after a restart (the \
+                     point is no longer held; the base replica is at seq {applied}) and was \
+                     cleaned up",
+                    point.point
+                ),
+            );
+            return;
+        }
+        match self.start_test(r, &record, applied, true) {
+            Ok(active) => {
+                let uri = active.info.uri.clone();
+                let moved = active.port != record.port;
+                let record = TestRecord {
+                    info: active.info.clone(),
+                    export: record.export,
+                    port: active.port,
+                };
+                lock(&r.recovery.state).test = TestSlot::Running(active);
+                if let Err(e) = self.state.put_json(&test_key(key), &record) {
+                    tracing::warn!(item = %key, error = %e, "recording the test failover");
+                }
+                let cause = if !moved {
+                    format!(
+                        "test failover at point {} served again after a restart ({uri})",
+                        point.point
+                    )
+                } else {
+                    format!(
+                        "test failover at point {} served again after a restart, at a new address \
+                         ({uri}; its port was taken)",
+                        point.point
+                    )
+                };
+                let _ = record_event(self, r, &name, ItemEvent::TestFailoverRestored, cause);
+            }
+            // Kept as it is (record, scratch, the base held): the cause may pass, and what the
+            // drill wrote is not thrown away without the operator.
+            Err(e) => {
+                tracing::error!(item = %key, error = %format!("{e:#}"), "test failover not served again");
+                let machine = lock(&r.stream.machine_name).clone();
+                let _ = record_event(
+                    self,
+                    r,
+                    &name,
+                    ItemEvent::TestFailoverNotRestored,
+                    format!(
+                        "test failover at point {} could not be served again after a restart: \
+                         {e:#}; it is kept with its writes: restart the master target once the \
+                         cause is fixed, or discard it with `haven failover cleanup {machine}`",
+                        point.point
+                    ),
+                );
+            }
+        }
+    }
+
+    fn test_dir(&self, key: StreamKey) -> PathBuf {
+        self.config.data_dir.join("test-failover").join(format!(
+            "{}-{}",
+            peer_hex(&key.peer),
+            key.disk
+        ))
+    }
+
+    /// `haven failover test`: presents a point over NBD; returns at once.
+    pub fn test_failover(
+        &self,
+        item: &str,
+        sel: PointSel,
+        writable: bool,
+    ) -> Result<TestFailoverInfo, RecoveryError> {
+        let r = self.find_item(item)?;
+        // Checked and claimed in one step: no failover or other test failover starts meanwhile,
+        // and retention keeps the point.
+        let point = {
+            let mut st = lock(&r.recovery.state);
+            transition(st.item.state, ItemEvent::TestFailoverStarted)
+                .map_err(|e| e.into_error(item))?;
+            if st.busy {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!("a failover of item {item} is running"),
+                ));
+            }
+            let running = match &st.test {
+                TestSlot::Idle => None,
+                TestSlot::Starting(p) => Some((p.point, "starting".to_string())),
+                TestSlot::Running(t) => Some((t.info.point.point, t.info.uri.clone())),
+                TestSlot::Stopping => {
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!(
+                            "the test failover of item {item} is being cleaned up: start another \
+                             once `haven failover show {item}` no longer lists it"
+                        ),
+                    ));
+                }
+            };
+            if let Some((point, uri)) = running {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!(
+                        "a test failover of item {item} is running (point {point}, {uri}): clean \
+                         it up first with `haven failover cleanup {item}`"
+                    ),
+                ));
+            }
+            let point = self.pick(&r, &st.points, item, sel)?;
+            st.test = TestSlot::Starting(point);
+            point
+        };
+        let base_seq = hold_base(&r);
+        let machine = lock(&r.stream.machine_name).clone();
+        let export = format!("{machine}-{}-{}", r.stream.key.disk, point.point);
+        let want = TestRecord {
+            info: TestFailoverInfo {
+                point,
+                uri: String::new(),
+                writable,
+                started_ms: now_ms(),
+            },
+            export: export.clone(),
+            port: 0,
+        };
+        let started = self
+            .start_test(&r, &want, base_seq, false)
+            .and_then(|active| {
+                let record = TestRecord {
+                    info: active.info.clone(),
+                    export: export.clone(),
+                    port: active.port,
+                };
+                match self.state.put_json(&test_key(r.stream.key), &record) {
+                    Ok(()) => Ok(active),
+                    Err(e) => {
+                        active.server.close();
+                        Err(anyhow::anyhow!("recording it: {e}"))
+                    }
+                }
+            });
+        let active = match started {
+            Ok(a) => a,
+            Err(e) => {
+                // Its files first, then the hold and the claim: nothing else uses either
+                // while it is `Starting`.
+                let _ = std::fs::remove_dir_all(self.test_dir(r.stream.key));
+                *lock(&r.recovery.hold) = None;
+                lock(&r.recovery.state).test = TestSlot::Idle;
+                return Err(internal(format!(
+                    "item {item}: starting the test failover: {e:#}"
+                )));
+            }
+        };
+        let info = active.info.clone();
+        lock(&r.recovery.state).test = TestSlot::Running(active);
+        record_event(
+            self,
+            &r,
+            item,
+            ItemEvent::TestFailoverStarted,
+            format!(
+                "test failover started at point {} ({}, {})",
+                info.point.point,
+                info.uri,
+                if writable { "writable" } else { "read-only" }
+            ),
+        )?;
+        Ok(info)
+    }
+
+    /// Builds the view of `want`'s point over the base (at `base_seq`, held) and serves it
+    /// over NBD as `want.export` on `want.port` (0: any; a taken port falls back to any).
+    /// `reopen` keeps the scratch an earlier run left.
+    fn start_test(
+        &self,
+        r: &Replica,
+        want: &TestRecord,
+        base_seq: Seq,
+        reopen: bool,
+    ) -> anyhow::Result<ActiveTest> {
+        let TestRecord { info, export, port } = want;
+        let (point, writable, port) = (info.point, info.writable, *port);
+        let dir = self.test_dir(r.stream.key);
+        let scratch_path = dir.join("scratch.raw");
+        let scratch = match (writable, reopen) {
+            (false, _) => Scratch::None,
+            (true, false) => Scratch::Create(&scratch_path),
+            (true, true) => Scratch::Reopen(&scratch_path),
+        };
+        let base = self.open_base(r)?;
+        let view = Arc::new(View::build(
+            r.stream.clone(),
+            base,
+            base_seq,
+            point.seq,
+            scratch,
+        )?);
+        let listener = match std::net::TcpListener::bind((self.config.nbd_host, port)) {
+            Ok(l) => l,
+            Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(
+                    port,
+                    "the test failover's port is taken; serving it on another"
+                );
+                std::net::TcpListener::bind((self.config.nbd_host, 0))?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let addr = listener.local_addr()?;
+        let server = Arc::new(haven_nbd::Server::new(
+            Arc::new(ViewBackend(view.clone())),
+            export.clone(),
+        ));
+        let s = server.clone();
+        std::thread::Builder::new()
+            .name(format!("nbd-test-{}", r.stream.key))
+            .spawn(move || {
+                if let Err(e) = s.serve_tcp(listener) {
+                    tracing::warn!(error = %e, "test failover NBD server stopped");
+                }
+            })?;
+        Ok(ActiveTest {
+            info: TestFailoverInfo {
+                point,
+                uri: format!("nbd://{addr}/{export}"),
+                writable,
+                started_ms: info.started_ms,
+            },
+            view,
+            server,
+            port: addr.port(),
+        })
+    }
+
+    /// `haven failover cleanup`: ends the test failover and discards what it wrote.
+    pub fn cleanup_test(&self, item: &str) -> Result<TestFailoverInfo, RecoveryError> {
+        let r = self.find_item(item)?;
+        let key = r.stream.key;
+        let active = {
+            let mut st = lock(&r.recovery.state);
+            match std::mem::replace(&mut st.test, TestSlot::Stopping) {
+                TestSlot::Running(active) => Some(active),
+                TestSlot::Idle => None,
+                other => {
+                    let why = match other {
+                        TestSlot::Starting(_) => "is still starting: clean it up once it runs",
+                        _ => "is already being cleaned up",
+                    };
+                    st.test = other;
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!("the test failover of item {item} {why}"),
+                    ));
+                }
+            }
+        };
+        let free = || lock(&r.recovery.state).test = TestSlot::Idle;
+        let info = match active {
+            Some(active) => {
+                let ActiveTest {
+                    info, view, server, ..
+                } = active;
+                server.close();
+                drop(server);
+                // The accept loop and the connections' threads hold the view; they end once
+                // closed.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut view = view;
+                let discarded = loop {
+                    match Arc::try_unwrap(view) {
+                        Ok(v) => break v.discard(),
+                        Err(v) if Instant::now() < deadline => {
+                            view = v;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(_) => break Ok(()),
+                    }
+                };
+                if let Err(e) = discarded {
+                    tracing::warn!(error = %format!("{e:#}"), "discarding the test failover's view");
+                }
+                info
+            }
+            // One a restart could not serve again is only recorded.
+            None => match self.state.get_json::<TestRecord>(&test_key(key)) {
+                Ok(Some(record)) => record.info,
+                Ok(None) => {
+                    free();
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!("item {item} has no test failover to clean up"),
+                    ));
+                }
+                Err(e) => {
+                    free();
+                    return Err(internal(e));
+                }
+            },
+        };
+        // Whatever fails from here, the hold is released: files left behind are removed at
+        // the next start, as is a record whose files are gone.
+        let forgotten = self.state.remove_json(&test_key(key));
+        let dir = self.test_dir(key);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing the test failover's files");
+        }
+        // A failover that started meanwhile (busy, or past `protected`) holds the base itself:
+        // decided under the state lock, which a failover's claim takes too.
+        let released = {
+            let mut st = lock(&r.recovery.state);
+            st.test = TestSlot::Idle;
+            let release = st.item.state == ItemState::Protected && !st.busy;
+            if release {
+                *lock(&r.recovery.hold) = None;
+            }
+            release
+        };
+        if released {
+            r.wake();
+        }
+        record_event(
+            self,
+            &r,
+            item,
+            ItemEvent::TestFailoverCleanedUp,
+            format!("test failover at point {} cleaned up", info.point.point),
+        )?;
+        forgotten.map_err(|e| {
+            internal(format!(
+                "item {item}: the test failover is stopped and its files removed, but its \
+                 record could not be removed ({e}); run the cleanup again"
+            ))
+        })?;
+        Ok(info)
+    }
+}
+
+/// Records a test failover event (history only: the item's state stays).
+fn record_event(
+    mt: &MasterTarget,
+    r: &Replica,
+    item: &str,
+    event: ItemEvent,
+    cause: String,
+) -> Result<super::ItemRecord, RecoveryError> {
+    record(&mt.state, r, item, event, cause, |_| {})
+}
+
+/// A view served over NBD.
+struct ViewBackend(Arc<View>);
+
+impl ViewBackend {
+    /// A write with FUA is durable before it is acknowledged.
+    fn flush_if(&self, fua: bool) -> Result<(), haven_nbd::Error> {
+        if fua {
+            self.0.flush().map_err(nbd_err)?;
+        }
+        Ok(())
+    }
+}
+
+fn nbd_err(e: anyhow::Error) -> haven_nbd::Error {
+    haven_nbd::Error::failed(5, format!("{e:#}"))
+}
+
+impl haven_nbd::Backend for ViewBackend {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_only(&self) -> bool {
+        !self.0.writable()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), haven_nbd::Error> {
+        self.0.read(offset, buf).map_err(nbd_err)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), haven_nbd::Error> {
+        self.0.write(offset, data).map_err(nbd_err)?;
+        self.flush_if(fua)
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _may_punch: bool,
+        fua: bool,
+    ) -> Result<(), haven_nbd::Error> {
+        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.flush_if(fua)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), haven_nbd::Error> {
+        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.flush_if(fua)
+    }
+
+    fn flush(&self) -> Result<(), haven_nbd::Error> {
+        self.0.flush().map_err(nbd_err)
+    }
+}
