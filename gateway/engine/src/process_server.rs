@@ -22,7 +22,7 @@
 //! the cache holds for that disk has been acknowledged by it, so the replica's digests describe
 //! exactly the records the agent has sent.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,14 +33,14 @@ use anyhow::{Context, Result, bail};
 use haven_net::endpoint::{self, Refusal, ServerTls};
 use haven_net::stream::{FrameReader, Report, read_report, send_report, write_frames};
 use haven_net::{SiteCa, quinn};
+use haven_replication::forwarder::{
+    Forwarder, ForwarderAction, ForwarderConfig, ForwarderEnd, LaneStart,
+};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
 use haven_store::state::{StateDb, StreamKey, StreamRecord};
 use haven_wire::frame::error_code;
-use haven_wire::{
-    DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, Sender, SenderConfig, SenderEvent,
-    Seq,
-};
+use haven_wire::{DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, SenderConfig, Seq};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ingest::{self, DiskStream, Refused, Sink, lock};
@@ -487,185 +487,169 @@ impl ProcessServer {
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
         let mut config = SenderConfig::new(Role::ProcessServer, entry.peer);
         config.window_bytes = self.config.window_bytes;
-        let mut lanes: Vec<Lane> = disks
-            .iter()
-            .map(|s| {
-                let st = s.journal().stats();
-                let held = if st.records > 0 {
-                    st.first_seq
-                } else {
-                    st.last_seq + 1
-                };
-                let released = self
-                    .state
-                    .get_stream(s.key)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |r| r.released_seq);
-                let first = held.max(released + 1);
+        let mut lanes: BTreeMap<DiskId, Lane> = BTreeMap::new();
+        let mut starts = Vec::new();
+        for s in &disks {
+            let st = s.journal().stats();
+            let held = if st.records > 0 {
+                st.first_seq
+            } else {
+                st.last_seq + 1
+            };
+            let released = self
+                .state
+                .get_stream(s.key)
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.released_seq);
+            starts.push(LaneStart {
+                info: s.info,
+                next: held.max(released + 1),
+                durable: s.durable(),
+            });
+            lanes.insert(
+                s.info.id,
                 Lane {
                     stream: s.clone(),
-                    next: first,
                     reader: None,
                     peeked: None,
-                    pushed: VecDeque::new(),
-                }
-            })
-            .collect();
-        let mut sender = Sender::new(
-            config,
-            lanes
-                .iter()
-                .map(|l| (l.stream.info, l.next))
-                .collect::<Vec<_>>(),
+                },
+            );
+        }
+        let mut fwd = Forwarder::new(
+            ForwarderConfig {
+                sender: config,
+                read_ahead: self.config.window_bytes + READ_AHEAD,
+            },
+            starts,
         )?;
-        let now = Instant::now();
-        sender.connect(now);
-        let mut waiting: VecDeque<HashJob> = VecDeque::new();
-        let mut asked: VecDeque<HashJob> = VecDeque::new();
-        loop {
-            // Push durable records while the read-ahead allows.
-            let budget = self.config.window_bytes + READ_AHEAD;
-            for lane in &mut lanes {
-                lane.push_durable(&mut sender, budget)?;
-            }
-            while let Some(event) = sender.poll_event() {
-                match event {
-                    SenderEvent::Connected => {
-                        // The master target may not hold more than this cache ever did: that
-                        // means the process server's state was lost, and forwarding would
-                        // silently skip records (the protocol releases what the receiver
-                        // already has).
-                        for lane in &lanes {
-                            let theirs = sender.released(lane.stream.info.id).unwrap_or(0);
-                            if theirs > lane.stream.durable() {
-                                let msg = format!(
-                                    "the master target holds records up to {theirs}, this cache \
-                                     only up to {}: the process server's state was lost; remove \
-                                     the disk's cache and state to resynchronise",
-                                    lane.stream.durable()
-                                );
-                                lane.stream.set_error(Some(msg.clone()));
-                                bail!("{msg}");
+        fwd.connect(Instant::now());
+        // Digest requests by job id, answered when the master target's digests come back.
+        let mut jobs: HashMap<u64, oneshot::Sender<Result<Hashes, String>>> = HashMap::new();
+        let mut next_job = 0u64;
+        let result = async {
+            loop {
+                for lane in lanes.values() {
+                    fwd.durable(lane.stream.info.id, lane.stream.durable());
+                }
+                while let Some(action) = fwd.poll_action() {
+                    match action {
+                        ForwarderAction::Read {
+                            disk,
+                            from,
+                            to,
+                            budget,
+                        } => match lanes.get_mut(&disk) {
+                            // Reading back (file I/O, decryption) blocks: the worker's other
+                            // tasks move to another worker meanwhile.
+                            Some(lane) => match tokio::task::block_in_place(|| {
+                                lane.read(from, to, budget)
+                            }) {
+                                Ok(records) => fwd.records(disk, records),
+                                Err(e) => fwd.read_failed(disk, e),
+                            },
+                            None => fwd.records(disk, Vec::new()),
+                        },
+                        ForwarderAction::Release { disk, up_to } => {
+                            if let Some(lane) = lanes.get(&disk) {
+                                // Segment removal and a redb commit.
+                                tokio::task::block_in_place(|| lane.released(&self.state, up_to))?;
                             }
                         }
-                        backoff.reset();
-                        entry.upstream_connected.store(true, Ordering::Release);
-                        tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
-                    }
-                    SenderEvent::Released { disk, up_to } => {
-                        if let Some(lane) = lanes.iter_mut().find(|l| l.stream.info.id == disk) {
-                            // Segment removal and a redb commit.
-                            tokio::task::block_in_place(|| lane.released(&self.state, up_to))?;
+                        ForwarderAction::Answer { job, result } => {
+                            if let Some(tx) = jobs.remove(&job) {
+                                let _ = tx.send(result);
+                            }
                         }
-                    }
-                    SenderEvent::Hashes(h) => {
-                        if let Some(i) = asked
-                            .iter()
-                            .position(|(q, _)| q.disk == h.disk && q.offset == h.offset)
-                            && let Some((_, tx)) = asked.remove(i)
-                        {
-                            let _ = tx.send(Ok(h));
+                        ForwarderAction::DiskError { disk, message } => {
+                            if let Some(lane) = lanes.get(&disk) {
+                                lane.stream.set_error(Some(message));
+                            }
                         }
-                    }
-                    SenderEvent::PeerError(e) if e.code == error_code::FAILED_OVER => {
-                        return Err(Refused::failed_over(e.message));
-                    }
-                    SenderEvent::PeerError(e) => {
-                        bail!(
-                            "the master target closed the stream: {} (code {})",
-                            e.message,
-                            e.code
-                        )
-                    }
-                    SenderEvent::ProtocolError(v) => {
-                        if let Some(lane) = lanes.iter().find(|l| {
-                            matches!(v, haven_wire::Violation::ResumeGap { disk, .. } if disk == l.stream.info.id)
-                        }) {
-                            lane.stream.set_error(Some(format!(
-                                "the master target lost records this cache already freed ({v}); \
-                                 the agent's disk needs a resync"
-                            )));
-                        }
-                        let now = Instant::now();
-                        let frames: Vec<_> =
-                            std::iter::from_fn(|| sender.poll_transmit(now)).collect();
-                        let _ = write_frames(&mut send, frames).await;
-                        bail!("protocol error with the master target: {v}");
-                    }
-                    SenderEvent::ConnectionDead => bail!("the master target stopped answering"),
-                }
-            }
-            // A hash request goes on once the master target holds everything cached.
-            if sender.is_streaming() {
-                while let Some((q, _)) = waiting.front() {
-                    let drained = lanes
-                        .iter()
-                        .find(|l| l.stream.info.id == q.disk)
-                        .is_none_or(|l| l.drained(&sender));
-                    if !drained {
-                        break;
-                    }
-                    let Some(job) = waiting.pop_front() else {
-                        break;
-                    };
-                    match sender.request_hashes(job.0) {
-                        Ok(()) => asked.push_back(job),
-                        Err(e) => {
-                            let _ = job.1.send(Err(e.to_string()));
+                        ForwarderAction::Connected => {
+                            backoff.reset();
+                            entry.upstream_connected.store(true, Ordering::Release);
+                            tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
                         }
                     }
                 }
-            }
-            let now = Instant::now();
-            let frames: Vec<_> = std::iter::from_fn(|| sender.poll_transmit(now)).collect();
-            if !frames.is_empty() {
-                write_frames(&mut send, frames).await?;
-            }
-            let deadline = sender.poll_timeout().map(tokio::time::Instant::from_std);
-            tokio::select! {
-                frame = reader.next() => match frame? {
-                    Some(f) => {
-                        let now = Instant::now();
-                        sender.handle(now, f);
-                        while let Ok(Some(f)) = reader.try_next() {
-                            sender.handle(now, f);
+                let now = Instant::now();
+                let frames: Vec<_> = std::iter::from_fn(|| fwd.poll_transmit(now)).collect();
+                if !frames.is_empty() {
+                    write_frames(&mut send, frames).await?;
+                }
+                match fwd.poll_end() {
+                    None => {}
+                    Some(ForwarderEnd::FailedOver(message)) => {
+                        return Err(Refused::failed_over(message));
+                    }
+                    Some(ForwarderEnd::Lost(why) | ForwarderEnd::StateLost(why)) => {
+                        let _ = send.finish();
+                        bail!("{why}");
+                    }
+                }
+                let deadline = fwd.poll_timeout().map(tokio::time::Instant::from_std);
+                tokio::select! {
+                    frame = reader.next() => match frame? {
+                        Some(f) => {
+                            let now = Instant::now();
+                            fwd.handle_frame(now, f);
+                            while let Ok(Some(f)) = reader.try_next() {
+                                fwd.handle_frame(now, f);
+                            }
                         }
+                        None => bail!("the master target finished the stream"),
+                    },
+                    () = entry.wake.notified() => {}
+                    Some((request, tx)) = hash_rx.recv() => {
+                        next_job += 1;
+                        jobs.insert(next_job, tx);
+                        fwd.request_hashes(next_job, request);
                     }
-                    None => bail!("the master target finished the stream"),
-                },
-                () = entry.wake.notified() => {}
-                Some(job) = hash_rx.recv() => waiting.push_back(job),
-                () = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => sender.handle_timeout(Instant::now()),
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => fwd.handle_timeout(Instant::now()),
+                }
             }
         }
+        .await;
+        // Digest requests not answered on this connection fail; the agent asks again.
+        let why = result
+            .as_ref()
+            .err()
+            .map_or_else(|| "ended".to_string(), |e| format!("{e:#}"));
+        for action in fwd.connection_lost(&why) {
+            if let ForwarderAction::Answer { job, result } = action
+                && let Some(tx) = jobs.remove(&job)
+            {
+                let _ = tx.send(result);
+            }
+        }
+        result
     }
 }
 
-/// One disk's forwarding: what was pushed to the sender and where reading continues.
+/// One disk's reading side of forwarding: the records still in memory, else the journal.
 struct Lane {
     stream: Arc<DiskStream>,
-    /// Seq of the next record to push.
-    next: Seq,
     reader: Option<haven_store::journal::JournalReader>,
     peeked: Option<Record>,
-    /// Pushed, unreleased: seq and extent cost.
-    pushed: VecDeque<(Seq, u64)>,
 }
 
 impl Lane {
-    fn push_durable(&mut self, sender: &mut Sender, budget: u64) -> Result<()> {
-        let durable = self.stream.durable();
-        let mut in_use: u64 = self.pushed.iter().map(|(_, c)| c).sum();
-        while self.next <= durable && in_use < budget {
+    /// Records from `from` up to `to` (durable), about `budget` bytes. Blocking (journal
+    /// read-back). A damaged or tampered record is an error, never returned.
+    fn read(&mut self, from: Seq, to: Seq, budget: u64) -> Result<Vec<Record>, String> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = from;
+        while next <= to && bytes < budget {
             let fresh = match self.peeked.take() {
-                Some(r) if r.seq() == self.next => Some(r),
-                _ => self.stream.take_fresh(self.next),
+                Some(r) if r.seq() == next => Some(r),
+                _ => self.stream.take_fresh(next),
             };
             if fresh.is_some() {
                 // The journal reader, if any, would return this record again.
@@ -674,28 +658,22 @@ impl Lane {
             let record = match fresh {
                 Some(r) => r,
                 None => {
-                    // Reading back (file I/O, decryption) blocks: the worker's other tasks
-                    // move to another worker meanwhile.
-                    let next = tokio::task::block_in_place(|| {
-                        if self.reader.is_none() {
-                            self.reader = Some(self.stream.journal().read_from(self.next));
-                        }
-                        self.reader.as_mut().and_then(Iterator::next)
-                    });
-                    match next {
+                    if self.reader.is_none() {
+                        self.reader = Some(self.stream.journal().read_from(next));
+                    }
+                    match self.reader.as_mut().and_then(Iterator::next) {
                         Some(Ok(r)) => r,
                         Some(Err(e)) => {
-                            // Never forwarded: a damaged or tampered record stops this disk.
-                            let msg =
-                                format!("disk {}: cache record refused: {e}", self.stream.key);
-                            self.stream.set_error(Some(msg.clone()));
                             self.reader = None;
-                            bail!("{msg}");
+                            return Err(format!(
+                                "disk {}: cache record refused: {e}",
+                                self.stream.key
+                            ));
                         }
                         None => {
                             // The reader ends where the journal ended when it was made.
                             self.reader = None;
-                            if self.stream.journal().stats().last_seq < self.next {
+                            if self.stream.journal().stats().last_seq < next {
                                 break;
                             }
                             continue;
@@ -703,24 +681,21 @@ impl Lane {
                     }
                 }
             };
-            if record.seq() > durable {
+            if record.seq() > to {
                 self.peeked = Some(record);
                 break;
             }
-            let cost = record.wire_len();
-            let seq = record.seq();
-            sender.push(record)?;
-            self.pushed.push_back((seq, cost));
-            in_use += cost;
-            self.next = seq + 1;
+            if record.seq() < next {
+                continue;
+            }
+            bytes += record.wire_len();
+            next = record.seq() + 1;
+            out.push(record);
         }
-        Ok(())
+        Ok(out)
     }
 
-    fn released(&mut self, state: &StateDb, up_to: Seq) -> Result<()> {
-        while self.pushed.front().is_some_and(|(s, _)| *s <= up_to) {
-            self.pushed.pop_front();
-        }
+    fn released(&self, state: &StateDb, up_to: Seq) -> Result<()> {
         self.stream.journal().release(up_to)?;
         if let Some(mut r) = state.get_stream(self.stream.key)? {
             r.released_seq = r.released_seq.max(up_to);
@@ -728,13 +703,6 @@ impl Lane {
         }
         self.stream.freed.notify_one();
         Ok(())
-    }
-
-    /// Everything durable in the cache is durable at the master target.
-    fn drained(&self, sender: &Sender) -> bool {
-        sender
-            .released(self.stream.info.id)
-            .is_some_and(|r| r >= self.stream.durable())
     }
 }
 
