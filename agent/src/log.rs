@@ -397,6 +397,56 @@ pub struct ChangeLog {
     bytes_used: u64,
     /// The overflow marker exists.
     overflowed: bool,
+    /// What a record survives once [`ChangeLog::sync`] returned.
+    durability: Durability,
+    /// Released segment files kept for reuse ([`Durability::Process`] only): overwriting a
+    /// file whose pages the kernel still caches costs far less than filling new ones.
+    spares: Vec<PathBuf>,
+}
+
+/// Most released segment files kept for reuse.
+const MAX_SPARES: usize = 2;
+/// Name prefix of a spare segment file (not a segment's name: listings skip it).
+const SPARE_PREFIX: &str = "spare-";
+
+/// What a record survives once [`ChangeLog::sync`] says it is durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// A crash of the machine: segments are `fdatasync`ed (the active one by each sync, a full
+    /// one when the next starts). `haven-agent serve`, where the log is the product.
+    #[default]
+    Machine,
+    /// A killed process: the kernel keeps what was written, so nothing is `fdatasync`ed while
+    /// the log runs (a sync only marks what was written durable) and
+    /// [`ChangeLog::sync_to_disk`] makes it all durable at a clean stop. After a crash of the
+    /// machine the log may lack any record written since it was opened; its owner must not
+    /// trust it then (`haven-agent protect` resyncs the disk when the machine restarted and the
+    /// agent had not stopped cleanly).
+    Process,
+}
+
+/// What [`ChangeLog::sync_handle`] gives the group commit: the file to sync (none when the log
+/// survives only a killed process) and the last record the sync covers. Sync it outside the
+/// lock ([`SyncHandle::sync`]), then [`ChangeLog::mark_synced`].
+#[derive(Debug)]
+pub struct SyncHandle {
+    file: Option<(File, PathBuf)>,
+    seq: u64,
+}
+
+impl SyncHandle {
+    /// The last record the sync covers.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// `fdatasync` of the active segment (earlier ones were synced when they were closed).
+    pub fn sync(&self) -> Result<()> {
+        if let Some((file, path)) = &self.file {
+            file.sync_data().map_err(io_err("syncing", path))?;
+        }
+        Ok(())
+    }
 }
 
 fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
@@ -644,14 +694,34 @@ impl ChangeLog {
             Err(e) => return Err(e.into()),
         };
 
+        // Spare files of an earlier run are not reused (their pages are likely cold).
+        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(SPARE_PREFIX)
+            {
+                fs::remove_file(entry.path()).map_err(io_err("removing", &entry.path()))?;
+            }
+        }
         // A segment (or overflow marker) whose creation did not complete never held a record.
         let listing = list_segments(&dir, SEGMENT_EXT)?;
         for path in &listing.removed {
             tracing::warn!(path = %path.display(), "removed unfinished segment");
         }
-        let mut segments = Vec::with_capacity(listing.segments.len());
-        let count = listing.segments.len();
-        for (i, file) in listing.segments.iter().enumerate() {
+        let mut files = listing.segments;
+        if let Some(last) = files.last()
+            && Self::creation_cut_short(&last.path)?
+        {
+            // Created without a sync and cut short by a killed process: it held no record.
+            fs::remove_file(&last.path).map_err(io_err("removing", &last.path))?;
+            tracing::warn!(path = %last.path.display(), "removed a segment whose creation did not complete");
+            files.pop();
+        }
+        let mut segments = Vec::with_capacity(files.len());
+        let count = files.len();
+        for (i, file) in files.iter().enumerate() {
             let expected_first = segments.last().map(|s: &Segment| s.last_seq + 1);
             let seg =
                 Self::recover_segment(&file.path, file.number, expected_first, i + 1 == count)?;
@@ -684,6 +754,8 @@ impl ChangeLog {
             durable_seq: next_seq - 1,
             bytes_used,
             overflowed,
+            durability: Durability::Machine,
+            spares: Vec::new(),
         };
         tracing::info!(
             dir = %log.dir.display(),
@@ -695,6 +767,15 @@ impl ChangeLog {
             "change log open"
         );
         Ok(log)
+    }
+
+    /// Whether a segment file is shorter than its header (a creation without a sync that a
+    /// killed process cut short).
+    fn creation_cut_short(path: &Path) -> Result<bool> {
+        let file = File::open(path).map_err(io_err("opening", path))?;
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        let got = read_at_most(&file, &mut h, 0).map_err(io_err("reading", path))?;
+        Ok(got < h.len())
     }
 
     /// Validates one segment: its header here, then its records walked by
@@ -774,15 +855,29 @@ impl ChangeLog {
         &self.segments[self.segments.len() - 1]
     }
 
-    /// Starts a new active segment; the current one is synced first so that every segment but
-    /// the last is complete and durable.
+    /// Starts a new active segment. With [`Durability::Machine`] the current one is synced
+    /// first, so that every segment but the last is complete and durable, and the new one is
+    /// created atomically; with [`Durability::Process`] neither is synced (the writer's lock is
+    /// never held while a segment's worth of data goes to the disk).
     fn roll(&mut self) -> Result<()> {
         let old = self.active_segment().clone();
-        self.active
-            .sync_data()
-            .map_err(io_err("syncing", &old.path))?;
-        self.durable_seq = self.durable_seq.max(old.last_seq);
-        let seg = Self::create_segment(&self.dir, self.next_seq)?;
+        let seg = match self.durability {
+            Durability::Machine => {
+                self.active
+                    .sync_data()
+                    .map_err(io_err("syncing", &old.path))?;
+                self.durable_seq = self.durable_seq.max(old.last_seq);
+                Self::create_segment(&self.dir, self.next_seq)?
+            }
+            Durability::Process => {
+                // A reused file may hold older bytes past what was written: cut them, so that
+                // every segment but the last ends with its last record.
+                self.active
+                    .set_len(old.len)
+                    .map_err(io_err("truncating", &old.path))?;
+                self.create_segment_unsynced(self.next_seq)?
+            }
+        };
         let active = OpenOptions::new()
             .read(true)
             .write(true)
@@ -792,6 +887,65 @@ impl ChangeLog {
         self.segments.push(seg);
         self.active = active;
         Ok(())
+    }
+
+    /// Sets what a synced record survives (see [`Durability`]); [`Durability::Machine`] until
+    /// then.
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.durability = durability;
+    }
+
+    /// Makes every record durable on the disk whatever the [`Durability`]: every segment and
+    /// the folder are synced (a clean stop). Returns the last record's seq.
+    pub fn sync_to_disk(&mut self) -> Result<u64> {
+        // A reused active file may hold older bytes past its last record.
+        let active = self.active_segment();
+        self.active
+            .set_len(active.len)
+            .map_err(io_err("truncating", &active.path))?;
+        for spare in self.spares.drain(..) {
+            let _ = fs::remove_file(&spare);
+        }
+        for seg in &self.segments {
+            let file = File::open(&seg.path).map_err(io_err("opening", &seg.path))?;
+            file.sync_data().map_err(io_err("syncing", &seg.path))?;
+        }
+        sync_dir(&self.dir)?;
+        self.durable_seq = self.next_seq - 1;
+        Ok(self.durable_seq)
+    }
+
+    /// Creates a segment with its header, without syncing it or its folder
+    /// ([`Durability::Process`]), reusing a spare file when there is one (its older bytes past
+    /// the new records hold older sequence numbers, which recovery never takes for records:
+    /// a reopened last segment is cut after its last record). A killed process can leave a new
+    /// file shorter than its header: [`ChangeLog::open`] removes such a last segment (it held
+    /// no record).
+    fn create_segment_unsynced(&mut self, first_seq: u64) -> Result<Segment> {
+        let path = self.dir.join(segment_file_name(first_seq, SEGMENT_EXT));
+        let file = match self.spares.pop() {
+            Some(spare) => {
+                fs::rename(&spare, &path).map_err(io_err("renaming", &spare))?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("opening", &path))?
+            }
+            None => OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_err("creating", &path))?,
+        };
+        file.write_all_at(&encode_segment_header(first_seq), 0)
+            .map_err(io_err("writing", &path))?;
+        Ok(Segment {
+            path,
+            first_seq,
+            last_seq: first_seq - 1,
+            len: SEGMENT_HEADER_LEN,
+            max_end: 0,
+        })
     }
 
     /// Appends a record and returns its sequence number. The record is written, not durable:
@@ -854,33 +1008,41 @@ impl ChangeLog {
     /// Makes every appended record durable (`fdatasync` of the active segment; segments are
     /// created with their folder synced) and returns the durable sequence number.
     pub fn sync(&mut self) -> Result<u64> {
-        let last = self.next_seq - 1;
-        if self.durable_seq < last {
-            let path = &self.active_segment().path;
-            self.active.sync_data().map_err(io_err("syncing", path))?;
-            self.durable_seq = last;
+        if self.durable_seq < self.next_seq - 1 {
+            let handle = self.sync_handle()?;
+            handle.sync()?;
+            self.mark_synced(&handle);
         }
         Ok(self.durable_seq)
     }
 
     /// What [`ChangeLog::sync`] would sync, to be synced *outside* the caller's lock (group
-    /// commit by the shipper): a handle on the active segment and the last record written to
-    /// it. Syncing the handle makes every record up to that seq durable (earlier segments were
-    /// synced when they were closed, see [`ChangeLog::roll`]); then call
-    /// [`ChangeLog::mark_synced`] with the seq.
-    pub fn sync_handle(&self) -> Result<(File, u64)> {
-        let path = &self.active_segment().path;
-        let file = self
-            .active
-            .try_clone()
-            .map_err(io_err("duplicating", path))?;
-        Ok((file, self.next_seq - 1))
+    /// commit by the shipper): a handle on the active segment (none with
+    /// [`Durability::Process`]) and the last record written. Syncing the handle makes every
+    /// record up to that seq durable (with [`Durability::Machine`] earlier segments were synced
+    /// when they were closed); then call [`ChangeLog::mark_synced`].
+    pub fn sync_handle(&self) -> Result<SyncHandle> {
+        let file = match self.durability {
+            Durability::Machine => {
+                let path = &self.active_segment().path;
+                let file = self
+                    .active
+                    .try_clone()
+                    .map_err(io_err("duplicating", path))?;
+                Some((file, path.clone()))
+            }
+            Durability::Process => None,
+        };
+        Ok(SyncHandle {
+            file,
+            seq: self.next_seq - 1,
+        })
     }
 
-    /// Records that every record up to `seq` is durable, after the handle of
-    /// [`ChangeLog::sync_handle`] that returned `seq` was synced.
-    pub fn mark_synced(&mut self, seq: u64) {
-        self.durable_seq = self.durable_seq.max(seq.min(self.next_seq - 1));
+    /// Records that every record up to the handle's seq is durable, after the handle of
+    /// [`ChangeLog::sync_handle`] was synced.
+    pub fn mark_synced(&mut self, handle: &SyncHandle) {
+        self.durable_seq = self.durable_seq.max(handle.seq.min(self.next_seq - 1));
     }
 
     /// Sequence number of the last appended record (0: none yet).
@@ -1002,14 +1164,24 @@ impl ChangeLog {
             .position(|s| s.last_seq > upto || s.is_empty())
             .unwrap_or(self.segments.len() - 1);
         let mut freed = 0;
-        for seg in self.segments.drain(..keep_from) {
-            fs::remove_file(&seg.path).map_err(io_err("removing", &seg.path))?;
+        let drained: Vec<Segment> = self.segments.drain(..keep_from).collect();
+        for seg in drained {
+            if self.durability == Durability::Process && self.spares.len() < MAX_SPARES {
+                let spare = self.dir.join(format!("{SPARE_PREFIX}{}", seg.first_seq));
+                fs::rename(&seg.path, &spare).map_err(io_err("renaming", &seg.path))?;
+                self.spares.push(spare);
+            } else {
+                fs::remove_file(&seg.path).map_err(io_err("removing", &seg.path))?;
+            }
             freed += seg.len;
             tracing::debug!(path = %seg.path.display(), last_seq = seg.last_seq, "segment released");
         }
+        // With `Durability::Process` the folder's entries need not survive a machine crash.
         if freed > 0 {
             self.bytes_used -= freed;
-            sync_dir(&self.dir)?;
+            if self.durability == Durability::Machine {
+                sync_dir(&self.dir)?;
+            }
         }
         Ok(freed)
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 
 use crate::identity::{Identity, host_part};
-use crate::log::{ChangeLog, Limits, LogError};
+use crate::log::{ChangeLog, Durability, Limits, LogError};
 use crate::nbd::{self, Server};
 use crate::replicate::{self, Shared, ShipConfig};
 use crate::splitter::{OnFull, Splitter};
@@ -173,6 +173,68 @@ fn move_aside(data_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The file naming the boot the agent last started in.
+const BOOT_FILE: &str = "boot-id";
+/// Present when the agent last stopped cleanly (everything synced); removed at start.
+const CLEAN_STOP: &str = "clean-stop";
+
+/// This machine's boot id (`/proc/sys/kernel/random/boot_id`; `HAVEN_BOOT_ID_FILE` names
+/// another file, for tests and drills).
+fn boot_id() -> Option<String> {
+    let path = std::env::var_os("HAVEN_BOOT_ID_FILE").map_or_else(
+        || PathBuf::from("/proc/sys/kernel/random/boot_id"),
+        PathBuf::from,
+    );
+    let id = std::fs::read_to_string(path).ok()?.trim().to_string();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Why the change log cannot be trusted, when the machine restarted since the agent last
+/// started and the agent was not stopped cleanly. The log is not synced while the agent runs
+/// (`Durability::Process`), and the kernel writes the disk's pages back in any order, so a
+/// power cut can leave writes on the disk that the log lost; a killed agent loses nothing (the
+/// kernel keeps what it wrote).
+fn unclean_restart(data_dir: &Path) -> Option<String> {
+    let previous = std::fs::read_to_string(data_dir.join(BOOT_FILE)).ok()?;
+    let previous = previous.trim();
+    let now = boot_id()?;
+    if previous == now || data_dir.join(CLEAN_STOP).exists() {
+        return None;
+    }
+    Some(format!(
+        "the machine restarted since the agent last ran (boot {previous}, now {now}) and the \
+         agent was not stopped cleanly: the last changes may be on the disk and not in the \
+         change log"
+    ))
+}
+
+/// Records the boot this run belongs to; the next stop is clean only once it says so.
+fn mark_started(data_dir: &Path) -> anyhow::Result<()> {
+    if let Some(id) = boot_id() {
+        haven_fsutil::write_atomic(
+            &data_dir.join(BOOT_FILE),
+            format!("{id}\n").as_bytes(),
+            0o644,
+        )?;
+    }
+    match std::fs::remove_file(data_dir.join(CLEAN_STOP)) {
+        Ok(()) => haven_fsutil::sync_dir(data_dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// Records that the agent stopped with the disk and the log synced.
+fn mark_clean_stop(data_dir: &Path) -> anyhow::Result<()> {
+    haven_fsutil::write_atomic(
+        &data_dir.join(CLEAN_STOP),
+        b"the agent stopped with the disk and its change log synced\n",
+        0o644,
+    )?;
+    Ok(())
+}
+
 /// Opens `disk.state` and the log, deciding whether the disk must be resynced.
 fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, ChangeLog)> {
     let state_path = cfg.data_dir.join("disk.state");
@@ -206,7 +268,15 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
         );
     }
     let mut lost: Option<String> = None;
-    if !log_dir.exists() {
+    if let Some(why) = unclean_restart(&cfg.data_dir) {
+        // Its records describe changes the resync finds anyway; nothing of it is kept.
+        if log_dir.exists() {
+            std::fs::remove_dir_all(&log_dir)
+                .with_context(|| format!("removing {}", log_dir.display()))?;
+            haven_fsutil::sync_dir(&cfg.data_dir)?;
+        }
+        lost = Some(why);
+    } else if !log_dir.exists() {
         lost = Some(format!("the change log {} is missing", log_dir.display()));
     }
     let log = match ChangeLog::open(&log_dir, cfg.limits) {
@@ -256,7 +326,11 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         );
     }
     let (policy, hooks) = cfg.points.resolve()?;
-    let (rec, log) = open_state_and_log(&cfg)?;
+    let (rec, mut log) = open_state_and_log(&cfg)?;
+    // The log is never synced while the agent runs (a killed agent loses nothing of it); a
+    // machine restart without a clean stop resyncs the disk instead (`unclean_restart`).
+    log.set_durability(Durability::Process);
+    mark_started(&cfg.data_dir)?;
     // A full log degrades the protection (a resync), never the workload.
     let splitter = Arc::new(Splitter::open(&cfg.disk, log, OnFull::Overflow)?);
     let shared = Arc::new(Shared::new(
@@ -417,6 +491,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(1), reporter).await;
     });
     shared.update(|_| {})?;
+    mark_clean_stop(&cfg.data_dir)?;
     let _ = shared.write_status();
     rt.shutdown_timeout(Duration::from_secs(1));
     tracing::info!(durable_seq = durable, "agent stopped");

@@ -7,9 +7,11 @@
 //!   in the page cache and be lost with the machine (not with the agent process: both copies are
 //!   in the kernel once a write is acknowledged).
 //! - FLUSH (and a write with FUA, for itself and everything acknowledged before it) means
-//!   durable on *both* the backing disk (`fdatasync`) and the log ([`ChangeLog::sync`]) before
-//!   the reply is sent. So after a crash, every write acknowledged before the last completed
-//!   FLUSH is on the backing disk and in the log.
+//!   durable on the backing disk (`fdatasync`) and in the log ([`ChangeLog::sync`], as durable
+//!   as the log's [`Durability`](crate::log::Durability) says) before the reply is sent. So
+//!   after a crash, every write acknowledged before the last completed FLUSH is on the backing
+//!   disk; and in the log after a killed process (`Durability::Process`, `protect`: a machine
+//!   crash makes the agent resync instead) or any crash (`Durability::Machine`, `serve`).
 //!
 //! # Ordering
 //!
@@ -564,9 +566,10 @@ impl Splitter {
     /// The disk is synced too: a record the downstream holds must never be missing from the
     /// disk after a power loss, or the replica would hold a change the source lost.
     pub fn sync_for_shipping(&self) -> Result<u64, SplitError> {
-        let (file, seq) = {
+        let handle = {
             let log = self.lock();
-            // Every record up to `seq` has been applied to the disk: the lock covers both.
+            // Every record up to the handle's seq has been applied to the disk: the lock covers
+            // both.
             let both = self.both_durable.load(Ordering::Acquire);
             if both >= log.written_seq() {
                 return Ok(both);
@@ -574,16 +577,10 @@ impl Splitter {
             log.sync_handle()?
         };
         self.disk.sync_data().map_err(self.disk_err("syncing"))?;
-        file.sync_data().map_err(|source| {
-            SplitError::Log(LogError::Io {
-                what: "syncing",
-                path: self.lock().dir().to_path_buf(),
-                source,
-            })
-        })?;
-        self.lock().mark_synced(seq);
-        self.both_durable.fetch_max(seq, Ordering::AcqRel);
-        Ok(seq)
+        handle.sync()?;
+        self.lock().mark_synced(&handle);
+        self.both_durable.fetch_max(handle.seq(), Ordering::AcqRel);
+        Ok(handle.seq())
     }
 
     /// A reader of the log's records from `seq` up to the last one appended now. The reader
@@ -633,7 +630,9 @@ impl Splitter {
     pub fn shutdown(&self) -> Result<u64, SplitError> {
         let mut log = self.lock();
         self.closed.store(true, Ordering::Release);
-        self.sync_locked(&mut log)
+        self.sync_locked(&mut log)?;
+        // Whatever the log's durability while running, a clean stop leaves it on the disk.
+        Ok(log.sync_to_disk()?)
     }
 
     fn sync_locked(&self, log: &mut ChangeLog) -> Result<u64, SplitError> {

@@ -384,3 +384,77 @@ fn release_frees_whole_segments_and_keeps_numbering() {
         41
     );
 }
+
+/// With `Durability::Process` nothing is synced while the log runs, yet everything reads back
+/// after a reopen in the same boot (the kernel keeps it), a segment whose creation a killed
+/// process cut short is removed, and `sync_to_disk` makes every record durable.
+#[test]
+fn process_durability_rolls_without_syncs_and_reopens_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = ChangeLog::open(dir.path(), small()).unwrap();
+    log.set_durability(Durability::Process);
+    fill(&mut log, 40);
+    assert!(segment_files(dir.path()).len() > 3, "segments rolled");
+    assert!(log.sync_handle().unwrap().file.is_none(), "nothing to sync");
+    assert_eq!(log.sync().unwrap(), 40);
+    assert_eq!(log.sync_to_disk().unwrap(), 40);
+    drop(log);
+    // A killed process left the next segment shorter than its header.
+    let cut = dir.path().join(segment_file_name(41, SEGMENT_EXT));
+    fs::write(&cut, &encode_segment_header(41)[..7]).unwrap();
+    let log = ChangeLog::open(dir.path(), small()).unwrap();
+    assert!(!cut.exists(), "the cut-short segment is removed");
+    let records = all(&log, 1);
+    assert_eq!(records.len(), 40);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.data, pattern(i as u64, 1000));
+    }
+    assert_eq!(log.stats().next_seq, 41);
+}
+
+/// With `Durability::Process` released segment files are reused: the records written over a
+/// reused file's older bytes read back, and a log dropped without a clean stop (a killed
+/// process) reopens with exactly the records written, the reused file's older tail cut off.
+#[test]
+fn process_durability_reuses_released_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = ChangeLog::open(dir.path(), small()).unwrap();
+    log.set_durability(Durability::Process);
+    fill(&mut log, 40);
+    log.release(20).unwrap();
+    assert_eq!(log.spares.len(), MAX_SPARES, "released files are kept");
+    let spares = log.spares.clone();
+    for i in 40..50 {
+        let data = pattern(i, 1000);
+        log.append(Change::Write {
+            offset: i * 512,
+            data: &data,
+        })
+        .unwrap();
+    }
+    assert!(log.spares.len() < MAX_SPARES, "spares were reused");
+    assert!(spares.iter().any(|s| !s.exists()));
+    let first = log.stats().first_seq;
+    drop(log);
+    let log = ChangeLog::open(dir.path(), small()).unwrap();
+    let records = all(&log, first);
+    assert_eq!(records.len() as u64, 50 - first + 1);
+    for r in &records {
+        assert_eq!(r.data, pattern(r.seq - 1, 1000), "record {}", r.seq);
+    }
+    assert_eq!(log.stats().next_seq, 51);
+    let leftovers: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(SPARE_PREFIX)
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "spares of the earlier run are removed"
+    );
+}
