@@ -208,4 +208,3 @@ impl Shared {
         Ok(haven_fsutil::write_atomic(&self.status_path, &body, 0o644)?)
     }
 }
-

@@ -378,6 +378,17 @@ struct Segment {
 }
 
 impl Segment {
+    /// A segment holding only its header; its first record will be `first_seq`.
+    fn empty(path: PathBuf, first_seq: u64) -> Segment {
+        Segment {
+            path,
+            first_seq,
+            last_seq: first_seq - 1,
+            len: SEGMENT_HEADER_LEN,
+            max_end: 0,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.last_seq < self.first_seq
     }
@@ -841,13 +852,7 @@ impl ChangeLog {
         let path = dir.join(segment_file_name(first_seq, SEGMENT_EXT));
         // Mode 0666 less the umask, as segments always had.
         haven_fsutil::write_atomic(&path, &encode_segment_header(first_seq), 0o666)?;
-        Ok(Segment {
-            path,
-            first_seq,
-            last_seq: first_seq - 1,
-            len: SEGMENT_HEADER_LEN,
-            max_end: 0,
-        })
+        Ok(Segment::empty(path, first_seq))
     }
 
     fn active_segment(&self) -> &Segment {
@@ -939,13 +944,7 @@ impl ChangeLog {
         };
         file.write_all_at(&encode_segment_header(first_seq), 0)
             .map_err(io_err("writing", &path))?;
-        Ok(Segment {
-            path,
-            first_seq,
-            last_seq: first_seq - 1,
-            len: SEGMENT_HEADER_LEN,
-            max_end: 0,
-        })
+        Ok(Segment::empty(path, first_seq))
     }
 
     /// Appends a record and returns its sequence number. The record is written, not durable:

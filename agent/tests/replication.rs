@@ -683,7 +683,10 @@ fn an_unclean_machine_restart_resyncs_and_a_clean_one_does_not() {
     assert!(agent.terminate());
     fs::write(boot_file(&data), "boot-2\n").unwrap();
     let mut agent = Agent::start(&data, &disk, &[]);
-    qemu_io_ok(&agent.url(), &workload(&mut Rng::new(seed ^ 1), 20, 0, SIZE));
+    qemu_io_ok(
+        &agent.url(),
+        &workload(&mut Rng::new(seed ^ 1), 20, 0, SIZE),
+    );
     wait_converged(&site, &agent, &data, &disk, Duration::from_secs(30));
     let log = agent.log_text();
     assert!(!log.contains("the machine restarted"), "{log}");
@@ -696,7 +699,8 @@ fn an_unclean_machine_restart_resyncs_and_a_clean_one_does_not() {
     let mut rng = Rng::new(seed ^ 0xB007);
     for _ in 0..8 {
         let off = rng.below(SIZE / 4096) * 4096;
-        f.write_all_at(&rng.next().to_le_bytes().repeat(512), off).unwrap();
+        f.write_all_at(&rng.next().to_le_bytes().repeat(512), off)
+            .unwrap();
     }
     f.sync_all().unwrap();
     drop(f);
