@@ -849,7 +849,7 @@ pub fn run(root: &Path) -> Result<()> {
 
     // --- Summary ---
     out.line(format!(
-        "{:<52} {:>10} {:>10} {:>8}  {}",
+        "{:<62} {:>10} {:>10} {:>8}  {}",
         "", "Haven", "baseline", "ratio", "goal"
     ));
     let churn = |r: &RpoRun| {
@@ -888,7 +888,7 @@ pub fn run(root: &Path) -> Result<()> {
                 String::new()
             };
             out.line(format!(
-                "{:<52} {:>10} {:>10} {:>8}  {goal}",
+                "{:<62} {:>10} {:>10} {:>8}  {goal}",
                 format!("RPO p99 ({what}), {}", churn(r)),
                 format!("{p99:.2}s"),
                 "-",
@@ -903,7 +903,7 @@ pub fn run(root: &Path) -> Result<()> {
             None => (copy_1g.1 * (r.gib / copy_1g.0) as u32, "cp, estimated"),
         };
         out.line(format!(
-            "{:<52} {:>10} {:>10} {:>7.0}x  <= {READY_GOAL:.0}s: {} (max {})",
+            "{:<62} {:>10} {:>10} {:>7.0}x  <= {READY_GOAL:.0}s: {} (max {})",
             format!("test failover ready, {} GiB (vs {how})", r.gib),
             dur(ours),
             dur(theirs),
@@ -918,7 +918,7 @@ pub fn run(root: &Path) -> Result<()> {
     }
     for (how, theirs) in [("cp", mat.copy), ("cp --sparse=never", mat.copy_full)] {
         out.line(format!(
-            "{:<52} {:>6.0}MB/s {:>6.0}MB/s {:>7.2}x",
+            "{:<62} {:>6.0}MB/s {:>6.0}MB/s {:>7.2}x",
             format!("materialise {} GiB (vs {how} + sync)", mat.size / GIB),
             mib_s(mat.size, mat.haven),
             mib_s(mat.size, theirs),

@@ -202,7 +202,7 @@ pub fn run(root: &Path) -> Result<()> {
     }
     // The same transport with and without Haven behind it: qemu-nbd serving a file, the
     // agent's write splitter alone (`haven-agent serve`), the agent protecting (replicating).
-    let transport = nbd_transport(&dir, &bins, &cluster.agent.nbd)?;
+    let transport = nbd_transport(&dir, &bins, &cluster.agent.nbd, cluster.ps.proc.pid())?;
     cluster.wait_caught_up(now_ms(), Duration::from_secs(3600), |_, _| {})?;
     if !images_equal(&source, &replica)? {
         bail!("the replica differs from the source after the write test");
@@ -217,32 +217,32 @@ pub fn run(root: &Path) -> Result<()> {
     );
 
     println!(
-        "{:<46} {:>10} {:>10} {:>8}",
+        "{:<50} {:>10} {:>10} {:>8}",
         "", "Haven", "baseline", "speed-up"
     );
     println!(
-        "{:<46} {:>9.2}s {:>9.2}s {:>7.2}x",
+        "{:<50} {:>9.2}s {:>9.2}s {:>7.2}x",
         format!("initial replication, {} GiB (vs rsync daemon)", size >> 30),
         secs(haven_initial),
         secs(rsync_initial),
         ratio(rsync_initial, haven_initial)
     );
     println!(
-        "{:<46} {:>9.2}s {:>9.2}s {:>7.1}x",
+        "{:<50} {:>9.2}s {:>9.2}s {:>7.1}x",
         "delta, 1 % of 4 KiB blocks (vs rsync)",
         secs(haven_delta),
         secs(rsync_delta),
         ratio(rsync_delta, haven_delta)
     );
     println!(
-        "{:<46} {:>9.2}s {:>9.2}s {:>7.1}x",
+        "{:<50} {:>9.2}s {:>9.2}s {:>7.1}x",
         "delta, 1 % of 4 KiB blocks (vs rsync -B 4096)",
         secs(haven_delta),
         secs(rsync_delta_4k),
         ratio(rsync_delta_4k, haven_delta)
     );
     println!(
-        "{:<46} {:>7.0}MB/s {:>7.0}MB/s {:>7.0}%",
+        "{:<50} {:>7.0}MB/s {:>7.0}MB/s {:>7.0}%",
         "write 1 GiB, 1 MiB requests (NBD vs direct)",
         mib_s(WRITE_BYTES, nbd_time),
         mib_s(WRITE_BYTES, direct_time),
@@ -250,7 +250,7 @@ pub fn run(root: &Path) -> Result<()> {
     );
     for t in &transport {
         println!(
-            "{:<46} {:>8.0}{} {:>8.0}{} {:>7.0}%",
+            "{:<50} {:>8.0}{} {:>8.0}{} {:>7.0}%",
             format!("NBD qd16 {}, {} (vs qemu-nbd)", t.size, t.who),
             t.haven,
             t.unit,
@@ -263,7 +263,8 @@ pub fn run(root: &Path) -> Result<()> {
     println!(
         "NBD qd16: `qemu-img bench -w -d 16` (sequential requests, a flush at the end) over TCP \
          loopback against qemu-nbd serving a file and against the agent, same file system; goal \
-         >= 90 % of qemu-nbd while replicating"
+         >= 90 % of qemu-nbd while replicating; \"PS paused\": the protecting agent with its \
+         process server stopped, so the gateways' work does not share the cores"
     );
     println!(
         "delta: Haven's time is from the workload's last write until the replica has applied it; \
@@ -307,8 +308,16 @@ impl Drop for Killed {
 }
 
 /// `qemu-img bench -w -d 16` at 1 MiB and 4 KiB against qemu-nbd, `haven-agent serve` and the
-/// protecting agent at `protecting` (an `nbd://` URI); best of two rounds each.
-fn nbd_transport(dir: &Path, bins: &Path, protecting: &str) -> Result<Vec<Transport>> {
+/// protecting agent at `protecting` (an `nbd://` URI); best of two rounds each. With the
+/// process server's pid, the protecting agent is measured once more with the process server
+/// stopped (SIGSTOP): the agent's own write path, without the gateways' work competing for the
+/// same cores (its log holds the writes until the process server continues).
+fn nbd_transport(
+    dir: &Path,
+    bins: &Path,
+    protecting: &str,
+    process_server: Option<u32>,
+) -> Result<Vec<Transport>> {
     const SIZE: u64 = 1 << 30;
     let file = |name: &str| -> Result<std::path::PathBuf> {
         let p = dir.join(name);
@@ -406,6 +415,24 @@ fn nbd_transport(dir: &Path, bins: &Path, protecting: &str) -> Result<Vec<Transp
                 who,
                 unit,
                 haven: rate(bench(uri, arg, count)?),
+                qemu_nbd,
+            });
+        }
+        if let Some(pid) = process_server {
+            let signal = |sig: &str| {
+                Command::new("kill")
+                    .args([sig, &pid.to_string()])
+                    .status()
+                    .context("signalling the process server")
+            };
+            signal("-STOP")?;
+            let paused = bench(protecting, arg, count);
+            signal("-CONT")?;
+            rows.push(Transport {
+                size,
+                who: "protect, PS paused",
+                unit,
+                haven: rate(paused?),
                 qemu_nbd,
             });
         }
