@@ -260,7 +260,31 @@ fn writer_spec(config: &GatewayConfig, name: Option<&str>) -> Result<PluginSpec>
     })
 }
 
+/// Raises the soft limit of open files to the hard limit: each replica and each cached disk
+/// holds a few files, and distributions start services with a soft limit (often 1024, sometimes
+/// less) far below the hard one. Returns the soft limit before and after.
+fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, soft = ?before, hard = ?limit.maximum,
+                "cannot raise the open-file limit");
+        }
+    }
+    (before, getrlimit(Resource::Nofile).current)
+}
+
 async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
+    let (before, after) = raise_open_file_limit();
+    if before != after {
+        tracing::info!(before = ?before, now = ?after, "raised the open-file limit to the hard limit");
+    }
     let data_dir = config.data_dir.clone();
     let ca = SiteCa::open(data_dir.join("ca")).with_context(|| {
         format!(
@@ -389,4 +413,27 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
         let _ = std::fs::remove_file(ready);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let hard = getrlimit(Resource::Nofile).maximum;
+        // Started with a low soft limit, as a service manager may do.
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(64),
+                maximum: hard,
+            },
+        )
+        .expect("lowering the soft limit");
+        let (before, after) = super::raise_open_file_limit();
+        assert_eq!(before, Some(64));
+        assert_eq!(after, hard);
+        assert_eq!(getrlimit(Resource::Nofile).current, hard);
+    }
 }
