@@ -39,7 +39,7 @@
 //! pushed while `remap` holds. Call `R0` the replica after every record below `M`, and `L` the
 //! log's records from its first, in order: the replica ends as `R0` with `L` applied.
 //!
-//! *The pass*, range by range (at most [`RESYNC_RANGE`] bytes each), resumable from
+//! *The pass*, range by range (at most `ShipperConfig::resync_range`, 256 MiB, each), resumable from
 //! `sync_offset`: (1) hold pushes until every record pushed so far is acknowledged; (2) ask the
 //! range's digests (still holding pushes, so the process server's cache drains and it forwards
 //! the request; the master target answers once it applied everything); (3) compare the range
@@ -111,20 +111,12 @@ use crate::identity::{Identity, resolve};
 use crate::log::{self, Kind};
 use crate::splitter::{Captured, Overflow, SplitError, Splitter};
 use crate::state::Phase;
-/// Block size of resync digests.
-pub const RESYNC_BLOCK: u32 = 64 * 1024;
 /// Chunk of the initial pass.
 pub const SYNC_CHUNK: usize = 1 << 20;
-/// Pushed-unreleased bytes allowed beyond the window.
-const PUSH_SLACK: u64 = 8 << 20;
 /// Most bytes of records read from the log in one go.
 const FILL_BYTES: u64 = 8 << 20;
-/// Most bytes of one range of the hash pass (4096 digests).
-pub const RESYNC_RANGE: u64 = 4096 * RESYNC_BLOCK as u64;
 /// How often the shipper looks for new records when idle.
 const POLL: Duration = Duration::from_millis(10);
-/// How often acknowledged records are freed from the log (when it is not filling up).
-const RELEASE_EVERY: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Reconnection attempts back off to this at most (a restarted gateway is usually noticed at
 /// once, by its stateless reset, and answers the first attempt).
@@ -252,11 +244,9 @@ impl Session {
                 block_size: rec.block_size,
             },
         );
+        // The shipper's defaults: 8 MiB beyond the window, 64 KiB digests in ranges of 256 MiB,
+        // acknowledged records freed every 500 ms.
         config.sender.window_bytes = window_bytes;
-        config.push_slack = PUSH_SLACK;
-        config.resync_block = RESYNC_BLOCK;
-        config.resync_range = RESYNC_RANGE;
-        config.release_every = RELEASE_EVERY;
         let start = Start {
             seq_base: rec.seq_base,
             resync: (rec.state == Phase::Resyncing).then_some(Resync {
@@ -632,7 +622,7 @@ async fn connection(
             }
         }
         s.publish(shared);
-        if !welcomed && s.shipper.sender().is_streaming() {
+        if !welcomed && s.shipper.is_streaming() {
             welcomed = true;
             shared.set_link(None);
             tracing::info!(

@@ -294,8 +294,8 @@ impl Forwarder {
         self.sender.poll_timeout()
     }
 
-    /// Whether forwarding on this connection is over, once every action was taken. Digest
-    /// requests not answered are answered with an error then.
+    /// Whether forwarding on this connection is over, once every action was taken (then call
+    /// [`Forwarder::connection_lost`], which answers the digest requests still open).
     pub fn poll_end(&mut self) -> Option<ForwarderEnd> {
         if !self.actions.is_empty() || self.end.is_none() {
             return None;
@@ -315,11 +315,6 @@ impl Forwarder {
                 result: Err(format!("the connection to the master target ended: {why}")),
             })
             .collect()
-    }
-
-    /// The highest seq of `disk` the master target acknowledged on this connection.
-    pub fn released(&self, disk: DiskId) -> Option<Seq> {
-        self.sender.released(disk)
     }
 
     fn lane(&mut self, disk: DiskId) -> Option<&mut Lane> {

@@ -607,24 +607,14 @@ impl Shipper {
         Some(self.pass.as_ref().map_or(r.sync_offset, |p| p.done_to))
     }
 
-    /// Stream seq = log seq + this.
-    pub fn base(&self) -> i64 {
-        self.base
-    }
-
     /// The stream seq of the log's first record when the shipper started.
     pub fn first_seq(&self) -> Seq {
         seq_add(self.first_log, self.base)
     }
 
-    /// Whether the disk resyncs (as this shipper knows it).
-    pub fn resyncing(&self) -> Option<Resync> {
-        self.resync
-    }
-
-    /// The underlying sender.
-    pub fn sender(&self) -> &Sender {
-        &self.sender
+    /// Whether the `Welcome` was received on this connection and records flow.
+    pub fn is_streaming(&self) -> bool {
+        self.sender.is_streaming()
     }
 }
 

@@ -70,15 +70,6 @@ impl fmt::Display for MemError {
 }
 
 impl MemStore {
-    /// A store holding records up to `durable` (none of them kept: as if all were freed).
-    pub fn starting_at(durable: Seq) -> Self {
-        Self {
-            written: durable,
-            durable,
-            ..Self::default()
-        }
-    }
-
     /// The next `n` syncs fail (nothing becomes durable).
     pub fn fail_syncs(&mut self, n: u32) {
         self.fail_syncs = n;
