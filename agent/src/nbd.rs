@@ -3,13 +3,17 @@
 //! through the write splitter. The server itself (handshake, transmission, close) is the
 //! `haven-nbd` crate; this module maps the splitter onto its [`Backend`] trait.
 //!
+//! Block status (`base:allocation`) reports the backing file's holes; several connections may
+//! share the disk (multi-conn: a FLUSH on any makes every connection's completed writes
+//! durable); `FAST_ZERO` is refused with `ENOTSUP` on a block device, where zeroing writes.
+//!
 //! Requests must be aligned to [`crate::splitter::SECTOR`] (advertised as the minimum block
 //! size); a refused change ([`SplitError::Invalid`]) is the client's fault, anything else the
 //! splitter's failure, with the errno of [`SplitError::errno`] (`ENOSPC` when the log is full).
 
 pub use haven_nbd::{Server, bind_unix};
 
-use haven_nbd::{Backend, Error};
+use haven_nbd::{Backend, Error, Extent, proto};
 
 use crate::splitter::{SplitError, Splitter};
 
@@ -39,7 +43,20 @@ impl Backend for Splitter {
         Ok(Splitter::write(self, offset, data, fua)?)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool, fua: bool) -> Result<(), Error> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), Error> {
+        if fast && !self.zeroes_fast() {
+            return Err(Error::refused(
+                proto::ENOTSUP,
+                "zeroing a block device writes the zeroes: not fast",
+            ));
+        }
         Ok(Splitter::write_zeroes(self, offset, len, may_punch, fua)?)
     }
 
@@ -50,5 +67,26 @@ impl Backend for Splitter {
     fn flush(&self) -> Result<(), Error> {
         Splitter::flush(self)?;
         Ok(())
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Error> {
+        let runs = Splitter::allocation(self, offset, len)?;
+        Ok(runs
+            .into_iter()
+            .map(|(len, hole)| Extent {
+                len,
+                flags: if hole {
+                    proto::STATE_HOLE | proto::STATE_ZERO
+                } else {
+                    0
+                },
+            })
+            .collect())
+    }
+
+    /// Every connection writes through the one splitter, and a FLUSH syncs the whole log and
+    /// the whole disk: what any connection had completed is durable once it returns.
+    fn multi_conn(&self) -> bool {
+        true
     }
 }

@@ -40,6 +40,12 @@ pub struct NbdConfig {
     /// Export name (clients asking for the empty name get it too).
     #[arg(long, default_value = "disk")]
     pub export: String,
+    /// Serve NBD over TLS only (`NBD_OPT_STARTTLS`), with the certificates in this folder:
+    /// `server-cert.pem`, `server-key.pem`, and `ca-cert.pem` (the site CA, which clients'
+    /// certificates must come from) — what `haven-gateway nbd-cert --server NAME` writes.
+    /// Required to listen on an address other than loopback.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// A file created once the disk is served (the listeners accept connections), holding
     /// the addresses served, one per line; removed when the agent stops. A script started the
     /// agent in the background waits for it before using the disk.
@@ -56,18 +62,30 @@ pub fn serve_nbd(
     cfg: &NbdConfig,
 ) -> anyhow::Result<(Arc<Server>, Listeners)> {
     let backend: Arc<Splitter> = Arc::clone(splitter);
-    let server = Arc::new(Server::new(backend, cfg.export.clone()));
+    let mut server = Server::new(backend, cfg.export.clone());
+    if let Some(dir) = &cfg.tls_dir {
+        server = server.with_tls(nbd_tls(dir)?);
+    }
+    let server = Arc::new(server);
     let listen = match (&cfg.listen, &cfg.socket) {
         (None, None) => Some("127.0.0.1:10809".to_string()),
         (l, _) => l.clone(),
     };
+    let scheme = if cfg.tls_dir.is_some() { "nbds" } else { "nbd" };
     let mut threads = Vec::new();
     let mut served = String::new();
     if let Some(addr) = listen {
         let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
-        tracing::info!(addr = %local, export = %cfg.export, "listening on TCP");
-        served.push_str(&format!("nbd://{local}/{}\n", cfg.export));
+        if !local.ip().is_loopback() && cfg.tls_dir.is_none() {
+            anyhow::bail!(
+                "refusing to serve plain NBD on {addr}: without TLS the disk is served on \
+                 loopback or a Unix socket only; give --tls-dir DIR with certificates from the \
+                 site CA (`haven-gateway nbd-cert --server NAME --out DIR`)"
+            );
+        }
+        tracing::info!(addr = %local, export = %cfg.export, tls = cfg.tls_dir.is_some(), "listening on TCP");
+        served.push_str(&format!("{scheme}://{local}/{}\n", cfg.export));
         let server = Arc::clone(&server);
         threads.push(thread::spawn(move || server.serve_tcp(listener)));
     }
@@ -76,7 +94,7 @@ pub fn serve_nbd(
             .with_context(|| format!("listening on Unix socket {}", path.display()))?;
         tracing::info!(socket = %path.display(), export = %cfg.export, "listening on Unix socket");
         served.push_str(&format!(
-            "nbd+unix:///{}?socket={}\n",
+            "{scheme}+unix:///{}?socket={}\n",
             cfg.export,
             path.display()
         ));
@@ -88,6 +106,28 @@ pub fn serve_nbd(
             .with_context(|| format!("writing the ready file {}", ready.display()))?;
     }
     Ok((server, threads))
+}
+
+/// The TLS of an export from the certificates in `dir` (see [`NbdConfig::tls_dir`]).
+fn nbd_tls(dir: &Path) -> anyhow::Result<haven_nbd::Tls> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (--tls-dir holds server-cert.pem, server-key.pem and ca-cert.pem, \
+                 as `haven-gateway nbd-cert --server NAME` writes them)",
+                path.display()
+            )
+        })
+    };
+    let config = haven_net::tls::nbd_server_config(
+        &read("server-cert.pem")?,
+        &read("server-key.pem")?,
+        &read("ca-cert.pem")?,
+        &[],
+    )
+    .with_context(|| format!("the NBD certificates in {}", dir.display()))?;
+    Ok(haven_nbd::Tls::new(Arc::new(config)))
 }
 
 /// Removes the ready file of `cfg`, if any (the disk is no longer served).

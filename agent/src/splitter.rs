@@ -363,6 +363,48 @@ impl Splitter {
             .map_err(self.disk_err("reading"))
     }
 
+    /// How `offset..offset + len` is stored on the backing disk, as runs `(length, hole)` from
+    /// `offset` on, in order: a regular file's holes (`SEEK_HOLE`/`SEEK_DATA`) read as zeroes
+    /// without being stored; a block device is data throughout. A change made meanwhile may
+    /// not be in the answer (NBD block status is advice, not a lock).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, SplitError> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        if self.block_device || len == 0 {
+            return Ok(vec![(len, false)]);
+        }
+        let seek = |whence: rustix::fs::SeekFrom| match rustix::fs::seek(&self.disk, whence) {
+            Ok(at) => Ok(at.min(end)),
+            // No data at or after the position: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => Ok(end),
+            Err(e) => Err(SplitError::Disk {
+                path: self.path.clone(),
+                what: "mapping holes and data",
+                source: e.into(),
+            }),
+        };
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = seek(rustix::fs::SeekFrom::Data(pos))?;
+            if data > pos {
+                runs.push((data - pos, true));
+                pos = data;
+                continue;
+            }
+            let hole = seek(rustix::fs::SeekFrom::Hole(pos))?.max(pos + 1).min(end);
+            runs.push((hole - pos, false));
+            pos = hole;
+        }
+        Ok(runs)
+    }
+
+    /// Whether [`Splitter::write_zeroes`] is cheap here (NBD `FAST_ZERO`): on a regular file it
+    /// punches or allocates a zeroed range; on a block device it writes zeroes.
+    pub fn zeroes_fast(&self) -> bool {
+        !self.block_device
+    }
+
     /// Writes `data` at `offset`: appended to the log, then applied to the disk. With `fua`,
     /// durable on both before returning; otherwise durable after the next [`Splitter::flush`].
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), SplitError> {

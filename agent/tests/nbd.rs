@@ -201,6 +201,7 @@ fn info_data(name: &str, infos: &[u16]) -> Vec<u8> {
 }
 
 const EINVAL: u32 = 22;
+const EOVERFLOW: u32 = 75;
 
 #[test]
 fn handshake_options_and_bad_requests() {
@@ -217,8 +218,11 @@ fn handshake_options_and_bad_requests() {
     assert_eq!(typ, 2);
     assert_eq!(&d[4..], EXPORT.as_bytes());
     assert_eq!(c.reply().1, 1);
-    c.option(8, &[]); // NBD_OPT_STRUCTURED_REPLY
-    assert_eq!(c.reply(), (8, 0x8000_0001, vec![]));
+    c.option(4, &[]); // NBD_OPT_PEEK_EXPORT, withdrawn from the protocol
+    assert_eq!(
+        c.reply(),
+        (4, 0x8000_0001, b"option 4 is not supported by this server".to_vec())
+    );
     c.option(6, &info_data("nope", &[]));
     assert_eq!(c.reply().1, 0x8000_0006);
     c.option(6, &[0, 0, 0, 9]); // cut short
@@ -227,12 +231,13 @@ fn handshake_options_and_bad_requests() {
     assert_eq!(size, DISK_SIZE);
     assert_eq!(
         flags,
-        1 | 4 | 8 | 32 | 64,
-        "HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES"
+        1 | 4 | 8 | 32 | 64 | 256 | 1024 | 2048,
+        "HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES CAN_MULTI_CONN SEND_CACHE \
+         SEND_FAST_ZERO"
     );
     assert_eq!(bs, [512, 4096, 32 << 20]);
 
-    // Bad requests get EINVAL and the connection keeps serving.
+    // Bad requests get EINVAL (EOVERFLOW when too large) and the connection keeps serving.
     c.request(0, 0, 1, DISK_SIZE, 512); // read past the end
     assert_eq!(c.simple_reply(1), EINVAL);
     c.request(0, 0, 2, DISK_SIZE - 512, 1024); // read across the end
@@ -240,7 +245,7 @@ fn handshake_options_and_bad_requests() {
     c.request(0, 0, 3, 100, 512); // unaligned
     assert_eq!(c.simple_reply(3), EINVAL);
     c.request(0, 0, 4, 0, (32 << 20) + 512); // read too large
-    assert_eq!(c.simple_reply(4), EINVAL);
+    assert_eq!(c.simple_reply(4), EOVERFLOW);
     c.request(0, 1, 5, DISK_SIZE, 512); // write past the end, with its payload
     c.0.write_all(&[7u8; 512]).unwrap();
     assert_eq!(c.simple_reply(5), EINVAL);
@@ -253,7 +258,7 @@ fn handshake_options_and_bad_requests() {
         c.0.write_all(&chunk[..n]).unwrap();
         left -= n;
     }
-    assert_eq!(c.simple_reply(6), EINVAL);
+    assert_eq!(c.simple_reply(6), EOVERFLOW);
     c.request(0, 4, 7, DISK_SIZE - 512, 4096); // trim past the end
     assert_eq!(c.simple_reply(7), EINVAL);
     c.request(0, 99, 8, 0, 0); // unknown command

@@ -48,7 +48,8 @@ pub fn free_udp_port() -> u16 {
         .unwrap_or(0)
 }
 
-fn run_ok(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd`; its stdout, or an error with both outputs when it fails.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -419,6 +420,8 @@ pub struct ClusterOptions {
     pub agent_args: Vec<String>,
     /// Extra lines for the process server's `[process_server]` section.
     pub ps_config: String,
+    /// Extra lines for the master target's `[master_target]` section.
+    pub mt_config: String,
     /// Extra environment of the master target and of the process server.
     pub mt_env: Vec<(String, String)>,
     pub ps_env: Vec<(String, String)>,
@@ -441,8 +444,9 @@ impl Cluster {
             "master target",
             mt_dir.clone(),
             format!(
-                "data_dir = {mt_dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n\n\
+                "data_dir = {mt_dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n{}\n\n\
                  [master_target.retention]\n{}\n\n[api]\nlisten = \"127.0.0.1:{mt_api}\"\n",
+                options.mt_config,
                 options
                     .retention
                     .clone()

@@ -42,7 +42,15 @@ const NATIVE_PLUGIN_CRATES: &[&str] = &[
     "haven-qcow2",
 ];
 /// Debian packages the tests use.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("qemu-nbd", "qemu-utils"),
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+    // nbdsh comes with libnbd's Python binding, which the tests use.
+    ("nbdsh", "python3-libnbd"),
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -65,6 +65,8 @@ pub struct MasterTargetConfig {
     pub retention: crate::retention::RetentionPolicy,
     /// Address test-failover NBD exports listen on (a free port each).
     pub nbd_host: std::net::IpAddr,
+    /// TLS every export requires (`nbds://` URIs), or none (loopback only).
+    pub nbd_tls: Option<haven_nbd::Tls>,
 }
 
 /// A running master target.

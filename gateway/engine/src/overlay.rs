@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use haven_host::{Disk, WriterPlugin};
+use haven_image::ExtentState;
 use haven_store::decompress;
 use haven_store::journal::EntryKind;
 use haven_wire::crc32c::crc32c;
@@ -58,6 +59,11 @@ use crate::ingest::{DiskStream, lock};
 
 /// Decoded journal records kept for reads that hit the same record again.
 const RECORD_CACHE: usize = 16;
+/// Most runs one block-status answer of a view holds ([`View::allocation`],
+/// [`View::changed_since`]); a client asks again from where the answer stopped.
+pub const MAX_RUNS: usize = 4096;
+/// Most "changed since" extent sets a view keeps (one per earlier point asked about).
+const CHANGED_SETS: usize = 4;
 
 /// The scratch map's magic (see the module docs for the layout).
 const MAP_MAGIC: [u8; 8] = *b"HVNSCMAP";
@@ -174,6 +180,47 @@ impl ExtentMap {
     }
 }
 
+/// The runs of one block-status answer, merged where neighbours share a state, at most
+/// [`MAX_RUNS`]; once one is refused, so is every later one (the answer ends there).
+struct Runs<T> {
+    runs: Vec<(u64, T)>,
+    closed: bool,
+}
+
+impl<T> Default for Runs<T> {
+    fn default() -> Self {
+        Runs {
+            runs: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+impl<T: PartialEq + Copy> Runs<T> {
+    fn push(&mut self, len: u64, state: T) {
+        if len == 0 || self.closed {
+            return;
+        }
+        if let Some((l, s)) = self.runs.last_mut()
+            && *s == state
+        {
+            *l += len;
+        } else if self.runs.len() < MAX_RUNS {
+            self.runs.push((len, state));
+        } else {
+            self.closed = true;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.closed || self.runs.len() >= MAX_RUNS
+    }
+
+    fn into_vec(self) -> Vec<(u64, T)> {
+        self.runs
+    }
+}
+
 /// The base replica, read through the writer plugin.
 pub struct Base {
     plugin: WriterPlugin,
@@ -205,6 +252,9 @@ pub struct View {
     scratch: Option<ScratchFiles>,
     /// Recently decoded records: seq, disk offset, bytes.
     cache: Mutex<Vec<(Seq, u64, Bytes)>>,
+    /// The extents written after an earlier point's seq, per seq asked for (at most
+    /// [`CHANGED_SETS`]).
+    changed: Mutex<Vec<(Seq, Arc<ExtentMap>)>>,
 }
 
 /// How a view gets its scratch.
@@ -506,6 +556,7 @@ impl View {
             extents: Mutex::new(extents),
             scratch,
             cache: Mutex::new(Vec::new()),
+            changed: Mutex::new(Vec::new()),
         })
     }
 
@@ -558,6 +609,114 @@ impl View {
             }
         }
         Ok(())
+    }
+
+    /// How `offset..offset + len` is stored, as runs `(length, state)` from `offset` on, in
+    /// order, merged where they touch: journal records and scratch writes are data, zeroed
+    /// and trimmed ranges are zero, and the rest is what the base replica's writer maps. At
+    /// most [`MAX_RUNS`] runs: they may stop short of the end.
+    pub fn allocation(&self, offset: u64, len: u64) -> anyhow::Result<Vec<(u64, ExtentState)>> {
+        let end = self.checked_end(offset, len)?;
+        let pieces = lock(&self.extents).pieces(offset, end);
+        let mut runs = Runs::default();
+        for (a, b, src) in pieces {
+            match src {
+                Some(Source::Zero) => runs.push(b - a, ExtentState::Zero),
+                Some(Source::Record(_) | Source::Scratch) => runs.push(b - a, ExtentState::Data),
+                None => {
+                    let mut base = lock(&self.base);
+                    let Base { plugin, disk, .. } = &mut *base;
+                    let map = plugin.map(disk, a, b - a).map_err(|e| {
+                        anyhow::anyhow!("mapping the base replica at {a}+{}: {e}", b - a)
+                    })?;
+                    for e in map {
+                        runs.push(e.length, e.state);
+                    }
+                }
+            }
+            if runs.full() {
+                break;
+            }
+        }
+        Ok(runs.into_vec())
+    }
+
+    /// Which parts of `offset..offset + len` differ between the point at `since` (a tag seq
+    /// between the base and this view's point) and this view: runs `(length, changed)` from
+    /// `offset` on, merged where they touch, at most [`MAX_RUNS`]. Changed are the extents of
+    /// every journal record after `since` up to the view's point, and what a client wrote or
+    /// zeroed in a writable view. (There every zeroed range counts: a client's zero is not
+    /// told apart from a zero record before `since`, so an incremental copy may copy more,
+    /// never less.)
+    pub fn changed_since(
+        &self,
+        since: Seq,
+        offset: u64,
+        len: u64,
+    ) -> anyhow::Result<Vec<(u64, bool)>> {
+        let end = self.checked_end(offset, len)?;
+        if since < self.base_seq || since > self.point_seq {
+            anyhow::bail!(
+                "seq {since} is outside this view's range {}..={}: changes are known only \
+                 between the base replica and the view's point",
+                self.base_seq,
+                self.point_seq
+            );
+        }
+        let set = self.changed_set(since);
+        let scratch = lock(&self.extents);
+        let mut runs = Runs::default();
+        for (a, b, src) in set.pieces(offset, end) {
+            if src.is_some() {
+                runs.push(b - a, true);
+                continue;
+            }
+            // Unchanged in the journal: a client's write or zero in the scratch still counts.
+            for (c, d, s) in scratch.pieces(a, b) {
+                let by_client = matches!(s, Some(Source::Scratch))
+                    || (self.scratch.is_some() && s == Some(Source::Zero));
+                runs.push(d - c, by_client);
+            }
+            if runs.full() {
+                break;
+            }
+        }
+        Ok(runs.into_vec())
+    }
+
+    /// The extents of the journal records in `since + 1..=point_seq`, built once per `since`.
+    fn changed_set(&self, since: Seq) -> Arc<ExtentMap> {
+        if let Some((_, set)) = lock(&self.changed).iter().find(|(s, _)| *s == since) {
+            return set.clone();
+        }
+        let mut set = ExtentMap::default();
+        for e in self.stream.journal().entries_from(since + 1) {
+            if e.seq > self.point_seq {
+                break;
+            }
+            if e.kind != EntryKind::Tag {
+                set.insert(e.offset, e.offset + e.len, Source::Zero);
+            }
+        }
+        let set = Arc::new(set);
+        let mut cache = lock(&self.changed);
+        if cache.len() >= CHANGED_SETS {
+            cache.remove(0);
+        }
+        cache.push((since, set.clone()));
+        set
+    }
+
+    fn checked_end(&self, offset: u64, len: u64) -> anyhow::Result<u64> {
+        offset
+            .checked_add(len)
+            .filter(|e| *e <= self.size)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "range {offset}+{len} is past the end of the {}-byte disk",
+                    self.size
+                )
+            })
     }
 
     /// Copies the part of record `seq` at `at` into `out`. Decoded records are kept, with

@@ -71,6 +71,28 @@ pub struct MasterTargetSection {
     /// Address test-failover NBD exports listen on (each on a free port).
     #[serde(default = "default_nbd_host")]
     pub nbd_host: std::net::IpAddr,
+    /// Serve test-failover exports over TLS only (clients need a certificate from this site's
+    /// CA: `haven-gateway nbd-cert --client NAME`). Default: on when `nbd_host` is not a
+    /// loopback address, where it cannot be turned off.
+    #[serde(default)]
+    pub nbd_tls: Option<bool>,
+}
+
+impl MasterTargetSection {
+    /// Whether exports use TLS, or why the setting is refused.
+    pub fn nbd_tls(&self) -> Result<bool, String> {
+        let loopback = self.nbd_host.is_loopback();
+        match self.nbd_tls {
+            Some(false) if !loopback => Err(format!(
+                "master_target.nbd_tls = false with nbd_host = {}: plain NBD is served on \
+                 loopback only; remove nbd_tls (TLS is then on) or set nbd_host to a loopback \
+                 address",
+                self.nbd_host
+            )),
+            Some(on) => Ok(on),
+            None => Ok(!loopback),
+        }
+    }
 }
 
 fn default_nbd_host() -> std::net::IpAddr {
@@ -219,6 +241,9 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
                  largest records) is needed",
                 mt.journal_max_bytes
             ));
+        }
+        if let Err(e) = mt.nbd_tls() {
+            errors.push(e);
         }
         if let Err(e) = mt.retention.validate() {
             for line in e.lines() {

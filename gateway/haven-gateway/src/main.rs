@@ -62,6 +62,25 @@ enum Command {
         #[arg(long, default_value = "process-server")]
         name: String,
     },
+    /// Issues certificates from this site's CA for NBD over TLS, into a folder laid out as
+    /// qemu (`tls-creds-x509,dir=`) and libnbd (`tls-certificates=`) read it: `ca-cert.pem`,
+    /// and `client-cert.pem` + `client-key.pem` for a client, `server-cert.pem` +
+    /// `server-key.pem` for an agent's export (`haven-agent protect --tls-dir`).
+    NbdCert {
+        /// The gateway's data folder (holding the site CA).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Issue a client certificate with this name.
+        #[arg(long, required_unless_present = "server")]
+        client: Option<String>,
+        /// Issue a server certificate for these names (IP addresses or DNS names clients
+        /// reach the export by); repeat for several.
+        #[arg(long)]
+        server: Vec<String>,
+    },
     /// Runs the roles of a configuration until SIGINT or SIGTERM.
     Run {
         /// The gateway configuration (TOML).
@@ -119,6 +138,12 @@ fn main() -> ExitCode {
             site,
             names,
         } => init(&data_dir, &site, names),
+        Command::NbdCert {
+            data_dir,
+            out,
+            client,
+            server,
+        } => nbd_cert(&data_dir, &out, client.as_deref(), &server),
         Command::Enroll {
             data_dir,
             upstream,
@@ -189,6 +214,34 @@ fn init(data_dir: &Path, site: &str, mut names: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+fn nbd_cert(data_dir: &Path, out: &Path, client: Option<&str>, server: &[String]) -> Result<()> {
+    let ca_dir = data_dir.join("ca");
+    let mut ca = SiteCa::open(&ca_dir).with_context(|| {
+        format!(
+            "opening the site CA in {}; run this where `haven-gateway init` made it",
+            ca_dir.display()
+        )
+    })?;
+    write_atomic(&out.join("ca-cert.pem"), ca.ca_cert_pem(), false)?;
+    if let Some(name) = client {
+        let (cert, key) = ca.issue_nbd_client_cert(name)?;
+        write_atomic(&out.join("client-cert.pem"), &cert, false)?;
+        write_atomic(&out.join("client-key.pem"), &key, true)?;
+        println!("NBD client certificate `{name}` in {}", out.display());
+    }
+    if !server.is_empty() {
+        let (cert, key) = ca.issue_server_cert(server)?;
+        write_atomic(&out.join("server-cert.pem"), &cert, false)?;
+        write_atomic(&out.join("server-key.pem"), &key, true)?;
+        println!(
+            "NBD server certificate for {} in {}",
+            server.join(", "),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 async fn enroll(
     data_dir: &Path,
     upstream: SocketAddr,
@@ -233,6 +286,15 @@ fn server_tls(data_dir: &Path, ca: &SiteCa) -> Result<ServerTls> {
         ca_pem: ca.ca_cert_pem().to_string(),
         crl_pems: vec![ca.crl_pem()?],
     })
+}
+
+/// TLS for the test-failover exports: this gateway's certificate, clients' certificates from
+/// the site CA (and not revoked).
+fn nbd_tls(tls: &ServerTls) -> Result<haven_nbd::Tls> {
+    let config =
+        haven_net::tls::nbd_server_config(&tls.cert_pem, &tls.key_pem, &tls.ca_pem, &tls.crl_pems)
+            .context("the TLS configuration of the NBD exports")?;
+    Ok(haven_nbd::Tls::new(Arc::new(config)))
 }
 
 /// The writer that writes replicas: a configured plugin, or the installed raw writer with its
@@ -347,6 +409,10 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 },
                 retention: section.retention.clone(),
                 nbd_host: section.nbd_host,
+                nbd_tls: match section.nbd_tls().map_err(anyhow::Error::msg)? {
+                    true => Some(nbd_tls(&tls)?),
+                    false => None,
+                },
             },
             host,
         )?;

@@ -1,4 +1,5 @@
-//! The NBD server: accept loops, handshake and transmission over blocking sockets.
+//! The NBD server: accept loops, and each connection driven through its handshake (options
+//! read and answered, TLS started) into transmission, over blocking sockets.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,8 +13,16 @@ use std::thread;
 use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::handshake::{Export, Negotiation, Next, Session, Slots};
 use crate::proto;
+use crate::tls::{self, Tls};
 use crate::transmission;
+
+/// How many connections of an export may be in transmission at once unless
+/// [`Server::with_max_connections`] says otherwise: several clients (qemu, nbdcopy's four
+/// connections with multi-conn) with room to spare, while a client opening connections in a
+/// loop is refused long before threads run out.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 
 /// Largest option data read into memory; `INFO`/`GO` with a 4096-byte name fit.
 const MAX_OPTION_DATA: u32 = 8 * 1024;
@@ -29,11 +38,17 @@ const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An NBD server exporting one [`Backend`] under one name.
 ///
-/// [`Server::serve_tcp`] and [`Server::serve_unix`] run accept loops (any number, on their
-/// own threads) until [`Server::close`], which also shuts down every connection they accepted.
+/// Built with [`Server::new`], then optionally [`Server::with_tls`] and
+/// [`Server::with_max_connections`], before it serves. [`Server::serve_tcp`] and
+/// [`Server::serve_unix`] run accept loops (any number, on their own threads) until
+/// [`Server::close`], which also shuts down every connection they accepted.
 pub struct Server {
     backend: Arc<dyn Backend>,
     export: String,
+    /// TLS, required when set.
+    tls: Option<Tls>,
+    /// Connections in transmission, bounded.
+    slots: Slots,
     next_id: AtomicU64,
     closed: AtomicBool,
     /// Addresses of the running accept loops, so that `close` can wake them.
@@ -88,20 +103,14 @@ impl Drop for ListenerEntry<'_> {
     }
 }
 
-/// How a handshake ended.
-enum Handshake {
-    /// Go on to transmission.
-    Transmission,
-    /// The client left (abort, disconnect) or was sent away.
-    Closed,
-}
-
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
             .field("export", &self.export)
             .field("size", &self.backend.size())
             .field("read_only", &self.backend.read_only())
+            .field("tls", &self.tls.is_some())
+            .field("max_connections", &self.slots.max())
             .field("closed", &self.is_closed())
             .field("connections", &self.connections())
             .finish()
@@ -109,16 +118,38 @@ impl fmt::Debug for Server {
 }
 
 impl Server {
-    /// A server for `backend`, exported as `export` (the empty name reaches it too).
+    /// A server for `backend`, exported as `export` (the empty name reaches it too), without
+    /// TLS, at most [`DEFAULT_MAX_CONNECTIONS`] connections in transmission.
     pub fn new(backend: Arc<dyn Backend>, export: impl Into<String>) -> Server {
         Server {
             backend,
             export: export.into(),
+            tls: None,
+            slots: Slots::new(DEFAULT_MAX_CONNECTIONS),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             listeners: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Requires TLS (`NBD_OPT_STARTTLS`) of every client: before it, every option but
+    /// `STARTTLS` and `ABORT` is answered `NBD_REP_ERR_TLS_REQD` with a message, and
+    /// `NBD_OPT_EXPORT_NAME` (which has no error reply) closes the connection; a client that
+    /// does not speak fixed newstyle cannot start TLS and is closed at once. Whose certificate
+    /// is accepted is up to `tls.config` (see [`Tls`]). Call before serving.
+    pub fn with_tls(mut self, tls: Tls) -> Server {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// At most `max` connections of the export in transmission at once (0 refuses every
+    /// client). Over the limit, `NBD_OPT_GO` is answered `NBD_REP_ERR_POLICY` with a message
+    /// (and the client may try again); `NBD_OPT_EXPORT_NAME`, which has no error reply, closes
+    /// the connection. Connections still negotiating are not counted. Call before serving.
+    pub fn with_max_connections(mut self, max: usize) -> Server {
+        self.slots = Slots::new(max);
+        self
     }
 
     /// The export's name.
@@ -307,27 +338,14 @@ impl Server {
         &self,
         conn: u64,
         reader: R,
-        mut writer: W,
+        writer: W,
         shut_down: &(dyn Fn() + Sync),
         peer: &str,
     ) {
         let span = tracing::info_span!("nbd", conn, peer);
         let _enter = span.enter();
         tracing::info!("client connected");
-        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-        let result = self
-            .handshake(&mut reader, &mut writer)
-            .and_then(|h| match h {
-                Handshake::Transmission => transmission::run(
-                    self.backend.as_ref(),
-                    &self.export,
-                    &mut reader,
-                    writer,
-                    shut_down,
-                ),
-                Handshake::Closed => Ok(()),
-            });
-        match result {
+        match self.converse(reader, writer, shut_down) {
             Ok(()) => tracing::info!("client disconnected"),
             Err(_) if self.is_closed() => tracing::info!("connection shut down: server closed"),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -337,136 +355,156 @@ impl Server {
         }
     }
 
-    fn handshake<R: Read, W: Write>(&self, r: &mut R, w: &mut W) -> io::Result<Handshake> {
+    fn export_view(&self) -> Export<'_> {
+        Export {
+            backend: self.backend.as_ref(),
+            name: &self.export,
+            tls: self.tls.is_some(),
+            slots: &self.slots,
+        }
+    }
+
+    /// The whole conversation: greeting, options, TLS when the client starts it, transmission.
+    fn converse<R: Read, W: Write + Send>(
+        &self,
+        reader: R,
+        mut writer: W,
+        shut_down: &(dyn Fn() + Sync),
+    ) -> io::Result<()> {
+        let mut r = BufReader::with_capacity(READ_BUFFER, reader);
+        let Some(mut negotiation) = self.greet(&mut r, &mut writer)? else {
+            return Ok(());
+        };
+        match negotiate(&mut negotiation, &mut r, &mut writer)? {
+            Next::Option | Next::Close => Ok(()),
+            Next::Transmission(session) => self.transmit(&session, &mut r, writer, shut_down),
+            Next::StartTls => self.converse_over_tls(negotiation, r, writer, shut_down),
+        }
+    }
+
+    /// After the ACK to `STARTTLS`: the TLS handshake, then the rest of the conversation over
+    /// TLS, negotiation started over.
+    fn converse_over_tls<R: Read, W: Write + Send>(
+        &self,
+        mut negotiation: Negotiation<'_>,
+        r: BufReader<R>,
+        writer: W,
+        shut_down: &(dyn Fn() + Sync),
+    ) -> io::Result<()> {
+        let Some(config) = &self.tls else {
+            return Ok(());
+        };
+        if !r.buffer().is_empty() {
+            tracing::warn!("the client sent data before the TLS handshake; closing");
+            return Ok(());
+        }
+        let (tls_reader, mut w) = tls::accept(config, r.into_inner(), writer)?;
+        tracing::info!("TLS established");
+        let closer = w.closer();
+        let mut r = BufReader::with_capacity(READ_BUFFER, tls_reader);
+        negotiation.secured();
+        let result = match negotiate(&mut negotiation, &mut r, &mut w)? {
+            Next::Transmission(session) => self.transmit(&session, &mut r, w, shut_down),
+            Next::Option | Next::Close | Next::StartTls => Ok(()),
+        };
+        // A clean end (DISC, ABORT) closes the TLS session first; a client that already closed
+        // the socket does not need to hear it.
+        if result.is_ok()
+            && let Err(e) = closer.close()
+        {
+            tracing::debug!(error = %e, "close_notify not sent");
+        }
+        result
+    }
+
+    fn transmit<R: Read, W: Write + Send>(
+        &self,
+        session: &Session<'_>,
+        r: &mut BufReader<R>,
+        writer: W,
+        shut_down: &(dyn Fn() + Sync),
+    ) -> io::Result<()> {
+        transmission::run(
+            self.backend.as_ref(),
+            &self.export,
+            session,
+            r,
+            writer,
+            shut_down,
+        )
+    }
+
+    /// Greets the client and reads its flags; `None` when it is to be sent away.
+    fn greet<R: Read, W: Write>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+    ) -> io::Result<Option<Negotiation<'_>>> {
         w.write_all(&proto::greeting())?;
+        w.flush()?;
         let mut cf = [0u8; 4];
         r.read_exact(&mut cf)?;
         let client_flags = u32::from_be_bytes(cf);
         let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
         if client_flags & !known != 0 {
             tracing::warn!(client_flags, "unknown client flags; closing");
-            return Ok(Handshake::Closed);
+            return Ok(None);
+        }
+        if self.tls.is_some() && client_flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
+            // TLS needs fixed newstyle; such a client has no way to be told.
+            tracing::warn!(
+                "a client without fixed newstyle cannot start TLS, which is required; closing"
+            );
+            return Ok(None);
         }
         let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
-        let size = self.backend.size();
-        let flags = proto::transmission_flags(self.backend.read_only());
-        loop {
-            let mut hb = [0u8; proto::OPTION_HEADER_LEN];
-            r.read_exact(&mut hb)?;
-            let Some(opt) = proto::parse_option_header(&hb) else {
-                tracing::warn!("bad option magic; closing");
-                return Ok(Handshake::Closed);
-            };
-            if opt.len > MAX_OPTION_DATA {
-                if opt.len > MAX_OPTION_DRAIN || opt.option == proto::OPT_EXPORT_NAME {
-                    tracing::warn!(
-                        option = opt.option,
-                        len = opt.len,
-                        "option too long; closing"
-                    );
-                    return Ok(Handshake::Closed);
-                }
-                drain(r, u64::from(opt.len))?;
-                let msg = format!("option data of {} bytes is too long", opt.len);
-                w.write_all(&proto::option_reply(
-                    opt.option,
-                    proto::REP_ERR_TOO_BIG,
-                    msg.as_bytes(),
-                ))?;
-                continue;
-            }
-            let mut data = vec![0u8; opt.len as usize];
-            r.read_exact(&mut data)?;
-            match opt.option {
-                proto::OPT_EXPORT_NAME => {
-                    let name = String::from_utf8_lossy(&data);
-                    if !self.is_export(&name) {
-                        tracing::warn!(export = %name, "unknown export asked with EXPORT_NAME; closing");
-                        return Ok(Handshake::Closed);
-                    }
-                    w.write_all(&proto::export_name_reply(size, flags, no_zeroes))?;
-                    tracing::info!(export = %self.export, size, "transmission (EXPORT_NAME)");
-                    return Ok(Handshake::Transmission);
-                }
-                proto::OPT_ABORT => {
-                    w.write_all(&proto::option_reply(opt.option, proto::REP_ACK, &[]))?;
-                    return Ok(Handshake::Closed);
-                }
-                proto::OPT_LIST => {
-                    if !data.is_empty() {
-                        let msg = b"NBD_OPT_LIST takes no data";
-                        w.write_all(&proto::option_reply(
-                            opt.option,
-                            proto::REP_ERR_INVALID,
-                            msg,
-                        ))?;
-                        continue;
-                    }
-                    let mut out = proto::option_reply(
-                        opt.option,
-                        proto::REP_SERVER,
-                        &proto::rep_server(&self.export),
-                    );
-                    out.extend(proto::option_reply(opt.option, proto::REP_ACK, &[]));
-                    w.write_all(&out)?;
-                }
-                proto::OPT_INFO | proto::OPT_GO => {
-                    let req = match proto::parse_info_request(&data) {
-                        Ok(req) => req,
-                        Err(why) => {
-                            w.write_all(&proto::option_reply(
-                                opt.option,
-                                proto::REP_ERR_INVALID,
-                                why.as_bytes(),
-                            ))?;
-                            continue;
-                        }
-                    };
-                    if !self.is_export(&req.name) {
-                        let msg = format!(
-                            "no export named {:?} (this server exports {:?})",
-                            req.name, self.export
-                        );
-                        w.write_all(&proto::option_reply(
-                            opt.option,
-                            proto::REP_ERR_UNKNOWN,
-                            msg.as_bytes(),
-                        ))?;
-                        continue;
-                    }
-                    let mut out = proto::option_reply(
-                        opt.option,
-                        proto::REP_INFO,
-                        &proto::info_export(size, flags),
-                    );
-                    out.extend(proto::option_reply(
-                        opt.option,
-                        proto::REP_INFO,
-                        &proto::info_block_size(),
-                    ));
-                    if req.requests.contains(&proto::INFO_NAME) {
-                        out.extend(proto::option_reply(
-                            opt.option,
-                            proto::REP_INFO,
-                            &proto::info_name(&self.export),
-                        ));
-                    }
-                    out.extend(proto::option_reply(opt.option, proto::REP_ACK, &[]));
-                    w.write_all(&out)?;
-                    if opt.option == proto::OPT_GO {
-                        tracing::info!(export = %self.export, size, "transmission (GO)");
-                        return Ok(Handshake::Transmission);
-                    }
-                }
-                other => {
-                    w.write_all(&proto::option_reply(other, proto::REP_ERR_UNSUP, &[]))?;
-                }
-            }
-        }
+        Ok(Some(Negotiation::new(self.export_view(), no_zeroes)))
     }
+}
 
-    fn is_export(&self, name: &str) -> bool {
-        name.is_empty() || name == self.export
+/// Reads options and sends their replies until one ends the negotiation.
+fn negotiate<'a, R: Read, W: Write>(
+    negotiation: &mut Negotiation<'a>,
+    r: &mut R,
+    w: &mut W,
+) -> io::Result<Next<'a>> {
+    loop {
+        let mut hb = [0u8; proto::OPTION_HEADER_LEN];
+        r.read_exact(&mut hb)?;
+        let Some(opt) = proto::parse_option_header(&hb) else {
+            tracing::warn!("bad option magic; closing");
+            return Ok(Next::Close);
+        };
+        if opt.len > MAX_OPTION_DATA {
+            if opt.len > MAX_OPTION_DRAIN || opt.option == proto::OPT_EXPORT_NAME {
+                tracing::warn!(
+                    option = opt.option,
+                    len = opt.len,
+                    "option too long; closing"
+                );
+                return Ok(Next::Close);
+            }
+            drain(r, u64::from(opt.len))?;
+            let msg = format!("option data of {} bytes is too long", opt.len);
+            w.write_all(&proto::option_reply(
+                opt.option,
+                proto::REP_ERR_TOO_BIG,
+                msg.as_bytes(),
+            ))?;
+            w.flush()?;
+            continue;
+        }
+        let mut data = vec![0u8; opt.len as usize];
+        r.read_exact(&mut data)?;
+        let step = negotiation.option(opt.option, &data);
+        if !step.reply.is_empty() {
+            w.write_all(&step.reply)?;
+            w.flush()?;
+        }
+        match step.next {
+            Next::Option => {}
+            next => return Ok(next),
+        }
     }
 }
 

@@ -5,26 +5,47 @@
 //!
 //! The connection's thread is the *reader*: it reads each request header, and a write's payload
 //! straight into the buffer the backend will get. A *quick* request — a WRITE of at most
-//! [`QUICK_BYTES`], a TRIM or WRITE_ZEROES, all without FUA — the reader runs itself, as the
-//! next ones are being sent: handing it to another thread would cost a wake-up, which on two
-//! cores costs more than a small write to the page cache. Its reply is held back while the next
+//! [`QUICK_BYTES`], a TRIM or WRITE_ZEROES, all without FUA, a CACHE, a request refused at
+//! once — the reader runs itself, as the next ones are being sent: handing it to another
+//! thread would cost a wake-up, which on two cores costs more than a small write to the page
+//! cache. Its reply is held back while the next
 //! request is already buffered (at most [`REPLY_BATCH`] replies); the replies held are sent in
 //! one write before the reader reads from the socket again or queues a request.
 //!
-//! A request that *may block* — a READ (which may wait for the disk), a FLUSH, a change with
-//! FUA, a WRITE of more than [`QUICK_BYTES`] — is queued for the worker threads (at most
-//! [`WORKERS`], started as needed): each takes one request at a time, in the order received,
-//! runs it on the backend and sends its reply at once (a read's header and data in one write).
+//! A request that *may block* — a READ (which may wait for the disk), a FLUSH, a
+//! BLOCK_STATUS, a change with FUA, a WRITE of more than [`QUICK_BYTES`] — is queued for the
+//! worker threads (at most [`WORKERS`], started as needed): each takes one request at a time,
+//! in the order received, runs it on the backend and sends its reply at once (a read's headers
+//! and data in one write).
 //! Meanwhile the reader reads on. Every reply is written under a lock on the socket's write
 //! half; NBD lets a server answer in any order, and the client matches replies to requests by
 //! their handle.
+//!
+//! # Replies and requests
+//!
+//! Requests are compact, or extended (32 bytes, 64-bit lengths) once the client negotiated
+//! extended headers; replies are framed as negotiated (see `reply`). A READ with structured
+//! or extended replies asks the backend's `allocation` for its range and sends the zero
+//! extents as holes without reading them; BLOCK_STATUS answers each selected metadata context
+//! (see `meta`).
+//!
+//! A request the server will not run is answered with an error, never by dropping the
+//! connection: an unknown command or flag, a zero-length READ or BLOCK_STATUS, a BLOCK_STATUS
+//! with no context selected: `EINVAL`; a READ or WRITE longer than [`proto::MAX_BLOCK`]:
+//! `EOVERFLOW` (a compact WRITE's payload, at most 4 GiB, is read and dropped in bounded
+//! chunks first); a change to a read-only export: `EPERM`. The connection is broken only where
+//! nothing else is possible: a request with a bad magic (the stream cannot be followed), and
+//! with extended headers a payload longer than [`proto::MAX_BLOCK`] (64-bit: it cannot be
+//! drained; the protocol says the server SHOULD disconnect). An extended WRITE's length is its
+//! payload's whether or not it carries `NBD_CMD_FLAG_PAYLOAD_LEN` (qemu leaves the flag out).
 //!
 //! # Bounds
 //!
 //! At most [`MAX_IN_FLIGHT`] queued requests are in flight per connection (read, not yet run to
 //! the end), holding at most [`MAX_IN_FLIGHT_BYTES`] bytes of payload (write payloads, read
-//! buffers). When either is reached the reader stops reading until one finishes, so a client
-//! that sends faster than the backend keeps up is held back by the socket. Buffers are reused:
+//! buffers, block-status replies). When either is reached the reader stops reading until one
+//! finishes, so a client that sends faster than the backend keeps up is held back by the
+//! socket. Buffers are reused:
 //! up to [`KEPT_BUFFER_BYTES`] of them stay with the connection between requests.
 //!
 //! # Ordering
@@ -53,13 +74,16 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::{self, Scope};
 
 use crate::backend::{Backend, Error};
+use crate::handshake::Session;
+use crate::meta::{self, Context};
 use crate::proto::{self, Request};
+use crate::reply::{Fill, Framing, Piece};
 
 /// Most queued requests of one connection in flight at once (read, not yet run to the end):
 /// qemu's NBD client sends up to 16.
 pub const MAX_IN_FLIGHT: usize = 16;
-/// Most payload bytes held by one connection's queued requests (write payloads, read buffers).
-/// At least one request of [`proto::MAX_BLOCK`] bytes fits.
+/// Most payload bytes held by one connection's queued requests (write payloads, read buffers,
+/// block-status replies). At least one request of [`proto::MAX_BLOCK`] bytes fits.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// Most worker threads of one connection running requests on the backend at once.
 pub const WORKERS: usize = 4;
@@ -69,20 +93,100 @@ pub const KEPT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 pub const QUICK_BYTES: u32 = 64 * 1024;
 /// Most replies to quick requests the reader holds back to send them in one write.
 pub const REPLY_BATCH: usize = 4;
-/// Size of a reply header.
-const REPLY_LEN: usize = 16;
+/// Bytes a READ's reply buffer holds beyond its data: the headers of its chunks, at most
+/// [`meta::MAX_READ_CHUNKS`] of the largest (extended) framing.
+const READ_OVERHEAD: usize = Framing::Extended.read_overhead(meta::MAX_READ_CHUNKS);
+/// Bytes a BLOCK_STATUS reply may take per context (extended descriptors are 16 bytes).
+const STATUS_BYTES: u64 = meta::MAX_EXTENTS as u64 * 16 + 64;
 
-const _: () = assert!(MAX_IN_FLIGHT_BYTES >= proto::MAX_BLOCK as u64 + REPLY_LEN as u64);
+const _: () = assert!(MAX_IN_FLIGHT_BYTES >= proto::MAX_BLOCK as u64 + READ_OVERHEAD as u64);
+const _: () = assert!(MAX_IN_FLIGHT_BYTES >= STATUS_BYTES * meta::MAX_CONTEXTS as u64);
 
-/// Whether a request may keep the thread that runs it long; those are run by workers.
+/// What to do with a request before running it.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Run it (a WRITE's payload is read first).
+    Run,
+    /// Answer it with an error without running it, once `drain` payload bytes are read and
+    /// dropped.
+    Refuse { errno: u32, why: String, drain: u64 },
+    /// Break the connection: a payload too long to drain.
+    Break(String),
+}
+
+/// Screens a request by its header alone: its payload, its length, its command.
+fn admit(req: &Request, framing: Framing) -> Admit {
+    let extended = framing == Framing::Extended;
+    // A WRITE's length is its payload's, with or without NBD_CMD_FLAG_PAYLOAD_LEN: the
+    // extension says an extended WRITE MUST carry the flag, but qemu (10.0) leaves it out, as
+    // its own server allows. Any other command has a payload only with the flag.
+    let payload = match req.command {
+        proto::CMD_WRITE => req.len,
+        _ if extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 => req.len,
+        _ => 0,
+    };
+    let max = u64::from(proto::MAX_BLOCK);
+    if payload > max {
+        if extended {
+            return Admit::Break(format!(
+                "a payload of {payload} bytes is longer than the maximum {max}"
+            ));
+        }
+        return Admit::Refuse {
+            errno: proto::EOVERFLOW,
+            why: format!("write of {payload} bytes is longer than the maximum {max}"),
+            drain: payload,
+        };
+    }
+    let refuse = |errno, why: String| Admit::Refuse {
+        errno,
+        why,
+        drain: payload,
+    };
+    match req.command {
+        proto::CMD_WRITE => Admit::Run,
+        command if payload > 0 => {
+            refuse(proto::EINVAL, format!("command {command} takes no payload"))
+        }
+        proto::CMD_READ if req.len > max => refuse(
+            proto::EOVERFLOW,
+            format!("read of {} bytes is longer than the maximum {max}", req.len),
+        ),
+        proto::CMD_READ | proto::CMD_BLOCK_STATUS if req.len == 0 => {
+            refuse(proto::EINVAL, format!("command {} of 0 bytes", req.command))
+        }
+        proto::CMD_READ
+        | proto::CMD_FLUSH
+        | proto::CMD_TRIM
+        | proto::CMD_CACHE
+        | proto::CMD_WRITE_ZEROES
+        | proto::CMD_BLOCK_STATUS => Admit::Run,
+        other => refuse(proto::EINVAL, format!("unknown command {other}")),
+    }
+}
+
+/// The command flags a request may carry. FUA is valid on every command (the protocol says so;
+/// clients send it on reads), and ignored where nothing is written.
+fn allowed_flags(command: u16, framing: Framing) -> u16 {
+    let fua = proto::CMD_FLAG_FUA;
+    match command {
+        proto::CMD_READ if framing.chunks() => fua | proto::CMD_FLAG_DF,
+        proto::CMD_WRITE if framing == Framing::Extended => fua | proto::CMD_FLAG_PAYLOAD_LEN,
+        proto::CMD_WRITE_ZEROES => fua | proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+        proto::CMD_BLOCK_STATUS => fua | proto::CMD_FLAG_REQ_ONE,
+        _ => fua,
+    }
+}
+
+/// Whether an admitted request may keep the thread that runs it long; those are run by
+/// workers.
 fn may_block(req: &Request) -> bool {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     match req.command {
-        proto::CMD_READ => req.len <= proto::MAX_BLOCK,
-        proto::CMD_FLUSH => true,
-        proto::CMD_WRITE => req.len <= proto::MAX_BLOCK && (fua || req.len > QUICK_BYTES),
+        proto::CMD_READ | proto::CMD_FLUSH | proto::CMD_BLOCK_STATUS => true,
+        proto::CMD_WRITE => fua || req.len > u64::from(QUICK_BYTES),
         proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => fua,
-        // Refused at once.
+        // CACHE does nothing.
         _ => false,
     }
 }
@@ -100,22 +204,29 @@ struct Job {
 }
 
 enum Work {
-    /// The buffer the reply is built in: header, then `req.len` bytes of data.
+    /// The buffer the reply is built in: headers and `req.len` bytes of data.
     Read(Vec<u8>),
     /// The payload, `req.len` bytes at the start of the buffer.
     Write(Vec<u8>),
     Flush,
     Trim,
     WriteZeroes,
+    BlockStatus,
 }
 
 impl Job {
     fn into_buffer(self) -> Option<Vec<u8>> {
         match self.work {
             Work::Read(b) | Work::Write(b) => Some(b),
-            Work::Flush | Work::Trim | Work::WriteZeroes => None,
+            Work::Flush | Work::Trim | Work::WriteZeroes | Work::BlockStatus => None,
         }
     }
+}
+
+/// Replies to quick requests held back by the reader, to be sent in one write.
+struct Held {
+    bytes: Vec<u8>,
+    count: usize,
 }
 
 /// Where a connection is in its life.
@@ -266,6 +377,9 @@ impl InFlight {
 struct Connection<'a, W> {
     backend: &'a dyn Backend,
     export: &'a str,
+    framing: Framing,
+    /// The selected metadata contexts; a context's id is its index.
+    contexts: &'a [Context],
     state: Mutex<InFlight>,
     /// Idle workers wait here for a permit.
     work: Condvar,
@@ -284,6 +398,7 @@ struct Connection<'a, W> {
 pub(crate) fn run<R: Read, W: Write + Send>(
     backend: &dyn Backend,
     export: &str,
+    session: &Session<'_>,
     reader: &mut BufReader<R>,
     writer: W,
     on_break: &(dyn Fn() + Sync),
@@ -291,6 +406,8 @@ pub(crate) fn run<R: Read, W: Write + Send>(
     let conn = Connection {
         backend,
         export,
+        framing: session.framing,
+        contexts: &session.contexts,
         state: Mutex::new(InFlight::new()),
         work: Condvar::new(),
         progress: Condvar::new(),
@@ -321,29 +438,40 @@ impl<'a, W: Write + Send> Connection<'a, W> {
         r: &mut BufReader<R>,
     ) -> io::Result<()> {
         // Replies to quick requests held back, and the payload buffer of quick writes.
-        let mut held = Vec::with_capacity(REPLY_BATCH * REPLY_LEN);
+        let mut held = Held {
+            bytes: Vec::with_capacity(REPLY_BATCH * proto::EXTENDED_REPLY_LEN),
+            count: 0,
+        };
         let mut payload = Vec::new();
+        let header_len = self.framing.request_len();
         loop {
             // Before the socket is read (which may wait for the client), or when enough are
             // held, the replies held go out.
-            if r.buffer().len() < proto::REQUEST_LEN || held.len() >= REPLY_BATCH * REPLY_LEN {
+            if r.buffer().len() < header_len || held.count >= REPLY_BATCH {
                 self.send_held(&mut held)?;
             }
-            let mut hb = [0u8; proto::REQUEST_LEN];
-            match r.read_exact(&mut hb) {
-                Ok(()) => {}
+            let Some(req) = self.read_request(r)? else {
                 // A client that closes between requests just leaves.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let Some(req) = proto::parse_request(&hb) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "bad request magic",
-                ));
+                return self.send_held(&mut held);
             };
             if req.command == proto::CMD_DISC {
                 return self.send_held(&mut held);
+            }
+            match admit(&req, self.framing) {
+                Admit::Run => {}
+                Admit::Refuse { errno, why, drain } => {
+                    if drain > 0 {
+                        // Never hold an unbounded payload: drain it in bounded chunks.
+                        self.send_held(&mut held)?;
+                        crate::server::drain(r, drain)?;
+                    }
+                    self.refuse(req, Error::refused(errno, why), &mut held);
+                    continue;
+                }
+                Admit::Break(why) => {
+                    tracing::warn!(command = req.command, len = req.len, "{why}; disconnecting");
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                }
             }
             if may_block(&req) {
                 // Queueing may wait for room, and a large payload is read from the socket.
@@ -355,28 +483,42 @@ impl<'a, W: Write + Send> Connection<'a, W> {
         }
     }
 
-    /// Runs a quick request (or refuses one at once) on the reader's thread, holding its reply.
+    /// Reads the next request header; `None` when the client closed the connection before one.
+    fn read_request<R: Read>(&self, r: &mut BufReader<R>) -> io::Result<Option<Request>> {
+        let mut hb = [0u8; proto::EXTENDED_REQUEST_LEN];
+        let hb = &mut hb[..self.framing.request_len()];
+        match r.read_exact(hb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let hb: &[u8] = hb;
+        let req = match self.framing {
+            Framing::Extended => hb.try_into().ok().and_then(proto::parse_extended_request),
+            Framing::Simple | Framing::Structured => {
+                hb.try_into().ok().and_then(proto::parse_request)
+            }
+        };
+        match req {
+            Some(req) => Ok(Some(req)),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad request magic",
+            )),
+        }
+    }
+
+    /// Runs a quick request on the reader's thread, holding its reply.
     fn run_quick<R: Read>(
         &self,
         r: &mut BufReader<R>,
         req: Request,
         payload: &mut Vec<u8>,
-        held: &mut Vec<u8>,
+        held: &mut Held,
     ) -> io::Result<()> {
-        let len = u64::from(req.len);
+        let len = req.len;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let result = match req.command {
-            proto::CMD_WRITE if req.len > proto::MAX_BLOCK => {
-                // Never hold an unbounded payload: drain it in bounded chunks.
-                crate::server::drain(r, len)?;
-                self.refuse(req, "write larger than the maximum", held);
-                return Ok(());
-            }
-            // Only a read larger than the maximum is not queued.
-            proto::CMD_READ => {
-                self.refuse(req, "read larger than the maximum", held);
-                return Ok(());
-            }
             proto::CMD_WRITE => {
                 let n = req.len as usize;
                 if payload.len() < n {
@@ -386,37 +528,45 @@ impl<'a, W: Write + Send> Connection<'a, W> {
                     self.send_held(held)?;
                 }
                 r.read_exact(&mut payload[..n])?;
-                self.check_change(&req, proto::CMD_FLAG_FUA)
+                self.check_change(&req)
                     .and_then(|()| self.backend.write(req.offset, &payload[..n], fua))
             }
             proto::CMD_TRIM => self
-                .check_change(&req, proto::CMD_FLAG_FUA)
+                .check_change(&req)
                 .and_then(|()| self.backend.trim(req.offset, len, fua)),
-            proto::CMD_WRITE_ZEROES => {
-                let allowed = proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE;
-                self.check_change(&req, allowed).and_then(|()| {
-                    let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                    self.backend.write_zeroes(req.offset, len, may_punch, fua)
-                })
-            }
-            _ => {
-                self.refuse(req, "unsupported command", held);
-                return Ok(());
-            }
+            proto::CMD_WRITE_ZEROES => self.write_zeroes(&req),
+            // CACHE, a hint: checked, and answered at once.
+            _ => self
+                .check_flags(&req)
+                .and_then(|()| self.backend.check_range(req.offset, len)),
         };
-        held.extend_from_slice(&proto::simple_reply(errno(&req, result), req.handle));
+        self.framing
+            .done(&mut held.bytes, &req, logged(&req, result).as_ref().err());
+        held.count += 1;
         Ok(())
     }
 
-    /// Refuses a request the server does not run at all with `EINVAL`.
-    fn refuse(&self, req: Request, why: &str, held: &mut Vec<u8>) {
+    fn write_zeroes(&self, req: &Request) -> Result<(), Error> {
+        self.check_change(req).and_then(|()| {
+            let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
+            let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
+            let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+            self.backend
+                .write_zeroes(req.offset, req.len, may_punch, fast, fua)
+        })
+    }
+
+    /// Refuses a request the server does not run at all.
+    fn refuse(&self, req: Request, e: Error, held: &mut Held) {
         tracing::warn!(
             command = req.command,
             offset = req.offset,
             len = req.len,
-            "{why}"
+            errno = e.errno(),
+            "{e}"
         );
-        held.extend_from_slice(&proto::simple_reply(proto::EINVAL, req.handle));
+        self.framing.error(&mut held.bytes, &req, &e, None);
+        held.count += 1;
     }
 
     /// Queues a request that may block for the workers, once there is room for it; a write's
@@ -427,11 +577,12 @@ impl<'a, W: Write + Send> Connection<'a, W> {
         r: &mut BufReader<R>,
         req: Request,
     ) -> io::Result<()> {
-        let len = u64::from(req.len);
+        let len = req.len;
         let (bytes, change) = match req.command {
-            proto::CMD_READ => (REPLY_LEN as u64 + len, false),
+            proto::CMD_READ => (READ_OVERHEAD as u64 + len, false),
             proto::CMD_WRITE => (len, true),
             proto::CMD_FLUSH => (0, false),
+            proto::CMD_BLOCK_STATUS => (STATUS_BYTES * self.contexts.len() as u64, false),
             _ => (0, true),
         };
         let mut st = self.lock();
@@ -450,10 +601,11 @@ impl<'a, W: Write + Send> Connection<'a, W> {
         }
         let seq = st.admit(bytes, change);
         let work = match req.command {
-            proto::CMD_READ => Work::Read(st.buffer(REPLY_LEN + req.len as usize)),
+            proto::CMD_READ => Work::Read(st.buffer(READ_OVERHEAD + req.len as usize)),
             proto::CMD_WRITE => Work::Write(st.buffer(req.len as usize)),
             proto::CMD_FLUSH => Work::Flush,
             proto::CMD_TRIM => Work::Trim,
+            proto::CMD_BLOCK_STATUS => Work::BlockStatus,
             _ => Work::WriteZeroes,
         };
         drop(st);
@@ -574,12 +726,11 @@ impl<'a, W: Write + Send> Connection<'a, W> {
     /// Runs a queued request and sends its reply.
     fn serve(&self, mut job: Job) -> io::Result<()> {
         let req = job.req;
-        let len = u64::from(req.len);
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let sent = match &mut job.work {
             Work::Read(buf) => self.read(&req, buf),
             Work::Write(buf) => {
-                let result = self.check_change(&req, proto::CMD_FLAG_FUA).and_then(|()| {
+                let result = self.check_change(&req).and_then(|()| {
                     self.backend
                         .write(req.offset, &buf[..req.len as usize], fua)
                 });
@@ -587,7 +738,7 @@ impl<'a, W: Write + Send> Connection<'a, W> {
             }
             Work::Flush => {
                 if self.wait_for_changes_before(job.seq) {
-                    let result = self.backend.flush();
+                    let result = self.check_flags(&req).and_then(|()| self.backend.flush());
                     self.reply(&req, result)
                 } else {
                     Ok(())
@@ -595,18 +746,15 @@ impl<'a, W: Write + Send> Connection<'a, W> {
             }
             Work::Trim => {
                 let result = self
-                    .check_change(&req, proto::CMD_FLAG_FUA)
-                    .and_then(|()| self.backend.trim(req.offset, len, fua));
+                    .check_change(&req)
+                    .and_then(|()| self.backend.trim(req.offset, req.len, fua));
                 self.reply(&req, result)
             }
             Work::WriteZeroes => {
-                let allowed = proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE;
-                let result = self.check_change(&req, allowed).and_then(|()| {
-                    let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                    self.backend.write_zeroes(req.offset, len, may_punch, fua)
-                });
+                let result = self.write_zeroes(&req);
                 self.reply(&req, result)
             }
+            Work::BlockStatus => self.block_status(&req),
         };
         self.finish(job);
         sent
@@ -638,10 +786,22 @@ impl<'a, W: Write + Send> Connection<'a, W> {
         true
     }
 
+    fn check_flags(&self, req: &Request) -> Result<(), Error> {
+        let allowed = allowed_flags(req.command, self.framing);
+        if req.flags & !allowed != 0 {
+            return Err(Error::invalid(format!(
+                "command {} with unsupported flags {:#x}",
+                req.command,
+                req.flags & !allowed
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks a change (WRITE, TRIM, WRITE_ZEROES) before the backend sees it: its flags, that
     /// the export is writable, its range.
-    fn check_change(&self, req: &Request, allowed_flags: u16) -> Result<(), Error> {
-        check_flags(req, allowed_flags)?;
+    fn check_change(&self, req: &Request) -> Result<(), Error> {
+        self.check_flags(req)?;
         if self.backend.read_only() {
             return Err(Error::refused(
                 proto::EPERM,
@@ -651,37 +811,99 @@ impl<'a, W: Write + Send> Connection<'a, W> {
                 ),
             ));
         }
-        self.backend.check_range(req.offset, u64::from(req.len))
+        self.backend.check_range(req.offset, req.len)
     }
 
-    /// Reads into `buf` after the reply header and sends both in one write.
-    fn read(&self, req: &Request, buf: &mut [u8]) -> io::Result<()> {
-        let len = u64::from(req.len);
-        let end = REPLY_LEN + req.len as usize;
-        let result = check_flags(req, 0)
-            .and_then(|()| self.backend.check_range(req.offset, len))
-            .and_then(|()| self.backend.read(req.offset, &mut buf[REPLY_LEN..end]));
-        match result {
-            Ok(()) => {
-                buf[..REPLY_LEN].copy_from_slice(&proto::simple_reply(0, req.handle));
-                self.send(&buf[..end])
+    /// Answers a READ: the pieces of its range (with chunks, the zero extents as holes, not
+    /// read) laid out in `buf` with their headers, the data read into place, all sent in one
+    /// write. Nothing is sent before every read returned, so a failure is one error reply.
+    fn read(&self, req: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
+        let checked = self
+            .check_flags(req)
+            .and_then(|()| self.backend.check_range(req.offset, req.len));
+        if let Err(e) = checked {
+            return self.reply(req, Err(e));
+        }
+        let whole = [Piece::Data {
+            offset: req.offset,
+            len: req.len,
+        }];
+        let plan;
+        let pieces: &[Piece] = if self.framing.chunks() {
+            plan = meta::plan_read(self.backend, req.offset, req.len);
+            &plan
+        } else {
+            &whole
+        };
+        let df = req.flags & proto::CMD_FLAG_DF != 0;
+        let (total, fills) = self.framing.layout_read(req, pieces, df, buf);
+        for fill in fills {
+            match fill {
+                Fill::Zero { at, len } => buf[at..at + len].fill(0),
+                Fill::Read { at, offset, len } => {
+                    if let Err(e) = self.backend.read(offset, &mut buf[at..at + len]) {
+                        let e = log_failure(req, e);
+                        let mut out = Vec::new();
+                        self.framing.error(&mut out, req, &e, Some(offset));
+                        return self.send(&out);
+                    }
+                }
             }
-            Err(e) => self.reply(req, Err(e)),
+        }
+        self.send(&buf[..total])
+    }
+
+    /// Answers a BLOCK_STATUS: one status chunk per selected context.
+    fn block_status(&self, req: &Request) -> io::Result<()> {
+        let mut out = Vec::new();
+        let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let result = self
+            .check_flags(req)
+            .and_then(|()| {
+                if self.contexts.is_empty() {
+                    return Err(Error::invalid(
+                        "BLOCK_STATUS without a metadata context selected \
+                         (NBD_OPT_SET_META_CONTEXT)",
+                    ));
+                }
+                self.backend.check_range(req.offset, req.len)
+            })
+            .and_then(|()| {
+                for (id, context) in self.contexts.iter().enumerate() {
+                    let extents =
+                        meta::status(self.backend, context, req.offset, req.len, req_one)?;
+                    let last = id + 1 == self.contexts.len();
+                    self.framing
+                        .block_status(&mut out, req, id as u32, &extents, last);
+                }
+                Ok(())
+            });
+        match logged(req, result) {
+            Ok(()) => self.send(&out),
+            Err(e) => {
+                out.clear();
+                self.framing.error(&mut out, req, &e, None);
+                self.send(&out)
+            }
         }
     }
 
-    /// Sends a reply without data.
+    /// Sends the reply of a request answered without data.
     fn reply(&self, req: &Request, result: Result<(), Error>) -> io::Result<()> {
-        self.send(&proto::simple_reply(errno(req, result), req.handle))
+        let mut out = Vec::with_capacity(self.framing.header_len());
+        self.framing
+            .done(&mut out, req, logged(req, result).as_ref().err());
+        self.send(&out)
     }
 
     /// Sends the replies held back, in one write.
-    fn send_held(&self, held: &mut Vec<u8>) -> io::Result<()> {
-        if held.is_empty() {
+    fn send_held(&self, held: &mut Held) -> io::Result<()> {
+        if held.count == 0 {
             return Ok(());
         }
-        let sent = self.send(held);
-        held.clear();
+        let sent = self.send(&held.bytes);
+        held.bytes.clear();
+        held.count = 0;
         sent
     }
 
@@ -709,37 +931,26 @@ fn wait<'m>(cv: &Condvar, guard: MutexGuard<'m, InFlight>) -> MutexGuard<'m, InF
     cv.wait(guard).unwrap_or_else(|e| e.into_inner())
 }
 
-/// The errno a reply carries, logging a failure: a client's fault at debug, the backend's at
-/// error.
-fn errno(req: &Request, result: Result<(), Error>) -> u32 {
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            if e.is_client_fault() {
-                tracing::debug!(command = req.command, errno = e.errno(), error = %e, "request refused")
-            } else {
-                tracing::error!(command = req.command, errno = e.errno(), error = %e, "request failed")
-            }
-            e.errno()
-        }
+/// Logs a failure: a client's fault at debug, the backend's at error.
+fn log_failure(req: &Request, e: Error) -> Error {
+    if e.is_client_fault() {
+        tracing::debug!(command = req.command, errno = e.errno(), error = %e, "request refused")
+    } else {
+        tracing::error!(command = req.command, errno = e.errno(), error = %e, "request failed")
     }
+    e
 }
 
-fn check_flags(req: &Request, allowed: u16) -> Result<(), Error> {
-    if req.flags & !allowed != 0 {
-        return Err(Error::invalid(format!(
-            "command {} with unsupported flags {:#x}",
-            req.command, req.flags
-        )));
-    }
-    Ok(())
+/// A request's result, its failure logged.
+fn logged(req: &Request, result: Result<(), Error>) -> Result<(), Error> {
+    result.map_err(|e| log_failure(req, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req(command: u16, flags: u16, len: u32) -> Request {
+    fn req(command: u16, flags: u16, len: u64) -> Request {
         Request {
             flags,
             command,
@@ -780,7 +991,7 @@ mod tests {
         let mut st = InFlight::new();
         let big = u64::from(proto::MAX_BLOCK);
         assert!(
-            st.has_room(big + REPLY_LEN as u64),
+            st.has_room(big + READ_OVERHEAD as u64),
             "one largest request fits"
         );
         let a = st.admit(big, true);
@@ -810,9 +1021,83 @@ mod tests {
     }
 
     #[test]
+    fn requests_the_server_cannot_run_are_refused_or_break_the_connection() {
+        let max = u64::from(proto::MAX_BLOCK);
+        let refused = |r: Request, f: Framing| match admit(&r, f) {
+            Admit::Refuse { errno, drain, .. } => Some((errno, drain)),
+            Admit::Run | Admit::Break(_) => None,
+        };
+        for f in [Framing::Simple, Framing::Structured, Framing::Extended] {
+            assert_eq!(admit(&req(proto::CMD_READ, 0, max), f), Admit::Run);
+            assert_eq!(
+                refused(req(proto::CMD_READ, 0, max + 1), f),
+                Some((proto::EOVERFLOW, 0))
+            );
+            assert_eq!(
+                refused(req(proto::CMD_READ, 0, 0), f),
+                Some((proto::EINVAL, 0))
+            );
+            assert_eq!(
+                refused(req(proto::CMD_BLOCK_STATUS, 0, 0), f),
+                Some((proto::EINVAL, 0))
+            );
+            assert_eq!(refused(req(99, 0, 4096), f), Some((proto::EINVAL, 0)));
+            // Effect lengths past the maximum payload are fine where there is no payload.
+            assert_eq!(admit(&req(proto::CMD_TRIM, 0, 1 << 40), f), Admit::Run);
+            assert_eq!(
+                admit(&req(proto::CMD_BLOCK_STATUS, 0, u64::from(u32::MAX)), f),
+                Admit::Run
+            );
+        }
+        // A compact WRITE's payload is drained; an extended one past the maximum cannot be.
+        let big = req(proto::CMD_WRITE, 0, max + 1);
+        assert_eq!(
+            refused(big, Framing::Simple),
+            Some((proto::EOVERFLOW, max + 1))
+        );
+        let payload = proto::CMD_FLAG_PAYLOAD_LEN;
+        let big = req(proto::CMD_WRITE, payload, 1 << 40);
+        assert!(matches!(admit(&big, Framing::Extended), Admit::Break(_)));
+        assert_eq!(
+            admit(&req(proto::CMD_WRITE, payload, 512), Framing::Extended),
+            Admit::Run
+        );
+        assert_eq!(
+            admit(&req(proto::CMD_WRITE, 0, 512), Framing::Extended),
+            Admit::Run
+        );
+        let big = req(proto::CMD_WRITE, 0, max + 1);
+        assert!(matches!(admit(&big, Framing::Extended), Admit::Break(_)));
+        // Another command with a payload: drained, then refused.
+        let flush = req(proto::CMD_FLUSH, payload, 512);
+        assert_eq!(
+            refused(flush, Framing::Extended),
+            Some((proto::EINVAL, 512))
+        );
+        // Flags: DF only with chunks, PAYLOAD_LEN only on an extended WRITE.
+        assert_eq!(
+            allowed_flags(proto::CMD_READ, Framing::Simple) & proto::CMD_FLAG_DF,
+            0
+        );
+        assert_ne!(
+            allowed_flags(proto::CMD_READ, Framing::Structured) & proto::CMD_FLAG_DF,
+            0
+        );
+        assert_eq!(
+            allowed_flags(proto::CMD_WRITE, Framing::Structured) & payload,
+            0
+        );
+        assert_ne!(
+            allowed_flags(proto::CMD_FLUSH, Framing::Simple) & proto::CMD_FLAG_FUA,
+            0
+        );
+    }
+
+    #[test]
     fn quick_requests_stay_on_the_reader_and_the_rest_get_workers() {
-        assert!(!may_block(&req(proto::CMD_WRITE, 0, QUICK_BYTES)));
-        assert!(may_block(&req(proto::CMD_WRITE, 0, QUICK_BYTES + 512)));
+        let quick = u64::from(QUICK_BYTES);
+        assert!(!may_block(&req(proto::CMD_WRITE, 0, quick)));
+        assert!(may_block(&req(proto::CMD_WRITE, 0, quick + 512)));
         assert!(may_block(&req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 512)));
         assert!(!may_block(&req(proto::CMD_TRIM, 0, 1 << 30)));
         assert!(may_block(&req(
@@ -822,10 +1107,8 @@ mod tests {
         )));
         assert!(may_block(&req(proto::CMD_READ, 0, 512)));
         assert!(may_block(&req(proto::CMD_FLUSH, 0, 0)));
-        // Refused at once, without a payload held.
-        assert!(!may_block(&req(proto::CMD_READ, 0, proto::MAX_BLOCK + 1)));
-        assert!(!may_block(&req(proto::CMD_WRITE, 0, proto::MAX_BLOCK + 1)));
-        assert!(!may_block(&req(99, 0, 0)));
+        assert!(may_block(&req(proto::CMD_BLOCK_STATUS, 0, 512)));
+        assert!(!may_block(&req(proto::CMD_CACHE, 0, 1 << 20)));
 
         // Each queued request gets a worker while there are fewer than WORKERS, or an idle one.
         let mut st = InFlight::new();

@@ -560,6 +560,51 @@ impl SiteCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Issues a certificate for an NBD client (a tool such as qemu or nbdcopy that reads a
+    /// Haven export over TLS): key generated here, `name` as its common name, valid for the
+    /// client validity of this CA. Returns `(certificate PEM, private key PEM)`.
+    pub fn issue_nbd_client_cert(&mut self, name: &str) -> Result<(String, String)> {
+        validate_machine_name(name)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.to_string());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, self.state.site_name.clone());
+        // qemu refuses to load a client certificate whose (critical) key usage lacks key
+        // encipherment, whatever the key type.
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let v = Validity::from_now(self.client_cert_validity);
+        params.not_before = to_odt(v.not_before);
+        params.not_after = to_odt(v.not_after);
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
+        let key = KeyPair::generate().map_err(crypto("generate the NBD client key"))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(crypto("sign the NBD client certificate"))?;
+        let mut state = self.state.clone();
+        state.issued.insert(
+            serial_hex,
+            IssuedRecord {
+                kind: "nbd-client".into(),
+                subject: name.to_string(),
+                names: name.to_string(),
+                not_after: unix(v.not_after),
+                issued_at: unix(SystemTime::now()),
+            },
+        );
+        self.commit(state)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// Creates a one-time enrollment token valid for `ttl`.
     pub fn create_token(&mut self, ttl: Duration) -> Result<EnrollToken> {
         let mut id = [0u8; 8];

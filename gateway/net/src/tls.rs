@@ -84,6 +84,32 @@ pub fn server_config(
     ca_pem: &str,
     crl_pems: &[String],
 ) -> Result<rustls::ServerConfig> {
+    let mut cfg = site_server_config(cert_pem, key_pem, ca_pem, crl_pems, false)?;
+    cfg.alpn_protocols = vec![ALPN_HAVEN.to_vec(), ALPN_ENROLL.to_vec()];
+    Ok(cfg)
+}
+
+/// The rustls configuration of an NBD export served over TLS (`NBD_OPT_STARTTLS`): this
+/// gateway's certificate, and a client certificate from the site CA required (checked against
+/// `ca_pem` and `crl_pems`); no ALPN (NBD clients send none).
+pub fn nbd_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    crl_pems: &[String],
+) -> Result<rustls::ServerConfig> {
+    site_server_config(cert_pem, key_pem, ca_pem, crl_pems, true)
+}
+
+/// TLS 1.3 with this certificate chain; client certificates verified against the site CA and
+/// its CRLs, and `required` or optional.
+fn site_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    crl_pems: &[String],
+    required: bool,
+) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let crls = crl_pems
         .iter()
@@ -94,19 +120,21 @@ pub fn server_config(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
-        .with_crls(crls)
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Config {
-            what: "client certificate verifier",
-            detail: e.to_string(),
-        })?;
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
+            .with_crls(crls);
+    if !required {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Config {
+        what: "client certificate verifier",
+        detail: e.to_string(),
+    })?;
     let chain = vec![
         cert_from_pem("server certificate", cert_pem)?,
         cert_from_pem("CA certificate", ca_pem)?,
     ];
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
             what: "server protocol versions",
@@ -117,9 +145,7 @@ pub fn server_config(
         .map_err(|source| TlsError::Rustls {
             what: "server certificate and key do not match",
             source,
-        })?;
-    cfg.alpn_protocols = vec![ALPN_HAVEN.to_vec(), ALPN_ENROLL.to_vec()];
-    Ok(cfg)
+        })
 }
 
 /// The agent's replication configuration: trusts only `ca_pem`, presents its certificate.

@@ -353,10 +353,27 @@ impl MasterTarget {
             Err(e) => return Err(e.into()),
         };
         let addr = listener.local_addr()?;
-        let server = Arc::new(haven_nbd::Server::new(
-            Arc::new(ViewBackend(view.clone())),
+        // Earlier points the view can tell its changes since: those at or above the base.
+        let earlier: Vec<(u64, Seq)> = lock(&r.recovery.state)
+            .points
+            .range(base_seq..point.seq)
+            .map(|(&seq, p)| (p.point, seq))
+            .collect();
+        let mut server = haven_nbd::Server::new(
+            Arc::new(ViewBackend {
+                view: view.clone(),
+                earlier,
+            }),
             export.clone(),
-        ));
+        );
+        let scheme = match &self.config.nbd_tls {
+            Some(tls) => {
+                server = server.with_tls(tls.clone());
+                "nbds"
+            }
+            None => "nbd",
+        };
+        let server = Arc::new(server);
         let s = server.clone();
         std::thread::Builder::new()
             .name(format!("nbd-test-{}", r.stream.key))
@@ -368,7 +385,7 @@ impl MasterTarget {
         Ok(ActiveTest {
             info: TestFailoverInfo {
                 point,
-                uri: format!("nbd://{addr}/{export}"),
+                uri: format!("{scheme}://{addr}/{export}"),
                 writable,
                 started_ms: info.started_ms,
             },
@@ -494,16 +511,37 @@ fn record_event(
     record(&mt.state, r, item, event, cause, |_| {})
 }
 
+/// The prefix of the meta contexts that list what changed since an earlier point:
+/// `haven:changed-since:ID` on the export of a point lists, as flag 1, every extent written
+/// between point `ID` and the exported one (see ARCHITECTURE.md, "NBD exports").
+pub const CHANGED_SINCE: &str = "haven:changed-since:";
+
+/// Block-status flag of `haven:changed-since:ID`: the extent changed.
+pub const STATE_CHANGED: u32 = 1;
+
 /// A view served over NBD.
-struct ViewBackend(Arc<View>);
+struct ViewBackend {
+    view: Arc<View>,
+    /// Earlier points (id, tag seq) whose changes since the view can list, oldest first.
+    earlier: Vec<(u64, Seq)>,
+}
 
 impl ViewBackend {
     /// A write with FUA is durable before it is acknowledged.
     fn flush_if(&self, fua: bool) -> Result<(), haven_nbd::Error> {
         if fua {
-            self.0.flush().map_err(nbd_err)?;
+            self.view.flush().map_err(nbd_err)?;
         }
         Ok(())
+    }
+
+    /// The tag seq of the earlier point a `haven:changed-since:ID` context names.
+    fn since(&self, name: &str) -> Option<Seq> {
+        let id: u64 = name.strip_prefix(CHANGED_SINCE)?.parse().ok()?;
+        self.earlier
+            .iter()
+            .find(|(p, _)| *p == id)
+            .map(|(_, seq)| *seq)
     }
 }
 
@@ -513,39 +551,104 @@ fn nbd_err(e: anyhow::Error) -> haven_nbd::Error {
 
 impl haven_nbd::Backend for ViewBackend {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.view.size()
     }
 
     fn read_only(&self) -> bool {
-        !self.0.writable()
+        !self.view.writable()
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), haven_nbd::Error> {
-        self.0.read(offset, buf).map_err(nbd_err)
+        self.view.read(offset, buf).map_err(nbd_err)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), haven_nbd::Error> {
-        self.0.write(offset, data).map_err(nbd_err)?;
+        self.view.write(offset, data).map_err(nbd_err)?;
         self.flush_if(fua)
     }
 
+    /// Zeroing only records the range in the scratch map: always fast.
     fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         _may_punch: bool,
+        _fast: bool,
         fua: bool,
     ) -> Result<(), haven_nbd::Error> {
-        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.view.write_zeroes(offset, len).map_err(nbd_err)?;
         self.flush_if(fua)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), haven_nbd::Error> {
-        self.0.write_zeroes(offset, len).map_err(nbd_err)?;
+        self.view.write_zeroes(offset, len).map_err(nbd_err)?;
         self.flush_if(fua)
     }
 
     fn flush(&self) -> Result<(), haven_nbd::Error> {
-        self.0.flush().map_err(nbd_err)
+        self.view.flush().map_err(nbd_err)
+    }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<haven_nbd::Extent>, haven_nbd::Error> {
+        use haven_image::ExtentState;
+        let runs = self.view.allocation(offset, len).map_err(nbd_err)?;
+        Ok(runs
+            .into_iter()
+            .map(|(len, state)| haven_nbd::Extent {
+                len,
+                flags: match state {
+                    ExtentState::Data => 0,
+                    ExtentState::Zero => {
+                        haven_nbd::proto::STATE_HOLE | haven_nbd::proto::STATE_ZERO
+                    }
+                },
+            })
+            .collect())
+    }
+
+    fn meta_contexts(&self, query: &str) -> Vec<String> {
+        let names = self
+            .earlier
+            .iter()
+            .map(|(id, _)| format!("{CHANGED_SINCE}{id}"));
+        if query.is_empty() || query.ends_with(':') {
+            names.filter(|n| n.starts_with(query)).collect()
+        } else {
+            names.filter(|n| n == query).collect()
+        }
+    }
+
+    fn context_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<haven_nbd::Extent>, haven_nbd::Error> {
+        let since = self.since(name).ok_or_else(|| {
+            haven_nbd::Error::refused(
+                haven_nbd::proto::ENOTSUP,
+                format!("this export has no meta context {name:?}"),
+            )
+        })?;
+        let runs = self
+            .view
+            .changed_since(since, offset, len)
+            .map_err(nbd_err)?;
+        Ok(runs
+            .into_iter()
+            .map(|(len, changed)| haven_nbd::Extent {
+                len,
+                flags: if changed { STATE_CHANGED } else { 0 },
+            })
+            .collect())
+    }
+
+    /// One view behind every connection, and its flush syncs the whole scratch.
+    fn multi_conn(&self) -> bool {
+        true
     }
 }
