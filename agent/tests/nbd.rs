@@ -221,7 +221,11 @@ fn handshake_options_and_bad_requests() {
     c.option(4, &[]); // NBD_OPT_PEEK_EXPORT, withdrawn from the protocol
     assert_eq!(
         c.reply(),
-        (4, 0x8000_0001, b"option 4 is not supported by this server".to_vec())
+        (
+            4,
+            0x8000_0001,
+            b"option 4 is not supported by this server".to_vec()
+        )
     );
     c.option(6, &info_data("nope", &[]));
     assert_eq!(c.reply().1, 0x8000_0006);

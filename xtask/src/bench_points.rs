@@ -83,7 +83,7 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn mib_s(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mib_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64().max(1e-9)
 }
 
@@ -102,7 +102,7 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 }
 
 /// `12ms` below a second, else `1.23s`.
-fn dur(d: Duration) -> String {
+pub(crate) fn dur(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         format!("{:.0}ms", d.as_secs_f64() * 1000.0)
     } else {
@@ -121,17 +121,17 @@ fn max(v: &[Duration]) -> Duration {
 }
 
 /// Prints a line and keeps it for `results.txt`.
-struct Out(String);
+pub(crate) struct Out(pub(crate) String);
 
 impl Out {
-    fn line(&mut self, line: impl AsRef<str>) {
+    pub(crate) fn line(&mut self, line: impl AsRef<str>) {
         println!("{}", line.as_ref());
         let _ = writeln!(self.0, "{}", line.as_ref());
     }
 }
 
 /// 1 MiB of random bytes.
-fn random_mib(rng: &mut Rng) -> Vec<u8> {
+pub(crate) fn random_mib(rng: &mut Rng) -> Vec<u8> {
     let mut data = vec![0u8; MIB as usize];
     for w in data.chunks_exact_mut(8) {
         w.copy_from_slice(&rng.next_u64().to_le_bytes());
@@ -140,7 +140,7 @@ fn random_mib(rng: &mut Rng) -> Vec<u8> {
 }
 
 /// Makes write `n` differ from every other: stamps each 4 KiB block of `data`.
-fn vary(data: &mut [u8], n: u64) {
+pub(crate) fn vary(data: &mut [u8], n: u64) {
     for (k, block) in data.chunks_mut(4096).enumerate() {
         block[..8].copy_from_slice(&((n << 8) | k as u64).to_le_bytes());
     }
@@ -178,7 +178,7 @@ fn replica(api: &str) -> Result<ReplicaStatus> {
         .context("the master target has no replica yet")
 }
 
-fn start(dir: &Path, disk: &Path, bins: &Path, agent_args: &[&str]) -> Result<Cluster> {
+pub(crate) fn start(dir: &Path, disk: &Path, bins: &Path, agent_args: &[&str]) -> Result<Cluster> {
     Cluster::start(
         &dir.join("sites"),
         disk,
@@ -193,7 +193,7 @@ fn start(dir: &Path, disk: &Path, bins: &Path, agent_args: &[&str]) -> Result<Cl
 
 /// Waits until the agent has finished its initial sync (protected, everything acknowledged) and
 /// the master target holds a point.
-fn wait_protected(c: &mut Cluster) -> Result<()> {
+pub(crate) fn wait_protected(c: &mut Cluster) -> Result<()> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
         c.check_alive()?;

@@ -4,7 +4,7 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats|replication|points]` runs benchmarks against their
+//! - `cargo xtask bench [plugins|formats|replication|points|nbd]` runs benchmarks against their
 //!   baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_nbd;
 mod bench_points;
 mod bench_replication;
 mod demo;
@@ -64,7 +65,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -265,7 +266,8 @@ fn bench(args: &[&str]) -> Result<()> {
             bench(&["plugins"])?;
             bench(&["formats"])?;
             bench(&["replication"])?;
-            bench(&["points"])
+            bench(&["points"])?;
+            bench(&["nbd"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -290,8 +292,13 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_points::run(&root())
         }
+        "nbd" => {
+            ensure_programs(DEBIAN_PACKAGES)?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_nbd::run(&root())
+        }
         other => {
-            bail!("unknown benchmark `{other}` (known: plugins, formats, replication, points)")
+            bail!("unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd)")
         }
     }
 }
