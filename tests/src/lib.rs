@@ -391,6 +391,42 @@ impl Agent {
         Ok(())
     }
 
+    /// Enrolls an agent named `machine` with the process server `ps` in `data_dir` and starts
+    /// it protecting `disk` (its NBD export on a free port), with `extra` arguments.
+    pub fn enroll_and_start(
+        bins: &Path,
+        ps: &Gateway,
+        data_dir: &Path,
+        disk: &Path,
+        machine: &str,
+        extra: Vec<String>,
+    ) -> Result<Agent> {
+        let server = format!("127.0.0.1:{}", ps.port);
+        run_ok(
+            Command::new(bins.join("haven-agent"))
+                .args(["enroll", "--data-dir"])
+                .arg(data_dir)
+                .args(["--server", &server, "--token", &ps.token()?])
+                .args(["--machine-name", machine]),
+        )?;
+        let nbd_port = free_tcp_port();
+        let mut agent = Agent {
+            bins: bins.to_owned(),
+            data_dir: data_dir.to_owned(),
+            disk: disk.to_owned(),
+            nbd: format!("nbd://127.0.0.1:{nbd_port}/disk"),
+            nbd_port,
+            server,
+            extra,
+            proc: Proc {
+                child: None,
+                log: PathBuf::new(),
+            },
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
     /// Kills (SIGKILL) and starts the agent again.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
@@ -477,30 +513,14 @@ impl Cluster {
             ps_api,
             options.ps_env.clone(),
         )?;
-        let agent_dir = root.join("agent");
-        let server = format!("127.0.0.1:{ps_port}");
-        run_ok(
-            Command::new(bins.join("haven-agent"))
-                .args(["enroll", "--data-dir"])
-                .arg(&agent_dir)
-                .args(["--server", &server, "--token", &ps.token()?])
-                .args(["--machine-name", "web01"]),
+        let agent = Agent::enroll_and_start(
+            bins,
+            &ps,
+            &root.join("agent"),
+            disk,
+            "web01",
+            options.agent_args,
         )?;
-        let nbd_port = free_tcp_port();
-        let mut agent = Agent {
-            bins: bins.to_owned(),
-            data_dir: agent_dir,
-            disk: disk.to_owned(),
-            nbd: format!("nbd://127.0.0.1:{nbd_port}/disk"),
-            nbd_port,
-            server,
-            extra: options.agent_args,
-            proc: Proc {
-                child: None,
-                log: PathBuf::new(),
-            },
-        };
-        agent.spawn()?;
         Ok(Cluster {
             root: root.to_owned(),
             mt,

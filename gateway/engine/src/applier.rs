@@ -1,25 +1,33 @@
-//! The applier: one thread per replica that applies its journal through its own instance of
-//! the target writer plugin (module docs of [`crate::master_target`]).
+//! The appliers: a small pool of threads that apply every replica's journal through the
+//! target writer plugin (module docs of [`crate::master_target`]). A replica is work, not a
+//! thread: it belongs to one applier for its life, and each applier owns one instance of the
+//! writer with the replicas it serves open in it, so threads and plugin instances stay the same
+//! whatever the number of replicas.
 //!
-//! It applies journaled records strictly in sequence order, up to the oldest recovery point
-//! kept and never above a hold ([`ReplicaRecovery::apply_target`]), flushes the replica,
-//! records the applied seq in redb and only then releases the journal up to it: after a crash
-//! anywhere, the journal still holds every record after the recorded applied seq, and
-//! re-applying a record the replica already has is harmless (writes are idempotent in order).
-//! A record that fails its authentication is never applied. Resync hashes are computed
-//! between batches, once everything journaled is applied.
+//! An applier takes the replicas that have work in turn (round robin), one batch of at most
+//! [`APPLY_BATCH_BYTES`] each, so one replica's backlog or initial sync delays the others by one
+//! batch at most. For each replica it applies journaled records strictly in sequence order, up
+//! to the oldest recovery point kept and never above a hold
+//! ([`ReplicaRecovery::apply_target`]), flushes the replica, records the applied seq in redb
+//! and only then releases the journal up to it: after a crash anywhere, the journal still holds
+//! every record after the recorded applied seq, and re-applying a record the replica already
+//! has is harmless (writes are idempotent in order). A record that fails its authentication is
+//! never applied: that replica stops for good, the others go on. A failure of the plugin or the
+//! state pauses only the replica it hit for [`RETRY_AFTER`]; when the plugin's instance was
+//! replaced (a trap), the other replicas' handles are reopened in the new one. Resync hashes
+//! are computed once everything journaled for the replica is applied.
 //!
 //! [`ReplicaRecovery::apply_target`]: crate::recovery::ReplicaRecovery::apply_target
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use haven_host::{Access, Disk, Host, PluginSpec, WriterPlugin};
-use haven_store::state::StateDb;
+use haven_store::state::{StateDb, StreamKey};
 use haven_store::{StoreError, decompress};
 use haven_wire::{HashRequest, Hashes, Payload, Record, Seq};
 use sha2::{Digest, Sha256};
@@ -27,24 +35,110 @@ use tokio::sync::oneshot;
 
 use crate::failpoint;
 use crate::ingest::{RecordExt, lock};
-use crate::master_target::{Replica, Wake};
+use crate::master_target::Replica;
 
-/// Most bytes of extent applied between two flushes of a replica.
+/// Most bytes of extent applied between two flushes of a replica, and in one turn.
 const APPLY_BATCH_BYTES: u64 = 64 << 20;
 /// Bytes read from a replica per plugin call when hashing.
 const HASH_READ: u64 = 4 << 20;
+/// How long a replica whose plugin or state failed waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Most applier threads: replicas are spread over them.
+pub(crate) const MAX_APPLIERS: usize = 4;
 
-/// The thread that applies one replica's journal.
-pub(crate) struct Applier {
+/// What an applier is asked to do.
+pub(crate) enum Job {
+    /// Serve this replica from now on.
+    Add(Arc<Replica>),
+    /// The replica's journal or apply target changed.
+    Changed(StreamKey),
+    /// Hash a range of the replica once everything journaled is applied.
+    Hash(
+        StreamKey,
+        HashRequest,
+        oneshot::Sender<Result<Hashes, String>>,
+    ),
+}
+
+/// The appliers of a master target.
+pub(crate) struct Appliers {
+    senders: Vec<std_mpsc::Sender<Job>>,
+    /// Replicas given to each applier so far (new ones go to the one with fewest).
+    load: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Appliers {
+    /// Starts `count` (at least 1) applier threads; `keep_points` when the retention window is
+    /// above 0.
+    pub(crate) fn start(
+        count: usize,
+        keep_points: bool,
+        host: Arc<Host>,
+        spec: PluginSpec,
+        state: Arc<StateDb>,
+    ) -> Result<Appliers> {
+        let mut senders = Vec::new();
+        for i in 0..count.max(1) {
+            let (tx, rx) = std_mpsc::channel();
+            let applier = Applier {
+                keep_points,
+                host: host.clone(),
+                spec: spec.clone(),
+                state: state.clone(),
+                jobs: rx,
+                plugin: None,
+                slots: HashMap::new(),
+                ready: VecDeque::new(),
+                queued: HashSet::new(),
+            };
+            std::thread::Builder::new()
+                .name(format!("apply-{i}"))
+                .spawn(move || applier.run())
+                .context("starting an applier thread")?;
+            senders.push(tx);
+        }
+        Ok(Appliers {
+            load: std::sync::Mutex::new(vec![0; senders.len()]),
+            senders,
+        })
+    }
+
+    /// The jobs of the applier with the fewest replicas, counted as taking one more: a new
+    /// replica sends [`Job::Add`] there, then its wakes and hash requests.
+    pub(crate) fn sender(&self) -> std_mpsc::Sender<Job> {
+        let mut load = lock(&self.load);
+        let i = (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0);
+        load[i] += 1;
+        self.senders[i].clone()
+    }
+}
+
+/// A replica as its applier holds it.
+struct Slot {
+    replica: Arc<Replica>,
+    /// Its handle in the applier's plugin instance, once opened.
+    disk: Option<Disk>,
+    /// Hash requests waiting for the journal to be fully applied.
+    deferred: VecDeque<(HashRequest, oneshot::Sender<Result<Hashes, String>>)>,
+    /// Paused after a failure until then.
+    retry_at: Option<Instant>,
+    /// Stopped for good: its journal is damaged or was tampered with.
+    refused: bool,
+}
+
+/// One applier thread: its plugin instance and the replicas it serves.
+struct Applier {
     /// Points are kept (retention window above 0): the base stops at the oldest.
     keep_points: bool,
-    replica: Arc<Replica>,
     host: Arc<Host>,
     spec: PluginSpec,
     state: Arc<StateDb>,
-    wake: std_mpsc::Receiver<Wake>,
-    /// Hash requests waiting for the journal to be fully applied.
-    deferred: VecDeque<(HashRequest, oneshot::Sender<Result<Hashes, String>>)>,
+    jobs: std_mpsc::Receiver<Job>,
+    plugin: Option<WriterPlugin>,
+    slots: HashMap<StreamKey, Slot>,
+    /// Replicas that may have work, in turn order.
+    ready: VecDeque<StreamKey>,
+    queued: HashSet<StreamKey>,
 }
 
 /// Why applying stopped.
@@ -55,72 +149,219 @@ enum Stop {
     Failed(String),
 }
 
-impl Applier {
-    /// Starts the applier thread of `replica`, woken through `wake`; `keep_points` when the
-    /// retention window is above 0.
-    pub(crate) fn spawn(
-        keep_points: bool,
-        replica: Arc<Replica>,
-        host: Arc<Host>,
-        spec: PluginSpec,
-        state: Arc<StateDb>,
-        wake: std_mpsc::Receiver<Wake>,
-    ) -> Result<()> {
-        let key = replica.stream.key;
-        let applier = Applier {
-            keep_points,
-            replica,
-            host,
-            spec,
-            state,
-            wake,
-            deferred: VecDeque::new(),
-        };
-        std::thread::Builder::new()
-            .name(format!("apply-{key}"))
-            .spawn(move || applier.run())
-            .context("starting an applier thread")?;
-        Ok(())
-    }
+/// What a turn of a replica ended with.
+enum Turn {
+    /// It applied a batch: it may have more.
+    More,
+    /// Nothing to do until it is woken (or its pause ends).
+    Idle,
+}
 
+impl Applier {
     fn run(mut self) {
-        let key = self.replica.stream.key;
         loop {
-            match self.open() {
-                Ok((plugin, disk)) => match self.serve(plugin, disk) {
-                    Stop::Refused(msg) => {
-                        tracing::error!(replica = %key, error = %msg, "applying stopped");
-                        self.replica.stream.set_error(Some(msg));
-                        // Nothing more is applied; hash requests are refused.
-                        while let Ok(w) = self.wake.recv() {
-                            if let Wake::Hash(_, tx) = w {
-                                let _ = tx.send(Err(
-                                    "the replica's journal is damaged; see the gateway's status"
-                                        .into(),
-                                ));
-                            }
-                        }
-                        return;
-                    }
-                    Stop::Failed(msg) => {
-                        tracing::warn!(replica = %key, error = %msg, "applying failed; retrying in 5 s");
-                        self.replica.stream.set_error(Some(msg));
-                    }
-                },
-                Err(e) => {
-                    let msg = format!("replica {}: {e:#}", self.replica.path);
-                    tracing::warn!(replica = %key, error = %msg, "cannot open the replica; retrying in 5 s");
-                    self.replica.stream.set_error(Some(msg));
+            // Jobs first, without waiting while replicas have work.
+            let job = if self.ready.is_empty() {
+                match self.next_retry() {
+                    Some(at) => match self
+                        .jobs
+                        .recv_timeout(at.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(job) => Some(job),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
+                    None => match self.jobs.recv() {
+                        Ok(job) => Some(job),
+                        Err(_) => return,
+                    },
+                }
+            } else {
+                self.jobs.try_recv().ok()
+            };
+            if let Some(job) = job {
+                self.take(job);
+                while let Ok(job) = self.jobs.try_recv() {
+                    self.take(job);
                 }
             }
-            std::thread::sleep(Duration::from_secs(5));
+            self.requeue_paused();
+            if let Some(key) = self.ready.pop_front() {
+                self.queued.remove(&key);
+                if let Turn::More = self.turn(key) {
+                    self.enqueue(key);
+                }
+            }
         }
     }
 
-    /// Loads the writer and opens the replica, creating it (sparse, all zero) when new.
-    fn open(&self) -> Result<(WriterPlugin, Disk)> {
-        let mut plugin = self.host.load_writer(&self.spec)?;
-        let path = &self.replica.path;
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Add(replica) => {
+                let key = replica.stream.key;
+                // A wake sent before it was added found no slot; the first turn covers it.
+                replica.change_queued.store(false, Ordering::Release);
+                self.slots.insert(
+                    key,
+                    Slot {
+                        replica,
+                        disk: None,
+                        deferred: VecDeque::new(),
+                        retry_at: None,
+                        refused: false,
+                    },
+                );
+                self.enqueue(key);
+            }
+            Job::Changed(key) => {
+                if let Some(slot) = self.slots.get(&key) {
+                    slot.replica.change_queued.store(false, Ordering::Release);
+                    self.enqueue(key);
+                }
+            }
+            Job::Hash(key, req, tx) => match self.slots.get_mut(&key) {
+                Some(slot) => {
+                    slot.deferred.push_back((req, tx));
+                    self.enqueue(key);
+                }
+                None => {
+                    let _ = tx.send(Err(format!("no replica for disk {key}")));
+                }
+            },
+        }
+    }
+
+    fn enqueue(&mut self, key: StreamKey) {
+        if self.queued.insert(key) {
+            self.ready.push_back(key);
+        }
+    }
+
+    /// The end of the earliest pause, if any replica is paused.
+    fn next_retry(&self) -> Option<Instant> {
+        self.slots.values().filter_map(|s| s.retry_at).min()
+    }
+
+    /// Queues the replicas whose pause has ended.
+    fn requeue_paused(&mut self) {
+        let now = Instant::now();
+        let due: Vec<StreamKey> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.retry_at.is_some_and(|at| at <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.retry_at = None;
+            }
+            self.enqueue(key);
+        }
+    }
+
+    /// One turn of replica `key`: at most one batch applied, or its waiting hash requests
+    /// answered once it is caught up.
+    fn turn(&mut self, key: StreamKey) -> Turn {
+        let Some(mut slot) = self.slots.remove(&key) else {
+            return Turn::Idle;
+        };
+        let turn = self.turn_of(&mut slot);
+        self.slots.insert(key, slot);
+        turn
+    }
+
+    fn turn_of(&mut self, slot: &mut Slot) -> Turn {
+        if slot.refused {
+            while let Some((_, tx)) = slot.deferred.pop_front() {
+                let _ = tx.send(Err(
+                    "the replica's journal is damaged; see the gateway's status".into(),
+                ));
+            }
+            return Turn::Idle;
+        }
+        if slot.retry_at.is_some() {
+            return Turn::Idle;
+        }
+        let restarts = self.plugin.as_ref().map(WriterPlugin::restarts);
+        let outcome = self.apply_turn(slot);
+        // A trap replaced the instance: every other replica's handle is stale.
+        if self.plugin.as_ref().map(WriterPlugin::restarts) != restarts {
+            for other in self.slots.values_mut() {
+                other.disk = None;
+            }
+        }
+        match outcome {
+            Ok(turn) => turn,
+            Err(stop) => {
+                let key = slot.replica.stream.key;
+                if let (Some(plugin), Some(disk)) = (self.plugin.as_mut(), slot.disk.take()) {
+                    let _ = plugin.close(disk);
+                }
+                match stop {
+                    Stop::Refused(msg) => {
+                        tracing::error!(replica = %key, error = %msg, "applying stopped");
+                        slot.replica.stream.set_error(Some(msg));
+                        slot.refused = true;
+                        // Answers the waiting hash requests.
+                        self.turn_of(slot)
+                    }
+                    Stop::Failed(msg) => {
+                        tracing::warn!(replica = %key, error = %msg,
+                            "applying failed; retrying in {}s", RETRY_AFTER.as_secs());
+                        slot.replica.stream.set_error(Some(msg));
+                        slot.retry_at = Some(Instant::now() + RETRY_AFTER);
+                        Turn::Idle
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens what is missing, then applies one batch or answers the hash requests.
+    fn apply_turn(&mut self, slot: &mut Slot) -> Result<Turn, Stop> {
+        let replica = slot.replica.clone();
+        if slot.disk.is_none() {
+            let disk = self.open(&replica).map_err(|e| {
+                Stop::Failed(format!("cannot open replica {}: {e:#}", replica.path))
+            })?;
+            slot.disk = Some(disk);
+            replica.stream.set_error(None);
+        }
+        let (Some(plugin), Some(disk)) = (self.plugin.as_mut(), slot.disk.as_ref()) else {
+            return Err(Stop::Failed("the writer plugin is not loaded".into()));
+        };
+        let durable = replica.stream.durable();
+        let applied = replica.applied.load(Ordering::Acquire);
+        let target = replica.recovery.apply_target(durable, self.keep_points);
+        if target > applied && !failpoint::paused("apply") {
+            let ctx = Apply {
+                keep_points: self.keep_points,
+                state: &self.state,
+                replica: &replica,
+            };
+            ctx.apply(plugin, disk, applied, target)?;
+            return Ok(Turn::More);
+        }
+        // Caught up: answer the hash requests that waited for it.
+        while let Some((req, tx)) = slot.deferred.pop_front() {
+            let ctx = Hasher {
+                host: &self.host,
+                spec: &self.spec,
+                replica: &replica,
+            };
+            let _ = tx.send(ctx.hash(plugin, disk, req));
+        }
+        Ok(Turn::Idle)
+    }
+
+    /// Loads the writer when it is not, and opens the replica in it, creating it (sparse, all
+    /// zero) when new.
+    fn open(&mut self, replica: &Replica) -> Result<Disk> {
+        let plugin = match &mut self.plugin {
+            Some(p) => p,
+            slot => slot.insert(self.host.load_writer(&self.spec)?),
+        };
+        let path = &replica.path;
         let root = self
             .spec
             .grants
@@ -135,46 +376,22 @@ impl Applier {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
             }
-            plugin.create(path, self.replica.stream.info.size, 512, &[])?
+            plugin.create(path, replica.stream.info.size, 512, &[])?
         };
-        Ok((plugin, disk))
+        Ok(disk)
     }
+}
 
-    fn serve(&mut self, mut plugin: WriterPlugin, disk: Disk) -> Stop {
-        self.replica.stream.set_error(None);
-        loop {
-            let durable = self.replica.stream.durable();
-            let applied = self.replica.applied.load(Ordering::Acquire);
-            let target = self
-                .replica
-                .recovery
-                .apply_target(durable, self.keep_points);
-            if target > applied && !failpoint::paused("apply") {
-                if let Err(stop) = self.apply(&mut plugin, &disk, applied, target) {
-                    let _ = plugin.close(disk);
-                    return stop;
-                }
-                continue;
-            }
-            // Caught up: answer the hash requests that waited for it.
-            while let Some((req, tx)) = self.deferred.pop_front() {
-                let _ = tx.send(self.hash(&mut plugin, &disk, req));
-            }
-            match self.wake.recv() {
-                Ok(Wake::Changed) => self.replica.change_queued.store(false, Ordering::Release),
-                Ok(Wake::Hash(req, tx)) => self.deferred.push_back((req, tx)),
-                Err(_) => return Stop::Failed("the master target stopped".into()),
-            }
-            while let Ok(w) = self.wake.try_recv() {
-                match w {
-                    Wake::Hash(req, tx) => self.deferred.push_back((req, tx)),
-                    Wake::Changed => self.replica.change_queued.store(false, Ordering::Release),
-                }
-            }
-        }
-    }
+/// Applying one replica's records (borrowed from its applier for one turn).
+struct Apply<'a> {
+    keep_points: bool,
+    state: &'a StateDb,
+    replica: &'a Replica,
+}
 
-    /// Applies records `applied+1 ..= durable` in batches, each flushed and recorded.
+impl Apply<'_> {
+    /// Applies records `applied+1 ..= durable`, at most [`APPLY_BATCH_BYTES`] of them (one
+    /// turn), flushed and recorded.
     fn apply(
         &self,
         plugin: &mut WriterPlugin,
@@ -242,13 +459,12 @@ impl Applier {
             // here, and the target is computed again with it.
             if let Record::Tag(t) = &record
                 && self.keep_points
-                && crate::recovery::register_tag(&self.state, &self.replica, t)
+                && crate::recovery::register_tag(self.state, self.replica, t)
             {
                 break;
             }
             if batch_bytes >= APPLY_BATCH_BYTES {
-                self.commit(plugin, disk, last, batch_bytes)?;
-                batch_bytes = 0;
+                break;
             }
         }
         if last > self.replica.applied.load(Ordering::Acquire) {
@@ -295,7 +511,16 @@ impl Applier {
         stream.freed.notify_one();
         Ok(())
     }
+}
 
+/// Hashing a range of one replica (borrowed from its applier for one turn).
+struct Hasher<'a> {
+    host: &'a Host,
+    spec: &'a PluginSpec,
+    replica: &'a Replica,
+}
+
+impl Hasher<'_> {
     /// SHA-256 of each block of the requested range of the replica.
     fn hash(
         &self,
@@ -326,7 +551,7 @@ impl Applier {
         let view = if durable > applied {
             let mut base = self
                 .host
-                .load_writer(&self.spec)
+                .load_writer(self.spec)
                 .map_err(|e| format!("loading the writer to read the replica: {e}"))?;
             let d = base
                 .open(&self.replica.path, Access::ReadOnly, &[])

@@ -4,13 +4,14 @@
 //! process server ──QUIC──▶ ingest (Receiver) ──▶ journal/<agent>/<disk>/ (encrypted segments)
 //!                                  │                 │ redb: durable seq, index by seq + extent
 //!                                  │ Ack (durable)   ▼
-//!                                  ◀──────────  applier thread ──▶ target writer plugin ──▶ replica
+//!                                  ◀──────────  applier (pool) ──▶ target writer plugin ──▶ replica
 //!                                                    │ flush, then applied seq in redb,
 //!                                                    ▼ then the journal is released
 //! ```
 //!
-//! Each replica has one applier thread, which owns one instance of the target writer plugin.
-//! It applies journaled records strictly in sequence order, flushes the replica, records the
+//! A few applier threads (at most [`MAX_APPLIERS`]) serve every replica: each replica belongs
+//! to one of them, which owns one instance of the target writer plugin with its replicas open
+//! in it and takes the replicas with work in turn, a batch each. It applies journaled records strictly in sequence order, flushes the replica, records the
 //! applied seq in redb and only then releases the journal up to it: after a crash anywhere, the
 //! journal still holds every record after the recorded applied seq, and re-applying a record
 //! the replica already has is harmless (writes are idempotent in order).
@@ -21,7 +22,7 @@
 //! Resync hashes are computed by the applier between batches, once everything journaled is
 //! applied, so they describe the replica after exactly the records received so far.
 //!
-//! The applier thread is in `applier.rs`; points, test failover and failover in
+//! The appliers are in `applier.rs`; points, test failover and failover in
 //! [`crate::recovery`].
 
 use std::collections::{HashMap, VecDeque};
@@ -42,7 +43,7 @@ use haven_store::state::{StateDb, StreamKey, StreamRecord};
 use haven_wire::{HashRequest, Hashes, Hello, Record, Seq};
 use tokio::sync::oneshot;
 
-use crate::applier::Applier;
+use crate::applier::{Appliers, Job, MAX_APPLIERS};
 use crate::ingest::{self, DiskStream, RecordExt, Sink, lock};
 use crate::status::{MasterTargetStatus, ReplicaStatus};
 use crate::{Rate, now_ms, peer_hex};
@@ -75,6 +76,8 @@ pub struct MasterTarget {
     pub(crate) state: Arc<StateDb>,
     key: Key,
     pub(crate) host: Arc<Host>,
+    /// The threads that apply every replica's journal.
+    appliers: Appliers,
     pub(crate) replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
     pub(crate) reports: Mutex<HashMap<String, Report>>,
     /// When each agent's latest report arrived, and its clock's offset from ours then.
@@ -146,11 +149,6 @@ fn rpo_seconds(
     Some(age.max(lag_seconds))
 }
 
-pub(crate) enum Wake {
-    Changed,
-    Hash(HashRequest, oneshot::Sender<Result<Hashes, String>>),
-}
-
 /// One replica: its journal stream and the applier's progress.
 pub(crate) struct Replica {
     pub(crate) stream: Arc<DiskStream>,
@@ -161,7 +159,8 @@ pub(crate) struct Replica {
     /// Journaled, unapplied records: seq, extent bytes, when journaled.
     unapplied: Mutex<VecDeque<(Seq, u64, Instant)>>,
     applied_rate: Mutex<Rate>,
-    pub(crate) wake: Mutex<std_mpsc::Sender<Wake>>,
+    /// Its applier's jobs.
+    pub(crate) wake: Mutex<std_mpsc::Sender<Job>>,
     /// A `Wake::Changed` is queued and not yet seen: at most one is ever queued.
     pub(crate) change_queued: std::sync::atomic::AtomicBool,
 }
@@ -170,7 +169,7 @@ impl Replica {
     /// Wakes the applier (coalesced).
     pub(crate) fn wake(&self) {
         if !self.change_queued.swap(true, Ordering::AcqRel) {
-            let _ = lock(&self.wake).send(Wake::Changed);
+            let _ = lock(&self.wake).send(Job::Changed(self.stream.key));
         }
     }
 
@@ -199,11 +198,19 @@ impl MasterTarget {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let state = Arc::new(StateDb::open(&config.data_dir.join("state.redb"))?);
         let key = Key::load_or_create(&config.data_dir.join("journal.key"))?;
+        let appliers = Appliers::start(
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, MAX_APPLIERS)),
+            !config.retention.window.is_zero(),
+            host.clone(),
+            config.writer.clone(),
+            state.clone(),
+        )?;
         let mt = Arc::new(MasterTarget {
             config,
             state,
             key,
             host,
+            appliers,
             replicas: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
@@ -406,7 +413,7 @@ impl MasterTarget {
             .map(|e| (e.seq, e.len, Instant::now()))
             .collect();
         let stream = Arc::new(DiskStream::new(key, info, machine.to_string(), journal));
-        let (tx, rx) = std_mpsc::channel();
+        let tx = self.appliers.sender();
         let replica = Arc::new(Replica {
             stream,
             path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
@@ -419,14 +426,7 @@ impl MasterTarget {
         });
         self.load_recovery(&replica, record.applied_seq)?;
         self.restore_test(&replica);
-        Applier::spawn(
-            !self.config.retention.window.is_zero(),
-            replica.clone(),
-            self.host.clone(),
-            self.config.writer.clone(),
-            self.state.clone(),
-            rx,
-        )?;
+        let _ = lock(&replica.wake).send(Job::Add(replica.clone()));
         replicas.insert(key, replica.clone());
         Ok(replica)
     }
@@ -640,7 +640,7 @@ impl Sink for MasterTarget {
         let (tx, rx) = oneshot::channel();
         match lock(&self.replicas).get(&stream.key) {
             Some(r) => {
-                let _ = lock(&r.wake).send(Wake::Hash(request, tx));
+                let _ = lock(&r.wake).send(Job::Hash(stream.key, request, tx));
             }
             None => {
                 let _ = tx.send(Err(format!("no replica for disk {}", stream.key)));
