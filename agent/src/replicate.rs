@@ -247,6 +247,8 @@ impl Session {
         // The shipper's defaults: 8 MiB beyond the window, 64 KiB digests in ranges of 256 MiB,
         // acknowledged records freed every 500 ms.
         config.sender.window_bytes = window_bytes;
+        // QUIC finds a gateway that is gone; a busy one answers late, and is waited for.
+        config.sender.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
         let start = Start {
             seq_base: rec.seq_base,
             resync: (rec.state == Phase::Resyncing).then_some(Resync {

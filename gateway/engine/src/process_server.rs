@@ -487,6 +487,8 @@ impl ProcessServer {
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
         let mut config = SenderConfig::new(Role::ProcessServer, entry.peer);
         config.window_bytes = self.config.window_bytes;
+        // QUIC finds a master target that is gone; a busy one answers late, and is waited for.
+        config.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
         let mut lanes: BTreeMap<DiskId, Lane> = BTreeMap::new();
         let mut starts = Vec::new();
         for s in &disks {

@@ -215,6 +215,12 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A connection that hears nothing for this long is closed: the peer (or the path to it) is
 /// gone without a word. Probes every [`KEEP_ALIVE`] keep a live idle connection open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a replication sender waits, after an in-band ping (or its `Hello`), for any frame
+/// of its peer before it gives the connection up. QUIC itself finds a dead or restarted peer
+/// (probes every [`KEEP_ALIVE`], [`IDLE_TIMEOUT`], stateless resets), outside the streams and
+/// whatever they carry; the in-band ping travels behind up to a window of data that a busy
+/// gateway may take long to read, so it only guards against a peer whose stream is stuck.
+pub const STREAM_WATCHDOG: Duration = Duration::from_secs(120);
 /// A connection attempt that has no answer in this time is given up (and tried again by the
 /// caller's backoff): a handshake takes a few round trips, and a gateway that is restarting
 /// answers a fresh attempt at once but a retransmitted one only after QUIC's own backoff.

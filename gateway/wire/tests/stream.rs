@@ -423,6 +423,41 @@ fn keepalive_pings_and_declares_the_peer_dead() {
 }
 
 #[test]
+fn any_frame_answers_a_ping() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut s = Sender::new(config(1 << 20), [(disk(1), 1)]).unwrap();
+    s.connect(t0);
+    drain(&mut s, t0);
+    s.handle(ms(100), welcome(&[(1, 1)]));
+    s.push(data(1, 1, 10)).unwrap();
+    s.handle_timeout(ms(1100));
+    let sent = drain(&mut s, ms(1100));
+    assert!(sent.contains(&Frame::Ping { nonce: 1 }), "{sent:?}");
+    // A busy peer acknowledges before it reaches the ping: that is an answer.
+    s.handle(
+        ms(3000),
+        Frame::Ack(Ack {
+            disk: 1,
+            durable_seq: 1,
+        }),
+    );
+    assert_eq!(s.poll_timeout(), Some(ms(4000)));
+    s.handle_timeout(ms(4100));
+    assert!(!s.is_closed());
+    assert_eq!(
+        events(&mut s),
+        vec![
+            SenderEvent::Connected,
+            SenderEvent::Released { disk: 1, up_to: 1 }
+        ]
+    );
+    // The late pong changes nothing.
+    s.handle(ms(4200), Frame::Pong { nonce: 1 });
+    assert!(!s.is_closed());
+}
+
+#[test]
 fn hashes_pass_through() {
     let t = Instant::now();
     let mut s = Sender::new(config(1 << 20), [(disk(1), 1)]).unwrap();

@@ -96,9 +96,10 @@
 //!
 //! # Keepalive
 //!
-//! The sender pings when it has received nothing for [`SenderConfig::keepalive_interval`]; no
-//! `Pong` (nor `Welcome` after `Hello`) within [`SenderConfig::keepalive_timeout`] raises
-//! `ConnectionDead`. The receiver answers pings, and raises `ConnectionDead` when it has received
+//! The sender pings when it has received nothing for [`SenderConfig::keepalive_interval`];
+//! nothing at all received (no `Welcome` after `Hello`) within
+//! [`SenderConfig::keepalive_timeout`] of the ping raises `ConnectionDead`: any frame answers a
+//! ping, since its `Pong` may queue behind data the peer has yet to read. The receiver answers pings, and raises `ConnectionDead` when it has received
 //! nothing for [`ReceiverConfig::idle_timeout`] (longer than the sender's interval).
 //!
 //! # Resync

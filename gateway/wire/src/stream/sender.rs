@@ -20,7 +20,8 @@ pub struct SenderConfig {
     pub window_bytes: u64,
     /// Ping after receiving nothing for this long.
     pub keepalive_interval: Duration,
-    /// The connection is dead when a `Pong` (or the `Welcome`) has not come within this long.
+    /// The connection is dead when nothing (or no `Welcome`) has come within this long of a
+    /// ping (of the `Hello`).
     pub keepalive_timeout: Duration,
 }
 
@@ -243,6 +244,11 @@ impl Sender {
             State::Disconnected | State::Closed => return,
         };
         self.last_rx = Some(now);
+        // Any frame shows the peer is reading and answering: an outstanding ping need not be
+        // answered by its own pong (which may come late, behind what the peer still reads).
+        if streaming {
+            self.ping = None;
+        }
         match frame {
             Frame::Welcome(w) if !streaming => self.on_welcome(&w),
             Frame::Ack(a) if streaming => {
