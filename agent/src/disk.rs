@@ -54,6 +54,8 @@ pub struct Shared {
     pub(crate) failed_over: Mutex<Option<String>>,
     /// The agent's id, from its certificate.
     agent_id: String,
+    /// When the change log reached which seq, for the report.
+    marks: Mutex<haven_net::stream::WriteMarks>,
 }
 
 impl Shared {
@@ -89,6 +91,7 @@ impl Shared {
             link: Mutex::new(None),
             failed_over: Mutex::new(None),
             agent_id,
+            marks: Mutex::new(Default::default()),
         }
     }
 
@@ -198,8 +201,23 @@ impl Shared {
                 last_seq: seq_add(st.last_seq, rec.seq_base),
                 acked_seq: self.acked_seq.load(Ordering::Relaxed),
                 message,
+                written: self.marks.lock().unwrap_or_else(|e| e.into_inner()).marks(),
             }],
         }
+    }
+
+    /// Notes the change log's last seq now (every [`WriteMarks::FINE_EVERY`]).
+    ///
+    /// [`WriteMarks::FINE_EVERY`]: haven_net::stream::WriteMarks::FINE_EVERY
+    pub fn sample_writes(&self) {
+        let last = seq_add(self.splitter.log_stats().last_seq, self.record().seq_base);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(ms, last);
     }
 
     /// Writes `status.json` (atomically).

@@ -841,14 +841,25 @@ fn compare(
     Ok(total)
 }
 
-/// Every second: `status.json`, and a report to the gateway when connected.
+/// Every second: `status.json`, and a report to the gateway when connected; every 250 ms a
+/// mark of when the writes happened (carried in the report).
 pub async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(haven_net::stream::WriteMarks::FINE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let per_report = (Duration::from_secs(1).as_millis()
+        / haven_net::stream::WriteMarks::FINE_EVERY.as_millis()) as u64;
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        // It takes the splitter's lock, which a write may hold for a moment.
+        let s = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || s.sample_writes()).await;
+        ticks += 1;
+        if ticks % per_report != 1 {
+            continue;
         }
         let s = Arc::clone(&shared);
         let report = tokio::task::spawn_blocking(move || {

@@ -948,6 +948,64 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
 }
 
 #[test]
+fn without_points_the_rpo_counts_the_writes_the_master_target_lacks() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    zero_disk(&disk, 8 << 20)?;
+    // No points kept: a failover takes whatever the master target holds.
+    let mut c = start(tmp.path(), &disk, None, &[])?;
+    c.wait_caught_up(now_ms(), Duration::from_secs(120), |_, _| {})?;
+    let write = |c: &Cluster, i: u64| {
+        qemu_io(
+            &c.agent.nbd,
+            &[format!(
+                "write -P {} {} 64k",
+                i % 250 + 1,
+                (i % 100) * 65536
+            )],
+        )
+    };
+    write(&c, 0)?;
+    c.wait_caught_up(now_ms(), Duration::from_secs(60), |_, _| {})?;
+    let (idle, _) = rpo(&c)?;
+    let idle = idle.context("no RPO while protected")?;
+    assert!(idle < 2.0, "RPO {idle} s with everything held");
+
+    // The master target stops taking records (its process server still forwards the agent's
+    // reports) while the source writes on: its own measure sees nothing, the RPO sees the
+    // writes it lacks.
+    c.mt.env
+        .push(("HAVEN_FAILPOINTS".into(), "ingest=pause".into()));
+    c.mt.restart()?;
+    let started = Instant::now();
+    let mut i = 1;
+    while started.elapsed() < Duration::from_secs(8) {
+        write(&c, i)?;
+        i += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (behind, lag) = rpo(&c)?;
+    let behind = behind.context("no RPO")?;
+    assert_eq!(lag, 0.0, "the master target holds nothing new to measure");
+    assert!(
+        behind >= 6.0,
+        "RPO {behind} s after 8 s of writes the master target does not hold"
+    );
+
+    // It takes records again: the RPO falls.
+    c.mt.env.clear();
+    c.mt.restart()?;
+    poll(Duration::from_secs(60), Duration::from_millis(250), || {
+        Ok(match rpo(&c)? {
+            (Some(r), _) if r < 2.0 => Ok(()),
+            (r, _) => Err(format!("the RPO did not fall: {r:?}")),
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&c)))?;
+    Ok(())
+}
+
+#[test]
 fn retention_keeps_what_the_policy_says_as_time_passes() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let disk = tmp.path().join("disk.raw");

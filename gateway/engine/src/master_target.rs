@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use haven_host::{Host, PluginSpec};
 use haven_net::endpoint::ServerTls;
-use haven_net::stream::{Report, read_report};
+use haven_net::stream::{HeldUpTo, Report, held_up_to, read_report};
 use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
@@ -118,20 +118,39 @@ struct Heard {
 /// With points kept: when the source has written since the newest point the master target
 /// holds (its fresh report's last seq is past what points cover), or when it has not been
 /// heard from lately (a process server or link down: it may have), everything since that
-/// point is at stake: the age of the point, on the source's clock. Otherwise, and without
-/// points, it is the master target's own measure: the age of the oldest record it holds that
-/// no point covers.
+/// point is at stake: the age of the point, on the source's clock. Otherwise it is the master
+/// target's own measure: the age of the oldest record it holds that no point covers.
+///
+/// Without points a failover takes everything held here, and what is at stake is the source's
+/// writes the master target does not hold yet: `held` says, from the source's marks, since
+/// when ([`held_up_to`]); the age of that moment on the source's clock. A source not heard
+/// from lately may have written since its report: the report's age. At least the master
+/// target's own measure either way.
+///
+/// [`held_up_to`]: haven_net::stream::held_up_to
+#[allow(clippy::too_many_arguments)]
 fn rpo_seconds(
     keep_points: bool,
     newest_point: Option<&crate::recovery::PointRecord>,
     covered: Seq,
     last_seq: Option<(u64, Heard)>,
+    held: Option<HeldUpTo>,
     now: Instant,
     now_ms: u64,
     lag_seconds: f64,
 ) -> Option<f64> {
     if !keep_points {
-        return Some(lag_seconds);
+        let Some((_, heard)) = last_seq else {
+            return Some(lag_seconds);
+        };
+        let source_now = now_ms as i64 + heard.skew_ms;
+        let since = match held {
+            Some(HeldUpTo::At(ms) | HeldUpTo::Before(ms)) => ms as i64,
+            None if now.duration_since(heard.at) <= REPORT_FRESH => return Some(lag_seconds),
+            None => heard.time_ms as i64,
+        };
+        let age = (source_now - since).max(0) as f64 / 1000.0;
+        return Some(age.max(lag_seconds));
     }
     let point = newest_point?;
     let written_since = match last_seq {
@@ -467,11 +486,13 @@ impl MasterTarget {
                 let lag_seconds = uncovered()
                     .next()
                     .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64());
-                let last_seq = report
+                let disk_report = report
                     .as_ref()
                     .and_then(|rep| rep.disks.iter().find(|d| d.disk == s.key.disk))
-                    .zip(heard.get(&agent_id))
-                    .map(|(d, h)| (d.last_seq, *h));
+                    .zip(heard.get(&agent_id));
+                let last_seq = disk_report.map(|(d, h)| (d.last_seq, *h));
+                let held = disk_report
+                    .and_then(|(d, h)| held_up_to(&d.written, d.last_seq, h.time_ms, s.durable()));
                 let rpo = (item_state == crate::recovery::ItemState::Protected)
                     .then(|| {
                         rpo_seconds(
@@ -479,6 +500,7 @@ impl MasterTarget {
                             newest.as_ref(),
                             covered,
                             last_seq,
+                            held,
                             now,
                             now_ms(),
                             lag_seconds,
@@ -678,7 +700,7 @@ mod tests {
         };
         let p_ahead = point(10, now_ms + 5_000 - 800);
         let rpo = |p: Option<&PointRecord>, last: Option<(u64, Heard)>, lag: f64| {
-            rpo_seconds(true, p, 10, last, now, now_ms, lag)
+            rpo_seconds(true, p, 10, last, None, now, now_ms, lag)
         };
         // Writes after the point: its age, on the source's clock.
         assert_eq!(rpo(Some(&p_ahead), Some((12, heard)), 0.2), Some(0.8));
@@ -697,9 +719,26 @@ mod tests {
         assert_eq!(rpo(Some(&p), Some((12, heard)), 7.5), Some(7.5));
         // Nothing to fail over to yet.
         assert_eq!(rpo(None, Some((12, heard)), 3.0), None);
-        // Without points: the master target's measure.
+        // Without points: since when the source's writes are not all held here, on its
+        // clock (5 s ahead), at least the master target's measure.
+        let unpointed = |held, heard, lag| {
+            rpo_seconds(false, None, 0, Some((12, heard)), held, now, now_ms, lag)
+        };
         assert_eq!(
-            rpo_seconds(false, None, 10, Some((12, heard)), now, now_ms, 1.5),
+            unpointed(Some(HeldUpTo::At(now_ms + 5_000 - 2_500)), heard, 1.5),
+            Some(2.5)
+        );
+        assert_eq!(
+            unpointed(Some(HeldUpTo::Before(now_ms + 5_000 - 9_000)), heard, 1.5),
+            Some(9.0)
+        );
+        // Everything the fresh report knows of is held: the master target's measure.
+        assert_eq!(unpointed(None, heard, 0.25), Some(0.25));
+        // A stale report: the source may have written since it.
+        assert_eq!(unpointed(None, stale, 0.0), Some(6.0));
+        // Never heard from: the master target's measure.
+        assert_eq!(
+            rpo_seconds(false, None, 0, None, None, now, now_ms, 1.5),
             Some(1.5)
         );
     }

@@ -210,6 +210,7 @@ mod tests {
                     last_seq: agent_last,
                     acked_seq: agent_last,
                     message: None,
+                    written: Vec::new(),
                 }],
             }),
             error: None,

@@ -169,6 +169,98 @@ pub struct DiskReport {
     /// Why the disk is in the error state, and what to do.
     #[serde(default)]
     pub message: Option<String>,
+    /// When the change log reached which seq, oldest first ([`WriteMarks`]): a receiver that
+    /// holds up to some seq tells from them how old the oldest write it lacks is.
+    #[serde(default)]
+    pub written: Vec<WriteMark>,
+}
+
+/// At `ms` (the agent's clock, ms since the Unix epoch) the change log's last seq was `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteMark {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+/// Most recent marks kept at full resolution ([`WriteMarks::FINE_EVERY`] apart: 16 s).
+const FINE_MARKS: usize = 64;
+/// Older marks kept, at least [`WriteMarks::COARSE_EVERY`] apart (about 8 minutes).
+const COARSE_MARKS: usize = 64;
+
+/// The agent's marks of when its writes happened, sampled every [`WriteMarks::FINE_EVERY`]:
+/// the last 16 s at that resolution, then one per [`WriteMarks::COARSE_EVERY`] for about 8
+/// minutes. A sample whose seq equals the newest mark's moves that mark to the sample's time
+/// ("still at this seq then"), so an idle disk keeps one fresh mark.
+#[derive(Clone, Debug, Default)]
+pub struct WriteMarks {
+    fine: std::collections::VecDeque<WriteMark>,
+    coarse: std::collections::VecDeque<WriteMark>,
+}
+
+/// How far back a receiver holds every write of a source, from the source's marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeldUpTo {
+    /// Every write the source made until this time (its clock, ms) is held; later ones may
+    /// not be.
+    At(u64),
+    /// Writes older than every mark are missing: some write before this time is not held.
+    Before(u64),
+}
+
+impl WriteMarks {
+    /// How often the agent samples its last seq.
+    pub const FINE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+    /// Spacing of the older marks.
+    pub const COARSE_EVERY: std::time::Duration = std::time::Duration::from_secs(8);
+
+    /// Records that at `ms` the last seq is `seq`.
+    pub fn sample(&mut self, ms: u64, seq: u64) {
+        if let Some(last) = self.fine.back_mut()
+            && last.seq == seq
+        {
+            last.ms = last.ms.max(ms);
+            return;
+        }
+        self.fine.push_back(WriteMark { ms, seq });
+        if self.fine.len() > FINE_MARKS
+            && let Some(old) = self.fine.pop_front()
+        {
+            let spaced = self
+                .coarse
+                .back()
+                .is_none_or(|c| old.ms >= c.ms + Self::COARSE_EVERY.as_millis() as u64);
+            if spaced {
+                self.coarse.push_back(old);
+                if self.coarse.len() > COARSE_MARKS {
+                    self.coarse.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Every mark, oldest first.
+    pub fn marks(&self) -> Vec<WriteMark> {
+        self.coarse.iter().chain(&self.fine).copied().collect()
+    }
+}
+
+/// Up to when a receiver holding every record up to `held` holds the source's writes, given
+/// the source's `marks` (oldest first) and its report: `last_seq` at `report_ms`. `None` when
+/// it holds everything the report knows of.
+pub fn held_up_to(
+    marks: &[WriteMark],
+    last_seq: u64,
+    report_ms: u64,
+    held: u64,
+) -> Option<HeldUpTo> {
+    if last_seq <= held {
+        return None;
+    }
+    // The newest mark still within what is held: until then every write is held.
+    match marks.iter().rev().find(|m| m.seq <= held) {
+        Some(m) => Some(HeldUpTo::At(m.ms)),
+        None => Some(HeldUpTo::Before(marks.first().map_or(report_ms, |m| m.ms))),
+    }
 }
 
 /// What an agent reports about itself, about once a second.
@@ -213,4 +305,48 @@ pub async fn read_report(mut recv: quinn::RecvStream) -> Result<Report, StreamEr
         .await
         .map_err(|e| StreamError::Report(e.to_string()))?;
     serde_json::from_slice(&body).map_err(|e| StreamError::Report(format!("bad report: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_keep_16_seconds_fine_then_8_second_steps_and_move_while_idle() {
+        let mut m = WriteMarks::default();
+        // Idle at seq 5 for a second: one mark, moved to the latest sample.
+        for i in 0..4 {
+            m.sample(1_000 + i * 250, 5);
+        }
+        assert_eq!(m.marks(), vec![WriteMark { ms: 1_750, seq: 5 }]);
+        // Writing: a mark per sample; after 16 s the older ones thin out to 8 s steps.
+        for i in 0..400u64 {
+            m.sample(2_000 + i * 250, 6 + i);
+        }
+        let marks = m.marks();
+        // 337 marks left the fine ones: the first, then one per 8 s of the 84 s they span.
+        assert_eq!(marks.len(), FINE_MARKS + 11);
+        let fine = &marks[marks.len() - FINE_MARKS..];
+        assert!(fine.windows(2).all(|w| w[1].ms - w[0].ms == 250));
+        let coarse = &marks[..marks.len() - FINE_MARKS];
+        assert!(coarse.windows(2).all(|w| w[1].ms - w[0].ms >= 8_000));
+        assert!(marks.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn held_up_to_is_the_newest_mark_within_what_is_held() {
+        let marks = [
+            WriteMark { ms: 1_000, seq: 10 },
+            WriteMark { ms: 2_000, seq: 20 },
+            WriteMark { ms: 3_000, seq: 30 },
+        ];
+        assert_eq!(held_up_to(&marks, 35, 3_500, 35), None);
+        assert_eq!(held_up_to(&marks, 35, 3_500, 30), Some(HeldUpTo::At(3_000)));
+        assert_eq!(held_up_to(&marks, 35, 3_500, 25), Some(HeldUpTo::At(2_000)));
+        assert_eq!(
+            held_up_to(&marks, 35, 3_500, 9),
+            Some(HeldUpTo::Before(1_000))
+        );
+        assert_eq!(held_up_to(&[], 35, 3_500, 9), Some(HeldUpTo::Before(3_500)));
+    }
 }
