@@ -844,6 +844,30 @@ fn get(url: &str) -> Result<String> {
 }
 
 /// The master target's RPO for the one item, and its own lag measure.
+/// Write `i` of a workload: 64 KiB of a pattern of its own at one of 100 places.
+fn write_64k(c: &Cluster, i: u64) -> Result<()> {
+    qemu_io(
+        &c.agent.nbd,
+        &[format!(
+            "write -P {} {} 64k",
+            i % 250 + 1,
+            (i % 100) * 65536
+        )],
+    )
+}
+
+/// Writes every 250 ms for `how_long`, from write `from` on; returns the next write's number.
+fn write_for(c: &Cluster, from: u64, how_long: Duration) -> Result<u64> {
+    let started = Instant::now();
+    let mut i = from;
+    while started.elapsed() < how_long {
+        write_64k(c, i)?;
+        i += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(i)
+}
+
 fn rpo(c: &Cluster) -> Result<(Option<f64>, f64)> {
     let status = c.mt.status()?;
     let r = &status.master_target.as_ref().context("mt")?.replicas[0];
@@ -862,16 +886,7 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
         &["--point-interval", "1s"],
     )?;
     wait_points(&c, 2, Duration::from_secs(120))?;
-    let write = |c: &Cluster, i: u64| {
-        qemu_io(
-            &c.agent.nbd,
-            &[format!(
-                "write -P {} {} 64k",
-                i % 250 + 1,
-                (i % 100) * 65536
-            )],
-        )
-    };
+    let write = write_64k;
     // Replicating: the RPO is about the point interval.
     for i in 0..4 {
         write(&c, i)?;
@@ -884,13 +899,7 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
     // The process server is gone while the source writes on: nothing new reaches the master
     // target, and its RPO counts the time since its newest point.
     c.ps.proc.kill();
-    let down = Instant::now();
-    let mut i = 4;
-    while down.elapsed() < Duration::from_secs(9) {
-        write(&c, i)?;
-        i += 1;
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let mut i = write_for(&c, 4, Duration::from_secs(9))?;
     let (during, lag) = rpo(&c)?;
     let during = during.context("no RPO")?;
     // The newest point is from before the kill; the estimate of the source's clock may be
@@ -955,16 +964,7 @@ fn without_points_the_rpo_counts_the_writes_the_master_target_lacks() -> Result<
     // No points kept: a failover takes whatever the master target holds.
     let mut c = start(tmp.path(), &disk, None, &[])?;
     c.wait_caught_up(now_ms(), Duration::from_secs(120), |_, _| {})?;
-    let write = |c: &Cluster, i: u64| {
-        qemu_io(
-            &c.agent.nbd,
-            &[format!(
-                "write -P {} {} 64k",
-                i % 250 + 1,
-                (i % 100) * 65536
-            )],
-        )
-    };
+    let write = write_64k;
     write(&c, 0)?;
     c.wait_caught_up(now_ms(), Duration::from_secs(60), |_, _| {})?;
     let (idle, _) = rpo(&c)?;
@@ -977,13 +977,7 @@ fn without_points_the_rpo_counts_the_writes_the_master_target_lacks() -> Result<
     c.mt.env
         .push(("HAVEN_FAILPOINTS".into(), "ingest=pause".into()));
     c.mt.restart()?;
-    let started = Instant::now();
-    let mut i = 1;
-    while started.elapsed() < Duration::from_secs(8) {
-        write(&c, i)?;
-        i += 1;
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    write_for(&c, 1, Duration::from_secs(8))?;
     let (behind, lag) = rpo(&c)?;
     let behind = behind.context("no RPO")?;
     assert_eq!(lag, 0.0, "the master target holds nothing new to measure");
