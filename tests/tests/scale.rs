@@ -72,7 +72,11 @@ fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Re
         )?);
     }
 
-    // Every replica applied up to its agent's last record, the agent protected.
+    let started = std::time::Instant::now();
+    eprintln!("{n} agents started");
+    // Every replica applied up to its agent's last record, the agent protected. Each disk is
+    // seen so once (its points go on, changing no data), not all at one instant.
+    let mut done = vec![false; n];
     let machine = |i: usize| {
         if i == 0 {
             "web01".to_string()
@@ -94,21 +98,19 @@ fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Re
             .map(|r| (r.machine_name, (r.path, r.applied_seq)))
             .collect();
         let all = std::iter::once(&c.agent).chain(&agents);
-        let mut waiting = 0;
         for (i, a) in all.enumerate() {
-            let done = a.report().is_some_and(|r| {
-                r.disks.iter().all(|d| {
-                    d.state == DiskState::Protected
-                        && d.acked_seq == d.last_seq
-                        && replicas
-                            .get(&machine(i))
-                            .is_some_and(|(_, applied)| *applied >= d.last_seq)
-                })
-            });
-            if !done {
-                waiting += 1;
-            }
+            done[i] = done[i]
+                || a.report().is_some_and(|r| {
+                    r.disks.iter().all(|d| {
+                        d.state == DiskState::Protected
+                            && d.acked_seq == d.last_seq
+                            && replicas
+                                .get(&machine(i))
+                                .is_some_and(|(_, applied)| *applied >= d.last_seq)
+                    })
+                });
         }
+        let waiting = done.iter().filter(|d| !**d).count();
         Ok(if waiting == 0 {
             Ok(replicas)
         } else {
@@ -116,6 +118,7 @@ fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Re
         })
     })?;
 
+    eprintln!("{n} disks replicated in {:?}", started.elapsed());
     // Every replica equals its source.
     for (i, source) in sources.iter().enumerate() {
         let (path, _) = replicas
@@ -130,7 +133,13 @@ fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Re
     // A replica is work, not a thread: the gateways' threads do not grow with the disks.
     let mt_threads = threads(c.mt.proc.pid().context("master target pid")?)?;
     let ps_threads = threads(c.ps.proc.pid().context("process server pid")?)?;
-    eprintln!("{n} disks: master target {mt_threads} threads, process server {ps_threads}");
+    let mib = |b: Option<u64>| b.map_or(0, |b| b >> 20);
+    eprintln!(
+        "{n} disks: master target {mt_threads} threads, peak RSS {} MiB; process server \
+         {ps_threads} threads, peak RSS {} MiB",
+        mib(c.mt.proc.peak_rss()),
+        mib(c.ps.proc.peak_rss())
+    );
     assert!(
         mt_threads < 32,
         "the master target runs {mt_threads} threads for {n} disks"
