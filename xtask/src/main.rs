@@ -4,7 +4,7 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats|replication|points|nbd]` runs benchmarks against their
+//! - `cargo xtask bench [plugins|formats|replication|points|nbd|scale]` runs benchmarks against their
 //!   baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
@@ -18,6 +18,7 @@ mod bench;
 mod bench_nbd;
 mod bench_points;
 mod bench_replication;
+mod bench_scale;
 mod demo;
 
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
@@ -65,7 +66,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd|scale] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -267,7 +268,8 @@ fn bench(args: &[&str]) -> Result<()> {
             bench(&["formats"])?;
             bench(&["replication"])?;
             bench(&["points"])?;
-            bench(&["nbd"])
+            bench(&["nbd"])?;
+            bench(&["scale"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -297,8 +299,15 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_nbd::run(&root())
         }
+        "scale" => {
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_scale::run(&root())
+        }
         other => {
-            bail!("unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd)")
+            bail!(
+                "unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd, \
+                 scale)"
+            )
         }
     }
 }
