@@ -169,9 +169,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Most threads of the runtime's blocking pool (journal appends and syncs, redb commits,
+/// plugin calls from the API). Every replication stream runs its disk work there, so tokio's
+/// default of 512 let a gateway with many disks grow a thread per busy stream; bounded, busy
+/// streams take turns for the pool (their work never waits on async progress, so a full pool
+/// only queues it).
+const MAX_BLOCKING_THREADS: usize = 16;
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("cannot start the async runtime")
 }
