@@ -88,7 +88,7 @@ pub(crate) fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 /// Nearest-rank percentile of sorted values (`p` in 0..=1).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -22,7 +22,7 @@ use haven_e2e::nbd::NbdClient;
 use haven_e2e::{Agent, Cluster, Proc, Rng, mixed_disk};
 use haven_net::stream::DiskState;
 
-use crate::bench_points::{Out, start, target_dir};
+use crate::bench_points::{Out, percentile, start, target_dir};
 
 const MIB: u64 = 1 << 20;
 const LIGHT_DISK: u64 = 64 * MIB;
@@ -87,14 +87,6 @@ struct Run {
     /// Gateways' CPU, percent of a core per MiB/s of churn.
     cpu_per_mibs: f64,
     churn_mibs: f64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn machine(i: usize) -> String {
