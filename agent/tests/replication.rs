@@ -399,15 +399,31 @@ fn seed() -> u64 {
     seed
 }
 
-#[test]
-fn enroll_protect_initial_sync_under_workload_converges() {
-    let seed = seed();
+/// A site with an agent enrolled in `<site>/agent`, and its disk `<site>/disk.raw` of `size`
+/// bytes prefilled from `seed`.
+fn enrolled_site(size: u64, seed: u64) -> (Site, PathBuf, PathBuf) {
     let site = Site::new();
     let data = site.dir.path().join("agent");
     let disk = site.dir.path().join("disk.raw");
-    const SIZE: u64 = 64 << 20;
-    prefilled_disk(&disk, SIZE, seed);
+    prefilled_disk(&disk, size, seed);
     site.enroll(&data);
+    (site, data, disk)
+}
+
+/// Starts the agent, runs 20 writes of the workload of `seed`, and waits until the replica
+/// equals the disk.
+fn converged_after_workload(site: &Site, data: &Path, disk: &Path, seed: u64, size: u64) -> Agent {
+    let agent = Agent::start(data, disk, &[]);
+    qemu_io_ok(&agent.url(), &workload(&mut Rng::new(seed), 20, 0, size));
+    wait_converged(site, &agent, data, disk, Duration::from_secs(30));
+    agent
+}
+
+#[test]
+fn enroll_protect_initial_sync_under_workload_converges() {
+    let seed = seed();
+    const SIZE: u64 = 64 << 20;
+    let (site, data, disk) = enrolled_site(SIZE, seed);
     assert!(data.join("identity/key.pem").exists());
     let mode = fs::metadata(data.join("identity/key.pem"))
         .unwrap()
@@ -491,12 +507,8 @@ fn enroll_protect_initial_sync_under_workload_converges() {
 #[test]
 fn sigkill_during_initial_sync_and_workload_loses_nothing() {
     let seed = seed();
-    let site = Site::new();
-    let data = site.dir.path().join("agent");
-    let disk = site.dir.path().join("disk.raw");
     const SIZE: u64 = 64 << 20;
-    prefilled_disk(&disk, SIZE, seed);
-    site.enroll(&data);
+    let (site, data, disk) = enrolled_site(SIZE, seed);
     let args = [
         "--log-max-bytes",
         "67108864",
@@ -529,15 +541,9 @@ fn sigkill_during_initial_sync_and_workload_loses_nothing() {
 #[test]
 fn lost_log_resyncs_only_the_differences() {
     let seed = seed();
-    let site = Site::new();
-    let data = site.dir.path().join("agent");
-    let disk = site.dir.path().join("disk.raw");
     const SIZE: u64 = 32 << 20;
-    prefilled_disk(&disk, SIZE, seed);
-    site.enroll(&data);
-    let mut agent = Agent::start(&data, &disk, &[]);
-    qemu_io_ok(&agent.url(), &workload(&mut Rng::new(seed), 20, 0, SIZE));
-    wait_converged(&site, &agent, &data, &disk, Duration::from_secs(30));
+    let (site, data, disk) = enrolled_site(SIZE, seed);
+    let mut agent = converged_after_workload(&site, &data, &disk, seed, SIZE);
     assert!(agent.terminate());
     let seq_before = site.replica.lock().unwrap().durable;
 
@@ -592,13 +598,9 @@ fn lost_log_resyncs_only_the_differences() {
 #[test]
 fn a_full_log_while_the_gateway_is_away_resyncs_and_never_fails_a_write() {
     let seed = seed();
-    let site = Site::new();
-    let data = site.dir.path().join("agent");
-    let disk = site.dir.path().join("disk.raw");
     const SIZE: u64 = 64 << 20;
     const LOG: u64 = 8 << 20;
-    prefilled_disk(&disk, SIZE, seed);
-    site.enroll(&data);
+    let (site, data, disk) = enrolled_site(SIZE, seed);
     let log_max = LOG.to_string();
     let args = [
         "--log-max-bytes",
@@ -669,15 +671,9 @@ fn a_full_log_while_the_gateway_is_away_resyncs_and_never_fails_a_write() {
 #[test]
 fn an_unclean_machine_restart_resyncs_and_a_clean_one_does_not() {
     let seed = seed();
-    let site = Site::new();
-    let data = site.dir.path().join("agent");
-    let disk = site.dir.path().join("disk.raw");
     const SIZE: u64 = 32 << 20;
-    prefilled_disk(&disk, SIZE, seed);
-    site.enroll(&data);
-    let mut agent = Agent::start(&data, &disk, &[]);
-    qemu_io_ok(&agent.url(), &workload(&mut Rng::new(seed), 20, 0, SIZE));
-    wait_converged(&site, &agent, &data, &disk, Duration::from_secs(30));
+    let (site, data, disk) = enrolled_site(SIZE, seed);
+    let mut agent = converged_after_workload(&site, &data, &disk, seed, SIZE);
 
     // A clean stop, then the machine restarts: the log is kept.
     assert!(agent.terminate());

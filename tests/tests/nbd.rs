@@ -90,6 +90,19 @@ fn ranges_with(map: &[Extent], bit: u32) -> Vec<(u64, u64)> {
     ranges_without(&flipped, bit)
 }
 
+/// `haven-gateway nbd-cert` from the site CA in `data_dir`, into `out`.
+fn nbd_cert(data_dir: &Path, out: &Path, what: &[&str]) -> Result<()> {
+    run_ok(
+        Command::new(haven_e2e::default_bin_dir().join("haven-gateway"))
+            .args(["nbd-cert", "--data-dir"])
+            .arg(data_dir)
+            .arg("--out")
+            .arg(out)
+            .args(what),
+    )?;
+    Ok(())
+}
+
 /// `MIB` bytes of a pattern unique to `seed`.
 fn pattern(seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -367,14 +380,7 @@ fn a_tls_export_serves_site_clients_and_refuses_others() -> Result<()> {
 
     let bins = haven_e2e::default_bin_dir();
     let certs = dir.path().join("client");
-    run_ok(
-        Command::new(bins.join("haven-gateway"))
-            .args(["nbd-cert", "--data-dir"])
-            .arg(&c.mt.data_dir)
-            .arg("--out")
-            .arg(&certs)
-            .args(["--client", "backup-host"]),
-    )?;
+    nbd_cert(&c.mt.data_dir, &certs, &["--client", "backup-host"])?;
     let with_certs = format!("{uri}?tls-certificates={}", certs.display());
     let m = map(&with_certs, None)?;
     assert_eq!(ranges_without(&m, 1), [(4 * MIB, 5 * MIB)], "{m:?}");
@@ -418,14 +424,7 @@ fn a_tls_export_serves_site_clients_and_refuses_others() -> Result<()> {
             .arg(&other),
     )?;
     let other_certs = dir.path().join("other-client");
-    run_ok(
-        Command::new(bins.join("haven-gateway"))
-            .args(["nbd-cert", "--data-dir"])
-            .arg(&other)
-            .arg("--out")
-            .arg(&other_certs)
-            .args(["--client", "intruder"]),
-    )?;
+    nbd_cert(&other, &other_certs, &["--client", "intruder"])?;
     // The other site's CA does not know this gateway either: trust ours, show theirs.
     std::fs::copy(certs.join("ca-cert.pem"), other_certs.join("ca-cert.pem"))?;
     let foreign = format!("{uri}?tls-certificates={}", other_certs.display());
@@ -466,13 +465,10 @@ fn the_agent_serves_plain_nbd_on_loopback_only_and_tls_with_site_certificates() 
             .arg(&site),
     )?;
     let certs = dir.path().join("certs");
-    run_ok(
-        Command::new(bins.join("haven-gateway"))
-            .args(["nbd-cert", "--data-dir"])
-            .arg(&site)
-            .arg("--out")
-            .arg(&certs)
-            .args(["--server", "127.0.0.1", "--client", "hypervisor"]),
+    nbd_cert(
+        &site,
+        &certs,
+        &["--server", "127.0.0.1", "--client", "hypervisor"],
     )?;
     let port = haven_e2e::free_tcp_port();
     let ready = dir.path().join("ready");

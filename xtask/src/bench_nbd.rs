@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use haven_e2e::nbd::NbdClient;
-use haven_e2e::{Cluster, Rng, free_tcp_port, images_equal};
+use haven_e2e::{Cluster, Rng, free_tcp_port, images_equal, run_ok};
 
 use crate::bench_points::{Out, dur, mib_s, random_mib, start, target_dir, vary, wait_protected};
 
@@ -77,15 +77,7 @@ impl Drop for QemuNbd {
 /// Runs a command; how long it took.
 fn timed(cmd: &mut Command) -> Result<Duration> {
     let started = Instant::now();
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    run_ok(cmd)?;
     Ok(started.elapsed())
 }
 

@@ -572,16 +572,7 @@ impl View {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|e| *e <= self.size)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "read {offset}+{} past the end of the {}-byte disk",
-                    buf.len(),
-                    self.size
-                )
-            })?;
+        let end = self.checked_end(offset, buf.len() as u64)?;
         let pieces = lock(&self.extents).pieces(offset, end);
         for (a, b, src) in pieces {
             let out = &mut buf[(a - offset) as usize..(b - offset) as usize];

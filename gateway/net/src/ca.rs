@@ -354,6 +354,14 @@ struct State {
     crl_number: u64,
 }
 
+/// What [`SiteCa::sign_new_key`] records of a certificate it issues.
+struct Leaf<'a> {
+    kind: &'static str,
+    subject: &'a str,
+    names: &'a str,
+    validity: Duration,
+}
+
 /// The site CA, opened from its folder.
 pub struct SiteCa {
     dir: PathBuf,
@@ -511,13 +519,6 @@ impl SiteCa {
             });
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].clone());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, self.state.site_name.clone());
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -534,30 +535,14 @@ impl SiteCa {
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
         params.key_identifier_method = KeyIdMethod::Sha256;
-        let v = Validity::from_now(SERVER_CERT_VALIDITY);
-        params.not_before = to_odt(v.not_before);
-        params.not_after = to_odt(v.not_after);
-        let (serial, serial_hex) = random_serial();
-        params.serial_number = Some(serial);
-        let key = KeyPair::generate().map_err(crypto("generate the server key"))?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(crypto("sign the server certificate"))?;
-        let mut state = self.state.clone();
-        state.issued.insert(
-            serial_hex,
-            IssuedRecord {
-                kind: "server".into(),
-                subject: names[0].clone(),
-                names: names.join(","),
-                not_after: unix(v.not_after),
-                issued_at: unix(SystemTime::now()),
-            },
-        );
-        self.commit(state)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        let leaf = Leaf {
+            kind: "server",
+            subject: &names[0],
+            names: &names.join(","),
+            validity: SERVER_CERT_VALIDITY,
+        };
+        self.sign_new_key(params, leaf)
     }
 
     /// Issues a certificate for an NBD client (a tool such as qemu or nbdcopy that reads a
@@ -566,13 +551,6 @@ impl SiteCa {
     pub fn issue_nbd_client_cert(&mut self, name: &str) -> Result<(String, String)> {
         validate_machine_name(name)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.to_string());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, self.state.site_name.clone());
         // qemu refuses to load a client certificate whose (critical) key usage lacks key
         // encipherment, whatever the key type.
         params.key_usages = vec![
@@ -580,23 +558,47 @@ impl SiteCa {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = Leaf {
+            kind: "nbd-client",
+            subject: name,
+            names: name,
+            validity: self.client_cert_validity,
+        };
+        self.sign_new_key(params, leaf)
+    }
+
+    /// Completes `params` (subject `leaf.subject` of this site, validity, serial), signs them
+    /// with a key generated here, and records the certificate as issued. Returns
+    /// `(certificate PEM, private key PEM)`.
+    fn sign_new_key(
+        &mut self,
+        mut params: CertificateParams,
+        leaf: Leaf<'_>,
+    ) -> Result<(String, String)> {
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, leaf.subject.to_string());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, self.state.site_name.clone());
         params.use_authority_key_identifier_extension = true;
-        let v = Validity::from_now(self.client_cert_validity);
+        let v = Validity::from_now(leaf.validity);
         params.not_before = to_odt(v.not_before);
         params.not_after = to_odt(v.not_after);
         let (serial, serial_hex) = random_serial();
         params.serial_number = Some(serial);
-        let key = KeyPair::generate().map_err(crypto("generate the NBD client key"))?;
+        let key = KeyPair::generate().map_err(crypto("generate a certificate's key"))?;
         let cert = params
             .signed_by(&key, &self.issuer)
-            .map_err(crypto("sign the NBD client certificate"))?;
+            .map_err(crypto("sign a certificate"))?;
         let mut state = self.state.clone();
         state.issued.insert(
             serial_hex,
             IssuedRecord {
-                kind: "nbd-client".into(),
-                subject: name.to_string(),
-                names: name.to_string(),
+                kind: leaf.kind.into(),
+                subject: leaf.subject.to_string(),
+                names: leaf.names.to_string(),
                 not_after: unix(v.not_after),
                 issued_at: unix(SystemTime::now()),
             },
