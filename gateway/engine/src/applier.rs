@@ -490,19 +490,14 @@ impl Apply<'_> {
         };
         failpoint::hit("apply.after-write");
         plugin.flush(disk).map_err(|e| fail(&e))?;
-        let mut record = self
-            .state
-            .get_stream(stream.key)
-            .map_err(|e| fail(&e))?
-            .ok_or_else(|| fail(&"stream record missing"))?;
-        record.applied_seq = seq;
         // What a test failover or failover reads stays in the journal; the hold is locked from
         // here until the journal is freed (see `hold_base`).
         let hold = lock(&self.replica.recovery.hold);
         let release = hold.map_or(seq, |h| seq.min(h));
         self.state
-            .put_stream(stream.key, &record)
-            .map_err(|e| fail(&e))?;
+            .update_stream(stream.key, |r| r.applied_seq = seq)
+            .map_err(|e| fail(&e))?
+            .ok_or_else(|| fail(&"stream record missing"))?;
         self.replica.applied.store(seq, Ordering::Release);
         failpoint::hit("apply.after-commit");
         stream.journal().release(release).map_err(|e| fail(&e))?;

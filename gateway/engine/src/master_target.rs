@@ -354,11 +354,12 @@ impl MasterTarget {
                 }
                 name.clone_from(&report.machine_name);
             }
-            if let Ok(Some(mut rec)) = self.state.get_stream(r.stream.key) {
-                rec.machine_name.clone_from(&report.machine_name);
-                if let Err(e) = self.state.put_stream(r.stream.key, &rec) {
-                    tracing::warn!(error = %e, "recording the machine's name");
-                }
+            let name = &report.machine_name;
+            if let Err(e) = self
+                .state
+                .update_stream(r.stream.key, |rec| rec.machine_name.clone_from(name))
+            {
+                tracing::warn!(error = %e, "recording the machine's name");
             }
         }
     }

@@ -699,10 +699,9 @@ impl Lane {
 
     fn released(&self, state: &StateDb, up_to: Seq) -> Result<()> {
         self.stream.journal().release(up_to)?;
-        if let Some(mut r) = state.get_stream(self.stream.key)? {
-            r.released_seq = r.released_seq.max(up_to);
-            state.put_stream(self.stream.key, &r)?;
-        }
+        state.update_stream(self.stream.key, |r| {
+            r.released_seq = r.released_seq.max(up_to)
+        })?;
         self.stream.freed.notify_one();
         Ok(())
     }

@@ -214,6 +214,36 @@ impl StateDb {
         Ok(())
     }
 
+    /// Changes a stream's stored record with `change`, read and written in one transaction
+    /// (so two writers of different fields, e.g. the applied seq and the machine's name, never
+    /// lose each other's change); the record as stored after, or `None` when there is none.
+    pub fn update_stream(
+        &self,
+        key: StreamKey,
+        change: impl FnOnce(&mut StreamRecord),
+    ) -> Result<Option<StreamRecord>> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.err("starting a transaction"))?;
+        let record = {
+            let t = txn
+                .open_table(STREAMS)
+                .map_err(self.err("opening table streams"))?;
+            t.get(key.bytes().as_slice())
+                .map_err(self.err("reading a stream"))?
+                .map(|v| self.decode_stream(key, v.value()))
+                .transpose()?
+        };
+        let Some(mut record) = record else {
+            return Ok(None);
+        };
+        change(&mut record);
+        self.put_stream_in(&txn, key, &record)?;
+        txn.commit().map_err(self.err("committing a stream"))?;
+        Ok(Some(record))
+    }
+
     /// A stream's record, if stored.
     pub fn get_stream(&self, key: StreamKey) -> Result<Option<StreamRecord>> {
         let t = self.read_table(STREAMS, "opening table streams")?;

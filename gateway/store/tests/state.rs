@@ -51,6 +51,36 @@ fn streams_survive_reopen() {
 }
 
 #[test]
+fn concurrent_updates_of_different_fields_keep_both() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = std::sync::Arc::new(StateDb::open(&tmp.path().join("state.redb")).expect("open"));
+    db.put_stream(sk(1, 0), &StreamRecord::default())
+        .expect("put");
+    // One writer advances the applied seq while another names the machine, over and over.
+    let applier = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            for seq in 1..=200 {
+                db.update_stream(sk(1, 0), |r| r.applied_seq = seq)
+                    .expect("update");
+            }
+        })
+    };
+    for i in 0..200 {
+        db.update_stream(sk(1, 0), |r| r.machine_name = format!("web{i:02}"))
+            .expect("update");
+    }
+    applier.join().expect("applier thread");
+    let r = db.get_stream(sk(1, 0)).expect("get").expect("stored");
+    assert_eq!((r.applied_seq, r.machine_name.as_str()), (200, "web199"));
+    assert_eq!(
+        db.update_stream(sk(9, 9), |r| r.applied_seq = 1)
+            .expect("update"),
+        None
+    );
+}
+
+#[test]
 fn stream_record_grows_compatibly() {
     // An older record with only `size` (and an unknown newer field) still decodes.
     let r: StreamRecord = serde_json::from_str(r#"{"size": 42, "future": true}"#).expect("decode");
