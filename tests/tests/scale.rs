@@ -44,6 +44,36 @@ fn threads(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
 }
 
+/// UDP sockets a process holds: its socket fds found in `/proc/net/udp` and `udp6`.
+fn udp_sockets(pid: u32) -> Result<usize> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(link) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        if let Some(inode) = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_string());
+        }
+    }
+    let mut n = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        for line in std::fs::read_to_string(table)?.lines().skip(1) {
+            if line
+                .split_whitespace()
+                .nth(9)
+                .is_some_and(|i| inodes.contains(i))
+            {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
 #[test]
 fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Result<()> {
     let n = disks();
@@ -147,6 +177,103 @@ fn many_disks_replicate_through_one_process_server_and_one_master_target() -> Re
     assert!(
         ps_threads < 32,
         "the process server runs {ps_threads} threads for {n} disks"
+    );
+    // One connection to the master target carries every agent: the process server holds its
+    // agents' listening socket and the one socket of that connection.
+    let ps_udp = udp_sockets(c.ps.proc.pid().context("process server pid")?)?;
+    assert_eq!(
+        ps_udp, 2,
+        "the process server holds {ps_udp} UDP sockets for {n} agents (expected its listener \
+         and one connection to the master target)"
+    );
+    Ok(())
+}
+
+/// What the process server's caches hold: all together, and by machine.
+fn ps_cache(c: &Cluster) -> Result<(u64, HashMap<String, u64>)> {
+    let ps =
+        c.ps.status()?
+            .process_server
+            .context("no process server role")?;
+    let disks = ps
+        .disks
+        .into_iter()
+        .map(|d| (d.machine_name, d.cache_bytes))
+        .collect();
+    Ok((ps.cache_bytes, disks))
+}
+
+/// The process server's caches share one limit: a disk whose initial sync fills it to three
+/// quarters (the master target reads nothing, so nothing is freed) holds the rest back, and a
+/// disk that joins later still gets its records into the cache, which stays within the limit.
+#[test]
+fn a_full_shared_cache_still_takes_the_records_of_a_quiet_disk() -> Result<()> {
+    const TOTAL: u64 = 64 * MIB;
+    let dir = tempfile::tempdir()?;
+    let heavy = dir.path().join("heavy.raw");
+    haven_e2e::mixed_disk(&heavy, 512 * MIB, 3)?;
+    let mut c = Cluster::start(
+        &dir.path().join("sites"),
+        &heavy,
+        ClusterOptions {
+            ps_config: format!(
+                "cache_max_bytes = {}\ncache_total_max_bytes = {TOTAL}",
+                256 * MIB
+            ),
+            mt_env: vec![("HAVEN_FAILPOINTS".into(), "ingest=pause".into())],
+            ..Default::default()
+        },
+    )?;
+    // The heavy disk fills the shared cache to three quarters and stops there.
+    poll(Duration::from_secs(120), Duration::from_millis(250), || {
+        c.check_alive()?;
+        let (total, _) = ps_cache(&c)?;
+        Ok(if total >= TOTAL / 4 * 3 - 8 * MIB {
+            Ok(())
+        } else {
+            Err(format!("the caches hold {total} bytes"))
+        })
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, disks) = ps_cache(&c)?;
+    let heavy_bytes = disks.get("web01").copied().unwrap_or(0);
+    assert!(
+        heavy_bytes <= TOTAL / 4 * 3 + 8 * MIB,
+        "the heavy disk's cache holds {heavy_bytes} bytes, past three quarters of {TOTAL}"
+    );
+
+    // A quiet disk joins: its initial sync is taken (acknowledged = durable in the cache).
+    let light = dir.path().join("light.raw");
+    disk_with_data(&light, 1)?;
+    let agent = Agent::enroll_and_start(
+        &default_bin_dir(),
+        &c.ps,
+        &dir.path().join("light"),
+        &light,
+        "light01",
+        Vec::new(),
+    )?;
+    poll(Duration::from_secs(60), Duration::from_millis(250), || {
+        c.check_alive()?;
+        Ok(match agent.report() {
+            Some(r)
+                if r.disks.iter().all(|d| {
+                    d.state == DiskState::Protected && d.last_seq > 0 && d.acked_seq == d.last_seq
+                }) =>
+            {
+                Ok(())
+            }
+            r => Err(format!("the light disk is not in the cache yet: {r:?}")),
+        })
+    })?;
+    let (total, disks) = ps_cache(&c)?;
+    assert!(
+        disks.get("light01").is_some_and(|b| *b >= MIB),
+        "the light disk's records are not in the cache: {disks:?}"
+    );
+    assert!(
+        total <= TOTAL,
+        "the caches hold {total} bytes, past their limit of {TOTAL}: {disks:?}"
     );
     Ok(())
 }

@@ -12,8 +12,9 @@
 //! The blocking steps run in `tokio::task::block_in_place`: the engine needs tokio's
 //! multi-threaded runtime (the gateway's).
 //!
-//! A journal that is full (`StoreError::Full`) stops the loop from reading the stream until
-//! the role frees space: QUIC flow control then slows the sender, whose own log absorbs the
+//! A journal that is full (`StoreError::Full`), or a role that refuses more for now
+//! ([`Sink::admit`]: the process server's limit across all disks), stops the loop from reading
+//! the stream until the role frees space: QUIC flow control then slows the sender, whose own log absorbs the
 //! rest. Records already received wait in order; none is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -72,6 +73,18 @@ fn pending_bytes(pending: &VecDeque<Record>) -> u64 {
 
 /// Bytes of fresh records a stream keeps in memory for its consumer.
 pub const FRESH_BYTES: u64 = 16 << 20;
+/// Bytes of fresh records all the streams of this process keep together: with a thousand
+/// disks, memory stays bounded by this, not by the disks' number.
+pub const FRESH_TOTAL_BYTES: u64 = 512 << 20;
+/// Bytes of fresh records kept now, all streams together.
+static FRESH_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for DiskStream {
+    fn drop(&mut self) {
+        let kept = lock(&self.fresh).1;
+        FRESH_TOTAL.fetch_sub(kept, Ordering::Relaxed);
+    }
+}
 
 impl DiskStream {
     /// A stream over an opened journal; its durable seq is what the journal holds.
@@ -94,15 +107,25 @@ impl DiskStream {
     }
 
     fn keep_fresh(&self, record: Record) {
+        let len = record.wire_len();
         let mut fresh = lock(&self.fresh);
-        fresh.1 += record.wire_len();
-        fresh.0.push_back(record);
-        while fresh.1 > FRESH_BYTES {
+        // This stream's oldest make room, for its own limit and for the process's.
+        while fresh.1 + len > FRESH_BYTES
+            || (fresh.1 > 0 && FRESH_TOTAL.load(Ordering::Relaxed) + len > FRESH_TOTAL_BYTES)
+        {
             let Some(old) = fresh.0.pop_front() else {
                 break;
             };
             fresh.1 -= old.wire_len();
+            FRESH_TOTAL.fetch_sub(old.wire_len(), Ordering::Relaxed);
         }
+        if FRESH_TOTAL.fetch_add(len, Ordering::Relaxed) + len > FRESH_TOTAL_BYTES {
+            // Not kept: the consumer reads it back from the journal.
+            FRESH_TOTAL.fetch_sub(len, Ordering::Relaxed);
+            return;
+        }
+        fresh.1 += len;
+        fresh.0.push_back(record);
     }
 
     /// Record `seq` if it is among the fresh ones (those before it are dropped: the consumer
@@ -115,6 +138,7 @@ impl DiskStream {
             }
             let r = fresh.0.pop_front()?;
             fresh.1 -= r.wire_len();
+            FRESH_TOTAL.fetch_sub(r.wire_len(), Ordering::Relaxed);
             if r.seq() == seq {
                 return Some(r);
             }
@@ -230,6 +254,12 @@ pub trait Sink: Send + Sync + 'static {
         durable: Seq,
         appended: &[(Record, AppendInfo)],
     ) -> Result<()>;
+
+    /// Whether `stream` may take a record of `bytes` more now: a role's limit across all its
+    /// disks. A refused record waits, as for a full journal, until `stream.freed` is notified.
+    fn admit(&self, _stream: &DiskStream, _bytes: u64) -> bool {
+        true
+    }
 
     /// Whether compressed payloads are decompressed once on arrival to prove them sound (the
     /// first hop that takes them from an agent; later hops trust it).
@@ -486,6 +516,10 @@ fn append_pending<S: Sink>(
             .context("a record for a disk the Hello did not announce")?;
         if let Err(why) = check(r, s, sink.check_compressed()) {
             failed = Some(format!("disk {}: record {} refused: {why}", s.key, r.seq()));
+            break;
+        }
+        if !sink.admit(s, r.wire_len()) {
+            blocked = Some(s.clone());
             break;
         }
         let result = s.journal().append(r);

@@ -308,34 +308,50 @@ impl MasterTarget {
                 },
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
-                        if let Ok(report) = read_report(recv).await {
-                            lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
-                            // The process server sends its latest report of the agent every
-                            // second, the same one again while the agent is cut off from it:
-                            // only a newer report is news of the source.
-                            let mut heard = lock(&self.heard);
-                            let seen = heard.get(&report.agent_id).map(|h| h.time_ms);
-                            if seen.is_none_or(|t| report.time_ms > t) {
-                                heard.insert(
-                                    report.agent_id.clone(),
-                                    Heard {
-                                        at: Instant::now(),
-                                        time_ms: report.time_ms,
-                                        skew_ms: report.time_ms as i64 - now_ms() as i64,
-                                    },
-                                );
+                        // One process server sends the reports of all its agents each second:
+                        // each is read on its own task, so none holds up the next stream.
+                        let (mt, conn) = (self.clone(), conn.clone());
+                        tokio::spawn(async move {
+                            if let Ok(report) = read_report(recv).await {
+                                mt.heard_report(report, &conn);
                             }
-                            drop(heard);
-                            // The report first: an item found by the name below must find its
-                            // report too (its state says why a failover is refused).
-                            lock(&self.reports).insert(report.agent_id.clone(), report.clone());
-                            self.learn_machine_name(&report);
-                        }
+                        });
                     }
                     Err(_) => return,
                 },
             }
         }
+    }
+
+    /// A report of an agent came on `conn` (its process server's connection).
+    fn heard_report(&self, report: Report, conn: &quinn::Connection) {
+        // Reports are read concurrently: one older than the one kept is old news.
+        let stale = lock(&self.reports)
+            .get(&report.agent_id)
+            .is_some_and(|kept| kept.time_ms > report.time_ms);
+        if stale {
+            return;
+        }
+        lock(&self.routes).insert(report.agent_id.clone(), conn.clone());
+        // The process server sends its latest report of the agent every second, the same one
+        // again while the agent is cut off from it: only a newer report is news of the source.
+        let mut heard = lock(&self.heard);
+        let seen = heard.get(&report.agent_id).map(|h| h.time_ms);
+        if seen.is_none_or(|t| report.time_ms > t) {
+            heard.insert(
+                report.agent_id.clone(),
+                Heard {
+                    at: Instant::now(),
+                    time_ms: report.time_ms,
+                    skew_ms: report.time_ms as i64 - now_ms() as i64,
+                },
+            );
+        }
+        drop(heard);
+        // The report first: an item found by the name below must find its report too (its
+        // state says why a failover is refused).
+        lock(&self.reports).insert(report.agent_id.clone(), report.clone());
+        self.learn_machine_name(&report);
     }
 
     /// Keeps the machine's name from its agent's report, in memory and in redb (items are
@@ -354,10 +370,10 @@ impl MasterTarget {
                 }
                 name.clone_from(&report.machine_name);
             }
-            let name = &report.machine_name;
+            let name = report.machine_name.clone();
             if let Err(e) = self
                 .state
-                .update_stream(r.stream.key, |rec| rec.machine_name.clone_from(name))
+                .update_stream(r.stream.key, move |rec| rec.machine_name = name)
             {
                 tracing::warn!(error = %e, "recording the machine's name");
             }

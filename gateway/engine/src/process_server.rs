@@ -9,10 +9,14 @@
 //!                          frees the cache only up to what the master target acknowledged
 //! ```
 //!
-//! One forwarder task per source agent holds its own connection to the master target and one
-//! replication stream whose `Hello` names the agent (the master target keys replicas by it).
-//! It forwards only records durable in the cache, at most a window of them unacknowledged,
-//! already compressed (the cache's bytes travel as they are stored).
+//! The process server holds one QUIC connection to its master target, shared by everyone: one
+//! forwarder task per source agent opens its own replication stream on it, whose `Hello` names
+//! the agent (the master target keys replicas by it); the agents' reports go up on it, each on
+//! a unidirectional stream of its own, and the master target's control requests come down on it
+//! naming the agent. A forwarder forwards only records durable in the cache, at most a window of
+//! them unacknowledged, already compressed (the cache's bytes travel as they are stored). QUIC
+//! keeps the streams independent: one agent's records never wait behind another's, and the
+//! connection's liveness (QUIC keepalives and idle timeout) does not depend on any of them.
 //!
 //! Backpressure: the cache of each disk has a size limit. When it is full the ingest loop stops
 //! reading the agent's stream (see [`crate::ingest`]); QUIC flow control stops the agent's
@@ -25,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +76,8 @@ pub struct ProcessServerConfig {
     pub data_dir: PathBuf,
     /// Limits of each disk's cache.
     pub cache: JournalOptions,
+    /// Most bytes all the disks' caches hold together, shared fairly (see [`admit`]).
+    pub cache_total_max_bytes: u64,
     /// The master target.
     pub upstream: Upstream,
     /// Bytes forwarded and not yet acknowledged, per agent.
@@ -107,7 +113,52 @@ pub struct ProcessServer {
     broken: Mutex<HashMap<PeerId, (String, String)>>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
+    /// The one connection to the master target every forwarder shares.
+    upstream: tokio::sync::Mutex<UpstreamLink>,
+    budget: CacheBudget,
 }
+
+/// The caches' limit across all disks.
+#[derive(Debug, Default)]
+struct CacheBudget {
+    /// Bytes the caches hold: summed every [`BUDGET_REFRESH`], admissions added in between.
+    used: AtomicU64,
+    /// Disks whose cache holds records, at the last sum.
+    active: AtomicUsize,
+    /// A record was refused since the last sum: blocked disks are woken at the next.
+    refused: AtomicBool,
+}
+
+/// How often the caches' total is summed (and disks refused for the total woken).
+const BUDGET_REFRESH: Duration = Duration::from_millis(250);
+
+/// Whether a disk whose cache holds `own` bytes may take a record of `bytes`, when all caches
+/// hold `used` of at most `max` and `active` disks hold records.
+///
+/// Below three quarters of `max`, any disk may (up to its own cache's limit). Above, only a
+/// disk below its fair share of those three quarters (`0.75 max / active`), or one holding
+/// nothing, and never beyond `max`: one disk's backlog or initial sync cannot take the room
+/// the others need to keep their RPO, and the total stays within `max`.
+fn admit(max: u64, used: u64, active: usize, own: u64, bytes: u64) -> bool {
+    let soft = max / 4 * 3;
+    let after = used.saturating_add(bytes);
+    if after <= soft {
+        return true;
+    }
+    let share = soft / active.max(1) as u64;
+    after <= max && (own == 0 || own.saturating_add(bytes) <= share)
+}
+
+/// The connection to the master target, or why the last attempt failed.
+#[derive(Default)]
+struct UpstreamLink {
+    conn: Option<quinn::Connection>,
+    failed: Option<(Instant, String)>,
+}
+
+/// After a failed connection attempt, forwarders asking within this time get its error at
+/// once (and back off) instead of queueing one attempt each.
+const RECONNECT_HOLDOFF: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for ProcessServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,6 +191,8 @@ impl ProcessServer {
             listener: Arc::new(crate::Listener::default()),
             broken: Mutex::new(HashMap::new()),
             me: me.clone(),
+            upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
+            budget: CacheBudget::default(),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
         for (k, r) in ps.state.streams()? {
@@ -161,7 +214,30 @@ impl ProcessServer {
                 lock(&ps.broken).insert(peer, (machine, format!("{e:#}")));
             }
         }
+        ps.refresh_budget();
+        tokio::spawn(budget_loop(Arc::downgrade(&ps)));
         Ok(ps)
+    }
+
+    /// Sums the caches for [`admit`]; wakes the disks a refusal blocked.
+    fn refresh_budget(&self) {
+        let disks: Vec<Arc<DiskStream>> = lock(&self.agents)
+            .values()
+            .flat_map(|a| lock(&a.disks).values().cloned().collect::<Vec<_>>())
+            .collect();
+        let (mut used, mut active) = (0, 0);
+        for d in &disks {
+            let st = d.journal().stats();
+            used += st.bytes;
+            active += usize::from(st.records > 0);
+        }
+        self.budget.used.store(used, Ordering::Relaxed);
+        self.budget.active.store(active, Ordering::Relaxed);
+        if self.budget.refused.swap(false, Ordering::Relaxed) {
+            for d in &disks {
+                d.freed.notify_one();
+            }
+        }
     }
 
     /// Serves agents until the endpoint closes. With `ca`, agents may enroll with a token.
@@ -394,7 +470,7 @@ impl ProcessServer {
             upstream: self.config.upstream.addr.to_string(),
             upstream_connected: connected,
             cache_bytes: disks.iter().map(|d| d.cache_bytes).sum(),
-            cache_max_bytes: self.config.cache.max_bytes,
+            cache_max_bytes: self.config.cache_total_max_bytes,
             disks,
         }
     }
@@ -444,44 +520,50 @@ impl ProcessServer {
         }
     }
 
-    async fn forward_once(
-        &self,
-        entry: &Arc<AgentEntry>,
-        hash_rx: &mut mpsc::UnboundedReceiver<HashJob>,
-        backoff: &mut Backoff,
-    ) -> Result<()> {
+    /// The connection to the master target, opened when there is none (or it closed). Every
+    /// forwarder opens its stream on it, the agents' reports go up on it once a second, and the
+    /// master target's control requests for any agent come down on it.
+    async fn upstream(&self) -> Result<quinn::Connection> {
+        let mut link = self.upstream.lock().await;
+        if let Some(conn) = link.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(conn.clone());
+        }
+        if let Some((at, why)) = &link.failed
+            && at.elapsed() < RECONNECT_HOLDOFF
+        {
+            bail!("{why}");
+        }
         let up = &self.config.upstream;
-        let conn = endpoint::connect(
+        let connected = endpoint::connect(
             up.addr,
             &up.server_name,
             &up.identity.ca_pem,
             &up.identity.cert_pem,
             &up.identity.key_pem,
         )
-        .await?;
-        // The master target's requests for this agent come on this connection.
-        let relay = tokio::spawn(relay_control(
-            self.listener.clone(),
-            peer_hex(&entry.peer),
-            conn.clone(),
-        ));
-        let _relay = AbortOnDrop(relay);
-        // The agent's latest report goes up once a second on a task of its own, so it is not
-        // held up behind records waiting for the master target's flow control.
-        let reporter = {
-            let (entry, conn) = (entry.clone(), conn.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tick.tick().await;
-                    let report = lock(&entry.report).clone();
-                    if let Some(r) = report {
-                        let _ = send_report(&conn, &r).await;
-                    }
-                }
-            })
+        .await;
+        let conn = match connected {
+            Ok(conn) => conn,
+            Err(e) => {
+                link.failed = Some((Instant::now(), e.to_string()));
+                return Err(e.into());
+            }
         };
-        let _reporter = AbortOnDrop(reporter);
+        tracing::info!(upstream = %up.addr, "connected to the master target");
+        tokio::spawn(relay_control(self.listener.clone(), conn.clone()));
+        tokio::spawn(send_reports(self.me.clone(), conn.clone()));
+        link.failed = None;
+        link.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn forward_once(
+        &self,
+        entry: &Arc<AgentEntry>,
+        hash_rx: &mut mpsc::UnboundedReceiver<HashJob>,
+        backoff: &mut Backoff,
+    ) -> Result<()> {
+        let conn = self.upstream().await?;
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv);
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
@@ -699,7 +781,7 @@ impl Lane {
 
     fn released(&self, state: &StateDb, up_to: Seq) -> Result<()> {
         self.stream.journal().release(up_to)?;
-        state.update_stream(self.stream.key, |r| {
+        state.update_stream(self.stream.key, move |r| {
             r.released_seq = r.released_seq.max(up_to)
         })?;
         self.stream.freed.notify_one();
@@ -733,6 +815,26 @@ impl Sink for ProcessServer {
         Ok(())
     }
 
+    fn admit(&self, stream: &DiskStream, bytes: u64) -> bool {
+        let b = &self.budget;
+        let st = stream.journal().stats();
+        // A cache that holds no record counts as empty (its open segment aside).
+        let own = if st.records == 0 { 0 } else { st.bytes };
+        let ok = admit(
+            self.config.cache_total_max_bytes,
+            b.used.load(Ordering::Relaxed),
+            b.active.load(Ordering::Relaxed),
+            own,
+            bytes,
+        );
+        if ok {
+            b.used.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            b.refused.store(true, Ordering::Relaxed);
+        }
+        ok
+    }
+
     fn check_compressed(&self) -> bool {
         true
     }
@@ -757,47 +859,97 @@ impl Sink for ProcessServer {
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Sums the caches every [`BUDGET_REFRESH`] while the process server lives.
+async fn budget_loop(ps: std::sync::Weak<ProcessServer>) {
+    let mut tick = tokio::time::interval(BUDGET_REFRESH);
+    loop {
+        tick.tick().await;
+        let Some(ps) = ps.upgrade() else { return };
+        ps.refresh_budget();
     }
 }
 
-/// Relays the master target's control requests for `agent_id` (arriving on `upstream`, the
-/// forwarder's connection) to the agent's own connection, and the replies back.
-async fn relay_control(
-    listener: Arc<crate::Listener>,
-    agent_id: String,
-    upstream: quinn::Connection,
-) {
+/// Sends the latest report of every agent to the master target once a second, until the
+/// connection closes: on a task of its own, so reports never wait behind records held up by
+/// the master target's flow control.
+async fn send_reports(ps: std::sync::Weak<ProcessServer>, conn: quinn::Connection) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(ps) = ps.upgrade() else { return };
+        let reports: Vec<Report> = lock(&ps.agents)
+            .values()
+            .filter_map(|a| lock(&a.report).clone())
+            .collect();
+        drop(ps);
+        for report in reports {
+            if let Err(e) = send_report(&conn, &report).await {
+                tracing::debug!(error = %e, "sending a report to the master target");
+            }
+        }
+    }
+}
+
+/// Relays the master target's control requests (arriving on `upstream`, the connection every
+/// forwarder shares) to the named agent's own connection, and the replies back.
+async fn relay_control(listener: Arc<crate::Listener>, upstream: quinn::Connection) {
     use haven_net::control::{self, Reply, Request};
     while let Ok((mut send, mut recv)) = upstream.accept_bi().await {
         let listener = listener.clone();
-        let agent_id = agent_id.clone();
         tokio::spawn(async move {
-            let reply = match control::read_message::<Request>(&mut recv).await {
-                Err(e) => Reply::Failed(format!("process server: bad request: {e}")),
-                Ok(req) if req.agent_id != agent_id => Reply::Failed(format!(
-                    "process server: a request for agent {} came on the connection of agent \
-                     {agent_id}",
-                    req.agent_id
-                )),
-                Ok(req) => match listener.connection(&agent_id) {
-                    None => Reply::Failed(format!(
-                        "process server: agent {agent_id} is not connected; start it (or check \
-                         its status) and try again"
-                    )),
-                    Some(conn) => control::call(&conn, &req, CONTROL_TIMEOUT)
-                        .await
-                        .unwrap_or_else(|e| Reply::Failed(format!("agent {agent_id}: {e}"))),
-                },
+            let (agent_id, reply) = match control::read_message::<Request>(&mut recv).await {
+                Err(e) => (
+                    String::new(),
+                    Reply::Failed(format!("process server: bad request: {e}")),
+                ),
+                Ok(req) => {
+                    let reply = match listener.connection(&req.agent_id) {
+                        None => Reply::Failed(format!(
+                            "process server: agent {} is not connected; start it (or check \
+                             its status) and try again",
+                            req.agent_id
+                        )),
+                        Some(conn) => control::call(&conn, &req, CONTROL_TIMEOUT)
+                            .await
+                            .unwrap_or_else(|e| {
+                                Reply::Failed(format!("agent {}: {e}", req.agent_id))
+                            }),
+                    };
+                    (req.agent_id, reply)
+                }
             };
             if let Err(e) = control::write_message(&mut send, &reply).await {
                 tracing::warn!(agent = %agent_id, error = %e, "relaying a control reply");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admit;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn below_three_quarters_every_disk_is_admitted() {
+        assert!(admit(100 * MIB, 70 * MIB, 10, 70 * MIB, 4 * MIB));
+        assert!(admit(100 * MIB, 0, 0, 0, 75 * MIB));
+    }
+
+    #[test]
+    fn above_three_quarters_only_disks_below_their_share() {
+        // 75 MiB shared by 3 disks: 25 MiB each. The one holding 70 MiB waits...
+        assert!(!admit(100 * MIB, 80 * MIB, 3, 70 * MIB, MIB));
+        // ...the ones below their share go on, up to the total...
+        assert!(admit(100 * MIB, 80 * MIB, 3, 5 * MIB, MIB));
+        assert!(!admit(100 * MIB, 80 * MIB, 3, 25 * MIB, MIB));
+        assert!(!admit(100 * MIB, 99 * MIB, 3, 5 * MIB, 2 * MIB));
+        // ...and a disk holding nothing always gets its first record in below the total.
+        assert!(admit(100 * MIB, 90 * MIB, 1000, 0, 4 * MIB));
+        assert!(!admit(100 * MIB, 98 * MIB, 1000, 0, 4 * MIB));
     }
 }

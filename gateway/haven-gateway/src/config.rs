@@ -44,6 +44,10 @@ pub struct ProcessServerSection {
     /// Most bytes the cache of one disk may hold (compressed); at least 64 MiB.
     #[serde(default = "default_cache_max_bytes")]
     pub cache_max_bytes: u64,
+    /// Most bytes the caches of all disks hold together; at least 64 MiB. Above three quarters
+    /// of it, only disks holding less than their fair share take more.
+    #[serde(default = "default_cache_total_max_bytes")]
+    pub cache_total_max_bytes: u64,
     /// Bytes forwarded to the master target and not yet acknowledged, per agent.
     #[serde(default = "default_window_bytes")]
     pub window_bytes: u64,
@@ -130,6 +134,10 @@ fn default_api_listen() -> SocketAddr {
 
 fn default_cache_max_bytes() -> u64 {
     4 << 30
+}
+
+fn default_cache_total_max_bytes() -> u64 {
+    64 << 30
 }
 
 fn default_window_bytes() -> u64 {
@@ -226,6 +234,12 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
                 "process_server.cache_max_bytes {}: at least 67108864 (64 MiB, two of the \
                  largest records) is needed",
                 ps.cache_max_bytes
+            ));
+        }
+        if ps.cache_total_max_bytes < 64 << 20 {
+            errors.push(format!(
+                "process_server.cache_total_max_bytes {}: at least 67108864 (64 MiB) is needed",
+                ps.cache_total_max_bytes
             ));
         }
         let _ = writeln!(

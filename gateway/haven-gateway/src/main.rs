@@ -377,6 +377,7 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 max_bytes: section.cache_max_bytes,
                 ..JournalOptions::default()
             },
+            cache_total_max_bytes: section.cache_total_max_bytes,
             upstream: Upstream {
                 addr: section.upstream,
                 server_name: section

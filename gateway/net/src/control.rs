@@ -97,11 +97,17 @@ pub async fn read_message<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
 }
 
-/// Writes one JSON message and finishes the stream.
+/// Priority of control and report streams: QUIC sends their bytes before any replication
+/// stream's (priority 0) on the same connection, so they never queue behind bulk data.
+pub const CONTROL_PRIORITY: i32 = 8;
+
+/// Writes one JSON message (ahead of bulk data, [`CONTROL_PRIORITY`]) and finishes the stream.
 pub async fn write_message<T: Serialize>(
     send: &mut quinn::SendStream,
     message: &T,
 ) -> Result<(), ControlError> {
+    // Fails only on a stream already closed, which the write below reports.
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let body = serde_json::to_vec(message).map_err(|e| ControlError::Bad(e.to_string()))?;
     if body.len() > MAX_CONTROL_LEN {
         return Err(ControlError::Bad(format!(

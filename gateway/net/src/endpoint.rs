@@ -226,14 +226,23 @@ pub const STREAM_WATCHDOG: Duration = Duration::from_secs(120);
 /// answers a fresh attempt at once but a retransmitted one only after QUIC's own backoff.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Streams of each kind a peer may have open at once on one connection. A process server
+/// carries every agent it serves on one connection to its master target (one replication
+/// stream per agent, one report stream per agent a second), so this is the number of agents
+/// one process server can forward; quinn's default of 100 would queue the rest.
+pub const MAX_STREAMS: u32 = 4096;
+
 /// Flow-control windows for replication: a stream may have 16 MiB in flight (a receiver that
 /// pauses to sync its journal must not stall the sender at quinn's default of ~1.2 MiB), a
-/// connection 64 MiB. Memory per connection stays bounded by these.
+/// connection 64 MiB. Memory per connection stays bounded by these, however many streams
+/// share it.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_STREAMS));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT

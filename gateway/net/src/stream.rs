@@ -292,6 +292,8 @@ pub async fn send_report(conn: &quinn::Connection, report: &Report) -> Result<()
         .open_uni()
         .await
         .map_err(|e| StreamError::Report(e.to_string()))?;
+    // Ahead of the replication streams on the same connection.
+    let _ = send.set_priority(crate::control::CONTROL_PRIORITY);
     send.write_all(&body).await?;
     send.finish()
         .map_err(|e| StreamError::Report(e.to_string()))?;
