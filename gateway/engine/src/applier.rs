@@ -495,7 +495,7 @@ impl Apply<'_> {
         let hold = lock(&self.replica.recovery.hold);
         let release = hold.map_or(seq, |h| seq.min(h));
         self.state
-            .update_stream(stream.key, |r| r.applied_seq = seq)
+            .update_stream(stream.key, move |r| r.applied_seq = seq)
             .map_err(|e| fail(&e))?
             .ok_or_else(|| fail(&"stream record missing"))?;
         self.replica.applied.store(seq, Ordering::Release);

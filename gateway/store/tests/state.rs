@@ -61,13 +61,13 @@ fn concurrent_updates_of_different_fields_keep_both() {
         let db = db.clone();
         std::thread::spawn(move || {
             for seq in 1..=200 {
-                db.update_stream(sk(1, 0), |r| r.applied_seq = seq)
+                db.update_stream(sk(1, 0), move |r| r.applied_seq = seq)
                     .expect("update");
             }
         })
     };
     for i in 0..200 {
-        db.update_stream(sk(1, 0), |r| r.machine_name = format!("web{i:02}"))
+        db.update_stream(sk(1, 0), move |r| r.machine_name = format!("web{i:02}"))
             .expect("update");
     }
     applier.join().expect("applier thread");
@@ -147,4 +147,40 @@ fn meta_values() {
         vec![1, 3, 4, 10]
     );
     assert_eq!(got[0].0, "point/a/001");
+}
+
+#[test]
+fn writes_from_many_threads_are_each_durable_when_they_return() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("state.redb");
+    let db = std::sync::Arc::new(StateDb::open(&path).expect("open"));
+    // Eight writers at once: their writes are committed in groups, each one durable (and
+    // visible) by the time its call returns.
+    let writers: Vec<_> = (0..8u32)
+        .map(|t| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u32 {
+                    let key = format!("w/{t}/{i:03}");
+                    db.put_json(&key, &(t * 1000 + i)).expect("put");
+                    assert_eq!(db.get_json::<u32>(&key).expect("get"), Some(t * 1000 + i));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+    drop(db);
+    let db = StateDb::open(&path).expect("reopen");
+    let all: Vec<(String, u32)> = db.json_with_prefix("w/").expect("list");
+    assert_eq!(all.len(), 800);
+    for (key, value) in all {
+        let mut parts = key
+            .split('/')
+            .skip(1)
+            .map(|p| p.parse::<u32>().expect("number"));
+        let (t, i) = (parts.next().expect("t"), parts.next().expect("i"));
+        assert_eq!(value, t * 1000 + i, "{key}");
+    }
 }
