@@ -401,14 +401,7 @@ impl Agent {
         machine: &str,
         extra: Vec<String>,
     ) -> Result<Agent> {
-        let server = format!("127.0.0.1:{}", ps.port);
-        run_ok(
-            Command::new(bins.join("haven-agent"))
-                .args(["enroll", "--data-dir"])
-                .arg(data_dir)
-                .args(["--server", &server, "--token", &ps.token()?])
-                .args(["--machine-name", machine]),
-        )?;
+        let server = Agent::enroll(bins, ps, data_dir, machine)?;
         let nbd_port = free_tcp_port();
         let mut agent = Agent {
             bins: bins.to_owned(),
@@ -425,6 +418,20 @@ impl Agent {
         };
         agent.spawn()?;
         Ok(agent)
+    }
+
+    /// Enrolls `data_dir` with the process server `ps` under the name `machine` (with a new
+    /// one-time token); returns the server's address.
+    pub fn enroll(bins: &Path, ps: &Gateway, data_dir: &Path, machine: &str) -> Result<String> {
+        let server = format!("127.0.0.1:{}", ps.port);
+        run_ok(
+            Command::new(bins.join("haven-agent"))
+                .args(["enroll", "--data-dir"])
+                .arg(data_dir)
+                .args(["--server", &server, "--token", &ps.token()?])
+                .args(["--machine-name", machine]),
+        )?;
+        Ok(server)
     }
 
     /// Kills (SIGKILL) and starts the agent again.

@@ -1,7 +1,8 @@
 //! `cargo xtask bench scale`: many protected disks on one process server and one master
-//! target, each disk protected by an agent process of its own, over the real transport.
+//! target, over the real transport: each disk protected by an agent process of its own, or,
+//! beyond [`MAX_AGENT_PROCESSES`], by agents simulated in this process ([`SimAgents`]).
 //!
-//! For each N (1, 16, 128; `HAVEN_BENCH_SCALE=1,16,128,1000` chooses): one heavy disk (1 GiB
+//! For each N (1, 16, 128, 1000; `HAVEN_BENCH_SCALE=1,16` chooses): one heavy disk (1 GiB
 //! mixed data, whose initial sync runs during the churn) and N − 1 light sparse disks of
 //! 64 MiB. Once the light disks are protected, every light disk takes 64 KiB random writes at
 //! [`LIGHT_RATE`] for [`CHURN_TIME`] (points every second), while the master target's status
@@ -23,6 +24,7 @@ use haven_e2e::{Agent, Cluster, Proc, Rng, mixed_disk};
 use haven_net::stream::DiskState;
 
 use crate::bench_points::{Out, percentile, start, target_dir};
+use crate::sim_agents::SimAgents;
 
 const MIB: u64 = 1 << 20;
 const LIGHT_DISK: u64 = 64 * MIB;
@@ -33,6 +35,13 @@ const WRITES_PER_SECOND: u64 = 4;
 const LIGHT_RATE: f64 = (WRITE as u64 * WRITES_PER_SECOND) as f64 / MIB as f64;
 const CHURN_TIME: Duration = Duration::from_secs(20);
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the master target's status is sampled for N disks: every [`SAMPLE_EVERY`], or
+/// 1 ms per disk when that is longer (the status of a thousand replicas is a few MiB of JSON,
+/// whose making and reading would weigh on the gateways measured).
+fn sample_every(n: usize) -> Duration {
+    SAMPLE_EVERY.max(Duration::from_millis(n as u64))
+}
 const POINT_INTERVAL: &str = "1s";
 const SYNC_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -41,7 +50,7 @@ fn sizes() -> Vec<usize> {
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
-        .unwrap_or_else(|| vec![1, 16, 128])
+        .unwrap_or_else(|| vec![1, 16, 128, 1000])
 }
 
 /// A gateway's resources now.
@@ -87,6 +96,25 @@ struct Run {
     /// Gateways' CPU, percent of a core per MiB/s of churn.
     cpu_per_mibs: f64,
     churn_mibs: f64,
+    /// The whole machine's CPU busy during the churn, percent of all cores.
+    machine_busy: f64,
+}
+
+/// The machine's CPU time so far: (busy, total) in ticks, from `/proc/stat`.
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().sum();
+    // idle and iowait are the 4th and 5th.
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 fn machine(i: usize) -> String {
@@ -97,18 +125,169 @@ fn machine(i: usize) -> String {
     }
 }
 
-/// The agents' states, by disk index, from their own reports.
-fn protected(c: &Cluster, agents: &[Agent]) -> Vec<bool> {
-    std::iter::once(&c.agent)
-        .chain(agents)
-        .map(|a| {
-            a.report().is_some_and(|r| {
-                r.disks
-                    .iter()
-                    .all(|d| d.state == DiskState::Protected && d.acked_seq == d.last_seq)
-            })
-        })
-        .collect()
+/// Most agent processes started; beyond, the light disks' agents are simulated in this
+/// process ([`SimAgents`]): the agent's own code over the real transport and gateways.
+const MAX_AGENT_PROCESSES: usize = 128;
+/// Light churn of all light disks together is capped at this many 64 KiB writes a second
+/// (32 MiB/s): beyond it a 2-core machine measures its own saturation, not the gateways.
+const MAX_WRITES_PER_SECOND: u64 = 512;
+
+/// Agents enrolled at once (each enrollment is two short processes).
+const ENROLL_THREADS: usize = 4;
+
+/// Where simulated agents keep their folders and disks: in memory where there is `/dev/shm`.
+fn sim_dir(n: usize) -> std::path::PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("haven-bench-scale-{}-n{n}", std::process::id()))
+}
+
+/// The light disks' agents: processes written to over NBD, or simulated in this process.
+enum Lights {
+    Procs(Vec<Agent>, Vec<NbdClient>),
+    Sim(SimAgents),
+}
+
+impl Lights {
+    fn start(c: &Cluster, dir: &Path, bins: &Path, n: usize) -> Result<Lights> {
+        let disk = |i: usize| -> Result<std::path::PathBuf> {
+            let disk = dir.join(format!("light{i}.raw"));
+            std::fs::File::create(&disk)?.set_len(LIGHT_DISK)?;
+            Ok(disk)
+        };
+        if n <= MAX_AGENT_PROCESSES {
+            let mut agents = Vec::new();
+            for i in 1..n {
+                agents.push(Agent::enroll_and_start(
+                    bins,
+                    &c.ps,
+                    &dir.join(format!("agent{i}")),
+                    &disk(i)?,
+                    &machine(i),
+                    vec!["--point-interval".into(), POINT_INTERVAL.into()],
+                )?);
+            }
+            return Ok(Lights::Procs(agents, Vec::new()));
+        }
+        // A thousand agents would share the gateways' disk here (each has its own on a real
+        // machine): their folders and disks live in memory, so their fsyncs of `disk.state`
+        // and `status.json` do not queue in front of the gateways'.
+        let shm = sim_dir(n);
+        let _ = std::fs::remove_dir_all(&shm);
+        std::fs::create_dir_all(&shm)?;
+        let disk = |i: usize| -> Result<std::path::PathBuf> {
+            let disk = shm.join(format!("light{i}.raw"));
+            std::fs::File::create(&disk)?.set_len(LIGHT_DISK)?;
+            Ok(disk)
+        };
+        let next = std::sync::atomic::AtomicUsize::new(1);
+        let enrolled: Vec<Result<Vec<(usize, std::path::PathBuf)>>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..ENROLL_THREADS)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= n {
+                                return Ok(done);
+                            }
+                            let data_dir = shm.join(format!("agent{i}"));
+                            Agent::enroll(bins, &c.ps, &data_dir, &machine(i))?;
+                            done.push((i, data_dir));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| bail!("an enrolling thread panicked"))
+                })
+                .collect()
+        });
+        let mut dirs = Vec::new();
+        for e in enrolled {
+            dirs.extend(e?);
+        }
+        dirs.sort();
+        let mut disks = Vec::new();
+        for (i, data_dir) in dirs {
+            disks.push((data_dir, disk(i)?));
+        }
+        let interval = haven_agent::points::parse_interval(POINT_INTERVAL)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Lights::Sim(SimAgents::start(disks, interval)?))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Lights::Procs(a, _) => a.len(),
+            Lights::Sim(s) => s.len(),
+        }
+    }
+
+    /// Light disk `i`'s agent's report (0-based among the light disks).
+    fn report(&self, i: usize) -> Option<haven_net::stream::Report> {
+        match self {
+            Lights::Procs(a, _) => a[i].report(),
+            Lights::Sim(s) => s.report(i),
+        }
+    }
+
+    /// Ready for the churn: NBD connections to the agent processes.
+    fn connect(&mut self) -> Result<()> {
+        if let Lights::Procs(agents, clients) = self {
+            *clients = agents
+                .iter()
+                .map(|a| NbdClient::connect(&format!("127.0.0.1:{}", a.nbd_port), "disk"))
+                .collect::<Result<Vec<_>>>()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, i: usize, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Lights::Procs(_, clients) => clients[i].write(offset, data),
+            Lights::Sim(s) => s.write(i, offset, data),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Lights::Procs(agents, _) = self {
+            for a in agents {
+                a.proc.check_alive("haven-agent")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn disconnect(self) -> Result<()> {
+        if let Lights::Sim(sim) = &self {
+            eprintln!(
+                "  simulated agents: the slowest round of points took {:?}",
+                sim.slowest_points_round()
+            );
+        }
+        if let Lights::Procs(_, clients) = self {
+            for client in clients {
+                client.disconnect()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn protected(report: Option<haven_net::stream::Report>) -> bool {
+    report.is_some_and(|r| {
+        r.disks
+            .iter()
+            .all(|d| d.state == DiskState::Protected && d.acked_seq == d.last_seq)
+    })
 }
 
 fn run_n(dir: &Path, bins: &Path, n: usize) -> Result<Run> {
@@ -117,66 +296,65 @@ fn run_n(dir: &Path, bins: &Path, n: usize) -> Result<Run> {
     let heavy = dir.join("heavy.raw");
     mixed_disk(&heavy, HEAVY_DISK, 7)?;
     let mut c = start(&dir, &heavy, bins, &["--point-interval", POINT_INTERVAL])?;
+    let enrolling = Instant::now();
+    let mut lights = Lights::start(&c, &dir, bins, n)?;
+    eprintln!(
+        "  {} light agents enrolled and started in {:.1}s",
+        lights.len(),
+        enrolling.elapsed().as_secs_f64()
+    );
     let began = Instant::now();
-    let mut agents = Vec::new();
-    for i in 1..n {
-        let disk = dir.join(format!("light{i}.raw"));
-        std::fs::File::create(&disk)?.set_len(LIGHT_DISK)?;
-        agents.push(Agent::enroll_and_start(
-            bins,
-            &c.ps,
-            &dir.join(format!("agent{i}")),
-            &disk,
-            &machine(i),
-            vec!["--point-interval".into(), POINT_INTERVAL.into()],
-        )?);
-    }
     // The light disks' initial sync (the heavy one goes on). Each counts once seen done: with
     // a point every second, some disk always has its newest tag in flight.
-    let mut synced = vec![false; n];
+    let mut synced = vec![false; lights.len()];
     loop {
         c.check_alive()?;
-        for (s, p) in synced.iter_mut().zip(protected(&c, &agents)) {
-            *s |= p;
+        lights.check_alive()?;
+        for (i, s) in synced.iter_mut().enumerate() {
+            *s = *s || protected(lights.report(i));
         }
-        if synced.iter().skip(1).all(|s| *s) {
+        if synced.iter().all(|s| *s) {
             break;
         }
         if began.elapsed() > SYNC_TIMEOUT {
-            bail!("the light disks were not protected after {SYNC_TIMEOUT:?}");
+            bail!(
+                "{} of {} light disks were not protected after {SYNC_TIMEOUT:?}",
+                synced.iter().filter(|s| !**s).count(),
+                synced.len()
+            );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(250));
     }
     let light_sync = began.elapsed();
 
-    // Churn on every light disk, paced, one connection each.
-    let mut clients = agents
-        .iter()
-        .map(|a| NbdClient::connect(&format!("127.0.0.1:{}", a.nbd_port), "disk"))
-        .collect::<Result<Vec<_>>>()?;
+    // Churn on the light disks, paced, in turn: each takes 4 writes a second, fewer when all
+    // together would pass MAX_WRITES_PER_SECOND.
+    lights.connect()?;
     let cpu = |c: &Cluster| {
         c.ps.proc.cpu_seconds().unwrap_or(0.0) + c.mt.proc.cpu_seconds().unwrap_or(0.0)
     };
     let cpu_before = cpu(&c);
+    let machine_before = machine_cpu();
     let mut rng = Rng(0x5ca1e | 1);
     let mut data = vec![0u8; WRITE];
     let (mut light_rpo, mut heavy_rpo) = (Vec::new(), Vec::new());
     let started = Instant::now();
     let mut written = 0u64;
     let mut next_sample = started;
-    let tick = Duration::from_secs(1) / WRITES_PER_SECOND as u32;
+    let total_rate = (WRITES_PER_SECOND * lights.len() as u64).clamp(1, MAX_WRITES_PER_SECOND);
+    let tick = Duration::from_secs(1) / total_rate as u32;
     let mut next_write = started;
+    let mut turn = 0usize;
     while started.elapsed() < CHURN_TIME {
         let now = Instant::now();
-        if now >= next_write {
-            for client in &mut clients {
-                for w in data.chunks_exact_mut(8) {
-                    w.copy_from_slice(&rng.next_u64().to_le_bytes());
-                }
-                let slot = rng.below(LIGHT_DISK / WRITE as u64);
-                client.write(slot * WRITE as u64, &data)?;
-                written += WRITE as u64;
+        while now >= next_write && lights.len() > 0 {
+            for w in data.chunks_exact_mut(8) {
+                w.copy_from_slice(&rng.next_u64().to_le_bytes());
             }
+            let slot = rng.below(LIGHT_DISK / WRITE as u64);
+            lights.write(turn, slot * WRITE as u64, &data)?;
+            turn = (turn + 1) % lights.len();
+            written += WRITE as u64;
             next_write += tick;
         }
         if now >= next_sample {
@@ -194,7 +372,7 @@ fn run_n(dir: &Path, bins: &Path, n: usize) -> Result<Run> {
                     }
                 }
             }
-            next_sample += SAMPLE_EVERY;
+            next_sample += sample_every(n);
         }
         let wake = next_write.min(next_sample);
         let now = Instant::now();
@@ -204,19 +382,20 @@ fn run_n(dir: &Path, bins: &Path, n: usize) -> Result<Run> {
     }
     let elapsed = started.elapsed();
     let cpu_used = cpu(&c) - cpu_before;
-    for client in clients {
-        client.disconnect()?;
-    }
     let churn_mibs = written as f64 / MIB as f64 / elapsed.as_secs_f64();
+    let machine_after = machine_cpu();
+    let machine_busy = (machine_after.0 - machine_before.0) as f64 * 100.0
+        / (machine_after.1 - machine_before.1).max(1) as f64;
     let (ps, mt) = (usage(&c.ps.proc), usage(&c.mt.proc));
     let heavy_synced = c
         .agent
         .report()
         .is_some_and(|r| r.disks.iter().all(|d| d.state == DiskState::Protected));
     c.check_alive()?;
-    drop(agents);
+    lights.disconnect()?;
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(sim_dir(n));
     light_rpo.sort_by(f64::total_cmp);
     heavy_rpo.sort_by(f64::total_cmp);
     Ok(Run {
@@ -233,6 +412,7 @@ fn run_n(dir: &Path, bins: &Path, n: usize) -> Result<Run> {
             f64::NAN
         },
         churn_mibs,
+        machine_busy,
     })
 }
 
@@ -252,13 +432,17 @@ pub fn run(root: &Path) -> Result<()> {
     out.line(format!(
         "N disks on one process server and one master target (2 cores): 1 heavy (1 GiB mixed, \
          syncing during the churn) and N-1 light (64 MiB sparse, {LIGHT_RATE} MiB/s of 64 KiB \
-         random writes each for {}s), one agent process per disk, points every {POINT_INTERVAL}; \
-         RPO: the master target's rpo_seconds sampled every {} ms",
+         random writes each for {}s, all light disks together at most {MAX_WRITES_PER_SECOND} \
+         writes/s), one agent process per disk up to N = {MAX_AGENT_PROCESSES}, beyond it the \
+         light agents simulated in one process (the agent's code without NBD), points every \
+         {POINT_INTERVAL}; \
+         RPO: the master target's rpo_seconds sampled every {} ms (1 ms per disk beyond); \
+         light sync: from the last light agent's start until every light disk is protected",
         CHURN_TIME.as_secs(),
         SAMPLE_EVERY.as_millis()
     ));
     out.line(format!(
-        "{:>5} {:>10} {:>16} {:>16} {:>20} {:>20} {:>13} {:>11} {:>10}",
+        "{:>5} {:>10} {:>16} {:>16} {:>20} {:>20} {:>13} {:>11} {:>10} {:>8}",
         "N",
         "light sync",
         "light RPO p50/99",
@@ -267,7 +451,8 @@ pub fn run(root: &Path) -> Result<()> {
         "MT RSS/peak MiB",
         "threads PS/MT",
         "fds PS/MT",
-        "CPU%/MiB/s"
+        "CPU%/MiB/s",
+        "busy %"
     ));
     for r in &runs {
         let two = |v: &[f64]| {
@@ -278,7 +463,7 @@ pub fn run(root: &Path) -> Result<()> {
             }
         };
         out.line(format!(
-            "{:>5} {:>9.1}s {:>16} {:>16} {:>20} {:>20} {:>13} {:>11} {:>10.2}",
+            "{:>5} {:>9.1}s {:>16} {:>16} {:>20} {:>20} {:>13} {:>11} {:>10.2} {:>8.0}",
             r.n,
             r.light_sync.as_secs_f64(),
             two(&r.light_rpo),
@@ -291,13 +476,16 @@ pub fn run(root: &Path) -> Result<()> {
             format!("{}/{}", r.mt.rss_mib, r.mt.peak_mib),
             format!("{}/{}", r.ps.threads, r.mt.threads),
             format!("{}/{}", r.ps.fds, r.mt.fds),
-            r.cpu_per_mibs
+            r.cpu_per_mibs,
+            r.machine_busy
         ));
     }
     out.line(format!(
         "churn achieved (MiB/s): {}; *: the heavy disk was still in its initial sync at the end; \
          CPU%/MiB/s: process server + master target CPU during the churn, percent of one core, \
-         per MiB/s written (goal <= 1); whole bench {:.0}s",
+         per MiB/s written (goal <= 1); busy %: the whole machine's CPU during the churn \
+         (agents, bench and gateways; near 100 the RPO measures the machine's saturation); \
+         whole bench {:.0}s",
         runs.iter()
             .map(|r| format!("N={} {:.1}", r.n, r.churn_mibs))
             .collect::<Vec<_>>()

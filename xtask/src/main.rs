@@ -20,6 +20,7 @@ mod bench_points;
 mod bench_replication;
 mod bench_scale;
 mod demo;
+mod sim_agents;
 
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
 const WRITER_PLUGINS: &[&str] = &[
