@@ -325,6 +325,7 @@ impl Applier {
                 Stop::Failed(format!("cannot open replica {}: {e:#}", replica.path))
             })?;
             slot.disk = Some(disk);
+            replica.created.store(true, Ordering::Release);
             replica.stream.set_error(None);
         }
         let (Some(plugin), Some(disk)) = (self.plugin.as_mut(), slot.disk.as_ref()) else {

@@ -182,6 +182,9 @@ pub(crate) struct Replica {
     pub(crate) wake: Mutex<std_mpsc::Sender<Job>>,
     /// A `Wake::Changed` is queued and not yet seen: at most one is ever queued.
     pub(crate) change_queued: std::sync::atomic::AtomicBool,
+    /// Its applier has opened it in the writer (creating it when new): a view of its points
+    /// can read it from then on.
+    pub(crate) created: std::sync::atomic::AtomicBool,
 }
 
 impl Replica {
@@ -459,6 +462,7 @@ impl MasterTarget {
             applied_rate: Mutex::new(Rate::default()),
             wake: Mutex::new(tx),
             change_queued: std::sync::atomic::AtomicBool::new(false),
+            created: std::sync::atomic::AtomicBool::new(false),
         });
         self.load_recovery(&replica, record.applied_seq)?;
         self.restore_test(&replica);

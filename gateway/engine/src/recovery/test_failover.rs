@@ -216,6 +216,7 @@ impl MasterTarget {
         writable: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let r = self.find_item(item)?;
+        wait_created(&r, item)?;
         // Checked and claimed in one step: no failover or other test failover starts meanwhile,
         // and retention keeps the point.
         let point = {
@@ -651,4 +652,27 @@ impl haven_nbd::Backend for ViewBackend {
     fn multi_conn(&self) -> bool {
         true
     }
+}
+
+/// Longest a view waits for a new replica's applier to create it in the writer.
+const CREATED_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (at most [`CREATED_WAIT`]) until `r`'s applier has opened it in the writer: right
+/// after protection starts, or after a restart, a point may be here before the replica is.
+fn wait_created(r: &Replica, item: &str) -> Result<(), RecoveryError> {
+    let deadline = Instant::now() + CREATED_WAIT;
+    while !r.created.load(Ordering::Acquire) {
+        if Instant::now() > deadline {
+            return Err(err(
+                ErrorKind::Unavailable,
+                format!(
+                    "item {item}: its replica is not created yet (the writer plugin has not \
+                     opened it in {}s; see `haven status` for its error) — try again shortly",
+                    CREATED_WAIT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
