@@ -30,6 +30,7 @@ pub mod key;
 pub mod payload;
 mod record_store;
 pub mod state;
+pub mod tokens;
 mod util;
 
 pub use error::{Result, StoreError};
