@@ -235,26 +235,43 @@ pub struct Gateway {
     pub config: PathBuf,
     /// `http://127.0.0.1:PORT`
     pub api: String,
+    /// An admin API token of this gateway (`HAVEN_TOKEN` of every `haven` call made here).
+    pub admin_token: String,
     /// The QUIC port its role listens on.
     pub port: u16,
     pub proc: Proc,
 }
 
 impl Gateway {
-    fn init(bins: &Path, root: &Path, name: &str, site: &str) -> Result<(PathBuf, u16, u16)> {
+    /// Initialises a gateway's folder. With `admin_token` (another gateway's), that token is
+    /// this one's first admin token too; else the one `init` printed is returned.
+    fn init(
+        bins: &Path,
+        root: &Path,
+        name: &str,
+        site: &str,
+        admin_token: Option<&str>,
+    ) -> Result<(PathBuf, u16, u16, String)> {
         let data_dir = root.join(name);
-        run_ok(Command::new(bins.join("haven-gateway")).args([
-            "init",
-            "--data-dir",
-            &data_dir.to_string_lossy(),
+        let mut init = Command::new(bins.join("haven-gateway"));
+        init.args(["init", "--data-dir"]).arg(&data_dir).args([
             "--site",
             site,
             "--name",
             "127.0.0.1",
-        ]))?;
-        Ok((data_dir, free_udp_port(), free_tcp_port()))
+        ]);
+        if let Some(token) = admin_token {
+            init.env("HAVEN_ADMIN_TOKEN", token);
+        }
+        let out = run_ok(&mut init)?;
+        let token = match admin_token {
+            Some(t) => t.to_string(),
+            None => admin_token_of(&out)?,
+        };
+        Ok((data_dir, free_udp_port(), free_tcp_port(), token))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         bins: &Path,
         name: &str,
@@ -262,6 +279,7 @@ impl Gateway {
         config: String,
         port: u16,
         api_port: u16,
+        admin_token: String,
         env: Vec<(String, String)>,
     ) -> Result<Gateway> {
         let path = data_dir.join("gateway.toml");
@@ -277,6 +295,7 @@ impl Gateway {
             data_dir,
             config: path,
             api: format!("http://127.0.0.1:{api_port}"),
+            admin_token,
             port,
         };
         g.spawn()?;
@@ -321,10 +340,18 @@ impl Gateway {
         self.spawn()
     }
 
+    /// `haven` with this gateway's admin token.
+    pub fn haven_command(&self) -> Command {
+        let mut c = Command::new(self.bins.join("haven"));
+        c.env("HAVEN_TOKEN", &self.admin_token);
+        c
+    }
+
     /// The gateway's status, through `haven status --json`.
     pub fn status(&self) -> Result<GatewayStatus> {
         let out = run_ok(
-            Command::new(self.bins.join("haven")).args(["status", "--json", "--api", &self.api]),
+            self.haven_command()
+                .args(["status", "--json", "--api", &self.api]),
         )?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         Ok(serde_json::from_value(v[0]["status"].clone())?)
@@ -332,21 +359,27 @@ impl Gateway {
 
     /// Runs `haven ARGS --api <this gateway>` and returns its output.
     pub fn haven(&self, args: &[&str]) -> Result<String> {
-        run_ok(
-            Command::new(self.bins.join("haven"))
-                .args(args)
-                .args(["--api", &self.api]),
-        )
+        run_ok(self.haven_command().args(args).args(["--api", &self.api]))
     }
 
     /// A one-time enrollment token, through `haven token create`.
     pub fn token(&self) -> Result<String> {
         Ok(run_ok(
-            Command::new(self.bins.join("haven")).args(["token", "create", "--api", &self.api]),
+            self.haven_command()
+                .args(["token", "create", "--api", &self.api]),
         )?
         .trim()
         .to_string())
     }
+}
+
+/// The admin API token in `haven-gateway init`'s output.
+pub fn admin_token_of(init_output: &str) -> Result<String> {
+    init_output
+        .split_whitespace()
+        .find(|w| w.starts_with("hvt_"))
+        .map(str::to_string)
+        .with_context(|| format!("no admin API token in init's output: {init_output}"))
 }
 
 /// The agent protecting one disk.
@@ -481,7 +514,7 @@ impl Cluster {
     pub fn start(root: &Path, disk: &Path, options: ClusterOptions) -> Result<Cluster> {
         let bins = options.bin_dir.clone().unwrap_or_else(default_bin_dir);
         let bins = bins.as_path();
-        let (mt_dir, mt_port, mt_api) = Gateway::init(bins, root, "mt", "secondary")?;
+        let (mt_dir, mt_port, mt_api, admin) = Gateway::init(bins, root, "mt", "secondary", None)?;
         let mt = Gateway::start(
             bins,
             "master target",
@@ -497,9 +530,12 @@ impl Cluster {
             ),
             mt_port,
             mt_api,
+            admin.clone(),
             options.mt_env.clone(),
         )?;
-        let (ps_dir, ps_port, ps_api) = Gateway::init(bins, root, "ps", "primary")?;
+        // One admin token for both gateways, as an operator of one deployment keeps it.
+        let (ps_dir, ps_port, ps_api, admin) =
+            Gateway::init(bins, root, "ps", "primary", Some(&admin))?;
         run_ok(
             Command::new(bins.join("haven-gateway"))
                 .args(["enroll", "--data-dir"])
@@ -518,6 +554,7 @@ impl Cluster {
             ),
             ps_port,
             ps_api,
+            admin,
             options.ps_env.clone(),
         )?;
         let agent = Agent::enroll_and_start(

@@ -824,15 +824,16 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     Ok(())
 }
 
-/// The body of an HTTP GET of `url` (`http://host:port/path`).
-fn get(url: &str) -> Result<String> {
+/// The body of an HTTP GET of `url` (`http://host:port/path`) with API token `token`.
+fn get(url: &str, token: &str) -> Result<String> {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").context("not an http:// URL")?;
     let (host, path) = rest.split_once('/').context("no path")?;
     let mut conn = std::net::TcpStream::connect(host)?;
     write!(
         conn,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     conn.read_to_string(&mut response)?;
@@ -909,7 +910,7 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
         "RPO {during} s after 9 s without a process server (lag measure {lag} s)"
     );
     // Prometheus sees it too.
-    let metrics = get(&format!("{}/metrics", c.mt.api))?;
+    let metrics = get(&format!("{}/metrics", c.mt.api), &c.mt.admin_token)?;
     let exported: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("haven_rpo_seconds{"))

@@ -36,8 +36,11 @@ impl Drop for Group {
     }
 }
 
-fn haven(bins: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bins.join("haven")).args(args).output()?;
+fn haven(bins: &Path, token: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(bins.join("haven"))
+        .args(args)
+        .env("HAVEN_TOKEN", token)
+        .output()?;
     if !out.status.success() {
         bail!(
             "haven {args:?}: {}{}",
@@ -82,6 +85,7 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         .args(["-euo", "pipefail", "-c", &script])
         .env("PATH", path)
         .env_remove("HAVEN_API")
+        .env_remove("HAVEN_TOKEN")
         .current_dir(root)
         .process_group(0)
         .stdin(Stdio::null())
@@ -99,21 +103,25 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     // Its last commands printed both sites and the agent.
     assert!(stdout.contains("web01"), "{stdout}");
 
-    // The item is found by the name the walkthrough gave it, at the master target's API.
+    // The item is found by the name the walkthrough gave it, at the master target's API, with
+    // the admin token its `init` printed.
     let mt = format!("http://127.0.0.1:{mt_api}");
+    let token = haven_e2e::admin_token_of(&std::fs::read_to_string(root.join("srv/mt-init.txt"))?)?;
+    let token = token.as_str();
     let point = poll(
         Duration::from_secs(120),
         Duration::from_millis(500),
-        || match haven(&bins, &["point", "create", "web01", "--api", &mt]) {
+        || match haven(&bins, token, &["point", "create", "web01", "--api", &mt]) {
             Ok(id) => Ok(Ok(id.trim().to_string())),
             Err(e) => Ok(Err(format!("no point taken: {e:#}"))),
         },
     )?;
-    let list = haven(&bins, &["point", "list", "web01", "--api", &mt])?;
+    let list = haven(&bins, token, &["point", "list", "web01", "--api", &mt])?;
     assert!(list.contains(&point), "{list}");
     // The point equals the source disk (nothing wrote after the walkthrough's write).
     let uri = haven(
         &bins,
+        token,
         &["failover", "test", "web01", "--point", &point, "--api", &mt],
     )?;
     let disk = root.join("srv/web01.img");
@@ -128,6 +136,10 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         String::from_utf8_lossy(&cmp.stdout),
         String::from_utf8_lossy(&cmp.stderr)
     );
-    haven(&bins, &["failover", "cleanup", "web01", "--api", &mt])?;
+    haven(
+        &bins,
+        token,
+        &["failover", "cleanup", "web01", "--api", &mt],
+    )?;
     Ok(())
 }

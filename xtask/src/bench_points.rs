@@ -147,13 +147,16 @@ pub(crate) fn vary(data: &mut [u8], n: u64) {
 }
 
 /// The master target's status through a raw `GET /v1/status` (no process spawned).
-fn status(api: &str) -> Result<GatewayStatus> {
+fn status(g: &haven_e2e::Gateway) -> Result<GatewayStatus> {
+    let api = &g.api;
     let addr = api.strip_prefix("http://").context("API address")?;
     let mut tcp = TcpStream::connect(addr).with_context(|| format!("connecting to {api}"))?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         tcp,
-        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Connection: close\r\n\r\n",
+        g.admin_token
     )?;
     let mut response = Vec::new();
     tcp.read_to_end(&mut response)?;
@@ -171,8 +174,8 @@ fn status(api: &str) -> Result<GatewayStatus> {
 }
 
 /// The master target's one replica.
-fn replica(api: &str) -> Result<ReplicaStatus> {
-    status(api)?
+fn replica(g: &haven_e2e::Gateway) -> Result<ReplicaStatus> {
+    status(g)?
         .master_target
         .and_then(|m| m.replicas.into_iter().next())
         .context("the master target has no replica yet")
@@ -202,7 +205,7 @@ pub(crate) fn wait_protected(c: &mut Cluster) -> Result<()> {
                 .iter()
                 .all(|d| d.state == DiskState::Protected && d.acked_seq == d.last_seq)
         });
-        if protected && replica(&c.mt.api).is_ok_and(|r| r.points > 0) {
+        if protected && replica(&c.mt).is_ok_and(|r| r.points > 0) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -384,7 +387,7 @@ fn cpu(c: &Cluster) -> [f64; 3] {
 
 /// Runs the writer at `rate` MiB/s, samples the status, and writes the samples to `csv`.
 fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result<RpoRun> {
-    let points_before = replica(&c.mt.api)?.points;
+    let points_before = replica(&c.mt)?.points;
     let cpu_before = cpu(c);
     let port = c.agent.nbd_port;
     let started = Instant::now();
@@ -400,7 +403,7 @@ fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result
     );
     let mut next = started;
     while !writer.is_finished() {
-        let r = replica(&c.mt.api)?;
+        let r = replica(&c.mt)?;
         let now = now_ms();
         let at = started.elapsed();
         samples += 1;
@@ -454,7 +457,7 @@ fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result
     let stopped = Instant::now();
     let drain = loop {
         c.check_alive()?;
-        let r = replica(&c.mt.api)?;
+        let r = replica(&c.mt)?;
         if let Some(report) = c.agent.report()
             && report.time_ms > stop_ms
             && let Some(d) = report.disks.first()
@@ -469,7 +472,7 @@ fn rpo_run(c: &mut Cluster, rate: u64, interval: Duration, csv: &Path) -> Result
         }
         std::thread::sleep(SAMPLE_EVERY);
     };
-    let points_after = replica(&c.mt.api)?.points;
+    let points_after = replica(&c.mt)?.points;
     let mut latencies = churned.latencies.clone();
     latencies.sort();
     let write_p99 = latencies

@@ -288,15 +288,13 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         "\n$ haven status --api {} --api {}",
         cluster.ps.api, cluster.mt.api
     );
-    let status = Command::new(root_bin("haven"))
+    let status = cluster
+        .ps
+        .haven_command()
         .args(["status", "--api", &cluster.ps.api, "--api", &cluster.mt.api])
         .output()?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
     Ok(replica)
-}
-
-fn root_bin(name: &str) -> std::path::PathBuf {
-    haven_e2e::default_bin_dir().join(name)
 }
 
 fn progress(cluster: &haven_e2e::Cluster) -> Result<()> {

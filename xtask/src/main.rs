@@ -55,6 +55,13 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nbdsh", "python3-libnbd"),
 ];
 
+/// Python packages the tests use: (module imported, PyPI package). The API tests validate the
+/// OpenAPI document with one and fuzz the API from it with the other.
+const PYPI_PACKAGES: &[(&str, &str)] = &[
+    ("openapi_spec_validator", "openapi-spec-validator"),
+    ("schemathesis", "schemathesis"),
+];
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
@@ -137,9 +144,36 @@ fn ensure_wasm_target() -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages the tests need when their programs are missing.
+/// Installs the Debian and PyPI packages the tests need when they are missing.
 fn ensure_test_tools() -> Result<()> {
-    ensure_programs(DEBIAN_PACKAGES)
+    ensure_programs(DEBIAN_PACKAGES)?;
+    ensure_python_packages(PYPI_PACKAGES)
+}
+
+/// Installs, from PyPI into `python3`'s environment, each package whose module is missing.
+fn ensure_python_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))
 }
 
 /// Installs, from Debian, the package of each program that is missing.

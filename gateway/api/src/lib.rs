@@ -1,4 +1,4 @@
-//! Haven's HTTP API (hyper, HTTP/1.1), served by every gateway.
+//! Haven's HTTP API (axum on hyper, HTTP/1.1), served by every gateway.
 //!
 //! | method | path          | what                                                          |
 //! |--------|---------------|---------------------------------------------------------------|
@@ -6,7 +6,8 @@
 //! | POST   | `/v1/tokens`  | a one-time enrollment token; query `ttl=SECONDS` (default 3600) |
 //! | GET    | `/v1/agents`  | certificates this site's CA issued to agents (and process servers) |
 //! | POST   | `/v1/agents/ID/revoke` | revokes every certificate of agent `ID` and cuts its live connections |
-//! | GET    | `/metrics`    | Prometheus text: lag, throughput, cache and journal sizes     |
+//! | GET    | `/metrics`    | Prometheus text 0.0.4: lag, throughput, cache and journal sizes |
+//! | GET    | `/v1/openapi.json` | this table as an OpenAPI 3.1 document, with every answer's schema |
 //! | GET    | `/v1/items`   | protected items at this master target, with their failover state |
 //! | GET    | `/v1/items/ITEM` | one item, with its state history                          |
 //! | GET    | `/v1/items/ITEM/points` | the item's recovery points                        |
@@ -15,32 +16,64 @@
 //! | DELETE | `/v1/items/ITEM/test-failover` | ends the test failover, discarding its writes |
 //! | POST   | `/v1/items/ITEM/failover` | fails over (`point=ID\|latest`, or `planned=true`) |
 //! | POST   | `/v1/items/ITEM/commit` | makes a failover final                              |
+//! | GET    | `/v1/api-tokens` | the API tokens (never their secrets)                        |
+//! | POST   | `/v1/api-tokens` | a new API token, shown once (`name=`, `role=admin\|operator\|viewer`) |
+//! | DELETE | `/v1/api-tokens/ID` | revokes an API token                                    |
+//! | GET    | `/v1/audit`   | the newest changes made through the API (`limit=N`)           |
 //!
-//! `ITEM` is a machine name, an agent id (or a unique prefix of 6+ hex digits), or
-//! `MACHINE%2FDISK`. Errors are `{"error": "..."}` with 404 (unknown item or point), 409 (not
-//! possible in the item's state), 400 (bad argument), 503 (the source cannot be reached).
+//! `ITEM` is one path segment: a machine name, an agent id (or a unique prefix of 6+ hex
+//! digits), or `MACHINE%2FDISK`. Errors are `{"error": "..."}` with 404 (unknown item, point
+//! or endpoint; a gateway without the role or the site CA the path needs), 405 (a method the
+//! path does not take; under `/v1/items` and at `/v1/agents/ID/revoke` that is a 404 "no such
+//! endpoint"), 409 (not possible in the item's state), 400 (bad argument), 503 (the source
+//! cannot be reached), 500 (a failure here).
 //!
-//! The API has no authentication of its own: it listens on loopback by default, and whoever
-//! can reach it can mint enrollment tokens. Bind it elsewhere only behind access control.
+//! Routes and their description are written once: each handler's `#[utoipa::path]` states its
+//! method, path, parameters and answers, and [`router`] registers the handlers through
+//! `utoipa_axum::routes!`, which takes method and path from that attribute. The router and the
+//! OpenAPI document are built from that one list, so neither has a route the other lacks; query
+//! parameters are read into the structs that describe them, and answers are the engine's own
+//! types (`utoipa::ToSchema`).
+//!
+//! Every route but `/v1/openapi.json` needs an API token with a role ([`auth`]): `viewer`
+//! reads, `operator` also takes points and fails over, `admin` also mints enrollment tokens,
+//! revokes agents, manages API tokens and reads the audit log. The API speaks plain HTTP: bind
+//! it beyond loopback only behind TLS.
 //!
 //! Architecture invariant: this is the only crate with an HTTP server.
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
+pub mod auth;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use haven_engine::master_target::MasterTarget;
-use haven_engine::recovery::{ErrorKind, PointSel, RecoveryError};
+use haven_engine::recovery::{
+    ErrorKind, ItemInfo, ItemRecord, PointInfo, PointKind, PointRecord, PointSel, RecoveryError,
+    TestFailoverInfo,
+};
 use haven_engine::status::GatewayStatus;
 use haven_net::SiteCa;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Produces the gateway's status on demand.
 pub type StatusFn = Arc<dyn Fn() -> GatewayStatus + Send + Sync>;
@@ -60,6 +93,8 @@ pub struct Api {
     pub on_revoke: Option<RevokeFn>,
     /// The master target, for recovery points and failover.
     pub recovery: Option<Arc<MasterTarget>>,
+    /// API tokens and the audit log. `None` serves every call to anyone (tests only).
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -73,461 +108,1053 @@ pub async fn serve(
     addr: SocketAddr,
     api: Api,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let router = router(api)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the API on {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "API listening");
     let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let api = api.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
+        // It waits out a failed accept (out of descriptors) and goes on; it never returns.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
+            tracing::error!(error = %e, "API stopped");
         }
     });
     Ok((local, task))
 }
 
-fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = code;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
+/// The description the routes add their paths to.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Haven gateway API",
+        description = "A gateway's status, metrics, enrollment tokens and agents; at a master \
+                       target, protected items, recovery points and failover. Every route but \
+                       this document needs `Authorization: Bearer <API token>`; the token's \
+                       role (viewer < operator < admin) decides what it may do. Errors are \
+                       `{\"error\": \"...\"}`: 401 without a valid token, 403 when its role \
+                       is too small."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "gateway", description = "The roles' status, metrics and this document"),
+        (name = "enrollment", description = "Enrollment tokens and the agents this site's CA enrolled"),
+        (name = "recovery", description = "At a master target: protected items, recovery points, test failover and failover"),
+        (name = "access", description = "API tokens and the audit log (admin)"),
+    )
+)]
+struct ApiDoc;
 
-fn json_error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    reply(code, "application/json", body)
-}
+/// Declares the bearer-token scheme every route (but the document) requires.
+struct BearerAuth;
 
-impl Api {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(rest) = req.uri().path().strip_prefix("/v1/items") {
-            let query = req.uri().query().unwrap_or("").to_string();
-            return self.items(req.method(), rest, &query).await;
-        }
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/v1/status") => {
-                let status = (self.status)();
-                match serde_json::to_vec_pretty(&status) {
-                    Ok(body) => reply(StatusCode::OK, "application/json", body),
-                    Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-                }
-            }
-            (&Method::POST, "/v1/tokens") => self.token(req.uri().query().unwrap_or("")),
-            (&Method::GET, "/v1/agents") => self.agents(),
-            (&Method::POST, path)
-                if path.starts_with("/v1/agents/") && path.ends_with("/revoke") =>
-            {
-                let id = &path["/v1/agents/".len()..path.len() - "/revoke".len()];
-                self.revoke(id)
-            }
-            (&Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                metrics(&(self.status)()),
-            ),
-            (_, "/v1/status" | "/v1/tokens" | "/v1/agents" | "/metrics") => {
-                json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
-            (_, path) => json_error(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "no such endpoint {path}; see /v1/status, /v1/tokens, /v1/agents, /metrics"
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("hvt_<id>_<secret>")
+                        .build(),
                 ),
-            ),
-        }
-    }
-
-    /// `/v1/items…`: `rest` is the path after `/v1/items`.
-    async fn items(&self, method: &Method, rest: &str, query: &str) -> Response<Full<Bytes>> {
-        let Some(mt) = &self.recovery else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                "this gateway is not a master target: items, points and failover live at the \
-                 secondary site's gateway",
             );
-        };
-        let q = Query::parse(query);
-        let rest = rest.trim_start_matches('/');
-        let (item, action) = match rest.split_once('/') {
-            Some((i, a)) => (percent_decode(i), a),
-            None => (percent_decode(rest), ""),
-        };
-        let result: Result<serde_json::Value, RecoveryError> = match (method, item.as_str(), action)
-        {
-            (&Method::GET, "", "") => Ok(serde_json::json!(mt.items())),
-            (&Method::GET, item, "") => mt.item(item).map(|i| serde_json::json!(i)),
-            (&Method::GET, item, "points") => mt.points(item).map(|p| serde_json::json!(p)),
-            (&Method::POST, item, "points") => match q.get("kind").unwrap_or("crash") {
-                kind @ ("crash" | "app") => mt
-                    .create_point(item, kind == "app")
-                    .await
-                    .map(|p| serde_json::json!(p)),
-                other => Err(bad(format!("kind {other:?}: use crash or app"))),
-            },
-            // Plugin calls, files and redb commits: off the async workers.
-            (&Method::POST, item, "test-failover") => match (q.point(), q.flag("writable")) {
-                (Ok(sel), Ok(w)) => {
-                    let (mt, item) = (mt.clone(), item.to_string());
-                    blocking(move || mt.test_failover(&item, sel, w)).await
-                }
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            },
-            (&Method::DELETE, item, "test-failover") => {
-                // It also waits for the export's connections to end.
-                let (mt, item) = (mt.clone(), item.to_string());
-                blocking(move || mt.cleanup_test(&item)).await
-            }
-            (&Method::POST, item, "failover") => match (q.point(), q.flag("planned")) {
-                (Ok(sel), Ok(planned)) => mt
-                    .failover(item, sel, planned)
-                    .await
-                    .map(|i| serde_json::json!(i)),
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            },
-            (&Method::POST, item, "commit") => {
-                let (mt, item) = (mt.clone(), item.to_string());
-                blocking(move || mt.commit(&item)).await
-            }
-            _ => {
-                return json_error(
-                    StatusCode::NOT_FOUND,
-                    &format!(
-                        "no such endpoint {method} /v1/items/{rest}; see the API table in the \
-                         README"
-                    ),
-                );
-            }
-        };
-        match result {
-            Ok(v) => reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec_pretty(&v).unwrap_or_default(),
-            ),
-            Err(e) => json_error(
-                match e.kind {
-                    ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                    ErrorKind::Conflict => StatusCode::CONFLICT,
-                    ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-                    ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-                },
-                &e.message,
-            ),
+    }
+}
+
+/// The routes, and the OpenAPI document made from the same list.
+fn router(api: Api) -> Result<axum::Router> {
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(status))
+        .routes(routes!(create_token))
+        .routes(routes!(list_agents))
+        .routes(routes!(revoke_agent))
+        .routes(routes!(get_metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(list_items))
+        .routes(routes!(get_item))
+        .routes(routes!(list_points, create_point))
+        .routes(routes!(start_test_failover, end_test_failover))
+        .routes(routes!(fail_over))
+        .routes(routes!(commit))
+        .routes(routes!(list_api_tokens, create_api_token))
+        .routes(routes!(revoke_api_token))
+        .routes(routes!(get_audit))
+        .split_for_parts();
+    let openapi = doc
+        .to_pretty_json()
+        .context("rendering the API's OpenAPI document")?;
+    let access = api.auth.clone();
+    let router = router
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(Served {
+            api,
+            openapi: Bytes::from(openapi),
+        });
+    Ok(match access {
+        Some(a) => router.layer(axum::middleware::from_fn_with_state(a, auth::authorize)),
+        None => router,
+    })
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Served {
+    api: Api,
+    /// `/v1/openapi.json`, rendered once.
+    openapi: Bytes,
+}
+
+// ---- Answers ----
+
+/// An answer other than success: `{"error": MESSAGE}` with its status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    /// What happened and what to do.
+    error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
         }
     }
 
-    fn no_ca() -> Response<Full<Bytes>> {
-        json_error(
-            StatusCode::NOT_FOUND,
-            "this gateway has no site CA; run `haven-gateway init` for its data folder",
-        )
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    fn agents(&self) -> Response<Full<Bytes>> {
-        let Some(ca) = &self.ca else {
-            return Self::no_ca();
+    fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.message,
         };
-        let ca = ca.lock().unwrap_or_else(|e| e.into_inner());
-        let agents: Vec<_> = ca
+        json_response(self.status, serde_json::to_vec(&body))
+    }
+}
+
+impl From<RecoveryError> for ApiError {
+    fn from(e: RecoveryError) -> ApiError {
+        let status = match e.kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.message)
+    }
+}
+
+/// A JSON answer, indented (the status and the recovery answers).
+struct Pretty<T>(T);
+
+/// A JSON answer on one line (the enrollment answers).
+struct Compact<T>(T);
+
+impl<T: Serialize> IntoResponse for Pretty<T> {
+    fn into_response(self) -> Response {
+        json_response(StatusCode::OK, serde_json::to_vec_pretty(&self.0))
+    }
+}
+
+impl<T: Serialize> IntoResponse for Compact<T> {
+    fn into_response(self) -> Response {
+        json_response(StatusCode::OK, serde_json::to_vec(&self.0))
+    }
+}
+
+/// `body` as `application/json` (with a length: clients read to the end of the connection and
+/// do not undo chunking), or a 500 naming why it could not be written.
+fn json_response(status: StatusCode, body: serde_json::Result<Vec<u8>>) -> Response {
+    match body {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => {
+            ApiError::internal(format!("cannot write the answer as JSON: {e}")).into_response()
+        }
+    }
+}
+
+// ---- Extractors: each refusal is an `ApiError` ----
+
+/// The master target, or 404 at a gateway without the role. Listed first among a handler's
+/// arguments, so such a gateway says so whatever else is wrong with the request.
+struct Target(Arc<MasterTarget>);
+
+impl FromRequestParts<Served> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, s: &Served) -> Result<Self, ApiError> {
+        s.api
+            .recovery
+            .clone()
+            .map(Target)
+            .ok_or_else(not_master_target)
+    }
+}
+
+fn not_master_target() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "this gateway is not a master target: items, points and failover live at the \
+         secondary site's gateway",
+    )
+}
+
+/// The site CA, or 404 at a gateway without one. Listed first among a handler's arguments.
+struct Authority(Arc<Mutex<SiteCa>>);
+
+impl FromRequestParts<Served> for Authority {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, s: &Served) -> Result<Self, ApiError> {
+        s.api.ca.clone().map(Authority).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this gateway has no site CA; run `haven-gateway init` for its data folder",
+            )
+        })
+    }
+}
+
+fn lock(ca: &Mutex<SiteCa>) -> std::sync::MutexGuard<'_, SiteCa> {
+    ca.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`Path`] (percent-decoded segments) refusing with an [`ApiError`].
+struct PathParams<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(PathParams(v)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// [`Query`] refusing with an [`ApiError`].
+struct QueryParams<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(QueryParams(v)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+// ---- Gateway ----
+
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "gateway",
+    responses(
+        (status = OK, description = "The roles this gateway runs and their state", body = GatewayStatus),
+        (status = INTERNAL_SERVER_ERROR, description = "The status could not be written", body = ErrorBody),
+    )
+)]
+async fn status(State(s): State<Served>) -> Pretty<GatewayStatus> {
+    Pretty((s.api.status)())
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "gateway",
+    responses(
+        (
+            status = OK,
+            description = "Prometheus text: replication lag and RPO in seconds, lag, cache and \
+                           journal in bytes, bytes received, stored and applied",
+            body = String,
+            content_type = prometheus_text::CONTENT_TYPE,
+        ),
+    )
+)]
+async fn get_metrics(State(s): State<Served>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        metrics(&(s.api.status)()),
+    )
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "gateway",
+    responses(
+        (status = OK, description = "This API as an OpenAPI 3.1 document", body = Object, content_type = "application/json"),
+    )
+)]
+async fn openapi_json(State(s): State<Served>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], s.openapi)
+}
+
+// ---- Enrollment ----
+
+/// The query of `POST /v1/tokens`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct TokenParams {
+    /// How long the token may be used, in whole seconds from 1 to 2592000 (30 days); 3600
+    /// when absent.
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 2592000)]
+    ttl: Option<String>,
+    /// Any other parameter, refused by name.
+    #[serde(flatten)]
+    #[param(ignore)]
+    other: std::collections::BTreeMap<String, String>,
+}
+
+/// The longest a token may be valid, in seconds.
+const MAX_TOKEN_TTL: u64 = 30 * 24 * 3600;
+
+/// A new one-time enrollment token.
+#[derive(Serialize, Deserialize, ToSchema)]
+struct TokenAnswer {
+    /// The token, to give to `haven-agent enroll` (or `haven-gateway enroll`).
+    token: String,
+    /// How long it may be used, in seconds.
+    ttl_seconds: u64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "enrollment",
+    params(TokenParams),
+    responses(
+        (status = OK, description = "A one-time enrollment token", body = TokenAnswer),
+        (status = BAD_REQUEST, description = "A bad `ttl`, or a query parameter other than `ttl`", body = ErrorBody),
+        (status = NOT_FOUND, description = "This gateway has no site CA", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The CA could not record the token", body = ErrorBody),
+    )
+)]
+async fn create_token(
+    Authority(ca): Authority,
+    QueryParams(q): QueryParams<TokenParams>,
+) -> Result<Compact<TokenAnswer>, ApiError> {
+    if let Some((key, value)) = q.other.iter().next() {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{key}={value}`; only ttl=SECONDS is known"
+        )));
+    }
+    let ttl = match q.ttl.as_deref() {
+        None => 3600,
+        Some(v) => match v.parse::<u64>() {
+            Ok(v) if (1..=MAX_TOKEN_TTL).contains(&v) => v,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "ttl={v}: give whole seconds from 1 to {MAX_TOKEN_TTL} (30 days)"
+                )));
+            }
+        },
+    };
+    let token = lock(&ca)
+        .create_token(Duration::from_secs(ttl))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Compact(TokenAnswer {
+        token: token.to_string(),
+        ttl_seconds: ttl,
+    }))
+}
+
+/// A certificate this site's CA issued to an agent (or a process server).
+#[derive(Serialize, Deserialize, ToSchema)]
+struct AgentCert {
+    /// The agent's id, as its certificate carries it.
+    agent_id: String,
+    /// The machine it was enrolled for.
+    machine_name: String,
+    /// The certificate's serial number, lowercase hex.
+    serial: String,
+    /// When it was issued, Unix seconds.
+    issued_at: u64,
+    /// When it expires, Unix seconds.
+    not_after: u64,
+    /// Whether it is revoked.
+    revoked: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "enrollment",
+    responses(
+        (status = OK, description = "Every certificate this site's CA issued to agents", body = Vec<AgentCert>),
+        (status = NOT_FOUND, description = "This gateway has no site CA", body = ErrorBody),
+    )
+)]
+async fn list_agents(Authority(ca): Authority) -> Compact<Vec<AgentCert>> {
+    let ca = lock(&ca);
+    let agents = ca
+        .issued()
+        .iter()
+        .filter(|(_, r)| r.kind == "agent")
+        .map(|(serial, r)| AgentCert {
+            agent_id: r.subject.clone(),
+            machine_name: r.names.clone(),
+            serial: serial.clone(),
+            issued_at: r.issued_at,
+            not_after: r.not_after,
+            revoked: ca.revoked().iter().any(|x| &x.serial == serial),
+        })
+        .collect();
+    Compact(agents)
+}
+
+/// What a revocation revoked.
+#[derive(Serialize, Deserialize, ToSchema)]
+struct Revocation {
+    /// The agent.
+    agent_id: String,
+    /// The serial numbers of its certificates, now in the CRL.
+    revoked_serials: Vec<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{id}/revoke",
+    tag = "enrollment",
+    params(("id" = String, Path, description = "The agent's id, as `GET /v1/agents` lists it")),
+    responses(
+        (status = OK, description = "Every certificate of the agent is revoked, and its live connections are closed", body = Revocation),
+        (status = NOT_FOUND, description = "No such agent was enrolled here, or this gateway has no site CA", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The CA could not record the revocation", body = ErrorBody),
+    )
+)]
+async fn revoke_agent(
+    State(s): State<Served>,
+    Authority(ca): Authority,
+    PathParams(agent_id): PathParams<String>,
+) -> Result<Compact<Revocation>, ApiError> {
+    let (serials, crl) = {
+        let mut ca = lock(&ca);
+        let serials: Vec<String> = ca
             .issued()
             .iter()
-            .filter(|(_, r)| r.kind == "agent")
-            .map(|(serial, r)| {
-                serde_json::json!({
-                    "agent_id": r.subject,
-                    "machine_name": r.names,
-                    "serial": serial,
-                    "issued_at": r.issued_at,
-                    "not_after": r.not_after,
-                    "revoked": ca.revoked().iter().any(|x| &x.serial == serial),
-                })
-            })
+            .filter(|(_, r)| r.kind == "agent" && r.subject == agent_id)
+            .map(|(s, _)| s.clone())
             .collect();
-        reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::Value::Array(agents).to_string(),
-        )
+        if serials.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no agent {agent_id} was enrolled here; see GET /v1/agents"),
+            ));
+        }
+        for serial in &serials {
+            ca.revoke(serial)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        let crl = ca
+            .crl_pem()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        (serials, crl)
+    };
+    if let Some(f) = &s.api.on_revoke {
+        f(vec![crl], &agent_id);
     }
+    tracing::info!(agent = %agent_id, ?serials, "agent revoked");
+    Ok(Compact(Revocation {
+        agent_id,
+        revoked_serials: serials,
+    }))
+}
 
-    fn revoke(&self, agent_id: &str) -> Response<Full<Bytes>> {
-        let Some(ca) = &self.ca else {
-            return Self::no_ca();
-        };
-        let (serials, crl) = {
-            let mut ca = ca.lock().unwrap_or_else(|e| e.into_inner());
-            let serials: Vec<String> = ca
-                .issued()
-                .iter()
-                .filter(|(_, r)| r.kind == "agent" && r.subject == agent_id)
-                .map(|(s, _)| s.clone())
-                .collect();
-            if serials.is_empty() {
-                return json_error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no agent {agent_id} was enrolled here; see GET /v1/agents"),
-                );
-            }
-            for serial in &serials {
-                if let Err(e) = ca.revoke(serial) {
-                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
-                }
-            }
-            match ca.crl_pem() {
-                Ok(crl) => (serials, crl),
-                Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-            }
-        };
-        if let Some(f) = &self.on_revoke {
-            f(vec![crl], agent_id);
-        }
-        tracing::info!(agent = %agent_id, ?serials, "agent revoked");
-        reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::json!({ "agent_id": agent_id, "revoked_serials": serials }).to_string(),
-        )
-    }
+// ---- Recovery, at a master target ----
 
-    fn token(&self, query: &str) -> Response<Full<Bytes>> {
-        let Some(ca) = &self.ca else {
-            return Self::no_ca();
-        };
-        let mut ttl = 3600;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("ttl", v)) => match v.parse::<u64>() {
-                    Ok(v) if (1..=30 * 24 * 3600).contains(&v) => ttl = v,
-                    _ => {
-                        return json_error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("ttl={v}: give whole seconds from 1 to 2592000 (30 days)"),
-                        );
-                    }
-                },
-                _ => {
-                    return json_error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("unknown query parameter `{pair}`; only ttl=SECONDS is known"),
-                    );
-                }
-            }
-        }
-        let created = ca
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .create_token(Duration::from_secs(ttl));
-        match created {
-            Ok(token) => reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::json!({ "token": token.to_string(), "ttl_seconds": ttl }).to_string(),
-            ),
-            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        }
+/// The item a `/v1/items/ITEM…` path names.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct ItemPath {
+    /// A machine name, an agent id (or a unique prefix of 6+ hex digits), or
+    /// `MACHINE%2FDISK`: one path segment, percent-encoded.
+    item: String,
+}
+
+/// The query of `POST /v1/items/ITEM/points`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PointParams {
+    /// `crash` (the default) or `app` (the workload quiesced by its hooks).
+    #[param(value_type = Option<PointKind>, inline)]
+    kind: Option<String>,
+}
+
+/// The query of `POST /v1/items/ITEM/test-failover`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct TestFailoverParams {
+    /// A point id, or `latest` (the default).
+    point: Option<String>,
+    /// Accept writes, into a scratch overlay discarded at the end (`writable` alone is
+    /// `true`; the default is `false`).
+    #[param(value_type = Option<bool>)]
+    writable: Option<String>,
+}
+
+/// The query of `POST /v1/items/ITEM/failover`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FailoverParams {
+    /// A point id, or `latest` (the default). Ignored when `planned`.
+    point: Option<String>,
+    /// Stop the source, take a final point and fail over to it (`planned` alone is `true`;
+    /// the default is `false`).
+    #[param(value_type = Option<bool>)]
+    planned: Option<String>,
+}
+
+/// `point=ID|latest`, `latest` when absent.
+fn point(value: Option<&str>) -> Result<PointSel, ApiError> {
+    Ok(value.unwrap_or("latest").parse()?)
+}
+
+/// `KEY=true|false`, or `KEY` alone for `true`; `false` when absent.
+fn flag(key: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("false") => Ok(false),
+        Some("true" | "") => Ok(true),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "{key}={v:?}: use true or false"
+        ))),
     }
 }
 
-/// Prometheus text exposition of `status`. Units are in the metric names.
-pub fn metrics(status: &GatewayStatus) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+/// Runs a recovery call that does blocking work (plugins, files, redb) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, RecoveryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(answer) => Ok(answer?),
+        Err(e) => Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        ))),
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/items",
+    tag = "recovery",
+    responses(
+        (status = OK, description = "The protected items, with their failover state", body = Vec<ItemInfo>),
+        (status = NOT_FOUND, description = "This gateway is not a master target", body = ErrorBody),
+    )
+)]
+async fn list_items(Target(mt): Target) -> Pretty<Vec<ItemInfo>> {
+    Pretty(mt.items())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item}",
+    tag = "recovery",
+    params(ItemPath),
+    responses(
+        (status = OK, description = "The item, with its state history", body = ItemInfo),
+        (status = BAD_REQUEST, description = "The prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+    )
+)]
+async fn get_item(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+) -> Result<Pretty<ItemInfo>, ApiError> {
+    Ok(Pretty(mt.item(&p.item)?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item}/points",
+    tag = "recovery",
+    params(ItemPath),
+    responses(
+        (status = OK, description = "The item's recovery points, oldest first", body = Vec<PointInfo>),
+        (status = BAD_REQUEST, description = "The prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+    )
+)]
+async fn list_points(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+) -> Result<Pretty<Vec<PointInfo>>, ApiError> {
+    Ok(Pretty(mt.points(&p.item)?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/items/{item}/points",
+    tag = "recovery",
+    params(ItemPath, PointParams),
+    responses(
+        (status = OK, description = "The point, once its tag is durable here", body = PointRecord),
+        (status = BAD_REQUEST, description = "A bad `kind`, or the prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "The item is failed over: no points are taken", body = ErrorBody),
+        (status = SERVICE_UNAVAILABLE, description = "The source agent cannot be reached, or its point did not arrive", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The point could not be recorded", body = ErrorBody),
+    )
+)]
+async fn create_point(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+    QueryParams(q): QueryParams<PointParams>,
+) -> Result<Pretty<PointRecord>, ApiError> {
+    let app = match q.kind.as_deref().unwrap_or("crash") {
+        "crash" => false,
+        "app" => true,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "kind {other:?}: use crash or app"
+            )));
         }
     };
-    if let Some(ps) = &status.process_server {
-        let label = |d: &haven_engine::status::CachedDisk| {
-            format!(
-                "agent=\"{}\",machine=\"{}\",disk=\"{}\"",
-                d.agent_id, d.machine_name, d.disk
-            )
-        };
-        metric(
-            "haven_cache_bytes",
-            "gauge",
-            "Bytes the process server's cache holds for a disk.",
-            ps.disks
-                .iter()
-                .map(|d| (label(d), d.cache_bytes as f64))
-                .collect(),
-        );
-        metric(
-            "haven_received_bytes_total",
-            "counter",
-            "Bytes of disk extent received from agents.",
-            ps.disks
-                .iter()
-                .map(|d| (label(d), d.received_bytes_total as f64))
-                .collect(),
-        );
-        metric(
-            "haven_cache_stored_bytes_total",
-            "counter",
-            "Bytes stored in the cache after compression.",
-            ps.disks
-                .iter()
-                .map(|d| (label(d), d.stored_bytes_total as f64))
-                .collect(),
-        );
+    Ok(Pretty(mt.create_point(&p.item, app).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/items/{item}/test-failover",
+    tag = "recovery",
+    params(ItemPath, TestFailoverParams),
+    responses(
+        (status = OK, description = "The point is exported over NBD", body = TestFailoverInfo),
+        (status = BAD_REQUEST, description = "A bad `point` or `writable`, or the prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item or point, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "Not possible in the item's state (a test failover or a failover runs)", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The export could not be started", body = ErrorBody),
+    )
+)]
+async fn start_test_failover(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+    QueryParams(q): QueryParams<TestFailoverParams>,
+) -> Result<Pretty<TestFailoverInfo>, ApiError> {
+    let sel = point(q.point.as_deref())?;
+    let writable = flag("writable", q.writable.as_deref())?;
+    // Plugin calls, files and redb commits: off the async workers.
+    Ok(Pretty(
+        blocking(move || mt.test_failover(&p.item, sel, writable)).await?,
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/items/{item}/test-failover",
+    tag = "recovery",
+    params(ItemPath),
+    responses(
+        (status = OK, description = "The test failover that ended; its writes are discarded", body = TestFailoverInfo),
+        (status = BAD_REQUEST, description = "The prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "The item has no test failover to clean up", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The export could not be removed", body = ErrorBody),
+    )
+)]
+async fn end_test_failover(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+) -> Result<Pretty<TestFailoverInfo>, ApiError> {
+    // It also waits for the export's connections to end.
+    Ok(Pretty(blocking(move || mt.cleanup_test(&p.item)).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/items/{item}/failover",
+    tag = "recovery",
+    params(ItemPath, FailoverParams),
+    responses(
+        (status = OK, description = "Materialising the point started", body = ItemRecord),
+        (status = BAD_REQUEST, description = "A bad `point` or `planned`, or the prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item or point, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "Not possible in the item's state", body = ErrorBody),
+        (status = SERVICE_UNAVAILABLE, description = "Planned: the source cannot be reached to stop it", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The failover could not be started", body = ErrorBody),
+    )
+)]
+async fn fail_over(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+    QueryParams(q): QueryParams<FailoverParams>,
+) -> Result<Pretty<ItemRecord>, ApiError> {
+    let sel = point(q.point.as_deref())?;
+    let planned = flag("planned", q.planned.as_deref())?;
+    Ok(Pretty(mt.failover(&p.item, sel, planned).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/items/{item}/commit",
+    tag = "recovery",
+    params(ItemPath),
+    responses(
+        (status = OK, description = "The failover is final; the other points are gone", body = ItemRecord),
+        (status = BAD_REQUEST, description = "The prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "The item is not failed over", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The commit could not be recorded", body = ErrorBody),
+    )
+)]
+async fn commit(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+) -> Result<Pretty<ItemRecord>, ApiError> {
+    Ok(Pretty(blocking(move || mt.commit(&p.item)).await?))
+}
+
+// ---- Paths and methods no route takes ----
+
+/// A path no route has.
+async fn no_such_endpoint(State(s): State<Served>, method: Method, uri: Uri) -> ApiError {
+    match items_rest(uri.path()) {
+        Some(rest) => no_such_item_endpoint(&s.api, &method, rest),
+        None => endpoint_not_found(uri.path()),
     }
-    if let Some(mt) = &status.master_target {
-        let label = |r: &haven_engine::status::ReplicaStatus| {
-            format!(
-                "agent=\"{}\",machine=\"{}\",disk=\"{}\"",
-                r.agent_id, r.machine_name, r.disk
-            )
-        };
-        metric(
-            "haven_replication_lag_seconds",
-            "gauge",
-            "Age of the oldest journaled record in no recovery point yet (without points: not \
-             yet applied to the replica), counted from its arrival at the master target.",
-            mt.replicas
-                .iter()
-                .map(|r| (label(r), r.lag_seconds))
-                .collect(),
-        );
-        metric(
-            "haven_rpo_seconds",
-            "gauge",
-            "Recovery point objective achieved now: how far back a failover now would go \
-             (absent before the first point and once failed over).",
-            mt.replicas
-                .iter()
-                .filter_map(|r| Some((label(r), r.rpo_seconds?)))
-                .collect(),
-        );
-        metric(
-            "haven_replication_lag_bytes",
-            "gauge",
-            "Bytes of extent journaled and in no recovery point yet (without points: not yet \
-             applied to the replica).",
-            mt.replicas
-                .iter()
-                .map(|r| (label(r), r.lag_bytes as f64))
-                .collect(),
-        );
-        metric(
-            "haven_applied_bytes_total",
-            "counter",
-            "Bytes of extent applied to the replica.",
-            mt.replicas
-                .iter()
-                .map(|r| (label(r), r.applied_bytes_total as f64))
-                .collect(),
-        );
-        metric(
-            "haven_journal_bytes",
-            "gauge",
-            "Bytes the master target's journal holds for a disk.",
-            mt.replicas
-                .iter()
-                .map(|r| (label(r), r.journal_bytes as f64))
-                .collect(),
-        );
+}
+
+/// A method the path's route does not take: 405, but a 404 "no such endpoint" under
+/// `/v1/items` and at `/v1/agents/ID/revoke`, as these paths have always answered.
+async fn method_not_allowed(State(s): State<Served>, method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    if let Some(rest) = items_rest(path) {
+        return no_such_item_endpoint(&s.api, &method, rest);
+    }
+    if path.starts_with("/v1/agents/") {
+        return endpoint_not_found(path);
+    }
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// The part of a `/v1/items…` path after `/v1/items/`.
+fn items_rest(path: &str) -> Option<&str> {
+    if path == "/v1/items" {
+        return Some("");
+    }
+    path.strip_prefix("/v1/items/")
+}
+
+fn no_such_item_endpoint(api: &Api, method: &Method, rest: &str) -> ApiError {
+    if api.recovery.is_none() {
+        return not_master_target();
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint {method} /v1/items/{rest}; see the API table in the README"),
+    )
+}
+
+fn endpoint_not_found(path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint {path}; see /v1/status, /v1/tokens, /v1/agents, /metrics, \
+             /v1/openapi.json"
+        ),
+    )
+}
+
+// ---- Metrics ----
+
+/// Prometheus text exposition (format 0.0.4) of `status`. Units are in the metric names.
+pub fn metrics(status: &GatewayStatus) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatusMetrics(status.clone())));
+    let mut out = String::new();
+    if let Err(e) = prometheus_text::encode(&mut out, &registry) {
+        // Writing to a String does not fail; an encoder refusing a sample would land here.
+        tracing::error!(error = %e, "cannot write the metrics");
     }
     out
 }
 
-fn bad(message: String) -> RecoveryError {
-    RecoveryError {
-        kind: ErrorKind::Invalid,
-        message,
-    }
+/// A disk's labels on every sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DiskLabels {
+    agent: String,
+    machine: String,
+    disk: u32,
 }
 
-/// A request's query string.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(q: &str) -> Query {
-        Query(
-            q.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| match p.split_once('=') {
-                    Some((k, v)) => (percent_decode(k), percent_decode(v)),
-                    None => (percent_decode(p), String::new()),
-                })
-                .collect(),
-        )
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// `point=ID|latest`, `latest` when absent.
-    fn point(&self) -> Result<PointSel, RecoveryError> {
-        self.get("point").unwrap_or("latest").parse()
-    }
-
-    fn flag(&self, key: &str) -> Result<bool, RecoveryError> {
-        match self.get(key) {
-            None | Some("false") => Ok(false),
-            Some("true" | "") => Ok(true),
-            Some(v) => Err(bad(format!("{key}={v:?}: use true or false"))),
+impl DiskLabels {
+    fn new(agent: &str, machine: &str, disk: u32) -> DiskLabels {
+        DiskLabels {
+            agent: agent.to_string(),
+            machine: machine.to_string(),
+            disk,
         }
     }
 }
 
-/// Decodes `%XX` escapes (and `+` as a space) of a URL component.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
+/// One status snapshot as constant metrics, read when scraped: the samples of each metric in
+/// the status's order of disks and replicas.
+#[derive(Debug)]
+struct StatusMetrics(GatewayStatus);
+
+impl Collector for StatusMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let e = &mut encoder;
+        if let Some(ps) = &self.0.process_server {
+            let disks = || {
+                ps.disks
+                    .iter()
+                    .map(|d| (DiskLabels::new(&d.agent_id, &d.machine_name, d.disk), d))
+            };
+            family(
+                e,
+                "haven_cache",
+                Unit::Bytes,
+                "Bytes the process server's cache holds for a disk.",
+                disks().map(|(l, d)| (l, ConstGauge::new(d.cache_bytes))),
+            )?;
+            family(
+                e,
+                "haven_received",
+                Unit::Bytes,
+                "Bytes of disk extent received from agents.",
+                disks().map(|(l, d)| (l, ConstCounter::new(d.received_bytes_total))),
+            )?;
+            family(
+                e,
+                "haven_cache_stored",
+                Unit::Bytes,
+                "Bytes stored in the cache after compression.",
+                disks().map(|(l, d)| (l, ConstCounter::new(d.stored_bytes_total))),
+            )?;
         }
-        i += 1;
+        if let Some(mt) = &self.0.master_target {
+            let replicas = || {
+                mt.replicas
+                    .iter()
+                    .map(|r| (DiskLabels::new(&r.agent_id, &r.machine_name, r.disk), r))
+            };
+            family(
+                e,
+                "haven_replication_lag",
+                Unit::Seconds,
+                "Age of the oldest journaled record in no recovery point yet (without points: \
+                 not yet applied to the replica), counted from its arrival at the master target.",
+                replicas().map(|(l, r)| (l, ConstGauge::new(r.lag_seconds))),
+            )?;
+            family(
+                e,
+                "haven_rpo",
+                Unit::Seconds,
+                "Recovery point objective achieved now: how far back a failover now would go \
+                 (absent before the first point and once failed over).",
+                replicas().filter_map(|(l, r)| Some((l, ConstGauge::new(r.rpo_seconds?)))),
+            )?;
+            family(
+                e,
+                "haven_replication_lag",
+                Unit::Bytes,
+                "Bytes of extent journaled and in no recovery point yet (without points: not \
+                 yet applied to the replica).",
+                replicas().map(|(l, r)| (l, ConstGauge::new(r.lag_bytes))),
+            )?;
+            family(
+                e,
+                "haven_applied",
+                Unit::Bytes,
+                "Bytes of extent applied to the replica.",
+                replicas().map(|(l, r)| (l, ConstCounter::new(r.applied_bytes_total))),
+            )?;
+            family(
+                e,
+                "haven_journal",
+                Unit::Bytes,
+                "Bytes the master target's journal holds for a disk.",
+                replicas().map(|(l, r)| (l, ConstGauge::new(r.journal_bytes))),
+            )?;
+        }
+        Ok(())
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Runs a recovery call that does blocking work (plugins, files, redb) on the blocking pool and
-/// serialises its answer.
-async fn blocking<T: serde::Serialize + Send + 'static>(
-    call: impl FnOnce() -> Result<T, RecoveryError> + Send + 'static,
-) -> Result<serde_json::Value, RecoveryError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .unwrap_or_else(|e| {
-            Err(RecoveryError {
-                kind: ErrorKind::Internal,
-                message: format!("the request's task failed: {e}"),
-            })
+/// One metric: `name` with `unit` appended (and `_total` for a counter), its help and type,
+/// then a sample per disk.
+fn family<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    unit: Unit,
+    help: &str,
+    samples: impl Iterator<Item = (DiskLabels, M)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, Some(&unit), M::TYPE)?;
+    for (labels, sample) in samples {
+        sample.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+// ---- Access: API tokens and the audit log ----
+
+/// The API's tokens and audit log, or 404 at a gateway serving without them.
+struct Access(Arc<auth::Auth>);
+
+impl FromRequestParts<Served> for Access {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, s: &Served) -> Result<Self, ApiError> {
+        s.api.auth.clone().map(Access).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this API serves without tokens (a test setup): nothing to manage",
+            )
         })
-        .map(|v| serde_json::json!(v))
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/api-tokens",
+    tag = "access",
+    responses(
+        (status = OK, description = "Every API token of this gateway, revoked ones too", body = Vec<auth::TokenView>),
+        (status = NOT_FOUND, description = "The API serves without tokens", body = ErrorBody),
+    )
+)]
+async fn list_api_tokens(Access(a): Access) -> Pretty<Vec<auth::TokenView>> {
+    Pretty(
+        a.tokens()
+            .list()
+            .iter()
+            .map(auth::TokenView::from)
+            .collect(),
+    )
+}
+
+/// Query of `POST /v1/api-tokens`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct NewApiToken {
+    /// What the token is for: 1 to 64 letters, digits, `-`, `_`, `.` or `@`.
+    name: String,
+    /// `admin`, `operator` or `viewer`.
+    role: String,
+}
+
+/// A new API token: shown in this answer only.
+#[derive(Serialize, ToSchema)]
+struct NewApiTokenAnswer {
+    /// `hvt_<id>_<secret>`, for `Authorization: Bearer` (the CLI's `HAVEN_TOKEN`).
+    token: String,
+    info: auth::TokenView,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/api-tokens",
+    tag = "access",
+    params(NewApiToken),
+    responses(
+        (status = OK, description = "The new token, shown only now", body = NewApiTokenAnswer),
+        (status = BAD_REQUEST, description = "A bad name or role", body = ErrorBody),
+        (status = NOT_FOUND, description = "The API serves without tokens", body = ErrorBody),
+    )
+)]
+async fn create_api_token(
+    Access(a): Access,
+    QueryParams(q): QueryParams<NewApiToken>,
+) -> Result<Compact<NewApiTokenAnswer>, ApiError> {
+    let role: haven_store::tokens::Role = q.role.parse().map_err(ApiError::bad_request)?;
+    let name = q.name;
+    let (token, info) =
+        tokio::task::spawn_blocking(move || a.tokens().create(&name, role, haven_engine::now_ms()))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Compact(NewApiTokenAnswer {
+        token,
+        info: auth::TokenView::from(&info),
+    }))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/api-tokens/{id}",
+    tag = "access",
+    params(("id" = String, Path, description = "The token's id: 16 hex digits")),
+    responses(
+        (status = OK, description = "The token, revoked", body = auth::TokenView),
+        (status = NOT_FOUND, description = "No such token, or the API serves without tokens", body = ErrorBody),
+    )
+)]
+async fn revoke_api_token(
+    Access(a): Access,
+    PathParams(id): PathParams<String>,
+) -> Result<Compact<auth::TokenView>, ApiError> {
+    let revoked =
+        tokio::task::spawn_blocking(move || a.tokens().revoke(&id, haven_engine::now_ms()))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    Ok(Compact(auth::TokenView::from(&revoked)))
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditParams {
+    /// How many of the newest entries (default 100, at most 10000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "access",
+    params(AuditParams),
+    responses(
+        (status = OK, description = "The newest changes made through the API, oldest first", body = Vec<auth::AuditEntry>),
+        (status = BAD_REQUEST, description = "A bad limit", body = ErrorBody),
+        (status = NOT_FOUND, description = "The API serves without tokens", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The audit log could not be read", body = ErrorBody),
+    )
+)]
+async fn get_audit(
+    Access(a): Access,
+    QueryParams(q): QueryParams<AuditParams>,
+) -> Result<Pretty<Vec<auth::AuditEntry>>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=auth::AUDIT_MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit={limit}: give 1 to {}",
+            auth::AUDIT_MAX_LIMIT
+        )));
+    }
+    tokio::task::spawn_blocking(move || a.audit(limit))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map(Pretty)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))
 }

@@ -4,7 +4,7 @@ use haven_net::stream::{DiskState, Report};
 use serde::{Deserialize, Serialize};
 
 /// A gateway's status: the roles it runs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GatewayStatus {
     /// The site this gateway belongs to.
     pub site: String,
@@ -17,7 +17,7 @@ pub struct GatewayStatus {
 }
 
 /// The process server's view.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessServerStatus {
     /// Where agents connect.
     pub listen: String,
@@ -33,7 +33,7 @@ pub struct ProcessServerStatus {
 }
 
 /// One disk's stream through the process server.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CachedDisk {
     pub agent_id: String,
     pub machine_name: String,
@@ -79,7 +79,7 @@ impl CachedDisk {
 }
 
 /// The master target's view.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MasterTargetStatus {
     pub listen: String,
     /// The target writer plugin replicas are written with.
@@ -88,7 +88,7 @@ pub struct MasterTargetStatus {
 }
 
 /// One replica on the master target.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaStatus {
     pub agent_id: String,
     pub machine_name: String,

@@ -19,6 +19,16 @@ struct Cli {
     /// Default: $HAVEN_PLUGIN_DIR, else the plugins next to this program.
     #[arg(long, global = true, value_name = "DIR")]
     plugin_dir: Option<PathBuf>,
+    /// A bearer token for the gateway API: every request carries `Authorization: Bearer
+    /// TOKEN`. Prefer $HAVEN_TOKEN to the flag, which other users see in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "HAVEN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +66,17 @@ enum Command {
     /// Enrolled agents: list, revoke.
     #[command(subcommand)]
     Agent(remote::AgentCommand),
+    /// API tokens of a gateway: create, list, revoke (needs an admin token).
+    #[command(subcommand)]
+    ApiToken(remote::ApiTokenCommand),
+    /// The gateway's audit log: every change made through its API, who and when (admin).
+    Audit {
+        #[arg(long, env = "HAVEN_API", default_value = remote::DEFAULT_API)]
+        api: String,
+        /// How many of the newest entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Recovery points of a protected item: list, create.
     #[command(subcommand)]
     Point(recovery::PointCommand),
@@ -69,7 +90,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn".into())
+                // ureq-proto logs only at debug (its state changes) and trace (each request
+                // as sent, `Authorization` and its token included): never.
+                .add_directive("ureq_proto=info".parse().expect("a filter directive")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(
@@ -79,14 +103,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let plugins = plugins::Plugins::new(cli.plugin_dir);
+    let client = remote::Client::new(cli.token);
     let result = match cli.command {
         Command::Image(c) => image::run(&plugins, c),
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),
-        Command::Status { api, json } => remote::status(&api, json),
-        Command::Token(c) => remote::token(c).map(|()| ExitCode::SUCCESS),
-        Command::Agent(c) => remote::agent(c).map(|()| ExitCode::SUCCESS),
-        Command::Point(c) => recovery::point(c).map(|()| ExitCode::SUCCESS),
-        Command::Failover(a) => recovery::failover(a).map(|()| ExitCode::SUCCESS),
+        Command::Status { api, json } => remote::status(&client, &api, json),
+        Command::Token(c) => remote::token(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Agent(c) => remote::agent(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::ApiToken(c) => remote::api_token(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Audit { api, limit } => {
+            remote::audit(&client, &api, limit).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use haven_engine::recovery::{ItemInfo, ItemRecord, PointInfo, PointRecord, TestFailoverInfo};
+use ureq::http::Method;
 
-use crate::remote::{DEFAULT_API, request_with};
+use crate::remote::{Client, DEFAULT_API};
 
 /// Longest the CLI waits for a point the agent takes, or a planned failover's stop.
 const AGENT_WAIT: Duration = Duration::from_secs(300);
@@ -120,7 +121,7 @@ enum FailoverCommand {
 }
 
 /// The item as a path segment.
-fn seg(item: &str) -> String {
+pub(crate) fn seg(item: &str) -> String {
     let mut out = String::new();
     for b in item.bytes() {
         match b {
@@ -134,16 +135,17 @@ fn seg(item: &str) -> String {
 }
 
 fn call<T: serde::de::DeserializeOwned>(
+    client: &Client,
     api: &str,
-    method: &str,
+    method: Method,
     path: &str,
     timeout: Duration,
 ) -> Result<T> {
-    let body = request_with(api, method, path, timeout)?;
+    let body = client.request_with(api, method, path, timeout)?;
     serde_json::from_str(&body).with_context(|| format!("{api}{path}: unexpected answer"))
 }
 
-fn time(ms: u64) -> String {
+pub(crate) fn time(ms: u64) -> String {
     let secs = ms / 1000;
     let (d, s) = (secs / 86400, secs % 86400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -165,11 +167,12 @@ fn time(ms: u64) -> String {
     )
 }
 
-pub fn point(command: PointCommand) -> Result<()> {
+pub fn point(client: &Client, command: PointCommand) -> Result<()> {
     match command {
         PointCommand::List { item, api, json } => {
             let path = format!("/v1/items/{}/points", seg(&item));
-            let points: Vec<PointInfo> = call(&api, "GET", &path, Duration::from_secs(10))?;
+            let points: Vec<PointInfo> =
+                call(client, &api, Method::GET, &path, Duration::from_secs(10))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
                 return Ok(());
@@ -196,7 +199,7 @@ pub fn point(command: PointCommand) -> Result<()> {
         PointCommand::Create { item, app, api } => {
             let kind = if app { "app" } else { "crash" };
             let path = format!("/v1/items/{}/points?kind={kind}", seg(&item));
-            let p: PointRecord = call(&api, "POST", &path, AGENT_WAIT)?;
+            let p: PointRecord = call(client, &api, Method::POST, &path, AGENT_WAIT)?;
             println!("{}", p.point);
             eprintln!(
                 "point {} ({kind}, taken {}, seq {}) is at the master target",
@@ -216,7 +219,7 @@ fn kind(p: &PointRecord) -> &'static str {
     }
 }
 
-pub fn failover(args: FailoverArgs) -> Result<()> {
+pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
     match args.command {
         Some(FailoverCommand::Test {
             item,
@@ -229,7 +232,8 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
                 seg(&item),
                 seg(&point)
             );
-            let t: TestFailoverInfo = call(&api, "POST", &path, Duration::from_secs(30))?;
+            let t: TestFailoverInfo =
+                call(client, &api, Method::POST, &path, Duration::from_secs(30))?;
             println!("{}", t.uri);
             eprintln!(
                 "test failover of {item} at point {} (taken {}), {}; replication goes on. End it \
@@ -246,7 +250,8 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
         }
         Some(FailoverCommand::Cleanup { item, api }) => {
             let path = format!("/v1/items/{}/test-failover", seg(&item));
-            let t: TestFailoverInfo = call(&api, "DELETE", &path, Duration::from_secs(30))?;
+            let t: TestFailoverInfo =
+                call(client, &api, Method::DELETE, &path, Duration::from_secs(30))?;
             println!(
                 "test failover of {item} at point {} cleaned up",
                 t.point.point
@@ -255,13 +260,13 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
         }
         Some(FailoverCommand::Commit { item, api }) => {
             let path = format!("/v1/items/{}/commit", seg(&item));
-            let r: ItemRecord = call(&api, "POST", &path, Duration::from_secs(30))?;
+            let r: ItemRecord = call(client, &api, Method::POST, &path, Duration::from_secs(30))?;
             println!("{item}: {}", r.state.name());
             Ok(())
         }
         Some(FailoverCommand::Show { item, api, json }) => {
             let path = format!("/v1/items/{}", seg(&item));
-            let i: ItemInfo = call(&api, "GET", &path, Duration::from_secs(10))?;
+            let i: ItemInfo = call(client, &api, Method::GET, &path, Duration::from_secs(10))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {
@@ -286,7 +291,7 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
                     seg(&run.point)
                 )
             };
-            let r: ItemRecord = call(&run.api, "POST", &path, AGENT_WAIT)?;
+            let r: ItemRecord = call(client, &run.api, Method::POST, &path, AGENT_WAIT)?;
             let point = r.point.map_or(0, |p| p.point);
             eprintln!("{item}: failing over to point {point}");
             if run.no_wait {
@@ -299,8 +304,9 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(100));
                 // A gateway restarting meanwhile resumes the failover: keep asking a while.
                 let i: ItemInfo = match call(
+                    client,
                     &run.api,
-                    "GET",
+                    Method::GET,
                     &format!("/v1/items/{}", seg(&item)),
                     Duration::from_secs(10),
                 ) {

@@ -1,13 +1,15 @@
 //! Commands that talk to a gateway's HTTP API: `haven status`, `haven token create`.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use haven_engine::status::GatewayStatus;
+use ureq::Timeout;
+use ureq::http::header::AUTHORIZATION;
+use ureq::http::uri::Authority;
+use ureq::http::{HeaderValue, Method, Request};
 
 /// The API address when neither `--api` nor `$HAVEN_API` gives one.
 pub const DEFAULT_API: &str = "http://127.0.0.1:9480";
@@ -52,10 +54,10 @@ pub enum AgentCommand {
     },
 }
 
-pub fn agent(command: AgentCommand) -> Result<()> {
+pub fn agent(client: &Client, command: AgentCommand) -> Result<()> {
     match command {
         AgentCommand::List { api } => {
-            let body = request(&api, "GET", "/v1/agents")?;
+            let body = client.request(&api, Method::GET, "/v1/agents")?;
             let agents: Vec<serde_json::Value> = serde_json::from_str(&body)?;
             println!("{:<34} {:<20} {:<8}", "AGENT", "MACHINE", "STATE");
             for a in agents {
@@ -74,83 +76,266 @@ pub fn agent(command: AgentCommand) -> Result<()> {
         }
         AgentCommand::Revoke { agent_id, api } => {
             let path = format!("/v1/agents/{agent_id}/revoke");
-            request(&api, "POST", &path)?;
+            client.request(&api, Method::POST, &path)?;
             println!("agent {agent_id} revoked");
             Ok(())
         }
     }
 }
 
-/// One HTTP/1.1 exchange with a gateway's API; returns the body of a 2xx answer.
-fn request(api: &str, method: &str, path: &str) -> Result<String> {
-    request_with(api, method, path, Duration::from_secs(10))
+/// How the CLI talks to gateways' APIs: plain HTTP/1.1 with [`ureq`], one connection per
+/// request, and the bearer token every request carries when one is given.
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    token: Option<String>,
 }
 
-/// [`request`], waiting at most `timeout` for the answer.
-pub fn request_with(api: &str, method: &str, path: &str, timeout: Duration) -> Result<String> {
-    let authority = api
-        .strip_prefix("http://")
-        .with_context(|| format!("API address `{api}`: give it as http://HOST:PORT"))?
-        .trim_end_matches('/');
-    tracing::debug!(%method, url = %format_args!("{api}{path}"), "gateway API request");
-    let mut tcp = connect(authority).with_context(|| {
-        format!("cannot reach the gateway API at {api}; is `haven-gateway run` running there?")
-    })?;
-    tcp.set_read_timeout(Some(timeout))?;
-    write!(
-        tcp,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw)
-        .with_context(|| format!("reading the answer of {api}{path}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{api}{path}: not an HTTP answer"))?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("{api}{path}: no status code"))?;
-    if !(200..300).contains(&code) {
-        let message = serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| body.to_string());
-        bail!("{api}{path}: HTTP {code}: {message}");
+/// Says whether there is a token, never the token.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
     }
-    Ok(body.to_string())
 }
 
-/// Connects to `authority` (HOST:PORT), trying each of its addresses for at most
-/// [`CONNECT_TIMEOUT`].
-fn connect(authority: &str) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in authority.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(e),
+impl Client {
+    /// A client whose requests carry `Authorization: Bearer TOKEN` when `token` is given and
+    /// not empty.
+    pub fn new(token: Option<String>) -> Self {
+        let agent = ureq::Agent::config_builder()
+            // A 4xx/5xx answer is read like any other: its body says why.
+            .http_status_as_error(false)
+            // The gateway's answer as it is: a redirect is not followed, and `http_proxy` from
+            // the environment is not for a site's own API.
+            .max_redirects(0)
+            .proxy(None)
+            // One connection per request, as before: a POST never goes out on an idle
+            // connection the gateway is closing.
+            .max_idle_connections(0)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .user_agent(concat!("haven/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Self {
+            agent,
+            token: token.filter(|t| !t.is_empty()),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{authority}: no address"))))
+
+    /// One exchange with a gateway's API (`api` is `http://HOST:PORT`, `path` starts with `/`
+    /// and may hold a query; requests carry no body); returns the body of a 2xx answer.
+    pub fn request(&self, api: &str, method: Method, path: &str) -> Result<String> {
+        self.request_with(api, method, path, Duration::from_secs(10))
+    }
+
+    /// [`Client::request`], giving up once the whole exchange, connecting included, has taken
+    /// `timeout` (connecting alone gives up after [`CONNECT_TIMEOUT`]).
+    pub fn request_with(
+        &self,
+        api: &str,
+        method: Method,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let authority = authority(api)?;
+        tracing::debug!(%method, url = %format_args!("{api}{path}"), "gateway API request");
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}{path}"));
+        if let Some(token) = &self.token {
+            let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                anyhow!(
+                    "the API token (--token or $HAVEN_TOKEN) holds characters an HTTP header \
+                     cannot carry"
+                )
+            })?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        let request = request
+            // No body, and says so (`Content-Length: 0`) rather than as an empty chunked one.
+            .body(&[][..])
+            .with_context(|| format!("{api}{path}: not a valid request"))?;
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(timeout))
+            .build();
+        let mut answer = self
+            .agent
+            .run(request)
+            .map_err(|e| failure(e, api, path, timeout))?;
+        let body = answer
+            .body_mut()
+            .with_config()
+            // No bound, as before: a big site's status is large.
+            .limit(u64::MAX)
+            .lossy_utf8(true)
+            .read_to_string()
+            .map_err(|e| failure(e, api, path, timeout))?;
+        let status = answer.status();
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            bail!("{api}{path}: HTTP {}: {message}", status.as_u16());
+        }
+        Ok(body)
+    }
+}
+
+/// The `HOST:PORT` of an API address given as `http://HOST:PORT` (a trailing `/` is allowed).
+fn authority(api: &str) -> Result<Authority> {
+    api.strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .and_then(|a| a.parse::<Authority>().ok())
+        .filter(|a| a.port_u16().is_some() && !a.as_str().contains('@'))
+        .with_context(|| format!("API address `{api}`: give it as http://HOST:PORT"))
+}
+
+/// What went wrong in an exchange with `{api}{path}`, said for the operator: the gateway could
+/// not be reached, did not answer within `timeout`, or broke off its answer.
+fn failure(e: ureq::Error, api: &str, path: &str, timeout: Duration) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let unreachable =
+        || format!("cannot reach the gateway API at {api}; is `haven-gateway run` running there?");
+    match e {
+        ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect) => {
+            anyhow!("no connection within {CONNECT_TIMEOUT:?}").context(unreachable())
+        }
+        ureq::Error::Timeout(_) => anyhow!("{api}{path}: no answer within {timeout:?}"),
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => {
+            anyhow::Error::new(e).context(unreachable())
+        }
+        ureq::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::NetworkDown
+                    | ErrorKind::AddrNotAvailable
+            ) =>
+        {
+            anyhow::Error::new(io).context(unreachable())
+        }
+        ureq::Error::Io(io) => {
+            anyhow::Error::new(io).context(format!("reading the answer of {api}{path}"))
+        }
+        e => anyhow::Error::new(e).context(format!("reading the answer of {api}{path}")),
+    }
 }
 
 /// Fetches a gateway's status.
-pub fn fetch_status(api: &str) -> Result<GatewayStatus> {
-    let body = request(api, "GET", "/v1/status")?;
+pub fn fetch_status(client: &Client, api: &str) -> Result<GatewayStatus> {
+    let body = client.request(api, Method::GET, "/v1/status")?;
     serde_json::from_str(&body).with_context(|| format!("{api}/v1/status: unexpected answer"))
 }
 
-pub fn token(command: TokenCommand) -> Result<()> {
+pub fn token(client: &Client, command: TokenCommand) -> Result<()> {
     match command {
         TokenCommand::Create { api, ttl } => {
-            let body = request(&api, "POST", &format!("/v1/tokens?ttl={ttl}"))?;
+            let body = client.request(&api, Method::POST, &format!("/v1/tokens?ttl={ttl}"))?;
             let v: serde_json::Value = serde_json::from_str(&body)?;
             println!("{}", v["token"].as_str().context("no token in the answer")?);
             Ok(())
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCommand {
+    /// Creates an API token at a gateway and prints it (only now). Needs an admin token.
+    Create {
+        /// What the token is for (letters, digits, - _ . @).
+        #[arg(long)]
+        name: String,
+        /// admin, operator (points, test failover, failover) or viewer (read only).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Lists a gateway's API tokens (never their secrets).
+    List {
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Revokes an API token: it lets nobody in from now on.
+    Revoke {
+        /// The token's id (16 hex digits, from `haven api-token list`).
+        id: String,
+        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        api: String,
+    },
+}
+
+pub fn api_token(client: &Client, command: ApiTokenCommand) -> Result<()> {
+    match command {
+        ApiTokenCommand::Create { name, role, api } => {
+            let path = format!(
+                "/v1/api-tokens?name={}&role={}",
+                crate::recovery::seg(&name),
+                crate::recovery::seg(&role)
+            );
+            let body = client.request(&api, Method::POST, &path)?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            eprintln!(
+                "API token {} ({name}, role {role}) created; it is shown only now:",
+                v["info"]["id"].as_str().unwrap_or("?")
+            );
+            println!("{}", v["token"].as_str().context("no token in the answer")?);
+        }
+        ApiTokenCommand::List { api } => {
+            let body = client.request(&api, Method::GET, "/v1/api-tokens")?;
+            let tokens: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            println!("{:<18} {:<24} {:<9} STATE", "ID", "NAME", "ROLE");
+            for t in tokens {
+                println!(
+                    "{:<18} {:<24} {:<9} {}",
+                    t["id"].as_str().unwrap_or("?"),
+                    t["name"].as_str().unwrap_or("?"),
+                    t["role"].as_str().unwrap_or("?"),
+                    if t["revoked_ms"].is_null() {
+                        "active"
+                    } else {
+                        "revoked"
+                    }
+                );
+            }
+        }
+        ApiTokenCommand::Revoke { id, api } => {
+            let path = format!("/v1/api-tokens/{}", crate::recovery::seg(&id));
+            client.request(&api, Method::DELETE, &path)?;
+            println!("API token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// `haven audit`: the gateway's audit log of changes, newest last.
+pub fn audit(client: &Client, api: &str, limit: usize) -> Result<()> {
+    let body = client.request(api, Method::GET, &format!("/v1/audit?limit={limit}"))?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    println!(
+        "{:<20} {:<20} {:<9} {:<7} {:<5} PATH",
+        "TIME (UTC)", "TOKEN", "ROLE", "METHOD", "CODE"
+    );
+    for e in entries {
+        println!(
+            "{:<20} {:<20} {:<9} {:<7} {:<5} {}",
+            crate::recovery::time(e["time_ms"].as_u64().unwrap_or(0)),
+            e["token_name"].as_str().unwrap_or("-"),
+            e["role"].as_str().unwrap_or("-"),
+            e["method"].as_str().unwrap_or("?"),
+            e["status"].as_u64().unwrap_or(0),
+            e["path"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 pub fn human_bytes(n: f64) -> String {
@@ -171,11 +356,11 @@ pub fn human_bytes(n: f64) -> String {
 /// `haven status`: every protected disk seen by the given gateways, asked all at once. A
 /// gateway that does not answer is shown as unreachable, with why, and the others as usual;
 /// the exit status is 0 when all answered, 1 when some did not, 2 when none did.
-pub fn status(apis: &[String], json: bool) -> Result<ExitCode> {
+pub fn status(client: &Client, apis: &[String], json: bool) -> Result<ExitCode> {
     let all: Vec<(&String, Result<GatewayStatus>)> = std::thread::scope(|scope| {
         let asking: Vec<_> = apis
             .iter()
-            .map(|api| (api, scope.spawn(|| fetch_status(api))))
+            .map(|api| (api, scope.spawn(|| fetch_status(client, api))))
             .collect();
         asking
             .into_iter()
@@ -325,5 +510,166 @@ fn print_status(api: &str, s: &GatewayStatus) {
                 println!("    error: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The head of the request on `conn` (request line and headers), without the blank line.
+    fn read_head(conn: &TcpStream) -> String {
+        let mut head = String::new();
+        let mut reader = BufReader::new(conn);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                return head;
+            }
+            head.push_str(&line);
+        }
+    }
+
+    /// An API on loopback that takes one request, hands its head over, then answers `code`
+    /// with `body` and closes; returns its URL and where the head arrives.
+    fn one_answer(code: u16, body: &'static str) -> (String, mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let (head_tx, head_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            // The test may not look at it.
+            let _ = head_tx.send(read_head(&conn));
+            write!(
+                conn,
+                "HTTP/1.1 {code} Whatever\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        (api, head_rx)
+    }
+
+    #[test]
+    fn a_2xx_answer_gives_its_body() {
+        let (api, _) = one_answer(201, r#"{"token":"abc"}"#);
+        let body = Client::new(None)
+            .request(&api, Method::POST, "/v1/tokens?ttl=60")
+            .unwrap();
+        assert_eq!(body, r#"{"token":"abc"}"#);
+    }
+
+    #[test]
+    fn an_error_answer_says_the_error_field_else_the_body() {
+        let (api, _) = one_answer(409, r#"{"error":"busy"}"#);
+        let e = Client::new(None)
+            .request(&api, Method::POST, "/v1/x")
+            .unwrap_err();
+        assert_eq!(format!("{e:#}"), format!("{api}/v1/x: HTTP 409: busy"));
+
+        let (api, _) = one_answer(500, "out of disk");
+        let e = Client::new(None)
+            .request(&api, Method::GET, "/v1/x")
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("{api}/v1/x: HTTP 500: out of disk")
+        );
+    }
+
+    #[test]
+    fn requests_carry_no_body_and_the_token_when_one_is_given() {
+        let heads = [None, Some(""), Some("s3cret")].map(|token| {
+            let (api, head) = one_answer(200, "{}");
+            Client::new(token.map(str::to_owned))
+                .request(&api, Method::DELETE, "/v1/items/web01/test-failover")
+                .unwrap();
+            head.recv().unwrap().to_ascii_lowercase()
+        });
+        for head in &heads {
+            assert!(
+                head.starts_with("delete /v1/items/web01/test-failover http/1.1\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("\r\ncontent-length: 0\r\n"), "{head}");
+            assert!(!head.contains("transfer-encoding"), "{head}");
+        }
+        assert!(!heads[0].contains("authorization"), "{}", heads[0]);
+        assert!(!heads[1].contains("authorization"), "{}", heads[1]);
+        assert!(
+            heads[2].contains("\r\nauthorization: bearer s3cret\r\n"),
+            "{}",
+            heads[2]
+        );
+    }
+
+    #[test]
+    fn only_http_host_port_is_an_api_address() {
+        for api in [
+            "https://127.0.0.1:9480",
+            "127.0.0.1:9480",
+            "http://127.0.0.1",
+            "http://user@127.0.0.1:9480",
+            "http://127.0.0.1:9480/prefix",
+        ] {
+            let e = Client::new(None)
+                .request(api, Method::GET, "/v1/status")
+                .unwrap_err();
+            assert_eq!(
+                format!("{e:#}"),
+                format!("API address `{api}`: give it as http://HOST:PORT")
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_nothing_listens_on_cannot_be_reached() {
+        let api = {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let e = Client::new(None)
+            .request(&api, Method::GET, "/v1/status")
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "cannot reach the gateway API at {api}; is `haven-gateway run` running there?: "
+            )),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_that_never_answers_hits_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        // Takes the request and holds the connection open, unanswered, until the test ends.
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            read_head(&conn);
+            let _ = done_rx.recv();
+        });
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let e = Client::new(None)
+            .request_with(&api, Method::POST, "/v1/items/web01/failover", timeout)
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("{api}/v1/items/web01/failover: no answer within 300ms")
+        );
+        assert!(
+            waited >= timeout && waited < CONNECT_TIMEOUT,
+            "gave up after {waited:?}"
+        );
+        drop(done_tx);
     }
 }

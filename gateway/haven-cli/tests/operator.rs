@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 
 use haven_engine::status::{CachedDisk, GatewayStatus, ProcessServerStatus};
 
@@ -13,7 +14,7 @@ use haven_engine::status::{CachedDisk, GatewayStatus, ProcessServerStatus};
 /// defaults or its logging.
 fn haven(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_haven"));
-    for var in ["HAVEN_API", "HAVEN_LOG", "NO_COLOR"] {
+    for var in ["HAVEN_API", "HAVEN_LOG", "HAVEN_TOKEN", "NO_COLOR"] {
         cmd.env_remove(var);
     }
     cmd.envs(envs.iter().copied())
@@ -61,9 +62,15 @@ fn process_server_status() -> GatewayStatus {
 /// A gateway API on loopback that answers every request with `status` until the test ends;
 /// returns its URL.
 fn fake_gateway(status: &GatewayStatus) -> String {
+    fake_gateway_seeing(status).0
+}
+
+/// [`fake_gateway`], also handing over each request's head (request line and headers).
+fn fake_gateway_seeing(status: &GatewayStatus) -> (String, mpsc::Receiver<String>) {
     let body = serde_json::to_string(status).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let (heads_tx, heads_rx) = mpsc::channel();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
@@ -73,6 +80,7 @@ fn fake_gateway(status: &GatewayStatus) -> String {
             while !head.ends_with(b"\r\n\r\n") && matches!(conn.read(&mut byte), Ok(1)) {
                 head.push(byte[0]);
             }
+            let _ = heads_tx.send(text(&head));
             let _ = write!(
                 conn,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
@@ -81,7 +89,7 @@ fn fake_gateway(status: &GatewayStatus) -> String {
             );
         }
     });
-    url
+    (url, heads_rx)
 }
 
 /// The URL of an API nothing listens on (a port just bound and released).
@@ -232,4 +240,42 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         "a debug log: {stderr}"
     );
     assert!(!stderr.contains("\x1b["), "{stderr:?}");
+}
+
+#[test]
+fn the_token_from_haven_token_or_token_goes_with_every_request() {
+    let (up, heads) = fake_gateway_seeing(&process_server_status());
+    let authorization = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = haven(args, envs);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let head = heads.recv().unwrap();
+        head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("authorization")
+                .then(|| value.trim().to_string())
+        })
+    };
+    let status = ["status", "--api", up.as_str()];
+    assert_eq!(
+        authorization(&status, &[("HAVEN_TOKEN", "from-env")]).as_deref(),
+        Some("Bearer from-env")
+    );
+    // The flag is global (after the subcommand too) and wins over the environment.
+    assert_eq!(
+        authorization(
+            &["status", "--api", &up, "--token", "from-flag"],
+            &[("HAVEN_TOKEN", "from-env")]
+        )
+        .as_deref(),
+        Some("Bearer from-flag")
+    );
+    assert_eq!(authorization(&status, &[("HAVEN_TOKEN", "")]), None);
+    assert_eq!(authorization(&status, &[]), None);
+    // The help names the variable but does not show its value.
+    let help = haven(&["--help"], &[("HAVEN_TOKEN", "from-env")]);
+    let help = text(&help.stdout);
+    assert!(
+        help.contains("HAVEN_TOKEN") && !help.contains("from-env"),
+        "{help}"
+    );
 }

@@ -107,7 +107,8 @@ fn default_nbd_host() -> std::net::IpAddr {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
-    /// TCP address of the API. It has no authentication: keep it on loopback.
+    /// TCP address of the API. Every call needs an API token; it speaks plain HTTP: keep it
+    /// on loopback or behind TLS.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
 }

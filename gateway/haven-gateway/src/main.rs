@@ -16,6 +16,7 @@ use haven_host::{Grants, Host, HostConfig, PluginSpec};
 use haven_net::SiteCa;
 use haven_net::endpoint::ServerTls;
 use haven_store::journal::JournalOptions;
+use haven_store::tokens::{ApiTokens, Role};
 
 mod config;
 
@@ -43,6 +44,16 @@ enum Command {
         /// Default: 127.0.0.1, localhost and the host name.
         #[arg(long = "name")]
         names: Vec<String>,
+        /// The first admin API token: one another gateway of the deployment printed, so one
+        /// token reaches both. Default: a new one, printed once.
+        #[arg(long, env = "HAVEN_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
+    /// Manages this gateway's API tokens offline (the gateway may run): `create` prints a new
+    /// token once, e.g. when every admin token is lost. Online, `haven token` does the same.
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
     },
     /// Enrolls this gateway (a process server) with the next hop (a master target) using a
     /// one-time token from that site; stores the identity in `<data-dir>/upstream/`.
@@ -102,6 +113,38 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ApiTokenCommand {
+    /// Creates a token and prints it (only now).
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// What the token is for (letters, digits, - _ . @).
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+    },
+    /// Lists the tokens (never their secrets).
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revokes a token: it lets nobody in from now on.
+    Revoke {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The token's id (16 hex digits, from `list`).
+        id: String,
+    },
+}
+
+/// The file of a gateway's API tokens.
+fn api_tokens_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("api-tokens.json")
+}
+
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 78;
 
@@ -137,7 +180,9 @@ fn main() -> ExitCode {
             data_dir,
             site,
             names,
-        } => init(&data_dir, &site, names),
+            admin_token,
+        } => init(&data_dir, &site, names, admin_token.as_deref()),
+        Command::ApiToken { command } => api_token(command),
         Command::NbdCert {
             data_dir,
             out,
@@ -194,7 +239,48 @@ fn write_atomic(path: &Path, text: &str, private: bool) -> Result<()> {
     Ok(())
 }
 
-fn init(data_dir: &Path, site: &str, mut names: Vec<String>) -> Result<()> {
+fn api_token(command: ApiTokenCommand) -> Result<()> {
+    match command {
+        ApiTokenCommand::Create {
+            data_dir,
+            name,
+            role,
+        } => {
+            let tokens = ApiTokens::open(&api_tokens_path(&data_dir))?;
+            let (token, info) = tokens.create(&name, role, haven_engine::now_ms())?;
+            eprintln!(
+                "API token {} ({}, role {}) created; it is shown only now:",
+                info.id, info.name, info.role
+            );
+            println!("{token}");
+        }
+        ApiTokenCommand::List { data_dir } => {
+            let tokens = ApiTokens::open(&api_tokens_path(&data_dir))?;
+            println!("{:<18} {:<24} {:<9} STATE", "ID", "NAME", "ROLE");
+            for t in tokens.list() {
+                let state = if t.revoked_ms.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!("{:<18} {:<24} {:<9} {state}", t.id, t.name, t.role.as_str());
+            }
+        }
+        ApiTokenCommand::Revoke { data_dir, id } => {
+            let tokens = ApiTokens::open(&api_tokens_path(&data_dir))?;
+            tokens.revoke(&id, haven_engine::now_ms())?;
+            println!("API token {id} revoked (a running gateway reads it at its next start)");
+        }
+    }
+    Ok(())
+}
+
+fn init(
+    data_dir: &Path,
+    site: &str,
+    mut names: Vec<String>,
+    admin_token: Option<&str>,
+) -> Result<()> {
     if data_dir.join("ca").exists() {
         bail!(
             "{} already holds a site CA; use another folder, or remove {} to start over \
@@ -216,9 +302,24 @@ fn init(data_dir: &Path, site: &str, mut names: Vec<String>) -> Result<()> {
     let (cert, key) = ca.issue_server_cert(&names)?;
     write_atomic(&data_dir.join("tls/cert.pem"), &cert, false)?;
     write_atomic(&data_dir.join("tls/key.pem"), &key, true)?;
+    let tokens = ApiTokens::open(&api_tokens_path(data_dir))?;
+    let now = haven_engine::now_ms();
+    let printed = match admin_token {
+        Some(token) => {
+            tokens.add(token, "first-admin", Role::Admin, now)?;
+            None
+        }
+        None => Some(tokens.create("first-admin", Role::Admin, now)?.0),
+    };
     println!("site `{site}` initialised in {}", data_dir.display());
     println!("CA fingerprint (SHA-256): {}", ca.ca_fingerprint());
     println!("server names: {}", names.join(", "));
+    match printed {
+        Some(token) => {
+            println!("admin API token (shown only now; keep it, e.g. in HAVEN_TOKEN): {token}")
+        }
+        None => println!("admin API token: the one given"),
+    }
     Ok(())
 }
 
@@ -462,6 +563,14 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             }
         })
     };
+    let tokens = Arc::new(ApiTokens::open(&api_tokens_path(&data_dir))?);
+    if !tokens.any_active() {
+        tracing::warn!(
+            "no API token is active: every API call will be refused; create one with \
+             `haven-gateway api-token create --data-dir {} --name NAME --role admin`",
+            data_dir.display()
+        );
+    }
     let (api_addr, _api) = haven_api::serve(
         config.api.listen,
         haven_api::Api {
@@ -469,6 +578,10 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             ca: Some(ca),
             on_revoke: Some(on_revoke),
             recovery: mt.clone(),
+            auth: Some(Arc::new(haven_api::auth::Auth::new(
+                tokens,
+                &data_dir.join("audit.jsonl"),
+            ))),
         },
     )
     .await?;

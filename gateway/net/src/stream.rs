@@ -109,7 +109,7 @@ pub async fn write_frames(
 }
 
 /// The state of a protected disk as its agent sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskState {
     /// The first full pass over the disk is running.
@@ -140,7 +140,7 @@ impl DiskState {
 }
 
 /// One protected disk in a [`Report`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskReport {
     /// The disk's id in the replication stream.
@@ -176,7 +176,7 @@ pub struct DiskReport {
 }
 
 /// At `ms` (the agent's clock, ms since the Unix epoch) the change log's last seq was `seq`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WriteMark {
     pub ms: u64,
     pub seq: u64,
@@ -264,7 +264,7 @@ pub fn held_up_to(
 }
 
 /// What an agent reports about itself, about once a second.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
     /// The agent's id (as in its certificate); filled in by the receiving side from the

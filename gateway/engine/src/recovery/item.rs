@@ -32,7 +32,7 @@ use crate::master_target::Replica;
 use crate::now_ms;
 
 /// Where an item is in the failover state machine (module docs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ItemState {
     /// Replicating.
@@ -161,7 +161,7 @@ pub fn transition(state: ItemState, event: ItemEvent) -> Result<ItemState, Refus
 }
 
 /// One recorded transition or event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Transition {
     /// When, ms since the Unix epoch.
     pub at_ms: u64,
@@ -174,7 +174,7 @@ pub struct Transition {
 }
 
 /// What the master target keeps about an item's failover.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemRecord {
     /// Current state.
     pub state: ItemState,

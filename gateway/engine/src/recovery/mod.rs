@@ -69,7 +69,7 @@ pub(crate) use points::register_tag;
 use test_failover::TestSlot;
 
 /// An item as listed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemInfo {
     /// The source agent's id.
     pub agent_id: String,
@@ -88,6 +88,7 @@ pub struct ItemInfo {
     /// Bytes the journal holds.
     pub journal_bytes: u64,
     /// The base replica's applied seq.
+    #[schema(value_type = u64)]
     pub applied_seq: Seq,
 }
 

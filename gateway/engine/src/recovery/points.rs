@@ -23,7 +23,7 @@ pub const JOURNAL_HIGH_PERCENT: u64 = 75;
 const POINT_ARRIVAL: Duration = Duration::from_secs(120);
 
 /// Crash- or application-consistent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PointKind {
     /// As a power cut would leave the disks.
@@ -33,11 +33,12 @@ pub enum PointKind {
 }
 
 /// A recovery point the master target holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PointRecord {
     /// Its id (as the agent chose it).
     pub point: u64,
     /// Its tag's sequence number in the disk's stream.
+    #[schema(value_type = u64)]
     pub seq: Seq,
     /// When the agent took it, ms since the Unix epoch.
     pub source_time_ms: u64,
@@ -63,7 +64,7 @@ impl PointRecord {
 }
 
 /// A point as listed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PointInfo {
     /// The point.
     #[serde(flatten)]

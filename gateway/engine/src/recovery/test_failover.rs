@@ -23,7 +23,7 @@ use crate::overlay::{Scratch, View};
 use crate::{now_ms, peer_hex};
 
 /// A running test failover.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TestFailoverInfo {
     /// The point presented.
     pub point: PointRecord,
