@@ -95,6 +95,14 @@ impl MasterTarget {
         planned: bool,
     ) -> Result<ItemRecord, RecoveryError> {
         let r = self.find_item(item)?;
+        // Materialising reads the replica: right after protection started it may not be
+        // created yet.
+        {
+            let (r, item) = (r.clone(), item.to_string());
+            tokio::task::spawn_blocking(move || super::test_failover::wait_created(&r, &item))
+                .await
+                .map_err(internal)??;
+        }
         let event = if planned {
             ItemEvent::PlannedFailover
         } else {

@@ -658,8 +658,9 @@ impl haven_nbd::Backend for ViewBackend {
 const CREATED_WAIT: Duration = Duration::from_secs(30);
 
 /// Waits (at most [`CREATED_WAIT`]) until `r`'s applier has opened it in the writer: right
-/// after protection starts, or after a restart, a point may be here before the replica is.
-fn wait_created(r: &Replica, item: &str) -> Result<(), RecoveryError> {
+/// after protection starts, or after a restart, a point may be here before the replica is. A
+/// test failover and a failover both read it.
+pub(super) fn wait_created(r: &Replica, item: &str) -> Result<(), RecoveryError> {
     let deadline = Instant::now() + CREATED_WAIT;
     while !r.created.load(Ordering::Acquire) {
         if Instant::now() > deadline {
