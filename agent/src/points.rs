@@ -374,6 +374,22 @@ pub fn run_interval(
     }
 }
 
+/// The shipper's `on_connection` hook: each new connection to the process server gets a task
+/// answering the master target's requests on it ([`serve_control`]).
+pub fn control_hook(
+    shared: &Arc<Shared>,
+    points: &Arc<Points>,
+) -> Arc<dyn Fn(quinn::Connection) + Send + Sync> {
+    let (shared, points) = (Arc::clone(shared), Arc::clone(points));
+    Arc::new(move |conn| {
+        tokio::spawn(serve_control(
+            Arc::clone(&shared),
+            Arc::clone(&points),
+            conn,
+        ));
+    })
+}
+
 /// Answers the master target's requests on `conn` until it closes.
 pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn::Connection) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {

@@ -402,16 +402,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         server_name,
         identity,
         window_bytes: cfg.window_bytes,
-        on_connection: Some({
-            let (shared, points) = (Arc::clone(&shared), Arc::clone(&points));
-            Arc::new(move |conn| {
-                tokio::spawn(crate::points::serve_control(
-                    Arc::clone(&shared),
-                    Arc::clone(&points),
-                    conn,
-                ));
-            })
-        }),
+        on_connection: Some(crate::points::control_hook(&shared, &points)),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -83,16 +83,7 @@ impl SimAgents {
                 server_name: identity.info.server_name.clone(),
                 identity,
                 window_bytes: WINDOW_BYTES,
-                on_connection: Some({
-                    let (shared, points) = (Arc::clone(&shared), Arc::clone(&points));
-                    Arc::new(move |conn| {
-                        tokio::spawn(points::serve_control(
-                            Arc::clone(&shared),
-                            Arc::clone(&points),
-                            conn,
-                        ));
-                    })
-                }),
+                on_connection: Some(points::control_hook(&shared, &points)),
             };
             rt.spawn(replicate::ship(Arc::clone(&shared), cfg, stop_rx.clone()));
             rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx.clone()));
