@@ -90,6 +90,19 @@ pub struct Host {
 struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// When ticking started, and the ticks given to the engine so far.
+    start: Instant,
+    published: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Ticker {
+    /// Ticks the wall clock is ahead of the engine's epoch (a ticker thread woken late has not
+    /// caught up yet): a deadline set now must count them too, or the catch-up would cut it
+    /// short.
+    fn lag(&self) -> u64 {
+        let due = (self.start.elapsed().as_nanos() / EPOCH_TICK.as_nanos()) as u64;
+        due.saturating_sub(self.published.load(Ordering::Acquire))
+    }
 }
 
 impl Drop for Ticker {
@@ -365,15 +378,17 @@ impl Host {
         haven::clock::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
 
         let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
             let engine = engine.clone();
             let stop = stop.clone();
+            let published = published.clone();
             std::thread::Builder::new()
                 .name("haven-epoch".into())
                 .spawn(move || {
                     // The epoch follows the wall clock (one tick per EPOCH_TICK since start), so a
                     // late wake-up is caught up at once instead of stretching every deadline.
-                    let start = Instant::now();
                     let mut ticks: u128 = 0;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
@@ -381,6 +396,7 @@ impl Host {
                         while ticks < due {
                             engine.increment_epoch();
                             ticks += 1;
+                            published.store(ticks as u64, Ordering::Release);
                         }
                     }
                 })?
@@ -394,6 +410,8 @@ impl Host {
             ticker: Arc::new(Ticker {
                 stop,
                 thread: Some(thread),
+                start,
+                published,
             }),
         })
     }
@@ -460,7 +478,7 @@ impl Host {
             dead: None,
             generation: 0,
             outcome,
-            _ticker: self.ticker.clone(),
+            ticker: self.ticker.clone(),
         };
         // Instantiate now, so a component that cannot run is refused at load, not at first use.
         runner.instantiate().map_err(|e| match e {
@@ -565,7 +583,7 @@ pub(crate) struct Runner<W: World> {
     /// Bumped at every restart; handles carry the generation they were made in.
     generation: u64,
     outcome: CacheOutcome,
-    _ticker: Arc<Ticker>,
+    ticker: Arc<Ticker>,
 }
 
 impl<W: World> Runner<W> {
@@ -614,9 +632,10 @@ impl<W: World> Runner<W> {
 
     fn deadline_ticks(&self) -> u64 {
         // One tick more than the timeout: the epoch is not aligned with the call's start, so
-        // the call gets at least its timeout and at most one tick beyond it.
+        // the call gets at least its timeout and at most one tick beyond it; plus the ticks a
+        // late ticker still owes the engine, which it adds at once when it wakes.
         let timeout = self.spec.grants.call_timeout_ms.max(1);
-        timeout.div_ceil(EPOCH_TICK.as_millis() as u64) + 1
+        timeout.div_ceil(EPOCH_TICK.as_millis() as u64) + 1 + self.ticker.lag()
     }
 
     fn host_error(&self, call: &'static str, message: impl std::fmt::Display) -> PluginError {
