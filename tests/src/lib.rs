@@ -117,7 +117,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
         let mut f = fs::OpenOptions::new().create(true).append(true).open(log)?;
         writeln!(f, "---- start {} ----", now_ms())?;
         let child = cmd
@@ -340,10 +340,13 @@ impl Gateway {
         self.spawn()
     }
 
-    /// `haven` with this gateway's admin token.
+    /// `haven` with this gateway's admin token (and logins of its own, none: the user's
+    /// are not used).
     pub fn haven_command(&self) -> Command {
         let mut c = Command::new(self.bins.join("haven"));
-        c.env("HAVEN_TOKEN", &self.admin_token);
+        c.env("HAVEN_TOKEN", &self.admin_token)
+            .env("HAVEN_CONFIG_DIR", self.data_dir.join("cli"))
+            .env_remove("HAVEN_SERVER");
         c
     }
 

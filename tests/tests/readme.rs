@@ -36,10 +36,13 @@ impl Drop for Group {
     }
 }
 
-fn haven(bins: &Path, token: &str, args: &[&str]) -> Result<String> {
+/// `haven ARGS` with the walkthrough's logins (in `root/cli`).
+fn haven(bins: &Path, root: &Path, token: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(bins.join("haven"))
         .args(args)
         .env("HAVEN_TOKEN", token)
+        .env("HAVEN_CONFIG_DIR", root.join("cli"))
+        .env_remove("HAVEN_SERVER")
         .output()?;
     if !out.status.success() {
         bail!(
@@ -84,8 +87,10 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     let mut child = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .env("PATH", path)
-        .env_remove("HAVEN_API")
+        .env_remove("HAVEN_SERVER")
         .env_remove("HAVEN_TOKEN")
+        // Logins of the walkthrough's own.
+        .env("HAVEN_CONFIG_DIR", root.join("cli"))
         .current_dir(root)
         .process_group(0)
         .stdin(Stdio::null())
@@ -105,22 +110,34 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
 
     // The item is found by the name the walkthrough gave it, at the master target's API, with
     // the admin token its `init` printed.
-    let mt = format!("http://127.0.0.1:{mt_api}");
+    // The master target speaks HTTPS; the walkthrough's `haven login` pinned its CA.
+    let mt = format!("https://127.0.0.1:{mt_api}");
     let token = haven_e2e::admin_token_of(&std::fs::read_to_string(root.join("srv/mt-init.txt"))?)?;
     let token = token.as_str();
     let point = poll(
         Duration::from_secs(120),
         Duration::from_millis(500),
-        || match haven(&bins, token, &["point", "create", "web01", "--api", &mt]) {
+        || match haven(
+            &bins,
+            root,
+            token,
+            &["point", "create", "web01", "--api", &mt],
+        ) {
             Ok(id) => Ok(Ok(id.trim().to_string())),
             Err(e) => Ok(Err(format!("no point taken: {e:#}"))),
         },
     )?;
-    let list = haven(&bins, token, &["point", "list", "web01", "--api", &mt])?;
+    let list = haven(
+        &bins,
+        root,
+        token,
+        &["point", "list", "web01", "--api", &mt],
+    )?;
     assert!(list.contains(&point), "{list}");
     // The point equals the source disk (nothing wrote after the walkthrough's write).
     let uri = haven(
         &bins,
+        root,
         token,
         &["failover", "test", "web01", "--point", &point, "--api", &mt],
     )?;
@@ -138,6 +155,7 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     );
     haven(
         &bins,
+        root,
         token,
         &["failover", "cleanup", "web01", "--api", &mt],
     )?;

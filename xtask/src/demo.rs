@@ -285,13 +285,19 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
     }
     println!("failover image: {}", replica.display());
     println!(
-        "\n$ haven status --api {} --api {}",
+        "\n$ haven status --server {} --server {}",
         cluster.ps.api, cluster.mt.api
     );
     let status = cluster
         .ps
         .haven_command()
-        .args(["status", "--api", &cluster.ps.api, "--api", &cluster.mt.api])
+        .args([
+            "status",
+            "--server",
+            &cluster.ps.api,
+            "--server",
+            &cluster.mt.api,
+        ])
         .output()?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
     Ok(replica)

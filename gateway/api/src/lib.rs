@@ -43,6 +43,7 @@
 //! Architecture invariant: this is the only crate with an HTTP server.
 
 pub mod auth;
+mod https;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -61,6 +62,7 @@ use haven_engine::recovery::{
 };
 use haven_engine::status::GatewayStatus;
 use haven_net::SiteCa;
+use haven_net::rustls;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
@@ -103,21 +105,32 @@ impl std::fmt::Debug for Api {
     }
 }
 
-/// Binds `addr` and serves the API until the task is dropped. Returns the bound address.
+/// Binds `addr` and serves the API until the task is dropped: over HTTPS with `tls` (see
+/// [`haven_net::tls::api_server_config`]), else plain HTTP. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     api: Api,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let router = router(api)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the API on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, "API listening");
+    tracing::info!(addr = %local, https = tls.is_some(), "API listening");
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
-        // It waits out a failed accept (out of descriptors) and goes on; it never returns.
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service).await {
+        // Either waits out a failed accept (out of descriptors) and goes on; it never returns.
+        let served = match tls {
+            Some(config) => {
+                use axum::serve::ListenerExt;
+                // `tap_io` only so that axum hands the peer's address to the handlers.
+                let listener = https::Listener::new(listener, config).tap_io(|_| ());
+                axum::serve(listener, service).await
+            }
+            None => axum::serve(listener, service).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "API stopped");
         }
     });
@@ -177,6 +190,8 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(revoke_agent))
         .routes(routes!(get_metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(site_ca))
+        .routes(routes!(whoami))
         .routes(routes!(list_items))
         .routes(routes!(get_item))
         .routes(routes!(list_points, create_point))
@@ -529,6 +544,55 @@ async fn list_agents(Authority(ca): Authority) -> Compact<Vec<AgentCert>> {
         })
         .collect();
     Compact(agents)
+}
+
+/// The site CA's certificate, which a client pins at `haven login`.
+#[derive(Serialize, Deserialize, ToSchema)]
+struct SiteCaView {
+    /// The site's name.
+    site: String,
+    /// The CA certificate, PEM.
+    ca_cert_pem: String,
+    /// SHA-256 of the CA certificate (DER), lowercase hex, as `haven-gateway init` printed it.
+    fingerprint: String,
+}
+
+/// Public, like the certificate chain every TLS handshake shows: a client compares its
+/// fingerprint with the one it was given before trusting it.
+#[utoipa::path(
+    get,
+    path = "/v1/ca",
+    tag = "gateway",
+    security(()),
+    responses(
+        (status = OK, description = "The site CA's certificate", body = SiteCaView),
+        (status = NOT_FOUND, description = "This gateway has no site CA", body = ErrorBody),
+    )
+)]
+async fn site_ca(Authority(ca): Authority) -> Compact<SiteCaView> {
+    let ca = lock(&ca);
+    Compact(SiteCaView {
+        site: ca.site_name().to_string(),
+        ca_cert_pem: ca.ca_cert_pem().to_string(),
+        fingerprint: ca.ca_fingerprint(),
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "access",
+    responses(
+        (status = OK, description = "The token this call carried", body = auth::Caller),
+        (status = NOT_FOUND, description = "This gateway checks no tokens", body = ErrorBody),
+    )
+)]
+async fn whoami(
+    caller: Option<axum::Extension<auth::Caller>>,
+) -> Result<Compact<auth::Caller>, ApiError> {
+    caller
+        .map(|axum::Extension(c)| Compact(c))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "this gateway checks no API tokens"))
 }
 
 /// What a revocation revoked.

@@ -30,6 +30,7 @@ fn start(api: Api) -> Served {
         .block_on(haven_api::serve(
             "127.0.0.1:0".parse().expect("an address"),
             api,
+            None,
         ))
         .expect("the API serves");
     Served {
@@ -225,6 +226,8 @@ fn openapi_document_lists_every_route_with_its_answers() {
         ("post", "/v1/agents/{id}/revoke"),
         ("get", "/metrics"),
         ("get", "/v1/openapi.json"),
+        ("get", "/v1/ca"),
+        ("get", "/v1/whoami"),
         ("get", "/v1/items"),
         ("get", "/v1/items/{item}"),
         ("get", "/v1/items/{item}/points"),

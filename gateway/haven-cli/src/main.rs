@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod image;
+mod login;
 mod plugins;
 mod recovery;
 mod remote;
@@ -50,15 +51,32 @@ enum Command {
         /// A gateway's API, a process server's or a master target's (repeat, or separate with
         /// commas, for several).
         #[arg(
-            long,
-            env = "HAVEN_API",
+            long = "server",
+            visible_alias = "api",
+            env = "HAVEN_SERVER",
             value_delimiter = ',',
-            default_value = remote::DEFAULT_API
+            default_values_t = [remote::default_server()]
         )]
         api: Vec<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Logs in to a gateway's API: pins its site CA (HTTPS) and keeps the token, so the
+    /// commands that follow need neither `--token` nor `--server`.
+    Login {
+        /// The API, `https://HOST:PORT` (or `http://` on loopback).
+        #[arg(long, env = "HAVEN_SERVER")]
+        server: String,
+        /// SHA-256 of the site CA's certificate, as `haven-gateway init` printed it; the
+        /// server must present that CA.
+        #[arg(long, value_name = "SHA256")]
+        ca_fingerprint: Option<String>,
+    },
+    /// Forgets a login (default: the current server's).
+    Logout {
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Enrollment tokens.
     #[command(subcommand)]
@@ -71,7 +89,7 @@ enum Command {
     ApiToken(remote::ApiTokenCommand),
     /// The gateway's audit log: every change made through its API, who and when (admin).
     Audit {
-        #[arg(long, env = "HAVEN_API", default_value = remote::DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = remote::default_server())]
         api: String,
         /// How many of the newest entries.
         #[arg(long, default_value_t = 50)]
@@ -103,8 +121,28 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let plugins = plugins::Plugins::new(cli.plugin_dir);
-    let client = remote::Client::new(cli.token);
+    let logins = match login::Logins::load() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("haven: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = cli.token;
+    let client = remote::Client::with_logins(token.clone(), logins);
     let result = match cli.command {
+        Command::Login {
+            server,
+            ca_fingerprint,
+        } => match token.as_deref() {
+            Some(t) if !t.is_empty() => login::login(&server, t, ca_fingerprint.as_deref()),
+            _ => Err(anyhow::anyhow!(
+                "give the API token to log in with in $HAVEN_TOKEN (or --token): the first \
+                 admin token from `haven-gateway init`, or one from `haven api-token create`"
+            )),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Command::Logout { server } => login::logout(server.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Image(c) => image::run(&plugins, c),
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),
         Command::Status { api, json } => remote::status(&client, &api, json),

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use haven_engine::recovery::{ItemInfo, ItemRecord, PointInfo, PointRecord, TestFailoverInfo};
 use ureq::http::Method;
 
-use crate::remote::{Client, DEFAULT_API};
+use crate::remote::{Client, default_server};
 
 /// Longest the CLI waits for a point the agent takes, or a planned failover's stop.
 const AGENT_WAIT: Duration = Duration::from_secs(300);
@@ -21,7 +21,7 @@ pub enum PointCommand {
         item: String,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
         /// Print JSON.
         #[arg(long)]
@@ -36,7 +36,7 @@ pub enum PointCommand {
         app: bool,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
 }
@@ -67,7 +67,7 @@ struct RunArgs {
     no_wait: bool,
     /// The master target's API (where the replica and its points are; not the process
     /// server's).
-    #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+    #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
     api: String,
 }
 
@@ -85,7 +85,7 @@ enum FailoverCommand {
         writable: bool,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Ends a test failover and discards what was written to it.
@@ -94,7 +94,7 @@ enum FailoverCommand {
         item: String,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Makes a failover final: the item's other points are discarded.
@@ -103,7 +103,7 @@ enum FailoverCommand {
         item: String,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Shows an item's failover state and its history.
@@ -112,7 +112,7 @@ enum FailoverCommand {
         item: String,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
         /// Print JSON.
         #[arg(long)]

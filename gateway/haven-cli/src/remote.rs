@@ -7,11 +7,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use haven_engine::status::GatewayStatus;
 use ureq::Timeout;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
+
+use crate::login::Logins;
 use ureq::http::header::AUTHORIZATION;
 use ureq::http::uri::Authority;
 use ureq::http::{HeaderValue, Method, Request};
 
-/// The API address when neither `--api` nor `$HAVEN_API` gives one.
+/// The server address when neither `--server`, `$HAVEN_SERVER` nor a login gives one.
 pub const DEFAULT_API: &str = "http://127.0.0.1:9480";
 
 /// Longest the CLI waits for a gateway to accept the connection: a site that is down (its
@@ -25,7 +28,7 @@ pub enum TokenCommand {
     Create {
         /// The API of the gateway that will enroll the newcomer: the process server's for an
         /// agent, the master target's for a process server.
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
         /// How long the token stays valid, in seconds.
         #[arg(long, default_value_t = 3600)]
@@ -39,7 +42,7 @@ pub enum AgentCommand {
     List {
         /// The API of the gateway that enrolled them: the process server's for agents, the
         /// master target's for process servers.
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Revokes an agent's certificates and cuts its live connections; it must enroll again
@@ -49,7 +52,7 @@ pub enum AgentCommand {
         agent_id: String,
         /// The API of the gateway that enrolled it: the process server's for an agent, the
         /// master target's for a process server.
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
 }
@@ -83,12 +86,17 @@ pub fn agent(client: &Client, command: AgentCommand) -> Result<()> {
     }
 }
 
-/// How the CLI talks to gateways' APIs: plain HTTP/1.1 with [`ureq`], one connection per
-/// request, and the bearer token every request carries when one is given.
+/// How the CLI talks to gateways' APIs: HTTP/1.1 with [`ureq`], over HTTPS to a server whose
+/// site CA was pinned at `haven login`, one connection per request, and the bearer token every
+/// request carries (`--token`, else the login's).
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
     token: Option<String>,
+    logins: Logins,
+    /// Accept any server certificate: only to fetch the public CA certificate at login, which
+    /// is then checked against the fingerprint the operator gave.
+    unverified: bool,
 }
 
 /// Says whether there is a token, never the token.
@@ -96,14 +104,16 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("logins", &self.logins.servers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// A client whose requests carry `Authorization: Bearer TOKEN` when `token` is given and
-    /// not empty.
-    pub fn new(token: Option<String>) -> Self {
+    /// not empty, else the token of the server's login; HTTPS servers are trusted through the
+    /// CA pinned in their login.
+    pub fn with_logins(token: Option<String>, logins: Logins) -> Self {
         let agent = ureq::Agent::config_builder()
             // A 4xx/5xx answer is read like any other: its body says why.
             .http_status_as_error(false)
@@ -121,11 +131,27 @@ impl Client {
         Self {
             agent,
             token: token.filter(|t| !t.is_empty()),
+            logins,
+            unverified: false,
         }
     }
 
-    /// One exchange with a gateway's API (`api` is `http://HOST:PORT`, `path` starts with `/`
-    /// and may hold a query; requests carry no body); returns the body of a 2xx answer.
+    /// A client without logins.
+    #[cfg(test)]
+    pub fn new(token: Option<String>) -> Self {
+        Self::with_logins(token, Logins::default())
+    }
+
+    /// A client that trusts any server and sends no token: for `/v1/ca` at login only.
+    pub fn unverified() -> Self {
+        Self {
+            unverified: true,
+            ..Self::with_logins(None, Logins::default())
+        }
+    }
+
+    /// One exchange with a gateway's API (`api` is `http[s]://HOST:PORT`, `path` starts with
+    /// `/` and may hold a query; requests carry no body); returns the body of a 2xx answer.
     pub fn request(&self, api: &str, method: Method, path: &str) -> Result<String> {
         self.request_with(api, method, path, Duration::from_secs(10))
     }
@@ -139,12 +165,43 @@ impl Client {
         path: &str,
         timeout: Duration,
     ) -> Result<String> {
-        let authority = authority(api)?;
-        tracing::debug!(%method, url = %format_args!("{api}{path}"), "gateway API request");
+        let (scheme, authority) = split_server(api)?;
+        let server = format!("{scheme}://{authority}");
+        let login = self.logins.get(&server);
+        let tls =
+            match (scheme, self.unverified) {
+                ("https", true) => Some(TlsConfig::builder().disable_verification(true).build()),
+                ("https", false) => {
+                    let ca = login.and_then(|l| l.ca_cert_pem.as_deref()).with_context(|| {
+                    format!(
+                        "{server} speaks HTTPS and its site CA is not pinned here: run `haven \
+                         login --server {server} --ca-fingerprint SHA256` first (the \
+                         fingerprint is printed by `haven-gateway init`)"
+                    )
+                })?;
+                    let ca = Certificate::from_pem(ca.as_bytes()).with_context(|| {
+                        format!("the CA pinned for {server} is damaged; run `haven login` again")
+                    })?;
+                    Some(
+                        TlsConfig::builder()
+                            .root_certs(RootCerts::new_with_certs(&[ca]))
+                            .build(),
+                    )
+                }
+                _ => None,
+            };
+        tracing::debug!(%method, url = %format_args!("{server}{path}"), "gateway API request");
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://{authority}{path}"));
-        if let Some(token) = &self.token {
+            .uri(format!("{server}{path}"));
+        let token = match self.unverified {
+            true => None,
+            false => self
+                .token
+                .as_deref()
+                .or_else(|| login.map(|l| l.token.as_str())),
+        };
+        if let Some(token) = token {
             let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
                 anyhow!(
                     "the API token (--token or $HAVEN_TOKEN) holds characters an HTTP header \
@@ -158,14 +215,16 @@ impl Client {
             // No body, and says so (`Content-Length: 0`) rather than as an empty chunked one.
             .body(&[][..])
             .with_context(|| format!("{api}{path}: not a valid request"))?;
-        let request = self
+        let mut config = self
             .agent
             .configure_request(request)
-            .timeout_global(Some(timeout))
-            .build();
+            .timeout_global(Some(timeout));
+        if let Some(tls) = tls {
+            config = config.tls_config(tls);
+        }
         let mut answer = self
             .agent
-            .run(request)
+            .run(config.build())
             .map_err(|e| failure(e, api, path, timeout))?;
         let body = answer
             .body_mut()
@@ -187,13 +246,33 @@ impl Client {
     }
 }
 
-/// The `HOST:PORT` of an API address given as `http://HOST:PORT` (a trailing `/` is allowed).
-fn authority(api: &str) -> Result<Authority> {
-    api.strip_prefix("http://")
-        .map(|a| a.trim_end_matches('/'))
+/// The server commands use when none is named: the last `haven login`'s, else
+/// [`DEFAULT_API`].
+pub fn default_server() -> String {
+    Logins::load()
+        .ok()
+        .and_then(|l| l.default)
+        .unwrap_or_else(|| DEFAULT_API.to_string())
+}
+
+/// The scheme and `HOST:PORT` of a server address given as `http[s]://HOST:PORT` (a trailing
+/// `/` is allowed).
+pub fn split_server(server: &str) -> Result<(&'static str, Authority)> {
+    let (scheme, rest) = if let Some(rest) = server.strip_prefix("https://") {
+        ("https", rest)
+    } else if let Some(rest) = server.strip_prefix("http://") {
+        ("http", rest)
+    } else {
+        ("", server)
+    };
+    Some(rest.trim_end_matches('/'))
+        .filter(|_| !scheme.is_empty())
         .and_then(|a| a.parse::<Authority>().ok())
         .filter(|a| a.port_u16().is_some() && !a.as_str().contains('@'))
-        .with_context(|| format!("API address `{api}`: give it as http://HOST:PORT"))
+        .map(|a| (scheme, a))
+        .with_context(|| {
+            format!("server address `{server}`: give it as https://HOST:PORT or http://HOST:PORT")
+        })
 }
 
 /// What went wrong in an exchange with `{api}{path}`, said for the operator: the gateway could
@@ -256,19 +335,19 @@ pub enum ApiTokenCommand {
         /// admin, operator (points, test failover, failover) or viewer (read only).
         #[arg(long, default_value = "viewer")]
         role: String,
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Lists a gateway's API tokens (never their secrets).
     List {
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
     /// Revokes an API token: it lets nobody in from now on.
     Revoke {
         /// The token's id (16 hex digits, from `haven api-token list`).
         id: String,
-        #[arg(long, env = "HAVEN_API", default_value = DEFAULT_API)]
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
     },
 }
@@ -610,12 +689,12 @@ mod tests {
     }
 
     #[test]
-    fn only_http_host_port_is_an_api_address() {
+    fn only_scheme_host_port_is_a_server_address() {
         for api in [
-            "https://127.0.0.1:9480",
             "127.0.0.1:9480",
+            "ftp://127.0.0.1:9480",
             "http://127.0.0.1",
-            "http://user@127.0.0.1:9480",
+            "https://user@127.0.0.1:9480",
             "http://127.0.0.1:9480/prefix",
         ] {
             let e = Client::new(None)
@@ -623,9 +702,52 @@ mod tests {
                 .unwrap_err();
             assert_eq!(
                 format!("{e:#}"),
-                format!("API address `{api}`: give it as http://HOST:PORT")
+                format!("server address `{api}`: give it as https://HOST:PORT or http://HOST:PORT")
             );
         }
+    }
+
+    #[test]
+    fn nothing_goes_to_an_https_server_without_a_pinned_ca() {
+        let e = Client::new(Some("s3cret".into()))
+            .request("https://127.0.0.1:9/", Method::GET, "/v1/status")
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "https://127.0.0.1:9 speaks HTTPS and its site CA is not pinned here: run `haven \
+             login --server https://127.0.0.1:9 --ca-fingerprint SHA256` first (the \
+             fingerprint is printed by `haven-gateway init`)"
+        );
+    }
+
+    #[test]
+    fn a_login_gives_its_token_unless_one_is_given() {
+        let heads = [None, Some("given")].map(|token| {
+            let (api, head) = one_answer(200, "{}");
+            let mut logins = Logins::default();
+            logins.servers.insert(
+                api.clone(),
+                crate::login::Login {
+                    token: "from-login".into(),
+                    ca_cert_pem: None,
+                    ca_fingerprint: None,
+                },
+            );
+            Client::with_logins(token.map(str::to_owned), logins)
+                .request(&format!("{api}/"), Method::GET, "/v1/status")
+                .unwrap();
+            head.recv().unwrap().to_ascii_lowercase()
+        });
+        assert!(
+            heads[0].contains("\r\nauthorization: bearer from-login\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[1].contains("\r\nauthorization: bearer given\r\n"),
+            "{}",
+            heads[1]
+        );
     }
 
     #[test]

@@ -14,9 +14,11 @@ use haven_engine::status::{CachedDisk, GatewayStatus, ProcessServerStatus};
 /// defaults or its logging.
 fn haven(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_haven"));
-    for var in ["HAVEN_API", "HAVEN_LOG", "HAVEN_TOKEN", "NO_COLOR"] {
+    for var in ["HAVEN_SERVER", "HAVEN_LOG", "HAVEN_TOKEN", "NO_COLOR"] {
         cmd.env_remove(var);
     }
+    // No logins: the user's would change the default server.
+    cmd.env("HAVEN_CONFIG_DIR", "/nonexistent/haven-config");
     cmd.envs(envs.iter().copied())
         .args(args)
         .output()
@@ -150,7 +152,7 @@ fn status_json_has_an_error_entry_for_each_gateway_that_does_not_answer() {
 #[test]
 fn status_fails_with_2_when_no_gateway_answers_and_takes_several_from_haven_api() {
     let (a, b) = (closed_api(), closed_api());
-    let out = haven(&["status"], &[("HAVEN_API", &format!("{a},{b}"))]);
+    let out = haven(&["status"], &[("HAVEN_SERVER", &format!("{a},{b}"))]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{stdout}{}", text(&out.stderr));
     for api in [&a, &b] {
@@ -177,12 +179,12 @@ fn every_api_flag_defaults_to_haven_api() {
         &["agent", "revoke", "0123456789abcdef0123456789abcdef"],
     ];
     for args in commands {
-        let out = haven(args, &[("HAVEN_API", &env_api)]);
+        let out = haven(args, &[("HAVEN_SERVER", &env_api)]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(&format!("cannot reach the gateway API at {env_api}")),
-            "{args:?} asks $HAVEN_API: {stderr}"
+            "{args:?} asks $HAVEN_SERVER: {stderr}"
         );
     }
     // `--api` wins over the environment. (Two closed ports can be the same one: the kernel may
@@ -192,7 +194,7 @@ fn every_api_flag_defaults_to_haven_api() {
         .unwrap_or_default();
     let out = haven(
         &["point", "list", "web01", "--api", &flag_api],
-        &[("HAVEN_API", &env_api)],
+        &[("HAVEN_SERVER", &env_api)],
     );
     let stderr = text(&out.stderr);
     assert!(
@@ -216,7 +218,8 @@ fn closed_stdout_ends_quietly() {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
         let out = Command::new(env!("CARGO_BIN_EXE_haven"))
-            .env_remove("HAVEN_API")
+            .env_remove("HAVEN_SERVER")
+            .env("HAVEN_CONFIG_DIR", "/nonexistent/haven-config")
             .args(args)
             .stdout(writer)
             .stderr(Stdio::piped())

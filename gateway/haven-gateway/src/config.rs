@@ -107,16 +107,37 @@ fn default_nbd_host() -> std::net::IpAddr {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
-    /// TCP address of the API. Every call needs an API token; it speaks plain HTTP: keep it
-    /// on loopback or behind TLS.
+    /// TCP address of the API. Every call needs an API token.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// Serve HTTPS with the gateway's certificate from the site CA (clients pin the CA with
+    /// `haven login`). Default: on when `listen` is not a loopback address, where it cannot be
+    /// turned off (tokens would cross the network in clear).
+    #[serde(default)]
+    pub tls: Option<bool>,
+}
+
+impl ApiSection {
+    /// Whether the API speaks HTTPS, or why the setting is refused.
+    pub fn tls(&self) -> Result<bool, String> {
+        let loopback = self.listen.ip().is_loopback();
+        match self.tls {
+            Some(false) if !loopback => Err(format!(
+                "api.tls = false with api.listen = {}: plain HTTP is served on loopback only; \
+                 remove api.tls (HTTPS is then on) or listen on a loopback address",
+                self.listen
+            )),
+            Some(on) => Ok(on),
+            None => Ok(!loopback),
+        }
+    }
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
         ApiSection {
             listen: default_api_listen(),
+            tls: None,
         }
     }
 }
@@ -248,6 +269,9 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
             "process_server: listen {}, forwards to {}",
             ps.listen, ps.upstream
         );
+    }
+    if let Err(e) = config.api.tls() {
+        errors.push(e);
     }
     if let Some(mt) = &config.master_target {
         if mt.journal_max_bytes < 64 << 20 {

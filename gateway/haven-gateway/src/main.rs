@@ -50,7 +50,8 @@ enum Command {
         admin_token: Option<String>,
     },
     /// Manages this gateway's API tokens offline (the gateway may run): `create` prints a new
-    /// token once, e.g. when every admin token is lost. Online, `haven token` does the same.
+    /// token once, e.g. when every admin token is lost. Online, `haven api-token` does the
+    /// same.
     ApiToken {
         #[command(subcommand)]
         command: ApiTokenCommand,
@@ -91,6 +92,13 @@ enum Command {
         /// reach the export by); repeat for several.
         #[arg(long)]
         server: Vec<String>,
+    },
+    /// Prints the SHA-256 fingerprint of this site's CA certificate, which `haven login`
+    /// and enrolling agents pin.
+    CaFingerprint {
+        /// The gateway's data folder (holding the site CA).
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Runs the roles of a configuration until SIGINT or SIGTERM.
     Run {
@@ -183,6 +191,14 @@ fn main() -> ExitCode {
             admin_token,
         } => init(&data_dir, &site, names, admin_token.as_deref()),
         Command::ApiToken { command } => api_token(command),
+        Command::CaFingerprint { data_dir } => SiteCa::open(data_dir.join("ca"))
+            .with_context(|| {
+                format!(
+                    "no site CA in {}; run this where `haven-gateway init` made it",
+                    data_dir.display()
+                )
+            })
+            .map(|ca| println!("{}", ca.ca_fingerprint())),
         Command::NbdCert {
             data_dir,
             out,
@@ -571,6 +587,14 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             data_dir.display()
         );
     }
+    let api_tls = match config.api.tls().map_err(anyhow::Error::msg)? {
+        true => Some(Arc::new(
+            haven_net::tls::api_server_config(&tls.cert_pem, &tls.key_pem, &tls.ca_pem)
+                .context("the TLS configuration of the API")?,
+        )),
+        false => None,
+    };
+    let scheme = if api_tls.is_some() { "https" } else { "http" };
     let (api_addr, _api) = haven_api::serve(
         config.api.listen,
         haven_api::Api {
@@ -583,11 +607,12 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 &data_dir.join("audit.jsonl"),
             ))),
         },
+        api_tls,
     )
     .await?;
     tracing::info!(site = %site, api = %api_addr, "gateway running");
     if let Some(ready) = ready_file {
-        write_atomic(ready, &format!("http://{api_addr}\n"), false)
+        write_atomic(ready, &format!("{scheme}://{api_addr}\n"), false)
             .with_context(|| format!("writing the ready file {}", ready.display()))?;
     }
 

@@ -20,3 +20,4 @@ pub use ca::{CaError, EnrollToken, IssuedCert, PeerIdentity, SiteCa, Validity};
 pub use endpoint::{AgentConnection, EnrollError, EnrolledIdentity, NetError, Refusal, Server};
 
 pub use quinn;
+pub use rustls;

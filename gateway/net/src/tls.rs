@@ -101,6 +101,35 @@ pub fn nbd_server_config(
     site_server_config(cert_pem, key_pem, ca_pem, crl_pems, true)
 }
 
+/// The rustls configuration of the HTTPS API: this gateway's certificate chain (the CA
+/// certificate included, so a client that pinned the CA's fingerprint finds it), TLS 1.2 and
+/// 1.3 (browsers and HTTP libraries speak both), ALPN `http/1.1`, and no client certificate:
+/// callers are authenticated by their API token.
+pub fn api_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<rustls::ServerConfig> {
+    let chain = vec![
+        cert_from_pem("server certificate", cert_pem)?,
+        cert_from_pem("CA certificate", ca_pem)?,
+    ];
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            what: "server protocol versions",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_from_pem("server key", key_pem)?)
+        .map_err(|source| TlsError::Rustls {
+            what: "server certificate and key do not match",
+            source,
+        })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// TLS 1.3 with this certificate chain; client certificates verified against the site CA and
 /// its CRLs, and `required` or optional.
 fn site_server_config(
