@@ -101,6 +101,27 @@ pub fn poll<T>(
     }
 }
 
+/// `GET url` (`http://HOST:PORT/PATH`) with a bearer token, plainly over a socket (the answer
+/// is read to the end of the connection); the body of a 200 answer.
+pub fn http_get(url: &str, token: &str) -> Result<String> {
+    use std::io::Read;
+    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
+    let (host, path) = rest.split_once('/').context("no path")?;
+    let mut conn = std::net::TcpStream::connect(host)?;
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {url}: {head}");
+    }
+    Ok(body.to_string())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -487,6 +508,8 @@ impl Agent {
 #[derive(Debug)]
 pub struct Cluster {
     pub root: PathBuf,
+    /// The configuration server both gateways joined (with `ClusterOptions::config_server`).
+    pub cs: Option<Gateway>,
     pub mt: Gateway,
     pub ps: Gateway,
     pub agent: Agent,
@@ -510,6 +533,8 @@ pub struct ClusterOptions {
     /// (`window = "0s"`: the replica file then follows the stream, which is what the
     /// replication tests compare).
     pub retention: Option<String>,
+    /// Start a configuration server first, and join both gateways to it.
+    pub config_server: bool,
 }
 
 impl Cluster {
@@ -517,13 +542,51 @@ impl Cluster {
     pub fn start(root: &Path, disk: &Path, options: ClusterOptions) -> Result<Cluster> {
         let bins = options.bin_dir.clone().unwrap_or_else(default_bin_dir);
         let bins = bins.as_path();
-        let (mt_dir, mt_port, mt_api, admin) = Gateway::init(bins, root, "mt", "secondary", None)?;
+        let mut admin = None;
+        let cs = match options.config_server {
+            true => {
+                let (dir, port, api, token) =
+                    Gateway::init(bins, root, "cs", "headquarters", None)?;
+                admin = Some(token.clone());
+                Some(Gateway::start(
+                    bins,
+                    "configuration server",
+                    dir.clone(),
+                    format!(
+                        "data_dir = {dir:?}\n\n[config_server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+                         [api]\nlisten = \"127.0.0.1:{api}\"\n"
+                    ),
+                    port,
+                    api,
+                    token,
+                    Vec::new(),
+                )?)
+            }
+            false => None,
+        };
+        // Joins a gateway's folder to the configuration server; its `[join]` section.
+        let join = |dir: &Path, name: &str| -> Result<String> {
+            let Some(cs) = &cs else {
+                return Ok(String::new());
+            };
+            run_ok(
+                Command::new(bins.join("haven-gateway"))
+                    .args(["enroll", "--data-dir"])
+                    .arg(dir)
+                    .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
+                    .args(["--token", &cs.token()?, "--name", name]),
+            )?;
+            Ok(format!("\n[join]\nserver = \"127.0.0.1:{}\"\n", cs.port))
+        };
+        let (mt_dir, mt_port, mt_api, admin) =
+            Gateway::init(bins, root, "mt", "secondary", admin.as_deref())?;
+        let mt_join = join(&mt_dir, "mt1")?;
         let mt = Gateway::start(
             bins,
             "master target",
             mt_dir.clone(),
             format!(
-                "data_dir = {mt_dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n{}\n\n\
+                "data_dir = {mt_dir:?}\n{mt_join}\n[master_target]\nlisten = \"127.0.0.1:{mt_port}\"\n{}\n\n\
                  [master_target.retention]\n{}\n\n[api]\nlisten = \"127.0.0.1:{mt_api}\"\n",
                 options.mt_config,
                 options
@@ -539,6 +602,7 @@ impl Cluster {
         // One admin token for both gateways, as an operator of one deployment keeps it.
         let (ps_dir, ps_port, ps_api, admin) =
             Gateway::init(bins, root, "ps", "primary", Some(&admin))?;
+        let ps_join = join(&ps_dir, "ps1")?;
         run_ok(
             Command::new(bins.join("haven-gateway"))
                 .args(["enroll", "--data-dir"])
@@ -551,7 +615,7 @@ impl Cluster {
             "process server",
             ps_dir.clone(),
             format!(
-                "data_dir = {ps_dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
+                "data_dir = {ps_dir:?}\n{ps_join}\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
                  upstream = \"127.0.0.1:{mt_port}\"\n{}\n\n[api]\nlisten = \"127.0.0.1:{ps_api}\"\n",
                 options.ps_config
             ),
@@ -570,6 +634,7 @@ impl Cluster {
         )?;
         Ok(Cluster {
             root: root.to_owned(),
+            cs,
             mt,
             ps,
             agent,

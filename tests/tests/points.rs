@@ -824,26 +824,6 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     Ok(())
 }
 
-/// The body of an HTTP GET of `url` (`http://host:port/path`) with API token `token`.
-fn get(url: &str, token: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
-    let (host, path) = rest.split_once('/').context("no path")?;
-    let mut conn = std::net::TcpStream::connect(host)?;
-    write!(
-        conn,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {url}: {head}");
-    }
-    Ok(body.to_string())
-}
-
 /// The master target's RPO for the one item, and its own lag measure.
 /// Write `i` of a workload: 64 KiB of a pattern of its own at one of 100 places.
 fn write_64k(c: &Cluster, i: u64) -> Result<()> {
@@ -910,7 +890,7 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
         "RPO {during} s after 9 s without a process server (lag measure {lag} s)"
     );
     // Prometheus sees it too.
-    let metrics = get(&format!("{}/metrics", c.mt.api), &c.mt.admin_token)?;
+    let metrics = haven_e2e::http_get(&format!("{}/metrics", c.mt.api), &c.mt.admin_token)?;
     let exported: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("haven_rpo_seconds{"))

@@ -43,6 +43,7 @@
 //! Architecture invariant: this is the only crate with an HTTP server.
 
 pub mod auth;
+pub mod deployment;
 mod https;
 
 use std::net::SocketAddr;
@@ -55,6 +56,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use haven_engine::config_server::{ConfigServer, GatewayView};
 use haven_engine::master_target::MasterTarget;
 use haven_engine::recovery::{
     ErrorKind, ItemInfo, ItemRecord, PointInfo, PointKind, PointRecord, PointSel, RecoveryError,
@@ -95,8 +97,12 @@ pub struct Api {
     pub on_revoke: Option<RevokeFn>,
     /// The master target, for recovery points and failover.
     pub recovery: Option<Arc<MasterTarget>>,
-    /// API tokens and the audit log. `None` serves every call to anyone (tests only).
+    /// API tokens and the audit log. `None` serves every call to anyone (tests, and the
+    /// routes a configuration server's forwarded calls run through).
     pub auth: Option<Arc<auth::Auth>>,
+    /// The configuration-server role: joined gateways; items are forwarded to the master
+    /// target holding them when this gateway is none.
+    pub deployment: Option<Arc<ConfigServer>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -156,6 +162,7 @@ pub async fn serve(
         (name = "enrollment", description = "Enrollment tokens and the agents this site's CA enrolled"),
         (name = "recovery", description = "At a master target: protected items, recovery points, test failover and failover"),
         (name = "access", description = "API tokens and the audit log (admin)"),
+        (name = "deployment", description = "At a configuration server: the gateways joined to it"),
     )
 )]
 struct ApiDoc;
@@ -192,6 +199,7 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(openapi_json))
         .routes(routes!(site_ca))
         .routes(routes!(whoami))
+        .routes(routes!(list_gateways))
         .routes(routes!(list_items))
         .routes(routes!(get_item))
         .routes(routes!(list_points, create_point))
@@ -206,6 +214,10 @@ fn router(api: Api) -> Result<axum::Router> {
         .to_pretty_json()
         .context("rendering the API's OpenAPI document")?;
     let access = api.auth.clone();
+    let forwarding = match (&api.deployment, &api.recovery) {
+        (Some(cs), None) => Some(cs.clone()),
+        _ => None,
+    };
     let router = router
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
@@ -213,10 +225,23 @@ fn router(api: Api) -> Result<axum::Router> {
             api,
             openapi: Bytes::from(openapi),
         });
+    // Layers run outside in: authorization first, then forwarding.
+    let router = match forwarding {
+        Some(cs) => router.layer(axum::middleware::from_fn_with_state(
+            cs,
+            deployment::forward_items,
+        )),
+        None => router,
+    };
     Ok(match access {
         Some(a) => router.layer(axum::middleware::from_fn_with_state(a, auth::authorize)),
         None => router,
     })
+}
+
+/// The routes without tokens, for the calls a configuration server forwards to this gateway.
+pub fn local_routes(api: Api) -> Result<deployment::LocalRoutes> {
+    router(Api { auth: None, ..api }).map(deployment::LocalRoutes)
 }
 
 /// What the handlers share.
@@ -593,6 +618,33 @@ async fn whoami(
     caller
         .map(|axum::Extension(c)| Compact(c))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "this gateway checks no API tokens"))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/gateways",
+    tag = "deployment",
+    responses(
+        (status = OK, description = "Every gateway joined to this configuration server, with its health and last status", body = Vec<GatewayView>),
+        (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
+    )
+)]
+async fn list_gateways(State(s): State<Served>) -> Result<Pretty<Vec<GatewayView>>, ApiError> {
+    let cs = s.api.deployment.clone().ok_or_else(not_config_server)?;
+    match tokio::task::spawn_blocking(move || cs.gateways()).await {
+        Ok(Ok(gateways)) => Ok(Pretty(gateways)),
+        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
+        Err(e) => Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        ))),
+    }
+}
+
+fn not_config_server() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "this gateway is not a configuration server ([config_server] in its configuration)",
+    )
 }
 
 /// What a revocation revoked.

@@ -47,6 +47,7 @@ fn bare(status: GatewayStatus) -> Api {
         on_revoke: None,
         recovery: None,
         auth: None,
+        deployment: None,
     }
 }
 
@@ -158,6 +159,7 @@ fn both_roles() -> GatewayStatus {
                 replica("0f1e2d3c4b5a", "db01", 1, 0.0, None, 0),
             ],
         }),
+        config_server: None,
     }
 }
 
@@ -228,6 +230,7 @@ fn openapi_document_lists_every_route_with_its_answers() {
         ("get", "/v1/openapi.json"),
         ("get", "/v1/ca"),
         ("get", "/v1/whoami"),
+        ("get", "/v1/gateways"),
         ("get", "/v1/items"),
         ("get", "/v1/items/{item}"),
         ("get", "/v1/items/{item}/points"),
@@ -392,7 +395,7 @@ fn openapi_document_lists_every_route_with_its_answers() {
     let names = |ns: &[&str]| -> BTreeSet<String> { ns.iter().map(|n| n.to_string()).collect() };
     assert_eq!(
         fields("GatewayStatus"),
-        names(&["site", "process_server", "master_target"])
+        names(&["site", "process_server", "master_target", "config_server"])
     );
     assert_eq!(
         fields("PointRecord"),
@@ -623,6 +626,7 @@ fn tokens_agents_and_revocation_with_a_site_ca() {
         })),
         recovery: None,
         auth: None,
+        deployment: None,
     });
 
     // Tokens.

@@ -10,6 +10,10 @@
 //! - [`ingest`]: the receiving loop both roles share: a `haven_wire::Receiver` over one QUIC
 //!   stream, a journal per disk, group commit, acknowledgement of what is durable only.
 //! - [`status`]: what the roles report (the API serves it, `haven status` prints it).
+//! - [`config_server`]: the configuration-server role: the gateways joined to it, their
+//!   reports and assignments, calls forwarded to them.
+//! - [`join`]: a gateway's side of that: reporting, applying its assignment, answering
+//!   forwarded calls.
 //!
 //! Both roles are tokio tasks; plugin calls run on blocking threads (one per replica).
 //!
@@ -17,8 +21,10 @@
 //! nothing is freed here before it is durable downstream (or applied to the replica).
 
 mod applier;
+pub mod config_server;
 pub mod failpoint;
 pub mod ingest;
+pub mod join;
 pub mod master_target;
 pub mod overlay;
 pub mod process_server;

@@ -14,6 +14,10 @@ pub struct GatewayStatus {
     /// Present when the gateway is a master target.
     #[serde(default)]
     pub master_target: Option<MasterTargetStatus>,
+    /// Present when the gateway is a configuration server: every gateway that joined it, with
+    /// its last status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_server: Option<Vec<crate::config_server::GatewayView>>,
 }
 
 /// The process server's view.

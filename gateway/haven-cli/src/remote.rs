@@ -590,6 +590,46 @@ fn print_status(api: &str, s: &GatewayStatus) {
             }
         }
     }
+    if let Some(gateways) = &s.config_server {
+        println!(
+            "  configuration server: {} gateway(s) joined",
+            gateways.len()
+        );
+        for g in gateways {
+            let r = &g.record;
+            let health = g.health.as_ref().map_or(String::new(), |h| {
+                format!(
+                    ", CPU {:.0} %, memory {}, free {} of {}",
+                    h.cpu_percent,
+                    human_bytes(h.memory_bytes as f64),
+                    human_bytes(h.free_bytes as f64),
+                    human_bytes(h.total_bytes as f64)
+                )
+            });
+            println!(
+                "  gateway {} (site {}, {}): {}{health}",
+                r.name,
+                r.site,
+                if r.roles.is_empty() {
+                    "no role".to_string()
+                } else {
+                    r.roles.join(", ")
+                },
+                if g.connected {
+                    "connected".to_string()
+                } else {
+                    format!("gone since {}", crate::recovery::time(r.last_seen_ms))
+                },
+            );
+            let status = g
+                .status
+                .clone()
+                .and_then(|v| serde_json::from_value::<GatewayStatus>(v).ok());
+            if let (true, Some(status)) = (g.connected, status) {
+                print_status(&format!("{api} → {}", r.name), &status);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

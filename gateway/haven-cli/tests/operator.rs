@@ -58,6 +58,7 @@ fn process_server_status() -> GatewayStatus {
             disks: vec![disk],
         }),
         master_target: None,
+        config_server: None,
     }
 }
 

@@ -21,6 +21,14 @@ pub struct GatewayConfig {
     /// Run the master target role (secondary site).
     #[serde(default)]
     pub master_target: Option<MasterTargetSection>,
+    /// Run the configuration-server role: gateways join it, and the deployment is run from
+    /// its API.
+    #[serde(default)]
+    pub config_server: Option<ConfigServerSection>,
+    /// Join a configuration server: report to it, take policies from it, answer the calls it
+    /// forwards (`haven-gateway enroll --config-server` first).
+    #[serde(default)]
+    pub join: Option<JoinSection>,
     /// The HTTP API.
     #[serde(default)]
     pub api: ApiSection,
@@ -101,6 +109,30 @@ impl MasterTargetSection {
 
 fn default_nbd_host() -> std::net::IpAddr {
     std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// `[config_server]`: the deployment's configuration server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigServerSection {
+    /// UDP address gateways connect and enroll to.
+    #[serde(default = "default_cs_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[join]`: the configuration server this gateway reports to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinSection {
+    /// Its address (its `[config_server] listen`).
+    pub server: SocketAddr,
+    /// The name in its certificate (default: the address's IP).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_cs_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9445))
 }
 
 /// `[api]`: the HTTP API (`/v1`, `/metrics`).

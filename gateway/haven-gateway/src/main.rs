@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use haven_engine::Identity;
+use haven_engine::config_server::{ConfigServer, ConfigServerConfig};
 use haven_engine::master_target::{MasterTarget, MasterTargetConfig};
 use haven_engine::process_server::{ProcessServer, ProcessServerConfig, Upstream};
 use haven_engine::status::GatewayStatus;
@@ -19,6 +20,7 @@ use haven_store::journal::JournalOptions;
 use haven_store::tokens::{ApiTokens, Role};
 
 mod config;
+mod joined;
 
 use config::GatewayConfig;
 
@@ -56,21 +58,27 @@ enum Command {
         #[command(subcommand)]
         command: ApiTokenCommand,
     },
-    /// Enrolls this gateway (a process server) with the next hop (a master target) using a
-    /// one-time token from that site; stores the identity in `<data-dir>/upstream/`.
+    /// Enrolls this gateway with the next hop (a process server with its master target:
+    /// `--upstream`, identity in `<data-dir>/upstream/`) or with the deployment's
+    /// configuration server (`--config-server`, identity in `<data-dir>/join/`), using a
+    /// one-time token from there.
+    #[command(group = clap::ArgGroup::new("with").required(true).args(["upstream", "config_server"]))]
     Enroll {
         #[arg(long)]
         data_dir: PathBuf,
         /// The master target's address, HOST:PORT.
         #[arg(long)]
-        upstream: SocketAddr,
-        /// The name in the master target's certificate (default: the address's IP).
+        upstream: Option<SocketAddr>,
+        /// The configuration server's address, HOST:PORT.
+        #[arg(long)]
+        config_server: Option<SocketAddr>,
+        /// The name in that server's certificate (default: the address's IP).
         #[arg(long)]
         server_name: Option<String>,
-        /// The token (`haven token create` at the master target's site).
+        /// The token (`haven token create` at that server's API).
         #[arg(long)]
         token: String,
-        /// This gateway's name, as the master target will show it.
+        /// This gateway's name, as that server will show it.
         #[arg(long, default_value = "process-server")]
         name: String,
     },
@@ -208,11 +216,20 @@ fn main() -> ExitCode {
         Command::Enroll {
             data_dir,
             upstream,
+            config_server,
             server_name,
             token,
             name,
-        } => runtime()
-            .and_then(|rt| rt.block_on(enroll(&data_dir, upstream, server_name, &token, &name))),
+        } => {
+            let (addr, folder) = match (upstream, config_server) {
+                (Some(a), _) => (a, "upstream"),
+                (None, Some(a)) => (a, "join"),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            runtime().and_then(|rt| {
+                rt.block_on(enroll(&data_dir, folder, addr, server_name, &token, &name))
+            })
+        }
         Command::Run { config, ready_file } => match GatewayConfig::load(&config) {
             Ok(c) => runtime().and_then(|rt| rt.block_on(run(c, ready_file.as_deref()))),
             Err(e) => {
@@ -369,25 +386,27 @@ fn nbd_cert(data_dir: &Path, out: &Path, client: Option<&str>, server: &[String]
 
 async fn enroll(
     data_dir: &Path,
-    upstream: SocketAddr,
+    folder: &str,
+    addr: SocketAddr,
     server_name: Option<String>,
     token: &str,
     name: &str,
 ) -> Result<()> {
-    let dir = data_dir.join("upstream");
+    let dir = data_dir.join(folder);
     if dir.join("cert.pem").exists() {
         bail!(
-            "{} already holds an identity at the next hop; remove the folder to enroll again",
+            "{} already holds an identity there; remove the folder to enroll again",
             dir.display()
         );
     }
-    let server_name = server_name.unwrap_or_else(|| upstream.ip().to_string());
-    let id = haven_net::endpoint::enroll(upstream, &server_name, token, name).await?;
+    let server_name = server_name.unwrap_or_else(|| addr.ip().to_string());
+    let id = haven_net::endpoint::enroll(addr, &server_name, token, name).await?;
     write_atomic(&dir.join("ca.pem"), &id.ca_pem, false)?;
     write_atomic(&dir.join("key.pem"), &id.key_pem, true)?;
     write_atomic(&dir.join("cert.pem"), &id.cert_pem, false)?;
+    write_atomic(&dir.join("name"), &format!("{name}\n"), false)?;
     println!(
-        "enrolled with {upstream} as `{name}` (id {}); identity in {}",
+        "enrolled with {addr} as `{name}` (id {}); identity in {}",
         id.agent_id,
         dir.display()
     );
@@ -552,25 +571,51 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
         });
         mt = Some(target);
     }
-    if ps.is_none() && mt.is_none() {
-        bail!("the configuration enables no role: add [process_server] and/or [master_target]");
+    let mut cs = None;
+    if let Some(section) = &config.config_server {
+        let server = ConfigServer::open(ConfigServerConfig {
+            listen: section.listen,
+            data_dir: data_dir.join("cs"),
+        })?;
+        let s = server.clone();
+        let (tls, ca) = (tls.clone(), ca.clone());
+        tokio::spawn(async move {
+            if let Err(e) = s.serve(tls, Some(ca)).await {
+                tracing::error!(error = %format!("{e:#}"), "configuration server stopped");
+                std::process::exit(1);
+            }
+        });
+        cs = Some(server);
+    }
+    if ps.is_none() && mt.is_none() && cs.is_none() {
+        bail!(
+            "the configuration enables no role: add [process_server], [master_target] and/or \
+             [config_server]"
+        );
     }
 
-    let status = {
-        let (ps, mt, site) = (ps.clone(), mt.clone(), site.clone());
+    let status: haven_api::StatusFn = {
+        let (ps, mt, cs, site) = (ps.clone(), mt.clone(), cs.clone(), site.clone());
         Arc::new(move || GatewayStatus {
             site: site.clone(),
             process_server: ps.as_ref().map(|p| p.status()),
             master_target: mt.as_ref().map(|m| m.status()),
+            config_server: cs.as_ref().map(|c| {
+                c.gateways().unwrap_or_else(|e| {
+                    tracing::error!(error = %format!("{e:#}"), "reading the joined gateways");
+                    Vec::new()
+                })
+            }),
         })
     };
     let on_revoke: haven_api::RevokeFn = {
-        let (ps, mt) = (ps.clone(), mt.clone());
+        let (ps, mt, cs) = (ps.clone(), mt.clone(), cs.clone());
         Arc::new(move |crls: Vec<String>, agent_id: &str| {
             let listeners = ps
                 .iter()
                 .map(|p| p.listener())
-                .chain(mt.iter().map(|m| m.listener()));
+                .chain(mt.iter().map(|m| m.listener()))
+                .chain(cs.iter().map(|c| c.listener()));
             for listener in listeners {
                 if let Err(e) = listener.set_crls(crls.clone()) {
                     tracing::error!(error = %format!("{e:#}"), "cannot load the new CRL");
@@ -595,21 +640,33 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
         false => None,
     };
     let scheme = if api_tls.is_some() { "https" } else { "http" };
-    let (api_addr, _api) = haven_api::serve(
-        config.api.listen,
-        haven_api::Api {
-            status,
-            ca: Some(ca),
-            on_revoke: Some(on_revoke),
-            recovery: mt.clone(),
-            auth: Some(Arc::new(haven_api::auth::Auth::new(
-                tokens,
-                &data_dir.join("audit.jsonl"),
-            ))),
-        },
-        api_tls,
-    )
-    .await?;
+    let api = haven_api::Api {
+        status,
+        ca: Some(ca),
+        on_revoke: Some(on_revoke),
+        recovery: mt.clone(),
+        auth: Some(Arc::new(haven_api::auth::Auth::new(
+            tokens,
+            &data_dir.join("audit.jsonl"),
+        ))),
+        deployment: cs.clone(),
+    };
+    if let Some(section) = &config.join {
+        let handler = joined::Joined::new(&data_dir, &site, api.clone(), ps.clone(), mt.clone())?;
+        let join = haven_engine::join::JoinConfig {
+            server: section.server,
+            server_name: section
+                .server_name
+                .clone()
+                .unwrap_or_else(|| section.server.ip().to_string()),
+            identity: Identity::load(&data_dir.join("join")).context(
+                "this gateway has not enrolled with its configuration server: run \
+                 `haven-gateway enroll --config-server HOST:PORT --token T --name NAME`",
+            )?,
+        };
+        tokio::spawn(haven_engine::join::run(join, Arc::new(handler)));
+    }
+    let (api_addr, _api) = haven_api::serve(config.api.listen, api, api_tls).await?;
     tracing::info!(site = %site, api = %api_addr, "gateway running");
     if let Some(ready) = ready_file {
         write_atomic(ready, &format!("{scheme}://{api_addr}\n"), false)

@@ -13,6 +13,7 @@
 pub mod ca;
 pub mod control;
 pub mod endpoint;
+pub mod join;
 pub mod stream;
 pub mod tls;
 

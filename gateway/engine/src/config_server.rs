@@ -1,0 +1,345 @@
+//! The configuration-server role: the one place a deployment is run from.
+//!
+//! Gateways join it (`haven-gateway enroll --config-server`, then `[join]` in their
+//! configuration) and keep one QUIC connection to it, on which they report every second (status
+//! and host health) and get their [`Assignment`] back (the policies of the machines they
+//! serve); it forwards operators' API calls to them on the same connection
+//! ([`ConfigServer::forward`]). What it knows of each gateway is kept in redb
+//! (`<data_dir>/cs/state.redb`, `gateway/<name>`); the live status only in memory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use haven_net::SiteCa;
+use haven_net::endpoint::{AgentConnection, ServerTls};
+use haven_net::join::{self, ApiAnswer, ApiRequest, Assignment, Health, Report};
+use haven_store::StateDb;
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::lock;
+use crate::now_ms;
+
+/// A gateway that has not reported for this long is shown as gone.
+pub const GONE_AFTER: Duration = Duration::from_secs(5);
+/// Longest a forwarded call may take at the gateway (a failover materialises a disk).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The role's configuration.
+#[derive(Clone, Debug)]
+pub struct ConfigServerConfig {
+    /// UDP address gateways connect (and enroll) to.
+    pub listen: SocketAddr,
+    /// Its state folder (`<data_dir>/cs`).
+    pub data_dir: PathBuf,
+}
+
+/// What the configuration server keeps of a gateway.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRecord {
+    /// The name it enrolled with.
+    pub name: String,
+    /// Its site.
+    pub site: String,
+    /// `process-server`, `master-target`.
+    pub roles: Vec<String>,
+    /// Its id at this server's CA.
+    pub id: String,
+    /// First and last report, ms since the Unix epoch.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// A gateway as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GatewayView {
+    #[serde(flatten)]
+    pub record: GatewayRecord,
+    /// Connected and reporting (last report less than 5 s ago).
+    pub connected: bool,
+    /// Host health of its last report.
+    pub health: Option<Health>,
+    /// The assignment revision it runs.
+    pub assignment_revision: u64,
+    /// Its status as of its last report (`GatewayStatus`, as its own API serves it).
+    #[schema(value_type = Object)]
+    pub status: Option<serde_json::Value>,
+}
+
+/// A gateway connected now.
+struct Live {
+    connection: haven_net::quinn::Connection,
+    report: Option<Report>,
+    reported_at: Option<std::time::Instant>,
+}
+
+/// The configuration server.
+pub struct ConfigServer {
+    config: ConfigServerConfig,
+    state: StateDb,
+    live: Mutex<BTreeMap<String, Live>>,
+    assignment: Mutex<Assignment>,
+    listener: crate::Listener,
+}
+
+impl std::fmt::Debug for ConfigServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigServer")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a forwarded call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no gateway named `{0}` has joined this configuration server")]
+    Unknown(String),
+    #[error("gateway `{0}` is not connected; it has not reported for {1:?}")]
+    Gone(String, Duration),
+    #[error("gateway `{0}`: {1}")]
+    Failed(String, String),
+}
+
+impl ConfigServer {
+    /// Opens the role's state.
+    pub fn open(config: ConfigServerConfig) -> Result<Arc<ConfigServer>> {
+        haven_fsutil::create_dir_all(&config.data_dir)?;
+        let state = StateDb::open(&config.data_dir.join("state.redb"))?;
+        let assignment = state
+            .get_json::<Assignment>("assignment")?
+            .unwrap_or_default();
+        Ok(Arc::new(ConfigServer {
+            config,
+            state,
+            live: Mutex::new(BTreeMap::new()),
+            assignment: Mutex::new(assignment),
+            listener: crate::Listener::default(),
+        }))
+    }
+
+    /// Serves gateways (and their enrollment, with `ca`) until the listener fails.
+    pub async fn serve(
+        self: Arc<Self>,
+        tls: ServerTls,
+        ca: Option<Arc<Mutex<SiteCa>>>,
+    ) -> Result<()> {
+        let server = self
+            .listener
+            .bind(self.config.listen, tls, ca)
+            .with_context(|| format!("configuration server on {}", self.config.listen))?;
+        tracing::info!(addr = %server.local_addr()?, "configuration server listening");
+        while let Some(conn) = server.accept().await {
+            let cs = self.clone();
+            tokio::spawn(async move { cs.gateway(conn).await });
+        }
+        Ok(())
+    }
+
+    /// Its QUIC listener (for CRL updates and cutting revoked gateways off).
+    pub fn listener(&self) -> &crate::Listener {
+        &self.listener
+    }
+
+    /// One gateway's connection: its reports, until it closes.
+    async fn gateway(self: Arc<Self>, conn: AgentConnection) {
+        let name = conn.peer.machine_name.clone();
+        let id = conn.peer.agent_id.clone();
+        tracing::info!(gateway = %name, "gateway joined");
+        let ticket = self.listener.add(&id, &conn.connection);
+        lock(&self.live).insert(
+            name.clone(),
+            Live {
+                connection: conn.connection.clone(),
+                report: None,
+                reported_at: None,
+            },
+        );
+        loop {
+            let (mut send, mut recv) = match conn.connection.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(gateway = %name, error = %e, "gateway left");
+                    break;
+                }
+            };
+            let report: Report = match join::read(&mut recv).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(gateway = %name, error = %e, "a bad report");
+                    continue;
+                }
+            };
+            if report.name != name {
+                tracing::warn!(gateway = %name, reported = %report.name,
+                    "a report under another name than the certificate's; ignored");
+                continue;
+            }
+            let cs = self.clone();
+            let id = id.clone();
+            let answer = tokio::task::spawn_blocking(move || cs.heard(&id, report)).await;
+            let answer = match answer {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    tracing::error!(gateway = %name, error = %format!("{e:#}"), "recording a report");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(gateway = %name, error = %e, "recording a report");
+                    continue;
+                }
+            };
+            if let Err(e) = join::write(&mut send, &answer).await {
+                tracing::debug!(gateway = %name, error = %e, "answering a report");
+            }
+        }
+        self.listener.remove(ticket);
+        let mut live = lock(&self.live);
+        if live
+            .get(&name)
+            .is_some_and(|l| l.connection.stable_id() == conn.connection.stable_id())
+        {
+            live.remove(&name);
+        }
+    }
+
+    /// Records a report; returns the gateway's assignment.
+    fn heard(&self, id: &str, report: Report) -> Result<Assignment> {
+        let now = now_ms();
+        let key = format!("gateway/{}", report.name);
+        let known: Option<GatewayRecord> = self.state.get_json(&key)?;
+        let record = GatewayRecord {
+            name: report.name.clone(),
+            site: report.site.clone(),
+            roles: report.roles.clone(),
+            id: id.to_string(),
+            first_seen_ms: known.as_ref().map_or(now, |k| k.first_seen_ms),
+            last_seen_ms: now,
+        };
+        // Written when something but the time changed, and at most every 10 s otherwise.
+        let stale = known.as_ref().is_none_or(|k| {
+            k.site != record.site
+                || k.roles != record.roles
+                || k.id != record.id
+                || now.saturating_sub(k.last_seen_ms) >= 10_000
+        });
+        if stale {
+            self.state.put_json(&key, &record)?;
+        }
+        if let Some(l) = lock(&self.live).get_mut(&report.name) {
+            l.report = Some(report);
+            l.reported_at = Some(std::time::Instant::now());
+        }
+        Ok(lock(&self.assignment).clone())
+    }
+
+    /// Every gateway that ever joined, with what it last reported.
+    pub fn gateways(&self) -> Result<Vec<GatewayView>> {
+        let records: Vec<(String, GatewayRecord)> = self.state.json_with_prefix("gateway/")?;
+        let live = lock(&self.live);
+        Ok(records
+            .into_iter()
+            .map(|(_, record)| {
+                let l = live.get(&record.name);
+                let report = l.and_then(|l| l.report.as_ref());
+                let connected = l
+                    .and_then(|l| l.reported_at)
+                    .is_some_and(|t| t.elapsed() < GONE_AFTER);
+                GatewayView {
+                    connected,
+                    health: report.map(|r| r.health.clone()),
+                    assignment_revision: report.map_or(0, |r| r.assignment_revision),
+                    status: report.map(|r| r.status.clone()),
+                    record,
+                }
+            })
+            .collect())
+    }
+
+    /// The gateway whose last status lists `item` as a replica (a machine name or an agent
+    /// id), if any.
+    pub fn master_target_of(&self, item: &str) -> Option<String> {
+        let live = lock(&self.live);
+        live.iter()
+            .find(|(_, l)| {
+                let Some(r) = &l.report else { return false };
+                r.status["master_target"]["replicas"]
+                    .as_array()
+                    .is_some_and(|replicas| {
+                        replicas.iter().any(|x| {
+                            x["machine_name"].as_str() == Some(item)
+                                || x["agent_id"].as_str() == Some(item)
+                        })
+                    })
+            })
+            .map(|(name, _)| name.clone())
+    }
+
+    /// The names of the connected gateways with `role`.
+    pub fn with_role(&self, role: &str) -> Vec<String> {
+        lock(&self.live)
+            .iter()
+            .filter(|(_, l)| {
+                l.report
+                    .as_ref()
+                    .is_some_and(|r| r.roles.iter().any(|x| x == role))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Runs an operator's call at gateway `name` and returns its answer.
+    pub async fn forward(
+        &self,
+        name: &str,
+        request: ApiRequest,
+    ) -> Result<ApiAnswer, ForwardError> {
+        let connection = {
+            let live = lock(&self.live);
+            match live.get(name) {
+                Some(l) => l.connection.clone(),
+                None => {
+                    return Err(
+                        if self
+                            .state
+                            .get_json::<GatewayRecord>(&format!("gateway/{name}"))
+                            .ok()
+                            .flatten()
+                            .is_some()
+                        {
+                            ForwardError::Gone(name.to_string(), GONE_AFTER)
+                        } else {
+                            ForwardError::Unknown(name.to_string())
+                        },
+                    );
+                }
+            }
+        };
+        join::exchange(&connection, &request, FORWARD_TIMEOUT)
+            .await
+            .map_err(|e| ForwardError::Failed(name.to_string(), e.to_string()))
+    }
+
+    /// The assignment gateways get now.
+    pub fn assignment(&self) -> Assignment {
+        lock(&self.assignment).clone()
+    }
+
+    /// Replaces the assignment (a new revision), durably before gateways see it.
+    pub fn set_assignment(&self, mut next: Assignment) -> Result<Assignment> {
+        let mut current = lock(&self.assignment);
+        next.revision = current.revision + 1;
+        self.state.put_json("assignment", &next)?;
+        *current = next.clone();
+        Ok(next)
+    }
+
+    /// The role's state database (the pipeline is kept there too).
+    pub fn state(&self) -> &StateDb {
+        &self.state
+    }
+}

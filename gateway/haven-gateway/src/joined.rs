@@ -1,0 +1,131 @@
+//! This gateway as a member of a deployment (`[join]`): what it reports to its configuration
+//! server, how it runs its assignment, and how it answers the calls forwarded to it.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use haven_engine::join::JoinHandler;
+use haven_engine::master_target::MasterTarget;
+use haven_engine::process_server::ProcessServer;
+use haven_net::join::{ApiAnswer, ApiRequest, Assignment, Health, Report};
+
+/// The gateway's side of its membership.
+pub struct Joined {
+    name: String,
+    site: String,
+    data_dir: PathBuf,
+    api: haven_api::Api,
+    routes: haven_api::deployment::LocalRoutes,
+    ps: Option<Arc<ProcessServer>>,
+    mt: Option<Arc<MasterTarget>>,
+    /// CPU seconds used and when, at the last report.
+    cpu: Mutex<Option<(f64, Instant)>>,
+}
+
+impl Joined {
+    pub fn new(
+        data_dir: &Path,
+        site: &str,
+        api: haven_api::Api,
+        ps: Option<Arc<ProcessServer>>,
+        mt: Option<Arc<MasterTarget>>,
+    ) -> Result<Joined> {
+        let name_file = data_dir.join("join/name");
+        let name = std::fs::read_to_string(&name_file)
+            .with_context(|| {
+                format!(
+                    "reading {}; enroll with the configuration server first \
+                     (`haven-gateway enroll --config-server`)",
+                    name_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        let routes = haven_api::local_routes(api.clone())?;
+        Ok(Joined {
+            name,
+            site: site.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            api,
+            routes,
+            ps,
+            mt,
+            cpu: Mutex::new(None),
+        })
+    }
+
+    fn health(&self) -> Health {
+        let mut health = Health::default();
+        if let Some(used) = cpu_seconds() {
+            let now = Instant::now();
+            let mut last = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((before, at)) = *last {
+                let elapsed = now.duration_since(at).as_secs_f64();
+                if elapsed > 0.0 {
+                    health.cpu_percent = (used - before) / elapsed * 100.0;
+                }
+            }
+            *last = Some((used, now));
+        }
+        health.memory_bytes = resident_bytes().unwrap_or(0);
+        if let Ok(fs) = rustix::fs::statvfs(&self.data_dir) {
+            health.free_bytes = fs.f_bavail.saturating_mul(fs.f_frsize);
+            health.total_bytes = fs.f_blocks.saturating_mul(fs.f_frsize);
+        }
+        health
+    }
+}
+
+impl JoinHandler for Joined {
+    fn report(&self) -> Report {
+        let mut roles = Vec::new();
+        if self.ps.is_some() {
+            roles.push("process-server".to_string());
+        }
+        if self.mt.is_some() {
+            roles.push("master-target".to_string());
+        }
+        let status = serde_json::to_value((self.api.status)()).unwrap_or_default();
+        Report {
+            name: self.name.clone(),
+            site: self.site.clone(),
+            roles,
+            status,
+            health: self.health(),
+            assignment_revision: 0,
+        }
+    }
+
+    fn apply(&self, assignment: &Assignment) {
+        tracing::info!(
+            revision = assignment.revision,
+            machines = assignment.machines.len(),
+            "running the configuration server's assignment"
+        );
+    }
+
+    fn call(&self, request: ApiRequest) -> Pin<Box<dyn Future<Output = ApiAnswer> + Send>> {
+        Box::pin(self.routes.call(request))
+    }
+}
+
+/// CPU time this process used, seconds (`/proc/self/stat`: utime and stime).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// Resident memory of this process, bytes (`/proc/self/statm`).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
