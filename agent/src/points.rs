@@ -48,7 +48,7 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 pub const MIN_APP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often points are taken.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PointPolicy {
     /// Crash-consistent points, at least [`MIN_INTERVAL`] apart.
     pub interval: Duration,
@@ -168,6 +168,9 @@ pub struct Points {
     taking: Mutex<()>,
     hooks: Mutex<Option<Hooks>>,
     close_front_end: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The policy the configuration server sent, which replaces the command line's until the
+    /// agent restarts (the process server sends it again on every connection).
+    assigned: Mutex<Option<PointPolicy>>,
 }
 
 impl std::fmt::Debug for Points {
@@ -190,6 +193,61 @@ impl Points {
             .close_front_end
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Takes points on `interval_ms` (and `app_interval_ms`) from now on; refused below the
+    /// minimums. Returns what is done, for the process server's log.
+    pub fn assign(&self, interval_ms: u64, app_interval_ms: Option<u64>) -> Result<String, String> {
+        let interval = Duration::from_millis(interval_ms);
+        if interval < MIN_INTERVAL {
+            return Err(format!(
+                "a crash-consistent interval of {interval_ms} ms is below the agent's minimum \
+                 of {} ms",
+                MIN_INTERVAL.as_millis()
+            ));
+        }
+        let app = app_interval_ms.map(Duration::from_millis);
+        if let Some(a) = app
+            && a < MIN_APP_INTERVAL
+        {
+            return Err(format!(
+                "an application-consistent interval of {} ms is below the agent's minimum of \
+                 {} s",
+                a.as_millis(),
+                MIN_APP_INTERVAL.as_secs()
+            ));
+        }
+        let hooks = self
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let policy = PointPolicy {
+            interval,
+            // Without hooks there is nothing to quiesce: crash-consistent points only.
+            app_interval: app.filter(|_| hooks),
+        };
+        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        if assigned.as_ref() != Some(&policy) {
+            tracing::info!(interval_ms, app_interval_ms = ?policy.app_interval.map(|d| d.as_millis()),
+                "recovery point policy assigned by the configuration server");
+        }
+        *assigned = Some(policy);
+        Ok(match (app, hooks) {
+            (Some(_), false) => format!(
+                "points every {interval_ms} ms; no application-consistent points: this agent \
+                 has no quiesce hooks (--freeze, --pre-script, --post-script)"
+            ),
+            _ => format!("points every {interval_ms} ms"),
+        })
+    }
+
+    /// The policy assigned by the configuration server, if any.
+    pub fn assigned(&self) -> Option<PointPolicy> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn next_id(&self, now_ms: u64) -> u64 {
@@ -340,17 +398,25 @@ fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
 
 /// Takes points on the policy's intervals until the agent stops. A point that is not ready
 /// (initial sync, resync) is skipped quietly; other failures are logged.
-pub fn run_interval(
-    shared: Arc<Shared>,
-    points: Arc<Points>,
-    data_dir: PathBuf,
-    policy: PointPolicy,
-) {
+pub fn run_interval(shared: Arc<Shared>, points: Arc<Points>, data_dir: PathBuf, own: PointPolicy) {
+    let mut policy = own.clone();
     let mut next = Instant::now() + policy.interval;
     let mut next_app = policy.app_interval.map(|d| Instant::now() + d);
     let mut was_ready = true;
     while !shared.is_stopping() {
         let now = Instant::now();
+        // A policy from the configuration server takes effect at once: the next point is due
+        // no later than one new interval from now.
+        let current = points.assigned().unwrap_or_else(|| own.clone());
+        if current != policy {
+            policy = current;
+            next = next.min(now + policy.interval);
+            next_app = match (policy.app_interval, next_app) {
+                (Some(d), Some(t)) => Some(t.min(now + d)),
+                (Some(d), None) => Some(now + d),
+                (None, _) => None,
+            };
+        }
         if now < next {
             std::thread::sleep((next - now).min(Duration::from_millis(200)));
             continue;
@@ -401,6 +467,21 @@ pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn
                     let (app, close) = match req.command {
                         Command::Point { app } => (app, false),
                         Command::Stop => (false, true),
+                        Command::Policy {
+                            interval_ms,
+                            app_interval_ms,
+                        } => {
+                            let reply = match points.assign(interval_ms, app_interval_ms) {
+                                Ok(done) => Reply::Done(done),
+                                Err(why) => Reply::Failed(why),
+                            };
+                            if let Err(e) =
+                                haven_net::control::write_message(&mut send, &reply).await
+                            {
+                                tracing::warn!(error = %e, "answering a control request");
+                            }
+                            return;
+                        }
                     };
                     let sh = Arc::clone(&shared);
                     let dir = shared.data_dir().to_path_buf();

@@ -137,3 +137,213 @@ fn gateways_join_and_items_are_reached_through_the_configuration_server() -> Res
     );
     Ok(())
 }
+
+/// The test deployment as a pipeline: web01 protected from `primary` to `secondary` under the
+/// replication policy `fast` (a point every `interval`, points older than 5 s thinned to one
+/// per 10 s).
+fn pipeline(c: &Cluster, interval: &str, with_machine: bool) -> Result<String> {
+    let cs = c.cs.as_ref().context("cs")?;
+    let machine = if with_machine {
+        "\n[[machine]]\nname = \"web01\"\nsite = \"primary\"\npolicy = \"fast\"\n\
+         process_server = \"ps1\"\nmaster_target = \"mt1\"\nwriter = \"raw\"\n"
+    } else {
+        ""
+    };
+    Ok(format!(
+        r#"version = 1
+
+[deployment]
+name = "test"
+
+[[site]]
+name = "headquarters"
+
+[[site]]
+name = "primary"
+
+[[site]]
+name = "secondary"
+
+[[gateway]]
+name = "cs"
+site = "headquarters"
+roles = ["config-server"]
+address = "127.0.0.1:{cs_port}"
+
+[[gateway]]
+name = "ps1"
+site = "primary"
+roles = ["process-server"]
+address = "127.0.0.1:{ps_port}"
+
+[[gateway]]
+name = "mt1"
+site = "secondary"
+roles = ["master-target"]
+address = "127.0.0.1:{mt_port}"
+
+[[plugin]]
+name = "raw"
+kind = "target-writer"
+path = "/opt/haven/plugins/haven_raw.wasm"
+gateways = ["mt1"]
+
+[plugin.grants]
+storage_root = "/var/lib/haven/replicas"
+
+[[policy]]
+name = "fast"
+kind = "replication"
+rpo_threshold = "1m"
+crash_consistent_interval = "{interval}"
+app_consistent_interval = "off"
+
+[policy.retention]
+window = "1h"
+tiers = [{{ for_last = "5s", every = "0s" }}, {{ for_last = "1h", every = "10s" }}]
+{machine}"#,
+        cs_port = cs.port,
+        ps_port = c.ps.port,
+        mt_port = c.mt.port,
+    ))
+}
+
+/// web01's points at the master target, through the configuration server: source times, ms.
+fn point_times(c: &Cluster) -> Result<Vec<u64>> {
+    let out = via_cs(c, &["point", "list", "web01", "--json"])?;
+    let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let mut times: Vec<u64> = points
+        .iter()
+        .filter_map(|p| p["source_time_ms"].as_u64())
+        .collect();
+    times.sort_unstable();
+    Ok(times)
+}
+
+#[test]
+fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targets() -> Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 8 << 20, 11)?;
+    // The agent's own interval is 30 s: every point faster than that comes from the policy.
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "30s".into()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let file = tmp.path().join("deployment.toml");
+    std::fs::write(&file, pipeline(&c, "500ms", true)?)?;
+    let file_arg = file.to_str().context("path")?;
+
+    let out = run_ok(cs.haven_command().args(["validate", file_arg]))?;
+    assert!(out.contains("deployment `test` is valid"), "{out}");
+    let out = cs.haven(&["apply", file_arg, "--dry-run"])?;
+    assert!(out.contains("+ machine web01"), "{out}");
+    assert!(out.contains("+ policy fast"), "{out}");
+    assert!(out.contains("Dry run: nothing was applied."), "{out}");
+    let out = cs.haven(&["export"]);
+    assert!(
+        format!("{out:?}").contains("no pipeline was applied to this deployment yet"),
+        "{out:?}"
+    );
+
+    // Applied: the agent takes a point every 500 ms, and the master target thins them.
+    poll(Duration::from_secs(120), Duration::from_millis(500), || {
+        Ok(match via_cs(&c, &["point", "list", "web01"]) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("web01 not protected yet: {e:#}")),
+        })
+    })?;
+    let out = cs.haven(&["apply", file_arg])?;
+    assert!(out.contains("Applied: revision 1;"), "{out}");
+    let applied = haven_e2e::now_ms();
+    let times = poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let times = point_times(&c)?;
+        let recent: Vec<u64> = times.iter().copied().filter(|&t| t > applied).collect();
+        Ok(if recent.len() >= 8 {
+            Ok(recent)
+        } else {
+            Err(format!("points since the policy was applied: {recent:?}"))
+        })
+    })?;
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().filter(|&&g| g <= 1500).count() >= 4,
+        "the agent does not take points every 500 ms: gaps {gaps:?}"
+    );
+    // Older than 5 s: at most one per 10 s bucket (the gateway's own policy keeps them all).
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let times = point_times(&c)?;
+        let now = haven_e2e::now_ms();
+        let old: Vec<u64> = times
+            .iter()
+            .copied()
+            .filter(|&t| t > applied && t + 6000 < now)
+            .collect();
+        let crowded = old.windows(2).any(|w| w[0] / 10_000 == w[1] / 10_000);
+        Ok(if old.len() >= 2 && !crowded {
+            Ok(())
+        } else {
+            Err(format!("points older than 5 s not thinned: {old:?}"))
+        })
+    })?;
+
+    // Exported, the file applies unchanged.
+    let exported = tmp.path().join("exported.toml");
+    std::fs::write(&exported, cs.haven(&["export"])?)?;
+    let out = cs.haven(&["apply", exported.to_str().context("path")?])?;
+    assert!(out.contains("No changes."), "{out}");
+    assert!(out.contains("Nothing to apply"), "{out}");
+
+    // A change is shown as one.
+    std::fs::write(&file, pipeline(&c, "1s", true)?)?;
+    let out = cs.haven(&["apply", file_arg])?;
+    assert!(
+        out.contains("~ policy fast: crash_consistent_interval 500ms → 1s"),
+        "{out}"
+    );
+    assert!(out.contains("Applied: revision 2;"), "{out}");
+
+    // Removing the machine would drop its journal: refused without --allow-destroy.
+    std::fs::write(&file, pipeline(&c, "1s", false)?)?;
+    let out = cs
+        .haven_command()
+        .args(["apply", file_arg, "--server", &cs.api])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP 409: 1 change(s) would destroy"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("- machine web01"), "{stderr}");
+    let still = cs.haven(&["export"])?;
+    assert!(still.contains("name = \"web01\""), "{still}");
+
+    // A file with mistakes: every one, with its place; nothing applied.
+    std::fs::write(
+        &file,
+        pipeline(&c, "100ms", true)?.replace("[[plugin]]", "[[plugin]]\ncolour = \"red\""),
+    )?;
+    let out = cs
+        .haven_command()
+        .args(["apply", file_arg, "--server", &cs.api])
+        .output()?;
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("deployment.toml:"), "{stderr}");
+    assert!(stderr.contains("colour"), "{stderr}");
+    assert!(stderr.contains("crash_consistent_interval"), "{stderr}");
+    assert!(
+        stderr.contains("2 problem(s); nothing was applied"),
+        "{stderr}"
+    );
+    Ok(())
+}

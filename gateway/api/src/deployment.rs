@@ -10,11 +10,11 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use haven_engine::config_server::{ConfigServer, ForwardError};
-use haven_net::join::{ApiAnswer, ApiRequest, MAX_MESSAGE};
+use haven_net::join::{ApiAnswer, ApiRequest, Assignment, MAX_MESSAGE, MachinePolicy};
 use tower::ServiceExt;
 
-use crate::ApiError;
 use crate::auth::Caller;
+use crate::{ApiError, ErrorBody};
 
 /// Forwards `/v1/items…` to the master target holding the item (`GET /v1/items`: to every
 /// master target, the lists joined). Runs after authorization: the caller's role was checked
@@ -167,5 +167,246 @@ async fn call_local(router: axum::Router, request: ApiRequest) -> ApiAnswer {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the answer is too large to forward: {e}"),
         ),
+    }
+}
+
+// ---- The deployment's pipeline ----
+
+/// The query of `POST /v1/pipeline`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ApplyParams {
+    /// Only compute the plan: nothing changes.
+    #[param(value_type = Option<bool>)]
+    dry_run: Option<String>,
+    /// Apply even changes that destroy a protected machine's journal or replica.
+    #[param(value_type = Option<bool>)]
+    allow_destroy: Option<String>,
+    /// The file's name, for the positions in errors (default `pipeline.toml`).
+    file: Option<String>,
+}
+
+fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("false") => Ok(false),
+        Some("true") | Some("") => Ok(true),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "{name}={v}: give true or false"
+        ))),
+    }
+}
+
+/// What `POST /v1/pipeline` did, or would do.
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub(crate) struct ApplyAnswer {
+    /// Whether it was applied (false for a dry run or no change).
+    applied: bool,
+    /// The assignment revision gateways get now.
+    revision: u64,
+    /// The plan, one change per line (`+` add, `~` change, `-` remove), then a summary.
+    plan: String,
+    /// Changes by action.
+    add: usize,
+    change: usize,
+    remove: usize,
+}
+
+/// The problems of a pipeline that was not applied.
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub(crate) struct PipelineProblems {
+    /// What happened and what to do.
+    error: String,
+    /// Each problem: `FILE:LINE:COL: PATH: MESSAGE; HINT`, or a change that was refused.
+    problems: Vec<String>,
+}
+
+fn problems(status: StatusCode, error: String, problems: Vec<String>) -> Response {
+    crate::json_response(
+        status,
+        serde_json::to_vec_pretty(&PipelineProblems { error, problems }),
+    )
+}
+
+/// Applies a pipeline: the whole file or nothing. Its plan against the pipeline applied last
+/// is returned; changes that destroy a protected machine's journal or replica are refused
+/// unless `allow_destroy`.
+#[utoipa::path(
+    post,
+    path = "/v1/pipeline",
+    tag = "deployment",
+    params(ApplyParams),
+    request_body(content = String, content_type = "application/toml", description = "The pipeline file (TOML)"),
+    responses(
+        (status = OK, description = "Applied (or, with dry_run, what would change)", body = ApplyAnswer),
+        (status = BAD_REQUEST, description = "A bad query parameter", body = ErrorBody),
+        (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
+        (status = CONFLICT, description = "Destructive changes refused without allow_destroy", body = PipelineProblems),
+        (status = UNPROCESSABLE_ENTITY, description = "The file has problems; nothing was applied", body = PipelineProblems),
+    )
+)]
+pub(crate) async fn apply_pipeline(
+    axum::extract::State(s): axum::extract::State<crate::Served>,
+    crate::QueryParams(q): crate::QueryParams<ApplyParams>,
+    body: String,
+) -> Result<Response, ApiError> {
+    let cs = s
+        .api
+        .deployment
+        .clone()
+        .ok_or_else(crate::not_config_server)?;
+    let dry_run = flag("dry_run", q.dry_run.as_deref())?;
+    let allow_destroy = flag("allow_destroy", q.allow_destroy.as_deref())?;
+    let file = q.file.unwrap_or_else(|| "pipeline.toml".to_string());
+    let run = move || -> anyhow::Result<Response> {
+        let desired = match haven_pipeline::parse(&body, &file) {
+            Ok(p) => p,
+            Err(diagnostics) => {
+                let list: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+                return Ok(problems(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{file}: {} problem(s); nothing was applied", list.len()),
+                    list,
+                ));
+            }
+        };
+        let stored = cs.pipeline()?;
+        let current = match &stored {
+            Some(s) => serde_json::from_value(s.pipeline.clone())?,
+            None => haven_pipeline::model::Pipeline::new(desired.deployment.name.clone()),
+        };
+        let plan = haven_pipeline::diff(&current, &desired);
+        let (add, change, remove) = plan.counts();
+        let destroys: Vec<String> = plan.destructive().iter().map(|c| c.to_string()).collect();
+        if !destroys.is_empty() && !allow_destroy {
+            return Ok(problems(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} change(s) would destroy what protects a machine (its journal, points or \
+                     replica); nothing was applied. Check them, then apply again with \
+                     --allow-destroy (allow_destroy=true)",
+                    destroys.len()
+                ),
+                destroys,
+            ));
+        }
+        let revision = stored.as_ref().map_or(0, |s| s.revision);
+        let answer = |applied, revision| ApplyAnswer {
+            applied,
+            revision,
+            plan: plan.to_string(),
+            add,
+            change,
+            remove,
+        };
+        if dry_run || (plan.is_empty() && stored.is_some()) {
+            return Ok(crate::Pretty(answer(false, revision)).into_response());
+        }
+        let assignment = assignment_of(&desired);
+        let committed = cs.commit(serde_json::to_value(&desired)?, assignment)?;
+        tracing::info!(
+            revision = committed.revision,
+            add,
+            change,
+            remove,
+            "pipeline applied"
+        );
+        Ok(crate::Pretty(answer(true, committed.revision)).into_response())
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
+        Err(e) => Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        ))),
+    }
+}
+
+/// The pipeline applied last, as JSON and as the file `haven export` prints.
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub(crate) struct PipelineView {
+    revision: u64,
+    applied_ms: u64,
+    /// The pipeline's model.
+    #[schema(value_type = Object)]
+    pipeline: serde_json::Value,
+    /// The pipeline as a file that `POST /v1/pipeline` accepts unchanged.
+    toml: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/pipeline",
+    tag = "deployment",
+    responses(
+        (status = OK, description = "The pipeline applied last", body = PipelineView),
+        (status = NOT_FOUND, description = "No pipeline was applied, or this gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_pipeline(
+    axum::extract::State(s): axum::extract::State<crate::Served>,
+) -> Result<crate::Pretty<PipelineView>, ApiError> {
+    let cs = s
+        .api
+        .deployment
+        .clone()
+        .ok_or_else(crate::not_config_server)?;
+    let run = move || -> anyhow::Result<Option<PipelineView>> {
+        let Some(stored) = cs.pipeline()? else {
+            return Ok(None);
+        };
+        let model: haven_pipeline::model::Pipeline =
+            serde_json::from_value(stored.pipeline.clone())?;
+        Ok(Some(PipelineView {
+            revision: stored.revision,
+            applied_ms: stored.applied_ms,
+            toml: haven_pipeline::to_toml(&model),
+            pipeline: stored.pipeline,
+        }))
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(Some(v))) => Ok(crate::Pretty(v)),
+        Ok(Ok(None)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no pipeline was applied to this deployment yet: `haven apply FILE`",
+        )),
+        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
+        Err(e) => Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        ))),
+    }
+}
+
+/// What each gateway enforces of a pipeline: every machine's replication policy (its group's,
+/// when the group names one).
+pub fn assignment_of(p: &haven_pipeline::model::Pipeline) -> Assignment {
+    use haven_pipeline::model::Policy;
+    let machines = p
+        .machines
+        .iter()
+        .filter_map(|m| {
+            let name = p
+                .group_of(&m.name)
+                .and_then(|g| g.policy.clone())
+                .unwrap_or_else(|| m.policy.clone());
+            let Some(Policy::Replication(r)) = p.policy(&name) else {
+                return None;
+            };
+            Some((
+                m.name.clone(),
+                MachinePolicy {
+                    policy: r.name.clone(),
+                    crash_consistent_interval_ms: r.crash_consistent_interval.as_millis() as u64,
+                    app_consistent_interval_ms: r
+                        .app_consistent_interval
+                        .map(|d| d.as_millis() as u64),
+                    retention: serde_json::to_value(&r.retention).unwrap_or_default(),
+                    rpo_threshold_ms: r.rpo_threshold.as_millis() as u64,
+                },
+            ))
+        })
+        .collect();
+    Assignment {
+        revision: 0,
+        machines,
     }
 }

@@ -200,6 +200,10 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(site_ca))
         .routes(routes!(whoami))
         .routes(routes!(list_gateways))
+        .routes(routes!(
+            deployment::get_pipeline,
+            deployment::apply_pipeline
+        ))
         .routes(routes!(list_items))
         .routes(routes!(get_item))
         .routes(routes!(list_points, create_point))

@@ -54,6 +54,19 @@ pub struct GatewayRecord {
     pub last_seen_ms: u64,
 }
 
+/// The deployment's pipeline as applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPipeline {
+    /// The assignment revision it made.
+    pub revision: u64,
+    /// When it was applied, ms since the Unix epoch.
+    pub applied_ms: u64,
+    /// The pipeline (`haven_pipeline::Pipeline`, as JSON).
+    #[schema(value_type = Object)]
+    pub pipeline: serde_json::Value,
+}
+
 /// A gateway as the API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GatewayView {
@@ -329,17 +342,29 @@ impl ConfigServer {
         lock(&self.assignment).clone()
     }
 
-    /// Replaces the assignment (a new revision), durably before gateways see it.
-    pub fn set_assignment(&self, mut next: Assignment) -> Result<Assignment> {
+    /// Stores the deployment's pipeline (its JSON form) and the assignment made from it, in one
+    /// transaction, before any gateway sees the assignment; returns it with its new revision.
+    pub fn commit(&self, pipeline: serde_json::Value, mut next: Assignment) -> Result<Assignment> {
         let mut current = lock(&self.assignment);
         next.revision = current.revision + 1;
-        self.state.put_json("assignment", &next)?;
+        let stored = StoredPipeline {
+            revision: next.revision,
+            applied_ms: now_ms(),
+            pipeline,
+        };
+        self.state.update_json(
+            &[
+                ("pipeline".to_string(), serde_json::to_value(&stored)?),
+                ("assignment".to_string(), serde_json::to_value(&next)?),
+            ],
+            &[],
+        )?;
         *current = next.clone();
         Ok(next)
     }
 
-    /// The role's state database (the pipeline is kept there too).
-    pub fn state(&self) -> &StateDb {
-        &self.state
+    /// The pipeline applied last, if any.
+    pub fn pipeline(&self) -> Result<Option<StoredPipeline>> {
+        Ok(self.state.get_json("pipeline")?)
     }
 }

@@ -90,6 +90,9 @@ pub struct MasterTarget {
     listener: crate::Listener,
     /// Streams whose journal or replica could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<StreamKey, (haven_wire::DiskInfo, String, String)>>,
+    /// Retention of each machine the configuration server assigned a policy to (by machine
+    /// name); the others keep `config.retention`.
+    pub(crate) retention_by_machine: Mutex<HashMap<String, crate::retention::RetentionPolicy>>,
 }
 
 impl std::fmt::Debug for MasterTarget {
@@ -240,6 +243,7 @@ impl MasterTarget {
             clock: clock_from_env(),
             listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
+            retention_by_machine: Mutex::new(HashMap::new()),
         });
         for (key, record) in mt.state.streams()? {
             let info = haven_wire::DiskInfo {

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use haven_net::endpoint::{self, Refusal, ServerTls};
+use haven_net::join::MachinePolicy;
 use haven_net::stream::{FrameReader, Report, read_report, send_report, write_frames};
 use haven_net::{SiteCa, quinn};
 use haven_replication::forwarder::{
@@ -116,6 +117,11 @@ pub struct ProcessServer {
     /// The one connection to the master target every forwarder shares.
     upstream: tokio::sync::Mutex<UpstreamLink>,
     budget: CacheBudget,
+    /// The point policies the configuration server assigned, by machine name; sent to each
+    /// agent of the machine when it connects and when they change.
+    policies: Mutex<BTreeMap<String, MachinePolicy>>,
+    /// The machine name of each connected agent, by agent id.
+    machines: Mutex<HashMap<String, String>>,
 }
 
 /// The caches' limit across all disks.
@@ -193,6 +199,8 @@ impl ProcessServer {
             me: me.clone(),
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
             budget: CacheBudget::default(),
+            policies: Mutex::new(BTreeMap::new()),
+            machines: Mutex::new(HashMap::new()),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
         for (k, r) in ps.state.streams()? {
@@ -269,9 +277,41 @@ impl ProcessServer {
     }
 
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerId, machine: String) {
-        let ticket = self.listener.add(&peer_hex(&peer), &conn);
+        let id = peer_hex(&peer);
+        let ticket = self.listener.add(&id, &conn);
+        lock(&self.machines).insert(id.clone(), machine.clone());
+        if let Some(policy) = lock(&self.policies).get(&machine).cloned() {
+            tokio::spawn(send_policy(conn.clone(), id.clone(), policy));
+        }
         self.serve_connection(&conn, peer, machine).await;
         self.listener.remove(ticket);
+        if self.listener.connection(&id).is_none() {
+            lock(&self.machines).remove(&id);
+        }
+    }
+
+    /// Takes the configuration server's point policies (by machine name) and sends each
+    /// connected agent whose policy changed its new one.
+    pub fn set_policies(&self, policies: BTreeMap<String, MachinePolicy>) {
+        let changed: Vec<(String, MachinePolicy)> = {
+            let mut current = lock(&self.policies);
+            let changed = policies
+                .iter()
+                .filter(|(m, p)| current.get(*m) != Some(p))
+                .map(|(m, p)| (m.clone(), p.clone()))
+                .collect();
+            *current = policies;
+            changed
+        };
+        let machines = lock(&self.machines).clone();
+        for (agent, machine) in machines {
+            let Some((_, policy)) = changed.iter().find(|(m, _)| *m == machine) else {
+                continue;
+            };
+            if let Some(conn) = self.listener.connection(&agent) {
+                tokio::spawn(send_policy(conn, agent, policy.clone()));
+            }
+        }
     }
 
     async fn serve_connection(
@@ -889,6 +929,31 @@ async fn send_reports(ps: std::sync::Weak<ProcessServer>, conn: quinn::Connectio
             if let Err(e) = send_report(&conn, &report).await {
                 tracing::debug!(error = %e, "sending a report to the master target");
             }
+        }
+    }
+}
+
+/// Sends an agent its point policy (logged; the agent keeps its own on failure, and gets it
+/// again when it reconnects).
+async fn send_policy(conn: quinn::Connection, agent_id: String, policy: MachinePolicy) {
+    use haven_net::control::{self, Command, Reply, Request};
+    let request = Request {
+        agent_id: agent_id.clone(),
+        command: Command::Policy {
+            interval_ms: policy.crash_consistent_interval_ms,
+            app_interval_ms: policy.app_consistent_interval_ms,
+        },
+    };
+    match control::call(&conn, &request, CONTROL_TIMEOUT).await {
+        Ok(Reply::Done(what)) => {
+            tracing::info!(agent = %agent_id, policy = %policy.policy, %what, "point policy sent")
+        }
+        Ok(Reply::Failed(why)) => {
+            tracing::warn!(agent = %agent_id, policy = %policy.policy, %why, "point policy refused")
+        }
+        Ok(Reply::Taken(_)) => {}
+        Err(e) => {
+            tracing::warn!(agent = %agent_id, error = %e, "sending the point policy")
         }
     }
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod login;
+mod pipeline;
 mod plugins;
 mod recovery;
 mod remote;
@@ -61,6 +62,35 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Checks a pipeline file (the deployment as code) without applying it: every problem at
+    /// once, each with FILE:LINE:COLUMN, the field and what to do. Exit status 78 when there
+    /// are problems.
+    Validate {
+        /// The pipeline (TOML).
+        file: PathBuf,
+    },
+    /// Applies a pipeline at the configuration server: prints the plan (+ add, ~ change,
+    /// - remove) and applies the whole file, or nothing.
+    Apply {
+        /// The pipeline (TOML).
+        file: PathBuf,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply changes that destroy a protected machine's journal, points or replica
+        /// (removing a machine, moving it to another master target, …).
+        #[arg(long)]
+        allow_destroy: bool,
+        /// The configuration server's API.
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = remote::default_server())]
+        api: String,
+    },
+    /// Prints the pipeline the deployment runs, as a file `haven apply` accepts unchanged.
+    Export {
+        /// The configuration server's API.
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = remote::default_server())]
+        api: String,
     },
     /// Logs in to a gateway's API: pins its site CA (HTTPS) and keeps the token, so the
     /// commands that follow need neither `--token` nor `--server`.
@@ -142,6 +172,14 @@ fn main() -> ExitCode {
             )),
         }
         .map(|()| ExitCode::SUCCESS),
+        Command::Validate { file } => pipeline::validate(&file),
+        Command::Apply {
+            file,
+            dry_run,
+            allow_destroy,
+            api,
+        } => pipeline::apply(&client, &api, &file, dry_run, allow_destroy),
+        Command::Export { api } => pipeline::export(&client, &api).map(|()| ExitCode::SUCCESS),
         Command::Logout { server } => login::logout(server.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Image(c) => image::run(&plugins, c),
         Command::Plugin(c) => plugins::run(&plugins, c).map(|()| ExitCode::SUCCESS),

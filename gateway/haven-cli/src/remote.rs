@@ -165,6 +165,29 @@ impl Client {
         path: &str,
         timeout: Duration,
     ) -> Result<String> {
+        self.exchange(api, method, path, None, timeout)
+    }
+
+    /// One exchange sending `body` (with its content type), giving up after `timeout`.
+    pub fn send(
+        &self,
+        api: &str,
+        method: Method,
+        path: &str,
+        body: (&[u8], &str),
+        timeout: Duration,
+    ) -> Result<String> {
+        self.exchange(api, method, path, Some(body), timeout)
+    }
+
+    fn exchange(
+        &self,
+        api: &str,
+        method: Method,
+        path: &str,
+        body: Option<(&[u8], &str)>,
+        timeout: Duration,
+    ) -> Result<String> {
         let (scheme, authority) = split_server(api)?;
         let server = format!("{scheme}://{authority}");
         let login = self.logins.get(&server);
@@ -211,9 +234,12 @@ impl Client {
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
+        if let Some((_, content_type)) = body {
+            request = request.header(ureq::http::header::CONTENT_TYPE, content_type);
+        }
         let request = request
-            // No body, and says so (`Content-Length: 0`) rather than as an empty chunked one.
-            .body(&[][..])
+            // Without a body, says so (`Content-Length: 0`) rather than as an empty chunked one.
+            .body(body.map_or(&[][..], |(b, _)| b))
             .with_context(|| format!("{api}{path}: not a valid request"))?;
         let mut config = self
             .agent
@@ -236,9 +262,17 @@ impl Client {
             .map_err(|e| failure(e, api, path, timeout))?;
         let status = answer.status();
         if !status.is_success() {
+            // `{"error": …}`, with `problems` (one per line) when the answer lists them.
             let message = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .and_then(|v| {
+                    let mut m = v["error"].as_str()?.to_owned();
+                    for p in v["problems"].as_array().into_iter().flatten() {
+                        m.push_str("\n  ");
+                        m.push_str(p.as_str().unwrap_or_default());
+                    }
+                    Some(m)
+                })
                 .unwrap_or(body);
             bail!("{api}{path}: HTTP {}: {message}", status.as_u16());
         }

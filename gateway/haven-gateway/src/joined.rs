@@ -106,6 +106,22 @@ impl JoinHandler for Joined {
             machines = assignment.machines.len(),
             "running the configuration server's assignment"
         );
+        if let Some(ps) = &self.ps {
+            ps.set_policies(assignment.machines.clone());
+        }
+        if let Some(mt) = &self.mt {
+            let mut retention = std::collections::HashMap::new();
+            for (machine, policy) in &assignment.machines {
+                match serde_json::from_value(policy.retention.clone()) {
+                    Ok(r) => {
+                        retention.insert(machine.clone(), r);
+                    }
+                    Err(e) => tracing::error!(%machine, policy = %policy.policy, error = %e,
+                        "the assigned retention does not parse; this gateway's own applies"),
+                }
+            }
+            mt.set_retention(retention);
+        }
     }
 
     fn call(&self, request: ApiRequest) -> Pin<Box<dyn Future<Output = ApiAnswer> + Send>> {

@@ -33,6 +33,14 @@ pub enum Command {
     /// Planned failover: flush, close the front end (no write is accepted from then on), and
     /// take a final point.
     Stop,
+    /// Take points on these intervals from now on (the machine's replication policy, from the
+    /// configuration server), instead of the agent's own.
+    Policy {
+        /// Crash-consistent points, milliseconds apart.
+        interval_ms: u64,
+        /// Application-consistent points, milliseconds apart; none when absent.
+        app_interval_ms: Option<u64>,
+    },
 }
 
 /// A request for one agent.
@@ -69,6 +77,8 @@ pub enum Reply {
     Taken(Vec<PointTaken>),
     /// Refused or failed: what happened and what to do.
     Failed(String),
+    /// Done (a request that takes no point), and what was done.
+    Done(String),
 }
 
 /// Why a request got no reply.

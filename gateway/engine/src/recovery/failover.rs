@@ -82,6 +82,10 @@ impl MasterTarget {
                 Err(err(ErrorKind::Unavailable, why))
             }
             Ok(Reply::Failed(why)) => Err(err(ErrorKind::Conflict, format!("the agent: {why}"))),
+            Ok(Reply::Done(what)) => Err(err(
+                ErrorKind::Internal,
+                format!("the agent took no point: {what}"),
+            )),
             Err(e) => Err(err(ErrorKind::Unavailable, e.to_string())),
         }
     }

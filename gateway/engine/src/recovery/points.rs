@@ -2,7 +2,7 @@
 //! from the journal at start, points taken on request, and the retention pass (module docs of
 //! [`super`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{ErrorKind, PointSel, RecoveryError, err, point_key, points_prefix, require_protected};
 use crate::ingest::lock;
 use crate::master_target::{MasterTarget, Replica};
-use crate::retention::{self, PointAge};
+use crate::retention::{self, PointAge, RetentionPolicy};
 use crate::{now_ms, peer_hex};
 
 /// The journal is pruned of old points above this fill level (percent of `journal_max_bytes`).
@@ -300,8 +300,20 @@ impl MasterTarget {
         }
     }
 
+    /// Takes the configuration server's retention policies, by machine name. They apply where
+    /// this master target keeps points (`[master_target.retention] window` above zero); the
+    /// machines it does not name keep this gateway's own policy.
+    pub fn set_retention(&self, by_machine: HashMap<String, RetentionPolicy>) {
+        *lock(&self.retention_by_machine) = by_machine;
+    }
+
     fn retain(&self, r: &Replica, now_ms: u64) -> anyhow::Result<()> {
-        let policy = &self.config.retention;
+        let machine = lock(&r.stream.machine_name).clone();
+        let assigned = lock(&self.retention_by_machine).get(&machine).cloned();
+        let policy = match &assigned {
+            Some(p) if !self.config.retention.window.is_zero() => p,
+            _ => &self.config.retention,
+        };
         if lock(&r.recovery.state).points.is_empty() {
             return Ok(());
         }
