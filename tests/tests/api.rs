@@ -1,7 +1,8 @@
 //! The HTTP API against its own OpenAPI document: the document an independent validator
 //! accepts, covering every route, and an API fuzzer driven by it that finds no server error.
 //! Both gateways of a running cluster (a process server, a master target with a protected
-//! item) are checked, the fuzzer with an admin token (so it reaches every route).
+//! item) are checked, and the fuzzer also runs against the configuration server they joined,
+//! with an admin token (so it reaches every route).
 
 use std::process::Command;
 
@@ -65,13 +66,21 @@ fn an_api_fuzzer_driven_by_the_document_finds_no_server_error() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let disk = tmp.path().join("disk.raw");
     mixed_disk(&disk, 8 << 20, 2)?;
-    let c = Cluster::start(tmp.path(), &disk, ClusterOptions::default())?;
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("no configuration server")?;
     // schemathesis (PyPI), started through its module so no console script is needed on PATH.
     let cli = "import sys\n\
                from schemathesis.cli import schemathesis\n\
                sys.argv[0] = 'st'\n\
                sys.exit(schemathesis())\n";
-    for api in [&c.ps.api, &c.mt.api] {
+    for api in [&c.ps.api, &c.mt.api, &cs.api] {
         let out = Command::new("python3")
             .args(["-c", cli, "run", &format!("{api}/v1/openapi.json")])
             // Requests the document allows, with the token: the coverage phase and negative

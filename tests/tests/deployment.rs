@@ -135,13 +135,30 @@ fn gateways_join_and_items_are_reached_through_the_configuration_server() -> Res
         table.contains("gateway mt1 (site secondary, master-target): connected"),
         "{table}"
     );
+    // Events of what happened, raised once each (checked every second for a silent gateway).
+    poll(Duration::from_secs(10), Duration::from_millis(250), || {
+        let events = cs.haven(&["events"])?;
+        let missing: Vec<&str> = [
+            "test-failover.started",
+            "test-failover.cleaned-up",
+            "gateway.unreachable",
+        ]
+        .into_iter()
+        .filter(|k| events.matches(k).count() != 1)
+        .collect();
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not exactly once: {missing:?} in {events}"))
+        })
+    })?;
     Ok(())
 }
 
 /// The test deployment as a pipeline: web01 protected from `primary` to `secondary` under the
 /// replication policy `fast` (a point every `interval`, points older than 5 s thinned to one
 /// per 10 s).
-fn pipeline(c: &Cluster, interval: &str, with_machine: bool) -> Result<String> {
+fn pipeline(c: &Cluster, interval: &str, with_machine: bool, hook: u16) -> Result<String> {
     let cs = c.cs.as_ref().context("cs")?;
     let machine = if with_machine {
         "\n[[machine]]\nname = \"web01\"\nsite = \"primary\"\npolicy = \"fast\"\n\
@@ -201,6 +218,12 @@ app_consistent_interval = "off"
 [policy.retention]
 window = "1h"
 tiers = [{{ for_last = "5s", every = "0s" }}, {{ for_last = "1h", every = "10s" }}]
+
+[[webhook]]
+name = "ops"
+url = "http://127.0.0.1:{hook}/haven"
+events = ["agent.*"]
+min_severity = "warning"
 {machine}"#,
         cs_port = cs.port,
         ps_port = c.ps.port,
@@ -238,8 +261,9 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
         },
     )?;
     let cs = c.cs.as_ref().context("cs")?;
+    let (hook, posted) = receiver()?;
     let file = tmp.path().join("deployment.toml");
-    std::fs::write(&file, pipeline(&c, "500ms", true)?)?;
+    std::fs::write(&file, pipeline(&c, "500ms", true, hook)?)?;
     let file_arg = file.to_str().context("path")?;
 
     let out = run_ok(cs.haven_command().args(["validate", file_arg]))?;
@@ -303,7 +327,7 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     assert!(out.contains("Nothing to apply"), "{out}");
 
     // A change is shown as one.
-    std::fs::write(&file, pipeline(&c, "1s", true)?)?;
+    std::fs::write(&file, pipeline(&c, "1s", true, hook)?)?;
     let out = cs.haven(&["apply", file_arg])?;
     assert!(
         out.contains("~ policy fast: crash_consistent_interval 500ms → 1s"),
@@ -312,7 +336,7 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     assert!(out.contains("Applied: revision 2;"), "{out}");
 
     // Removing the machine would drop its journal: refused without --allow-destroy.
-    std::fs::write(&file, pipeline(&c, "1s", false)?)?;
+    std::fs::write(&file, pipeline(&c, "1s", false, hook)?)?;
     let out = cs
         .haven_command()
         .args(["apply", file_arg, "--server", &cs.api])
@@ -327,10 +351,35 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     let still = cs.haven(&["export"])?;
     assert!(still.contains("name = \"web01\""), "{still}");
 
+    // The agent stops: an event, at the configuration server and at the webhook.
+    let mut c = c;
+    c.agent.proc.kill();
+    let cs = c.cs.as_ref().context("cs")?;
+    let event: serde_json::Value = serde_json::from_slice(
+        &posted
+            .recv_timeout(Duration::from_secs(30))
+            .context("no event posted to the webhook")?,
+    )?;
+    assert_eq!(event["kind"], "agent.disconnected", "{event}");
+    assert_eq!(event["severity"], "warning", "{event}");
+    assert_eq!(event["item"], "web01", "{event}");
+    let listed = cs.haven(&["events"])?;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("agent.disconnected") && l.contains("web01")),
+        "{listed}"
+    );
+    let metrics = http_get(&format!("{}/metrics", cs.api), &cs.admin_token)?;
+    assert!(
+        metrics.contains(r#"haven_events_total{kind="agent.disconnected",severity="warning"} 1"#),
+        "{metrics}"
+    );
+
     // A file with mistakes: every one, with its place; nothing applied.
     std::fs::write(
         &file,
-        pipeline(&c, "100ms", true)?.replace("[[plugin]]", "[[plugin]]\ncolour = \"red\""),
+        pipeline(&c, "100ms", true, hook)?.replace("[[plugin]]", "[[plugin]]\ncolour = \"red\""),
     )?;
     let out = cs
         .haven_command()
@@ -346,4 +395,36 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
         "{stderr}"
     );
     Ok(())
+}
+
+/// A webhook receiver on a free loopback port: each POST's body arrives on the channel and is
+/// answered 200.
+fn receiver() -> Result<(u16, std::sync::mpsc::Receiver<Vec<u8>>)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().expect("a socket"));
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok() {
+                let _ = tx.send(body);
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    Ok((port, rx))
 }

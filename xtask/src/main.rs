@@ -53,6 +53,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nbdcopy", "libnbd-bin"),
     // nbdsh comes with libnbd's Python binding, which the tests use.
     ("nbdsh", "python3-libnbd"),
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
 ];
 
 /// Python packages the tests use: (module imported, PyPI package). The API tests validate the
@@ -60,6 +62,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 const PYPI_PACKAGES: &[(&str, &str)] = &[
     ("openapi_spec_validator", "openapi-spec-validator"),
     ("schemathesis", "schemathesis"),
+    ("selenium", "selenium"),
 ];
 
 fn main() -> Result<()> {

@@ -24,7 +24,13 @@ use serde::{Deserialize, Serialize};
 
 /// The role a call needs; `None` for the public routes.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
-    if path == "/v1/openapi.json" || path == "/v1/ca" {
+    // Public: the document, the site CA, and the web console's assets (they hold no data;
+    // the page calls the API with the operator's token).
+    if path == "/v1/openapi.json"
+        || path == "/v1/ca"
+        || path == "/console"
+        || path.starts_with("/console/")
+    {
         return None;
     }
     let reads = *method == Method::GET || *method == Method::HEAD;

@@ -10,6 +10,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use haven_engine::config_server::{ConfigServer, ForwardError};
+use haven_engine::events::{Event, Raise, Severity, Webhook};
 use haven_net::join::{ApiAnswer, ApiRequest, Assignment, MAX_MESSAGE, MachinePolicy};
 use tower::ServiceExt;
 
@@ -49,10 +50,18 @@ pub(crate) async fn forward_items(
         }
         return every_item(&cs, request).await.into_response();
     }
-    let item = rest.split('/').next().unwrap_or_default();
-    match cs.master_target_of(item) {
-        Some(gateway) => match cs.forward(&gateway, request).await {
-            Ok(answer) => answer_response(answer),
+    // One path segment: a machine name, an agent id (or a prefix), or `MACHINE%2FDISK`.
+    let item = percent_encoding::percent_decode_str(rest.split('/').next().unwrap_or_default())
+        .decode_utf8_lossy()
+        .into_owned();
+    let action = rest.split('/').nth(1).unwrap_or_default().to_string();
+    let machine = item.split('/').next().unwrap_or_default();
+    match cs.master_target_of(machine) {
+        Some(gateway) => match cs.forward(&gateway, request.clone()).await {
+            Ok(answer) => {
+                record_action(&cs, &gateway, &item, &method, &action, &request, &answer).await;
+                answer_response(answer)
+            }
             Err(e) => forward_error(e).into_response(),
         },
         None => ApiError::new(
@@ -63,6 +72,122 @@ pub(crate) async fn forward_items(
             ),
         )
         .into_response(),
+    }
+}
+
+/// Raises the event of a failover-family action an operator did through this server.
+async fn record_action(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    item: &str,
+    method: &Method,
+    action: &str,
+    request: &ApiRequest,
+    answer: &ApiAnswer,
+) {
+    let ok = (200..300).contains(&answer.status);
+    let by = if request.caller.is_empty() {
+        String::new()
+    } else {
+        format!(" by {}", request.caller)
+    };
+    let (severity, kind, text) = match (method.as_str(), action, ok) {
+        ("POST", "test-failover", true) => (
+            Severity::Info,
+            "test-failover.started",
+            format!("test failover of {item} started{by}"),
+        ),
+        ("DELETE", "test-failover", true) => (
+            Severity::Info,
+            "test-failover.cleaned-up",
+            format!("test failover of {item} cleaned up{by}"),
+        ),
+        ("POST", "failover", true) => (
+            Severity::Warning,
+            "failover.started",
+            format!("failover of {item} started{by}"),
+        ),
+        ("POST", "failover", false) => (
+            Severity::Error,
+            "failover.failed",
+            format!(
+                "failover of {item}{by} refused or failed: HTTP {}: {}",
+                answer.status,
+                serde_json::from_str::<serde_json::Value>(&answer.body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+        ),
+        ("POST", "commit", true) => (
+            Severity::Info,
+            "failover.committed",
+            format!("failover of {item} committed{by}"),
+        ),
+        _ => return,
+    };
+    let raise = Raise {
+        severity,
+        kind,
+        gateway: Some(gateway.to_string()),
+        item: Some(item.to_string()),
+        text,
+    };
+    let cs = cs.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cs.raise(raise)).await {
+        tracing::error!(error = %format!("{e:#}"), "recording an event");
+    }
+}
+
+/// The query of `GET /v1/events`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventParams {
+    /// Only events after this sequence number (default 0: from the oldest kept).
+    #[param(value_type = Option<u64>)]
+    since: Option<String>,
+    /// At most this many (default and maximum 1000).
+    #[param(value_type = Option<u64>)]
+    limit: Option<String>,
+}
+
+/// The deployment's events, oldest first: RPO above a policy's threshold, agents and gateways
+/// gone and back, caches and journals above 80 %, low free space, stalled replication,
+/// failover-family actions.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "deployment",
+    params(EventParams),
+    responses(
+        (status = OK, description = "Events after `since`", body = Vec<Event>),
+        (status = BAD_REQUEST, description = "A bad `since` or `limit`", body = ErrorBody),
+        (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_events(
+    axum::extract::State(s): axum::extract::State<crate::Served>,
+    crate::QueryParams(q): crate::QueryParams<EventParams>,
+) -> Result<crate::Pretty<Vec<Event>>, ApiError> {
+    let cs = s
+        .api
+        .deployment
+        .clone()
+        .ok_or_else(crate::not_config_server)?;
+    let number = |name: &str, v: Option<&str>, default: u64| match v {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request(format!("{name}={v}: give a whole number"))),
+    };
+    let since = number("since", q.since.as_deref(), 0)?;
+    let limit = number("limit", q.limit.as_deref(), 1000)?.clamp(1, 1000) as usize;
+    match tokio::task::spawn_blocking(move || cs.events(since, limit)).await {
+        Ok(Ok(events)) => Ok(crate::Pretty(events)),
+        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
+        Err(e) => Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        ))),
     }
 }
 
@@ -235,7 +360,7 @@ fn problems(status: StatusCode, error: String, problems: Vec<String>) -> Respons
     path = "/v1/pipeline",
     tag = "deployment",
     params(ApplyParams),
-    request_body(content = String, content_type = "application/toml", description = "The pipeline file (TOML)"),
+    request_body(content = String, content_type = "text/plain", description = "The pipeline file (TOML; sent as text/plain or application/toml)"),
     responses(
         (status = OK, description = "Applied (or, with dry_run, what would change)", body = ApplyAnswer),
         (status = BAD_REQUEST, description = "A bad query parameter", body = ErrorBody),
@@ -302,7 +427,11 @@ pub(crate) async fn apply_pipeline(
             return Ok(crate::Pretty(answer(false, revision)).into_response());
         }
         let assignment = assignment_of(&desired);
-        let committed = cs.commit(serde_json::to_value(&desired)?, assignment)?;
+        let committed = cs.commit(
+            serde_json::to_value(&desired)?,
+            assignment,
+            webhooks_of(&desired),
+        )?;
         tracing::info!(
             revision = committed.revision,
             add,
@@ -374,6 +503,25 @@ pub(crate) async fn get_pipeline(
             "the request's task failed: {e}"
         ))),
     }
+}
+
+/// Where the configuration server posts events: the pipeline's webhooks.
+pub fn webhooks_of(p: &haven_pipeline::model::Pipeline) -> Vec<Webhook> {
+    use haven_pipeline::model::Severity as S;
+    p.webhooks
+        .iter()
+        .map(|w| Webhook {
+            name: w.name.clone(),
+            url: w.url.clone(),
+            events: w.events.clone(),
+            min_severity: match w.min_severity {
+                S::Info => Severity::Info,
+                S::Warning => Severity::Warning,
+                S::Error => Severity::Error,
+                S::Critical => Severity::Critical,
+            },
+        })
+        .collect()
 }
 
 /// What each gateway enforces of a pipeline: every machine's replication policy (its group's,

@@ -43,6 +43,7 @@
 //! Architecture invariant: this is the only crate with an HTTP server.
 
 pub mod auth;
+pub mod console;
 pub mod deployment;
 mod https;
 
@@ -204,6 +205,7 @@ fn router(api: Api) -> Result<axum::Router> {
             deployment::get_pipeline,
             deployment::apply_pipeline
         ))
+        .routes(routes!(deployment::list_events))
         .routes(routes!(list_items))
         .routes(routes!(get_item))
         .routes(routes!(list_points, create_point))
@@ -222,7 +224,9 @@ fn router(api: Api) -> Result<axum::Router> {
         (Some(cs), None) => Some(cs.clone()),
         _ => None,
     };
+    // The web console: plain routes, not API, so not in the document.
     let router = router
+        .merge(console::routes())
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Served {
@@ -444,9 +448,15 @@ async fn status(State(s): State<Served>) -> Pretty<GatewayStatus> {
     )
 )]
 async fn get_metrics(State(s): State<Served>) -> impl IntoResponse {
+    let events = s
+        .api
+        .deployment
+        .as_ref()
+        .map(|cs| cs.event_counts())
+        .unwrap_or_default();
     (
         [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
-        metrics(&(s.api.status)()),
+        render_metrics(StatusMetrics((s.api.status)(), events)),
     )
 }
 
@@ -1007,8 +1017,12 @@ fn endpoint_not_found(path: &str) -> ApiError {
 
 /// Prometheus text exposition (format 0.0.4) of `status`. Units are in the metric names.
 pub fn metrics(status: &GatewayStatus) -> String {
+    render_metrics(StatusMetrics(status.clone(), Default::default()))
+}
+
+fn render_metrics(collector: StatusMetrics) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(StatusMetrics(status.clone())));
+    registry.register_collector(Box::new(collector));
     let mut out = String::new();
     if let Err(e) = prometheus_text::encode(&mut out, &registry) {
         // Writing to a String does not fail; an encoder refusing a sample would land here.
@@ -1038,7 +1052,18 @@ impl DiskLabels {
 /// One status snapshot as constant metrics, read when scraped: the samples of each metric in
 /// the status's order of disks and replicas.
 #[derive(Debug)]
-struct StatusMetrics(GatewayStatus);
+struct StatusMetrics(
+    GatewayStatus,
+    /// At a configuration server: events raised since it started, by kind and severity.
+    std::collections::BTreeMap<(String, haven_engine::events::Severity), u64>,
+);
+
+/// An event count's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    kind: String,
+    severity: String,
+}
 
 impl Collector for StatusMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
@@ -1115,6 +1140,22 @@ impl Collector for StatusMetrics {
                 "Bytes the master target's journal holds for a disk.",
                 replicas().map(|(l, r)| (l, ConstGauge::new(r.journal_bytes))),
             )?;
+        }
+        if self.0.config_server.is_some() {
+            let mut metric = e.encode_descriptor(
+                "haven_events",
+                "Events raised by the configuration server since it started, by kind and \
+                 severity.",
+                None,
+                ConstCounter::<u64>::TYPE,
+            )?;
+            for ((kind, severity), n) in &self.1 {
+                let labels = EventLabels {
+                    kind: kind.clone(),
+                    severity: severity.as_str().to_string(),
+                };
+                ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -20,8 +20,10 @@ use haven_net::join::{self, ApiAnswer, ApiRequest, Assignment, Health, Report};
 use haven_store::StateDb;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, Events, FULL_PERCENT, LOW_SPACE_PERCENT, Raise, Severity, Webhook};
 use crate::ingest::lock;
 use crate::now_ms;
+use crate::status::GatewayStatus;
 
 /// A gateway that has not reported for this long is shown as gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(5);
@@ -97,6 +99,9 @@ pub struct ConfigServer {
     live: Mutex<BTreeMap<String, Live>>,
     assignment: Mutex<Assignment>,
     listener: crate::Listener,
+    events: Events,
+    /// When each gateway last reported (kept after it leaves, to tell it is gone).
+    last_report: Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -126,8 +131,11 @@ impl ConfigServer {
         let assignment = state
             .get_json::<Assignment>("assignment")?
             .unwrap_or_default();
+        let events = Events::open(&state)?;
         Ok(Arc::new(ConfigServer {
             config,
+            events,
+            last_report: Mutex::new(BTreeMap::new()),
             state,
             live: Mutex::new(BTreeMap::new()),
             assignment: Mutex::new(assignment),
@@ -146,6 +154,7 @@ impl ConfigServer {
             .bind(self.config.listen, tls, ca)
             .with_context(|| format!("configuration server on {}", self.config.listen))?;
         tracing::info!(addr = %server.local_addr()?, "configuration server listening");
+        tokio::spawn(watch_gone(Arc::downgrade(&self)));
         while let Some(conn) = server.accept().await {
             let cs = self.clone();
             tokio::spawn(async move { cs.gateway(conn).await });
@@ -243,11 +252,246 @@ impl ConfigServer {
         if stale {
             self.state.put_json(&key, &record)?;
         }
+        lock(&self.last_report).insert(report.name.clone(), std::time::Instant::now());
+        let assignment = lock(&self.assignment).clone();
+        if let Err(e) = self.evaluate(&report, &assignment) {
+            tracing::error!(gateway = %report.name, error = %format!("{e:#}"), "recording events");
+        }
         if let Some(l) = lock(&self.live).get_mut(&report.name) {
             l.report = Some(report);
             l.reported_at = Some(std::time::Instant::now());
         }
-        Ok(lock(&self.assignment).clone())
+        Ok(assignment)
+    }
+
+    /// Raises and clears the events a report shows.
+    fn evaluate(&self, report: &Report, assignment: &Assignment) -> Result<()> {
+        let gw = report.name.as_str();
+        let state = &self.state;
+        let ev = &self.events;
+        let raise = |severity, kind, item: Option<&str>, text: String| Raise {
+            severity,
+            kind,
+            gateway: Some(gw.to_string()),
+            item: item.map(str::to_string),
+            text,
+        };
+        ev.condition(
+            state,
+            "gateway.unreachable",
+            gw,
+            false,
+            || unreachable!("only cleared here"),
+            || {
+                raise(
+                    Severity::Info,
+                    "gateway.reachable",
+                    None,
+                    format!("gateway {gw} reports again"),
+                )
+            },
+        )?;
+        let h = &report.health;
+        if h.total_bytes > 0 {
+            let low =
+                h.free_bytes.saturating_mul(100) < h.total_bytes.saturating_mul(LOW_SPACE_PERCENT);
+            let percent = h.free_bytes.saturating_mul(100) / h.total_bytes;
+            ev.condition(
+                state,
+                "space.low",
+                gw,
+                low,
+                || raise(Severity::Warning, "space.low", None, format!(
+                    "gateway {gw}: {percent} % free on its data folder's filesystem ({} of {} \
+                     bytes); free space or grow it: caches and journals stop taking data when \
+                     full", h.free_bytes, h.total_bytes)),
+                || raise(Severity::Info, "space.recovered", None, format!(
+                    "gateway {gw}: {percent} % free on its data folder's filesystem again")),
+            )?;
+        }
+        let Ok(status) = serde_json::from_value::<GatewayStatus>(report.status.clone()) else {
+            return Ok(());
+        };
+        if let Some(ps) = &status.process_server {
+            let full = ps.cache_max_bytes > 0
+                && ps.cache_bytes.saturating_mul(100)
+                    > ps.cache_max_bytes.saturating_mul(FULL_PERCENT);
+            ev.condition(
+                state,
+                "cache.full",
+                gw,
+                full,
+                || raise(Severity::Warning, "cache.full", None, format!(
+                    "process server {gw}: its cache holds {} of {} bytes (above {FULL_PERCENT} \
+                     %): the master target or the link to it does not keep up; above the \
+                     limit agents are slowed", ps.cache_bytes, ps.cache_max_bytes)),
+                || raise(Severity::Info, "cache.recovered", None, format!(
+                    "process server {gw}: its cache is below {FULL_PERCENT} % again")),
+            )?;
+            for d in &ps.disks {
+                let item = d.machine_name.as_str();
+                let subject = format!("{item}/{}", d.disk);
+                ev.condition(
+                    state,
+                    "agent.disconnected",
+                    &subject,
+                    !d.agent_connected && d.failed_over.is_none(),
+                    || {
+                        raise(
+                            Severity::Warning,
+                            "agent.disconnected",
+                            Some(item),
+                            format!(
+                                "the agent of {item} (disk {}) is not connected to process server \
+                         {gw}: its writes are not replicated; check the machine and its \
+                         agent",
+                                d.disk
+                            ),
+                        )
+                    },
+                    || {
+                        raise(
+                            Severity::Info,
+                            "agent.connected",
+                            Some(item),
+                            format!(
+                                "the agent of {item} (disk {}) is connected to process server {gw} \
+                         again",
+                                d.disk
+                            ),
+                        )
+                    },
+                )?;
+            }
+        }
+        if let Some(mt) = &status.master_target {
+            for r in &mt.replicas {
+                let item = r.machine_name.as_str();
+                let subject = format!("{item}/{}", r.disk);
+                if let (Some(policy), Some(rpo)) = (assignment.machines.get(item), r.rpo_seconds) {
+                    let threshold = policy.rpo_threshold_ms as f64 / 1000.0;
+                    ev.condition(
+                        state,
+                        "rpo.exceeded",
+                        &subject,
+                        rpo > threshold,
+                        || {
+                            raise(
+                                Severity::Warning,
+                                "rpo.exceeded",
+                                Some(item),
+                                format!(
+                                    "{item} (disk {}): RPO {rpo:.1} s is above its policy `{}`'s \
+                             threshold of {threshold:.1} s",
+                                    r.disk, policy.policy
+                                ),
+                            )
+                        },
+                        || {
+                            raise(
+                                Severity::Info,
+                                "rpo.recovered",
+                                Some(item),
+                                format!(
+                                    "{item} (disk {}): RPO {rpo:.1} s is within its policy `{}` \
+                             again",
+                                    r.disk, policy.policy
+                                ),
+                            )
+                        },
+                    )?;
+                }
+                let full = mt.journal_max_bytes > 0
+                    && r.journal_bytes.saturating_mul(100)
+                        > mt.journal_max_bytes.saturating_mul(FULL_PERCENT);
+                ev.condition(
+                    state,
+                    "journal.full",
+                    &subject,
+                    full,
+                    || raise(Severity::Warning, "journal.full", Some(item), format!(
+                        "{item} (disk {}): its journal at {gw} holds {} of {} bytes (above \
+                         {FULL_PERCENT} %): the oldest points are dropped early", r.disk,
+                         r.journal_bytes, mt.journal_max_bytes)),
+                    || raise(Severity::Info, "journal.recovered", Some(item), format!(
+                        "{item} (disk {}): its journal at {gw} is below {FULL_PERCENT} % again",
+                        r.disk)),
+                )?;
+                ev.condition(
+                    state,
+                    "replication.stalled",
+                    &subject,
+                    r.error.is_some(),
+                    || {
+                        raise(
+                            Severity::Error,
+                            "replication.stalled",
+                            Some(item),
+                            format!(
+                                "{item} (disk {}) at {gw}: {}",
+                                r.disk,
+                                r.error.clone().unwrap_or_default()
+                            ),
+                        )
+                    },
+                    || {
+                        raise(
+                            Severity::Info,
+                            "replication.resumed",
+                            Some(item),
+                            format!("{item} (disk {}) at {gw}: applying again", r.disk),
+                        )
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gateways that stopped reporting: `gateway.unreachable`, once each.
+    fn check_gone(&self) {
+        let gone: Vec<String> = lock(&self.last_report)
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= GONE_AFTER)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let result = self.events.condition(
+                &self.state,
+                "gateway.unreachable",
+                &name,
+                true,
+                || Raise {
+                    severity: Severity::Error,
+                    kind: "gateway.unreachable",
+                    gateway: Some(name.clone()),
+                    item: None,
+                    text: format!(
+                        "gateway {name} has not reported for {GONE_AFTER:?}: it, its host or \
+                         the network to it is down; what it serves is not protected meanwhile"
+                    ),
+                },
+                || unreachable!("only raised here"),
+            );
+            if let Err(e) = result {
+                tracing::error!(gateway = %name, error = %format!("{e:#}"), "recording an event");
+            }
+        }
+    }
+
+    /// Records an event (an operator's action, done through this server).
+    pub fn raise(&self, r: Raise) -> Result<Event> {
+        self.events.raise(&self.state, r)
+    }
+
+    /// Events after `since`, oldest first, at most `limit`.
+    pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
+        self.events.list(&self.state, since, limit)
+    }
+
+    /// Events raised since this server started, by kind and severity.
+    pub fn event_counts(&self) -> BTreeMap<(String, Severity), u64> {
+        self.events.counts()
     }
 
     /// Every gateway that ever joined, with what it last reported.
@@ -284,8 +528,13 @@ impl ConfigServer {
                     .as_array()
                     .is_some_and(|replicas| {
                         replicas.iter().any(|x| {
+                            let agent = x["agent_id"].as_str().unwrap_or_default();
                             x["machine_name"].as_str() == Some(item)
-                                || x["agent_id"].as_str() == Some(item)
+                                || agent == item
+                                // A unique prefix of 6+ hex digits, as a master target takes.
+                                || (item.len() >= 6
+                                    && item.bytes().all(|b| b.is_ascii_hexdigit())
+                                    && agent.starts_with(item))
                         })
                     })
             })
@@ -344,7 +593,12 @@ impl ConfigServer {
 
     /// Stores the deployment's pipeline (its JSON form) and the assignment made from it, in one
     /// transaction, before any gateway sees the assignment; returns it with its new revision.
-    pub fn commit(&self, pipeline: serde_json::Value, mut next: Assignment) -> Result<Assignment> {
+    pub fn commit(
+        &self,
+        pipeline: serde_json::Value,
+        mut next: Assignment,
+        webhooks: Vec<Webhook>,
+    ) -> Result<Assignment> {
         let mut current = lock(&self.assignment);
         next.revision = current.revision + 1;
         let stored = StoredPipeline {
@@ -356,15 +610,27 @@ impl ConfigServer {
             &[
                 ("pipeline".to_string(), serde_json::to_value(&stored)?),
                 ("assignment".to_string(), serde_json::to_value(&next)?),
+                ("webhooks".to_string(), serde_json::to_value(&webhooks)?),
             ],
             &[],
         )?;
         *current = next.clone();
+        self.events.set_webhooks(webhooks);
         Ok(next)
     }
 
     /// The pipeline applied last, if any.
     pub fn pipeline(&self) -> Result<Option<StoredPipeline>> {
         Ok(self.state.get_json("pipeline")?)
+    }
+}
+
+/// Every second, raises `gateway.unreachable` for the gateways that stopped reporting.
+async fn watch_gone(cs: std::sync::Weak<ConfigServer>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(cs) = cs.upgrade() else { return };
+        let _ = tokio::task::spawn_blocking(move || cs.check_gone()).await;
     }
 }

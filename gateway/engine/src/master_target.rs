@@ -589,6 +589,7 @@ impl MasterTarget {
                 .local_addr()
                 .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
             writer: self.config.writer.name.clone(),
+            journal_max_bytes: self.config.journal.max_bytes,
             replicas,
         }
     }

@@ -88,6 +88,9 @@ pub struct MasterTargetStatus {
     pub listen: String,
     /// The target writer plugin replicas are written with.
     pub writer: String,
+    /// Most bytes the journal of one replica may hold.
+    #[serde(default)]
+    pub journal_max_bytes: u64,
     pub replicas: Vec<ReplicaStatus>,
 }
 

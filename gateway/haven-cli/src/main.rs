@@ -125,6 +125,22 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// The deployment's events at its configuration server: RPO above a policy's threshold,
+    /// agents and gateways gone and back, full caches and journals, low free space, stalled
+    /// replication, failovers.
+    Events {
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = remote::default_server())]
+        api: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// At most this many at a time.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Keep printing new events as they come, until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Recovery points of a protected item: list, create.
     #[command(subcommand)]
     Point(recovery::PointCommand),
@@ -173,6 +189,12 @@ fn main() -> ExitCode {
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Validate { file } => pipeline::validate(&file),
+        Command::Events {
+            api,
+            since,
+            limit,
+            follow,
+        } => remote::events(&client, &api, since, limit, follow).map(|()| ExitCode::SUCCESS),
         Command::Apply {
             file,
             dry_run,

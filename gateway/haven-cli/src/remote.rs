@@ -429,6 +429,42 @@ pub fn api_token(client: &Client, command: ApiTokenCommand) -> Result<()> {
     Ok(())
 }
 
+/// `haven events`: the deployment's events at its configuration server, oldest first; with
+/// `follow`, new ones as they come (asked every second) until interrupted.
+pub fn events(client: &Client, api: &str, since: u64, limit: usize, follow: bool) -> Result<()> {
+    println!(
+        "{:>6} {:<20} {:<8} {:<26} {:<12} TEXT",
+        "SEQ", "TIME (UTC)", "SEVERITY", "KIND", "ITEM"
+    );
+    let mut since = since;
+    loop {
+        let body = client.request(
+            api,
+            Method::GET,
+            &format!("/v1/events?since={since}&limit={}", limit.clamp(1, 1000)),
+        )?;
+        let events: Vec<serde_json::Value> = serde_json::from_str(&body)
+            .with_context(|| format!("{api}/v1/events: unexpected answer"))?;
+        for e in &events {
+            println!(
+                "{:>6} {:<20} {:<8} {:<26} {:<12} {}",
+                e["seq"].as_u64().unwrap_or(0),
+                crate::recovery::time(e["time_ms"].as_u64().unwrap_or(0)),
+                e["severity"].as_str().unwrap_or("?"),
+                e["kind"].as_str().unwrap_or("?"),
+                e["item"].as_str().or(e["gateway"].as_str()).unwrap_or("-"),
+                e["text"].as_str().unwrap_or("")
+            );
+            since = since.max(e["seq"].as_u64().unwrap_or(0));
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// `haven audit`: the gateway's audit log of changes, newest last.
 pub fn audit(client: &Client, api: &str, limit: usize) -> Result<()> {
     let body = client.request(api, Method::GET, &format!("/v1/audit?limit={limit}"))?;

@@ -1,0 +1,271 @@
+//! Events and alerts of a deployment, at its configuration server.
+//!
+//! Conditions are evaluated on every gateway report (and every second for gateways that stop
+//! reporting): each raises one event when it starts and one when it ends (`rpo.exceeded` then
+//! `rpo.recovered`), never one per report. Events are kept in redb (`event/<seq>`, the newest
+//! [`KEEP`]), counted by kind and severity for `/metrics`, and posted to the pipeline's
+//! webhooks (JSON, a few attempts each, from a thread of their own).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Result;
+use haven_store::StateDb;
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::lock;
+use crate::now_ms;
+
+/// Events kept; older ones are removed as new ones come.
+pub const KEEP: u64 = 10_000;
+/// A process-server cache or a journal above this share of its limit raises an event.
+pub const FULL_PERCENT: u64 = 80;
+/// A data folder's filesystem with less free space than this share raises an event.
+pub const LOW_SPACE_PERCENT: u64 = 10;
+/// Events waiting for webhook delivery; beyond, new ones are not posted (and logged).
+const WEBHOOK_QUEUE: usize = 1000;
+/// Attempts per webhook delivery.
+const WEBHOOK_ATTEMPTS: u32 = 3;
+
+/// How severe an event is.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Grows by one per event.
+    pub seq: u64,
+    /// When it was raised, ms since the Unix epoch.
+    pub time_ms: u64,
+    pub severity: Severity,
+    /// What happened, e.g. `rpo.exceeded`, `agent.disconnected`, `gateway.unreachable`.
+    pub kind: String,
+    /// The gateway it concerns.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// The protected item (machine name) it concerns.
+    #[serde(default)]
+    pub item: Option<String>,
+    /// What happened and what to do.
+    pub text: String,
+}
+
+/// Where events are posted (a pipeline's `[[webhook]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Webhook {
+    pub name: String,
+    pub url: String,
+    /// Kinds, `PREFIX.*`, or `*`.
+    pub events: Vec<String>,
+    pub min_severity: Severity,
+}
+
+impl Webhook {
+    fn wants(&self, e: &Event) -> bool {
+        e.severity >= self.min_severity
+            && self.events.iter().any(|k| {
+                k == "*"
+                    || *k == e.kind
+                    || k.strip_suffix(".*")
+                        .is_some_and(|prefix| e.kind.starts_with(&format!("{prefix}.")))
+            })
+    }
+}
+
+/// An event about to be raised: severity, kind, gateway, item, text.
+pub struct Raise {
+    pub severity: Severity,
+    pub kind: &'static str,
+    pub gateway: Option<String>,
+    pub item: Option<String>,
+    pub text: String,
+}
+
+/// The deployment's events.
+pub struct Events {
+    next: Mutex<u64>,
+    /// Conditions in force now, by (condition, subject).
+    active: Mutex<BTreeSet<(String, String)>>,
+    counts: Mutex<BTreeMap<(String, Severity), u64>>,
+    webhooks: Mutex<Vec<Webhook>>,
+    deliveries: mpsc::SyncSender<(Webhook, Event)>,
+}
+
+impl Events {
+    /// Continues the events kept in `state`.
+    pub fn open(state: &StateDb) -> Result<Events> {
+        let last = state
+            .json_with_prefix::<Event>("event/")?
+            .last()
+            .map_or(0, |(_, e)| e.seq);
+        let webhooks = state.get_json("webhooks")?.unwrap_or_default();
+        let (tx, rx) = mpsc::sync_channel(WEBHOOK_QUEUE);
+        std::thread::Builder::new()
+            .name("webhooks".into())
+            .spawn(move || deliver(rx))?;
+        Ok(Events {
+            next: Mutex::new(last + 1),
+            active: Mutex::new(BTreeSet::new()),
+            counts: Mutex::new(BTreeMap::new()),
+            webhooks: Mutex::new(webhooks),
+            deliveries: tx,
+        })
+    }
+
+    /// The webhooks events are posted to from now on.
+    pub fn set_webhooks(&self, webhooks: Vec<Webhook>) {
+        *lock(&self.webhooks) = webhooks;
+    }
+
+    /// Raises `raise` when `on` and the condition `(condition, subject)` was not in force, and
+    /// `clear` when not `on` and it was.
+    pub fn condition(
+        &self,
+        state: &StateDb,
+        condition: &str,
+        subject: &str,
+        on: bool,
+        raise: impl FnOnce() -> Raise,
+        clear: impl FnOnce() -> Raise,
+    ) -> Result<()> {
+        let key = (condition.to_string(), subject.to_string());
+        let changed = {
+            let mut active = lock(&self.active);
+            if on {
+                active.insert(key)
+            } else {
+                active.remove(&key)
+            }
+        };
+        match (changed, on) {
+            (false, _) => Ok(()),
+            (true, true) => self.raise(state, raise()).map(drop),
+            (true, false) => self.raise(state, clear()).map(drop),
+        }
+    }
+
+    /// Records an event and posts it to the webhooks that want it.
+    pub fn raise(&self, state: &StateDb, r: Raise) -> Result<Event> {
+        let event = {
+            let mut next = lock(&self.next);
+            let event = Event {
+                seq: *next,
+                time_ms: now_ms(),
+                severity: r.severity,
+                kind: r.kind.to_string(),
+                gateway: r.gateway,
+                item: r.item,
+                text: r.text,
+            };
+            let removes = match event.seq.checked_sub(KEEP) {
+                Some(old) if old > 0 => vec![key(old)],
+                _ => Vec::new(),
+            };
+            state.update_json(&[(key(event.seq), &event)], &removes)?;
+            *next += 1;
+            event
+        };
+        tracing::info!(seq = event.seq, kind = %event.kind, severity = event.severity.as_str(),
+            text = %event.text, "event");
+        *lock(&self.counts)
+            .entry((event.kind.clone(), event.severity))
+            .or_default() += 1;
+        for hook in lock(&self.webhooks).iter().filter(|h| h.wants(&event)) {
+            if self
+                .deliveries
+                .try_send((hook.clone(), event.clone()))
+                .is_err()
+            {
+                tracing::warn!(webhook = %hook.name, seq = event.seq,
+                    "webhook queue full: event not posted");
+            }
+        }
+        Ok(event)
+    }
+
+    /// Events after `since`, oldest first, at most `limit`.
+    pub fn list(&self, state: &StateDb, since: u64, limit: usize) -> Result<Vec<Event>> {
+        Ok(state
+            .json_with_prefix::<Event>("event/")?
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.seq > since)
+            .take(limit)
+            .collect())
+    }
+
+    /// Events raised since this server started, by kind and severity.
+    pub fn counts(&self) -> BTreeMap<(String, Severity), u64> {
+        lock(&self.counts).clone()
+    }
+}
+
+fn key(seq: u64) -> String {
+    format!("event/{seq:020}")
+}
+
+/// Posts each queued event to its webhook: a few attempts, 1 s then 2 s apart.
+fn deliver(rx: mpsc::Receiver<(Webhook, Event)>) {
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(true)
+        .build()
+        .new_agent();
+    while let Ok((hook, event)) = rx.recv() {
+        let body = match serde_json::to_vec(&event) {
+            Ok(b) => b,
+            Err(_) => continue,
+        };
+        for attempt in 1..=WEBHOOK_ATTEMPTS {
+            let sent = agent
+                .post(&hook.url)
+                .header("Content-Type", "application/json")
+                .header("User-Agent", concat!("haven/", env!("CARGO_PKG_VERSION")))
+                .send(&body[..]);
+            match sent {
+                Ok(_) => break,
+                Err(e) if attempt < WEBHOOK_ATTEMPTS => {
+                    tracing::debug!(webhook = %hook.name, error = %e, attempt, "webhook: retrying");
+                    std::thread::sleep(Duration::from_secs(u64::from(attempt)));
+                }
+                Err(e) => {
+                    tracing::warn!(webhook = %hook.name, url = %hook.url, seq = event.seq,
+                        error = %e, "webhook: event not delivered")
+                }
+            }
+        }
+    }
+}
