@@ -641,6 +641,25 @@ impl Cluster {
         })
     }
 
+    /// `examples/pipelines/quickstart.toml` with this cluster's addresses and folders (its
+    /// configuration server must run: [`ClusterOptions::config_server`]).
+    pub fn quickstart_pipeline(&self) -> Result<String> {
+        let cs = self
+            .cs
+            .as_ref()
+            .context("the cluster has no configuration server")?;
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/quickstart.toml");
+        let text =
+            fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        Ok(text
+            .replace("127.0.0.1:9445", &format!("127.0.0.1:{}", cs.port))
+            .replace("https://127.0.0.1:9482", &cs.api)
+            .replace("127.0.0.1:9443", &format!("127.0.0.1:{}", self.ps.port))
+            .replace("127.0.0.1:9444", &format!("127.0.0.1:{}", self.mt.port))
+            .replace("/srv/mt/", &format!("{}/", self.mt.data_dir.display())))
+    }
+
     /// The replica's file on the master target (the raw writer's layout).
     pub fn replica(&self) -> Result<PathBuf> {
         let s = self.mt.status()?;

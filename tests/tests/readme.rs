@@ -13,7 +13,7 @@ use haven_e2e::{default_bin_dir, free_tcp_port, free_udp_port, poll};
 /// The walkthrough's shell block, as it renders (the list item's indentation removed).
 fn walkthrough(readme: &str) -> Result<String> {
     let from = readme
-        .find("Two sites on one machine, step by step")
+        .find("Two sites on one machine, run from a configuration server, step by step")
         .context("README has no walkthrough")?;
     let rest = &readme[from..];
     let open = rest.find("```sh\n").context("no shell block")? + "```sh\n".len();
@@ -61,20 +61,37 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     let script = walkthrough(&readme)?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let mut script = script
-        .replace("/srv/", &format!("{}/srv/", root.display()))
-        .replace("/var/lib/haven", &format!("{}/agent", root.display()));
-    let (mt_api, ps_api) = (free_tcp_port(), free_tcp_port());
+    // The walkthrough runs from the repository's folder: its pipeline is copied to the same
+    // place below the temporary folder, with the same folders and ports moved.
+    let quickstart = "examples/pipelines/quickstart.toml";
+    let mut pipeline = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(quickstart),
+    )?;
+    let moved = |text: &str| {
+        text.replace("/srv/", &format!("{}/srv/", root.display()))
+            .replace("/var/lib/haven", &format!("{}/agent", root.display()))
+    };
+    let mut script = moved(&script);
+    pipeline = moved(&pipeline);
+    let cs_api = free_tcp_port();
     for (port, new) in [
+        ("9445", free_udp_port()),
         ("9444", free_udp_port()),
         ("9443", free_udp_port()),
-        ("9481", mt_api),
-        ("9480", ps_api),
+        ("9482", cs_api),
+        ("9481", free_tcp_port()),
+        ("9480", free_tcp_port()),
         ("10809", free_tcp_port()),
     ] {
-        script = script.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{new}"));
+        let (from, to) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{new}"));
+        script = script.replace(&from, &to);
+        pipeline = pipeline.replace(&from, &to);
     }
     std::fs::create_dir_all(root.join("srv"))?;
+    std::fs::create_dir_all(root.join("examples/pipelines"))?;
+    std::fs::write(root.join(quickstart), pipeline)?;
     let bins = default_bin_dir();
     let path = format!(
         "{}:{}",
@@ -108,11 +125,11 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     // Its last commands printed both sites and the agent.
     assert!(stdout.contains("web01"), "{stdout}");
 
-    // The item is found by the name the walkthrough gave it, at the master target's API, with
-    // the admin token its `init` printed.
-    // The master target speaks HTTPS; the walkthrough's `haven login` pinned its CA.
-    let mt = format!("https://127.0.0.1:{mt_api}");
-    let token = haven_e2e::admin_token_of(&std::fs::read_to_string(root.join("srv/mt-init.txt"))?)?;
+    // The item is found by the name the walkthrough gave it, through the configuration server
+    // (HTTPS, its CA pinned by the walkthrough's `haven login`), with the admin token its
+    // `init` printed.
+    let mt = format!("https://127.0.0.1:{cs_api}");
+    let token = haven_e2e::admin_token_of(&std::fs::read_to_string(root.join("srv/cs-init.txt"))?)?;
     let token = token.as_str();
     let point = poll(
         Duration::from_secs(120),
@@ -134,6 +151,27 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         &["point", "list", "web01", "--api", &mt],
     )?;
     assert!(list.contains(&point), "{list}");
+    // The pipeline's policy is in force: a point every second (the agent's own is 5 s).
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let out = haven(
+            &bins,
+            root,
+            token,
+            &["point", "list", "web01", "--json", "--api", &mt],
+        )?;
+        let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        let mut times: Vec<u64> = points
+            .iter()
+            .filter_map(|p| p["source_time_ms"].as_u64())
+            .collect();
+        times.sort_unstable();
+        let fast = times.windows(2).filter(|w| w[1] - w[0] <= 1500).count();
+        Ok(if fast >= 3 {
+            Ok(())
+        } else {
+            Err(format!("no points a second apart: {times:?}"))
+        })
+    })?;
     // The point equals the source disk (nothing wrote after the walkthrough's write).
     let uri = haven(
         &bins,

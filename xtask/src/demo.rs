@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a disk protected across two sites on loopback — agent, process server,
-//! master target — with a workload running through the agent's NBD front end and a recovery
-//! point every second; then a point taken on demand is presented over NBD at once (test
+//! master target, run from a configuration server — with a workload running through the
+//! agent's NBD front end and a recovery point every second (the quickstart pipeline's policy,
+//! applied at the configuration server); then a point taken on demand is presented over NBD at once (test
 //! failover) and checked against the source, a planned failover stops the source and
 //! materialises its final point, and the failover image is converted into every target format.
 
@@ -137,10 +138,18 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         disk,
         ClusterOptions {
             retention: Some("window = \"72h\"".into()),
-            agent_args: vec!["--point-interval".into(), "1s".into()],
+            config_server: true,
             ..Default::default()
         },
     )?;
+    let cs = cluster
+        .cs
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no configuration server"))?;
+    println!(
+        "configuration server {} (QUIC :{}): both gateways joined it",
+        cs.api, cs.port
+    );
     println!(
         "master target  {} (QUIC :{}), state in {}",
         cluster.mt.api,
@@ -155,6 +164,17 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         "agent          web01, enrolled by token, serving {}\n",
         cluster.agent.nbd
     );
+
+    // The deployment as code: web01's policy (a point every second) from the quickstart
+    // pipeline, applied at the configuration server.
+    let pipeline = root.join("quickstart.toml");
+    std::fs::write(&pipeline, cluster.quickstart_pipeline()?)?;
+    let applied = cs.haven(&["apply", &pipeline.display().to_string()])?;
+    println!("$ haven apply examples/pipelines/quickstart.toml");
+    for l in applied.lines() {
+        println!("  {l}");
+    }
+    println!();
 
     // A workload writes through NBD while the initial pass runs: patterns, zeroes, trims.
     let nbd = cluster.agent.nbd.clone();
@@ -213,19 +233,22 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     println!();
-    let point = cluster.mt.haven(&["point", "create", "web01"])?;
+    // From here on the operator talks to the configuration server alone.
+    let point = cs.haven(&["point", "create", "web01"])?;
     let point = point.trim();
     println!("\n$ haven point create web01   -> point {point}");
-    let points = cluster.mt.haven(&["point", "list", "web01"])?;
+    let points = cs.haven(&["point", "list", "web01"])?;
     let lines: Vec<&str> = points.lines().collect();
     println!("$ haven point list web01   ({} points)", lines.len() - 1);
-    for l in lines.iter().take(1).chain(lines.iter().rev().take(3).rev()) {
+    for l in lines
+        .iter()
+        .take(1)
+        .chain(lines.iter().skip(1).rev().take(3).rev())
+    {
         println!("  {l}");
     }
     let asked = Instant::now();
-    let uri = cluster
-        .mt
-        .haven(&["failover", "test", "web01", "--point", point])?;
+    let uri = cs.haven(&["failover", "test", "web01", "--point", point])?;
     let uri = uri.trim().to_string();
     println!(
         "$ haven failover test web01 --point {point}   -> {uri} in {:.2} s (CLI round trip)",
@@ -240,11 +263,11 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         bail!("the test failover at point {point} differs from the source");
     }
     println!("  qemu-img compare source {uri}: identical (replication goes on meanwhile)");
-    cluster.mt.haven(&["failover", "cleanup", "web01"])?;
+    cs.haven(&["failover", "cleanup", "web01"])?;
     println!("$ haven failover cleanup web01");
 
     let asked = Instant::now();
-    let image = cluster.mt.haven(&["failover", "web01", "--planned"])?;
+    let image = cs.haven(&["failover", "web01", "--planned"])?;
     let replica = cluster
         .replica()?
         .parent()
@@ -263,7 +286,7 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
             replica.display()
         );
     }
-    let show = cluster.mt.haven(&["failover", "show", "web01"])?;
+    let show = cs.haven(&["failover", "show", "web01"])?;
     println!("$ haven failover show web01");
     for l in show.lines() {
         println!("  {l}");
@@ -284,20 +307,10 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         );
     }
     println!("failover image: {}", replica.display());
-    println!(
-        "\n$ haven status --server {} --server {}",
-        cluster.ps.api, cluster.mt.api
-    );
-    let status = cluster
-        .ps
+    println!("\n$ haven status   (the configuration server: every gateway it runs)");
+    let status = cs
         .haven_command()
-        .args([
-            "status",
-            "--server",
-            &cluster.ps.api,
-            "--server",
-            &cluster.mt.api,
-        ])
+        .args(["status", "--server", &cs.api])
         .output()?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
     Ok(replica)

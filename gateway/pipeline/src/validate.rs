@@ -307,13 +307,19 @@ impl<'a> Checker<'a, '_> {
                 }
                 (None, None) => {}
             }
+            // Plain HTTP only on loopback, as the gateway serves it.
+            let schemes: &[&str] = match &g.api {
+                Some(api) if is_loopback_url(api) => &["http", "https"],
+                _ => &["https"],
+            };
             if let Some(api) = &g.api
-                && let Err(why) = check_url(api, &["https"])
+                && let Err(why) = check_url(api, schemes)
             {
                 self.at(
                     &format!("{p}.api"),
                     format!("api `{api}` {why}"),
-                    "write the API's URL, e.g. \"https://ps1.example.net:9480\"",
+                    "write the API's URL, e.g. \"https://ps1.example.net:9480\" (plain \
+                     http:// on a loopback address only)",
                 );
             }
         }
@@ -1048,6 +1054,23 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
     check_host_port(host_port, false)
 }
 
+/// Whether `url`'s host is a loopback address (`127.0.0.0/8`, `[::1]`, `localhost`).
+fn is_loopback_url(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn roles_text(roles: &BTreeSet<Role>) -> String {
     if roles.is_empty() {
         return "none".into();
@@ -1103,6 +1126,11 @@ mod tests {
             "has `0` as its port, not a number from 1 to 65535"
         );
         assert!(check_url("https://a.example.net:9480/x?y", &["https"]).is_ok());
+        assert!(is_loopback_url("http://127.0.0.1:9480"));
+        assert!(is_loopback_url("http://[::1]:9480/"));
+        assert!(is_loopback_url("http://localhost:9480"));
+        assert!(!is_loopback_url("http://10.0.0.1:9480"));
+        assert!(!is_loopback_url("http://127.example.net:9480"));
         assert_eq!(
             check_url("http://a", &["https"]).unwrap_err(),
             "has the scheme `http`, expected https"

@@ -17,7 +17,7 @@ fn examples() -> Vec<PathBuf> {
 }
 
 #[test]
-fn there_is_one_example_per_deployment() {
+fn there_is_one_example_per_deployment_and_the_quickstart() {
     let names: Vec<String> = examples()
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -28,6 +28,7 @@ fn there_is_one_example_per_deployment() {
             "azure-to-azure.toml",
             "hyperv-to-vmm.toml",
             "physical-to-azure.toml",
+            "quickstart.toml",
             "vmware-to-vmware.toml",
         ]
     );
