@@ -899,6 +899,22 @@ fn the_rpo_grows_while_the_process_server_is_down_and_recovers_after() -> Result
         .1
         .parse()?;
     assert!(exported >= during, "{metrics}");
+    // And its distribution over time: sampled every second, some samples above 5 s now; and
+    // the records applied, each with its latency.
+    let sample = |name: &str| -> Result<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no {name} in {metrics}"))
+    };
+    let samples = sample("haven_rpo_sampled_seconds_count ")?;
+    let within_5s = sample("haven_rpo_sampled_seconds_bucket{le=\"5\"} ")?;
+    assert!(samples > within_5s, "no RPO sample above 5 s: {metrics}");
+    assert!(
+        sample("haven_apply_latency_seconds_count ")? > 0.0,
+        "{metrics}"
+    );
 
     // Back: the log drains, new points arrive, and the RPO falls again.
     c.ps.spawn()?;

@@ -454,9 +454,10 @@ async fn get_metrics(State(s): State<Served>) -> impl IntoResponse {
         .as_ref()
         .map(|cs| cs.event_counts())
         .unwrap_or_default();
+    let histograms = s.api.recovery.as_ref().map(|mt| mt.histograms());
     (
         [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
-        render_metrics(StatusMetrics((s.api.status)(), events)),
+        render_metrics(StatusMetrics((s.api.status)(), events, histograms)),
     )
 }
 
@@ -1017,7 +1018,7 @@ fn endpoint_not_found(path: &str) -> ApiError {
 
 /// Prometheus text exposition (format 0.0.4) of `status`. Units are in the metric names.
 pub fn metrics(status: &GatewayStatus) -> String {
-    render_metrics(StatusMetrics(status.clone(), Default::default()))
+    render_metrics(StatusMetrics(status.clone(), Default::default(), None))
 }
 
 fn render_metrics(collector: StatusMetrics) -> String {
@@ -1056,6 +1057,8 @@ struct StatusMetrics(
     GatewayStatus,
     /// At a configuration server: events raised since it started, by kind and severity.
     std::collections::BTreeMap<(String, haven_engine::events::Severity), u64>,
+    /// At a master target: apply latency and RPO over time.
+    Option<Arc<haven_engine::metrics::Histograms>>,
 );
 
 /// An event count's labels.
@@ -1140,6 +1143,24 @@ impl Collector for StatusMetrics {
                 "Bytes the master target's journal holds for a disk.",
                 replicas().map(|(l, r)| (l, ConstGauge::new(r.journal_bytes))),
             )?;
+        }
+        if let Some(h) = &self.2 {
+            use prometheus_client::metrics::histogram::Histogram;
+            let metric = e.encode_descriptor(
+                "haven_apply_latency",
+                "Time from a record's arrival at the master target (journaled) to its \
+                 application to the replica.",
+                Some(&Unit::Seconds),
+                Histogram::TYPE,
+            )?;
+            h.apply_latency.encode(metric)?;
+            let metric = e.encode_descriptor(
+                "haven_rpo_sampled",
+                "Every replica's recovery point objective, sampled once a second.",
+                Some(&Unit::Seconds),
+                Histogram::TYPE,
+            )?;
+            h.rpo.encode(metric)?;
         }
         if self.0.config_server.is_some() {
             let mut metric = e.encode_descriptor(

@@ -27,6 +27,7 @@ pub mod failpoint;
 pub mod ingest;
 pub mod join;
 pub mod master_target;
+pub mod metrics;
 pub mod overlay;
 pub mod process_server;
 pub mod recovery;

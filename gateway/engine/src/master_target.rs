@@ -93,6 +93,8 @@ pub struct MasterTarget {
     /// Retention of each machine the configuration server assigned a policy to (by machine
     /// name); the others keep `config.retention`.
     pub(crate) retention_by_machine: Mutex<HashMap<String, crate::retention::RetentionPolicy>>,
+    /// Apply latency and RPO over time, for `/metrics`.
+    pub(crate) histograms: Arc<crate::metrics::Histograms>,
 }
 
 impl std::fmt::Debug for MasterTarget {
@@ -180,6 +182,8 @@ pub(crate) struct Replica {
     pub(crate) recovery: crate::recovery::ReplicaRecovery,
     /// Journaled, unapplied records: seq, extent bytes, when journaled.
     unapplied: Mutex<VecDeque<(Seq, u64, Instant)>>,
+    /// The master target's histograms (apply latency is observed here).
+    histograms: Arc<crate::metrics::Histograms>,
     applied_rate: Mutex<Rate>,
     /// Its applier's jobs.
     pub(crate) wake: Mutex<std_mpsc::Sender<Job>>,
@@ -201,11 +205,16 @@ impl Replica {
     /// Records up to `seq` (`bytes` of extent) are applied: they leave the lag and count in
     /// the apply rate.
     pub(crate) fn note_applied(&self, seq: Seq, bytes: u64) {
+        let now = Instant::now();
         let mut unapplied = lock(&self.unapplied);
         while unapplied.front().is_some_and(|(s, _, _)| *s <= seq) {
-            unapplied.pop_front();
+            if let Some((_, _, journaled)) = unapplied.pop_front() {
+                self.histograms
+                    .apply_latency
+                    .observe(now.duration_since(journaled).as_secs_f64());
+            }
         }
-        lock(&self.applied_rate).add(Instant::now(), bytes);
+        lock(&self.applied_rate).add(now, bytes);
     }
 }
 
@@ -244,6 +253,7 @@ impl MasterTarget {
             listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
             retention_by_machine: Mutex::new(HashMap::new()),
+            histograms: Arc::default(),
         });
         for (key, record) in mt.state.streams()? {
             let info = haven_wire::DiskInfo {
@@ -463,6 +473,7 @@ impl MasterTarget {
             applied: AtomicU64::new(record.applied_seq),
             recovery: Default::default(),
             unapplied: Mutex::new(unapplied),
+            histograms: self.histograms.clone(),
             applied_rate: Mutex::new(Rate::default()),
             wake: Mutex::new(tx),
             change_queued: std::sync::atomic::AtomicBool::new(false),
@@ -591,6 +602,20 @@ impl MasterTarget {
             writer: self.config.writer.name.clone(),
             journal_max_bytes: self.config.journal.max_bytes,
             replicas,
+        }
+    }
+
+    /// Apply latency and RPO over time, for `/metrics`.
+    pub fn histograms(&self) -> Arc<crate::metrics::Histograms> {
+        self.histograms.clone()
+    }
+
+    /// Observes every replica's RPO now (once a second, from the retention thread).
+    pub(crate) fn sample_rpo(&self) {
+        for r in self.status().replicas {
+            if let Some(rpo) = r.rpo_seconds {
+                self.histograms.rpo.observe(rpo);
+            }
         }
     }
 

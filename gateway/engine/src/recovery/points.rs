@@ -407,6 +407,7 @@ impl MasterTarget {
             .spawn(move || {
                 while let Some(mt) = mt.upgrade() {
                     mt.retention_pass((mt.clock)());
+                    mt.sample_rpo();
                     drop(mt);
                     std::thread::sleep(Duration::from_secs(1));
                 }
