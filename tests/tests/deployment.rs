@@ -351,8 +351,45 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     let still = cs.haven(&["export"])?;
     assert!(still.contains("name = \"web01\""), "{still}");
 
-    // The agent stops: an event, at the configuration server and at the webhook.
+    // With the configuration server down, a restarted process server still sends the agent
+    // its policy: it runs the assignment it kept.
     let mut c = c;
+    let kept = c.ps.data_dir.join("join/assignment.json");
+    poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&kept)?)?;
+        let web01 = &kept["machines"]["web01"];
+        Ok(
+            if kept["revision"] == 2 && web01["crash_consistent_interval_ms"] == 1000 {
+                Ok(())
+            } else {
+                Err(format!("revision 2 not kept: {kept}"))
+            },
+        )
+    })?;
+    c.cs.as_mut().context("cs")?.proc.kill();
+    c.ps.restart()?;
+    let restarted = haven_e2e::now_ms();
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let out = c.mt.haven(&["point", "list", "web01", "--json"])?;
+        let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        let mut times: Vec<u64> = points
+            .iter()
+            .filter_map(|p| p["source_time_ms"].as_u64())
+            .filter(|&t| t > restarted)
+            .collect();
+        times.sort_unstable();
+        let fast = times.windows(2).filter(|w| w[1] - w[0] <= 1500).count();
+        Ok(if fast >= 3 {
+            Ok(())
+        } else {
+            Err(format!(
+                "no points a second apart since the restart: {times:?}"
+            ))
+        })
+    })?;
+    c.cs.as_mut().context("cs")?.spawn()?;
+
+    // The agent stops: an event, at the configuration server and at the webhook.
     c.agent.proc.kill();
     let cs = c.cs.as_ref().context("cs")?;
     let event: serde_json::Value = serde_json::from_slice(

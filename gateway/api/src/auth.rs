@@ -1,7 +1,8 @@
 //! Who may call the API: bearer tokens with roles ([`haven_store::tokens`]), an audit log of
 //! every change, and callers that keep presenting bad tokens answered ever more slowly.
 //!
-//! Every route but `/v1/openapi.json` needs `Authorization: Bearer <token>`. No token or a
+//! Every route but `/v1/openapi.json`, `/v1/ca` and the console's assets (`/console…`) needs
+//! `Authorization: Bearer <token>`. No token or a
 //! token that is unknown, revoked or mistyped gets 401; a token whose role is too small for
 //! the call gets 403 naming the role needed ([`required_role`]). Every call that changes
 //! something (any method but GET and HEAD) is appended to the audit log — who (token id, name,

@@ -260,6 +260,17 @@ async fn call_local(router: axum::Router, request: ApiRequest) -> ApiAnswer {
         content_type: "application/json".into(),
         body: serde_json::json!({ "error": message }).to_string(),
     };
+    // The configuration server forwards item calls only: nothing else runs without a token.
+    let path = request.path.split('?').next().unwrap_or_default();
+    if crate::items_rest(path).is_none() {
+        return failed(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{}: only /v1/items calls are taken from the configuration server",
+                request.path
+            ),
+        );
+    }
     let Ok(method) = Method::from_bytes(request.method.as_bytes()) else {
         return failed(
             StatusCode::BAD_REQUEST,
@@ -394,6 +405,8 @@ pub(crate) async fn apply_pipeline(
                 ));
             }
         };
+        // Plan and commit against the same pipeline: one apply at a time.
+        let _applying = cs.pipeline_lock();
         let stored = cs.pipeline()?;
         let current = match &stored {
             Some(s) => serde_json::from_value(s.pipeline.clone())?,

@@ -87,6 +87,8 @@ pub struct GatewayView {
 
 /// A gateway connected now.
 struct Live {
+    /// Its certificate's id.
+    id: String,
     connection: haven_net::quinn::Connection,
     report: Option<Report>,
     reported_at: Option<std::time::Instant>,
@@ -100,6 +102,7 @@ pub struct ConfigServer {
     assignment: Mutex<Assignment>,
     listener: crate::Listener,
     events: Events,
+    applying: Mutex<()>,
     /// When each gateway last reported (kept after it leaves, to tell it is gone).
     last_report: Mutex<BTreeMap<String, std::time::Instant>>,
 }
@@ -135,6 +138,7 @@ impl ConfigServer {
         Ok(Arc::new(ConfigServer {
             config,
             events,
+            applying: Mutex::new(()),
             last_report: Mutex::new(BTreeMap::new()),
             state,
             live: Mutex::new(BTreeMap::new()),
@@ -159,7 +163,7 @@ impl ConfigServer {
             let cs = self.clone();
             tokio::spawn(async move { cs.gateway(conn).await });
         }
-        Ok(())
+        anyhow::bail!("the configuration server's listener stopped accepting gateways")
     }
 
     /// Its QUIC listener (for CRL updates and cutting revoked gateways off).
@@ -171,11 +175,32 @@ impl ConfigServer {
     async fn gateway(self: Arc<Self>, conn: AgentConnection) {
         let name = conn.peer.machine_name.clone();
         let id = conn.peer.agent_id.clone();
+        // A name is one gateway: another certificate under the name of a gateway connected
+        // now is refused (the one connected keeps it). A gateway enrolled again (a new
+        // certificate) takes its name over once the old one is gone.
+        let taken = lock(&self.live)
+            .get(&name)
+            .filter(|l| l.connection.close_reason().is_none())
+            .map(|l| l.id.clone());
+        if let Some(other) = taken.filter(|other| *other != id) {
+            tracing::warn!(gateway = %name, id = %id, holder = %other,
+                "a gateway joined under a name another gateway holds; refused");
+            conn.connection.close(
+                haven_net::endpoint::CLOSE_BAD_IDENTITY.into(),
+                format!(
+                    "the name `{name}` belongs to another gateway (id {other}) at this \
+                     configuration server: enroll this one under a name of its own"
+                )
+                .as_bytes(),
+            );
+            return;
+        }
         tracing::info!(gateway = %name, "gateway joined");
         let ticket = self.listener.add(&id, &conn.connection);
         lock(&self.live).insert(
             name.clone(),
             Live {
+                id: id.clone(),
                 connection: conn.connection.clone(),
                 report: None,
                 reported_at: None,
@@ -560,26 +585,20 @@ impl ConfigServer {
         name: &str,
         request: ApiRequest,
     ) -> Result<ApiAnswer, ForwardError> {
-        let connection = {
-            let live = lock(&self.live);
-            match live.get(name) {
-                Some(l) => l.connection.clone(),
-                None => {
-                    return Err(
-                        if self
-                            .state
-                            .get_json::<GatewayRecord>(&format!("gateway/{name}"))
-                            .ok()
-                            .flatten()
-                            .is_some()
-                        {
-                            ForwardError::Gone(name.to_string(), GONE_AFTER)
-                        } else {
-                            ForwardError::Unknown(name.to_string())
-                        },
-                    );
-                }
-            }
+        let connection = lock(&self.live).get(name).map(|l| l.connection.clone());
+        let Some(connection) = connection else {
+            // Read without the lock held: redb may wait for a commit.
+            let known = self
+                .state
+                .get_json::<GatewayRecord>(&format!("gateway/{name}"))
+                .ok()
+                .flatten()
+                .is_some();
+            return Err(if known {
+                ForwardError::Gone(name.to_string(), GONE_AFTER)
+            } else {
+                ForwardError::Unknown(name.to_string())
+            });
         };
         join::exchange(&connection, &request, FORWARD_TIMEOUT)
             .await
@@ -617,6 +636,12 @@ impl ConfigServer {
         *current = next.clone();
         self.events.set_webhooks(webhooks);
         Ok(next)
+    }
+
+    /// Held by whoever reads the pipeline, plans against it and commits: two applies never
+    /// plan against the same pipeline.
+    pub fn pipeline_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.applying)
     }
 
     /// The pipeline applied last, if any.

@@ -216,15 +216,21 @@ impl Events {
         Ok(event)
     }
 
-    /// Events after `since`, oldest first, at most `limit`.
+    /// Events after `since`, oldest first, at most `limit`; with `since` 0, the newest
+    /// `limit` (oldest first).
     pub fn list(&self, state: &StateDb, since: u64, limit: usize) -> Result<Vec<Event>> {
-        Ok(state
+        let events: Vec<Event> = state
             .json_with_prefix::<Event>("event/")?
             .into_iter()
             .map(|(_, e)| e)
             .filter(|e| e.seq > since)
-            .take(limit)
-            .collect())
+            .collect();
+        Ok(if since == 0 {
+            let skip = events.len().saturating_sub(limit);
+            events.into_iter().skip(skip).collect()
+        } else {
+            events.into_iter().take(limit).collect()
+        })
     }
 
     /// Events raised since this server started, by kind and severity.
@@ -242,6 +248,8 @@ fn deliver(rx: mpsc::Receiver<(Webhook, Event)>) {
     let agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(true)
+        // The configured URL and nothing else: a redirect is not followed.
+        .max_redirects(0)
         .build()
         .new_agent();
     while let Ok((hook, event)) = rx.recv() {
@@ -262,8 +270,9 @@ fn deliver(rx: mpsc::Receiver<(Webhook, Event)>) {
                     std::thread::sleep(Duration::from_secs(u64::from(attempt)));
                 }
                 Err(e) => {
-                    tracing::warn!(webhook = %hook.name, url = %hook.url, seq = event.seq,
-                        error = %e, "webhook: event not delivered")
+                    // The name, not the URL: webhook URLs often hold a secret.
+                    tracing::warn!(webhook = %hook.name, seq = event.seq, error = %e,
+                        "webhook: event not delivered")
                 }
             }
         }

@@ -75,6 +75,15 @@ pub async fn run(config: JoinConfig, handler: Arc<dyn JoinHandler>) {
             match join::exchange::<_, Assignment>(&conn, &report, Duration::from_secs(10)).await {
                 Ok(a) => {
                     if a.revision != applied {
+                        if a.revision < applied {
+                            tracing::warn!(
+                                revision = a.revision,
+                                applied,
+                                "the configuration server sends an older assignment than the \
+                                 one this gateway runs (its state restored or started anew?); \
+                                 running it"
+                            );
+                        }
                         tracing::info!(revision = a.revision, "new assignment");
                         let h = handler.clone();
                         let revision = a.revision;

@@ -68,6 +68,9 @@ pub struct MasterTargetConfig {
     pub nbd_host: std::net::IpAddr,
     /// TLS every export requires (`nbds://` URIs), or none (loopback only).
     pub nbd_tls: Option<haven_nbd::Tls>,
+    /// Retention by machine name from the configuration server's last assignment (kept by a
+    /// joined gateway), in force from the first retention pass.
+    pub retention_by_machine: HashMap<String, crate::retention::RetentionPolicy>,
 }
 
 /// A running master target.
@@ -239,6 +242,7 @@ impl MasterTarget {
             config.writer.clone(),
             state.clone(),
         )?;
+        let retention_by_machine = Mutex::new(config.retention_by_machine.clone());
         let mt = Arc::new(MasterTarget {
             config,
             state,
@@ -252,7 +256,7 @@ impl MasterTarget {
             clock: clock_from_env(),
             listener: crate::Listener::default(),
             broken: Mutex::new(HashMap::new()),
-            retention_by_machine: Mutex::new(HashMap::new()),
+            retention_by_machine,
             histograms: Arc::default(),
         });
         for (key, record) in mt.state.streams()? {

@@ -122,6 +122,9 @@ pub struct ProcessServer {
     policies: Mutex<BTreeMap<String, MachinePolicy>>,
     /// The machine name of each connected agent, by agent id.
     machines: Mutex<HashMap<String, String>>,
+    /// One policy send at a time per agent, each sending the policy current when it runs: the
+    /// newest one always arrives last.
+    policy_sends: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The caches' limit across all disks.
@@ -201,6 +204,7 @@ impl ProcessServer {
             budget: CacheBudget::default(),
             policies: Mutex::new(BTreeMap::new()),
             machines: Mutex::new(HashMap::new()),
+            policy_sends: Mutex::new(HashMap::new()),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
         for (k, r) in ps.state.streams()? {
@@ -280,8 +284,11 @@ impl ProcessServer {
         let id = peer_hex(&peer);
         let ticket = self.listener.add(&id, &conn);
         lock(&self.machines).insert(id.clone(), machine.clone());
-        if let Some(policy) = lock(&self.policies).get(&machine).cloned() {
-            tokio::spawn(send_policy(conn.clone(), id.clone(), policy));
+        if lock(&self.policies).contains_key(&machine) {
+            tokio::spawn(
+                self.clone()
+                    .send_policy(conn.clone(), id.clone(), machine.clone()),
+            );
         }
         self.serve_connection(&conn, peer, machine).await;
         self.listener.remove(ticket);
@@ -303,14 +310,51 @@ impl ProcessServer {
             *current = policies;
             changed
         };
+        let Some(me) = self.me.upgrade() else { return };
         let machines = lock(&self.machines).clone();
         for (agent, machine) in machines {
-            let Some((_, policy)) = changed.iter().find(|(m, _)| *m == machine) else {
+            if !changed.iter().any(|(m, _)| *m == machine) {
                 continue;
-            };
-            if let Some(conn) = self.listener.connection(&agent) {
-                tokio::spawn(send_policy(conn, agent, policy.clone()));
             }
+            if let Some(conn) = self.listener.connection(&agent) {
+                tokio::spawn(me.clone().send_policy(conn, agent, machine));
+            }
+        }
+    }
+
+    /// Sends an agent its machine's point policy as it is when the send runs (logged; the
+    /// agent keeps its own on failure, and gets it again when it reconnects).
+    async fn send_policy(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        agent_id: String,
+        machine: String,
+    ) {
+        use haven_net::control::{self, Command, Reply, Request};
+        let one = lock(&self.policy_sends)
+            .entry(agent_id.clone())
+            .or_default()
+            .clone();
+        let _one = one.lock().await;
+        let Some(policy) = lock(&self.policies).get(&machine).cloned() else {
+            return;
+        };
+        let request = Request {
+            agent_id: agent_id.clone(),
+            command: Command::Policy {
+                interval_ms: policy.crash_consistent_interval_ms,
+                app_interval_ms: policy.app_consistent_interval_ms,
+            },
+        };
+        match control::call(&conn, &request, CONTROL_TIMEOUT).await {
+            Ok(Reply::Done(what)) => {
+                tracing::info!(agent = %agent_id, policy = %policy.policy, %what, "point policy sent")
+            }
+            Ok(Reply::Failed(why)) => {
+                tracing::warn!(agent = %agent_id, policy = %policy.policy, %why, "point policy refused")
+            }
+            Ok(Reply::Taken(_)) => {}
+            Err(e) => tracing::warn!(agent = %agent_id, error = %e, "sending the point policy"),
         }
     }
 
@@ -929,31 +973,6 @@ async fn send_reports(ps: std::sync::Weak<ProcessServer>, conn: quinn::Connectio
             if let Err(e) = send_report(&conn, &report).await {
                 tracing::debug!(error = %e, "sending a report to the master target");
             }
-        }
-    }
-}
-
-/// Sends an agent its point policy (logged; the agent keeps its own on failure, and gets it
-/// again when it reconnects).
-async fn send_policy(conn: quinn::Connection, agent_id: String, policy: MachinePolicy) {
-    use haven_net::control::{self, Command, Reply, Request};
-    let request = Request {
-        agent_id: agent_id.clone(),
-        command: Command::Policy {
-            interval_ms: policy.crash_consistent_interval_ms,
-            app_interval_ms: policy.app_consistent_interval_ms,
-        },
-    };
-    match control::call(&conn, &request, CONTROL_TIMEOUT).await {
-        Ok(Reply::Done(what)) => {
-            tracing::info!(agent = %agent_id, policy = %policy.policy, %what, "point policy sent")
-        }
-        Ok(Reply::Failed(why)) => {
-            tracing::warn!(agent = %agent_id, policy = %policy.policy, %why, "point policy refused")
-        }
-        Ok(Reply::Taken(_)) => {}
-        Err(e) => {
-            tracing::warn!(agent = %agent_id, error = %e, "sending the point policy")
         }
     }
 }

@@ -171,6 +171,22 @@ pub fn login(server: &str, token: &str, ca_fingerprint: Option<&str>) -> Result<
         if ca_fingerprint.is_some() {
             bail!("--ca-fingerprint is for an https:// server; {server} is plain HTTP");
         }
+        // A token in clear goes nowhere but this machine.
+        let (_, authority) = remote::split_server(&server)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            bail!(
+                "{server} is plain HTTP beyond loopback: the token would cross the network in \
+                 clear; log in to its https:// address (gateways serve HTTPS off loopback)"
+            );
+        }
         (None, None)
     };
     let login = Login {

@@ -89,7 +89,13 @@ impl JoinHandler for Joined {
         if self.mt.is_some() {
             roles.push("master-target".to_string());
         }
-        let status = serde_json::to_value((self.api.status)()).unwrap_or_default();
+        // Not what this gateway knows as a configuration server itself: the report would
+        // carry its own previous reports, nested deeper every second.
+        let status = serde_json::to_value(haven_engine::status::GatewayStatus {
+            config_server: None,
+            ..(self.api.status)()
+        })
+        .unwrap_or_default();
         Report {
             name: self.name.clone(),
             site: self.site.clone(),
@@ -106,27 +112,68 @@ impl JoinHandler for Joined {
             machines = assignment.machines.len(),
             "running the configuration server's assignment"
         );
+        // Kept, so that a restart runs it from the start, the configuration server reachable
+        // or not.
+        let kept = serde_json::to_vec_pretty(assignment)
+            .map_err(anyhow::Error::from)
+            .and_then(|json| {
+                Ok(haven_fsutil::write_atomic(
+                    &assignment_path(&self.data_dir),
+                    &json,
+                    0o644,
+                )?)
+            });
+        if let Err(e) = kept {
+            tracing::error!(error = %format!("{e:#}"), "keeping the assignment");
+        }
         if let Some(ps) = &self.ps {
             ps.set_policies(assignment.machines.clone());
         }
         if let Some(mt) = &self.mt {
-            let mut retention = std::collections::HashMap::new();
-            for (machine, policy) in &assignment.machines {
-                match serde_json::from_value(policy.retention.clone()) {
-                    Ok(r) => {
-                        retention.insert(machine.clone(), r);
-                    }
-                    Err(e) => tracing::error!(%machine, policy = %policy.policy, error = %e,
-                        "the assigned retention does not parse; this gateway's own applies"),
-                }
-            }
-            mt.set_retention(retention);
+            mt.set_retention(retention_of(assignment));
         }
     }
 
     fn call(&self, request: ApiRequest) -> Pin<Box<dyn Future<Output = ApiAnswer> + Send>> {
         Box::pin(self.routes.call(request))
     }
+}
+
+/// Where a joined gateway keeps its last assignment.
+fn assignment_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("join/assignment.json")
+}
+
+/// The assignment this gateway ran last, if it is joined and has one.
+pub fn kept_assignment(data_dir: &Path) -> Result<Option<Assignment>> {
+    let path = assignment_path(data_dir);
+    match std::fs::read(&path) {
+        Ok(json) => Ok(Some(serde_json::from_slice(&json).with_context(|| {
+            format!(
+                "{} is damaged; remove it (the configuration server sends the assignment again)",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The retention each machine of `assignment` is kept by.
+pub fn retention_of(
+    assignment: &Assignment,
+) -> std::collections::HashMap<String, haven_engine::retention::RetentionPolicy> {
+    let mut retention = std::collections::HashMap::new();
+    for (machine, policy) in &assignment.machines {
+        match serde_json::from_value(policy.retention.clone()) {
+            Ok(r) => {
+                retention.insert(machine.clone(), r);
+            }
+            Err(e) => tracing::error!(%machine, policy = %policy.policy, error = %e,
+                "the assigned retention does not parse; this gateway's own applies"),
+        }
+    }
+    retention
 }
 
 /// CPU time this process used, seconds (`/proc/self/stat`: utime and stime).

@@ -503,6 +503,11 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
     let site = ca.site_name().to_string();
     let ca = Arc::new(Mutex::new(ca));
 
+    // A joined gateway runs its last assignment from the start.
+    let kept = match &config.join {
+        Some(_) => joined::kept_assignment(&data_dir)?,
+        None => None,
+    };
     let mut ps = None;
     if let Some(section) = &config.process_server {
         let identity = Identity::load(&data_dir.join("upstream"))?;
@@ -524,6 +529,9 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             },
             window_bytes: section.window_bytes,
         })?;
+        if let Some(a) = &kept {
+            server.set_policies(a.machines.clone());
+        }
         let s = server.clone();
         let (tls, ca) = (tls.clone(), ca.clone());
         tokio::spawn(async move {
@@ -558,6 +566,7 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                     true => Some(nbd_tls(&tls)?),
                     false => None,
                 },
+                retention_by_machine: kept.as_ref().map(joined::retention_of).unwrap_or_default(),
             },
             host,
         )?;

@@ -254,6 +254,7 @@ pub fn diff(current: &Pipeline, desired: &Pipeline) -> Plan {
         |g| name(&g.name),
         |_, _| None,
     );
+    retention_shrinks(&mut changes, current, desired);
     compare(
         &mut changes,
         ResourceKind::Plan,
@@ -305,6 +306,77 @@ fn compare<T: Serialize>(
             action,
             destroys,
         });
+    }
+}
+
+/// The replication policy a machine runs under: its group's when the group names one.
+fn effective_policy<'a>(p: &'a Pipeline, machine: &str) -> Option<&'a crate::ReplicationPolicy> {
+    let m = p.machine(machine)?;
+    let name = p
+        .group_of(machine)
+        .and_then(|g| g.policy.as_deref())
+        .unwrap_or(&m.policy);
+    match p.policy(name)? {
+        Policy::Replication(r) => Some(r),
+        Policy::Failback(_) => None,
+    }
+}
+
+/// A machine whose effective retention window shrinks (it moved to another policy, or its
+/// group did) loses its older points: that is destructive even when neither the machine nor
+/// the policy itself changed in a destructive way.
+fn retention_shrinks(changes: &mut Vec<Change>, current: &Pipeline, desired: &Pipeline) {
+    let f = haven_engine::retention::format_duration;
+    for m in &desired.machines {
+        let (Some(was), Some(will)) = (
+            effective_policy(current, &m.name),
+            effective_policy(desired, &m.name),
+        ) else {
+            continue;
+        };
+        if was.name == will.name || will.retention.window >= was.retention.window {
+            continue;
+        }
+        let what = format!(
+            "recovery points of `{}` older than {} (it moves from policy `{}`, {} of points, \
+             to `{}`)",
+            m.name,
+            f(will.retention.window),
+            was.name,
+            f(was.retention.window),
+            will.name
+        );
+        let at = changes
+            .iter()
+            .position(|c| c.kind == ResourceKind::Machine && c.name == m.name);
+        match at {
+            Some(i) => {
+                let c = &mut changes[i];
+                c.destroys = Some(match c.destroys.take() {
+                    Some(d) => format!("{d}; {what}"),
+                    None => what,
+                });
+            }
+            None => {
+                // In its place among the machines: kinds in order, names in order.
+                let at = changes.partition_point(|c| {
+                    (c.kind, c.name.as_str()) < (ResourceKind::Machine, m.name.as_str())
+                });
+                changes.insert(
+                    at,
+                    Change {
+                        kind: ResourceKind::Machine,
+                        name: m.name.clone(),
+                        action: Action::Change(vec![FieldChange {
+                            path: "policy (through its group)".into(),
+                            old: Some(was.name.clone()),
+                            new: Some(will.name.clone()),
+                        }]),
+                        destroys: Some(what),
+                    },
+                );
+            }
+        }
     }
 }
 

@@ -275,3 +275,47 @@ fn long_values_are_cut_and_the_deployment_is_compared() {
          Plan: 0 to add, 2 to change, 0 to remove.\n"
     );
 }
+
+#[test]
+fn moving_to_a_policy_with_a_shorter_window_destroys_older_points() {
+    let current = pipeline(CURRENT);
+    // web01 itself moves from `gold` (the default 72 h) to `short` (24 h).
+    let plan = diff(
+        &current,
+        &edited(&[(
+            "name = \"web01\"\nsite = \"a\"\npolicy = \"gold\"",
+            "name = \"web01\"\nsite = \"a\"\npolicy = \"short\"",
+        )]),
+    );
+    let destroys: Vec<String> = plan.destructive().iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        destroys,
+        [
+            "~ machine web01: policy gold → short  (destroys: recovery points of `web01` older \
+          than 24h (it moves from policy `gold`, 72h of points, to `short`))"
+        ]
+    );
+    // Through its group: only the group changes in the file, the machines are named.
+    let plan = diff(
+        &current,
+        &edited(&[(
+            "name = \"app\"\nmachines = [\"web01\", \"old01\"]\n",
+            "name = \"app\"\nmachines = [\"web01\", \"old01\"]\npolicy = \"short\"\n",
+        )]),
+    );
+    let names: Vec<String> = plan
+        .destructive()
+        .iter()
+        .map(|c| format!("{:?} {}", c.kind, c.name))
+        .collect();
+    assert_eq!(names, ["Machine old01", "Machine web01"]);
+    // A longer window destroys nothing.
+    let plan = diff(
+        &edited(&[(
+            "name = \"web01\"\nsite = \"a\"\npolicy = \"gold\"",
+            "name = \"web01\"\nsite = \"a\"\npolicy = \"short\"",
+        )]),
+        &current,
+    );
+    assert!(plan.destructive().is_empty(), "{plan}");
+}
