@@ -122,6 +122,23 @@ pub fn http_get(url: &str, token: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// The source times (ms, ascending) of the points `haven point list ITEM --json` printed.
+pub fn point_times(json: &str) -> Result<Vec<u64>> {
+    let points: Vec<serde_json::Value> =
+        serde_json::from_str(json).with_context(|| format!("not a point list: {json}"))?;
+    let mut times: Vec<u64> = points
+        .iter()
+        .filter_map(|p| p["source_time_ms"].as_u64())
+        .collect();
+    times.sort_unstable();
+    Ok(times)
+}
+
+/// How many consecutive `times` are at most `gap_ms` apart.
+pub fn close_pairs(times: &[u64], gap_ms: u64) -> usize {
+    times.windows(2).filter(|w| w[1] - w[0] <= gap_ms).count()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

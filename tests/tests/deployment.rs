@@ -233,14 +233,7 @@ min_severity = "warning"
 
 /// web01's points at the master target, through the configuration server: source times, ms.
 fn point_times(c: &Cluster) -> Result<Vec<u64>> {
-    let out = via_cs(c, &["point", "list", "web01", "--json"])?;
-    let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
-    let mut times: Vec<u64> = points
-        .iter()
-        .filter_map(|p| p["source_time_ms"].as_u64())
-        .collect();
-    times.sort_unstable();
-    Ok(times)
+    haven_e2e::point_times(&via_cs(c, &["point", "list", "web01", "--json"])?)
 }
 
 #[test]
@@ -299,7 +292,7 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     })?;
     let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(
-        gaps.iter().filter(|&&g| g <= 1500).count() >= 4,
+        haven_e2e::close_pairs(&times, 1500) >= 4,
         "the agent does not take points every 500 ms: gaps {gaps:?}"
     );
     // Older than 5 s: at most one per 10 s bucket (the gateway's own policy keeps them all).
@@ -371,14 +364,11 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     let restarted = haven_e2e::now_ms();
     poll(Duration::from_secs(60), Duration::from_millis(500), || {
         let out = c.mt.haven(&["point", "list", "web01", "--json"])?;
-        let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
-        let mut times: Vec<u64> = points
-            .iter()
-            .filter_map(|p| p["source_time_ms"].as_u64())
+        let times: Vec<u64> = haven_e2e::point_times(&out)?
+            .into_iter()
             .filter(|&t| t > restarted)
             .collect();
-        times.sort_unstable();
-        let fast = times.windows(2).filter(|w| w[1] - w[0] <= 1500).count();
+        let fast = haven_e2e::close_pairs(&times, 1500);
         Ok(if fast >= 3 {
             Ok(())
         } else {

@@ -159,13 +159,8 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
             token,
             &["point", "list", "web01", "--json", "--api", &mt],
         )?;
-        let points: Vec<serde_json::Value> = serde_json::from_str(&out)?;
-        let mut times: Vec<u64> = points
-            .iter()
-            .filter_map(|p| p["source_time_ms"].as_u64())
-            .collect();
-        times.sort_unstable();
-        let fast = times.windows(2).filter(|w| w[1] - w[0] <= 1500).count();
+        let times = haven_e2e::point_times(&out)?;
+        let fast = haven_e2e::close_pairs(&times, 1500);
         Ok(if fast >= 3 {
             Ok(())
         } else {

@@ -182,13 +182,9 @@ pub(crate) async fn list_events(
     };
     let since = number("since", q.since.as_deref(), 0)?;
     let limit = number("limit", q.limit.as_deref(), 1000)?.clamp(1, 1000) as usize;
-    match tokio::task::spawn_blocking(move || cs.events(since, limit)).await {
-        Ok(Ok(events)) => Ok(crate::Pretty(events)),
-        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
-        Err(e) => Err(ApiError::internal(format!(
-            "the request's task failed: {e}"
-        ))),
-    }
+    Ok(crate::Pretty(
+        crate::blocking(move || cs.events(since, limit)).await?,
+    ))
 }
 
 /// `GET /v1/items` at every master target, joined into one list.
@@ -454,13 +450,7 @@ pub(crate) async fn apply_pipeline(
         );
         Ok(crate::Pretty(answer(true, committed.revision)).into_response())
     };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
-        Err(e) => Err(ApiError::internal(format!(
-            "the request's task failed: {e}"
-        ))),
-    }
+    crate::blocking(run).await
 }
 
 /// The pipeline applied last, as JSON and as the file `haven export` prints.
@@ -505,34 +495,24 @@ pub(crate) async fn get_pipeline(
             pipeline: stored.pipeline,
         }))
     };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(Ok(Some(v))) => Ok(crate::Pretty(v)),
-        Ok(Ok(None)) => Err(ApiError::new(
+    match crate::blocking(run).await? {
+        Some(v) => Ok(crate::Pretty(v)),
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no pipeline was applied to this deployment yet: `haven apply FILE`",
         )),
-        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
-        Err(e) => Err(ApiError::internal(format!(
-            "the request's task failed: {e}"
-        ))),
     }
 }
 
 /// Where the configuration server posts events: the pipeline's webhooks.
 pub fn webhooks_of(p: &haven_pipeline::model::Pipeline) -> Vec<Webhook> {
-    use haven_pipeline::model::Severity as S;
     p.webhooks
         .iter()
         .map(|w| Webhook {
             name: w.name.clone(),
             url: w.url.clone(),
             events: w.events.clone(),
-            min_severity: match w.min_severity {
-                S::Info => Severity::Info,
-                S::Warning => Severity::Warning,
-                S::Error => Severity::Error,
-                S::Critical => Severity::Critical,
-            },
+            min_severity: w.min_severity,
         })
         .collect()
 }

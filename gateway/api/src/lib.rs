@@ -302,6 +302,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An unexpected failure (a store that cannot be read): 500 with the whole chain.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        ApiError::internal(format!("{e:#}"))
+    }
+}
+
 impl From<RecoveryError> for ApiError {
     fn from(e: RecoveryError) -> ApiError {
         let status = match e.kind {
@@ -646,13 +653,7 @@ async fn whoami(
 )]
 async fn list_gateways(State(s): State<Served>) -> Result<Pretty<Vec<GatewayView>>, ApiError> {
     let cs = s.api.deployment.clone().ok_or_else(not_config_server)?;
-    match tokio::task::spawn_blocking(move || cs.gateways()).await {
-        Ok(Ok(gateways)) => Ok(Pretty(gateways)),
-        Ok(Err(e)) => Err(ApiError::internal(format!("{e:#}"))),
-        Err(e) => Err(ApiError::internal(format!(
-            "the request's task failed: {e}"
-        ))),
-    }
+    Ok(Pretty(blocking(move || cs.gateways()).await?))
 }
 
 fn not_config_server() -> ApiError {
@@ -780,12 +781,12 @@ fn flag(key: &str, value: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-/// Runs a recovery call that does blocking work (plugins, files, redb) on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, RecoveryError> + Send + 'static,
+/// Runs a call that does blocking work (plugins, files, redb) on the blocking pool.
+async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(call).await {
-        Ok(answer) => Ok(answer?),
+        Ok(answer) => answer.map_err(Into::into),
         Err(e) => Err(ApiError::internal(format!(
             "the request's task failed: {e}"
         ))),
@@ -1173,7 +1174,7 @@ impl Collector for StatusMetrics {
             for ((kind, severity), n) in &self.1 {
                 let labels = EventLabels {
                     kind: kind.clone(),
-                    severity: severity.as_str().to_string(),
+                    severity: severity.name().to_string(),
                 };
                 ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
             }

@@ -45,20 +45,39 @@ const WEBHOOK_ATTEMPTS: u32 = 3;
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Severity {
+    /// Something happened as expected.
     Info,
+    /// Something needs attention soon (an RPO above its threshold).
     Warning,
+    /// Something failed (a failover, a plugin call).
     Error,
+    /// Protection is lost or data is at risk (suspect points, a full journal).
     Critical,
 }
 
 impl Severity {
-    pub fn as_str(self) -> &'static str {
+    /// Every severity, lowest first.
+    pub const ALL: [Severity; 4] = [
+        Severity::Info,
+        Severity::Warning,
+        Severity::Error,
+        Severity::Critical,
+    ];
+
+    /// Its name, as events and pipelines write it.
+    pub fn name(self) -> &'static str {
         match self {
             Severity::Info => "info",
             Severity::Warning => "warning",
             Severity::Error => "error",
             Severity::Critical => "critical",
         }
+    }
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -198,7 +217,7 @@ impl Events {
             *next += 1;
             event
         };
-        tracing::info!(seq = event.seq, kind = %event.kind, severity = event.severity.as_str(),
+        tracing::info!(seq = event.seq, kind = %event.kind, severity = event.severity.name(),
             text = %event.text, "event");
         *lock(&self.counts)
             .entry((event.kind.clone(), event.severity))

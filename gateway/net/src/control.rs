@@ -100,11 +100,7 @@ fn stream_err(e: impl std::fmt::Display) -> ControlError {
 pub async fn read_message<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, ControlError> {
-    let body = recv
-        .read_to_end(MAX_CONTROL_LEN)
-        .await
-        .map_err(stream_err)?;
-    serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
+    read_json(recv, MAX_CONTROL_LEN).await
 }
 
 /// Priority of control and report streams: QUIC sends their bytes before any replication
@@ -116,12 +112,31 @@ pub async fn write_message<T: Serialize>(
     send: &mut quinn::SendStream,
     message: &T,
 ) -> Result<(), ControlError> {
+    write_json(send, message, MAX_CONTROL_LEN).await
+}
+
+/// Reads one JSON message of at most `max` bytes: the whole stream.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, ControlError> {
+    let body = recv.read_to_end(max).await.map_err(stream_err)?;
+    serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
+}
+
+/// Writes one JSON message of at most `max` bytes (ahead of bulk data,
+/// [`CONTROL_PRIORITY`]) and finishes the stream.
+pub async fn write_json<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+    max: usize,
+) -> Result<(), ControlError> {
     // Fails only on a stream already closed, which the write below reports.
     let _ = send.set_priority(CONTROL_PRIORITY);
     let body = serde_json::to_vec(message).map_err(|e| ControlError::Bad(e.to_string()))?;
-    if body.len() > MAX_CONTROL_LEN {
+    if body.len() > max {
         return Err(ControlError::Bad(format!(
-            "message of {} bytes exceeds the limit of {MAX_CONTROL_LEN}",
+            "message of {} bytes exceeds the limit of {max}",
             body.len()
         )));
     }

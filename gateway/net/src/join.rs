@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{CONTROL_PRIORITY, ControlError};
+use crate::control::{self, ControlError};
 
 /// Largest message in either direction: a master target's status with a thousand replicas is
 /// a few MiB.
@@ -107,16 +107,11 @@ pub struct ApiAnswer {
     pub body: String,
 }
 
-fn stream_err(e: impl std::fmt::Display) -> ControlError {
-    ControlError::Stream(e.to_string())
-}
-
 /// Reads one JSON message (the whole stream, at most [`MAX_MESSAGE`] bytes).
 pub async fn read<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, ControlError> {
-    let body = recv.read_to_end(MAX_MESSAGE).await.map_err(stream_err)?;
-    serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
+    control::read_json(recv, MAX_MESSAGE).await
 }
 
 /// Writes one JSON message and finishes the stream.
@@ -124,17 +119,7 @@ pub async fn write<T: Serialize>(
     send: &mut quinn::SendStream,
     message: &T,
 ) -> Result<(), ControlError> {
-    let _ = send.set_priority(CONTROL_PRIORITY);
-    let body = serde_json::to_vec(message).map_err(|e| ControlError::Bad(e.to_string()))?;
-    if body.len() > MAX_MESSAGE {
-        return Err(ControlError::Bad(format!(
-            "message of {} bytes exceeds the limit of {MAX_MESSAGE}",
-            body.len()
-        )));
-    }
-    send.write_all(&body).await.map_err(stream_err)?;
-    send.finish().map_err(stream_err)?;
-    Ok(())
+    control::write_json(send, message, MAX_MESSAGE).await
 }
 
 /// One exchange on a new stream of `conn`: sends `message`, waits at most `timeout` for the
@@ -145,7 +130,10 @@ pub async fn exchange<Q: Serialize, A: serde::de::DeserializeOwned>(
     timeout: Duration,
 ) -> Result<A, ControlError> {
     let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(stream_err)?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ControlError::Stream(e.to_string()))?;
         write(&mut send, message).await?;
         read::<A>(&mut recv).await
     };

@@ -573,45 +573,8 @@ pub struct ManualStep {
     pub message: String,
 }
 
-/// How severe an event is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Severity {
-    /// Something happened as expected.
-    Info,
-    /// Something needs attention soon (an RPO above its threshold).
-    Warning,
-    /// Something failed (a failover, a plugin call).
-    Error,
-    /// Protection is lost or data is at risk (suspect points, a full journal).
-    Critical,
-}
-
-impl Severity {
-    /// Every severity, lowest first.
-    pub const ALL: [Severity; 4] = [
-        Severity::Info,
-        Severity::Warning,
-        Severity::Error,
-        Severity::Critical,
-    ];
-
-    /// The name in the file.
-    pub fn name(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Error => "error",
-            Severity::Critical => "critical",
-        }
-    }
-}
-
-impl fmt::Display for Severity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// How severe an event is: the configuration server's events are the ones webhooks select.
+pub use haven_engine::events::Severity;
 
 /// `[[webhook]]`: events posted as JSON to a URL.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
