@@ -143,7 +143,7 @@ async fn record_action(
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventParams {
-    /// Only events after this sequence number (default 0: from the oldest kept).
+    /// Only events after this sequence number, oldest first; without it, the newest `limit`.
     #[param(value_type = Option<u64>)]
     since: Option<String>,
     /// At most this many (default and maximum 1000).
