@@ -166,14 +166,9 @@ pub(crate) struct EventParams {
     )
 )]
 pub(crate) async fn list_events(
-    axum::extract::State(s): axum::extract::State<crate::Served>,
+    crate::Deployment(cs): crate::Deployment,
     crate::QueryParams(q): crate::QueryParams<EventParams>,
 ) -> Result<crate::Pretty<Vec<Event>>, ApiError> {
-    let cs = s
-        .api
-        .deployment
-        .clone()
-        .ok_or_else(crate::not_config_server)?;
     let number = |name: &str, v: Option<&str>, default: u64| match v {
         None => Ok(default),
         Some(v) => v
@@ -318,16 +313,6 @@ pub(crate) struct ApplyParams {
     file: Option<String>,
 }
 
-fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
-    match value {
-        None | Some("false") => Ok(false),
-        Some("true") | Some("") => Ok(true),
-        Some(v) => Err(ApiError::bad_request(format!(
-            "{name}={v}: give true or false"
-        ))),
-    }
-}
-
 /// What `POST /v1/pipeline` did, or would do.
 #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub(crate) struct ApplyAnswer {
@@ -377,17 +362,12 @@ fn problems(status: StatusCode, error: String, problems: Vec<String>) -> Respons
     )
 )]
 pub(crate) async fn apply_pipeline(
-    axum::extract::State(s): axum::extract::State<crate::Served>,
+    crate::Deployment(cs): crate::Deployment,
     crate::QueryParams(q): crate::QueryParams<ApplyParams>,
     body: String,
 ) -> Result<Response, ApiError> {
-    let cs = s
-        .api
-        .deployment
-        .clone()
-        .ok_or_else(crate::not_config_server)?;
-    let dry_run = flag("dry_run", q.dry_run.as_deref())?;
-    let allow_destroy = flag("allow_destroy", q.allow_destroy.as_deref())?;
+    let dry_run = crate::flag("dry_run", q.dry_run.as_deref())?;
+    let allow_destroy = crate::flag("allow_destroy", q.allow_destroy.as_deref())?;
     let file = q.file.unwrap_or_else(|| "pipeline.toml".to_string());
     let run = move || -> anyhow::Result<Response> {
         let desired = match haven_pipeline::parse(&body, &file) {
@@ -475,13 +455,8 @@ pub(crate) struct PipelineView {
     )
 )]
 pub(crate) async fn get_pipeline(
-    axum::extract::State(s): axum::extract::State<crate::Served>,
+    crate::Deployment(cs): crate::Deployment,
 ) -> Result<crate::Pretty<PipelineView>, ApiError> {
-    let cs = s
-        .api
-        .deployment
-        .clone()
-        .ok_or_else(crate::not_config_server)?;
     let run = move || -> anyhow::Result<Option<PipelineView>> {
         let Some(stored) = cs.pipeline()? else {
             return Ok(None);

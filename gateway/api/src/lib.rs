@@ -651,16 +651,25 @@ async fn whoami(
         (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
     )
 )]
-async fn list_gateways(State(s): State<Served>) -> Result<Pretty<Vec<GatewayView>>, ApiError> {
-    let cs = s.api.deployment.clone().ok_or_else(not_config_server)?;
+async fn list_gateways(Deployment(cs): Deployment) -> Result<Pretty<Vec<GatewayView>>, ApiError> {
     Ok(Pretty(blocking(move || cs.gateways()).await?))
 }
 
-fn not_config_server() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "this gateway is not a configuration server ([config_server] in its configuration)",
-    )
+/// The configuration-server role, or 404 at a gateway without it.
+struct Deployment(Arc<ConfigServer>);
+
+impl FromRequestParts<Served> for Deployment {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, s: &Served) -> Result<Self, ApiError> {
+        s.api.deployment.clone().map(Deployment).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this gateway is not a configuration server ([config_server] in its \
+                 configuration)",
+            )
+        })
+    }
 }
 
 /// What a revocation revoked.

@@ -120,8 +120,6 @@ pub struct ProcessServer {
     /// The point policies the configuration server assigned, by machine name; sent to each
     /// agent of the machine when it connects and when they change.
     policies: Mutex<BTreeMap<String, MachinePolicy>>,
-    /// The machine name of each connected agent, by agent id.
-    machines: Mutex<HashMap<String, String>>,
     /// One policy send at a time per agent, each sending the policy current when it runs: the
     /// newest one always arrives last.
     policy_sends: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -203,7 +201,6 @@ impl ProcessServer {
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
             budget: CacheBudget::default(),
             policies: Mutex::new(BTreeMap::new()),
-            machines: Mutex::new(HashMap::new()),
             policy_sends: Mutex::new(HashMap::new()),
         });
         let mut by_peer: BTreeMap<PeerId, Vec<(StreamKey, StreamRecord)>> = BTreeMap::new();
@@ -283,7 +280,6 @@ impl ProcessServer {
     async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerId, machine: String) {
         let id = peer_hex(&peer);
         let ticket = self.listener.add(&id, &conn);
-        lock(&self.machines).insert(id.clone(), machine.clone());
         if lock(&self.policies).contains_key(&machine) {
             tokio::spawn(
                 self.clone()
@@ -292,9 +288,6 @@ impl ProcessServer {
         }
         self.serve_connection(&conn, peer, machine).await;
         self.listener.remove(ticket);
-        if self.listener.connection(&id).is_none() {
-            lock(&self.machines).remove(&id);
-        }
     }
 
     /// Takes the configuration server's point policies (by machine name) and sends each
@@ -311,7 +304,18 @@ impl ProcessServer {
             changed
         };
         let Some(me) = self.me.upgrade() else { return };
-        let machines = lock(&self.machines).clone();
+        // Each agent this server holds disks of, by the machine name its streams carry.
+        let agents: Vec<Arc<AgentEntry>> = lock(&self.agents).values().cloned().collect();
+        let machines: Vec<(String, String)> = agents
+            .iter()
+            .filter_map(|a| {
+                let machine = lock(&a.disks)
+                    .values()
+                    .next()
+                    .map(|s| lock(&s.machine_name).clone())?;
+                Some((peer_hex(&a.peer), machine))
+            })
+            .collect();
         for (agent, machine) in machines {
             if !changed.iter().any(|(m, _)| *m == machine) {
                 continue;
