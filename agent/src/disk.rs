@@ -41,6 +41,9 @@ pub struct Shared {
     machine_name: String,
     pub(crate) sync_done: AtomicU64,
     pub(crate) resync_sent: AtomicU64,
+    pub(crate) resync_compared: AtomicU64,
+    /// What the records shipped lately wrote (see `trail.rs`).
+    pub(crate) trail: Mutex<crate::trail::Trail>,
     pub(crate) shipped_total: AtomicU64,
     pub(crate) acked_seq: AtomicU64,
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
@@ -72,7 +75,8 @@ impl Shared {
             Phase::InitialSync | Phase::Resyncing => record.sync_offset,
             Phase::Protected => record.size,
         };
-        let acked = seq_add(splitter.log_stats().first_seq, record.seq_base).saturating_sub(1);
+        let log_first = splitter.log_stats().first_seq;
+        let acked = seq_add(log_first, record.seq_base).saturating_sub(1);
         Shared {
             splitter,
             data_dir: data_dir.to_path_buf(),
@@ -83,6 +87,8 @@ impl Shared {
             machine_name,
             sync_done: AtomicU64::new(sync_done),
             resync_sent: AtomicU64::new(0),
+            resync_compared: AtomicU64::new(0),
+            trail: Mutex::new(crate::trail::Trail::new(log_first)),
             shipped_total: AtomicU64::new(0),
             acked_seq: AtomicU64::new(acked),
             conn: Mutex::new(None),
@@ -194,6 +200,7 @@ impl Shared {
                 state,
                 sync_done_bytes: sync_done,
                 resync_sent_bytes: resync_sent,
+                resync_compared_bytes: self.resync_compared.load(Ordering::Relaxed),
                 log_bytes: st.bytes_used,
                 log_max_bytes: self.log_max_bytes,
                 written_bytes_total: self.splitter.client_bytes(),

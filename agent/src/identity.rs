@@ -30,6 +30,13 @@ pub struct AgentInfo {
     pub server: String,
     /// The name the gateway's certificate is checked against.
     pub server_name: String,
+    /// `server` is the deployment's configuration server, which names the process server to
+    /// replicate to (and a new one when that one is lost).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub config_server: bool,
+    /// The site this machine runs at, as given at enrollment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// A loaded identity.
@@ -168,6 +175,7 @@ pub fn enroll(
     server_name: Option<&str>,
     token: &str,
     machine_name: Option<&str>,
+    with: Enrollment,
 ) -> anyhow::Result<Identity> {
     let dir = data_dir.join(IDENTITY_DIR);
     if dir.exists() {
@@ -195,6 +203,8 @@ pub fn enroll(
             machine_name,
             server: server.to_string(),
             server_name,
+            config_server: with.config_server,
+            site: with.site,
         },
         cert_pem: enrolled.cert_pem.clone(),
         key_pem: enrolled.key_pem.clone(),
@@ -203,6 +213,15 @@ pub fn enroll(
     id.peer_id()?;
     id.store(data_dir)?;
     Ok(id)
+}
+
+/// What kind of server an agent enrolls with.
+#[derive(Clone, Debug, Default)]
+pub struct Enrollment {
+    /// The server is a configuration server (see [`AgentInfo::config_server`]).
+    pub config_server: bool,
+    /// The machine's site.
+    pub site: Option<String>,
 }
 
 #[cfg(test)]

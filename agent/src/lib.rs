@@ -11,6 +11,7 @@
 //! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
 //! - [`protect`]: `serve` and `protect`: opening a protected disk and running it.
 
+pub mod director;
 pub mod disk;
 pub mod identity;
 pub mod log;
@@ -22,3 +23,4 @@ pub mod replay;
 pub mod replicate;
 pub mod splitter;
 pub mod state;
+pub mod trail;

@@ -23,14 +23,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Enroll this machine with a gateway using a one-time token; stores DATA/identity.
+    /// Enroll this machine using a one-time token, with the deployment's configuration server
+    /// (`--config-server`: it names the process server to replicate to, and moves the agent
+    /// when that one is lost) or with one process server (`--server`); stores DATA/identity.
+    #[command(group = clap::ArgGroup::new("with").required(true).args(["server", "config_server"]))]
     Enroll {
         /// The agent's data folder.
         #[arg(long)]
         data_dir: PathBuf,
-        /// The gateway (process server), HOST:PORT.
+        /// A process server, HOST:PORT.
         #[arg(long)]
-        server: String,
+        server: Option<String>,
+        /// The configuration server, HOST:PORT.
+        #[arg(long)]
+        config_server: Option<String>,
+        /// The site this machine runs at (with --config-server; the pipeline's machine entry
+        /// may name it instead).
+        #[arg(long, requires = "config_server")]
+        site: Option<String>,
         /// Name the gateway's certificate is checked against (default: the host part).
         #[arg(long)]
         server_name: Option<String>,
@@ -133,16 +143,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll {
             data_dir,
             server,
+            config_server,
+            site,
             server_name,
             token,
             machine_name,
         } => {
+            let with = identity::Enrollment {
+                config_server: config_server.is_some(),
+                site,
+            };
+            let server = server.or(config_server).unwrap_or_default();
             let id = identity::enroll(
                 &data_dir,
                 &server,
                 server_name.as_deref(),
                 &token,
                 machine_name.as_deref(),
+                with,
             )?;
             println!(
                 "enrolled as agent {} ({}) with {}; identity stored in {}",

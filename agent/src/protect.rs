@@ -24,7 +24,7 @@ use anyhow::Context;
 use crate::identity::{Identity, host_part};
 use crate::log::{ChangeLog, Durability, Limits, LogError};
 use crate::nbd::{self, Server};
-use crate::replicate::{self, Shared, ShipConfig};
+use crate::replicate::{self, Shared, ShipConfig, Target};
 use crate::splitter::{OnFull, Splitter};
 use crate::state::{DiskRecord, Phase};
 
@@ -388,19 +388,39 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     if failed_over.is_some() {
         splitter.shutdown()?;
     }
-    let server = cfg
-        .server
-        .clone()
-        .unwrap_or_else(|| identity.info.server.clone());
-    let server_name = if cfg.server.is_some() {
-        host_part(&server).to_string()
-    } else {
-        identity.info.server_name.clone()
+    // Where to replicate: the process server given, the one a configuration server names, or
+    // the one enrolled with.
+    let (target, from_config_server) = match &cfg.server {
+        Some(server) => (
+            Some(Target {
+                name: None,
+                server: server.clone(),
+                server_name: host_part(server).to_string(),
+                ca_pem: None,
+            }),
+            false,
+        ),
+        None if identity.info.config_server => (crate::director::kept(&cfg.data_dir), true),
+        None => (
+            Some(Target {
+                name: None,
+                server: identity.info.server.clone(),
+                server_name: identity.info.server_name.clone(),
+                ca_pem: None,
+            }),
+            false,
+        ),
     };
+    let server = target.as_ref().map_or_else(
+        || "(asking the configuration server)".to_string(),
+        |t| t.server.clone(),
+    );
+    let (targets, target_rx) = tokio::sync::watch::channel(target);
+    let ask_now = Arc::new(tokio::sync::Notify::new());
     let ship_cfg = ShipConfig {
-        server: server.clone(),
-        server_name,
-        identity,
+        target: target_rx,
+        ask_now: from_config_server.then(|| Arc::clone(&ask_now)),
+        identity: identity.clone(),
         window_bytes: cfg.window_bytes,
         on_connection: Some(crate::points::control_hook(&shared, &points)),
     };
@@ -416,6 +436,17 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         ship_cfg,
         stop_rx.clone(),
     ));
+    if from_config_server {
+        rt.spawn(crate::director::run(
+            Arc::clone(&shared),
+            identity,
+            targets,
+            ask_now,
+            stop_rx.clone(),
+        ));
+    } else {
+        drop(targets);
+    }
     let reporter = rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx));
 
     let sync_thread = (rec.state == Phase::InitialSync && failed_over.is_none()).then(|| {

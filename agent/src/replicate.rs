@@ -93,6 +93,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use haven_net::endpoint;
 use haven_net::quinn;
@@ -122,13 +123,28 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// once, by its stateless reset, and answers the first attempt).
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Where and how to replicate.
-#[derive(Clone)]
-pub struct ShipConfig {
-    /// The process server, `HOST:PORT`.
+/// The process server to replicate to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Its name, when a configuration server named it.
+    pub name: Option<String>,
+    /// `HOST:PORT`.
     pub server: String,
     /// The name its certificate is checked against.
     pub server_name: String,
+    /// The CA that issued its certificate, PEM; `None`: the agent's own (it enrolled there).
+    pub ca_pem: Option<String>,
+}
+
+/// Where and how to replicate.
+#[derive(Clone)]
+pub struct ShipConfig {
+    /// The process server; `None` until the configuration server names one. A new value ends
+    /// the connection to the old one.
+    pub target: watch::Receiver<Option<Target>>,
+    /// Woken when the process server says the agent was moved away from it (the configuration
+    /// server is asked at once).
+    pub ask_now: Option<Arc<tokio::sync::Notify>>,
     /// The agent's identity.
     pub identity: Identity,
     /// The sender's window.
@@ -138,11 +154,33 @@ pub struct ShipConfig {
     pub on_connection: Option<Arc<dyn Fn(quinn::Connection) + Send + Sync>>,
 }
 
+impl ShipConfig {
+    /// Replication to the process server the agent enrolled with.
+    pub fn enrolled(
+        identity: Identity,
+        window_bytes: u64,
+        on_connection: Option<Arc<dyn Fn(quinn::Connection) + Send + Sync>>,
+    ) -> ShipConfig {
+        let target = Target {
+            name: None,
+            server: identity.info.server.clone(),
+            server_name: identity.info.server_name.clone(),
+            ca_pem: None,
+        };
+        ShipConfig {
+            target: watch::channel(Some(target)).1,
+            ask_now: None,
+            identity,
+            window_bytes,
+            on_connection,
+        }
+    }
+}
+
 impl std::fmt::Debug for ShipConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShipConfig")
-            .field("server", &self.server)
-            .field("server_name", &self.server_name)
+            .field("target", &*self.target.borrow())
             .field("window_bytes", &self.window_bytes)
             .finish_non_exhaustive()
     }
@@ -249,12 +287,16 @@ impl Session {
         config.sender.window_bytes = window_bytes;
         // QUIC finds a gateway that is gone; a busy one answers late, and is waited for.
         config.sender.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
+        let resyncing = rec.state == Phase::Resyncing;
         let start = Start {
             seq_base: rec.seq_base,
-            resync: (rec.state == Phase::Resyncing).then_some(Resync {
+            resync: resyncing.then_some(Resync {
                 remap: rec.remap,
                 sync_offset: rec.sync_offset,
             }),
+            only: resyncing
+                .then(|| crate::trail::load_ranges(shared.data_dir(), rec.seq_base))
+                .flatten(),
             log_first: shared.splitter.log_stats().first_seq,
         };
         let shipper = Shipper::new(config, start)?;
@@ -303,6 +345,10 @@ enum Outcome {
     Lost { why: String, welcomed: bool },
     /// The gateway says the disk was failed over: replication stops for good.
     FailedOver(String),
+    /// The process server no longer serves this agent: ask where to go.
+    Moved(String),
+    /// Another process server was named: connect there at once.
+    Retarget,
 }
 
 /// Resolves when the splitter's log has overflowed.
@@ -330,6 +376,39 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
         }
         Change::Progress { .. } | Change::Protected => {}
     }
+    // The ranges of an earlier resync go first: a ranges file always belongs to the resync
+    // `disk.state` names (a crash in between leaves none, and the whole disk is compared).
+    let ranges_path = crate::trail::ranges_path(shared.data_dir());
+    let only = match &change {
+        Change::Resync {
+            seq_base: Some(base),
+            lost: Some((first, last)),
+            ..
+        } => shared
+            .trail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ranges(
+                *first,
+                *last,
+                u64::from(haven_replication::shipper::DEFAULT_RESYNC_BLOCK),
+                shared.record().size,
+            )
+            .map(|ranges| crate::trail::StoredRanges {
+                seq_base: *base,
+                ranges,
+            }),
+        _ => None,
+    };
+    if matches!(change, Change::Resync { .. } | Change::Protected) {
+        match std::fs::remove_file(&ranges_path) {
+            Ok(()) => haven_fsutil::sync_dir(shared.data_dir())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", ranges_path.display()));
+            }
+        }
+    }
     let rec = shared.update(|r| match change {
         Change::Mapped { seq_base, .. } => {
             r.seq_base = seq_base;
@@ -356,6 +435,15 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
             }
         }
     })?;
+    if let Some(stored) = only {
+        let bytes: u64 = stored.ranges.iter().map(|r| r.1).sum();
+        tracing::info!(
+            ranges = stored.ranges.len(),
+            bytes,
+            "resync: comparing only what the records the downstream lost wrote"
+        );
+        haven_fsutil::write_atomic(&ranges_path, &serde_json::to_vec(&stored)?, 0o644)?;
+    }
     if matches!(change, Change::Protected) && rec.state == Phase::Protected {
         shared.set_message(None);
         tracing::info!(
@@ -381,6 +469,12 @@ fn handle_overflow(shared: &Shared, session: &mut Session) -> anyhow::Result<()>
             ShipperAction::Persist(change) => persist(shared, change)?,
             ShipperAction::ResetLog => {
                 shared.splitter.reset_log()?;
+                let first = shared.splitter.log_stats().first_seq;
+                shared
+                    .trail
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(first);
                 // The log's durable seq, after the reset.
                 shared.update(|_| {})?;
             }
@@ -401,10 +495,21 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
     };
     let mut backoff = BACKOFF_MIN;
     let mut session: Option<Session> = None;
+    let mut target_rx = cfg.target.clone();
     loop {
         if *stop.borrow() {
             return;
         }
+        let Some(target) = target_rx.borrow_and_update().clone() else {
+            shared.set_link(Some(
+                "waiting for the configuration server to name a process server".into(),
+            ));
+            tokio::select! {
+                _ = changed(&mut target_rx) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        };
         let s = match &mut session {
             Some(s) => s,
             None => match Session::new(&shared, cfg.window_bytes, peer_id) {
@@ -430,7 +535,7 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
             }
             continue;
         }
-        let outcome = connection(&shared, &cfg, s, &mut stop).await;
+        let outcome = connection(&shared, &cfg, &target, s, &mut stop, &mut target_rx).await;
         s.shipper.connection_lost();
         if let Some(conn) = shared.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
             conn.close(0u32.into(), b"agent reconnecting");
@@ -455,21 +560,57 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
                 let _ = stop.wait_for(|stopping| *stopping).await;
                 return;
             }
+            Outcome::Retarget => {
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Outcome::Moved(why) => {
+                tracing::warn!(server = %target.server,
+                    "the process server no longer serves this agent: {why}; asking the \
+                     configuration server where to replicate");
+                shared.set_link(Some(format!(
+                    "process server {}: moved away ({why}); waiting for the configuration server",
+                    target.server
+                )));
+                if let Some(ask) = &cfg.ask_now {
+                    ask.notify_one();
+                }
+                // Back to the same process server only if the configuration server says so
+                // (or has not answered for a while).
+                tokio::select! {
+                    _ = changed(&mut target_rx) => {}
+                    _ = tokio::time::sleep(MOVED_WAIT) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
             Outcome::Lost { why, welcomed } => {
                 if welcomed {
                     backoff = BACKOFF_MIN;
                 }
-                tracing::warn!(server = %cfg.server, retry_in_ms = backoff.as_millis() as u64,
+                tracing::warn!(server = %target.server, retry_in_ms = backoff.as_millis() as u64,
                     "replication connection: {why}");
-                shared.set_link(Some(format!("process server {}: {why}", cfg.server)));
+                shared.set_link(Some(format!("process server {}: {why}", target.server)));
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = overflowed(&shared.splitter) => {}
+            _ = changed(&mut target_rx) => {}
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// After a process server said the agent moved, the longest wait for the configuration
+/// server to name another before trying it again.
+const MOVED_WAIT: Duration = Duration::from_secs(10);
+
+/// A new target; never, once no one can send one (a target given on the command line).
+async fn changed(rx: &mut watch::Receiver<Option<Target>>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -537,17 +678,21 @@ impl Drop for Cancel {
 async fn connection(
     shared: &Arc<Shared>,
     cfg: &ShipConfig,
+    target: &Target,
     s: &mut Session,
     stop: &mut watch::Receiver<bool>,
+    target_rx: &mut watch::Receiver<Option<Target>>,
 ) -> Outcome {
     let id = &cfg.identity;
-    let addr = match resolve(&cfg.server).await {
+    let addr = match resolve(&target.server).await {
         Ok(a) => a,
         Err(e) => return lost(format!("{e:#}"), false),
     };
+    let ca_pem = target.ca_pem.as_deref().unwrap_or(&id.ca_pem);
     let conn = tokio::select! {
-        c = endpoint::connect(addr, &cfg.server_name, &id.ca_pem, &id.cert_pem, &id.key_pem) => c,
+        c = endpoint::connect(addr, &target.server_name, ca_pem, &id.cert_pem, &id.key_pem) => c,
         _ = overflowed(&shared.splitter) => return Outcome::Overflow,
+        _ = changed(target_rx) => return Outcome::Retarget,
         _ = stop.changed() => return Outcome::Stop,
     };
     let conn = match conn {
@@ -612,6 +757,9 @@ async fn connection(
                     });
                 }
                 ShipperAction::Compare { request, hashes } => {
+                    shared
+                        .resync_compared
+                        .fetch_add(request.len, Ordering::Relaxed);
                     if request.offset == 0 || comparing.is_none() {
                         tracing::debug!(offset = request.offset, "resync: comparing a range");
                     }
@@ -645,12 +793,17 @@ async fn connection(
                 ShipperEnd::Rebase => Outcome::Rebase,
                 ShipperEnd::Lost { why, welcomed } => lost(why, welcomed),
                 ShipperEnd::FailedOver(why) => Outcome::FailedOver(why),
+                ShipperEnd::Moved(why) => Outcome::Moved(why),
             };
         }
 
         let timeout = s.shipper.poll_timeout();
         tokio::select! {
             _ = stop.changed() => return Outcome::Stop,
+            _ = changed(target_rx) => {
+                let _ = send.finish();
+                return Outcome::Retarget;
+            }
             frame = reader.next() => match frame {
                 Ok(Some(f)) => {
                     s.shipper.handle_frame(Instant::now(), f);
@@ -674,7 +827,10 @@ async fn connection(
             } => {
                 let base = s.fill.take().map_or(0, |(b, _)| b);
                 match records {
-                    Some(Ok(records)) => s.shipper.filled(base, records),
+                    Some(Ok(records)) => {
+                        shared.trail.lock().unwrap_or_else(|e| e.into_inner()).note(&records);
+                        s.shipper.filled(base, records);
+                    }
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "reading the change log");
                         s.shipper.fill_failed(Instant::now());

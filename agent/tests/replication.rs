@@ -62,6 +62,7 @@ impl Site {
             key_pem,
             ca_pem: ca.ca_cert_pem().to_string(),
             crl_pems: vec![ca.crl_pem().unwrap()],
+            client_ca_pems: Vec::new(),
         };
         let ca = Arc::new(Mutex::new(ca));
         let server = rt.block_on(async {

@@ -432,7 +432,8 @@ pub struct Agent {
     /// `nbd://127.0.0.1:PORT/disk`
     pub nbd: String,
     pub nbd_port: u16,
-    server: String,
+    /// `--server`; none for an agent that asks its configuration server.
+    server: Option<String>,
     extra: Vec<String>,
     pub proc: Proc,
 }
@@ -445,7 +446,7 @@ impl Agent {
                 .arg(&self.data_dir)
                 .arg("--disk")
                 .arg(&self.disk)
-                .args(["--server", &self.server])
+                .args(self.server.iter().flat_map(|s| ["--server", s.as_str()]))
                 .args(["--listen", &format!("127.0.0.1:{}", self.nbd_port)])
                 .args(&self.extra)
                 .env(
@@ -475,7 +476,39 @@ impl Agent {
         machine: &str,
         extra: Vec<String>,
     ) -> Result<Agent> {
-        let server = Agent::enroll(bins, ps, data_dir, machine)?;
+        let server = Some(Agent::enroll(bins, ps, data_dir, machine)?);
+        Agent::start(bins, server, data_dir, disk, extra)
+    }
+
+    /// Enrolls an agent named `machine` of site `site` with the configuration server `cs` and
+    /// starts it protecting `disk`: it asks `cs` where to replicate.
+    pub fn enroll_with_config_server_and_start(
+        bins: &Path,
+        cs: &Gateway,
+        site: &str,
+        data_dir: &Path,
+        disk: &Path,
+        machine: &str,
+        extra: Vec<String>,
+    ) -> Result<Agent> {
+        run_ok(
+            Command::new(bins.join("haven-agent"))
+                .args(["enroll", "--data-dir"])
+                .arg(data_dir)
+                .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
+                .args(["--site", site, "--token", &cs.token()?])
+                .args(["--machine-name", machine]),
+        )?;
+        Agent::start(bins, None, data_dir, disk, extra)
+    }
+
+    fn start(
+        bins: &Path,
+        server: Option<String>,
+        data_dir: &Path,
+        disk: &Path,
+        extra: Vec<String>,
+    ) -> Result<Agent> {
         let nbd_port = free_tcp_port();
         let mut agent = Agent {
             bins: bins.to_owned(),
@@ -529,6 +562,9 @@ pub struct Cluster {
     pub cs: Option<Gateway>,
     pub mt: Gateway,
     pub ps: Gateway,
+    /// A second process server at the primary site (with
+    /// `ClusterOptions::second_process_server`), joined as `ps2`.
+    pub ps2: Option<Gateway>,
     pub agent: Agent,
 }
 
@@ -552,6 +588,11 @@ pub struct ClusterOptions {
     pub retention: Option<String>,
     /// Start a configuration server first, and join both gateways to it.
     pub config_server: bool,
+    /// A second process server at the primary site (needs `config_server`).
+    pub second_process_server: bool,
+    /// Enroll the agent with the configuration server, which names its process server
+    /// (needs `config_server`).
+    pub agent_via_config_server: bool,
 }
 
 impl Cluster {
@@ -619,41 +660,66 @@ impl Cluster {
         // One admin token for both gateways, as an operator of one deployment keeps it.
         let (ps_dir, ps_port, ps_api, admin) =
             Gateway::init(bins, root, "ps", "primary", Some(&admin))?;
-        let ps_join = join(&ps_dir, "ps1")?;
-        run_ok(
-            Command::new(bins.join("haven-gateway"))
-                .args(["enroll", "--data-dir"])
-                .arg(&ps_dir)
-                .args(["--upstream", &format!("127.0.0.1:{mt_port}")])
-                .args(["--token", &mt.token()?, "--name", "ps-primary"]),
-        )?;
-        let ps = Gateway::start(
-            bins,
-            "process server",
-            ps_dir.clone(),
-            format!(
-                "data_dir = {ps_dir:?}\n{ps_join}\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
-                 upstream = \"127.0.0.1:{mt_port}\"\n{}\n\n[api]\nlisten = \"127.0.0.1:{ps_api}\"\n",
-                options.ps_config
-            ),
-            ps_port,
-            ps_api,
-            admin,
-            options.ps_env.clone(),
-        )?;
-        let agent = Agent::enroll_and_start(
-            bins,
-            &ps,
-            &root.join("agent"),
-            disk,
-            "web01",
-            options.agent_args,
-        )?;
+        // A process server at the primary site, enrolled with the master target, joined as
+        // `name`.
+        let start_ps = |dir: PathBuf, port: u16, api: u16, admin: String, name: &str| {
+            let ps_join = join(&dir, name)?;
+            run_ok(
+                Command::new(bins.join("haven-gateway"))
+                    .args(["enroll", "--data-dir"])
+                    .arg(&dir)
+                    .args(["--upstream", &format!("127.0.0.1:{mt_port}")])
+                    .args(["--token", &mt.token()?, "--name", &format!("ps-{name}")]),
+            )?;
+            Gateway::start(
+                bins,
+                &format!("process server {name}"),
+                dir.clone(),
+                format!(
+                    "data_dir = {dir:?}\n{ps_join}\n[process_server]\nlisten = \"127.0.0.1:{port}\"\n\
+                     upstream = \"127.0.0.1:{mt_port}\"\n{}\n\n[api]\nlisten = \"127.0.0.1:{api}\"\n",
+                    options.ps_config
+                ),
+                port,
+                api,
+                admin,
+                options.ps_env.clone(),
+            )
+        };
+        let ps = start_ps(ps_dir, ps_port, ps_api, admin.clone(), "ps1")?;
+        let ps2 = match options.second_process_server {
+            true => {
+                let (dir, port, api, admin) =
+                    Gateway::init(bins, root, "ps2", "primary", Some(&admin))?;
+                Some(start_ps(dir, port, api, admin, "ps2")?)
+            }
+            false => None,
+        };
+        let agent = match (&cs, options.agent_via_config_server) {
+            (Some(cs), true) => Agent::enroll_with_config_server_and_start(
+                bins,
+                cs,
+                "primary",
+                &root.join("agent"),
+                disk,
+                "web01",
+                options.agent_args,
+            )?,
+            _ => Agent::enroll_and_start(
+                bins,
+                &ps,
+                &root.join("agent"),
+                disk,
+                "web01",
+                options.agent_args,
+            )?,
+        };
         Ok(Cluster {
             root: root.to_owned(),
             cs,
             mt,
             ps,
+            ps2,
             agent,
         })
     }

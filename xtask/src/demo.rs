@@ -139,6 +139,7 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         ClusterOptions {
             retention: Some("window = \"72h\"".into()),
             config_server: true,
+            agent_via_config_server: true,
             ..Default::default()
         },
     )?;
@@ -161,7 +162,8 @@ fn replicate(root: &Path, disk: &Path) -> Result<std::path::PathBuf> {
         cluster.ps.api, cluster.ps.port
     );
     println!(
-        "agent          web01, enrolled by token, serving {}\n",
+        "agent          web01, enrolled with the configuration server by token, placed on \
+         the process server it names, serving {}\n",
         cluster.agent.nbd
     );
 

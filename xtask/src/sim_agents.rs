@@ -78,13 +78,11 @@ impl SimAgents {
             ));
             shared.update(|_| {})?;
             let points = Arc::new(Points::default());
-            let cfg = ShipConfig {
-                server: identity.info.server.clone(),
-                server_name: identity.info.server_name.clone(),
+            let cfg = ShipConfig::enrolled(
                 identity,
-                window_bytes: WINDOW_BYTES,
-                on_connection: Some(points::control_hook(&shared, &points)),
-            };
+                WINDOW_BYTES,
+                Some(points::control_hook(&shared, &points)),
+            );
             rt.spawn(replicate::ship(Arc::clone(&shared), cfg, stop_rx.clone()));
             rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx.clone()));
             sims.push(Sim {

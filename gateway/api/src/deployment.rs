@@ -517,6 +517,9 @@ pub fn assignment_of(p: &haven_pipeline::model::Pipeline) -> Assignment {
                         .map(|d| d.as_millis() as u64),
                     retention: serde_json::to_value(&r.retention).unwrap_or_default(),
                     rpo_threshold_ms: r.rpo_threshold.as_millis() as u64,
+                    site: Some(m.site.clone()),
+                    process_server: m.process_server.clone(),
+                    process_server_grace_ms: r.process_server_grace.as_millis() as u64,
                 },
             ))
         })
@@ -524,5 +527,6 @@ pub fn assignment_of(p: &haven_pipeline::model::Pipeline) -> Assignment {
     Assignment {
         revision: 0,
         machines,
+        crl_pem: None,
     }
 }

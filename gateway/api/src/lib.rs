@@ -564,6 +564,11 @@ struct AgentCert {
     not_after: u64,
     /// Whether it is revoked.
     revoked: bool,
+    /// At a configuration server, for an agent that asked where to replicate: the process
+    /// server it was assigned, how many times it was moved, and whether it said it was
+    /// connected there when it last asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    placement: Option<haven_engine::placement::AgentRecord>,
 }
 
 #[utoipa::path(
@@ -575,7 +580,13 @@ struct AgentCert {
         (status = NOT_FOUND, description = "This gateway has no site CA", body = ErrorBody),
     )
 )]
-async fn list_agents(Authority(ca): Authority) -> Compact<Vec<AgentCert>> {
+async fn list_agents(State(s): State<Served>, Authority(ca): Authority) -> Compact<Vec<AgentCert>> {
+    let placed: std::collections::HashMap<String, haven_engine::placement::AgentRecord> = s
+        .api
+        .deployment
+        .as_ref()
+        .map(|cs| cs.agents().into_iter().map(|a| (a.id.clone(), a)).collect())
+        .unwrap_or_default();
     let ca = lock(&ca);
     let agents = ca
         .issued()
@@ -588,6 +599,7 @@ async fn list_agents(Authority(ca): Authority) -> Compact<Vec<AgentCert>> {
             issued_at: r.issued_at,
             not_after: r.not_after,
             revoked: ca.revoked().iter().any(|x| &x.serial == serial),
+            placement: placed.get(&r.subject).cloned(),
         })
         .collect();
     Compact(agents)

@@ -6,6 +6,10 @@
 //! serve); it forwards operators' API calls to them on the same connection
 //! ([`ConfigServer::forward`]). What it knows of each gateway is kept in redb
 //! (`<data_dir>/cs/state.redb`, `gateway/<name>`); the live status only in memory.
+//!
+//! Agents enrolled with its CA connect the same way and ask which process server to replicate
+//! to; the answer ([`crate::placement`]) is kept per agent (`agent/<id>`), and a move from a
+//! process server gone past the machine's grace raises `agent.moved`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,13 +20,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use haven_net::SiteCa;
 use haven_net::endpoint::{AgentConnection, ServerTls};
-use haven_net::join::{self, ApiAnswer, ApiRequest, Assignment, Health, Report};
+use haven_net::join::{
+    self, AgentAnswer, AgentAsk, ApiAnswer, ApiRequest, AssignedProcessServer, Assignment, Health,
+    ProcessServerContact, Report, Request,
+};
 use haven_store::StateDb;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, Events, FULL_PERCENT, LOW_SPACE_PERCENT, Raise, Severity, Webhook};
 use crate::ingest::lock;
 use crate::now_ms;
+use crate::placement::{AgentRecord, Candidate, Placement, place};
 use crate::status::GatewayStatus;
 
 /// A gateway that has not reported for this long is shown as gone.
@@ -54,6 +62,9 @@ pub struct GatewayRecord {
     /// First and last report, ms since the Unix epoch.
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
+    /// How agents reach it, when it is a process server.
+    #[serde(default)]
+    pub contact: Option<ProcessServerContact>,
 }
 
 /// The deployment's pipeline as applied.
@@ -105,6 +116,10 @@ pub struct ConfigServer {
     applying: Mutex<()>,
     /// When each gateway last reported (kept after it leaves, to tell it is gone).
     last_report: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// The agents it enrolled, by id, as kept in redb (`agent/<id>`).
+    agents: Mutex<BTreeMap<String, AgentRecord>>,
+    /// Its CA's revocation list, handed to process servers with their assignment.
+    crl_pem: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -135,7 +150,14 @@ impl ConfigServer {
             .get_json::<Assignment>("assignment")?
             .unwrap_or_default();
         let events = Events::open(&state)?;
+        let agents = state
+            .json_with_prefix::<AgentRecord>("agent/")?
+            .into_iter()
+            .map(|(_, a)| (a.id.clone(), a))
+            .collect();
         Ok(Arc::new(ConfigServer {
+            agents: Mutex::new(agents),
+            crl_pem: Mutex::new(None),
             config,
             events,
             applying: Mutex::new(()),
@@ -171,56 +193,57 @@ impl ConfigServer {
         &self.listener
     }
 
-    /// One gateway's connection: its reports, until it closes.
+    /// One connection, a gateway's or an agent's: its reports or questions, until it closes.
     async fn gateway(self: Arc<Self>, conn: AgentConnection) {
         let name = conn.peer.machine_name.clone();
         let id = conn.peer.agent_id.clone();
-        // A name is one gateway: another certificate under the name of a gateway connected
-        // now is refused (the one connected keeps it). A gateway enrolled again (a new
-        // certificate) takes its name over once the old one is gone.
-        let taken = lock(&self.live)
-            .get(&name)
-            .filter(|l| l.connection.close_reason().is_none())
-            .map(|l| l.id.clone());
-        if let Some(other) = taken.filter(|other| *other != id) {
-            tracing::warn!(gateway = %name, id = %id, holder = %other,
-                "a gateway joined under a name another gateway holds; refused");
-            conn.connection.close(
-                haven_net::endpoint::CLOSE_BAD_IDENTITY.into(),
-                format!(
-                    "the name `{name}` belongs to another gateway (id {other}) at this \
-                     configuration server: enroll this one under a name of its own"
-                )
-                .as_bytes(),
-            );
-            return;
-        }
-        tracing::info!(gateway = %name, "gateway joined");
-        let ticket = self.listener.add(&id, &conn.connection);
-        lock(&self.live).insert(
-            name.clone(),
-            Live {
-                id: id.clone(),
-                connection: conn.connection.clone(),
-                report: None,
-                reported_at: None,
-            },
-        );
+        // Registered as a gateway at its first report.
+        let mut ticket = None;
         loop {
             let (mut send, mut recv) = match conn.connection.accept_bi().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::info!(gateway = %name, error = %e, "gateway left");
+                    if ticket.is_some() {
+                        tracing::info!(gateway = %name, error = %e, "gateway left");
+                    }
                     break;
                 }
             };
-            let report: Report = match join::read(&mut recv).await {
-                Ok(r) => r,
+            let report = match join::read::<Request>(&mut recv).await {
+                Ok(Request::Report(r)) => r,
+                Ok(Request::Agent(ask)) => {
+                    let cs = self.clone();
+                    let (agent, machine) = (id.clone(), name.clone());
+                    let answer = tokio::task::spawn_blocking(move || {
+                        cs.agent_asked(&agent, &machine, ask)
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|a| a)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(agent = %conn.peer.agent_id, error = %format!("{e:#}"),
+                                "placing an agent");
+                        AgentAnswer {
+                            process_server: None,
+                            message: Some(format!("the configuration server failed: {e:#}")),
+                        }
+                    });
+                    if let Err(e) = join::write(&mut send, &answer).await {
+                        tracing::debug!(agent = %name, error = %e, "answering an agent");
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(gateway = %name, error = %e, "a bad report");
+                    tracing::warn!(peer = %name, error = %e, "a bad request");
                     continue;
                 }
             };
+            if ticket.is_none() {
+                match self.register(&conn, &name, &id) {
+                    Some(t) => ticket = Some(t),
+                    None => return,
+                }
+            }
             if report.name != name {
                 tracing::warn!(gateway = %name, reported = %report.name,
                     "a report under another name than the certificate's; ignored");
@@ -244,6 +267,7 @@ impl ConfigServer {
                 tracing::debug!(gateway = %name, error = %e, "answering a report");
             }
         }
+        let Some(ticket) = ticket else { return };
         self.listener.remove(ticket);
         let mut live = lock(&self.live);
         if live
@@ -252,6 +276,196 @@ impl ConfigServer {
         {
             live.remove(&name);
         }
+    }
+
+    /// Registers a connection as the gateway `name` at its first report; `None` when the
+    /// name belongs to another gateway connected now (the connection is closed).
+    fn register(&self, conn: &AgentConnection, name: &str, id: &str) -> Option<usize> {
+        // A name is one gateway: another certificate under the name of a gateway connected
+        // now is refused (the one connected keeps it). A gateway enrolled again (a new
+        // certificate) takes its name over once the old one is gone.
+        let taken = lock(&self.live)
+            .get(name)
+            .filter(|l| l.connection.close_reason().is_none())
+            .map(|l| l.id.clone());
+        if let Some(other) = taken.filter(|other| other != id) {
+            tracing::warn!(gateway = %name, id = %id, holder = %other,
+                "a gateway joined under a name another gateway holds; refused");
+            conn.connection.close(
+                haven_net::endpoint::CLOSE_BAD_IDENTITY.into(),
+                format!(
+                    "the name `{name}` belongs to another gateway (id {other}) at this \
+                     configuration server: enroll this one under a name of its own"
+                )
+                .as_bytes(),
+            );
+            return None;
+        }
+        tracing::info!(gateway = %name, "gateway joined");
+        let ticket = self.listener.add(id, &conn.connection);
+        lock(&self.live).insert(
+            name.to_string(),
+            Live {
+                id: id.to_string(),
+                connection: conn.connection.clone(),
+                report: None,
+                reported_at: None,
+            },
+        );
+        Some(ticket)
+    }
+
+    /// An agent asks where to replicate: places it (see [`crate::placement`]) and records
+    /// where.
+    fn agent_asked(&self, id: &str, machine: &str, ask: AgentAsk) -> Result<AgentAnswer> {
+        let now = now_ms();
+        let policy = lock(&self.assignment).machines.get(machine).cloned();
+        let gateways: Vec<(String, GatewayRecord)> = self.state.json_with_prefix("gateway/")?;
+        let mut agents = lock(&self.agents);
+        let known = agents.get(id).cloned();
+        let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in agents.values().filter(|a| a.id != id) {
+            if let Some(ps) = &a.process_server {
+                *load.entry(ps.as_str()).or_default() += 1;
+            }
+        }
+        let (live, last) = (lock(&self.live), lock(&self.last_report));
+        let candidates: Vec<Candidate> = gateways
+            .iter()
+            .filter(|(_, g)| g.contact.is_some() && g.roles.iter().any(|r| r == "process-server"))
+            .map(|(_, g)| {
+                let l = live.get(&g.name);
+                let connected = l
+                    .and_then(|l| l.reported_at)
+                    .is_some_and(|t| t.elapsed() < GONE_AFTER);
+                let gone_for = match last.get(&g.name) {
+                    Some(t) => t.elapsed(),
+                    None => Duration::from_millis(now.saturating_sub(g.last_seen_ms)),
+                };
+                let cache_bytes = l
+                    .and_then(|l| l.report.as_ref())
+                    .and_then(|r| r.status["process_server"]["cache_bytes"].as_u64())
+                    .unwrap_or(0);
+                Candidate {
+                    name: g.name.clone(),
+                    site: g.site.clone(),
+                    connected,
+                    gone_for: if connected { Duration::ZERO } else { gone_for },
+                    agents: load.get(g.name.as_str()).copied().unwrap_or(0),
+                    cache_bytes,
+                }
+            })
+            .collect();
+        drop((live, last));
+        let site = policy
+            .as_ref()
+            .and_then(|p| p.site.clone())
+            .or(ask.site.clone())
+            .or_else(|| known.as_ref().and_then(|k| k.site.clone()));
+        let current = known.as_ref().and_then(|k| k.process_server.clone());
+        let grace = Duration::from_millis(
+            policy
+                .as_ref()
+                .map_or(join::DEFAULT_PROCESS_SERVER_GRACE.as_millis() as u64, |p| {
+                    p.process_server_grace_ms
+                }),
+        );
+        let pinned = policy.as_ref().and_then(|p| p.process_server.clone());
+        let placement = place(
+            site.as_deref(),
+            current.as_deref(),
+            pinned.as_deref(),
+            grace,
+            &candidates,
+        );
+        let mut record = known.clone().unwrap_or(AgentRecord {
+            id: id.to_string(),
+            machine_name: machine.to_string(),
+            site: None,
+            process_server: None,
+            assigned_ms: now,
+            moves: 0,
+            last_seen_ms: now,
+            connected: false,
+        });
+        record.machine_name = machine.to_string();
+        record.site.clone_from(&site);
+        record.connected = ask.connected && ask.process_server == current && current.is_some();
+        let (to, message) = match placement {
+            Placement::Stay(to) => (Some(to), None),
+            Placement::Go { to, from } => {
+                record.assigned_ms = now;
+                if let Some(from) = &from {
+                    record.moves += 1;
+                    let gone = candidates
+                        .iter()
+                        .find(|c| c.name == *from)
+                        .map_or(Duration::ZERO, |c| c.gone_for);
+                    let text = format!(
+                        "the agent of {machine} moved from process server {from} (gone for {} \
+                         s, its policy's grace is {} s) to {to}; it resumes there without a \
+                         full copy",
+                        gone.as_secs(),
+                        grace.as_secs()
+                    );
+                    tracing::warn!(agent = %id, "{text}");
+                    if let Err(e) = self.events.raise(
+                        &self.state,
+                        Raise {
+                            severity: Severity::Warning,
+                            kind: "agent.moved",
+                            gateway: Some(to.clone()),
+                            item: Some(machine.to_string()),
+                            text,
+                        },
+                    ) {
+                        tracing::error!(error = %format!("{e:#}"), "recording an event");
+                    }
+                } else {
+                    tracing::info!(agent = %id, machine = %machine, process_server = %to,
+                        "agent assigned");
+                }
+                (Some(to), None)
+            }
+            Placement::Nowhere(why) => (current.clone(), Some(why)),
+        };
+        record.process_server.clone_from(&to);
+        // Written when something but the time changed, and at most every 10 s otherwise.
+        let changed = known.as_ref().is_none_or(|k| {
+            let mut k = k.clone();
+            k.last_seen_ms = record.last_seen_ms;
+            k != record || now.saturating_sub(record.last_seen_ms) >= 10_000
+        });
+        if changed {
+            record.last_seen_ms = now;
+            self.state.put_json(&format!("agent/{id}"), &record)?;
+        }
+        agents.insert(id.to_string(), record);
+        let process_server = to.and_then(|name| {
+            let g = gateways.iter().find(|(_, g)| g.name == name)?;
+            Some(AssignedProcessServer {
+                contact: g.1.contact.clone()?,
+                name,
+            })
+        });
+        Ok(AgentAnswer {
+            message: message.or_else(|| {
+                process_server.is_none().then(|| {
+                    "the assigned process server has never reported how to reach it".into()
+                })
+            }),
+            process_server,
+        })
+    }
+
+    /// The agents this server enrolled and where each replicates.
+    pub fn agents(&self) -> Vec<AgentRecord> {
+        lock(&self.agents).values().cloned().collect()
+    }
+
+    /// This server CA's revocation list, sent to process servers with every assignment.
+    pub fn set_crl(&self, crl_pem: String) {
+        *lock(&self.crl_pem) = Some(crl_pem);
     }
 
     /// Records a report; returns the gateway's assignment.
@@ -266,19 +480,22 @@ impl ConfigServer {
             id: id.to_string(),
             first_seen_ms: known.as_ref().map_or(now, |k| k.first_seen_ms),
             last_seen_ms: now,
+            contact: report.process_server.clone(),
         };
         // Written when something but the time changed, and at most every 10 s otherwise.
         let stale = known.as_ref().is_none_or(|k| {
             k.site != record.site
                 || k.roles != record.roles
                 || k.id != record.id
+                || k.contact != record.contact
                 || now.saturating_sub(k.last_seen_ms) >= 10_000
         });
         if stale {
             self.state.put_json(&key, &record)?;
         }
         lock(&self.last_report).insert(report.name.clone(), std::time::Instant::now());
-        let assignment = lock(&self.assignment).clone();
+        let mut assignment = lock(&self.assignment).clone();
+        assignment.crl_pem = lock(&self.crl_pem).clone();
         if let Err(e) = self.evaluate(&report, &assignment) {
             tracing::error!(gateway = %report.name, error = %format!("{e:#}"), "recording events");
         }

@@ -220,6 +220,15 @@ pub struct Refused {
 }
 
 impl Refused {
+    /// The agent is forwarded by another process server now.
+    pub fn moved(message: impl Into<String>) -> anyhow::Error {
+        Refused {
+            code: error_code::MOVED,
+            message: message.into(),
+        }
+        .into()
+    }
+
     /// The disk was failed over: replication of it is stopped.
     pub fn failed_over(message: impl Into<String>) -> anyhow::Error {
         Refused {
@@ -240,10 +249,30 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Who is at the other end of a replication stream, from its certificate: an agent (at a
+/// process server) or a process server (at a master target).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Via {
+    /// The certificate's id.
+    pub id: String,
+    /// The name it enrolled with (an agent's machine name, a process server's name).
+    pub name: String,
+}
+
 /// What a role does with a receiving loop's events.
 pub trait Sink: Send + Sync + 'static {
+    /// Before `hello`'s streams are opened: a process server that may not own the agent's
+    /// streams any more confirms it with its master target here (or takes them over).
+    fn prepare(
+        &self,
+        _hello: &Hello,
+        _via: &Via,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// The streams of `hello`'s disks for its peer, opened or created.
-    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>>;
+    fn open_disks(&self, hello: &Hello, via: &Via) -> Result<Vec<Arc<DiskStream>>>;
 
     /// Records up to `durable` of `stream` are durable in its journal; `appended` are the
     /// records appended in this batch (with what the journal stored). Wakes whatever consumes
@@ -279,7 +308,7 @@ pub trait Sink: Send + Sync + 'static {
 pub async fn serve_stream<S: Sink>(
     sink: Arc<S>,
     expected_peer: Option<PeerId>,
-    machine_name: String,
+    via: Via,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<()> {
@@ -305,7 +334,11 @@ pub async fn serve_stream<S: Sink>(
         refuse(&mut send, error_code::PROTOCOL, &msg).await;
         bail!("{msg}");
     }
-    let streams = match sink.open_disks(&hello, &machine_name) {
+    let streams = match sink.prepare(&hello, &via).await {
+        Ok(()) => sink.open_disks(&hello, &via),
+        Err(e) => Err(e),
+    };
+    let streams = match streams {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("{e:#}");

@@ -32,6 +32,9 @@ pub trait JoinHandler: Send + Sync + 'static {
     fn report(&self) -> Report;
     /// Runs an assignment (a new revision).
     fn apply(&self, assignment: &Assignment);
+    /// The configuration server CA's revocation list, with every answer (it may change without
+    /// a new revision).
+    fn crl(&self, _crl_pem: Option<&str>) {}
     /// Answers a forwarded API call.
     fn call(&self, request: ApiRequest) -> Pin<Box<dyn Future<Output = ApiAnswer> + Send>>;
 }
@@ -72,8 +75,10 @@ pub async fn run(config: JoinConfig, handler: Arc<dyn JoinHandler>) {
                 }
             };
             report.assignment_revision = applied;
-            match join::exchange::<_, Assignment>(&conn, &report, Duration::from_secs(10)).await {
+            let request = join::Request::Report(report);
+            match join::exchange::<_, Assignment>(&conn, &request, Duration::from_secs(10)).await {
                 Ok(a) => {
+                    handler.crl(a.crl_pem.as_deref());
                     if a.revision != applied {
                         if a.revision < applied {
                             tracing::warn!(

@@ -29,6 +29,7 @@ pub mod join;
 pub mod master_target;
 pub mod metrics;
 pub mod overlay;
+pub mod placement;
 pub mod process_server;
 pub mod recovery;
 pub mod retention;
@@ -143,6 +144,9 @@ impl Rate {
 pub struct Listener {
     server: std::sync::Mutex<Option<std::sync::Arc<haven_net::Server>>>,
     live: std::sync::Mutex<Vec<(String, usize, haven_net::quinn::Connection)>>,
+    /// The CRLs in force: this site CA's, and the configuration server's (for the agents it
+    /// enrolled), each replaced on its own.
+    crls: std::sync::Mutex<(Vec<String>, Option<String>)>,
 }
 
 impl Listener {
@@ -153,6 +157,10 @@ impl Listener {
         tls: haven_net::endpoint::ServerTls,
         ca: Option<std::sync::Arc<std::sync::Mutex<haven_net::SiteCa>>>,
     ) -> Result<std::sync::Arc<haven_net::Server>> {
+        let mut crls = ingest::lock(&self.crls);
+        crls.0.clone_from(&tls.crl_pems);
+        let mut tls = tls;
+        tls.crl_pems.extend(crls.1.iter().cloned());
         let server = std::sync::Arc::new(haven_net::Server::bind(addr, tls, ca)?);
         *ingest::lock(&self.server) = Some(server.clone());
         Ok(server)
@@ -163,10 +171,26 @@ impl Listener {
         ingest::lock(&self.server).as_ref()?.local_addr().ok()
     }
 
-    /// New CRLs for new connections, after a revocation.
+    /// New CRLs of this site's CA for new connections, after a revocation.
     pub fn set_crls(&self, crl_pems: Vec<String>) -> Result<()> {
+        let mut crls = ingest::lock(&self.crls);
+        crls.0 = crl_pems;
+        self.apply_crls(&crls)
+    }
+
+    /// The configuration server CA's CRL (from the assignment), when it changed.
+    pub fn set_config_server_crl(&self, crl_pem: Option<String>) -> Result<()> {
+        let mut crls = ingest::lock(&self.crls);
+        if crls.1 == crl_pem {
+            return Ok(());
+        }
+        crls.1 = crl_pem;
+        self.apply_crls(&crls)
+    }
+
+    fn apply_crls(&self, crls: &(Vec<String>, Option<String>)) -> Result<()> {
         if let Some(server) = ingest::lock(&self.server).as_ref() {
-            server.set_crls(crl_pems)?;
+            server.set_crls(crls.0.iter().chain(&crls.1).cloned().collect())?;
         }
         Ok(())
     }

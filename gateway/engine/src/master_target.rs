@@ -40,11 +40,11 @@ use haven_net::{SiteCa, quinn};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
 use haven_store::state::{StateDb, StreamKey, StreamRecord};
-use haven_wire::{HashRequest, Hashes, Hello, Record, Seq};
+use haven_wire::{HashRequest, Hashes, Hello, PeerId, Record, Seq};
 use tokio::sync::oneshot;
 
 use crate::applier::{Appliers, Job, MAX_APPLIERS};
-use crate::ingest::{self, DiskStream, RecordExt, Sink, lock};
+use crate::ingest::{self, DiskStream, RecordExt, Sink, Via, lock};
 use crate::status::{MasterTargetStatus, ReplicaStatus};
 use crate::{Rate, now_ms, peer_hex};
 
@@ -98,6 +98,23 @@ pub struct MasterTarget {
     pub(crate) retention_by_machine: Mutex<HashMap<String, crate::retention::RetentionPolicy>>,
     /// Apply latency and RPO over time, for `/metrics`.
     pub(crate) histograms: Arc<crate::metrics::Histograms>,
+    /// Which process server forwards each agent (by agent id), as kept in redb
+    /// (`owner/<agent>`); the lock orders takeovers.
+    owners: Mutex<HashMap<PeerId, Option<Owner>>>,
+}
+
+/// The process server that forwards an agent's streams: the first one that did, or the last
+/// that took the agent over (`TAKEOVER`). Streams of the agent from any other are refused
+/// with `MOVED`, so a process server that was given up for lost can never forward what it
+/// cached before the agent moved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Owner {
+    /// Its certificate's id at this site's CA.
+    id: String,
+    /// The name it enrolled with.
+    name: String,
+    /// Since when, ms since the Unix epoch.
+    since_ms: u64,
 }
 
 impl std::fmt::Debug for MasterTarget {
@@ -258,6 +275,7 @@ impl MasterTarget {
             broken: Mutex::new(HashMap::new()),
             retention_by_machine,
             histograms: Arc::default(),
+            owners: Mutex::new(HashMap::new()),
         });
         for (key, record) in mt.state.streams()? {
             let info = haven_wire::DiskInfo {
@@ -296,7 +314,10 @@ impl MasterTarget {
             let mt = self.clone();
             tokio::spawn(async move {
                 let ticket = mt.listener.add(&conn.peer.agent_id, &conn.connection);
-                let peer = conn.peer.machine_name.clone();
+                let peer = Via {
+                    id: conn.peer.agent_id.clone(),
+                    name: conn.peer.machine_name.clone(),
+                };
                 mt.clone().connection(conn.connection, peer).await;
                 mt.listener.remove(ticket);
             });
@@ -309,7 +330,7 @@ impl MasterTarget {
         &self.listener
     }
 
-    async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: String) {
+    async fn connection(self: Arc<Self>, conn: quinn::Connection, peer: Via) {
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {
@@ -323,7 +344,7 @@ impl MasterTarget {
                         });
                     }
                     Err(e) => {
-                        tracing::info!(%peer, reason = %e, "process server disconnected");
+                        tracing::info!(peer = %peer.name, reason = %e, "process server disconnected");
                         return;
                     }
                 },
@@ -648,13 +669,54 @@ fn clock_from_env() -> Box<dyn Fn() -> u64 + Send + Sync> {
     }
 }
 
+impl MasterTarget {
+    /// Checks that `via` forwards the agent of `hello` (records it when it is the first, or
+    /// takes the agent over).
+    fn check_owner(&self, hello: &Hello, via: &Via) -> Result<()> {
+        let agent = peer_hex(&hello.peer_id);
+        let key = format!("owner/{agent}");
+        let mut owners = lock(&self.owners);
+        let known = match owners.get(&hello.peer_id) {
+            Some(o) => o.clone(),
+            None => {
+                let o: Option<Owner> = self.state.get_json(&key)?;
+                owners.insert(hello.peer_id, o.clone());
+                o
+            }
+        };
+        match known {
+            Some(o) if o.id == via.id => return Ok(()),
+            Some(o) if !hello.takeover => {
+                return Err(crate::ingest::Refused::moved(format!(
+                    "agent {agent} is forwarded by process server `{}` since {} ms after the                      epoch; this process server (`{}`) no longer serves it and must drop what                      it caches for it",
+                    o.name, o.since_ms, via.name
+                )));
+            }
+            Some(o) => tracing::warn!(agent = %agent, from = %o.name, to = %via.name,
+                "the agent moved to another process server; its streams are taken from there"),
+            None => {}
+        }
+        let owner = Owner {
+            id: via.id.clone(),
+            name: via.name.clone(),
+            since_ms: now_ms(),
+        };
+        self.state.put_json(&key, &owner)?;
+        owners.insert(hello.peer_id, Some(owner));
+        Ok(())
+    }
+}
+
 impl Sink for MasterTarget {
-    fn open_disks(&self, hello: &Hello, via: &str) -> Result<Vec<Arc<DiskStream>>> {
+    fn open_disks(&self, hello: &Hello, via: &Via) -> Result<Vec<Arc<DiskStream>>> {
+        if hello.role == haven_wire::Role::ProcessServer {
+            self.check_owner(hello, via)?;
+        }
         // The connection is the process server's (`via`); the machine's name comes with the
         // agent's reports.
         let machine_name = lock(&self.reports)
             .get(&peer_hex(&hello.peer_id))
-            .map_or_else(|| format!("(via {via})"), |r| r.machine_name.clone());
+            .map_or_else(|| format!("(via {})", via.name), |r| r.machine_name.clone());
         let machine_name = machine_name.as_str();
         hello
             .disks

@@ -25,6 +25,17 @@
 //! Resync: a hash request from an agent is passed to the master target only once every record
 //! the cache holds for that disk has been acknowledged by it, so the replica's digests describe
 //! exactly the records the agent has sent.
+//!
+//! Moves: when agents may be moved between process servers (`confirm_owner`, a gateway joined
+//! to a configuration server), an agent this process has not forwarded since it started is
+//! served only once the master target confirmed that this process server still forwards it (a
+//! `Hello` for the agent, answered by a `Welcome`); a process server that never forwarded it, or
+//! whose cache the master target refused as `MOVED`, takes the agent over (`Hello` with
+//! `TAKEOVER`) and starts its cache where the master target resumes. A forwarder refused as
+//! `MOVED` drops the agent's cache, and halts its streams with the same refusal: what it held
+//! is stale, and the agent asks its configuration server where to replicate. Records the lost
+//! process server acknowledged and never forwarded are the agent's to send again: its `Welcome`
+//! here resumes below what it released, and it resyncs what those records changed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -48,7 +59,7 @@ use haven_wire::frame::error_code;
 use haven_wire::{DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, SenderConfig, Seq};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::ingest::{self, DiskStream, Refused, Sink, lock};
+use crate::ingest::{self, DiskStream, Refused, Sink, Via, lock};
 use crate::status::{CachedDisk, ProcessServerStatus};
 use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
 
@@ -83,7 +94,13 @@ pub struct ProcessServerConfig {
     pub upstream: Upstream,
     /// Bytes forwarded and not yet acknowledged, per agent.
     pub window_bytes: u64,
+    /// Agents may be moved between process servers: confirm with the master target that this
+    /// one forwards an agent before serving it (see the module documentation).
+    pub confirm_owner: bool,
 }
+
+/// Longest wait for the master target's answer when confirming or taking over an agent.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One source agent: its disks' caches and its forwarder.
 struct AgentEntry {
@@ -112,6 +129,10 @@ pub struct ProcessServer {
     listener: Arc<crate::Listener>,
     /// Agents whose cache could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<PeerId, (String, String)>>,
+    /// Agents the master target confirmed this process server forwards (since it started).
+    confirmed: Mutex<std::collections::HashSet<PeerId>>,
+    /// Confirmations run one at a time.
+    confirming: tokio::sync::Mutex<()>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
     /// The one connection to the master target every forwarder shares.
@@ -197,6 +218,8 @@ impl ProcessServer {
             agents: Mutex::new(HashMap::new()),
             listener: Arc::new(crate::Listener::default()),
             broken: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(std::collections::HashSet::new()),
+            confirming: tokio::sync::Mutex::new(()),
             me: me.clone(),
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
             budget: CacheBudget::default(),
@@ -376,7 +399,7 @@ impl ProcessServer {
                         let machine = machine.clone();
                         tokio::spawn(async move {
                             if let Err(e) =
-                                ingest::serve_stream(ps, Some(peer), machine, send, recv).await
+                                ingest::serve_stream(ps, Some(peer), Via { id: peer_hex(&peer), name: machine }, send, recv).await
                             {
                                 tracing::warn!(agent = %peer_hex(&peer), error = %format!("{e:#}"), "agent stream ended");
                             }
@@ -592,6 +615,24 @@ impl ProcessServer {
                 }
                 return;
             }
+            if let Some(refused) = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<Refused>())
+                .filter(|r| r.code == error_code::MOVED)
+            {
+                tracing::warn!(
+                    agent = %peer_hex(&entry.peer),
+                    "the agent moved to another process server; its cache here is dropped: {}",
+                    refused.message
+                );
+                let refused = refused.clone();
+                if let Err(e) = tokio::task::block_in_place(|| self.drop_agent(&entry, refused)) {
+                    tracing::error!(agent = %peer_hex(&entry.peer), error = %format!("{e:#}"),
+                        "dropping a moved agent's cache");
+                }
+                return;
+            }
             if let Err(e) = result {
                 let refusal = e
                     .downcast_ref::<quinn::ConnectionError>()
@@ -740,6 +781,7 @@ impl ProcessServer {
                         }
                         ForwarderAction::Connected => {
                             backoff.reset();
+                            lock(&self.confirmed).insert(entry.peer);
                             entry.upstream_connected.store(true, Ordering::Release);
                             tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
                         }
@@ -754,6 +796,9 @@ impl ProcessServer {
                     None => {}
                     Some(ForwarderEnd::FailedOver(message)) => {
                         return Err(Refused::failed_over(message));
+                    }
+                    Some(ForwarderEnd::Moved(message)) => {
+                        return Err(Refused::moved(message));
                     }
                     Some(ForwarderEnd::Lost(why) | ForwarderEnd::StateLost(why)) => {
                         let _ = send.finish();
@@ -801,6 +846,158 @@ impl ProcessServer {
             }
         }
         result
+    }
+}
+
+impl ProcessServer {
+    /// Before serving an agent's streams: confirms with the master target that this process
+    /// server forwards them, or takes them over (see the module documentation).
+    async fn confirm_owner(&self, hello: &Hello, via: &Via) -> Result<()> {
+        let confirmed = |ps: &Self| lock(&ps.confirmed).contains(&hello.peer_id);
+        if !self.config.confirm_owner || confirmed(self) {
+            return Ok(());
+        }
+        let _one = self.confirming.lock().await;
+        if confirmed(self) {
+            return Ok(());
+        }
+        let agent = peer_hex(&hello.peer_id);
+        let mut known = false;
+        for d in &hello.disks {
+            let key = StreamKey {
+                peer: hello.peer_id,
+                disk: d.id,
+            };
+            known |= self.state.get_stream(key)?.is_some();
+        }
+        let mut takeover = !known;
+        loop {
+            match self.probe(hello, takeover).await {
+                Ok(resume) => {
+                    if takeover {
+                        for d in &hello.disks {
+                            let next = resume
+                                .iter()
+                                .find(|r| r.disk == d.id)
+                                .map_or(1, |r| r.next_seq);
+                            // The cache starts where the master target resumes.
+                            let record = StreamRecord {
+                                size: d.size,
+                                block_size: d.block_size,
+                                created_ms: now_ms(),
+                                released_seq: next.saturating_sub(1),
+                                machine_name: via.name.clone(),
+                                ..Default::default()
+                            };
+                            let key = StreamKey {
+                                peer: hello.peer_id,
+                                disk: d.id,
+                            };
+                            self.state.put_stream(key, &record)?;
+                        }
+                        tracing::info!(agent = %agent, machine = %via.name,
+                            "took the agent over: its streams are forwarded from here");
+                    }
+                    lock(&self.confirmed).insert(hello.peer_id);
+                    return Ok(());
+                }
+                Err(e)
+                    if !takeover
+                        && e.downcast_ref::<Refused>()
+                            .is_some_and(|r| r.code == error_code::MOVED) =>
+                {
+                    tracing::warn!(agent = %agent, "the agent was moved away from this process                         server and back: its stale cache is dropped, then it is taken over");
+                    let entry = lock(&self.agents).get(&hello.peer_id).cloned();
+                    let refused = e.downcast::<Refused>().expect("checked above");
+                    tokio::task::block_in_place(|| match entry {
+                        Some(entry) => {
+                            if let Some(f) = lock(&entry.forwarder).take() {
+                                f.abort();
+                            }
+                            self.drop_agent(&entry, refused)
+                        }
+                        None => self.drop_caches(hello.peer_id),
+                    })?;
+                    takeover = true;
+                }
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "confirming with the master target that this process server forwards                          agent {agent} (the agent tries again)"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One `Hello` for `hello`'s agent to the master target (taking the agent over with
+    /// `takeover`): its resume points, or its refusal.
+    async fn probe(&self, hello: &Hello, takeover: bool) -> Result<Vec<haven_wire::Resume>> {
+        let conn = self.upstream().await?;
+        let exchange = async {
+            let (mut send, recv) = conn.open_bi().await?;
+            let mut reader = FrameReader::new(recv);
+            let hello = Hello {
+                version: haven_wire::PROTOCOL_VERSION,
+                role: Role::ProcessServer,
+                peer_id: hello.peer_id,
+                disks: hello.disks.clone(),
+                takeover,
+            };
+            write_frames(&mut send, [haven_wire::Frame::Hello(hello)]).await?;
+            let answer = reader.next().await?;
+            let _ = send.finish();
+            match answer {
+                Some(haven_wire::Frame::Welcome(w)) => Ok(w.resume),
+                Some(haven_wire::Frame::Error(e)) => Err(Refused {
+                    code: e.code,
+                    message: e.message,
+                }
+                .into()),
+                Some(other) => bail!(
+                    "the master target answered a Hello with {:?}",
+                    other.frame_type()
+                ),
+                None => bail!("the master target closed the stream"),
+            }
+        };
+        tokio::time::timeout(PROBE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("the master target did not answer in {PROBE_TIMEOUT:?}"))?
+    }
+
+    /// The agent moved to another process server: its streams here end with `refused`, and
+    /// its caches and their records go. Blocking (files and redb).
+    fn drop_agent(&self, entry: &Arc<AgentEntry>, refused: Refused) -> Result<()> {
+        {
+            let mut agents = lock(&self.agents);
+            if agents
+                .get(&entry.peer)
+                .is_some_and(|e| Arc::ptr_eq(e, entry))
+            {
+                agents.remove(&entry.peer);
+            }
+        }
+        for s in lock(&entry.disks).values() {
+            s.halt(refused.clone());
+        }
+        self.drop_caches(entry.peer)
+    }
+
+    fn drop_caches(&self, peer: PeerId) -> Result<()> {
+        lock(&self.confirmed).remove(&peer);
+        for (key, _) in self.state.streams()? {
+            if key.peer == peer {
+                self.state.remove_stream(key)?;
+            }
+        }
+        let dir = self.config.data_dir.join("cache").join(peer_hex(&peer));
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+        self.refresh_budget();
+        Ok(())
     }
 }
 
@@ -878,7 +1075,16 @@ impl Lane {
 }
 
 impl Sink for ProcessServer {
-    fn open_disks(&self, hello: &Hello, machine_name: &str) -> Result<Vec<Arc<DiskStream>>> {
+    fn prepare(
+        &self,
+        hello: &Hello,
+        via: &Via,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        self.confirm_owner(hello, via)
+    }
+
+    fn open_disks(&self, hello: &Hello, via: &Via) -> Result<Vec<Arc<DiskStream>>> {
+        let machine_name = via.name.as_str();
         let result = self
             .me
             .upgrade()

@@ -210,6 +210,7 @@ mod tests {
                     state: DiskState::Protected,
                     sync_done_bytes: 1 << 20,
                     resync_sent_bytes: 0,
+                    resync_compared_bytes: 0,
                     log_bytes: 0,
                     log_max_bytes: 1 << 30,
                     written_bytes_total: 0,

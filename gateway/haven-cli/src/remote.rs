@@ -62,17 +62,25 @@ pub fn agent(client: &Client, command: AgentCommand) -> Result<()> {
         AgentCommand::List { api } => {
             let body = client.request(&api, Method::GET, "/v1/agents")?;
             let agents: Vec<serde_json::Value> = serde_json::from_str(&body)?;
-            println!("{:<34} {:<20} {:<8}", "AGENT", "MACHINE", "STATE");
+            println!(
+                "{:<34} {:<20} {:<8} {:<16} MOVES",
+                "AGENT", "MACHINE", "STATE", "PROCESS SERVER"
+            );
             for a in agents {
+                let placement = &a["placement"];
                 println!(
-                    "{:<34} {:<20} {:<8}",
+                    "{:<34} {:<20} {:<8} {:<16} {}",
                     a["agent_id"].as_str().unwrap_or("?"),
                     a["machine_name"].as_str().unwrap_or("?"),
                     if a["revoked"].as_bool().unwrap_or(false) {
                         "revoked"
                     } else {
                         "enrolled"
-                    }
+                    },
+                    placement["process_server"].as_str().unwrap_or("-"),
+                    placement["moves"]
+                        .as_u64()
+                        .map_or("-".into(), |m| m.to_string()),
                 );
             }
             Ok(())

@@ -59,6 +59,34 @@ pub struct ProcessServerSection {
     /// Bytes forwarded to the master target and not yet acknowledged, per agent.
     #[serde(default = "default_window_bytes")]
     pub window_bytes: u64,
+    /// `HOST:PORT` agents reach this process server at, which the configuration server hands
+    /// to the agents it assigns here (with `[join]`). Default: `listen`, when it names a
+    /// specific address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl ProcessServerSection {
+    /// Where agents reach it, or why that is not known.
+    pub fn advertised(&self) -> Result<String, String> {
+        match &self.advertise {
+            Some(a)
+                if a.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+            {
+                Ok(a.clone())
+            }
+            Some(a) => Err(format!(
+                "process_server.advertise `{a}`: expected HOST:PORT, e.g. ps1.example.net:9443"
+            )),
+            None if self.listen.ip().is_unspecified() => Err(format!(
+                "process_server.listen {} is every address: set process_server.advertise to \
+                 the HOST:PORT agents reach this process server at",
+                self.listen
+            )),
+            None => Ok(self.listen.to_string()),
+        }
+    }
 }
 
 /// `[master_target]`: journal streams and apply them to replicas.
@@ -301,6 +329,11 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
             "process_server: listen {}, forwards to {}",
             ps.listen, ps.upstream
         );
+        if config.join.is_some()
+            && let Err(e) = ps.advertised()
+        {
+            errors.push(e);
+        }
     }
     if let Err(e) = config.api.tls() {
         errors.push(e);

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use haven_engine::join::JoinHandler;
 use haven_engine::master_target::MasterTarget;
 use haven_engine::process_server::ProcessServer;
-use haven_net::join::{ApiAnswer, ApiRequest, Assignment, Health, Report};
+use haven_net::join::{ApiAnswer, ApiRequest, Assignment, Health, ProcessServerContact, Report};
 
 /// The gateway's side of its membership.
 pub struct Joined {
@@ -22,6 +22,8 @@ pub struct Joined {
     routes: haven_api::deployment::LocalRoutes,
     ps: Option<Arc<ProcessServer>>,
     mt: Option<Arc<MasterTarget>>,
+    /// How agents reach this gateway's process server.
+    contact: Option<ProcessServerContact>,
     /// CPU seconds used and when, at the last report.
     cpu: Mutex<Option<(f64, Instant)>>,
 }
@@ -33,6 +35,7 @@ impl Joined {
         api: haven_api::Api,
         ps: Option<Arc<ProcessServer>>,
         mt: Option<Arc<MasterTarget>>,
+        contact: Option<ProcessServerContact>,
     ) -> Result<Joined> {
         let name_file = data_dir.join("join/name");
         let name = std::fs::read_to_string(&name_file)
@@ -54,6 +57,7 @@ impl Joined {
             routes,
             ps,
             mt,
+            contact,
             cpu: Mutex::new(None),
         })
     }
@@ -103,6 +107,17 @@ impl JoinHandler for Joined {
             status,
             health: self.health(),
             assignment_revision: 0,
+            process_server: self.contact.clone(),
+        }
+    }
+
+    fn crl(&self, crl_pem: Option<&str>) {
+        if let Some(ps) = &self.ps
+            && let Err(e) = ps
+                .listener()
+                .set_config_server_crl(crl_pem.map(str::to_string))
+        {
+            tracing::error!(error = %format!("{e:#}"), "loading the configuration server's CRL");
         }
     }
 

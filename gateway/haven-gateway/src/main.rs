@@ -413,6 +413,14 @@ async fn enroll(
     Ok(())
 }
 
+/// This gateway's identity at its configuration server.
+fn join_identity(data_dir: &Path) -> Result<Identity> {
+    Identity::load(&data_dir.join("join")).context(
+        "this gateway has not enrolled with its configuration server: run \
+         `haven-gateway enroll --config-server HOST:PORT --token T --name NAME`",
+    )
+}
+
 /// The server TLS material of `data_dir` (from `init`).
 fn server_tls(data_dir: &Path, ca: &SiteCa) -> Result<ServerTls> {
     let read = |p: PathBuf| {
@@ -429,6 +437,7 @@ fn server_tls(data_dir: &Path, ca: &SiteCa) -> Result<ServerTls> {
         key_pem: read(data_dir.join("tls/key.pem"))?,
         ca_pem: ca.ca_cert_pem().to_string(),
         crl_pems: vec![ca.crl_pem()?],
+        client_ca_pems: Vec::new(),
     })
 }
 
@@ -528,12 +537,18 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 identity,
             },
             window_bytes: section.window_bytes,
+            // A configuration server may move agents here from another process server.
+            confirm_owner: config.join.is_some(),
         })?;
         if let Some(a) = &kept {
             server.set_policies(a.machines.clone());
         }
         let s = server.clone();
-        let (tls, ca) = (tls.clone(), ca.clone());
+        let (mut tls, ca) = (tls.clone(), ca.clone());
+        if config.join.is_some() {
+            // Agents the configuration server enrolled (its CA) are served here too.
+            tls.client_ca_pems.push(join_identity(&data_dir)?.ca_pem);
+        }
         tokio::spawn(async move {
             if let Err(e) = s.serve(tls, Some(ca)).await {
                 tracing::error!(error = %format!("{e:#}"), "process server stopped");
@@ -586,6 +601,7 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             listen: section.listen,
             data_dir: data_dir.join("cs"),
         })?;
+        server.set_crl(ca.lock().unwrap_or_else(|e| e.into_inner()).crl_pem()?);
         let s = server.clone();
         let (tls, ca) = (tls.clone(), ca.clone());
         tokio::spawn(async move {
@@ -631,6 +647,11 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 }
                 listener.disconnect(agent_id);
             }
+            // Process servers get the configuration server's new CRL with their next
+            // assignment (within a second).
+            if let (Some(cs), Some(crl)) = (&cs, crls.first()) {
+                cs.set_crl(crl.clone());
+            }
         })
     };
     let tokens = Arc::new(ApiTokens::open(&api_tokens_path(&data_dir))?);
@@ -661,17 +682,38 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
         deployment: cs.clone(),
     };
     if let Some(section) = &config.join {
-        let handler = joined::Joined::new(&data_dir, &site, api.clone(), ps.clone(), mt.clone())?;
+        let contact = match &config.process_server {
+            Some(section) => {
+                let address = section.advertised().map_err(anyhow::Error::msg)?;
+                let host = address
+                    .rsplit_once(':')
+                    .map_or(address.as_str(), |(h, _)| h);
+                Some(haven_net::join::ProcessServerContact {
+                    server_name: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    address,
+                    ca_pem: tls.ca_pem.clone(),
+                })
+            }
+            None => None,
+        };
+        let handler = joined::Joined::new(
+            &data_dir,
+            &site,
+            api.clone(),
+            ps.clone(),
+            mt.clone(),
+            contact,
+        )?;
         let join = haven_engine::join::JoinConfig {
             server: section.server,
             server_name: section
                 .server_name
                 .clone()
                 .unwrap_or_else(|| section.server.ip().to_string()),
-            identity: Identity::load(&data_dir.join("join")).context(
-                "this gateway has not enrolled with its configuration server: run \
-                 `haven-gateway enroll --config-server HOST:PORT --token T --name NAME`",
-            )?,
+            identity: join_identity(&data_dir)?,
         };
         tokio::spawn(haven_engine::join::run(join, Arc::new(handler)));
     }

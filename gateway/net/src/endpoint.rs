@@ -185,6 +185,9 @@ pub struct ServerTls {
     pub ca_pem: String,
     /// CRLs, PEM (from [`SiteCa::crl_pem`]); may be empty.
     pub crl_pems: Vec<String>,
+    /// Other CAs whose client certificates are accepted too, PEM: a joined process server
+    /// accepts the agents its configuration server enrolled. Their CRLs go in `crl_pems`.
+    pub client_ca_pems: Vec<String>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -277,7 +280,13 @@ fn endpoint_config(key_pem: &str) -> quinn::EndpointConfig {
 }
 
 fn quinn_server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, NetError> {
-    let cfg = tls::server_config(&tls.cert_pem, &tls.key_pem, &tls.ca_pem, &tls.crl_pems)?;
+    let cfg = tls::server_config(
+        &tls.cert_pem,
+        &tls.key_pem,
+        &tls.ca_pem,
+        &tls.client_ca_pems,
+        &tls.crl_pems,
+    )?;
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config {
         what: "QUIC server configuration",
         detail: e.to_string(),

@@ -13,6 +13,11 @@
 //! Each exchange is one bidirectional stream: one JSON message of at most [`MAX_MESSAGE`]
 //! bytes, finished, and one JSON answer, finished. Control streams go ahead of everything else
 //! on the connection ([`crate::control::CONTROL_PRIORITY`]).
+//!
+//! An agent enrolled with the configuration server (`haven-agent enroll --config-server`)
+//! connects the same way and asks where to replicate ([`Request::Agent`], answered by an
+//! [`AgentAnswer`]): at start, every [`AGENT_ASK_INTERVAL`] while it replicates, and every
+//! [`AGENT_RETRY_INTERVAL`] while it cannot reach its process server.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +32,22 @@ pub const MAX_MESSAGE: usize = 32 << 20;
 
 /// How often a joined gateway reports.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a replicating agent asks its configuration server where to replicate.
+pub const AGENT_ASK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often an agent that cannot reach its process server asks.
+pub const AGENT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What opens a stream to the configuration server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// A gateway's report.
+    Report(Report),
+    /// An agent asks which process server to replicate to.
+    Agent(AgentAsk),
+}
 
 /// What a gateway tells its configuration server, every [`REPORT_INTERVAL`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +65,54 @@ pub struct Report {
     pub health: Health,
     /// The revision of the assignment it runs.
     pub assignment_revision: u64,
+    /// How agents reach it, when it runs the process-server role.
+    #[serde(default)]
+    pub process_server: Option<ProcessServerContact>,
+}
+
+/// How an agent reaches a process server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerContact {
+    /// `HOST:PORT` (UDP).
+    pub address: String,
+    /// The name its certificate is checked against.
+    pub server_name: String,
+    /// Its site CA's certificate, PEM, which issued its certificate.
+    pub ca_pem: String,
+}
+
+/// An agent's question: where do I replicate?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAsk {
+    /// The site it said it runs at when it enrolled, if it did.
+    pub site: Option<String>,
+    /// The process server it replicates to now, by name.
+    pub process_server: Option<String>,
+    /// Whether it is connected to it.
+    pub connected: bool,
+}
+
+/// The configuration server's answer to an [`AgentAsk`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAnswer {
+    /// The process server to replicate to; none when no process server of the agent's site is
+    /// connected (then `message` says why).
+    pub process_server: Option<AssignedProcessServer>,
+    /// Why there is none, for the agent's log and status.
+    pub message: Option<String>,
+}
+
+/// A process server assigned to an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignedProcessServer {
+    /// Its name.
+    pub name: String,
+    /// How to reach it.
+    pub contact: ProcessServerContact,
 }
 
 /// Host health, as operators of a process server watch it.
@@ -68,6 +137,10 @@ pub struct Assignment {
     pub revision: u64,
     /// The replication policy of each protected machine, by machine name.
     pub machines: BTreeMap<String, MachinePolicy>,
+    /// The configuration server CA's revocation list, PEM: a process server refuses the agents
+    /// it lists (they enrolled with that CA).
+    #[serde(default)]
+    pub crl_pem: Option<String>,
 }
 
 /// The parts of a replication policy a gateway enforces for one machine.
@@ -85,7 +158,24 @@ pub struct MachinePolicy {
     pub retention: serde_json::Value,
     /// Recovery-point objective: an event is raised above it, milliseconds.
     pub rpo_threshold_ms: u64,
+    /// The site the machine runs at.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// The process server it must replicate to; none: the least loaded of its site.
+    #[serde(default)]
+    pub process_server: Option<String>,
+    /// A process server gone this long has this machine's agent moved to another of its
+    /// site, milliseconds.
+    #[serde(default = "default_grace_ms")]
+    pub process_server_grace_ms: u64,
 }
+
+fn default_grace_ms() -> u64 {
+    DEFAULT_PROCESS_SERVER_GRACE.as_millis() as u64
+}
+
+/// How long a process server may be gone before its agents are moved, unless a policy says.
+pub const DEFAULT_PROCESS_SERVER_GRACE: Duration = Duration::from_secs(300);
 
 /// An operator's API call, forwarded to the gateway that serves it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -154,6 +154,10 @@ pub struct DiskReport {
     /// Bytes resyncs found different and sent since the agent started (every pass counted:
     /// a pass redone after a lost connection adds what it finds).
     pub resync_sent_bytes: u64,
+    /// Bytes of the disk resyncs compared with the replica since the agent started: the whole
+    /// disk per pass, or only what lost records wrote (see the agent's `trail.rs`).
+    #[serde(default)]
+    pub resync_compared_bytes: u64,
     /// Bytes the change log holds (not yet acknowledged downstream).
     pub log_bytes: u64,
     /// The change log's limit.

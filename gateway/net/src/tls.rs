@@ -66,13 +66,19 @@ pub(crate) fn key_from_pem(what: &'static str, pem: &str) -> Result<PrivateKeyDe
 }
 
 fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>> {
+    roots_of([ca_pem])
+}
+
+fn roots_of<'a>(ca_pems: impl IntoIterator<Item = &'a str>) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
-    roots
-        .add(cert_from_pem("CA certificate", ca_pem)?)
-        .map_err(|source| TlsError::Rustls {
-            what: "CA certificate is not a usable trust anchor",
-            source,
-        })?;
+    for ca_pem in ca_pems {
+        roots
+            .add(cert_from_pem("CA certificate", ca_pem)?)
+            .map_err(|source| TlsError::Rustls {
+                what: "CA certificate is not a usable trust anchor",
+                source,
+            })?;
+    }
     Ok(Arc::new(roots))
 }
 
@@ -82,9 +88,10 @@ pub fn server_config(
     cert_pem: &str,
     key_pem: &str,
     ca_pem: &str,
+    client_ca_pems: &[String],
     crl_pems: &[String],
 ) -> Result<rustls::ServerConfig> {
-    let mut cfg = site_server_config(cert_pem, key_pem, ca_pem, crl_pems, false)?;
+    let mut cfg = site_server_config(cert_pem, key_pem, ca_pem, client_ca_pems, crl_pems, false)?;
     cfg.alpn_protocols = vec![ALPN_HAVEN.to_vec(), ALPN_ENROLL.to_vec()];
     Ok(cfg)
 }
@@ -98,7 +105,7 @@ pub fn nbd_server_config(
     ca_pem: &str,
     crl_pems: &[String],
 ) -> Result<rustls::ServerConfig> {
-    site_server_config(cert_pem, key_pem, ca_pem, crl_pems, true)
+    site_server_config(cert_pem, key_pem, ca_pem, &[], crl_pems, true)
 }
 
 /// The rustls configuration of the HTTPS API: this gateway's certificate chain (the CA
@@ -136,6 +143,7 @@ fn site_server_config(
     cert_pem: &str,
     key_pem: &str,
     ca_pem: &str,
+    client_ca_pems: &[String],
     crl_pems: &[String],
     required: bool,
 ) -> Result<rustls::ServerConfig> {
@@ -149,9 +157,11 @@ fn site_server_config(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
-            .with_crls(crls);
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(
+        roots_of(std::iter::once(ca_pem).chain(client_ca_pems.iter().map(String::as_str)))?,
+        provider.clone(),
+    )
+    .with_crls(crls);
     if !required {
         verifier = verifier.allow_unauthenticated();
     }

@@ -28,6 +28,7 @@ async fn site() -> Site {
         key_pem,
         ca_pem: ca.ca_cert_pem().to_string(),
         crl_pems: vec![ca.crl_pem().unwrap()],
+        client_ca_pems: Vec::new(),
     };
     let ca = Arc::new(Mutex::new(ca));
     let server =

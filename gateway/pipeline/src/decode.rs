@@ -142,6 +142,7 @@ const REPLICATION_FIELDS: &[&str] = &[
     "crash_consistent_interval",
     "app_consistent_interval",
     "retention",
+    "process_server_grace",
 ];
 const FAILBACK_FIELDS: &[&str] = &[
     "name",
@@ -507,12 +508,19 @@ impl<'r, 's> Decoder<'r, 's> {
                     None => Some(RetentionPolicy::default()),
                     Some(v) => self.retention(v, &o.at("retention")),
                 };
+                let grace = self.get_or(
+                    o,
+                    "process_server_grace",
+                    default_process_server_grace(),
+                    Self::duration,
+                );
                 Some(Policy::Replication(ReplicationPolicy {
                     name: name?,
                     rpo_threshold: rpo_threshold?,
                     crash_consistent_interval: crash?,
                     app_consistent_interval: app?,
                     retention: retention?,
+                    process_server_grace: grace?,
                 }))
             }
             Kind::Failback => {

@@ -395,7 +395,18 @@ pub struct ReplicationPolicy {
     /// gateway's configuration, read by the same code.
     #[serde(default)]
     pub retention: RetentionPolicy,
+    /// A process server gone this long has the machines' agents moved to another process
+    /// server of their site (default `"5m"`, at least `"5s"`).
+    #[serde(default = "default_process_server_grace", with = "duration_str")]
+    pub process_server_grace: Duration,
 }
+
+pub(crate) fn default_process_server_grace() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// The shortest grace: a process server is taken for gone after 5 s without a report.
+pub const MIN_PROCESS_SERVER_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) fn default_rpo_threshold() -> Duration {
     Duration::from_secs(15 * 60)

@@ -66,6 +66,7 @@ pub fn to_toml(p: &Pipeline) -> String {
                     Some(d) => w.duration("app_consistent_interval", d),
                     None => w.str("app_consistent_interval", "off"),
                 }
+                w.duration("process_server_grace", rp.process_server_grace);
                 w.header("[policy.retention]");
                 w.retention(&rp.retention);
             }

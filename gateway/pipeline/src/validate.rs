@@ -470,7 +470,23 @@ impl<'a> Checker<'a, '_> {
                     ),
                     format!("write at least \"{}\"", f(MIN_CRASH_CONSISTENT_INTERVAL)),
                 );
-            } else if crash > rp.rpo_threshold {
+            }
+            if rp.process_server_grace < crate::model::MIN_PROCESS_SERVER_GRACE {
+                self.at(
+                    &format!("{p}.process_server_grace"),
+                    format!(
+                        "process_server_grace {} is shorter than the {} after which a process \
+                         server is taken for gone",
+                        f(rp.process_server_grace),
+                        f(crate::model::MIN_PROCESS_SERVER_GRACE)
+                    ),
+                    format!(
+                        "write at least \"{}\"",
+                        f(crate::model::MIN_PROCESS_SERVER_GRACE)
+                    ),
+                );
+            }
+            if crash >= MIN_CRASH_CONSISTENT_INTERVAL && crash > rp.rpo_threshold {
                 self.at(
                     &format!("{p}.crash_consistent_interval"),
                     format!(

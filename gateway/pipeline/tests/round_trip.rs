@@ -102,6 +102,7 @@ fn build(mask: u32) -> Pipeline {
         crash_consistent_interval: Duration::from_millis(250),
         app_consistent_interval: (!on(7)).then(|| Duration::from_secs(60)),
         retention,
+        process_server_grace: Duration::from_secs(30),
     }));
     p.policies.push(Policy::Failback(FailbackPolicy {
         name: s("home"),
@@ -212,6 +213,7 @@ fn the_canonical_file_of_a_small_pipeline() {
         crash_consistent_interval: Duration::from_secs(5),
         app_consistent_interval: None,
         retention: RetentionPolicy::default(),
+        process_server_grace: Duration::from_secs(300),
     }));
     assert_eq!(
         to_toml(&p),
@@ -229,6 +231,7 @@ kind = "replication"
 rpo_threshold = "15m"
 crash_consistent_interval = "5s"
 app_consistent_interval = "off"
+process_server_grace = "5m"
 
 [policy.retention]
 window = "72h"

@@ -18,7 +18,9 @@
 //!   (`ResumeGap`) marks the disk: the agent must resync it.
 //! - A digest request goes on only once the master target holds everything cached for the disk
 //!   (so the digests describe what the agent pushed before asking).
-//! - A refusal as failed over ends forwarding for good ([`ForwarderEnd::FailedOver`]).
+//! - A refusal as failed over ends forwarding for good ([`ForwarderEnd::FailedOver`]); one as
+//!   moved ([`ForwarderEnd::Moved`]: another process server took the agent over) too, and the
+//!   cache is stale.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -99,6 +101,9 @@ pub enum ForwarderEnd {
     StateLost(String),
     /// The master target refused the agent as failed over: forwarding stops for good.
     FailedOver(String),
+    /// The master target takes the agent's streams from another process server now: what this
+    /// one caches for it is stale, never to be forwarded.
+    Moved(String),
 }
 
 #[derive(Debug)]
@@ -382,6 +387,9 @@ impl Forwarder {
                 }
                 SenderEvent::PeerError(e) if e.code == error_code::FAILED_OVER => {
                     self.finish(ForwarderEnd::FailedOver(e.message));
+                }
+                SenderEvent::PeerError(e) if e.code == error_code::MOVED => {
+                    self.finish(ForwarderEnd::Moved(e.message));
                 }
                 SenderEvent::PeerError(e) => self.finish(ForwarderEnd::Lost(format!(
                     "the master target closed the stream: {} (code {})",

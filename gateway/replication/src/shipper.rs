@@ -21,7 +21,13 @@
 //!   ([`Change::Progress`]), and after the last range [`Change::Protected`].
 //! - A downstream that resumes below what this side released (`RESUME_GAP`, or a `Welcome`
 //!   asking for a freed seq) and an overflowed log start a resync ([`Change::Resync`]); a
-//!   refusal as failed over ends replication for good ([`ShipperEnd::FailedOver`]).
+//!   refusal as failed over ends replication for good ([`ShipperEnd::FailedOver`]), one as
+//!   moved ends the connection ([`ShipperEnd::Moved`]: the agent asks where to go).
+//! - A `Welcome` below what was released on a disk that was not resyncing names the log seqs
+//!   the downstream lacks (`Change::Resync::lost`). Before them the replica equals the disk as
+//!   it was; after them every change is still in the log. So the disk differs from what the
+//!   replica will hold only where those records wrote: a driver that remembers their extents
+//!   starts the pass on just those ([`Start::only`]); one that does not compares everything.
 //! - Every [`ShipperAction::Persist`] must be durable before the driver runs the next action;
 //!   if it fails, the driver drops the shipper and starts again from what is stored.
 
@@ -33,6 +39,9 @@ use haven_wire::{
     DiskInfo, Frame, HashRequest, Hashes, PeerId, Record, Role, Sender, SenderConfig, SenderEvent,
     Seq, StreamError, Violation,
 };
+
+/// The default block of resync digests, 64 KiB.
+pub const DEFAULT_RESYNC_BLOCK: u32 = 64 * 1024;
 
 /// How a [`Shipper`] behaves.
 #[derive(Clone, Debug)]
@@ -62,7 +71,7 @@ impl ShipperConfig {
             sender: SenderConfig::new(Role::Agent, peer_id),
             disk,
             push_slack: 8 << 20,
-            resync_block: 64 * 1024,
+            resync_block: DEFAULT_RESYNC_BLOCK,
             resync_range: 4096 * 64 * 1024,
             release_every: Duration::from_millis(500),
             fill_retry: Duration::from_secs(1),
@@ -80,12 +89,15 @@ pub struct Resync {
 }
 
 /// What a [`Shipper`] starts from: the stored state and the log's first seq.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Start {
     /// Stream seq = log seq + `seq_base`.
     pub seq_base: i64,
     /// Set while the disk resyncs.
     pub resync: Option<Resync>,
+    /// While resyncing: the only ranges (offset, length; sorted, apart, aligned to the resync
+    /// block) that may differ; `None`: the whole disk is compared.
+    pub only: Option<Vec<(u64, u64)>>,
     /// The log's first seq (the oldest record it holds, or the next it will write).
     pub log_first: u64,
 }
@@ -107,6 +119,10 @@ pub enum Change {
         seq_base: Option<i64>,
         /// Why, for the operator.
         why: String,
+        /// The log seqs (first, last) whose records the downstream lost, when the disk was not
+        /// resyncing already: the disk differs from the replica only where those records
+        /// wrote, so a driver that remembers their extents compares just those (`Start::only`).
+        lost: Option<(u64, u64)>,
     },
     /// The hash pass compared every range below `sync_offset`.
     Progress {
@@ -161,6 +177,9 @@ pub enum ShipperEnd {
     },
     /// The disk was failed over at the secondary site: replication stops for good.
     FailedOver(String),
+    /// The process server no longer serves this agent (it was moved to another): ask where
+    /// to replicate before connecting again.
+    Moved(String),
 }
 
 /// The log as the driver last saw it.
@@ -206,6 +225,8 @@ pub struct Shipper {
     /// The highest log seq this shipper asked to free.
     freed_to: u64,
     resync: Option<Resync>,
+    /// See [`Start::only`].
+    only: Option<Vec<(u64, u64)>>,
     pass: Option<Pass>,
     log: LogView,
     acked: Seq,
@@ -247,6 +268,7 @@ impl Shipper {
             released_at: None,
             freed_to: 0,
             resync: start.resync,
+            only: start.only.filter(|_| start.resync.is_some()),
             pass: None,
             log: LogView {
                 first_seq: start.log_first,
@@ -322,14 +344,12 @@ impl Shipper {
 
     /// [`ShipperAction::Compare`] of the range at `offset` is done: `bytes` were captured.
     pub fn compared(&mut self, offset: u64, bytes: u64) {
-        let size = self.config.disk.size;
-        let range = self.config.resync_range;
         let Some(p) = &mut self.pass else { return };
-        if p.comparing.is_none_or(|r| r.offset != offset) {
+        let Some(request) = p.comparing.filter(|r| r.offset == offset) else {
             return;
-        }
+        };
         p.comparing = None;
-        p.done_to = (offset + range).min(size);
+        p.done_to = request.offset + request.len;
         self.resync_sent += bytes;
         let done_to = p.done_to;
         if let Some(r) = &mut self.resync {
@@ -355,8 +375,10 @@ impl Shipper {
             .push_back(ShipperAction::Persist(Change::Resync {
                 seq_base: None,
                 why,
+                lost: None,
             }));
         self.actions.push_back(ShipperAction::ResetLog);
+        self.only = None;
         self.resync = Some(Resync {
             remap: true,
             sync_offset: 0,
@@ -375,11 +397,12 @@ impl Shipper {
         }
         // Read more records when pushing is allowed and the budget has room: resyncing, only
         // while the pass lets pushes go (the mapping is known once it runs).
+        let next = self.pass.as_ref().and_then(|p| self.next_range(p.done_to));
         let hold = self.resync.is_some()
             && self
                 .pass
                 .as_ref()
-                .is_none_or(|p| p.holds_pushes(self.config.disk.size));
+                .is_none_or(|p| p.comparing.is_none() && next.is_some());
         if !hold
             && !self.filling
             && self.fill_retry_at.is_none_or(|t| now >= t)
@@ -411,20 +434,37 @@ impl Shipper {
         self.actions.pop_front()
     }
 
+    /// The next range to compare at or after `from`: (offset, length).
+    fn next_range(&self, from: u64) -> Option<(u64, u64)> {
+        let (size, most) = (self.config.disk.size, self.config.resync_range);
+        match &self.only {
+            None => (from < size).then(|| (from, (size - from).min(most))),
+            Some(only) => only
+                .iter()
+                .map(|&(o, l)| (o.min(size), (o + l).min(size)))
+                .find(|&(_, end)| end > from)
+                .map(|(o, end)| {
+                    let start = o.max(from);
+                    (start, (end - start).min(most))
+                }),
+        }
+    }
+
     fn step_pass(&mut self) {
-        let size = self.config.disk.size;
+        let Some(p) = &self.pass else { return };
+        let next = self.next_range(p.done_to);
         let Some(p) = &mut self.pass else { return };
         if p.asked.is_none()
             && p.comparing.is_none()
-            && p.done_to < size
+            && let Some((offset, len)) = next
             && !self.filling
             && self.sender.unreleased() == 0
             && self.sender.is_streaming()
         {
             let req = HashRequest {
                 disk: self.config.disk.id,
-                offset: p.done_to,
-                len: (size - p.done_to).min(self.config.resync_range),
+                offset,
+                len,
                 block_size: self.config.resync_block,
             };
             if let Err(e) = self.sender.request_hashes(req) {
@@ -436,9 +476,10 @@ impl Shipper {
             }
             p.asked = Some(req);
         }
-        if p.done_to >= size && p.asked.is_none() && p.comparing.is_none() {
+        if next.is_none() && p.asked.is_none() && p.comparing.is_none() {
             self.pass = None;
             self.resync = None;
+            self.only = None;
             self.actions
                 .push_back(ShipperAction::Persist(Change::Protected));
         }
@@ -469,7 +510,7 @@ impl Shipper {
     /// be rebuilt from the stored state either way), and failing over outranks both.
     fn finish(&mut self, end: ShipperEnd) {
         let rank = |e: &ShipperEnd| match e {
-            ShipperEnd::Lost { .. } => 0,
+            ShipperEnd::Lost { .. } | ShipperEnd::Moved(_) => 0,
             ShipperEnd::Rebase => 1,
             ShipperEnd::FailedOver(_) => 2,
         };
@@ -508,10 +549,13 @@ impl Shipper {
                     }
                 }
                 SenderEvent::PeerError(e) if e.code == error_code::RESUME_GAP => {
-                    self.enter_resync(None, lost_records(&e.message));
+                    self.enter_resync(None, lost_records(&e.message), None);
                 }
                 SenderEvent::PeerError(e) if e.code == error_code::FAILED_OVER => {
                     self.finish(ShipperEnd::FailedOver(e.message));
+                }
+                SenderEvent::PeerError(e) if e.code == error_code::MOVED => {
+                    self.finish(ShipperEnd::Moved(e.message));
                 }
                 SenderEvent::PeerError(e) => self.finish(ShipperEnd::Lost {
                     why: format!(
@@ -525,7 +569,12 @@ impl Shipper {
                     // not shipped again; the pass finds what they changed.
                     let first = self.log.first_seq.max(self.freed_to + 1);
                     let base = next_seq as i64 - first as i64;
-                    self.enter_resync(Some(base), lost_records(&v));
+                    // In log seqs, the downstream lacks the records from its resume point up
+                    // to the first one the log still holds.
+                    let from = next_seq as i128 - self.base as i128;
+                    let lost = (self.resync.is_none() && from >= 1 && (from as u64) < first)
+                        .then(|| (from as u64, first - 1));
+                    self.enter_resync(Some(base), lost_records(&v), lost);
                 }
                 SenderEvent::ProtocolError(v) => self.finish(ShipperEnd::Lost {
                     why: format!("protocol error: {v}"),
@@ -575,9 +624,14 @@ impl Shipper {
         });
     }
 
-    fn enter_resync(&mut self, seq_base: Option<i64>, why: String) {
+    fn enter_resync(&mut self, seq_base: Option<i64>, why: String, lost: Option<(u64, u64)>) {
         self.actions
-            .push_back(ShipperAction::Persist(Change::Resync { seq_base, why }));
+            .push_back(ShipperAction::Persist(Change::Resync {
+                seq_base,
+                why,
+                lost,
+            }));
+        self.only = None;
         self.resync = Some(Resync {
             remap: seq_base.is_none(),
             sync_offset: 0,
@@ -620,11 +674,4 @@ impl Shipper {
 
 fn lost_records(why: &dyn std::fmt::Display) -> String {
     format!("the replica lost records already released here ({why}): resyncing by hash compare")
-}
-
-impl Pass {
-    /// Pushing waits from the end of one comparison until the next range's digests arrive.
-    fn holds_pushes(&self, size: u64) -> bool {
-        self.comparing.is_none() && self.done_to < size
-    }
 }

@@ -70,6 +70,16 @@ impl fmt::Display for MemError {
 }
 
 impl MemStore {
+    /// An empty store whose first record will be `after + 1`: everything before is durable
+    /// downstream (a process server taking an agent over where its master target resumes).
+    pub fn starting_after(after: Seq) -> MemStore {
+        MemStore {
+            written: after,
+            durable: after,
+            ..MemStore::default()
+        }
+    }
+
     /// The next `n` syncs fail (nothing becomes durable).
     pub fn fail_syncs(&mut self, n: u32) {
         self.fail_syncs = n;

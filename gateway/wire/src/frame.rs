@@ -10,7 +10,7 @@
 //! | 0      | 4    | magic          | `"HVNW"` ([`MAGIC`])                                           |
 //! | 4      | 2    | version        | protocol version, [`PROTOCOL_VERSION`]; any other is refused   |
 //! | 6      | 1    | frame type     | [`FrameType`] code                                             |
-//! | 7      | 1    | flags          | [`flags`]; only `Write` may set any, and at most one           |
+//! | 7      | 1    | flags          | [`flags`]; `Write` at most one of its three, `Hello` `TAKEOVER` |
 //! | 8      | 4    | payload length | bytes of payload, at most [`FrameType::max_payload_len`]       |
 //! | 12     | n    | payload        | per frame type, below                                          |
 //! | 12 + n | 4    | CRC32C         | of header and payload (Castagnoli, as in iSCSI and ext4)       |
@@ -79,7 +79,8 @@ pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 /// The largest frame on the wire, header and trailer included.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + WRITE_FIXED + 4 + MAX_DATA_LEN as usize + TRAILER_LEN;
 
-/// Header flags. Only `Write` frames carry flags, at most one of these.
+/// Header flags. `Write` frames carry at most one of `COMPRESSED`, `ZERO`, `TRIM`; `Hello`
+/// frames may carry `TAKEOVER`; no other frame carries any.
 pub mod flags {
     /// The write's data is zstd-compressed; the payload carries the uncompressed length.
     pub const COMPRESSED: u8 = 0x01;
@@ -87,6 +88,10 @@ pub mod flags {
     pub const ZERO: u8 = 0x02;
     /// The write is a trim (discard) of an extent, carried as a length.
     pub const TRIM: u8 = 0x04;
+    /// On a process server's `Hello`: it takes the agent's streams over from whichever process
+    /// server forwarded them before (the agent was moved to it). The master target then
+    /// refuses that agent's streams from any other process server ([`super::error_code::MOVED`]).
+    pub const TAKEOVER: u8 = 0x01;
 }
 
 /// Codes carried by `Error` frames. Unknown codes are passed through as they are.
@@ -106,6 +111,9 @@ pub mod error_code {
     /// The disk was failed over at the master target: its replication is stopped for good (until
     /// it is protected again). The sender must not retry.
     pub const FAILED_OVER: u16 = 7;
+    /// The agent's streams are forwarded by another process server now (it was moved there):
+    /// this one must drop what it caches for the agent and not retry.
+    pub const MOVED: u16 = 8;
 }
 
 /// Identifies a protected disk within a connection's `Hello`; stable across connections.
@@ -243,7 +251,7 @@ pub enum WireError {
     },
     /// The header sets flags this frame type does not allow.
     #[error(
-        "{frame_type} frame: flags {flags:#04x} not allowed (only Write may set one of COMPRESSED, ZERO, TRIM)"
+        "{frame_type} frame: flags {flags:#04x} not allowed (only Write may set one of COMPRESSED, ZERO, TRIM, and Hello TAKEOVER)"
     )]
     BadFlags {
         /// The frame's type.
@@ -319,6 +327,8 @@ pub struct Hello {
     pub peer_id: PeerId,
     /// The disks the sender streams on this connection (distinct ids, at most [`MAX_DISKS`]).
     pub disks: Vec<DiskInfo>,
+    /// A process server taking the agent over ([`flags::TAKEOVER`]).
+    pub takeover: bool,
 }
 
 /// One disk's resume point in a `Welcome`.
@@ -544,6 +554,7 @@ impl Frame {
     fn flags(&self) -> u8 {
         match self {
             Self::Write(w) => w.data.flags(),
+            Self::Hello(h) if h.takeover => flags::TAKEOVER,
             _ => 0,
         }
     }
@@ -600,6 +611,13 @@ impl Frame {
         };
         match self {
             Self::Hello(h) => {
+                if h.takeover && h.role != Role::ProcessServer {
+                    return Err(malformed(
+                        "role",
+                        2,
+                        "only a process server takes an agent over",
+                    ));
+                }
                 if h.disks.len() > MAX_DISKS {
                     return Err(limit("disk count", h.disks.len(), MAX_DISKS));
                 }
@@ -927,6 +945,7 @@ fn parse_payload(frame_type: FrameType, flags: u8, payload: Bytes) -> Result<Fra
                 role,
                 peer_id,
                 disks,
+                takeover: flags == flags::TAKEOVER,
             })
         }
         FrameType::Welcome => {
@@ -1133,6 +1152,7 @@ impl Decoder {
         let flags = h[7];
         let flags_ok = match frame_type {
             FrameType::Write => matches!(flags, 0 | flags::COMPRESSED | flags::ZERO | flags::TRIM),
+            FrameType::Hello => matches!(flags, 0 | flags::TAKEOVER),
             _ => flags == 0,
         };
         if !flags_ok {

@@ -29,15 +29,20 @@ fn arb_block_size() -> impl Strategy<Value = u32> {
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let hello = (
         any::<u16>(),
-        prop_oneof![Just(Role::Agent), Just(Role::ProcessServer)],
+        prop_oneof![
+            Just((Role::Agent, false)),
+            Just((Role::ProcessServer, false)),
+            Just((Role::ProcessServer, true))
+        ],
         any::<[u8; 16]>(),
         proptest::collection::btree_map(any::<u32>(), (any::<u64>(), arb_block_size()), 0..8),
     )
-        .prop_map(|(version, role, peer_id, disks)| {
+        .prop_map(|(version, (role, takeover), peer_id, disks)| {
             Frame::Hello(Hello {
                 version,
                 role,
                 peer_id,
+                takeover,
                 disks: disks
                     .into_iter()
                     .map(|(id, (size, block_size))| DiskInfo {
@@ -371,6 +376,21 @@ fn bad_flags() {
             flags: 6
         }
     );
+    // A Hello may say TAKEOVER and nothing else, and only from a process server.
+    let mut hello = vec![1, 0, 1];
+    hello.extend_from_slice(&[0; 16]);
+    hello.extend_from_slice(&0u16.to_le_bytes());
+    assert_eq!(
+        err(&raw(1, 1, flags::ZERO, &hello)),
+        WireError::BadFlags {
+            frame_type: FrameType::Hello,
+            flags: 2
+        }
+    );
+    assert!(matches!(
+        err(&raw(1, 1, flags::TAKEOVER, &hello)),
+        WireError::Malformed { field: "role", .. }
+    ));
 }
 
 #[test]

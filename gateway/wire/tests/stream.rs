@@ -86,6 +86,7 @@ fn handshake_window_and_release() {
             version: PROTOCOL_VERSION,
             role: Role::Agent,
             peer_id: PEER,
+            takeover: false,
             disks: vec![disk(1)]
         })]
     );
@@ -263,6 +264,7 @@ fn receiver_in_order_exactly_once_with_coalesced_acks() {
         version: PROTOCOL_VERSION,
         role: Role::Agent,
         peer_id: PEER,
+        takeover: false,
         disks: vec![disk(1), disk(2)],
     };
     r.handle(t, Frame::Hello(hello.clone()));
@@ -346,6 +348,7 @@ fn receiver_refuses_frames_out_of_place() {
             version: 2,
             role: Role::Agent,
             peer_id: PEER,
+            takeover: false,
             disks: vec![],
         }),
     );
@@ -366,6 +369,7 @@ fn receiver_refuses_frames_out_of_place() {
             version: 1,
             role: Role::Agent,
             peer_id: PEER,
+            takeover: false,
             disks: vec![disk(1)],
         }),
     );

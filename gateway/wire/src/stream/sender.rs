@@ -154,6 +154,7 @@ impl Sender {
             role: self.config.role,
             peer_id: self.config.peer_id,
             disks: self.disks.iter().map(|d| d.info).collect(),
+            takeover: false,
         }
     }
 

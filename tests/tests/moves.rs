@@ -1,0 +1,239 @@
+//! Agents placed by the configuration server: an agent enrolled there replicates to the
+//! process server it names, and when that one is lost for good, to another of its site — with
+//! what the lost process server acknowledged and never forwarded resent or resynced, and only
+//! that.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use haven_e2e::{
+    Cluster, ClusterOptions, Gateway, http_get, images_equal, mixed_disk, poll, qemu_io,
+};
+use haven_net::stream::DiskState;
+
+const DISK: u64 = 64 << 20;
+
+/// The deployment as a pipeline: web01 at `primary`, placed by the configuration server on
+/// one of two process servers, moved after 5 s without its process server.
+fn pipeline(c: &Cluster) -> Result<String> {
+    let cs = c.cs.as_ref().context("cs")?;
+
+    let ps2 = c.ps2.as_ref().context("ps2")?;
+    Ok(format!(
+        r#"version = 1
+
+[deployment]
+name = "moves"
+
+[[site]]
+name = "headquarters"
+
+[[site]]
+name = "primary"
+
+[[site]]
+name = "secondary"
+
+[[gateway]]
+name = "cs"
+site = "headquarters"
+roles = ["config-server"]
+address = "127.0.0.1:{cs}"
+
+[[gateway]]
+name = "ps1"
+site = "primary"
+roles = ["process-server"]
+address = "127.0.0.1:{ps1}"
+
+[[gateway]]
+name = "ps2"
+site = "primary"
+roles = ["process-server"]
+address = "127.0.0.1:{ps2}"
+
+[[gateway]]
+name = "mt1"
+site = "secondary"
+roles = ["master-target"]
+address = "127.0.0.1:{mt}"
+
+[[plugin]]
+name = "raw"
+kind = "target-writer"
+path = "/opt/haven/plugins/haven_raw.wasm"
+gateways = ["mt1"]
+
+[plugin.grants]
+storage_root = "/var/lib/haven/replicas"
+
+[[policy]]
+name = "follow"
+kind = "replication"
+rpo_threshold = "1m"
+crash_consistent_interval = "5s"
+app_consistent_interval = "off"
+process_server_grace = "5s"
+
+[policy.retention]
+window = "0s"
+tiers = []
+
+[[machine]]
+name = "web01"
+site = "primary"
+policy = "follow"
+master_target = "mt1"
+writer = "raw"
+"#,
+        cs = cs.port,
+        ps1 = c.ps.port,
+        ps2 = ps2.port,
+        mt = c.mt.port,
+    ))
+}
+
+/// The agent's placement at the configuration server: (process server, moves).
+fn placement(cs: &Gateway) -> Result<Option<(String, u64)>> {
+    let agents: Vec<serde_json::Value> = serde_json::from_str(&http_get(
+        &format!("{}/v1/agents", cs.api),
+        &cs.admin_token,
+    )?)?;
+    Ok(agents
+        .iter()
+        .find(|a| a["machine_name"] == "web01")
+        .and_then(|a| {
+            let p = &a["placement"];
+            Some((
+                p["process_server"].as_str()?.to_string(),
+                p["moves"].as_u64()?,
+            ))
+        }))
+}
+
+#[test]
+fn an_agent_moves_when_its_process_server_is_lost_and_resyncs_only_what_it_lost() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, DISK, 23)?;
+    let mut c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            second_process_server: true,
+            agent_via_config_server: true,
+            // Small segments: what the process server acknowledges leaves the log soon.
+            agent_args: vec!["--log-segment-bytes".into(), (1u64 << 20).to_string()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    let file = tmp.path().join("moves.toml");
+    std::fs::write(&file, pipeline(&c)?)?;
+    // Kept here (it runs until dropped): the cluster is borrowed mutably below.
+    let cs = &c.cs.take().context("cs")?;
+    let out = cs.haven(&["apply", file.to_str().context("path")?])?;
+    assert!(out.contains("Applied: revision 1;"), "{out}");
+
+    // Placed on the least loaded process server (both carry nothing: the first by name).
+    c.wait_caught_up(haven_e2e::now_ms(), Duration::from_secs(180), |_, _| {})?;
+    let (first, moves) = placement(cs)?.context("web01 is placed")?;
+    assert_eq!((first.as_str(), moves), ("ps1", 0));
+    assert!(
+        images_equal(&c.replica()?, &disk)?,
+        "the replica differs after the initial sync"
+    );
+
+    // The master target goes away: ps1 acknowledges writes it cannot forward, and the agent
+    // frees them from its log.
+    c.mt.proc.kill();
+    let writes: Vec<String> = (0..48u64)
+        .map(|i| {
+            format!(
+                "write -P {} {} 64k",
+                0x40 + i,
+                i * (DISK / 48) / 4096 * 4096
+            )
+        })
+        .collect();
+    qemu_io(&c.agent.nbd, &writes)?;
+    poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        let r = c.agent.report().context("a report")?;
+        let d = r.disks.first().context("a disk")?;
+        Ok(if d.acked_seq == d.last_seq && d.log_bytes < 2 << 20 {
+            Ok(())
+        } else {
+            Err(format!("not released yet: {d:?}"))
+        })
+    })?;
+
+    // ps1 is lost for good; the master target comes back.
+    c.ps.proc.kill();
+    c.mt.spawn()?;
+
+    // The configuration server moves the agent to ps2 once ps1 is gone past the grace; ps2
+    // takes it over where the master target resumes, and the agent resyncs what ps1 lost.
+    let since = haven_e2e::now_ms();
+    poll(Duration::from_secs(180), Duration::from_millis(500), || {
+        c.agent.proc.check_alive("haven-agent")?;
+        let placed = placement(cs)?;
+        let report = c.agent.report();
+        let mt = c.mt.status()?;
+        let done = placed
+            .as_ref()
+            .is_some_and(|(ps, moves)| ps == "ps2" && *moves == 1)
+            && report.as_ref().is_some_and(|r| {
+                r.time_ms > since
+                    && r.disks.first().is_some_and(|d| {
+                        d.state == DiskState::Protected
+                            && d.acked_seq == d.last_seq
+                            && mt
+                                .master_target
+                                .as_ref()
+                                .and_then(|m| m.replicas.first())
+                                .is_some_and(|x| x.applied_seq >= d.last_seq && x.error.is_none())
+                    })
+            });
+        Ok(if done {
+            Ok(())
+        } else {
+            Err(format!(
+                "not moved and caught up yet: placement {placed:?}, agent {:?}",
+                report.and_then(|r| r.disks.first().cloned())
+            ))
+        })
+    })?;
+    assert!(
+        images_equal(&c.replica()?, &disk)?,
+        "the replica differs from the disk after the move"
+    );
+
+    // Only what the lost records wrote was compared: each write touches two 64 KiB blocks
+    // at most, and those the log still held were sent again, not compared.
+    let report = c.agent.report().context("a report")?;
+    let d = report.disks.first().context("a disk")?;
+    let most = 48 * 2 * 65_536;
+    if d.resync_compared_bytes == 0 || d.resync_compared_bytes > most || d.resync_sent_bytes > most
+    {
+        bail!(
+            "the resync compared {} bytes and sent {}; expected what the 48 lost writes touched \
+             (at most {most} of the disk's {DISK})",
+            d.resync_compared_bytes,
+            d.resync_sent_bytes,
+        );
+    }
+
+    // The move is an event, and the agent list says where it went.
+    let events = http_get(&format!("{}/v1/events?limit=1000", cs.api), &cs.admin_token)?;
+    assert!(
+        events.contains("\"agent.moved\"") && events.contains("from process server ps1"),
+        "{events}"
+    );
+    let list = cs.haven(&["agent", "list"])?;
+    assert!(
+        list.lines()
+            .any(|l| l.contains("web01") && l.contains("ps2")),
+        "{list}"
+    );
+    Ok(())
+}
