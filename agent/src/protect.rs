@@ -344,6 +344,7 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
         tracing::warn!(
             "{why}: the disk will be resynced by comparing block hashes with the replica"
         );
+        crate::trail::remove_ranges(&cfg.data_dir)?;
         rec.state = Phase::Resyncing;
         rec.sync_offset = 0;
         rec.remap = true;

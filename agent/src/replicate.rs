@@ -70,6 +70,16 @@
 //! mapping that changes (`remap`) restarts the pass from 0. When every range is compared, the
 //! disk is `protected`: every difference is in the log and ships from it.
 //!
+//! *A pass over some ranges only.* When a downstream that now serves the agent (a process
+//! server that took it over) resumes below what the agent released on a protected disk, the
+//! records between are lost downstream. Write `R0` for the replica after every record below
+//! the resume point: it equals the disk as it was after those records. Every change since is
+//! either in those lost records or in `L`. So a byte outside the lost records' extents has in
+//! `R0` the disk's value of that time, and the argument above holds for it without a
+//! comparison: comparing the lost records' extents (from the trail, `trail.rs`) is enough. If
+//! the trail does not know them all (the agent restarted, or too many), or the disk was in its
+//! initial pass (`R0` then lacks the chunks not copied yet), the whole disk is compared.
+//!
 //! # A full log
 //!
 //! The splitter does not fail writes when the log is full (see `splitter.rs`): it marks the log
@@ -294,7 +304,8 @@ impl Session {
                 remap: rec.remap,
                 sync_offset: rec.sync_offset,
             }),
-            only: resyncing
+            // A resync that must first find its mapping starts over on the whole disk.
+            only: (resyncing && !rec.remap)
                 .then(|| crate::trail::load_ranges(shared.data_dir(), rec.seq_base))
                 .flatten(),
             log_first: shared.splitter.log_stats().first_seq,
@@ -379,12 +390,14 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
     // The ranges of an earlier resync go first: a ranges file always belongs to the resync
     // `disk.state` names (a crash in between leaves none, and the whole disk is compared).
     let ranges_path = crate::trail::ranges_path(shared.data_dir());
+    // Only a protected disk's replica equals the disk up to the lost records: during the
+    // initial pass it lacks more (the chunks not yet copied), so the whole disk is compared.
     let only = match &change {
         Change::Resync {
             seq_base: Some(base),
             lost: Some((first, last)),
             ..
-        } => shared
+        } if shared.record().state == Phase::Protected => shared
             .trail
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -400,14 +413,12 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
             }),
         _ => None,
     };
-    if matches!(change, Change::Resync { .. } | Change::Protected) {
-        match std::fs::remove_file(&ranges_path) {
-            Ok(()) => haven_fsutil::sync_dir(shared.data_dir())?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("removing {}", ranges_path.display()));
-            }
-        }
+    if matches!(
+        change,
+        Change::Resync { .. } | Change::Protected | Change::Mapped { .. }
+    ) {
+        crate::trail::remove_ranges(shared.data_dir())
+            .with_context(|| format!("removing {}", ranges_path.display()))?;
     }
     let rec = shared.update(|r| match change {
         Change::Mapped { seq_base, .. } => {

@@ -117,9 +117,25 @@ pub fn ranges_path(data_dir: &Path) -> PathBuf {
 /// The ranges of the resync with `seq_base`, if they were kept (else the whole disk is
 /// compared).
 pub fn load_ranges(data_dir: &Path, seq_base: i64) -> Option<Vec<(u64, u64)>> {
-    let bytes = std::fs::read(ranges_path(data_dir)).ok()?;
-    let stored: StoredRanges = serde_json::from_slice(&bytes).ok()?;
-    (stored.seq_base == seq_base).then_some(stored.ranges)
+    let path = ranges_path(data_dir);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<StoredRanges>(&bytes) {
+        Ok(stored) => (stored.seq_base == seq_base).then_some(stored.ranges),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e,
+                "unreadable resync ranges: the whole disk is compared");
+            None
+        }
+    }
+}
+
+/// Forgets the ranges (the resync they belong to is over, or starts over). Blocking.
+pub fn remove_ranges(data_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(ranges_path(data_dir)) {
+        Ok(()) => haven_fsutil::sync_dir(data_dir).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

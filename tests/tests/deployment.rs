@@ -448,3 +448,45 @@ fn receiver() -> Result<(u16, std::sync::mpsc::Receiver<Vec<u8>>)> {
     });
     Ok((port, rx))
 }
+
+#[test]
+fn a_trapping_writer_plugin_is_an_event_at_the_configuration_server() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 4 << 20, 3)?;
+    // The master target writes replicas with a plugin that never returns from `create`: each
+    // attempt is cut at its 200 ms deadline, a trap.
+    let spin = haven_e2e::default_bin_dir().join("../wasm32-wasip2/release/test_spin.wasm");
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            mt_config: format!(
+                "writer = \"spin\"\n\n[[plugin]]\nkind = \"target-writer\"\nname = \"spin\"\n\
+                 path = {spin:?}\ngrants = {{ storage_root = {:?}, call_timeout_ms = 200 }}\n",
+                tmp.path().join("mt")
+            ),
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let event = poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let events: Vec<serde_json::Value> = serde_json::from_str(&http_get(
+            &format!("{}/v1/events?limit=1000", cs.api),
+            &cs.admin_token,
+        )?)?;
+        Ok(events
+            .into_iter()
+            .find(|e| e["kind"] == "plugin.trapped")
+            .ok_or_else(|| "no plugin.trapped event yet".to_string()))
+    })?;
+    assert_eq!(event["severity"], "error", "{event}");
+    assert_eq!(event["gateway"], "mt1", "{event}");
+    let text = event["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("writer plugin `spin` trapped") && text.contains("call_timeout_ms"),
+        "{text}"
+    );
+    Ok(())
+}

@@ -135,6 +135,9 @@ fn both_roles() -> GatewayStatus {
             upstream_connected: true,
             cache_bytes: 8192,
             cache_max_bytes: 1 << 30,
+            churn_bytes_per_second: 0.0,
+            upload_bytes_per_second: 0.0,
+            achievable_rpo_seconds: None,
             disks: vec![CachedDisk {
                 agent_id: "a1b2c3d4e5f6".into(),
                 machine_name: "web01".into(),
@@ -155,6 +158,8 @@ fn both_roles() -> GatewayStatus {
             listen: "0.0.0.0:7500".into(),
             writer: "file".into(),
             journal_max_bytes: 1 << 30,
+            plugin_traps: 0,
+            last_plugin_trap: None,
             replicas: vec![
                 replica("a1b2c3d4e5f6", "web01", 0, 2.5, Some(3.25), 65536),
                 replica("0f1e2d3c4b5a", "db01", 1, 0.0, None, 0),

@@ -65,6 +65,17 @@ pub(crate) struct Appliers {
     senders: Vec<std_mpsc::Sender<Job>>,
     /// Replicas given to each applier so far (new ones go to the one with fewest).
     load: std::sync::Mutex<Vec<usize>>,
+    /// The writer plugin's traps in every applier.
+    pub(crate) traps: Arc<Traps>,
+}
+
+/// Traps of the writer plugin (a timeout, out of memory, a crash) since the gateway started:
+/// each replaced the instance; the replica it hit was retried after a pause.
+#[derive(Debug, Default)]
+pub(crate) struct Traps {
+    pub(crate) count: std::sync::atomic::AtomicU64,
+    /// The latest: which replica, and the plugin's error.
+    pub(crate) last: std::sync::Mutex<Option<String>>,
 }
 
 impl Appliers {
@@ -78,9 +89,11 @@ impl Appliers {
         state: Arc<StateDb>,
     ) -> Result<Appliers> {
         let mut senders = Vec::new();
+        let traps = Arc::new(Traps::default());
         for i in 0..count.max(1) {
             let (tx, rx) = std_mpsc::channel();
             let applier = Applier {
+                traps: traps.clone(),
                 keep_points,
                 host: host.clone(),
                 spec: spec.clone(),
@@ -100,6 +113,7 @@ impl Appliers {
         Ok(Appliers {
             load: std::sync::Mutex::new(vec![0; senders.len()]),
             senders,
+            traps,
         })
     }
 
@@ -128,6 +142,7 @@ struct Slot {
 
 /// One applier thread: its plugin instance and the replicas it serves.
 struct Applier {
+    traps: Arc<Traps>,
     /// Points are kept (retention window above 0): the base stops at the oldest.
     keep_points: bool,
     host: Arc<Host>,
@@ -285,10 +300,20 @@ impl Applier {
         let restarts = self.plugin.as_ref().map(WriterPlugin::restarts);
         let outcome = self.apply_turn(slot);
         // A trap replaced the instance: every other replica's handle is stale.
-        if self.plugin.as_ref().map(WriterPlugin::restarts) != restarts {
+        let trapped = self.plugin.as_ref().map(WriterPlugin::restarts) != restarts;
+        if trapped {
             for other in self.slots.values_mut() {
                 other.disk = None;
             }
+            self.traps.count.fetch_add(1, Ordering::Relaxed);
+            let why = match &outcome {
+                Err(Stop::Failed(m) | Stop::Refused(m)) => m.clone(),
+                Ok(_) => "the plugin trapped".to_string(),
+            };
+            *lock(&self.traps.last) = Some(format!(
+                "writer plugin `{}` trapped on replica {}: {why}",
+                self.spec.name, slot.replica.path
+            ));
         }
         match outcome {
             Ok(turn) => turn,

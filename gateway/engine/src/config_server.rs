@@ -120,6 +120,8 @@ pub struct ConfigServer {
     agents: Mutex<BTreeMap<String, AgentRecord>>,
     /// Its CA's revocation list, handed to process servers with their assignment.
     crl_pem: Mutex<Option<String>>,
+    /// Each master target's plugin traps at its last report.
+    traps_seen: Mutex<BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -155,13 +157,20 @@ impl ConfigServer {
             .into_iter()
             .map(|(_, a)| (a.id.clone(), a))
             .collect();
+        // Every gateway known gets GONE_AFTER from this start to report, or is unreachable.
+        let known: BTreeMap<String, std::time::Instant> = state
+            .json_with_prefix::<GatewayRecord>("gateway/")?
+            .into_iter()
+            .map(|(_, g)| (g.name, std::time::Instant::now()))
+            .collect();
         Ok(Arc::new(ConfigServer {
             agents: Mutex::new(agents),
             crl_pem: Mutex::new(None),
+            traps_seen: Mutex::new(BTreeMap::new()),
             config,
             events,
             applying: Mutex::new(()),
-            last_report: Mutex::new(BTreeMap::new()),
+            last_report: Mutex::new(known),
             state,
             live: Mutex::new(BTreeMap::new()),
             assignment: Mutex::new(assignment),
@@ -374,6 +383,7 @@ impl ConfigServer {
         let placement = place(
             site.as_deref(),
             current.as_deref(),
+            ask.connected && ask.process_server == current,
             pinned.as_deref(),
             grace,
             &candidates,
@@ -403,8 +413,8 @@ impl ConfigServer {
                         .map_or(Duration::ZERO, |c| c.gone_for);
                     let text = format!(
                         "the agent of {machine} moved from process server {from} (gone for {} \
-                         s, its policy's grace is {} s) to {to}; it resumes there without a \
-                         full copy",
+                         s, its policy's grace is {} s) to {to}; it sends there what the lost \
+                         one had not forwarded",
                         gone.as_secs(),
                         grace.as_secs()
                     );
@@ -607,6 +617,27 @@ impl ConfigServer {
             }
         }
         if let Some(mt) = &status.master_target {
+            // A trap is an event each time the count grows (it restarts with the gateway).
+            let seen = lock(&self.traps_seen).insert(gw.to_string(), mt.plugin_traps);
+            if mt.plugin_traps > seen.unwrap_or(0) {
+                ev.raise(
+                    state,
+                    raise(
+                        Severity::Error,
+                        "plugin.trapped",
+                        None,
+                        format!(
+                            "master target {gw}: {} (trap {} since it started); the replica is \
+                             retried in 5 s — check the plugin's limits (call_timeout_ms, \
+                             memory_mib) and its log",
+                            mt.last_plugin_trap
+                                .as_deref()
+                                .unwrap_or("the writer plugin trapped"),
+                            mt.plugin_traps
+                        ),
+                    ),
+                )?;
+            }
             for r in &mt.replicas {
                 let item = r.machine_name.as_str();
                 let subject = format!("{item}/{}", r.disk);

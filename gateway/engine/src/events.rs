@@ -136,7 +136,9 @@ pub struct Raise {
 /// The deployment's events.
 pub struct Events {
     next: Mutex<u64>,
-    /// Conditions in force now, by (condition, subject).
+    /// Conditions in force now, by (condition, subject), as kept in redb
+    /// (`condition/<condition>/<subject>`, written with the event that raised it): a restart
+    /// neither raises again what is in force nor forgets to clear it.
     active: Mutex<BTreeSet<(String, String)>>,
     counts: Mutex<BTreeMap<(String, Severity), u64>>,
     webhooks: Mutex<Vec<Webhook>>,
@@ -151,13 +153,18 @@ impl Events {
             .last()
             .map_or(0, |(_, e)| e.seq);
         let webhooks = state.get_json("webhooks")?.unwrap_or_default();
+        let active = state
+            .json_with_prefix::<(String, String)>("condition/")?
+            .into_iter()
+            .map(|(_, pair)| pair)
+            .collect();
         let (tx, rx) = mpsc::sync_channel(WEBHOOK_QUEUE);
         std::thread::Builder::new()
             .name("webhooks".into())
             .spawn(move || deliver(rx))?;
         Ok(Events {
             next: Mutex::new(last + 1),
-            active: Mutex::new(BTreeSet::new()),
+            active: Mutex::new(active),
             counts: Mutex::new(BTreeMap::new()),
             webhooks: Mutex::new(webhooks),
             deliveries: tx,
@@ -180,24 +187,48 @@ impl Events {
         raise: impl FnOnce() -> Raise,
         clear: impl FnOnce() -> Raise,
     ) -> Result<()> {
-        let key = (condition.to_string(), subject.to_string());
+        let pair = (condition.to_string(), subject.to_string());
         let changed = {
             let mut active = lock(&self.active);
             if on {
-                active.insert(key)
+                active.insert(pair.clone())
             } else {
-                active.remove(&key)
+                active.remove(&pair)
             }
         };
-        match (changed, on) {
-            (false, _) => Ok(()),
-            (true, true) => self.raise(state, raise()).map(drop),
-            (true, false) => self.raise(state, clear()).map(drop),
+        if !changed {
+            return Ok(());
         }
+        let stored = format!("condition/{condition}/{subject}");
+        let result = match on {
+            true => self.record(state, raise(), Some((stored, Some(&pair)))),
+            false => self.record(state, clear(), Some((stored, None))),
+        };
+        if result.is_err() {
+            // Not recorded: in force as before, so the next evaluation tries again.
+            let mut active = lock(&self.active);
+            if on {
+                active.remove(&pair);
+            } else {
+                active.insert(pair);
+            }
+        }
+        result.map(drop)
     }
 
     /// Records an event and posts it to the webhooks that want it.
     pub fn raise(&self, state: &StateDb, r: Raise) -> Result<Event> {
+        self.record(state, r, None)
+    }
+
+    /// [`Events::raise`], and in the same transaction a condition put in force (`Some`) or
+    /// ended (`None`).
+    fn record(
+        &self,
+        state: &StateDb,
+        r: Raise,
+        condition: Option<(String, Option<&(String, String)>)>,
+    ) -> Result<Event> {
         let event = {
             let mut next = lock(&self.next);
             let event = Event {
@@ -209,11 +240,17 @@ impl Events {
                 item: r.item,
                 text: r.text,
             };
-            let removes = match event.seq.checked_sub(KEEP) {
+            let mut removes = match event.seq.checked_sub(KEEP) {
                 Some(old) if old > 0 => vec![key(old)],
                 _ => Vec::new(),
             };
-            state.update_json(&[(key(event.seq), &event)], &removes)?;
+            let mut puts = vec![(key(event.seq), serde_json::to_value(&event)?)];
+            match condition {
+                Some((k, Some(pair))) => puts.push((k, serde_json::to_value(pair)?)),
+                Some((k, None)) => removes.push(k),
+                None => {}
+            }
+            state.update_json(&puts, &removes)?;
             *next += 1;
             event
         };
@@ -295,5 +332,77 @@ fn deliver(rx: mpsc::Receiver<(Webhook, Event)>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raise(kind: &'static str) -> Raise {
+        Raise {
+            severity: Severity::Warning,
+            kind,
+            gateway: Some("ps1".into()),
+            item: None,
+            text: kind.into(),
+        }
+    }
+
+    #[test]
+    fn a_condition_in_force_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("state.redb");
+        let kinds = |state: &StateDb, events: &Events| -> Vec<String> {
+            let list = events.list(state, 0, 100).expect("events");
+            list.into_iter().map(|e| e.kind).collect()
+        };
+        {
+            let state = StateDb::open(&path).expect("state");
+            let events = Events::open(&state).expect("events");
+            for _ in 0..2 {
+                events
+                    .condition(
+                        &state,
+                        "cache.full",
+                        "ps1",
+                        true,
+                        || raise("cache.full"),
+                        || raise("cache.recovered"),
+                    )
+                    .expect("condition");
+            }
+            assert_eq!(kinds(&state, &events), ["cache.full"]);
+        }
+        // Restarted: still in force (not raised again), and its end is recorded.
+        let state = StateDb::open(&path).expect("state");
+        let events = Events::open(&state).expect("events");
+        events
+            .condition(
+                &state,
+                "cache.full",
+                "ps1",
+                true,
+                || raise("cache.full"),
+                || raise("cache.recovered"),
+            )
+            .expect("condition");
+        assert_eq!(kinds(&state, &events), ["cache.full"]);
+        events
+            .condition(
+                &state,
+                "cache.full",
+                "ps1",
+                false,
+                || raise("cache.full"),
+                || raise("cache.recovered"),
+            )
+            .expect("condition");
+        assert_eq!(kinds(&state, &events), ["cache.full", "cache.recovered"]);
+        drop(events);
+        drop(state);
+        let state = StateDb::open(&path).expect("state");
+        let events = Events::open(&state).expect("events");
+        assert!(lock(&events.active).is_empty());
     }
 }

@@ -54,6 +54,10 @@ pub struct DiskStream {
     owner: watch::Sender<u64>,
     /// Why the stream was halted for good ([`DiskStream::halt`]): the running loop ends with it.
     halted: Mutex<Option<Refused>>,
+    /// Held by the receiving loop that runs the stream, from before its resume point is taken
+    /// until it ends: a loop that supersedes another waits for it to finish its batch, so two
+    /// loops never append at once and the new resume point counts everything appended.
+    running: Arc<tokio::sync::Mutex<()>>,
     pub received: Mutex<Rate>,
     pub stored_bytes_total: AtomicU64,
     /// Why this stream stopped; shown in status.
@@ -99,6 +103,7 @@ impl DiskStream {
             freed: Notify::new(),
             owner: watch::Sender::new(0),
             halted: Mutex::new(None),
+            running: Arc::new(tokio::sync::Mutex::new(())),
             received: Mutex::new(Rate::default()),
             stored_bytes_total: AtomicU64::new(0),
             error: Mutex::new(None),
@@ -353,6 +358,25 @@ pub async fn serve_stream<S: Sink>(
     for s in &streams {
         s.claim(id);
     }
+    // The loop this one supersedes ends its batch first (disk order: no two loops wait on
+    // each other).
+    let running = tokio::select! {
+        guards = async {
+            let mut guards = Vec::new();
+            for s in by_disk.values() {
+                guards.push(s.running.clone().lock_owned().await);
+            }
+            guards
+        } => Some(guards),
+        () = superseded(&streams, id) => None,
+    };
+    if running.is_none() {
+        for s in &streams {
+            s.release(id);
+        }
+        let _ = send.reset(quinn::VarInt::from_u32(u32::from(error_code::PROTOCOL)));
+        return Ok(());
+    }
     let result = tokio::select! {
         r = run(&sink, &by_disk, hello, &mut send, &mut reader) => match r {
             Err(e) if e.downcast_ref::<Refused>().is_some() => {
@@ -377,6 +401,7 @@ pub async fn serve_stream<S: Sink>(
     for s in &streams {
         s.release(id);
     }
+    drop(running);
     result
 }
 

@@ -78,7 +78,8 @@ pub async fn run(config: JoinConfig, handler: Arc<dyn JoinHandler>) {
             let request = join::Request::Report(report);
             match join::exchange::<_, Assignment>(&conn, &request, Duration::from_secs(10)).await {
                 Ok(a) => {
-                    handler.crl(a.crl_pem.as_deref());
+                    // Rarely a file write (when the CRL changed).
+                    tokio::task::block_in_place(|| handler.crl(a.crl_pem.as_deref()));
                     if a.revision != applied {
                         if a.revision < applied {
                             tracing::warn!(

@@ -626,6 +626,8 @@ impl MasterTarget {
                 .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
             writer: self.config.writer.name.clone(),
             journal_max_bytes: self.config.journal.max_bytes,
+            plugin_traps: self.appliers.traps.count.load(Ordering::Relaxed),
+            last_plugin_trap: lock(&self.appliers.traps.last).clone(),
             replicas,
         }
     }
@@ -688,7 +690,9 @@ impl MasterTarget {
             Some(o) if o.id == via.id => return Ok(()),
             Some(o) if !hello.takeover => {
                 return Err(crate::ingest::Refused::moved(format!(
-                    "agent {agent} is forwarded by process server `{}` since {} ms after the                      epoch; this process server (`{}`) no longer serves it and must drop what                      it caches for it",
+                    "agent {agent} is forwarded by process server `{}` since {} ms after the \
+                     epoch; this process server (`{}`) no longer serves it and must drop what \
+                     it caches for it",
                     o.name, o.since_ms, via.name
                 )));
             }

@@ -1,8 +1,9 @@
 //! Which process server serves each agent enrolled with the configuration server.
 //!
 //! The choice is a pure function of what the configuration server knows ([`place`]): the
-//! machine's pinned process server, else the one the agent has while it is connected or gone
-//! for less than the policy's grace, else the least loaded connected process server of the
+//! machine's pinned process server, else the one the agent has while the agent says it is
+//! connected there, or that process server reports, or it is gone for less than the policy's
+//! grace (a process server cut off from the configuration server only keeps its agents), else the least loaded connected process server of the
 //! agent's site (fewest agents, then fewest cached bytes, then name). A move happens only by
 //! this choice; the process servers and the master target then make it safe (`TAKEOVER`,
 //! `MOVED`, see `process_server.rs`).
@@ -63,11 +64,12 @@ pub enum Placement {
     Nowhere(String),
 }
 
-/// Where an agent of `site` replicates, given the process server it has (`current`), the
-/// machine's pin and the grace of its policy.
+/// Where an agent of `site` replicates, given the process server it has (`current`) and
+/// whether it says it is connected there, the machine's pin and the grace of its policy.
 pub fn place(
     site: Option<&str>,
     current: Option<&str>,
+    connected: bool,
     pinned: Option<&str>,
     grace: Duration,
     candidates: &[Candidate],
@@ -97,7 +99,7 @@ pub fn place(
     };
     if let Some(cur) = current
         && let Some(c) = candidates.iter().find(|c| c.name == cur && c.site == site)
-        && (c.connected || c.gone_for < grace)
+        && (connected || c.connected || c.gone_for < grace)
     {
         return Placement::Stay(cur.to_string());
     }
@@ -142,7 +144,7 @@ mod tests {
             ps("d", "other", true, 0, 0),
         ];
         assert_eq!(
-            place(Some("primary"), None, None, GRACE, &c),
+            place(Some("primary"), None, false, None, GRACE, &c),
             Placement::Go {
                 to: "b".into(),
                 from: None
@@ -154,16 +156,21 @@ mod tests {
     fn an_agent_stays_while_its_process_server_is_gone_for_less_than_the_grace() {
         let c = [ps("a", "s", false, 29, 1), ps("b", "s", true, 0, 0)];
         assert_eq!(
-            place(Some("s"), Some("a"), None, GRACE, &c),
+            place(Some("s"), Some("a"), false, None, GRACE, &c),
             Placement::Stay("a".into())
         );
         let c = [ps("a", "s", false, 30, 1), ps("b", "s", true, 0, 0)];
         assert_eq!(
-            place(Some("s"), Some("a"), None, GRACE, &c),
+            place(Some("s"), Some("a"), false, None, GRACE, &c),
             Placement::Go {
                 to: "b".into(),
                 from: Some("a".into())
             }
+        );
+        // Cut off from the configuration server only: the agent still replicates there.
+        assert_eq!(
+            place(Some("s"), Some("a"), true, None, GRACE, &c),
+            Placement::Stay("a".into())
         );
     }
 
@@ -171,27 +178,27 @@ mod tests {
     fn a_pin_wins_and_an_unknown_site_is_named() {
         let c = [ps("a", "s", true, 0, 0), ps("b", "t", true, 0, 0)];
         assert_eq!(
-            place(None, Some("a"), Some("b"), GRACE, &c),
+            place(None, Some("a"), false, Some("b"), GRACE, &c),
             Placement::Go {
                 to: "b".into(),
                 from: Some("a".into())
             }
         );
         assert!(matches!(
-            place(None, None, None, GRACE, &c),
+            place(None, None, false, None, GRACE, &c),
             Placement::Nowhere(why) if why.contains("--site")
         ));
         // One site: no need to name it.
         let c = [ps("a", "s", true, 0, 0)];
         assert_eq!(
-            place(None, None, None, GRACE, &c),
+            place(None, None, false, None, GRACE, &c),
             Placement::Go {
                 to: "a".into(),
                 from: None
             }
         );
         assert!(matches!(
-            place(Some("s"), None, None, GRACE, &[ps("a", "s", false, 1, 0)]),
+            place(Some("s"), None, false, None, GRACE, &[ps("a", "s", false, 1, 0)]),
             Placement::Nowhere(why) if why.contains("`s`")
         ));
     }

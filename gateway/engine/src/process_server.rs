@@ -99,6 +99,57 @@ pub struct ProcessServerConfig {
     pub confirm_owner: bool,
 }
 
+/// Churn (bytes stored in the caches) and throughput (bytes sent to the master target) per
+/// second, each over the last interval of at least [`Throughput::EVERY`] between samples.
+#[derive(Debug, Default)]
+struct Throughput {
+    at: Option<Instant>,
+    stored: u64,
+    sent: Option<u64>,
+    churn: f64,
+    upload: f64,
+}
+
+impl Throughput {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    /// Takes the totals now (`sent`: the upstream connection's bytes, `None` without one);
+    /// returns (churn, upload) per second.
+    fn sample(&mut self, now: Instant, stored: u64, sent: Option<u64>) -> (f64, f64) {
+        match self.at {
+            Some(at) if now.duration_since(at) < Self::EVERY => {}
+            Some(at) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                self.churn = stored.saturating_sub(self.stored) as f64 / secs;
+                // A new connection counts from zero.
+                self.upload = match (self.sent, sent) {
+                    (Some(before), Some(now)) if now >= before => (now - before) as f64 / secs,
+                    (_, Some(now)) => now as f64 / secs,
+                    (_, None) => 0.0,
+                };
+                self.at = Some(now);
+                self.stored = stored;
+                self.sent = sent;
+            }
+            None => {
+                self.at = Some(now);
+                self.stored = stored;
+                self.sent = sent;
+            }
+        }
+        (self.churn, self.upload)
+    }
+}
+
+/// The RPO the process server can hold at the current churn: the time what its caches hold
+/// takes to drain at the current throughput, if the throughput keeps up with the churn.
+fn achievable_rpo(cache_bytes: u64, churn: f64, upload: f64) -> Option<f64> {
+    if cache_bytes == 0 {
+        return Some(0.0);
+    }
+    (upload > 0.0 && upload >= churn).then(|| cache_bytes as f64 / upload)
+}
+
 /// Longest wait for the master target's answer when confirming or taking over an agent.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,8 +182,10 @@ pub struct ProcessServer {
     broken: Mutex<HashMap<PeerId, (String, String)>>,
     /// Agents the master target confirmed this process server forwards (since it started).
     confirmed: Mutex<std::collections::HashSet<PeerId>>,
-    /// Confirmations run one at a time.
-    confirming: tokio::sync::Mutex<()>,
+    /// Per agent: its confirmation, takeover or drop runs alone.
+    confirming: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Churn and throughput, sampled by `status`.
+    throughput: Mutex<Throughput>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
     /// The one connection to the master target every forwarder shares.
@@ -219,7 +272,8 @@ impl ProcessServer {
             listener: Arc::new(crate::Listener::default()),
             broken: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(std::collections::HashSet::new()),
-            confirming: tokio::sync::Mutex::new(()),
+            confirming: Mutex::new(HashMap::new()),
+            throughput: Mutex::new(Throughput::default()),
             me: me.clone(),
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
             budget: CacheBudget::default(),
@@ -573,6 +627,17 @@ impl ProcessServer {
             });
         }
         disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));
+        let cache_bytes: u64 = disks.iter().map(|d| d.cache_bytes).sum();
+        let sent = self
+            .upstream
+            .try_lock()
+            .ok()
+            .and_then(|l| l.conn.as_ref().map(|c| c.stats().udp_tx.bytes));
+        let (churn, upload) = lock(&self.throughput).sample(
+            now,
+            disks.iter().map(|d| d.stored_bytes_total).sum(),
+            sent,
+        );
         ProcessServerStatus {
             listen: self
                 .listener
@@ -580,8 +645,11 @@ impl ProcessServer {
                 .map_or_else(|| self.config.listen.to_string(), |a| a.to_string()),
             upstream: self.config.upstream.addr.to_string(),
             upstream_connected: connected,
-            cache_bytes: disks.iter().map(|d| d.cache_bytes).sum(),
+            cache_bytes,
             cache_max_bytes: self.config.cache_total_max_bytes,
+            churn_bytes_per_second: churn,
+            upload_bytes_per_second: upload,
+            achievable_rpo_seconds: achievable_rpo(cache_bytes, churn, upload),
             disks,
         }
     }
@@ -627,12 +695,30 @@ impl ProcessServer {
                     refused.message
                 );
                 let refused = refused.clone();
-                if let Err(e) = tokio::task::block_in_place(|| self.drop_agent(&entry, refused)) {
+                let _one = self.confirming_lock(entry.peer).lock_owned().await;
+                // A takeover since (the agent came back here) made a new entry and cache,
+                // which are not this forwarder's to drop.
+                let current = lock(&self.agents)
+                    .get(&entry.peer)
+                    .is_some_and(|e| Arc::ptr_eq(e, &entry));
+                let dropped = match current {
+                    true => tokio::task::block_in_place(|| self.drop_agent(&entry, refused)),
+                    false => {
+                        for s in lock(&entry.disks).values() {
+                            s.halt(refused.clone());
+                        }
+                        Ok(())
+                    }
+                };
+                if let Err(e) = dropped {
                     tracing::error!(agent = %peer_hex(&entry.peer), error = %format!("{e:#}"),
                         "dropping a moved agent's cache");
                 }
                 return;
             }
+            // Until the master target says again that this process server forwards the agent,
+            // a reconnecting agent is confirmed first (it may have moved meanwhile).
+            lock(&self.confirmed).remove(&entry.peer);
             if let Err(e) = result {
                 let refusal = e
                     .downcast_ref::<quinn::ConnectionError>()
@@ -854,10 +940,10 @@ impl ProcessServer {
     /// server forwards them, or takes them over (see the module documentation).
     async fn confirm_owner(&self, hello: &Hello, via: &Via) -> Result<()> {
         let confirmed = |ps: &Self| lock(&ps.confirmed).contains(&hello.peer_id);
-        if !self.config.confirm_owner || confirmed(self) {
+        if confirmed(self) {
             return Ok(());
         }
-        let _one = self.confirming.lock().await;
+        let _one = self.confirming_lock(hello.peer_id).lock_owned().await;
         if confirmed(self) {
             return Ok(());
         }
@@ -869,6 +955,11 @@ impl ProcessServer {
                 disk: d.id,
             };
             known |= self.state.get_stream(key)?.is_some();
+        }
+        // Without moves, what this process server cached for an agent is its own; an agent
+        // new here is taken over all the same (it may have been pointed here from another).
+        if known && !self.config.confirm_owner {
+            return Ok(());
         }
         let mut takeover = !known;
         loop {
@@ -906,7 +997,8 @@ impl ProcessServer {
                         && e.downcast_ref::<Refused>()
                             .is_some_and(|r| r.code == error_code::MOVED) =>
                 {
-                    tracing::warn!(agent = %agent, "the agent was moved away from this process                         server and back: its stale cache is dropped, then it is taken over");
+                    tracing::warn!(agent = %agent, "the agent was moved away from this process \
+                        server and back: its stale cache is dropped, then it is taken over");
                     let entry = lock(&self.agents).get(&hello.peer_id).cloned();
                     let refused = e.downcast::<Refused>().expect("checked above");
                     tokio::task::block_in_place(|| match entry {
@@ -922,11 +1014,17 @@ impl ProcessServer {
                 }
                 Err(e) => {
                     return Err(e.context(format!(
-                        "confirming with the master target that this process server forwards                          agent {agent} (the agent tries again)"
+                        "confirming with the master target that this process server forwards \
+                         agent {agent} (the agent tries again)"
                     )));
                 }
             }
         }
+    }
+
+    /// The lock under which an agent's ownership is confirmed, taken over or dropped.
+    fn confirming_lock(&self, peer: PeerId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.confirming).entry(peer).or_default().clone()
     }
 
     /// One `Hello` for `hello`'s agent to the master target (taking the agent over with
@@ -1224,9 +1322,35 @@ async fn relay_control(listener: Arc<crate::Listener>, upstream: quinn::Connecti
 
 #[cfg(test)]
 mod tests {
-    use super::admit;
+    use super::{Duration, Instant, Throughput, achievable_rpo, admit};
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_achievable_rpo_is_the_cache_drain_time_while_the_link_keeps_up() {
+        assert_eq!(achievable_rpo(0, 5.0, 0.0), Some(0.0));
+        assert_eq!(achievable_rpo(1000, 100.0, 500.0), Some(2.0));
+        // The churn outruns the link: the caches grow, no RPO holds.
+        assert_eq!(achievable_rpo(1000, 600.0, 500.0), None);
+        assert_eq!(achievable_rpo(1000, 0.0, 0.0), None);
+        let mut t = Throughput::default();
+        let t0 = Instant::now();
+        assert_eq!(t.sample(t0, 100, Some(10)), (0.0, 0.0));
+        assert_eq!(
+            t.sample(t0 + Duration::from_secs(2), 300, Some(1010)),
+            (100.0, 500.0)
+        );
+        // Within a second of the last sample: the same figures.
+        assert_eq!(
+            t.sample(t0 + Duration::from_millis(2500), 900, Some(1)),
+            (100.0, 500.0)
+        );
+        // A new connection counts from zero.
+        assert_eq!(
+            t.sample(t0 + Duration::from_secs(4), 300, Some(200)),
+            (0.0, 100.0)
+        );
+    }
 
     #[test]
     fn below_three_quarters_every_disk_is_admitted() {

@@ -32,6 +32,18 @@ pub struct ProcessServerStatus {
     /// Bytes all caches hold, and their limit.
     pub cache_bytes: u64,
     pub cache_max_bytes: u64,
+    /// Churn: bytes the caches take in per second, as stored (compressed), over the last
+    /// seconds.
+    #[serde(default)]
+    pub churn_bytes_per_second: f64,
+    /// Throughput to the master target: bytes sent per second on its connection.
+    #[serde(default)]
+    pub upload_bytes_per_second: f64,
+    /// The RPO achievable at the current churn: how long what the caches hold takes to reach
+    /// the master target at the current throughput; `None` while the churn exceeds the
+    /// throughput (the caches grow: no RPO holds) or nothing is sent while caches hold data.
+    #[serde(default)]
+    pub achievable_rpo_seconds: Option<f64>,
     /// One entry per protected disk whose stream passes here.
     pub disks: Vec<CachedDisk>,
 }
@@ -91,6 +103,12 @@ pub struct MasterTargetStatus {
     /// Most bytes the journal of one replica may hold.
     #[serde(default)]
     pub journal_max_bytes: u64,
+    /// Traps of the writer plugin (timeout, out of memory, crash) since the gateway started,
+    /// and the latest: each replaced the plugin's instance and paused the replica it hit.
+    #[serde(default)]
+    pub plugin_traps: u64,
+    #[serde(default)]
+    pub last_plugin_trap: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
 }
 

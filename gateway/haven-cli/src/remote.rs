@@ -570,7 +570,8 @@ fn print_status(api: &str, s: &GatewayStatus) {
     println!("gateway {api} (site {})", s.site);
     if let Some(ps) = &s.process_server {
         println!(
-            "  process server on {}: master target {} {}, cache {} of {}",
+            "  process server on {}: master target {} {}, cache {} of {}; churn {}/s, upload \
+             {}/s, RPO achievable {}",
             ps.listen,
             ps.upstream,
             if ps.upstream_connected {
@@ -581,7 +582,13 @@ fn print_status(api: &str, s: &GatewayStatus) {
                 "NOT connected"
             },
             human_bytes(ps.cache_bytes as f64),
-            human_bytes(ps.cache_max_bytes as f64)
+            human_bytes(ps.cache_max_bytes as f64),
+            human_bytes(ps.churn_bytes_per_second),
+            human_bytes(ps.upload_bytes_per_second),
+            ps.achievable_rpo_seconds
+                .map_or("none (the link does not keep up)".to_string(), |s| format!(
+                    "{s:.1} s"
+                ))
         );
         println!(
             "  {:<16} {:>4} {:<13} {:>7} {:>12} {:>12} {:>10}",

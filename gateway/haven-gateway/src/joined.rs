@@ -24,6 +24,8 @@ pub struct Joined {
     mt: Option<Arc<MasterTarget>>,
     /// How agents reach this gateway's process server.
     contact: Option<ProcessServerContact>,
+    /// The configuration server's CRL as kept with the assignment.
+    crl_seen: Mutex<Option<String>>,
     /// CPU seconds used and when, at the last report.
     cpu: Mutex<Option<(f64, Instant)>>,
 }
@@ -58,6 +60,7 @@ impl Joined {
             ps,
             mt,
             contact,
+            crl_seen: Mutex::new(kept_assignment(data_dir)?.and_then(|a| a.crl_pem)),
             cpu: Mutex::new(None),
         })
     }
@@ -112,12 +115,32 @@ impl JoinHandler for Joined {
     }
 
     fn crl(&self, crl_pem: Option<&str>) {
-        if let Some(ps) = &self.ps
-            && let Err(e) = ps
-                .listener()
-                .set_config_server_crl(crl_pem.map(str::to_string))
-        {
+        let Some(ps) = &self.ps else { return };
+        let crl_pem = crl_pem.map(str::to_string);
+        if let Err(e) = ps.listener().set_config_server_crl(crl_pem.clone()) {
             tracing::error!(error = %format!("{e:#}"), "loading the configuration server's CRL");
+            return;
+        }
+        // Kept with the assignment, so a restart serves the agents at once (the listener
+        // answers an unchanged CRL without work; the file is written when it changed).
+        let mut seen = self.crl_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == crl_pem {
+            return;
+        }
+        let kept = kept_assignment(&self.data_dir).and_then(|kept| {
+            let mut a = kept.unwrap_or_default();
+            a.crl_pem.clone_from(&crl_pem);
+            Ok(haven_fsutil::write_atomic(
+                &assignment_path(&self.data_dir),
+                &serde_json::to_vec_pretty(&a)?,
+                0o644,
+            )?)
+        });
+        match kept {
+            Ok(()) => *seen = crl_pem,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "keeping the configuration server's CRL")
+            }
         }
     }
 

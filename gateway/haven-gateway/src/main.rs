@@ -542,6 +542,9 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
         })?;
         if let Some(a) = &kept {
             server.set_policies(a.machines.clone());
+            // The configuration server's CRL as last heard: its agents are served from the
+            // start (a CA with no CRL at all would leave their status unknown, and refused).
+            server.listener().set_config_server_crl(a.crl_pem.clone())?;
         }
         let s = server.clone();
         let (mut tls, ca) = (tls.clone(), ca.clone());

@@ -24,8 +24,8 @@
 //!   refusal as failed over ends replication for good ([`ShipperEnd::FailedOver`]), one as
 //!   moved ends the connection ([`ShipperEnd::Moved`]: the agent asks where to go).
 //! - A `Welcome` below what was released on a disk that was not resyncing names the log seqs
-//!   the downstream lacks (`Change::Resync::lost`). Before them the replica equals the disk as
-//!   it was; after them every change is still in the log. So the disk differs from what the
+//!   the downstream lacks (`Change::Resync::lost`). On a protected disk, before them the
+//!   replica equals the disk as it was; after them every change is still in the log. So the disk differs from what the
 //!   replica will hold only where those records wrote: a driver that remembers their extents
 //!   starts the pass on just those ([`Start::only`]); one that does not compares everything.
 //! - Every [`ShipperAction::Persist`] must be durable before the driver runs the next action;
@@ -120,8 +120,9 @@ pub enum Change {
         /// Why, for the operator.
         why: String,
         /// The log seqs (first, last) whose records the downstream lost, when the disk was not
-        /// resyncing already: the disk differs from the replica only where those records
-        /// wrote, so a driver that remembers their extents compares just those (`Start::only`).
+        /// resyncing already. If the disk was protected (not in its initial pass, which the
+        /// shipper does not see), it differs from the replica only where those records wrote,
+        /// so a driver that remembers their extents compares just those (`Start::only`).
         lost: Option<(u64, u64)>,
     },
     /// The hash pass compared every range below `sync_offset`.
@@ -268,7 +269,9 @@ impl Shipper {
             released_at: None,
             freed_to: 0,
             resync: start.resync,
-            only: start.only.filter(|_| start.resync.is_some()),
+            only: start
+                .only
+                .filter(|_| start.resync.is_some_and(|r| !r.remap)),
             pass: None,
             log: LogView {
                 first_seq: start.log_first,
@@ -613,6 +616,7 @@ impl Shipper {
                 sync_offset: 0,
             };
             self.resync = Some(r);
+            self.only = None;
             if rebase {
                 return self.finish(ShipperEnd::Rebase);
             }

@@ -514,12 +514,19 @@
       if (s.process_server) roles.push('process-server');
       if (s.master_target) roles.push('master-target');
       setText('gateways-note', 'This gateway is not a configuration server: it shows itself only.');
-      gateways = [{ name: 'this gateway', site: s.site, roles, connected: true, health: null, last_seen_ms: null }];
+      gateways = [{ name: 'this gateway', site: s.site, roles, connected: true, health: null, last_seen_ms: null, status: s }];
     }
     if (!changed('gateways', gateways)) return;
     $('gateways-body').replaceChildren(...gateways.map((g) => {
       const h = g.health || {};
       const connection = g.connected ? 'connected' : `gone since ${when(g.last_seen_ms)}`;
+      // A process server's throughput to its master target and the RPO it can hold at the
+      // current churn (none: the link does not keep up).
+      const ps = (g.status || {}).process_server;
+      const throughput = ps ? `${bytes(ps.upload_bytes_per_second)}/s (churn ${bytes(ps.churn_bytes_per_second)}/s)` : '—';
+      const achievable = !ps ? '—'
+        : typeof ps.achievable_rpo_seconds === 'number' ? `${ps.achievable_rpo_seconds.toFixed(1)} s`
+          : 'none: the link does not keep up';
       return el(
         'tr',
         { 'data-gateway': g.name, 'data-connected': Boolean(g.connected) },
@@ -530,6 +537,8 @@
         el('td', { text: typeof h.cpu_percent === 'number' ? `${h.cpu_percent.toFixed(1)} %` : '—' }),
         el('td', { text: bytes(h.memory_bytes) }),
         el('td', { text: typeof h.free_bytes === 'number' ? `${bytes(h.free_bytes)} of ${bytes(h.total_bytes)}` : '—' }),
+        el('td', { text: throughput }),
+        el('td', { text: achievable }),
         el('td', { text: when(g.last_seen_ms) }),
       );
     }));
