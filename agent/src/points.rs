@@ -242,6 +242,21 @@ impl Points {
         })
     }
 
+    /// Back to the agent's own intervals. Returns what is done, for the process server's log.
+    pub fn clear_assigned(&self) -> String {
+        let was = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if was.is_some() {
+            tracing::info!(
+                "the configuration server no longer assigns a point policy: points on this agent's own intervals again"
+            );
+        }
+        "points on the agent's own intervals".into()
+    }
+
     /// The policy assigned by the configuration server, if any.
     pub fn assigned(&self) -> Option<PointPolicy> {
         self.assigned
@@ -475,12 +490,10 @@ pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn
                                 Ok(done) => Reply::Done(done),
                                 Err(why) => Reply::Failed(why),
                             };
-                            if let Err(e) =
-                                haven_net::control::write_message(&mut send, &reply).await
-                            {
-                                tracing::warn!(error = %e, "answering a control request");
-                            }
-                            return;
+                            return answer(&mut send, &reply).await;
+                        }
+                        Command::ClearPolicy => {
+                            return answer(&mut send, &Reply::Done(points.clear_assigned())).await;
                         }
                     };
                     let sh = Arc::clone(&shared);
@@ -495,10 +508,14 @@ pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn
                 }
                 Err(e) => Reply::Failed(format!("bad request: {e}")),
             };
-            if let Err(e) = haven_net::control::write_message(&mut send, &reply).await {
-                tracing::warn!(error = %e, "answering a control request");
-            }
+            answer(&mut send, &reply).await;
         });
+    }
+}
+
+async fn answer(send: &mut quinn::SendStream, reply: &Reply) {
+    if let Err(e) = haven_net::control::write_message(send, reply).await {
+        tracing::warn!(error = %e, "answering a control request");
     }
 }
 

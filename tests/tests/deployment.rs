@@ -89,6 +89,46 @@ fn gateways_join_and_items_are_reached_through_the_configuration_server() -> Res
     );
     via_cs(&c, &["failover", "cleanup", "web01"])?;
 
+    // Each change ran as a job, kept with its outcome; one that fails is an event.
+    let out = cs
+        .haven_command()
+        .args(["failover", "web01", "--point", "12345", "--server", &cs.api])
+        .output()?;
+    assert!(!out.status.success(), "{out:?}");
+    let jobs = via_cs(&c, &["job", "list"])?;
+    let kinds: Vec<(&str, &str)> = jobs
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(3)?, *f.get(5)?))
+        })
+        .collect();
+    for expected in [
+        ("failover", "failed"),
+        ("test-failover-cleanup", "succeeded"),
+        ("test-failover", "succeeded"),
+        ("point", "succeeded"),
+    ] {
+        assert!(kinds.contains(&expected), "{expected:?} not in {jobs}");
+    }
+    let failed: serde_json::Value = serde_json::from_str(&via_cs(&c, &["job", "list", "--json"])?)?;
+    let id = failed[0]["id"].as_u64().context("a job id")?;
+    let shown = via_cs(&c, &["job", "show", &id.to_string()])?;
+    assert!(
+        shown.contains("failover of web01): failed")
+            && shown.contains("POST /v1/items/web01/failover"),
+        "{shown}"
+    );
+    assert!(shown.contains("HTTP 404"), "{shown}");
+    let events = via_cs(&c, &["events"])?;
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("job.failed") && l.contains(&format!("job {id} "))),
+        "{events}"
+    );
+
     // An item no master target holds.
     let out = cs
         .haven_command()
@@ -413,6 +453,35 @@ fn a_pipeline_applied_at_the_configuration_server_reaches_agents_and_master_targ
     assert!(
         stderr.contains("2 problem(s); nothing was applied"),
         "{stderr}"
+    );
+
+    // The machine leaves the pipeline: its agent goes back to its own interval (30 s).
+    c.agent.restart()?;
+    let back = haven_e2e::now_ms();
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let times: Vec<u64> = point_times(&c)?.into_iter().filter(|&t| t > back).collect();
+        Ok(if haven_e2e::close_pairs(&times, 1500) >= 2 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the restarted agent has not got its policy: {times:?}"
+            ))
+        })
+    })?;
+    std::fs::write(&file, pipeline(&c, "1s", false, hook)?)?;
+    let out = cs.haven(&["apply", file_arg, "--allow-destroy"])?;
+    assert!(out.contains("- machine web01"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let since = haven_e2e::now_ms();
+    std::thread::sleep(Duration::from_secs(6));
+    let after: Vec<u64> =
+        haven_e2e::point_times(&c.mt.haven(&["point", "list", "web01", "--json"])?)?
+            .into_iter()
+            .filter(|&t| t > since)
+            .collect();
+    assert!(
+        after.len() <= 1,
+        "the agent still takes points every second after its machine left: {after:?}"
     );
     Ok(())
 }

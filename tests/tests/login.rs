@@ -174,6 +174,36 @@ fn the_cli_logs_in_over_https_pinning_the_site_ca() -> Result<()> {
     assert_eq!(v[0]["api"], server.as_str());
     assert_eq!(v[0]["status"]["site"], "secondary");
 
+    // API tokens with roles, by `haven token`: a viewer reads and may not mint enrollment
+    // tokens; revoked, it lets nobody in.
+    let out = haven(
+        &bins,
+        &cli,
+        None,
+        &["token", "create", "--role", "viewer", "--name", "dashboard"],
+    )?;
+    assert!(out.status.success(), "{out:?}");
+    let viewer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(viewer.starts_with("hvt_"), "{viewer}");
+    let out = haven(&bins, &cli, None, &["token", "list"])?;
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = list
+        .lines()
+        .find(|l| l.contains("dashboard"))
+        .with_context(|| format!("no token `dashboard` listed: {list}"))?;
+    assert!(line.contains("viewer"), "{line}");
+    let id = line.split_whitespace().next().context("an id")?.to_string();
+    let as_viewer = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", server.as_str()]);
+        haven(&bins, &cli, Some(&viewer), &all)
+    };
+    assert!(as_viewer(&["status"])?.status.success());
+    fails_saying(&as_viewer(&["token", "create"])?, "403");
+    let out = haven(&bins, &cli, None, &["token", "revoke", &id])?;
+    assert!(out.status.success(), "{out:?}");
+    fails_saying(&as_viewer(&["status"])?, "401");
+
     // A login whose pinned CA is another one trusts nothing the gateway says.
     let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&logins)?)?;
     saved["servers"][&server]["ca_cert_pem"] =

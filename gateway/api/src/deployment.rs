@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use haven_engine::config_server::{ConfigServer, ForwardError};
 use haven_engine::events::{Event, Raise, Severity, Webhook};
+use haven_engine::jobs::Job;
 use haven_net::join::{ApiAnswer, ApiRequest, Assignment, MAX_MESSAGE, MachinePolicy};
 use tower::ServiceExt;
 
@@ -57,11 +58,54 @@ pub(crate) async fn forward_items(
     let action = rest.split('/').nth(1).unwrap_or_default().to_string();
     let machine = item.split('/').next().unwrap_or_default();
     match cs.master_target_of(machine) {
-        Some(gateway) => match cs.forward(&gateway, request.clone()).await {
-            Ok(answer) => {
-                record_action(&cs, &gateway, &item, &method, &action, &request, &answer).await;
-                answer_response(answer)
+        Some(gateway) if method != Method::GET && method != Method::HEAD => {
+            // A change: run as a job, kept with its outcome.
+            let kind = job_kind(&method, &action);
+            let step = format!("{method} {} at {gateway}", request.path);
+            let job = {
+                let (cs, item, gateway, caller) = (
+                    cs.clone(),
+                    item.clone(),
+                    gateway.clone(),
+                    request.caller.clone(),
+                );
+                crate::blocking(move || {
+                    cs.start_job(kind, Some(&item), Some(&gateway), &caller, &step)
+                })
+                .await
+            };
+            let job = match job {
+                Ok(job) => job,
+                Err(e) => return e.into_response(),
+            };
+            let id = job.id;
+            let (ok, output, response) = match cs.forward(&gateway, request.clone()).await {
+                Ok(answer) => {
+                    record_action(&cs, &gateway, &item, &method, &action, &request, &answer).await;
+                    let ok = (200..300).contains(&answer.status);
+                    let output = match ok {
+                        true => summary(&answer.body),
+                        false => format!("HTTP {}: {}", answer.status, error_text(&answer.body)),
+                    };
+                    (ok, output, answer_response(answer))
+                }
+                Err(e) => {
+                    let output = e.to_string();
+                    (false, output, forward_error(e).into_response())
+                }
+            };
+            let cs = cs.clone();
+            if let Err(e) = crate::blocking(move || cs.end_job_step(job, ok, output, true)).await {
+                tracing::error!(job = id, error = ?e, "recording a job's outcome");
             }
+            let mut response = response;
+            if let Ok(v) = header::HeaderValue::from_str(&id.to_string()) {
+                response.headers_mut().insert("x-haven-job", v);
+            }
+            response
+        }
+        Some(gateway) => match cs.forward(&gateway, request.clone()).await {
+            Ok(answer) => answer_response(answer),
             Err(e) => forward_error(e).into_response(),
         },
         None => ApiError::new(
@@ -73,6 +117,36 @@ pub(crate) async fn forward_items(
         )
         .into_response(),
     }
+}
+
+/// The kind of job a change to an item is.
+fn job_kind(method: &Method, action: &str) -> &'static str {
+    match (method.as_str(), action) {
+        ("POST", "points") => "point",
+        ("POST", "test-failover") => "test-failover",
+        ("DELETE", "test-failover") => "test-failover-cleanup",
+        ("POST", "failover") => "failover",
+        ("POST", "commit") => "commit",
+        _ => "item-change",
+    }
+}
+
+/// What an answer's body says, short enough for a job's step.
+fn summary(body: &str) -> String {
+    const MOST: usize = 2000;
+    let body = body.trim();
+    match body.char_indices().nth(MOST) {
+        Some((at, _)) => format!("{}…", &body[..at]),
+        None => body.to_string(),
+    }
+}
+
+/// The `error` of an API error body, or the body.
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| summary(body))
 }
 
 /// Raises the event of a failover-family action an operator did through this server.
@@ -113,10 +187,7 @@ async fn record_action(
             format!(
                 "failover of {item}{by} refused or failed: HTTP {}: {}",
                 answer.status,
-                serde_json::from_str::<serde_json::Value>(&answer.body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-                    .unwrap_or_default()
+                error_text(&answer.body)
             ),
         ),
         ("POST", "commit", true) => (
@@ -180,6 +251,72 @@ pub(crate) async fn list_events(
     Ok(crate::Pretty(
         crate::blocking(move || cs.events(since, limit)).await?,
     ))
+}
+
+/// The query of `GET /v1/jobs`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct JobParams {
+    /// At most this many, newest first (default 100, at most 1000).
+    #[param(value_type = Option<u64>)]
+    limit: Option<String>,
+}
+
+/// The jobs run through this configuration server, newest first: each change to an item (a
+/// point, a test failover and its cleanup, a failover, a commit) with its steps and outcome.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "deployment",
+    params(JobParams),
+    responses(
+        (status = OK, description = "The newest jobs", body = Vec<Job>),
+        (status = BAD_REQUEST, description = "A bad `limit`", body = ErrorBody),
+        (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_jobs(
+    crate::Deployment(cs): crate::Deployment,
+    crate::QueryParams(q): crate::QueryParams<JobParams>,
+) -> Result<crate::Pretty<Vec<Job>>, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("limit={v}: give a whole number")))?
+            .clamp(1, 1000),
+    };
+    Ok(crate::Pretty(
+        crate::blocking(move || cs.jobs(limit)).await?,
+    ))
+}
+
+/// One job with its steps.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "deployment",
+    params(("id" = u64, Path, description = "The job's id, as `GET /v1/jobs` lists it")),
+    responses(
+        (status = OK, description = "The job", body = Job),
+        (status = BAD_REQUEST, description = "An id that is no number", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such job, or this gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_job(
+    crate::Deployment(cs): crate::Deployment,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<crate::Pretty<Job>, ApiError> {
+    let number = id
+        .parse::<u64>()
+        .map_err(|_| ApiError::bad_request(format!("job `{id}`: a job id is a whole number")))?;
+    match crate::blocking(move || cs.job(number)).await? {
+        Some(job) => Ok(crate::Pretty(job)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job {number} is kept here; `haven job list` shows the newest"),
+        )),
+    }
 }
 
 /// `GET /v1/items` at every master target, joined into one list.

@@ -20,6 +20,8 @@
 //! | POST   | `/v1/api-tokens` | a new API token, shown once (`name=`, `role=admin\|operator\|viewer`) |
 //! | DELETE | `/v1/api-tokens/ID` | revokes an API token                                    |
 //! | GET    | `/v1/audit`   | the newest changes made through the API (`limit=N`)           |
+//! | GET    | `/v1/jobs`    | at a configuration server: the changes to items run through it, newest first, with their steps (`limit=N`) |
+//! | GET    | `/v1/jobs/ID` | one job                                                        |
 //!
 //! `ITEM` is one path segment: a machine name, an agent id (or a unique prefix of 6+ hex
 //! digits), or `MACHINE%2FDISK`. Errors are `{"error": "..."}` with 404 (unknown item, point
@@ -206,6 +208,8 @@ fn router(api: Api) -> Result<axum::Router> {
             deployment::apply_pipeline
         ))
         .routes(routes!(deployment::list_events))
+        .routes(routes!(deployment::list_jobs))
+        .routes(routes!(deployment::get_job))
         .routes(routes!(list_items))
         .routes(routes!(get_item))
         .routes(routes!(list_points, create_point))

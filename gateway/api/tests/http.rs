@@ -152,6 +152,7 @@ fn both_roles() -> GatewayStatus {
                 report: None,
                 error: None,
                 failed_over: None,
+                policy_refused: None,
             }],
         }),
         master_target: Some(MasterTargetStatus {
@@ -240,6 +241,8 @@ fn openapi_document_lists_every_route_with_its_answers() {
         ("get", "/v1/pipeline"),
         ("post", "/v1/pipeline"),
         ("get", "/v1/events"),
+        ("get", "/v1/jobs"),
+        ("get", "/v1/jobs/{id}"),
         ("get", "/v1/items"),
         ("get", "/v1/items/{item}"),
         ("get", "/v1/items/{item}/points"),

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, Events, FULL_PERCENT, LOW_SPACE_PERCENT, Raise, Severity, Webhook};
 use crate::ingest::lock;
+use crate::jobs::{Job, JobState};
 use crate::now_ms;
 use crate::placement::{AgentRecord, Candidate, Placement, place};
 use crate::status::GatewayStatus;
@@ -122,6 +123,7 @@ pub struct ConfigServer {
     crl_pem: Mutex<Option<String>>,
     /// Each master target's plugin traps at its last report.
     traps_seen: Mutex<BTreeMap<String, u64>>,
+    jobs: crate::jobs::Jobs,
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -152,6 +154,7 @@ impl ConfigServer {
             .get_json::<Assignment>("assignment")?
             .unwrap_or_default();
         let events = Events::open(&state)?;
+        let jobs = crate::jobs::Jobs::open(&state)?;
         let agents = state
             .json_with_prefix::<AgentRecord>("agent/")?
             .into_iter()
@@ -167,6 +170,7 @@ impl ConfigServer {
             agents: Mutex::new(agents),
             crl_pem: Mutex::new(None),
             traps_seen: Mutex::new(BTreeMap::new()),
+            jobs,
             config,
             events,
             applying: Mutex::new(()),
@@ -468,6 +472,57 @@ impl ConfigServer {
         })
     }
 
+    /// Starts a job (see [`crate::jobs`]) with its first step running.
+    pub fn start_job(
+        &self,
+        kind: &str,
+        item: Option<&str>,
+        gateway: Option<&str>,
+        caller: &str,
+        step: &str,
+    ) -> Result<Job> {
+        self.jobs
+            .start(&self.state, kind, item, gateway, caller, step)
+    }
+
+    /// Ends `job`'s running step (and the job, when `last` or failed); a failed job is an
+    /// event (`job.failed`).
+    pub fn end_job_step(&self, job: Job, ok: bool, output: String, last: bool) -> Result<Job> {
+        let job = self.jobs.end_step(&self.state, job, ok, output, last)?;
+        if job.state == JobState::Failed {
+            self.events.raise(
+                &self.state,
+                Raise {
+                    severity: Severity::Error,
+                    kind: "job.failed",
+                    gateway: job.gateway.clone(),
+                    item: job.item.clone(),
+                    text: format!(
+                        "job {} ({}{}) failed: {}; `haven job show {}` has its steps",
+                        job.id,
+                        job.kind,
+                        job.item
+                            .as_deref()
+                            .map_or(String::new(), |i| format!(" of {i}")),
+                        job.outcome(),
+                        job.id
+                    ),
+                },
+            )?;
+        }
+        Ok(job)
+    }
+
+    /// Jobs, newest first.
+    pub fn jobs(&self, limit: usize) -> Result<Vec<Job>> {
+        self.jobs.list(&self.state, limit)
+    }
+
+    /// Job `id`, if kept.
+    pub fn job(&self, id: u64) -> Result<Option<Job>> {
+        self.jobs.get(&self.state, id)
+    }
+
     /// The agents this server enrolled and where each replicates.
     pub fn agents(&self) -> Vec<AgentRecord> {
         lock(&self.agents).values().cloned().collect()
@@ -583,6 +638,32 @@ impl ConfigServer {
             for d in &ps.disks {
                 let item = d.machine_name.as_str();
                 let subject = format!("{item}/{}", d.disk);
+                ev.condition(
+                    state,
+                    "policy.refused",
+                    &subject,
+                    d.policy_refused.is_some(),
+                    || {
+                        raise(
+                            Severity::Warning,
+                            "policy.refused",
+                            Some(item),
+                            format!(
+                                "{item}: {}; it takes points on its own intervals: fix the \
+                                 policy in the pipeline and apply it again",
+                                d.policy_refused.clone().unwrap_or_default()
+                            ),
+                        )
+                    },
+                    || {
+                        raise(
+                            Severity::Info,
+                            "policy.accepted",
+                            Some(item),
+                            format!("{item}: the agent runs its machine's policy again"),
+                        )
+                    },
+                )?;
                 ev.condition(
                     state,
                     "agent.disconnected",

@@ -25,6 +25,7 @@ pub mod config_server;
 pub mod events;
 pub mod failpoint;
 pub mod ingest;
+pub mod jobs;
 pub mod join;
 pub mod master_target;
 pub mod metrics;

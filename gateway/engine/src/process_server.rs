@@ -186,6 +186,8 @@ pub struct ProcessServer {
     confirming: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
     /// Churn and throughput, sampled by `status`.
     throughput: Mutex<Throughput>,
+    /// Agents that refused their machine's point policy, and why.
+    policy_refusals: Mutex<HashMap<String, String>>,
     /// This server, for starting forwarders from `&self` (the ingest loop's `Sink`).
     me: std::sync::Weak<ProcessServer>,
     /// The one connection to the master target every forwarder shares.
@@ -274,6 +276,7 @@ impl ProcessServer {
             confirmed: Mutex::new(std::collections::HashSet::new()),
             confirming: Mutex::new(HashMap::new()),
             throughput: Mutex::new(Throughput::default()),
+            policy_refusals: Mutex::new(HashMap::new()),
             me: me.clone(),
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
             budget: CacheBudget::default(),
@@ -370,12 +373,20 @@ impl ProcessServer {
     /// Takes the configuration server's point policies (by machine name) and sends each
     /// connected agent whose policy changed its new one.
     pub fn set_policies(&self, policies: BTreeMap<String, MachinePolicy>) {
-        let changed: Vec<(String, MachinePolicy)> = {
+        // Machines whose policy changed, came or went (an agent whose machine left the
+        // pipeline goes back to its own intervals).
+        let changed: Vec<String> = {
             let mut current = lock(&self.policies);
             let changed = policies
                 .iter()
                 .filter(|(m, p)| current.get(*m) != Some(p))
-                .map(|(m, p)| (m.clone(), p.clone()))
+                .map(|(m, _)| m.clone())
+                .chain(
+                    current
+                        .keys()
+                        .filter(|m| !policies.contains_key(*m))
+                        .cloned(),
+                )
                 .collect();
             *current = policies;
             changed
@@ -394,7 +405,7 @@ impl ProcessServer {
             })
             .collect();
         for (agent, machine) in machines {
-            if !changed.iter().any(|(m, _)| *m == machine) {
+            if !changed.contains(&machine) {
                 continue;
             }
             if let Some(conn) = self.listener.connection(&agent) {
@@ -417,25 +428,43 @@ impl ProcessServer {
             .or_default()
             .clone();
         let _one = one.lock().await;
-        let Some(policy) = lock(&self.policies).get(&machine).cloned() else {
-            return;
+        let policy = lock(&self.policies).get(&machine).cloned();
+        let command = match &policy {
+            Some(p) => Command::Policy {
+                interval_ms: p.crash_consistent_interval_ms,
+                app_interval_ms: p.app_consistent_interval_ms,
+            },
+            None => Command::ClearPolicy,
         };
         let request = Request {
             agent_id: agent_id.clone(),
-            command: Command::Policy {
-                interval_ms: policy.crash_consistent_interval_ms,
-                app_interval_ms: policy.app_consistent_interval_ms,
-            },
+            command,
         };
-        match control::call(&conn, &request, CONTROL_TIMEOUT).await {
+        let name = policy.as_ref().map_or("(none)", |p| p.policy.as_str());
+        let refused = match control::call(&conn, &request, CONTROL_TIMEOUT).await {
             Ok(Reply::Done(what)) => {
-                tracing::info!(agent = %agent_id, policy = %policy.policy, %what, "point policy sent")
+                tracing::info!(agent = %agent_id, policy = %name, %what, "point policy sent");
+                None
             }
             Ok(Reply::Failed(why)) => {
-                tracing::warn!(agent = %agent_id, policy = %policy.policy, %why, "point policy refused")
+                tracing::warn!(agent = %agent_id, policy = %name, %why, "point policy refused");
+                Some(format!("the agent refused policy `{name}`: {why}"))
             }
-            Ok(Reply::Taken(_)) => {}
-            Err(e) => tracing::warn!(agent = %agent_id, error = %e, "sending the point policy"),
+            Ok(Reply::Taken(_)) => None,
+            Err(e) => {
+                tracing::warn!(agent = %agent_id, error = %e, "sending the point policy");
+                None
+            }
+        };
+        // Shown in the status (the configuration server raises `policy.refused` from it).
+        let mut refusals = lock(&self.policy_refusals);
+        match refused {
+            Some(why) => {
+                refusals.insert(agent_id, why);
+            }
+            None => {
+                refusals.remove(&agent_id);
+            }
         }
     }
 
@@ -606,6 +635,7 @@ impl ProcessServer {
                     report: report.clone(),
                     error: s.error(),
                     failed_over: lock(&a.failed_over).clone(),
+                    policy_refused: lock(&self.policy_refusals).get(&peer_hex(&a.peer)).cloned(),
                 });
             }
         }
@@ -624,6 +654,7 @@ impl ProcessServer {
                 report: None,
                 error: Some(format!("not served: {error}")),
                 failed_over: None,
+                policy_refused: None,
             });
         }
         disks.sort_by(|a, b| (&a.agent_id, a.disk).cmp(&(&b.agent_id, b.disk)));

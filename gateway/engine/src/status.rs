@@ -72,6 +72,10 @@ pub struct CachedDisk {
     pub report: Option<Report>,
     /// Why the stream stopped, and what to do.
     pub error: Option<String>,
+    /// The agent refused its machine's point policy from the configuration server, and why
+    /// (it takes points on its own intervals meanwhile).
+    #[serde(default)]
+    pub policy_refused: Option<String>,
     /// Set when the master target failed the disk over: replication of it is stopped, and
     /// this says what happened and what to do.
     #[serde(default)]

@@ -108,13 +108,15 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
-    /// Enrollment tokens.
+    /// Tokens: API tokens with roles (`create --role R --name N`, `list`, `revoke`) and
+    /// one-time enrollment tokens (`create`).
     #[command(subcommand)]
     Token(remote::TokenCommand),
     /// Enrolled agents: list, revoke.
     #[command(subcommand)]
     Agent(remote::AgentCommand),
-    /// API tokens of a gateway: create, list, revoke (needs an admin token).
+    /// API tokens of a gateway: create, list, revoke (needs an admin token); the same as
+    /// `haven token` with `--role`.
     #[command(subcommand)]
     ApiToken(remote::ApiTokenCommand),
     /// The gateway's audit log: every change made through its API, who and when (admin).
@@ -141,6 +143,10 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Jobs at the configuration server: every change to an item run through it, with its
+    /// steps and outcome (`list`, `show ID`).
+    #[command(subcommand)]
+    Job(remote::JobCommand),
     /// Recovery points of a protected item: list, create.
     #[command(subcommand)]
     Point(recovery::PointCommand),
@@ -212,6 +218,7 @@ fn main() -> ExitCode {
         Command::Audit { api, limit } => {
             remote::audit(&client, &api, limit).map(|()| ExitCode::SUCCESS)
         }
+        Command::Job(c) => remote::job(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),
     };

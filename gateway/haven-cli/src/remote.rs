@@ -23,16 +23,37 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Creates a one-time enrollment token at a gateway (for an agent, or for a process
-    /// server enrolling with a master target).
+    /// Creates a token and prints it (only now): with `--role`, an API token with that role
+    /// (admin only); without, a one-time enrollment token (for an agent or a gateway
+    /// enrolling there; admin only).
     Create {
-        /// The API of the gateway that will enroll the newcomer: the process server's for an
-        /// agent, the master target's for a process server.
+        /// The API of the gateway: for an enrollment token, the one that will enroll the
+        /// newcomer (the configuration server, or a master target for a process server).
         #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
         api: String,
-        /// How long the token stays valid, in seconds.
-        #[arg(long, default_value_t = 3600)]
+        /// How long an enrollment token stays valid, in seconds.
+        #[arg(long, default_value_t = 3600, conflicts_with = "role")]
         ttl: u64,
+        /// An API token with this role: admin, operator (points, test failover, failover) or
+        /// viewer (read only).
+        #[arg(long, requires = "name")]
+        role: Option<String>,
+        /// What the API token is for (letters, digits, - _ . @).
+        #[arg(long, requires = "role")]
+        name: Option<String>,
+    },
+    /// Lists a gateway's API tokens (never their secrets). Enrollment tokens are used once and
+    /// expire; they are not listed.
+    List {
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+        api: String,
+    },
+    /// Revokes an API token: it lets nobody in from now on.
+    Revoke {
+        /// The token's id (16 hex digits, from `haven token list`).
+        id: String,
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+        api: String,
     },
 }
 
@@ -358,12 +379,20 @@ pub fn fetch_status(client: &Client, api: &str) -> Result<GatewayStatus> {
 
 pub fn token(client: &Client, command: TokenCommand) -> Result<()> {
     match command {
-        TokenCommand::Create { api, ttl } => {
+        TokenCommand::Create {
+            api,
+            role: Some(role),
+            name: Some(name),
+            ..
+        } => api_token(client, ApiTokenCommand::Create { name, role, api }),
+        TokenCommand::Create { api, ttl, .. } => {
             let body = client.request(&api, Method::POST, &format!("/v1/tokens?ttl={ttl}"))?;
             let v: serde_json::Value = serde_json::from_str(&body)?;
             println!("{}", v["token"].as_str().context("no token in the answer")?);
             Ok(())
         }
+        TokenCommand::List { api } => api_token(client, ApiTokenCommand::List { api }),
+        TokenCommand::Revoke { id, api } => api_token(client, ApiTokenCommand::Revoke { id, api }),
     }
 }
 
@@ -471,6 +500,105 @@ pub fn events(client: &Client, api: &str, since: u64, limit: usize, follow: bool
         std::io::Write::flush(&mut std::io::stdout())?;
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// The newest jobs, newest first.
+    List {
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+        api: String,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the JSON the API answered.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job with each step's state, times and output.
+    Show {
+        /// The job's id (from `haven job list`).
+        id: u64,
+        #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+        api: String,
+        /// Print the JSON the API answered.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn job(client: &Client, command: JobCommand) -> Result<()> {
+    let time = |v: &serde_json::Value| {
+        v.as_u64()
+            .map_or_else(|| "-".to_string(), crate::recovery::time)
+    };
+    match command {
+        JobCommand::List { api, limit, json } => {
+            let body = client.request(&api, Method::GET, &format!("/v1/jobs?limit={limit}"))?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let jobs: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            println!(
+                "{:>6} {:<20} {:<22} {:<16} {:<10} OUTCOME",
+                "JOB", "STARTED (UTC)", "KIND", "ITEM", "STATE"
+            );
+            for j in &jobs {
+                let outcome = j["steps"]
+                    .as_array()
+                    .and_then(|s| s.last())
+                    .and_then(|s| s["output"].as_str())
+                    .unwrap_or("");
+                println!(
+                    "{:>6} {:<20} {:<22} {:<16} {:<10} {}",
+                    j["id"].as_u64().unwrap_or(0),
+                    time(&j["started_ms"]),
+                    j["kind"].as_str().unwrap_or("?"),
+                    j["item"].as_str().unwrap_or("-"),
+                    j["state"].as_str().unwrap_or("?"),
+                    outcome.lines().next().unwrap_or("")
+                );
+            }
+        }
+        JobCommand::Show { id, api, json } => {
+            let body = client.request(&api, Method::GET, &format!("/v1/jobs/{id}"))?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let j: serde_json::Value = serde_json::from_str(&body)?;
+            println!(
+                "job {} ({}{}): {}, started {} by {}, ended {}",
+                j["id"].as_u64().unwrap_or(0),
+                j["kind"].as_str().unwrap_or("?"),
+                j["item"]
+                    .as_str()
+                    .map_or(String::new(), |i| format!(" of {i}")),
+                j["state"].as_str().unwrap_or("?"),
+                time(&j["started_ms"]),
+                j["caller"]
+                    .as_str()
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or("-"),
+                time(&j["ended_ms"])
+            );
+            for (i, s) in j["steps"].as_array().into_iter().flatten().enumerate() {
+                println!(
+                    "  {}. {} — {} ({} → {})",
+                    i + 1,
+                    s["name"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    time(&s["started_ms"]),
+                    time(&s["ended_ms"])
+                );
+                for line in s["output"].as_str().unwrap_or("").lines() {
+                    println!("     {line}");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `haven audit`: the gateway's audit log of changes, newest last.

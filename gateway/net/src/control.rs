@@ -41,6 +41,9 @@ pub enum Command {
         /// Application-consistent points, milliseconds apart; none when absent.
         app_interval_ms: Option<u64>,
     },
+    /// The machine has no policy from the configuration server any more (it left the
+    /// pipeline): points on the agent's own intervals again.
+    ClearPolicy,
 }
 
 /// A request for one agent.

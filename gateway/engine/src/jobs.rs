@@ -1,0 +1,256 @@
+//! Jobs: what the configuration server does for an operator that changes something — a test
+//! failover, its cleanup, a failover, a commit, a point — each with its steps, their times,
+//! their outcome and what they said.
+//!
+//! Jobs are kept in the configuration server's redb (`job/<id>`, the newest [`KEEP`]), written
+//! when a job starts and when each step ends, so `haven job show` tells what happened after
+//! any restart. A job still running when the configuration server stopped cannot be continued
+//! (the gateway that ran its step answered a connection that is gone): it is marked failed as
+//! interrupted when the server starts, with what to check.
+
+use std::sync::Mutex;
+
+use anyhow::Result;
+use haven_store::StateDb;
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::lock;
+use crate::now_ms;
+
+/// Jobs kept.
+pub const KEEP: u64 = 10_000;
+
+/// Where a job or a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One step of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// What the step does, e.g. `POST /v1/items/web01/failover at mt1`.
+    pub name: String,
+    pub state: JobState,
+    /// When it started and ended, ms since the Unix epoch.
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// What it answered: the result, or why it failed.
+    pub output: String,
+}
+
+/// A job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Grows with every job.
+    pub id: u64,
+    /// `test-failover`, `test-failover-cleanup`, `failover`, `commit`, `point`.
+    pub kind: String,
+    /// The item it acts on.
+    pub item: Option<String>,
+    /// The gateway that ran it.
+    pub gateway: Option<String>,
+    /// Who asked (the API token's name and id).
+    pub caller: String,
+    pub state: JobState,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub steps: Vec<Step>,
+}
+
+impl Job {
+    /// The output of its last step.
+    pub fn outcome(&self) -> &str {
+        self.steps.last().map_or("", |s| s.output.as_str())
+    }
+}
+
+/// The configuration server's jobs.
+#[derive(Debug)]
+pub struct Jobs {
+    next: Mutex<u64>,
+}
+
+fn key(id: u64) -> String {
+    format!("job/{id:020}")
+}
+
+impl Jobs {
+    /// Continues the jobs kept in `state`; a job that was running is marked interrupted.
+    pub fn open(state: &StateDb) -> Result<Jobs> {
+        let kept: Vec<(String, Job)> = state.json_with_prefix("job/")?;
+        let last = kept.last().map_or(0, |(_, j)| j.id);
+        let now = now_ms();
+        for (k, mut job) in kept {
+            if job.state != JobState::Running {
+                continue;
+            }
+            let step = job.steps.iter().rposition(|s| s.state == JobState::Running);
+            if let Some(s) = step.and_then(|i| job.steps.get_mut(i)) {
+                s.state = JobState::Failed;
+                s.ended_ms = Some(now);
+                s.output = format!(
+                    "interrupted: the configuration server stopped during this step; its \
+                     gateway may have finished it — check the item's state (`haven status`) \
+                     before running it again{}",
+                    if s.output.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", s.output)
+                    }
+                );
+            }
+            job.state = JobState::Failed;
+            job.ended_ms = Some(now);
+            state.put_json(&k, &job)?;
+        }
+        Ok(Jobs {
+            next: Mutex::new(last + 1),
+        })
+    }
+
+    /// Starts a job with its first step running.
+    pub fn start(
+        &self,
+        state: &StateDb,
+        kind: &str,
+        item: Option<&str>,
+        gateway: Option<&str>,
+        caller: &str,
+        step: &str,
+    ) -> Result<Job> {
+        let mut next = lock(&self.next);
+        let now = now_ms();
+        let job = Job {
+            id: *next,
+            kind: kind.to_string(),
+            item: item.map(str::to_string),
+            gateway: gateway.map(str::to_string),
+            caller: caller.to_string(),
+            state: JobState::Running,
+            started_ms: now,
+            ended_ms: None,
+            steps: vec![Step {
+                name: step.to_string(),
+                state: JobState::Running,
+                started_ms: now,
+                ended_ms: None,
+                output: String::new(),
+            }],
+        };
+        let removes = match job.id.checked_sub(KEEP) {
+            Some(old) if old > 0 => vec![key(old)],
+            _ => Vec::new(),
+        };
+        state.update_json(&[(key(job.id), &job)], &removes)?;
+        *next += 1;
+        Ok(job)
+    }
+
+    /// Ends the running step of `job` with `ok` and `output`; the job ends with it when `last`.
+    pub fn end_step(
+        &self,
+        state: &StateDb,
+        mut job: Job,
+        ok: bool,
+        output: String,
+        last: bool,
+    ) -> Result<Job> {
+        let now = now_ms();
+        let outcome = if ok {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        if let Some(s) = job.steps.iter_mut().rfind(|s| s.state == JobState::Running) {
+            s.state = outcome;
+            s.ended_ms = Some(now);
+            s.output = output;
+        }
+        if last || !ok {
+            job.state = outcome;
+            job.ended_ms = Some(now);
+        }
+        state.put_json(&key(job.id), &job)?;
+        Ok(job)
+    }
+
+    /// Jobs newest first, at most `limit`.
+    pub fn list(&self, state: &StateDb, limit: usize) -> Result<Vec<Job>> {
+        let mut jobs: Vec<Job> = state
+            .json_with_prefix::<Job>("job/")?
+            .into_iter()
+            .map(|(_, j)| j)
+            .collect();
+        jobs.reverse();
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+
+    /// The job `id`, if kept.
+    pub fn get(&self, state: &StateDb, id: u64) -> Result<Option<Job>> {
+        Ok(state.get_json(&key(id))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_running_at_a_restart_is_failed_as_interrupted() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("state.redb");
+        {
+            let state = StateDb::open(&path).expect("state");
+            let jobs = Jobs::open(&state).expect("jobs");
+            let done = jobs
+                .start(
+                    &state,
+                    "point",
+                    Some("web01"),
+                    Some("mt1"),
+                    "ops (1)",
+                    "take a point",
+                )
+                .expect("a job");
+            let done = jobs
+                .end_step(&state, done, true, "point 7".into(), true)
+                .expect("ended");
+            assert_eq!(done.state, JobState::Succeeded);
+            jobs.start(
+                &state,
+                "failover",
+                Some("web01"),
+                Some("mt1"),
+                "ops (1)",
+                "fail over",
+            )
+            .expect("a job");
+        }
+        let state = StateDb::open(&path).expect("state");
+        let jobs = Jobs::open(&state).expect("jobs");
+        let list = jobs.list(&state, 10).expect("jobs");
+        assert_eq!(list.iter().map(|j| j.id).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(list[0].state, JobState::Failed);
+        assert!(
+            list[0].outcome().starts_with("interrupted"),
+            "{:?}",
+            list[0]
+        );
+        assert_eq!(list[1].outcome(), "point 7");
+        let next = jobs
+            .start(&state, "commit", None, None, "", "commit")
+            .expect("a job");
+        assert_eq!(next.id, 3);
+        assert_eq!(
+            jobs.get(&state, 1).expect("read").map(|j| j.state),
+            Some(JobState::Succeeded)
+        );
+    }
+}
