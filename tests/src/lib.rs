@@ -743,6 +743,36 @@ impl Cluster {
             .replace("/srv/mt/", &format!("{}/", self.mt.data_dir.display())))
     }
 
+    /// The start of a pipeline file for this cluster, named `name`: its three sites, its
+    /// gateways (`cs`, `ps1`, `ps2` when started, `mt1`) and the raw writer plugin; a test adds
+    /// its policies, machines and webhooks.
+    pub fn pipeline_head(&self, name: &str) -> Result<String> {
+        let cs = self
+            .cs
+            .as_ref()
+            .context("the cluster has no configuration server")?;
+        let gateway = |name: &str, site: &str, role: &str, port: u16| {
+            format!(
+                "[[gateway]]\nname = \"{name}\"\nsite = \"{site}\"\nroles = [\"{role}\"]\n\
+                 address = \"127.0.0.1:{port}\"\n\n"
+            )
+        };
+        let mut text = format!(
+            "version = 1\n\n[deployment]\nname = \"{name}\"\n\n[[site]]\nname = \"headquarters\"\n\n\
+             [[site]]\nname = \"primary\"\n\n[[site]]\nname = \"secondary\"\n\n"
+        );
+        text += &gateway("cs", "headquarters", "config-server", cs.port);
+        text += &gateway("ps1", "primary", "process-server", self.ps.port);
+        if let Some(ps2) = &self.ps2 {
+            text += &gateway("ps2", "primary", "process-server", ps2.port);
+        }
+        text += &gateway("mt1", "secondary", "master-target", self.mt.port);
+        text += "[[plugin]]\nname = \"raw\"\nkind = \"target-writer\"\n\
+                 path = \"/opt/haven/plugins/haven_raw.wasm\"\ngateways = [\"mt1\"]\n\n\
+                 [plugin.grants]\nstorage_root = \"/var/lib/haven/replicas\"\n\n";
+        Ok(text)
+    }
+
     /// The replica's file on the master target (the raw writer's layout).
     pub fn replica(&self) -> Result<PathBuf> {
         let s = self.mt.status()?;

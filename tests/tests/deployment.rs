@@ -185,6 +185,9 @@ fn gateways_join_and_items_are_reached_through_the_configuration_server() -> Res
             Err(format!("not exactly once: {missing:?} in {events}"))
         })
     })?;
+    // Loading the writer plugin is no trap.
+    let events = cs.haven(&["events"])?;
+    assert!(!events.contains("plugin.trapped"), "{events}");
     Ok(())
 }
 
@@ -192,7 +195,6 @@ fn gateways_join_and_items_are_reached_through_the_configuration_server() -> Res
 /// replication policy `fast` (a point every `interval`, points older than 5 s thinned to one
 /// per 10 s).
 fn pipeline(c: &Cluster, interval: &str, with_machine: bool, hook: u16) -> Result<String> {
-    let cs = c.cs.as_ref().context("cs")?;
     let machine = if with_machine {
         "\n[[machine]]\nname = \"web01\"\nsite = \"primary\"\npolicy = \"fast\"\n\
          process_server = \"ps1\"\nmaster_target = \"mt1\"\nwriter = \"raw\"\n"
@@ -200,48 +202,7 @@ fn pipeline(c: &Cluster, interval: &str, with_machine: bool, hook: u16) -> Resul
         ""
     };
     Ok(format!(
-        r#"version = 1
-
-[deployment]
-name = "test"
-
-[[site]]
-name = "headquarters"
-
-[[site]]
-name = "primary"
-
-[[site]]
-name = "secondary"
-
-[[gateway]]
-name = "cs"
-site = "headquarters"
-roles = ["config-server"]
-address = "127.0.0.1:{cs_port}"
-
-[[gateway]]
-name = "ps1"
-site = "primary"
-roles = ["process-server"]
-address = "127.0.0.1:{ps_port}"
-
-[[gateway]]
-name = "mt1"
-site = "secondary"
-roles = ["master-target"]
-address = "127.0.0.1:{mt_port}"
-
-[[plugin]]
-name = "raw"
-kind = "target-writer"
-path = "/opt/haven/plugins/haven_raw.wasm"
-gateways = ["mt1"]
-
-[plugin.grants]
-storage_root = "/var/lib/haven/replicas"
-
-[[policy]]
+        r#"{head}[[policy]]
 name = "fast"
 kind = "replication"
 rpo_threshold = "1m"
@@ -258,9 +219,7 @@ url = "http://127.0.0.1:{hook}/haven"
 events = ["agent.*"]
 min_severity = "warning"
 {machine}"#,
-        cs_port = cs.port,
-        ps_port = c.ps.port,
-        mt_port = c.mt.port,
+        head = c.pipeline_head("test")?,
     ))
 }
 

@@ -16,58 +16,8 @@ const DISK: u64 = 64 << 20;
 /// The deployment as a pipeline: web01 at `primary`, placed by the configuration server on
 /// one of two process servers, moved after 5 s without its process server.
 fn pipeline(c: &Cluster) -> Result<String> {
-    let cs = c.cs.as_ref().context("cs")?;
-
-    let ps2 = c.ps2.as_ref().context("ps2")?;
     Ok(format!(
-        r#"version = 1
-
-[deployment]
-name = "moves"
-
-[[site]]
-name = "headquarters"
-
-[[site]]
-name = "primary"
-
-[[site]]
-name = "secondary"
-
-[[gateway]]
-name = "cs"
-site = "headquarters"
-roles = ["config-server"]
-address = "127.0.0.1:{cs}"
-
-[[gateway]]
-name = "ps1"
-site = "primary"
-roles = ["process-server"]
-address = "127.0.0.1:{ps1}"
-
-[[gateway]]
-name = "ps2"
-site = "primary"
-roles = ["process-server"]
-address = "127.0.0.1:{ps2}"
-
-[[gateway]]
-name = "mt1"
-site = "secondary"
-roles = ["master-target"]
-address = "127.0.0.1:{mt}"
-
-[[plugin]]
-name = "raw"
-kind = "target-writer"
-path = "/opt/haven/plugins/haven_raw.wasm"
-gateways = ["mt1"]
-
-[plugin.grants]
-storage_root = "/var/lib/haven/replicas"
-
-[[policy]]
+        r#"{head}[[policy]]
 name = "follow"
 kind = "replication"
 rpo_threshold = "1m"
@@ -86,10 +36,7 @@ policy = "follow"
 master_target = "mt1"
 writer = "raw"
 "#,
-        cs = cs.port,
-        ps1 = c.ps.port,
-        ps2 = ps2.port,
-        mt = c.mt.port,
+        head = c.pipeline_head("moves")?,
     ))
 }
 
@@ -131,7 +78,8 @@ fn an_agent_moves_when_its_process_server_is_lost_and_resyncs_only_what_it_lost(
     let file = tmp.path().join("moves.toml");
     std::fs::write(&file, pipeline(&c)?)?;
     // Kept here (it runs until dropped): the cluster is borrowed mutably below.
-    let cs = &c.cs.take().context("cs")?;
+    let mut cs_gateway = c.cs.take().context("cs")?;
+    let cs = &cs_gateway;
     let out = cs.haven(&["apply", file.to_str().context("path")?])?;
     assert!(out.contains("Applied: revision 1;"), "{out}");
 
@@ -234,6 +182,36 @@ fn an_agent_moves_when_its_process_server_is_lost_and_resyncs_only_what_it_lost(
         list.lines()
             .any(|l| l.contains("web01") && l.contains("ps2")),
         "{list}"
+    );
+
+    // Without the configuration server, ps2 restarted still serves the agent it enrolled:
+    // its CRL and assignment were kept.
+    cs_gateway.proc.kill();
+    c.ps2.as_mut().context("ps2")?.restart()?;
+    qemu_io(&c.agent.nbd, &["write -P 0x7e 0 1M".to_string()])?;
+    let since = haven_e2e::now_ms();
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let r = c.agent.report().context("a report")?;
+        let d = r.disks.first().context("a disk")?;
+        let mt = c.mt.status()?;
+        let applied = mt
+            .master_target
+            .as_ref()
+            .and_then(|m| m.replicas.first())
+            .map_or(0, |x| x.applied_seq);
+        Ok(
+            if r.time_ms > since && d.acked_seq == d.last_seq && applied >= d.last_seq {
+                Ok(())
+            } else {
+                Err(format!(
+                    "not replicated after ps2's restart: {d:?}, applied {applied}"
+                ))
+            },
+        )
+    })?;
+    assert!(
+        images_equal(&c.replica()?, &disk)?,
+        "the replica differs from the disk after ps2's restart"
     );
     Ok(())
 }

@@ -70,7 +70,13 @@ pub(crate) async fn forward_items(
                     request.caller.clone(),
                 );
                 crate::blocking(move || {
-                    cs.start_job(kind, Some(&item), Some(&gateway), &caller, &step)
+                    cs.start_job(haven_engine::jobs::NewJob {
+                        kind,
+                        item: Some(&item),
+                        gateway: Some(&gateway),
+                        caller: &caller,
+                        step: &step,
+                    })
                 })
                 .await
             };
@@ -131,10 +137,13 @@ fn job_kind(method: &Method, action: &str) -> &'static str {
     }
 }
 
-/// What an answer's body says, short enough for a job's step.
+/// What an answer's body says, on one line short enough for a job's step (JSON compacted).
 fn summary(body: &str) -> String {
     const MOST: usize = 2000;
-    let body = body.trim();
+    let compact = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_string(&v).ok());
+    let body = compact.as_deref().unwrap_or(body).trim();
     match body.char_indices().nth(MOST) {
         Some((at, _)) => format!("{}…", &body[..at]),
         None => body.to_string(),
@@ -240,17 +249,21 @@ pub(crate) async fn list_events(
     crate::Deployment(cs): crate::Deployment,
     crate::QueryParams(q): crate::QueryParams<EventParams>,
 ) -> Result<crate::Pretty<Vec<Event>>, ApiError> {
-    let number = |name: &str, v: Option<&str>, default: u64| match v {
+    let since = query_number("since", q.since.as_deref(), 0)?;
+    let limit = query_number("limit", q.limit.as_deref(), 1000)?.clamp(1, 1000) as usize;
+    Ok(crate::Pretty(
+        crate::blocking(move || cs.events(since, limit)).await?,
+    ))
+}
+
+/// A whole number from the query (`name=value`), or `default` without one.
+fn query_number(name: &str, value: Option<&str>, default: u64) -> Result<u64, ApiError> {
+    match value {
         None => Ok(default),
         Some(v) => v
             .parse::<u64>()
             .map_err(|_| ApiError::bad_request(format!("{name}={v}: give a whole number"))),
-    };
-    let since = number("since", q.since.as_deref(), 0)?;
-    let limit = number("limit", q.limit.as_deref(), 1000)?.clamp(1, 1000) as usize;
-    Ok(crate::Pretty(
-        crate::blocking(move || cs.events(since, limit)).await?,
-    ))
+    }
 }
 
 /// The query of `GET /v1/jobs`.
@@ -279,13 +292,7 @@ pub(crate) async fn list_jobs(
     crate::Deployment(cs): crate::Deployment,
     crate::QueryParams(q): crate::QueryParams<JobParams>,
 ) -> Result<crate::Pretty<Vec<Job>>, ApiError> {
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("limit={v}: give a whole number")))?
-            .clamp(1, 1000),
-    };
+    let limit = query_number("limit", q.limit.as_deref(), 100)?.clamp(1, 1000) as usize;
     Ok(crate::Pretty(
         crate::blocking(move || cs.jobs(limit)).await?,
     ))

@@ -573,6 +573,9 @@ struct AgentCert {
     /// connected there when it last asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     placement: Option<haven_engine::placement::AgentRecord>,
+    /// At a configuration server: the certificate is the one a joined gateway enrolled with.
+    #[serde(default)]
+    gateway: bool,
 }
 
 #[utoipa::path(
@@ -591,6 +594,13 @@ async fn list_agents(State(s): State<Served>, Authority(ca): Authority) -> Compa
         .as_ref()
         .map(|cs| cs.agents().into_iter().map(|a| (a.id.clone(), a)).collect())
         .unwrap_or_default();
+    let gateways: std::collections::HashSet<String> = match s.api.deployment.clone() {
+        Some(cs) => blocking(move || cs.gateways())
+            .await
+            .map(|g| g.into_iter().map(|g| g.record.id).collect())
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
     let ca = lock(&ca);
     let agents = ca
         .issued()
@@ -604,6 +614,7 @@ async fn list_agents(State(s): State<Served>, Authority(ca): Authority) -> Compa
             not_after: r.not_after,
             revoked: ca.revoked().iter().any(|x| &x.serial == serial),
             placement: placed.get(&r.subject).cloned(),
+            gateway: gateways.contains(&r.subject),
         })
         .collect();
     Compact(agents)

@@ -299,12 +299,17 @@ impl Applier {
         }
         let restarts = self.plugin.as_ref().map(WriterPlugin::restarts);
         let outcome = self.apply_turn(slot);
-        // A trap replaced the instance: every other replica's handle is stale.
-        let trapped = self.plugin.as_ref().map(WriterPlugin::restarts) != restarts;
-        if trapped {
+        // A trap replaced the instance: every other replica's handle is stale. (A first
+        // load is no trap: there was no instance before.)
+        let after = self.plugin.as_ref().map(WriterPlugin::restarts);
+        if after != restarts {
             for other in self.slots.values_mut() {
                 other.disk = None;
             }
+        }
+        if let Some(after) = after
+            && after != restarts.unwrap_or(0)
+        {
             self.traps.count.fetch_add(1, Ordering::Relaxed);
             let why = match &outcome {
                 Err(Stop::Failed(m) | Stop::Refused(m)) => m.clone(),

@@ -473,16 +473,8 @@ impl ConfigServer {
     }
 
     /// Starts a job (see [`crate::jobs`]) with its first step running.
-    pub fn start_job(
-        &self,
-        kind: &str,
-        item: Option<&str>,
-        gateway: Option<&str>,
-        caller: &str,
-        step: &str,
-    ) -> Result<Job> {
-        self.jobs
-            .start(&self.state, kind, item, gateway, caller, step)
+    pub fn start_job(&self, new: crate::jobs::NewJob<'_>) -> Result<Job> {
+        self.jobs.start(&self.state, new)
     }
 
     /// Ends `job`'s running step (and the job, when `last` or failed); a failed job is an

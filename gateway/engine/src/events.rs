@@ -357,47 +357,31 @@ mod tests {
             let list = events.list(state, 0, 100).expect("events");
             list.into_iter().map(|e| e.kind).collect()
         };
+        let cache_full = |state: &StateDb, events: &Events, on: bool| {
+            events
+                .condition(
+                    state,
+                    "cache.full",
+                    "ps1",
+                    on,
+                    || raise("cache.full"),
+                    || raise("cache.recovered"),
+                )
+                .expect("condition");
+        };
         {
             let state = StateDb::open(&path).expect("state");
             let events = Events::open(&state).expect("events");
-            for _ in 0..2 {
-                events
-                    .condition(
-                        &state,
-                        "cache.full",
-                        "ps1",
-                        true,
-                        || raise("cache.full"),
-                        || raise("cache.recovered"),
-                    )
-                    .expect("condition");
-            }
+            cache_full(&state, &events, true);
+            cache_full(&state, &events, true);
             assert_eq!(kinds(&state, &events), ["cache.full"]);
         }
         // Restarted: still in force (not raised again), and its end is recorded.
         let state = StateDb::open(&path).expect("state");
         let events = Events::open(&state).expect("events");
-        events
-            .condition(
-                &state,
-                "cache.full",
-                "ps1",
-                true,
-                || raise("cache.full"),
-                || raise("cache.recovered"),
-            )
-            .expect("condition");
+        cache_full(&state, &events, true);
         assert_eq!(kinds(&state, &events), ["cache.full"]);
-        events
-            .condition(
-                &state,
-                "cache.full",
-                "ps1",
-                false,
-                || raise("cache.full"),
-                || raise("cache.recovered"),
-            )
-            .expect("condition");
+        cache_full(&state, &events, false);
         assert_eq!(kinds(&state, &events), ["cache.full", "cache.recovered"]);
         drop(events);
         drop(state);

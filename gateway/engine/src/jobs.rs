@@ -70,6 +70,16 @@ impl Job {
     }
 }
 
+/// What a new job is: its kind, what it acts on, who asked, and its first step.
+#[derive(Clone, Copy, Debug)]
+pub struct NewJob<'a> {
+    pub kind: &'a str,
+    pub item: Option<&'a str>,
+    pub gateway: Option<&'a str>,
+    pub caller: &'a str,
+    pub step: &'a str,
+}
+
 /// The configuration server's jobs.
 #[derive(Debug)]
 pub struct Jobs {
@@ -115,28 +125,20 @@ impl Jobs {
     }
 
     /// Starts a job with its first step running.
-    pub fn start(
-        &self,
-        state: &StateDb,
-        kind: &str,
-        item: Option<&str>,
-        gateway: Option<&str>,
-        caller: &str,
-        step: &str,
-    ) -> Result<Job> {
+    pub fn start(&self, state: &StateDb, new: NewJob<'_>) -> Result<Job> {
         let mut next = lock(&self.next);
         let now = now_ms();
         let job = Job {
             id: *next,
-            kind: kind.to_string(),
-            item: item.map(str::to_string),
-            gateway: gateway.map(str::to_string),
-            caller: caller.to_string(),
+            kind: new.kind.to_string(),
+            item: new.item.map(str::to_string),
+            gateway: new.gateway.map(str::to_string),
+            caller: new.caller.to_string(),
             state: JobState::Running,
             started_ms: now,
             ended_ms: None,
             steps: vec![Step {
-                name: step.to_string(),
+                name: new.step.to_string(),
                 state: JobState::Running,
                 started_ms: now,
                 ended_ms: None,
@@ -209,29 +211,22 @@ mod tests {
         {
             let state = StateDb::open(&path).expect("state");
             let jobs = Jobs::open(&state).expect("jobs");
+            let new = |kind, step| NewJob {
+                kind,
+                item: Some("web01"),
+                gateway: Some("mt1"),
+                caller: "ops (1)",
+                step,
+            };
             let done = jobs
-                .start(
-                    &state,
-                    "point",
-                    Some("web01"),
-                    Some("mt1"),
-                    "ops (1)",
-                    "take a point",
-                )
+                .start(&state, new("point", "take a point"))
                 .expect("a job");
             let done = jobs
                 .end_step(&state, done, true, "point 7".into(), true)
                 .expect("ended");
             assert_eq!(done.state, JobState::Succeeded);
-            jobs.start(
-                &state,
-                "failover",
-                Some("web01"),
-                Some("mt1"),
-                "ops (1)",
-                "fail over",
-            )
-            .expect("a job");
+            jobs.start(&state, new("failover", "fail over"))
+                .expect("a job");
         }
         let state = StateDb::open(&path).expect("state");
         let jobs = Jobs::open(&state).expect("jobs");
@@ -245,7 +240,16 @@ mod tests {
         );
         assert_eq!(list[1].outcome(), "point 7");
         let next = jobs
-            .start(&state, "commit", None, None, "", "commit")
+            .start(
+                &state,
+                NewJob {
+                    kind: "commit",
+                    item: None,
+                    gateway: None,
+                    caller: "",
+                    step: "commit",
+                },
+            )
             .expect("a job");
         assert_eq!(next.id, 3);
         assert_eq!(

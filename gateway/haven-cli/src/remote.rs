@@ -84,15 +84,20 @@ pub fn agent(client: &Client, command: AgentCommand) -> Result<()> {
             let body = client.request(&api, Method::GET, "/v1/agents")?;
             let agents: Vec<serde_json::Value> = serde_json::from_str(&body)?;
             println!(
-                "{:<34} {:<20} {:<8} {:<16} MOVES",
-                "AGENT", "MACHINE", "STATE", "PROCESS SERVER"
+                "{:<34} {:<20} {:<8} {:<8} {:<16} MOVES",
+                "AGENT", "MACHINE", "KIND", "STATE", "PROCESS SERVER"
             );
             for a in agents {
                 let placement = &a["placement"];
                 println!(
-                    "{:<34} {:<20} {:<8} {:<16} {}",
+                    "{:<34} {:<20} {:<8} {:<8} {:<16} {}",
                     a["agent_id"].as_str().unwrap_or("?"),
                     a["machine_name"].as_str().unwrap_or("?"),
+                    if a["gateway"].as_bool().unwrap_or(false) {
+                        "gateway"
+                    } else {
+                        "agent"
+                    },
                     if a["revoked"].as_bool().unwrap_or(false) {
                         "revoked"
                     } else {
@@ -527,6 +532,14 @@ pub enum JobCommand {
     },
 }
 
+/// `text` cut to `most` characters (an ellipsis says so).
+fn short(text: &str, most: usize) -> String {
+    match text.char_indices().nth(most) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 pub fn job(client: &Client, command: JobCommand) -> Result<()> {
     let time = |v: &serde_json::Value| {
         v.as_u64()
@@ -557,7 +570,7 @@ pub fn job(client: &Client, command: JobCommand) -> Result<()> {
                     j["kind"].as_str().unwrap_or("?"),
                     j["item"].as_str().unwrap_or("-"),
                     j["state"].as_str().unwrap_or("?"),
-                    outcome.lines().next().unwrap_or("")
+                    short(outcome.lines().next().unwrap_or(""), 72)
                 );
             }
         }
