@@ -83,10 +83,11 @@ fn an_api_fuzzer_driven_by_the_document_finds_no_server_error() -> Result<()> {
     for api in [&c.ps.api, &c.mt.api, &cs.api] {
         let out = Command::new("python3")
             .args(["-c", cli, "run", &format!("{api}/v1/openapi.json")])
-            // Requests the document allows, with the token: the coverage phase and negative
-            // cases also send requests without one, and those are answered ever more slowly
-            // (as a guesser's are), past the fuzzer's patience.
-            .args(["--phases", "examples,fuzzing", "--mode", "positive"])
+            // Requests the document allows and ones it does not (bad types, values out of
+            // range, missing parameters), all with the token: the coverage phase also sends
+            // requests without one, and those are answered ever more slowly (as a guesser's
+            // are), past the fuzzer's patience.
+            .args(["--phases", "examples,fuzzing", "--mode", "all"])
             .args(["--checks", "not_a_server_error", "--max-examples", "12"])
             .args([
                 "--header",
