@@ -24,8 +24,10 @@ use sha2::{Digest, Sha256};
 const NAME: &str = "127.0.0.1";
 
 /// What the receiver holds.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Replica {
+    /// Each record waits this long before it is taken (a slow downstream).
+    delay: Duration,
     data: Vec<u8>,
     durable: u64,
     /// Bytes of `Data` payloads received.
@@ -215,6 +217,11 @@ async fn serve_agent(
         if rx.is_closed() {
             return;
         }
+        // Away: nothing more is taken (frames already received included).
+        if *paused.borrow() {
+            conn.close(0u32.into(), b"away");
+            return;
+        }
         let frame = tokio::select! {
             f = reader.next() => f,
             _ = paused.wait_for(|p| *p) => {
@@ -223,7 +230,13 @@ async fn serve_agent(
             }
         };
         match frame {
-            Ok(Some(f)) => rx.handle(Instant::now(), f),
+            Ok(Some(f)) => {
+                let delay = replica.lock().unwrap().delay;
+                if matches!(f, Frame::Write(_)) && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                rx.handle(Instant::now(), f)
+            }
             _ => return,
         }
     }
@@ -591,6 +604,92 @@ fn lost_log_resyncs_only_the_differences() {
     assert!(log.contains("resync done"), "{log}");
     drop(r);
     drop(agent);
+}
+
+/// The downstream loses records it acknowledged (a process server lost for good; the one
+/// that takes the agent over resumes where the replica is): the agent resends what its log
+/// still holds and resyncs the rest. `protected`: the loss comes after the initial pass, and
+/// only what the lost records wrote is compared; else during it, and the whole disk is.
+fn a_downstream_that_lost_acknowledged_records(protected: bool) {
+    let seed = seed();
+    const SIZE: u64 = 64 << 20;
+    let (site, data, disk) = enrolled_site(SIZE, seed);
+    // 1 MiB segments: what is acknowledged leaves the log soon. During the initial pass, a
+    // slow downstream and a small window keep the pass from finishing before the loss (it
+    // runs at most a window ahead of what is acknowledged).
+    let mut args = vec!["--log-segment-bytes", "1048576"];
+    if !protected {
+        site.replica.lock().unwrap().delay = Duration::from_millis(100);
+        args.extend(["--window-bytes", "4194304"]);
+    }
+    let agent = Agent::start(&data, &disk, &args);
+    if protected {
+        qemu_io_ok(&agent.url(), &workload(&mut Rng::new(seed), 20, 0, SIZE));
+        wait_converged(&site, &agent, &data, &disk, Duration::from_secs(30));
+    }
+    let wait_durable = |at_least: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while site.replica.lock().unwrap().durable < at_least {
+            assert!(Instant::now() < deadline, "the replica does not move");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_durable(8);
+    let kept = site.replica.lock().unwrap().clone();
+    if protected {
+        qemu_io_ok(
+            &agent.url(),
+            &workload(&mut Rng::new(seed ^ 0x1057), 40, 0, SIZE),
+        );
+    }
+    wait_durable(kept.durable + 24);
+    let state = status(&data).map(|d| d.state);
+    if !protected {
+        assert_eq!(state, Some(haven_net::stream::DiskState::InitialSync));
+    }
+    // Released by the agent (it frees acknowledged records every 500 ms), then lost: the
+    // downstream holds what it held at `kept` and nothing after.
+    std::thread::sleep(Duration::from_secs(1));
+    site.pause(true);
+    std::thread::sleep(Duration::from_millis(300));
+    {
+        let mut r = site.replica.lock().unwrap();
+        let reports = std::mem::take(&mut r.reports);
+        *r = Replica {
+            delay: Duration::ZERO,
+            reports,
+            ..kept.clone()
+        };
+    }
+    site.pause(false);
+    wait_converged(&site, &agent, &data, &disk, Duration::from_secs(60));
+    // The status file is written every second: read one written after the resync.
+    std::thread::sleep(Duration::from_millis(1500));
+    let compared = status(&data).map_or(0, |d| d.resync_compared_bytes);
+    let log = agent.log_text();
+    if protected {
+        assert!(
+            compared > 0 && compared < SIZE / 2,
+            "compared {compared} bytes of {SIZE}\n{log}"
+        );
+        assert!(log.contains("comparing only what the records"), "{log}");
+    } else {
+        assert!(
+            compared >= SIZE,
+            "compared {compared} bytes of {SIZE}\n{log}"
+        );
+        assert!(!log.contains("comparing only what the records"), "{log}");
+    }
+}
+
+#[test]
+fn a_downstream_that_lost_records_resyncs_only_what_they_wrote() {
+    a_downstream_that_lost_acknowledged_records(true);
+}
+
+#[test]
+fn a_downstream_that_lost_records_during_the_initial_pass_compares_everything() {
+    a_downstream_that_lost_acknowledged_records(false);
 }
 
 /// The gateway is away and the workload writes three times the log's size: every write

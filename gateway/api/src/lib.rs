@@ -574,7 +574,7 @@ struct AgentCert {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     placement: Option<haven_engine::placement::AgentRecord>,
     /// At a configuration server: the certificate is the one a joined gateway enrolled with.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     gateway: bool,
 }
 

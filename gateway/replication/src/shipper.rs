@@ -246,12 +246,22 @@ pub fn seq_add(seq: u64, base: i64) -> u64 {
 impl Shipper {
     /// A shipper from the stored state. Fails if the sender cannot announce the disk.
     pub fn new(config: ShipperConfig, start: Start) -> Result<Self, StreamError> {
-        let mut first = seq_add(start.log_first, start.seq_base);
+        let mut log_first = start.log_first;
+        let mut first = seq_add(log_first, start.seq_base);
         let mut base = start.seq_base;
+        if start.resync.is_some_and(|r| !r.remap) && (log_first as i128 + base as i128) < 1 {
+            // A resync after the downstream lost records this side had freed: the base maps
+            // the first record kept then onto the downstream's resume point, and records still
+            // in the log below it (their segment was not wholly freed) map below stream seq 1.
+            // They are among the lost records the pass compares: start at the log seq that
+            // maps to 1, so the stored mapping holds.
+            log_first = (1 - base) as u64;
+            first = 1;
+        }
         if first == 0 || start.resync.is_some_and(|r| r.remap) {
             // The mapping is unknown (only while resyncing): probe from 1, so that any resume
             // point is accepted; the `Welcome` then sets the mapping.
-            base = 1 - start.log_first as i64;
+            base = 1 - log_first as i64;
             first = 1;
         }
         let sender = Sender::new(config.sender.clone(), [(config.disk, first)])?;
@@ -259,8 +269,8 @@ impl Shipper {
             config,
             sender,
             base,
-            first_log: start.log_first,
-            next_log: start.log_first,
+            first_log: log_first,
+            next_log: log_first,
             costs: VecDeque::new(),
             pushed_bytes: 0,
             filling: false,
@@ -274,7 +284,7 @@ impl Shipper {
                 .filter(|_| start.resync.is_some_and(|r| !r.remap)),
             pass: None,
             log: LogView {
-                first_seq: start.log_first,
+                first_seq: log_first,
                 ..LogView::default()
             },
             acked: first - 1,
