@@ -169,6 +169,15 @@ struct AgentEntry {
     failed_over: Mutex<Option<String>>,
 }
 
+impl AgentEntry {
+    /// Ends the agent's streams here with `refused`, which it is told.
+    fn halt(&self, refused: &Refused) {
+        for s in lock(&self.disks).values() {
+            s.halt(refused.clone());
+        }
+    }
+}
+
 type HashJob = (HashRequest, oneshot::Sender<Result<Hashes, String>>);
 
 /// A running process server.
@@ -695,53 +704,42 @@ impl ProcessServer {
         loop {
             let result = self.forward_once(&entry, &mut hash_rx, &mut backoff).await;
             entry.upstream_connected.store(false, Ordering::Release);
-            if let Some(refused) = result
+            // Refusals that end forwarding for good.
+            let refused = result
                 .as_ref()
                 .err()
                 .and_then(|e| e.downcast_ref::<Refused>())
-                .filter(|r| r.code == error_code::FAILED_OVER)
-            {
-                // Final: the agent is told (its streams end with the same refusal) and
-                // nothing is retried.
-                tracing::warn!(
-                    agent = %peer_hex(&entry.peer),
-                    "the master target failed the agent over; forwarding stopped: {}",
-                    refused.message
-                );
-                *lock(&entry.failed_over) = Some(refused.message.clone());
-                for s in lock(&entry.disks).values() {
-                    s.halt(refused.clone());
+                .filter(|r| matches!(r.code, error_code::FAILED_OVER | error_code::MOVED))
+                .cloned();
+            if let Some(refused) = refused {
+                if refused.code == error_code::FAILED_OVER {
+                    // The agent is told (its streams end with the same refusal) and nothing
+                    // is retried.
+                    tracing::warn!(
+                        agent = %peer_hex(&entry.peer),
+                        "the master target failed the agent over; forwarding stopped: {}",
+                        refused.message
+                    );
+                    *lock(&entry.failed_over) = Some(refused.message.clone());
+                    entry.halt(&refused);
+                    return;
                 }
-                return;
-            }
-            if let Some(refused) = result
-                .as_ref()
-                .err()
-                .and_then(|e| e.downcast_ref::<Refused>())
-                .filter(|r| r.code == error_code::MOVED)
-            {
                 tracing::warn!(
                     agent = %peer_hex(&entry.peer),
                     "the agent moved to another process server; its cache here is dropped: {}",
                     refused.message
                 );
-                let refused = refused.clone();
                 let _one = self.confirming_lock(entry.peer).lock_owned().await;
                 // A takeover since (the agent came back here) made a new entry and cache,
                 // which are not this forwarder's to drop.
                 let current = lock(&self.agents)
                     .get(&entry.peer)
                     .is_some_and(|e| Arc::ptr_eq(e, &entry));
-                let dropped = match current {
-                    true => tokio::task::block_in_place(|| self.drop_agent(&entry, refused)),
-                    false => {
-                        for s in lock(&entry.disks).values() {
-                            s.halt(refused.clone());
-                        }
-                        Ok(())
-                    }
-                };
-                if let Err(e) = dropped {
+                if !current {
+                    entry.halt(&refused);
+                } else if let Err(e) =
+                    tokio::task::block_in_place(|| self.drop_agent(&entry, &refused))
+                {
                     tracing::error!(agent = %peer_hex(&entry.peer), error = %format!("{e:#}"),
                         "dropping a moved agent's cache");
                 }
@@ -1037,7 +1035,7 @@ impl ProcessServer {
                             if let Some(f) = lock(&entry.forwarder).take() {
                                 f.abort();
                             }
-                            self.drop_agent(&entry, refused)
+                            self.drop_agent(&entry, &refused)
                         }
                         None => self.drop_caches(hello.peer_id),
                     })?;
@@ -1096,7 +1094,7 @@ impl ProcessServer {
 
     /// The agent moved to another process server: its streams here end with `refused`, and
     /// its caches and their records go. Blocking (files and redb).
-    fn drop_agent(&self, entry: &Arc<AgentEntry>, refused: Refused) -> Result<()> {
+    fn drop_agent(&self, entry: &Arc<AgentEntry>, refused: &Refused) -> Result<()> {
         {
             let mut agents = lock(&self.agents);
             if agents
@@ -1106,9 +1104,7 @@ impl ProcessServer {
                 agents.remove(&entry.peer);
             }
         }
-        for s in lock(&entry.disks).values() {
-            s.halt(refused.clone());
-        }
+        entry.halt(refused);
         self.drop_caches(entry.peer)
     }
 
