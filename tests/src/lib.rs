@@ -19,6 +19,7 @@ use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
 pub mod nbd;
+pub mod vcsim;
 
 /// Where the binaries are by default: `$HAVEN_BIN_DIR`, else `debug` in `$CARGO_TARGET_DIR`,
 /// else this workspace's `target/debug`.
@@ -593,6 +594,8 @@ pub struct ClusterOptions {
     /// Enroll the agent with the configuration server, which names its process server
     /// (needs `config_server`).
     pub agent_via_config_server: bool,
+    /// The protected machine's name (default `web01`).
+    pub machine: Option<String>,
 }
 
 impl Cluster {
@@ -695,6 +698,7 @@ impl Cluster {
             }
             false => None,
         };
+        let machine = options.machine.as_deref().unwrap_or("web01");
         let agent = match (&cs, options.agent_via_config_server) {
             (Some(cs), true) => Agent::enroll_with_config_server_and_start(
                 bins,
@@ -702,7 +706,7 @@ impl Cluster {
                 "primary",
                 &root.join("agent"),
                 disk,
-                "web01",
+                machine,
                 options.agent_args,
             )?,
             _ => Agent::enroll_and_start(
@@ -710,7 +714,7 @@ impl Cluster {
                 &ps,
                 &root.join("agent"),
                 disk,
-                "web01",
+                machine,
                 options.agent_args,
             )?,
         };

@@ -21,6 +21,7 @@ mod bench_replication;
 mod bench_scale;
 mod demo;
 mod sim_agents;
+mod vcsim;
 
 /// Plugins that implement the `target-writer` world (built together: same SDK feature).
 const WRITER_PLUGINS: &[&str] = &[
@@ -35,10 +36,11 @@ const WRITER_PLUGINS: &[&str] = &[
     "test-ungranted",
 ];
 /// Plugins that implement the `adapter` world.
-const ADAPTER_PLUGINS: &[&str] = &["test-http-probe"];
+const ADAPTER_PLUGINS: &[&str] = &["haven-vmware", "test-http-probe", "test-unruly-adapter"];
 /// Crates of the plugins workspace that also build and test natively.
 const NATIVE_PLUGIN_CRATES: &[&str] = &[
     "haven-image",
+    "haven-vmware",
     "haven-vmdk",
     "haven-vhdx",
     "haven-vhd",
@@ -180,14 +182,19 @@ fn ensure_python_packages(packages: &[(&str, &str)]) -> Result<()> {
 }
 
 /// Installs, from Debian, the package of each program that is missing.
-fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = programs
         .iter()
         .filter(|(program, _)| !have(program))
         .map(|(_, package)| *package)
         .collect();
     missing.dedup();
-    if missing.is_empty() {
+    apt_install(&missing)
+}
+
+/// Installs Debian packages (with sudo when not root); nothing when `packages` is empty.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
     let sudo = if output(Command::new("id").arg("-u"))?.trim() == "0" {
@@ -205,7 +212,7 @@ fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
     };
     run(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-    install.args(&missing);
+    install.args(packages);
     run(&mut install)
 }
 
@@ -234,6 +241,8 @@ fn build_plugins() -> Result<()> {
 
 fn build(release: bool) -> Result<()> {
     build_plugins()?;
+    // VMware's vCenter simulator, which the VMware adapter's tests run against.
+    vcsim::ensure(&root())?;
     let mut c = cargo();
     c.args(["build", "--workspace", "--bins"]);
     if release {

@@ -81,6 +81,7 @@ impl Plugins {
                 memory_mib: 1024,
                 ..Grants::default()
             },
+            settings: Default::default(),
         };
         Ok(self.host()?.load_writer(&spec)?)
     }

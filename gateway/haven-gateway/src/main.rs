@@ -472,6 +472,7 @@ fn writer_spec(config: &GatewayConfig, name: Option<&str>) -> Result<PluginSpec>
             call_timeout_ms: 60_000,
             ..Grants::default()
         },
+        settings: Default::default(),
     })
 }
 

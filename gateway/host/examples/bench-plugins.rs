@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
             storage_root: Some(dir.path().to_owned()),
             ..Grants::default()
         },
+        settings: Default::default(),
     };
     let mut raw = host.load_writer(&spec)?;
 

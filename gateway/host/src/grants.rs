@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 /// Capabilities granted to one plugin instance, from its pipeline config. Everything is off
 /// unless named here.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     /// Directory the plugin's `storage` import works below. Without it the plugin may not
@@ -58,10 +58,10 @@ pub fn refuse_import(import: &str, grants: &Grants) -> Option<String> {
     let (package, _interface) = name.split_once('/').unwrap_or((name, ""));
     match package {
         "haven:plugin" => {
-            if version != "0.1.0" {
+            if version != "0.1.0" && version != "0.2.0" {
                 return Some(format!(
                     "it is built against haven:plugin@{version}, which this gateway does not \
-                     support (supported: 0.1.0); rebuild it against a supported SDK"
+                     support (supported: 0.1.0, 0.2.0); rebuild it against a supported SDK"
                 ));
             }
             if name == "haven:plugin/storage" && grants.storage_root.is_none() {
@@ -111,6 +111,10 @@ pub struct HttpGrant {
     pub plugin: Arc<str>,
     pub hosts: Vec<String>,
     pub denials: Vec<String>,
+    /// Longest any wait of a request may be (connecting, the first byte, between bytes): the
+    /// plugin's call deadline. Epoch interruption cannot stop a host function that waits, so
+    /// a platform that stops answering is cut off here instead.
+    pub max_wait: std::time::Duration,
 }
 
 impl HttpGrant {
@@ -155,6 +159,15 @@ impl WasiHttpHooks for HttpGrant {
             self.denials.push(message);
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let cap = |t: Option<std::time::Duration>| {
+            Some(t.map_or(self.max_wait, |t| t.min(self.max_wait)))
+        };
+        let options = options.unwrap_or_default();
+        let options = Some(RequestOptions {
+            connect_timeout: cap(options.connect_timeout),
+            first_byte_timeout: cap(options.first_byte_timeout),
+            between_bytes_timeout: cap(options.between_bytes_timeout),
+        });
         Box::new(async move {
             use http_body_util::BodyExt;
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;

@@ -1,7 +1,8 @@
 //! Haven's sandboxed plugin host.
 //!
 //! Adapters and target writers are Wasm components implementing `haven:plugin@0.1.0`
-//! (`wit/haven-plugin@0.1.0/`). The host loads them from files (precompiled artefacts are cached,
+//! (`wit/haven-plugin@0.1.0/`) or, for adapters, `haven:plugin@0.2.0` (which adds settings and
+//! more platform calls). The host loads them from files (precompiled artefacts are cached,
 //! see [`cache`]), refuses a component that imports a capability its [`Grants`] do not cover,
 //! and runs every call under a CPU deadline (epoch interruption) and a memory limit. A trap, a
 //! timeout or running out of memory is contained: the call fails with a [`PluginError`] naming
@@ -10,18 +11,20 @@
 //! Architecture invariant: nothing here blocks on the network or spawns tasks; calls are
 //! synchronous and the caller picks the thread (the engine runs them on blocking threads).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+mod adapter;
 pub mod buffers;
 pub mod cache;
 pub mod grants;
@@ -29,15 +32,18 @@ pub mod storage;
 pub mod wit;
 mod writer;
 
+pub use adapter::{AdapterPlugin, platform};
 pub use cache::{ArtifactCache, CacheOutcome};
 pub use grants::Grants;
 pub use writer::{Access, Disk, WriterPlugin};
 
+use adapter::Versioned;
 use grants::HttpGrant;
 use storage::StorageGrant;
 use wit::since_v0_1_0::adapter::{Adapter, AdapterPre};
 pub(crate) use wit::since_v0_1_0::writer::haven::plugin::types::Error as WitError;
 use wit::since_v0_1_0::writer::{TargetWriter, TargetWriterPre};
+use wit::since_v0_2_0::adapter::{Adapter as AdapterV2, AdapterPre as AdapterV2Pre};
 
 /// How often the epoch ticks; deadlines are whole ticks, so a call past its deadline stops
 /// within one tick of it.
@@ -63,7 +69,7 @@ pub fn default_plugin_dir() -> Option<PathBuf> {
 }
 
 /// A plugin to load: its name, its component file and what it is granted.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSpec {
     /// Name used in logs, errors and metrics.
@@ -73,6 +79,10 @@ pub struct PluginSpec {
     /// Capabilities and limits of each instance.
     #[serde(default)]
     pub grants: Grants,
+    /// Settings the plugin reads through `haven:plugin/settings` (0.2.0): a vCenter URL, a user,
+    /// a password already resolved from its secret.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The plugin host: one wasmtime engine, its epoch ticker and the linkers of each world.
@@ -80,6 +90,7 @@ pub struct Host {
     engine: Engine,
     writer_linker: Linker<State>,
     adapter_linker: Linker<State>,
+    adapter_v2_linker: Linker<State>,
     /// Every component this host loaded, and the folder of precompiled artefacts if any: each
     /// component is compiled at most once per host, however many plugins load it at once.
     cache: ArtifactCache,
@@ -230,6 +241,9 @@ pub struct State {
     http: WasiHttpCtx,
     http_grant: HttpGrant,
     storage: Option<StorageGrant>,
+    settings: Arc<BTreeMap<String, String>>,
+    /// What the plugin wrote to stderr (bounded): the message of a panic, shown with its trap.
+    stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
     limiter: MemoryLimiter,
     /// Files the plugin has open (bounded by `storage::MAX_OPEN_FILES`).
     open_files: usize,
@@ -326,6 +340,16 @@ impl wit::since_v0_1_0::writer::haven::plugin::log::Host for State {
     }
 }
 
+impl wit::since_v0_2_0::adapter::haven::plugin0_2_0::settings::Host for State {
+    fn get(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.settings.get(&name).cloned())
+    }
+
+    fn names(&mut self) -> wasmtime::Result<Vec<String>> {
+        Ok(self.settings.keys().cloned().collect())
+    }
+}
+
 impl wit::since_v0_1_0::writer::haven::plugin::clock::Host for State {
     fn now_ms(&mut self) -> wasmtime::Result<u64> {
         let now = std::time::SystemTime::now()
@@ -366,6 +390,11 @@ impl Host {
             &mut writer_linker,
             |s| s,
         )?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut writer_linker)?;
+        wit::since_v0_2_0::adapter::haven::plugin0_2_0::settings::add_to_linker::<
+            State,
+            wasmtime::component::HasSelf<State>,
+        >(&mut writer_linker, |s| s)?;
 
         let mut adapter_linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut adapter_linker)?;
@@ -376,6 +405,19 @@ impl Host {
         haven::buffers::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
         haven::log::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
         haven::clock::add_to_linker::<State, Me>(&mut adapter_linker, |s| s)?;
+
+        // 0.2.0 adapters import the same 0.1.0 interfaces, plus settings.
+        let mut adapter_v2_linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut adapter_v2_linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut adapter_v2_linker)?;
+        haven::types::add_to_linker::<State, Me>(&mut adapter_v2_linker, |s| s)?;
+        haven::buffers::add_to_linker::<State, Me>(&mut adapter_v2_linker, |s| s)?;
+        haven::log::add_to_linker::<State, Me>(&mut adapter_v2_linker, |s| s)?;
+        haven::clock::add_to_linker::<State, Me>(&mut adapter_v2_linker, |s| s)?;
+        wit::since_v0_2_0::adapter::haven::plugin0_2_0::settings::add_to_linker::<State, Me>(
+            &mut adapter_v2_linker,
+            |s| s,
+        )?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
@@ -406,6 +448,7 @@ impl Host {
             engine,
             writer_linker,
             adapter_linker,
+            adapter_v2_linker,
             cache,
             ticker: Arc::new(Ticker {
                 stop,
@@ -472,6 +515,7 @@ impl Host {
         let mut runner = Runner {
             engine: self.engine.clone(),
             spec: Arc::new(spec.clone()),
+            settings: Arc::new(spec.settings.clone()),
             name: spec.name.as_str().into(),
             pre,
             live: None,
@@ -492,16 +536,26 @@ impl Host {
         Ok(runner)
     }
 
-    /// Loads a target writer.
+    /// Loads a target writer. Both contract versions export 0.1.0's `writer`; a 0.2.0 writer may
+    /// also import settings and outgoing HTTP, which this linker provides.
     pub fn load_writer(&self, spec: &PluginSpec) -> Result<WriterPlugin, LoadError> {
         Ok(WriterPlugin::new(self.runner(spec, &self.writer_linker)?))
     }
 
-    /// Loads an adapter.
+    /// Loads an adapter built against either contract version (told apart by the `platform`
+    /// interface it exports).
     pub fn load_adapter(&self, spec: &PluginSpec) -> Result<AdapterPlugin, LoadError> {
-        Ok(AdapterPlugin {
-            runner: self.runner(spec, &self.adapter_linker)?,
-        })
+        let (component, _) = self.component(spec)?;
+        let v2 = component
+            .component_type()
+            .exports(&self.engine)
+            .any(|(name, _)| name == "haven:plugin/platform@0.2.0");
+        let inner = if v2 {
+            Versioned::V2(self.runner::<AdapterV2>(spec, &self.adapter_v2_linker)?)
+        } else {
+            Versioned::V1(self.runner::<Adapter>(spec, &self.adapter_linker)?)
+        };
+        Ok(AdapterPlugin { inner })
     }
 }
 
@@ -560,6 +614,22 @@ impl World for Adapter {
     }
 }
 
+impl World for AdapterV2 {
+    const NAME: &'static str = "adapter";
+    fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<PluginInfo> {
+        Ok(plugin_info!(
+            self.haven_plugin0_1_0_plugin().call_describe(store)?
+        ))
+    }
+    type Pre = AdapterV2Pre<State>;
+    fn pre(pre: wasmtime::component::InstancePre<State>) -> wasmtime::Result<Self::Pre> {
+        AdapterV2Pre::new(pre)
+    }
+    fn instantiate(pre: &Self::Pre, store: &mut Store<State>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+}
+
 enum RunnerError {
     Storage(std::io::Error),
     Wasm(wasmtime::Error),
@@ -574,6 +644,7 @@ struct Live<W> {
 pub(crate) struct Runner<W: World> {
     engine: Engine,
     spec: Arc<PluginSpec>,
+    settings: Arc<BTreeMap<String, String>>,
     name: Arc<str>,
     pre: W::Pre,
     live: Option<Live<W>>,
@@ -597,22 +668,28 @@ impl<W: World> Runner<W> {
         };
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
+        let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_BYTES);
         let state = State {
             name: self.name.clone(),
             table,
-            // Nothing: no arguments, environment, preopened folders, sockets or stdio.
+            // Nothing: no arguments, environment, preopened folders, sockets or stdin; stdout
+            // is discarded and stderr kept (bounded) for the message of a panic.
             wasi: WasiCtx::builder()
                 .allow_tcp(false)
                 .allow_udp(false)
                 .allow_ip_name_lookup(false)
+                .stderr(stderr.clone())
                 .build(),
+            stderr,
             http: WasiHttpCtx::new(),
             http_grant: HttpGrant {
                 plugin: self.name.clone(),
                 hosts: grants.http_hosts.clone(),
                 denials: Vec::new(),
+                max_wait: Duration::from_millis(grants.call_timeout_ms.max(1)),
             },
             storage,
+            settings: self.settings.clone(),
             limiter: MemoryLimiter {
                 max_memory: (grants.memory_mib << 20) as usize,
                 total: 0,
@@ -676,7 +753,8 @@ impl<W: World> Runner<W> {
                 } else if live.store.data().limiter.refused {
                     TrapKind::OutOfMemory(self.spec.grants.memory_mib << 20)
                 } else {
-                    TrapKind::Crash(format!("{e:#}"))
+                    tracing::debug!(plugin = %self.name, call, "trap: {e:?}");
+                    TrapKind::Crash(crash_text(&e, &live.store.data().stderr.contents()))
                 };
                 let error = PluginError::Trapped {
                     plugin: self.name.to_string(),
@@ -736,6 +814,48 @@ impl<W: World> Runner<W> {
     }
 }
 
+/// A trap in one line: what trapped and in which function of the plugin's own code (the
+/// innermost frame that is not the language's runtime), without the whole backtrace.
+fn crash_text(e: &wasmtime::Error, stderr: &[u8]) -> String {
+    let what = e.root_cause().to_string();
+    let runtime = [
+        "std::",
+        "core::",
+        "alloc::",
+        "__rustc",
+        "abort",
+        "wit_bindgen",
+        "_cabi",
+    ];
+    let frame = e.downcast_ref::<wasmtime::WasmBacktrace>().and_then(|bt| {
+        bt.frames()
+            .iter()
+            .filter_map(|f| f.func_name())
+            // `{:#}`: demangled, without Rust's symbol hash.
+            .map(|name| format!("{:#}", rustc_demangle::demangle(name)))
+            .find(|name| !runtime.iter().any(|r| name.contains(r)))
+    });
+    let mut text = match frame {
+        Some(f) => format!("{what} (in {f})"),
+        None => what,
+    };
+    // The last panic message the plugin printed, on one line.
+    let stderr = String::from_utf8_lossy(stderr);
+    if let Some(at) = stderr.rfind("panicked at") {
+        let message: String = stderr[at..]
+            .lines()
+            .take_while(|l| !l.starts_with("note:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let message: String = message.chars().take(1024).collect();
+        text = format!("{text}: {}", message.trim());
+    }
+    text
+}
+
+/// Most bytes of a plugin's stderr kept per instance.
+const STDERR_BYTES: usize = 64 * 1024;
+
 /// Converts the contract's error variant into a Haven error.
 pub(crate) fn from_wit(e: WitError) -> haven_image::Error {
     use haven_image::{Error, ErrorKind as K};
@@ -760,42 +880,6 @@ pub struct PluginInfo {
     pub version: String,
     pub description: String,
     pub kinds: Vec<String>,
-}
-
-/// A loaded adapter.
-pub struct AdapterPlugin {
-    runner: Runner<Adapter>,
-}
-
-impl AdapterPlugin {
-    /// Where the component came from (compiled now or precompiled).
-    pub fn cache_outcome(&self) -> CacheOutcome {
-        self.runner.outcome
-    }
-
-    pub fn describe(&mut self) -> Result<PluginInfo, PluginError> {
-        self.runner.describe()
-    }
-
-    /// Prepares `machine` for an application-consistent point.
-    pub fn quiesce(&mut self, machine: &str, timeout: Duration) -> Result<(), PluginError> {
-        // The plugin's own wait stays within nine tenths of the call's deadline, so it can give
-        // up cleanly before the host stops it.
-        let limit = self.runner.spec.grants.call_timeout_ms * 9 / 10;
-        let ms = (timeout.as_millis() as u64)
-            .min(limit)
-            .min(u64::from(u32::MAX)) as u32;
-        self.runner.call("platform.quiesce", |b, s| {
-            b.haven_plugin_platform().call_quiesce(s, machine, ms)
-        })
-    }
-
-    /// Ends a quiesce.
-    pub fn thaw(&mut self, machine: &str) -> Result<(), PluginError> {
-        self.runner.call("platform.thaw", |b, s| {
-            b.haven_plugin_platform().call_thaw(s, machine)
-        })
-    }
 }
 
 /// Returns `resource` to the guest's table for dropping, ignoring a dead instance.

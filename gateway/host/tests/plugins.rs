@@ -35,6 +35,7 @@ fn spec(name: &str, crate_name: &str, grants: Grants) -> PluginSpec {
         name: name.into(),
         path: plugin(crate_name),
         grants,
+        settings: Default::default(),
     }
 }
 
@@ -467,6 +468,109 @@ fn http_goes_only_to_granted_hosts() {
             .contains("has no HTTP grant; list the hosts it may reach in `http_hosts`"),
         "{err}"
     );
+}
+
+fn unruly(mode: &str, call_timeout_ms: u64) -> PluginSpec {
+    let mut spec = spec(
+        "unruly",
+        "test-unruly-adapter",
+        Grants {
+            call_timeout_ms,
+            ..Grants::default()
+        },
+    );
+    spec.settings.insert("mode".into(), mode.into());
+    spec.settings.insert("region".into(), "west".into());
+    spec
+}
+
+#[test]
+fn adapters_of_both_contracts_load_and_0_2_0_gets_its_settings() {
+    let host = host();
+    // A 0.1.0 adapter (built against the frozen folder directly) still loads after 0.2.0.
+    let grants = Grants {
+        http_hosts: vec!["127.0.0.1".into()],
+        ..Grants::default()
+    };
+    let mut old = host
+        .load_adapter(&spec("probe", "test-http-probe", grants))
+        .unwrap();
+    assert_eq!(old.contract(), "0.1.0");
+    let err = old.power_on("vm-1").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `probe` call `platform.power-on` failed: powering on: the adapter is built \
+         against haven:plugin@0.1.0; rebuild it against 0.2.0"
+    );
+
+    let mut adapter = host.load_adapter(&unruly("ok", 5_000)).unwrap();
+    assert_eq!(adapter.contract(), "0.2.0");
+    assert_eq!(adapter.describe().unwrap().name, "unruly");
+    assert_eq!(
+        adapter.check().unwrap(),
+        "unruly adapter; settings: mode=ok region=west"
+    );
+    let machines = adapter.inventory().unwrap();
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(
+        (m.id.as_str(), m.cpus, m.memory_mib, m.power),
+        ("vm-1", 2, 2048, haven_host::platform::PowerState::Running)
+    );
+    assert_eq!(m.disks[0].location, "[ds1] unruly-1/disk-0.vmdk");
+    assert_eq!(m.nics[0].mac, "00:50:56:00:00:01");
+    let replica = adapter
+        .define_replica(&haven_host::platform::ReplicaSpec {
+            name: "r1".into(),
+            source_machine: "vm-1".into(),
+            cpus: 1,
+            memory_mib: 512,
+            disks: vec![],
+            nics: vec![],
+            options: vec![],
+        })
+        .unwrap();
+    assert_eq!(replica.id, "replica-r1");
+    adapter.delete_machine(&replica.id).unwrap();
+
+    // A setting the adapter needs is missing: its own error names it.
+    let mut spec = unruly("ok", 5_000);
+    spec.settings.remove("mode");
+    let err = host.load_adapter(&spec).unwrap().check().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `unruly` call `platform.check` failed: setting `mode` is required; add it to \
+         the adapter's `settings`"
+    );
+}
+
+#[test]
+fn an_adapter_that_traps_or_loops_is_stopped_and_restarted() {
+    let host = host();
+    let mut trapping = host.load_adapter(&unruly("trap", 5_000)).unwrap();
+    let err = trapping.inventory().unwrap_err();
+    let PluginError::Trapped { kind, call, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*call, "platform.inventory");
+    assert!(matches!(kind, TrapKind::Crash(_)), "{kind:?}");
+    assert_eq!(trapping.restarts(), 1);
+    // The next call runs in a fresh instance (and traps again, as told).
+    assert!(matches!(
+        trapping.power_off("vm-1", haven_host::platform::PowerOffMode::Hard),
+        Err(PluginError::Trapped { .. })
+    ));
+    assert_eq!(trapping.restarts(), 2);
+
+    let mut looping = host.load_adapter(&unruly("loop", 300)).unwrap();
+    let started = Instant::now();
+    let err = looping.inventory().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `unruly` call `platform.inventory` ran past its 300 ms deadline and was \
+         stopped; the instance was restarted"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[test]

@@ -8,6 +8,8 @@
 //!   [`export_format!`].
 //! - `adapter`: a platform adapter. Implement the generated
 //!   `adapter::bindings::exports::haven::plugin::platform::Guest` and call [`export_adapter!`].
+//!   Talk to the platform with [`http::request`] (blocking, to the hosts the instance was
+//!   granted).
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `cdylib` is the component.
 //! A plugin gets only the capabilities the operator grants it: a plugin importing a capability
@@ -27,6 +29,9 @@ pub mod writer;
 
 #[cfg(feature = "adapter")]
 pub mod adapter;
+
+#[cfg(feature = "adapter")]
+pub mod http;
 
 /// Converts between the WIT `error` variant of a world's bindings and [`haven_image::Error`].
 /// Expanded once per world (each has its own generated `Error` type).

@@ -2,3 +2,4 @@
 //! like the WIT folders they come from).
 
 pub mod since_v0_1_0;
+pub mod since_v0_2_0;

@@ -2,17 +2,25 @@
 //! answer is 200.
 //!
 //! Used only by the host's grant tests: a request to a granted host goes through, any other is
-//! refused by the host.
+//! refused by the host. It is built against `haven:plugin@0.1.0` directly (not the SDK, whose
+//! adapters are 0.2.0), so the host's tests also prove that 0.1.0 adapters keep loading.
 
-use haven_plugin_sdk::adapter::Buffer;
-use haven_plugin_sdk::adapter::bindings::exports::haven::plugin::platform::{
+#[allow(missing_docs, clippy::all, unsafe_code)]
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../../wit/haven-plugin@0.1.0",
+        world: "adapter",
+        generate_all,
+    });
+}
+
+use bindings::exports::haven::plugin::platform::{
     Guest, Machine, PowerOffMode, ReplicaMachine, ReplicaSpec, Snapshot,
 };
-use haven_plugin_sdk::adapter::bindings::exports::haven::plugin::plugin::{
-    Guest as PluginGuest, PluginInfo,
-};
-use haven_plugin_sdk::adapter::bindings::haven::plugin::types::{Error, Extent};
-use haven_plugin_sdk::adapter::bindings::wasi::http::{outgoing_handler, types as http};
+use bindings::exports::haven::plugin::plugin::{Guest as PluginGuest, PluginInfo};
+use bindings::haven::plugin::buffers::Buffer;
+use bindings::haven::plugin::types::{Error, Extent};
+use bindings::wasi::http::{outgoing_handler, types as http};
 
 struct Probe;
 
@@ -118,4 +126,9 @@ impl Guest for Probe {
     }
 }
 
-haven_plugin_sdk::export_adapter!(Probe);
+// The export glue wit-bindgen generates (the canonical ABI shims) is its only unsafe code.
+#[allow(unsafe_code)]
+mod export {
+    use super::{Probe, bindings};
+    bindings::export!(Probe with_types_in bindings);
+}
