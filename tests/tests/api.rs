@@ -94,6 +94,10 @@ fn an_api_fuzzer_driven_by_the_document_finds_no_server_error() -> Result<()> {
                 &format!("Authorization: Bearer {}", c.mt.admin_token),
             ])
             .args(["--workers", "1", "--no-color"])
+            // Not the revocation of API tokens: the fuzzer learns token ids from the list and
+            // would revoke the one it runs with, and every later request would be refused
+            // (and slowed down, as a guesser's). `tests/login.rs` covers revocation.
+            .args(["--exclude-path-regex", r"^/v1/api-tokens/\{id\}$"])
             .output()
             .context("running schemathesis")?;
         let text = format!(
