@@ -36,11 +36,16 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     }
     let reads = *method == Method::GET || *method == Method::HEAD;
     Some(
-        if path.starts_with("/v1/api-tokens") || path.starts_with("/v1/audit") {
+        if path.starts_with("/v1/api-tokens")
+            || path.starts_with("/v1/audit")
+            || path.starts_with("/v1/secrets")
+        {
             Role::Admin
         } else if reads {
             Role::Viewer
-        } else if path.starts_with("/v1/items") {
+        } else if path.starts_with("/v1/items")
+            || (path.starts_with("/v1/platforms/") && path.ends_with("/refresh"))
+        {
             Role::Operator
         } else {
             // Enrollment tokens, agent revocation, and whatever else changes the site.
@@ -324,6 +329,18 @@ mod tests {
         assert_eq!(
             required_role(&delete, "/v1/api-tokens/00"),
             Some(Role::Admin)
+        );
+        // Secrets are the admin's, even their names; platforms are read by viewers and
+        // refreshed by operators.
+        assert_eq!(required_role(&get, "/v1/secrets"), Some(Role::Admin));
+        assert_eq!(
+            required_role(&Method::PUT, "/v1/secrets/vc"),
+            Some(Role::Admin)
+        );
+        assert_eq!(required_role(&get, "/v1/platforms"), Some(Role::Viewer));
+        assert_eq!(
+            required_role(&post, "/v1/platforms/vc/refresh"),
+            Some(Role::Operator)
         );
     }
 

@@ -100,9 +100,31 @@ pub(crate) async fn forward_items(
                     (false, output, forward_error(e).into_response())
                 }
             };
-            let cs = cs.clone();
-            if let Err(e) = crate::blocking(move || cs.end_job_step(job, ok, output, true)).await {
-                tracing::error!(job = id, error = ?e, "recording a job's outcome");
+            // A failover of a machine on a platform goes on with the platform's steps.
+            let platform_steps = ok
+                && method == Method::POST
+                && action == "failover"
+                && crate::machines::has_platform_steps(&cs, machine);
+            let planned = request.path.split_once('?').is_some_and(|(_, q)| {
+                q.split('&')
+                    .any(|kv| kv == "planned" || kv == "planned=true")
+            });
+            let ended = {
+                let cs = cs.clone();
+                crate::blocking(move || cs.end_job_step(job, ok, output, !platform_steps)).await
+            };
+            match ended {
+                Ok(job) if platform_steps => {
+                    tokio::spawn(crate::machines::run(
+                        cs.clone(),
+                        job,
+                        gateway.clone(),
+                        item.clone(),
+                        planned,
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(job = id, error = ?e, "recording a job's outcome"),
             }
             let mut response = response;
             if let Ok(v) = header::HeaderValue::from_str(&id.to_string()) {
@@ -564,6 +586,7 @@ pub(crate) async fn apply_pipeline(
             serde_json::to_value(&desired)?,
             assignment,
             webhooks_of(&desired),
+            adapters_of(&desired),
         )?;
         tracing::info!(
             revision = committed.revision,
@@ -632,6 +655,27 @@ pub fn webhooks_of(p: &haven_pipeline::model::Pipeline) -> Vec<Webhook> {
             url: w.url.clone(),
             events: w.events.clone(),
             min_severity: w.min_severity,
+        })
+        .collect()
+}
+
+/// The pipeline's adapter plugins, which the configuration server runs (settings as written:
+/// `secret:NAME` is resolved when they are loaded).
+pub fn adapters_of(p: &haven_pipeline::model::Pipeline) -> Vec<haven_host::PluginSpec> {
+    p.plugins
+        .iter()
+        .filter(|plugin| plugin.kind == haven_pipeline::model::PluginKind::Adapter)
+        .map(|plugin| haven_host::PluginSpec {
+            name: plugin.name.clone(),
+            path: plugin.path.clone(),
+            grants: haven_host::Grants {
+                storage_root: plugin.grants.storage_root.clone(),
+                storage_read_only: plugin.grants.storage_read_only,
+                http_hosts: plugin.grants.http_hosts.clone(),
+                memory_mib: plugin.grants.memory_mib,
+                call_timeout_ms: plugin.grants.call_timeout_ms,
+            },
+            settings: plugin.settings.clone(),
         })
         .collect()
 }

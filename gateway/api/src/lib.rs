@@ -22,6 +22,12 @@
 //! | GET    | `/v1/audit`   | the newest changes made through the API (`limit=N`)           |
 //! | GET    | `/v1/jobs`    | at a configuration server: the changes to items run through it, newest first, with their steps (`limit=N`) |
 //! | GET    | `/v1/jobs/ID` | one job                                                        |
+//! | GET    | `/v1/platforms` | at a configuration server: the pipeline's adapters, what they checked and saw |
+//! | GET    | `/v1/platforms/NAME/machines` | the machines an adapter saw at its last inventory |
+//! | POST   | `/v1/platforms/NAME/refresh` | checks an adapter and takes its inventory now (operator) |
+//! | GET    | `/v1/secrets` | the secrets `secret:NAME` settings refer to (names only; admin) |
+//! | PUT    | `/v1/secrets/NAME` | sets a secret from the body (admin)                    |
+//! | DELETE | `/v1/secrets/NAME` | deletes a secret (admin)                               |
 //!
 //! `ITEM` is one path segment: a machine name, an agent id (or a unique prefix of 6+ hex
 //! digits), or `MACHINE%2FDISK`. Errors are `{"error": "..."}` with 404 (unknown item, point
@@ -48,6 +54,8 @@ pub mod auth;
 pub mod console;
 pub mod deployment;
 mod https;
+mod machines;
+mod platforms;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -219,6 +227,11 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(list_api_tokens, create_api_token))
         .routes(routes!(revoke_api_token))
         .routes(routes!(get_audit))
+        .routes(routes!(platforms::list_platforms))
+        .routes(routes!(platforms::platform_machines))
+        .routes(routes!(platforms::refresh_platform))
+        .routes(routes!(platforms::list_secrets))
+        .routes(routes!(platforms::put_secret, platforms::delete_secret))
         .split_for_parts();
     let openapi = doc
         .to_pretty_json()

@@ -255,6 +255,12 @@ fn openapi_document_lists_every_route_with_its_answers() {
         ("post", "/v1/api-tokens"),
         ("delete", "/v1/api-tokens/{id}"),
         ("get", "/v1/audit"),
+        ("get", "/v1/platforms"),
+        ("get", "/v1/platforms/{name}/machines"),
+        ("post", "/v1/platforms/{name}/refresh"),
+        ("get", "/v1/secrets"),
+        ("put", "/v1/secrets/{name}"),
+        ("delete", "/v1/secrets/{name}"),
     ]
     .into_iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))

@@ -86,6 +86,7 @@ impl Appliers {
         keep_points: bool,
         host: Arc<Host>,
         spec: PluginSpec,
+        create_options: Vec<(String, String)>,
         state: Arc<StateDb>,
     ) -> Result<Appliers> {
         let mut senders = Vec::new();
@@ -97,6 +98,7 @@ impl Appliers {
                 keep_points,
                 host: host.clone(),
                 spec: spec.clone(),
+                create_options: create_options.clone(),
                 state: state.clone(),
                 jobs: rx,
                 plugin: None,
@@ -147,6 +149,8 @@ struct Applier {
     keep_points: bool,
     host: Arc<Host>,
     spec: PluginSpec,
+    /// Options a new replica is created with (`[master_target] writer_options`).
+    create_options: Vec<(String, String)>,
     state: Arc<StateDb>,
     jobs: std_mpsc::Receiver<Job>,
     plugin: Option<WriterPlugin>,
@@ -407,7 +411,7 @@ impl Applier {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
             }
-            plugin.create(path, replica.stream.info.size, 512, &[])?
+            plugin.create(path, replica.stream.info.size, 512, &self.create_options)?
         };
         Ok(disk)
     }

@@ -124,6 +124,12 @@ pub struct ConfigServer {
     /// Each master target's plugin traps at its last report.
     traps_seen: Mutex<BTreeMap<String, u64>>,
     jobs: crate::jobs::Jobs,
+    /// The pipeline's adapters, run here.
+    platforms: crate::platforms::Platforms,
+    /// Wakes the inventory loop (after an apply or a secret change).
+    inventory_due: tokio::sync::Notify,
+    /// Seals the secrets `secret:NAME` settings refer to (`<data_dir>/secrets.key`).
+    secrets_key: haven_store::Key,
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -166,7 +172,11 @@ impl ConfigServer {
             .into_iter()
             .map(|(_, g)| (g.name, std::time::Instant::now()))
             .collect();
-        Ok(Arc::new(ConfigServer {
+        let secrets_key = haven_store::Key::load_or_create(&config.data_dir.join("secrets.key"))?;
+        let cs = Arc::new(ConfigServer {
+            platforms: crate::platforms::Platforms::new()?,
+            inventory_due: tokio::sync::Notify::new(),
+            secrets_key,
             agents: Mutex::new(agents),
             crl_pem: Mutex::new(None),
             traps_seen: Mutex::new(BTreeMap::new()),
@@ -179,7 +189,9 @@ impl ConfigServer {
             live: Mutex::new(BTreeMap::new()),
             assignment: Mutex::new(assignment),
             listener: crate::Listener::default(),
-        }))
+        });
+        cs.sync_platforms();
+        Ok(cs)
     }
 
     /// Serves gateways (and their enrollment, with `ca`) until the listener fails.
@@ -194,6 +206,7 @@ impl ConfigServer {
             .with_context(|| format!("configuration server on {}", self.config.listen))?;
         tracing::info!(addr = %server.local_addr()?, "configuration server listening");
         tokio::spawn(watch_gone(Arc::downgrade(&self)));
+        tokio::spawn(take_inventories(Arc::downgrade(&self)));
         while let Some(conn) = server.accept().await {
             let cs = self.clone();
             tokio::spawn(async move { cs.gateway(conn).await });
@@ -475,6 +488,26 @@ impl ConfigServer {
     /// Starts a job (see [`crate::jobs`]) with its first step running.
     pub fn start_job(&self, new: crate::jobs::NewJob<'_>) -> Result<Job> {
         self.jobs.start(&self.state, new)
+    }
+
+    /// Starts the next step of a running `job`.
+    pub fn begin_job_step(&self, job: Job, name: &str) -> Result<Job> {
+        self.jobs.begin_step(&self.state, job, name)
+    }
+
+    /// A value kept for the deployment (`replica/<machine>`: the replica machine an adapter
+    /// defined), JSON.
+    pub fn record<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        Ok(self.state.get_json(key)?)
+    }
+
+    /// Keeps a value for the deployment (see [`ConfigServer::record`]); `None` removes it.
+    pub fn set_record<T: Serialize>(&self, key: &str, value: Option<&T>) -> Result<()> {
+        match value {
+            Some(v) => self.state.put_json(key, v)?,
+            None => self.state.remove_json(key)?,
+        }
+        Ok(())
     }
 
     /// Ends `job`'s running step (and the job, when `last` or failed); a failed job is an
@@ -933,11 +966,15 @@ impl ConfigServer {
 
     /// Stores the deployment's pipeline (its JSON form) and the assignment made from it, in one
     /// transaction, before any gateway sees the assignment; returns it with its new revision.
+    ///
+    /// `adapters` are the pipeline's adapter plugins, their settings as written (`secret:NAME`
+    /// unresolved); they are loaded here and their inventory taken at once.
     pub fn commit(
         &self,
         pipeline: serde_json::Value,
         mut next: Assignment,
         webhooks: Vec<Webhook>,
+        adapters: Vec<haven_host::PluginSpec>,
     ) -> Result<Assignment> {
         let mut current = lock(&self.assignment);
         next.revision = current.revision + 1;
@@ -951,12 +988,156 @@ impl ConfigServer {
                 ("pipeline".to_string(), serde_json::to_value(&stored)?),
                 ("assignment".to_string(), serde_json::to_value(&next)?),
                 ("webhooks".to_string(), serde_json::to_value(&webhooks)?),
+                ("adapters".to_string(), serde_json::to_value(&adapters)?),
             ],
             &[],
         )?;
         *current = next.clone();
+        drop(current);
         self.events.set_webhooks(webhooks);
+        self.sync_platforms();
         Ok(next)
+    }
+
+    /// Loads the adapters of the applied pipeline with their secrets resolved, and has their
+    /// inventory taken.
+    pub fn sync_platforms(&self) {
+        let adapters: Vec<haven_host::PluginSpec> = match self.state.get_json("adapters") {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading the pipeline's adapters");
+                return;
+            }
+        };
+        let mut specs = Vec::new();
+        let mut unresolved = BTreeMap::new();
+        for mut spec in adapters {
+            match self.resolve_secrets(&spec.settings) {
+                Ok(settings) => {
+                    spec.settings = settings;
+                    specs.push(spec);
+                }
+                Err(e) => {
+                    unresolved.insert(spec.name.clone(), e);
+                }
+            }
+        }
+        self.platforms.sync(specs);
+        self.platforms.unresolved(unresolved);
+        self.inventory_due.notify_one();
+    }
+
+    /// `settings` with each `secret:NAME` value replaced by the secret's value.
+    fn resolve_secrets(
+        &self,
+        settings: &BTreeMap<String, String>,
+    ) -> std::result::Result<BTreeMap<String, String>, String> {
+        let secrets = haven_store::Secrets::new(&self.state, &self.secrets_key);
+        settings
+            .iter()
+            .map(|(k, v)| match v.strip_prefix("secret:") {
+                Some(name) => match secrets.get(name) {
+                    Ok(Some(value)) => Ok((k.clone(), value)),
+                    Ok(None) => Err(format!(
+                        "setting `{k}` refers to secret `{name}`, which this configuration \
+                         server does not hold; store it with `haven secret set {name}`"
+                    )),
+                    Err(e) => Err(format!("setting `{k}`: {e}")),
+                },
+                None => Ok((k.clone(), v.clone())),
+            })
+            .collect()
+    }
+
+    /// The secrets held (names and times, never values).
+    pub fn secrets(&self) -> Result<Vec<haven_store::SecretInfo>> {
+        Ok(haven_store::Secrets::new(&self.state, &self.secrets_key).list()?)
+    }
+
+    /// Sets a secret; adapters whose settings refer to it are loaded again.
+    pub fn set_secret(&self, name: &str, value: &str) -> Result<haven_store::SecretInfo> {
+        let info =
+            haven_store::Secrets::new(&self.state, &self.secrets_key).set(name, value, now_ms())?;
+        self.sync_platforms();
+        Ok(info)
+    }
+
+    /// Deletes a secret; false when there was none.
+    pub fn remove_secret(&self, name: &str) -> Result<bool> {
+        let removed = haven_store::Secrets::new(&self.state, &self.secrets_key).remove(name)?;
+        if removed {
+            self.sync_platforms();
+        }
+        Ok(removed)
+    }
+
+    /// The pipeline's adapters and what they reported last.
+    pub fn platforms(&self) -> Result<Vec<crate::platforms::PlatformView>> {
+        self.platforms.views(&self.state)
+    }
+
+    /// The machines adapter `name` reported last; `None` when there is no such adapter.
+    pub fn platform_machines(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<haven_host::platform::Machine>>> {
+        self.platforms.machines(&self.state, name)
+    }
+
+    /// Checks adapter `name` and takes its inventory now; the error text when it failed.
+    pub async fn refresh_platform(&self, name: &str) -> Option<String> {
+        let error = self.platforms.inventory(&self.state, name).await;
+        self.platform_condition(name, error.as_deref());
+        error
+    }
+
+    /// Runs a call of adapter `name` (retried as [`crate::platforms`] says).
+    pub async fn adapter_call<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl Fn(&mut haven_host::AdapterPlugin) -> std::result::Result<T, haven_host::PluginError>
+        + Send
+        + 'static,
+    ) -> Result<T> {
+        self.platforms.call(name, f).await
+    }
+
+    /// Raises `platform.unreachable` when an adapter's inventory fails, and
+    /// `platform.reachable` when it works again.
+    fn platform_condition(&self, name: &str, error: Option<&str>) {
+        let raise = |severity, kind, text: String| Raise {
+            severity,
+            kind,
+            gateway: None,
+            item: None,
+            text,
+        };
+        let result = self.events.condition(
+            &self.state,
+            "platform.unreachable",
+            name,
+            error.is_some(),
+            || {
+                raise(
+                    Severity::Warning,
+                    "platform.unreachable",
+                    format!(
+                        "adapter {name}: {}; its machine list is kept as it was",
+                        error.unwrap_or_default()
+                    ),
+                )
+            },
+            || {
+                raise(
+                    Severity::Info,
+                    "platform.reachable",
+                    format!("adapter {name} answers again"),
+                )
+            },
+        );
+        if let Err(e) = result {
+            tracing::error!(error = %format!("{e:#}"), "recording a platform event");
+        }
     }
 
     /// Held by whoever reads the pipeline, plans against it and commits: two applies never
@@ -968,6 +1149,22 @@ impl ConfigServer {
     /// The pipeline applied last, if any.
     pub fn pipeline(&self) -> Result<Option<StoredPipeline>> {
         Ok(self.state.get_json("pipeline")?)
+    }
+}
+
+/// Takes every adapter's inventory every [`crate::platforms::INVENTORY_INTERVAL`], and at once
+/// when an apply or a secret changes them.
+async fn take_inventories(cs: std::sync::Weak<ConfigServer>) {
+    loop {
+        {
+            let Some(cs) = cs.upgrade() else { return };
+            for name in cs.platforms.names() {
+                cs.refresh_platform(&name).await;
+            }
+        }
+        let Some(strong) = cs.upgrade() else { return };
+        let due = async { strong.inventory_due.notified().await };
+        let _ = tokio::time::timeout(crate::platforms::INVENTORY_INTERVAL, due).await;
     }
 }
 

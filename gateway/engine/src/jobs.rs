@@ -182,6 +182,19 @@ impl Jobs {
         Ok(job)
     }
 
+    /// Starts the next step of a running `job`.
+    pub fn begin_step(&self, state: &StateDb, mut job: Job, name: &str) -> Result<Job> {
+        job.steps.push(Step {
+            name: name.to_string(),
+            state: JobState::Running,
+            started_ms: now_ms(),
+            ended_ms: None,
+            output: String::new(),
+        });
+        state.put_json(&key(job.id), &job)?;
+        Ok(job)
+    }
+
     /// Jobs newest first, at most `limit`.
     pub fn list(&self, state: &StateDb, limit: usize) -> Result<Vec<Job>> {
         let mut jobs: Vec<Job> = state

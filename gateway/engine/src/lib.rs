@@ -31,6 +31,7 @@ pub mod master_target;
 pub mod metrics;
 pub mod overlay;
 pub mod placement;
+pub mod platforms;
 pub mod process_server;
 pub mod recovery;
 pub mod retention;

@@ -60,6 +60,9 @@ pub struct MasterTargetConfig {
     pub data_dir: PathBuf,
     /// The target writer that writes replicas (its storage root holds them).
     pub writer: PluginSpec,
+    /// Options replicas and failover images are created with (e.g. `subformat=monolithicFlat`
+    /// for VMDKs a VMware host attaches).
+    pub writer_options: Vec<(String, String)>,
     /// Journal limits.
     pub journal: JournalOptions,
     /// How long recovery points are kept.
@@ -257,6 +260,7 @@ impl MasterTarget {
             !config.retention.window.is_zero(),
             host.clone(),
             config.writer.clone(),
+            config.writer_options.clone(),
             state.clone(),
         )?;
         let retention_by_machine = Mutex::new(config.retention_by_machine.clone());

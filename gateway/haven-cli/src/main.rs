@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod image;
 mod login;
 mod pipeline;
+mod platform;
 mod plugins;
 mod recovery;
 mod remote;
@@ -147,6 +148,14 @@ enum Command {
     /// steps and outcome (`list`, `show ID`).
     #[command(subcommand)]
     Job(remote::JobCommand),
+    /// The pipeline's adapters at the configuration server and the machines they see (`list`,
+    /// `machines NAME`, `refresh NAME`).
+    #[command(subcommand)]
+    Platform(platform::PlatformCommand),
+    /// Secrets the pipeline's `secret:NAME` settings refer to (`set NAME`, `list`, `delete
+    /// NAME`; admin). Values are read from standard input and never shown.
+    #[command(subcommand)]
+    Secret(platform::SecretCommand),
     /// Recovery points of a protected item: list, create.
     #[command(subcommand)]
     Point(recovery::PointCommand),
@@ -219,6 +228,8 @@ fn main() -> ExitCode {
             remote::audit(&client, &api, limit).map(|()| ExitCode::SUCCESS)
         }
         Command::Job(c) => remote::job(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Platform(c) => platform::platform(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Secret(c) => platform::secret(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),
     };

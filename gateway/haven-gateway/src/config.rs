@@ -100,6 +100,11 @@ pub struct MasterTargetSection {
     /// writer with its storage root at `<data_dir>/replicas`.
     #[serde(default)]
     pub writer: Option<String>,
+    /// Options replicas and failover images are created with, passed to the writer as they
+    /// are (e.g. `{ subformat = "monolithicFlat" }`: VMDKs a VMware host attaches, a
+    /// descriptor and a flat extent).
+    #[serde(default)]
+    pub writer_options: std::collections::BTreeMap<String, String>,
     /// Most bytes the journal of one disk may hold. Above 75 % of it the oldest recovery
     /// points are dropped early.
     #[serde(default = "default_journal_max_bytes")]

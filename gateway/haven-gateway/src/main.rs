@@ -573,6 +573,11 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
                 listen: section.listen,
                 data_dir: data_dir.join("mt"),
                 writer,
+                writer_options: section
+                    .writer_options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 journal: JournalOptions {
                     max_bytes: section.journal_max_bytes,
                     // What arrives uncompressed did not compress at the process server.

@@ -84,6 +84,14 @@
 //! same code. Secrets are never written in the file: a setting `secret:NAME` refers to one the
 //! configuration server holds.
 //!
+//! Adapter plugins run at the configuration server. A machine's `[machine.target]` settings
+//! shape its replica at failover: `name` (default the machine's), `cpus` and `memory_mib`
+//! (default the source's), `datastore` and `datastore_folder` (where the master target's writer
+//! keeps the replica's disk, as the target platform addresses it), `nicN_address` (a static
+//! address for the replica's N-th network adapter), `power_on` (`"false"` leaves it stopped);
+//! every other key (`folder`, `resource_pool`, `host`, …) goes to the target adapter as an
+//! option, `_` written `-`.
+//!
 //! # The rules
 //!
 //! Every table rejects unknown fields (naming the field and the allowed ones). Names are
@@ -137,6 +145,7 @@ pub use model::{
     ReplicationPolicy, Role, ScriptStep, Severity, Site, Step, VERSION, Webhook,
 };
 pub use render::to_toml;
+pub use validate::check_name;
 
 /// Parses and checks a pipeline file; `file` names it in the diagnostics.
 pub fn parse(source: &str, file: &str) -> Result<Pipeline, Diagnostics> {

@@ -59,6 +59,8 @@ pub const EVENT_KINDS: &[&str] = &[
     "plan.started",
     "plan.step-completed",
     "plan.waiting",
+    "platform.reachable",
+    "platform.unreachable",
     "plugin.failed",
     "plugin.trapped",
     "points.suspect",

@@ -961,7 +961,7 @@ impl<'a> Checker<'a, '_> {
 }
 
 /// Why `name` is not `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let Some(first) = name.chars().next() else {
         return Err("it is empty".into());
     };

@@ -29,6 +29,7 @@ pub mod journal;
 pub mod key;
 pub mod payload;
 mod record_store;
+pub mod secrets;
 pub mod state;
 pub mod tokens;
 mod util;
@@ -40,4 +41,5 @@ pub use journal::{
 };
 pub use key::Key;
 pub use payload::{decompress, is_all_zero};
+pub use secrets::{SecretInfo, Secrets};
 pub use state::{StateDb, StreamKey, StreamRecord};

@@ -301,7 +301,7 @@ impl MasterTarget {
             Scratch::None,
         )?;
         let mut plugin = self.host.load_writer(&self.config.writer)?;
-        let disk = plugin.create(&image, view.size(), 512, &[])?;
+        let disk = plugin.create(&image, view.size(), 512, &self.config.writer_options)?;
         let started = Instant::now();
         let size = view.size();
         // Reading the view and writing the image overlap: a reader thread fills chunks (at

@@ -1,0 +1,401 @@
+//! The platform steps of a failover run through the configuration server: for a machine whose
+//! pipeline entry names a source `platform` and/or a `target_platform`, once the master target
+//! has materialised the point the job goes on with
+//!
+//! 1. `power off` of the source machine at its platform (planned failover only, after the
+//!    agent's final point: nothing written later exists);
+//! 2. `define replica` at the target platform: the source's CPUs, memory and network adapters
+//!    (each network mapped by the pipeline's `[[network_mapping]]` of the two sites; `cpus`,
+//!    `memory_mib`, `nicN_address` from the machine's `target` settings win), its disk the
+//!    failover image, addressed as `[DATASTORE] FOLDER/IMAGE` (`datastore`, `datastore_folder`)
+//!    — so the master target's writer keeps replicas in that folder of the datastore;
+//! 3. `power on` of the replica (unless `power_on = "false"`).
+//!
+//! The replica machine is kept (`replica/<machine>`), for the cleanup and the history. Each
+//! step is a step of the failover's job; a failing step ends the job with its reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use haven_engine::config_server::ConfigServer;
+use haven_engine::jobs::Job;
+use haven_host::platform::{
+    Machine, PowerOffMode, ReplicaDisk, ReplicaMachine, ReplicaNic, ReplicaSpec,
+};
+use haven_net::join::ApiRequest;
+use haven_pipeline::model::Pipeline;
+use serde::{Deserialize, Serialize};
+
+/// Longest the job waits for the master target to finish materialising the point.
+const MATERIALISE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A replica machine an adapter defined, as kept per protected machine.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaRecord {
+    /// The adapter that defined it.
+    pub platform: String,
+    /// What the adapter returned.
+    pub machine: ReplicaMachine,
+    /// What it was asked to define.
+    pub spec: ReplicaSpec,
+    /// When, ms since the Unix epoch.
+    pub defined_ms: u64,
+}
+
+/// `[machine.target]` settings Haven itself uses; every other one (and `datastore`) is an
+/// option of the replica for the target adapter, `_` written `-` (`resource_pool` →
+/// `resource-pool`), which refuses the ones it does not know.
+fn haven_setting(key: &str) -> bool {
+    matches!(
+        key,
+        "name" | "cpus" | "memory_mib" | "datastore_folder" | "power_on"
+    ) || key
+        .strip_prefix("nic")
+        .and_then(|k| k.strip_suffix("_address"))
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Whether machine `name` has platform steps after a failover, per the applied pipeline.
+pub(crate) fn has_platform_steps(cs: &ConfigServer, name: &str) -> bool {
+    pipeline(cs)
+        .ok()
+        .and_then(|p| {
+            p.machine(name)
+                .map(|m| m.platform.is_some() || m.target_platform.is_some())
+        })
+        .unwrap_or(false)
+}
+
+fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
+    let stored = cs.pipeline()?.context("no pipeline has been applied")?;
+    Ok(serde_json::from_value(stored.pipeline)?)
+}
+
+/// Runs the platform steps of `job` (its master-target step done), ending the job.
+pub(crate) async fn run(
+    cs: Arc<ConfigServer>,
+    job: Job,
+    gateway: String,
+    item: String,
+    planned: bool,
+) {
+    let id = job.id;
+    if let Err(e) = steps(&cs, job, &gateway, &item, planned).await {
+        tracing::error!(job = id, error = %format!("{e:#}"), "recording a job step");
+    }
+}
+
+/// One step: begun, run, ended with its outcome. `Ok(None)` when it failed (the job ended).
+async fn step<T>(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    name: String,
+    last: bool,
+    run: impl Future<Output = Result<(T, String)>>,
+) -> Result<(Job, Option<T>)> {
+    let job = {
+        let cs = cs.clone();
+        tokio::task::spawn_blocking(move || cs.begin_job_step(job, &name)).await??
+    };
+    let (ok, output, value) = match run.await {
+        Ok((value, output)) => (true, output, Some(value)),
+        Err(e) => (false, format!("{e:#}"), None),
+    };
+    let cs = cs.clone();
+    let job = tokio::task::spawn_blocking(move || cs.end_job_step(job, ok, output, last)).await??;
+    Ok((job, value))
+}
+
+async fn steps(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    gateway: &str,
+    item: &str,
+    planned: bool,
+) -> Result<()> {
+    let machine_name = item.split('/').next().unwrap_or(item).to_string();
+    let p = pipeline(cs)?;
+    let m = p
+        .machine(&machine_name)
+        .with_context(|| format!("machine {machine_name} left the pipeline"))?
+        .clone();
+
+    // The master target's image.
+    let (job, image) = step(
+        cs,
+        job,
+        format!("wait for the image at {gateway}"),
+        false,
+        wait_for_image(cs, gateway, item),
+    )
+    .await?;
+    let Some((image, size)) = image else {
+        return Ok(());
+    };
+
+    // The source machine, as its platform saw it last.
+    let source: Option<Machine> = match &m.platform {
+        Some(platform) => {
+            let machines = cs.platform_machines(platform)?.unwrap_or_default();
+            machines.into_iter().find(|s| s.name == m.name)
+        }
+        None => None,
+    };
+    let mut job = job;
+    if let (true, Some(platform)) = (planned, &m.platform) {
+        let last = m.target_platform.is_none();
+        let Some(vm) = source.clone() else {
+            let name = format!("power off {} at {platform}", m.name);
+            let cs2 = cs.clone();
+            let missing = m.name.clone();
+            let platform = platform.clone();
+            step(cs, job, name, true, async move {
+                let _ = cs2;
+                Err::<((), String), _>(anyhow!(
+                    "platform {platform} has no machine named `{missing}` in its inventory; \
+                     `haven platform machines {platform}` lists what it sees"
+                ))
+            })
+            .await?;
+            return Ok(());
+        };
+        let name = format!("power off {} ({}) at {platform}", vm.name, vm.id);
+        let (next, done) = step(cs, job, name, last, {
+            let (cs, platform, id) = (cs.clone(), platform.clone(), vm.id.clone());
+            async move {
+                cs.adapter_call(&platform, move |a| a.power_off(&id, PowerOffMode::Graceful))
+                    .await?;
+                Ok(((), "stopped".to_string()))
+            }
+        })
+        .await?;
+        job = next;
+        if done.is_none() || last {
+            return Ok(());
+        }
+    }
+
+    let Some(target_platform) = m.target_platform.clone() else {
+        return Ok(());
+    };
+    let spec = replica_spec(&p, &m, source.as_ref(), &image, size);
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => {
+            let name = format!("define the replica of {} at {target_platform}", m.name);
+            step(
+                cs,
+                job,
+                name,
+                true,
+                async move { Err::<((), String), _>(e) },
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let power_on = m.target.get("power_on").map(String::as_str) != Some("false");
+    let name = format!("define replica {} at {target_platform}", spec.name);
+    let (job, defined) = step(cs, job, name, !power_on, {
+        let (cs, platform, spec) = (cs.clone(), target_platform.clone(), spec.clone());
+        let machine = m.name.clone();
+        async move {
+            let wit = spec.clone();
+            let replica = cs
+                .adapter_call(&platform, move |a| a.define_replica(&wit))
+                .await?;
+            let record = ReplicaRecord {
+                platform: platform.clone(),
+                machine: replica.clone(),
+                spec,
+                defined_ms: haven_engine::now_ms(),
+            };
+            let key = format!("replica/{machine}");
+            tokio::task::spawn_blocking(move || cs.set_record(&key, Some(&record))).await??;
+            Ok((
+                replica.clone(),
+                format!("defined {}: {}", replica.id, replica.definition),
+            ))
+        }
+    })
+    .await?;
+    let (Some(replica), true) = (defined, power_on) else {
+        return Ok(());
+    };
+    let name = format!("power on {} at {target_platform}", replica.id);
+    step(cs, job, name, true, {
+        let (cs, platform, id) = (cs.clone(), target_platform.clone(), replica.id.clone());
+        async move {
+            cs.adapter_call(&platform, move |a| a.power_on(&id)).await?;
+            Ok(((), "running".to_string()))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Waits until the master target has the item failed over; its image and size.
+async fn wait_for_image(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    item: &str,
+) -> Result<((String, u64), String)> {
+    let started = Instant::now();
+    let path = format!(
+        "/v1/items/{}",
+        percent_encoding::utf8_percent_encode(item, percent_encoding::NON_ALPHANUMERIC)
+    );
+    loop {
+        let answer = cs
+            .forward(
+                gateway,
+                ApiRequest {
+                    method: "GET".into(),
+                    path: path.clone(),
+                    caller: String::new(),
+                },
+            )
+            .await;
+        if let Ok(answer) = answer
+            && answer.status == 200
+        {
+            let v: serde_json::Value = serde_json::from_str(&answer.body)?;
+            match v["item"]["state"].as_str() {
+                Some("failed-over" | "committed") => {
+                    let image = v["item"]["image"]
+                        .as_str()
+                        .context("the master target reports no image")?
+                        .to_string();
+                    let size = v["size"].as_u64().unwrap_or(0);
+                    let output = format!("image {image} ({size} bytes)");
+                    return Ok(((image, size), output));
+                }
+                Some("failover-failed") => bail!(
+                    "the master target could not materialise the point; `haven failover show \
+                     {item}` has its history"
+                ),
+                _ => {}
+            }
+        }
+        if started.elapsed() > MATERIALISE_TIMEOUT {
+            bail!(
+                "the master target did not finish materialising the point within {:?}",
+                MATERIALISE_TIMEOUT
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What to ask the target platform to define for machine `m`.
+pub(crate) fn replica_spec(
+    p: &Pipeline,
+    m: &haven_pipeline::model::Machine,
+    source: Option<&Machine>,
+    image: &str,
+    size: u64,
+) -> Result<ReplicaSpec> {
+    let number = |key: &str| -> Result<Option<u64>> {
+        m.target
+            .get(key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    anyhow!(
+                        "machine {}: target setting `{key}` is `{v}`, not a whole number",
+                        m.name
+                    )
+                })
+            })
+            .transpose()
+    };
+    let cpus = number("cpus")?
+        .or(source.map(|s| u64::from(s.cpus)))
+        .unwrap_or(1)
+        .clamp(1, 768) as u32;
+    let memory_mib = number("memory_mib")?
+        .or(source.map(|s| s.memory_mib))
+        .unwrap_or(1024);
+    let datastore = m.target.get("datastore").with_context(|| {
+        format!(
+            "machine {}: the target setting `datastore` is needed to place the replica's disk \
+             (the datastore whose folder the master target's writer keeps replicas in)",
+            m.name
+        )
+    })?;
+    let target_site = p
+        .gateway(&m.master_target)
+        .map(|g| g.site.clone())
+        .unwrap_or_default();
+    let mut nics = Vec::new();
+    for (i, nic) in source
+        .map(|s| s.nics.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        let mapping = p
+            .network_mappings
+            .iter()
+            .find(|n| {
+                n.source_site == m.site
+                    && n.target_site == target_site
+                    && n.source_network == nic.network
+            })
+            .with_context(|| {
+                format!(
+                    "machine {}: no [[network_mapping]] from site {} to site {target_site} maps \
+                     network `{}` (its adapter {}); add one",
+                    m.name, m.site, nic.network, i
+                )
+            })?;
+        nics.push(ReplicaNic {
+            source_nic: nic.id.clone(),
+            network: mapping.target_network.clone(),
+            static_address: m.target.get(&format!("nic{i}_address")).cloned(),
+        });
+    }
+    let writer = image.rsplit('.').next().unwrap_or("raw").to_string();
+    // The master target names the image by its full path; below the writer's storage root it
+    // is `failover/<agent>/disk<N>-point<P>.<writer>`, which is what the platform sees below
+    // the datastore folder that root is.
+    let image = match image.rfind("/failover/") {
+        Some(at) => &image[at + 1..],
+        None => image.trim_start_matches('/'),
+    };
+    let disks = vec![ReplicaDisk {
+        source_disk: source
+            .and_then(|s| s.disks.first())
+            .map(|d| d.id.clone())
+            .unwrap_or_default(),
+        location: match m
+            .target
+            .get("datastore_folder")
+            .map(|f| f.trim_matches('/'))
+        {
+            Some(folder) if !folder.is_empty() => format!("[{datastore}] {folder}/{image}"),
+            _ => format!("[{datastore}] {image}"),
+        },
+        format: writer,
+        size,
+    }];
+    let options = m
+        .target
+        .iter()
+        .filter(|(k, _)| !haven_setting(k))
+        .map(|(k, v)| (k.replace('_', "-"), v.clone()))
+        .collect();
+    Ok(ReplicaSpec {
+        name: m
+            .target
+            .get("name")
+            .cloned()
+            .unwrap_or_else(|| m.name.clone()),
+        source_machine: source.map(|s| s.id.clone()).unwrap_or_default(),
+        cpus,
+        memory_mib,
+        disks,
+        nics,
+        options,
+    })
+}

@@ -1,0 +1,215 @@
+//! Adapters run by the configuration server: loaded from the applied pipeline with their
+//! settings (secrets resolved from the configuration server's sealed store), their inventory
+//! taken and shown by `haven platform`, and badly behaved adapters (trapping, answering
+//! garbage) reported clearly while the gateway lives on.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use haven_e2e::{Cluster, ClusterOptions, http_get, mixed_disk, poll};
+
+/// The pipeline: the cluster's gateways and three instances of the unruly test adapter.
+fn pipeline(c: &Cluster) -> Result<String> {
+    let wasm =
+        haven_e2e::default_bin_dir().join("../wasm32-wasip2/release/test_unruly_adapter.wasm");
+    anyhow::ensure!(
+        wasm.exists(),
+        "{} is missing: run `cargo xtask build` first",
+        wasm.display()
+    );
+    let adapter = |name: &str, mode: &str| {
+        format!(
+            "[[plugin]]\nname = \"{name}\"\nkind = \"adapter\"\npath = {wasm:?}\n\n\
+             [plugin.grants]\ncall_timeout_ms = 2000\n\n\
+             [plugin.settings]\nmode = \"{mode}\"\nregion = \"west\"\n\
+             password = \"secret:unruly-pw\"\n\n"
+        )
+    };
+    Ok(format!(
+        "{}{}{}{}",
+        c.pipeline_head("platforms")?,
+        adapter("good", "ok"),
+        adapter("trapping", "trap"),
+        adapter("garbage", "garbage"),
+    ))
+}
+
+fn platforms(c: &Cluster) -> Result<Vec<serde_json::Value>> {
+    let cs = c.cs.as_ref().context("cs")?;
+    Ok(serde_json::from_str(
+        &cs.haven(&["platform", "list", "--json"])?,
+    )?)
+}
+
+fn platform(c: &Cluster, name: &str) -> Result<serde_json::Value> {
+    platforms(c)?
+        .into_iter()
+        .find(|p| p["name"] == name)
+        .with_context(|| format!("no platform {name}"))
+}
+
+#[test]
+fn adapters_are_loaded_from_the_pipeline_with_their_secrets_and_faults_are_contained() -> Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 1 << 20, 5)?;
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let file = tmp.path().join("platforms.toml");
+    std::fs::write(&file, pipeline(&c)?)?;
+    cs.haven(&["apply", file.to_str().context("path")?])?;
+
+    // The secret is not held yet: the adapters do not load, and say why.
+    let good = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        let p = platform(&c, "good")?;
+        Ok(match p["error"].is_string() {
+            true => Ok(p),
+            false => Err(format!("no error yet: {p}")),
+        })
+    })?;
+    assert_eq!(
+        good["error"],
+        "setting `password` refers to secret `unruly-pw`, which this configuration server does \
+         not hold; store it with `haven secret set unruly-pw`"
+    );
+
+    // Stored: every adapter loads and its inventory is taken.
+    let secret_file = tmp.path().join("pw");
+    std::fs::write(&secret_file, "s3cret-value\n")?;
+    let out = cs.haven(&[
+        "secret",
+        "set",
+        "unruly-pw",
+        "--from-file",
+        secret_file.to_str().context("path")?,
+    ])?;
+    assert_eq!(out.trim(), "Secret `unruly-pw` stored.");
+    let listed = cs.haven(&["secret", "list"])?;
+    assert!(listed.contains("unruly-pw"), "{listed}");
+    assert!(
+        !listed.contains("s3cret"),
+        "a secret's value was listed: {listed}"
+    );
+
+    let good = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        let p = platform(&c, "good")?;
+        Ok(match p["machines"] == 1 {
+            true => Ok(p),
+            false => Err(format!("no inventory yet: {p}")),
+        })
+    })?;
+    assert_eq!(good["contract"], "0.2.0");
+    assert!(good["error"].is_null(), "{good}");
+    // The adapter saw its settings, the secret's value resolved (the test adapter echoes them).
+    assert_eq!(
+        good["about"],
+        "unruly adapter; settings: mode=ok password=s3cret-value region=west"
+    );
+    let machines = cs.haven(&["platform", "machines", "good"])?;
+    let line = machines
+        .lines()
+        .find(|l| l.starts_with("vm-1"))
+        .with_context(|| format!("no vm-1 in {machines}"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields,
+        [
+            "vm-1", "unruly-1", "running", "2", "2048Mi", "1", "VM", "Network"
+        ],
+        "{machines}"
+    );
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&cs.haven(&["platform", "machines", "good", "--json"])?)?;
+    assert_eq!(
+        json[0]["disks"][0]["location"],
+        "[ds1] unruly-1/disk-0.vmdk"
+    );
+    assert_eq!(json[0]["uuid"], "4210aaaa-bbbb-cccc-dddd-eeeeffff0001");
+
+    // A trapping adapter: retried, then reported with the trap; the gateway lives on.
+    let trapping = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        let p = platform(&c, "trapping")?;
+        Ok(
+            match p["error"].as_str().is_some_and(|e| e.contains("trapped")) {
+                true => Ok(p),
+                false => Err(format!("no trap yet: {p}")),
+            },
+        )
+    })?;
+    let text = trapping["error"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with(
+            "plugin `trapping` call `platform.check` trapped: wasm trap: wasm `unreachable` \
+             instruction executed (in test_unruly_adapter::misbehave): panicked at "
+        ) && text.contains("unruly adapter: told to trap"),
+        "{trapping}"
+    );
+    assert!(
+        trapping["error"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("; the instance was restarted (after 3 attempts)"),
+        "{trapping}"
+    );
+    let garbage = platform(&c, "garbage")?;
+    assert_eq!(
+        garbage["error"],
+        "adapter `garbage` answered an inventory that cannot be used: machine #1 (`unruly-1`) \
+         has an id of 0 bytes; the adapter is faulty or speaks to a platform it does not \
+         understand"
+    );
+    assert_eq!(garbage["machines"], 0);
+
+    // `refresh` answers at once, with the adapter's failure as a 502.
+    let out = cs.haven(&["platform", "refresh", "good"])?;
+    assert_eq!(
+        out.trim(),
+        "good: 1 machine(s); unruly adapter; settings: mode=ok password=s3cret-value region=west"
+    );
+    let err = cs
+        .haven(&["platform", "refresh", "garbage"])
+        .expect_err("a refresh of a faulty adapter succeeded");
+    assert!(
+        format!("{err:#}").contains("answered an inventory that cannot be used"),
+        "{err:#}"
+    );
+
+    // The faults are events, once per adapter.
+    let events: Vec<serde_json::Value> = serde_json::from_str(&http_get(
+        &format!("{}/v1/events?limit=1000", cs.api),
+        &cs.admin_token,
+    )?)?;
+    let unreachable: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "platform.unreachable")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(unreachable.len(), 3, "{unreachable:?}");
+    assert!(
+        unreachable
+            .iter()
+            .any(|t| t.starts_with("adapter garbage: ")),
+        "{unreachable:?}"
+    );
+
+    // Removing the secret unloads the adapters that need it; the API still answers.
+    cs.haven(&["secret", "delete", "unruly-pw"])?;
+    let good = platform(&c, "good")?;
+    assert!(
+        good["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("secret `unruly-pw`")),
+        "{good}"
+    );
+    // The machine list of the last inventory is kept.
+    assert_eq!(good["machines"], 1, "{good}");
+    Ok(())
+}
