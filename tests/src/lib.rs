@@ -123,6 +123,20 @@ pub fn http_get(url: &str, token: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Waits (up to a minute) until `gateway` lists a recovery point of `item`; through a
+/// configuration server, the item appears once its master target reports it.
+pub fn wait_for_point(gateway: &Gateway, item: &str) -> Result<()> {
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let Ok(out) = gateway.haven(&["point", "list", item, "--json"]) else {
+            return Ok(Err(format!("no item {item} yet")));
+        };
+        Ok(match point_times(&out)?.is_empty() {
+            false => Ok(()),
+            true => Err(format!("no point of {item} yet")),
+        })
+    })
+}
+
 /// The source times (ms, ascending) of the points `haven point list ITEM --json` printed.
 pub fn point_times(json: &str) -> Result<Vec<u64>> {
     let points: Vec<serde_json::Value> =

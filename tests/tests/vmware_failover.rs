@@ -133,13 +133,7 @@ memory_mib = "2048"
     })?;
 
     // Replication has a point; then the planned failover, through the configuration server.
-    poll(Duration::from_secs(60), Duration::from_millis(500), || {
-        let out = cs.haven(&["point", "list", MACHINE, "--json"])?;
-        Ok(match haven_e2e::point_times(&out)?.is_empty() {
-            false => Ok(()),
-            true => Err("no point yet".to_string()),
-        })
-    })?;
+    haven_e2e::wait_for_point(cs, MACHINE)?;
     let out = cs.haven(&["failover", MACHINE, "--planned"])?;
     let failover_image = out.trim().to_string();
     assert!(failover_image.ends_with(".vmdk"), "{out}");
@@ -169,9 +163,11 @@ memory_mib = "2048"
         steps[1].starts_with("wait for the image at mt1"),
         "{steps:?}"
     );
+    assert_eq!(steps[2], format!("power off {MACHINE} at vcenter-a"));
+    let stopped = job["steps"][2]["output"].as_str().unwrap_or_default();
     assert!(
-        steps[2].starts_with(&format!("power off {MACHINE} (")),
-        "{steps:?}"
+        stopped.starts_with(&format!("{MACHINE} (vm-")) && stopped.ends_with(") stopped"),
+        "{job:#}"
     );
     assert_eq!(
         steps[3],

@@ -44,6 +44,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         } else if reads {
             Role::Viewer
         } else if path.starts_with("/v1/items")
+            || path.starts_with("/v1/plans/")
             || (path.starts_with("/v1/platforms/") && path.ends_with("/refresh"))
         {
             Role::Operator
@@ -338,6 +339,10 @@ mod tests {
             Some(Role::Admin)
         );
         assert_eq!(required_role(&get, "/v1/platforms"), Some(Role::Viewer));
+        assert_eq!(
+            required_role(&post, "/v1/plans/dr/failover"),
+            Some(Role::Operator)
+        );
         assert_eq!(
             required_role(&post, "/v1/platforms/vc/refresh"),
             Some(Role::Operator)

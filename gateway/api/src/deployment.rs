@@ -160,7 +160,7 @@ fn job_kind(method: &Method, action: &str) -> &'static str {
 }
 
 /// What an answer's body says, on one line short enough for a job's step (JSON compacted).
-fn summary(body: &str) -> String {
+pub(crate) fn summary(body: &str) -> String {
     const MOST: usize = 2000;
     let compact = serde_json::from_str::<serde_json::Value>(body)
         .ok()

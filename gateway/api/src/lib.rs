@@ -22,6 +22,9 @@
 //! | GET    | `/v1/audit`   | the newest changes made through the API (`limit=N`)           |
 //! | GET    | `/v1/jobs`    | at a configuration server: the changes to items run through it, newest first, with their steps (`limit=N`) |
 //! | GET    | `/v1/jobs/ID` | one job                                                        |
+//! | GET    | `/v1/plans` | at a configuration server: the pipeline's recovery plans            |
+//! | POST   | `/v1/plans/NAME/failover` | runs a plan as a job (`planned=true` or `point=ID\|latest`); also `test-failover`, `cleanup`, `commit` (operator) |
+//! | POST   | `/v1/plans/NAME/resume` | resumes a plan waiting at a manual step (operator)   |
 //! | GET    | `/v1/platforms` | at a configuration server: the pipeline's adapters, what they checked and saw |
 //! | GET    | `/v1/platforms/NAME/machines` | the machines an adapter saw at its last inventory |
 //! | POST   | `/v1/platforms/NAME/refresh` | checks an adapter and takes its inventory now (operator) |
@@ -55,6 +58,7 @@ pub mod console;
 pub mod deployment;
 mod https;
 mod machines;
+mod plans;
 mod platforms;
 
 use std::net::SocketAddr;
@@ -227,6 +231,12 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(list_api_tokens, create_api_token))
         .routes(routes!(revoke_api_token))
         .routes(routes!(get_audit))
+        .routes(routes!(plans::list_plans))
+        .routes(routes!(plans::failover_plan))
+        .routes(routes!(plans::test_failover_plan))
+        .routes(routes!(plans::cleanup_plan))
+        .routes(routes!(plans::commit_plan))
+        .routes(routes!(plans::resume_plan))
         .routes(routes!(platforms::list_platforms))
         .routes(routes!(platforms::platform_machines))
         .routes(routes!(platforms::refresh_platform))

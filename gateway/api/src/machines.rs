@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use haven_engine::config_server::ConfigServer;
-use haven_engine::jobs::Job;
+use haven_engine::jobs::{Job, JobState};
 use haven_host::platform::{
     Machine, PowerOffMode, ReplicaDisk, ReplicaMachine, ReplicaNic, ReplicaSpec,
 };
@@ -81,17 +81,31 @@ pub(crate) async fn run(
     planned: bool,
 ) {
     let id = job.id;
-    if let Err(e) = steps(&cs, job, &gateway, &item, planned).await {
+    let ends = Ends {
+        at_last: true,
+        on_failure: true,
+    };
+    if let Err(e) = steps(&cs, job, &gateway, &item, planned, ends).await {
         tracing::error!(job = id, error = %format!("{e:#}"), "recording a job step");
     }
 }
 
-/// One step: begun, run, ended with its outcome. `Ok(None)` when it failed (the job ended).
+/// When the steps end their job.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ends {
+    /// The last step ends the job (a failover of its own); else it keeps running (a plan's).
+    pub at_last: bool,
+    /// A failed step ends the job (else the plan goes on regardless).
+    pub on_failure: bool,
+}
+
+/// One step: begun, run, ended with its outcome. The value is `None` when it failed.
 async fn step<T>(
     cs: &Arc<ConfigServer>,
     job: Job,
     name: String,
     last: bool,
+    ends: Ends,
     run: impl Future<Output = Result<(T, String)>>,
 ) -> Result<(Job, Option<T>)> {
     let job = {
@@ -102,36 +116,43 @@ async fn step<T>(
         Ok((value, output)) => (true, output, Some(value)),
         Err(e) => (false, format!("{e:#}"), None),
     };
+    let end = match ok {
+        true => last && ends.at_last,
+        false => ends.on_failure,
+    };
     let cs = cs.clone();
-    let job = tokio::task::spawn_blocking(move || cs.end_job_step(job, ok, output, last)).await??;
+    let job =
+        tokio::task::spawn_blocking(move || cs.end_job_step_with(job, ok, output, end)).await??;
     Ok((job, value))
 }
 
-async fn steps(
+/// The platform steps of a failover of `item`, after its master-target step; the job and
+/// whether every step succeeded.
+pub(crate) async fn steps(
     cs: &Arc<ConfigServer>,
     job: Job,
     gateway: &str,
     item: &str,
     planned: bool,
-) -> Result<()> {
+    ends: Ends,
+) -> Result<(Job, bool)> {
     let machine_name = item.split('/').next().unwrap_or(item).to_string();
     let p = pipeline(cs)?;
-    let m = p
-        .machine(&machine_name)
-        .with_context(|| format!("machine {machine_name} left the pipeline"))?
-        .clone();
+    let m = p.machine(&machine_name).cloned();
+    let power_off = planned && m.as_ref().is_some_and(|m| m.platform.is_some());
+    let define = m.as_ref().is_some_and(|m| m.target_platform.is_some());
 
     // The master target's image.
-    let (job, image) = step(
-        cs,
-        job,
-        format!("wait for the image at {gateway}"),
-        false,
-        wait_for_image(cs, gateway, item),
-    )
-    .await?;
-    let Some((image, size)) = image else {
-        return Ok(());
+    let name = format!("wait for the image at {gateway}");
+    let last = !power_off && !define;
+    let (job, image) = step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?;
+    let (Some((image, size)), Some(m)) = (image, m) else {
+        return Ok((
+            job.clone(),
+            job.steps
+                .last()
+                .is_some_and(|s| s.state != JobState::Failed),
+        ));
     };
 
     // The source machine, as its platform saw it last.
@@ -143,64 +164,45 @@ async fn steps(
         None => None,
     };
     let mut job = job;
-    if let (true, Some(platform)) = (planned, &m.platform) {
-        let last = m.target_platform.is_none();
-        let Some(vm) = source.clone() else {
-            let name = format!("power off {} at {platform}", m.name);
-            let cs2 = cs.clone();
-            let missing = m.name.clone();
-            let platform = platform.clone();
-            step(cs, job, name, true, async move {
-                let _ = cs2;
-                Err::<((), String), _>(anyhow!(
-                    "platform {platform} has no machine named `{missing}` in its inventory; \
-                     `haven platform machines {platform}` lists what it sees"
-                ))
-            })
-            .await?;
-            return Ok(());
-        };
-        let name = format!("power off {} ({}) at {platform}", vm.name, vm.id);
-        let (next, done) = step(cs, job, name, last, {
-            let (cs, platform, id) = (cs.clone(), platform.clone(), vm.id.clone());
+    if let (true, Some(platform)) = (power_off, &m.platform) {
+        let name = format!("power off {} at {platform}", m.name);
+        let run = {
+            let (cs, platform) = (cs.clone(), platform.clone());
+            let (vm, missing) = (source.clone(), m.name.clone());
             async move {
+                let vm = vm.with_context(|| {
+                    format!(
+                        "platform {platform} has no machine named `{missing}` in its \
+                         inventory; `haven platform machines {platform}` lists what it sees"
+                    )
+                })?;
+                let id = vm.id.clone();
                 cs.adapter_call(&platform, move |a| a.power_off(&id, PowerOffMode::Graceful))
                     .await?;
-                Ok(((), "stopped".to_string()))
+                Ok(((), format!("{} ({}) stopped", vm.name, vm.id)))
             }
-        })
-        .await?;
+        };
+        let (next, done) = step(cs, job, name, !define, ends, run).await?;
         job = next;
-        if done.is_none() || last {
-            return Ok(());
+        if done.is_none() {
+            return Ok((job, false));
         }
     }
 
     let Some(target_platform) = m.target_platform.clone() else {
-        return Ok(());
-    };
-    let spec = replica_spec(&p, &m, source.as_ref(), &image, size);
-    let spec = match spec {
-        Ok(s) => s,
-        Err(e) => {
-            let name = format!("define the replica of {} at {target_platform}", m.name);
-            step(
-                cs,
-                job,
-                name,
-                true,
-                async move { Err::<((), String), _>(e) },
-            )
-            .await?;
-            return Ok(());
-        }
+        return Ok((job, true));
     };
     let power_on = m.target.get("power_on").map(String::as_str) != Some("false");
-    let name = format!("define replica {} at {target_platform}", spec.name);
-    let (job, defined) = step(cs, job, name, !power_on, {
-        let (cs, platform, spec) = (cs.clone(), target_platform.clone(), spec.clone());
+    let spec = replica_spec(&p, &m, source.as_ref(), &image, size);
+    let name = format!(
+        "define replica {} at {target_platform}",
+        m.target.get("name").unwrap_or(&m.name)
+    );
+    let (job, defined) = step(cs, job, name, !power_on, ends, {
+        let (cs, platform) = (cs.clone(), target_platform.clone());
         let machine = m.name.clone();
         async move {
+            let spec = spec?;
             let wit = spec.clone();
             let replica = cs
                 .adapter_call(&platform, move |a| a.define_replica(&wit))
@@ -213,18 +215,19 @@ async fn steps(
             };
             let key = format!("replica/{machine}");
             tokio::task::spawn_blocking(move || cs.set_record(&key, Some(&record))).await??;
-            Ok((
-                replica.clone(),
-                format!("defined {}: {}", replica.id, replica.definition),
-            ))
+            let output = format!("defined {}: {}", replica.id, replica.definition);
+            Ok((replica, output))
         }
     })
     .await?;
-    let (Some(replica), true) = (defined, power_on) else {
-        return Ok(());
+    let Some(replica) = defined else {
+        return Ok((job, false));
     };
+    if !power_on {
+        return Ok((job, true));
+    }
     let name = format!("power on {} at {target_platform}", replica.id);
-    step(cs, job, name, true, {
+    let (job, on) = step(cs, job, name, true, ends, {
         let (cs, platform, id) = (cs.clone(), target_platform.clone(), replica.id.clone());
         async move {
             cs.adapter_call(&platform, move |a| a.power_on(&id)).await?;
@@ -232,7 +235,7 @@ async fn steps(
         }
     })
     .await?;
-    Ok(())
+    Ok((job, on.is_some()))
 }
 
 /// Waits until the master target has the item failed over; its image and size.

@@ -130,6 +130,25 @@ pub struct ConfigServer {
     inventory_due: tokio::sync::Notify,
     /// Seals the secrets `secret:NAME` settings refer to (`<data_dir>/secrets.key`).
     secrets_key: haven_store::Key,
+    /// Tasks waiting for an operator (a plan at a manual step), by key.
+    waiters: Mutex<BTreeMap<String, Arc<Waiter>>>,
+}
+
+/// A task that may wait for an operator.
+#[derive(Default)]
+pub struct Waiter {
+    notify: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+impl Waiter {
+    /// Waits until [`ConfigServer::resume`] is called for it.
+    pub async fn wait(&self) {
+        use std::sync::atomic::Ordering;
+        self.waiting.store(true, Ordering::Release);
+        self.notify.notified().await;
+        self.waiting.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for ConfigServer {
@@ -177,6 +196,7 @@ impl ConfigServer {
             platforms: crate::platforms::Platforms::new()?,
             inventory_due: tokio::sync::Notify::new(),
             secrets_key,
+            waiters: Mutex::new(BTreeMap::new()),
             agents: Mutex::new(agents),
             crl_pem: Mutex::new(None),
             traps_seen: Mutex::new(BTreeMap::new()),
@@ -490,6 +510,34 @@ impl ConfigServer {
         self.jobs.start(&self.state, new)
     }
 
+    /// Claims `key` (e.g. `plan/NAME`) for a task that may wait for an operator; `None` when
+    /// another task holds it.
+    pub fn claim_waiter(&self, key: &str) -> Option<Arc<Waiter>> {
+        let mut waiters = lock(&self.waiters);
+        if waiters.contains_key(key) {
+            return None;
+        }
+        let w = Arc::new(Waiter::default());
+        waiters.insert(key.to_string(), w.clone());
+        Some(w)
+    }
+
+    /// Wakes the task waiting on `key`; false when no task waits there now.
+    pub fn resume(&self, key: &str) -> bool {
+        match lock(&self.waiters).get(key) {
+            Some(w) if w.waiting.load(std::sync::atomic::Ordering::Acquire) => {
+                w.notify.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Releases `key` (its task ended).
+    pub fn drop_waiter(&self, key: &str) {
+        lock(&self.waiters).remove(key);
+    }
+
     /// Starts the next step of a running `job`.
     pub fn begin_job_step(&self, job: Job, name: &str) -> Result<Job> {
         self.jobs.begin_step(&self.state, job, name)
@@ -513,7 +561,21 @@ impl ConfigServer {
     /// Ends `job`'s running step (and the job, when `last` or failed); a failed job is an
     /// event (`job.failed`).
     pub fn end_job_step(&self, job: Job, ok: bool, output: String, last: bool) -> Result<Job> {
-        let job = self.jobs.end_step(&self.state, job, ok, output, last)?;
+        self.end_job_step_with(job, ok, output, last || !ok)
+    }
+
+    /// Ends `job`'s running step; the job ends with it only when `end_job` (a failed step of a
+    /// plan that goes on regardless leaves it running).
+    pub fn end_job_step_with(
+        &self,
+        job: Job,
+        ok: bool,
+        output: String,
+        end_job: bool,
+    ) -> Result<Job> {
+        let job = self
+            .jobs
+            .end_step_with(&self.state, job, ok, output, end_job)?;
         if job.state == JobState::Failed {
             self.events.raise(
                 &self.state,

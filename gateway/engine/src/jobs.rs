@@ -154,14 +154,28 @@ impl Jobs {
         Ok(job)
     }
 
-    /// Ends the running step of `job` with `ok` and `output`; the job ends with it when `last`.
+    /// Ends the running step of `job` with `ok` and `output`; the job ends with it when `last`,
+    /// or when the step failed.
     pub fn end_step(
+        &self,
+        state: &StateDb,
+        job: Job,
+        ok: bool,
+        output: String,
+        last: bool,
+    ) -> Result<Job> {
+        self.end_step_with(state, job, ok, output, last || !ok)
+    }
+
+    /// Ends the running step of `job`; the job ends with it only when `end_job` (a failed step
+    /// of a plan that goes on regardless leaves the job running).
+    pub fn end_step_with(
         &self,
         state: &StateDb,
         mut job: Job,
         ok: bool,
         output: String,
-        last: bool,
+        end_job: bool,
     ) -> Result<Job> {
         let now = now_ms();
         let outcome = if ok {
@@ -174,7 +188,7 @@ impl Jobs {
             s.ended_ms = Some(now);
             s.output = output;
         }
-        if last || !ok {
+        if end_job {
             job.state = outcome;
             job.ended_ms = Some(now);
         }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod image;
 mod login;
 mod pipeline;
+mod plan;
 mod platform;
 mod plugins;
 mod recovery;
@@ -152,6 +153,10 @@ enum Command {
     /// `machines NAME`, `refresh NAME`).
     #[command(subcommand)]
     Platform(platform::PlatformCommand),
+    /// Recovery plans of the pipeline, run at the configuration server (`list`, `failover`,
+    /// `test-failover`, `cleanup`, `commit`, `resume PLAN`).
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// Secrets the pipeline's `secret:NAME` settings refer to (`set NAME`, `list`, `delete
     /// NAME`; admin). Values are read from standard input and never shown.
     #[command(subcommand)]
@@ -229,6 +234,7 @@ fn main() -> ExitCode {
         }
         Command::Job(c) => remote::job(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Platform(c) => platform::platform(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Plan(c) => plan::plan(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Secret(c) => platform::secret(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),

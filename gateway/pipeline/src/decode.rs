@@ -173,8 +173,8 @@ const MACHINE_FIELDS: &[&str] = &[
 ];
 const GROUP_FIELDS: &[&str] = &["name", "machines", "policy"];
 const PLAN_FIELDS: &[&str] = &["name", "step"];
-const FAILOVER_STEP_FIELDS: &[&str] = &["kind", "machines", "groups"];
-const SCRIPT_STEP_FIELDS: &[&str] = &["kind", "run", "timeout"];
+const FAILOVER_STEP_FIELDS: &[&str] = &["kind", "machines", "groups", "continue_on_error"];
+const SCRIPT_STEP_FIELDS: &[&str] = &["kind", "run", "timeout", "continue_on_error"];
 const MANUAL_STEP_FIELDS: &[&str] = &["kind", "message"];
 const WEBHOOK_FIELDS: &[&str] = &["name", "url", "events", "min_severity"];
 
@@ -710,18 +710,22 @@ impl<'r, 's> Decoder<'r, 's> {
                 self.deny_unknown(o, FAILOVER_STEP_FIELDS);
                 let machines = self.opt(o, "machines", Self::names);
                 let groups = self.opt(o, "groups", Self::names);
+                let continue_on_error = self.get_or(o, "continue_on_error", false, Self::boolean);
                 Some(Step::Failover(FailoverStep {
                     machines: machines?.unwrap_or_default(),
                     groups: groups?.unwrap_or_default(),
+                    continue_on_error: continue_on_error?,
                 }))
             }
             Kind::Script => {
                 self.deny_unknown(o, SCRIPT_STEP_FIELDS);
                 let run = self.req(o, "run", "\"/opt/dr/check-app.sh\"", Self::string);
                 let timeout = self.get_or(o, "timeout", default_script_timeout(), Self::duration);
+                let continue_on_error = self.get_or(o, "continue_on_error", false, Self::boolean);
                 Some(Step::Script(ScriptStep {
                     run: run?,
                     timeout: timeout?,
+                    continue_on_error: continue_on_error?,
                 }))
             }
             Kind::Manual => {

@@ -565,6 +565,9 @@ pub struct FailoverStep {
     /// Groups, by name: all members fail over to the same group point.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// A machine that fails does not stop the plan (default false: it stops it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_on_error: bool,
 }
 
 /// A script step: a command line run by the configuration server (`sh -c`); a non-zero exit or
@@ -577,6 +580,9 @@ pub struct ScriptStep {
     /// Longest the command may run (default `"10m"`, from `"1s"` to `"24h"`).
     #[serde(default = "default_script_timeout", with = "duration_str")]
     pub timeout: Duration,
+    /// A failing command does not stop the plan (default false: it stops it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_on_error: bool,
 }
 
 pub(crate) fn default_script_timeout() -> Duration {

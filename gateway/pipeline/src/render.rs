@@ -115,10 +115,16 @@ pub fn to_toml(p: &Pipeline) -> String {
                 Step::Failover(f) => {
                     w.nonempty_list("machines", &f.machines);
                     w.nonempty_list("groups", &f.groups);
+                    if f.continue_on_error {
+                        w.bool("continue_on_error", true);
+                    }
                 }
                 Step::Script(s) => {
                     w.str("run", &s.run);
                     w.duration("timeout", s.timeout);
+                    if s.continue_on_error {
+                        w.bool("continue_on_error", true);
+                    }
                 }
                 Step::Manual(m) => w.str("message", &m.message),
             }

@@ -151,11 +151,13 @@ fn build(mask: u32) -> Pipeline {
     let mut steps = vec![Step::Failover(FailoverStep {
         machines: Vec::new(),
         groups: vec![s("app")],
+        continue_on_error: on(16),
     })];
     if on(15) {
         steps.push(Step::Script(ScriptStep {
             run: s("echo 'done' \"now\" \\ ok"),
             timeout: Duration::from_secs(86_400),
+            continue_on_error: on(17),
         }));
         steps.push(Step::Manual(ManualStep {
             message: s("Line one\nline two"),
@@ -184,7 +186,7 @@ fn build(mask: u32) -> Pipeline {
 
 #[test]
 fn built_pipelines_round_trip() {
-    for mask in 0u32..(1 << 17) {
+    for mask in 0u32..(1 << 18) {
         // Every bit alone, every pair, and a spread of the rest.
         if mask.count_ones() > 2 && mask % 97 != 0 {
             continue;

@@ -1,0 +1,575 @@
+//! Recovery plans, run by the configuration server: `POST /v1/plans/{name}/failover` (and
+//! `test-failover`, `cleanup`, `commit`) starts a job that takes the plan's steps in order.
+//!
+//! - A failover step acts on its machines (its groups' members included) one after the other
+//!   through the master target holding each: a failover waits until the image is whole and
+//!   goes on with the machine's platform steps ([`crate::machines`]); a test failover starts
+//!   one (writable); a cleanup ends it; a commit makes the failover final.
+//! - A script step (failover and test failover only) runs `sh -c RUN` at the configuration
+//!   server with `HAVEN_PLAN` and `HAVEN_ACTION` set, under its timeout; its output (the last
+//!   4 KiB) is the step's output; a non-zero exit fails it.
+//! - A manual step (failover and test failover only) waits until `POST
+//!   /v1/plans/{name}/resume` (`haven plan resume`); its step is named `wait for an operator:
+//!   MESSAGE` while it waits.
+//!
+//! A failing step stops the plan with its reason, unless the step says `continue_on_error`.
+//! One run per plan at a time. Events: `plan.started`, `plan.waiting`, `plan.completed`,
+//! `plan.failed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use axum::extract::Path;
+use axum::http::StatusCode;
+use haven_engine::config_server::ConfigServer;
+use haven_engine::events::{Raise, Severity};
+use haven_engine::jobs::{Job, JobState, NewJob};
+use haven_net::join::ApiRequest;
+use haven_pipeline::model::{Pipeline, Step};
+use serde::{Deserialize, Serialize};
+
+use crate::machines::Ends;
+use crate::{ApiError, Deployment, ErrorBody, Pretty, QueryParams, blocking};
+
+/// Most bytes of a script's output kept in its step.
+const SCRIPT_OUTPUT: usize = 4096;
+/// The prefix of a manual step's name while it waits.
+pub const WAITING: &str = "wait for an operator: ";
+
+/// What a plan run does to each machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Failover,
+    TestFailover,
+    Cleanup,
+    Commit,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Failover => "failover",
+            Action::TestFailover => "test-failover",
+            Action::Cleanup => "cleanup",
+            Action::Commit => "commit",
+        }
+    }
+
+    /// Scripts and manual steps run in a failover and a test failover.
+    fn runs_scripts(self) -> bool {
+        matches!(self, Action::Failover | Action::TestFailover)
+    }
+}
+
+/// A plan as `GET /v1/plans` lists it.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub(crate) struct PlanView {
+    name: String,
+    /// Each step, in order: its kind and what it does.
+    steps: Vec<String>,
+}
+
+/// The applied pipeline's recovery plans.
+#[utoipa::path(
+    get,
+    path = "/v1/plans",
+    tag = "deployment",
+    responses(
+        (status = OK, description = "The plans of the applied pipeline", body = Vec<PlanView>),
+        (status = NOT_FOUND, description = "This gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_plans(
+    Deployment(cs): Deployment,
+) -> Result<Pretty<Vec<PlanView>>, ApiError> {
+    let p = blocking(move || pipeline(&cs)).await?;
+    Ok(Pretty(
+        p.plans
+            .iter()
+            .map(|plan| PlanView {
+                name: plan.name.clone(),
+                steps: plan.steps.iter().map(describe).collect(),
+            })
+            .collect(),
+    ))
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::Failover(f) => {
+            let mut what: Vec<String> = f.machines.clone();
+            what.extend(f.groups.iter().map(|g| format!("group {g}")));
+            format!("failover: {}", what.join(", "))
+        }
+        Step::Script(s) => format!("script: {}", s.run),
+        Step::Manual(m) => format!("manual: {}", m.message),
+    }
+}
+
+/// The applied pipeline; an empty one when none was applied.
+fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
+    match cs.pipeline()? {
+        Some(stored) => Ok(serde_json::from_value(stored.pipeline)?),
+        None => Ok(Pipeline::new("")),
+    }
+}
+
+/// `planned`, `point` of a plan's failover.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PlanFailoverParams {
+    /// Stop each source, take a final point and fail over to it (`planned` alone is `true`).
+    #[param(value_type = Option<bool>)]
+    planned: Option<String>,
+    /// A point id for every machine, or `latest` (the default). Ignored when `planned`.
+    point: Option<String>,
+}
+
+fn no_plan(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no plan `{name}` in the applied pipeline; `haven plan list` shows them"),
+    )
+}
+
+/// Starts a run of plan `name`; answers its job.
+async fn start(
+    cs: Arc<ConfigServer>,
+    name: String,
+    action: Action,
+    query: String,
+    caller: String,
+) -> Result<Pretty<Job>, ApiError> {
+    let (plan_steps, p) = {
+        let (cs, name) = (cs.clone(), name.clone());
+        blocking(move || -> Result<Option<(Vec<Step>, Pipeline)>> {
+            let p = pipeline(&cs)?;
+            Ok(p.plan(&name).map(|plan| (plan.steps.clone(), p.clone())))
+        })
+        .await?
+    }
+    .ok_or_else(|| no_plan(&name))?;
+    let key = format!("plan/{name}");
+    let Some(waiter) = cs.claim_waiter(&key) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "plan `{name}` is running; follow it with `haven job list`, resume it with \
+                 `haven plan resume {name}` when it waits"
+            ),
+        ));
+    };
+    let job = {
+        let (cs, name) = (cs.clone(), name.clone());
+        blocking(move || {
+            cs.start_job(NewJob {
+                kind: match action {
+                    Action::Failover => "plan-failover",
+                    Action::TestFailover => "plan-test-failover",
+                    Action::Cleanup => "plan-cleanup",
+                    Action::Commit => "plan-commit",
+                },
+                item: Some(&name),
+                gateway: None,
+                caller: &caller,
+                step: &format!("start plan {name} ({})", action.name()),
+            })
+        })
+        .await
+    };
+    let job = match job {
+        Ok(job) => job,
+        Err(e) => {
+            cs.drop_waiter(&key);
+            return Err(e);
+        }
+    };
+    let first = {
+        let cs = cs.clone();
+        let steps = plan_steps.len();
+        blocking(move || cs.end_job_step(job, true, format!("{steps} step(s)"), false)).await?
+    };
+    let _ = cs.raise(Raise {
+        severity: Severity::Info,
+        kind: "plan.started",
+        gateway: None,
+        item: Some(name.clone()),
+        text: format!("plan {name} ({}) started", action.name()),
+    });
+    let answer = first.clone();
+    tokio::spawn(async move {
+        let outcome = run(&cs, first, &p, &name, &plan_steps, action, &query, &waiter).await;
+        cs.drop_waiter(&key);
+        let (severity, kind, text) = match outcome {
+            Ok(job) if job.state == JobState::Succeeded => (
+                Severity::Info,
+                "plan.completed",
+                format!("plan {name} ({}) completed; job {}", action.name(), job.id),
+            ),
+            Ok(job) => (
+                Severity::Error,
+                "plan.failed",
+                format!(
+                    "plan {name} ({}) stopped: {}; `haven job show {}` has its steps",
+                    action.name(),
+                    job.outcome(),
+                    job.id
+                ),
+            ),
+            Err(e) => (
+                Severity::Error,
+                "plan.failed",
+                format!("plan {name} ({}) stopped: {e:#}", action.name()),
+            ),
+        };
+        let _ = cs.raise(Raise {
+            severity,
+            kind,
+            gateway: None,
+            item: Some(name.clone()),
+            text,
+        });
+    });
+    Ok(Pretty(answer))
+}
+
+/// Begins a step, runs it, ends it (the job too when it is the last or it failed and the plan
+/// stops there).
+async fn step(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    name: String,
+    last: bool,
+    continue_on_error: bool,
+    run: impl Future<Output = Result<String>>,
+) -> Result<(Job, bool)> {
+    let job = {
+        let cs = cs.clone();
+        tokio::task::spawn_blocking(move || cs.begin_job_step(job, &name)).await??
+    };
+    let (ok, output) = match run.await {
+        Ok(output) => (true, output),
+        Err(e) if continue_on_error => (
+            false,
+            format!("{e:#} (the plan goes on: continue_on_error)"),
+        ),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    let end = if ok { last } else { !continue_on_error || last };
+    let cs = cs.clone();
+    let job =
+        tokio::task::spawn_blocking(move || cs.end_job_step_with(job, ok, output, end)).await??;
+    Ok((job, ok || continue_on_error))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    cs: &Arc<ConfigServer>,
+    mut job: Job,
+    p: &Pipeline,
+    name: &str,
+    steps: &[Step],
+    action: Action,
+    query: &str,
+    waiter: &haven_engine::config_server::Waiter,
+) -> Result<Job> {
+    let planned = query
+        .split('&')
+        .any(|kv| kv == "planned" || kv == "planned=true");
+    // Every unit of work, in order, so the last one ends the job.
+    enum Work<'a> {
+        Machine(String, bool),
+        Script(&'a haven_pipeline::model::ScriptStep),
+        Manual(&'a str),
+    }
+    let mut work = Vec::new();
+    for s in steps {
+        match s {
+            Step::Failover(f) => {
+                let mut machines = f.machines.clone();
+                for g in &f.groups {
+                    let group = p.group(g).with_context(|| format!("no group {g}"))?;
+                    machines.extend(group.machines.iter().cloned());
+                }
+                work.extend(
+                    machines
+                        .into_iter()
+                        .map(|m| Work::Machine(m, f.continue_on_error)),
+                );
+            }
+            Step::Script(s) if action.runs_scripts() => work.push(Work::Script(s)),
+            Step::Manual(m) if action.runs_scripts() => work.push(Work::Manual(&m.message)),
+            _ => {}
+        }
+    }
+    if work.is_empty() {
+        return blocking_end(cs, job, "nothing to do for this action").await;
+    }
+    let count = work.len();
+    for (i, w) in work.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let (next, go_on) = match w {
+            Work::Machine(machine, continue_on_error) => {
+                machine_step(
+                    cs,
+                    job,
+                    &machine,
+                    action,
+                    query,
+                    planned,
+                    last,
+                    continue_on_error,
+                )
+                .await?
+            }
+            Work::Script(s) => {
+                let run = script(&s.run, s.timeout, name, action);
+                let what = format!("script: {}", s.run);
+                step(cs, job, what, last, s.continue_on_error, run).await?
+            }
+            Work::Manual(message) => {
+                let _ = cs.raise(Raise {
+                    severity: Severity::Warning,
+                    kind: "plan.waiting",
+                    gateway: None,
+                    item: Some(name.to_string()),
+                    text: format!(
+                        "plan {name} waits for an operator: {message}; then `haven plan resume \
+                         {name}`"
+                    ),
+                });
+                let what = format!("{WAITING}{message}");
+                let wait = async {
+                    waiter.wait().await;
+                    Ok("resumed".to_string())
+                };
+                step(cs, job, what, last, false, wait).await?
+            }
+        };
+        job = next;
+        if !go_on {
+            break;
+        }
+    }
+    Ok(job)
+}
+
+async fn blocking_end(cs: &Arc<ConfigServer>, job: Job, output: &str) -> Result<Job> {
+    let (cs, output) = (cs.clone(), output.to_string());
+    tokio::task::spawn_blocking(move || cs.end_job_step(job, true, output, true)).await?
+}
+
+/// One machine of a failover step: the call at its master target, then (for a failover) the
+/// image and the machine's platform steps.
+#[allow(clippy::too_many_arguments)]
+async fn machine_step(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    machine: &str,
+    action: Action,
+    query: &str,
+    planned: bool,
+    last: bool,
+    continue_on_error: bool,
+) -> Result<(Job, bool)> {
+    let gateway = cs.master_target_of(machine);
+    let (method, path) = match action {
+        Action::Failover => ("POST", format!("/v1/items/{machine}/failover?{query}")),
+        Action::TestFailover => (
+            "POST",
+            format!("/v1/items/{machine}/test-failover?writable=true"),
+        ),
+        Action::Cleanup => ("DELETE", format!("/v1/items/{machine}/test-failover")),
+        Action::Commit => ("POST", format!("/v1/items/{machine}/commit")),
+    };
+    let name = format!(
+        "{} {machine} at {}",
+        action.name(),
+        gateway.as_deref().unwrap_or("?")
+    );
+    let failover = action == Action::Failover;
+    let call = {
+        let (cs, gateway) = (cs.clone(), gateway.clone());
+        let (machine, path) = (machine.to_string(), path.clone());
+        async move {
+            let gateway = gateway.with_context(|| {
+                format!("no master target joined to this configuration server holds {machine}")
+            })?;
+            let answer = cs
+                .forward(
+                    &gateway,
+                    ApiRequest {
+                        method: method.into(),
+                        path,
+                        caller: String::new(),
+                    },
+                )
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if !(200..300).contains(&answer.status) {
+                let error = serde_json::from_str::<serde_json::Value>(&answer.body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(answer.body);
+                bail!("HTTP {}: {error}", answer.status);
+            }
+            Ok(crate::deployment::summary(&answer.body))
+        }
+    };
+    let (job, ok) = step(cs, job, name, last && !failover, continue_on_error, call).await?;
+    let Some(gateway) = gateway.filter(|_| {
+        failover
+            && job
+                .steps
+                .last()
+                .is_some_and(|s| s.state == JobState::Succeeded)
+    }) else {
+        return Ok((job, ok));
+    };
+    let ends = Ends {
+        at_last: last,
+        on_failure: !continue_on_error,
+    };
+    let (job, all) = crate::machines::steps(cs, job, &gateway, machine, planned, ends).await?;
+    Ok((job, all || continue_on_error))
+}
+
+/// Runs a script step's command; its output, or why it failed.
+async fn script(run: &str, timeout: Duration, plan: &str, action: Action) -> Result<String> {
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .args(["-c", run])
+        .env("HAVEN_PLAN", plan)
+        .env("HAVEN_ACTION", action.name())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(timeout, command.output())
+        .await
+        .map_err(|_| anyhow!("did not finish within {timeout:?}; it was stopped"))?
+        .with_context(|| format!("cannot run `sh -c {run}`"))?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    let text = text.trim();
+    let tail = match text.char_indices().rev().nth(SCRIPT_OUTPUT) {
+        Some((at, _)) => format!("…{}", &text[at..]),
+        None => text.to_string(),
+    };
+    match out.status.code() {
+        Some(0) => Ok(tail),
+        Some(code) => bail!("exited with status {code}: {tail}"),
+        None => bail!("was killed by a signal: {tail}"),
+    }
+}
+
+macro_rules! plan_route {
+    ($fn:ident, $path:literal, $action:expr, $what:literal) => {
+        #[doc = $what]
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "deployment",
+            params(("name" = String, Path, description = "The plan's name in the pipeline")),
+            responses(
+                (status = OK, description = "The plan's job, started", body = Job),
+                (status = NOT_FOUND, description = "No such plan, or this gateway is no configuration server", body = ErrorBody),
+                (status = CONFLICT, description = "The plan is running", body = ErrorBody),
+            )
+        )]
+        pub(crate) async fn $fn(
+            Deployment(cs): Deployment,
+            Path(name): Path<String>,
+            caller: Option<axum::Extension<crate::auth::Caller>>,
+        ) -> Result<Pretty<Job>, ApiError> {
+            let caller = caller.map_or_else(String::new, |c| format!("{} ({})", c.name, c.id));
+            start(cs, name, $action, String::new(), caller).await
+        }
+    };
+}
+
+plan_route!(
+    test_failover_plan,
+    "/v1/plans/{name}/test-failover",
+    Action::TestFailover,
+    "Starts a test failover of every machine of the plan, step by step."
+);
+plan_route!(
+    cleanup_plan,
+    "/v1/plans/{name}/cleanup",
+    Action::Cleanup,
+    "Ends the test failover of every machine of the plan."
+);
+plan_route!(
+    commit_plan,
+    "/v1/plans/{name}/commit",
+    Action::Commit,
+    "Makes the failover of every machine of the plan final."
+);
+
+/// Fails the plan's machines over, step by step, with its scripts and manual steps.
+#[utoipa::path(
+    post,
+    path = "/v1/plans/{name}/failover",
+    tag = "deployment",
+    params(("name" = String, Path, description = "The plan's name in the pipeline"), PlanFailoverParams),
+    responses(
+        (status = OK, description = "The plan's job, started", body = Job),
+        (status = BAD_REQUEST, description = "A bad `planned` or `point`", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such plan, or this gateway is no configuration server", body = ErrorBody),
+        (status = CONFLICT, description = "The plan is running", body = ErrorBody),
+    )
+)]
+pub(crate) async fn failover_plan(
+    Deployment(cs): Deployment,
+    Path(name): Path<String>,
+    QueryParams(q): QueryParams<PlanFailoverParams>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+) -> Result<Pretty<Job>, ApiError> {
+    let planned = crate::flag("planned", q.planned.as_deref())?;
+    let query = match (planned, q.point.as_deref()) {
+        (true, _) => "planned=true".to_string(),
+        (false, Some(p)) => {
+            let _: haven_engine::recovery::PointSel = p
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("point `{p}`: {e}")))?;
+            format!("point={p}")
+        }
+        (false, None) => "point=latest".to_string(),
+    };
+    let caller = caller.map_or_else(String::new, |c| format!("{} ({})", c.name, c.id));
+    start(cs, name, Action::Failover, query, caller).await
+}
+
+/// Resumes a plan waiting at a manual step.
+#[utoipa::path(
+    post,
+    path = "/v1/plans/{name}/resume",
+    tag = "deployment",
+    params(("name" = String, Path, description = "The plan's name in the pipeline")),
+    responses(
+        (status = OK, description = "Resumed", body = Resumed),
+        (status = NOT_FOUND, description = "The plan does not wait at a manual step, or this gateway is no configuration server", body = ErrorBody),
+    )
+)]
+pub(crate) async fn resume_plan(
+    Deployment(cs): Deployment,
+    Path(name): Path<String>,
+) -> Result<Pretty<Resumed>, ApiError> {
+    if cs.resume(&format!("plan/{name}")) {
+        Ok(Pretty(Resumed { resumed: name }))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "plan `{name}` does not wait at a manual step; `haven job list` shows its runs"
+            ),
+        ))
+    }
+}
+
+/// A plan that went on past its manual step.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub(crate) struct Resumed {
+    /// The plan.
+    resumed: String,
+}
