@@ -56,6 +56,14 @@ kind = "script"
 run = "touch {m}/never"
 
 [[plan]]
+name = "again"
+
+[[plan.step]]
+kind = "failover"
+machines = ["web01"]
+continue_on_error = true
+
+[[plan]]
 name = "lenient"
 
 [[plan.step]]
@@ -176,6 +184,18 @@ fn a_plan_runs_its_steps_in_order_and_waits_for_its_operator() -> Result<()> {
         format!("{err:#}").contains("plan `dr` does not wait at a manual step"),
         "{err:#}"
     );
+
+    // A machine that fails (its test failover runs already) does not stop a plan that says
+    // continue_on_error, and the job ends even when that machine was its last step.
+    let out = cs.haven(&["plan", "test-failover", "again"])?;
+    assert!(
+        out.contains("FAILED test-failover web01 at mt1 — HTTP 409"),
+        "{out}"
+    );
+    assert!(out.contains("plan again: done"), "{out}");
+    let job = newest_job(&c)?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["steps"][1]["state"], "failed", "{job:#}");
 
     // Cleanup ends the test failover, without the scripts or the manual step.
     let out = cs.haven(&["plan", "cleanup", "dr"])?;

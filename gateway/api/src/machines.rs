@@ -86,7 +86,25 @@ pub(crate) async fn run(
         on_failure: true,
     };
     if let Err(e) = steps(&cs, job, &gateway, &item, planned, ends).await {
-        tracing::error!(job = id, error = %format!("{e:#}"), "recording a job step");
+        fail_job(&cs, id, &e).await;
+    }
+}
+
+/// Ends job `id` as failed with `e` when an error outside its steps left it running.
+pub(crate) async fn fail_job(cs: &Arc<ConfigServer>, id: u64, e: &anyhow::Error) {
+    tracing::error!(job = id, error = %format!("{e:#}"), "a job stopped on an error");
+    let (cs, output) = (cs.clone(), format!("{e:#}"));
+    let ended = tokio::task::spawn_blocking(move || -> Result<()> {
+        if let Some(job) = cs.job(id)?
+            && job.state == JobState::Running
+        {
+            cs.end_job_step_with(job, false, output, Some(false))?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Ok(Err(e)) | Err(e) = ended.map_err(anyhow::Error::from) {
+        tracing::error!(job = id, error = %format!("{e:#}"), "cannot record a job's failure");
     }
 }
 
@@ -116,9 +134,12 @@ async fn step<T>(
         Ok((value, output)) => (true, output, Some(value)),
         Err(e) => (false, format!("{e:#}"), None),
     };
+    // A failed step skips the machine's later steps: with no work after it, the job ends.
     let end = match ok {
-        true => last && ends.at_last,
-        false => ends.on_failure,
+        true => (last && ends.at_last).then_some(true),
+        false if ends.on_failure => Some(false),
+        // Tolerated by the plan (continue_on_error): it goes on, or ends here as done.
+        false => ends.at_last.then_some(true),
     };
     let cs = cs.clone();
     let job =
@@ -155,21 +176,43 @@ pub(crate) async fn steps(
         ));
     };
 
-    // The source machine, as its platform saw it last.
-    let source: Option<Machine> = match &m.platform {
+    // The source machine, as its platform saw it last: the one machine of that name (a
+    // platform may hold several, in other folders or datacenters; none of them is guessed).
+    let named: Vec<Machine> = match &m.platform {
         Some(platform) => {
-            let machines = cs.platform_machines(platform)?.unwrap_or_default();
-            machines.into_iter().find(|s| s.name == m.name)
+            let (cs, platform) = (cs.clone(), platform.clone());
+            tokio::task::spawn_blocking(move || cs.platform_machines(&platform))
+                .await??
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.name == m.name)
+                .collect()
         }
-        None => None,
+        None => Vec::new(),
     };
+    let ambiguous = (named.len() > 1).then(|| {
+        let ids: Vec<&str> = named.iter().map(|s| s.id.as_str()).collect();
+        anyhow!(
+            "platform {} has {} machines named `{}` ({}); give the machine a name of its own \
+             there, or limit the adapter to one datacenter (its `datacenter` setting)",
+            m.platform.as_deref().unwrap_or_default(),
+            named.len(),
+            m.name,
+            ids.join(", ")
+        )
+    });
+    let source: Option<Machine> = named.first().cloned().filter(|_| ambiguous.is_none());
     let mut job = job;
     if let (true, Some(platform)) = (power_off, &m.platform) {
         let name = format!("power off {} at {platform}", m.name);
         let run = {
             let (cs, platform) = (cs.clone(), platform.clone());
             let (vm, missing) = (source.clone(), m.name.clone());
+            let ambiguous = ambiguous.as_ref().map(|e| format!("{e:#}"));
             async move {
+                if let Some(e) = ambiguous {
+                    bail!("{e}");
+                }
                 let vm = vm.with_context(|| {
                     format!(
                         "platform {platform} has no machine named `{missing}` in its \
@@ -193,7 +236,10 @@ pub(crate) async fn steps(
         return Ok((job, true));
     };
     let power_on = m.target.get("power_on").map(String::as_str) != Some("false");
-    let spec = replica_spec(&p, &m, source.as_ref(), &image, size);
+    let spec = match ambiguous {
+        Some(e) => Err(e),
+        None => replica_spec(&p, &m, source.as_ref(), &image, size),
+    };
     let name = format!(
         "define replica {} at {target_platform}",
         m.target.get("name").unwrap_or(&m.name)

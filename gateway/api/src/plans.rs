@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::machines::Ends;
 use crate::{ApiError, Deployment, ErrorBody, Pretty, QueryParams, blocking};
 
-/// Most bytes of a script's output kept in its step.
+/// Most bytes of a script's output kept in its step (its last ones).
 const SCRIPT_OUTPUT: usize = 4096;
 /// The prefix of a manual step's name while it waits.
 pub const WAITING: &str = "wait for an operator: ";
@@ -188,7 +188,14 @@ async fn start(
     let first = {
         let cs = cs.clone();
         let steps = plan_steps.len();
-        blocking(move || cs.end_job_step(job, true, format!("{steps} step(s)"), false)).await?
+        blocking(move || cs.end_job_step(job, true, format!("{steps} step(s)"), false)).await
+    };
+    let first = match first {
+        Ok(job) => job,
+        Err(e) => {
+            cs.drop_waiter(&key);
+            return Err(e);
+        }
     };
     let _ = cs.raise(Raise {
         severity: Severity::Info,
@@ -199,7 +206,11 @@ async fn start(
     });
     let answer = first.clone();
     tokio::spawn(async move {
+        let id = first.id;
         let outcome = run(&cs, first, &p, &name, &plan_steps, action, &query, &waiter).await;
+        if let Err(e) = &outcome {
+            crate::machines::fail_job(&cs, id, e).await;
+        }
         cs.drop_waiter(&key);
         let (severity, kind, text) = match outcome {
             Ok(job) if job.state == JobState::Succeeded => (
@@ -234,13 +245,30 @@ async fn start(
     Ok(Pretty(answer))
 }
 
+/// Whether a step is the job's last: when it succeeds (a failover's call at the master target
+/// is followed by the machine's own steps), and when it fails (nothing follows then).
+#[derive(Clone, Copy)]
+struct Last {
+    if_ok: bool,
+    if_failed: bool,
+}
+
+impl Last {
+    fn both(last: bool) -> Last {
+        Last {
+            if_ok: last,
+            if_failed: last,
+        }
+    }
+}
+
 /// Begins a step, runs it, ends it (the job too when it is the last or it failed and the plan
 /// stops there).
 async fn step(
     cs: &Arc<ConfigServer>,
     job: Job,
     name: String,
-    last: bool,
+    last: Last,
     continue_on_error: bool,
     run: impl Future<Output = Result<String>>,
 ) -> Result<(Job, bool)> {
@@ -256,7 +284,12 @@ async fn step(
         ),
         Err(e) => (false, format!("{e:#}")),
     };
-    let end = if ok { last } else { !continue_on_error || last };
+    let end = match (ok, continue_on_error) {
+        (true, _) => last.if_ok.then_some(true),
+        (false, false) => Some(false),
+        // Tolerated: the plan goes on, or ends here as done.
+        (false, true) => last.if_failed.then_some(true),
+    };
     let cs = cs.clone();
     let job =
         tokio::task::spawn_blocking(move || cs.end_job_step_with(job, ok, output, end)).await??;
@@ -326,7 +359,7 @@ async fn run(
             Work::Script(s) => {
                 let run = script(&s.run, s.timeout, name, action);
                 let what = format!("script: {}", s.run);
-                step(cs, job, what, last, s.continue_on_error, run).await?
+                step(cs, job, what, Last::both(last), s.continue_on_error, run).await?
             }
             Work::Manual(message) => {
                 let _ = cs.raise(Raise {
@@ -344,7 +377,7 @@ async fn run(
                     waiter.wait().await;
                     Ok("resumed".to_string())
                 };
-                step(cs, job, what, last, false, wait).await?
+                step(cs, job, what, Last::both(last), false, wait).await?
             }
         };
         job = next;
@@ -417,7 +450,11 @@ async fn machine_step(
             Ok(crate::deployment::summary(&answer.body))
         }
     };
-    let (job, ok) = step(cs, job, name, last && !failover, continue_on_error, call).await?;
+    let ends_job = Last {
+        if_ok: last && !failover,
+        if_failed: last,
+    };
+    let (job, ok) = step(cs, job, name, ends_job, continue_on_error, call).await?;
     let Some(gateway) = gateway.filter(|_| {
         failover
             && job
@@ -435,30 +472,69 @@ async fn machine_step(
     Ok((job, all || continue_on_error))
 }
 
-/// Runs a script step's command; its output, or why it failed.
+/// Runs a script step's command in a process group of its own; its output (the last
+/// [`SCRIPT_OUTPUT`] bytes, read as it comes, never more in memory), or why it failed. At the
+/// timeout the whole group is killed: nothing the script started acts after its step.
 async fn script(run: &str, timeout: Duration, plan: &str, action: Action) -> Result<String> {
-    let mut command = tokio::process::Command::new("sh");
-    command
+    use tokio::io::AsyncReadExt;
+    let mut child = tokio::process::Command::new("sh")
         .args(["-c", run])
         .env("HAVEN_PLAN", plan)
         .env("HAVEN_ACTION", action.name())
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(timeout, command.output())
-        .await
-        .map_err(|_| anyhow!("did not finish within {timeout:?}; it was stopped"))?
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
         .with_context(|| format!("cannot run `sh -c {run}`"))?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    let text = text.trim();
-    let tail = match text.char_indices().rev().nth(SCRIPT_OUTPUT) {
-        Some((at, _)) => format!("…{}", &text[at..]),
-        None => text.to_string(),
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    let tail = Arc::new(std::sync::Mutex::new(
+        std::collections::VecDeque::<u8>::new(),
+    ));
+    let mut readers = Vec::new();
+    let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+        child.stdout.take().map(|p| Box::new(p) as _),
+        child.stderr.take().map(|p| Box::new(p) as _),
+    ];
+    for mut pipe in pipes.into_iter().flatten() {
+        let tail = tail.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                t.extend(&buf[..n]);
+                let excess = t.len().saturating_sub(SCRIPT_OUTPUT);
+                t.drain(..excess);
+            }
+        }));
+    }
+    let status = tokio::time::timeout(timeout, child.wait()).await;
+    if status.is_err()
+        && let Some(group) = group
+    {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    for r in readers {
+        // Output a killed group's survivors still hold open is not waited for.
+        let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+    }
+    let text = {
+        let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>())
+            .trim()
+            .to_string()
     };
-    match out.status.code() {
-        Some(0) => Ok(tail),
-        Some(code) => bail!("exited with status {code}: {tail}"),
-        None => bail!("was killed by a signal: {tail}"),
+    let status = match status {
+        Ok(status) => status.with_context(|| format!("waiting for `sh -c {run}`"))?,
+        Err(_) => bail!("did not finish within {timeout:?}; it was stopped: {text}"),
+    };
+    match status.code() {
+        Some(0) => Ok(text),
+        Some(code) => bail!("exited with status {code}: {text}"),
+        None => bail!("was killed by a signal: {text}"),
     }
 }
 

@@ -147,7 +147,6 @@ impl Waiter {
         use std::sync::atomic::Ordering;
         self.waiting.store(true, Ordering::Release);
         self.notify.notified().await;
-        self.waiting.store(false, Ordering::Release);
     }
 }
 
@@ -525,7 +524,18 @@ impl ConfigServer {
     /// Wakes the task waiting on `key`; false when no task waits there now.
     pub fn resume(&self, key: &str) -> bool {
         match lock(&self.waiters).get(key) {
-            Some(w) if w.waiting.load(std::sync::atomic::Ordering::Acquire) => {
+            // One resume per wait: a second one (a double click, a retry) finds it taken and
+            // leaves no permit behind for the next manual step.
+            Some(w)
+                if w.waiting
+                    .compare_exchange(
+                        true,
+                        false,
+                        std::sync::atomic::Ordering::AcqRel,
+                        std::sync::atomic::Ordering::Acquire,
+                    )
+                    .is_ok() =>
+            {
                 w.notify.notify_one();
                 true
             }
@@ -561,21 +571,20 @@ impl ConfigServer {
     /// Ends `job`'s running step (and the job, when `last` or failed); a failed job is an
     /// event (`job.failed`).
     pub fn end_job_step(&self, job: Job, ok: bool, output: String, last: bool) -> Result<Job> {
-        self.end_job_step_with(job, ok, output, last || !ok)
+        self.end_job_step_with(job, ok, output, (last || !ok).then_some(ok))
     }
 
-    /// Ends `job`'s running step; the job ends with it only when `end_job` (a failed step of a
-    /// plan that goes on regardless leaves it running).
+    /// Ends `job`'s running step (`ok` or failed); the job ends with it when `end` says how
+    /// (`Some(true)`: succeeded, also after a failed step a plan tolerates), else it keeps
+    /// running.
     pub fn end_job_step_with(
         &self,
         job: Job,
         ok: bool,
         output: String,
-        end_job: bool,
+        end: Option<bool>,
     ) -> Result<Job> {
-        let job = self
-            .jobs
-            .end_step_with(&self.state, job, ok, output, end_job)?;
+        let job = self.jobs.end_step_with(&self.state, job, ok, output, end)?;
         if job.state == JobState::Failed {
             self.events.raise(
                 &self.state,
@@ -1148,7 +1157,13 @@ impl ConfigServer {
 
     /// Checks adapter `name` and takes its inventory now; the error text when it failed.
     pub async fn refresh_platform(&self, name: &str) -> Option<String> {
-        let error = self.platforms.inventory(&self.state, name).await;
+        self.take_inventory(name, true).await
+    }
+
+    /// Takes adapter `name`'s inventory (checking it first when `check`), raising or clearing
+    /// its `platform.unreachable` condition.
+    async fn take_inventory(&self, name: &str, check: bool) -> Option<String> {
+        let error = self.platforms.inventory(&self.state, name, check).await;
         self.platform_condition(name, error.as_deref());
         error
     }
@@ -1221,7 +1236,7 @@ async fn take_inventories(cs: std::sync::Weak<ConfigServer>) {
         {
             let Some(cs) = cs.upgrade() else { return };
             for name in cs.platforms.names() {
-                cs.refresh_platform(&name).await;
+                cs.take_inventory(&name, false).await;
             }
         }
         let Some(strong) = cs.upgrade() else { return };

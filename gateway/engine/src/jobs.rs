@@ -164,18 +164,20 @@ impl Jobs {
         output: String,
         last: bool,
     ) -> Result<Job> {
-        self.end_step_with(state, job, ok, output, last || !ok)
+        let end = (last || !ok).then_some(ok);
+        self.end_step_with(state, job, ok, output, end)
     }
 
-    /// Ends the running step of `job`; the job ends with it only when `end_job` (a failed step
-    /// of a plan that goes on regardless leaves the job running).
+    /// Ends the running step of `job` (`ok` or failed); the job ends with it when `end` says
+    /// how (`Some(true)`: succeeded, also after a failed step a plan tolerates), else it keeps
+    /// running.
     pub fn end_step_with(
         &self,
         state: &StateDb,
         mut job: Job,
         ok: bool,
         output: String,
-        end_job: bool,
+        end: Option<bool>,
     ) -> Result<Job> {
         let now = now_ms();
         let outcome = if ok {
@@ -188,8 +190,11 @@ impl Jobs {
             s.ended_ms = Some(now);
             s.output = output;
         }
-        if end_job {
-            job.state = outcome;
+        if let Some(job_ok) = end {
+            job.state = match job_ok {
+                true => JobState::Succeeded,
+                false => JobState::Failed,
+            };
             job.ended_ms = Some(now);
         }
         state.put_json(&key(job.id), &job)?;

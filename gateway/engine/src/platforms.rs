@@ -1,16 +1,18 @@
 //! Platform adapters run by the configuration server: loaded from the pipeline's `[[plugin]]`
-//! entries of kind `adapter`, given their settings (secrets resolved), asked for their
-//! inventory every [`INVENTORY_INTERVAL`] and called by failover jobs (power off, define the
-//! replica machine, delete it at test-failover cleanup).
+//! entries of kind `adapter`, given their settings (secrets resolved), checked once after
+//! loading (and at each refresh), asked for their inventory every [`INVENTORY_INTERVAL`] and
+//! called by failover jobs (power off, define the replica machine, power it on).
 //!
 //! Every call runs on a blocking thread under the plugin's deadline and is retried
 //! ([`ATTEMPTS`] in all) when it failed in a way a retry can cure: a trap (the host restarts the
-//! instance), a deadline, an I/O or platform error. The contract makes every platform call safe
+//! instance), a deadline, a host error, or an I/O or platform error (an adapter's `platform`
+//! errors arrive as I/O errors). The contract makes every platform call safe
 //! to repeat. A trapping adapter fails the call with a message naming the plugin and the call;
 //! the gateway lives on. What each adapter last reported is kept in redb (`platform/<name>`),
 //! so the machine list survives a restart and a platform that is down.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +69,8 @@ struct Loaded {
     spec: PluginSpec,
     contract: &'static str,
     plugin: Arc<Mutex<AdapterPlugin>>,
+    /// Whether `check` ran since it was loaded (it logs in: once, not at every inventory).
+    checked: Arc<AtomicBool>,
 }
 
 /// The adapters of the applied pipeline.
@@ -146,30 +150,42 @@ impl Platforms {
     /// Loads the adapters `specs` names (and unloads the others). An adapter whose spec did not
     /// change keeps its instance. Returns, per adapter that failed to load, why.
     pub fn sync(&self, specs: Vec<PluginSpec>) -> BTreeMap<String, String> {
-        let mut loaded = lock(&self.loaded);
         let wanted: BTreeMap<String, PluginSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-        loaded.retain(|name, l| wanted.contains_key(name) && l.is_ok());
+        // Loading compiles a component: never under the lock the API and the inventory take.
+        let to_load: Vec<PluginSpec> = {
+            let mut loaded = lock(&self.loaded);
+            loaded.retain(|name, l| wanted.contains_key(name) && l.is_ok());
+            wanted
+                .values()
+                .filter(|spec| !matches!(loaded.get(&spec.name), Some(Ok(l)) if l.spec == **spec))
+                .cloned()
+                .collect()
+        };
         let mut failures = BTreeMap::new();
-        for (name, spec) in wanted {
-            if let Some(Ok(l)) = loaded.get(&name)
-                && l.spec == spec
-            {
-                continue;
-            }
-            let outcome = self
-                .host
-                .load_adapter(&spec)
-                .map(|plugin| Loaded {
-                    contract: plugin.contract(),
-                    plugin: Arc::new(Mutex::new(plugin)),
-                    spec,
-                })
-                .map_err(|e| e.to_string());
-            if let Err(e) = &outcome {
-                tracing::error!(adapter = %name, "{e}");
-                failures.insert(name.clone(), e.clone());
-            }
+        let outcomes: Vec<(String, Result<Loaded, String>)> = to_load
+            .into_iter()
+            .map(|spec| {
+                let name = spec.name.clone();
+                let outcome = self
+                    .host
+                    .load_adapter(&spec)
+                    .map(|plugin| Loaded {
+                        contract: plugin.contract(),
+                        plugin: Arc::new(Mutex::new(plugin)),
+                        checked: Arc::new(AtomicBool::new(false)),
+                        spec,
+                    })
+                    .map_err(|e| e.to_string());
+                if let Err(e) = &outcome {
+                    tracing::error!(adapter = %name, "{e}");
+                    failures.insert(name.clone(), e.clone());
+                }
+                (name, outcome)
+            })
+            .collect();
+        let mut loaded = lock(&self.loaded);
+        for (name, outcome) in outcomes {
             loaded.insert(name, outcome);
         }
         failures
@@ -237,20 +253,33 @@ impl Platforms {
         .map_err(|e| anyhow!("adapter call panicked: {e}"))?
     }
 
-    /// Checks adapter `name` and takes its inventory; the outcome is stored either way.
-    /// Returns the error text when it failed.
-    pub async fn inventory(&self, state: &haven_store::StateDb, name: &str) -> Option<String> {
+    /// Takes adapter `name`'s inventory, checking it first when it was just loaded or when
+    /// `check`; the outcome is stored either way. Returns the error text when it failed.
+    pub async fn inventory(
+        &self,
+        state: &haven_store::StateDb,
+        name: &str,
+        check: bool,
+    ) -> Option<String> {
         let _one = self.inventorying.lock().await;
         let key = format!("platform/{name}");
         let mut record: Record = state.get_json(&key).ok().flatten().unwrap_or_default();
-        let contract = match lock(&self.loaded).get(name) {
-            Some(Ok(l)) => l.contract,
-            _ => "",
+        let (contract, checked) = match lock(&self.loaded).get(name) {
+            Some(Ok(l)) => (l.contract, Some(l.checked.clone())),
+            _ => ("", None),
         };
         let outcome = async {
-            let about = match contract {
-                "0.1.0" => None,
-                _ => Some(self.call(name, |p| p.check()).await?),
+            let must_check = contract != "0.1.0"
+                && (check || checked.as_ref().is_some_and(|c| !c.load(Ordering::Acquire)));
+            let about = match must_check {
+                false => record.about.clone(),
+                true => {
+                    let about = self.call(name, |p| p.check()).await?;
+                    if let Some(c) = &checked {
+                        c.store(true, Ordering::Release);
+                    }
+                    Some(about)
+                }
             };
             let machines = self.call(name, |p| p.inventory()).await?;
             check_inventory(name, &machines)?;

@@ -28,6 +28,7 @@ mod adapter;
 pub mod buffers;
 pub mod cache;
 pub mod grants;
+mod stderr;
 pub mod storage;
 pub mod wit;
 mod writer;
@@ -242,8 +243,9 @@ pub struct State {
     http_grant: HttpGrant,
     storage: Option<StorageGrant>,
     settings: Arc<BTreeMap<String, String>>,
-    /// What the plugin wrote to stderr (bounded): the message of a panic, shown with its trap.
-    stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
+    /// The last of what the plugin wrote to stderr: the message of a panic, shown with its
+    /// trap.
+    stderr: stderr::Tail,
     limiter: MemoryLimiter,
     /// Files the plugin has open (bounded by `storage::MAX_OPEN_FILES`).
     open_files: usize,
@@ -668,7 +670,7 @@ impl<W: World> Runner<W> {
         };
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
-        let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_BYTES);
+        let stderr = stderr::Tail::default();
         let state = State {
             name: self.name.clone(),
             table,
@@ -739,6 +741,8 @@ impl<W: World> Runner<W> {
         live.store.set_epoch_deadline(ticks);
         live.store.data_mut().limiter.refused = false;
         live.store.data_mut().http_grant.denials.clear();
+        // A trap shows what the plugin wrote during this call only.
+        live.store.data().stderr.take();
         match f(&live.bindings, &mut live.store) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(PluginError::Failed {
@@ -754,7 +758,7 @@ impl<W: World> Runner<W> {
                     TrapKind::OutOfMemory(self.spec.grants.memory_mib << 20)
                 } else {
                     tracing::debug!(plugin = %self.name, call, "trap: {e:?}");
-                    TrapKind::Crash(crash_text(&e, &live.store.data().stderr.contents()))
+                    TrapKind::Crash(crash_text(&e, &live.store.data().stderr.take()))
                 };
                 let error = PluginError::Trapped {
                     plugin: self.name.to_string(),
@@ -852,9 +856,6 @@ fn crash_text(e: &wasmtime::Error, stderr: &[u8]) -> String {
     }
     text
 }
-
-/// Most bytes of a plugin's stderr kept per instance.
-const STDERR_BYTES: usize = 64 * 1024;
 
 /// Converts the contract's error variant into a Haven error.
 pub(crate) fn from_wit(e: WitError) -> haven_image::Error {

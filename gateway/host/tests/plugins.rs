@@ -562,6 +562,29 @@ fn an_adapter_that_traps_or_loops_is_stopped_and_restarted() {
     ));
     assert_eq!(trapping.restarts(), 2);
 
+    // The one-line trap text: the trap, the plugin's function, its panic message.
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "plugin `unruly` call `platform.inventory` trapped: wasm trap: wasm `unreachable` \
+             instruction executed (in test_unruly_adapter::misbehave): panicked at \
+             test-plugins/unruly-adapter/src/lib.rs:{}: unruly adapter: told to trap; the \
+             instance was restarted",
+            err.to_string()
+                .split("src/lib.rs:")
+                .nth(1)
+                .and_then(|rest| rest.split(": ").next())
+                .unwrap_or_default()
+        )
+    );
+
+    // A plugin that writes a lot to stderr is not stopped for it.
+    let mut chatty = host.load_adapter(&unruly("chatty", 5_000)).unwrap();
+    for _ in 0..3 {
+        assert_eq!(chatty.inventory().unwrap().len(), 1);
+    }
+    assert_eq!(chatty.restarts(), 0);
+
     let mut looping = host.load_adapter(&unruly("loop", 300)).unwrap();
     let started = Instant::now();
     let err = looping.inventory().unwrap_err();

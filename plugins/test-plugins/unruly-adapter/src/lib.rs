@@ -8,6 +8,7 @@
 //!   multiple of its sector size; other calls answer a platform error.
 //! - `fail-once`: like `ok`, but the first call of each instance fails with an I/O error (the
 //!   host's retries must hide it).
+//! - `chatty`: like `ok`, but every call first writes 100 KiB to stderr.
 //!
 //! Every mode echoes the settings it was given in `check`, so tests see what arrived.
 
@@ -44,8 +45,15 @@ fn misbehave() -> Result<(), Error> {
         "garbage" => Ok(()),
         "fail-once" if calls == 1 => Err(Error::Io("unruly adapter: first call fails".into())),
         "fail-once" => Ok(()),
+        "chatty" => {
+            let line = "x".repeat(1023);
+            for _ in 0..100 {
+                eprintln!("{line}");
+            }
+            Ok(())
+        }
         other => Err(Error::InvalidArgument(format!(
-            "setting `mode`: unknown mode `{other}` (ok, trap, loop, garbage, fail-once)"
+            "setting `mode`: unknown mode `{other}` (ok, trap, loop, garbage, fail-once, chatty)"
         ))),
     }
 }
