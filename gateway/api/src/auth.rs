@@ -66,6 +66,13 @@ pub struct Caller {
     pub role: String,
 }
 
+impl Caller {
+    /// `NAME (ID)`, as jobs and forwarded calls record who asked.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.id)
+    }
+}
+
 /// One change made through the API.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {

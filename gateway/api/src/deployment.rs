@@ -39,7 +39,7 @@ pub(crate) async fn forward_items(
     let caller = req
         .extensions()
         .get::<Caller>()
-        .map_or_else(String::new, |c| format!("{} ({})", c.name, c.id));
+        .map_or_else(String::new, Caller::label);
     let request = ApiRequest {
         method: method.to_string(),
         path: target,
@@ -173,7 +173,7 @@ pub(crate) fn summary(body: &str) -> String {
 }
 
 /// The `error` of an API error body, or the body.
-fn error_text(body: &str) -> String {
+pub(crate) fn error_text(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))

@@ -67,9 +67,12 @@ pub(crate) fn has_platform_steps(cs: &ConfigServer, name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
-    let stored = cs.pipeline()?.context("no pipeline has been applied")?;
-    Ok(serde_json::from_value(stored.pipeline)?)
+/// The applied pipeline; an empty one when none was applied.
+pub(crate) fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
+    match cs.pipeline()? {
+        Some(stored) => Ok(serde_json::from_value(stored.pipeline)?),
+        None => Ok(Pipeline::new("")),
+    }
 }
 
 /// Runs the platform steps of `job` (its master-target step done), ending the job.
@@ -117,13 +120,21 @@ pub(crate) struct Ends {
     pub on_failure: bool,
 }
 
-/// One step: begun, run, ended with its outcome. The value is `None` when it failed.
-async fn step<T>(
+/// How a step ends its job: when it succeeds and when it fails, `None` for "the job goes on",
+/// `Some(ok)` for "it ends, succeeded or failed".
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepEnd {
+    pub if_ok: Option<bool>,
+    pub if_failed: Option<bool>,
+}
+
+/// One step of a job: begun, run, ended with its outcome as `end` says. The value is `None`
+/// when it failed.
+pub(crate) async fn run_step<T>(
     cs: &Arc<ConfigServer>,
     job: Job,
     name: String,
-    last: bool,
-    ends: Ends,
+    end: StepEnd,
     run: impl Future<Output = Result<(T, String)>>,
 ) -> Result<(Job, Option<T>)> {
     let job = {
@@ -134,17 +145,32 @@ async fn step<T>(
         Ok((value, output)) => (true, output, Some(value)),
         Err(e) => (false, format!("{e:#}"), None),
     };
-    // A failed step skips the machine's later steps: with no work after it, the job ends.
-    let end = match ok {
-        true => (last && ends.at_last).then_some(true),
-        false if ends.on_failure => Some(false),
-        // Tolerated by the plan (continue_on_error): it goes on, or ends here as done.
-        false => ends.at_last.then_some(true),
-    };
+    let end = if ok { end.if_ok } else { end.if_failed };
     let cs = cs.clone();
     let job =
         tokio::task::spawn_blocking(move || cs.end_job_step_with(job, ok, output, end)).await??;
     Ok((job, value))
+}
+
+/// A platform step: the last of the machine's steps ends the job when `ends.at_last`; a failed
+/// one skips the machine's later steps, so it ends the job unless the plan tolerates it (then
+/// the job ends, as done, only when no work follows).
+async fn step<T>(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    name: String,
+    last: bool,
+    ends: Ends,
+    run: impl Future<Output = Result<(T, String)>>,
+) -> Result<(Job, Option<T>)> {
+    let end = StepEnd {
+        if_ok: (last && ends.at_last).then_some(true),
+        if_failed: match ends.on_failure {
+            true => Some(false),
+            false => ends.at_last.then_some(true),
+        },
+    };
+    run_step(cs, job, name, end, run).await
 }
 
 /// The platform steps of a failover of `item`, after its master-target step; the job and

@@ -29,7 +29,7 @@ use haven_net::join::ApiRequest;
 use haven_pipeline::model::{Pipeline, Step};
 use serde::{Deserialize, Serialize};
 
-use crate::machines::Ends;
+use crate::machines::{Ends, StepEnd, pipeline, run_step};
 use crate::{ApiError, Deployment, ErrorBody, Pretty, QueryParams, blocking};
 
 /// Most bytes of a script's output kept in its step (its last ones).
@@ -104,14 +104,6 @@ fn describe(step: &Step) -> String {
         }
         Step::Script(s) => format!("script: {}", s.run),
         Step::Manual(m) => format!("manual: {}", m.message),
-    }
-}
-
-/// The applied pipeline; an empty one when none was applied.
-fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
-    match cs.pipeline()? {
-        Some(stored) => Ok(serde_json::from_value(stored.pipeline)?),
-        None => Ok(Pipeline::new("")),
     }
 }
 
@@ -263,7 +255,7 @@ impl Last {
 }
 
 /// Begins a step, runs it, ends it (the job too when it is the last or it failed and the plan
-/// stops there).
+/// stops there). Also whether the plan goes on.
 async fn step(
     cs: &Arc<ConfigServer>,
     job: Job,
@@ -272,28 +264,25 @@ async fn step(
     continue_on_error: bool,
     run: impl Future<Output = Result<String>>,
 ) -> Result<(Job, bool)> {
-    let job = {
-        let cs = cs.clone();
-        tokio::task::spawn_blocking(move || cs.begin_job_step(job, &name)).await??
-    };
-    let (ok, output) = match run.await {
-        Ok(output) => (true, output),
-        Err(e) if continue_on_error => (
-            false,
-            format!("{e:#} (the plan goes on: continue_on_error)"),
-        ),
-        Err(e) => (false, format!("{e:#}")),
-    };
-    let end = match (ok, continue_on_error) {
-        (true, _) => last.if_ok.then_some(true),
-        (false, false) => Some(false),
+    let end = StepEnd {
+        if_ok: last.if_ok.then_some(true),
         // Tolerated: the plan goes on, or ends here as done.
-        (false, true) => last.if_failed.then_some(true),
+        if_failed: match continue_on_error {
+            false => Some(false),
+            true => last.if_failed.then_some(true),
+        },
     };
-    let cs = cs.clone();
-    let job =
-        tokio::task::spawn_blocking(move || cs.end_job_step_with(job, ok, output, end)).await??;
-    Ok((job, ok || continue_on_error))
+    let run = async {
+        match run.await {
+            Ok(output) => Ok(((), output)),
+            Err(e) if continue_on_error => {
+                Err(anyhow!("{e:#} (the plan goes on: continue_on_error)"))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let (job, done) = run_step(cs, job, name, end, run).await?;
+    Ok((job, done.is_some() || continue_on_error))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -441,11 +430,11 @@ async fn machine_step(
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             if !(200..300).contains(&answer.status) {
-                let error = serde_json::from_str::<serde_json::Value>(&answer.body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-                    .unwrap_or(answer.body);
-                bail!("HTTP {}: {error}", answer.status);
+                bail!(
+                    "HTTP {}: {}",
+                    answer.status,
+                    crate::deployment::error_text(&answer.body)
+                );
             }
             Ok(crate::deployment::summary(&answer.body))
         }
@@ -557,7 +546,7 @@ macro_rules! plan_route {
             Path(name): Path<String>,
             caller: Option<axum::Extension<crate::auth::Caller>>,
         ) -> Result<Pretty<Job>, ApiError> {
-            let caller = caller.map_or_else(String::new, |c| format!("{} ({})", c.name, c.id));
+            let caller = caller.map_or_else(String::new, |c| c.label());
             start(cs, name, $action, String::new(), caller).await
         }
     };
@@ -612,7 +601,7 @@ pub(crate) async fn failover_plan(
         }
         (false, None) => "point=latest".to_string(),
     };
-    let caller = caller.map_or_else(String::new, |c| format!("{} ({})", c.name, c.id));
+    let caller = caller.map_or_else(String::new, |c| c.label());
     start(cs, name, Action::Failover, query, caller).await
 }
 
