@@ -21,7 +21,7 @@ use haven_net::{endpoint, quinn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use crate::disk::Shared;
+use crate::disk::Machine;
 use crate::identity::Identity;
 use crate::identity::resolve;
 use crate::replicate::Target;
@@ -80,7 +80,7 @@ pub fn kept(data_dir: &Path) -> Option<Target> {
 /// Asks the configuration server until `stop`, publishing each new process server on
 /// `targets`; `ask_now` asks at once.
 pub async fn run(
-    shared: Arc<Shared>,
+    machine: Arc<Machine>,
     identity: Identity,
     targets: watch::Sender<Option<Target>>,
     ask_now: Arc<Notify>,
@@ -88,12 +88,7 @@ pub async fn run(
 ) {
     let mut conn: Option<quinn::Connection> = None;
     loop {
-        let connected = shared
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none());
+        let connected = machine.connected();
         let current = targets.borrow().as_ref().and_then(|t| t.name.clone());
         let ask = AgentAsk {
             site: identity.info.site.clone(),
@@ -110,7 +105,7 @@ pub async fn run(
                 if targets.borrow().as_ref() != Some(&target) {
                     tracing::info!(process_server = %ps.name, address = %ps.contact.address,
                         previous = ?current, "the configuration server names the process server");
-                    let path = kept_path(shared.data_dir());
+                    let path = kept_path(machine.data_dir());
                     let stored = serde_json::to_vec_pretty(&kept)
                         .map_err(anyhow::Error::from)
                         .and_then(|b| Ok(haven_fsutil::write_atomic(&path, &b, 0o644)?));

@@ -1,6 +1,14 @@
-//! The protected disk's shared state: the splitter, `disk.state`, the progress and link facts
-//! the report shows. The shipper (`replicate.rs`), the initial pass, recovery points
-//! (`points.rs`) and the reporter each hold it; none of them imports another.
+//! The protected disks' shared state: per disk ([`Shared`]) the splitter, `disk.state`, the
+//! progress and link facts the report shows; per machine ([`Machine`]) its disks, the data
+//! folder and the report of them all. The shipper (`replicate.rs`), the initial pass, recovery
+//! points (`points.rs`) and the reporter each hold them; none of them imports another.
+//!
+//! # Disks of a machine
+//!
+//! One agent protects every disk of its machine, with ids 1, 2, … in the order the command
+//! line names them. Disk 1 keeps its state in the data folder itself (`DATA/disk.state`,
+//! `DATA/log/`), disk N ≥ 2 in `DATA/disk<N>/`; the machine's files (identity, `status.json`,
+//! `boot-id`, `clean-stop`, `failed-over`, `assignment.json`, `disks.json`) stay in `DATA/`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,8 +22,18 @@ pub use haven_replication::shipper::seq_add;
 use crate::splitter::Splitter;
 use crate::state::{DiskRecord, Phase};
 
-/// The disk's id in the stream: one disk per agent process.
-pub const DISK_ID: u32 = 1;
+/// Most disks one agent protects (the stream's limit is higher; a machine with more disks
+/// runs an agent per group of them).
+pub const MAX_DISKS: usize = 64;
+
+/// The folder holding disk `id`'s state and change log (see the module documentation).
+pub fn disk_dir(data_dir: &Path, id: u32) -> PathBuf {
+    if id == 1 {
+        data_dir.to_path_buf()
+    } else {
+        data_dir.join(format!("disk{id}"))
+    }
+}
 
 /// The file in the data folder that marks the disk failed over (planned failover): it is never
 /// served again.
@@ -28,17 +46,21 @@ pub fn failed_over(data_dir: &Path) -> Option<String> {
     Some(format!("{} ({})", text.trim(), path.display()))
 }
 
-/// State shared by the shipper, the initial pass, the reporter and the main thread.
+/// State of one disk shared by its shipper, its initial pass, the reporter, points and the
+/// main thread.
 #[derive(Debug)]
 pub struct Shared {
+    /// The disk's id in the stream (1, 2, …).
+    pub disk: u32,
     /// The protected disk.
     pub splitter: Arc<Splitter>,
-    data_dir: PathBuf,
+    /// The disk's folder (its `disk.state`, log and resync ranges).
+    dir: PathBuf,
+    /// The machine's data folder.
+    machine_dir: PathBuf,
     state_path: PathBuf,
-    status_path: PathBuf,
     record: Mutex<DiskRecord>,
     pub(crate) log_max_bytes: u64,
-    machine_name: String,
     pub(crate) sync_done: AtomicU64,
     pub(crate) resync_sent: AtomicU64,
     pub(crate) resync_compared: AtomicU64,
@@ -55,22 +77,21 @@ pub struct Shared {
     /// The disk was failed over at the secondary site (the gateway said so): replication is
     /// stopped for good.
     pub(crate) failed_over: Mutex<Option<String>>,
-    /// The agent's id, from its certificate.
-    agent_id: String,
     /// When the change log reached which seq, for the report.
     marks: Mutex<haven_net::stream::WriteMarks>,
 }
 
 impl Shared {
-    /// Shared state over an opened disk and its (already stored) `disk.state`.
+    /// Shared state over opened disk `disk` (of the machine whose data folder is `data_dir`)
+    /// and its (already stored) `disk.state`.
     pub fn new(
+        disk: u32,
         splitter: Arc<Splitter>,
         data_dir: &Path,
         record: DiskRecord,
         log_max_bytes: u64,
-        machine_name: String,
-        agent_id: String,
     ) -> Shared {
+        let dir = disk_dir(data_dir, disk);
         let sync_done = match record.state {
             Phase::InitialSync | Phase::Resyncing => record.sync_offset,
             Phase::Protected => record.size,
@@ -78,13 +99,13 @@ impl Shared {
         let log_first = splitter.log_stats().first_seq;
         let acked = seq_add(log_first, record.seq_base).saturating_sub(1);
         Shared {
+            disk,
             splitter,
-            data_dir: data_dir.to_path_buf(),
-            state_path: data_dir.join("disk.state"),
-            status_path: data_dir.join("status.json"),
+            state_path: dir.join("disk.state"),
+            dir,
+            machine_dir: data_dir.to_path_buf(),
             record: Mutex::new(record),
             log_max_bytes,
-            machine_name,
             sync_done: AtomicU64::new(sync_done),
             resync_sent: AtomicU64::new(0),
             resync_compared: AtomicU64::new(0),
@@ -96,7 +117,6 @@ impl Shared {
             message: Mutex::new(None),
             link: Mutex::new(None),
             failed_over: Mutex::new(None),
-            agent_id,
             marks: Mutex::new(Default::default()),
         }
     }
@@ -140,9 +160,23 @@ impl Shared {
         self.stopping()
     }
 
-    /// The agent's data folder.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+    /// The disk's folder (see the module documentation).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The machine's data folder.
+    pub fn machine_dir(&self) -> &Path {
+        &self.machine_dir
+    }
+
+    /// Whether the disk has a live connection to its process server.
+    pub fn connected(&self) -> bool {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
     }
 
     /// The stream seq of change-log record `log_seq`.
@@ -161,8 +195,8 @@ impl Shared {
         self.sync_done.load(Ordering::Relaxed).min(size) * 100 / size
     }
 
-    /// The report of this moment.
-    pub fn report(&self) -> Report {
+    /// The disk's part of the report of this moment.
+    pub fn report(&self) -> DiskReport {
         let rec = self.record();
         let st = self.splitter.log_stats();
         let sync_done = match rec.state {
@@ -176,7 +210,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .or_else(|| failed_over(&self.data_dir));
+            .or_else(|| failed_over(&self.machine_dir));
         let (state, message) = match failed_over {
             Some(why) => (DiskState::FailedOver, Some(why)),
             None => (
@@ -188,28 +222,21 @@ impl Shared {
                     .or_else(|| self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             ),
         };
-        Report {
-            agent_id: self.agent_id.clone(),
-            machine_name: self.machine_name.clone(),
-            time_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            disks: vec![DiskReport {
-                disk: DISK_ID,
-                size: rec.size,
-                state,
-                sync_done_bytes: sync_done,
-                resync_sent_bytes: resync_sent,
-                resync_compared_bytes: self.resync_compared.load(Ordering::Relaxed),
-                log_bytes: st.bytes_used,
-                log_max_bytes: self.log_max_bytes,
-                written_bytes_total: self.splitter.client_bytes(),
-                shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
-                last_seq: seq_add(st.last_seq, rec.seq_base),
-                acked_seq: self.acked_seq.load(Ordering::Relaxed),
-                message,
-                written: self.marks.lock().unwrap_or_else(|e| e.into_inner()).marks(),
-            }],
+        DiskReport {
+            disk: self.disk,
+            size: rec.size,
+            state,
+            sync_done_bytes: sync_done,
+            resync_sent_bytes: resync_sent,
+            resync_compared_bytes: self.resync_compared.load(Ordering::Relaxed),
+            log_bytes: st.bytes_used,
+            log_max_bytes: self.log_max_bytes,
+            written_bytes_total: self.splitter.client_bytes(),
+            shipped_bytes_total: self.shipped_total.load(Ordering::Relaxed),
+            last_seq: seq_add(st.last_seq, rec.seq_base),
+            acked_seq: self.acked_seq.load(Ordering::Relaxed),
+            message,
+            written: self.marks.lock().unwrap_or_else(|e| e.into_inner()).marks(),
         }
     }
 
@@ -226,10 +253,86 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .sample(ms, last);
     }
+}
+
+/// The protected machine: its disks, in id order, and what the report names it by.
+#[derive(Debug)]
+pub struct Machine {
+    /// Disk 1, 2, ….
+    pub disks: Vec<Arc<Shared>>,
+    data_dir: PathBuf,
+    machine_name: String,
+    /// The agent's id, from its certificate.
+    agent_id: String,
+}
+
+impl Machine {
+    pub fn new(
+        disks: Vec<Arc<Shared>>,
+        data_dir: &Path,
+        machine_name: String,
+        agent_id: String,
+    ) -> Machine {
+        Machine {
+            disks,
+            data_dir: data_dir.to_path_buf(),
+            machine_name,
+            agent_id,
+        }
+    }
+
+    /// The machine's data folder.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether any disk has a live connection to the process server.
+    pub fn connected(&self) -> bool {
+        self.disks.iter().any(|d| d.connected())
+    }
+
+    /// A live connection to the process server (reports go on it).
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        self.disks.iter().find_map(|d| {
+            d.conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .filter(|c| c.close_reason().is_none())
+        })
+    }
+
+    /// Whether the agent is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.disks.iter().any(|d| d.is_stopping())
+    }
+
+    /// Asks every disk's initial pass and shipper to stop.
+    pub fn stop(&self) {
+        for d in &self.disks {
+            d.stop();
+        }
+    }
+
+    /// The report of this moment.
+    pub fn report(&self) -> Report {
+        Report {
+            agent_id: self.agent_id.clone(),
+            machine_name: self.machine_name.clone(),
+            time_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            disks: self.disks.iter().map(|d| d.report()).collect(),
+        }
+    }
 
     /// Writes `status.json` (atomically).
     pub fn write_status(&self) -> anyhow::Result<()> {
         let body = serde_json::to_vec_pretty(&self.report())?;
-        Ok(haven_fsutil::write_atomic(&self.status_path, &body, 0o644)?)
+        Ok(haven_fsutil::write_atomic(
+            &self.data_dir.join("status.json"),
+            &body,
+            0o644,
+        )?)
     }
 }

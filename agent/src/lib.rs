@@ -1,4 +1,4 @@
-//! haven-agent: the write splitter of a protected disk.
+//! haven-agent: the write splitter of a protected machine's disks.
 //!
 //! - [`nbd`]: the NBD front end a workload (QEMU, qemu-io, any NBD client) writes through.
 //! - [`splitter`]: the write path: every change lands on the backing disk and in the log.
@@ -6,10 +6,12 @@
 //! - [`replay`]: applies a log onto a raw image (operators and tests).
 //! - [`identity`]: enrollment and the stored identity.
 //! - [`state`]: `disk.state` and atomic writes.
-//! - [`disk`]: the protected disk's shared state: splitter, `disk.state`, progress, report.
-//! - [`points`]: recovery points (tags) on an interval and on request; the planned-failover stop.
+//! - [`disk`]: each protected disk's shared state (splitter, `disk.state`, progress) and the
+//!   machine's (its disks, the report).
+//! - [`points`]: recovery points (a tag on every disk at one instant) on an interval and on
+//!   request; the planned-failover stop.
 //! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
-//! - [`protect`]: `serve` and `protect`: opening a protected disk and running it.
+//! - [`protect`]: `serve` and `protect`: opening the protected disks and running them.
 
 pub mod director;
 pub mod disk;

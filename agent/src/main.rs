@@ -1,5 +1,5 @@
-//! `haven-agent`: enroll with a gateway, protect a disk (serve it over NBD through the write
-//! splitter and replicate it), show its status, and inspect or replay a change log.
+//! `haven-agent`: enroll with a gateway, protect a machine's disks (serve them over NBD through
+//! the write splitter and replicate them), show its status, and inspect or replay a change log.
 
 use std::path::{Path, PathBuf};
 
@@ -51,14 +51,16 @@ enum Command {
         #[arg(long)]
         machine_name: Option<String>,
     },
-    /// Serve a disk over NBD through the write splitter and replicate it to the gateway.
+    /// Serve the machine's disks over NBD through the write splitter and replicate them to the
+    /// gateway; a recovery point covers every disk at one instant.
     Protect {
         /// The agent's data folder (enrolled).
         #[arg(long)]
         data_dir: PathBuf,
-        /// Backing disk: a raw image file or a block device.
-        #[arg(long)]
-        disk: PathBuf,
+        /// Backing disk: a raw image file or a block device; once per disk of the machine
+        /// (disk 1, 2, … in this order, the same at every start).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<PathBuf>,
         /// The gateway, HOST:PORT (default: the one enrolled with).
         #[arg(long)]
         server: Option<String>,
@@ -173,7 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Protect {
             data_dir,
-            disk,
+            disks,
             server,
             nbd,
             log_max_bytes,
@@ -182,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             points,
         } => protect::protect(ProtectConfig {
             data_dir,
-            disk,
+            disks,
             server,
             nbd,
             limits: Limits {

@@ -1,11 +1,13 @@
 //! Recovery points on the source: tags in the change log, on a policy interval and on request,
 //! and the planned-failover stop.
 //!
-//! A point is a tag record appended to the change log under the splitter's lock
-//! ([`Splitter::tag`](crate::splitter::Splitter::tag)), so it sits after every write
-//! acknowledged before it and before every write that starts after it; it ships like any other
-//! record and the master target indexes it. A point is only taken when it is crash-consistent
-//! at the replica:
+//! A point is a tag record appended to every disk's change log with all the disks' splitter
+//! locks held at once ([`Splitter::tag_all`](crate::splitter::Splitter::tag_all)), so on every
+//! disk it sits after every write acknowledged (on any disk) before it and before every write
+//! that starts after it: the machine's disks at the point are one instant of the machine. It
+//! ships like any other record and the master target indexes it; a point of the machine is one
+//! whose tag every disk carries. A point is only taken when it is crash-consistent at the
+//! replica, on every disk:
 //!
 //! - the disk is `protected` (during the initial sync or a resync the replica is still being
 //!   filled by copy records, which carry the disk's content at the time they ship, so the
@@ -14,8 +16,8 @@
 //!   may still be in flight);
 //! - the log did not overflow (writes since then are not in it).
 //!
-//! Ids are `max(previous + 1, now in ms)`: increasing, unique for the disk, and readable as a
-//! time.
+//! Ids are `max(previous + 1, now in ms)`: increasing, unique for the machine, and readable as
+//! a time.
 //!
 //! # Planned failover
 //!
@@ -27,16 +29,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use haven_net::control::{Command, PointTaken, Reply, Request};
 use haven_net::quinn;
 
 pub use crate::disk::failed_over;
-use crate::disk::{DISK_ID, FAILED_OVER, Shared};
+use crate::disk::{FAILED_OVER, Machine, Shared};
 use crate::log::TagInfo;
 use crate::quiesce::Hooks;
+use crate::splitter::Splitter;
 use crate::state::Phase;
 
 /// File in the data folder that says the disk was failed over (planned): the agent refuses to
@@ -171,6 +174,18 @@ pub struct Points {
     /// The policy the configuration server sent, which replaces the command line's until the
     /// agent restarts (the process server sends it again on every connection).
     assigned: Mutex<Option<PointPolicy>>,
+    /// A group point's hold in progress (see [`hold`]).
+    held: Mutex<Option<GroupHold>>,
+    /// The last hold's number.
+    holds: AtomicU64,
+}
+
+/// A group point's hold: its thread holds the machine's writes until told to tag (with the
+/// point's id) or to let go (`None`), or until its deadline.
+struct GroupHold {
+    hold: u64,
+    tell: mpsc::Sender<Option<u64>>,
+    outcome: mpsc::Receiver<Result<Vec<PointTaken>, String>>,
 }
 
 impl std::fmt::Debug for Points {
@@ -283,8 +298,22 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Why a point cannot be taken now, if it cannot.
-pub fn not_ready(shared: &Shared) -> Option<String> {
+/// Why a point cannot be taken now on some disk of `machine`, if it cannot.
+pub fn not_ready(machine: &Machine) -> Option<String> {
+    let several = machine.disks.len() > 1;
+    machine.disks.iter().find_map(|d| {
+        disk_not_ready(d).map(|why| {
+            if several {
+                format!("disk {}: {why}", d.disk)
+            } else {
+                why
+            }
+        })
+    })
+}
+
+/// Why a point cannot be taken now on this disk, if it cannot.
+fn disk_not_ready(shared: &Shared) -> Option<String> {
     let rec = shared.record();
     match rec.state {
         Phase::Protected => {}
@@ -316,18 +345,19 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
     None
 }
 
-/// Takes a point: checks it would be consistent, runs the hooks for `app`, appends the tag.
-/// With `close`, the front end is closed for good (planned failover, see the module docs).
+/// Takes a point of the machine: checks it would be consistent, runs the hooks for `app`,
+/// appends the tag to every disk's log at one instant. With `close`, the front ends are closed
+/// for good (planned failover, see the module docs). Returns the tag of each disk.
 pub fn take(
-    shared: &Shared,
+    machine: &Machine,
     points: &Points,
-    data_dir: &Path,
     app: bool,
     close: bool,
-) -> Result<PointTaken, String> {
+) -> Result<Vec<PointTaken>, String> {
+    let data_dir = machine.data_dir();
     // One point at a time: two sets of hooks must not interleave.
     let _one = points.taking.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(why) = not_ready(shared) {
+    if let Some(why) = not_ready(machine) {
         return Err(why);
     }
     if close {
@@ -336,7 +366,7 @@ pub fn take(
     }
     let tag = || {
         // Checked again: the hooks may have taken a while, and a resync may have started.
-        if let Some(why) = not_ready(shared) {
+        if let Some(why) = not_ready(machine) {
             anyhow::bail!("{why}");
         }
         let time_ms = now_ms();
@@ -345,11 +375,10 @@ pub fn take(
             time_ms,
             app,
         };
-        let seq = shared
-            .splitter
-            .tag(info, close)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok((seq, info))
+        let splitters: Vec<&Splitter> = machine.disks.iter().map(|d| &*d.splitter).collect();
+        let seqs =
+            Splitter::tag_all(&splitters, info, close).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((seqs, info))
     };
     let tagged = if app {
         match points
@@ -368,7 +397,7 @@ pub fn take(
     } else {
         tag().map_err(|e| format!("{e:#}"))
     };
-    let (seq, info) = match tagged {
+    let (seqs, info) = match tagged {
         Ok(t) => t,
         Err(e) => {
             if close {
@@ -391,14 +420,19 @@ pub fn take(
             "planned failover: the front end is closed and no write is accepted any more"
         );
     }
-    tracing::info!(point = info.point, seq, app, "recovery point taken");
-    Ok(PointTaken {
-        point: info.point,
-        disk: DISK_ID,
-        seq: shared.wire_seq(seq),
-        source_time_ms: info.time_ms,
-        app,
-    })
+    tracing::info!(point = info.point, seqs = ?seqs, app, "recovery point taken");
+    Ok(machine
+        .disks
+        .iter()
+        .zip(seqs)
+        .map(|(d, seq)| PointTaken {
+            point: info.point,
+            disk: d.disk,
+            seq: d.wire_seq(seq),
+            source_time_ms: info.time_ms,
+            app,
+        })
+        .collect())
 }
 
 fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
@@ -411,14 +445,158 @@ fn mark_failed_over(data_dir: &Path) -> anyhow::Result<()> {
     )?)
 }
 
+/// Longest a group point holds the machine's writes, whatever the coordinator asks.
+pub const MAX_HOLD: Duration = Duration::from_secs(5);
+
+/// First half of a group point ([`Command::Hold`]): holds every write of the machine (all its
+/// splitters' locks, and no point of its own meanwhile) on a thread of its own, until
+/// [`release`] or until `hold_ms` (at most [`MAX_HOLD`]) have passed — then the writes go on
+/// and no point is taken, so a coordinator that is gone never stalls the machine longer than
+/// that. Returns the hold's number and the newest point id used, once the writes are held.
+pub fn hold(
+    machine: Arc<Machine>,
+    points: Arc<Points>,
+    hold_ms: u64,
+) -> Result<(u64, u64), String> {
+    let limit = Duration::from_millis(hold_ms).min(MAX_HOLD);
+    let deadline = Instant::now() + limit;
+    let (tell, told) = mpsc::channel::<Option<u64>>();
+    let (done, outcome) = mpsc::channel();
+    let number = points.holds.fetch_add(1, Ordering::AcqRel) + 1;
+    {
+        let mut slot = points.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = slot.as_ref() {
+            return Err(format!(
+                "group point hold {} is in progress on this machine: one at a time",
+                h.hold
+            ));
+        }
+        *slot = Some(GroupHold {
+            hold: number,
+            tell,
+            outcome,
+        });
+    }
+    let (held_tx, held_rx) = mpsc::channel::<Result<u64, String>>();
+    let pts = Arc::clone(&points);
+    let spawned = std::thread::Builder::new()
+        .name(format!("hold-{number}"))
+        .spawn(move || {
+            let points = pts;
+            let result = (|| {
+                let _one = points.taking.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(why) = not_ready(&machine) {
+                    let _ = held_tx.send(Err(why));
+                    return Err("not ready".to_string());
+                }
+                let splitters: Vec<&Splitter> =
+                    machine.disks.iter().map(|d| &*d.splitter).collect();
+                let held = match Splitter::hold_all(&splitters, false) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = held_tx.send(Err(e.to_string()));
+                        return Err(e.to_string());
+                    }
+                };
+                let last = points.last_point.load(Ordering::Acquire);
+                let _ = held_tx.send(Ok(last));
+                match told.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(Some(id)) if id > last => {
+                        let time_ms = now_ms();
+                        let info = TagInfo {
+                            point: id,
+                            time_ms,
+                            app: false,
+                        };
+                        let seqs = held.tag(info, false).map_err(|e| e.to_string())?;
+                        points.last_point.fetch_max(id, Ordering::AcqRel);
+                        tracing::info!(point = id, seqs = ?seqs, "group recovery point taken");
+                        Ok(machine
+                            .disks
+                            .iter()
+                            .zip(seqs)
+                            .map(|(d, seq)| PointTaken {
+                                point: id,
+                                disk: d.disk,
+                                seq: d.wire_seq(seq),
+                                source_time_ms: time_ms,
+                                app: false,
+                            })
+                            .collect())
+                    }
+                    Ok(Some(id)) => Err(format!(
+                        "group point {id} is not above this machine's last point {last}: no point"
+                    )),
+                    Ok(None) => Err("released without a point".to_string()),
+                    Err(_) => {
+                        tracing::warn!(
+                            hold_ms = limit.as_millis() as u64,
+                            "a group point's hold reached its deadline: the writes go on, no point"
+                        );
+                        Err(format!(
+                            "the hold ended at its deadline ({} ms) before the coordinator said \
+                             to tag: no point",
+                            limit.as_millis()
+                        ))
+                    }
+                }
+            })();
+            let _ = done.send(result);
+            let mut slot = points.held.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.as_ref().is_some_and(|h| h.hold == number) {
+                *slot = None;
+            }
+        });
+    if let Err(e) = spawned {
+        *points.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        return Err(format!("cannot start the hold: {e}"));
+    }
+    match held_rx.recv_timeout(limit) {
+        Ok(Ok(last)) => Ok((number, last)),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!(
+            "the machine's writes could not be held within {} ms",
+            limit.as_millis()
+        )),
+    }
+}
+
+/// Second half of a group point ([`Command::Release`]): tags every disk with `point` (when
+/// given) and lets the writes go. Refused when hold `number` is not in progress any more (it
+/// reached its deadline).
+pub fn release(
+    points: &Points,
+    number: u64,
+    point: Option<u64>,
+) -> Result<Vec<PointTaken>, String> {
+    let hold = {
+        let mut slot = points.held.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(h) if h.hold == number => slot.take(),
+            _ => None,
+        }
+    };
+    let Some(hold) = hold else {
+        return Err(format!(
+            "no group point hold {number} in progress: it ended at its deadline, or was \
+             released"
+        ));
+    };
+    // The thread may have reached its deadline meanwhile: its outcome says so.
+    let _ = hold.tell.send(point);
+    hold.outcome
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "the hold's thread did not answer".to_string())?
+}
+
 /// Takes points on the policy's intervals until the agent stops. A point that is not ready
 /// (initial sync, resync) is skipped quietly; other failures are logged.
-pub fn run_interval(shared: Arc<Shared>, points: Arc<Points>, data_dir: PathBuf, own: PointPolicy) {
+pub fn run_interval(machine: Arc<Machine>, points: Arc<Points>, own: PointPolicy) {
     let mut policy = own.clone();
     let mut next = Instant::now() + policy.interval;
     let mut next_app = policy.app_interval.map(|d| Instant::now() + d);
     let mut was_ready = true;
-    while !shared.is_stopping() {
+    while !machine.is_stopping() {
         let now = Instant::now();
         // A policy from the configuration server takes effect at once: the next point is due
         // no later than one new interval from now.
@@ -441,7 +619,7 @@ pub fn run_interval(shared: Arc<Shared>, points: Arc<Points>, data_dir: PathBuf,
         if app {
             next_app = policy.app_interval.map(|d| now + d);
         }
-        if let Some(why) = not_ready(&shared) {
+        if let Some(why) = not_ready(&machine) {
             if was_ready {
                 tracing::info!(reason = %why, "recovery points paused");
             }
@@ -449,7 +627,7 @@ pub fn run_interval(shared: Arc<Shared>, points: Arc<Points>, data_dir: PathBuf,
             continue;
         }
         was_ready = true;
-        if let Err(e) = take(&shared, &points, &data_dir, app, false) {
+        if let Err(e) = take(&machine, &points, app, false) {
             tracing::warn!(error = %e, app, "taking a recovery point failed");
         }
     }
@@ -458,23 +636,24 @@ pub fn run_interval(shared: Arc<Shared>, points: Arc<Points>, data_dir: PathBuf,
 /// The shipper's `on_connection` hook: each new connection to the process server gets a task
 /// answering the master target's requests on it ([`serve_control`]).
 pub fn control_hook(
-    shared: &Arc<Shared>,
+    machine: &Arc<Machine>,
     points: &Arc<Points>,
 ) -> Arc<dyn Fn(quinn::Connection) + Send + Sync> {
-    let (shared, points) = (Arc::clone(shared), Arc::clone(points));
+    let (machine, points) = (Arc::clone(machine), Arc::clone(points));
     Arc::new(move |conn| {
         tokio::spawn(serve_control(
-            Arc::clone(&shared),
+            Arc::clone(&machine),
             Arc::clone(&points),
             conn,
         ));
     })
 }
 
-/// Answers the master target's requests on `conn` until it closes.
-pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn::Connection) {
+/// Answers the master target's requests on `conn` (one disk's connection; each request is for
+/// the whole machine) until it closes.
+pub async fn serve_control(machine: Arc<Machine>, points: Arc<Points>, conn: quinn::Connection) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let shared = Arc::clone(&shared);
+        let machine = Arc::clone(&machine);
         let points = Arc::clone(&points);
         tokio::spawn(async move {
             let reply = match haven_net::control::read_message::<Request>(&mut recv).await {
@@ -495,13 +674,37 @@ pub async fn serve_control(shared: Arc<Shared>, points: Arc<Points>, conn: quinn
                         Command::ClearPolicy => {
                             return answer(&mut send, &Reply::Done(points.clear_assigned())).await;
                         }
+                        Command::Hold { hold_ms } => {
+                            let reply = match tokio::task::spawn_blocking(move || {
+                                hold(machine, points, hold_ms)
+                            })
+                            .await
+                            {
+                                Ok(Ok((hold, last_point))) => Reply::Held { hold, last_point },
+                                Ok(Err(why)) => Reply::Failed(why),
+                                Err(_) => Reply::Failed("the agent's hold task failed".into()),
+                            };
+                            return answer(&mut send, &reply).await;
+                        }
+                        Command::Release { hold, point } => {
+                            let reply = match tokio::task::spawn_blocking(move || {
+                                release(&points, hold, point)
+                            })
+                            .await
+                            {
+                                Ok(Ok(taken)) if point.is_some() => Reply::Taken(taken),
+                                Ok(Ok(_)) => Reply::Done("released".into()),
+                                Ok(Err(why)) if point.is_none() => Reply::Done(why),
+                                Ok(Err(why)) => Reply::Failed(why),
+                                Err(_) => Reply::Failed("the agent's release task failed".into()),
+                            };
+                            return answer(&mut send, &reply).await;
+                        }
                     };
-                    let sh = Arc::clone(&shared);
-                    let dir = shared.data_dir().to_path_buf();
-                    match tokio::task::spawn_blocking(move || take(&sh, &points, &dir, app, close))
+                    match tokio::task::spawn_blocking(move || take(&machine, &points, app, close))
                         .await
                     {
-                        Ok(Ok(p)) => Reply::Taken(vec![p]),
+                        Ok(Ok(p)) => Reply::Taken(p),
                         Ok(Err(why)) => Reply::Failed(why),
                         Err(_) => Reply::Failed("the agent's point task failed".into()),
                     }

@@ -1,14 +1,16 @@
-//! `haven-agent serve` and `haven-agent protect`: opening a protected disk, serving it over NBD,
-//! and (for `protect`) replicating it.
+//! `haven-agent serve` and `haven-agent protect`: opening protected disks, serving them over
+//! NBD, and (for `protect`) replicating them.
 //!
 //! # Data folder of `protect`
 //!
 //! ```text
 //! DATA/identity/{cert.pem, key.pem, ca.pem, agent.json}   enrollment (see identity.rs)
-//! DATA/disk.state                                        replication state (see state.rs)
-//! DATA/log/                                              the change log (`log/overflowed`:
+//! DATA/disks.json                                        the disks' paths, in id order
+//! DATA/disk.state                                        disk 1's replication state (state.rs)
+//! DATA/log/                                              disk 1's change log (`log/overflowed`:
 //!                                                        it overflowed, see splitter.rs)
 //! DATA/log.damaged-<unix time>/                          a damaged log, moved aside (resync)
+//! DATA/disk<N>/{disk.state, log/, …}                     the same for disk N ≥ 2
 //! DATA/status.json                                       the last report, every second
 //! ```
 
@@ -20,92 +22,153 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use tracing::Instrument;
 
 use crate::identity::{Identity, host_part};
 use crate::log::{ChangeLog, Durability, Limits, LogError};
 use crate::nbd::{self, Server};
-use crate::replicate::{self, Shared, ShipConfig, Target};
+use crate::replicate::{self, Machine, Shared, ShipConfig, Target};
 use crate::splitter::{OnFull, Splitter};
 use crate::state::{DiskRecord, Phase};
 
-/// Where NBD clients reach the disk (the command-line options of `serve` and `protect`).
+/// Where NBD clients reach the disks (the command-line options of `serve` and `protect`). Each
+/// disk is its own export on its own listener: `--listen` and `--socket` are given once per
+/// `--disk`, in the same order.
 #[derive(Clone, Debug, clap::Args)]
 pub struct NbdConfig {
-    /// TCP address to listen on (default 127.0.0.1:10809 when --socket is not given).
+    /// TCP address to listen on; once per --disk, in their order (default 127.0.0.1:10809
+    /// for a single disk when --socket is not given).
     #[arg(long)]
-    pub listen: Option<String>,
-    /// Unix socket to listen on.
+    pub listen: Vec<String>,
+    /// Unix socket to listen on; once per --disk, in their order.
     #[arg(long)]
-    pub socket: Option<PathBuf>,
-    /// Export name (clients asking for the empty name get it too).
-    #[arg(long, default_value = "disk")]
-    pub export: String,
+    pub socket: Vec<PathBuf>,
+    /// Export name (clients asking for the empty name get it too): one for every disk, or
+    /// once per --disk.
+    #[arg(long)]
+    pub export: Vec<String>,
     /// Serve NBD over TLS only (`NBD_OPT_STARTTLS`), with the certificates in this folder:
     /// `server-cert.pem`, `server-key.pem`, and `ca-cert.pem` (the site CA, which clients'
     /// certificates must come from) — what `haven-gateway nbd-cert --server NAME` writes.
     /// Required to listen on an address other than loopback.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
-    /// A file created once the disk is served (the listeners accept connections), holding
-    /// the addresses served, one per line; removed when the agent stops. A script started the
-    /// agent in the background waits for it before using the disk.
+    /// A file created once the disks are served (the listeners accept connections), holding
+    /// the addresses served, one per line, disk by disk; removed when the agent stops. A
+    /// script started the agent in the background waits for it before using the disks.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+}
+
+/// Where one disk is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskNbd {
+    pub listen: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub export: String,
+}
+
+impl NbdConfig {
+    /// Where each of `disks` disks is served, checked against the counts given.
+    pub fn per_disk(&self, disks: usize) -> anyhow::Result<Vec<DiskNbd>> {
+        for (option, given) in [
+            ("--listen", self.listen.len()),
+            ("--socket", self.socket.len()),
+        ] {
+            if given != 0 && given != disks {
+                anyhow::bail!(
+                    "{given} {option} for {disks} --disk: give {option} once per disk, in the \
+                     same order (each disk is served on its own)"
+                );
+            }
+        }
+        if disks > 1 && self.listen.is_empty() && self.socket.is_empty() {
+            anyhow::bail!(
+                "{disks} disks need a place each: give --listen ADDR or --socket PATH once per \
+                 --disk, in the same order"
+            );
+        }
+        if !matches!(self.export.len(), 0 | 1) && self.export.len() != disks {
+            anyhow::bail!(
+                "{} --export for {disks} --disk: give one export name for all, or one per disk",
+                self.export.len()
+            );
+        }
+        Ok((0..disks)
+            .map(|i| DiskNbd {
+                listen: match (self.listen.get(i), self.socket.is_empty()) {
+                    (Some(l), _) => Some(l.clone()),
+                    (None, true) => Some("127.0.0.1:10809".to_string()),
+                    (None, false) => None,
+                },
+                socket: self.socket.get(i).cloned(),
+                export: self
+                    .export
+                    .get(i)
+                    .or(self.export.first())
+                    .cloned()
+                    .unwrap_or_else(|| "disk".to_string()),
+            })
+            .collect())
+    }
 }
 
 /// The NBD listeners' threads; a thread's result says why it stopped.
 type Listeners = Vec<thread::JoinHandle<std::io::Result<()>>>;
 
-/// Starts the NBD listeners on their threads; returns the server (to close it) and them.
+/// Serves each splitter at its place (`places`, in the same order) on listener threads; writes
+/// the ready file once all listen. Returns the servers (to close them) and the threads.
 pub fn serve_nbd(
-    splitter: &Arc<Splitter>,
+    splitters: &[Arc<Splitter>],
+    places: &[DiskNbd],
     cfg: &NbdConfig,
-) -> anyhow::Result<(Arc<Server>, Listeners)> {
-    let backend: Arc<Splitter> = Arc::clone(splitter);
-    let mut server = Server::new(backend, cfg.export.clone());
-    if let Some(dir) = &cfg.tls_dir {
-        server = server.with_tls(nbd_tls(dir)?);
-    }
-    let server = Arc::new(server);
-    let listen = match (&cfg.listen, &cfg.socket) {
-        (None, None) => Some("127.0.0.1:10809".to_string()),
-        (l, _) => l.clone(),
-    };
-    let scheme = if cfg.tls_dir.is_some() { "nbds" } else { "nbd" };
-    let mut threads = Vec::new();
+) -> anyhow::Result<(Vec<Arc<Server>>, Listeners)> {
+    let tls = cfg.tls_dir.as_deref().map(nbd_tls).transpose()?;
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    let (mut servers, mut threads) = (Vec::new(), Vec::new());
     let mut served = String::new();
-    if let Some(addr) = listen {
-        let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-        let local = listener.local_addr()?;
-        if !local.ip().is_loopback() && cfg.tls_dir.is_none() {
-            anyhow::bail!(
-                "refusing to serve plain NBD on {addr}: without TLS the disk is served on \
-                 loopback or a Unix socket only; give --tls-dir DIR with certificates from the \
-                 site CA (`haven-gateway nbd-cert --server NAME --out DIR`)"
-            );
+    for (splitter, place) in splitters.iter().zip(places) {
+        let backend: Arc<Splitter> = Arc::clone(splitter);
+        let mut server = Server::new(backend, place.export.clone());
+        if let Some(tls) = &tls {
+            server = server.with_tls(tls.clone());
         }
-        tracing::info!(addr = %local, export = %cfg.export, tls = cfg.tls_dir.is_some(), "listening on TCP");
-        served.push_str(&format!("{scheme}://{local}/{}\n", cfg.export));
-        let server = Arc::clone(&server);
-        threads.push(thread::spawn(move || server.serve_tcp(listener)));
-    }
-    if let Some(path) = &cfg.socket {
-        let listener = nbd::bind_unix(path)
-            .with_context(|| format!("listening on Unix socket {}", path.display()))?;
-        tracing::info!(socket = %path.display(), export = %cfg.export, "listening on Unix socket");
-        served.push_str(&format!(
-            "{scheme}+unix:///{}?socket={}\n",
-            cfg.export,
-            path.display()
-        ));
-        let server = Arc::clone(&server);
-        threads.push(thread::spawn(move || server.serve_unix(listener)));
+        let server = Arc::new(server);
+        if let Some(addr) = &place.listen {
+            let listener =
+                TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+            let local = listener.local_addr()?;
+            if !local.ip().is_loopback() && tls.is_none() {
+                anyhow::bail!(
+                    "refusing to serve plain NBD on {addr}: without TLS the disk is served on \
+                     loopback or a Unix socket only; give --tls-dir DIR with certificates from \
+                     the site CA (`haven-gateway nbd-cert --server NAME --out DIR`)"
+                );
+            }
+            tracing::info!(addr = %local, export = %place.export, tls = tls.is_some(), "listening on TCP");
+            served.push_str(&format!("{scheme}://{local}/{}\n", place.export));
+            let server = Arc::clone(&server);
+            threads.push(thread::spawn(move || server.serve_tcp(listener)));
+        }
+        if let Some(path) = &place.socket {
+            let listener = nbd::bind_unix(path)
+                .with_context(|| format!("listening on Unix socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), export = %place.export, "listening on Unix socket");
+            served.push_str(&format!(
+                "{scheme}+unix:///{}?socket={}\n",
+                place.export,
+                path.display()
+            ));
+            let server = Arc::clone(&server);
+            threads.push(thread::spawn(move || server.serve_unix(listener)));
+        }
+        servers.push(server);
     }
     if let Some(ready) = &cfg.ready_file {
         haven_fsutil::write_atomic(ready, served.as_bytes(), 0o644)
             .with_context(|| format!("writing the ready file {}", ready.display()))?;
     }
-    Ok((server, threads))
+    Ok((servers, threads))
 }
 
 /// The TLS of an export from the certificates in `dir` (see [`NbdConfig::tls_dir`]).
@@ -139,9 +202,10 @@ pub fn not_ready(cfg: &NbdConfig) {
 
 /// `haven-agent serve`: the write splitter without replication.
 pub fn serve(disk: &Path, log_dir: &Path, limits: Limits, nbd: &NbdConfig) -> anyhow::Result<()> {
+    let places = nbd.per_disk(1)?;
     let log = ChangeLog::open(log_dir, limits)?;
     let splitter = Arc::new(Splitter::open(disk, log, OnFull::Refuse)?);
-    let (_server, threads) = serve_nbd(&splitter, nbd)?;
+    let (_servers, threads) = serve_nbd(&[Arc::clone(&splitter)], &places, nbd)?;
     tracing::info!(
         disk = %disk.display(),
         size = splitter.size(),
@@ -162,8 +226,8 @@ pub fn serve(disk: &Path, log_dir: &Path, limits: Limits, nbd: &NbdConfig) -> an
 pub struct ProtectConfig {
     /// The data folder (enrolled).
     pub data_dir: PathBuf,
-    /// The backing disk.
-    pub disk: PathBuf,
+    /// The backing disks, disk 1, 2, … in this order.
+    pub disks: Vec<PathBuf>,
     /// The process server, overriding `agent.json`.
     pub server: Option<String>,
     /// NBD front end.
@@ -275,24 +339,31 @@ fn mark_clean_stop(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens `disk.state` and the log, deciding whether the disk must be resynced.
-fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, ChangeLog)> {
-    let state_path = cfg.data_dir.join("disk.state");
-    let log_dir = cfg.data_dir.join("log");
-    let size = disk_size(&cfg.disk)?;
+/// Opens disk `id`'s `disk.state` and log (in `dir`), deciding whether the disk must be
+/// resynced; `unclean` says why no log of the machine can be trusted, if none can.
+fn open_state_and_log(
+    dir: &Path,
+    disk: &Path,
+    limits: Limits,
+    unclean: Option<&str>,
+) -> anyhow::Result<(DiskRecord, ChangeLog)> {
+    haven_fsutil::create_dir_all(dir)?;
+    let state_path = dir.join("disk.state");
+    let log_dir = dir.join("log");
+    let size = disk_size(disk)?;
     let Some(mut rec) = DiskRecord::load(&state_path)? else {
         if log_dir.exists() {
             anyhow::bail!(
                 "{} holds a change log but no disk.state: it is not this disk's replication \
                  log (a `serve` log?); move it away to start protecting {} from scratch",
                 log_dir.display(),
-                cfg.disk.display()
+                disk.display()
             );
         }
         let rec = DiskRecord::new(size);
         rec.store(&state_path)?;
-        tracing::info!(disk = %cfg.disk.display(), size, "first protection: initial sync");
-        let log = ChangeLog::open(&log_dir, cfg.limits)?;
+        tracing::info!(disk = %disk.display(), size, "first protection: initial sync");
+        let log = ChangeLog::open(&log_dir, limits)?;
         return Ok((rec, log));
     };
     if rec.size != size {
@@ -300,7 +371,7 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
             "backing disk {} is {size} bytes but was {} bytes when its protection started \
              ({}); a resized disk needs a new protection: stop the agent, remove {} and {}, \
              and start again (a full initial sync)",
-            cfg.disk.display(),
+            disk.display(),
             rec.size,
             state_path.display(),
             state_path.display(),
@@ -308,18 +379,18 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
         );
     }
     let mut lost: Option<String> = None;
-    if let Some(why) = unclean_restart(&cfg.data_dir) {
+    if let Some(why) = unclean {
         // Its records describe changes the resync finds anyway; nothing of it is kept.
         if log_dir.exists() {
             std::fs::remove_dir_all(&log_dir)
                 .with_context(|| format!("removing {}", log_dir.display()))?;
-            haven_fsutil::sync_dir(&cfg.data_dir)?;
+            haven_fsutil::sync_dir(dir)?;
         }
-        lost = Some(why);
+        lost = Some(why.to_string());
     } else if !log_dir.exists() {
         lost = Some(format!("the change log {} is missing", log_dir.display()));
     }
-    let log = match ChangeLog::open(&log_dir, cfg.limits) {
+    let log = match ChangeLog::open(&log_dir, limits) {
         Ok(log) if lost.is_none() && log.stats().last_seq < rec.log_seq => {
             let why = format!(
                 "the change log {} ends at record {} but records up to {} were durable",
@@ -328,15 +399,15 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
                 rec.log_seq
             );
             drop(log);
-            move_aside(&cfg.data_dir, &log_dir)?;
+            move_aside(dir, &log_dir)?;
             lost = Some(why);
-            ChangeLog::open(&log_dir, cfg.limits)?
+            ChangeLog::open(&log_dir, limits)?
         }
         Ok(log) => log,
         Err(e @ LogError::Damaged { .. }) => {
             lost = Some(e.to_string());
-            move_aside(&cfg.data_dir, &log_dir)?;
-            ChangeLog::open(&log_dir, cfg.limits)?
+            move_aside(dir, &log_dir)?;
+            ChangeLog::open(&log_dir, limits)?
         }
         Err(e) => return Err(e.into()),
     };
@@ -344,7 +415,7 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
         tracing::warn!(
             "{why}: the disk will be resynced by comparing block hashes with the replica"
         );
-        crate::trail::remove_ranges(&cfg.data_dir)?;
+        crate::trail::remove_ranges(dir)?;
         rec.state = Phase::Resyncing;
         rec.sync_offset = 0;
         rec.remap = true;
@@ -354,41 +425,120 @@ fn open_state_and_log(cfg: &ProtectConfig) -> anyhow::Result<(DiskRecord, Change
     Ok((rec, log))
 }
 
-/// `haven-agent protect`: serve the disk over NBD and replicate it, until SIGTERM/SIGINT.
+/// The list of the machine's disks, kept so that a restart with other disks is refused.
+const DISKS_FILE: &str = "disks.json";
+
+/// Checks `disks` against the disks the data folder protects (`DATA/disks.json`; a folder
+/// from before it protects one disk if it holds a `disk.state`), then records them.
+fn check_disks(data_dir: &Path, disks: &[PathBuf]) -> anyhow::Result<()> {
+    let path = data_dir.join(DISKS_FILE);
+    let known: Option<Vec<PathBuf>> = match std::fs::read(&path) {
+        Ok(body) => Some(
+            serde_json::from_slice(&body)
+                .with_context(|| format!("reading {} (a JSON list of paths)", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let count = match &known {
+        Some(k) => Some(k.len()),
+        None => data_dir.join("disk.state").exists().then_some(1),
+    };
+    if let Some(count) = count
+        && count != disks.len()
+    {
+        let listed = known.as_ref().map_or_else(String::new, |k| {
+            format!(
+                " ({})",
+                k.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+        anyhow::bail!(
+            "{} protects {count} disk(s){listed} but {} --disk were given: give every disk of \
+             the machine, in the same order; to protect another set of disks, enroll the \
+             agent anew with a new data folder (a full initial sync)",
+            data_dir.display(),
+            disks.len()
+        );
+    }
+    if let Some(known) = &known {
+        for (i, (was, now)) in known.iter().zip(disks).enumerate() {
+            if was != now {
+                tracing::warn!(disk = i + 1, was = %was.display(), now = %now.display(),
+                    "the disk's path changed since the last start; its size is checked, its content is not");
+            }
+        }
+    }
+    let body = serde_json::to_vec_pretty(disks)?;
+    haven_fsutil::write_atomic(&path, &body, 0o644)?;
+    Ok(())
+}
+
+/// `haven-agent protect`: serve the machine's disks over NBD and replicate them, until
+/// SIGTERM/SIGINT.
 pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
+    if cfg.disks.is_empty() {
+        anyhow::bail!("give the machine's disks: --disk PATH, once per disk");
+    }
+    if cfg.disks.len() > crate::disk::MAX_DISKS {
+        anyhow::bail!(
+            "{} --disk: one agent protects at most {} disks",
+            cfg.disks.len(),
+            crate::disk::MAX_DISKS
+        );
+    }
+    let places = cfg.nbd.per_disk(cfg.disks.len())?;
     let identity = Identity::load(&cfg.data_dir)?;
-    // After a planned failover the disk is never served again; what the log still holds is
+    check_disks(&cfg.data_dir, &cfg.disks)?;
+    // After a planned failover the disks are never served again; what the logs still hold is
     // shipped, then the agent stops.
     let failed_over = crate::points::failed_over(&cfg.data_dir);
     if let Some(why) = &failed_over {
-        tracing::warn!(
-            disk = %cfg.disk.display(),
-            "not served: {why}; shipping what the change log still holds"
-        );
+        tracing::warn!("not served: {why}; shipping what the change logs still hold");
     }
     let (policy, hooks) = cfg.points.resolve()?;
-    let (rec, mut log) = open_state_and_log(&cfg)?;
-    // The log is never synced while the agent runs (a killed agent loses nothing of it); a
-    // machine restart without a clean stop resyncs the disk instead (`unclean_restart`).
-    log.set_durability(Durability::Process);
+    // The logs are never synced while the agent runs (a killed agent loses nothing of them); a
+    // machine restart without a clean stop resyncs the disks instead (`unclean_restart`).
+    let unclean = unclean_restart(&cfg.data_dir);
+    let mut opened = Vec::new();
+    for (i, disk) in cfg.disks.iter().enumerate() {
+        let id = i as u32 + 1;
+        let dir = crate::disk::disk_dir(&cfg.data_dir, id);
+        let (rec, mut log) = open_state_and_log(&dir, disk, cfg.limits, unclean.as_deref())
+            .with_context(|| format!("disk {id} ({})", disk.display()))?;
+        log.set_durability(Durability::Process);
+        opened.push((id, disk, rec, log));
+    }
     mark_started(&cfg.data_dir)?;
-    // A full log degrades the protection (a resync), never the workload.
-    let splitter = Arc::new(Splitter::open(&cfg.disk, log, OnFull::Overflow)?);
-    let shared = Arc::new(Shared::new(
-        Arc::clone(&splitter),
+    let mut disks = Vec::new();
+    for (id, disk, rec, log) in opened {
+        // A full log degrades the protection (a resync), never the workload.
+        let splitter = Arc::new(Splitter::open(disk, log, OnFull::Overflow)?);
+        let shared = Arc::new(Shared::new(
+            id,
+            Arc::clone(&splitter),
+            &cfg.data_dir,
+            rec,
+            cfg.limits.max_bytes,
+        ));
+        // Record the log's durable seq now, so a log lost from here on is noticed.
+        shared.update(|_| {})?;
+        if failed_over.is_some() {
+            splitter.shutdown()?;
+        }
+        disks.push(shared);
+    }
+    let machine = Arc::new(Machine::new(
+        disks,
         &cfg.data_dir,
-        rec,
-        cfg.limits.max_bytes,
         identity.info.machine_name.clone(),
         identity.info.agent_id.clone(),
     ));
-    // Record the log's durable seq now, so a log lost from here on is noticed.
-    shared.update(|_| {})?;
     let points = Arc::new(crate::points::Points::default());
     points.set_hooks(hooks);
-    if failed_over.is_some() {
-        splitter.shutdown()?;
-    }
     // Where to replicate: the process server given, the one a configuration server names, or
     // the one enrolled with.
     let (target, from_config_server) = match &cfg.server {
@@ -423,7 +573,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         ask_now: from_config_server.then(|| Arc::clone(&ask_now)),
         identity: identity.clone(),
         window_bytes: cfg.window_bytes,
-        on_connection: Some(crate::points::control_hook(&shared, &points)),
+        on_connection: Some(crate::points::control_hook(&machine, &points)),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -432,14 +582,19 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shipper = rt.spawn(replicate::ship(
-        Arc::clone(&shared),
-        ship_cfg,
-        stop_rx.clone(),
-    ));
+    // One stream per disk, each on its own connection (a disk's resync or move never holds up
+    // another's records); the master target's requests are answered on any of them.
+    let shippers: Vec<_> = machine
+        .disks
+        .iter()
+        .map(|d| {
+            let ship = replicate::ship(Arc::clone(d), ship_cfg.clone(), stop_rx.clone());
+            rt.spawn(ship.instrument(tracing::info_span!("disk", id = d.disk)))
+        })
+        .collect();
     if from_config_server {
         rt.spawn(crate::director::run(
-            Arc::clone(&shared),
+            Arc::clone(&machine),
             identity,
             targets,
             ask_now,
@@ -448,32 +603,43 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     } else {
         drop(targets);
     }
-    let reporter = rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx));
+    let reporter = rt.spawn(replicate::report_loop(Arc::clone(&machine), stop_rx));
 
-    let sync_thread = (rec.state == Phase::InitialSync && failed_over.is_none()).then(|| {
-        let shared = Arc::clone(&shared);
-        let window_bytes = cfg.window_bytes;
-        thread::Builder::new()
-            .name("initial-sync".into())
-            .spawn(move || {
-                if let Err(e) = replicate::initial_sync(&shared, window_bytes) {
-                    tracing::error!(error = %format!("{e:#}"), "initial sync stopped");
-                }
-            })
-    });
-    let sync_thread = sync_thread.transpose()?;
+    let mut sync_threads = Vec::new();
+    for d in &machine.disks {
+        if d.record().state != Phase::InitialSync || failed_over.is_some() {
+            continue;
+        }
+        let (shared, window_bytes) = (Arc::clone(d), cfg.window_bytes);
+        sync_threads.push(
+            thread::Builder::new()
+                .name(format!("initial-sync-{}", d.disk))
+                .spawn(move || {
+                    if let Err(e) = replicate::initial_sync(&shared, window_bytes) {
+                        tracing::error!(disk = shared.disk, error = %format!("{e:#}"), "initial sync stopped");
+                    }
+                })?,
+        );
+    }
 
     let listeners = if failed_over.is_some() {
         Vec::new()
     } else {
-        let (nbd_server, listeners) = serve_nbd(&splitter, &cfg.nbd)?;
-        points.set_close_front_end(move || nbd_server.close());
-        let shared = Arc::clone(&shared);
-        let points = Arc::clone(&points);
-        let data_dir = cfg.data_dir.clone();
+        let splitters: Vec<Arc<Splitter>> = machine
+            .disks
+            .iter()
+            .map(|d| Arc::clone(&d.splitter))
+            .collect();
+        let (servers, listeners) = serve_nbd(&splitters, &places, &cfg.nbd)?;
+        points.set_close_front_end(move || {
+            for s in &servers {
+                s.close();
+            }
+        });
+        let (machine, points) = (Arc::clone(&machine), Arc::clone(&points));
         thread::Builder::new()
             .name("points".into())
-            .spawn(move || crate::points::run_interval(shared, points, data_dir, policy))?;
+            .spawn(move || crate::points::run_interval(machine, points, policy))?;
         listeners
     };
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -488,33 +654,37 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         });
     }
     drop(done_tx);
-    tracing::info!(
-        disk = %cfg.disk.display(),
-        size = splitter.size(),
-        state = ?rec.state,
-        server = %server,
-        "agent protecting"
-    );
+    for d in &machine.disks {
+        tracing::info!(
+            disk = d.disk,
+            path = %cfg.disks[d.disk as usize - 1].display(),
+            size = d.splitter.size(),
+            state = ?d.record().state,
+            server = %server,
+            "agent protecting"
+        );
+    }
 
     let ended = rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let drained = async {
-            // A planned failover closed the front end (or had, before a restart): every record
-            // is shipped before the agent stops, however long the path takes to come back.
-            let last = shared.wire_seq(splitter.log_stats().last_seq);
-            tracing::info!(
-                last_seq = last,
-                "planned failover: shipping the last records"
-            );
-            while shared.acked_seq() < last {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            // A planned failover closed the front ends (or had, before a restart): every
+            // record is shipped before the agent stops, however long the path takes to come
+            // back.
+            for d in &machine.disks {
+                let last = d.wire_seq(d.splitter.log_stats().last_seq);
+                tracing::info!(
+                    disk = d.disk,
+                    last_seq = last,
+                    "planned failover: shipping the last records"
+                );
+                while d.acked_seq() < last {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
-            tracing::warn!(
-                acked_seq = shared.acked_seq(),
-                "planned failover: everything is shipped; the source stays stopped"
-            );
+            tracing::warn!("planned failover: everything is shipped; the source stays stopped");
         };
         if failed_over.is_some() {
             tokio::select! {
@@ -543,20 +713,106 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
 
     // Stop: no more changes, everything durable, state recorded.
     not_ready(&cfg.nbd);
-    shared.stop();
+    machine.stop();
     let _ = stop_tx.send(true);
-    let durable = splitter.shutdown()?;
-    if let Some(t) = sync_thread {
+    let mut durable = Vec::new();
+    for d in &machine.disks {
+        durable.push(d.splitter.shutdown()?);
+    }
+    for t in sync_threads {
         let _ = t.join();
     }
     rt.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_secs(2), shipper).await;
+        for shipper in shippers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), shipper).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), reporter).await;
     });
-    shared.update(|_| {})?;
+    for d in &machine.disks {
+        d.update(|_| {})?;
+    }
     mark_clean_stop(&cfg.data_dir)?;
-    let _ = shared.write_status();
+    let _ = machine.write_status();
     rt.shutdown_timeout(Duration::from_secs(1));
-    tracing::info!(durable_seq = durable, "agent stopped");
+    tracing::info!(durable_seqs = ?durable, "agent stopped");
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nbd(listen: &[&str], socket: &[&str], export: &[&str]) -> NbdConfig {
+        NbdConfig {
+            listen: listen.iter().map(|s| s.to_string()).collect(),
+            socket: socket.iter().map(PathBuf::from).collect(),
+            export: export.iter().map(|s| s.to_string()).collect(),
+            tls_dir: None,
+            ready_file: None,
+        }
+    }
+
+    #[test]
+    fn each_disk_gets_its_own_place() {
+        let one = nbd(&[], &[], &[]).per_disk(1).expect("default");
+        assert_eq!(
+            one,
+            [DiskNbd {
+                listen: Some("127.0.0.1:10809".into()),
+                socket: None,
+                export: "disk".into(),
+            }]
+        );
+        let two = nbd(&["127.0.0.1:1", "127.0.0.1:2"], &[], &["a", "b"])
+            .per_disk(2)
+            .expect("two");
+        assert_eq!(two[1].listen.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(two[1].export, "b");
+        let sockets = nbd(&[], &["/s1", "/s2"], &["x"]).per_disk(2).expect("two");
+        assert_eq!(sockets[1].listen, None);
+        assert_eq!(sockets[1].socket.as_deref(), Some(Path::new("/s2")));
+        assert_eq!(sockets[1].export, "x");
+
+        let e = nbd(&["127.0.0.1:1"], &[], &[])
+            .per_disk(2)
+            .expect_err("one listen");
+        assert_eq!(
+            e.to_string(),
+            "1 --listen for 2 --disk: give --listen once per disk, in the same order (each disk \
+             is served on its own)"
+        );
+        let e = nbd(&[], &[], &[]).per_disk(3).expect_err("no place");
+        assert_eq!(
+            e.to_string(),
+            "3 disks need a place each: give --listen ADDR or --socket PATH once per --disk, in \
+             the same order"
+        );
+    }
+
+    #[test]
+    fn a_data_folder_keeps_its_number_of_disks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disks: Vec<PathBuf> = ["/a", "/b", "/c"].iter().map(PathBuf::from).collect();
+        check_disks(dir.path(), &disks).expect("first start");
+        check_disks(dir.path(), &disks).expect("the same disks");
+        let e = check_disks(dir.path(), &disks[..2]).expect_err("one less");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} protects 3 disk(s) (/a, /b, /c) but 2 --disk were given: give every disk of \
+                 the machine, in the same order; to protect another set of disks, enroll the \
+                 agent anew with a new data folder (a full initial sync)",
+                dir.path().display()
+            )
+        );
+        // A folder from before `disks.json` protects one disk.
+        let old = tempfile::tempdir().expect("tempdir");
+        std::fs::write(old.path().join("disk.state"), b"x").expect("write");
+        let e = check_disks(old.path(), &disks).expect_err("three for one");
+        assert!(
+            e.to_string().contains("protects 1 disk(s) but 3 --disk"),
+            "{e}"
+        );
+        check_disks(old.path(), &disks[..1]).expect("one");
+    }
 }

@@ -117,7 +117,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::disk::seq_add;
-pub use crate::disk::{DISK_ID, Shared};
+pub use crate::disk::{Machine, Shared};
 use crate::identity::{Identity, resolve};
 use crate::log::{self, Kind};
 use crate::splitter::{Captured, Overflow, SplitError, Splitter};
@@ -287,7 +287,7 @@ impl Session {
         let mut config = ShipperConfig::new(
             peer_id,
             DiskInfo {
-                id: DISK_ID,
+                id: shared.disk,
                 size: rec.size,
                 block_size: rec.block_size,
             },
@@ -306,7 +306,7 @@ impl Session {
             }),
             // A resync that must first find its mapping starts over on the whole disk.
             only: (resyncing && !rec.remap)
-                .then(|| crate::trail::load_ranges(shared.data_dir(), rec.seq_base))
+                .then(|| crate::trail::load_ranges(shared.dir(), rec.seq_base))
                 .flatten(),
             log_first: shared.splitter.log_stats().first_seq,
         };
@@ -389,7 +389,7 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
     }
     // The ranges of an earlier resync go first: a ranges file always belongs to the resync
     // `disk.state` names (a crash in between leaves none, and the whole disk is compared).
-    let ranges_path = crate::trail::ranges_path(shared.data_dir());
+    let ranges_path = crate::trail::ranges_path(shared.dir());
     // Only a protected disk's replica equals the disk up to the lost records: during the
     // initial pass it lacks more (the chunks not yet copied), so the whole disk is compared.
     let only = match &change {
@@ -417,7 +417,7 @@ fn persist(shared: &Shared, change: Change) -> anyhow::Result<()> {
         change,
         Change::Resync { .. } | Change::Protected | Change::Mapped { .. }
     ) {
-        crate::trail::remove_ranges(shared.data_dir())
+        crate::trail::remove_ranges(shared.dir())
             .with_context(|| format!("removing {}", ranges_path.display()))?;
     }
     let rec = shared.update(|r| match change {
@@ -753,10 +753,10 @@ async fn connection(
                     }
                 }
                 ShipperAction::Fill { from, base } => {
-                    let splitter = Arc::clone(&shared.splitter);
+                    let (splitter, disk) = (Arc::clone(&shared.splitter), shared.disk);
                     s.fill = Some((
                         base,
-                        tokio::task::spawn_blocking(move || fill(&splitter, from, base)),
+                        tokio::task::spawn_blocking(move || fill(&splitter, disk, from, base)),
                     ));
                 }
                 ShipperAction::Release { up_to } => {
@@ -888,7 +888,7 @@ async fn decode_failed(
 }
 
 /// Reads durable records from `from` (at most [`FILL_BYTES`]), as stream records.
-fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
+fn fill(splitter: &Splitter, disk: u32, from: u64, base: i64) -> Result<Filled, String> {
     let durable = splitter.sync_for_shipping().map_err(|e| e.to_string())?;
     if durable < from {
         return Ok(Vec::new());
@@ -912,7 +912,7 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
         }
         bytes += rec.data.len() as u64 + 64;
         let seq = rec.seq;
-        out.push((seq, to_wire(rec, base)?));
+        out.push((seq, to_wire(rec, disk, base)?));
         if bytes >= FILL_BYTES {
             break;
         }
@@ -925,14 +925,14 @@ fn fill(splitter: &Splitter, from: u64, base: i64) -> Result<Filled, String> {
     Ok(out)
 }
 
-/// A log record as a stream record.
-fn to_wire(rec: log::Record, base: i64) -> Result<Record, String> {
+/// A log record of disk `disk` as a stream record.
+fn to_wire(rec: log::Record, disk: u32, base: i64) -> Result<Record, String> {
     if rec.kind == Kind::Tag {
         let tag = rec
             .tag()
             .ok_or_else(|| format!("change log record {}: a damaged tag", rec.seq))?;
         return Ok(Record::Tag(haven_wire::Tag {
-            disk: DISK_ID,
+            disk,
             seq: seq_add(rec.seq, base),
             point: tag.point,
             kind: if tag.app {
@@ -950,7 +950,7 @@ fn to_wire(rec: log::Record, base: i64) -> Result<Record, String> {
         Kind::Trim | Kind::Tag => Payload::Trim { len: rec.len },
     };
     Ok(Record::Write(Write {
-        disk: DISK_ID,
+        disk,
         seq: seq_add(rec.seq, base),
         offset: rec.offset,
         data,
@@ -1010,7 +1010,7 @@ fn compare(
 
 /// Every second: `status.json`, and a report to the gateway when connected; every 250 ms a
 /// mark of when the writes happened (carried in the report).
-pub async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn report_loop(machine: Arc<Machine>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(haven_net::stream::WriteMarks::FINE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let per_report = (Duration::from_secs(1).as_millis()
@@ -1021,26 +1021,27 @@ pub async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        // It takes the splitter's lock, which a write may hold for a moment.
-        let s = Arc::clone(&shared);
-        let _ = tokio::task::spawn_blocking(move || s.sample_writes()).await;
+        // It takes the splitters' locks, which a write may hold for a moment.
+        let m = Arc::clone(&machine);
+        let _ = tokio::task::spawn_blocking(move || {
+            for d in &m.disks {
+                d.sample_writes();
+            }
+        })
+        .await;
         ticks += 1;
         if ticks % per_report != 1 {
             continue;
         }
-        let s = Arc::clone(&shared);
+        let m = Arc::clone(&machine);
         let report = tokio::task::spawn_blocking(move || {
-            if let Err(e) = s.write_status() {
+            if let Err(e) = m.write_status() {
                 tracing::warn!(error = %e, "writing status.json");
             }
-            s.report()
+            m.report()
         })
         .await;
-        let conn = shared
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let conn = machine.connection();
         if let (Ok(report), Some(conn)) = (report, conn) {
             tokio::spawn(async move {
                 if let Err(e) = haven_net::stream::send_report(&conn, &report).await {

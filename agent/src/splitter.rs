@@ -641,30 +641,33 @@ impl Splitter {
         self.last_copy.load(Ordering::Acquire)
     }
 
-    /// Appends a recovery point's tag after every change applied so far (under the lock that
-    /// orders changes, so a change acknowledged before this call is before the tag and one
-    /// that starts after it is after) and makes it durable; returns its log seq. With `close`,
-    /// every later change is refused from the same moment ([`Splitter::shutdown`]): the tag is
-    /// the last record, which is what a planned failover needs.
-    ///
-    /// Refused when the log overflowed (changes since then are not in it, so no point would
-    /// hold them). The caller checks that no unshipped copy record precedes the tag
-    /// ([`Splitter::last_copy_seq`]).
-    pub fn tag(&self, info: crate::log::TagInfo, close: bool) -> Result<u64, SplitError> {
-        let mut log = if close {
-            self.lock()
-        } else {
-            self.lock_open()?
-        };
-        if self.overflowed.load(Ordering::Acquire) {
-            return Err(SplitError::Overflowed);
+    /// Appends the same tag (a recovery point) to the logs of all `splitters` — the disks of
+    /// one machine — with all their locks held at once ([`Splitter::hold_all`], then
+    /// [`Held::tag`]): no write on any of them is acknowledged while the tags go in, so every
+    /// write acknowledged before the tag on any disk precedes the tag on its own disk, and
+    /// every write that starts after follows it. With `close` every splitter is closed in the
+    /// same step (a planned failover: no write is accepted after the tags). Returns each
+    /// disk's tag seq, in order.
+    pub fn tag_all(
+        splitters: &[&Splitter],
+        info: crate::log::TagInfo,
+        close: bool,
+    ) -> Result<Vec<u64>, SplitError> {
+        Splitter::hold_all(splitters, close)?.tag(info, close)
+    }
+
+    /// Takes the locks of all `splitters`, in the order given: until the [`Held`] is tagged or
+    /// dropped no change is applied to any of them (a write waits). With `close` a closed
+    /// splitter is held too (for its final tag); without, it is refused.
+    pub fn hold_all<'a>(splitters: &[&'a Splitter], close: bool) -> Result<Held<'a>, SplitError> {
+        let mut logs = Vec::with_capacity(splitters.len());
+        for s in splitters {
+            logs.push(if close { s.lock() } else { s.lock_open()? });
         }
-        let seq = log.append(Change::Tag(info))?;
-        if close {
-            self.closed.store(true, Ordering::Release);
-        }
-        self.sync_locked(&mut log)?;
-        Ok(seq)
+        Ok(Held {
+            splitters: splitters.to_vec(),
+            logs,
+        })
     }
 
     /// Makes everything durable (disk and log) and refuses every later change, so that what
@@ -687,6 +690,50 @@ impl Splitter {
     fn zero_range(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), SplitError> {
         zero_file_range(&self.disk, self.block_device, offset, len, may_punch)
             .map_err(self.disk_err("zeroing"))
+    }
+}
+
+/// The locks of several splitters, held ([`Splitter::hold_all`]): their writes wait.
+pub struct Held<'a> {
+    splitters: Vec<&'a Splitter>,
+    logs: Vec<MutexGuard<'a, ChangeLog>>,
+}
+
+impl Held<'_> {
+    /// Appends the tag to every held log, closes every splitter with `close`, releases the
+    /// locks, then makes the tags durable (outside the locks). Returns each tag's seq, in the
+    /// order held.
+    ///
+    /// Refused when a log overflowed (changes since then are not in it, so no point would hold
+    /// them). The caller checks that no unshipped copy record precedes a tag
+    /// ([`Splitter::last_copy_seq`]). A failure after some tags went in leaves those tags
+    /// without the others: the point is then incomplete, and the master target keeps only
+    /// points every disk has.
+    pub fn tag(self, info: crate::log::TagInfo, close: bool) -> Result<Vec<u64>, SplitError> {
+        let Held {
+            splitters,
+            mut logs,
+        } = self;
+        if splitters
+            .iter()
+            .any(|s| s.overflowed.load(Ordering::Acquire))
+        {
+            return Err(SplitError::Overflowed);
+        }
+        let mut seqs = Vec::with_capacity(logs.len());
+        for log in &mut logs {
+            seqs.push(log.append(Change::Tag(info))?);
+        }
+        if close {
+            for s in &splitters {
+                s.closed.store(true, Ordering::Release);
+            }
+        }
+        drop(logs);
+        for s in splitters {
+            s.sync_for_shipping()?;
+        }
+        Ok(seqs)
     }
 }
 

@@ -447,10 +447,19 @@ pub struct Agent {
     /// `nbd://127.0.0.1:PORT/disk`
     pub nbd: String,
     pub nbd_port: u16,
+    /// The machine's other disks (2, 3, …), each with its own export on a port of its own.
+    pub more_disks: Vec<MoreDisk>,
     /// `--server`; none for an agent that asks its configuration server.
     server: Option<String>,
     extra: Vec<String>,
     pub proc: Proc,
+}
+
+/// A disk of a machine after its first, served by the same agent.
+#[derive(Clone, Debug)]
+pub struct MoreDisk {
+    pub path: PathBuf,
+    pub nbd_port: u16,
 }
 
 impl Agent {
@@ -463,6 +472,14 @@ impl Agent {
                 .arg(&self.disk)
                 .args(self.server.iter().flat_map(|s| ["--server", s.as_str()]))
                 .args(["--listen", &format!("127.0.0.1:{}", self.nbd_port)])
+                .args(self.more_disks.iter().flat_map(|d| {
+                    [
+                        "--disk".into(),
+                        d.path.display().to_string(),
+                        "--listen".into(),
+                        format!("127.0.0.1:{}", d.nbd_port),
+                    ]
+                }))
                 .args(&self.extra)
                 .env(
                     "HAVEN_LOG",
@@ -471,7 +488,8 @@ impl Agent {
             &self.data_dir.join("agent.log"),
         )?;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_err() {
+        let last_port = self.more_disks.last().map_or(self.nbd_port, |d| d.nbd_port);
+        while std::net::TcpStream::connect(("127.0.0.1", last_port)).is_err() {
             self.proc.check_alive("haven-agent")?;
             if Instant::now() > deadline {
                 bail!("the agent's NBD server did not come up in time");
@@ -524,6 +542,17 @@ impl Agent {
         disk: &Path,
         extra: Vec<String>,
     ) -> Result<Agent> {
+        Agent::start_disks(bins, server, data_dir, disk, &[], extra)
+    }
+
+    fn start_disks(
+        bins: &Path,
+        server: Option<String>,
+        data_dir: &Path,
+        disk: &Path,
+        more_disks: &[PathBuf],
+        extra: Vec<String>,
+    ) -> Result<Agent> {
         let nbd_port = free_tcp_port();
         let mut agent = Agent {
             bins: bins.to_owned(),
@@ -531,6 +560,7 @@ impl Agent {
             disk: disk.to_owned(),
             nbd: format!("nbd://127.0.0.1:{nbd_port}/disk"),
             nbd_port,
+            more_disks: Vec::new(),
             server,
             extra,
             proc: Proc {
@@ -538,6 +568,13 @@ impl Agent {
                 log: PathBuf::new(),
             },
         };
+        agent.more_disks = more_disks
+            .iter()
+            .map(|path| MoreDisk {
+                path: path.clone(),
+                nbd_port: free_tcp_port(),
+            })
+            .collect();
         agent.spawn()?;
         Ok(agent)
     }
@@ -610,6 +647,8 @@ pub struct ClusterOptions {
     pub agent_via_config_server: bool,
     /// The protected machine's name (default `web01`).
     pub machine: Option<String>,
+    /// The machine's disks after the first (raw files), protected by the same agent.
+    pub more_disks: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -714,6 +753,9 @@ impl Cluster {
         };
         let machine = options.machine.as_deref().unwrap_or("web01");
         let agent = match (&cs, options.agent_via_config_server) {
+            (Some(_), true) if !options.more_disks.is_empty() => {
+                bail!("ClusterOptions: more_disks with agent_via_config_server is not supported")
+            }
             (Some(cs), true) => Agent::enroll_with_config_server_and_start(
                 bins,
                 cs,
@@ -723,14 +765,17 @@ impl Cluster {
                 machine,
                 options.agent_args,
             )?,
-            _ => Agent::enroll_and_start(
-                bins,
-                &ps,
-                &root.join("agent"),
-                disk,
-                machine,
-                options.agent_args,
-            )?,
+            _ => {
+                let server = Agent::enroll(bins, &ps, &root.join("agent"), machine)?;
+                Agent::start_disks(
+                    bins,
+                    Some(server),
+                    &root.join("agent"),
+                    disk,
+                    &options.more_disks,
+                    options.agent_args,
+                )?
+            }
         };
         Ok(Cluster {
             root: root.to_owned(),

@@ -1,14 +1,20 @@
 //! The VMware → VMware deployment through the configuration server, against two vCenter
 //! simulators: the pipeline names the primary vCenter as the machine's platform and the
 //! secondary as its target; the master target keeps the replica as VMDK in the secondary's
-//! datastore folder. A planned failover powers the source VM off through the primary vCenter
-//! and defines and starts the replica VM on the secondary, with the mapped network, the
-//! overridden CPUs and memory and the failover image as its disk, which `qemu-img compare`
-//! finds equal to the source.
+//! datastore folder. The machine has three disks, protected by one agent, under a workload
+//! that writes to them in turn, each write acknowledged before the next starts: a point of the
+//! machine, presented by a test failover, holds a prefix of that sequence on every disk. A
+//! planned failover powers the source VM off through the primary vCenter and defines and
+//! starts the replica VM on the secondary, with the mapped network, the overridden CPUs and
+//! memory and the three failover images as its disks, each of which `qemu-img compare` finds
+//! equal to its source.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use haven_e2e::nbd::NbdClient;
 use haven_e2e::vcsim::Vcsim;
 use haven_e2e::{Cluster, ClusterOptions, mixed_disk, poll, run_ok};
 
@@ -45,15 +51,21 @@ fn a_planned_failover_powers_the_source_off_and_starts_a_replica_vm() -> Result<
         .context("the secondary simulator has no LocalDS_0")?;
 
     let tmp = tempfile::tempdir()?;
-    let disk = tmp.path().join("disk.raw");
-    mixed_disk(&disk, 4 << 20, 21)?;
+    let disks: Vec<_> = (1..=3)
+        .map(|n| tmp.path().join(format!("disk{n}.raw")))
+        .collect();
+    for (n, d) in disks.iter().enumerate() {
+        mixed_disk(d, 4 << 20, 21 + n as u64)?;
+    }
+    let disk = &disks[0];
     let vmdk = haven_e2e::default_bin_dir().join("../wasm32-wasip2/release/haven_vmdk.wasm");
     let c = Cluster::start(
         tmp.path(),
-        &disk,
+        disk,
         ClusterOptions {
             config_server: true,
             machine: Some(MACHINE.into()),
+            more_disks: disks[1..].to_vec(),
             retention: Some("window = \"1h\"".into()),
             mt_config: format!(
                 "writer = \"vmdk\"\nwriter_options = {{ subformat = \"monolithicFlat\" }}\n\n[[plugin]]\nkind = \"target-writer\"\nname = \"vmdk\"\n\
@@ -132,11 +144,92 @@ memory_mib = "2048"
         })
     })?;
 
-    // Replication has a point; then the planned failover, through the configuration server.
+    // Replication has a point of the machine (every disk's tag).
     haven_e2e::wait_for_point(cs, MACHINE)?;
+
+    // The workload: write i goes to block 0 of disk i % 3 (holding i), once write i - 1 was
+    // acknowledged. It runs until the planned failover closes the disks.
+    let ports: Vec<u16> = std::iter::once(c.agent.nbd_port)
+        .chain(c.agent.more_disks.iter().map(|d| d.nbd_port))
+        .collect();
+    let written = Arc::new(AtomicU64::new(0));
+    let workload = {
+        let written = Arc::clone(&written);
+        std::thread::spawn(move || -> Result<u64> {
+            let mut clients = ports
+                .iter()
+                .map(|p| NbdClient::connect(&format!("127.0.0.1:{p}"), "disk"))
+                .collect::<Result<Vec<_>>>()?;
+            for i in 0u64.. {
+                let block = i.to_le_bytes().repeat(512);
+                if clients[(i % 3) as usize].write(0, &block).is_err() {
+                    return Ok(i);
+                }
+                written.store(i + 1, Ordering::Release);
+            }
+            unreachable!()
+        })
+    };
+    poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        let n = written.load(Ordering::Acquire);
+        Ok(if n >= 300 {
+            Ok(())
+        } else {
+            Err(format!("{n} writes"))
+        })
+    })?;
+
+    // A point taken now, presented by a test failover: each disk's block 0 is the last write
+    // of a prefix of the sequence that disk got.
+    let point = cs.haven(&["point", "create", MACHINE])?;
+    let point = point
+        .split_whitespace()
+        .find_map(|w| w.parse::<u64>().ok())
+        .with_context(|| format!("no point id in {point:?}"))?;
+    let out = cs.haven(&["failover", "test", MACHINE, "--point", &point.to_string()])?;
+    let uris: Vec<&str> = out.lines().filter(|l| l.starts_with("nbd://")).collect();
+    assert_eq!(uris.len(), 3, "one export per disk: {out}");
+    let mut at_point = Vec::new();
+    for uri in &uris {
+        let (addr, export) = uri
+            .trim_start_matches("nbd://")
+            .split_once('/')
+            .with_context(|| format!("not an NBD URI: {uri}"))?;
+        let mut client = NbdClient::connect(addr, export)?;
+        let block = client.read(0, 4096)?;
+        at_point.push(u64::from_le_bytes(block[..8].try_into()?));
+    }
+    let last = *at_point.iter().max().context("three disks")?;
+    let expected: Vec<u64> = (0..3u64).map(|d| last - ((last + 3 - d) % 3)).collect();
+    assert_eq!(
+        at_point, expected,
+        "the disks at point {point} are not one instant of the write sequence"
+    );
+    assert!(
+        last >= 300,
+        "the point holds {last} writes, taken after 300"
+    );
+    cs.haven(&["failover", "cleanup", MACHINE])?;
+
+    // The planned failover, through the configuration server, while the workload writes.
     let out = cs.haven(&["failover", MACHINE, "--planned"])?;
-    let failover_image = out.trim().to_string();
-    assert!(failover_image.ends_with(".vmdk"), "{out}");
+    let images: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(images.len(), 3, "one image per disk: {out}");
+    for (n, image) in images.iter().enumerate() {
+        assert!(
+            image.ends_with(".vmdk") && image.contains(&format!("/disk{}-point", n + 1)),
+            "{out}"
+        );
+    }
+    let stopped_at = match workload.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the workload panicked"),
+    };
+    assert!(stopped_at > last, "the workload stopped at {stopped_at}");
 
     // The job goes on with the platforms' steps.
     let job = poll(Duration::from_secs(120), Duration::from_millis(500), || {
@@ -199,25 +292,38 @@ memory_mib = "2048"
         .filter_map(|n| n["network"].as_str())
         .collect();
     assert_eq!(networks, ["VM Network"], "{replica}");
-    let location = replica["disks"][0]["location"]
-        .as_str()
-        .context("no disk on the replica")?;
-    let image = location
-        .strip_prefix("[LocalDS_0] ")
-        .with_context(|| format!("the replica's disk {location} is not on LocalDS_0"))?;
-    assert_eq!(
-        datastore.join(image),
-        std::path::Path::new(&failover_image),
-        "{location}"
-    );
-
-    // Its disk is the source at the final point: the whole disk, nothing lost.
-    let out = run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "vmdk"])
-            .arg(&disk)
-            .arg(datastore.join(image)),
-    )?;
-    assert!(out.contains("Images are identical"), "{out}");
+    // Its disks are the sources at the final point: every disk whole, nothing lost.
+    let locations: Vec<&str> = replica["disks"]
+        .as_array()
+        .context("no disks on the replica")?
+        .iter()
+        .filter_map(|d| d["location"].as_str())
+        .collect();
+    assert_eq!(locations.len(), 3, "{replica}");
+    for (n, (source, image)) in disks.iter().zip(&images).enumerate() {
+        let location = locations
+            .iter()
+            .find(|l| l.contains(&format!("/disk{}-point", n + 1)))
+            .with_context(|| format!("no disk {} on the replica: {locations:?}", n + 1))?;
+        let relative = location
+            .strip_prefix("[LocalDS_0] ")
+            .with_context(|| format!("the replica's disk {location} is not on LocalDS_0"))?;
+        assert_eq!(
+            datastore.join(relative),
+            std::path::Path::new(image),
+            "{location}"
+        );
+        let out = run_ok(
+            std::process::Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "vmdk"])
+                .arg(source)
+                .arg(datastore.join(relative)),
+        )?;
+        assert!(
+            out.contains("Images are identical"),
+            "disk {}: {out}",
+            n + 1
+        );
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_groups;
 mod bench_nbd;
 mod bench_points;
 mod bench_replication;
@@ -316,7 +317,8 @@ fn bench(args: &[&str]) -> Result<()> {
             bench(&["replication"])?;
             bench(&["points"])?;
             bench(&["nbd"])?;
-            bench(&["scale"])
+            bench(&["scale"])?;
+            bench(&["groups"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -350,10 +352,14 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_scale::run(&root())
         }
+        "groups" => {
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_groups::run(&root())
+        }
         other => {
             bail!(
                 "unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd, \
-                 scale)"
+                 scale, groups)"
             )
         }
     }

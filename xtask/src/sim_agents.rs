@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use haven_agent::identity::Identity;
 use haven_agent::log::{ChangeLog, Durability, Limits};
 use haven_agent::points::{self, Points};
-use haven_agent::replicate::{self, Shared, ShipConfig};
+use haven_agent::replicate::{self, Machine, Shared, ShipConfig};
 use haven_agent::splitter::{OnFull, Splitter};
 use haven_agent::state::DiskRecord;
 use haven_net::stream::Report;
@@ -33,6 +33,7 @@ const SYNC_THREADS: usize = 2;
 struct Sim {
     data_dir: PathBuf,
     shared: Arc<Shared>,
+    machine: Arc<Machine>,
     points: Arc<Points>,
 }
 
@@ -69,25 +70,34 @@ impl SimAgents {
             log.set_durability(Durability::Process);
             let splitter = Arc::new(Splitter::open(&disk, log, OnFull::Overflow)?);
             let shared = Arc::new(Shared::new(
+                1,
                 splitter,
                 &data_dir,
                 record,
                 limits.max_bytes,
+            ));
+            shared.update(|_| {})?;
+            let machine = Arc::new(Machine::new(
+                vec![Arc::clone(&shared)],
+                &data_dir,
                 identity.info.machine_name.clone(),
                 identity.info.agent_id.clone(),
             ));
-            shared.update(|_| {})?;
             let points = Arc::new(Points::default());
             let cfg = ShipConfig::enrolled(
                 identity,
                 WINDOW_BYTES,
-                Some(points::control_hook(&shared, &points)),
+                Some(points::control_hook(&machine, &points)),
             );
             rt.spawn(replicate::ship(Arc::clone(&shared), cfg, stop_rx.clone()));
-            rt.spawn(replicate::report_loop(Arc::clone(&shared), stop_rx.clone()));
+            rt.spawn(replicate::report_loop(
+                Arc::clone(&machine),
+                stop_rx.clone(),
+            ));
             sims.push(Sim {
                 data_dir,
                 shared,
+                machine,
                 points,
             });
         }
@@ -112,13 +122,7 @@ impl SimAgents {
         }
         let tagged: Vec<_> = sims
             .iter()
-            .map(|s| {
-                (
-                    Arc::clone(&s.shared),
-                    Arc::clone(&s.points),
-                    s.data_dir.clone(),
-                )
-            })
+            .map(|s| (Arc::clone(&s.machine), Arc::clone(&s.points)))
             .collect();
         let mut stopped = stop.subscribe();
         let slowest_round_ms = Arc::new(AtomicU64::new(0));
@@ -132,9 +136,9 @@ impl SimAgents {
                     continue;
                 }
                 next = now + point_interval;
-                for (shared, points, dir) in &tagged {
-                    if points::not_ready(shared).is_none() {
-                        let _ = points::take(shared, points, dir, false, false);
+                for (machine, points) in &tagged {
+                    if points::not_ready(machine).is_none() {
+                        let _ = points::take(machine, points, false, false);
                     }
                 }
                 slowest.fetch_max(now.elapsed().as_millis() as u64, Ordering::Relaxed);

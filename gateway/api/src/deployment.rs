@@ -417,13 +417,15 @@ async fn call_local(router: axum::Router, request: ApiRequest) -> ApiAnswer {
         content_type: "application/json".into(),
         body: serde_json::json!({ "error": message }).to_string(),
     };
-    // The configuration server forwards item calls only: nothing else runs without a token.
+    // The configuration server forwards item calls and group points only: nothing else runs
+    // without a token.
     let path = request.path.split('?').next().unwrap_or_default();
-    if crate::items_rest(path).is_none() {
+    if crate::items_rest(path).is_none() && path != "/v1/group-points" {
         return failed(
             StatusCode::FORBIDDEN,
             format!(
-                "{}: only /v1/items calls are taken from the configuration server",
+                "{}: only /v1/items and /v1/group-points calls are taken from the \
+                 configuration server",
                 request.path
             ),
         );

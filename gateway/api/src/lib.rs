@@ -16,6 +16,9 @@
 //! | DELETE | `/v1/items/ITEM/test-failover` | ends the test failover, discarding its writes |
 //! | POST   | `/v1/items/ITEM/failover` | fails over (`point=ID\|latest`, or `planned=true`) |
 //! | POST   | `/v1/items/ITEM/commit` | makes a failover final                              |
+//! | POST   | `/v1/group-points` | a group point of machines held here (`members=A,B`, `hold_ms`) |
+//! | GET    | `/v1/groups/NAME/points` | a group's points (configuration server)        |
+//! | POST   | `/v1/groups/NAME/points` | takes a group point now (configuration server) |
 //! | GET    | `/v1/api-tokens` | the API tokens (never their secrets)                        |
 //! | POST   | `/v1/api-tokens` | a new API token, shown once (`name=`, `role=admin\|operator\|viewer`) |
 //! | DELETE | `/v1/api-tokens/ID` | revokes an API token                                    |
@@ -56,6 +59,7 @@
 pub mod auth;
 pub mod console;
 pub mod deployment;
+mod groups;
 mod https;
 mod machines;
 mod plans;
@@ -133,6 +137,9 @@ pub async fn serve(
     api: Api,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    if let Some(cs) = &api.deployment {
+        tokio::spawn(groups::take_on_interval(Arc::downgrade(cs)));
+    }
     let router = router(api)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -228,6 +235,11 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(start_test_failover, end_test_failover))
         .routes(routes!(fail_over))
         .routes(routes!(commit))
+        .routes(routes!(groups::take_group_point))
+        .routes(routes!(
+            groups::list_group_points,
+            groups::create_group_point
+        ))
         .routes(routes!(list_api_tokens, create_api_token))
         .routes(routes!(revoke_api_token))
         .routes(routes!(get_audit))

@@ -6,9 +6,10 @@
 //!    agent's final point: nothing written later exists);
 //! 2. `define replica` at the target platform: the source's CPUs, memory and network adapters
 //!    (each network mapped by the pipeline's `[[network_mapping]]` of the two sites; `cpus`,
-//!    `memory_mib`, `nicN_address` from the machine's `target` settings win), its disk the
-//!    failover image, addressed as `[DATASTORE] FOLDER/IMAGE` (`datastore`, `datastore_folder`)
-//!    — so the master target's writer keeps replicas in that folder of the datastore;
+//!    `memory_mib`, `nicN_address` from the machine's `target` settings win), its disks the
+//!    failover images of every disk (disk N of the agent as the source's N-th disk), each
+//!    addressed as `[DATASTORE] FOLDER/IMAGE` (`datastore`, `datastore_folder`) — so the
+//!    master target's writer keeps replicas in that folder of the datastore;
 //! 3. `power on` of the replica (unless `power_on = "false"`).
 //!
 //! The replica machine is kept (`replica/<machine>`), for the cleanup and the history. Each
@@ -192,8 +193,8 @@ pub(crate) async fn steps(
     // The master target's image.
     let name = format!("wait for the image at {gateway}");
     let last = !power_off && !define;
-    let (job, image) = step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?;
-    let (Some((image, size)), Some(m)) = (image, m) else {
+    let (job, images) = step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?;
+    let (Some(images), Some(m)) = (images, m) else {
         return Ok((
             job.clone(),
             job.steps
@@ -264,7 +265,7 @@ pub(crate) async fn steps(
     let power_on = m.target.get("power_on").map(String::as_str) != Some("false");
     let spec = match ambiguous {
         Some(e) => Err(e),
-        None => replica_spec(&p, &m, source.as_ref(), &image, size),
+        None => replica_spec(&p, &m, source.as_ref(), &images),
     };
     let name = format!(
         "define replica {} at {target_platform}",
@@ -310,24 +311,39 @@ pub(crate) async fn steps(
     Ok((job, on.is_some()))
 }
 
-/// Waits until the master target has the item failed over; its image and size.
+/// One disk's failover image at the master target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DiskImage {
+    /// The disk's id (1, 2, …).
+    pub disk: u32,
+    /// The image's full path at the master target.
+    pub image: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Waits until the master target has every disk of the item failed over (one disk for
+/// `NAME/DISK`, every disk of the machine otherwise); their images, in disk order.
 async fn wait_for_image(
     cs: &Arc<ConfigServer>,
     gateway: &str,
     item: &str,
-) -> Result<((String, u64), String)> {
+) -> Result<(Vec<DiskImage>, String)> {
     let started = Instant::now();
-    let path = format!(
-        "/v1/items/{}",
-        percent_encoding::utf8_percent_encode(item, percent_encoding::NON_ALPHANUMERIC)
-    );
+    let (name, disk) = match item.rsplit_once('/') {
+        Some((n, d)) => match d.parse::<u32>() {
+            Ok(d) => (n, Some(d)),
+            Err(_) => (item, None),
+        },
+        None => (item, None),
+    };
     loop {
         let answer = cs
             .forward(
                 gateway,
                 ApiRequest {
                     method: "GET".into(),
-                    path: path.clone(),
+                    path: "/v1/items".into(),
                     caller: String::new(),
                 },
             )
@@ -335,22 +351,53 @@ async fn wait_for_image(
         if let Ok(answer) = answer
             && answer.status == 200
         {
-            let v: serde_json::Value = serde_json::from_str(&answer.body)?;
-            match v["item"]["state"].as_str() {
-                Some("failed-over" | "committed") => {
-                    let image = v["item"]["image"]
-                        .as_str()
-                        .context("the master target reports no image")?
-                        .to_string();
-                    let size = v["size"].as_u64().unwrap_or(0);
-                    let output = format!("image {image} ({size} bytes)");
-                    return Ok(((image, size), output));
+            let items: Vec<serde_json::Value> = serde_json::from_str(&answer.body)?;
+            let ours: Vec<&serde_json::Value> = items
+                .iter()
+                .filter(|v| {
+                    let agent = v["agent_id"].as_str().unwrap_or_default();
+                    (v["machine_name"].as_str() == Some(name)
+                        || agent == name
+                        || (name.len() >= 6 && agent.starts_with(name)))
+                        && disk.is_none_or(|d| v["disk"].as_u64() == Some(u64::from(d)))
+                })
+                .collect();
+            let states: Vec<Option<&str>> =
+                ours.iter().map(|v| v["item"]["state"].as_str()).collect();
+            if let Some(v) = ours
+                .iter()
+                .find(|v| v["item"]["state"].as_str() == Some("failover-failed"))
+            {
+                bail!(
+                    "the master target could not materialise the point of disk {}; `haven \
+                     failover show {name}/{}` has its history",
+                    v["disk"],
+                    v["disk"]
+                );
+            }
+            if !ours.is_empty()
+                && states
+                    .iter()
+                    .all(|s| matches!(s, Some("failed-over" | "committed")))
+            {
+                let mut images = Vec::new();
+                for v in ours {
+                    images.push(DiskImage {
+                        disk: v["disk"].as_u64().unwrap_or(1) as u32,
+                        image: v["item"]["image"]
+                            .as_str()
+                            .context("the master target reports no image")?
+                            .to_string(),
+                        size: v["size"].as_u64().unwrap_or(0),
+                    });
                 }
-                Some("failover-failed") => bail!(
-                    "the master target could not materialise the point; `haven failover show \
-                     {item}` has its history"
-                ),
-                _ => {}
+                images.sort_by_key(|i| i.disk);
+                let output = images
+                    .iter()
+                    .map(|i| format!("disk {}: image {} ({} bytes)", i.disk, i.image, i.size))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Ok((images, output));
             }
         }
         if started.elapsed() > MATERIALISE_TIMEOUT {
@@ -368,8 +415,7 @@ pub(crate) fn replica_spec(
     p: &Pipeline,
     m: &haven_pipeline::model::Machine,
     source: Option<&Machine>,
-    image: &str,
-    size: u64,
+    images: &[DiskImage],
 ) -> Result<ReplicaSpec> {
     let number = |key: &str| -> Result<Option<u64>> {
         m.target
@@ -430,30 +476,38 @@ pub(crate) fn replica_spec(
             static_address: m.target.get(&format!("nic{i}_address")).cloned(),
         });
     }
-    let writer = image.rsplit('.').next().unwrap_or("raw").to_string();
-    // The master target names the image by its full path; below the writer's storage root it
-    // is `failover/<agent>/disk<N>-point<P>.<writer>`, which is what the platform sees below
-    // the datastore folder that root is.
-    let image = match image.rfind("/failover/") {
-        Some(at) => &image[at + 1..],
-        None => image.trim_start_matches('/'),
-    };
-    let disks = vec![ReplicaDisk {
-        source_disk: source
-            .and_then(|s| s.disks.first())
-            .map(|d| d.id.clone())
-            .unwrap_or_default(),
-        location: match m
-            .target
-            .get("datastore_folder")
-            .map(|f| f.trim_matches('/'))
-        {
-            Some(folder) if !folder.is_empty() => format!("[{datastore}] {folder}/{image}"),
-            _ => format!("[{datastore}] {image}"),
-        },
-        format: writer,
-        size,
-    }];
+    let folder = m
+        .target
+        .get("datastore_folder")
+        .map(|f| f.trim_matches('/'))
+        .filter(|f| !f.is_empty());
+    let disks = images
+        .iter()
+        .map(|i| {
+            let writer = i.image.rsplit('.').next().unwrap_or("raw").to_string();
+            // The master target names the image by its full path; below the writer's storage
+            // root it is `failover/<agent>/disk<N>-point<P>.<writer>`, which is what the
+            // platform sees below the datastore folder that root is.
+            let image = match i.image.rfind("/failover/") {
+                Some(at) => &i.image[at + 1..],
+                None => i.image.trim_start_matches('/'),
+            };
+            ReplicaDisk {
+                // The source's disks in their order: disk N of the agent is the machine's
+                // N-th disk (`--disk` in the platform's order).
+                source_disk: source
+                    .and_then(|s| s.disks.get(i.disk as usize - 1))
+                    .map(|d| d.id.clone())
+                    .unwrap_or_default(),
+                location: match folder {
+                    Some(folder) => format!("[{datastore}] {folder}/{image}"),
+                    None => format!("[{datastore}] {image}"),
+                },
+                format: writer,
+                size: i.size,
+            }
+        })
+        .collect();
     let options = m
         .target
         .iter()

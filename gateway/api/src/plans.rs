@@ -2,7 +2,9 @@
 //! `test-failover`, `cleanup`, `commit`) starts a job that takes the plan's steps in order.
 //!
 //! - A failover step acts on its machines (its groups' members included) one after the other
-//!   through the master target holding each: a failover waits until the image is whole and
+//!   through the master target holding each; a group's members (unplanned, or in a test
+//!   failover) all go to one group point, its latest unless a point is asked, found once in a
+//!   step of its own before them ([`crate::groups`]): a failover waits until the image is whole and
 //!   goes on with the machine's platform steps ([`crate::machines`]); a test failover starts
 //!   one (writable); a cleanup ends it; a commit makes the failover final.
 //! - A script step (failover and test failover only) runs `sh -c RUN` at the configuration
@@ -301,24 +303,46 @@ async fn run(
         .any(|kv| kv == "planned" || kv == "planned=true");
     // Every unit of work, in order, so the last one ends the job.
     enum Work<'a> {
-        Machine(String, bool),
+        /// A machine, with its group (whose point it fails over to) if any.
+        Machine(String, bool, Option<String>),
+        /// Finding the group's latest point, before its members.
+        GroupPoint(String, Vec<String>, bool),
         Script(&'a haven_pipeline::model::ScriptStep),
         Manual(&'a str),
     }
+    // A group fails over to one group point: its latest (unless a point was asked), found
+    // once, before its first member.
+    let to_group_point = match action {
+        Action::Failover => !planned && query == "point=latest",
+        Action::TestFailover => true,
+        Action::Cleanup | Action::Commit => false,
+    };
     let mut work = Vec::new();
     for s in steps {
         match s {
             Step::Failover(f) => {
-                let mut machines = f.machines.clone();
+                work.extend(
+                    f.machines
+                        .iter()
+                        .map(|m| Work::Machine(m.clone(), f.continue_on_error, None)),
+                );
                 for g in &f.groups {
                     let group = p.group(g).with_context(|| format!("no group {g}"))?;
-                    machines.extend(group.machines.iter().cloned());
+                    if to_group_point {
+                        work.push(Work::GroupPoint(
+                            g.clone(),
+                            group.machines.clone(),
+                            f.continue_on_error,
+                        ));
+                    }
+                    work.extend(group.machines.iter().map(|m| {
+                        Work::Machine(
+                            m.clone(),
+                            f.continue_on_error,
+                            to_group_point.then(|| g.clone()),
+                        )
+                    }));
                 }
-                work.extend(
-                    machines
-                        .into_iter()
-                        .map(|m| Work::Machine(m, f.continue_on_error)),
-                );
             }
             Step::Script(s) if action.runs_scripts() => work.push(Work::Script(s)),
             Step::Manual(m) if action.runs_scripts() => work.push(Work::Manual(&m.message)),
@@ -329,21 +353,43 @@ async fn run(
         return blocking_end(cs, job, "nothing to do for this action").await;
     }
     let count = work.len();
+    let mut group_points = std::collections::HashMap::new();
     for (i, w) in work.into_iter().enumerate() {
         let last = i + 1 == count;
         let (next, go_on) = match w {
-            Work::Machine(machine, continue_on_error) => {
+            Work::Machine(machine, continue_on_error, group) => {
+                let point = group.and_then(|g| group_points.get(&g).copied());
                 machine_step(
                     cs,
                     job,
                     &machine,
                     action,
-                    query,
-                    planned,
+                    MachineCall {
+                        query,
+                        point,
+                        planned,
+                    },
                     last,
                     continue_on_error,
                 )
                 .await?
+            }
+            Work::GroupPoint(group, members, continue_on_error) => {
+                let found = std::sync::Mutex::new(None);
+                let run = async {
+                    let gateway = cs
+                        .master_target_of(&members[0])
+                        .with_context(|| format!("no master target holds {}", members[0]))?;
+                    let id = crate::groups::latest(cs, &gateway, &group, &members).await?;
+                    *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+                    Ok(format!("group point {id}"))
+                };
+                let what = format!("latest point of group {group}");
+                let r = step(cs, job, what, Last::both(last), continue_on_error, run).await?;
+                if let Some(id) = found.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    group_points.insert(group, id);
+                }
+                r
             }
             Work::Script(s) => {
                 let run = script(&s.run, s.timeout, name, action);
@@ -382,28 +428,45 @@ async fn blocking_end(cs: &Arc<ConfigServer>, job: Job, output: &str) -> Result<
     tokio::task::spawn_blocking(move || cs.end_job_step(job, true, output, true)).await?
 }
 
+/// What a machine's call asks: the plan's query, or its group's point.
+struct MachineCall<'a> {
+    query: &'a str,
+    point: Option<u64>,
+    planned: bool,
+}
+
 /// One machine of a failover step: the call at its master target, then (for a failover) the
 /// image and the machine's platform steps.
-#[allow(clippy::too_many_arguments)]
 async fn machine_step(
     cs: &Arc<ConfigServer>,
     job: Job,
     machine: &str,
     action: Action,
-    query: &str,
-    planned: bool,
+    call: MachineCall<'_>,
     last: bool,
     continue_on_error: bool,
 ) -> Result<(Job, bool)> {
+    let MachineCall {
+        query,
+        point,
+        planned,
+    } = call;
     let gateway = cs.master_target_of(machine);
-    let (method, path) = match action {
-        Action::Failover => ("POST", format!("/v1/items/{machine}/failover?{query}")),
-        Action::TestFailover => (
+    let (method, path) = match (action, point) {
+        (Action::Failover, Some(id)) => {
+            ("POST", format!("/v1/items/{machine}/failover?point={id}"))
+        }
+        (Action::Failover, None) => ("POST", format!("/v1/items/{machine}/failover?{query}")),
+        (Action::TestFailover, Some(id)) => (
+            "POST",
+            format!("/v1/items/{machine}/test-failover?writable=true&point={id}"),
+        ),
+        (Action::TestFailover, None) => (
             "POST",
             format!("/v1/items/{machine}/test-failover?writable=true"),
         ),
-        Action::Cleanup => ("DELETE", format!("/v1/items/{machine}/test-failover")),
-        Action::Commit => ("POST", format!("/v1/items/{machine}/commit")),
+        (Action::Cleanup, _) => ("DELETE", format!("/v1/items/{machine}/test-failover")),
+        (Action::Commit, _) => ("POST", format!("/v1/items/{machine}/commit")),
     };
     let name = format!(
         "{} {machine} at {}",

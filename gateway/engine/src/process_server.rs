@@ -189,8 +189,10 @@ pub struct ProcessServer {
     listener: Arc<crate::Listener>,
     /// Agents whose cache could not be opened, and why: reported, not served.
     broken: Mutex<HashMap<PeerId, (String, String)>>,
-    /// Agents the master target confirmed this process server forwards (since it started).
-    confirmed: Mutex<std::collections::HashSet<PeerId>>,
+    /// Agents' disks the master target confirmed this process server forwards (since it
+    /// started). Per disk: each disk of an agent comes on its own stream, and a disk new here
+    /// is taken over on its own.
+    confirmed: Mutex<std::collections::HashSet<StreamKey>>,
     /// Per agent: its confirmation, takeover or drop runs alone.
     confirming: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
     /// Churn and throughput, sampled by `status`.
@@ -459,7 +461,7 @@ impl ProcessServer {
                 tracing::warn!(agent = %agent_id, policy = %name, %why, "point policy refused");
                 Some(format!("the agent refused policy `{name}`: {why}"))
             }
-            Ok(Reply::Taken(_)) => None,
+            Ok(Reply::Taken(_) | Reply::Held { .. }) => None,
             Err(e) => {
                 tracing::warn!(agent = %agent_id, error = %e, "sending the point policy");
                 None
@@ -747,7 +749,7 @@ impl ProcessServer {
             }
             // Until the master target says again that this process server forwards the agent,
             // a reconnecting agent is confirmed first (it may have moved meanwhile).
-            lock(&self.confirmed).remove(&entry.peer);
+            lock(&self.confirmed).retain(|k| k.peer != entry.peer);
             if let Err(e) = result {
                 let refusal = e
                     .downcast_ref::<quinn::ConnectionError>()
@@ -896,7 +898,7 @@ impl ProcessServer {
                         }
                         ForwarderAction::Connected => {
                             backoff.reset();
-                            lock(&self.confirmed).insert(entry.peer);
+                            lock(&self.confirmed).extend(lanes.values().map(|l| l.stream.key));
                             entry.upstream_connected.store(true, Ordering::Release);
                             tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
                         }
@@ -968,7 +970,18 @@ impl ProcessServer {
     /// Before serving an agent's streams: confirms with the master target that this process
     /// server forwards them, or takes them over (see the module documentation).
     async fn confirm_owner(&self, hello: &Hello, via: &Via) -> Result<()> {
-        let confirmed = |ps: &Self| lock(&ps.confirmed).contains(&hello.peer_id);
+        let keys: Vec<StreamKey> = hello
+            .disks
+            .iter()
+            .map(|d| StreamKey {
+                peer: hello.peer_id,
+                disk: d.id,
+            })
+            .collect();
+        let confirmed = |ps: &Self| {
+            let set = lock(&ps.confirmed);
+            keys.iter().all(|k| set.contains(k))
+        };
         if confirmed(self) {
             return Ok(());
         }
@@ -1018,7 +1031,7 @@ impl ProcessServer {
                         tracing::info!(agent = %agent, machine = %via.name,
                             "took the agent over: its streams are forwarded from here");
                     }
-                    lock(&self.confirmed).insert(hello.peer_id);
+                    lock(&self.confirmed).extend(keys.iter().copied());
                     return Ok(());
                 }
                 Err(e)
@@ -1109,7 +1122,7 @@ impl ProcessServer {
     }
 
     fn drop_caches(&self, peer: PeerId) -> Result<()> {
-        lock(&self.confirmed).remove(&peer);
+        lock(&self.confirmed).retain(|k| k.peer != peer);
         for (key, _) in self.state.streams()? {
             if key.peer == peer {
                 self.state.remove_stream(key)?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod group;
 mod image;
 mod login;
 mod pipeline;
@@ -157,6 +158,10 @@ enum Command {
     /// `test-failover`, `cleanup`, `commit`, `resume PLAN`).
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// Multi-machine consistency groups of the pipeline (`point GROUP`: a group point now,
+    /// `points GROUP`: its points).
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Secrets the pipeline's `secret:NAME` settings refer to (`set NAME`, `list`, `delete
     /// NAME`; admin). Values are read from standard input and never shown.
     #[command(subcommand)]
@@ -235,6 +240,7 @@ fn main() -> ExitCode {
         Command::Job(c) => remote::job(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Platform(c) => platform::platform(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Plan(c) => plan::plan(&client, c).map(|()| ExitCode::SUCCESS),
+        Command::Group(c) => group::group(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Secret(c) => platform::secret(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),

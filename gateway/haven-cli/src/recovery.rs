@@ -234,7 +234,17 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
             );
             let t: TestFailoverInfo =
                 call(client, &api, Method::POST, &path, Duration::from_secs(30))?;
-            println!("{}", t.uri);
+            // A machine of several disks has an export per disk, in disk order.
+            let disks = item_disks(client, &api, &item)?;
+            if disks.len() > 1 {
+                for d in &disks {
+                    if let Some(t) = &d.test_failover {
+                        println!("{}", t.uri);
+                    }
+                }
+            } else {
+                println!("{}", t.uri);
+            }
             eprintln!(
                 "test failover of {item} at point {} (taken {}), {}; replication goes on. End it \
                  with `haven failover cleanup {item}`",
@@ -303,17 +313,12 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
             loop {
                 std::thread::sleep(Duration::from_millis(100));
                 // A gateway restarting meanwhile resumes the failover: keep asking a while.
-                let i: ItemInfo = match call(
-                    client,
-                    &run.api,
-                    Method::GET,
-                    &format!("/v1/items/{}", seg(&item)),
-                    Duration::from_secs(10),
-                ) {
-                    Ok(i) => {
+                let disks = match item_disks(client, &run.api, &item) {
+                    Ok(d) if !d.is_empty() => {
                         failing_since = None;
-                        i
+                        d
                     }
+                    Ok(_) => bail!("{item}: no such item any more"),
                     Err(e) if failing_since.is_some_and(|t| t.elapsed() > AGENT_WAIT) => {
                         return Err(e.context(format!(
                             "{item}: the failover was started; follow it with `haven failover \
@@ -325,29 +330,63 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
                         continue;
                     }
                 };
-                match i.item.state {
-                    haven_engine::recovery::ItemState::FailedOver => {
-                        println!("{}", i.item.image.unwrap_or_default());
-                        eprintln!(
-                            "{item}: failed over to point {point} in {:.1} s",
-                            started.elapsed().as_secs_f64()
-                        );
-                        return Ok(());
+                use haven_engine::recovery::ItemState;
+                if let Some(i) = disks
+                    .iter()
+                    .find(|i| i.item.state == ItemState::FailoverFailed)
+                {
+                    let cause = i
+                        .item
+                        .history
+                        .last()
+                        .map(|t| t.cause.clone())
+                        .unwrap_or_default();
+                    bail!("{item}: failover of disk {} failed: {cause}", i.disk);
+                }
+                if disks.iter().all(|i| i.item.state == ItemState::FailedOver) {
+                    // One image per disk, in disk order.
+                    for i in &disks {
+                        println!("{}", i.item.image.clone().unwrap_or_default());
                     }
-                    haven_engine::recovery::ItemState::FailoverFailed => {
-                        let cause = i
-                            .item
-                            .history
-                            .last()
-                            .map(|t| t.cause.clone())
-                            .unwrap_or_default();
-                        bail!("{item}: failover failed: {cause}");
-                    }
-                    _ => {}
+                    eprintln!(
+                        "{item}: failed over to point {point} in {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
                 }
             }
         }
     }
+}
+
+/// The items `item` names (every disk of a machine, or the one disk of `MACHINE/DISK`), in
+/// disk order, as the master target lists them.
+fn item_disks(client: &Client, api: &str, item: &str) -> Result<Vec<ItemInfo>> {
+    let all: Vec<ItemInfo> = call(
+        client,
+        api,
+        Method::GET,
+        "/v1/items",
+        Duration::from_secs(10),
+    )?;
+    let (name, disk) = match item.rsplit_once('/') {
+        Some((n, d)) => match d.parse::<u32>() {
+            Ok(d) => (n, Some(d)),
+            Err(_) => (item, None),
+        },
+        None => (item, None),
+    };
+    let mut ours: Vec<ItemInfo> = all
+        .into_iter()
+        .filter(|i| {
+            (i.machine_name == name
+                || i.agent_id == name
+                || (name.len() >= 6 && i.agent_id.starts_with(name)))
+                && disk.is_none_or(|d| i.disk == d)
+        })
+        .collect();
+    ours.sort_by_key(|i| (i.agent_id.clone(), i.disk));
+    Ok(ours)
 }
 
 fn show(i: &ItemInfo) {

@@ -44,6 +44,22 @@ pub enum Command {
     /// The machine has no policy from the configuration server any more (it left the
     /// pipeline): points on the agent's own intervals again.
     ClearPolicy,
+    /// First half of a group point (machines whose points are consistent across all of
+    /// them): hold every write of the machine — none is acknowledged from the answer
+    /// ([`Reply::Held`]) until [`Command::Release`], or until `hold_ms` have passed, when the
+    /// agent lets the writes go on its own and no point is taken.
+    Hold {
+        /// Longest the writes are held, milliseconds (the agent caps it).
+        hold_ms: u64,
+    },
+    /// Second half of a group point: tag every disk with `point` (when given) and let the
+    /// writes go; without `point` the writes go and no point is taken.
+    Release {
+        /// The hold, as [`Reply::Held`] named it.
+        hold: u64,
+        /// The group point's id (above every point the members took before).
+        point: Option<u64>,
+    },
 }
 
 /// A request for one agent.
@@ -82,6 +98,13 @@ pub enum Reply {
     Failed(String),
     /// Done (a request that takes no point), and what was done.
     Done(String),
+    /// The machine's writes are held ([`Command::Hold`]).
+    Held {
+        /// The hold, for [`Command::Release`].
+        hold: u64,
+        /// The newest point id the agent used: a group point's id must be above it.
+        last_point: u64,
+    },
 }
 
 /// Why a request got no reply.

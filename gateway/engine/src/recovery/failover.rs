@@ -39,7 +39,7 @@ impl Drop for Busy<'_> {
 
 impl MasterTarget {
     /// The connection that forwards the item's stream: control requests for its agent go there.
-    fn route(&self, r: &Replica) -> Result<haven_net::quinn::Connection, RecoveryError> {
+    pub(super) fn route(&self, r: &Replica) -> Result<haven_net::quinn::Connection, RecoveryError> {
         let id = peer_hex(&r.stream.key.peer);
         lock(&self.routes)
             .get(&id)
@@ -65,16 +65,27 @@ impl MasterTarget {
         r: &Replica,
         command: Command,
     ) -> Result<haven_net::control::PointTaken, RecoveryError> {
+        self.ask_agent_all(r, command)
+            .await?
+            .into_iter()
+            .find(|p| p.disk == r.stream.key.disk)
+            .ok_or_else(|| err(ErrorKind::Internal, "the agent tagged another disk"))
+    }
+
+    /// Sends `command` to the item's agent through its process server; returns the point the
+    /// agent took, one tag per disk of the machine.
+    pub(super) async fn ask_agent_all(
+        &self,
+        r: &Replica,
+        command: Command,
+    ) -> Result<Vec<haven_net::control::PointTaken>, RecoveryError> {
         let conn = self.route(r)?;
         let req = Request {
             agent_id: peer_hex(&r.stream.key.peer),
             command,
         };
         match control::call(&conn, &req, CONTROL_TIMEOUT).await {
-            Ok(Reply::Taken(points)) => points
-                .into_iter()
-                .find(|p| p.disk == r.stream.key.disk)
-                .ok_or_else(|| err(ErrorKind::Internal, "the agent tagged another disk")),
+            Ok(Reply::Taken(points)) => Ok(points),
             // The relay's own failures (agent not connected, no answer) mean "try later".
             Ok(Reply::Failed(why))
                 if why.starts_with("process server:") || why.contains("control stream") =>
@@ -86,19 +97,29 @@ impl MasterTarget {
                 ErrorKind::Internal,
                 format!("the agent took no point: {what}"),
             )),
+            Ok(Reply::Held { .. }) => Err(err(
+                ErrorKind::Internal,
+                "the agent answered a point request as a hold",
+            )),
             Err(e) => Err(err(ErrorKind::Unavailable, e.to_string())),
         }
     }
 
     /// `haven failover`: fails the item over to a point (unplanned), or (planned) stops the
     /// source, takes a final point and fails over to it. Returns when materialising started.
+    /// A machine of several disks fails over as one: every disk to the same point (the
+    /// record returned is its first disk's).
     pub async fn failover(
         self: &Arc<Self>,
         item: &str,
         sel: PointSel,
         planned: bool,
     ) -> Result<ItemRecord, RecoveryError> {
-        let r = self.find_item(item)?;
+        let mut disks = self.find_machine(item)?;
+        if disks.len() > 1 {
+            return self.failover_machine(&disks, item, sel, planned).await;
+        }
+        let r = disks.pop().expect("one disk");
         // Materialising reads the replica: right after protection started it may not be
         // created yet.
         {
@@ -178,6 +199,130 @@ impl MasterTarget {
         self.stop_replication(&r);
         self.spawn_materialise(r.clone());
         Ok(record)
+    }
+
+    /// [`MasterTarget::failover`] of a machine of several disks: all of them claimed at once,
+    /// then failed over to one point every disk holds (planned: the agent's final point, a tag
+    /// on every disk at one instant).
+    async fn failover_machine(
+        self: &Arc<Self>,
+        disks: &[Arc<Replica>],
+        item: &str,
+        sel: PointSel,
+        planned: bool,
+    ) -> Result<ItemRecord, RecoveryError> {
+        let name = |r: &Replica| format!("{item}/{}", r.stream.key.disk);
+        for r in disks {
+            let (r, item) = (r.clone(), name(r));
+            tokio::task::spawn_blocking(move || super::test_failover::wait_created(&r, &item))
+                .await
+                .map_err(internal)??;
+        }
+        let event = if planned {
+            ItemEvent::PlannedFailover
+        } else {
+            ItemEvent::FailoverStarted
+        };
+        // Every disk checked and claimed, or none.
+        let mut claimed = Vec::new();
+        for r in disks {
+            let item = name(r);
+            let mut st = lock(&r.recovery.state);
+            if st.busy {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!(
+                        "a failover of item {item} is already running; see `haven failover show \
+                         {item}`"
+                    ),
+                ));
+            }
+            transition(st.item.state, event).map_err(|e| e.into_error(&item))?;
+            if let Some(p) = st.test.point() {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!(
+                        "a test failover of item {item} is running (point {}): clean it up first \
+                         with `haven failover cleanup {item}`",
+                        p.point
+                    ),
+                ));
+            }
+            st.busy = true;
+            drop(st);
+            claimed.push(Busy(&r.recovery));
+        }
+        let points: Vec<PointRecord> = if planned {
+            if let Some(r) = disks
+                .iter()
+                .find(|r| lock(&r.recovery.state).points.is_empty())
+            {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    self.no_points_message(r, &name(r)),
+                ));
+            }
+            let taken = self.ask_agent_all(&disks[0], Command::Stop).await?;
+            let point = taken.first().map_or(0, |t| t.point);
+            let mut points = Vec::new();
+            for r in disks {
+                let tag = taken
+                    .iter()
+                    .find(|t| t.disk == r.stream.key.disk)
+                    .ok_or_else(|| {
+                        err(
+                            ErrorKind::Internal,
+                            format!(
+                                "the agent's final point {point} has no tag on disk {}",
+                                r.stream.key.disk
+                            ),
+                        )
+                    })?;
+                points.push(self.await_point(r, tag.seq).await.map_err(|e| RecoveryError {
+                    message: format!(
+                        "the source of {item} is stopped (its final point is {point}), but disk \
+                         {}: {}; once the point has arrived (`haven point list {item}`), fail \
+                         over with `haven failover {item} --point {point}`",
+                        r.stream.key.disk, e.message
+                    ),
+                    ..e
+                })?);
+            }
+            points
+        } else {
+            let id = self.pick_common(disks, item, sel)?;
+            disks
+                .iter()
+                .map(|r| {
+                    let st = lock(&r.recovery.state);
+                    self.pick(r, &st.points, &name(r), PointSel::Id(id))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let mut first = None;
+        for (r, point) in disks.iter().zip(points) {
+            hold_base(r);
+            let cause = if planned {
+                format!(
+                    "planned failover of {item}: the source stopped at point {}",
+                    point.point
+                )
+            } else {
+                format!("failover of {item} to point {} requested", point.point)
+            };
+            let record = record(&self.state, r, &name(r), event, cause, |i| {
+                i.point = Some(point);
+                i.planned = planned;
+                i.image = None;
+            })?;
+            first.get_or_insert(record);
+        }
+        self.stop_replication(&disks[0]);
+        for r in disks {
+            self.spawn_materialise(r.clone());
+        }
+        drop(claimed);
+        Ok(first.expect("a machine has disks"))
     }
 
     /// Cuts the item's replication: its process-server connection is closed and
@@ -373,9 +518,29 @@ impl MasterTarget {
         Ok(full.display().to_string())
     }
 
-    /// `haven failover commit`: the failover is final; the other points are discarded.
+    /// `haven failover commit`: the failover is final; the other points are discarded. Every
+    /// disk of a machine is committed (the record returned is its first disk's).
     pub fn commit(&self, item: &str) -> Result<ItemRecord, RecoveryError> {
-        let r = self.find_item(item)?;
+        let disks = self.find_machine(item)?;
+        // Checked for every disk first: none is committed unless all can be.
+        for r in &disks {
+            let st = lock(&r.recovery.state);
+            transition(st.item.state, ItemEvent::Committed).map_err(|e| e.into_error(item))?;
+        }
+        let mut first = None;
+        for r in &disks {
+            let name = if disks.len() > 1 {
+                format!("{item}/{}", r.stream.key.disk)
+            } else {
+                item.to_string()
+            };
+            let record = self.commit_disk(r, &name)?;
+            first.get_or_insert(record);
+        }
+        Ok(first.expect("a machine has disks"))
+    }
+
+    fn commit_disk(&self, r: &Replica, item: &str) -> Result<ItemRecord, RecoveryError> {
         let dropped: Vec<Seq> = {
             let mut st = lock(&r.recovery.state);
             transition(st.item.state, ItemEvent::Committed).map_err(|e| e.into_error(item))?;
@@ -392,7 +557,7 @@ impl MasterTarget {
         store_points(&self.state, r.stream.key, &[], &dropped).map_err(internal)?;
         record(
             &self.state,
-            &r,
+            r,
             item,
             ItemEvent::Committed,
             format!("committed; {} other points discarded", dropped.len()),

@@ -62,7 +62,10 @@ mod points;
 mod test_failover;
 
 pub use item::{ItemEvent, ItemRecord, ItemState, Refused, Transition, transition};
-pub use points::{JOURNAL_HIGH_PERCENT, PointInfo, PointKind, PointRecord};
+pub use points::{
+    GroupMemberPoint, GroupPointInfo, JOURNAL_HIGH_PERCENT, MAX_GROUP_MEMBERS, MAX_HOLD, PointInfo,
+    PointKind, PointRecord,
+};
 pub use test_failover::TestFailoverInfo;
 
 pub(crate) use points::register_tag;
@@ -278,9 +281,9 @@ impl MasterTarget {
         Ok(())
     }
 
-    /// Finds an item by agent id (or a unique prefix of at least 6 hex digits), or by machine
-    /// name; `NAME/DISK` picks a disk.
-    pub(crate) fn find_item(&self, item: &str) -> Result<Arc<Replica>, RecoveryError> {
+    /// The replicas `item` names: by agent id (or a prefix of at least 6 hex digits) or by
+    /// machine name, every disk of it; `NAME/DISK` picks one disk.
+    fn matching(&self, item: &str) -> Vec<Arc<Replica>> {
         let (name, disk) = match item.rsplit_once('/') {
             Some((n, d)) => match d.parse::<u32>() {
                 Ok(d) => (n, Some(d)),
@@ -290,7 +293,7 @@ impl MasterTarget {
         };
         let replicas: Vec<Arc<Replica>> = lock(&self.replicas).values().cloned().collect();
         let reports = lock(&self.reports).clone();
-        let matches: Vec<Arc<Replica>> = replicas
+        let mut matches: Vec<Arc<Replica>> = replicas
             .into_iter()
             .filter(|r| disk.is_none_or(|d| r.stream.key.disk == d))
             .filter(|r| {
@@ -302,15 +305,27 @@ impl MasterTarget {
                 id == name || (name.len() >= 6 && id.starts_with(name)) || machine == name
             })
             .collect();
+        matches.sort_by_key(|r| (r.stream.key.peer, r.stream.key.disk));
+        matches
+    }
+
+    fn no_item(item: &str) -> RecoveryError {
+        err(
+            ErrorKind::NotFound,
+            format!(
+                "no protected item {item:?} at this master target: name a machine or an agent \
+                 id as `haven status` lists them"
+            ),
+        )
+    }
+
+    /// Finds one disk's item: by agent id (or a unique prefix of at least 6 hex digits), or by
+    /// machine name when the machine has one disk; `NAME/DISK` picks a disk.
+    pub(crate) fn find_item(&self, item: &str) -> Result<Arc<Replica>, RecoveryError> {
+        let matches = self.matching(item);
         match matches.len() {
             1 => Ok(matches.into_iter().next().expect("one match")),
-            0 => Err(err(
-                ErrorKind::NotFound,
-                format!(
-                    "no protected item {item:?} at this master target: name a machine or an agent \
-                     id as `haven status` lists them"
-                ),
-            )),
+            0 => Err(Self::no_item(item)),
             n => Err(err(
                 ErrorKind::Invalid,
                 format!(
@@ -318,6 +333,31 @@ impl MasterTarget {
                 ),
             )),
         }
+    }
+
+    /// Finds a machine's items: every disk of the one machine `item` names (in disk order), or
+    /// the one disk `NAME/DISK` names.
+    pub(crate) fn find_machine(&self, item: &str) -> Result<Vec<Arc<Replica>>, RecoveryError> {
+        let matches = self.matching(item);
+        let Some(first) = matches.first() else {
+            return Err(Self::no_item(item));
+        };
+        let peer = first.stream.key.peer;
+        if matches.iter().any(|r| r.stream.key.peer != peer) {
+            let agents: BTreeSet<String> = matches
+                .iter()
+                .map(|r| peer_hex(&r.stream.key.peer))
+                .collect();
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{item:?} names {} machines (agents {}): use the agent id",
+                    agents.len(),
+                    agents.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        Ok(matches)
     }
 
     /// Every item.

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use haven_net::control::Command;
+use haven_net::control::{self, Command};
 use haven_store::state::{StateDb, StreamKey};
 use haven_wire::{Record, Seq, Tag, TagKind};
 use serde::{Deserialize, Serialize};
 
-use super::{ErrorKind, PointSel, RecoveryError, err, point_key, points_prefix, require_protected};
+use super::{
+    ErrorKind, PointSel, RecoveryError, err, internal, point_key, points_prefix, require_protected,
+};
 use crate::ingest::lock;
 use crate::master_target::{MasterTarget, Replica};
 use crate::retention::{self, PointAge, RetentionPolicy};
@@ -61,6 +63,32 @@ impl PointRecord {
             received_ms: now_ms(),
         }
     }
+}
+
+/// Most machines in one group point (the pipeline's groups hold at most 64).
+pub const MAX_GROUP_MEMBERS: usize = 64;
+/// Longest the members' writes are held for a group point.
+pub const MAX_HOLD: Duration = Duration::from_secs(5);
+
+/// A group point: one point id that every disk of every member holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GroupPointInfo {
+    /// The point's id, the same on every member.
+    pub point: u64,
+    /// Each member's tags.
+    pub members: Vec<GroupMemberPoint>,
+    /// From the first hold asked to the last release answered, ms: the longest any member's
+    /// writes waited.
+    pub held_ms: u64,
+}
+
+/// A member's part of a group point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GroupMemberPoint {
+    /// The member, as named.
+    pub machine: String,
+    /// The point on each of its disks, in disk order.
+    pub points: Vec<PointRecord>,
 }
 
 /// A point as listed.
@@ -161,9 +189,29 @@ impl MasterTarget {
         Ok((points, newest.max(applied)))
     }
 
-    /// The item's points, oldest first.
+    /// The item's points, oldest first. For a machine of several disks, its points: those
+    /// every disk holds (each listed with its first disk's tag).
     pub fn points(&self, item: &str) -> Result<Vec<PointInfo>, RecoveryError> {
-        let r = self.find_item(item)?;
+        let disks = self.find_machine(item)?;
+        if disks.len() > 1 {
+            let common = common_ids(&disks);
+            let st = lock(&disks[0].recovery.state);
+            let in_use = st.in_use();
+            return Ok(st
+                .points
+                .values()
+                .filter(|p| common.contains(&p.point))
+                .map(|p| PointInfo {
+                    record: *p,
+                    state: if in_use.contains(&p.seq) {
+                        "in-use".into()
+                    } else {
+                        "available".into()
+                    },
+                })
+                .collect());
+        }
+        let r = &disks[0];
         let st = lock(&r.recovery.state);
         let in_use = st.in_use();
         Ok(st
@@ -216,6 +264,193 @@ impl MasterTarget {
                         ),
                     )
                 }),
+        }
+    }
+
+    /// A group point ([`GroupPointInfo`]): the members' writes are held (every member
+    /// answers [`Command::Hold`] within `hold`), then every member tags every disk with one id,
+    /// above every point any member took, and lets its writes go. A member that does not
+    /// answer the hold in time makes the point fail; the others are let go at once, and each
+    /// agent lets its writes go on its own at the deadline whatever happens here. So every
+    /// write acknowledged before the point on any member is in it, and none acknowledged after.
+    pub async fn group_point(
+        &self,
+        members: &[String],
+        hold: Duration,
+    ) -> Result<GroupPointInfo, RecoveryError> {
+        use haven_net::control::{Reply, Request};
+        if members.is_empty() || members.len() > MAX_GROUP_MEMBERS {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "a group point needs 1 to {MAX_GROUP_MEMBERS} members, not {}",
+                    members.len()
+                ),
+            ));
+        }
+        let hold = hold.clamp(Duration::from_millis(10), MAX_HOLD);
+        let mut machines = Vec::new();
+        for m in members {
+            let named = |e: RecoveryError| RecoveryError {
+                message: format!("no group point: {m}: {}", e.message),
+                ..e
+            };
+            let disks = self.find_machine(m).map_err(named)?;
+            for r in &disks {
+                require_protected(r, m, "no points are taken after a failover").map_err(named)?;
+            }
+            let conn = self.route(&disks[0]).map_err(named)?;
+            machines.push((m.clone(), disks, conn));
+        }
+        let started = Instant::now();
+        let agent_of = |disks: &[Arc<Replica>]| peer_hex(&disks[0].stream.key.peer);
+        // First half: every member holds its writes.
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, (_, disks, conn)) in machines.iter().enumerate() {
+            let (conn, request) = (
+                conn.clone(),
+                Request {
+                    agent_id: agent_of(disks),
+                    command: Command::Hold {
+                        hold_ms: hold.as_millis() as u64,
+                    },
+                },
+            );
+            asks.spawn(async move { (i, control::call(&conn, &request, hold).await) });
+        }
+        let mut held: Vec<Option<(u64, u64)>> = vec![None; machines.len()];
+        let mut refused = Vec::new();
+        while let Some(joined) = asks.join_next().await {
+            let (i, reply) = joined.map_err(internal)?;
+            let name = &machines[i].0;
+            match reply {
+                Ok(Reply::Held { hold, last_point }) => held[i] = Some((hold, last_point)),
+                Ok(Reply::Failed(why) | Reply::Done(why)) => refused.push(format!("{name}: {why}")),
+                Ok(Reply::Taken(_)) => {
+                    refused.push(format!("{name}: answered a hold with a point"))
+                }
+                Err(e) => refused.push(format!("{name}: {e}")),
+            }
+        }
+        let point = if refused.is_empty() {
+            let last = held.iter().flatten().map(|(_, l)| *l).max().unwrap_or(0);
+            Some((last + 1).max(now_ms()))
+        } else {
+            None
+        };
+        // Second half: every member that holds tags (or, when one did not hold, lets go).
+        let mut releases = tokio::task::JoinSet::new();
+        for (i, (_, disks, conn)) in machines.iter().enumerate() {
+            let Some((number, _)) = held[i] else { continue };
+            let (conn, request) = (
+                conn.clone(),
+                Request {
+                    agent_id: agent_of(disks),
+                    command: Command::Release {
+                        hold: number,
+                        point,
+                    },
+                },
+            );
+            releases.spawn(async move {
+                (
+                    i,
+                    control::call(&conn, &request, Duration::from_secs(30)).await,
+                )
+            });
+        }
+        let mut taken = vec![Vec::new(); machines.len()];
+        while let Some(joined) = releases.join_next().await {
+            let (i, reply) = joined.map_err(internal)?;
+            let name = &machines[i].0;
+            match reply {
+                Ok(Reply::Taken(t)) => taken[i] = t,
+                Ok(_) if point.is_none() => {}
+                Ok(Reply::Failed(why) | Reply::Done(why)) => refused.push(format!("{name}: {why}")),
+                Ok(Reply::Held { .. }) => {
+                    refused.push(format!("{name}: answered a release with a hold"));
+                }
+                Err(e) => refused.push(format!("{name}: {e}")),
+            }
+        }
+        let held_ms = started.elapsed().as_millis() as u64;
+        let Some(point) = point.filter(|_| refused.is_empty()) else {
+            return Err(err(
+                ErrorKind::Unavailable,
+                format!(
+                    "no group point: {} (every member's writes went on; try again)",
+                    refused.join("; ")
+                ),
+            ));
+        };
+        let mut out = Vec::new();
+        for ((machine, disks, _), tags) in machines.iter().zip(&taken) {
+            let mut records = Vec::new();
+            for r in disks {
+                let tag = tags
+                    .iter()
+                    .find(|t| t.disk == r.stream.key.disk && t.point == point)
+                    .ok_or_else(|| {
+                        err(
+                            ErrorKind::Internal,
+                            format!(
+                                "{machine}: group point {point} has no tag on disk {}",
+                                r.stream.key.disk
+                            ),
+                        )
+                    })?;
+                records.push(self.await_point(r, tag.seq).await?);
+            }
+            out.push(GroupMemberPoint {
+                machine: machine.clone(),
+                points: records,
+            });
+        }
+        Ok(GroupPointInfo {
+            point,
+            members: out,
+            held_ms,
+        })
+    }
+
+    /// The id of the point `sel` means among the points every disk of a machine holds.
+    pub(super) fn pick_common(
+        &self,
+        disks: &[Arc<Replica>],
+        item: &str,
+        sel: PointSel,
+    ) -> Result<u64, RecoveryError> {
+        let common = common_ids(disks);
+        match sel {
+            PointSel::Latest => common.last().copied().ok_or_else(|| {
+                let message = match disks
+                    .iter()
+                    .find(|r| lock(&r.recovery.state).points.is_empty())
+                {
+                    Some(r) => self.no_points_message(r, &format!("{item}/{}", r.stream.key.disk)),
+                    None => format!(
+                        "machine {item} has no point all its {} disks hold (a point whose tag \
+                         some disk lacks is not a point of the machine); take one with `haven \
+                         point create {item}`",
+                        disks.len()
+                    ),
+                };
+                err(ErrorKind::Conflict, message)
+            }),
+            PointSel::Id(id) if common.contains(&id) => Ok(id),
+            PointSel::Id(id) => Err(err(
+                ErrorKind::NotFound,
+                format!(
+                    "machine {item}: no point {id} on all its {} disks (it holds {} points of \
+                     the machine{}); `haven point list {item}` lists them",
+                    disks.len(),
+                    common.len(),
+                    match (common.first(), common.last()) {
+                        (Some(a), Some(b)) => format!(", from {a} to {b}"),
+                        _ => String::new(),
+                    }
+                ),
+            )),
         }
     }
 
@@ -283,11 +518,31 @@ impl MasterTarget {
     }
 
     /// `haven point create`: the agent tags its stream now; returns once the point is here.
+    /// For a machine of several disks the point covers all of them (one tag each, at one
+    /// instant); the record returned is its first disk's.
     pub async fn create_point(&self, item: &str, app: bool) -> Result<PointRecord, RecoveryError> {
-        let r = self.find_item(item)?;
-        require_protected(&r, item, "no points are taken after a failover")?;
-        let taken = self.ask_agent(&r, Command::Point { app }).await?;
-        self.await_point(&r, taken.seq).await
+        let disks = self.find_machine(item)?;
+        for r in &disks {
+            require_protected(r, item, "no points are taken after a failover")?;
+        }
+        let taken = self
+            .ask_agent_all(&disks[0], Command::Point { app })
+            .await?;
+        let mut first = None;
+        for r in &disks {
+            let tag = taken
+                .iter()
+                .find(|t| t.disk == r.stream.key.disk)
+                .ok_or_else(|| {
+                    err(
+                        ErrorKind::Internal,
+                        format!("the agent's point has no tag on disk {}", r.stream.key.disk),
+                    )
+                })?;
+            let point = self.await_point(r, tag.seq).await?;
+            first.get_or_insert(point);
+        }
+        Ok(first.expect("a machine has disks"))
     }
 
     /// One pass of retention over every item at `now_ms` (see the module docs).
@@ -413,4 +668,21 @@ impl MasterTarget {
                 }
             });
     }
+}
+
+/// The ids of the points every one of `disks` holds, ascending.
+fn common_ids(disks: &[Arc<Replica>]) -> Vec<u64> {
+    let mut common: Option<BTreeSet<u64>> = None;
+    for r in disks {
+        let ids: BTreeSet<u64> = lock(&r.recovery.state)
+            .points
+            .values()
+            .map(|p| p.point)
+            .collect();
+        common = Some(match common {
+            None => ids,
+            Some(c) => c.intersection(&ids).copied().collect(),
+        });
+    }
+    common.unwrap_or_default().into_iter().collect()
 }

@@ -208,14 +208,47 @@ impl MasterTarget {
         ))
     }
 
-    /// `haven failover test`: presents a point over NBD; returns at once.
+    /// `haven failover test`: presents a point over NBD; returns at once. A machine of several
+    /// disks presents each disk at one point all of them hold, each on its own export (`haven
+    /// failover list` shows them); the record returned is its first disk's.
     pub fn test_failover(
         &self,
         item: &str,
         sel: PointSel,
         writable: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
-        let r = self.find_item(item)?;
+        let disks = self.find_machine(item)?;
+        if disks.len() == 1 {
+            return self.test_failover_disk(&disks[0], item, sel, writable);
+        }
+        let id = self.pick_common(&disks, item, sel)?;
+        let mut started = Vec::new();
+        for r in &disks {
+            let name = format!("{item}/{}", r.stream.key.disk);
+            match self.test_failover_disk(r, &name, PointSel::Id(id), writable) {
+                Ok(info) => started.push((name, info)),
+                Err(e) => {
+                    // All disks or none: the ones started end again.
+                    for (name, _) in &started {
+                        if let Err(e) = self.cleanup_test(name) {
+                            tracing::warn!(item = %name, error = %e, "ending a test failover again");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(started.swap_remove(0).1)
+    }
+
+    fn test_failover_disk(
+        &self,
+        r: &Arc<Replica>,
+        item: &str,
+        sel: PointSel,
+        writable: bool,
+    ) -> Result<TestFailoverInfo, RecoveryError> {
+        let r = r.clone();
         wait_created(&r, item)?;
         // Checked and claimed in one step: no failover or other test failover starts meanwhile,
         // and retention keeps the point.
@@ -396,9 +429,35 @@ impl MasterTarget {
         })
     }
 
-    /// `haven failover cleanup`: ends the test failover and discards what it wrote.
+    /// `haven failover cleanup`: ends the test failover and discards what it wrote; of every
+    /// disk, for a machine of several (the record returned is its first disk's).
     pub fn cleanup_test(&self, item: &str) -> Result<TestFailoverInfo, RecoveryError> {
-        let r = self.find_item(item)?;
+        let disks = self.find_machine(item)?;
+        if disks.len() == 1 {
+            return self.cleanup_test_disk(&disks[0], item);
+        }
+        let mut first = None;
+        let mut failed = Vec::new();
+        for r in &disks {
+            let name = format!("{item}/{}", r.stream.key.disk);
+            match self.cleanup_test_disk(r, &name) {
+                Ok(info) => {
+                    first.get_or_insert(info);
+                }
+                Err(e) => failed.push(e),
+            }
+        }
+        match (first, failed.is_empty()) {
+            (Some(info), true) => Ok(info),
+            _ => Err(failed.swap_remove(0)),
+        }
+    }
+
+    fn cleanup_test_disk(
+        &self,
+        r: &Replica,
+        item: &str,
+    ) -> Result<TestFailoverInfo, RecoveryError> {
         let key = r.stream.key;
         let active = {
             let mut st = lock(&r.recovery.state);
@@ -486,7 +545,7 @@ impl MasterTarget {
         }
         record_event(
             self,
-            &r,
+            r,
             item,
             ItemEvent::TestFailoverCleanedUp,
             format!("test failover at point {} cleaned up", info.point.point),
