@@ -1,8 +1,8 @@
 //! Recovery points on the source: tags in the change log, on a policy interval and on request,
 //! and the planned-failover stop.
 //!
-//! A point is a tag record appended to every disk's change log with all the disks' splitter
-//! locks held at once ([`Splitter::tag_all`](crate::splitter::Splitter::tag_all)), so on every
+//! A point is a tag record appended to every disk's change log while the writes of all the
+//! disks are held at once ([`Splitter::tag_all`](crate::splitter::Splitter::tag_all)), so on every
 //! disk it sits after every write acknowledged (on any disk) before it and before every write
 //! that starts after it: the machine's disks at the point are one instant of the machine. It
 //! ships like any other record and the master target indexes it; a point of the machine is one
@@ -459,7 +459,7 @@ pub fn hold(
     hold_ms: u64,
 ) -> Result<(u64, u64), String> {
     let limit = Duration::from_millis(hold_ms).min(MAX_HOLD);
-    let deadline = Instant::now() + limit;
+    let asked = Instant::now();
     let (tell, told) = mpsc::channel::<Option<u64>>();
     let (done, outcome) = mpsc::channel();
     let number = points.holds.fetch_add(1, Ordering::AcqRel) + 1;
@@ -498,6 +498,15 @@ pub fn hold(
                         return Err(e.to_string());
                     }
                 };
+                // The deadline counts from when the writes wait, not from the request.
+                let deadline = Instant::now() + limit;
+                let waited = asked.elapsed();
+                if waited > limit / 4 {
+                    tracing::info!(
+                        waited_ms = waited.as_millis() as u64,
+                        "a group point's hold waited for the writes in progress"
+                    );
+                }
                 let last = points.last_point.load(Ordering::Acquire);
                 let _ = held_tx.send(Ok(last));
                 match told.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -531,6 +540,7 @@ pub fn hold(
                     Err(_) => {
                         tracing::warn!(
                             hold_ms = limit.as_millis() as u64,
+                            waited_ms = waited.as_millis() as u64,
                             "a group point's hold reached its deadline: the writes go on, no point"
                         );
                         Err(format!(
@@ -569,6 +579,7 @@ pub fn release(
     number: u64,
     point: Option<u64>,
 ) -> Result<Vec<PointTaken>, String> {
+    tracing::debug!(hold = number, ?point, "group point release");
     let hold = {
         let mut slot = points.held.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {

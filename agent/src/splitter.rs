@@ -56,7 +56,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rustix::fs::FallocateFlags;
 
@@ -143,6 +143,11 @@ pub struct Splitter {
     block_device: bool,
     on_full: OnFull,
     log: Mutex<ChangeLog>,
+    /// Taken (shared) by every client change for its whole course, and (exclusive) by a
+    /// recovery point's [`Splitter::hold_all`]: a hold waits for the changes in progress and
+    /// keeps new ones waiting, without holding the log's lock, so everything else (the
+    /// shipper, the report) goes on meanwhile.
+    gate: RwLock<()>,
     /// Set (under the log's lock) while the log is overflowed: changes go to the disk only.
     overflowed: AtomicBool,
     overflow: Mutex<Option<Overflow>>,
@@ -224,6 +229,7 @@ impl Splitter {
             block_device,
             on_full,
             log: Mutex::new(log),
+            gate: RwLock::new(()),
             overflowed: AtomicBool::new(overflowed),
             overflow: Mutex::new(overflow),
             closed: AtomicBool::new(false),
@@ -412,6 +418,7 @@ impl Splitter {
         if data.is_empty() {
             return Ok(());
         }
+        let _gate = self.pass_gate();
         let mut log = self.lock_open()?;
         self.log_change(&mut log, Change::Write { offset, data })?;
         self.client_bytes
@@ -438,6 +445,7 @@ impl Splitter {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.pass_gate();
         let mut log = self.lock_open()?;
         self.log_change(&mut log, Change::Zero { offset, len })?;
         self.client_bytes.fetch_add(len, Ordering::Relaxed);
@@ -456,6 +464,7 @@ impl Splitter {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.pass_gate();
         let mut log = self.lock_open()?;
         self.log_change(&mut log, Change::Trim { offset, len })?;
         self.client_bytes.fetch_add(len, Ordering::Relaxed);
@@ -528,6 +537,11 @@ impl Splitter {
             "change log reset: changes are logged again"
         );
         Ok(next)
+    }
+
+    /// Waits while a recovery point holds the writes; the guard lets them on again.
+    fn pass_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The lock, unless the splitter was shut down.
@@ -642,7 +656,7 @@ impl Splitter {
     }
 
     /// Appends the same tag (a recovery point) to the logs of all `splitters` — the disks of
-    /// one machine — with all their locks held at once ([`Splitter::hold_all`], then
+    /// one machine — with all their writes held at once ([`Splitter::hold_all`], then
     /// [`Held::tag`]): no write on any of them is acknowledged while the tags go in, so every
     /// write acknowledged before the tag on any disk precedes the tag on its own disk, and
     /// every write that starts after follows it. With `close` every splitter is closed in the
@@ -656,17 +670,21 @@ impl Splitter {
         Splitter::hold_all(splitters, close)?.tag(info, close)
     }
 
-    /// Takes the locks of all `splitters`, in the order given: until the [`Held`] is tagged or
-    /// dropped no change is applied to any of them (a write waits). With `close` a closed
+    /// Holds the client changes of all `splitters`, in the order given: once it returns, no
+    /// change is in progress on any of them, and until the [`Held`] is tagged or dropped none
+    /// starts (a write waits). The logs' locks are not held meanwhile. With `close` a closed
     /// splitter is held too (for its final tag); without, it is refused.
     pub fn hold_all<'a>(splitters: &[&'a Splitter], close: bool) -> Result<Held<'a>, SplitError> {
-        let mut logs = Vec::with_capacity(splitters.len());
+        let mut gates = Vec::with_capacity(splitters.len());
         for s in splitters {
-            logs.push(if close { s.lock() } else { s.lock_open()? });
+            gates.push(s.gate.write().unwrap_or_else(|e| e.into_inner()));
+        }
+        if !close && splitters.iter().any(|s| s.closed.load(Ordering::Acquire)) {
+            return Err(SplitError::ShuttingDown);
         }
         Ok(Held {
             splitters: splitters.to_vec(),
-            logs,
+            _gates: gates,
         })
     }
 
@@ -693,16 +711,17 @@ impl Splitter {
     }
 }
 
-/// The locks of several splitters, held ([`Splitter::hold_all`]): their writes wait.
+/// The client changes of several splitters, held ([`Splitter::hold_all`]): their writes wait.
 pub struct Held<'a> {
     splitters: Vec<&'a Splitter>,
-    logs: Vec<MutexGuard<'a, ChangeLog>>,
+    _gates: Vec<RwLockWriteGuard<'a, ()>>,
 }
 
 impl Held<'_> {
-    /// Appends the tag to every held log, closes every splitter with `close`, releases the
-    /// locks, then makes the tags durable (outside the locks). Returns each tag's seq, in the
-    /// order held.
+    /// Appends the tag to every held log, closes every splitter with `close` and lets the
+    /// writes go on. Returns each tag's seq, in the order held. Nothing is synced here: a tag, like a
+    /// write, leaves the machine only once the shipper made it durable
+    /// ([`Splitter::sync_for_shipping`]), so a point costs the workload no sync.
     ///
     /// Refused when a log overflowed (changes since then are not in it, so no point would hold
     /// them). The caller checks that no unshipped copy record precedes a tag
@@ -710,29 +729,26 @@ impl Held<'_> {
     /// without the others: the point is then incomplete, and the master target keeps only
     /// points every disk has.
     pub fn tag(self, info: crate::log::TagInfo, close: bool) -> Result<Vec<u64>, SplitError> {
-        let Held {
-            splitters,
-            mut logs,
-        } = self;
+        let Held { splitters, _gates } = self;
         if splitters
             .iter()
             .any(|s| s.overflowed.load(Ordering::Acquire))
         {
             return Err(SplitError::Overflowed);
         }
-        let mut seqs = Vec::with_capacity(logs.len());
-        for log in &mut logs {
+        let mut seqs = Vec::with_capacity(splitters.len());
+        for s in &splitters {
+            // No client change is in progress: the tag follows every one applied so far.
+            let mut log = s.lock();
+            if s.overflowed.load(Ordering::Acquire) {
+                return Err(SplitError::Overflowed);
+            }
             seqs.push(log.append(Change::Tag(info))?);
-        }
-        if close {
-            for s in &splitters {
+            if close {
                 s.closed.store(true, Ordering::Release);
             }
         }
-        drop(logs);
-        for s in splitters {
-            s.sync_for_shipping()?;
-        }
+        drop(_gates);
         Ok(seqs)
     }
 }

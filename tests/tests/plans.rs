@@ -4,6 +4,7 @@
 //! plan, and `continue_on_error`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use haven_e2e::{Cluster, ClusterOptions, http_get, mixed_disk};
@@ -62,6 +63,25 @@ name = "again"
 kind = "failover"
 machines = ["web01"]
 continue_on_error = true
+
+[[plan]]
+name = "resumable"
+
+[[plan.step]]
+kind = "script"
+run = "echo run >> {m}/runs"
+
+[[plan.step]]
+kind = "manual"
+message = "Restart the configuration server"
+
+[[plan.step]]
+kind = "failover"
+machines = ["web01"]
+
+[[plan.step]]
+kind = "script"
+run = "touch {m}/resumed"
 
 [[plan]]
 name = "lenient"
@@ -219,6 +239,56 @@ fn a_plan_runs_its_steps_in_order_and_waits_for_its_operator() -> Result<()> {
     assert!(out.contains("FAILED script: exit 4"), "{out}");
     assert!(marks.join("lenient").exists(), "{out}");
     assert_eq!(newest_job(&c)?["state"], "succeeded");
+
+    // A run a restart of the configuration server interrupts goes on at its step: the script
+    // before it is not run again, the manual step waits again.
+    let out = cs.haven(&["plan", "test-failover", "resumable"])?;
+    assert!(out.contains("waits for an operator"), "{out}");
+    let id = newest_job(&c)?["id"].clone();
+    let mut c = c;
+    c.cs.as_mut().context("cs")?.restart()?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let job = haven_e2e::poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        let jobs: Vec<serde_json::Value> =
+            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        let job = jobs
+            .into_iter()
+            .find(|j| j["id"] == id)
+            .context("the plan's job is gone")?;
+        let waiting = step_names(&job)
+            .iter()
+            .filter(|n| n.starts_with("wait for an operator"))
+            .count();
+        Ok(if waiting == 2 && job["state"] == "running" {
+            Ok(job)
+        } else {
+            Err(format!("not waiting again yet: {job}"))
+        })
+    })?;
+    assert_eq!(job["steps"][2]["state"], "failed", "{job:#}");
+    assert!(
+        job["steps"][2]["output"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("interrupted: the configuration server stopped during this step; the plan goes on from here"),
+        "{job:#}"
+    );
+    // The master target is reached again before the plan goes on.
+    haven_e2e::poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok(cs
+            .haven(&["failover", "show", "web01", "--json"])
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}")))
+    })?;
+    let out = cs.haven(&["plan", "resume", "resumable"])?;
+    assert!(out.contains("plan resumable: done"), "{out}");
+    let job = newest_job(&c)?;
+    assert_eq!(job["id"], id, "{job:#}");
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(std::fs::read_to_string(marks.join("runs"))?, "run\n");
+    assert!(marks.join("resumed").exists());
+    assert!(cs.haven(&["events"])?.contains("plan.resumed"));
+    cs.haven(&["plan", "cleanup", "resumable"])?;
 
     // The real thing: a planned failover through the plan.
     cs.haven(&["plan", "failover", "dr", "--planned"])?;

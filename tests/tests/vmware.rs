@@ -449,9 +449,21 @@ fn a_replica_is_defined_started_and_deleted_on_the_secondary() {
     target.power_on(&r.id).unwrap();
     assert_eq!(power(&mut target, &r.id), PowerState::Running);
 
-    // The name is taken now.
-    let err = target.define_replica(&spec).unwrap_err();
+    // Defining it again (a retry whose answer was lost) answers the same machine; another
+    // machine of that name (other disks) is refused.
+    let again = target.define_replica(&spec).unwrap();
+    assert_eq!(again.id, r.id);
+    let machines = target.inventory().unwrap();
+    assert_eq!(
+        machines.iter().filter(|m| m.name == spec.name).count(),
+        1,
+        "{machines:?}"
+    );
+    let mut other = spec.clone();
+    other.disks.truncate(1);
+    let err = target.define_replica(&other).unwrap_err();
     assert_eq!(kind(&err), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.to_string().contains("is not this replica"), "{err}");
 
     // Deleting powers off, keeps the disks, and is repeatable.
     target.delete_machine(&r.id).unwrap();

@@ -176,7 +176,10 @@ pub(crate) async fn create_group_point(
     caller: Option<axum::Extension<crate::auth::Caller>>,
 ) -> Result<Response, ApiError> {
     let hold = hold_of(q.hold_ms)?;
-    let (members, gateway) = members(&cs, &name)?;
+    let (members, gateway) = {
+        let (cs, name) = (cs.clone(), name.clone());
+        crate::blocking(move || members(&cs, &name)).await?
+    };
     let members: Vec<String> = members
         .iter()
         .map(|m| {
@@ -215,7 +218,10 @@ pub(crate) async fn list_group_points(
     Deployment(cs): Deployment,
     Path(name): Path<String>,
 ) -> Result<Pretty<Vec<GroupPoint>>, ApiError> {
-    let (members, gateway) = members(&cs, &name)?;
+    let (members, gateway) = {
+        let (cs, name) = (cs.clone(), name.clone());
+        crate::blocking(move || members(&cs, &name)).await?
+    };
     common_points(&cs, &gateway, &members)
         .await
         .map(Pretty)

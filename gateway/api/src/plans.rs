@@ -39,6 +39,25 @@ const SCRIPT_OUTPUT: usize = 4096;
 /// The prefix of a manual step's name while it waits.
 pub const WAITING: &str = "wait for an operator: ";
 
+/// How far a plan's run got, kept as `planrun/<job id>` while it runs: a run a restart of the
+/// configuration server interrupted goes on from the unit it was in (`resume_interrupted`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Progress {
+    plan: String,
+    action: String,
+    query: String,
+    /// Units of work done (machines, group points, scripts, manual steps), in order.
+    done: usize,
+    /// The group points found so far, by group.
+    group_points: std::collections::BTreeMap<String, u64>,
+    /// The next unit is the one a restart interrupted (it checks what was done already).
+    resumed: bool,
+}
+
+fn progress_key(job: u64) -> String {
+    format!("planrun/{job:020}")
+}
+
 /// What a plan run does to each machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
@@ -49,6 +68,17 @@ enum Action {
 }
 
 impl Action {
+    fn parse(name: &str) -> Option<Action> {
+        [
+            Action::Failover,
+            Action::TestFailover,
+            Action::Cleanup,
+            Action::Commit,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Action::Failover => "failover",
@@ -199,11 +229,40 @@ async fn start(
         text: format!("plan {name} ({}) started", action.name()),
     });
     let answer = first.clone();
+    let progress = Progress {
+        plan: name.clone(),
+        action: action.name().to_string(),
+        query,
+        ..Progress::default()
+    };
+    spawn_run(cs, first, p, plan_steps, action, waiter, progress);
+    Ok(Pretty(answer))
+}
+
+/// Runs plan `progress.plan` as `job` in a task of its own, from the unit `progress` says, and
+/// raises how it ended.
+fn spawn_run(
+    cs: Arc<ConfigServer>,
+    job: Job,
+    p: Pipeline,
+    plan_steps: Vec<Step>,
+    action: Action,
+    waiter: Arc<haven_engine::config_server::Waiter>,
+    progress: Progress,
+) {
     tokio::spawn(async move {
-        let id = first.id;
-        let outcome = run(&cs, first, &p, &name, &plan_steps, action, &query, &waiter).await;
+        let (id, name) = (job.id, progress.plan.clone());
+        let key = format!("plan/{name}");
+        let outcome = run(&cs, job, &p, &plan_steps, action, &waiter, progress).await;
         if let Err(e) = &outcome {
             crate::machines::fail_job(&cs, id, e).await;
+        }
+        {
+            let cs = cs.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                cs.set_record::<Progress>(&progress_key(id), None)
+            })
+            .await;
         }
         cs.drop_waiter(&key);
         let (severity, kind, text) = match outcome {
@@ -236,7 +295,61 @@ async fn start(
             text,
         });
     });
-    Ok(Pretty(answer))
+}
+
+/// Resumes the plan runs a restart of the configuration server interrupted, each at the unit
+/// of work it was in (that unit checks first what its master target did already: a failover
+/// or test failover started is not asked again). A run whose progress or plan is gone ends
+/// failed, saying why.
+pub(crate) async fn resume_interrupted(cs: Arc<ConfigServer>) {
+    for job in cs.take_interrupted_plans() {
+        let id = job.id;
+        let resumed = resume_one(&cs, job).await;
+        if let Err(e) = resumed {
+            crate::machines::fail_job(&cs, id, &e.context("cannot resume the plan's run")).await;
+        }
+    }
+}
+
+async fn resume_one(cs: &Arc<ConfigServer>, job: Job) -> Result<()> {
+    let progress: Option<Progress> = {
+        let (cs, id) = (cs.clone(), job.id);
+        tokio::task::spawn_blocking(move || cs.record(&progress_key(id))).await??
+    };
+    let mut progress = progress.context("its progress was not kept")?;
+    let action = Action::parse(&progress.action)
+        .with_context(|| format!("unknown action `{}`", progress.action))?;
+    let p = {
+        let cs = cs.clone();
+        tokio::task::spawn_blocking(move || pipeline(&cs)).await??
+    };
+    let steps = p
+        .plan(&progress.plan)
+        .map(|plan| plan.steps.clone())
+        .with_context(|| {
+            format!(
+                "plan `{}` is no longer in the applied pipeline",
+                progress.plan
+            )
+        })?;
+    let waiter = cs
+        .claim_waiter(&format!("plan/{}", progress.plan))
+        .with_context(|| format!("plan `{}` runs already", progress.plan))?;
+    tracing::warn!(job = job.id, plan = %progress.plan, unit = progress.done + 1,
+        "resuming a plan's run a restart interrupted");
+    let _ = cs.raise(Raise {
+        severity: Severity::Warning,
+        kind: "plan.resumed",
+        gateway: None,
+        item: Some(progress.plan.clone()),
+        text: format!(
+            "plan {} ({}) resumed after a restart of the configuration server; job {}",
+            progress.plan, progress.action, job.id
+        ),
+    });
+    progress.resumed = true;
+    spawn_run(cs.clone(), job, p, steps, action, waiter, progress);
+    Ok(())
 }
 
 /// Whether a step is the job's last: when it succeeds (a failover's call at the master target
@@ -287,17 +400,19 @@ async fn step(
     Ok((job, done.is_some() || continue_on_error))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     cs: &Arc<ConfigServer>,
     mut job: Job,
     p: &Pipeline,
-    name: &str,
     steps: &[Step],
     action: Action,
-    query: &str,
     waiter: &haven_engine::config_server::Waiter,
+    mut progress: Progress,
 ) -> Result<Job> {
+    let name = progress.plan.clone();
+    let name = name.as_str();
+    let query = progress.query.clone();
+    let query = query.as_str();
     let planned = query
         .split('&')
         .any(|kv| kv == "planned" || kv == "planned=true");
@@ -353,12 +468,16 @@ async fn run(
         return blocking_end(cs, job, "nothing to do for this action").await;
     }
     let count = work.len();
-    let mut group_points = std::collections::HashMap::new();
+    keep(cs, job.id, &progress).await?;
     for (i, w) in work.into_iter().enumerate() {
+        if i < progress.done {
+            continue;
+        }
         let last = i + 1 == count;
+        let resumed = std::mem::take(&mut progress.resumed);
         let (next, go_on) = match w {
             Work::Machine(machine, continue_on_error, group) => {
-                let point = group.and_then(|g| group_points.get(&g).copied());
+                let point = group.and_then(|g| progress.group_points.get(&g).copied());
                 machine_step(
                     cs,
                     job,
@@ -368,6 +487,7 @@ async fn run(
                         query,
                         point,
                         planned,
+                        resumed,
                     },
                     last,
                     continue_on_error,
@@ -387,7 +507,7 @@ async fn run(
                 let what = format!("latest point of group {group}");
                 let r = step(cs, job, what, Last::both(last), continue_on_error, run).await?;
                 if let Some(id) = found.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                    group_points.insert(group, id);
+                    progress.group_points.insert(group, id);
                 }
                 r
             }
@@ -416,6 +536,8 @@ async fn run(
             }
         };
         job = next;
+        progress.done = i + 1;
+        keep(cs, job.id, &progress).await?;
         if !go_on {
             break;
         }
@@ -423,16 +545,24 @@ async fn run(
     Ok(job)
 }
 
+/// Keeps how far the run got (`planrun/<job id>`).
+async fn keep(cs: &Arc<ConfigServer>, job: u64, progress: &Progress) -> Result<()> {
+    let (cs, progress) = (cs.clone(), progress.clone());
+    tokio::task::spawn_blocking(move || cs.set_record(&progress_key(job), Some(&progress))).await?
+}
+
 async fn blocking_end(cs: &Arc<ConfigServer>, job: Job, output: &str) -> Result<Job> {
     let (cs, output) = (cs.clone(), output.to_string());
     tokio::task::spawn_blocking(move || cs.end_job_step(job, true, output, true)).await?
 }
 
-/// What a machine's call asks: the plan's query, or its group's point.
+/// What a machine's call asks: the plan's query, or its group's point; `resumed` when a
+/// restart interrupted it (what its master target did already is not asked again).
 struct MachineCall<'a> {
     query: &'a str,
     point: Option<u64>,
     planned: bool,
+    resumed: bool,
 }
 
 /// One machine of a failover step: the call at its master target, then (for a failover) the
@@ -450,6 +580,7 @@ async fn machine_step(
         query,
         point,
         planned,
+        resumed,
     } = call;
     let gateway = cs.master_target_of(machine);
     let (method, path) = match (action, point) {
@@ -481,6 +612,9 @@ async fn machine_step(
             let gateway = gateway.with_context(|| {
                 format!("no master target joined to this configuration server holds {machine}")
             })?;
+            if resumed && let Some(done) = done_already(&cs, &gateway, &machine, action).await? {
+                return Ok(done);
+            }
             let answer = cs
                 .forward(
                     &gateway,
@@ -700,4 +834,63 @@ pub(crate) async fn resume_plan(
 pub(crate) struct Resumed {
     /// The plan.
     resumed: String,
+}
+
+/// After a restart interrupted `machine`'s call: whether its master target has done `action`
+/// already (on every disk), and what it found.
+async fn done_already(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    machine: &str,
+    action: Action,
+) -> Result<Option<String>> {
+    let answer = cs
+        .forward(
+            gateway,
+            ApiRequest {
+                method: "GET".into(),
+                path: "/v1/items".into(),
+                caller: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if answer.status != 200 {
+        bail!(
+            "HTTP {}: {}",
+            answer.status,
+            crate::deployment::error_text(&answer.body)
+        );
+    }
+    let items: Vec<serde_json::Value> = serde_json::from_str(&answer.body)?;
+    let disks: Vec<&serde_json::Value> = items
+        .iter()
+        .filter(|i| i["machine_name"].as_str() == Some(machine))
+        .collect();
+    if disks.is_empty() {
+        return Ok(None);
+    }
+    let state = |i: &serde_json::Value| i["item"]["state"].as_str().unwrap_or_default().to_string();
+    let testing = |i: &serde_json::Value| !i["test_failover"].is_null();
+    let done = match action {
+        Action::Failover => disks.iter().all(|i| {
+            matches!(
+                state(i).as_str(),
+                "failing-over" | "failed-over" | "committed"
+            )
+        }),
+        Action::TestFailover => disks.iter().all(|i| testing(i)),
+        Action::Cleanup => disks.iter().all(|i| !testing(i)),
+        Action::Commit => disks.iter().all(|i| state(i) == "committed"),
+    };
+    Ok(done.then(|| {
+        format!(
+            "done before the configuration server restarted ({machine}: {})",
+            disks
+                .iter()
+                .map(|i| state(i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }))
 }

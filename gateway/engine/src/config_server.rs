@@ -548,6 +548,11 @@ impl ConfigServer {
         lock(&self.waiters).remove(key);
     }
 
+    /// The recovery-plan runs a restart interrupted, to resume (once).
+    pub fn take_interrupted_plans(&self) -> Vec<Job> {
+        self.jobs.take_interrupted_plans()
+    }
+
     /// Starts the next step of a running `job`.
     pub fn begin_job_step(&self, job: Job, name: &str) -> Result<Job> {
         self.jobs.begin_step(&self.state, job, name)

@@ -6,7 +6,9 @@
 //! when a job starts and when each step ends, so `haven job show` tells what happened after
 //! any restart. A job still running when the configuration server stopped cannot be continued
 //! (the gateway that ran its step answered a connection that is gone): it is marked failed as
-//! interrupted when the server starts, with what to check.
+//! interrupted when the server starts, with what to check — except a recovery plan's run
+//! (kind `plan-…`): its interrupted step is marked so, the job stays running, and the API
+//! resumes it at that step ([`Jobs::take_interrupted_plans`]).
 
 use std::sync::Mutex;
 
@@ -84,6 +86,20 @@ pub struct NewJob<'a> {
 #[derive(Debug)]
 pub struct Jobs {
     next: Mutex<u64>,
+    /// Plan runs that were running at the start, to resume.
+    interrupted_plans: Mutex<Vec<Job>>,
+}
+
+/// The output of a step a restart interrupted.
+fn interrupted(output: &str, then: &str) -> String {
+    format!(
+        "interrupted: the configuration server stopped during this step; {then}{}",
+        if output.is_empty() {
+            String::new()
+        } else {
+            format!(" ({output})")
+        }
+    )
 }
 
 fn key(id: u64) -> String {
@@ -91,29 +107,36 @@ fn key(id: u64) -> String {
 }
 
 impl Jobs {
-    /// Continues the jobs kept in `state`; a job that was running is marked interrupted.
+    /// Continues the jobs kept in `state`; a job that was running is marked interrupted, and a
+    /// plan's run kept for [`Jobs::take_interrupted_plans`].
     pub fn open(state: &StateDb) -> Result<Jobs> {
         let kept: Vec<(String, Job)> = state.json_with_prefix("job/")?;
         let last = kept.last().map_or(0, |(_, j)| j.id);
         let now = now_ms();
+        let mut plans = Vec::new();
         for (k, mut job) in kept {
             if job.state != JobState::Running {
                 continue;
             }
+            let plan = job.kind.starts_with("plan-");
             let step = job.steps.iter().rposition(|s| s.state == JobState::Running);
             if let Some(s) = step.and_then(|i| job.steps.get_mut(i)) {
                 s.state = JobState::Failed;
                 s.ended_ms = Some(now);
-                s.output = format!(
-                    "interrupted: the configuration server stopped during this step; its \
-                     gateway may have finished it — check the item's state (`haven status`) \
-                     before running it again{}",
-                    if s.output.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", s.output)
-                    }
-                );
+                s.output = if plan {
+                    interrupted(&s.output, "the plan goes on from here")
+                } else {
+                    interrupted(
+                        &s.output,
+                        "its gateway may have finished it — check the item's state (`haven \
+                         status`) before running it again",
+                    )
+                };
+            }
+            if plan {
+                state.put_json(&k, &job)?;
+                plans.push(job);
+                continue;
             }
             job.state = JobState::Failed;
             job.ended_ms = Some(now);
@@ -121,7 +144,13 @@ impl Jobs {
         }
         Ok(Jobs {
             next: Mutex::new(last + 1),
+            interrupted_plans: Mutex::new(plans),
         })
+    }
+
+    /// The plan runs a restart interrupted (running, their interrupted step failed), once.
+    pub fn take_interrupted_plans(&self) -> Vec<Job> {
+        std::mem::take(&mut *lock(&self.interrupted_plans))
     }
 
     /// Starts a job with its first step running.

@@ -676,19 +676,37 @@ impl<T: Transport> Client<T> {
             &specs,
         )?;
         let name = spec.name.trim();
-        if let Some(existing) = objects
+        let placement = replica::place(spec, &options, &dc.name, &dc.vm_folder, &objects)?;
+        let existing: Vec<String> = objects
             .iter()
-            .find(|o| o.obj.kind == "VirtualMachine" && o.text("name") == name)
-        {
+            .filter(|o| o.obj.kind == "VirtualMachine" && o.text("name") == name)
+            .map(|o| o.obj.value.clone())
+            .collect();
+        if let Some(id) = existing.first() {
+            // The same replica defined before (a retry whose first answer was lost): it is
+            // the answer again. Anything else of that name is not ours to take.
+            if existing.len() == 1 && self.is_defined_replica(id, spec)? {
+                self.transport.log(&format!(
+                    "replica `{name}` of {} was defined already as {id}",
+                    spec.source_machine
+                ));
+                return Ok(ReplicaMachine {
+                    definition: replica::definition(id, spec, &options, &placement),
+                    id: id.clone(),
+                });
+            }
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!(
-                    "define-replica: a machine named `{name}` exists already in datacenter {} ({})",
-                    dc.name, existing.obj.value
+                    "define-replica: a machine named `{name}` exists already in datacenter {} \
+                     ({}) and is not this replica (other disks, or not defined by Haven for \
+                     `{}`); delete or rename it, or give the replica another name",
+                    dc.name,
+                    existing.join(", "),
+                    spec.source_machine
                 ),
             ));
         }
-        let placement = replica::place(spec, &options, &dc.name, &dc.vm_folder, &objects)?;
         let config = replica::config_spec(spec, &options, &placement);
         let what = format!("define-replica `{name}`: CreateVM_Task");
         let result = self
@@ -713,6 +731,37 @@ impl<T: Transport> Client<T> {
             definition: replica::definition(&vm.value, spec, &options, &placement),
             id: vm.value,
         })
+    }
+
+    /// Whether machine `id` is the replica `spec` describes, defined by Haven: it carries
+    /// Haven's mark naming the same source machine, and exactly the spec's disk files.
+    fn is_defined_replica(&mut self, id: &str, spec: &ReplicaSpec) -> Result<bool, Error> {
+        let Some(vm) = self.vm(id, &["config.hardware.device", "config.extraConfig"])? else {
+            return Ok(false);
+        };
+        let source = vm.prop("config.extraConfig").and_then(|extra| {
+            extra
+                .children
+                .iter()
+                .find(|o| o.text_at(&["key"]) == Some(replica::SOURCE_KEY))
+                .map(|o| o.text_at(&["value"]).unwrap_or_default().to_string())
+        });
+        if source.as_deref() != Some(spec.source_machine.as_str()) {
+            return Ok(false);
+        }
+        let mut files: Vec<String> = vm
+            .prop("config.hardware.device")
+            .map(|d| d.children.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| d.xsi_type.as_deref() == Some("VirtualDisk"))
+            .filter_map(|d| d.text_at(&["backing", "fileName"]))
+            .map(str::to_string)
+            .collect();
+        let mut wanted: Vec<String> = spec.disks.iter().map(|d| d.location.clone()).collect();
+        files.sort();
+        wanted.sort();
+        Ok(files == wanted)
     }
 
     /// Powers off, detaches the disks (keeping their files) and destroys a machine Haven

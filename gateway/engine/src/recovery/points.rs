@@ -304,7 +304,10 @@ impl MasterTarget {
         }
         let started = Instant::now();
         let agent_of = |disks: &[Arc<Replica>]| peer_hex(&disks[0].stream.key.peer);
-        // First half: every member holds its writes.
+        // First half: every member holds its writes. The answers are awaited half the hold
+        // at most: the other half is for the releases to reach members that hold already,
+        // before their own deadline lets their writes go without the point.
+        let answer_within = hold / 2;
         let mut asks = tokio::task::JoinSet::new();
         for (i, (_, disks, conn)) in machines.iter().enumerate() {
             let (conn, request) = (
@@ -316,7 +319,7 @@ impl MasterTarget {
                     },
                 },
             );
-            asks.spawn(async move { (i, control::call(&conn, &request, hold).await) });
+            asks.spawn(async move { (i, control::call(&conn, &request, answer_within).await) });
         }
         let mut held: Vec<Option<(u64, u64)>> = vec![None; machines.len()];
         let mut refused = Vec::new();
@@ -332,6 +335,11 @@ impl MasterTarget {
                 Err(e) => refused.push(format!("{name}: {e}")),
             }
         }
+        tracing::debug!(
+            held_in_ms = started.elapsed().as_millis() as u64,
+            refused = refused.len(),
+            "group point: the holds answered"
+        );
         let point = if refused.is_empty() {
             let last = held.iter().flatten().map(|(_, l)| *l).max().unwrap_or(0);
             Some((last + 1).max(now_ms()))
@@ -374,6 +382,11 @@ impl MasterTarget {
             }
         }
         let held_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(
+            held_ms,
+            refused = refused.len(),
+            "group point: the releases answered"
+        );
         let Some(point) = point.filter(|_| refused.is_empty()) else {
             return Err(err(
                 ErrorKind::Unavailable,
