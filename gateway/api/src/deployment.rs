@@ -386,7 +386,7 @@ fn forward_error(e: ForwardError) -> ApiError {
     ApiError::new(status, e.to_string())
 }
 
-fn answer_response(answer: ApiAnswer) -> Response {
+pub(crate) fn answer_response(answer: ApiAnswer) -> Response {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     (
         status,

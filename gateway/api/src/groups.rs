@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use axum::extract::Path;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use haven_engine::config_server::ConfigServer;
 use haven_engine::recovery::{GroupPointInfo, MAX_HOLD};
 use haven_net::join::ApiRequest;
@@ -85,6 +85,7 @@ fn hold_of(ms: Option<u64>) -> Result<Duration, ApiError> {
         (status = NOT_FOUND, description = "A member is not held here, or this gateway is not a master target", body = ErrorBody),
         (status = CONFLICT, description = "A member is failed over", body = ErrorBody),
         (status = SERVICE_UNAVAILABLE, description = "A member did not hold its writes in time, or cannot be reached: no point", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The point could not be recorded", body = ErrorBody),
     )
 )]
 pub(crate) async fn take_group_point(
@@ -146,16 +147,6 @@ fn members(cs: &ConfigServer, name: &str) -> Result<(Vec<String>, String), ApiEr
     Ok((group.machines.clone(), gateway))
 }
 
-fn forwarded(answer: haven_net::join::ApiAnswer) -> Response {
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, answer.content_type)],
-        answer.body,
-    )
-        .into_response()
-}
-
 /// Takes a point of the group now: every member's writes held, then one tag on all.
 #[utoipa::path(
     post,
@@ -164,9 +155,12 @@ fn forwarded(answer: haven_net::join::ApiAnswer) -> Response {
     params(("name" = String, Path, description = "The group's name in the pipeline"), HoldParams),
     responses(
         (status = OK, description = "The group point", body = GroupPointInfo),
+        (status = BAD_REQUEST, description = "A bad `hold_ms`, or a member name matching several machines", body = ErrorBody),
         (status = NOT_FOUND, description = "No such group, or this gateway is no configuration server", body = ErrorBody),
         (status = CONFLICT, description = "The group's machines replicate to several master targets, or one is failed over", body = ErrorBody),
         (status = SERVICE_UNAVAILABLE, description = "A member did not hold in time or cannot be reached: no point", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The pipeline could not be read, or the point not recorded", body = ErrorBody),
+        (status = BAD_GATEWAY, description = "The master target holding the group could not be reached", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_group_point(
@@ -199,7 +193,7 @@ pub(crate) async fn create_group_point(
         .forward(&gateway, request)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    Ok(forwarded(answer))
+    Ok(crate::deployment::answer_response(answer))
 }
 
 /// The group's points: those every disk of every member holds, oldest first.
@@ -212,6 +206,9 @@ pub(crate) async fn create_group_point(
         (status = OK, description = "The group's points", body = Vec<GroupPoint>),
         (status = NOT_FOUND, description = "No such group, or this gateway is no configuration server", body = ErrorBody),
         (status = CONFLICT, description = "The group's machines replicate to several master targets", body = ErrorBody),
+        (status = SERVICE_UNAVAILABLE, description = "A member is not reported by any master target yet", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The pipeline could not be read", body = ErrorBody),
+        (status = BAD_GATEWAY, description = "The master target holding the group could not be reached", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_group_points(

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use haven_engine::config_server::ConfigServer;
 use haven_engine::jobs::{Job, JobState};
+use haven_engine::recovery::ItemInfo;
 use haven_host::platform::{
     Machine, PowerOffMode, ReplicaDisk, ReplicaMachine, ReplicaNic, ReplicaSpec,
 };
@@ -322,6 +323,38 @@ pub(crate) struct DiskImage {
     pub size: u64,
 }
 
+/// The items `item` names at master target `gateway` (every disk of a machine, or the one
+/// disk of `MACHINE/DISK`), in disk order.
+pub(crate) async fn items_of(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    item: &str,
+) -> Result<Vec<ItemInfo>> {
+    let answer = cs
+        .forward(
+            gateway,
+            ApiRequest {
+                method: "GET".into(),
+                path: "/v1/items".into(),
+                caller: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if answer.status != 200 {
+        bail!(
+            "HTTP {}: {}",
+            answer.status,
+            crate::deployment::error_text(&answer.body)
+        );
+    }
+    let all: Vec<ItemInfo> = serde_json::from_str(&answer.body)
+        .with_context(|| format!("{gateway} answered GET /v1/items with no item list"))?;
+    let mut ours: Vec<ItemInfo> = all.into_iter().filter(|i| i.named(item)).collect();
+    ours.sort_by_key(|i| (i.agent_id.clone(), i.disk));
+    Ok(ours)
+}
+
 /// Waits until the master target has every disk of the item failed over (one disk for
 /// `NAME/DISK`, every disk of the machine otherwise); their images, in disk order.
 async fn wait_for_image(
@@ -329,69 +362,33 @@ async fn wait_for_image(
     gateway: &str,
     item: &str,
 ) -> Result<(Vec<DiskImage>, String)> {
+    use haven_engine::recovery::ItemState;
     let started = Instant::now();
-    let (name, disk) = match item.rsplit_once('/') {
-        Some((n, d)) => match d.parse::<u32>() {
-            Ok(d) => (n, Some(d)),
-            Err(_) => (item, None),
-        },
-        None => (item, None),
-    };
     loop {
-        let answer = cs
-            .forward(
-                gateway,
-                ApiRequest {
-                    method: "GET".into(),
-                    path: "/v1/items".into(),
-                    caller: String::new(),
-                },
-            )
-            .await;
-        if let Ok(answer) = answer
-            && answer.status == 200
-        {
-            let items: Vec<serde_json::Value> = serde_json::from_str(&answer.body)?;
-            let ours: Vec<&serde_json::Value> = items
+        // A master target restarting meanwhile resumes the failover: asked again.
+        if let Ok(ours) = items_of(cs, gateway, item).await {
+            if let Some(i) = ours
                 .iter()
-                .filter(|v| {
-                    let agent = v["agent_id"].as_str().unwrap_or_default();
-                    (v["machine_name"].as_str() == Some(name)
-                        || agent == name
-                        || (name.len() >= 6 && agent.starts_with(name)))
-                        && disk.is_none_or(|d| v["disk"].as_u64() == Some(u64::from(d)))
-                })
-                .collect();
-            let states: Vec<Option<&str>> =
-                ours.iter().map(|v| v["item"]["state"].as_str()).collect();
-            if let Some(v) = ours
-                .iter()
-                .find(|v| v["item"]["state"].as_str() == Some("failover-failed"))
+                .find(|i| i.item.state == ItemState::FailoverFailed)
             {
                 bail!(
                     "the master target could not materialise the point of disk {}; `haven \
-                     failover show {name}/{}` has its history",
-                    v["disk"],
-                    v["disk"]
+                     failover show {}/{}` has its history",
+                    i.disk,
+                    i.machine_name,
+                    i.disk
                 );
             }
-            if !ours.is_empty()
-                && states
-                    .iter()
-                    .all(|s| matches!(s, Some("failed-over" | "committed")))
-            {
+            let done = |s: ItemState| matches!(s, ItemState::FailedOver | ItemState::Committed);
+            if !ours.is_empty() && ours.iter().all(|i| done(i.item.state)) {
                 let mut images = Vec::new();
-                for v in ours {
+                for i in ours {
                     images.push(DiskImage {
-                        disk: v["disk"].as_u64().unwrap_or(1) as u32,
-                        image: v["item"]["image"]
-                            .as_str()
-                            .context("the master target reports no image")?
-                            .to_string(),
-                        size: v["size"].as_u64().unwrap_or(0),
+                        disk: i.disk,
+                        image: i.item.image.context("the master target reports no image")?,
+                        size: i.size,
                     });
                 }
-                images.sort_by_key(|i| i.disk);
                 let output = images
                     .iter()
                     .map(|i| format!("disk {}: image {} ({} bytes)", i.disk, i.image, i.size))

@@ -844,51 +844,28 @@ async fn done_already(
     machine: &str,
     action: Action,
 ) -> Result<Option<String>> {
-    let answer = cs
-        .forward(
-            gateway,
-            ApiRequest {
-                method: "GET".into(),
-                path: "/v1/items".into(),
-                caller: String::new(),
-            },
-        )
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    if answer.status != 200 {
-        bail!(
-            "HTTP {}: {}",
-            answer.status,
-            crate::deployment::error_text(&answer.body)
-        );
-    }
-    let items: Vec<serde_json::Value> = serde_json::from_str(&answer.body)?;
-    let disks: Vec<&serde_json::Value> = items
-        .iter()
-        .filter(|i| i["machine_name"].as_str() == Some(machine))
-        .collect();
+    use haven_engine::recovery::ItemState;
+    let disks = crate::machines::items_of(cs, gateway, machine).await?;
     if disks.is_empty() {
         return Ok(None);
     }
-    let state = |i: &serde_json::Value| i["item"]["state"].as_str().unwrap_or_default().to_string();
-    let testing = |i: &serde_json::Value| !i["test_failover"].is_null();
     let done = match action {
         Action::Failover => disks.iter().all(|i| {
             matches!(
-                state(i).as_str(),
-                "failing-over" | "failed-over" | "committed"
+                i.item.state,
+                ItemState::FailingOver | ItemState::FailedOver | ItemState::Committed
             )
         }),
-        Action::TestFailover => disks.iter().all(|i| testing(i)),
-        Action::Cleanup => disks.iter().all(|i| !testing(i)),
-        Action::Commit => disks.iter().all(|i| state(i) == "committed"),
+        Action::TestFailover => disks.iter().all(|i| i.test_failover.is_some()),
+        Action::Cleanup => disks.iter().all(|i| i.test_failover.is_none()),
+        Action::Commit => disks.iter().all(|i| i.item.state == ItemState::Committed),
     };
     Ok(done.then(|| {
         format!(
             "done before the configuration server restarted ({machine}: {})",
             disks
                 .iter()
-                .map(|i| state(i))
+                .map(|i| i.item.state.name())
                 .collect::<Vec<_>>()
                 .join(", ")
         )

@@ -369,22 +369,7 @@ fn item_disks(client: &Client, api: &str, item: &str) -> Result<Vec<ItemInfo>> {
         "/v1/items",
         Duration::from_secs(10),
     )?;
-    let (name, disk) = match item.rsplit_once('/') {
-        Some((n, d)) => match d.parse::<u32>() {
-            Ok(d) => (n, Some(d)),
-            Err(_) => (item, None),
-        },
-        None => (item, None),
-    };
-    let mut ours: Vec<ItemInfo> = all
-        .into_iter()
-        .filter(|i| {
-            (i.machine_name == name
-                || i.agent_id == name
-                || (name.len() >= 6 && i.agent_id.starts_with(name)))
-                && disk.is_none_or(|d| i.disk == d)
-        })
-        .collect();
+    let mut ours: Vec<ItemInfo> = all.into_iter().filter(|i| i.named(item)).collect();
     ours.sort_by_key(|i| (i.agent_id.clone(), i.disk));
     Ok(ours)
 }

@@ -37,6 +37,33 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Checks that a failover (`event`) of item `item` may start on `r` and claims it, in one
+/// step: no test failover or other failover starts meanwhile. The claim ends when dropped.
+fn claim<'a>(r: &'a Replica, item: &str, event: ItemEvent) -> Result<Busy<'a>, RecoveryError> {
+    let mut st = lock(&r.recovery.state);
+    if st.busy {
+        return Err(err(
+            ErrorKind::Conflict,
+            format!(
+                "a failover of item {item} is already running; see `haven failover show {item}`"
+            ),
+        ));
+    }
+    transition(st.item.state, event).map_err(|e| e.into_error(item))?;
+    if let Some(p) = st.test.point() {
+        return Err(err(
+            ErrorKind::Conflict,
+            format!(
+                "a test failover of item {item} is running (point {}): clean it up first with \
+                 `haven failover cleanup {item}`",
+                p.point
+            ),
+        ));
+    }
+    st.busy = true;
+    Ok(Busy(&r.recovery))
+}
+
 impl MasterTarget {
     /// The connection that forwards the item's stream: control requests for its agent go there.
     pub(super) fn route(&self, r: &Replica) -> Result<haven_net::quinn::Connection, RecoveryError> {
@@ -133,33 +160,7 @@ impl MasterTarget {
         } else {
             ItemEvent::FailoverStarted
         };
-        // Checked and claimed in one step: no test failover or other failover starts
-        // meanwhile.
-        {
-            let mut st = lock(&r.recovery.state);
-            if st.busy {
-                return Err(err(
-                    ErrorKind::Conflict,
-                    format!(
-                        "a failover of item {item} is already running; see `haven failover show \
-                         {item}`"
-                    ),
-                ));
-            }
-            transition(st.item.state, event).map_err(|e| e.into_error(item))?;
-            if let Some(p) = st.test.point() {
-                return Err(err(
-                    ErrorKind::Conflict,
-                    format!(
-                        "a test failover of item {item} is running (point {}): clean it up first \
-                         with `haven failover cleanup {item}`",
-                        p.point
-                    ),
-                ));
-            }
-            st.busy = true;
-        }
-        let _busy = Busy(&r.recovery);
+        let _busy = claim(&r, item, event)?;
         let point = if planned {
             let none = lock(&r.recovery.state).points.is_empty();
             if none {
@@ -226,31 +227,7 @@ impl MasterTarget {
         // Every disk checked and claimed, or none.
         let mut claimed = Vec::new();
         for r in disks {
-            let item = name(r);
-            let mut st = lock(&r.recovery.state);
-            if st.busy {
-                return Err(err(
-                    ErrorKind::Conflict,
-                    format!(
-                        "a failover of item {item} is already running; see `haven failover show \
-                         {item}`"
-                    ),
-                ));
-            }
-            transition(st.item.state, event).map_err(|e| e.into_error(&item))?;
-            if let Some(p) = st.test.point() {
-                return Err(err(
-                    ErrorKind::Conflict,
-                    format!(
-                        "a test failover of item {item} is running (point {}): clean it up first \
-                         with `haven failover cleanup {item}`",
-                        p.point
-                    ),
-                ));
-            }
-            st.busy = true;
-            drop(st);
-            claimed.push(Busy(&r.recovery));
+            claimed.push(claim(r, &name(r), event)?);
         }
         let points: Vec<PointRecord> = if planned {
             if let Some(r) = disks
@@ -266,19 +243,7 @@ impl MasterTarget {
             let point = taken.first().map_or(0, |t| t.point);
             let mut points = Vec::new();
             for r in disks {
-                let tag = taken
-                    .iter()
-                    .find(|t| t.disk == r.stream.key.disk)
-                    .ok_or_else(|| {
-                        err(
-                            ErrorKind::Internal,
-                            format!(
-                                "the agent's final point {point} has no tag on disk {}",
-                                r.stream.key.disk
-                            ),
-                        )
-                    })?;
-                points.push(self.await_point(r, tag.seq).await.map_err(|e| RecoveryError {
+                points.push(self.await_tag(r, &taken, point).await.map_err(|e| RecoveryError {
                     message: format!(
                         "the source of {item} is stopped (its final point is {point}), but disk \
                          {}: {}; once the point has arrived (`haven point list {item}`), fail \

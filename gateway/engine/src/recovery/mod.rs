@@ -95,6 +95,30 @@ pub struct ItemInfo {
     pub applied_seq: Seq,
 }
 
+impl ItemInfo {
+    /// Whether `item` names this item: its machine or agent id (or a prefix of at least 6 hex
+    /// digits of it), every disk; `NAME/DISK` one disk.
+    pub fn named(&self, item: &str) -> bool {
+        let (name, disk) = split_item(item);
+        (self.machine_name == name
+            || self.agent_id == name
+            || (name.len() >= 6 && self.agent_id.starts_with(name)))
+            && disk.is_none_or(|d| self.disk == d)
+    }
+}
+
+/// `NAME/DISK` as the name and the disk; a name alone (or one whose last part is no number)
+/// names every disk.
+pub fn split_item(item: &str) -> (&str, Option<u32>) {
+    match item.rsplit_once('/') {
+        Some((n, d)) => match d.parse::<u32>() {
+            Ok(d) => (n, Some(d)),
+            Err(_) => (item, None),
+        },
+        None => (item, None),
+    }
+}
+
 /// What a replica keeps for recovery (module docs, "Locking").
 #[derive(Default)]
 pub(crate) struct ReplicaRecovery {
@@ -284,13 +308,7 @@ impl MasterTarget {
     /// The replicas `item` names: by agent id (or a prefix of at least 6 hex digits) or by
     /// machine name, every disk of it; `NAME/DISK` picks one disk.
     fn matching(&self, item: &str) -> Vec<Arc<Replica>> {
-        let (name, disk) = match item.rsplit_once('/') {
-            Some((n, d)) => match d.parse::<u32>() {
-                Ok(d) => (n, Some(d)),
-                Err(_) => (item, None),
-            },
-            None => (item, None),
-        };
+        let (name, disk) = split_item(item);
         let replicas: Vec<Arc<Replica>> = lock(&self.replicas).values().cloned().collect();
         let reports = lock(&self.reports).clone();
         let mut matches: Vec<Arc<Replica>> = replicas

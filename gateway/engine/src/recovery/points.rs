@@ -193,30 +193,14 @@ impl MasterTarget {
     /// every disk holds (each listed with its first disk's tag).
     pub fn points(&self, item: &str) -> Result<Vec<PointInfo>, RecoveryError> {
         let disks = self.find_machine(item)?;
-        if disks.len() > 1 {
-            let common = common_ids(&disks);
-            let st = lock(&disks[0].recovery.state);
-            let in_use = st.in_use();
-            return Ok(st
-                .points
-                .values()
-                .filter(|p| common.contains(&p.point))
-                .map(|p| PointInfo {
-                    record: *p,
-                    state: if in_use.contains(&p.seq) {
-                        "in-use".into()
-                    } else {
-                        "available".into()
-                    },
-                })
-                .collect());
-        }
-        let r = &disks[0];
-        let st = lock(&r.recovery.state);
+        // One disk: all its points (common_ids of one disk would be the same, at a cost).
+        let common = (disks.len() > 1).then(|| common_ids(&disks));
+        let st = lock(&disks[0].recovery.state);
         let in_use = st.in_use();
         Ok(st
             .points
             .values()
+            .filter(|p| common.as_ref().is_none_or(|c| c.contains(&p.point)))
             .map(|p| PointInfo {
                 record: *p,
                 state: if in_use.contains(&p.seq) {
@@ -400,19 +384,14 @@ impl MasterTarget {
         for ((machine, disks, _), tags) in machines.iter().zip(&taken) {
             let mut records = Vec::new();
             for r in disks {
-                let tag = tags
-                    .iter()
-                    .find(|t| t.disk == r.stream.key.disk && t.point == point)
-                    .ok_or_else(|| {
-                        err(
-                            ErrorKind::Internal,
-                            format!(
-                                "{machine}: group point {point} has no tag on disk {}",
-                                r.stream.key.disk
-                            ),
-                        )
-                    })?;
-                records.push(self.await_point(r, tag.seq).await?);
+                records.push(
+                    self.await_tag(r, tags, point)
+                        .await
+                        .map_err(|e| RecoveryError {
+                            message: format!("{machine}: {}", e.message),
+                            ..e
+                        })?,
+                );
             }
             out.push(GroupMemberPoint {
                 machine: machine.clone(),
@@ -497,6 +476,29 @@ impl MasterTarget {
         }
     }
 
+    /// Waits until disk `r`'s tag of point `point`, among the tags the agent answered, is
+    /// registered here.
+    pub(super) async fn await_tag(
+        &self,
+        r: &Replica,
+        taken: &[haven_net::control::PointTaken],
+        point: u64,
+    ) -> Result<PointRecord, RecoveryError> {
+        let tag = taken
+            .iter()
+            .find(|t| t.disk == r.stream.key.disk && t.point == point)
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::Internal,
+                    format!(
+                        "the agent answered point {point} without a tag on disk {}",
+                        r.stream.key.disk
+                    ),
+                )
+            })?;
+        self.await_point(r, tag.seq).await
+    }
+
     /// Waits until the point whose tag is `seq` is registered here.
     pub(super) async fn await_point(
         &self,
@@ -541,18 +543,10 @@ impl MasterTarget {
         let taken = self
             .ask_agent_all(&disks[0], Command::Point { app })
             .await?;
+        let id = taken.first().map_or(0, |t| t.point);
         let mut first = None;
         for r in &disks {
-            let tag = taken
-                .iter()
-                .find(|t| t.disk == r.stream.key.disk)
-                .ok_or_else(|| {
-                    err(
-                        ErrorKind::Internal,
-                        format!("the agent's point has no tag on disk {}", r.stream.key.disk),
-                    )
-                })?;
-            let point = self.await_point(r, tag.seq).await?;
+            let point = self.await_tag(r, &taken, id).await?;
             first.get_or_insert(point);
         }
         Ok(first.expect("a machine has disks"))
@@ -683,8 +677,8 @@ impl MasterTarget {
     }
 }
 
-/// The ids of the points every one of `disks` holds, ascending.
-fn common_ids(disks: &[Arc<Replica>]) -> Vec<u64> {
+/// The ids of the points every one of `disks` holds.
+fn common_ids(disks: &[Arc<Replica>]) -> BTreeSet<u64> {
     let mut common: Option<BTreeSet<u64>> = None;
     for r in disks {
         let ids: BTreeSet<u64> = lock(&r.recovery.state)
@@ -697,5 +691,5 @@ fn common_ids(disks: &[Arc<Replica>]) -> Vec<u64> {
             Some(c) => c.intersection(&ids).copied().collect(),
         });
     }
-    common.unwrap_or_default().into_iter().collect()
+    common.unwrap_or_default()
 }
