@@ -524,6 +524,19 @@ impl Agent {
         machine: &str,
         extra: Vec<String>,
     ) -> Result<Agent> {
+        Agent::enroll_with_config_server(bins, cs, site, data_dir, machine)?;
+        Agent::start(bins, None, data_dir, disk, extra)
+    }
+
+    /// Enrolls `data_dir` as machine `machine` of site `site` with the configuration server
+    /// `cs` (with a new one-time token).
+    pub fn enroll_with_config_server(
+        bins: &Path,
+        cs: &Gateway,
+        site: &str,
+        data_dir: &Path,
+        machine: &str,
+    ) -> Result<()> {
         run_ok(
             Command::new(bins.join("haven-agent"))
                 .args(["enroll", "--data-dir"])
@@ -532,7 +545,7 @@ impl Agent {
                 .args(["--site", site, "--token", &cs.token()?])
                 .args(["--machine-name", machine]),
         )?;
-        Agent::start(bins, None, data_dir, disk, extra)
+        Ok(())
     }
 
     fn start(
@@ -753,18 +766,23 @@ impl Cluster {
         };
         let machine = options.machine.as_deref().unwrap_or("web01");
         let agent = match (&cs, options.agent_via_config_server) {
-            (Some(_), true) if !options.more_disks.is_empty() => {
-                bail!("ClusterOptions: more_disks with agent_via_config_server is not supported")
+            (Some(cs), true) => {
+                Agent::enroll_with_config_server(
+                    bins,
+                    cs,
+                    "primary",
+                    &root.join("agent"),
+                    machine,
+                )?;
+                Agent::start_disks(
+                    bins,
+                    None,
+                    &root.join("agent"),
+                    disk,
+                    &options.more_disks,
+                    options.agent_args,
+                )?
             }
-            (Some(cs), true) => Agent::enroll_with_config_server_and_start(
-                bins,
-                cs,
-                "primary",
-                &root.join("agent"),
-                disk,
-                machine,
-                options.agent_args,
-            )?,
             _ => {
                 let server = Agent::enroll(bins, &ps, &root.join("agent"), machine)?;
                 Agent::start_disks(

@@ -215,3 +215,81 @@ fn an_agent_moves_when_its_process_server_is_lost_and_resyncs_only_what_it_lost(
     );
     Ok(())
 }
+
+/// Every replica of the master target equals its source, and is applied up to what the agent
+/// reported last, when that report is newer than `since`.
+fn caught_up(c: &Cluster, disks: &[std::path::PathBuf], since: u64) -> Result<Result<(), String>> {
+    let Some(report) = c.agent.report().filter(|r| r.time_ms > since) else {
+        return Ok(Err("no new report yet".into()));
+    };
+    let status = c.mt.status()?;
+    let replicas = status.master_target.map(|m| m.replicas).unwrap_or_default();
+    for (n, source) in disks.iter().enumerate() {
+        let id = n as u32 + 1;
+        let (Some(d), Some(r)) = (
+            report.disks.iter().find(|d| d.disk == id),
+            replicas.iter().find(|r| r.disk == id),
+        ) else {
+            return Ok(Err(format!("disk {id} is not replicated yet")));
+        };
+        if d.state != DiskState::Protected
+            || d.acked_seq != d.last_seq
+            || r.applied_seq < d.last_seq
+        {
+            return Ok(Err(format!(
+                "disk {id} is not caught up: {d:?}, applied {}",
+                r.applied_seq
+            )));
+        }
+        if !images_equal(&c.mt.data_dir.join("replicas").join(&r.path), source)? {
+            return Ok(Err(format!("disk {id}'s replica differs")));
+        }
+    }
+    Ok(Ok(()))
+}
+
+#[test]
+fn a_machine_of_two_disks_moves_whole() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disks = [tmp.path().join("disk1.raw"), tmp.path().join("disk2.raw")];
+    mixed_disk(&disks[0], 16 << 20, 31)?;
+    mixed_disk(&disks[1], 8 << 20, 32)?;
+    let mut c = Cluster::start(
+        tmp.path(),
+        &disks[0],
+        ClusterOptions {
+            config_server: true,
+            second_process_server: true,
+            agent_via_config_server: true,
+            more_disks: vec![disks[1].clone()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    let file = tmp.path().join("moves.toml");
+    std::fs::write(&file, pipeline(&c)?)?;
+    let cs_gateway = c.cs.take().context("cs")?;
+    let cs = &cs_gateway;
+    cs.haven(&["apply", file.to_str().context("path")?])?;
+    poll(Duration::from_secs(120), Duration::from_millis(300), || {
+        caught_up(&c, &disks, 0)
+    })?;
+    assert_eq!(placement(cs)?.context("placed")?, ("ps1".to_string(), 0));
+
+    // ps1 is lost: both disks go to ps2, taken over where the master target resumes each.
+    c.ps.proc.kill();
+    let more = format!(
+        "nbd://127.0.0.1:{}/disk",
+        c.agent.more_disks.first().context("disk 2")?.nbd_port
+    );
+    qemu_io(&c.agent.nbd, &["write -P 0x51 1M 256k".to_string()])?;
+    qemu_io(&more, &["write -P 0x52 2M 256k".to_string()])?;
+    let since = haven_e2e::now_ms();
+    poll(Duration::from_secs(180), Duration::from_millis(500), || {
+        c.agent.proc.check_alive("haven-agent")?;
+        match placement(cs)? {
+            Some((ps, 1)) if ps == "ps2" => caught_up(&c, &disks, since),
+            other => Ok(Err(format!("not moved yet: {other:?}"))),
+        }
+    })?;
+    Ok(())
+}
