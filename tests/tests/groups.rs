@@ -171,6 +171,16 @@ fn a_group_point_is_one_instant_of_all_its_machines() -> Result<()> {
         cs.haven(&["failover", "cleanup", m])?;
     }
     let last = check_prefix(&at_point, &format!("group point {point}"))?;
+    // Each member lists it as a group point (retention prefers it to the member's own).
+    for m in MEMBERS {
+        let points: Vec<serde_json::Value> =
+            serde_json::from_str(&cs.haven(&["point", "list", m, "--json"])?)?;
+        let p = points
+            .iter()
+            .find(|p| p["point"] == point)
+            .with_context(|| format!("{m} does not list group point {point}"))?;
+        assert_eq!(p["group"], true, "{m}: {p}");
+    }
     assert!(
         last >= 299,
         "the point holds {last} writes, taken after 300"

@@ -809,6 +809,7 @@ mod tests {
             source_time_ms,
             kind: PointKind::Crash,
             received_ms: source_time_ms,
+            group: false,
         }
     }
 

@@ -27,8 +27,9 @@
 //! - in a tier with `every = 0` every point is kept. Otherwise time is cut into buckets of
 //!   length `every` aligned to the Unix epoch (`bucket = time_ms / every_ms`) and the point is
 //!   kept if it is the bucket's choice: the newest app-consistent point of the bucket when
-//!   `prefer_app_consistent` and the bucket has one, else the newest point of the bucket (equal
-//!   times: the higher id). The choice is made among *all* the bucket's points, whatever their
+//!   `prefer_app_consistent` and the bucket has one, else the newest group point of the bucket
+//!   when it has one (a point every machine of a group holds: the members, under one policy,
+//!   keep the same one), else the newest point of the bucket (equal times: the higher id). The choice is made among *all* the bucket's points, whatever their
 //!   own tier: where a bucket straddles a tier boundary, the part in the older tier keeps
 //!   nothing when the choice lies in the younger part, so a bucket never has two
 //!   representatives;
@@ -90,6 +91,8 @@ pub struct PointAge {
     pub time_ms: u64,
     /// Whether the point is application-consistent (else crash-consistent).
     pub app: bool,
+    /// Whether it is a group point (one every machine of its group holds).
+    pub group: bool,
 }
 
 fn default_window() -> Duration {
@@ -222,12 +225,19 @@ pub fn keep(policy: &RetentionPolicy, points: &[PointAge], now_ms: u64) -> BTree
     let window_ms = millis(policy.window);
     let in_window = |p: &PointAge| now_ms.saturating_sub(p.time_ms) < window_ms;
     // The order of preference within a bucket: the greatest is kept.
-    let rank = |p: &PointAge| (policy.prefer_app_consistent && p.app, p.time_ms, p.id);
+    let rank = |p: &PointAge| {
+        (
+            policy.prefer_app_consistent && p.app,
+            p.group,
+            p.time_ms,
+            p.id,
+        )
+    };
     let every_ms: Vec<u64> = policy.tiers.iter().map(|t| millis(t.every)).collect();
     let for_last_ms: Vec<u64> = policy.tiers.iter().map(|t| millis(t.for_last)).collect();
 
     // Each thinned tier's choice per bucket, among all the bucket's points.
-    let choices: Vec<HashMap<u64, (bool, u64, u64)>> = every_ms
+    let choices: Vec<HashMap<u64, (bool, bool, u64, u64)>> = every_ms
         .iter()
         .map(|&every| {
             let mut choice = HashMap::new();
@@ -239,7 +249,7 @@ pub fn keep(policy: &RetentionPolicy, points: &[PointAge], now_ms: u64) -> BTree
                 let r = rank(p);
                 choice
                     .entry(bucket)
-                    .and_modify(|c: &mut (bool, u64, u64)| *c = (*c).max(r))
+                    .and_modify(|c: &mut (bool, bool, u64, u64)| *c = (*c).max(r))
                     .or_insert(r);
             }
             choice
@@ -366,7 +376,12 @@ mod tests {
     }
 
     fn point(id: u64, time_ms: u64, app: bool) -> PointAge {
-        PointAge { id, time_ms, app }
+        PointAge {
+            id,
+            time_ms,
+            app,
+            group: false,
+        }
     }
 
     fn ids(v: &[u64]) -> BTreeSet<u64> {
@@ -587,6 +602,31 @@ mod tests {
         assert_eq!(keep(&thinned, &points, now), ids(&[2, 3]));
         // Outside the window not even the newest point is kept.
         assert_eq!(keep(&thinned, &points, 12 * H), ids(&[]));
+    }
+
+    #[test]
+    fn group_points_are_preferred_to_a_machines_own() {
+        let policy = RetentionPolicy {
+            window: dur(10 * H),
+            tiers: vec![tier(10 * H, H)],
+            prefer_app_consistent: true,
+        };
+        let now = 5 * H;
+        let own = |id, t| point(id, t, false);
+        let group = |id, t| PointAge {
+            group: true,
+            ..point(id, t, false)
+        };
+        // An hour bucket: its group point stays, not the machine's newer own point; an
+        // app-consistent point still comes first; the newest point of all stays too.
+        let points = [group(1, H + M), own(2, H + 2 * M), own(3, 2 * H + M)];
+        assert_eq!(keep(&policy, &points, now), ids(&[1, 3]));
+        let points = [
+            group(1, H + M),
+            point(2, H + 2 * M, true),
+            own(3, 2 * H + M),
+        ];
+        assert_eq!(keep(&policy, &points, now), ids(&[2, 3]));
     }
 
     #[test]

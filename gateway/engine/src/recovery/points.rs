@@ -48,6 +48,9 @@ pub struct PointRecord {
     pub kind: PointKind,
     /// When its tag was durable here, ms since the Unix epoch.
     pub received_ms: u64,
+    /// A group point: every machine of its group holds it (retention prefers it).
+    #[serde(default)]
+    pub group: bool,
 }
 
 impl PointRecord {
@@ -61,6 +64,7 @@ impl PointRecord {
                 TagKind::App => PointKind::App,
             },
             received_ms: now_ms(),
+            group: false,
         }
     }
 }
@@ -393,6 +397,9 @@ impl MasterTarget {
                         })?,
                 );
             }
+            for (r, p) in disks.iter().zip(records.iter_mut()) {
+                *p = self.mark_group(r, p.seq)?.unwrap_or(*p);
+            }
             out.push(GroupMemberPoint {
                 machine: machine.clone(),
                 points: records,
@@ -474,6 +481,24 @@ impl MasterTarget {
                  protected (check `haven status`), or take one with `haven point create {item}`"
             ),
         }
+    }
+
+    /// Marks the point whose tag is `seq` a group point (kept so in redb); the record, if the
+    /// point is still held.
+    fn mark_group(&self, r: &Replica, seq: Seq) -> Result<Option<PointRecord>, RecoveryError> {
+        let _one = lock(&r.recovery.recording);
+        let marked = {
+            let mut st = lock(&r.recovery.state);
+            st.points.get_mut(&seq).map(|p| {
+                p.group = true;
+                *p
+            })
+        };
+        if let Some(p) = &marked {
+            store_points(&self.state, r.stream.key, std::slice::from_ref(p), &[])
+                .map_err(internal)?;
+        }
+        Ok(marked)
     }
 
     /// Waits until disk `r`'s tag of point `point`, among the tags the agent answered, is
@@ -604,6 +629,7 @@ impl MasterTarget {
                         id: p.seq,
                         time_ms: p.source_time_ms,
                         app: p.kind == PointKind::App,
+                        group: p.group,
                     })
                     .collect();
                 retention::keep(policy, &ages, now_ms)
