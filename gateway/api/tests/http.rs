@@ -433,7 +433,14 @@ fn openapi_document_lists_every_route_with_its_answers() {
     );
     assert_eq!(
         fields("PointRecord"),
-        names(&["point", "seq", "source_time_ms", "kind", "received_ms"])
+        names(&[
+            "point",
+            "seq",
+            "source_time_ms",
+            "kind",
+            "received_ms",
+            "group"
+        ])
     );
     assert_eq!(fields("TokenAnswer"), names(&["token", "ttl_seconds"]));
     for name in [
