@@ -956,6 +956,20 @@ mod tests {
         )
     }
 
+    /// A client whose first exchanges are the service content and a login (session `s1`),
+    /// then `then`.
+    fn logged_in(then: Vec<(&'static str, HttpAnswer)>) -> Client<Script> {
+        let mut answers = vec![
+            (
+                "RetrieveServiceContent",
+                ok("RetrieveServiceContent", CONTENT),
+            ),
+            ("Login", login("s1")),
+        ];
+        answers.extend(then);
+        client(answers)
+    }
+
     fn client(answers: Vec<(&'static str, HttpAnswer)>) -> Client<Script> {
         Client::new(
             Script {
@@ -979,12 +993,7 @@ mod tests {
 
     #[test]
     fn logs_in_once_keeps_the_cookie_and_logs_in_again_when_the_session_is_gone() {
-        let mut c = client(vec![
-            (
-                "RetrieveServiceContent",
-                ok("RetrieveServiceContent", CONTENT),
-            ),
-            ("Login", login("s1")),
+        let mut c = logged_in(vec![
             (
                 "RetrievePropertiesEx",
                 props(
@@ -1064,12 +1073,7 @@ mod tests {
 
     #[test]
     fn tasks_are_polled_until_done_and_their_faults_reported() {
-        let mut c = client(vec![
-            (
-                "RetrieveServiceContent",
-                ok("RetrieveServiceContent", CONTENT),
-            ),
-            ("Login", login("s1")),
+        let mut c = logged_in(vec![
             (
                 "RetrievePropertiesEx",
                 props(
@@ -1164,12 +1168,7 @@ mod tests {
 
     #[test]
     fn delete_machine_leaves_other_machines_alone_and_accepts_a_missing_one() {
-        let mut c = client(vec![
-            (
-                "RetrieveServiceContent",
-                ok("RetrieveServiceContent", CONTENT),
-            ),
-            ("Login", login("s1")),
+        let mut c = logged_in(vec![
             (
                 "RetrievePropertiesEx",
                 props(
