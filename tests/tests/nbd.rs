@@ -134,6 +134,13 @@ fn wait_protected(c: &mut Cluster) -> Result<()> {
                 .iter()
                 .all(|d| d.state == DiskState::Protected && d.acked_seq == d.last_seq)
         });
+        // The process server acknowledged it all; the master target must hold the item too
+        // before points are asked of it.
+        let done = done
+            && c.mt.status().is_ok_and(|s| {
+                s.master_target
+                    .is_some_and(|m| m.replicas.iter().any(|r| r.machine_name == "web01"))
+            });
         Ok(if done {
             Ok(())
         } else {
