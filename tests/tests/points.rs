@@ -680,8 +680,17 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
         "--point",
         &id.to_string(),
         "--writable",
+        "--files",
     ])?;
     let uri = uri.trim().to_string();
+    // The disk is a file too, below the writer's storage root.
+    let image = wait_item(&c, Duration::from_secs(10), "no test failover", |i| {
+        i.test_failover.is_some()
+    })?
+    .test_failover
+    .and_then(|t| t.image)
+    .context("the test failover presents no file")?;
+    assert!(image.ends_with(&format!("/disk1-point{id}.raw")), "{image}");
     // The drill writes (qemu-io flushes as it closes), then the master target is killed.
     qemu_io(
         &uri,
@@ -741,6 +750,12 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
         std::fs::read(&got)? == want,
         "the test failover after the restart lost the drill's writes"
     );
+    // Its file is presented again (the mount the killed process left is replaced).
+    assert_eq!(test.image.as_deref(), Some(image.as_str()));
+    assert!(
+        std::fs::read(&image)? == want,
+        "the test failover's file after the restart is not the drill's disk"
+    );
     // It still takes writes, and replication went on beside it.
     qemu_io(
         &uri,
@@ -761,8 +776,20 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     )?;
     assert!(id2 > id);
 
-    // Cleanup leaves nothing to serve after the next restart either.
+    // Cleanup leaves nothing to serve after the next restart either, and no file.
     c.mt.haven(&["failover", "cleanup", "web01"])?;
+    let files = std::path::Path::new(&image)
+        .ancestors()
+        .nth(3)
+        .context("the test failover's folder")?
+        .to_path_buf();
+    assert!(files.ends_with("test-failover"), "{}", files.display());
+    assert_eq!(
+        files.read_dir()?.count(),
+        0,
+        "the cleanup left files below {}",
+        files.display()
+    );
     c.mt.restart()?;
     let info = wait_item(
         &c,

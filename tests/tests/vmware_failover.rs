@@ -4,6 +4,8 @@
 //! datastore folder. The machine has three disks, protected by one agent, under a workload
 //! that writes to them in turn, each write acknowledged before the next starts: a point of the
 //! machine, presented by a test failover, holds a prefix of that sequence on every disk. A
+//! test failover also defines `<name>-test` on the test network at the secondary, its disks
+//! the point presented as VMDK files in the datastore; its cleanup leaves no VM and no file. A
 //! planned failover powers the source VM off through the primary vCenter and defines and
 //! starts the replica VM on the secondary, with the mapped network, the overridden CPUs and
 //! memory and the three failover images as its disks, each of which `qemu-img compare` finds
@@ -37,6 +39,45 @@ fn platform_machines(c: &Cluster, platform: &str) -> Result<Vec<serde_json::Valu
     Ok(serde_json::from_str(
         &cs.haven(&["platform", "machines", platform, "--json"])?,
     )?)
+}
+
+/// The newest job of `kind`, once it has ended.
+fn finished_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
+    poll(Duration::from_secs(120), Duration::from_millis(500), || {
+        let jobs: Vec<serde_json::Value> =
+            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        let job = jobs
+            .into_iter()
+            .find(|j| j["kind"] == kind)
+            .with_context(|| format!("no {kind} job"))?;
+        Ok(match job["state"].as_str() {
+            Some("running") => Err(format!("still running: {job}")),
+            _ => Ok(job),
+        })
+    })
+}
+
+fn step_names(job: &serde_json::Value) -> Result<Vec<String>> {
+    Ok(job["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Every file below `dir` (none when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
+            true => walk(&e.path()),
+            false => vec![e.path()],
+        })
+        .collect()
 }
 
 #[test]
@@ -209,7 +250,99 @@ memory_mib = "2048"
         last >= 300,
         "the point holds {last} writes, taken after 300"
     );
+
+    // The test failover also defined `<name>-test` at the secondary vCenter, on the test
+    // network, its disks the point presented as VMDK files in the datastore (the writable
+    // overlay the NBD exports serve).
+    let job = finished_job(cs, "test-failover")?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let steps = step_names(&job)?;
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    assert_eq!(steps[1], "disks as files at mt1");
+    assert_eq!(
+        steps[2],
+        format!("define test replica {MACHINE}-replica-test at vcenter-b")
+    );
+    assert!(steps[3].starts_with("power on "), "{steps:?}");
+    cs.haven(&["platform", "refresh", "vcenter-b"])?;
+    let test_vm = platform_machines(&c, "vcenter-b")?
+        .into_iter()
+        .find(|m| m["name"] == format!("{MACHINE}-replica-test"))
+        .context("no test replica VM at the secondary vCenter")?;
+    assert_eq!(test_vm["power"], "running", "{test_vm}");
+    let networks: Vec<&str> = test_vm["nics"]
+        .as_array()
+        .context("nics")?
+        .iter()
+        .filter_map(|n| n["network"].as_str())
+        .collect();
+    assert_eq!(networks, ["DC0_DVPG0"], "the test network: {test_vm}");
+    let locations: Vec<String> = test_vm["disks"]
+        .as_array()
+        .context("no disks on the test replica")?
+        .iter()
+        .filter_map(|d| d["location"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(locations.len(), 3, "{test_vm}");
+    for (n, uri) in uris.iter().enumerate() {
+        let location = locations
+            .iter()
+            .find(|l| l.ends_with(&format!("/disk{n}-point{point}.vmdk", n = n + 1)))
+            .with_context(|| format!("no disk {} on the test replica: {locations:?}", n + 1))?;
+        let file = datastore.join(
+            location
+                .strip_prefix("[LocalDS_0] test-failover/")
+                .map(|l| format!("test-failover/{l}"))
+                .with_context(|| format!("{location} is not a test failover's file"))?,
+        );
+        // The file is the point, as its NBD export presents it.
+        let out = run_ok(
+            std::process::Command::new("qemu-img")
+                .args(["compare", "-f", "vmdk", "-F", "raw"])
+                .arg(&file)
+                .arg(uri),
+        )?;
+        assert!(
+            out.contains("Images are identical"),
+            "disk {}: {out}",
+            n + 1
+        );
+        // What the test VM writes is what the export reads, and the source never sees it.
+        let flat = file.with_file_name(format!("disk{}-point{point}-flat.vmdk", n + 1));
+        let f = std::fs::OpenOptions::new().write(true).open(&flat)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, b"test vm wrote here", 1 << 20)?;
+        f.sync_all()?;
+        let (addr, export) = uri
+            .trim_start_matches("nbd://")
+            .split_once('/')
+            .context("uri")?;
+        let read = NbdClient::connect(addr, export)?.read(1 << 20, 4096)?;
+        assert_eq!(&read[..18], b"test vm wrote here", "disk {}", n + 1);
+    }
+
+    // The cleanup deletes the test VM, then ends the test failover: the secondary vCenter is
+    // as it was, and no file is left in the datastore.
     cs.haven(&["failover", "cleanup", MACHINE])?;
+    let job = finished_job(cs, "test-failover-cleanup")?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(
+        step_names(&job)?[0],
+        format!("delete the test replica of {MACHINE}")
+    );
+    cs.haven(&["platform", "refresh", "vcenter-b"])?;
+    let names: Vec<String> = platform_machines(&c, "vcenter-b")?
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with("-test")),
+        "the test VM is still there: {names:?}"
+    );
+    let left: Vec<_> = walk(&datastore.join("test-failover"))
+        .into_iter()
+        .chain(walk(&datastore.join(format!("{MACHINE}-replica-test"))))
+        .collect();
+    assert!(left.is_empty(), "the test failover left files: {left:?}");
 
     // The planned failover, through the configuration server, while the workload writes.
     let out = cs.haven(&["failover", MACHINE, "--planned"])?;
@@ -232,25 +365,9 @@ memory_mib = "2048"
     assert!(stopped_at > last, "the workload stopped at {stopped_at}");
 
     // The job goes on with the platforms' steps.
-    let job = poll(Duration::from_secs(120), Duration::from_millis(500), || {
-        let jobs: Vec<serde_json::Value> =
-            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
-        let job = jobs
-            .into_iter()
-            .find(|j| j["kind"] == "failover")
-            .context("no failover job")?;
-        Ok(match job["state"].as_str() {
-            Some("running") => Err(format!("still running: {job}")),
-            _ => Ok(job),
-        })
-    })?;
+    let job = finished_job(cs, "failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
-    let steps: Vec<&str> = job["steps"]
-        .as_array()
-        .context("steps")?
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
+    let steps = step_names(&job)?;
     assert_eq!(steps.len(), 5, "{steps:?}");
     assert!(
         steps[1].starts_with("wait for the image at mt1"),

@@ -40,7 +40,7 @@ pub(crate) async fn forward_items(
         .extensions()
         .get::<Caller>()
         .map_or_else(String::new, Caller::label);
-    let request = ApiRequest {
+    let mut request = ApiRequest {
         method: method.to_string(),
         path: target,
         caller,
@@ -57,11 +57,24 @@ pub(crate) async fn forward_items(
         .into_owned();
     let action = rest.split('/').nth(1).unwrap_or_default().to_string();
     let machine = item.split('/').next().unwrap_or_default();
+    // A test failover of a whole machine that a platform runs: its disks as files too.
+    let test_replica = action == "test-failover"
+        && item == machine
+        && crate::machines::has_test_replica(&cs, machine);
+    if test_replica && method == Method::POST {
+        request.path = crate::machines::with_files(&request.path);
+    }
     match cs.master_target_of(machine) {
         Some(gateway) if method != Method::GET && method != Method::HEAD => {
             // A change: run as a job, kept with its outcome.
             let kind = job_kind(&method, &action);
             let step = format!("{method} {} at {gateway}", request.path);
+            // A test failover's cleanup deletes the test replica first: it uses the disks.
+            let delete_first = test_replica && method == Method::DELETE;
+            let first = match delete_first {
+                true => format!("delete the test replica of {machine}"),
+                false => step.clone(),
+            };
             let job = {
                 let (cs, item, gateway, caller) = (
                     cs.clone(),
@@ -75,15 +88,42 @@ pub(crate) async fn forward_items(
                         item: Some(&item),
                         gateway: Some(&gateway),
                         caller: &caller,
-                        step: &step,
+                        step: &first,
                     })
                 })
                 .await
             };
-            let job = match job {
+            let mut job = match job {
                 Ok(job) => job,
                 Err(e) => return e.into_response(),
             };
+            if delete_first {
+                let deleted = crate::machines::delete_test_replica(&cs, machine).await;
+                let (ok, output) = match &deleted {
+                    Ok(Some(done)) => (true, done.clone()),
+                    Ok(None) => (true, "none was defined".to_string()),
+                    Err(e) => (false, format!("{e:#}")),
+                };
+                let next = {
+                    let (cs, step) = (cs.clone(), step.clone());
+                    crate::blocking(move || -> anyhow::Result<Option<haven_engine::jobs::Job>> {
+                        let job = cs.end_job_step(job, ok, output, false)?;
+                        match ok {
+                            true => Ok(Some(cs.begin_job_step(job, &step)?)),
+                            false => Ok(None),
+                        }
+                    })
+                    .await
+                };
+                job = match next {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        let why = deleted.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                        return ApiError::new(StatusCode::BAD_GATEWAY, why).into_response();
+                    }
+                    Err(e) => return e.into_response(),
+                };
+            }
             let id = job.id;
             let (ok, output, response) = match cs.forward(&gateway, request.clone()).await {
                 Ok(answer) => {
@@ -100,15 +140,21 @@ pub(crate) async fn forward_items(
                     (false, output, forward_error(e).into_response())
                 }
             };
-            // A failover of a machine on a platform goes on with the platform's steps.
+            // A failover of a machine on a platform goes on with the platform's steps; so
+            // does a test failover of one that a target platform runs.
             let platform_steps = ok
                 && method == Method::POST
-                && action == "failover"
-                && crate::machines::has_platform_steps(&cs, machine);
-            let planned = request.path.split_once('?').is_some_and(|(_, q)| {
-                q.split('&')
-                    .any(|kv| kv == "planned" || kv == "planned=true")
-            });
+                && ((action == "failover" && crate::machines::has_platform_steps(&cs, machine))
+                    || (action == "test-failover" && test_replica));
+            let mode = match action.as_str() {
+                "test-failover" => crate::machines::Mode::Test,
+                _ => crate::machines::Mode::Failover {
+                    planned: request.path.split_once('?').is_some_and(|(_, q)| {
+                        q.split('&')
+                            .any(|kv| kv == "planned" || kv == "planned=true")
+                    }),
+                },
+            };
             let ended = {
                 let cs = cs.clone();
                 crate::blocking(move || cs.end_job_step(job, ok, output, !platform_steps)).await
@@ -120,7 +166,7 @@ pub(crate) async fn forward_items(
                         job,
                         gateway.clone(),
                         item.clone(),
-                        planned,
+                        mode,
                     ));
                 }
                 Ok(_) => {}

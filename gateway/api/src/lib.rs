@@ -823,6 +823,11 @@ struct TestFailoverParams {
     /// `true`; the default is `false`).
     #[param(value_type = Option<bool>)]
     writable: Option<String>,
+    /// Also present each disk as files a platform can use (a VMDK descriptor and its flat
+    /// extent, or a raw file) below the writer's storage root (`files` alone is `true`; the
+    /// default is `false`).
+    #[param(value_type = Option<bool>)]
+    files: Option<String>,
 }
 
 /// The query of `POST /v1/items/ITEM/failover`.
@@ -965,9 +970,10 @@ async fn start_test_failover(
 ) -> Result<Pretty<TestFailoverInfo>, ApiError> {
     let sel = point(q.point.as_deref())?;
     let writable = flag("writable", q.writable.as_deref())?;
+    let files = flag("files", q.files.as_deref())?;
     // Plugin calls, files and redb commits: off the async workers.
     Ok(Pretty(
-        blocking(move || mt.test_failover(&p.item, sel, writable)).await?,
+        blocking(move || mt.test_failover(&p.item, sel, writable, files)).await?,
     ))
 }
 
@@ -982,6 +988,7 @@ async fn start_test_failover(
         (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
         (status = CONFLICT, description = "The item has no test failover to clean up", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The export could not be removed", body = ErrorBody),
+        (status = BAD_GATEWAY, description = "Through a configuration server: the machine the test failover defined could not be deleted at its platform (the test failover is kept)", body = ErrorBody),
     )
 )]
 async fn end_test_failover(

@@ -14,6 +14,15 @@
 //!
 //! The replica machine is kept (`replica/<machine>`), for the cleanup and the history. Each
 //! step is a step of the failover's job; a failing step ends the job with its reason.
+//!
+//! A test failover of such a machine (the whole machine) asks the master target to present
+//! each disk, writable, as files as well (`files=true`: a VMDK descriptor and its flat extent on the
+//! writable overlay, in `test-failover/<agent>/disk<N>/` below the writer's storage root, which
+//! is the datastore folder), then defines `<name>-test` on them, its adapters on each
+//! mapping's `test_network`, and powers it on; kept as `test-replica/<machine>`. Its cleanup
+//! deletes that machine at the platform first (its disks stay: they are the master target's),
+//! and only then asks the master target to end the test failover: a machine that cannot be
+//! deleted keeps its disks, and the cleanup can be run again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +78,80 @@ pub(crate) fn has_platform_steps(cs: &ConfigServer, name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a test failover of machine `name` defines a machine at a target platform.
+pub(crate) fn has_test_replica(cs: &ConfigServer, name: &str) -> bool {
+    pipeline(cs)
+        .ok()
+        .and_then(|p| p.machine(name).map(|m| m.target_platform.is_some()))
+        .unwrap_or(false)
+}
+
+/// `path` (a test-failover call) asking for the disks as files too, and writable: a machine
+/// runs on them.
+pub(crate) fn with_files(path: &str) -> String {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| {
+            let key = kv.split('=').next().unwrap_or_default();
+            !kv.is_empty() && key != "writable" && key != "files"
+        })
+        .collect();
+    kept.extend(["writable=true", "files=true"]);
+    format!("{path}?{}", kept.join("&"))
+}
+
+/// The record key of the replica a failover (or a test failover) of `machine` defined.
+fn replica_key(machine: &str, mode: Mode) -> String {
+    match mode {
+        Mode::Test => format!("test-replica/{machine}"),
+        Mode::Failover { .. } => format!("replica/{machine}"),
+    }
+}
+
+/// Deletes the machine a test failover of `machine` defined, at its platform, and forgets it;
+/// what was deleted (`None`: none was recorded).
+pub(crate) async fn delete_test_replica(
+    cs: &Arc<ConfigServer>,
+    machine: &str,
+) -> Result<Option<String>> {
+    let key = replica_key(machine, Mode::Test);
+    let record: Option<ReplicaRecord> = {
+        let (cs, key) = (cs.clone(), key.clone());
+        tokio::task::spawn_blocking(move || cs.record(&key)).await??
+    };
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let id = record.machine.id.clone();
+    cs.adapter_call(&record.platform, move |a| a.delete_machine(&id))
+        .await
+        .with_context(|| {
+            format!(
+                "deleting test replica {} ({}) at {}; its disks stay until it is deleted: run \
+                 the cleanup again",
+                record.spec.name, record.machine.id, record.platform
+            )
+        })?;
+    {
+        let cs = cs.clone();
+        tokio::task::spawn_blocking(move || cs.set_record::<ReplicaRecord>(&key, None)).await??;
+    }
+    Ok(Some(format!(
+        "deleted {} ({}) at {}",
+        record.spec.name, record.machine.id, record.platform
+    )))
+}
+
+/// Which platform steps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// After a failover (the source powered off first when `planned`).
+    Failover { planned: bool },
+    /// After a test failover: a `-test` machine on the test networks.
+    Test,
+}
+
 /// The applied pipeline; an empty one when none was applied.
 pub(crate) fn pipeline(cs: &ConfigServer) -> Result<Pipeline> {
     match cs.pipeline()? {
@@ -83,14 +166,14 @@ pub(crate) async fn run(
     job: Job,
     gateway: String,
     item: String,
-    planned: bool,
+    mode: Mode,
 ) {
     let id = job.id;
     let ends = Ends {
         at_last: true,
         on_failure: true,
     };
-    if let Err(e) = steps(&cs, job, &gateway, &item, planned, ends).await {
+    if let Err(e) = steps(&cs, job, &gateway, &item, mode, ends).await {
         fail_job(&cs, id, &e).await;
     }
 }
@@ -175,26 +258,36 @@ async fn step<T>(
     run_step(cs, job, name, end, run).await
 }
 
-/// The platform steps of a failover of `item`, after its master-target step; the job and
-/// whether every step succeeded.
+/// The platform steps of a failover (or test failover) of `item`, after its master-target
+/// step; the job and whether every step succeeded.
 pub(crate) async fn steps(
     cs: &Arc<ConfigServer>,
     job: Job,
     gateway: &str,
     item: &str,
-    planned: bool,
+    mode: Mode,
     ends: Ends,
 ) -> Result<(Job, bool)> {
     let machine_name = item.split('/').next().unwrap_or(item).to_string();
     let p = pipeline(cs)?;
     let m = p.machine(&machine_name).cloned();
+    let test = mode == Mode::Test;
+    let planned = mode == Mode::Failover { planned: true };
     let power_off = planned && m.as_ref().is_some_and(|m| m.platform.is_some());
     let define = m.as_ref().is_some_and(|m| m.target_platform.is_some());
 
-    // The master target's image.
-    let name = format!("wait for the image at {gateway}");
+    // The master target's images.
     let last = !power_off && !define;
-    let (job, images) = step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?;
+    let (job, images) = match test {
+        false => {
+            let name = format!("wait for the image at {gateway}");
+            step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?
+        }
+        true => {
+            let name = format!("disks as files at {gateway}");
+            step(cs, job, name, last, ends, test_images(cs, gateway, item)).await?
+        }
+    };
     let (Some(images), Some(m)) = (images, m) else {
         return Ok((
             job.clone(),
@@ -266,11 +359,12 @@ pub(crate) async fn steps(
     let power_on = m.target.get("power_on").map(String::as_str) != Some("false");
     let spec = match ambiguous {
         Some(e) => Err(e),
-        None => replica_spec(&p, &m, source.as_ref(), &images),
+        None => replica_spec(&p, &m, source.as_ref(), &images, test),
     };
     let name = format!(
-        "define replica {} at {target_platform}",
-        m.target.get("name").unwrap_or(&m.name)
+        "define {} {} at {target_platform}",
+        if test { "test replica" } else { "replica" },
+        spec.as_ref().map_or(m.name.as_str(), |s| s.name.as_str())
     );
     let (job, defined) = step(cs, job, name, !power_on, ends, {
         let (cs, platform) = (cs.clone(), target_platform.clone());
@@ -287,7 +381,7 @@ pub(crate) async fn steps(
                 spec,
                 defined_ms: haven_engine::now_ms(),
             };
-            let key = format!("replica/{machine}");
+            let key = replica_key(&machine, mode);
             tokio::task::spawn_blocking(move || cs.set_record(&key, Some(&record))).await??;
             let output = format!("defined {}: {}", replica.id, replica.definition);
             Ok((replica, output))
@@ -407,12 +501,48 @@ async fn wait_for_image(
     }
 }
 
-/// What to ask the target platform to define for machine `m`.
+/// The test failover's disks of `item` at master target `gateway`, presented as files, in disk
+/// order.
+async fn test_images(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    item: &str,
+) -> Result<(Vec<DiskImage>, String)> {
+    let ours = items_of(cs, gateway, item).await?;
+    if ours.is_empty() {
+        bail!("{gateway} holds no item `{item}`");
+    }
+    let mut images = Vec::new();
+    for i in ours {
+        let image = i.test_failover.and_then(|t| t.image).with_context(|| {
+            format!(
+                "{gateway} presents no file of disk {} of {item}: its test failover is not \
+                     running, or was started without files",
+                i.disk
+            )
+        })?;
+        images.push(DiskImage {
+            disk: i.disk,
+            image,
+            size: i.size,
+        });
+    }
+    let output = images
+        .iter()
+        .map(|i| format!("disk {}: {} ({} bytes)", i.disk, i.image, i.size))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok((images, output))
+}
+
+/// What to ask the target platform to define for machine `m`: its replica, or with `test` its
+/// test replica (`<name>-test`, on the mappings' test networks).
 pub(crate) fn replica_spec(
     p: &Pipeline,
     m: &haven_pipeline::model::Machine,
     source: Option<&Machine>,
     images: &[DiskImage],
+    test: bool,
 ) -> Result<ReplicaSpec> {
     let number = |key: &str| -> Result<Option<u64>> {
         m.target
@@ -469,7 +599,10 @@ pub(crate) fn replica_spec(
             })?;
         nics.push(ReplicaNic {
             source_nic: nic.id.clone(),
-            network: mapping.target_network.clone(),
+            network: match test {
+                true => mapping.test_network.clone(),
+                false => mapping.target_network.clone(),
+            },
             static_address: m.target.get(&format!("nic{i}_address")).cloned(),
         });
     }
@@ -483,11 +616,15 @@ pub(crate) fn replica_spec(
         .map(|i| {
             let writer = i.image.rsplit('.').next().unwrap_or("raw").to_string();
             // The master target names the image by its full path; below the writer's storage
-            // root it is `failover/<agent>/disk<N>-point<P>.<writer>`, which is what the
-            // platform sees below the datastore folder that root is.
-            let image = match i.image.rfind("/failover/") {
-                Some(at) => &i.image[at + 1..],
-                None => i.image.trim_start_matches('/'),
+            // root it is `failover/<agent>/disk<N>-point<P>.<writer>` (a test failover's:
+            // `test-failover/<agent>/disk<N>/…`), which is what the platform sees below the
+            // datastore folder that root is.
+            let image = match (
+                i.image.rfind("/test-failover/"),
+                i.image.rfind("/failover/"),
+            ) {
+                (Some(at), _) | (None, Some(at)) => &i.image[at + 1..],
+                (None, None) => i.image.trim_start_matches('/'),
             };
             ReplicaDisk {
                 // The source's disks in their order: disk N of the agent is the machine's
@@ -511,12 +648,12 @@ pub(crate) fn replica_spec(
         .filter(|(k, _)| !haven_setting(k))
         .map(|(k, v)| (k.replace('_', "-"), v.clone()))
         .collect();
+    let name = m.target.get("name").unwrap_or(&m.name);
     Ok(ReplicaSpec {
-        name: m
-            .target
-            .get("name")
-            .cloned()
-            .unwrap_or_else(|| m.name.clone()),
+        name: match test {
+            true => format!("{name}-test"),
+            false => name.clone(),
+        },
         source_machine: source.map(|s| s.id.clone()).unwrap_or_default(),
         cpus,
         memory_mib,
@@ -524,4 +661,25 @@ pub(crate) fn replica_spec(
         nics,
         options,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_files;
+
+    #[test]
+    fn a_platform_test_failover_asks_for_writable_files() {
+        assert_eq!(
+            with_files("/v1/items/web01/test-failover?point=7&writable=false"),
+            "/v1/items/web01/test-failover?point=7&writable=true&files=true"
+        );
+        assert_eq!(
+            with_files("/v1/items/web01/test-failover"),
+            "/v1/items/web01/test-failover?writable=true&files=true"
+        );
+        assert_eq!(
+            with_files("/v1/items/web01/test-failover?files&writable"),
+            "/v1/items/web01/test-failover?writable=true&files=true"
+        );
+    }
 }

@@ -605,6 +605,14 @@ async fn machine_step(
         gateway.as_deref().unwrap_or("?")
     );
     let failover = action == Action::Failover;
+    // A test failover a target platform runs: the disks as files too, and the test replica
+    // deleted before its cleanup.
+    let test_replica = matches!(action, Action::TestFailover | Action::Cleanup)
+        && crate::machines::has_test_replica(cs, machine);
+    let path = match (test_replica, action) {
+        (true, Action::TestFailover) => crate::machines::with_files(&path),
+        _ => path,
+    };
     let call = {
         let (cs, gateway) = (cs.clone(), gateway.clone());
         let (machine, path) = (machine.to_string(), path.clone());
@@ -615,6 +623,12 @@ async fn machine_step(
             if resumed && let Some(done) = done_already(&cs, &gateway, &machine, action).await? {
                 return Ok(done);
             }
+            let deleted = match (test_replica, action) {
+                (true, Action::Cleanup) => crate::machines::delete_test_replica(&cs, &machine)
+                    .await?
+                    .map(|d| format!("{d}; ")),
+                _ => None,
+            };
             let answer = cs
                 .forward(
                     &gateway,
@@ -633,16 +647,21 @@ async fn machine_step(
                     crate::deployment::error_text(&answer.body)
                 );
             }
-            Ok(crate::deployment::summary(&answer.body))
+            Ok(format!(
+                "{}{}",
+                deleted.unwrap_or_default(),
+                crate::deployment::summary(&answer.body)
+            ))
         }
     };
+    let platform = failover || (test_replica && action == Action::TestFailover);
     let ends_job = Last {
-        if_ok: last && !failover,
+        if_ok: last && !platform,
         if_failed: last,
     };
     let (job, ok) = step(cs, job, name, ends_job, continue_on_error, call).await?;
     let Some(gateway) = gateway.filter(|_| {
-        failover
+        platform
             && job
                 .steps
                 .last()
@@ -654,7 +673,11 @@ async fn machine_step(
         at_last: last,
         on_failure: !continue_on_error,
     };
-    let (job, all) = crate::machines::steps(cs, job, &gateway, machine, planned, ends).await?;
+    let mode = match action {
+        Action::TestFailover => crate::machines::Mode::Test,
+        _ => crate::machines::Mode::Failover { planned },
+    };
+    let (job, all) = crate::machines::steps(cs, job, &gateway, machine, mode, ends).await?;
     Ok((job, all || continue_on_error))
 }
 

@@ -307,7 +307,12 @@ fn openapi_document_lists_every_route_with_its_answers() {
     );
     assert_eq!(
         params("post", "/v1/items/{item}/test-failover"),
-        set(&[("path", "item"), ("query", "point"), ("query", "writable")])
+        set(&[
+            ("path", "item"),
+            ("query", "point"),
+            ("query", "writable"),
+            ("query", "files")
+        ])
     );
     assert_eq!(
         params("post", "/v1/items/{item}/failover"),

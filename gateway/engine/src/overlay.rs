@@ -57,6 +57,8 @@ use haven_wire::{Payload, Record, Seq};
 
 use crate::ingest::{DiskStream, lock};
 
+/// The unit the base replica is read in.
+const SECTOR: u64 = 512;
 /// Decoded journal records kept for reads that hit the same record again.
 const RECORD_CACHE: usize = 16;
 /// Most runs one block-status answer of a view holds ([`View::allocation`],
@@ -578,13 +580,17 @@ impl View {
             let out = &mut buf[(a - offset) as usize..(b - offset) as usize];
             match src {
                 None => {
+                    // Writers read whole sectors: a piece that a client's unaligned write
+                    // bounds is read from the sectors around it.
+                    let lo = a - a % SECTOR;
+                    let hi = b.next_multiple_of(SECTOR).min(self.size());
                     let mut base = lock(&self.base);
                     let Base { plugin, disk, buf } = &mut *base;
-                    buf.resize(out.len(), 0);
+                    buf.resize((hi - lo) as usize, 0);
                     plugin
-                        .read(disk, a, buf)
-                        .map_err(|e| anyhow::anyhow!("reading the base replica at {a}: {e}"))?;
-                    out.copy_from_slice(buf);
+                        .read(disk, lo, buf)
+                        .map_err(|e| anyhow::anyhow!("reading the base replica at {lo}: {e}"))?;
+                    out.copy_from_slice(&buf[(a - lo) as usize..(b - lo) as usize]);
                 }
                 Some(Source::Scratch) => {
                     let s = self

@@ -83,6 +83,12 @@ enum FailoverCommand {
         /// Accept writes (kept in a scratch overlay, discarded by cleanup).
         #[arg(long)]
         writable: bool,
+        /// Also present each disk as a file below the master target's writer storage root
+        /// (a VMDK descriptor and its flat extent, or a raw file), for a hypervisor or a tool
+        /// that needs a file. A machine whose pipeline names a target platform gets them, and
+        /// a `-test` machine on them, without asking.
+        #[arg(long)]
+        files: bool,
         /// The master target's API (where the replica and its points are; not the process
         /// server's).
         #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
@@ -225,10 +231,11 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
             item,
             point,
             writable,
+            files,
             api,
         }) => {
             let path = format!(
-                "/v1/items/{}/test-failover?point={}&writable={writable}",
+                "/v1/items/{}/test-failover?point={}&writable={writable}&files={files}",
                 seg(&item),
                 seg(&point)
             );
@@ -244,6 +251,13 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
                 }
             } else {
                 println!("{}", t.uri);
+            }
+            // Disks as files (a machine a target platform runs gets them, and the configuration
+            // server defines `<name>-test` on them: `haven job list` follows it).
+            for d in &disks {
+                if let Some(image) = d.test_failover.as_ref().and_then(|t| t.image.as_ref()) {
+                    eprintln!("disk {} as a file: {image}", d.disk);
+                }
             }
             eprintln!(
                 "test failover of {item} at point {} (taken {}), {}; replication goes on. End it \

@@ -33,6 +33,12 @@ pub struct TestFailoverInfo {
     pub writable: bool,
     /// When it started, ms since the Unix epoch.
     pub started_ms: u64,
+    /// The disk as a file a platform can use (asked for with `files`): the full path of a
+    /// VMDK descriptor whose flat extent is beside it (a `vmdk` writer) or of a raw file (a
+    /// `raw` writer), in `test-failover/<agent>/disk<N>/` below the writer's storage root.
+    /// Reads and writes of it are those of the NBD export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A running test failover as redb keeps it, to serve it again after a restart.
@@ -42,6 +48,9 @@ struct TestRecord {
     /// The NBD export's name and port.
     export: String,
     port: u16,
+    /// Also presented as files below the writer's storage root.
+    #[serde(default)]
+    files: bool,
 }
 
 /// A running test failover's parts.
@@ -50,6 +59,8 @@ pub(crate) struct ActiveTest {
     view: Arc<View>,
     server: Arc<haven_nbd::Server>,
     port: u16,
+    /// The files of the disk, when presented as files.
+    files: Option<haven_fusefile::Mount>,
 }
 
 impl ActiveTest {
@@ -108,7 +119,37 @@ impl MasterTarget {
             tracing::info!(dir = %dir.display(), "removing a test failover left by an earlier run");
             std::fs::remove_dir_all(&dir)?;
         }
+        self.remove_files(key)?;
         Ok(false)
+    }
+
+    /// Where a test failover of `key` presents its disk as files: `test-failover/<agent>/
+    /// disk<N>/` below the writer's storage root.
+    fn files_dir(&self, key: StreamKey) -> Option<PathBuf> {
+        Some(
+            self.replica_root()?
+                .join("test-failover")
+                .join(peer_hex(&key.peer))
+                .join(format!("disk{}", key.disk)),
+        )
+    }
+
+    /// Removes the folder a test failover of `key` presented its disk in (unmounting what a
+    /// killed run left mounted there), and its agent's folder once empty.
+    fn remove_files(&self, key: StreamKey) -> std::io::Result<()> {
+        let Some(dir) = self.files_dir(key) else {
+            return Ok(());
+        };
+        haven_fusefile::clear_stale(&dir)?;
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        if let Some(agent) = dir.parent() {
+            // Another disk's folder may still be there: then it stays.
+            let _ = std::fs::remove_dir(agent);
+        }
+        Ok(())
     }
 
     /// Serves again the test failover a previous run recorded for `r` (at start, before the
@@ -133,6 +174,7 @@ impl MasterTarget {
         if point.seq < applied || !held {
             tracing::error!(item = %key, point = point.point, "the test failover's point is gone");
             let _ = std::fs::remove_dir_all(self.test_dir(key));
+            let _ = self.remove_files(key);
             let _ = self.state.remove_json(&test_key(key));
             if state == ItemState::Protected {
                 *lock(&r.recovery.hold) = None;
@@ -160,6 +202,7 @@ impl MasterTarget {
                     info: active.info.clone(),
                     export: record.export,
                     port: active.port,
+                    files: record.files,
                 };
                 lock(&r.recovery.state).test = TestSlot::Running(active);
                 if let Err(e) = self.state.put_json(&test_key(key), &record) {
@@ -208,24 +251,26 @@ impl MasterTarget {
         ))
     }
 
-    /// `haven failover test`: presents a point over NBD; returns at once. A machine of several
-    /// disks presents each disk at one point all of them hold, each on its own export (`haven
-    /// failover list` shows them); the record returned is its first disk's.
+    /// `haven failover test`: presents a point over NBD, and with `files` also as files below
+    /// the writer's storage root (for a platform to define a machine on); returns at once. A
+    /// machine of several disks presents each disk at one point all of them hold, each on its
+    /// own export (`haven failover list` shows them); the record returned is its first disk's.
     pub fn test_failover(
         &self,
         item: &str,
         sel: PointSel,
         writable: bool,
+        files: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let disks = self.find_machine(item)?;
         if disks.len() == 1 {
-            return self.test_failover_disk(&disks[0], item, sel, writable);
+            return self.test_failover_disk(&disks[0], item, sel, writable, files);
         }
         let id = self.pick_common(&disks, item, sel)?;
         let mut started = Vec::new();
         for r in &disks {
             let name = format!("{item}/{}", r.stream.key.disk);
-            match self.test_failover_disk(r, &name, PointSel::Id(id), writable) {
+            match self.test_failover_disk(r, &name, PointSel::Id(id), writable, files) {
                 Ok(info) => started.push((name, info)),
                 Err(e) => {
                     // All disks or none: the ones started end again.
@@ -247,6 +292,7 @@ impl MasterTarget {
         item: &str,
         sel: PointSel,
         writable: bool,
+        files: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let r = r.clone();
         wait_created(&r, item)?;
@@ -298,9 +344,11 @@ impl MasterTarget {
                 uri: String::new(),
                 writable,
                 started_ms: now_ms(),
+                image: None,
             },
             export: export.clone(),
             port: 0,
+            files,
         };
         let started = self
             .start_test(&r, &want, base_seq, false)
@@ -309,10 +357,12 @@ impl MasterTarget {
                     info: active.info.clone(),
                     export: export.clone(),
                     port: active.port,
+                    files,
                 };
                 match self.state.put_json(&test_key(r.stream.key), &record) {
                     Ok(()) => Ok(active),
                     Err(e) => {
+                        drop(active.files);
                         active.server.close();
                         Err(anyhow::anyhow!("recording it: {e}"))
                     }
@@ -324,6 +374,7 @@ impl MasterTarget {
                 // Its files first, then the hold and the claim: nothing else uses either
                 // while it is `Starting`.
                 let _ = std::fs::remove_dir_all(self.test_dir(r.stream.key));
+                let _ = self.remove_files(r.stream.key);
                 *lock(&r.recovery.hold) = None;
                 lock(&r.recovery.state).test = TestSlot::Idle;
                 return Err(internal(format!(
@@ -358,7 +409,12 @@ impl MasterTarget {
         base_seq: Seq,
         reopen: bool,
     ) -> anyhow::Result<ActiveTest> {
-        let TestRecord { info, export, port } = want;
+        let TestRecord {
+            info,
+            export,
+            port,
+            files,
+        } = want;
         let (point, writable, port) = (info.point, info.writable, *port);
         let dir = self.test_dir(r.stream.key);
         let scratch_path = dir.join("scratch.raw");
@@ -393,13 +449,18 @@ impl MasterTarget {
             .range(base_seq..point.seq)
             .map(|(&seq, p)| (p.point, seq))
             .collect();
-        let mut server = haven_nbd::Server::new(
-            Arc::new(ViewBackend {
-                view: view.clone(),
-                earlier,
-            }),
-            export.clone(),
-        );
+        let backend = Arc::new(ViewBackend {
+            view: view.clone(),
+            earlier,
+        });
+        // Presented as files first: a failure there leaves nothing served.
+        let files = match files {
+            true => {
+                Some(self.present_files(r.stream.key, backend.clone(), point.point, writable)?)
+            }
+            false => None,
+        };
+        let mut server = haven_nbd::Server::new(backend, export.clone());
         let scheme = match &self.config.nbd_tls {
             Some(tls) => {
                 server = server.with_tls(tls.clone());
@@ -422,11 +483,63 @@ impl MasterTarget {
                 uri: format!("{scheme}://{addr}/{export}"),
                 writable,
                 started_ms: info.started_ms,
+                image: files.as_ref().map(|(_, image)| image.clone()),
             },
             view,
             server,
             port: addr.port(),
+            files: files.map(|(mount, _)| mount),
         })
+    }
+
+    /// Presents `disk` as files a platform can use, per the writer's format: a VMDK
+    /// descriptor and its flat extent (`vmdk`), or a raw file (`raw`); the mount and the path
+    /// of the file that names the disk.
+    fn present_files(
+        &self,
+        key: StreamKey,
+        disk: Arc<ViewBackend>,
+        point: u64,
+        writable: bool,
+    ) -> anyhow::Result<(haven_fusefile::Mount, String)> {
+        use haven_fusefile::{Content, File};
+        let dir = self.files_dir(key).ok_or_else(|| {
+            anyhow::anyhow!("the writer plugin has no storage root to present the disk in")
+        })?;
+        let stem = format!("disk{}-point{point}", key.disk);
+        let size = haven_nbd::Backend::size(&*disk);
+        let (files, image) = match self.config.writer.name.as_str() {
+            "vmdk" => {
+                let (descriptor, flat) = (format!("{stem}.vmdk"), format!("{stem}-flat.vmdk"));
+                let text = flat_vmdk_descriptor(&flat, size, writable);
+                let files = vec![
+                    File {
+                        name: descriptor.clone(),
+                        content: Content::Bytes(text.into_bytes()),
+                    },
+                    File {
+                        name: flat,
+                        content: Content::Disk(disk),
+                    },
+                ];
+                (files, descriptor)
+            }
+            "raw" => {
+                let name = format!("{stem}.raw");
+                let files = vec![File {
+                    name: name.clone(),
+                    content: Content::Disk(disk),
+                }];
+                (files, name)
+            }
+            other => anyhow::bail!(
+                "the disk cannot be presented as a file in the format of this master target's \
+                 writer `{other}`: that needs the `vmdk` or `raw` writer (a test failover over \
+                 NBD alone works with any)"
+            ),
+        };
+        let mount = haven_fusefile::mount(&dir, files)?;
+        Ok((mount, dir.join(image).display().to_string()))
     }
 
     /// `haven failover cleanup`: ends the test failover and discards what it wrote; of every
@@ -481,8 +594,18 @@ impl MasterTarget {
         let info = match active {
             Some(active) => {
                 let ActiveTest {
-                    info, view, server, ..
+                    info,
+                    view,
+                    server,
+                    files,
+                    ..
                 } = active;
+                // The platform's files first: it may be reading them.
+                if let Some(files) = files
+                    && let Err(e) = files.unmount()
+                {
+                    tracing::warn!(error = %e, "unmounting the test failover's files");
+                }
                 server.close();
                 drop(server);
                 // The accept loop and the connections' threads hold the view; they end once
@@ -528,6 +651,9 @@ impl MasterTarget {
             && let Err(e) = std::fs::remove_dir_all(&dir)
         {
             tracing::warn!(dir = %dir.display(), error = %e, "removing the test failover's files");
+        }
+        if let Err(e) = self.remove_files(key) {
+            tracing::warn!(item, error = %e, "removing the test failover's presented files");
         }
         // A failover that started meanwhile (busy, or past `protected`) holds the base itself:
         // decided under the state lock, which a failover's claim takes too.
@@ -735,4 +861,31 @@ pub(super) fn wait_created(r: &Replica, item: &str) -> Result<(), RecoveryError>
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// The descriptor of a VMDK whose data is the flat file `flat` beside it (`monolithicFlat`),
+/// `size` bytes (a multiple of 512), with the geometry VMware computes for a SCSI disk.
+fn flat_vmdk_descriptor(flat: &str, size: u64, writable: bool) -> String {
+    let sectors = size / 512;
+    let cylinders = (sectors / (255 * 63)).clamp(1, 65535);
+    let access = if writable { "RW" } else { "RDONLY" };
+    format!(
+        "# Disk DescriptorFile\n\
+         version=1\n\
+         CID=fffffffe\n\
+         parentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\
+         \n\
+         # Extent description\n\
+         {access} {sectors} FLAT \"{flat}\" 0\n\
+         \n\
+         # The Disk Data Base\n\
+         #DDB\n\
+         \n\
+         ddb.virtualHWVersion = \"4\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"255\"\n\
+         ddb.geometry.sectors = \"63\"\n\
+         ddb.adapterType = \"lsilogic\"\n"
+    )
 }
