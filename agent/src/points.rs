@@ -347,12 +347,14 @@ fn disk_not_ready(shared: &Shared) -> Option<String> {
 
 /// Takes a point of the machine: checks it would be consistent, runs the hooks for `app`,
 /// appends the tag to every disk's log at one instant. With `close`, the front ends are closed
-/// for good (planned failover, see the module docs). Returns the tag of each disk.
+/// for good (planned failover, see the module docs). With `quiesced` (the machine's platform
+/// quiesced it), an `app` point needs no hooks. Returns the tag of each disk.
 pub fn take(
     machine: &Machine,
     points: &Points,
     app: bool,
     close: bool,
+    quiesced: bool,
 ) -> Result<Vec<PointTaken>, String> {
     let data_dir = machine.data_dir();
     // One point at a time: two sets of hooks must not interleave.
@@ -387,6 +389,7 @@ pub fn take(
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
+            None if quiesced => tag().map_err(|e| format!("{e:#}")),
             None => Err(
                 "no quiesce hooks are configured on this agent (--freeze, --pre-script, \
                  --post-script): take a crash-consistent point, or start the agent with hooks"
@@ -638,7 +641,7 @@ pub fn run_interval(machine: Arc<Machine>, points: Arc<Points>, own: PointPolicy
             continue;
         }
         was_ready = true;
-        if let Err(e) = take(&machine, &points, app, false) {
+        if let Err(e) = take(&machine, &points, app, false, false) {
             tracing::warn!(error = %e, app, "taking a recovery point failed");
         }
     }
@@ -669,9 +672,9 @@ pub async fn serve_control(machine: Arc<Machine>, points: Arc<Points>, conn: qui
         tokio::spawn(async move {
             let reply = match haven_net::control::read_message::<Request>(&mut recv).await {
                 Ok(req) => {
-                    let (app, close) = match req.command {
-                        Command::Point { app } => (app, false),
-                        Command::Stop => (false, true),
+                    let (app, close, quiesced) = match req.command {
+                        Command::Point { app, quiesced } => (app, false, quiesced),
+                        Command::Stop => (false, true, false),
                         Command::Policy {
                             interval_ms,
                             app_interval_ms,
@@ -712,8 +715,10 @@ pub async fn serve_control(machine: Arc<Machine>, points: Arc<Points>, conn: qui
                             return answer(&mut send, &reply).await;
                         }
                     };
-                    match tokio::task::spawn_blocking(move || take(&machine, &points, app, close))
-                        .await
+                    match tokio::task::spawn_blocking(move || {
+                        take(&machine, &points, app, close, quiesced)
+                    })
+                    .await
                     {
                         Ok(Ok(p)) => Reply::Taken(p),
                         Ok(Err(why)) => Reply::Failed(why),

@@ -1,15 +1,16 @@
 //! Adapters run by the configuration server: loaded from the applied pipeline with their
 //! settings (secrets resolved from the configuration server's sealed store), their inventory
 //! taken and shown by `haven platform`, and badly behaved adapters (trapping, answering
-//! garbage) reported clearly while the gateway lives on.
+//! garbage) reported clearly while the gateway lives on. An application-consistent point of a
+//! machine on a platform is taken with the platform quiescing the machine around it.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use haven_e2e::{Cluster, ClusterOptions, http_get, mixed_disk, poll};
 
-/// The pipeline: the cluster's gateways and three instances of the unruly test adapter.
-fn pipeline(c: &Cluster) -> Result<String> {
+fn unruly_wasm() -> Result<std::path::PathBuf> {
     let wasm =
         haven_e2e::default_bin_dir().join("../wasm32-wasip2/release/test_unruly_adapter.wasm");
     anyhow::ensure!(
@@ -17,20 +18,28 @@ fn pipeline(c: &Cluster) -> Result<String> {
         "{} is missing: run `cargo xtask build` first",
         wasm.display()
     );
-    let adapter = |name: &str, mode: &str| {
-        format!(
-            "[[plugin]]\nname = \"{name}\"\nkind = \"adapter\"\npath = {wasm:?}\n\n\
-             [plugin.grants]\ncall_timeout_ms = 2000\n\n\
-             [plugin.settings]\nmode = \"{mode}\"\nregion = \"west\"\n\
-             password = \"secret:unruly-pw\"\n\n"
-        )
-    };
+    Ok(wasm)
+}
+
+/// An instance `name` of the unruly test adapter in `mode`.
+fn adapter(wasm: &Path, name: &str, mode: &str) -> String {
+    format!(
+        "[[plugin]]\nname = \"{name}\"\nkind = \"adapter\"\npath = {wasm:?}\n\n\
+         [plugin.grants]\ncall_timeout_ms = 2000\n\n\
+         [plugin.settings]\nmode = \"{mode}\"\nregion = \"west\"\n\
+         password = \"secret:unruly-pw\"\n\n"
+    )
+}
+
+/// The pipeline: the cluster's gateways and three instances of the unruly test adapter.
+fn pipeline(c: &Cluster) -> Result<String> {
+    let wasm = unruly_wasm()?;
     Ok(format!(
         "{}{}{}{}",
         c.pipeline_head("platforms")?,
-        adapter("good", "ok"),
-        adapter("trapping", "trap"),
-        adapter("garbage", "garbage"),
+        adapter(&wasm, "good", "ok"),
+        adapter(&wasm, "trapping", "trap"),
+        adapter(&wasm, "garbage", "garbage"),
     ))
 }
 
@@ -212,4 +221,130 @@ fn adapters_are_loaded_from_the_pipeline_with_their_secrets_and_faults_are_conta
     // The machine list of the last inventory is kept.
     assert_eq!(good["machines"], 1, "{good}");
     Ok(())
+}
+
+#[test]
+fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    mixed_disk(&disk, 1 << 20, 6)?;
+    // The agent protects the machine the adapter's inventory has, and has no hooks of its own.
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            machine: Some("unruly-1".into()),
+            retention: Some("window = \"1h\"".into()),
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let secret_file = tmp.path().join("pw");
+    std::fs::write(&secret_file, "pw\n")?;
+    cs.haven(&[
+        "secret",
+        "set",
+        "unruly-pw",
+        "--from-file",
+        secret_file.to_str().context("path")?,
+    ])?;
+    let wasm = unruly_wasm()?;
+    let apply = |adapter_name: &str| -> Result<()> {
+        let machine = format!(
+            "[[policy]]\nname = \"p\"\nkind = \"replication\"\n\
+             crash_consistent_interval = \"1s\"\napp_consistent_interval = \"off\"\n\n\
+             [[machine]]\nname = \"unruly-1\"\nsite = \"primary\"\nplatform = \"{adapter_name}\"\n\
+             policy = \"p\"\nprocess_server = \"ps1\"\nmaster_target = \"mt1\"\nwriter = \"raw\"\n"
+        );
+        let file = tmp.path().join("platforms.toml");
+        let more = format!(
+            "{}{}",
+            adapter(&wasm, "plain", "no-quiesce"),
+            adapter(&wasm, "failing", "quiesce-fails")
+        );
+        std::fs::write(&file, format!("{}{more}{machine}", pipeline(&c)?))?;
+        cs.haven(&["apply", file.to_str().context("path")?])?;
+        poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            let p = platform(&c, adapter_name)?;
+            Ok(match p["machines"] == 1 {
+                true => Ok(()),
+                false => Err(format!("no inventory yet: {p}")),
+            })
+        })
+    };
+    apply("good")?;
+    haven_e2e::wait_for_point(cs, "unruly-1")?;
+
+    // The platform quiesces the machine, the point is taken, the platform thaws it.
+    let out = cs.haven(&["point", "create", "unruly-1", "--app"])?;
+    let id = out
+        .split_whitespace()
+        .find_map(|w| w.parse::<u64>().ok())
+        .with_context(|| format!("no point id in {out:?}"))?;
+    let job = newest_job(cs, "point")?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["steps"][0]["name"], "quiesce unruly-1 at its platform");
+    assert_eq!(
+        job["steps"][0]["output"],
+        "unruly-1 (vm-1) quiesced by good"
+    );
+    let taken = job["steps"][1]["output"].as_str().unwrap_or_default();
+    assert!(taken.ends_with("; thawed by good"), "{job:#}");
+    let points = cs.haven(&["point", "list", "unruly-1"])?;
+    let line = points
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id.to_string().as_str()))
+        .with_context(|| format!("point {id} is not listed: {points}"))?;
+    assert!(line.contains("app"), "{line}");
+
+    // A platform that fails to quiesce: no point, the reason in the answer and the job.
+    apply("failing")?;
+    let err = cs
+        .haven(&["point", "create", "unruly-1", "--app"])
+        .expect_err("an app point was taken although the platform could not quiesce");
+    assert!(
+        format!("{err:#}").contains(
+            "HTTP 502: no application-consistent point of unruly-1: plugin `failing` call \
+             `platform.quiesce` failed: "
+        ) && format!("{err:#}").contains("the guest did not answer the quiesce request"),
+        "{err:#}"
+    );
+    let job = newest_job(cs, "point")?;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["steps"].as_array().map(Vec::len), Some(1), "{job:#}");
+    let after = cs.haven(&["point", "list", "unruly-1"])?;
+    assert!(
+        !after
+            .lines()
+            .any(|l| l.contains(" app ") && !points.contains(l)),
+        "a new app point: {after}"
+    );
+
+    // A platform that offers no quiesce leaves it to the agent's hooks, which this agent
+    // does not have: its refusal is the answer.
+    apply("plain")?;
+    let err = cs
+        .haven(&["point", "create", "unruly-1", "--app"])
+        .expect_err("an app point was taken with nothing quiescing the workload");
+    assert!(
+        format!("{err:#}").contains("no quiesce hooks are configured on this agent"),
+        "{err:#}"
+    );
+    let job = newest_job(cs, "point")?;
+    assert_eq!(
+        job["steps"][0]["output"],
+        "plain offers no quiesce of unruly-1 (vm-1); the agent's hooks alone quiesce the \
+         workload"
+    );
+    Ok(())
+}
+
+/// The newest job of `kind`.
+fn newest_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
+    let jobs: Vec<serde_json::Value> =
+        serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+    jobs.into_iter()
+        .find(|j| j["kind"] == kind)
+        .with_context(|| format!("no {kind} job"))
 }

@@ -138,7 +138,7 @@ impl SimAgents {
                 next = now + point_interval;
                 for (machine, points) in &tagged {
                     if points::not_ready(machine).is_none() {
-                        let _ = points::take(machine, points, false, false);
+                        let _ = points::take(machine, points, false, false, false);
                     }
                 }
                 slowest.fetch_max(now.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -71,9 +71,19 @@ pub(crate) async fn forward_items(
             let step = format!("{method} {} at {gateway}", request.path);
             // A test failover's cleanup deletes the test replica first: it uses the disks.
             let delete_first = test_replica && method == Method::DELETE;
-            let first = match delete_first {
-                true => format!("delete the test replica of {machine}"),
-                false => step.clone(),
+            // An application-consistent point of a machine on a platform: quiesced there.
+            let quiesce_first = method == Method::POST
+                && action == "points"
+                && item == machine
+                && request
+                    .path
+                    .split_once('?')
+                    .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "kind=app"))
+                && crate::machines::has_source_platform(&cs, machine);
+            let first = match (delete_first, quiesce_first) {
+                (true, _) => format!("delete the test replica of {machine}"),
+                (_, true) => format!("quiesce {machine} at its platform"),
+                _ => step.clone(),
             };
             let job = {
                 let (cs, item, gateway, caller) = (
@@ -124,15 +134,66 @@ pub(crate) async fn forward_items(
                     Err(e) => return e.into_response(),
                 };
             }
+            let mut quiesced = None;
+            if quiesce_first {
+                let (q, outcome) = crate::machines::quiesce(&cs, machine).await;
+                // The agent needs no hooks of its own when the platform quiesced the machine.
+                if let Ok((true, _)) = &outcome {
+                    request.path.push_str("&quiesced=true");
+                }
+                let outcome = outcome.map(|(_, done)| done);
+                let (ok, output) = match &outcome {
+                    Ok(done) => (true, done.clone()),
+                    Err(e) => (false, format!("{e:#}")),
+                };
+                let next = {
+                    let (cs, step) = (cs.clone(), step.clone());
+                    crate::blocking(move || -> anyhow::Result<Option<haven_engine::jobs::Job>> {
+                        let job = cs.end_job_step(job, ok, output, false)?;
+                        match ok {
+                            true => Ok(Some(cs.begin_job_step(job, &step)?)),
+                            false => Ok(None),
+                        }
+                    })
+                    .await
+                };
+                if !ok && let Err(e) = crate::machines::thaw(&cs, q.clone()).await {
+                    tracing::warn!(machine, error = %format!("{e:#}"), "thawing after a failed quiesce");
+                }
+                job = match next {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        let why = outcome.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                        return ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("no application-consistent point of {machine}: {why}"),
+                        )
+                        .into_response();
+                    }
+                    Err(e) => return e.into_response(),
+                };
+                quiesced = Some(q);
+            }
             let id = job.id;
-            let (ok, output, response) = match cs.forward(&gateway, request.clone()).await {
+            let forwarded = cs.forward(&gateway, request.clone()).await;
+            // The platform thaws the machine as soon as the point is taken (or refused).
+            let thawed = match quiesced {
+                Some(q) => Some(crate::machines::thaw(&cs, q).await),
+                None => None,
+            };
+            let (ok, output, response) = match forwarded {
                 Ok(answer) => {
                     record_action(&cs, &gateway, &item, &method, &action, &request, &answer).await;
                     let ok = (200..300).contains(&answer.status);
-                    let output = match ok {
+                    let mut output = match ok {
                         true => summary(&answer.body),
                         false => format!("HTTP {}: {}", answer.status, error_text(&answer.body)),
                     };
+                    match &thawed {
+                        Some(Ok(done)) if !done.is_empty() => output.push_str(&format!("; {done}")),
+                        Some(Err(e)) => output.push_str(&format!("; thawing failed: {e:#}")),
+                        _ => {}
+                    }
                     (ok, output, answer_response(answer))
                 }
                 Err(e) => {

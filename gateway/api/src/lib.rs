@@ -808,9 +808,15 @@ struct ItemPath {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct PointParams {
-    /// `crash` (the default) or `app` (the workload quiesced by its hooks).
+    /// `crash` (the default) or `app` (the workload quiesced by the agent's hooks, and through
+    /// a configuration server by the machine's platform too).
     #[param(value_type = Option<PointKind>, inline)]
     kind: Option<String>,
+    /// The machine's platform has quiesced it for this point (a configuration server sets it
+    /// around its adapter's `quiesce`): an `app` point needs no hooks of the agent's own
+    /// (`quiesced` alone is `true`; the default is `false`).
+    #[param(value_type = Option<bool>)]
+    quiesced: Option<String>,
 }
 
 /// The query of `POST /v1/items/ITEM/test-failover`.
@@ -931,6 +937,7 @@ async fn list_points(
         (status = CONFLICT, description = "The item is failed over: no points are taken", body = ErrorBody),
         (status = SERVICE_UNAVAILABLE, description = "The source agent cannot be reached, or its point did not arrive", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The point could not be recorded", body = ErrorBody),
+        (status = BAD_GATEWAY, description = "Through a configuration server, an `app` point of a machine on a platform: the platform could not quiesce it (no point is taken)", body = ErrorBody),
     )
 )]
 async fn create_point(
@@ -947,7 +954,8 @@ async fn create_point(
             )));
         }
     };
-    Ok(Pretty(mt.create_point(&p.item, app).await?))
+    let quiesced = flag("quiesced", q.quiesced.as_deref())?;
+    Ok(Pretty(mt.create_point(&p.item, app, quiesced).await?))
 }
 
 #[utoipa::path(

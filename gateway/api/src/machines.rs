@@ -297,32 +297,14 @@ pub(crate) async fn steps(
         ));
     };
 
-    // The source machine, as its platform saw it last: the one machine of that name (a
-    // platform may hold several, in other folders or datacenters; none of them is guessed).
-    let named: Vec<Machine> = match &m.platform {
-        Some(platform) => {
-            let (cs, platform) = (cs.clone(), platform.clone());
-            tokio::task::spawn_blocking(move || cs.platform_machines(&platform))
-                .await??
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|s| s.name == m.name)
-                .collect()
-        }
-        None => Vec::new(),
+    let found = match &m.platform {
+        Some(platform) => source_machine(cs, platform, &m.name).await,
+        None => Ok(None),
     };
-    let ambiguous = (named.len() > 1).then(|| {
-        let ids: Vec<&str> = named.iter().map(|s| s.id.as_str()).collect();
-        anyhow!(
-            "platform {} has {} machines named `{}` ({}); give the machine a name of its own \
-             there, or limit the adapter to one datacenter (its `datacenter` setting)",
-            m.platform.as_deref().unwrap_or_default(),
-            named.len(),
-            m.name,
-            ids.join(", ")
-        )
-    });
-    let source: Option<Machine> = named.first().cloned().filter(|_| ambiguous.is_none());
+    let (source, ambiguous) = match found {
+        Ok(source) => (source, None),
+        Err(e) => (None, Some(e)),
+    };
     let mut job = job;
     if let (true, Some(platform)) = (power_off, &m.platform) {
         let name = format!("power off {} at {platform}", m.name);
@@ -404,6 +386,124 @@ pub(crate) async fn steps(
     })
     .await?;
     Ok((job, on.is_some()))
+}
+
+/// The source machine `name`, as its platform's inventory saw it last: the one machine of that
+/// name (`None`: none). A platform may hold several, in other folders or datacenters; none of
+/// them is guessed: that is an error.
+async fn source_machine(
+    cs: &Arc<ConfigServer>,
+    platform: &str,
+    name: &str,
+) -> Result<Option<Machine>> {
+    let named: Vec<Machine> = {
+        let (cs, platform) = (cs.clone(), platform.to_string());
+        tokio::task::spawn_blocking(move || cs.platform_machines(&platform))
+            .await??
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect()
+    };
+    if named.len() > 1 {
+        let ids: Vec<&str> = named.iter().map(|s| s.id.as_str()).collect();
+        bail!(
+            "platform {platform} has {} machines named `{name}` ({}); give the machine a name of \
+             its own there, or limit the adapter to one datacenter (its `datacenter` setting)",
+            named.len(),
+            ids.join(", ")
+        );
+    }
+    Ok(named.into_iter().next())
+}
+
+/// Longest a platform may take to quiesce a machine for an application-consistent point.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A machine its platform was asked to quiesce, to thaw afterwards.
+#[derive(Clone, Debug)]
+pub(crate) struct Quiesced {
+    platform: String,
+    id: String,
+}
+
+/// Whether an application-consistent point of machine `name` is taken with its platform
+/// quiescing it: its pipeline entry names a source `platform`.
+pub(crate) fn has_source_platform(cs: &ConfigServer, name: &str) -> bool {
+    pipeline(cs)
+        .ok()
+        .and_then(|p| p.machine(name).map(|m| m.platform.is_some()))
+        .unwrap_or(false)
+}
+
+/// Asks machine `name`'s platform to quiesce it (e.g. VSS through guest tools) for an
+/// application-consistent point; what to thaw afterwards, whether it quiesced, and what
+/// happened. A platform that
+/// offers no quiesce (`unsupported`) is no failure: the agent's hooks quiesce the workload as
+/// they do without a platform. Any other error is one: the point would not be what it says.
+/// [`thaw`] follows in every case, an error included.
+pub(crate) async fn quiesce(
+    cs: &Arc<ConfigServer>,
+    name: &str,
+) -> (Quiesced, Result<(bool, String)>) {
+    let platform = pipeline(cs)
+        .ok()
+        .and_then(|p| p.machine(name).and_then(|m| m.platform.clone()))
+        .unwrap_or_default();
+    let source = source_machine(cs, &platform, name).await;
+    let id = match &source {
+        Ok(Some(m)) => m.id.clone(),
+        _ => String::new(),
+    };
+    let q = Quiesced {
+        platform: platform.clone(),
+        id: id.clone(),
+    };
+    let outcome = async {
+        let vm = source?.with_context(|| {
+            format!(
+                "platform {platform} has no machine named `{name}` in its inventory; `haven \
+                 platform machines {platform}` lists what it sees"
+            )
+        })?;
+        let supported = cs
+            .adapter_call(&platform, move |a| match a.quiesce(&id, QUIESCE_TIMEOUT) {
+                Ok(()) => Ok(true),
+                Err(haven_host::PluginError::Failed { error, .. })
+                    if error.kind == haven_image::ErrorKind::Unsupported =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            })
+            .await?;
+        Ok(match supported {
+            true => (
+                true,
+                format!("{} ({}) quiesced by {platform}", vm.name, vm.id),
+            ),
+            false => (
+                false,
+                format!(
+                    "{platform} offers no quiesce of {} ({}); the agent's hooks alone quiesce the \
+                 workload",
+                    vm.name, vm.id
+                ),
+            ),
+        })
+    }
+    .await;
+    (q, outcome)
+}
+
+/// Ends a [`quiesce`] (nothing when the machine was never found).
+pub(crate) async fn thaw(cs: &Arc<ConfigServer>, q: Quiesced) -> Result<String> {
+    if q.id.is_empty() {
+        return Ok(String::new());
+    }
+    let id = q.id.clone();
+    cs.adapter_call(&q.platform, move |a| a.thaw(&id)).await?;
+    Ok(format!("thawed by {}", q.platform))
 }
 
 /// One disk's failover image at the master target.

@@ -303,7 +303,7 @@ fn openapi_document_lists_every_route_with_its_answers() {
     assert_eq!(params("get", "/v1/items/{item}"), set(&[("path", "item")]));
     assert_eq!(
         params("post", "/v1/items/{item}/points"),
-        set(&[("path", "item"), ("query", "kind")])
+        set(&[("path", "item"), ("query", "kind"), ("query", "quiesced")])
     );
     assert_eq!(
         params("post", "/v1/items/{item}/test-failover"),

@@ -29,6 +29,11 @@ pub enum Command {
     Point {
         /// Application-consistent (hooks) rather than crash-consistent.
         app: bool,
+        /// The machine's platform quiesced it for this point (its adapter's `quiesce`, called
+        /// by the configuration server around the request): an `app` point needs no hooks of
+        /// the agent's own then (those configured still run).
+        #[serde(default)]
+        quiesced: bool,
     },
     /// Planned failover: flush, close the front end (no write is accepted from then on), and
     /// take a final point.

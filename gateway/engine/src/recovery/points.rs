@@ -559,14 +559,20 @@ impl MasterTarget {
 
     /// `haven point create`: the agent tags its stream now; returns once the point is here.
     /// For a machine of several disks the point covers all of them (one tag each, at one
-    /// instant); the record returned is its first disk's.
-    pub async fn create_point(&self, item: &str, app: bool) -> Result<PointRecord, RecoveryError> {
+    /// instant); the record returned is its first disk's. `quiesced`: the machine's platform
+    /// quiesced it (see [`Command::Point`]).
+    pub async fn create_point(
+        &self,
+        item: &str,
+        app: bool,
+        quiesced: bool,
+    ) -> Result<PointRecord, RecoveryError> {
         let disks = self.find_machine(item)?;
         for r in &disks {
             require_protected(r, item, "no points are taken after a failover")?;
         }
         let taken = self
-            .ask_agent_all(&disks[0], Command::Point { app })
+            .ask_agent_all(&disks[0], Command::Point { app, quiesced })
             .await?;
         let id = taken.first().map_or(0, |t| t.point);
         let mut first = None;

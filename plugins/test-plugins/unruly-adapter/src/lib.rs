@@ -9,6 +9,8 @@
 //! - `fail-once`: like `ok`, but the first call of each instance fails with an I/O error (the
 //!   host's retries must hide it).
 //! - `chatty`: like `ok`, but every call first writes 100 KiB to stderr.
+//! - `no-quiesce`: like `ok`, but `quiesce` is `unsupported` (a platform without guest tools).
+//! - `quiesce-fails`: like `ok`, but `quiesce` fails with a platform error.
 //!
 //! Every mode echoes the settings it was given in `check`, so tests see what arrived.
 
@@ -44,7 +46,7 @@ fn misbehave() -> Result<(), Error> {
         }
         "garbage" => Ok(()),
         "fail-once" if calls == 1 => Err(Error::Io("unruly adapter: first call fails".into())),
-        "fail-once" => Ok(()),
+        "fail-once" | "no-quiesce" | "quiesce-fails" => Ok(()),
         "chatty" => {
             let line = "x".repeat(1023);
             for _ in 0..100 {
@@ -53,7 +55,8 @@ fn misbehave() -> Result<(), Error> {
             Ok(())
         }
         other => Err(Error::InvalidArgument(format!(
-            "setting `mode`: unknown mode `{other}` (ok, trap, loop, garbage, fail-once, chatty)"
+            "setting `mode`: unknown mode `{other}` (ok, trap, loop, garbage, fail-once, chatty, \
+             no-quiesce, quiesce-fails)"
         ))),
     }
 }
@@ -125,7 +128,16 @@ impl Platform for Unruly {
 
     fn quiesce(_: String, _: u32) -> Result<(), Error> {
         misbehave()?;
-        refuse()
+        match setting("mode").as_deref() {
+            Some("garbage") => refuse(),
+            Some("no-quiesce") => Err(Error::Unsupported(
+                "unruly adapter: no guest tools to quiesce with".into(),
+            )),
+            Some("quiesce-fails") => Err(Error::Platform(
+                "unruly adapter: the guest did not answer the quiesce request".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn thaw(_: String) -> Result<(), Error> {
