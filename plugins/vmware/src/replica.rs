@@ -248,7 +248,7 @@ pub fn placement_specs() -> Vec<PropSpec<'static>> {
         },
         PropSpec {
             kind: "Folder",
-            paths: &["name", "childType"],
+            paths: &["name", "childType", "parent"],
         },
         PropSpec {
             kind: "Datastore",
@@ -332,6 +332,33 @@ fn names_of(objects: &[ObjectContent], kind: &str) -> String {
 
 /// Places the replica in datacenter `dc_name` (whose VM folder is `vm_folder`) from the
 /// datacenter's `objects` (retrieved with [`placement_specs`]).
+/// The VM folder at `path`: folder names below the datacenter's VM folder, `/` between them
+/// (`DR/ERP`), optionally starting with the VM folder's own name (`vm/DR/ERP`, `vm`).
+fn vm_folder_at(objects: &[ObjectContent], vm_folder: &Moref, path: &str) -> Option<Moref> {
+    let holds_vms = |o: &ObjectContent| {
+        o.prop("childType")
+            .is_some_and(|t| t.children.iter().any(|c| c.value() == "VirtualMachine"))
+    };
+    let mut names: Vec<&str> = path.split('/').filter(|n| !n.is_empty()).collect();
+    let own = objects
+        .iter()
+        .find(|o| &o.obj == vm_folder)
+        .map(|o| o.text("name"));
+    if names.first().is_some_and(|n| Some(*n) == own) {
+        names.remove(0);
+    }
+    let mut at = vm_folder.clone();
+    for name in names {
+        at = named(objects, "Folder")
+            .find(|o| {
+                o.text("name") == name && o.moref("parent").as_ref() == Some(&at) && holds_vms(o)
+            })?
+            .obj
+            .clone();
+    }
+    Some(at)
+}
+
 pub fn place(
     spec: &ReplicaSpec,
     options: &Options,
@@ -352,18 +379,12 @@ pub fn place(
 
     let folder = match &options.folder {
         None => vm_folder.clone(),
-        Some(name) => named(objects, "Folder")
-            .find(|o| {
-                o.text("name") == name
-                    && o.prop("childType")
-                        .is_some_and(|t| t.children.iter().any(|c| c.value() == "VirtualMachine"))
-            })
-            .map(|o| o.obj.clone())
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "option `folder`: VM folder `{name}` does not exist in datacenter {dc_name}"
-                ))
-            })?,
+        Some(path) => vm_folder_at(objects, vm_folder, path).ok_or_else(|| {
+            Error::not_found(format!(
+                "option `folder`: VM folder `{path}` does not exist in datacenter {dc_name} \
+                 (a path of folder names below the datacenter's VM folder, `/` between them)"
+            ))
+        })?,
     };
 
     let host = match &options.host {
@@ -941,6 +962,41 @@ mod tests {
             err.message,
             "network adapter 0: target network `DMZ` does not exist in datacenter DC0; there are: DC0_DVPG0, VM Network"
         );
+        // A folder path below the VM folder; a folder of the same name elsewhere is not it.
+        let mut objects = dc0();
+        let vm_child = "<val><string>Folder</string><string>VirtualMachine</string></val>";
+        for (id, name, parent) in [
+            ("folder-50", "DR", "folder-3"),
+            ("folder-51", "ERP", "folder-50"),
+            ("folder-52", "ERP", "folder-3"),
+        ] {
+            objects.push(object(
+                "Folder",
+                id,
+                &[
+                    ("name", &format!("<val>{name}</val>")),
+                    ("childType", vm_child),
+                    ("parent", &format!(r#"<val type="Folder">{parent}</val>"#)),
+                ],
+            ));
+        }
+        for path in ["DR/ERP", "vm/DR/ERP", "/DR/ERP/"] {
+            let options = Options::parse(&[("folder".into(), path.into())]).unwrap();
+            let p = place(&spec(), &options, "DC0", &vm_folder, &objects).unwrap();
+            assert_eq!(p.folder, Moref::new("Folder", "folder-51"), "{path}");
+        }
+        let options = Options::parse(&[("folder".into(), "ERP".into())]).unwrap();
+        let p = place(&spec(), &options, "DC0", &vm_folder, &objects).unwrap();
+        assert_eq!(p.folder, Moref::new("Folder", "folder-52"));
+        let options = Options::parse(&[("folder".into(), "DR/Web".into())]).unwrap();
+        assert_eq!(
+            place(&spec(), &options, "DC0", &vm_folder, &objects)
+                .unwrap_err()
+                .message,
+            "option `folder`: VM folder `DR/Web` does not exist in datacenter DC0 (a path of \
+             folder names below the datacenter's VM folder, `/` between them)"
+        );
+
         let options = Options::parse(&[("folder".into(), "host".into())]).unwrap();
         assert!(
             place(&spec(), &options, "DC0", &vm_folder, &dc0())
