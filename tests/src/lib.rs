@@ -125,6 +125,20 @@ pub fn http_get(url: &str, token: &str) -> Result<String> {
 
 /// Waits (up to a minute) until `gateway` lists a recovery point of `item`; through a
 /// configuration server, the item appears once its master target reports it.
+/// Every file below `dir` (none when it does not exist).
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
+            true => files_below(&e.path()),
+            false => vec![e.path()],
+        })
+        .collect()
+}
+
 pub fn wait_for_point(gateway: &Gateway, item: &str) -> Result<()> {
     poll(Duration::from_secs(60), Duration::from_millis(500), || {
         let Ok(out) = gateway.haven(&["point", "list", item, "--json"]) else {
@@ -418,6 +432,21 @@ impl Gateway {
         run_ok(self.haven_command().args(args).args(["--api", &self.api]))
     }
 
+    /// Stores secret `name` with `value` at this configuration server (`haven secret set`).
+    pub fn set_secret(&self, name: &str, value: &str) -> Result<()> {
+        let file = self.data_dir.join(format!("secret-{name}"));
+        std::fs::write(&file, value)?;
+        let stored = self.haven(&[
+            "secret",
+            "set",
+            name,
+            "--from-file",
+            file.to_str().context("path")?,
+        ]);
+        std::fs::remove_file(&file)?;
+        stored.map(drop)
+    }
+
     /// A one-time enrollment token, through `haven token create`.
     pub fn token(&self) -> Result<String> {
         Ok(run_ok(
@@ -558,7 +587,10 @@ impl Agent {
         Agent::start_disks(bins, server, data_dir, disk, &[], extra)
     }
 
-    fn start_disks(
+    /// Starts an agent (enrolled in `data_dir` already) protecting `disk` and `more_disks`,
+    /// each on an NBD export of its own; `server` is its process server, or none for one that
+    /// asks its configuration server.
+    pub fn start_disks(
         bins: &Path,
         server: Option<String>,
         data_dir: &Path,

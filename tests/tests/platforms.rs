@@ -240,15 +240,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
         },
     )?;
     let cs = c.cs.as_ref().context("cs")?;
-    let secret_file = tmp.path().join("pw");
-    std::fs::write(&secret_file, "pw\n")?;
-    cs.haven(&[
-        "secret",
-        "set",
-        "unruly-pw",
-        "--from-file",
-        secret_file.to_str().context("path")?,
-    ])?;
+    cs.set_secret("unruly-pw", "pw\n")?;
     let wasm = unruly_wasm()?;
     let apply = |adapter_name: &str| -> Result<()> {
         let machine = format!(

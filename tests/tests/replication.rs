@@ -272,21 +272,6 @@ fn assert_refused(c: &Cluster, error: &str) {
     );
 }
 
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// Each named failpoint in the gateways' durable paths ends the process exactly there (as a
 /// SIGKILL would); after a restart nothing acknowledged is lost and the replica converges.
 #[test]
@@ -394,7 +379,7 @@ fn a_tampered_journal_record_is_refused_never_applied() {
 /// haven_store::journal). Returns how many.
 fn tamper_record_at(dir: &Path, offset: u64) -> usize {
     let mut tampered = 0;
-    for path in walk(dir) {
+    for path in haven_e2e::files_below(dir) {
         if path.extension().is_none_or(|e| e != "hjnl") {
             continue;
         }

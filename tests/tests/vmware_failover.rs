@@ -66,20 +66,6 @@ fn step_names(job: &serde_json::Value) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Every file below `dir` (none when it does not exist).
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
-            true => walk(&e.path()),
-            false => vec![e.path()],
-        })
-        .collect()
-}
-
 #[test]
 fn a_planned_failover_powers_the_source_off_and_starts_a_replica_vm() -> Result<()> {
     let primary = Vcsim::start()?;
@@ -117,17 +103,8 @@ fn a_planned_failover_powers_the_source_off_and_starts_a_replica_vm() -> Result<
     )?;
     let cs = c.cs.as_ref().context("cs")?;
 
-    for (name, v) in [("vc-a", &primary), ("vc-b", &secondary)] {
-        let file = tmp.path().join(name);
-        std::fs::write(&file, v.password())?;
-        cs.haven(&[
-            "secret",
-            "set",
-            name,
-            "--from-file",
-            file.to_str().context("path")?,
-        ])?;
-    }
+    cs.set_secret("vc-a", primary.password())?;
+    cs.set_secret("vc-b", secondary.password())?;
     let pipeline = format!(
         r#"{head}{a}{b}[[policy]]
 name = "fast"
@@ -338,9 +315,11 @@ memory_mib = "2048"
         !names.iter().any(|n| n.ends_with("-test")),
         "the test VM is still there: {names:?}"
     );
-    let left: Vec<_> = walk(&datastore.join("test-failover"))
+    let left: Vec<_> = haven_e2e::files_below(&datastore.join("test-failover"))
         .into_iter()
-        .chain(walk(&datastore.join(format!("{MACHINE}-replica-test"))))
+        .chain(haven_e2e::files_below(
+            &datastore.join(format!("{MACHINE}-replica-test")),
+        ))
         .collect();
     assert!(left.is_empty(), "the test failover left files: {left:?}");
 
