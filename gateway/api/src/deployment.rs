@@ -108,30 +108,12 @@ pub(crate) async fn forward_items(
                 Err(e) => return e.into_response(),
             };
             if delete_first {
-                let deleted = crate::machines::delete_test_replica(&cs, machine).await;
-                let (ok, output) = match &deleted {
-                    Ok(Some(done)) => (true, done.clone()),
-                    Ok(None) => (true, "none was defined".to_string()),
-                    Err(e) => (false, format!("{e:#}")),
-                };
-                let next = {
-                    let (cs, step) = (cs.clone(), step.clone());
-                    crate::blocking(move || -> anyhow::Result<Option<haven_engine::jobs::Job>> {
-                        let job = cs.end_job_step(job, ok, output, false)?;
-                        match ok {
-                            true => Ok(Some(cs.begin_job_step(job, &step)?)),
-                            false => Ok(None),
-                        }
-                    })
+                let deleted = crate::machines::delete_test_replica(&cs, machine)
                     .await
-                };
-                job = match next {
-                    Ok(Some(job)) => job,
-                    Ok(None) => {
-                        let why = deleted.err().map(|e| format!("{e:#}")).unwrap_or_default();
-                        return ApiError::new(StatusCode::BAD_GATEWAY, why).into_response();
-                    }
-                    Err(e) => return e.into_response(),
+                    .map(|d| d.unwrap_or_else(|| "none was defined".to_string()));
+                job = match first_step(&cs, job, &deleted, &step, |why| why).await {
+                    Ok(job) => job,
+                    Err(refused) => return refused,
                 };
             }
             let mut quiesced = None;
@@ -142,35 +124,15 @@ pub(crate) async fn forward_items(
                     request.path.push_str("&quiesced=true");
                 }
                 let outcome = outcome.map(|(_, done)| done);
-                let (ok, output) = match &outcome {
-                    Ok(done) => (true, done.clone()),
-                    Err(e) => (false, format!("{e:#}")),
-                };
-                let next = {
-                    let (cs, step) = (cs.clone(), step.clone());
-                    crate::blocking(move || -> anyhow::Result<Option<haven_engine::jobs::Job>> {
-                        let job = cs.end_job_step(job, ok, output, false)?;
-                        match ok {
-                            true => Ok(Some(cs.begin_job_step(job, &step)?)),
-                            false => Ok(None),
-                        }
-                    })
-                    .await
-                };
-                if !ok && let Err(e) = crate::machines::thaw(&cs, q.clone()).await {
+                if outcome.is_err()
+                    && let Err(e) = crate::machines::thaw(&cs, q.clone()).await
+                {
                     tracing::warn!(machine, error = %format!("{e:#}"), "thawing after a failed quiesce");
                 }
-                job = match next {
-                    Ok(Some(job)) => job,
-                    Ok(None) => {
-                        let why = outcome.err().map(|e| format!("{e:#}")).unwrap_or_default();
-                        return ApiError::new(
-                            StatusCode::BAD_GATEWAY,
-                            format!("no application-consistent point of {machine}: {why}"),
-                        )
-                        .into_response();
-                    }
-                    Err(e) => return e.into_response(),
+                let why = |why| format!("no application-consistent point of {machine}: {why}");
+                job = match first_step(&cs, job, &outcome, &step, why).await {
+                    Ok(job) => job,
+                    Err(refused) => return refused,
                 };
                 quiesced = Some(q);
             }
@@ -251,6 +213,38 @@ pub(crate) async fn forward_items(
             ),
         )
         .into_response(),
+    }
+}
+
+/// Ends the first step of `job` (a platform's, before the master target's) with `outcome`
+/// and begins step `next`; when it failed, the job ends and the answer is a 502 saying
+/// `why(error)`.
+async fn first_step(
+    cs: &Arc<ConfigServer>,
+    job: haven_engine::jobs::Job,
+    outcome: &anyhow::Result<String>,
+    next: &str,
+    why: impl FnOnce(String) -> String,
+) -> Result<haven_engine::jobs::Job, Response> {
+    let (ok, output) = match outcome {
+        Ok(done) => (true, done.clone()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    let ended = {
+        let (cs, next, output) = (cs.clone(), next.to_string(), output.clone());
+        crate::blocking(move || -> anyhow::Result<Option<haven_engine::jobs::Job>> {
+            let job = cs.end_job_step(job, ok, output, false)?;
+            match ok {
+                true => Ok(Some(cs.begin_job_step(job, &next)?)),
+                false => Ok(None),
+            }
+        })
+        .await
+    };
+    match ended {
+        Ok(Some(job)) => Ok(job),
+        Ok(None) => Err(ApiError::new(StatusCode::BAD_GATEWAY, why(output)).into_response()),
+        Err(e) => Err(e.into_response()),
     }
 }
 
