@@ -242,10 +242,10 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
     let cs = c.cs.as_ref().context("cs")?;
     cs.set_secret("unruly-pw", "pw\n")?;
     let wasm = unruly_wasm()?;
-    let apply = |adapter_name: &str| -> Result<()> {
+    let apply = |adapter_name: &str, app_interval: &str| -> Result<()> {
         let machine = format!(
             "[[policy]]\nname = \"p\"\nkind = \"replication\"\n\
-             crash_consistent_interval = \"1s\"\napp_consistent_interval = \"off\"\n\n\
+             crash_consistent_interval = \"1s\"\napp_consistent_interval = \"{app_interval}\"\n\n\
              [[machine]]\nname = \"unruly-1\"\nsite = \"primary\"\nplatform = \"{adapter_name}\"\n\
              policy = \"p\"\nprocess_server = \"ps1\"\nmaster_target = \"mt1\"\nwriter = \"raw\"\n"
         );
@@ -265,8 +265,34 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
             })
         })
     };
-    apply("good")?;
+    apply("good", "1m")?;
     haven_e2e::wait_for_point(cs, "unruly-1")?;
+
+    // On the policy's app interval the configuration server takes them itself, quiesced at
+    // the platform (the machine has no app point yet: one is due at once).
+    let job = poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let jobs: Vec<serde_json::Value> =
+            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        Ok(jobs
+            .into_iter()
+            .find(|j| j["kind"] == "point" && j["caller"] == "policy" && j["state"] != "running")
+            .ok_or_else(|| "no point job by the policy yet".to_string()))
+    })?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(
+        job["steps"][0]["output"],
+        "unruly-1 (vm-1) quiesced by good"
+    );
+    let newest: Vec<serde_json::Value> =
+        serde_json::from_str(&cs.haven(&["point", "list", "unruly-1", "--json"])?)?;
+    let apps = newest.iter().filter(|p| p["kind"] == "app").count();
+    assert_eq!(apps, 1, "the policy's: {newest:#?}");
+    // Not again before the interval has passed (the server looks every 5 s).
+    std::thread::sleep(Duration::from_secs(11));
+    let later: Vec<serde_json::Value> =
+        serde_json::from_str(&cs.haven(&["point", "list", "unruly-1", "--json"])?)?;
+    assert_eq!(later.iter().filter(|p| p["kind"] == "app").count(), 1);
+    apply("good", "off")?;
 
     // The platform quiesces the machine, the point is taken, the platform thaws it.
     let out = cs.haven(&["point", "create", "unruly-1", "--app"])?;
@@ -291,7 +317,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
     assert!(line.contains("app"), "{line}");
 
     // A platform that fails to quiesce: no point, the reason in the answer and the job.
-    apply("failing")?;
+    apply("failing", "off")?;
     let err = cs
         .haven(&["point", "create", "unruly-1", "--app"])
         .expect_err("an app point was taken although the platform could not quiesce");
@@ -315,7 +341,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
 
     // A platform that offers no quiesce leaves it to the agent's hooks, which this agent
     // does not have: its refusal is the answer.
-    apply("plain")?;
+    apply("plain", "off")?;
     let err = cs
         .haven(&["point", "create", "unruly-1", "--app"])
         .expect_err("an app point was taken with nothing quiescing the workload");
@@ -329,6 +355,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
         "plain offers no quiesce of unruly-1 (vm-1); the agent's hooks alone quiesce the \
          workload"
     );
+
     Ok(())
 }
 

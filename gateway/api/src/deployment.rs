@@ -40,7 +40,7 @@ pub(crate) async fn forward_items(
         .extensions()
         .get::<Caller>()
         .map_or_else(String::new, Caller::label);
-    let mut request = ApiRequest {
+    let request = ApiRequest {
         method: method.to_string(),
         path: target,
         caller,
@@ -57,149 +57,17 @@ pub(crate) async fn forward_items(
         .into_owned();
     let action = rest.split('/').nth(1).unwrap_or_default().to_string();
     let machine = item.split('/').next().unwrap_or_default();
-    // A test failover of a whole machine that a platform runs: its disks as files too.
-    let test_replica = action == "test-failover"
-        && item == machine
-        && crate::machines::has_test_replica(&cs, machine);
-    if test_replica && method == Method::POST {
-        request.path = crate::machines::with_files(&request.path);
-    }
     match cs.master_target_of(machine) {
+        // A change: run as a job, kept with its outcome.
         Some(gateway) if method != Method::GET && method != Method::HEAD => {
-            // A change: run as a job, kept with its outcome.
-            let kind = job_kind(&method, &action);
-            let step = format!("{method} {} at {gateway}", request.path);
-            // A test failover's cleanup deletes the test replica first: it uses the disks.
-            let delete_first = test_replica && method == Method::DELETE;
-            // An application-consistent point of a machine on a platform: quiesced there.
-            let quiesce_first = method == Method::POST
-                && action == "points"
-                && item == machine
-                && request
-                    .path
-                    .split_once('?')
-                    .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "kind=app"))
-                && crate::machines::has_source_platform(&cs, machine);
-            let first = match (delete_first, quiesce_first) {
-                (true, _) => format!("delete the test replica of {machine}"),
-                (_, true) => format!("quiesce {machine} at its platform"),
-                _ => step.clone(),
+            let change = ItemChange {
+                gateway,
+                item,
+                action,
+                method,
+                request,
             };
-            let job = {
-                let (cs, item, gateway, caller) = (
-                    cs.clone(),
-                    item.clone(),
-                    gateway.clone(),
-                    request.caller.clone(),
-                );
-                crate::blocking(move || {
-                    cs.start_job(haven_engine::jobs::NewJob {
-                        kind,
-                        item: Some(&item),
-                        gateway: Some(&gateway),
-                        caller: &caller,
-                        step: &first,
-                    })
-                })
-                .await
-            };
-            let mut job = match job {
-                Ok(job) => job,
-                Err(e) => return e.into_response(),
-            };
-            if delete_first {
-                let deleted = crate::machines::delete_test_replica(&cs, machine)
-                    .await
-                    .map(|d| d.unwrap_or_else(|| "none was defined".to_string()));
-                job = match first_step(&cs, job, &deleted, &step, |why| why).await {
-                    Ok(job) => job,
-                    Err(refused) => return refused,
-                };
-            }
-            let mut quiesced = None;
-            if quiesce_first {
-                let (q, outcome) = crate::machines::quiesce(&cs, machine).await;
-                // The agent needs no hooks of its own when the platform quiesced the machine.
-                if let Ok((true, _)) = &outcome {
-                    request.path.push_str("&quiesced=true");
-                }
-                let outcome = outcome.map(|(_, done)| done);
-                if outcome.is_err()
-                    && let Err(e) = crate::machines::thaw(&cs, q.clone()).await
-                {
-                    tracing::warn!(machine, error = %format!("{e:#}"), "thawing after a failed quiesce");
-                }
-                let why = |why| format!("no application-consistent point of {machine}: {why}");
-                job = match first_step(&cs, job, &outcome, &step, why).await {
-                    Ok(job) => job,
-                    Err(refused) => return refused,
-                };
-                quiesced = Some(q);
-            }
-            let id = job.id;
-            let forwarded = cs.forward(&gateway, request.clone()).await;
-            // The platform thaws the machine as soon as the point is taken (or refused).
-            let thawed = match quiesced {
-                Some(q) => Some(crate::machines::thaw(&cs, q).await),
-                None => None,
-            };
-            let (ok, output, response) = match forwarded {
-                Ok(answer) => {
-                    record_action(&cs, &gateway, &item, &method, &action, &request, &answer).await;
-                    let ok = (200..300).contains(&answer.status);
-                    let mut output = match ok {
-                        true => summary(&answer.body),
-                        false => format!("HTTP {}: {}", answer.status, error_text(&answer.body)),
-                    };
-                    match &thawed {
-                        Some(Ok(done)) if !done.is_empty() => output.push_str(&format!("; {done}")),
-                        Some(Err(e)) => output.push_str(&format!("; thawing failed: {e:#}")),
-                        _ => {}
-                    }
-                    (ok, output, answer_response(answer))
-                }
-                Err(e) => {
-                    let output = e.to_string();
-                    (false, output, forward_error(e).into_response())
-                }
-            };
-            // A failover of a machine on a platform goes on with the platform's steps; so
-            // does a test failover of one that a target platform runs.
-            let platform_steps = ok
-                && method == Method::POST
-                && ((action == "failover" && crate::machines::has_platform_steps(&cs, machine))
-                    || (action == "test-failover" && test_replica));
-            let mode = match action.as_str() {
-                "test-failover" => crate::machines::Mode::Test,
-                _ => crate::machines::Mode::Failover {
-                    planned: request.path.split_once('?').is_some_and(|(_, q)| {
-                        q.split('&')
-                            .any(|kv| kv == "planned" || kv == "planned=true")
-                    }),
-                },
-            };
-            let ended = {
-                let cs = cs.clone();
-                crate::blocking(move || cs.end_job_step(job, ok, output, !platform_steps)).await
-            };
-            match ended {
-                Ok(job) if platform_steps => {
-                    tokio::spawn(crate::machines::run(
-                        cs.clone(),
-                        job,
-                        gateway.clone(),
-                        item.clone(),
-                        mode,
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(job = id, error = ?e, "recording a job's outcome"),
-            }
-            let mut response = response;
-            if let Ok(v) = header::HeaderValue::from_str(&id.to_string()) {
-                response.headers_mut().insert("x-haven-job", v);
-            }
-            response
+            item_change(&cs, change).await
         }
         Some(gateway) => match cs.forward(&gateway, request.clone()).await {
             Ok(answer) => answer_response(answer),
@@ -214,6 +82,172 @@ pub(crate) async fn forward_items(
         )
         .into_response(),
     }
+}
+
+/// A change to an item (`POST`, `DELETE` below `/v1/items/ITEM`), for the master target
+/// holding it.
+pub(crate) struct ItemChange {
+    pub gateway: String,
+    /// The item as named (a machine, `MACHINE/DISK`, an agent id).
+    pub item: String,
+    /// What follows the item in the path (`points`, `test-failover`, …).
+    pub action: String,
+    pub method: Method,
+    pub request: ApiRequest,
+}
+
+/// Runs a change to an item as a job: the platform's steps before it (a test replica deleted,
+/// the machine quiesced), the master target's, then the platform's after it (thawed, the
+/// replica defined); the answer is the master target's, with the job's id.
+pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> Response {
+    let ItemChange {
+        gateway,
+        item,
+        action,
+        method,
+        mut request,
+    } = change;
+    let machine = item.split('/').next().unwrap_or_default();
+    // A test failover of a whole machine that a platform runs: its disks as files too.
+    let test_replica = action == "test-failover"
+        && item == machine
+        && crate::machines::has_test_replica(cs, machine);
+    if test_replica && method == Method::POST {
+        request.path = crate::machines::with_files(&request.path);
+    }
+    let kind = job_kind(&method, &action);
+    let step = format!("{method} {} at {gateway}", request.path);
+    // A test failover's cleanup deletes the test replica first: it uses the disks.
+    let delete_first = test_replica && method == Method::DELETE;
+    // An application-consistent point of a machine on a platform: quiesced there.
+    let quiesce_first = method == Method::POST
+        && action == "points"
+        && item == machine
+        && request
+            .path
+            .split_once('?')
+            .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "kind=app"))
+        && crate::machines::has_source_platform(cs, machine);
+    let first = match (delete_first, quiesce_first) {
+        (true, _) => format!("delete the test replica of {machine}"),
+        (_, true) => format!("quiesce {machine} at its platform"),
+        _ => step.clone(),
+    };
+    let job = {
+        let (cs, item, gateway, caller) = (
+            cs.clone(),
+            item.clone(),
+            gateway.clone(),
+            request.caller.clone(),
+        );
+        crate::blocking(move || {
+            cs.start_job(haven_engine::jobs::NewJob {
+                kind,
+                item: Some(&item),
+                gateway: Some(&gateway),
+                caller: &caller,
+                step: &first,
+            })
+        })
+        .await
+    };
+    let mut job = match job {
+        Ok(job) => job,
+        Err(e) => return e.into_response(),
+    };
+    if delete_first {
+        let deleted = crate::machines::delete_test_replica(cs, machine)
+            .await
+            .map(|d| d.unwrap_or_else(|| "none was defined".to_string()));
+        job = match first_step(cs, job, &deleted, &step, |why| why).await {
+            Ok(job) => job,
+            Err(refused) => return refused,
+        };
+    }
+    let mut quiesced = None;
+    if quiesce_first {
+        let (q, outcome) = crate::machines::quiesce(cs, machine).await;
+        // The agent needs no hooks of its own when the platform quiesced the machine.
+        if let Ok((true, _)) = &outcome {
+            request.path.push_str("&quiesced=true");
+        }
+        let outcome = outcome.map(|(_, done)| done);
+        if outcome.is_err()
+            && let Err(e) = crate::machines::thaw(cs, q.clone()).await
+        {
+            tracing::warn!(machine, error = %format!("{e:#}"), "thawing after a failed quiesce");
+        }
+        let why = |why| format!("no application-consistent point of {machine}: {why}");
+        job = match first_step(cs, job, &outcome, &step, why).await {
+            Ok(job) => job,
+            Err(refused) => return refused,
+        };
+        quiesced = Some(q);
+    }
+    let id = job.id;
+    let forwarded = cs.forward(&gateway, request.clone()).await;
+    // The platform thaws the machine as soon as the point is taken (or refused).
+    let thawed = match quiesced {
+        Some(q) => Some(crate::machines::thaw(cs, q).await),
+        None => None,
+    };
+    let (ok, output, response) = match forwarded {
+        Ok(answer) => {
+            record_action(cs, &gateway, &item, &method, &action, &request, &answer).await;
+            let ok = (200..300).contains(&answer.status);
+            let mut output = match ok {
+                true => summary(&answer.body),
+                false => format!("HTTP {}: {}", answer.status, error_text(&answer.body)),
+            };
+            match &thawed {
+                Some(Ok(done)) if !done.is_empty() => output.push_str(&format!("; {done}")),
+                Some(Err(e)) => output.push_str(&format!("; thawing failed: {e:#}")),
+                _ => {}
+            }
+            (ok, output, answer_response(answer))
+        }
+        Err(e) => {
+            let output = e.to_string();
+            (false, output, forward_error(e).into_response())
+        }
+    };
+    // A failover of a machine on a platform goes on with the platform's steps; so
+    // does a test failover of one that a target platform runs.
+    let platform_steps = ok
+        && method == Method::POST
+        && ((action == "failover" && crate::machines::has_platform_steps(cs, machine))
+            || (action == "test-failover" && test_replica));
+    let mode = match action.as_str() {
+        "test-failover" => crate::machines::Mode::Test,
+        _ => crate::machines::Mode::Failover {
+            planned: request.path.split_once('?').is_some_and(|(_, q)| {
+                q.split('&')
+                    .any(|kv| kv == "planned" || kv == "planned=true")
+            }),
+        },
+    };
+    let ended = {
+        let cs = cs.clone();
+        crate::blocking(move || cs.end_job_step(job, ok, output, !platform_steps)).await
+    };
+    match ended {
+        Ok(job) if platform_steps => {
+            tokio::spawn(crate::machines::run(
+                cs.clone(),
+                job,
+                gateway.clone(),
+                item.clone(),
+                mode,
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(job = id, error = ?e, "recording a job's outcome"),
+    }
+    let mut response = response;
+    if let Ok(v) = header::HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert("x-haven-job", v);
+    }
+    response
 }
 
 /// Ends the first step of `job` (a platform's, before the master target's) with `outcome`
@@ -803,8 +837,11 @@ pub fn assignment_of(p: &haven_pipeline::model::Pipeline) -> Assignment {
                 MachinePolicy {
                     policy: r.name.clone(),
                     crash_consistent_interval_ms: r.crash_consistent_interval.as_millis() as u64,
+                    // A machine on a platform has its app points taken by the configuration
+                    // server, quiesced there (`machines::app_points_on_interval`).
                     app_consistent_interval_ms: r
                         .app_consistent_interval
+                        .filter(|_| m.platform.is_none())
                         .map(|d| d.as_millis() as u64),
                     retention: serde_json::to_value(&r.retention).unwrap_or_default(),
                     rpo_threshold_ms: r.rpo_threshold.as_millis() as u64,

@@ -139,6 +139,7 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     if let Some(cs) = &api.deployment {
         tokio::spawn(groups::take_on_interval(Arc::downgrade(cs)));
+        tokio::spawn(machines::app_points_on_interval(Arc::downgrade(cs)));
         tokio::spawn(plans::resume_interrupted(cs.clone()));
     }
     let router = router(api)?;

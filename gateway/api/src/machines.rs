@@ -506,6 +506,170 @@ pub(crate) async fn thaw(cs: &Arc<ConfigServer>, q: Quiesced) -> Result<String> 
     Ok(format!("thawed by {}", q.platform))
 }
 
+/// How often the configuration server looks for application-consistent points that are due.
+const APP_POINTS_EVERY: Duration = Duration::from_secs(5);
+/// How long after a failed application-consistent point the next is tried.
+const APP_POINT_RETRY: Duration = Duration::from_secs(60);
+
+/// Takes the application-consistent points of the machines that have a `platform`, on their
+/// replication policy's `app_consistent_interval`: a point is due when the machine's newest
+/// `app` point at its master target is that old, or when it has none (once it has any point:
+/// protected). Each is taken as `POST /v1/items/MACHINE/points?kind=app` through this server
+/// (a job, by `policy`), so the platform quiesces the machine around it; the agents of those
+/// machines are not given the interval (`assignment_of`), so no point is taken twice. A machine
+/// whose app points fail raises `app-point.failed` once, until one is taken again, and is
+/// tried again every [`APP_POINT_RETRY`].
+pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
+    use std::collections::{HashMap, HashSet};
+    // Machine → when its last app point failed.
+    let failing = Arc::new(std::sync::Mutex::new(HashMap::<String, Instant>::new()));
+    let running = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    let mut tick = tokio::time::interval(APP_POINTS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cs) = cs.upgrade() else { return };
+        let read = {
+            let cs = cs.clone();
+            tokio::task::spawn_blocking(move || pipeline(&cs)).await
+        };
+        let Ok(Ok(p)) = read else { continue };
+        for (machine, interval) in platform_app_intervals(&p) {
+            let retry_later = failing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&machine)
+                .is_some_and(|at| at.elapsed() < APP_POINT_RETRY);
+            if retry_later
+                || !running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(machine.clone())
+            {
+                continue;
+            }
+            let (cs, failing, running) = (cs.clone(), failing.clone(), running.clone());
+            tokio::spawn(async move {
+                let taken = app_point_if_due(&cs, &machine, interval).await;
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&machine);
+                let first_failure = {
+                    let mut failing = failing.lock().unwrap_or_else(|e| e.into_inner());
+                    match &taken {
+                        Ok(_) => {
+                            failing.remove(&machine);
+                            false
+                        }
+                        Err(_) => failing.insert(machine.clone(), Instant::now()).is_none(),
+                    }
+                };
+                let Err(e) = taken else { return };
+                tracing::warn!(machine, error = %format!("{e:#}"), "no application-consistent point");
+                if first_failure {
+                    let raised = cs.raise(haven_engine::events::Raise {
+                        severity: haven_engine::events::Severity::Warning,
+                        kind: "app-point.failed",
+                        gateway: None,
+                        item: Some(machine.clone()),
+                        text: format!(
+                            "{machine}: no application-consistent point on its policy's \
+                             interval: {e:#}"
+                        ),
+                    });
+                    if let Err(e) = raised {
+                        tracing::warn!(error = %e, "raising an event");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The machines whose app points this server takes (a `platform`, an app interval), with it.
+pub(crate) fn platform_app_intervals(p: &Pipeline) -> Vec<(String, Duration)> {
+    use haven_pipeline::model::Policy;
+    p.machines
+        .iter()
+        .filter(|m| m.platform.is_some())
+        .filter_map(|m| {
+            let name = p
+                .group_of(&m.name)
+                .and_then(|g| g.policy.clone())
+                .unwrap_or_else(|| m.policy.clone());
+            match p.policy(&name) {
+                Some(Policy::Replication(r)) => Some((m.name.clone(), r.app_consistent_interval?)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Takes an app point of `machine` when one is due; whether it did.
+async fn app_point_if_due(
+    cs: &Arc<ConfigServer>,
+    machine: &str,
+    interval: Duration,
+) -> Result<bool> {
+    let Some(gateway) = cs.master_target_of(machine) else {
+        return Ok(false);
+    };
+    let answer = cs
+        .forward(
+            &gateway,
+            ApiRequest {
+                method: "GET".into(),
+                path: format!("/v1/items/{machine}/points"),
+                caller: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if answer.status != 200 {
+        // Not protected yet (no item at its master target).
+        return Ok(false);
+    }
+    let points: Vec<serde_json::Value> = serde_json::from_str(&answer.body)?;
+    if points.is_empty() {
+        return Ok(false);
+    }
+    let newest_app = points
+        .iter()
+        .filter(|p| p["kind"] == "app")
+        .filter_map(|p| p["source_time_ms"].as_u64())
+        .max();
+    let due = newest_app
+        .is_none_or(|t| haven_engine::now_ms() >= t.saturating_add(interval.as_millis() as u64));
+    if !due {
+        return Ok(false);
+    }
+    let change = crate::deployment::ItemChange {
+        gateway,
+        item: machine.to_string(),
+        action: "points".into(),
+        method: axum::http::Method::POST,
+        request: ApiRequest {
+            method: "POST".into(),
+            path: format!("/v1/items/{machine}/points?kind=app"),
+            caller: "policy".into(),
+        },
+    };
+    let response = crate::deployment::item_change(cs, change).await;
+    if response.status().is_success() {
+        return Ok(true);
+    }
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    bail!(
+        "HTTP {}: {}",
+        status.as_u16(),
+        crate::deployment::error_text(&String::from_utf8_lossy(&body))
+    )
+}
+
 /// One disk's failover image at the master target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DiskImage {
