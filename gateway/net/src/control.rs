@@ -32,7 +32,9 @@ pub enum Command {
         /// The machine's platform quiesced it for this point (its adapter's `quiesce`, called
         /// by the configuration server around the request): an `app` point needs no hooks of
         /// the agent's own then (those configured still run).
-        #[serde(default)]
+        /// Sent only when true: an agent of an earlier version, which refuses unknown fields,
+        /// still takes every other point.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         quiesced: bool,
     },
     /// Planned failover: flush, close the front end (no write is accepted from then on), and
@@ -190,4 +192,32 @@ pub async fn call(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+
+    #[test]
+    fn a_point_reads_as_agents_of_either_version_expect() {
+        // What an earlier master target sends, and an earlier agent accepts.
+        let old = r#"{"command":"point","app":true}"#;
+        let point: Command = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            point,
+            Command::Point {
+                app: true,
+                quiesced: false
+            }
+        );
+        assert_eq!(serde_json::to_string(&point).unwrap(), old);
+        let quiesced = Command::Point {
+            app: true,
+            quiesced: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&quiesced).unwrap(),
+            r#"{"command":"point","app":true,"quiesced":true}"#
+        );
+    }
 }
