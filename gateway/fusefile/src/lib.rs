@@ -98,36 +98,60 @@ impl Mount {
         &self.dir
     }
 
-    /// Flushes every disk, then unmounts the folder and waits for its threads to end.
-    pub fn unmount(mut self) -> io::Result<()> {
-        self.end()
-    }
-
-    fn end(&mut self) -> io::Result<()> {
+    /// Unmounts the folder, waits for its threads to end, then flushes every disk (what was
+    /// written through the files up to the unmount is in them). A folder still in use (a
+    /// process has a file open) is not unmounted: the error says so (`ResourceBusy`), and it
+    /// goes on serving, so the call can be repeated once it is free.
+    pub fn unmount(&mut self) -> io::Result<()> {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        // Not lazily: a folder in use stays mounted, and in this process's hands.
+        let ended = match nix::mount::umount2(&self.dir, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) => {
+                self.session = Some(session);
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{} is in use (a file in it is open); it stays mounted",
+                        self.dir.display()
+                    ),
+                ));
+            }
+            // Unmounted (or no longer mounted): the session's threads end as the kernel
+            // closes the connection.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => session.join(),
+            // Not ours to unmount (not root): the session does, through fusermount.
+            Err(_) => session.umount_and_join(),
+        }
+        .map_err(|e| io::Error::new(e.kind(), format!("unmounting {}: {e}", self.dir.display())));
+        self.flush_disks();
+        ended
+    }
+
+    fn flush_disks(&self) {
         for disk in &self.disks {
             if let Err(e) = disk.flush() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "flushing a disk file");
             }
         }
-        session.umount_and_join().map_err(|e| {
-            io::Error::new(e.kind(), format!("unmounting {}: {e}", self.dir.display()))
-        })
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Err(e) = self.end() {
-            tracing::warn!(error = %e, "unmounting a disk folder");
+        if let Some(session) = self.session.take() {
+            if let Err(e) = session.umount_and_join() {
+                tracing::warn!(error = %e, "unmounting a disk folder");
+            }
+            self.flush_disks();
         }
     }
 }
 
 /// Unmounts `dir` when something is mounted there (a folder a killed process left mounted
-/// answers every access with "transport endpoint is not connected"); nothing when not.
+/// answers every access with "transport endpoint is not connected"); nothing when not. Only
+/// for a folder no live [`Mount`] of this process serves.
 pub fn clear_stale(dir: &Path) -> io::Result<()> {
     use nix::errno::Errno as E;
     match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
@@ -137,11 +161,70 @@ pub fn clear_stale(dir: &Path) -> io::Result<()> {
         }
         // Not a mount point, or no such folder.
         Err(E::EINVAL | E::ENOENT) => Ok(()),
+        // Not root: the kernel says so before it looks. A folder that is no mount point needs
+        // nothing; one that is goes through the setuid helper.
+        Err(E::EPERM) if !is_mount_point(dir) => Ok(()),
+        Err(E::EPERM) => {
+            let unmounted = ["fusermount3", "fusermount"].into_iter().any(|bin| {
+                std::process::Command::new(bin)
+                    .arg("-uz")
+                    .arg(dir)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            match unmounted {
+                true => Ok(()),
+                false => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is left mounted and cannot be unmounted here (run as root, or \
+                         install fusermount3)",
+                        dir.display()
+                    ),
+                )),
+            }
+        }
         Err(e) => Err(io::Error::other(format!(
             "unmounting what is left mounted at {}: {e}",
             dir.display()
         ))),
     }
+}
+
+/// Whether `dir` is a mount point, per `/proc/self/mountinfo` (its fifth field, where a space
+/// and the like are written as `\` and three octal digits).
+fn is_mount_point(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mount_path(m) == want)
+}
+
+fn unescape_mount_path(m: &str) -> String {
+    let b = m.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = (b[i] == b'\\')
+            .then(|| b.get(i + 1..i + 4))
+            .flatten()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Serves `files` as the folder `dir` (made when missing; it must be empty).
@@ -180,6 +263,8 @@ pub fn mount(dir: &Path, files: Vec<File>) -> io::Result<Mount> {
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoExec,
+        // The kernel checks the files' modes: `allow_other` lets other users in, not past them.
+        MountOption::DefaultPermissions,
         if writable {
             MountOption::RW
         } else {
@@ -365,9 +450,13 @@ impl Filesystem for Folder {
             return reply.error(Errno::ENOENT);
         };
         let end = f.content.size();
-        let len = u64::from(size).min(end.saturating_sub(offset)) as usize;
+        if offset >= end {
+            // At or past the end: the end of the file.
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(end - offset) as usize;
         match &f.content {
-            Content::Bytes(b) => reply.data(&b[offset.min(end) as usize..][..len]),
+            Content::Bytes(b) => reply.data(&b[offset as usize..][..len]),
             Content::Disk(disk) => {
                 let mut buf = vec![0u8; len];
                 let done = disk
@@ -555,5 +644,15 @@ impl Filesystem for Folder {
             MAX_NAME as u32,
             BLOCK,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_paths_are_unescaped_as_mountinfo_writes_them() {
+        assert_eq!(super::unescape_mount_path(r"/srv/a\040b"), "/srv/a b");
+        assert_eq!(super::unescape_mount_path(r"/srv/x\134y"), r"/srv/x\y");
+        assert_eq!(super::unescape_mount_path(r"/srv/plain\"), r"/srv/plain\");
     }
 }

@@ -116,6 +116,10 @@ fn files_of_a_folder_reach_their_backends() {
     let mut back = [0u8; 14];
     f.read_exact_at(&mut back, 1_000_003).unwrap();
     assert_eq!(&back, b"haven was here");
+    // Reading at or past the end is the end of the file.
+    let mut tail = [0u8; 16];
+    assert_eq!(f.read_at(&mut tail, 4 << 20).unwrap(), 0);
+    assert_eq!(f.read_at(&mut tail, (4 << 20) + 4096).unwrap(), 0);
 
     // A disk does not grow or shrink; the fixed and read-only files refuse writes.
     f.seek(SeekFrom::Start(4 << 20)).unwrap();
@@ -158,7 +162,19 @@ fn files_of_a_folder_reach_their_backends() {
     assert_eq!(all, *disk.bytes.lock().unwrap());
     drop(f);
 
+    // In use: it stays mounted and serving; free, it goes, and the disks are flushed after.
+    let open = std::fs::File::open(dir.join("disk1.vmdk")).unwrap();
+    let mut m = m;
+    let e = m.unmount().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceBusy, "{e}");
+    assert_eq!(std::fs::read(dir.join("disk1.vmdk")).unwrap(), text);
+    drop(open);
+    let flushes = *disk.flushes.lock().unwrap();
     m.unmount().unwrap();
+    assert!(
+        *disk.flushes.lock().unwrap() > flushes,
+        "flushed after the unmount"
+    );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "unmounted");
 }
 
