@@ -776,6 +776,21 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     )?;
     assert!(id2 > id);
 
+    // While its file is open (a machine runs on it), the cleanup is refused and the test
+    // failover goes on.
+    let open = std::fs::File::open(&image)?;
+    let refused = c
+        .mt
+        .haven(&["failover", "cleanup", "web01"])
+        .expect_err("a cleanup under an open file");
+    assert!(
+        format!("{refused:#}").contains("HTTP 409")
+            && format!("{refused:#}").contains("are in use"),
+        "{refused:#}"
+    );
+    qemu_io(&uri, &["read -P 202 12M 64k".into()])?;
+    drop(open);
+
     // Cleanup leaves nothing to serve after the next restart either, and no file.
     c.mt.haven(&["failover", "cleanup", "web01"])?;
     let files = std::path::Path::new(&image)

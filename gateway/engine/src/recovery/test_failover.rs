@@ -119,7 +119,11 @@ impl MasterTarget {
             tracing::info!(dir = %dir.display(), "removing a test failover left by an earlier run");
             std::fs::remove_dir_all(&dir)?;
         }
-        self.remove_files(key)?;
+        // Best effort: what is left is removed at the next start, and it must not keep the
+        // replica from opening.
+        if let Err(e) = self.remove_files(key) {
+            tracing::warn!(item = %key, error = %e, "removing a test failover's presented files");
+        }
         Ok(false)
     }
 
@@ -263,6 +267,9 @@ impl MasterTarget {
         files: bool,
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let disks = self.find_machine(item)?;
+        if files {
+            self.check_files_presentable()?;
+        }
         if disks.len() == 1 {
             return self.test_failover_disk(&disks[0], item, sel, writable, files);
         }
@@ -492,6 +499,28 @@ impl MasterTarget {
         })
     }
 
+    /// Refuses `files` that this master target cannot present: its writer has no storage root,
+    /// or keeps a format that is not one file of plain data.
+    fn check_files_presentable(&self) -> Result<(), RecoveryError> {
+        if self.replica_root().is_none() {
+            return Err(err(
+                ErrorKind::Conflict,
+                "this master target's writer has no storage root to present disks in as files",
+            ));
+        }
+        match self.config.writer.name.as_str() {
+            "vmdk" | "raw" => Ok(()),
+            other => Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "disks cannot be presented as files in the format of this master target's \
+                     writer `{other}`: that needs the `vmdk` or `raw` writer (a test failover \
+                     over NBD alone works with any)"
+                ),
+            )),
+        }
+    }
+
     /// Presents `disk` as files a platform can use, per the writer's format: a VMDK
     /// descriptor and its flat extent (`vmdk`), or a raw file (`raw`); the mount and the path
     /// of the file that names the disk.
@@ -592,7 +621,23 @@ impl MasterTarget {
         };
         let free = || lock(&r.recovery.state).test = TestSlot::Idle;
         let info = match active {
-            Some(active) => {
+            Some(mut active) => {
+                // The platform's files first: while something uses them, the test failover
+                // goes on as it was (its view, its export, the base held).
+                if let Some(files) = active.files.as_mut()
+                    && let Err(e) = files.unmount()
+                {
+                    let dir = files.dir().display().to_string();
+                    lock(&r.recovery.state).test = TestSlot::Running(active);
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!(
+                            "the test failover of item {item} goes on: its files in {dir} are \
+                             in use ({e}); stop what uses them (a machine defined on them) and \
+                             clean up again"
+                        ),
+                    ));
+                }
                 let ActiveTest {
                     info,
                     view,
@@ -600,12 +645,7 @@ impl MasterTarget {
                     files,
                     ..
                 } = active;
-                // The platform's files first: it may be reading them.
-                if let Some(files) = files
-                    && let Err(e) = files.unmount()
-                {
-                    tracing::warn!(error = %e, "unmounting the test failover's files");
-                }
+                drop(files);
                 server.close();
                 drop(server);
                 // The accept loop and the connections' threads hold the view; they end once
