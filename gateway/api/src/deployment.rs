@@ -67,7 +67,13 @@ pub(crate) async fn forward_items(
                 method,
                 request,
             };
-            item_change(&cs, change).await
+            // Run to its end even when the caller goes away: a quiesced machine is thawed, a
+            // job is ended.
+            let cs = cs.clone();
+            match tokio::spawn(async move { item_change(&cs, change).await }).await {
+                Ok(response) => response,
+                Err(e) => ApiError::internal(format!("the change stopped: {e}")).into_response(),
+            }
         }
         Some(gateway) => match cs.forward(&gateway, request.clone()).await {
             Ok(answer) => answer_response(answer),
@@ -115,10 +121,35 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
     if test_replica && method == Method::POST {
         request.path = crate::machines::with_files(&request.path);
     }
+    // Only this server says that a platform quiesced the machine.
+    if action == "points" {
+        request.path = crate::machines::without_param(&request.path, "quiesced");
+    }
+    // A test failover's cleanup deletes the machine it defined first (whatever the pipeline
+    // says now): that machine uses the disks. One disk alone is not cleaned up under it.
+    let recorded = match (action == "test-failover" && method == Method::DELETE).then(|| {
+        let (cs, machine) = (cs.clone(), machine.to_string());
+        crate::blocking(move || crate::machines::test_replica_recorded(&cs, &machine))
+    }) {
+        Some(read) => match read.await {
+            Ok(recorded) => recorded,
+            Err(e) => return e.into_response(),
+        },
+        None => false,
+    };
+    if recorded && item != machine {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the test failover of {machine} defined a machine at its platform, on every \
+                 disk: clean the whole machine up (`haven failover cleanup {machine}`)"
+            ),
+        )
+        .into_response();
+    }
     let kind = job_kind(&method, &action);
     let step = format!("{method} {} at {gateway}", request.path);
-    // A test failover's cleanup deletes the test replica first: it uses the disks.
-    let delete_first = test_replica && method == Method::DELETE;
+    let delete_first = recorded;
     // An application-consistent point of a machine on a platform: quiesced there.
     let quiesce_first = method == Method::POST
         && action == "points"
@@ -165,6 +196,12 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
         };
     }
     let mut quiesced = None;
+    // One quiesced point of a machine at a time: another's thaw must not end this one's
+    // quiesce before its point.
+    let _one = match quiesce_first {
+        true => Some(crate::machines::quiesce_lock(machine).lock_owned().await),
+        false => None,
+    };
     if quiesce_first {
         let (q, outcome) = crate::machines::quiesce(cs, machine).await;
         // The agent needs no hooks of its own when the platform quiesced the machine.

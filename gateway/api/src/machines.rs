@@ -101,6 +101,42 @@ pub(crate) fn with_files(path: &str) -> String {
     format!("{path}?{}", kept.join("&"))
 }
 
+/// `path` without the query parameter `name` (`name=…` or `name` alone).
+pub(crate) fn without_param(path: &str, name: &str) -> String {
+    let Some((path, query)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(name))
+        .collect();
+    match kept.is_empty() {
+        true => path.to_string(),
+        false => format!("{path}?{}", kept.join("&")),
+    }
+}
+
+/// Whether a test failover of `machine` defined a machine at a platform that is not deleted.
+pub(crate) fn test_replica_recorded(cs: &ConfigServer, machine: &str) -> Result<bool> {
+    Ok(cs
+        .record::<ReplicaRecord>(&replica_key(machine, Mode::Test))?
+        .is_some())
+}
+
+/// The lock that keeps a machine's quiesced points one at a time.
+pub(crate) fn quiesce_lock(machine: &str) -> Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // Machines that left the pipeline: their locks go once nobody holds them.
+    locks.retain(|_, l| Arc::strong_count(l) > 1);
+    locks.entry(machine.to_string()).or_default().clone()
+}
+
 /// The record key of the replica a failover (or a test failover) of `machine` defined.
 fn replica_key(machine: &str, mode: Mode) -> String {
     match mode {
@@ -508,21 +544,23 @@ pub(crate) async fn thaw(cs: &Arc<ConfigServer>, q: Quiesced) -> Result<String> 
 
 /// How often the configuration server looks for application-consistent points that are due.
 const APP_POINTS_EVERY: Duration = Duration::from_secs(5);
-/// How long after a failed application-consistent point the next is tried.
-const APP_POINT_RETRY: Duration = Duration::from_secs(60);
 
 /// Takes the application-consistent points of the machines that have a `platform`, on their
 /// replication policy's `app_consistent_interval`: a point is due when the machine's newest
 /// `app` point at its master target is that old, or when it has none (once it has any point:
 /// protected). Each is taken as `POST /v1/items/MACHINE/points?kind=app` through this server
 /// (a job, by `policy`), so the platform quiesces the machine around it; the agents of those
-/// machines are not given the interval (`assignment_of`), so no point is taken twice. A machine
-/// whose app points fail raises `app-point.failed` once, until one is taken again, and is
-/// tried again every [`APP_POINT_RETRY`].
+/// machines are not given the interval (`assignment_of`), so no point is taken twice. Only a
+/// `protected` machine is asked, and at most once per interval by this server's clock too (a
+/// source clock behind, or retention dropping app points, cannot make every look take one).
+/// A machine whose app points fail raises `app-point.failed` once, until one is taken again,
+/// and is tried again an interval later.
 pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
     use std::collections::{HashMap, HashSet};
-    // Machine → when its last app point failed.
-    let failing = Arc::new(std::sync::Mutex::new(HashMap::<String, Instant>::new()));
+    // Machines whose last app point failed (`app-point.failed` raised).
+    let failing = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    // Machine → when this server last asked for one.
+    let asked = Arc::new(std::sync::Mutex::new(HashMap::<String, Instant>::new()));
     let running = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
     let mut tick = tokio::time::interval(APP_POINTS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -535,12 +573,12 @@ pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
         };
         let Ok(Ok(p)) = read else { continue };
         for (machine, interval) in platform_app_intervals(&p) {
-            let retry_later = failing
+            let asked_lately = asked
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&machine)
-                .is_some_and(|at| at.elapsed() < APP_POINT_RETRY);
-            if retry_later
+                .is_some_and(|at| at.elapsed() < interval);
+            if asked_lately
                 || !running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -549,8 +587,15 @@ pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
                 continue;
             }
             let (cs, failing, running) = (cs.clone(), failing.clone(), running.clone());
+            let asked = asked.clone();
             tokio::spawn(async move {
                 let taken = app_point_if_due(&cs, &machine, interval).await;
+                if !matches!(taken, Ok(false)) {
+                    asked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(machine.clone(), Instant::now());
+                }
                 running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -562,7 +607,7 @@ pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
                             failing.remove(&machine);
                             false
                         }
-                        Err(_) => failing.insert(machine.clone(), Instant::now()).is_none(),
+                        Err(_) => failing.insert(machine.clone()),
                     }
                 };
                 let Err(e) = taken else { return };
@@ -642,6 +687,16 @@ async fn app_point_if_due(
     let due = newest_app
         .is_none_or(|t| haven_engine::now_ms() >= t.saturating_add(interval.as_millis() as u64));
     if !due {
+        return Ok(false);
+    }
+    // Not after a failover (nor while one runs): only a protected machine takes points.
+    let protected = items_of(cs, &gateway, machine).await.is_ok_and(|disks| {
+        !disks.is_empty()
+            && disks
+                .iter()
+                .all(|d| d.item.state == haven_engine::recovery::ItemState::Protected)
+    });
+    if !protected {
         return Ok(false);
     }
     let change = crate::deployment::ItemChange {
@@ -944,6 +999,27 @@ mod tests {
         assert_eq!(
             with_files("/v1/items/web01/test-failover?files&writable"),
             "/v1/items/web01/test-failover?writable=true&files=true"
+        );
+    }
+
+    #[test]
+    fn a_parameter_is_taken_out_of_a_path() {
+        use super::without_param;
+        assert_eq!(
+            without_param("/v1/items/a/points?kind=app&quiesced=true", "quiesced"),
+            "/v1/items/a/points?kind=app"
+        );
+        assert_eq!(
+            without_param("/v1/items/a/points?quiesced&kind=app", "quiesced"),
+            "/v1/items/a/points?kind=app"
+        );
+        assert_eq!(
+            without_param("/v1/items/a/points?quiesced=1", "quiesced"),
+            "/v1/items/a/points"
+        );
+        assert_eq!(
+            without_param("/v1/items/a/points", "quiesced"),
+            "/v1/items/a/points"
         );
     }
 }
