@@ -106,6 +106,15 @@ pub(crate) async fn take_group_point(
 /// The members of group `name` of the applied pipeline and the master target holding them.
 fn members(cs: &ConfigServer, name: &str) -> Result<(Vec<String>, String), ApiError> {
     let p = crate::machines::pipeline(cs).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    members_in(&p, cs, name)
+}
+
+/// The members of group `name` of pipeline `p` and the master target holding them.
+fn members_in(
+    p: &haven_pipeline::model::Pipeline,
+    cs: &ConfigServer,
+    name: &str,
+) -> Result<(Vec<String>, String), ApiError> {
     let group = p.group(name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -304,6 +313,7 @@ pub(crate) async fn take_on_interval(cs: std::sync::Weak<ConfigServer>) {
     use std::time::Instant;
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut intervals: Vec<(String, Duration)> = Vec::new();
+    let mut pipeline = Arc::new(haven_pipeline::model::Pipeline::new(""));
     let mut read_at: Option<Instant> = None;
     let failing = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
     let running = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
@@ -318,6 +328,8 @@ pub(crate) async fn take_on_interval(cs: std::sync::Weak<ConfigServer>) {
             if let Ok(Ok(p)) =
                 tokio::task::spawn_blocking(move || crate::machines::pipeline(&c)).await
             {
+                pipeline = Arc::new(p);
+                let p = &pipeline;
                 intervals = p
                     .groups
                     .iter()
@@ -346,10 +358,10 @@ pub(crate) async fn take_on_interval(cs: std::sync::Weak<ConfigServer>) {
                 continue;
             }
             due.insert(group.clone(), now + *interval);
-            let (cs, group) = (strong.clone(), group.clone());
+            let (cs, group, p) = (strong.clone(), group.clone(), pipeline.clone());
             let (failing, running) = (failing.clone(), running.clone());
             tokio::spawn(async move {
-                let taken = take_for(&cs, &group).await;
+                let taken = take_for(&cs, &p, &group).await;
                 running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -391,14 +403,14 @@ pub(crate) async fn take_on_interval(cs: std::sync::Weak<ConfigServer>) {
     }
 }
 
-/// One group point of `group`, on its interval.
-async fn take_for(cs: &Arc<ConfigServer>, group: &str) -> Result<()> {
-    let (members, gateway) = {
-        let (cs, group) = (cs.clone(), group.to_string());
-        tokio::task::spawn_blocking(move || members(&cs, &group))
-            .await?
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?
-    };
+/// One group point of `group` of pipeline `p` (the one the loop read last), on its interval.
+async fn take_for(
+    cs: &Arc<ConfigServer>,
+    p: &haven_pipeline::model::Pipeline,
+    group: &str,
+) -> Result<()> {
+    let (members, gateway) =
+        members_in(p, cs, group).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let members: Vec<String> = members
         .iter()
         .map(|m| {
