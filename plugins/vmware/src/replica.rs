@@ -330,10 +330,10 @@ fn names_of(objects: &[ObjectContent], kind: &str) -> String {
     }
 }
 
-/// Places the replica in datacenter `dc_name` (whose VM folder is `vm_folder`) from the
-/// datacenter's `objects` (retrieved with [`placement_specs`]).
 /// The VM folder at `path`: folder names below the datacenter's VM folder, `/` between them
-/// (`DR/ERP`), optionally starting with the VM folder's own name (`vm/DR/ERP`, `vm`).
+/// (`DR/ERP`), optionally starting with the VM folder's own name (`vm/DR/ERP`, `vm`). A single
+/// name not found right below the VM folder names the one VM folder of that name at any depth
+/// (none when several have it).
 fn vm_folder_at(objects: &[ObjectContent], vm_folder: &Moref, path: &str) -> Option<Moref> {
     let holds_vms = |o: &ObjectContent| {
         o.prop("childType")
@@ -347,18 +347,32 @@ fn vm_folder_at(objects: &[ObjectContent], vm_folder: &Moref, path: &str) -> Opt
     if names.first().is_some_and(|n| Some(*n) == own) {
         names.remove(0);
     }
+    let below = |at: &Moref, name: &str| {
+        named(objects, "Folder")
+            .find(|o| {
+                o.text("name") == name && o.moref("parent").as_ref() == Some(at) && holds_vms(o)
+            })
+            .map(|o| o.obj.clone())
+    };
+    if let [name] = names[..]
+        && below(vm_folder, name).is_none()
+    {
+        let mut anywhere =
+            named(objects, "Folder").filter(|o| o.text("name") == name && holds_vms(o));
+        return match (anywhere.next(), anywhere.next()) {
+            (Some(one), None) => Some(one.obj.clone()),
+            _ => None,
+        };
+    }
     let mut at = vm_folder.clone();
     for name in names {
-        at = named(objects, "Folder")
-            .find(|o| {
-                o.text("name") == name && o.moref("parent").as_ref() == Some(&at) && holds_vms(o)
-            })?
-            .obj
-            .clone();
+        at = below(&at, name)?;
     }
     Some(at)
 }
 
+/// Places the replica in datacenter `dc_name` (whose VM folder is `vm_folder`) from the
+/// datacenter's `objects` (retrieved with [`placement_specs`]).
 pub fn place(
     spec: &ReplicaSpec,
     options: &Options,
@@ -988,6 +1002,22 @@ mod tests {
         let options = Options::parse(&[("folder".into(), "ERP".into())]).unwrap();
         let p = place(&spec(), &options, "DC0", &vm_folder, &objects).unwrap();
         assert_eq!(p.folder, Moref::new("Folder", "folder-52"));
+        // A single name found only deeper: the one folder of that name (none when several).
+        let mut nested = objects.clone();
+        nested.retain(|o| o.obj.value != "folder-52");
+        let options = Options::parse(&[("folder".into(), "ERP".into())]).unwrap();
+        let p = place(&spec(), &options, "DC0", &vm_folder, &nested).unwrap();
+        assert_eq!(p.folder, Moref::new("Folder", "folder-51"));
+        nested.push(object(
+            "Folder",
+            "folder-53",
+            &[
+                ("name", "<val>ERP</val>"),
+                ("childType", vm_child),
+                ("parent", r#"<val type="Folder">folder-4</val>"#),
+            ],
+        ));
+        assert!(place(&spec(), &options, "DC0", &vm_folder, &nested).is_err());
         let options = Options::parse(&[("folder".into(), "DR/Web".into())]).unwrap();
         assert_eq!(
             place(&spec(), &options, "DC0", &vm_folder, &objects)
