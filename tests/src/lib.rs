@@ -123,8 +123,6 @@ pub fn http_get(url: &str, token: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
-/// Waits (up to a minute) until `gateway` lists a recovery point of `item`; through a
-/// configuration server, the item appears once its master target reports it.
 /// Every file below `dir` (none when it does not exist).
 pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -139,6 +137,8 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Waits (up to a minute) until `gateway` lists a recovery point of `item`; through a
+/// configuration server, the item appears once its master target reports it.
 pub fn wait_for_point(gateway: &Gateway, item: &str) -> Result<()> {
     poll(Duration::from_secs(60), Duration::from_millis(500), || {
         let Ok(out) = gateway.haven(&["point", "list", item, "--json"]) else {

@@ -779,10 +779,9 @@ fn a_test_failover_is_served_again_after_a_master_target_restart() -> Result<()>
     // While its file is open (a machine runs on it), the cleanup is refused and the test
     // failover goes on.
     let open = std::fs::File::open(&image)?;
-    let refused = c
-        .mt
-        .haven(&["failover", "cleanup", "web01"])
-        .expect_err("a cleanup under an open file");
+    let refused =
+        c.mt.haven(&["failover", "cleanup", "web01"])
+            .expect_err("a cleanup under an open file");
     assert!(
         format!("{refused:#}").contains("HTTP 409")
             && format!("{refused:#}").contains("are in use"),
