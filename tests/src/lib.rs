@@ -123,6 +123,23 @@ pub fn http_get(url: &str, token: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Detaches every mount below `dir`: the FUSE folders (test failover files, an agent's disk
+/// file) a killed process leaves mounted, which would keep the folder from being removed.
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dir = dir.to_string_lossy().trim_end_matches('/').to_string();
+    for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+        if point
+            .strip_prefix(dir.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            let _ = Command::new("umount").args(["-l", point]).status();
+        }
+    }
+}
+
 /// Every file below `dir` (none when it does not exist).
 pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -694,6 +711,12 @@ pub struct ClusterOptions {
     pub machine: Option<String>,
     /// The machine's disks after the first (raw files), protected by the same agent.
     pub more_disks: Vec<PathBuf>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        unmount_below(&self.root);
+    }
 }
 
 impl Cluster {

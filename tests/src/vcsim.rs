@@ -298,6 +298,8 @@ impl Drop for Vcsim {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A test failover's files mounted in a datastore by a master target killed with it.
+        crate::unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
