@@ -43,6 +43,12 @@ pub struct NbdConfig {
     /// Unix socket to listen on; once per --disk, in their order.
     #[arg(long)]
     pub socket: Vec<PathBuf>,
+    /// Also serve the disk as the file `disk` in this (empty) folder, through FUSE: once per
+    /// --disk, in their order. A loop device over it carries a real filesystem (`losetup -f
+    /// --show DIR/disk`, then `mkfs`, `mount`); every write is captured as through NBD. Needs
+    /// /dev/fuse and root (or fusermount3).
+    #[arg(long, value_name = "DIR")]
+    pub fuse: Vec<PathBuf>,
     /// Export name (clients asking for the empty name get it too): one for every disk, or
     /// once per --disk.
     #[arg(long)]
@@ -65,6 +71,8 @@ pub struct NbdConfig {
 pub struct DiskNbd {
     pub listen: Option<String>,
     pub socket: Option<PathBuf>,
+    /// The folder its file is served in (`--fuse`).
+    pub fuse: Option<PathBuf>,
     pub export: String,
 }
 
@@ -74,6 +82,7 @@ impl NbdConfig {
         for (option, given) in [
             ("--listen", self.listen.len()),
             ("--socket", self.socket.len()),
+            ("--fuse", self.fuse.len()),
         ] {
             if given != 0 && given != disks {
                 anyhow::bail!(
@@ -102,6 +111,7 @@ impl NbdConfig {
                     (None, false) => None,
                 },
                 socket: self.socket.get(i).cloned(),
+                fuse: self.fuse.get(i).cloned(),
                 export: self
                     .export
                     .get(i)
@@ -169,6 +179,28 @@ pub fn serve_nbd(
             .with_context(|| format!("writing the ready file {}", ready.display()))?;
     }
     Ok((servers, threads))
+}
+
+/// Serves each splitter whose place names a folder (`--fuse`) as the file `disk` in it, until
+/// the mounts returned are dropped.
+pub fn serve_files(
+    splitters: &[Arc<Splitter>],
+    places: &[DiskNbd],
+) -> anyhow::Result<Vec<haven_fusefile::Mount>> {
+    let mut mounts = Vec::new();
+    for (splitter, place) in splitters.iter().zip(places) {
+        let Some(dir) = &place.fuse else { continue };
+        let disk: Arc<dyn haven_nbd::Backend> = Arc::clone(splitter) as _;
+        let file = haven_fusefile::File {
+            name: "disk".into(),
+            content: haven_fusefile::Content::Disk(disk),
+        };
+        let mount = haven_fusefile::mount(dir, vec![file])
+            .with_context(|| format!("--fuse {}", dir.display()))?;
+        tracing::info!(file = %dir.join("disk").display(), "serving the disk as a file");
+        mounts.push(mount);
+    }
+    Ok(mounts)
 }
 
 /// The TLS of an export from the certificates in `dir` (see [`NbdConfig::tls_dir`]).
@@ -622,14 +654,16 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         );
     }
 
-    let listeners = if failed_over.is_some() {
-        Vec::new()
+    let (listeners, files) = if failed_over.is_some() {
+        (Vec::new(), Vec::new())
     } else {
         let splitters: Vec<Arc<Splitter>> = machine
             .disks
             .iter()
             .map(|d| Arc::clone(&d.splitter))
             .collect();
+        // The files first: the ready file (written with the listeners) means all is served.
+        let files = serve_files(&splitters, &places)?;
         let (servers, listeners) = serve_nbd(&splitters, &places, &cfg.nbd)?;
         points.set_close_front_end(move || {
             for s in &servers {
@@ -640,7 +674,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         thread::Builder::new()
             .name("points".into())
             .spawn(move || crate::points::run_interval(machine, points, policy))?;
-        listeners
+        (listeners, files)
     };
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     for t in listeners {
@@ -711,8 +745,14 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
 
-    // Stop: no more changes, everything durable, state recorded.
+    // Stop: no more changes, everything durable, state recorded. (A file still in use, under
+    // a mounted loop device, stays mounted until the process ends.)
     not_ready(&cfg.nbd);
+    for mut f in files {
+        if let Err(e) = f.unmount() {
+            tracing::warn!(error = %e, "the disk file stays mounted until the agent exits");
+        }
+    }
     machine.stop();
     let _ = stop_tx.send(true);
     let mut durable = Vec::new();
@@ -747,6 +787,7 @@ mod tests {
             listen: listen.iter().map(|s| s.to_string()).collect(),
             socket: socket.iter().map(PathBuf::from).collect(),
             export: export.iter().map(|s| s.to_string()).collect(),
+            fuse: Vec::new(),
             tls_dir: None,
             ready_file: None,
         }
@@ -760,6 +801,7 @@ mod tests {
             [DiskNbd {
                 listen: Some("127.0.0.1:10809".into()),
                 socket: None,
+                fuse: None,
                 export: "disk".into(),
             }]
         );

@@ -4,7 +4,7 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats|replication|points|nbd|scale]` runs benchmarks against their
+//! - `cargo xtask bench [plugins|formats|replication|points|nbd|scale|groups|fs]` runs benchmarks against their
 //!   baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_fs;
 mod bench_groups;
 mod bench_nbd;
 mod bench_points;
@@ -58,6 +59,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nbdsh", "python3-libnbd"),
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
+    // A real filesystem on a loop device over the agent's disk file.
+    ("losetup", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
 ];
 
 /// Python packages the tests use: (module imported, PyPI package). The API tests validate the
@@ -80,7 +84,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd|scale] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd|scale|groups|fs] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -356,10 +360,15 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_groups::run(&root())
         }
+        "fs" => {
+            ensure_programs(DEBIAN_PACKAGES)?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_fs::run(&root())
+        }
         other => {
             bail!(
                 "unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd, \
-                 scale, groups)"
+                 scale, groups, fs)"
             )
         }
     }
