@@ -857,18 +857,11 @@ pub fn adapters_of(p: &haven_pipeline::model::Pipeline) -> Vec<haven_host::Plugi
 /// What each gateway enforces of a pipeline: every machine's replication policy (its group's,
 /// when the group names one).
 pub fn assignment_of(p: &haven_pipeline::model::Pipeline) -> Assignment {
-    use haven_pipeline::model::Policy;
     let machines = p
         .machines
         .iter()
         .filter_map(|m| {
-            let name = p
-                .group_of(&m.name)
-                .and_then(|g| g.policy.clone())
-                .unwrap_or_else(|| m.policy.clone());
-            let Some(Policy::Replication(r)) = p.policy(&name) else {
-                return None;
-            };
+            let r = p.replication_policy_of(&m.name)?;
             Some((
                 m.name.clone(),
                 MachinePolicy {

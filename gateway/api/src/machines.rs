@@ -634,19 +634,12 @@ pub(crate) async fn app_points_on_interval(cs: std::sync::Weak<ConfigServer>) {
 
 /// The machines whose app points this server takes (a `platform`, an app interval), with it.
 pub(crate) fn platform_app_intervals(p: &Pipeline) -> Vec<(String, Duration)> {
-    use haven_pipeline::model::Policy;
     p.machines
         .iter()
         .filter(|m| m.platform.is_some())
         .filter_map(|m| {
-            let name = p
-                .group_of(&m.name)
-                .and_then(|g| g.policy.clone())
-                .unwrap_or_else(|| m.policy.clone());
-            match p.policy(&name) {
-                Some(Policy::Replication(r)) => Some((m.name.clone(), r.app_consistent_interval?)),
-                _ => None,
-            }
+            let interval = p.replication_policy_of(&m.name)?.app_consistent_interval?;
+            Some((m.name.clone(), interval))
         })
         .collect()
 }

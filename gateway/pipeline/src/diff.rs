@@ -309,19 +309,6 @@ fn compare<T: Serialize>(
     }
 }
 
-/// The replication policy a machine runs under: its group's when the group names one.
-fn effective_policy<'a>(p: &'a Pipeline, machine: &str) -> Option<&'a crate::ReplicationPolicy> {
-    let m = p.machine(machine)?;
-    let name = p
-        .group_of(machine)
-        .and_then(|g| g.policy.as_deref())
-        .unwrap_or(&m.policy);
-    match p.policy(name)? {
-        Policy::Replication(r) => Some(r),
-        Policy::Failback(_) => None,
-    }
-}
-
 /// A machine whose effective retention window shrinks (it moved to another policy, or its
 /// group did) loses its older points: that is destructive even when neither the machine nor
 /// the policy itself changed in a destructive way.
@@ -329,8 +316,8 @@ fn retention_shrinks(changes: &mut Vec<Change>, current: &Pipeline, desired: &Pi
     let f = haven_engine::retention::format_duration;
     for m in &desired.machines {
         let (Some(was), Some(will)) = (
-            effective_policy(current, &m.name),
-            effective_policy(desired, &m.name),
+            current.replication_policy_of(&m.name),
+            desired.replication_policy_of(&m.name),
         ) else {
             continue;
         };

@@ -173,6 +173,20 @@ impl Pipeline {
         self.machines.iter().find(|m| m.name == name)
     }
 
+    /// The replication policy machine `machine` runs under: its group's when the group names
+    /// one, else its own.
+    pub fn replication_policy_of(&self, machine: &str) -> Option<&ReplicationPolicy> {
+        let m = self.machine(machine)?;
+        let name = self
+            .group_of(machine)
+            .and_then(|g| g.policy.as_deref())
+            .unwrap_or(&m.policy);
+        match self.policy(name)? {
+            Policy::Replication(r) => Some(r),
+            Policy::Failback(_) => None,
+        }
+    }
+
     /// The group named `name`.
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.name == name)
