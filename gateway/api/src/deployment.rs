@@ -114,10 +114,9 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
         mut request,
     } = change;
     let machine = item.split('/').next().unwrap_or_default();
+    let platforms = crate::machines::Platforms::of(cs, machine);
     // A test failover of a whole machine that a platform runs: its disks as files too.
-    let test_replica = action == "test-failover"
-        && item == machine
-        && crate::machines::has_test_replica(cs, machine);
+    let test_replica = action == "test-failover" && item == machine && platforms.target.is_some();
     if test_replica && method == Method::POST {
         request.path = crate::machines::with_files(&request.path);
     }
@@ -127,15 +126,14 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
     }
     // A test failover's cleanup deletes the machine it defined first (whatever the pipeline
     // says now): that machine uses the disks. One disk alone is not cleaned up under it.
-    let recorded = match (action == "test-failover" && method == Method::DELETE).then(|| {
+    let recorded = if action == "test-failover" && method == Method::DELETE {
         let (cs, machine) = (cs.clone(), machine.to_string());
-        crate::blocking(move || crate::machines::test_replica_recorded(&cs, &machine))
-    }) {
-        Some(read) => match read.await {
+        match crate::blocking(move || crate::machines::test_replica_recorded(&cs, &machine)).await {
             Ok(recorded) => recorded,
             Err(e) => return e.into_response(),
-        },
-        None => false,
+        }
+    } else {
+        false
     };
     if recorded && item != machine {
         return ApiError::new(
@@ -149,19 +147,19 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
     }
     let kind = job_kind(&method, &action);
     let step = format!("{method} {} at {gateway}", request.path);
-    let delete_first = recorded;
     // An application-consistent point of a machine on a platform: quiesced there.
-    let quiesce_first = method == Method::POST
-        && action == "points"
-        && item == machine
-        && request
-            .path
-            .split_once('?')
-            .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "kind=app"))
-        && crate::machines::has_source_platform(cs, machine);
-    let first = match (delete_first, quiesce_first) {
+    let quiesce_at = platforms.source.as_deref().filter(|_| {
+        method == Method::POST
+            && action == "points"
+            && item == machine
+            && request
+                .path
+                .split_once('?')
+                .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "kind=app"))
+    });
+    let first = match (recorded, quiesce_at) {
         (true, _) => format!("delete the test replica of {machine}"),
-        (_, true) => format!("quiesce {machine} at its platform"),
+        (_, Some(_)) => format!("quiesce {machine} at its platform"),
         _ => step.clone(),
     };
     let job = {
@@ -186,7 +184,7 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
         Ok(job) => job,
         Err(e) => return e.into_response(),
     };
-    if delete_first {
+    if recorded {
         let deleted = crate::machines::delete_test_replica(cs, machine)
             .await
             .map(|d| d.unwrap_or_else(|| "none was defined".to_string()));
@@ -198,12 +196,12 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
     let mut quiesced = None;
     // One quiesced point of a machine at a time: another's thaw must not end this one's
     // quiesce before its point.
-    let _one = match quiesce_first {
-        true => Some(crate::machines::quiesce_lock(machine).lock_owned().await),
-        false => None,
+    let _one = match quiesce_at {
+        Some(_) => Some(crate::machines::quiesce_lock(machine).lock_owned().await),
+        None => None,
     };
-    if quiesce_first {
-        let (q, outcome) = crate::machines::quiesce(cs, machine).await;
+    if let Some(platform) = quiesce_at {
+        let (q, outcome) = crate::machines::quiesce(cs, platform, machine).await;
         // The agent needs no hooks of its own when the platform quiesced the machine.
         if let Ok((true, _)) = &outcome {
             request.path.push_str("&quiesced=true");
@@ -252,7 +250,7 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
     // does a test failover of one that a target platform runs.
     let platform_steps = ok
         && method == Method::POST
-        && ((action == "failover" && crate::machines::has_platform_steps(cs, machine))
+        && ((action == "failover" && (platforms.source.is_some() || platforms.target.is_some()))
             || (action == "test-failover" && test_replica));
     let mode = match action.as_str() {
         "test-failover" => crate::machines::Mode::Test,

@@ -67,38 +67,36 @@ fn haven_setting(key: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
-/// Whether machine `name` has platform steps after a failover, per the applied pipeline.
-pub(crate) fn has_platform_steps(cs: &ConfigServer, name: &str) -> bool {
-    pipeline(cs)
-        .ok()
-        .and_then(|p| {
-            p.machine(name)
-                .map(|m| m.platform.is_some() || m.target_platform.is_some())
-        })
-        .unwrap_or(false)
+/// The platforms the applied pipeline names for a machine.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Platforms {
+    /// Where it runs (`platform`): powered off at a planned failover, quiescing its app points.
+    pub source: Option<String>,
+    /// Where its replica runs (`target_platform`): defined at failover, and at test failover.
+    pub target: Option<String>,
 }
 
-/// Whether a test failover of machine `name` defines a machine at a target platform.
-pub(crate) fn has_test_replica(cs: &ConfigServer, name: &str) -> bool {
-    pipeline(cs)
-        .ok()
-        .and_then(|p| p.machine(name).map(|m| m.target_platform.is_some()))
-        .unwrap_or(false)
+impl Platforms {
+    /// Machine `name`'s, per the applied pipeline (none for a machine it does not list).
+    pub(crate) fn of(cs: &ConfigServer, name: &str) -> Platforms {
+        pipeline(cs)
+            .ok()
+            .and_then(|p| {
+                p.machine(name).map(|m| Platforms {
+                    source: m.platform.clone(),
+                    target: m.target_platform.clone(),
+                })
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// `path` (a test-failover call) asking for the disks as files too, and writable: a machine
 /// runs on them.
 pub(crate) fn with_files(path: &str) -> String {
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    let mut kept: Vec<&str> = query
-        .split('&')
-        .filter(|kv| {
-            let key = kv.split('=').next().unwrap_or_default();
-            !kv.is_empty() && key != "writable" && key != "files"
-        })
-        .collect();
-    kept.extend(["writable=true", "files=true"]);
-    format!("{path}?{}", kept.join("&"))
+    let path = without_param(&without_param(path, "writable"), "files");
+    let joiner = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{joiner}writable=true&files=true")
 }
 
 /// `path` without the query parameter `name` (`name=…` or `name` alone).
@@ -463,36 +461,23 @@ pub(crate) struct Quiesced {
     id: String,
 }
 
-/// Whether an application-consistent point of machine `name` is taken with its platform
-/// quiescing it: its pipeline entry names a source `platform`.
-pub(crate) fn has_source_platform(cs: &ConfigServer, name: &str) -> bool {
-    pipeline(cs)
-        .ok()
-        .and_then(|p| p.machine(name).map(|m| m.platform.is_some()))
-        .unwrap_or(false)
-}
-
-/// Asks machine `name`'s platform to quiesce it (e.g. VSS through guest tools) for an
+/// Asks `platform` to quiesce machine `name` (e.g. VSS through guest tools) for an
 /// application-consistent point; what to thaw afterwards, whether it quiesced, and what
-/// happened. A platform that
-/// offers no quiesce (`unsupported`) is no failure: the agent's hooks quiesce the workload as
-/// they do without a platform. Any other error is one: the point would not be what it says.
+/// happened. A platform that offers no quiesce (`unsupported`) is no failure: the agent's
+/// hooks quiesce the workload as they do without a platform. Any other error is one: the point would not be what it says.
 /// [`thaw`] follows in every case, an error included.
 pub(crate) async fn quiesce(
     cs: &Arc<ConfigServer>,
+    platform: &str,
     name: &str,
 ) -> (Quiesced, Result<(bool, String)>) {
-    let platform = pipeline(cs)
-        .ok()
-        .and_then(|p| p.machine(name).and_then(|m| m.platform.clone()))
-        .unwrap_or_default();
-    let source = source_machine(cs, &platform, name).await;
+    let source = source_machine(cs, platform, name).await;
     let id = match &source {
         Ok(Some(m)) => m.id.clone(),
         _ => String::new(),
     };
     let q = Quiesced {
-        platform: platform.clone(),
+        platform: platform.to_string(),
         id: id.clone(),
     };
     let outcome = async {
@@ -503,7 +488,7 @@ pub(crate) async fn quiesce(
             )
         })?;
         let supported = cs
-            .adapter_call(&platform, move |a| match a.quiesce(&id, QUIESCE_TIMEOUT) {
+            .adapter_call(platform, move |a| match a.quiesce(&id, QUIESCE_TIMEOUT) {
                 Ok(()) => Ok(true),
                 Err(haven_host::PluginError::Failed { error, .. })
                     if error.kind == haven_image::ErrorKind::Unsupported =>

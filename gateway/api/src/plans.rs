@@ -608,7 +608,7 @@ async fn machine_step(
     // A test failover a target platform runs: the disks as files too, and the test replica
     // deleted before its cleanup.
     let test_replica = matches!(action, Action::TestFailover | Action::Cleanup)
-        && crate::machines::has_test_replica(cs, machine);
+        && crate::machines::Platforms::of(cs, machine).target.is_some();
     let path = match (test_replica, action) {
         (true, Action::TestFailover) => crate::machines::with_files(&path),
         _ => path,
