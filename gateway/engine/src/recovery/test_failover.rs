@@ -268,7 +268,7 @@ impl MasterTarget {
     ) -> Result<TestFailoverInfo, RecoveryError> {
         let disks = self.find_machine(item)?;
         if files {
-            self.check_files_presentable()?;
+            self.files_format()?;
         }
         if disks.len() == 1 {
             return self.test_failover_disk(&disks[0], item, sel, writable, files);
@@ -499,9 +499,10 @@ impl MasterTarget {
         })
     }
 
-    /// Refuses `files` that this master target cannot present: its writer has no storage root,
-    /// or keeps a format that is not one file of plain data.
-    fn check_files_presentable(&self) -> Result<(), RecoveryError> {
+    /// How this master target presents disks as files: per its writer's format, a format of
+    /// one file of plain data (or a descriptor naming one). Refused (409) when its writer has
+    /// no storage root or keeps another format.
+    fn files_format(&self) -> Result<FilesFormat, RecoveryError> {
         if self.replica_root().is_none() {
             return Err(err(
                 ErrorKind::Conflict,
@@ -509,7 +510,8 @@ impl MasterTarget {
             ));
         }
         match self.config.writer.name.as_str() {
-            "vmdk" | "raw" => Ok(()),
+            "vmdk" => Ok(FilesFormat::FlatVmdk),
+            "raw" => Ok(FilesFormat::Raw),
             other => Err(err(
                 ErrorKind::Conflict,
                 format!(
@@ -521,9 +523,8 @@ impl MasterTarget {
         }
     }
 
-    /// Presents `disk` as files a platform can use, per the writer's format: a VMDK
-    /// descriptor and its flat extent (`vmdk`), or a raw file (`raw`); the mount and the path
-    /// of the file that names the disk.
+    /// Presents `disk` as files a platform can use, per [`Self::files_format`]; the mount and
+    /// the path of the file that names the disk.
     fn present_files(
         &self,
         key: StreamKey,
@@ -532,13 +533,16 @@ impl MasterTarget {
         writable: bool,
     ) -> anyhow::Result<(haven_fusefile::Mount, String)> {
         use haven_fusefile::{Content, File};
+        let format = self
+            .files_format()
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         let dir = self.files_dir(key).ok_or_else(|| {
             anyhow::anyhow!("the writer plugin has no storage root to present the disk in")
         })?;
         let stem = format!("disk{}-point{point}", key.disk);
         let size = haven_nbd::Backend::size(&*disk);
-        let (files, image) = match self.config.writer.name.as_str() {
-            "vmdk" => {
+        let (files, image) = match format {
+            FilesFormat::FlatVmdk => {
                 let (descriptor, flat) = (format!("{stem}.vmdk"), format!("{stem}-flat.vmdk"));
                 let text = flat_vmdk_descriptor(&flat, size, writable);
                 let files = vec![
@@ -553,7 +557,7 @@ impl MasterTarget {
                 ];
                 (files, descriptor)
             }
-            "raw" => {
+            FilesFormat::Raw => {
                 let name = format!("{stem}.raw");
                 let files = vec![File {
                     name: name.clone(),
@@ -561,11 +565,6 @@ impl MasterTarget {
                 }];
                 (files, name)
             }
-            other => anyhow::bail!(
-                "the disk cannot be presented as a file in the format of this master target's \
-                 writer `{other}`: that needs the `vmdk` or `raw` writer (a test failover over \
-                 NBD alone works with any)"
-            ),
         };
         let mount = haven_fusefile::mount(&dir, files)?;
         Ok((mount, dir.join(image).display().to_string()))
@@ -724,6 +723,15 @@ impl MasterTarget {
         })?;
         Ok(info)
     }
+}
+
+/// How a test failover presents a disk as files.
+#[derive(Clone, Copy, Debug)]
+enum FilesFormat {
+    /// A monolithicFlat VMDK: a descriptor and its flat extent (the disk's bytes).
+    FlatVmdk,
+    /// The disk's bytes.
+    Raw,
 }
 
 /// Records a test failover event (history only: the item's state stays).
