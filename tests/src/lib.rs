@@ -140,6 +140,16 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// The names of a job's steps, in order (a job as `haven job list --json` prints it).
+pub fn step_names(job: &serde_json::Value) -> Vec<String> {
+    job["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// Every file below `dir` (none when it does not exist).
 pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -447,6 +457,13 @@ impl Gateway {
     /// Runs `haven ARGS --api <this gateway>` and returns its output.
     pub fn haven(&self, args: &[&str]) -> Result<String> {
         run_ok(self.haven_command().args(args).args(["--api", &self.api]))
+    }
+
+    /// The jobs this configuration server ran, newest first (`haven job list --json`).
+    pub fn jobs(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(
+            &self.haven(&["job", "list", "--json"])?,
+        )?)
     }
 
     /// Stores secret `name` with `value` at this configuration server (`haven secret set`).

@@ -340,8 +340,7 @@ fn the_vmware_example_runs_from_apply_through_plan_failover() -> Result<()> {
     assert!(out.contains("waits for an operator"), "{out}");
     let out = cs.haven(&["plan", "resume", "dc-a-lost"])?;
     assert!(out.contains("plan dc-a-lost: done"), "{out}");
-    let jobs: Vec<serde_json::Value> =
-        serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+    let jobs = cs.jobs()?;
     let job = jobs
         .iter()
         .find(|j| j["kind"] == "plan-failover")

@@ -228,7 +228,7 @@ fn a_group_point_is_one_instant_of_all_its_machines() -> Result<()> {
         Ok(r) => r?,
         Err(_) => bail!("the workload panicked"),
     }
-    let job: Vec<serde_json::Value> = serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+    let job = cs.jobs()?;
     let job = job.into_iter().next().context("no job")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let first = job["steps"][1]["name"].as_str().unwrap_or_default();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use haven_e2e::{Cluster, ClusterOptions, http_get, mixed_disk};
+use haven_e2e::{Cluster, ClusterOptions, http_get, mixed_disk, step_names};
 
 fn pipeline(c: &Cluster, marks: &Path) -> Result<String> {
     let m = marks.display();
@@ -109,18 +109,8 @@ fn item(c: &Cluster) -> Result<serde_json::Value> {
 
 fn newest_job(c: &Cluster) -> Result<serde_json::Value> {
     let cs = c.cs.as_ref().context("cs")?;
-    let jobs: Vec<serde_json::Value> =
-        serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+    let jobs = cs.jobs()?;
     jobs.into_iter().next().context("no job")
-}
-
-fn step_names(job: &serde_json::Value) -> Vec<String> {
-    job["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s["name"].as_str().map(str::to_string))
-        .collect()
 }
 
 #[test]
@@ -249,8 +239,7 @@ fn a_plan_runs_its_steps_in_order_and_waits_for_its_operator() -> Result<()> {
     c.cs.as_mut().context("cs")?.restart()?;
     let cs = c.cs.as_ref().context("cs")?;
     let job = haven_e2e::poll(Duration::from_secs(60), Duration::from_millis(200), || {
-        let jobs: Vec<serde_json::Value> =
-            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        let jobs = cs.jobs()?;
         let job = jobs
             .into_iter()
             .find(|j| j["id"] == id)

@@ -271,8 +271,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
     // On the policy's app interval the configuration server takes them itself, quiesced at
     // the platform (the machine has no app point yet: one is due at once).
     let job = poll(Duration::from_secs(60), Duration::from_millis(500), || {
-        let jobs: Vec<serde_json::Value> =
-            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        let jobs = cs.jobs()?;
         Ok(jobs
             .into_iter()
             .find(|j| j["kind"] == "point" && j["caller"] == "policy" && j["state"] != "running")
@@ -361,8 +360,7 @@ fn an_app_point_of_a_machine_on_a_platform_is_quiesced_there() -> Result<()> {
 
 /// The newest job of `kind`.
 fn newest_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
-    let jobs: Vec<serde_json::Value> =
-        serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+    let jobs = cs.jobs()?;
     jobs.into_iter()
         .find(|j| j["kind"] == kind)
         .with_context(|| format!("no {kind} job"))

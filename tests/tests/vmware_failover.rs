@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use haven_e2e::nbd::NbdClient;
 use haven_e2e::vcsim::Vcsim;
-use haven_e2e::{Cluster, ClusterOptions, mixed_disk, poll, run_ok};
+use haven_e2e::{Cluster, ClusterOptions, mixed_disk, poll, run_ok, step_names};
 
 const MACHINE: &str = "DC0_H0_VM0";
 
@@ -44,8 +44,7 @@ fn platform_machines(c: &Cluster, platform: &str) -> Result<Vec<serde_json::Valu
 /// The newest job of `kind`, once it has ended.
 fn finished_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
     poll(Duration::from_secs(120), Duration::from_millis(500), || {
-        let jobs: Vec<serde_json::Value> =
-            serde_json::from_str(&cs.haven(&["job", "list", "--json"])?)?;
+        let jobs = cs.jobs()?;
         let job = jobs
             .into_iter()
             .find(|j| j["kind"] == kind)
@@ -55,15 +54,6 @@ fn finished_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value
             _ => Ok(job),
         })
     })
-}
-
-fn step_names(job: &serde_json::Value) -> Result<Vec<String>> {
-    Ok(job["steps"]
-        .as_array()
-        .context("steps")?
-        .iter()
-        .filter_map(|s| s["name"].as_str().map(str::to_string))
-        .collect())
 }
 
 #[test]
@@ -233,7 +223,7 @@ memory_mib = "2048"
     // overlay the NBD exports serve).
     let job = finished_job(cs, "test-failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
-    let steps = step_names(&job)?;
+    let steps = step_names(&job);
     assert_eq!(steps.len(), 4, "{steps:?}");
     assert_eq!(steps[1], "disks as files at mt1");
     assert_eq!(
@@ -303,7 +293,7 @@ memory_mib = "2048"
     let job = finished_job(cs, "test-failover-cleanup")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(
-        step_names(&job)?[0],
+        step_names(&job)[0],
         format!("delete the test replica of {MACHINE}")
     );
     cs.haven(&["platform", "refresh", "vcenter-b"])?;
@@ -346,7 +336,7 @@ memory_mib = "2048"
     // The job goes on with the platforms' steps.
     let job = finished_job(cs, "failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
-    let steps = step_names(&job)?;
+    let steps = step_names(&job);
     assert_eq!(steps.len(), 5, "{steps:?}");
     assert!(
         steps[1].starts_with("wait for the image at mt1"),
