@@ -78,6 +78,12 @@ enum Command {
         window_bytes: u64,
         #[command(flatten)]
         points: haven_agent::points::PointsArgs,
+        /// The replica already holds an older copy of these disks (`haven reprotect` prepared
+        /// it: the old source after a failover, the failover image before a failback): on
+        /// first protection, compare block hashes and send only what differs instead of the
+        /// initial copy. Ignored for disks protected before.
+        #[arg(long)]
+        seeded: bool,
     },
     /// Print the replication status of a protected disk (from DATA/status.json).
     Status {
@@ -182,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log_segment_bytes,
             window_bytes,
             points,
+            seeded,
         } => protect::protect(ProtectConfig {
             data_dir,
             disks,
@@ -193,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             window_bytes,
             points,
+            seeded,
         }),
         Command::Status { data_dir, json } => status(&data_dir, json),
         Command::Serve {

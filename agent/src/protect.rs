@@ -270,6 +270,9 @@ pub struct ProtectConfig {
     pub window_bytes: u64,
     /// Recovery points: intervals and quiesce hooks.
     pub points: crate::points::PointsArgs,
+    /// A disk protected for the first time is compared with a replica that already holds an
+    /// older copy of it (reprotect, failback) instead of copied whole.
+    pub seeded: bool,
 }
 
 /// Size of a raw file or block device.
@@ -378,6 +381,7 @@ fn open_state_and_log(
     disk: &Path,
     limits: Limits,
     unclean: Option<&str>,
+    seeded: bool,
 ) -> anyhow::Result<(DiskRecord, ChangeLog)> {
     haven_fsutil::create_dir_all(dir)?;
     let state_path = dir.join("disk.state");
@@ -392,9 +396,15 @@ fn open_state_and_log(
                 disk.display()
             );
         }
-        let rec = DiskRecord::new(size);
+        let rec = if seeded {
+            tracing::info!(disk = %disk.display(), size,
+                "first protection, seeded: comparing with the replica's copy instead of copying");
+            DiskRecord::seeded(size)
+        } else {
+            tracing::info!(disk = %disk.display(), size, "first protection: initial sync");
+            DiskRecord::new(size)
+        };
         rec.store(&state_path)?;
-        tracing::info!(disk = %disk.display(), size, "first protection: initial sync");
         let log = ChangeLog::open(&log_dir, limits)?;
         return Ok((rec, log));
     };
@@ -539,8 +549,9 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     for (i, disk) in cfg.disks.iter().enumerate() {
         let id = i as u32 + 1;
         let dir = crate::disk::disk_dir(&cfg.data_dir, id);
-        let (rec, mut log) = open_state_and_log(&dir, disk, cfg.limits, unclean.as_deref())
-            .with_context(|| format!("disk {id} ({})", disk.display()))?;
+        let (rec, mut log) =
+            open_state_and_log(&dir, disk, cfg.limits, unclean.as_deref(), cfg.seeded)
+                .with_context(|| format!("disk {id} ({})", disk.display()))?;
         log.set_durability(Durability::Process);
         opened.push((id, disk, rec, log));
     }

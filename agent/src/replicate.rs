@@ -295,6 +295,11 @@ impl Session {
         // The shipper's defaults: 8 MiB beyond the window, 64 KiB digests in ranges of 256 MiB,
         // acknowledged records freed every 500 ms.
         config.sender.window_bytes = window_bytes;
+        if rec.compare_block != 0 {
+            // As many digests per range as the default's (4096).
+            config.resync_block = rec.compare_block;
+            config.resync_range = u64::from(rec.compare_block) * 4096;
+        }
         // QUIC finds a gateway that is gone; a busy one answers late, and is waited for.
         config.sender.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
         let resyncing = rec.state == Phase::Resyncing;

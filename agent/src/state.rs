@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const STATE_MAGIC: &str = "HAVEN-DISK-STATE";
 /// Format version written and understood.
 pub const STATE_VERSION: u32 = 1;
+/// Digest block size of a seeded disk's comparison.
+pub const SEEDED_COMPARE_BLOCK: u32 = 4096;
 /// Largest `disk.state` read.
 const MAX_STATE_LEN: u64 = 64 * 1024;
 
@@ -77,6 +79,15 @@ pub struct DiskRecord {
     /// `Welcome`, `seq_base` is set so that it maps onto the downstream's resume point.
     #[serde(default)]
     pub remap: bool,
+    /// Block size of the resync's digests; 0: the shipper's default (64 KiB). A seeded disk
+    /// (`protect --seeded`) compares 4 KiB blocks, so a scattered change sends little more
+    /// than itself.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compare_block: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl DiskRecord {
@@ -91,6 +102,19 @@ impl DiskRecord {
             sync_offset: 0,
             log_seq: 0,
             remap: false,
+            compare_block: 0,
+        }
+    }
+
+    /// A disk whose replica already holds an older copy of it (reprotect, failback): instead
+    /// of the initial pass, the whole disk is compared with the replica by 4 KiB digests and
+    /// only the blocks that differ are sent.
+    pub fn seeded(size: u64) -> DiskRecord {
+        DiskRecord {
+            state: Phase::Resyncing,
+            remap: true,
+            compare_block: SEEDED_COMPARE_BLOCK,
+            ..DiskRecord::new(size)
         }
     }
 
@@ -184,6 +208,7 @@ mod tests {
             sync_offset: 12 << 20,
             log_seq: 4711,
             remap: true,
+            compare_block: 4096,
         }
     }
 
