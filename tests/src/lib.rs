@@ -661,15 +661,31 @@ impl Agent {
     /// Enrolls `data_dir` with the process server `ps` under the name `machine` (with a new
     /// one-time token); returns the server's address.
     pub fn enroll(bins: &Path, ps: &Gateway, data_dir: &Path, machine: &str) -> Result<String> {
+        Ok(Agent::enroll_id(bins, ps, data_dir, machine)?.0)
+    }
+
+    /// [`Agent::enroll`], also returning the agent's id as `haven-agent enroll` printed it.
+    pub fn enroll_id(
+        bins: &Path,
+        ps: &Gateway,
+        data_dir: &Path,
+        machine: &str,
+    ) -> Result<(String, String)> {
         let server = format!("127.0.0.1:{}", ps.port);
-        run_ok(
+        let out = run_ok(
             Command::new(bins.join("haven-agent"))
                 .args(["enroll", "--data-dir"])
                 .arg(data_dir)
                 .args(["--server", &server, "--token", &ps.token()?])
                 .args(["--machine-name", machine]),
         )?;
-        Ok(server)
+        let id = out
+            .split_whitespace()
+            .skip_while(|w| *w != "agent")
+            .nth(1)
+            .with_context(|| format!("no agent id in enroll's output: {out}"))?
+            .to_string();
+        Ok((server, id))
     }
 
     /// Kills (SIGKILL) and starts the agent again.
@@ -697,6 +713,15 @@ pub struct Cluster {
     /// `ClusterOptions::second_process_server`), joined as `ps2`.
     pub ps2: Option<Gateway>,
     pub agent: Agent,
+}
+
+/// The gateways of the way back ([`Cluster::reverse`]).
+#[derive(Debug)]
+pub struct Reverse {
+    /// The master target at the primary site.
+    pub mt: Gateway,
+    /// The process server at the secondary site, forwarding to `mt`.
+    pub ps: Gateway,
 }
 
 /// Options of a [`Cluster`].
@@ -924,6 +949,61 @@ impl Cluster {
                  path = \"/opt/haven/plugins/haven_raw.wasm\"\ngateways = [\"mt1\"]\n\n\
                  [plugin.grants]\nstorage_root = \"/var/lib/haven/replicas\"\n\n";
         Ok(text)
+    }
+
+    /// The way back: a master target at the primary site whose raw writer's storage root is
+    /// `storage_root` (where the machine's disks are, so a reprotect can start from them), and
+    /// a process server at the secondary site forwarding to it.
+    pub fn reverse(&self, storage_root: &Path) -> Result<Reverse> {
+        let bins = default_bin_dir();
+        let bins = bins.as_path();
+        let raw = bins.join("../wasm32-wasip2/release/haven_raw.wasm");
+        let (dir, port, api, admin) = Gateway::init(
+            bins,
+            &self.root,
+            "mt-a",
+            "primary",
+            Some(&self.mt.admin_token),
+        )?;
+        let mt = Gateway::start(
+            bins,
+            "master target at the primary site",
+            dir.clone(),
+            format!(
+                "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
+                 writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
+                 [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {raw:?}\n\
+                 grants = {{ storage_root = {storage_root:?} }}\n\n\
+                 [api]\nlisten = \"127.0.0.1:{api}\"\n"
+            ),
+            port,
+            api,
+            admin.clone(),
+            Vec::new(),
+        )?;
+        let (dir, ps_port, api, admin) =
+            Gateway::init(bins, &self.root, "ps-b", "secondary", Some(&admin))?;
+        run_ok(
+            Command::new(bins.join("haven-gateway"))
+                .args(["enroll", "--data-dir"])
+                .arg(&dir)
+                .args(["--upstream", &format!("127.0.0.1:{port}")])
+                .args(["--token", &mt.token()?, "--name", "ps-b"]),
+        )?;
+        let ps = Gateway::start(
+            bins,
+            "process server at the secondary site",
+            dir.clone(),
+            format!(
+                "data_dir = {dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
+                 upstream = \"127.0.0.1:{port}\"\n\n[api]\nlisten = \"127.0.0.1:{api}\"\n"
+            ),
+            ps_port,
+            api,
+            admin,
+            Vec::new(),
+        )?;
+        Ok(Reverse { mt, ps })
     }
 
     /// The replica's file on the master target (the raw writer's layout).

@@ -44,6 +44,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         } else if reads {
             Role::Viewer
         } else if path.starts_with("/v1/items")
+            || path == "/v1/seeds"
             || path == "/v1/group-points"
             || path.starts_with("/v1/groups/")
             || path.starts_with("/v1/plans/")

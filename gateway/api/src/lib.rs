@@ -15,7 +15,11 @@
 //! | POST   | `/v1/items/ITEM/test-failover` | exports a point over NBD (`point=ID\|latest`, `writable=true`) |
 //! | DELETE | `/v1/items/ITEM/test-failover` | ends the test failover, discarding its writes |
 //! | POST   | `/v1/items/ITEM/failover` | fails over (`point=ID\|latest`, or `planned=true`) |
+//! | POST   | `/v1/items/ITEM/failover?in_place=true` | fails back onto the replica itself (a reprotect's seed) |
 //! | POST   | `/v1/items/ITEM/commit` | makes a failover final                              |
+//! | POST   | `/v1/items/ITEM/reprotect` | marks a failed-over item reprotected (`to=WHERE`)    |
+//! | GET    | `/v1/seeds`   | existing disks streams that have not arrived will replicate onto |
+//! | POST   | `/v1/seeds`   | records one (`agent_id`, `disk`, `path`, `machine_name`, `from`) |
 //! | POST   | `/v1/group-points` | a group point of machines held here (`members=A,B`, `hold_ms`) |
 //! | GET    | `/v1/groups/NAME/points` | a group's points (configuration server)        |
 //! | POST   | `/v1/groups/NAME/points` | takes a group point now (configuration server) |
@@ -79,7 +83,7 @@ use haven_engine::config_server::{ConfigServer, GatewayView};
 use haven_engine::master_target::MasterTarget;
 use haven_engine::recovery::{
     ErrorKind, ItemInfo, ItemRecord, PointInfo, PointKind, PointRecord, PointSel, RecoveryError,
-    TestFailoverInfo,
+    SeedRecord, SeedSpec, TestFailoverInfo,
 };
 use haven_engine::status::GatewayStatus;
 use haven_net::SiteCa;
@@ -237,6 +241,8 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(start_test_failover, end_test_failover))
         .routes(routes!(fail_over))
         .routes(routes!(commit))
+        .routes(routes!(reprotect))
+        .routes(routes!(list_seeds, add_seed))
         .routes(routes!(groups::take_group_point))
         .routes(routes!(
             groups::list_group_points,
@@ -847,6 +853,11 @@ struct FailoverParams {
     /// the default is `false`).
     #[param(value_type = Option<bool>)]
     planned: Option<String>,
+    /// Write the point into the replica itself instead of a new image (failback onto the disk
+    /// the machine left: the seed of a reprotect); the points before it are dropped
+    /// (`in_place` alone is `true`; the default is `false`).
+    #[param(value_type = Option<bool>)]
+    in_place: Option<String>,
 }
 
 /// `point=ID|latest`, `latest` when absent.
@@ -1029,7 +1040,8 @@ async fn fail_over(
 ) -> Result<Pretty<ItemRecord>, ApiError> {
     let sel = point(q.point.as_deref())?;
     let planned = flag("planned", q.planned.as_deref())?;
-    Ok(Pretty(mt.failover(&p.item, sel, planned).await?))
+    let in_place = flag("in_place", q.in_place.as_deref())?;
+    Ok(Pretty(mt.failover(&p.item, sel, planned, in_place).await?))
 }
 
 #[utoipa::path(
@@ -1050,6 +1062,103 @@ async fn commit(
     PathParams(p): PathParams<ItemPath>,
 ) -> Result<Pretty<ItemRecord>, ApiError> {
     Ok(Pretty(blocking(move || mt.commit(&p.item)).await?))
+}
+
+/// The query of `POST /v1/items/ITEM/reprotect`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ReprotectParams {
+    /// Where the machine replicates to now (a gateway, a site: shown in the history).
+    to: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/items/{item}/reprotect",
+    tag = "recovery",
+    params(ItemPath, ReprotectParams),
+    responses(
+        (status = OK, description = "The item is reprotected: the machine replicates the other way", body = ItemRecord),
+        (status = BAD_REQUEST, description = "No `to`, or the prefix matches several items", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such item, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "The item is not failed over", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The reprotect could not be recorded", body = ErrorBody),
+    )
+)]
+async fn reprotect(
+    Target(mt): Target,
+    PathParams(p): PathParams<ItemPath>,
+    QueryParams(q): QueryParams<ReprotectParams>,
+) -> Result<Pretty<ItemRecord>, ApiError> {
+    if q.to.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "to=: name where the machine replicates to now",
+        ));
+    }
+    Ok(Pretty(
+        blocking(move || mt.reprotect(&p.item, &q.to)).await?,
+    ))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/seeds",
+    tag = "recovery",
+    responses(
+        (status = OK, description = "Seeds whose streams have not arrived yet", body = Vec<SeedRecord>),
+        (status = NOT_FOUND, description = "This gateway is not a master target", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The state could not be read", body = ErrorBody),
+    )
+)]
+async fn list_seeds(Target(mt): Target) -> Result<Pretty<Vec<SeedRecord>>, ApiError> {
+    Ok(Pretty(blocking(move || mt.seeds()).await?))
+}
+
+/// The query of `POST /v1/seeds`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SeedParams {
+    /// The agent that will protect the machine (32 hex digits).
+    agent_id: String,
+    /// Its disk, from 1.
+    #[param(value_type = u32)]
+    disk: String,
+    /// The existing disk, relative to the writer's storage root.
+    path: String,
+    /// The machine's name.
+    machine_name: String,
+    /// Where the machine runs now.
+    from: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/seeds",
+    tag = "recovery",
+    params(SeedParams),
+    responses(
+        (status = OK, description = "The seed is recorded: the agent's stream will replicate onto the disk", body = SeedRecord),
+        (status = BAD_REQUEST, description = "A bad agent id, disk or path", body = ErrorBody),
+        (status = NOT_FOUND, description = "No such disk below the storage root, or this gateway is not a master target", body = ErrorBody),
+        (status = CONFLICT, description = "The agent's disk replicates here already", body = ErrorBody),
+        (status = INTERNAL_SERVER_ERROR, description = "The seed could not be recorded", body = ErrorBody),
+    )
+)]
+async fn add_seed(
+    Target(mt): Target,
+    QueryParams(q): QueryParams<SeedParams>,
+) -> Result<Pretty<SeedRecord>, ApiError> {
+    let disk = q.disk.parse::<u32>().map_err(|_| {
+        ApiError::bad_request(format!("disk={:?}: give the disk's number, from 1", q.disk))
+    })?;
+    let spec = SeedSpec {
+        agent_id: q.agent_id,
+        disk,
+        path: q.path,
+        machine_name: q.machine_name,
+        from: q.from.unwrap_or_default(),
+    };
+    Ok(Pretty(blocking(move || mt.add_seed(spec)).await?))
 }
 
 // ---- Paths and methods no route takes ----

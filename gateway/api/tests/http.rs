@@ -184,6 +184,7 @@ fn replica(
         disk,
         size: 1 << 30,
         path: format!("{machine}/{disk}.raw"),
+        seeding: false,
         durable_seq: 40,
         applied_seq: 36,
         lag_bytes,
@@ -251,6 +252,9 @@ fn openapi_document_lists_every_route_with_its_answers() {
         ("delete", "/v1/items/{item}/test-failover"),
         ("post", "/v1/items/{item}/failover"),
         ("post", "/v1/items/{item}/commit"),
+        ("post", "/v1/items/{item}/reprotect"),
+        ("get", "/v1/seeds"),
+        ("post", "/v1/seeds"),
         ("get", "/v1/api-tokens"),
         ("post", "/v1/api-tokens"),
         ("delete", "/v1/api-tokens/{id}"),
@@ -316,7 +320,26 @@ fn openapi_document_lists_every_route_with_its_answers() {
     );
     assert_eq!(
         params("post", "/v1/items/{item}/failover"),
-        set(&[("path", "item"), ("query", "point"), ("query", "planned")])
+        set(&[
+            ("path", "item"),
+            ("query", "point"),
+            ("query", "planned"),
+            ("query", "in_place")
+        ])
+    );
+    assert_eq!(
+        params("post", "/v1/items/{item}/reprotect"),
+        set(&[("path", "item"), ("query", "to")])
+    );
+    assert_eq!(
+        params("post", "/v1/seeds"),
+        set(&[
+            ("query", "agent_id"),
+            ("query", "disk"),
+            ("query", "path"),
+            ("query", "machine_name"),
+            ("query", "from")
+        ])
     );
 
     // Answers: the engine's types, and `{"error"}` for every error listed.
@@ -335,6 +358,12 @@ fn openapi_document_lists_every_route_with_its_answers() {
         reference("GatewayStatus")
     );
     assert_eq!(schema_of("get", "/v1/items", "200"), array_of("ItemInfo"));
+    assert_eq!(schema_of("get", "/v1/seeds", "200"), array_of("SeedRecord"));
+    assert_eq!(
+        schema_of("post", "/v1/seeds", "200"),
+        reference("SeedRecord")
+    );
+
     assert_eq!(
         schema_of("get", "/v1/items/{item}", "200"),
         reference("ItemInfo")
@@ -480,7 +509,8 @@ fn openapi_document_lists_every_route_with_its_answers() {
             "failing-over",
             "failed-over",
             "committed",
-            "failover-failed"
+            "failover-failed",
+            "reprotected"
         ])
     );
 }

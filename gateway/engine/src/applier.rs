@@ -375,6 +375,7 @@ impl Applier {
                 replica: &replica,
             };
             ctx.apply(plugin, disk, applied, target)?;
+            crate::recovery::seed_applied(&self.state, &replica);
             return Ok(Turn::More);
         }
         // Caught up: answer the hash requests that waited for it.
@@ -404,7 +405,26 @@ impl Applier {
             .as_ref()
             .context("the writer plugin has no storage root")?;
         let exists = root.join(path).exists();
-        let disk = if exists {
+        let disk = if replica.seeded {
+            // A seed is the disk that was here: never made anew, and as large as the source.
+            anyhow::ensure!(
+                exists,
+                "the seed {} is gone from {}; the reprotect must start again",
+                path,
+                root.display()
+            );
+            let disk = plugin.open(path, Access::ReadWrite, &[])?;
+            let size = plugin.info(&disk)?.size;
+            let want = replica.stream.info.size;
+            if size != want {
+                let _ = plugin.close(disk);
+                anyhow::bail!(
+                    "the seed {path} holds {size} bytes but the source announces {want}: a \
+                         reprotect needs the disk the machine failed over from"
+                );
+            }
+            disk
+        } else if exists {
             plugin.open(path, Access::ReadWrite, &[])?
         } else {
             if let Some(parent) = root.join(path).parent() {

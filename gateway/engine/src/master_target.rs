@@ -215,6 +215,8 @@ pub(crate) struct Replica {
     /// Its applier has opened it in the writer (creating it when new): a view of its points
     /// can read it from then on.
     pub(crate) created: std::sync::atomic::AtomicBool,
+    /// The replica is a seed (a disk that was here before the stream): never created.
+    pub(crate) seeded: bool,
 }
 
 impl Replica {
@@ -470,14 +472,25 @@ impl MasterTarget {
         let record = match self.state.get_stream(key)? {
             Some(r) => r,
             None => {
+                // A reprotect's seed: the replica is a disk that is here already.
+                let seed = self.seed_of(key)?;
                 let r = StreamRecord {
                     size: info.size,
                     block_size: info.block_size,
-                    machine_name: machine.to_string(),
+                    machine_name: seed
+                        .as_ref()
+                        .map_or_else(|| machine.to_string(), |s| s.spec.machine_name.clone()),
                     created_ms: now_ms(),
+                    replica_path: seed.as_ref().map(|s| s.spec.path.clone()),
+                    seeding: seed.is_some(),
                     ..Default::default()
                 };
                 self.state.put_stream(key, &r)?;
+                if seed.is_some() {
+                    self.seed_taken(key);
+                    tracing::info!(stream = %key, path = ?r.replica_path,
+                        "the stream replicates onto its seed");
+                }
                 r
             }
         };
@@ -498,7 +511,11 @@ impl MasterTarget {
         let tx = self.appliers.sender();
         let replica = Arc::new(Replica {
             stream,
-            path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
+            path: record
+                .replica_path
+                .clone()
+                .unwrap_or_else(|| format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk)),
+            seeded: record.replica_path.is_some(),
             applied: AtomicU64::new(record.applied_seq),
             recovery: Default::default(),
             unapplied: Mutex::new(unapplied),
@@ -509,6 +526,9 @@ impl MasterTarget {
             created: std::sync::atomic::AtomicBool::new(false),
         });
         self.load_recovery(&replica, record.applied_seq)?;
+        if record.seeding {
+            crate::recovery::restore_seed(&replica, record.applied_seq);
+        }
         self.restore_test(&replica);
         let _ = lock(&replica.wake).send(Job::Add(replica.clone()));
         replicas.insert(key, replica.clone());
@@ -582,6 +602,7 @@ impl MasterTarget {
                     disk: s.key.disk,
                     size: s.info.size,
                     path: r.path.clone(),
+                    seeding: *lock(&r.recovery.seed) != crate::recovery::SeedHold::Off,
                     durable_seq: s.durable(),
                     applied_seq: r.applied.load(Ordering::Acquire),
                     lag_bytes: uncovered().map(|(_, b, _)| b).sum(),
@@ -607,6 +628,7 @@ impl MasterTarget {
                 disk: key.disk,
                 size: info.size,
                 path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
+                seeding: false,
                 durable_seq: 0,
                 applied_seq: 0,
                 lag_bytes: 0,
@@ -758,9 +780,10 @@ impl Sink for MasterTarget {
         if let Some(why) = self.refusal(&replica) {
             return Err(crate::ingest::Refused::failed_over(why));
         }
-        if !self.config.retention.window.is_zero() {
-            for (r, _) in appended {
-                if let Record::Tag(t) = r {
+        for (r, _) in appended {
+            if let Record::Tag(t) = r {
+                crate::recovery::seed_tag(&replica, t.seq);
+                if !self.config.retention.window.is_zero() {
                     crate::recovery::register_tag(&self.state, &replica, t);
                 }
             }

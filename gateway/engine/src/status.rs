@@ -125,6 +125,9 @@ pub struct ReplicaStatus {
     pub size: u64,
     /// The replica's path below the writer's storage root.
     pub path: String,
+    /// A reprotect's seed waiting for its first point: nothing is applied to it until then.
+    #[serde(default)]
+    pub seeding: bool,
     /// Last record made durable in the journal.
     pub durable_seq: u64,
     /// Last record applied to the replica (and flushed).
@@ -210,6 +213,7 @@ mod tests {
             disk: 1,
             size: 1 << 20,
             path: "a/disk1.raw".into(),
+            seeding: false,
             durable_seq: durable,
             applied_seq: applied,
             lag_bytes: 0,

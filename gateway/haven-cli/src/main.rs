@@ -172,6 +172,9 @@ enum Command {
     /// Failover: `haven failover ITEM --point P|latest` (or `--planned`), and `test`,
     /// `cleanup`, `commit`, `show`.
     Failover(recovery::FailoverArgs),
+    /// Reverses a failed-over machine's replication: the disks it runs on now replicate to
+    /// the disks it left (`--target`), sending only what differs.
+    Reprotect(recovery::ReprotectArgs),
 }
 
 fn main() -> ExitCode {
@@ -244,6 +247,7 @@ fn main() -> ExitCode {
         Command::Secret(c) => platform::secret(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),
+        Command::Reprotect(a) => recovery::reprotect(&client, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

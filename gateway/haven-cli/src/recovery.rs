@@ -62,6 +62,10 @@ struct RunArgs {
     /// taken and the item fails over to it (nothing is lost).
     #[arg(long)]
     planned: bool,
+    /// Write the point into the replica itself instead of a new image: a failback onto the
+    /// disk the machine left (the reprotect's seed), which holds the point afterwards.
+    #[arg(long)]
+    in_place: bool,
     /// Return once materialising has started instead of waiting for the image.
     #[arg(long)]
     no_wait: bool,
@@ -306,7 +310,7 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
                 );
             };
             let run = args.run;
-            let path = if run.planned {
+            let mut path = if run.planned {
                 format!("/v1/items/{}/failover?planned=true", seg(&item))
             } else {
                 format!(
@@ -315,6 +319,9 @@ pub fn failover(client: &Client, args: FailoverArgs) -> Result<()> {
                     seg(&run.point)
                 )
             };
+            if run.in_place {
+                path.push_str("&in_place=true");
+            }
             let r: ItemRecord = call(client, &run.api, Method::POST, &path, AGENT_WAIT)?;
             let point = r.point.map_or(0, |p| p.point);
             eprintln!("{item}: failing over to point {point}");
@@ -384,8 +391,107 @@ fn item_disks(client: &Client, api: &str, item: &str) -> Result<Vec<ItemInfo>> {
         Duration::from_secs(10),
     )?;
     let mut ours: Vec<ItemInfo> = all.into_iter().filter(|i| i.named(item)).collect();
+    // A machine that came back keeps its reprotected item beside the new one; its name means
+    // the new one (as at the master target).
+    use haven_engine::recovery::ItemState;
+    if ours.iter().any(|i| i.item.state != ItemState::Reprotected) {
+        ours.retain(|i| i.item.state != ItemState::Reprotected);
+    }
     ours.sort_by_key(|i| (i.agent_id.clone(), i.disk));
     Ok(ours)
+}
+
+/// `haven reprotect ITEM`: the failed-over machine replicates back to the site it left.
+#[derive(Debug, Args)]
+pub struct ReprotectArgs {
+    /// The failed-over item: machine name or agent id.
+    item: String,
+    /// The agent that protects the machine where it runs now, enrolled with a process server
+    /// of this site (the id `haven-agent enroll` printed).
+    #[arg(long)]
+    agent: String,
+    /// The master target at the site the machine left, which keeps the replica now (its API).
+    #[arg(long)]
+    to: String,
+    /// The disk the machine left there, below that master target's writer storage root: the
+    /// replica starts from it and only differences are sent. Once per disk, in disk order.
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// The master target where the machine failed over (its API).
+    #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+    api: String,
+}
+
+pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
+    use haven_engine::recovery::{ItemState, SeedRecord};
+    let item = &args.item;
+    let disks = item_disks(client, &args.api, item)?;
+    if disks.is_empty() {
+        bail!("{item}: no such item at {}", args.api);
+    }
+    if let Some(i) = disks
+        .iter()
+        .find(|i| !matches!(i.item.state, ItemState::FailedOver | ItemState::Committed))
+    {
+        bail!(
+            "{item} disk {} is {}: only a failed-over machine is reprotected (`haven failover \
+                 {item}` first)",
+            i.disk,
+            i.item.state.name()
+        );
+    }
+    if args.targets.len() != disks.len() {
+        bail!(
+            "{item} has {} disks but {} --target were given: name the disk it left at the other \
+                 site for each, in disk order",
+            disks.len(),
+            args.targets.len()
+        );
+    }
+    // The seeds first: a refusal there leaves this side as it was.
+    for (i, target) in disks.iter().zip(&args.targets) {
+        let path = format!(
+            "/v1/seeds?agent_id={}&disk={}&path={}&machine_name={}&from={}",
+            seg(&args.agent),
+            i.disk,
+            seg(target),
+            seg(&i.machine_name),
+            seg(&args.api)
+        );
+        let s: SeedRecord = call(
+            client,
+            &args.to,
+            Method::POST,
+            &path,
+            Duration::from_secs(30),
+        )?;
+        eprintln!(
+            "{item} disk {}: {} replicates onto {} at {}",
+            i.disk, s.spec.agent_id, s.spec.path, args.to
+        );
+    }
+    let path = format!(
+        "/v1/items/{}/reprotect?to={}",
+        seg(&disks[0].agent_id),
+        seg(&args.to)
+    );
+    let _: ItemRecord = call(
+        client,
+        &args.api,
+        Method::POST,
+        &path,
+        Duration::from_secs(30),
+    )?;
+    for i in &disks {
+        println!("{}", i.item.image.clone().unwrap_or_default());
+    }
+    eprintln!(
+        "{item}: reprotected. Start the agent on the disks above (in this order) with \
+             `haven-agent protect --seeded --disk IMAGE …`: it compares them with the disks at {} \
+             and sends only what differs; they stay as they are until the first point after that.",
+        args.to
+    );
+    Ok(())
 }
 
 fn show(i: &ItemInfo) {
@@ -401,6 +507,9 @@ fn show(i: &ItemInfo) {
     }
     if let Some(img) = &i.item.image {
         println!("  image: {img}");
+    }
+    if let Some(to) = &i.item.reprotected_to {
+        println!("  replicates to: {to}");
     }
     if let Some(t) = &i.test_failover {
         println!("  test failover: {} (point {})", t.uri, t.point.point);

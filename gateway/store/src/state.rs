@@ -100,6 +100,15 @@ pub struct StreamRecord {
     /// The stream's last error, if it is stopped by one.
     #[serde(default)]
     pub error: Option<String>,
+    /// A replica that existed before the stream (a reprotect's seed: the old source disk, or
+    /// a failover image): its path below the writer's storage root. None: the master target's
+    /// own `<agent>/disk<N>.raw`, created with the stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_path: Option<String>,
+    /// Seeded, and the first point after the source's comparison is not applied yet: nothing
+    /// is written to the replica until then, so it stays the disk it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seeding: bool,
 }
 
 /// The state database. See the module documentation for the tables.

@@ -22,6 +22,8 @@ fn streams_survive_reopen() {
         released_seq: 5,
         created_ms: 1_700_000_000_000,
         error: None,
+        replica_path: Some("site-a/web01.raw".into()),
+        seeding: true,
     };
     let b = StreamRecord {
         size: 4 << 30,

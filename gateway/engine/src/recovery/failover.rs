@@ -141,10 +141,26 @@ impl MasterTarget {
         item: &str,
         sel: PointSel,
         planned: bool,
+        in_place: bool,
     ) -> Result<ItemRecord, RecoveryError> {
         let mut disks = self.find_machine(item)?;
+        if in_place {
+            for r in &disks {
+                if lock(&r.recovery.state).test.running().is_some() {
+                    return Err(err(
+                        ErrorKind::Conflict,
+                        format!(
+                            "item {item} has a test failover running on its replica: end it \
+                                 (`haven failover cleanup {item}`) before failing over in place"
+                        ),
+                    ));
+                }
+            }
+        }
         if disks.len() > 1 {
-            return self.failover_machine(&disks, item, sel, planned).await;
+            return self
+                .failover_machine(&disks, item, sel, planned, in_place)
+                .await;
         }
         let r = disks.pop().expect("one disk");
         // Materialising reads the replica: right after protection started it may not be
@@ -183,18 +199,26 @@ impl MasterTarget {
             };
             picked?
         };
-        hold_base(&r);
+        if !in_place {
+            hold_base(&r);
+        }
         let cause = if planned {
             format!(
-                "planned failover: the source stopped at point {}",
+                "planned failover{}: the source stopped at point {}",
+                if in_place { " in place" } else { "" },
                 point.point
             )
         } else {
-            format!("failover to point {} requested", point.point)
+            format!(
+                "failover{} to point {} requested",
+                if in_place { " in place" } else { "" },
+                point.point
+            )
         };
         let record = record(&self.state, &r, item, event, cause, |i| {
             i.point = Some(point);
             i.planned = planned;
+            i.in_place = in_place;
             i.image = None;
         })?;
         self.stop_replication(&r);
@@ -211,6 +235,7 @@ impl MasterTarget {
         item: &str,
         sel: PointSel,
         planned: bool,
+        in_place: bool,
     ) -> Result<ItemRecord, RecoveryError> {
         let name = |r: &Replica| format!("{item}/{}", r.stream.key.disk);
         for r in disks {
@@ -266,7 +291,9 @@ impl MasterTarget {
         };
         let mut first = None;
         for (r, point) in disks.iter().zip(points) {
-            hold_base(r);
+            if !in_place {
+                hold_base(r);
+            }
             let cause = if planned {
                 format!(
                     "planned failover of {item}: the source stopped at point {}",
@@ -278,6 +305,7 @@ impl MasterTarget {
             let record = record(&self.state, r, &name(r), event, cause, |i| {
                 i.point = Some(point);
                 i.planned = planned;
+                i.in_place = in_place;
                 i.image = None;
             })?;
             first.get_or_insert(record);
@@ -333,11 +361,20 @@ impl MasterTarget {
         let mt = self.clone();
         let name = format!("materialise-{}", r.stream.key);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let Some(point) = lock(&r.recovery.state).item.point else {
+            let (point, in_place) = {
+                let st = lock(&r.recovery.state);
+                (st.item.point, st.item.in_place)
+            };
+            let Some(point) = point else {
                 return;
             };
             let item = r.stream.key.to_string();
-            let outcome = match mt.materialise(&r, point) {
+            let made = if in_place {
+                mt.materialise_in_place(&r, point)
+            } else {
+                mt.materialise(&r, point)
+            };
+            let outcome = match made {
                 Ok(image) => record(
                     &mt.state,
                     &r,

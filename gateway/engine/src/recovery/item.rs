@@ -6,6 +6,8 @@
 //!                              │  ▲ (restart: materialisation starts again)
 //!                              ▼  │ failover (retry)
 //!                        failover-failed
+//!
+//! failed-over / committed ──reprotect──▶ reprotected
 //! ```
 //!
 //! [`transition`] takes the item's state and an [`ItemEvent`] and returns the state after it,
@@ -14,7 +16,8 @@
 //!
 //! - a failover (planned or not) starts only from `protected` or `failover-failed`, and only
 //!   materialising moves an item out of `failing-over`;
-//! - `committed` is final: only test-failover events (which change no state) happen after it;
+//! - `committed` is final but for a reprotect: only test-failover events (which change no
+//!   state) and `reprotect` happen after it; `reprotected` is final;
 //! - a test failover starts only on a protected item; the other test-failover events (served
 //!   again or not after a restart, cleaned up) are history only, in any state: a test failover
 //!   recorded before a failover is still served again or cleaned up after it.
@@ -46,16 +49,20 @@ pub enum ItemState {
     Committed,
     /// Materialising failed; `haven failover` may be retried.
     FailoverFailed,
+    /// The machine replicates the other way now (`haven reprotect`): its failover image is the
+    /// source of another item, at the other site.
+    Reprotected,
 }
 
 impl ItemState {
     /// Every state, in the order of the module docs' diagram.
-    pub const ALL: [ItemState; 5] = [
+    pub const ALL: [ItemState; 6] = [
         ItemState::Protected,
         ItemState::FailingOver,
         ItemState::FailedOver,
         ItemState::Committed,
         ItemState::FailoverFailed,
+        ItemState::Reprotected,
     ];
 
     /// Lower-case name.
@@ -66,6 +73,7 @@ impl ItemState {
             ItemState::FailedOver => "failed-over",
             ItemState::Committed => "committed",
             ItemState::FailoverFailed => "failover-failed",
+            ItemState::Reprotected => "reprotected",
         }
     }
 }
@@ -94,11 +102,13 @@ pub enum ItemEvent {
     MaterialiseFailed,
     /// `haven failover commit`: the failover is final.
     Committed,
+    /// `haven reprotect`: the failed-over machine replicates back to the other site.
+    Reprotected,
 }
 
 impl ItemEvent {
     /// Every event.
-    pub const ALL: [ItemEvent; 10] = [
+    pub const ALL: [ItemEvent; 11] = [
         ItemEvent::TestFailoverStarted,
         ItemEvent::TestFailoverRestored,
         ItemEvent::TestFailoverNotRestored,
@@ -109,6 +119,7 @@ impl ItemEvent {
         ItemEvent::Materialised,
         ItemEvent::MaterialiseFailed,
         ItemEvent::Committed,
+        ItemEvent::Reprotected,
     ];
 }
 
@@ -157,6 +168,8 @@ pub fn transition(state: ItemState, event: ItemEvent) -> Result<ItemState, Refus
         }
         (E::Committed, S::FailedOver) => Ok(S::Committed),
         (E::Committed, _) => refuse("only a failed-over item can be committed"),
+        (E::Reprotected, S::FailedOver | S::Committed) => Ok(S::Reprotected),
+        (E::Reprotected, _) => refuse("only a failed-over item can be reprotected"),
     }
 }
 
@@ -187,6 +200,13 @@ pub struct ItemRecord {
     /// Whether the failover was planned.
     #[serde(default)]
     pub planned: bool,
+    /// The failover wrote the point into the replica itself (a failback onto the disk the
+    /// machine left), not into a new image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_place: bool,
+    /// Reprotected: where the machine replicates to now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotected_to: Option<String>,
     /// Every transition, oldest first.
     #[serde(default)]
     pub history: Vec<Transition>,
@@ -266,6 +286,8 @@ mod tests {
         (E::Materialised, S::FailingOver, S::FailedOver),
         (E::MaterialiseFailed, S::FailingOver, S::FailoverFailed),
         (E::Committed, S::FailedOver, S::Committed),
+        (E::Reprotected, S::FailedOver, S::Reprotected),
+        (E::Reprotected, S::Committed, S::Reprotected),
     ];
 
     /// Events that are history only: allowed in every state, which they leave as it is.
@@ -289,6 +311,7 @@ mod tests {
                 "only a failing-over item's image is being made"
             }
             E::Committed => "only a failed-over item can be committed",
+            E::Reprotected => "only a failed-over item can be reprotected",
             E::TestFailoverRestored | E::TestFailoverNotRestored | E::TestFailoverCleanedUp => {
                 unreachable!("{event:?} is never refused")
             }
@@ -350,9 +373,13 @@ mod tests {
     }
 
     #[test]
-    fn committed_is_final() {
+    fn committed_is_final_but_for_a_reprotect() {
         for event in ItemEvent::ALL {
             if let Ok(to) = transition(S::Committed, event) {
+                if event == E::Reprotected {
+                    assert_eq!(to, S::Reprotected);
+                    continue;
+                }
                 assert_eq!(to, S::Committed, "{event:?}");
                 assert!(HISTORY_ONLY.contains(&event), "{event:?}");
             }

@@ -59,6 +59,7 @@ use crate::peer_hex;
 mod failover;
 pub mod item;
 mod points;
+mod reprotect;
 mod test_failover;
 
 pub use item::{ItemEvent, ItemRecord, ItemState, Refused, Transition, transition};
@@ -66,9 +67,11 @@ pub use points::{
     GroupMemberPoint, GroupPointInfo, JOURNAL_HIGH_PERCENT, MAX_GROUP_MEMBERS, MAX_HOLD, PointInfo,
     PointKind, PointRecord,
 };
+pub use reprotect::{SeedRecord, SeedSpec};
 pub use test_failover::TestFailoverInfo;
 
 pub(crate) use points::register_tag;
+pub(crate) use reprotect::{restore_seed, seed_applied, seed_tag};
 use test_failover::TestSlot;
 
 /// An item as listed.
@@ -135,6 +138,21 @@ pub(crate) struct ReplicaRecovery {
     /// Held while the item's record is written to redb ([`item::record`]), so recordings
     /// of one item are serialised without holding `state` across the write.
     pub recording: Mutex<()>,
+    /// A seeded replica's wait for its first point (`reprotect.rs`).
+    pub seed: Mutex<SeedHold>,
+}
+
+/// Where a seeded replica (a reprotect's old source) stands: its base is the disk it was until
+/// the first point after the source's comparison is applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum SeedHold {
+    /// Not seeded, or its first point is applied.
+    #[default]
+    Off,
+    /// No point yet: nothing is applied.
+    Waiting,
+    /// Applied up to this point's tag, then `Off`.
+    Until(Seq),
 }
 
 /// A replica's recovery facts (see [`ReplicaRecovery::state`]).
@@ -176,6 +194,11 @@ impl ReplicaRecovery {
         }
         if let Some(h) = *lock(&self.hold) {
             target = target.min(h);
+        }
+        match *lock(&self.seed) {
+            SeedHold::Off => {}
+            SeedHold::Waiting => target = 0,
+            SeedHold::Until(seq) => target = target.min(seq),
         }
         target
     }
@@ -324,6 +347,13 @@ impl MasterTarget {
             })
             .collect();
         matches.sort_by_key(|r| (r.stream.key.peer, r.stream.key.disk));
+        // A machine that came back keeps its reprotected item (history) beside the new one;
+        // its name means the new one.
+        let reprotected =
+            |r: &Arc<Replica>| lock(&r.recovery.state).item.state == ItemState::Reprotected;
+        if matches.iter().any(|r| !reprotected(r)) {
+            matches.retain(|r| !reprotected(r));
+        }
         matches
     }
 

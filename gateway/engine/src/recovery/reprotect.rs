@@ -1,0 +1,309 @@
+//! Reprotect and failback at the master target.
+//!
+//! # Seeds
+//!
+//! After a failover the machine runs on its failover image at this site; to come back, the
+//! direction is reversed: an agent protects the image and a master target at the original site
+//! keeps the replica. That replica is not made from nothing: it is the old source disk, which
+//! already holds most of the data. A *seed* (`POST /v1/seeds`, redb `seed/<agent>/<disk>`)
+//! names, before the stream arrives, the existing disk below the writer's storage root that
+//! agent `<agent>`'s disk `<disk>` replicates onto. When the stream arrives its record takes
+//! the path (`StreamRecord::replica_path`) and `seeding`, and the seed goes.
+//!
+//! The agent starts seeded (`haven-agent protect --seeded`): instead of its initial copy, it
+//! compares the whole disk with the replica by 4 KiB SHA-256 digests (the lost-log resync,
+//! `agent/src/replicate.rs`) and sends only the blocks that differ. The digests are taken
+//! through a view of the replica at the durable seq: the base plus the journal.
+//!
+//! # The old source stays whole
+//!
+//! While `seeding`, nothing is applied to the replica ([`SeedHold::Waiting`]): the differences
+//! wait in the journal, and the old disk stays as it was, usable whatever fails mid-resync. The
+//! agent takes points only once every difference is in its log (the disk is `protected`), so
+//! the stream's first tag marks a state equal to the source. When that tag is durable here the
+//! replica is applied up to it ([`SeedHold::Until`]), and `seeding` is cleared once it is:
+//! from then on the replica is an ordinary one. After a restart the hold is found again from the
+//! record and the journal's first tag above the applied seq.
+//!
+//! # Failback in place
+//!
+//! A failover with `in_place` writes the point into the base replica itself instead of a new
+//! image: the points before it are dropped, the base is held at the point's tag and the
+//! applier applies up to it; the image is the replica's own file. On a seeded replica that is
+//! the old source disk, so the machine comes back on the disk it left, holding the point.
+//!
+//! # The reprotected item
+//!
+//! The item that failed over (here, at the site the machine left) is marked `reprotected`
+//! (`haven reprotect`): its stream stays refused, its history is kept, and a machine name
+//! that also names a newer item means the newer one.
+
+use std::path::{Component, Path};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use haven_store::state::{StateDb, StreamKey};
+use haven_wire::Seq;
+use serde::{Deserialize, Serialize};
+
+use super::item::record;
+use super::points::store_points;
+use super::{
+    ErrorKind, ItemEvent, ItemRecord, PointRecord, RecoveryError, SeedHold, err, internal,
+};
+use crate::ingest::lock;
+use crate::master_target::{MasterTarget, Replica};
+use crate::{now_ms, parse_peer, peer_hex};
+
+/// How long a replica may keep failing before an in-place failover gives up on it.
+const IN_PLACE_STALL: Duration = Duration::from_secs(30);
+
+/// `POST /v1/seeds`: the existing disk a stream that has not arrived yet replicates onto.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SeedSpec {
+    /// The agent that will protect the machine (its id, as `haven-agent enroll` printed it).
+    pub agent_id: String,
+    /// Its disk (1, 2, … in the order of its `--disk` arguments).
+    pub disk: u32,
+    /// The existing disk, below the writer's storage root.
+    pub path: String,
+    /// The machine's name.
+    pub machine_name: String,
+    /// Where the machine runs now (shown in the item's history).
+    #[serde(default)]
+    pub from: String,
+}
+
+/// A seed as kept, until its stream arrives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SeedRecord {
+    /// What was asked.
+    #[serde(flatten)]
+    pub spec: SeedSpec,
+    /// When, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+fn seed_key(key: StreamKey) -> String {
+    format!("seed/{key}")
+}
+
+/// Refuses a path that is absolute or leaves the storage root.
+fn check_relative(path: &str) -> Result<(), RecoveryError> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(err(
+            ErrorKind::Invalid,
+            format!(
+                "seed path {path:?}: name the disk relative to the writer's storage root, \
+                 without `..`"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl MasterTarget {
+    /// `POST /v1/seeds`: agent `spec.agent_id`'s disk `spec.disk` will replicate onto the
+    /// existing disk `spec.path` (module docs).
+    pub fn add_seed(&self, spec: SeedSpec) -> Result<SeedRecord, RecoveryError> {
+        let peer = parse_peer(&spec.agent_id).ok_or_else(|| {
+            err(
+                ErrorKind::Invalid,
+                format!(
+                    "agent id {:?}: give the 32 hex digits `haven-agent enroll` printed",
+                    spec.agent_id
+                ),
+            )
+        })?;
+        if spec.disk == 0 {
+            return Err(err(ErrorKind::Invalid, "disk 0: disks count from 1"));
+        }
+        if spec.machine_name.trim().is_empty() {
+            return Err(err(ErrorKind::Invalid, "the seed needs the machine's name"));
+        }
+        check_relative(&spec.path)?;
+        let root = self
+            .config
+            .writer
+            .grants
+            .storage_root
+            .clone()
+            .ok_or_else(|| err(ErrorKind::Internal, "the writer plugin has no storage root"))?;
+        let full = root.join(&spec.path);
+        if !full.exists() {
+            return Err(err(
+                ErrorKind::NotFound,
+                format!(
+                    "seed {}: no such disk below the writer's storage root {}",
+                    spec.path,
+                    root.display()
+                ),
+            ));
+        }
+        let key = StreamKey {
+            peer,
+            disk: spec.disk,
+        };
+        let known = lock(&self.replicas).contains_key(&key)
+            || self.state.get_stream(key).map_err(internal)?.is_some();
+        if known {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "agent {} disk {} replicates here already: a seed is for a stream that has \
+                     not started; enroll a new agent for the reprotect",
+                    spec.agent_id, spec.disk
+                ),
+            ));
+        }
+        let record = SeedRecord {
+            spec,
+            created_ms: now_ms(),
+        };
+        self.state
+            .put_json(&seed_key(key), &record)
+            .map_err(internal)?;
+        tracing::info!(stream = %key, path = %record.spec.path, "seed recorded");
+        Ok(record)
+    }
+
+    /// The seeds whose streams have not arrived yet.
+    pub fn seeds(&self) -> Result<Vec<SeedRecord>, RecoveryError> {
+        Ok(self
+            .state
+            .json_with_prefix::<SeedRecord>("seed/")
+            .map_err(internal)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// The seed of a stream arriving now, if one was recorded.
+    pub(crate) fn seed_of(&self, key: StreamKey) -> anyhow::Result<Option<SeedRecord>> {
+        Ok(self.state.get_json(&seed_key(key))?)
+    }
+
+    /// The seed is in the stream's record now.
+    pub(crate) fn seed_taken(&self, key: StreamKey) {
+        if let Err(e) = self.state.remove_json(&seed_key(key)) {
+            tracing::warn!(stream = %key, error = %e, "removing a used seed");
+        }
+    }
+
+    /// `haven reprotect` at the site the machine left: its failed-over item is marked
+    /// `reprotected` (every disk of the machine), with where it replicates now.
+    pub fn reprotect(&self, item: &str, to: &str) -> Result<ItemRecord, RecoveryError> {
+        let disks = self.find_machine(item)?;
+        for r in &disks {
+            let st = lock(&r.recovery.state);
+            super::transition(st.item.state, ItemEvent::Reprotected)
+                .map_err(|e| e.into_error(item))?;
+            if st.item.image.is_none() {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!("item {item} has no failover image to reprotect from"),
+                ));
+            }
+        }
+        let mut first = None;
+        for r in &disks {
+            let name = format!("{item}/{}", r.stream.key.disk);
+            let rec = record(
+                &self.state,
+                r,
+                &name,
+                ItemEvent::Reprotected,
+                format!("reprotected: the machine replicates to {to} now"),
+                |i| i.reprotected_to = Some(to.to_string()),
+            )?;
+            first.get_or_insert(rec);
+        }
+        Ok(first.expect("a machine has disks"))
+    }
+
+    /// A failover `in_place`: the base replica is advanced to `point` and is the image (module
+    /// docs); returns its full path.
+    pub(super) fn materialise_in_place(
+        &self,
+        r: &Replica,
+        point: PointRecord,
+    ) -> anyhow::Result<String> {
+        let dropped: Vec<Seq> = {
+            let mut st = lock(&r.recovery.state);
+            let dropped = st.points.range(..point.seq).map(|(s, _)| *s).collect();
+            st.points.retain(|s, _| *s >= point.seq);
+            dropped
+        };
+        store_points(&self.state, r.stream.key, &[], &dropped)?;
+        *lock(&r.recovery.hold) = Some(point.seq);
+        r.wake();
+        let mut failing_since: Option<Instant> = None;
+        while r.applied.load(Ordering::Acquire) < point.seq {
+            match r.stream.error() {
+                Some(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > IN_PLACE_STALL {
+                        anyhow::bail!("the replica cannot be applied up to the point: {e}");
+                    }
+                }
+                None => failing_since = None,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let root = self
+            .config
+            .writer
+            .grants
+            .storage_root
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))?;
+        let full = root.join(&r.path);
+        tracing::info!(image = %full.display(), point = point.point, "failed over in place");
+        Ok(full.display().to_string())
+    }
+}
+
+/// A tag of `r`'s stream is durable: a seeded replica waiting for its first point is applied
+/// up to it.
+pub(crate) fn seed_tag(r: &Replica, seq: Seq) {
+    let mut seed = lock(&r.recovery.seed);
+    if *seed == SeedHold::Waiting {
+        *seed = SeedHold::Until(seq);
+    }
+}
+
+/// After an applied batch: a seeded replica that reached its first point is an ordinary one.
+pub(crate) fn seed_applied(state: &StateDb, r: &Replica) {
+    let applied = r.applied.load(Ordering::Acquire);
+    {
+        let seed = lock(&r.recovery.seed);
+        match *seed {
+            SeedHold::Until(seq) if applied >= seq => {}
+            _ => return,
+        }
+    }
+    match state.update_stream(r.stream.key, |rec| rec.seeding = false) {
+        Ok(_) => {
+            *lock(&r.recovery.seed) = SeedHold::Off;
+            tracing::info!(replica = %r.stream.key, path = %r.path,
+                "seeded replica reached its first point");
+        }
+        Err(e) => tracing::warn!(replica = %r.stream.key, error = %e, "recording a seed's end"),
+    }
+}
+
+/// At open: a replica still `seeding` waits for its first tag above `applied`, found in the
+/// journal if it is there.
+pub(crate) fn restore_seed(r: &Replica, applied: Seq) {
+    let first_tag = r
+        .stream
+        .journal()
+        .entries_from(applied + 1)
+        .into_iter()
+        .find(|e| e.kind == haven_store::journal::EntryKind::Tag)
+        .map(|e| e.seq);
+    *lock(&r.recovery.seed) = first_tag.map_or(SeedHold::Waiting, SeedHold::Until);
+    tracing::info!(replica = %r.stream.key, agent = %peer_hex(&r.stream.key.peer),
+        "seeded replica: nothing is applied before its first point");
+}

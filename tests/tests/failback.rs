@@ -1,0 +1,294 @@
+//! Reprotect and failback, end to end with real processes: a machine protected from the
+//! primary site fails over to the secondary (planned), runs there, is reprotected onto the disk
+//! it left (only the blocks that differ are sent, and that disk stays as it was until the
+//! first point after the comparison), fails back in place (planned: nothing lost), and is
+//! reprotected to the secondary site again.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use haven_e2e::{
+    Agent, Cluster, ClusterOptions, Rng, default_bin_dir, images_equal, poll, qemu_io,
+    wait_for_point,
+};
+use haven_net::stream::DiskState;
+
+const SIZE: u64 = 64 << 20;
+const CHUNK: u64 = 64 << 10;
+const BLOCK: u64 = 4096;
+
+/// A disk with `percent` of its 64 KiB chunks holding random data, the rest zero.
+fn populated_disk(path: &Path, percent: u64, seed: u64) -> Result<()> {
+    let f = fs::File::create(path)?;
+    f.set_len(SIZE)?;
+    let mut rng = Rng(seed);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for chunk in 0..SIZE / CHUNK {
+        if rng.below(100) < percent {
+            for b in buf.chunks_mut(8) {
+                b.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            f.write_all_at(&buf, chunk * CHUNK)?;
+        }
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Overwrites `count` distinct 4 KiB blocks of `path` with random data, as a machine running
+/// without an agent would; returns the bytes changed.
+fn scatter(path: &Path, count: u64, seed: u64) -> Result<u64> {
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    let mut rng = Rng(seed);
+    let mut picked = std::collections::BTreeSet::new();
+    while (picked.len() as u64) < count {
+        picked.insert(rng.below(SIZE / BLOCK));
+    }
+    let mut buf = vec![0u8; BLOCK as usize];
+    for block in &picked {
+        for b in buf.chunks_mut(8) {
+            b.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        f.write_all_at(&buf, block * BLOCK)?;
+    }
+    f.sync_all()?;
+    Ok(count * BLOCK)
+}
+
+/// A workload through an agent's export: `n` writes of 64 KiB, acknowledged.
+fn workload(agent: &Agent, n: u64, pattern: u8) -> Result<()> {
+    let commands: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "write -P {} {} 64k",
+                pattern.wrapping_add(i as u8),
+                (i * 7 + 3) % (SIZE / CHUNK) * CHUNK
+            )
+        })
+        .collect();
+    qemu_io(&agent.nbd, &commands)
+}
+
+/// Waits until the agent's disk is protected with everything acknowledged; returns the bytes
+/// its comparison sent.
+fn wait_protected(agent: &mut Agent) -> Result<u64> {
+    poll(Duration::from_secs(120), Duration::from_millis(100), || {
+        agent.proc.check_alive("haven-agent")?;
+        let report = agent.report();
+        Ok(report
+            .as_ref()
+            .and_then(|r| {
+                let d = r.disks.first()?;
+                (d.state == DiskState::Protected && d.acked_seq == d.last_seq)
+                    .then_some(d.resync_sent_bytes)
+            })
+            .ok_or_else(|| format!("the agent is not protected and caught up: {report:?}")))
+    })
+}
+
+/// Waits until `a` and `b` compare equal (`qemu-img compare`).
+fn wait_equal(a: &Path, b: &Path) -> Result<()> {
+    poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok(match images_equal(a, b)? {
+            true => Ok(()),
+            false => Err(format!("{} and {} differ", a.display(), b.display())),
+        })
+    })
+    .with_context(|| format!("{} and {} never compared equal", a.display(), b.display()))
+}
+
+/// Takes a point of web01 at `gateway` (retried while its source is not reachable yet, as
+/// after a restart).
+fn point_now(gateway: &haven_e2e::Gateway) -> Result<()> {
+    poll(Duration::from_secs(60), Duration::from_millis(250), || {
+        Ok(gateway
+            .haven(&["point", "create", "web01"])
+            .map(drop)
+            .map_err(|e| format!("{e:#}")))
+    })
+}
+
+struct Trip {
+    cluster: Cluster,
+    disk_a: PathBuf,
+    image_b: PathBuf,
+    /// Bytes changed on either side since the failover.
+    changed: u64,
+}
+
+/// Protects `disk_a` (populated `percent` %), fails it over planned to the secondary site, and
+/// changes blocks on both sides as a machine running there and a source that had writes the
+/// failover left behind would.
+fn failed_over(tmp: &Path, percent: u64) -> Result<Trip> {
+    let site_a = tmp.join("site-a");
+    fs::create_dir_all(&site_a)?;
+    let disk_a = site_a.join("web01.raw");
+    populated_disk(&disk_a, percent, 11)?;
+    let mut cluster = Cluster::start(
+        tmp,
+        &disk_a,
+        ClusterOptions {
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    workload(&cluster.agent, 32, 0x11)?;
+    wait_for_point(&cluster.mt, "web01")?;
+    let out = cluster.mt.haven(&["failover", "web01", "--planned"])?;
+    let image_b = PathBuf::from(out.trim());
+    cluster.agent.proc.kill();
+    assert!(
+        images_equal(&disk_a, &image_b)?,
+        "a planned failover's image equals the source"
+    );
+    let changed = scatter(&image_b, 64, 5)? + scatter(&disk_a, 16, 6)?;
+    Ok(Trip {
+        cluster,
+        disk_a,
+        image_b,
+        changed,
+    })
+}
+
+/// Reprotects the failed-over machine onto the disk it left: the reverse gateways, an agent on
+/// the image, `haven reprotect`.
+fn reprotect(trip: &Trip, tmp: &Path) -> Result<(haven_e2e::Reverse, Agent)> {
+    let bins = default_bin_dir();
+    let rev = trip
+        .cluster
+        .reverse(trip.disk_a.parent().context("site")?)?;
+    let dir = tmp.join("agent-b");
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
+    let out = trip.cluster.mt.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        &rev.mt.api,
+        "--target",
+        "web01.raw",
+    ])?;
+    assert_eq!(out.trim(), trip.image_b.display().to_string());
+    let agent = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &trip.image_b,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    Ok((rev, agent))
+}
+
+#[test]
+fn reprotect_sends_only_what_changed_on_a_sparse_disk() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let trip = failed_over(tmp.path(), 5)?;
+    let before = fs::read(&trip.disk_a)?;
+    let (rev, mut agent) = reprotect(&trip, tmp.path())?;
+    let sent = wait_protected(&mut agent)?;
+    eprintln!(
+        "5 % populated: {} bytes changed, {sent} sent by the comparison",
+        trip.changed
+    );
+    assert!(
+        sent >= trip.changed && sent <= 2 * trip.changed,
+        "sent {sent} for {} changed",
+        trip.changed
+    );
+    // Every difference is at the primary site, in its journal: the old disk is untouched.
+    assert!(fs::read(&trip.disk_a)? == before, "the old source changed");
+    point_now(&rev.mt)?;
+    wait_equal(&trip.disk_a, &trip.image_b)?;
+    Ok(())
+}
+
+#[test]
+fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let trip = failed_over(tmp.path(), 90)?;
+    let before = fs::read(&trip.disk_a)?;
+    let (mut rev, mut agent) = reprotect(&trip, tmp.path())?;
+    // Killed while comparing: each resumes, and the old disk is still the disk it was.
+    agent.restart()?;
+    rev.mt.restart()?;
+    let sent = wait_protected(&mut agent)?;
+    eprintln!(
+        "90 % populated: {} bytes changed, {sent} sent by the comparison",
+        trip.changed
+    );
+    assert!(sent <= 2 * trip.changed, "sent {sent} for {}", trip.changed);
+    rev.mt.restart()?;
+    assert!(fs::read(&trip.disk_a)? == before, "the old source changed");
+
+    // Production at the secondary site, through the agent, then a point: the old disk becomes
+    // the image at that point.
+    workload(&agent, 24, 0x40)?;
+    point_now(&rev.mt)?;
+    wait_equal(&trip.disk_a, &trip.image_b)?;
+    let shown = rev.mt.haven(&["failover", "show", "web01"])?;
+    assert!(shown.contains("web01 disk 1"), "{shown}");
+
+    // Failback: planned, in place. More writes first; none is lost.
+    workload(&agent, 16, 0x70)?;
+    let out = rev
+        .mt
+        .haven(&["failover", "web01", "--planned", "--in-place"])?;
+    assert_eq!(out.trim(), trip.disk_a.display().to_string());
+    assert!(
+        images_equal(&trip.disk_a, &trip.image_b)?,
+        "the failback lost writes"
+    );
+    agent.proc.kill();
+
+    // Reprotect to the secondary site again: the failover image is the replica, and nothing
+    // differs.
+    let bins = default_bin_dir();
+    let dir = tmp.path().join("agent-a2");
+    let (server, id) = Agent::enroll_id(&bins, &trip.cluster.ps, &dir, "web01")?;
+    let root = trip.cluster.mt.data_dir.join("replicas");
+    let rel = trip.image_b.strip_prefix(&root)?.display().to_string();
+    let out = rev.mt.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        &trip.cluster.mt.api,
+        "--target",
+        &rel,
+    ])?;
+    assert_eq!(out.trim(), trip.disk_a.display().to_string());
+    let mut back = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &trip.disk_a,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    let sent = wait_protected(&mut back)?;
+    assert_eq!(sent, 0, "the disks were equal");
+    workload(&back, 8, 0x90)?;
+    point_now(&trip.cluster.mt)?;
+    wait_equal(&trip.image_b, &trip.disk_a)?;
+
+    // Each side keeps the history: the secondary's first item is reprotected.
+    let items: Vec<serde_json::Value> = serde_json::from_str(&haven_e2e::http_get(
+        &format!("{}/v1/items", trip.cluster.mt.api),
+        &trip.cluster.mt.admin_token,
+    )?)?;
+    let states: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i["item"]["state"].as_str())
+        .collect();
+    if !(states.contains(&"reprotected") && states.contains(&"protected")) {
+        bail!("items at the secondary site: {states:?}");
+    }
+    Ok(())
+}
