@@ -421,6 +421,22 @@ fn open_state_and_log(
         );
     }
     let mut lost: Option<String> = None;
+    if seeded && rec.compare_block == 0 {
+        if rec.state == Phase::InitialSync {
+            // A seed filled by a copy would keep its old data where the copy skips zeroes.
+            rec.compare_block = crate::state::SEEDED_COMPARE_BLOCK;
+            lost = Some(
+                "started --seeded after an initial copy began without it: the copy is replaced \
+                 by a comparison"
+                    .into(),
+            );
+        } else {
+            tracing::warn!(
+                disk = %disk.display(),
+                "--seeded is ignored: this disk's protection started before without it"
+            );
+        }
+    }
     if let Some(why) = unclean {
         // Its records describe changes the resync finds anyway; nothing of it is kept.
         if log_dir.exists() {

@@ -105,20 +105,29 @@ pub fn poll<T>(
 /// `GET url` (`http://HOST:PORT/PATH`) with a bearer token, plainly over a socket (the answer
 /// is read to the end of the connection); the body of a 200 answer.
 pub fn http_get(url: &str, token: &str) -> Result<String> {
+    http("GET", url, token)
+}
+
+/// `POST url` without a body (the API's calls take query parameters), as [`http_get`].
+pub fn http_post(url: &str, token: &str) -> Result<String> {
+    http("POST", url, token)
+}
+
+fn http(method: &str, url: &str, token: &str) -> Result<String> {
     use std::io::Read;
     let rest = url.strip_prefix("http://").context("not an http:// URL")?;
     let (host, path) = rest.split_once('/').context("no path")?;
     let mut conn = std::net::TcpStream::connect(host)?;
     write!(
         conn,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: close\r\n\r\n"
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     conn.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {url}: {head}");
+        bail!("{method} {url}: {head}\n{body}");
     }
     Ok(body.to_string())
 }
@@ -724,6 +733,55 @@ pub struct Reverse {
     pub ps: Gateway,
 }
 
+impl Reverse {
+    /// Starts, below `root`, a master target (site `primary`, admin token `admin`) whose raw
+    /// writer's storage root is `storage_root`, and a process server (site `secondary`)
+    /// forwarding to it.
+    pub fn start(bins: &Path, root: &Path, storage_root: &Path, admin: &str) -> Result<Reverse> {
+        let raw = bins.join("../wasm32-wasip2/release/haven_raw.wasm");
+        let (dir, port, api, admin) = Gateway::init(bins, root, "mt-a", "primary", Some(admin))?;
+        let mt = Gateway::start(
+            bins,
+            "master target at the primary site",
+            dir.clone(),
+            format!(
+                "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
+                 writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
+                 [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {raw:?}\n\
+                 grants = {{ storage_root = {storage_root:?} }}\n\n\
+                 [api]\nlisten = \"127.0.0.1:{api}\"\n"
+            ),
+            port,
+            api,
+            admin.clone(),
+            Vec::new(),
+        )?;
+        let (dir, ps_port, api, admin) =
+            Gateway::init(bins, root, "ps-b", "secondary", Some(&admin))?;
+        run_ok(
+            Command::new(bins.join("haven-gateway"))
+                .args(["enroll", "--data-dir"])
+                .arg(&dir)
+                .args(["--upstream", &format!("127.0.0.1:{port}")])
+                .args(["--token", &mt.token()?, "--name", "ps-b"]),
+        )?;
+        let ps = Gateway::start(
+            bins,
+            "process server at the secondary site",
+            dir.clone(),
+            format!(
+                "data_dir = {dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
+                 upstream = \"127.0.0.1:{port}\"\n\n[api]\nlisten = \"127.0.0.1:{api}\"\n"
+            ),
+            ps_port,
+            api,
+            admin,
+            Vec::new(),
+        )?;
+        Ok(Reverse { mt, ps })
+    }
+}
+
 /// Options of a [`Cluster`].
 #[derive(Clone, Debug, Default)]
 pub struct ClusterOptions {
@@ -953,57 +1011,14 @@ impl Cluster {
 
     /// The way back: a master target at the primary site whose raw writer's storage root is
     /// `storage_root` (where the machine's disks are, so a reprotect can start from them), and
-    /// a process server at the secondary site forwarding to it.
+    /// a process server at the secondary site forwarding to it ([`Reverse::start`]).
     pub fn reverse(&self, storage_root: &Path) -> Result<Reverse> {
-        let bins = default_bin_dir();
-        let bins = bins.as_path();
-        let raw = bins.join("../wasm32-wasip2/release/haven_raw.wasm");
-        let (dir, port, api, admin) = Gateway::init(
-            bins,
+        Reverse::start(
+            &default_bin_dir(),
             &self.root,
-            "mt-a",
-            "primary",
-            Some(&self.mt.admin_token),
-        )?;
-        let mt = Gateway::start(
-            bins,
-            "master target at the primary site",
-            dir.clone(),
-            format!(
-                "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
-                 writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
-                 [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {raw:?}\n\
-                 grants = {{ storage_root = {storage_root:?} }}\n\n\
-                 [api]\nlisten = \"127.0.0.1:{api}\"\n"
-            ),
-            port,
-            api,
-            admin.clone(),
-            Vec::new(),
-        )?;
-        let (dir, ps_port, api, admin) =
-            Gateway::init(bins, &self.root, "ps-b", "secondary", Some(&admin))?;
-        run_ok(
-            Command::new(bins.join("haven-gateway"))
-                .args(["enroll", "--data-dir"])
-                .arg(&dir)
-                .args(["--upstream", &format!("127.0.0.1:{port}")])
-                .args(["--token", &mt.token()?, "--name", "ps-b"]),
-        )?;
-        let ps = Gateway::start(
-            bins,
-            "process server at the secondary site",
-            dir.clone(),
-            format!(
-                "data_dir = {dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
-                 upstream = \"127.0.0.1:{port}\"\n\n[api]\nlisten = \"127.0.0.1:{api}\"\n"
-            ),
-            ps_port,
-            api,
-            admin,
-            Vec::new(),
-        )?;
-        Ok(Reverse { mt, ps })
+            storage_root,
+            &self.mt.admin_token,
+        )
     }
 
     /// The replica's file on the master target (the raw writer's layout).

@@ -217,6 +217,16 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
     // Killed while comparing: each resumes, and the old disk is still the disk it was.
     agent.restart()?;
     rev.mt.restart()?;
+    rev.ps.restart()?;
+    // Production goes on at the secondary site while the comparison runs.
+    let nbd = agent.nbd.clone();
+    let writes = std::thread::spawn(move || {
+        let commands: Vec<String> = (0..48u64)
+            .map(|i| format!("write -P {} {} 4k", 0x20 + i, (i * 977 % 16384) * BLOCK))
+            .collect();
+        qemu_io(&nbd, &commands)
+    });
+    writes.join().expect("the workload thread")?;
     let sent = wait_protected(&mut agent)?;
     eprintln!(
         "90 % populated: {} bytes changed, {sent} sent by the comparison",
@@ -233,6 +243,7 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
     wait_equal(&trip.disk_a, &trip.image_b)?;
     let shown = rev.mt.haven(&["failover", "show", "web01"])?;
     assert!(shown.contains("web01 disk 1"), "{shown}");
+    assert!(shown.contains("reprotected from"), "{shown}");
 
     // Failback: planned, in place. More writes first; none is lost.
     workload(&agent, 16, 0x70)?;

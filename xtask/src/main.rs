@@ -4,8 +4,8 @@
 //! - `cargo xtask test`   installs what the tests need, builds everything, checks formatting and
 //!   lints, and runs every test of both workspaces.
 //! - `cargo xtask demo`   builds and runs the demo.
-//! - `cargo xtask bench [plugins|formats|replication|points|nbd|scale|groups|fs]` runs benchmarks against their
-//!   baselines.
+//! - `cargo xtask bench [plugins|formats|replication|points|nbd|scale|groups|fs|failback]` runs
+//!   benchmarks against their baselines.
 //! - `cargo xtask fuzz FORMAT|wire [SECONDS]` runs a format parser's or the wire decoder's fuzz
 //!   target (installs cargo-fuzz).
 
@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_failback;
 mod bench_fs;
 mod bench_groups;
 mod bench_nbd;
@@ -84,7 +85,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd|scale|groups|fs] | fuzz FORMAT [SECONDS]>"
+                "usage: cargo xtask <build [--release] | test | lint | demo | bench [plugins|formats|replication|points|nbd|scale|groups|fs|failback] | fuzz FORMAT [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -322,7 +323,8 @@ fn bench(args: &[&str]) -> Result<()> {
             bench(&["points"])?;
             bench(&["nbd"])?;
             bench(&["scale"])?;
-            bench(&["groups"])
+            bench(&["groups"])?;
+            bench(&["failback"])
         }
         "plugins" => run(cargo().args([
             "run",
@@ -365,10 +367,15 @@ fn bench(args: &[&str]) -> Result<()> {
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             bench_fs::run(&root())
         }
+        "failback" => {
+            ensure_programs(&[("qemu-img", "qemu-utils"), ("rsync", "rsync")])?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_failback::run(&root())
+        }
         other => {
             bail!(
                 "unknown benchmark `{other}` (known: plugins, formats, replication, points, nbd, \
-                 scale, groups, fs)"
+                 scale, groups, fs, failback)"
             )
         }
     }

@@ -185,6 +185,7 @@ fn replica(
         size: 1 << 30,
         path: format!("{machine}/{disk}.raw"),
         seeding: false,
+        reprotect: None,
         durable_seq: 40,
         applied_seq: 36,
         lag_bytes,

@@ -375,7 +375,6 @@ impl Applier {
                 replica: &replica,
             };
             ctx.apply(plugin, disk, applied, target)?;
-            crate::recovery::seed_applied(&self.state, &replica);
             return Ok(Turn::More);
         }
         // Caught up: answer the hash requests that waited for it.
@@ -385,7 +384,11 @@ impl Applier {
                 spec: &self.spec,
                 replica: &replica,
             };
-            let _ = tx.send(ctx.hash(plugin, disk, req));
+            let answer = ctx.hash(plugin, disk, req);
+            if answer.is_ok() {
+                crate::recovery::seed_compared(&self.state, &replica, req.offset + req.len);
+            }
+            let _ = tx.send(answer);
         }
         Ok(Turn::Idle)
     }
@@ -549,11 +552,23 @@ impl Apply<'_> {
         // here until the journal is freed (see `hold_base`).
         let hold = lock(&self.replica.recovery.hold);
         let release = hold.map_or(seq, |h| seq.min(h));
+        // A seed that reaches its first point is an ordinary replica from this commit on.
+        let seed_done = crate::recovery::seed_reached(self.replica, seq);
         self.state
-            .update_stream(stream.key, move |r| r.applied_seq = seq)
+            .update_stream(stream.key, move |r| {
+                r.applied_seq = seq;
+                if seed_done {
+                    r.seeding = false;
+                }
+            })
             .map_err(|e| fail(&e))?
             .ok_or_else(|| fail(&"stream record missing"))?;
         self.replica.applied.store(seq, Ordering::Release);
+        if seed_done {
+            *lock(&self.replica.recovery.seed) = crate::recovery::SeedHold::Off;
+            tracing::info!(replica = %stream.key, path = %self.replica.path,
+                "the seeded replica reached its first point");
+        }
         failpoint::hit("apply.after-commit");
         stream.journal().release(release).map_err(|e| fail(&e))?;
         drop(hold);

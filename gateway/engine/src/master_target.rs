@@ -217,6 +217,8 @@ pub(crate) struct Replica {
     pub(crate) created: std::sync::atomic::AtomicBool,
     /// The replica is a seed (a disk that was here before the stream): never created.
     pub(crate) seeded: bool,
+    /// When the stream was first seen (ms since the Unix epoch): a seed's comparison started.
+    pub(crate) created_ms: u64,
 }
 
 impl Replica {
@@ -469,11 +471,18 @@ impl MasterTarget {
             // (`learn_machine_name`), and `machine` may be only a placeholder until one arrives.
             return Ok(r.clone());
         }
+        let mut seed = None;
         let record = match self.state.get_stream(key)? {
-            Some(r) => r,
+            Some(r) => {
+                // A seed still listed was adopted by a run that stopped before it said so.
+                if r.replica_path.is_some() {
+                    seed = self.seed_of(key)?;
+                }
+                r
+            }
             None => {
                 // A reprotect's seed: the replica is a disk that is here already.
-                let seed = self.seed_of(key)?;
+                seed = self.seed_of(key)?;
                 let r = StreamRecord {
                     size: info.size,
                     block_size: info.block_size,
@@ -486,11 +495,6 @@ impl MasterTarget {
                     ..Default::default()
                 };
                 self.state.put_stream(key, &r)?;
-                if seed.is_some() {
-                    self.seed_taken(key);
-                    tracing::info!(stream = %key, path = ?r.replica_path,
-                        "the stream replicates onto its seed");
-                }
                 r
             }
         };
@@ -516,6 +520,7 @@ impl MasterTarget {
                 .clone()
                 .unwrap_or_else(|| format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk)),
             seeded: record.replica_path.is_some(),
+            created_ms: record.created_ms,
             applied: AtomicU64::new(record.applied_seq),
             recovery: Default::default(),
             unapplied: Mutex::new(unapplied),
@@ -526,8 +531,11 @@ impl MasterTarget {
             created: std::sync::atomic::AtomicBool::new(false),
         });
         self.load_recovery(&replica, record.applied_seq)?;
+        if let Some(seed) = seed {
+            self.seed_adopted(&replica, &seed);
+        }
         if record.seeding {
-            crate::recovery::restore_seed(&replica, record.applied_seq);
+            crate::recovery::restore_seed(&replica, record.applied_seq, record.seed_compared);
         }
         self.restore_test(&replica);
         let _ = lock(&replica.wake).send(Job::Add(replica.clone()));
@@ -571,6 +579,7 @@ impl MasterTarget {
                 let lag_seconds = uncovered()
                     .next()
                     .map_or(0.0, |(_, _, t)| now.duration_since(*t).as_secs_f64());
+                let seeding = *lock(&r.recovery.seed) != crate::recovery::SeedHold::Off;
                 let disk_report = report
                     .as_ref()
                     .and_then(|rep| rep.disks.iter().find(|d| d.disk == s.key.disk))
@@ -592,6 +601,18 @@ impl MasterTarget {
                         )
                     })
                     .flatten();
+                let reprotect = seeding
+                    .then(|| {
+                        disk_report.map(|(d, _)| {
+                            crate::status::ReprotectProgress::of(
+                                d,
+                                s.info.size,
+                                r.created_ms,
+                                now_ms(),
+                            )
+                        })
+                    })
+                    .flatten();
                 ReplicaStatus {
                     // The connection is the process server's; the machine is the agent's.
                     machine_name: report
@@ -602,7 +623,8 @@ impl MasterTarget {
                     disk: s.key.disk,
                     size: s.info.size,
                     path: r.path.clone(),
-                    seeding: *lock(&r.recovery.seed) != crate::recovery::SeedHold::Off,
+                    seeding,
+                    reprotect,
                     durable_seq: s.durable(),
                     applied_seq: r.applied.load(Ordering::Acquire),
                     lag_bytes: uncovered().map(|(_, b, _)| b).sum(),
@@ -629,6 +651,7 @@ impl MasterTarget {
                 size: info.size,
                 path: format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk),
                 seeding: false,
+                reprotect: None,
                 durable_seq: 0,
                 applied_seq: 0,
                 lag_bytes: 0,

@@ -128,6 +128,9 @@ pub struct ReplicaStatus {
     /// A reprotect's seed waiting for its first point: nothing is applied to it until then.
     #[serde(default)]
     pub seeding: bool,
+    /// While seeding: the comparison's progress, from the agent's reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotect: Option<ReprotectProgress>,
     /// Last record made durable in the journal.
     pub durable_seq: u64,
     /// Last record applied to the replica (and flushed).
@@ -166,6 +169,39 @@ pub struct ReplicaStatus {
     pub report: Option<Report>,
     /// Why applying stopped, and what to do.
     pub error: Option<String>,
+}
+
+/// How far a reprotect's comparison is (a seeded replica, from its agent's reports).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReprotectProgress {
+    /// Bytes of the disk compared with the replica so far.
+    pub compared_bytes: u64,
+    /// Bytes found different and sent (since the agent last started).
+    pub sent_bytes: u64,
+    /// Seconds until the comparison ends at the pace so far; none before it has a pace, or
+    /// once it is done.
+    pub eta_seconds: Option<f64>,
+}
+
+impl ReprotectProgress {
+    /// The progress of a comparison of `size` bytes that started at `started_ms`, as `disk`
+    /// reports it at `now_ms`.
+    pub fn of(
+        disk: &haven_net::stream::DiskReport,
+        size: u64,
+        started_ms: u64,
+        now_ms: u64,
+    ) -> Self {
+        let done = disk.state != haven_net::stream::DiskState::Resyncing;
+        let compared = if done { size } else { disk.sync_done_bytes };
+        let elapsed = now_ms.saturating_sub(started_ms) as f64 / 1000.0;
+        ReprotectProgress {
+            compared_bytes: compared,
+            sent_bytes: disk.resync_sent_bytes,
+            eta_seconds: (!done && compared > 0)
+                .then(|| (size - compared.min(size)) as f64 * elapsed / compared as f64),
+        }
+    }
 }
 
 impl ReplicaStatus {
@@ -214,6 +250,7 @@ mod tests {
             size: 1 << 20,
             path: "a/disk1.raw".into(),
             seeding: false,
+            reprotect: None,
             durable_seq: durable,
             applied_seq: applied,
             lag_bytes: 0,

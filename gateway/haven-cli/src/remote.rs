@@ -811,6 +811,23 @@ fn print_status(api: &str, s: &GatewayStatus) {
             if let Some(uri) = &r.test_failover {
                 println!("    test failover: {uri}");
             }
+            if r.seeding {
+                let progress = r.reprotect.as_ref().map_or(String::new(), |p| {
+                    format!(
+                        ": compared {} of {}, sent {}{}",
+                        human_bytes(p.compared_bytes as f64),
+                        human_bytes(r.size as f64),
+                        human_bytes(p.sent_bytes as f64),
+                        p.eta_seconds
+                            .map_or(String::new(), |s| format!(", about {s:.0} s left"))
+                    )
+                });
+                println!(
+                    "    reprotect onto {}{progress}; not written before the first point after \
+                     the comparison",
+                    r.path
+                );
+            }
             if let Some(e) = &r.error {
                 println!("    error: {e}");
             }

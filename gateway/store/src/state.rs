@@ -109,6 +109,14 @@ pub struct StreamRecord {
     /// is written to the replica until then, so it stays the disk it was.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub seeding: bool,
+    /// Seeding: the end of the furthest range whose digests the agent's comparison asked. A
+    /// point ends the seeding only once the whole disk was compared.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seed_compared: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The state database. See the module documentation for the tables.

@@ -24,6 +24,7 @@ fn streams_survive_reopen() {
         error: None,
         replica_path: Some("site-a/web01.raw".into()),
         seeding: true,
+        seed_compared: 1 << 29,
     };
     let b = StreamRecord {
         size: 4 << 30,

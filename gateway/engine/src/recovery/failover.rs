@@ -199,9 +199,7 @@ impl MasterTarget {
             };
             picked?
         };
-        if !in_place {
-            hold_base(&r);
-        }
+        hold_base(&r);
         let cause = if planned {
             format!(
                 "planned failover{}: the source stopped at point {}",
@@ -291,9 +289,7 @@ impl MasterTarget {
         };
         let mut first = None;
         for (r, point) in disks.iter().zip(points) {
-            if !in_place {
-                hold_base(r);
-            }
+            hold_base(r);
             let cause = if planned {
                 format!(
                     "planned failover of {item}: the source stopped at point {}",

@@ -104,11 +104,13 @@ pub enum ItemEvent {
     Committed,
     /// `haven reprotect`: the failed-over machine replicates back to the other site.
     Reprotected,
+    /// The item's stream replicates onto a seed (the disk the machine left): history only.
+    Seeded,
 }
 
 impl ItemEvent {
     /// Every event.
-    pub const ALL: [ItemEvent; 11] = [
+    pub const ALL: [ItemEvent; 12] = [
         ItemEvent::TestFailoverStarted,
         ItemEvent::TestFailoverRestored,
         ItemEvent::TestFailoverNotRestored,
@@ -120,6 +122,7 @@ impl ItemEvent {
         ItemEvent::MaterialiseFailed,
         ItemEvent::Committed,
         ItemEvent::Reprotected,
+        ItemEvent::Seeded,
     ];
 }
 
@@ -150,9 +153,13 @@ pub fn transition(state: ItemState, event: ItemEvent) -> Result<ItemState, Refus
     match (event, state) {
         (E::TestFailoverStarted, S::Protected) => Ok(state),
         (E::TestFailoverStarted, _) => refuse("a test failover needs a protected item"),
-        (E::TestFailoverRestored | E::TestFailoverNotRestored | E::TestFailoverCleanedUp, _) => {
-            Ok(state)
-        }
+        (
+            E::TestFailoverRestored
+            | E::TestFailoverNotRestored
+            | E::TestFailoverCleanedUp
+            | E::Seeded,
+            _,
+        ) => Ok(state),
         (E::FailoverStarted | E::PlannedFailover, S::Protected | S::FailoverFailed) => {
             Ok(S::FailingOver)
         }
@@ -291,10 +298,11 @@ mod tests {
     ];
 
     /// Events that are history only: allowed in every state, which they leave as it is.
-    const HISTORY_ONLY: [ItemEvent; 3] = [
+    const HISTORY_ONLY: [ItemEvent; 4] = [
         E::TestFailoverRestored,
         E::TestFailoverNotRestored,
         E::TestFailoverCleanedUp,
+        E::Seeded,
     ];
 
     /// The refusal every other move gives, as the request's error for item `web01`: the
@@ -312,7 +320,10 @@ mod tests {
             }
             E::Committed => "only a failed-over item can be committed",
             E::Reprotected => "only a failed-over item can be reprotected",
-            E::TestFailoverRestored | E::TestFailoverNotRestored | E::TestFailoverCleanedUp => {
+            E::TestFailoverRestored
+            | E::TestFailoverNotRestored
+            | E::TestFailoverCleanedUp
+            | E::Seeded => {
                 unreachable!("{event:?} is never refused")
             }
         };

@@ -71,7 +71,7 @@ pub use reprotect::{SeedRecord, SeedSpec};
 pub use test_failover::TestFailoverInfo;
 
 pub(crate) use points::register_tag;
-pub(crate) use reprotect::{restore_seed, seed_applied, seed_tag};
+pub(crate) use reprotect::{restore_seed, seed_compared, seed_reached, seed_tag};
 use test_failover::TestSlot;
 
 /// An item as listed.
@@ -140,6 +140,8 @@ pub(crate) struct ReplicaRecovery {
     pub recording: Mutex<()>,
     /// A seeded replica's wait for its first point (`reprotect.rs`).
     pub seed: Mutex<SeedHold>,
+    /// Seeding: how far the agent's comparison asked digests (`StreamRecord::seed_compared`).
+    pub seed_compared: std::sync::atomic::AtomicU64,
 }
 
 /// Where a seeded replica (a reprotect's old source) stands: its base is the disk it was until
@@ -313,11 +315,7 @@ impl MasterTarget {
         // A recorded test failover is served again (`restore_test`, once the replica is
         // open); until then the base stays where it is.
         let test_recorded = self.recorded_test(key, applied)?;
-        let held = test_recorded
-            || matches!(
-                item.state,
-                ItemState::FailingOver | ItemState::FailedOver | ItemState::Committed
-            );
+        let held = test_recorded || item.state != ItemState::Protected;
         let mut st = lock(&replica.recovery.state);
         st.points = points;
         st.registered = registered;

@@ -131,13 +131,44 @@ impl MasterTarget {
             .clone()
             .ok_or_else(|| err(ErrorKind::Internal, "the writer plugin has no storage root"))?;
         let full = root.join(&spec.path);
-        if !full.exists() {
+        // A regular file inside the root, not a link out of it.
+        let inside = std::fs::canonicalize(&full)
+            .ok()
+            .zip(std::fs::canonicalize(&root).ok())
+            .is_some_and(|(f, r)| f.starts_with(r));
+        match std::fs::symlink_metadata(&full) {
+            Ok(m) if m.is_file() && inside => {}
+            Ok(_) => {
+                return Err(err(
+                    ErrorKind::Invalid,
+                    format!(
+                        "seed {}: not a disk file below the writer's storage root {} (a folder, \
+                         a link or a device)",
+                        spec.path,
+                        root.display()
+                    ),
+                ));
+            }
+            Err(_) => {
+                return Err(err(
+                    ErrorKind::NotFound,
+                    format!(
+                        "seed {}: no such disk below the writer's storage root {}",
+                        spec.path,
+                        root.display()
+                    ),
+                ));
+            }
+        }
+        // One writer per disk: no other seed or replica may use it.
+        let taken = self.seeds()?.into_iter().any(|s| s.spec.path == spec.path)
+            || lock(&self.replicas).values().any(|r| r.path == spec.path);
+        if taken {
             return Err(err(
-                ErrorKind::NotFound,
+                ErrorKind::Conflict,
                 format!(
-                    "seed {}: no such disk below the writer's storage root {}",
-                    spec.path,
-                    root.display()
+                    "seed {}: another replica or seed uses that disk already",
+                    spec.path
                 ),
             ));
         }
@@ -184,11 +215,33 @@ impl MasterTarget {
         Ok(self.state.get_json(&seed_key(key))?)
     }
 
-    /// The seed is in the stream's record now.
-    pub(crate) fn seed_taken(&self, key: StreamKey) {
+    /// The arriving stream took its seed (it is in the stream's record now): the item's
+    /// history says where it comes from, and the seed goes.
+    pub(crate) fn seed_adopted(&self, r: &Replica, seed: &SeedRecord) {
+        let from = match seed.spec.from.as_str() {
+            "" => String::new(),
+            from => format!(" from {from}"),
+        };
+        let cause = format!(
+            "reprotected{from}: replicates onto {}, which is not written before the first \
+             point after the comparison",
+            seed.spec.path
+        );
+        let key = r.stream.key;
+        if let Err(e) = record(
+            &self.state,
+            r,
+            &key.to_string(),
+            ItemEvent::Seeded,
+            cause,
+            |_| {},
+        ) {
+            tracing::warn!(stream = %key, error = %e, "recording a seed in the history");
+        }
         if let Err(e) = self.state.remove_json(&seed_key(key)) {
             tracing::warn!(stream = %key, error = %e, "removing a used seed");
         }
+        tracing::info!(stream = %key, path = %seed.spec.path, "the stream replicates onto its seed");
     }
 
     /// `haven reprotect` at the site the machine left: its failed-over item is marked
@@ -236,7 +289,18 @@ impl MasterTarget {
             dropped
         };
         store_points(&self.state, r.stream.key, &[], &dropped)?;
-        *lock(&r.recovery.hold) = Some(point.seq);
+        {
+            // Held at or below the point since the failover was recorded: raised to it.
+            let mut hold = lock(&r.recovery.hold);
+            let applied = r.applied.load(Ordering::Acquire);
+            anyhow::ensure!(
+                applied <= point.seq,
+                "the replica is applied past point {} already (seq {applied}): fail over to a \
+                 newer point, or without --in-place",
+                point.point
+            );
+            *hold = Some(point.seq);
+        }
         r.wake();
         let mut failing_since: Option<Instant> = None;
         while r.applied.load(Ordering::Acquire) < point.seq {
@@ -265,37 +329,55 @@ impl MasterTarget {
 }
 
 /// A tag of `r`'s stream is durable: a seeded replica waiting for its first point is applied
-/// up to it.
+/// up to it, once the agent's comparison covered the whole disk. A tag before that means the
+/// agent copied instead of comparing (started without `--seeded`): what it did not copy (its
+/// zero blocks) would keep the old disk's data, so the replica keeps waiting, with an error
+/// that says what to do.
 pub(crate) fn seed_tag(r: &Replica, seq: Seq) {
     let mut seed = lock(&r.recovery.seed);
-    if *seed == SeedHold::Waiting {
+    if *seed != SeedHold::Waiting {
+        return;
+    }
+    let compared = r.recovery.seed_compared.load(Ordering::Acquire);
+    if compared >= r.stream.info.size {
         *seed = SeedHold::Until(seq);
+        return;
     }
+    let msg = format!(
+        "replica {} is a reprotect's seed, but a point arrived after only {compared} of {} bytes \
+         were compared: the agent copies instead of comparing; stop it, remove its data folder's \
+         disk state and log, and start it with `--seeded` (the seed is not written meanwhile)",
+        r.path, r.stream.info.size
+    );
+    tracing::error!("{msg}");
+    r.stream.set_error(Some(msg));
 }
 
-/// After an applied batch: a seeded replica that reached its first point is an ordinary one.
-pub(crate) fn seed_applied(state: &StateDb, r: &Replica) {
-    let applied = r.applied.load(Ordering::Acquire);
+/// The agent's comparison asked the digests of a seeded replica up to `end`: recorded, so a
+/// restart keeps it.
+pub(crate) fn seed_compared(state: &StateDb, r: &Replica, end: u64) {
+    if *lock(&r.recovery.seed) != SeedHold::Waiting
+        || r.recovery.seed_compared.fetch_max(end, Ordering::AcqRel) >= end
     {
-        let seed = lock(&r.recovery.seed);
-        match *seed {
-            SeedHold::Until(seq) if applied >= seq => {}
-            _ => return,
-        }
+        return;
     }
-    match state.update_stream(r.stream.key, |rec| rec.seeding = false) {
-        Ok(_) => {
-            *lock(&r.recovery.seed) = SeedHold::Off;
-            tracing::info!(replica = %r.stream.key, path = %r.path,
-                "seeded replica reached its first point");
-        }
-        Err(e) => tracing::warn!(replica = %r.stream.key, error = %e, "recording a seed's end"),
+    if let Err(e) = state.update_stream(r.stream.key, move |rec| {
+        rec.seed_compared = rec.seed_compared.max(end);
+    }) {
+        tracing::warn!(replica = %r.stream.key, error = %e, "recording a seed's comparison");
     }
 }
 
-/// At open: a replica still `seeding` waits for its first tag above `applied`, found in the
-/// journal if it is there.
-pub(crate) fn restore_seed(r: &Replica, applied: Seq) {
+/// Whether applying up to `seq` ends `r`'s seeding (its first point is then applied).
+pub(crate) fn seed_reached(r: &Replica, seq: Seq) -> bool {
+    matches!(*lock(&r.recovery.seed), SeedHold::Until(s) if seq >= s)
+}
+
+/// At open: a replica still `seeding` (compared up to `compared`) waits for its first tag
+/// above `applied`, found in the journal if it is there.
+pub(crate) fn restore_seed(r: &Replica, applied: Seq, compared: u64) {
+    r.recovery.seed_compared.store(compared, Ordering::Release);
+    *lock(&r.recovery.seed) = SeedHold::Waiting;
     let first_tag = r
         .stream
         .journal()
@@ -303,7 +385,9 @@ pub(crate) fn restore_seed(r: &Replica, applied: Seq) {
         .into_iter()
         .find(|e| e.kind == haven_store::journal::EntryKind::Tag)
         .map(|e| e.seq);
-    *lock(&r.recovery.seed) = first_tag.map_or(SeedHold::Waiting, SeedHold::Until);
+    if let Some(seq) = first_tag {
+        seed_tag(r, seq);
+    }
     tracing::info!(replica = %r.stream.key, agent = %peer_hex(&r.stream.key.peer),
-        "seeded replica: nothing is applied before its first point");
+        "seeded replica: nothing is applied before its first point after the comparison");
 }
