@@ -735,10 +735,19 @@ pub struct Reverse {
 
 impl Reverse {
     /// Starts, below `root`, a master target (site `primary`, admin token `admin`) whose raw
-    /// writer's storage root is `storage_root`, and a process server (site `secondary`)
+    /// writer's storage root is `storage_root` (and which may write the block devices
+    /// `devices`: a physical server's disks), and a process server (site `secondary`)
     /// forwarding to it.
-    pub fn start(bins: &Path, root: &Path, storage_root: &Path, admin: &str) -> Result<Reverse> {
+    pub fn start(
+        bins: &Path,
+        root: &Path,
+        storage_root: &Path,
+        devices: &[PathBuf],
+        admin: &str,
+    ) -> Result<Reverse> {
         let raw = bins.join("../wasm32-wasip2/release/haven_raw.wasm");
+        let devices: Vec<String> = devices.iter().map(|d| format!("{d:?}")).collect();
+        let devices = devices.join(", ");
         let (dir, port, api, admin) = Gateway::init(bins, root, "mt-a", "primary", Some(admin))?;
         let mt = Gateway::start(
             bins,
@@ -748,7 +757,7 @@ impl Reverse {
                 "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
                  writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
                  [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {raw:?}\n\
-                 grants = {{ storage_root = {storage_root:?} }}\n\n\
+                 grants = {{ storage_root = {storage_root:?}, devices = [{devices}] }}\n\n\
                  [api]\nlisten = \"127.0.0.1:{api}\"\n"
             ),
             port,
@@ -1017,6 +1026,7 @@ impl Cluster {
             &default_bin_dir(),
             &self.root,
             storage_root,
+            &[],
             &self.mt.admin_token,
         )
     }

@@ -2,16 +2,19 @@
 //! primary site fails over to the secondary (planned), runs there, is reprotected onto the disk
 //! it left (only the blocks that differ are sent, and that disk stays as it was until the
 //! first point after the comparison), fails back in place (planned: nothing lost), and is
-//! reprotected to the secondary site again.
+//! reprotected to the secondary site again. A physical server's disk (a block device with
+//! ext4) is failed back in place the same way.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use haven_e2e::{
-    Agent, Cluster, ClusterOptions, Rng, default_bin_dir, images_equal, poll, qemu_io,
+    Agent, Cluster, ClusterOptions, Rng, default_bin_dir, images_equal, poll, qemu_io, run_ok,
     wait_for_point,
 };
 use haven_net::stream::DiskState;
@@ -301,5 +304,175 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
     if !(states.contains(&"reprotected") && states.contains(&"protected")) {
         bail!("items at the secondary site: {states:?}");
     }
+    Ok(())
+}
+
+/// A loop device over a file, detached when dropped.
+struct Loop {
+    device: String,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Result<Loop> {
+        let device = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(file))?
+            .trim()
+            .to_string();
+        Ok(Loop { device })
+    }
+
+    /// Mounts it at `at`, runs `f` on the mounted folder, unmounts.
+    fn with_mounted<T>(
+        &self,
+        at: &Path,
+        options: &str,
+        f: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        fs::create_dir_all(at)?;
+        run_ok(
+            Command::new("mount")
+                .args(["-o", options, &self.device])
+                .arg(at),
+        )?;
+        let out = f(at);
+        run_ok(Command::new("umount").arg(at))?;
+        out
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// File `n`'s content, version `v`: some of it incompressible.
+fn content(n: u64, v: u64) -> Vec<u8> {
+    let mut rng = Rng(n * 1000 + v + 1);
+    (0..(32 << 10) * (1 + n % 4))
+        .map(|i| match i % 2 {
+            0 => rng.next_u64() as u8,
+            _ => (n + v) as u8,
+        })
+        .collect()
+}
+
+#[test]
+fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tmp = tmp.path();
+    // The physical server's disk: a block device with ext4 and files.
+    let backing = tmp.join("server-disk.img");
+    fs::File::create(&backing)?.set_len(SIZE)?;
+    let disk = Loop::attach(&backing)?;
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &disk.device]))?;
+    let mut files: BTreeMap<String, Vec<u8>> = (0..12)
+        .map(|n| (format!("file-{n}"), content(n, 0)))
+        .collect();
+    disk.with_mounted(&tmp.join("mnt-a"), "rw", |mnt| {
+        for (name, data) in &files {
+            fs::write(mnt.join(name), data)?;
+        }
+        Ok(())
+    })?;
+
+    let mut cluster = Cluster::start(
+        tmp,
+        Path::new(&disk.device),
+        ClusterOptions {
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    wait_for_point(&cluster.mt, "web01")?;
+    let image = PathBuf::from(
+        cluster
+            .mt
+            .haven(&["failover", "web01", "--planned"])?
+            .trim(),
+    );
+    cluster.agent.proc.kill();
+    assert!(images_equal(Path::new(&disk.device), &image)?);
+
+    // The machine runs at the secondary site: files rewritten, added and removed there.
+    {
+        let at_b = Loop::attach(&image)?;
+        at_b.with_mounted(&tmp.join("mnt-b"), "rw", |mnt| {
+            for n in (0..12).step_by(3) {
+                let data = content(n, 1);
+                fs::write(mnt.join(format!("file-{n}")), &data)?;
+                files.insert(format!("file-{n}"), data);
+            }
+            for n in 12..16 {
+                let data = content(n, 1);
+                fs::write(mnt.join(format!("file-{n}")), &data)?;
+                files.insert(format!("file-{n}"), data);
+            }
+            fs::remove_file(mnt.join("file-1"))?;
+            files.remove("file-1");
+            Ok(())
+        })?;
+    }
+
+    // The server is back: its disk is the seed, granted to the primary site's writer.
+    let bins = default_bin_dir();
+    let root = tmp.join("site-a");
+    fs::create_dir_all(&root)?;
+    let rev = haven_e2e::Reverse::start(
+        &bins,
+        tmp,
+        &root,
+        &[PathBuf::from(&disk.device)],
+        &cluster.mt.admin_token,
+    )?;
+    let dir = tmp.join("agent-b");
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
+    cluster.mt.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        &rev.mt.api,
+        "--target",
+        &disk.device,
+    ])?;
+    let mut agent = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &image,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    wait_protected(&mut agent)?;
+    point_now(&rev.mt)?;
+    let out = rev
+        .mt
+        .haven(&["failover", "web01", "--planned", "--in-place"])?;
+    assert_eq!(out.trim(), disk.device);
+    agent.proc.kill();
+    assert!(images_equal(Path::new(&disk.device), &image)?);
+
+    // The server's own disk holds a clean filesystem with the files as they were last.
+    run_ok(Command::new("e2fsck").args(["-fn", &disk.device]))?;
+    disk.with_mounted(&tmp.join("mnt-a"), "ro", |mnt| {
+        let mut found = BTreeMap::new();
+        for entry in fs::read_dir(mnt)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name != "lost+found" {
+                found.insert(name, fs::read(entry.path())?);
+            }
+        }
+        if found != files {
+            bail!(
+                "files after failback: {:?}, expected {:?}",
+                found.keys().collect::<Vec<_>>(),
+                files.keys().collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    })?;
     Ok(())
 }

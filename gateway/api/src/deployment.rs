@@ -843,6 +843,8 @@ pub fn adapters_of(p: &haven_pipeline::model::Pipeline) -> Vec<haven_host::Plugi
             grants: haven_host::Grants {
                 storage_root: plugin.grants.storage_root.clone(),
                 storage_read_only: plugin.grants.storage_read_only,
+                // Adapters write no disks.
+                devices: Vec::new(),
                 http_hosts: plugin.grants.http_hosts.clone(),
                 memory_mib: plugin.grants.memory_mib,
                 call_timeout_ms: plugin.grants.call_timeout_ms,

@@ -395,6 +395,10 @@ fn grants_text(spec: &PluginSpec) -> String {
         Some(root) => parts.push(format!("storage {}", root.display())),
         None => {}
     }
+    if !g.devices.is_empty() {
+        let devices: Vec<String> = g.devices.iter().map(|d| d.display().to_string()).collect();
+        parts.push(format!("devices {}", devices.join(", ")));
+    }
     if !g.http_hosts.is_empty() {
         parts.push(format!("http {}", g.http_hosts.join(", ")));
     }

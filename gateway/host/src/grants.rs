@@ -18,6 +18,11 @@ pub struct Grants {
     /// With `storage_root`: files may be read but not created, written, renamed or removed.
     #[serde(default)]
     pub storage_read_only: bool,
+    /// With `storage_root`: block devices the plugin may also open, by their absolute path
+    /// (a physical server's disks, which a failback writes in place). Never created, resized
+    /// or removed; written only when the grant is not read-only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<PathBuf>,
     /// Hosts the plugin may send HTTP requests to, as `name` (any port) or `name:port`. Without
     /// any the plugin may not import `wasi:http`.
     #[serde(default)]
@@ -43,6 +48,7 @@ impl Default for Grants {
         Self {
             storage_root: None,
             storage_read_only: false,
+            devices: Vec::new(),
             http_hosts: Vec::new(),
             memory_mib: default_memory_mib(),
             call_timeout_ms: default_call_timeout_ms(),

@@ -664,7 +664,8 @@ impl<W: World> Runner<W> {
         let grants = &self.spec.grants;
         let storage = match &grants.storage_root {
             Some(root) => Some(
-                StorageGrant::new(root, grants.storage_read_only).map_err(RunnerError::Storage)?,
+                StorageGrant::new(root, grants.storage_read_only, &grants.devices)
+                    .map_err(RunnerError::Storage)?,
             ),
             None => None,
         };

@@ -31,16 +31,52 @@ pub struct StorageGrant {
     root: PathBuf,
     dir: Dir,
     read_only: bool,
+    /// Block devices granted by absolute path, besides the root.
+    devices: Vec<PathBuf>,
 }
 
 impl StorageGrant {
-    /// Opens `root`; it must be an existing directory.
-    pub fn new(root: &Path, read_only: bool) -> std::io::Result<Self> {
+    /// Opens `root`; it must be an existing directory. `devices` are block devices the plugin
+    /// may open by their absolute path too.
+    pub fn new(root: &Path, read_only: bool, devices: &[PathBuf]) -> std::io::Result<Self> {
         let dir = Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
         Ok(Self {
             root: root.to_owned(),
             dir,
             read_only,
+            devices: devices.to_vec(),
+        })
+    }
+
+    /// Opens a granted block device (an absolute path named in the grant, exactly).
+    fn open_device(&self, path: &str, flags: OpenFlags) -> Result<OpenFile, Error> {
+        if flags.intersects(OpenFlags::CREATE | OpenFlags::TRUNCATE) {
+            return Err(self.denied(path, "a granted device is never created or truncated"));
+        }
+        let write = flags.contains(OpenFlags::WRITE);
+        if write {
+            self.check_writable(path)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| Error::Io(format!("open `{path}`: {e}")))?;
+        use std::os::unix::fs::FileTypeExt;
+        if file
+            .metadata()
+            .map(|m| !m.file_type().is_block_device())
+            .unwrap_or(true)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "open `{path}`: the grant names it as a device, but it is not a block device"
+            )));
+        }
+        Ok(OpenFile {
+            path: path.to_owned(),
+            file,
+            writable: write,
+            device: true,
         })
     }
 
@@ -94,6 +130,9 @@ impl StorageGrant {
     }
 
     fn open(&self, path: &str, flags: OpenFlags) -> Result<OpenFile, Error> {
+        if self.devices.iter().any(|d| d.as_os_str() == path) {
+            return self.open_device(path, flags);
+        }
         self.check(path)?;
         let mut options = OpenOptions::new();
         let write = flags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE);
@@ -132,6 +171,7 @@ impl StorageGrant {
             path: path.to_owned(),
             file,
             writable: write,
+            device: false,
         })
     }
 
@@ -158,6 +198,9 @@ pub struct OpenFile {
     path: String,
     file: File,
     writable: bool,
+    /// A granted block device: its size is where it ends, it has no holes and cannot be
+    /// resized or punched (zeroes are written instead).
+    device: bool,
 }
 
 impl OpenFile {
@@ -345,6 +388,12 @@ impl HostFile for State {
 
     fn length(&mut self, this: Resource<OpenFile>) -> wasmtime::Result<Result<u64, Error>> {
         let file = self.table.get(&this)?;
+        if file.device {
+            use std::io::Seek;
+            return ok((&file.file)
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(|e| file.io("size", e)));
+        }
         ok(file
             .file
             .metadata()
@@ -358,6 +407,12 @@ impl HostFile for State {
         len: u64,
     ) -> wasmtime::Result<Result<(), Error>> {
         let file = self.table.get(&this)?;
+        if file.device {
+            return ok(Err(Error::Unsupported(format!(
+                "`{}` is a device: it cannot be resized",
+                file.path
+            ))));
+        }
         ok(file
             .check_writable()
             .and_then(|()| file.file.set_len(len).map_err(|e| file.io("resize", e))))
@@ -370,6 +425,13 @@ impl HostFile for State {
         len: u64,
     ) -> wasmtime::Result<Result<(), Error>> {
         let file = self.table.get(&this)?;
+        if file.device {
+            // The caller writes zeroes instead.
+            return ok(Err(Error::Unsupported(format!(
+                "`{}` is a device: holes are not punched in it",
+                file.path
+            ))));
+        }
         ok(file.check_writable().and_then(|()| {
             let size = file.file.metadata().map_err(|e| file.io("stat", e))?.len();
             let end = offset.saturating_add(len).min(size);
@@ -388,6 +450,16 @@ impl HostFile for State {
         len: u64,
     ) -> wasmtime::Result<Result<Vec<Extent>, Error>> {
         let file = self.table.get(&this)?;
+        if file.device {
+            // A device has no holes: all of it is data.
+            return ok(Ok((len > 0)
+                .then_some(Extent {
+                    offset,
+                    length: len,
+                })
+                .into_iter()
+                .collect()));
+        }
         let extents = match haven_image::std_backend::data_extents_at_most(
             &file.file,
             offset,

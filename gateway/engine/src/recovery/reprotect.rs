@@ -122,43 +122,47 @@ impl MasterTarget {
         if spec.machine_name.trim().is_empty() {
             return Err(err(ErrorKind::Invalid, "the seed needs the machine's name"));
         }
-        check_relative(&spec.path)?;
-        let root = self
-            .config
-            .writer
-            .grants
+        let grants = &self.config.writer.grants;
+        let root = grants
             .storage_root
             .clone()
             .ok_or_else(|| err(ErrorKind::Internal, "the writer plugin has no storage root"))?;
-        let full = root.join(&spec.path);
-        // A regular file inside the root, not a link out of it.
-        let inside = std::fs::canonicalize(&full)
-            .ok()
-            .zip(std::fs::canonicalize(&root).ok())
-            .is_some_and(|(f, r)| f.starts_with(r));
-        match std::fs::symlink_metadata(&full) {
-            Ok(m) if m.is_file() && inside => {}
-            Ok(_) => {
+        if grants
+            .devices
+            .iter()
+            .any(|d| d.as_os_str() == spec.path.as_str())
+        {
+            // A physical server's disk the writer is granted: written in place at failback.
+            use std::os::unix::fs::FileTypeExt;
+            let device =
+                std::fs::metadata(&spec.path).is_ok_and(|m| m.file_type().is_block_device());
+            if !device {
                 return Err(err(
                     ErrorKind::Invalid,
                     format!(
-                        "seed {}: not a disk file below the writer's storage root {} (a folder, \
-                         a link or a device)",
-                        spec.path,
-                        root.display()
+                        "seed {}: the writer's grant names it, but it is not a block device",
+                        spec.path
                     ),
                 ));
             }
-            Err(_) => {
-                return Err(err(
-                    ErrorKind::NotFound,
-                    format!(
-                        "seed {}: no such disk below the writer's storage root {}",
-                        spec.path,
-                        root.display()
-                    ),
+        } else {
+            check_relative(&spec.path).map_err(|mut e| {
+                e.message.push_str(&format!(
+                    " (or a block device the writer's grant names in `devices`: {})",
+                    if grants.devices.is_empty() {
+                        "none".to_string()
+                    } else {
+                        grants
+                            .devices
+                            .iter()
+                            .map(|d| d.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
                 ));
-            }
+                e
+            })?;
+            self.check_seed_file(&root, &spec.path)?;
         }
         // One writer per disk: no other seed or replica may use it.
         let taken = self.seeds()?.into_iter().any(|s| s.spec.path == spec.path)
@@ -197,6 +201,33 @@ impl MasterTarget {
             .map_err(internal)?;
         tracing::info!(stream = %key, path = %record.spec.path, "seed recorded");
         Ok(record)
+    }
+
+    /// A seed below the storage root: a regular file inside it, not a link out of it.
+    fn check_seed_file(&self, root: &Path, path: &str) -> Result<(), RecoveryError> {
+        let full = root.join(path);
+        let inside = std::fs::canonicalize(&full)
+            .ok()
+            .zip(std::fs::canonicalize(root).ok())
+            .is_some_and(|(f, r)| f.starts_with(r));
+        match std::fs::symlink_metadata(&full) {
+            Ok(m) if m.is_file() && inside => Ok(()),
+            Ok(_) => Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "seed {path}: not a disk file below the writer's storage root {} (a folder, \
+                     a link or a device)",
+                    root.display()
+                ),
+            )),
+            Err(_) => Err(err(
+                ErrorKind::NotFound,
+                format!(
+                    "seed {path}: no such disk below the writer's storage root {}",
+                    root.display()
+                ),
+            )),
+        }
     }
 
     /// The seeds whose streams have not arrived yet.
