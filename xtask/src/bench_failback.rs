@@ -11,8 +11,9 @@
 //!   comparison sent (the agent's report), what the process server received and stored
 //!   (compressed) for the master target, and the digests the master target answered (32 bytes
 //!   per 4 KiB block).
-//! - rsync: `rsync --inplace --no-whole-file --stats` of the image onto a copy of the old disk,
-//!   then `sync`; its bytes sent and received as it counts them.
+//! - rsync: `rsync --inplace --no-whole-file --ignore-times --stats` of the image onto a copy
+//!   of the old disk (`--ignore-times`: both have the same size and may share a modification
+//!   second), then `sync`; its bytes sent and received as it counts them.
 //!
 //! The disk is 8 GiB (`HAVEN_BENCH_GIB` overrides), 1 MiB stripes never written / text-like /
 //! random. Release builds.
@@ -95,7 +96,7 @@ pub fn run(root: &Path) -> Result<()> {
     // --- rsync ------------------------------------------------------------------------------
     let started = Instant::now();
     let out = Command::new("rsync")
-        .args(["--inplace", "--no-whole-file", "--stats"])
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
         .arg(&image)
         .arg(&rsync_old)
         .output()
