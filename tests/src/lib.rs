@@ -724,6 +724,28 @@ pub struct Cluster {
     pub agent: Agent,
 }
 
+/// The writer of a [`Reverse`] master target.
+#[derive(Clone, Debug)]
+pub struct ReverseWriter {
+    /// `raw`, `vmdk`, … (the plugin `haven_<format>.wasm`).
+    pub format: String,
+    /// Where the disks a machine left are.
+    pub storage_root: PathBuf,
+    /// Block devices it may write too (a physical server's disks).
+    pub devices: Vec<PathBuf>,
+}
+
+impl ReverseWriter {
+    /// The raw writer over `storage_root`.
+    pub fn raw(storage_root: &Path) -> ReverseWriter {
+        ReverseWriter {
+            format: "raw".into(),
+            storage_root: storage_root.to_owned(),
+            devices: Vec::new(),
+        }
+    }
+}
+
 /// The gateways of the way back ([`Cluster::reverse`]).
 #[derive(Debug)]
 pub struct Reverse {
@@ -734,19 +756,15 @@ pub struct Reverse {
 }
 
 impl Reverse {
-    /// Starts, below `root`, a master target (site `primary`, admin token `admin`) whose raw
-    /// writer's storage root is `storage_root` (and which may write the block devices
-    /// `devices`: a physical server's disks), and a process server (site `secondary`)
-    /// forwarding to it.
-    pub fn start(
-        bins: &Path,
-        root: &Path,
-        storage_root: &Path,
-        devices: &[PathBuf],
-        admin: &str,
-    ) -> Result<Reverse> {
-        let raw = bins.join("../wasm32-wasip2/release/haven_raw.wasm");
-        let devices: Vec<String> = devices.iter().map(|d| format!("{d:?}")).collect();
+    /// Starts, below `root`, a master target (site `primary`, admin token `admin`) with
+    /// `writer`, and a process server (site `secondary`) forwarding to it.
+    pub fn start(bins: &Path, root: &Path, writer: ReverseWriter, admin: &str) -> Result<Reverse> {
+        let plugin = bins.join(format!(
+            "../wasm32-wasip2/release/haven_{}.wasm",
+            writer.format
+        ));
+        let storage_root = &writer.storage_root;
+        let devices: Vec<String> = writer.devices.iter().map(|d| format!("{d:?}")).collect();
         let devices = devices.join(", ");
         let (dir, port, api, admin) = Gateway::init(bins, root, "mt-a", "primary", Some(admin))?;
         let mt = Gateway::start(
@@ -756,7 +774,7 @@ impl Reverse {
             format!(
                 "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
                  writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
-                 [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {raw:?}\n\
+                 [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {plugin:?}\n\
                  grants = {{ storage_root = {storage_root:?}, devices = [{devices}] }}\n\n\
                  [api]\nlisten = \"127.0.0.1:{api}\"\n"
             ),
@@ -1025,8 +1043,7 @@ impl Cluster {
         Reverse::start(
             &default_bin_dir(),
             &self.root,
-            storage_root,
-            &[],
+            ReverseWriter::raw(storage_root),
             &self.mt.admin_token,
         )
     }

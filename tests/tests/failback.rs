@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use haven_e2e::{
-    Agent, Cluster, ClusterOptions, Rng, default_bin_dir, images_equal, poll, qemu_io, run_ok,
-    wait_for_point,
+    Agent, Cluster, ClusterOptions, ReverseWriter, Rng, default_bin_dir, images_equal, poll,
+    qemu_io, run_ok, wait_for_point,
 };
 use haven_net::stream::DiskState;
 
@@ -421,8 +421,10 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
     let rev = haven_e2e::Reverse::start(
         &bins,
         tmp,
-        &root,
-        &[PathBuf::from(&disk.device)],
+        ReverseWriter {
+            devices: vec![PathBuf::from(&disk.device)],
+            ..ReverseWriter::raw(&root)
+        },
         &cluster.mt.admin_token,
     )?;
     let dir = tmp.join("agent-b");
@@ -474,5 +476,154 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
         }
         Ok(())
     })?;
+    Ok(())
+}
+
+#[test]
+fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tmp = tmp.path();
+    // A VMware VM's disk: a monolithicFlat VMDK, whose flat extent the VM's agent protects.
+    let site_a = tmp.join("datastore-a");
+    fs::create_dir_all(&site_a)?;
+    let raw = tmp.join("source.raw");
+    populated_disk(&raw, 50, 23)?;
+    let vmdk = site_a.join("web01.vmdk");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=monolithicFlat",
+            ])
+            .arg(&raw)
+            .arg(&vmdk),
+    )?;
+    let flat = site_a.join("web01-flat.vmdk");
+    let mut cluster = Cluster::start(
+        tmp,
+        &flat,
+        ClusterOptions {
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    workload(&cluster.agent, 16, 0x33)?;
+    wait_for_point(&cluster.mt, "web01")?;
+    // Failed over to a raw replica (a KVM host's disk), which then runs and changes.
+    let image = PathBuf::from(
+        cluster
+            .mt
+            .haven(&["failover", "web01", "--planned"])?
+            .trim(),
+    );
+    cluster.agent.proc.kill();
+    scatter(&image, 48, 9)?;
+
+    // Back to VMware: the VMDK writer at the primary site opens the VM's own descriptor.
+    let bins = default_bin_dir();
+    let rev = haven_e2e::Reverse::start(
+        &bins,
+        tmp,
+        ReverseWriter {
+            format: "vmdk".into(),
+            ..ReverseWriter::raw(&site_a)
+        },
+        &cluster.mt.admin_token,
+    )?;
+    let dir = tmp.join("agent-b");
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
+    cluster.mt.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        &rev.mt.api,
+        "--target",
+        "web01.vmdk",
+    ])?;
+    let mut agent = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &image,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    wait_protected(&mut agent)?;
+    point_now(&rev.mt)?;
+    workload(&agent, 8, 0x55)?;
+    let out = rev
+        .mt
+        .haven(&["failover", "web01", "--planned", "--in-place"])?;
+    assert_eq!(out.trim(), vmdk.display().to_string());
+    agent.proc.kill();
+    // Still the VM's VMDK, valid, holding what the raw replica held last.
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "vmdk"])
+            .arg(&vmdk),
+    )?;
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "vmdk", "-F", "raw"])
+            .arg(&vmdk)
+            .arg(&image),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_that_copies_instead_of_comparing_never_writes_the_seed() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let trip = failed_over(tmp.path(), 30)?;
+    let before = fs::read(&trip.disk_a)?;
+    let bins = default_bin_dir();
+    let rev = trip
+        .cluster
+        .reverse(trip.disk_a.parent().context("site")?)?;
+    let dir = tmp.path().join("agent-b");
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
+    trip.cluster.mt.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        &rev.mt.api,
+        "--target",
+        "web01.raw",
+    ])?;
+    // Started without --seeded: it copies, and its copy skips the zero blocks the old disk may
+    // hold data in. Its first point must not release the seed.
+    let mut agent = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &trip.image_b,
+        &[],
+        vec!["--point-interval".into(), "1s".into()],
+    )?;
+    let error = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        agent.proc.check_alive("haven-agent")?;
+        let mt = rev.mt.status()?.master_target.unwrap_or_default();
+        Ok(mt
+            .replicas
+            .first()
+            .and_then(|r| r.error.clone())
+            .filter(|e| e.contains("--seeded"))
+            .ok_or_else(|| format!("no error yet: {:?}", mt.replicas.first())))
+    })?;
+    eprintln!("{error}");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = rev.mt.status()?.master_target.unwrap_or_default();
+    assert!(status.replicas.first().is_some_and(|r| r.seeding));
+    assert!(fs::read(&trip.disk_a)? == before, "the seed was written");
     Ok(())
 }

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use haven_e2e::{
-    Agent, Reverse, admin_token_of, http_post, images_equal, mixed_disk, poll, run_ok,
+    Agent, Reverse, ReverseWriter, admin_token_of, http_post, images_equal, mixed_disk, poll,
+    run_ok,
 };
 
 const BLOCK: u64 = 4096;
@@ -132,7 +133,7 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["--site", "bench", "--name", "127.0.0.1"]),
     )?;
     let admin = admin_token_of(&init)?;
-    let gateways = Reverse::start(&bins, &dir, &site_a, &[], &admin)?;
+    let gateways = Reverse::start(&bins, &dir, ReverseWriter::raw(&site_a), &admin)?;
     let agent_dir = dir.join("agent");
     let (server, id) = Agent::enroll_id(&bins, &gateways.ps, &agent_dir, "bench")?;
     http_post(

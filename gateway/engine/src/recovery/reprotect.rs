@@ -372,6 +372,13 @@ pub(crate) fn seed_tag(r: &Replica, seq: Seq) {
     let compared = r.recovery.seed_compared.load(Ordering::Acquire);
     if compared >= r.stream.info.size {
         *seed = SeedHold::Until(seq);
+        // A refusal of an earlier agent's point is over.
+        if r.stream
+            .error()
+            .is_some_and(|e| e.contains("reprotect's seed"))
+        {
+            r.stream.set_error(None);
+        }
         return;
     }
     let msg = format!(
