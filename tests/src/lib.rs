@@ -757,8 +757,29 @@ pub struct Reverse {
 
 impl Reverse {
     /// Starts, below `root`, a master target (site `primary`, admin token `admin`) with
-    /// `writer`, and a process server (site `secondary`) forwarding to it.
-    pub fn start(bins: &Path, root: &Path, writer: ReverseWriter, admin: &str) -> Result<Reverse> {
+    /// `writer`, and a process server (site `secondary`) forwarding to it; both joined to `cs`
+    /// when given, as `mt-a` and `ps-b`.
+    pub fn start(
+        bins: &Path,
+        root: &Path,
+        writer: ReverseWriter,
+        admin: &str,
+        cs: Option<&Gateway>,
+    ) -> Result<Reverse> {
+        // Enrolls a gateway's folder with the configuration server: its `[join]` section.
+        let join = |dir: &Path, name: &str| -> Result<String> {
+            let Some(cs) = cs else {
+                return Ok(String::new());
+            };
+            run_ok(
+                Command::new(bins.join("haven-gateway"))
+                    .args(["enroll", "--data-dir"])
+                    .arg(dir)
+                    .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
+                    .args(["--token", &cs.token()?, "--name", name]),
+            )?;
+            Ok(format!("\n[join]\nserver = \"127.0.0.1:{}\"\n", cs.port))
+        };
         let plugin = bins.join(format!(
             "../wasm32-wasip2/release/haven_{}.wasm",
             writer.format
@@ -767,12 +788,13 @@ impl Reverse {
         let devices: Vec<String> = writer.devices.iter().map(|d| format!("{d:?}")).collect();
         let devices = devices.join(", ");
         let (dir, port, api, admin) = Gateway::init(bins, root, "mt-a", "primary", Some(admin))?;
+        let joined = join(&dir, "mt-a")?;
         let mt = Gateway::start(
             bins,
             "master target at the primary site",
             dir.clone(),
             format!(
-                "data_dir = {dir:?}\n\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
+                "data_dir = {dir:?}\n{joined}\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
                  writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
                  [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {plugin:?}\n\
                  grants = {{ storage_root = {storage_root:?}, devices = [{devices}] }}\n\n\
@@ -792,12 +814,13 @@ impl Reverse {
                 .args(["--upstream", &format!("127.0.0.1:{port}")])
                 .args(["--token", &mt.token()?, "--name", "ps-b"]),
         )?;
+        let joined = join(&dir, "ps-b")?;
         let ps = Gateway::start(
             bins,
             "process server at the secondary site",
             dir.clone(),
             format!(
-                "data_dir = {dir:?}\n\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
+                "data_dir = {dir:?}\n{joined}\n[process_server]\nlisten = \"127.0.0.1:{ps_port}\"\n\
                  upstream = \"127.0.0.1:{port}\"\n\n[api]\nlisten = \"127.0.0.1:{api}\"\n"
             ),
             ps_port,
@@ -1045,6 +1068,7 @@ impl Cluster {
             &self.root,
             ReverseWriter::raw(storage_root),
             &self.mt.admin_token,
+            self.cs.as_ref(),
         )
     }
 

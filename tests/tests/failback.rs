@@ -126,6 +126,11 @@ struct Trip {
 /// changes blocks on both sides as a machine running there and a source that had writes the
 /// failover left behind would.
 fn failed_over(tmp: &Path, percent: u64) -> Result<Trip> {
+    failed_over_with(tmp, percent, false)
+}
+
+/// [`failed_over`], the gateways joined to a configuration server when `config_server`.
+fn failed_over_with(tmp: &Path, percent: u64, config_server: bool) -> Result<Trip> {
     let site_a = tmp.join("site-a");
     fs::create_dir_all(&site_a)?;
     let disk_a = site_a.join("web01.raw");
@@ -136,6 +141,7 @@ fn failed_over(tmp: &Path, percent: u64) -> Result<Trip> {
         ClusterOptions {
             retention: Some("window = \"1h\"".into()),
             agent_args: vec!["--point-interval".into(), "1s".into()],
+            config_server,
             ..ClusterOptions::default()
         },
     )?;
@@ -426,6 +432,7 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
             ..ReverseWriter::raw(&root)
         },
         &cluster.mt.admin_token,
+        None,
     )?;
     let dir = tmp.join("agent-b");
     let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
@@ -535,6 +542,7 @@ fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
             ..ReverseWriter::raw(&site_a)
         },
         &cluster.mt.admin_token,
+        None,
     )?;
     let dir = tmp.join("agent-b");
     let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
@@ -625,5 +633,63 @@ fn an_agent_that_copies_instead_of_comparing_never_writes_the_seed() -> Result<(
     let status = rev.mt.status()?.master_target.unwrap_or_default();
     assert!(status.replicas.first().is_some_and(|r| r.seeding));
     assert!(fs::read(&trip.disk_a)? == before, "the seed was written");
+    Ok(())
+}
+
+#[test]
+fn through_the_configuration_server_the_name_follows_the_direction() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let trip = failed_over_with(tmp.path(), 20, true)?;
+    let cs = trip.cluster.cs.as_ref().context("configuration server")?;
+    let rev = trip
+        .cluster
+        .reverse(trip.disk_a.parent().context("site")?)?;
+    // The primary site's master target has joined.
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        Ok(haven_e2e::http_get(
+            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
+            &cs.admin_token,
+        )
+        .map(drop)
+        .map_err(|e| format!("{e:#}")))
+    })?;
+    let bins = default_bin_dir();
+    let dir = tmp.path().join("agent-b");
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
+    cs.haven(&[
+        "reprotect",
+        "web01",
+        "--agent",
+        &id,
+        "--to",
+        "mt-a",
+        "--target",
+        "web01.raw",
+    ])?;
+    let mut agent = Agent::start_disks(
+        &bins,
+        Some(server),
+        &dir,
+        &trip.image_b,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    wait_protected(&mut agent)?;
+    // `web01` means the item that replicates now: at the primary site.
+    point_now(cs)?;
+    wait_equal(&trip.disk_a, &trip.image_b)?;
+    workload(&agent, 8, 0x66)?;
+    let out = cs.haven(&["failover", "web01", "--planned", "--in-place"])?;
+    assert_eq!(out.trim(), trip.disk_a.display().to_string());
+    assert!(images_equal(&trip.disk_a, &trip.image_b)?);
+    let shown = cs.haven(&["failover", "show", "web01"])?;
+    assert!(
+        shown.contains("failed-over") && shown.contains("reprotected from"),
+        "{shown}"
+    );
+    // Each change ran as a job of the configuration server.
+    let jobs = cs.jobs()?;
+    let kinds: Vec<&str> = jobs.iter().filter_map(|j| j["kind"].as_str()).collect();
+    assert!(kinds.contains(&"reprotect"), "jobs: {kinds:?}");
     Ok(())
 }

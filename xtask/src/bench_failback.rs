@@ -133,7 +133,7 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["--site", "bench", "--name", "127.0.0.1"]),
     )?;
     let admin = admin_token_of(&init)?;
-    let gateways = Reverse::start(&bins, &dir, ReverseWriter::raw(&site_a), &admin)?;
+    let gateways = Reverse::start(&bins, &dir, ReverseWriter::raw(&site_a), &admin, None)?;
     let agent_dir = dir.join("agent");
     let (server, id) = Agent::enroll_id(&bins, &gateways.ps, &agent_dir, "bench")?;
     http_post(

@@ -27,6 +27,9 @@ pub(crate) async fn forward_items(
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_string();
+    if path == "/v1/seeds" {
+        return forward_seeds(&cs, req).await;
+    }
     let rest = match crate::items_rest(&path) {
         Some(rest) => rest.to_string(),
         None => return next.run(req).await,
@@ -87,6 +90,44 @@ pub(crate) async fn forward_items(
             ),
         )
         .into_response(),
+    }
+}
+
+/// `/v1/seeds?gateway=NAME…` at a configuration server: to master target `NAME` (a reprotect
+/// records there the disk a machine left), without the `gateway` parameter.
+async fn forward_seeds(cs: &ConfigServer, req: Request) -> Response {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/v1/seeds".to_string(), |p| p.as_str().to_string());
+    let gateway = req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "gateway")
+            .map(|(_, v)| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+    });
+    let Some(gateway) = gateway.filter(|g| !g.is_empty()) else {
+        return ApiError::bad_request(
+            "at a configuration server, name the master target the seed is for: gateway=NAME \
+             (`haven status` lists the gateways)",
+        )
+        .into_response();
+    };
+    let request = ApiRequest {
+        method: req.method().to_string(),
+        path: crate::machines::without_param(&target, "gateway"),
+        caller: req
+            .extensions()
+            .get::<Caller>()
+            .map_or_else(String::new, Caller::label),
+    };
+    match cs.forward(&gateway, request).await {
+        Ok(answer) => answer_response(answer),
+        Err(e) => forward_error(e).into_response(),
     }
 }
 
@@ -325,6 +366,7 @@ fn job_kind(method: &Method, action: &str) -> &'static str {
         ("DELETE", "test-failover") => "test-failover-cleanup",
         ("POST", "failover") => "failover",
         ("POST", "commit") => "commit",
+        ("POST", "reprotect") => "reprotect",
         _ => "item-change",
     }
 }
@@ -395,6 +437,11 @@ async fn record_action(
             Severity::Info,
             "failover.committed",
             format!("failover of {item} committed{by}"),
+        ),
+        ("POST", "reprotect", true) => (
+            Severity::Info,
+            "reprotect.started",
+            format!("{item} reprotected{by}: it replicates back to the site it left"),
         ),
         _ => return,
     };
@@ -590,11 +637,11 @@ async fn call_local(router: axum::Router, request: ApiRequest) -> ApiAnswer {
     // The configuration server forwards item calls and group points only: nothing else runs
     // without a token.
     let path = request.path.split('?').next().unwrap_or_default();
-    if crate::items_rest(path).is_none() && path != "/v1/group-points" {
+    if crate::items_rest(path).is_none() && path != "/v1/group-points" && path != "/v1/seeds" {
         return failed(
             StatusCode::FORBIDDEN,
             format!(
-                "{}: only /v1/items and /v1/group-points calls are taken from the \
+                "{}: only /v1/items, /v1/seeds and /v1/group-points calls are taken from the \
                  configuration server",
                 request.path
             ),

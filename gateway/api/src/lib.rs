@@ -1104,13 +1104,17 @@ async fn reprotect(
     get,
     path = "/v1/seeds",
     tag = "recovery",
+    params(SeedListParams),
     responses(
         (status = OK, description = "Seeds whose streams have not arrived yet", body = Vec<SeedRecord>),
         (status = NOT_FOUND, description = "This gateway is not a master target", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The state could not be read", body = ErrorBody),
     )
 )]
-async fn list_seeds(Target(mt): Target) -> Result<Pretty<Vec<SeedRecord>>, ApiError> {
+async fn list_seeds(
+    Target(mt): Target,
+    QueryParams(_): QueryParams<SeedListParams>,
+) -> Result<Pretty<Vec<SeedRecord>>, ApiError> {
     Ok(Pretty(blocking(move || mt.seeds()).await?))
 }
 
@@ -1129,6 +1133,19 @@ struct SeedParams {
     machine_name: String,
     /// Where the machine runs now.
     from: Option<String>,
+    /// At a configuration server: the master target (a gateway's name) the seed is for (read
+    /// there, by the forwarding layer).
+    #[allow(dead_code)]
+    gateway: Option<String>,
+}
+
+/// The query of `GET /v1/seeds`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SeedListParams {
+    /// At a configuration server: the master target (a gateway's name) whose seeds to list.
+    #[allow(dead_code)]
+    gateway: Option<String>,
 }
 
 #[utoipa::path(
@@ -1138,7 +1155,7 @@ struct SeedParams {
     params(SeedParams),
     responses(
         (status = OK, description = "The seed is recorded: the agent's stream will replicate onto the disk", body = SeedRecord),
-        (status = BAD_REQUEST, description = "A bad agent id, disk or path", body = ErrorBody),
+        (status = BAD_REQUEST, description = "A bad agent id, disk or path; at a configuration server, no `gateway`", body = ErrorBody),
         (status = NOT_FOUND, description = "No such disk below the storage root, or this gateway is not a master target", body = ErrorBody),
         (status = CONFLICT, description = "The agent's disk replicates here already", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The seed could not be recorded", body = ErrorBody),

@@ -339,9 +339,11 @@ fn openapi_document_lists_every_route_with_its_answers() {
             ("query", "disk"),
             ("query", "path"),
             ("query", "machine_name"),
-            ("query", "from")
+            ("query", "from"),
+            ("query", "gateway")
         ])
     );
+    assert_eq!(params("get", "/v1/seeds"), set(&[("query", "gateway")]));
 
     // Answers: the engine's types, and `{"error"}` for every error listed.
     let schema_of = |method: &str, path: &str, code: &str| -> Value {

@@ -974,26 +974,40 @@ impl ConfigServer {
 
     /// The gateway whose last status lists `item` as a replica (a machine name or an agent
     /// id), if any.
+    ///
+    /// A machine that was reprotected has items at both sites: the one that replicates now
+    /// (not `reprotected`) is the one its name means.
     pub fn master_target_of(&self, item: &str) -> Option<String> {
         let live = lock(&self.live);
-        live.iter()
-            .find(|(_, l)| {
-                let Some(r) = &l.report else { return false };
-                r.status["master_target"]["replicas"]
-                    .as_array()
-                    .is_some_and(|replicas| {
-                        replicas.iter().any(|x| {
-                            let agent = x["agent_id"].as_str().unwrap_or_default();
-                            x["machine_name"].as_str() == Some(item)
-                                || agent == item
-                                // A unique prefix of 6+ hex digits, as a master target takes.
-                                || (item.len() >= 6
-                                    && item.bytes().all(|b| b.is_ascii_hexdigit())
-                                    && agent.starts_with(item))
-                        })
-                    })
-            })
-            .map(|(name, _)| name.clone())
+        // Whether the gateway holds the item, and whether as a reprotected one only.
+        let holds = |l: &Live| -> Option<bool> {
+            let r = l.report.as_ref()?;
+            let replicas = r.status["master_target"]["replicas"].as_array()?;
+            let mut found = None;
+            for x in replicas {
+                let agent = x["agent_id"].as_str().unwrap_or_default();
+                let named = x["machine_name"].as_str() == Some(item)
+                    || agent == item
+                    // A unique prefix of 6+ hex digits, as a master target takes.
+                    || (item.len() >= 6
+                        && item.bytes().all(|b| b.is_ascii_hexdigit())
+                        && agent.starts_with(item));
+                if named {
+                    let current = x["item_state"].as_str() != Some("reprotected");
+                    found = Some(found.unwrap_or(false) || current);
+                }
+            }
+            found
+        };
+        let mut fallback = None;
+        for (name, l) in live.iter() {
+            match holds(l) {
+                Some(true) => return Some(name.clone()),
+                Some(false) => fallback = fallback.or(Some(name.clone())),
+                None => {}
+            }
+        }
+        fallback
     }
 
     /// The names of the connected gateways with `role`.

@@ -51,7 +51,7 @@ pub struct Step {
 pub struct Job {
     /// Grows with every job.
     pub id: u64,
-    /// `test-failover`, `test-failover-cleanup`, `failover`, `commit`, `point`.
+    /// `test-failover`, `test-failover-cleanup`, `failover`, `commit`, `point`, `reprotect`.
     pub kind: String,
     /// The item it acts on.
     pub item: Option<String>,

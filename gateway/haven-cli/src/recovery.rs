@@ -410,7 +410,8 @@ pub struct ReprotectArgs {
     /// of this site (the id `haven-agent enroll` printed).
     #[arg(long)]
     agent: String,
-    /// The master target at the site the machine left, which keeps the replica now (its API).
+    /// The master target at the site the machine left, which keeps the replica now: its API
+    /// (`https://…`), or, through a configuration server, its gateway name.
     #[arg(long)]
     to: String,
     /// The disk the machine left there, below that master target's writer storage root: the
@@ -448,10 +449,16 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
             args.targets.len()
         );
     }
+    // An API address, or a gateway the configuration server (`--server`) reaches.
+    let direct = args.to.starts_with("http://") || args.to.starts_with("https://");
+    let (seed_api, via) = match direct {
+        true => (args.to.as_str(), String::new()),
+        false => (args.api.as_str(), format!("&gateway={}", seg(&args.to))),
+    };
     // The seeds first: a refusal there leaves this side as it was.
     for (i, target) in disks.iter().zip(&args.targets) {
         let path = format!(
-            "/v1/seeds?agent_id={}&disk={}&path={}&machine_name={}&from={}",
+            "/v1/seeds?agent_id={}&disk={}&path={}&machine_name={}&from={}{via}",
             seg(&args.agent),
             i.disk,
             seg(target),
@@ -460,7 +467,7 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
         );
         let s: SeedRecord = call(
             client,
-            &args.to,
+            seed_api,
             Method::POST,
             &path,
             Duration::from_secs(30),

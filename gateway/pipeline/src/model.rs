@@ -67,6 +67,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "policy.accepted",
     "policy.refused",
     "reprotect.completed",
+    "reprotect.started",
     "replication.resumed",
     "replication.resync-completed",
     "replication.resync-started",
