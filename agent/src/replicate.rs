@@ -296,9 +296,12 @@ impl Session {
         // acknowledged records freed every 500 ms.
         config.sender.window_bytes = window_bytes;
         if rec.compare_block != 0 {
-            // As many digests per range as the default's (4096).
+            // Ranges as large as the default's (256 MiB), as many digests as a request may ask:
+            // each range costs a round trip and a durable `sync_offset`, whatever its size.
             config.resync_block = rec.compare_block;
-            config.resync_range = u64::from(rec.compare_block) * 4096;
+            config.resync_range = (u64::from(rec.compare_block)
+                * haven_wire::frame::MAX_HASHES as u64)
+                .min(config.resync_range);
         }
         // QUIC finds a gateway that is gone; a busy one answers late, and is waited for.
         config.sender.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;

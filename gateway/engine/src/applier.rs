@@ -613,7 +613,22 @@ impl Hasher<'_> {
         // with every durable record laid over it, as a view at the durable seq.
         let durable = self.replica.stream.durable();
         let applied = self.replica.applied.load(Ordering::Acquire);
-        let view = if durable > applied {
+        // Only records that touch the range make the view differ from the base there; without
+        // any (a seeded replica's comparison meets few), the base is read as it is.
+        let touched = durable > applied
+            && self
+                .replica
+                .stream
+                .journal()
+                .entries_from(applied + 1)
+                .iter()
+                .any(|e| {
+                    e.seq <= durable
+                        && e.len > 0
+                        && e.offset < end
+                        && e.offset.saturating_add(e.len) > req.offset
+                });
+        let view = if touched {
             let mut base = self
                 .host
                 .load_writer(self.spec)
