@@ -724,6 +724,22 @@ pub struct Cluster {
     pub agent: Agent,
 }
 
+/// Enrolls the gateway folder `dir` with the configuration server `cs` as `name`, and returns
+/// the `[join]` section of its configuration; without `cs`, nothing.
+fn join_section(bins: &Path, cs: Option<&Gateway>, dir: &Path, name: &str) -> Result<String> {
+    let Some(cs) = cs else {
+        return Ok(String::new());
+    };
+    run_ok(
+        Command::new(bins.join("haven-gateway"))
+            .args(["enroll", "--data-dir"])
+            .arg(dir)
+            .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
+            .args(["--token", &cs.token()?, "--name", name]),
+    )?;
+    Ok(format!("\n[join]\nserver = \"127.0.0.1:{}\"\n", cs.port))
+}
+
 /// The writer of a [`Reverse`] master target.
 #[derive(Clone, Debug)]
 pub struct ReverseWriter {
@@ -766,20 +782,7 @@ impl Reverse {
         admin: &str,
         cs: Option<&Gateway>,
     ) -> Result<Reverse> {
-        // Enrolls a gateway's folder with the configuration server: its `[join]` section.
-        let join = |dir: &Path, name: &str| -> Result<String> {
-            let Some(cs) = cs else {
-                return Ok(String::new());
-            };
-            run_ok(
-                Command::new(bins.join("haven-gateway"))
-                    .args(["enroll", "--data-dir"])
-                    .arg(dir)
-                    .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
-                    .args(["--token", &cs.token()?, "--name", name]),
-            )?;
-            Ok(format!("\n[join]\nserver = \"127.0.0.1:{}\"\n", cs.port))
-        };
+        let join = |dir: &Path, name: &str| join_section(bins, cs, dir, name);
         let plugin = bins.join(format!(
             "../wasm32-wasip2/release/haven_{}.wasm",
             writer.format
@@ -896,20 +899,7 @@ impl Cluster {
             }
             false => None,
         };
-        // Joins a gateway's folder to the configuration server; its `[join]` section.
-        let join = |dir: &Path, name: &str| -> Result<String> {
-            let Some(cs) = &cs else {
-                return Ok(String::new());
-            };
-            run_ok(
-                Command::new(bins.join("haven-gateway"))
-                    .args(["enroll", "--data-dir"])
-                    .arg(dir)
-                    .args(["--config-server", &format!("127.0.0.1:{}", cs.port)])
-                    .args(["--token", &cs.token()?, "--name", name]),
-            )?;
-            Ok(format!("\n[join]\nserver = \"127.0.0.1:{}\"\n", cs.port))
-        };
+        let join = |dir: &Path, name: &str| join_section(bins, cs.as_ref(), dir, name);
         let (mt_dir, mt_port, mt_api, admin) =
             Gateway::init(bins, root, "mt", "secondary", admin.as_deref())?;
         let mt_join = join(&mt_dir, "mt1")?;

@@ -166,32 +166,53 @@ fn failed_over_with(tmp: &Path, percent: u64, config_server: bool) -> Result<Tri
 /// Reprotects the failed-over machine onto the disk it left: the reverse gateways, an agent on
 /// the image, `haven reprotect`.
 fn reprotect(trip: &Trip, tmp: &Path) -> Result<(haven_e2e::Reverse, Agent)> {
-    let bins = default_bin_dir();
     let rev = trip
         .cluster
         .reverse(trip.disk_a.parent().context("site")?)?;
-    let dir = tmp.join("agent-b");
-    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
-    let out = trip.cluster.mt.haven(&[
+    let agent = reprotect_with(
+        &trip.cluster.mt,
+        &rev,
+        &rev.mt.api,
+        "web01.raw",
+        &trip.image_b,
+        &tmp.join("agent-b"),
+        true,
+    )?;
+    Ok((rev, agent))
+}
+
+/// Reprotects web01, failed over at `from`'s master target (or through `from`, a
+/// configuration server), onto `target` at `rev`'s master target (`to`: its API or gateway
+/// name): an agent enrolled with `rev`'s process server in `dir`, `haven reprotect`, then the
+/// agent started on `image`, `--seeded` when `seeded`. `haven reprotect` must print `image`.
+fn reprotect_with(
+    from: &haven_e2e::Gateway,
+    rev: &haven_e2e::Reverse,
+    to: &str,
+    target: &str,
+    image: &Path,
+    dir: &Path,
+    seeded: bool,
+) -> Result<Agent> {
+    let bins = default_bin_dir();
+    let (server, id) = Agent::enroll_id(&bins, &rev.ps, dir, "web01")?;
+    let out = from.haven(&[
         "reprotect",
         "web01",
         "--agent",
         &id,
         "--to",
-        &rev.mt.api,
+        to,
         "--target",
-        "web01.raw",
+        target,
     ])?;
-    assert_eq!(out.trim(), trip.image_b.display().to_string());
-    let agent = Agent::start_disks(
-        &bins,
-        Some(server),
-        &dir,
-        &trip.image_b,
-        &[],
-        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
-    )?;
-    Ok((rev, agent))
+    assert_eq!(out.trim(), image.display().to_string());
+    let mut args: Vec<String> = vec!["--point-interval".into()];
+    match seeded {
+        true => args.extend(["1h".into(), "--seeded".into()]),
+        false => args.push("1s".into()),
+    }
+    Agent::start_disks(&bins, Some(server), dir, image, &[], args)
 }
 
 #[test]
@@ -434,25 +455,14 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
         &cluster.mt.admin_token,
         None,
     )?;
-    let dir = tmp.join("agent-b");
-    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
-    cluster.mt.haven(&[
-        "reprotect",
-        "web01",
-        "--agent",
-        &id,
-        "--to",
+    let mut agent = reprotect_with(
+        &cluster.mt,
+        &rev,
         &rev.mt.api,
-        "--target",
         &disk.device,
-    ])?;
-    let mut agent = Agent::start_disks(
-        &bins,
-        Some(server),
-        &dir,
         &image,
-        &[],
-        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+        &tmp.join("agent-b"),
+        true,
     )?;
     wait_protected(&mut agent)?;
     point_now(&rev.mt)?;
@@ -544,25 +554,14 @@ fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
         &cluster.mt.admin_token,
         None,
     )?;
-    let dir = tmp.join("agent-b");
-    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
-    cluster.mt.haven(&[
-        "reprotect",
-        "web01",
-        "--agent",
-        &id,
-        "--to",
+    let mut agent = reprotect_with(
+        &cluster.mt,
+        &rev,
         &rev.mt.api,
-        "--target",
         "web01.vmdk",
-    ])?;
-    let mut agent = Agent::start_disks(
-        &bins,
-        Some(server),
-        &dir,
         &image,
-        &[],
-        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+        &tmp.join("agent-b"),
+        true,
     )?;
     wait_protected(&mut agent)?;
     point_now(&rev.mt)?;
@@ -592,31 +591,19 @@ fn an_agent_that_copies_instead_of_comparing_never_writes_the_seed() -> Result<(
     let tmp = tempfile::tempdir()?;
     let trip = failed_over(tmp.path(), 30)?;
     let before = fs::read(&trip.disk_a)?;
-    let bins = default_bin_dir();
     let rev = trip
         .cluster
         .reverse(trip.disk_a.parent().context("site")?)?;
-    let dir = tmp.path().join("agent-b");
-    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
-    trip.cluster.mt.haven(&[
-        "reprotect",
-        "web01",
-        "--agent",
-        &id,
-        "--to",
-        &rev.mt.api,
-        "--target",
-        "web01.raw",
-    ])?;
     // Started without --seeded: it copies, and its copy skips the zero blocks the old disk may
     // hold data in. Its first point must not release the seed.
-    let mut agent = Agent::start_disks(
-        &bins,
-        Some(server),
-        &dir,
+    let mut agent = reprotect_with(
+        &trip.cluster.mt,
+        &rev,
+        &rev.mt.api,
+        "web01.raw",
         &trip.image_b,
-        &[],
-        vec!["--point-interval".into(), "1s".into()],
+        &tmp.path().join("agent-b"),
+        false,
     )?;
     let error = poll(Duration::from_secs(60), Duration::from_millis(200), || {
         agent.proc.check_alive("haven-agent")?;
@@ -653,26 +640,14 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
         .map(drop)
         .map_err(|e| format!("{e:#}")))
     })?;
-    let bins = default_bin_dir();
-    let dir = tmp.path().join("agent-b");
-    let (server, id) = Agent::enroll_id(&bins, &rev.ps, &dir, "web01")?;
-    cs.haven(&[
-        "reprotect",
-        "web01",
-        "--agent",
-        &id,
-        "--to",
+    let mut agent = reprotect_with(
+        cs,
+        &rev,
         "mt-a",
-        "--target",
         "web01.raw",
-    ])?;
-    let mut agent = Agent::start_disks(
-        &bins,
-        Some(server),
-        &dir,
         &trip.image_b,
-        &[],
-        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+        &tmp.path().join("agent-b"),
+        true,
     )?;
     wait_protected(&mut agent)?;
     // `web01` means the item that replicates now: at the primary site.

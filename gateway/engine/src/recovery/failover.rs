@@ -416,13 +416,7 @@ impl MasterTarget {
         );
         let staging = format!("{agent_dir}/.staging-disk{}", key.disk);
         let image = format!("{staging}/{name}");
-        let root = self
-            .config
-            .writer
-            .grants
-            .storage_root
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))?;
+        let root = self.writer_root()?;
         let (final_dir, staging_dir) = (root.join(&agent_dir), root.join(&staging));
         let full = final_dir.join(&name);
         if staging_dir.exists() {

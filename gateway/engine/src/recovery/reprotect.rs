@@ -123,10 +123,9 @@ impl MasterTarget {
             return Err(err(ErrorKind::Invalid, "the seed needs the machine's name"));
         }
         let grants = &self.config.writer.grants;
-        let root = grants
-            .storage_root
-            .clone()
-            .ok_or_else(|| err(ErrorKind::Internal, "the writer plugin has no storage root"))?;
+        let root = self
+            .writer_root()
+            .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
         if grants
             .devices
             .iter()
@@ -346,14 +345,7 @@ impl MasterTarget {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let root = self
-            .config
-            .writer
-            .grants
-            .storage_root
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))?;
-        let full = root.join(&r.path);
+        let full = self.writer_root()?.join(&r.path);
         tracing::info!(image = %full.display(), point = point.point, "failed over in place");
         Ok(full.display().to_string())
     }
