@@ -640,6 +640,16 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
         .map(drop)
         .map_err(|e| format!("{e:#}")))
     })?;
+    // A gateway named at a master target is refused: only a configuration server forwards.
+    let refused = haven_e2e::http_get(
+        &format!("{}/v1/seeds?gateway=mt-a", rev.mt.api),
+        &rev.mt.admin_token,
+    )
+    .expect_err("gateway= at a master target");
+    assert!(
+        format!("{refused:#}").contains("keeps its own seeds"),
+        "{refused:#}"
+    );
     let mut agent = reprotect_with(
         cs,
         &rev,
@@ -664,7 +674,10 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
     );
     // Each change ran as a job of the configuration server.
     let jobs = cs.jobs()?;
-    let kinds: Vec<&str> = jobs.iter().filter_map(|j| j["kind"].as_str()).collect();
-    assert!(kinds.contains(&"reprotect"), "jobs: {kinds:?}");
+    let reprotect = jobs
+        .iter()
+        .find(|j| j["kind"] == "reprotect")
+        .with_context(|| format!("no reprotect job: {jobs:?}"))?;
+    assert_eq!(reprotect["item"], "web01", "{reprotect}");
     Ok(())
 }

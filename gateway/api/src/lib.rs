@@ -1107,15 +1107,30 @@ async fn reprotect(
     params(SeedListParams),
     responses(
         (status = OK, description = "Seeds whose streams have not arrived yet", body = Vec<SeedRecord>),
+        (status = BAD_REQUEST, description = "A `gateway` at a master target, or none at a configuration server", body = ErrorBody),
         (status = NOT_FOUND, description = "This gateway is not a master target", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The state could not be read", body = ErrorBody),
     )
 )]
 async fn list_seeds(
     Target(mt): Target,
-    QueryParams(_): QueryParams<SeedListParams>,
+    QueryParams(q): QueryParams<SeedListParams>,
 ) -> Result<Pretty<Vec<SeedRecord>>, ApiError> {
+    no_gateway_here(q.gateway.as_deref())?;
     Ok(Pretty(blocking(move || mt.seeds()).await?))
+}
+
+/// `gateway=` at a master target: it is for a configuration server, which forwards the call
+/// without it; here it would record (or list) the seeds of this gateway, maybe not the one
+/// meant.
+fn no_gateway_here(gateway: Option<&str>) -> Result<(), ApiError> {
+    match gateway {
+        Some(g) => Err(ApiError::bad_request(format!(
+            "gateway={g:?}: this gateway is a master target and keeps its own seeds; name a \
+             gateway only at a configuration server, or call that gateway's API directly"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The query of `POST /v1/seeds`.
@@ -1134,8 +1149,7 @@ struct SeedParams {
     /// Where the machine runs now.
     from: Option<String>,
     /// At a configuration server: the master target (a gateway's name) the seed is for (read
-    /// there, by the forwarding layer).
-    #[allow(dead_code)]
+    /// there, by the forwarding layer, which passes the call on without it).
     gateway: Option<String>,
 }
 
@@ -1144,7 +1158,6 @@ struct SeedParams {
 #[into_params(parameter_in = Query)]
 struct SeedListParams {
     /// At a configuration server: the master target (a gateway's name) whose seeds to list.
-    #[allow(dead_code)]
     gateway: Option<String>,
 }
 
@@ -1155,7 +1168,7 @@ struct SeedListParams {
     params(SeedParams),
     responses(
         (status = OK, description = "The seed is recorded: the agent's stream will replicate onto the disk", body = SeedRecord),
-        (status = BAD_REQUEST, description = "A bad agent id, disk or path; at a configuration server, no `gateway`", body = ErrorBody),
+        (status = BAD_REQUEST, description = "A bad agent id, disk or path; a `gateway` at a master target, or none at a configuration server", body = ErrorBody),
         (status = NOT_FOUND, description = "No such disk below the storage root, or this gateway is not a master target", body = ErrorBody),
         (status = CONFLICT, description = "The agent's disk replicates here already", body = ErrorBody),
         (status = INTERNAL_SERVER_ERROR, description = "The seed could not be recorded", body = ErrorBody),
@@ -1165,6 +1178,7 @@ async fn add_seed(
     Target(mt): Target,
     QueryParams(q): QueryParams<SeedParams>,
 ) -> Result<Pretty<SeedRecord>, ApiError> {
+    no_gateway_here(q.gateway.as_deref())?;
     let disk = q.disk.parse::<u32>().map_err(|_| {
         ApiError::bad_request(format!("disk={:?}: give the disk's number, from 1", q.disk))
     })?;

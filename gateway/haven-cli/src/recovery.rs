@@ -477,11 +477,8 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
             i.disk, s.spec.agent_id, s.spec.path, args.to
         );
     }
-    let path = format!(
-        "/v1/items/{}/reprotect?to={}",
-        seg(&disks[0].agent_id),
-        seg(&args.to)
-    );
+    // By the name given: the job and event of a configuration server carry it.
+    let path = format!("/v1/items/{}/reprotect?to={}", seg(item), seg(&args.to));
     let _: ItemRecord = call(
         client,
         &args.api,
