@@ -134,6 +134,9 @@ struct Slot {
     replica: Arc<Replica>,
     /// Its handle in the applier's plugin instance, once opened.
     disk: Option<Disk>,
+    /// The handle is read-only: a seed waiting for its first point is never written, not even
+    /// by a format that marks itself open.
+    read_only: bool,
     /// Hash requests waiting for the journal to be fully applied.
     deferred: VecDeque<(HashRequest, oneshot::Sender<Result<Hashes, String>>)>,
     /// Paused after a failure until then.
@@ -225,6 +228,7 @@ impl Applier {
                     Slot {
                         replica,
                         disk: None,
+                        read_only: false,
                         deferred: VecDeque::new(),
                         retry_at: None,
                         refused: false,
@@ -354,11 +358,19 @@ impl Applier {
     /// Opens what is missing, then applies one batch or answers the hash requests.
     fn apply_turn(&mut self, slot: &mut Slot) -> Result<Turn, Stop> {
         let replica = slot.replica.clone();
+        let waiting = *lock(&replica.recovery.seed) == crate::recovery::SeedHold::Waiting;
+        if slot.read_only && !waiting {
+            // The seed may be written from now on: opened again for writing.
+            if let (Some(plugin), Some(disk)) = (self.plugin.as_mut(), slot.disk.take()) {
+                let _ = plugin.close(disk);
+            }
+        }
         if slot.disk.is_none() {
-            let disk = self.open(&replica).map_err(|e| {
+            let disk = self.open(&replica, waiting).map_err(|e| {
                 Stop::Failed(format!("cannot open replica {}: {e:#}", replica.path))
             })?;
             slot.disk = Some(disk);
+            slot.read_only = waiting;
             replica.created.store(true, Ordering::Release);
             replica.stream.set_error(None);
         }
@@ -394,8 +406,8 @@ impl Applier {
     }
 
     /// Loads the writer when it is not, and opens the replica in it, creating it (sparse, all
-    /// zero) when new.
-    fn open(&mut self, replica: &Replica) -> Result<Disk> {
+    /// zero) when new; a seed read-only when `read_only` (it waits for its first point).
+    fn open(&mut self, replica: &Replica, read_only: bool) -> Result<Disk> {
         let plugin = match &mut self.plugin {
             Some(p) => p,
             slot => slot.insert(self.host.load_writer(&self.spec)?),
@@ -416,7 +428,11 @@ impl Applier {
                 path,
                 root.display()
             );
-            let disk = plugin.open(path, Access::ReadWrite, &[])?;
+            let access = match read_only {
+                true => Access::ReadOnly,
+                false => Access::ReadWrite,
+            };
+            let disk = plugin.open(path, access, &[])?;
             let size = plugin.info(&disk)?.size;
             let want = replica.stream.info.size;
             if size != want {

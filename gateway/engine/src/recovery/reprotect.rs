@@ -17,8 +17,10 @@
 //!
 //! # The old source stays whole
 //!
-//! While `seeding`, nothing is applied to the replica ([`SeedHold::Waiting`]): the differences
-//! wait in the journal, and the old disk stays as it was, usable whatever fails mid-resync. The
+//! While `seeding`, nothing is applied to the replica ([`SeedHold::Waiting`]), and the applier
+//! holds it open read-only (a format that marks itself open does not write it either): the
+//! differences wait in the journal, and the old disk stays as it was, usable whatever fails
+//! mid-resync. The
 //! agent takes points only once every difference is in its log (the disk is `protected`), so
 //! the stream's first tag marks a state equal to the source. When that tag is durable here the
 //! replica is applied up to it ([`SeedHold::Until`]), and `seeding` is cleared once it is:
