@@ -391,12 +391,8 @@ fn item_disks(client: &Client, api: &str, item: &str) -> Result<Vec<ItemInfo>> {
         Duration::from_secs(10),
     )?;
     let mut ours: Vec<ItemInfo> = all.into_iter().filter(|i| i.named(item)).collect();
-    // A machine that came back keeps its reprotected item beside the new one; its name means
-    // the new one (as at the master target).
-    use haven_engine::recovery::ItemState;
-    if ours.iter().any(|i| i.item.state != ItemState::Reprotected) {
-        ours.retain(|i| i.item.state != ItemState::Reprotected);
-    }
+    // As the master target reads the name.
+    haven_engine::recovery::current(&mut ours, |i| i.item.state);
     ours.sort_by_key(|i| (i.agent_id.clone(), i.disk));
     Ok(ours)
 }

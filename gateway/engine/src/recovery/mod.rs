@@ -110,6 +110,14 @@ impl ItemInfo {
     }
 }
 
+/// Keeps, of the items a name matches, the ones it means: a machine that came back keeps its
+/// reprotected item (its history) beside the newer one, and its name means the newer.
+pub fn current<T>(items: &mut Vec<T>, state: impl Fn(&T) -> ItemState) {
+    if items.iter().any(|i| state(i) != ItemState::Reprotected) {
+        items.retain(|i| state(i) != ItemState::Reprotected);
+    }
+}
+
 /// `NAME/DISK` as the name and the disk; a name alone (or one whose last part is no number)
 /// names every disk.
 pub fn split_item(item: &str) -> (&str, Option<u32>) {
@@ -345,13 +353,7 @@ impl MasterTarget {
             })
             .collect();
         matches.sort_by_key(|r| (r.stream.key.peer, r.stream.key.disk));
-        // A machine that came back keeps its reprotected item (history) beside the new one;
-        // its name means the new one.
-        let reprotected =
-            |r: &Arc<Replica>| lock(&r.recovery.state).item.state == ItemState::Reprotected;
-        if matches.iter().any(|r| !reprotected(r)) {
-            matches.retain(|r| !reprotected(r));
-        }
+        current(&mut matches, |r| lock(&r.recovery.state).item.state);
         matches
     }
 
