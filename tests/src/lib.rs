@@ -1053,10 +1053,15 @@ impl Cluster {
     /// `storage_root` (where the machine's disks are, so a reprotect can start from them), and
     /// a process server at the secondary site forwarding to it ([`Reverse::start`]).
     pub fn reverse(&self, storage_root: &Path) -> Result<Reverse> {
+        self.reverse_with(ReverseWriter::raw(storage_root))
+    }
+
+    /// [`Cluster::reverse`] with another writer (a format, block devices).
+    pub fn reverse_with(&self, writer: ReverseWriter) -> Result<Reverse> {
         Reverse::start(
             &default_bin_dir(),
             &self.root,
-            ReverseWriter::raw(storage_root),
+            writer,
             &self.mt.admin_token,
             self.cs.as_ref(),
         )

@@ -114,6 +114,47 @@ fn point_now(gateway: &haven_e2e::Gateway) -> Result<()> {
     })
 }
 
+/// Protects `disk` (its agent taking a point a second, the master target keeping them, joined
+/// to a configuration server when `config_server`), writes `writes` blocks of 64 KiB through
+/// the agent, and fails over, planned: the image, checked equal to the disk, and the cluster
+/// with its agent stopped.
+fn protect_and_fail_over(
+    tmp: &Path,
+    disk: &Path,
+    config_server: bool,
+    writes: u64,
+) -> Result<(Cluster, PathBuf)> {
+    let mut cluster = Cluster::start(
+        tmp,
+        disk,
+        ClusterOptions {
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            config_server,
+            ..ClusterOptions::default()
+        },
+    )?;
+    if writes > 0 {
+        workload(&cluster.agent, writes, 0x11)?;
+    }
+    wait_for_point(&cluster.mt, "web01")?;
+    let out = cluster.mt.haven(&["failover", "web01", "--planned"])?;
+    let image = PathBuf::from(out.trim());
+    cluster.agent.proc.kill();
+    assert!(
+        images_equal(disk, &image)?,
+        "a planned failover's image equals the source"
+    );
+    Ok((cluster, image))
+}
+
+/// Fails web01 back at `gateway`, planned and in place: the image must be `disk`.
+fn fail_back(gateway: &haven_e2e::Gateway, disk: &Path) -> Result<()> {
+    let out = gateway.haven(&["failover", "web01", "--planned", "--in-place"])?;
+    assert_eq!(out.trim(), disk.display().to_string());
+    Ok(())
+}
+
 struct Trip {
     cluster: Cluster,
     disk_a: PathBuf,
@@ -135,25 +176,7 @@ fn failed_over_with(tmp: &Path, percent: u64, config_server: bool) -> Result<Tri
     fs::create_dir_all(&site_a)?;
     let disk_a = site_a.join("web01.raw");
     populated_disk(&disk_a, percent, 11)?;
-    let mut cluster = Cluster::start(
-        tmp,
-        &disk_a,
-        ClusterOptions {
-            retention: Some("window = \"1h\"".into()),
-            agent_args: vec!["--point-interval".into(), "1s".into()],
-            config_server,
-            ..ClusterOptions::default()
-        },
-    )?;
-    workload(&cluster.agent, 32, 0x11)?;
-    wait_for_point(&cluster.mt, "web01")?;
-    let out = cluster.mt.haven(&["failover", "web01", "--planned"])?;
-    let image_b = PathBuf::from(out.trim());
-    cluster.agent.proc.kill();
-    assert!(
-        images_equal(&disk_a, &image_b)?,
-        "a planned failover's image equals the source"
-    );
+    let (cluster, image_b) = protect_and_fail_over(tmp, &disk_a, config_server, 32)?;
     let changed = scatter(&image_b, 64, 5)? + scatter(&disk_a, 16, 6)?;
     Ok(Trip {
         cluster,
@@ -277,10 +300,7 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
 
     // Failback: planned, in place. More writes first; none is lost.
     workload(&agent, 16, 0x70)?;
-    let out = rev
-        .mt
-        .haven(&["failover", "web01", "--planned", "--in-place"])?;
-    assert_eq!(out.trim(), trip.disk_a.display().to_string());
+    fail_back(&rev.mt, &trip.disk_a)?;
     assert!(
         images_equal(&trip.disk_a, &trip.image_b)?,
         "the failback lost writes"
@@ -402,24 +422,7 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
         Ok(())
     })?;
 
-    let mut cluster = Cluster::start(
-        tmp,
-        Path::new(&disk.device),
-        ClusterOptions {
-            retention: Some("window = \"1h\"".into()),
-            agent_args: vec!["--point-interval".into(), "1s".into()],
-            ..ClusterOptions::default()
-        },
-    )?;
-    wait_for_point(&cluster.mt, "web01")?;
-    let image = PathBuf::from(
-        cluster
-            .mt
-            .haven(&["failover", "web01", "--planned"])?
-            .trim(),
-    );
-    cluster.agent.proc.kill();
-    assert!(images_equal(Path::new(&disk.device), &image)?);
+    let (cluster, image) = protect_and_fail_over(tmp, Path::new(&disk.device), false, 0)?;
 
     // The machine runs at the secondary site: files rewritten, added and removed there.
     {
@@ -442,19 +445,12 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
     }
 
     // The server is back: its disk is the seed, granted to the primary site's writer.
-    let bins = default_bin_dir();
     let root = tmp.join("site-a");
     fs::create_dir_all(&root)?;
-    let rev = haven_e2e::Reverse::start(
-        &bins,
-        tmp,
-        ReverseWriter {
-            devices: vec![PathBuf::from(&disk.device)],
-            ..ReverseWriter::raw(&root)
-        },
-        &cluster.mt.admin_token,
-        None,
-    )?;
+    let rev = cluster.reverse_with(ReverseWriter {
+        devices: vec![PathBuf::from(&disk.device)],
+        ..ReverseWriter::raw(&root)
+    })?;
     let mut agent = reprotect_with(
         &cluster.mt,
         &rev,
@@ -466,10 +462,7 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
     )?;
     wait_protected(&mut agent)?;
     point_now(&rev.mt)?;
-    let out = rev
-        .mt
-        .haven(&["failover", "web01", "--planned", "--in-place"])?;
-    assert_eq!(out.trim(), disk.device);
+    fail_back(&rev.mt, Path::new(&disk.device))?;
     agent.proc.kill();
     assert!(images_equal(Path::new(&disk.device), &image)?);
 
@@ -521,39 +514,15 @@ fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
             .arg(&vmdk),
     )?;
     let flat = site_a.join("web01-flat.vmdk");
-    let mut cluster = Cluster::start(
-        tmp,
-        &flat,
-        ClusterOptions {
-            retention: Some("window = \"1h\"".into()),
-            agent_args: vec!["--point-interval".into(), "1s".into()],
-            ..ClusterOptions::default()
-        },
-    )?;
-    workload(&cluster.agent, 16, 0x33)?;
-    wait_for_point(&cluster.mt, "web01")?;
     // Failed over to a raw replica (a KVM host's disk), which then runs and changes.
-    let image = PathBuf::from(
-        cluster
-            .mt
-            .haven(&["failover", "web01", "--planned"])?
-            .trim(),
-    );
-    cluster.agent.proc.kill();
+    let (cluster, image) = protect_and_fail_over(tmp, &flat, false, 16)?;
     scatter(&image, 48, 9)?;
 
     // Back to VMware: the VMDK writer at the primary site opens the VM's own descriptor.
-    let bins = default_bin_dir();
-    let rev = haven_e2e::Reverse::start(
-        &bins,
-        tmp,
-        ReverseWriter {
-            format: "vmdk".into(),
-            ..ReverseWriter::raw(&site_a)
-        },
-        &cluster.mt.admin_token,
-        None,
-    )?;
+    let rev = cluster.reverse_with(ReverseWriter {
+        format: "vmdk".into(),
+        ..ReverseWriter::raw(&site_a)
+    })?;
     let mut agent = reprotect_with(
         &cluster.mt,
         &rev,
@@ -566,10 +535,7 @@ fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
     wait_protected(&mut agent)?;
     point_now(&rev.mt)?;
     workload(&agent, 8, 0x55)?;
-    let out = rev
-        .mt
-        .haven(&["failover", "web01", "--planned", "--in-place"])?;
-    assert_eq!(out.trim(), vmdk.display().to_string());
+    fail_back(&rev.mt, &vmdk)?;
     agent.proc.kill();
     // Still the VM's VMDK, valid, holding what the raw replica held last.
     run_ok(
@@ -664,8 +630,7 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
     point_now(cs)?;
     wait_equal(&trip.disk_a, &trip.image_b)?;
     workload(&agent, 8, 0x66)?;
-    let out = cs.haven(&["failover", "web01", "--planned", "--in-place"])?;
-    assert_eq!(out.trim(), trip.disk_a.display().to_string());
+    fail_back(cs, &trip.disk_a)?;
     assert!(images_equal(&trip.disk_a, &trip.image_b)?);
     let shown = cs.haven(&["failover", "show", "web01"])?;
     assert!(
