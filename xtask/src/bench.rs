@@ -127,6 +127,15 @@ pub fn formats(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A bench's disk size in bytes: `HAVEN_BENCH_GIB` GiB, else `default_gib`.
+pub(crate) fn disk_bytes(default_gib: u64) -> u64 {
+    std::env::var("HAVEN_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(default_gib)
+        << 30
+}
+
 pub(crate) fn ratio(ours: Duration, theirs: Duration) -> f64 {
     ours.as_secs_f64() / theirs.as_secs_f64().max(1e-9)
 }

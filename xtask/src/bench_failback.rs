@@ -31,20 +31,12 @@ use haven_e2e::{
 
 const BLOCK: u64 = 4096;
 
-fn size() -> u64 {
-    std::env::var("HAVEN_BENCH_GIB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(8)
-        << 30
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
 
 pub fn run(root: &Path) -> Result<()> {
-    let size = size();
+    let size = crate::bench::disk_bytes(8);
     let dir = root.join("target/bench-failback");
     let _ = std::fs::remove_dir_all(&dir);
     let (site_a, site_b) = (dir.join("site-a"), dir.join("site-b"));

@@ -65,15 +65,6 @@ const READY_GOAL: f64 = 1.0;
 /// Longest wait for an initial sync and the first point.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// Disk size of the materialisation run; `HAVEN_BENCH_GIB` overrides the default of 1 GiB.
-fn size() -> u64 {
-    std::env::var("HAVEN_BENCH_GIB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1)
-        * GIB
-}
-
 /// Cargo's target folder: `$CARGO_TARGET_DIR` (relative to the workspace), else `target`.
 pub fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
@@ -650,7 +641,8 @@ fn allocated(path: &Path) -> u64 {
 }
 
 fn materialise(dir: &Path, bins: &Path) -> Result<Materialised> {
-    let size = size();
+    // The materialisation run's disk: 1 GiB unless `HAVEN_BENCH_GIB` says.
+    let size = crate::bench::disk_bytes(1);
     let dir = dir.join("materialise");
     std::fs::create_dir_all(&dir)?;
     let source = dir.join("source.raw");

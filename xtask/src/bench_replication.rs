@@ -25,14 +25,6 @@ use haven_e2e::{Cluster, ClusterOptions, free_tcp_port, images_equal, mixed_disk
 
 use crate::bench::{ratio, timed};
 
-/// Disk size; `HAVEN_BENCH_GIB` overrides the default of 4 GiB.
-fn size() -> u64 {
-    std::env::var("HAVEN_BENCH_GIB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(4)
-        << 30
-}
 const BLOCK: u64 = 4096;
 const WRITE_BYTES: u64 = 1 << 30;
 
@@ -45,7 +37,7 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 pub fn run(root: &Path) -> Result<()> {
-    let size = size();
+    let size = crate::bench::disk_bytes(4);
     let dir = root.join("target/bench-replication");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
