@@ -118,17 +118,23 @@ pub fn plan(client: &Client, command: PlanCommand) -> Result<()> {
             // Follow its newest job.
             let body = client.request(&run.api, Method::GET, "/v1/jobs?limit=100")?;
             let jobs: Vec<serde_json::Value> = serde_json::from_str(&body)?;
-            let Some(id) = jobs
-                .iter()
-                .find(|j| {
-                    j["item"].as_str() == Some(run.plan.as_str())
-                        && j["kind"].as_str().is_some_and(|k| k.starts_with("plan-"))
-                })
-                .and_then(|j| j["id"].as_u64())
-            else {
+            let Some(job) = jobs.iter().find(|j| {
+                j["item"].as_str() == Some(run.plan.as_str())
+                    && j["kind"].as_str().is_some_and(|k| k.starts_with("plan-"))
+            }) else {
                 return Ok(());
             };
-            return follow(client, &run.api, &run.plan, id);
+            let Some(id) = job["id"].as_u64() else {
+                return Ok(());
+            };
+            // The plan takes the resume on its own task: until it has, the job may still
+            // show the wait just resumed, which is not a new one.
+            let resumed = job["steps"]
+                .as_array()
+                .map(|steps| steps.len())
+                .filter(|n| *n > 0)
+                .map(|n| n - 1);
+            return follow(client, &run.api, &run.plan, id, resumed);
         }
     };
     let body = client.request_with(&run.api, Method::POST, &path, Duration::from_secs(60))?;
@@ -138,11 +144,12 @@ pub fn plan(client: &Client, command: PlanCommand) -> Result<()> {
     if run.no_wait {
         return Ok(());
     }
-    follow(client, &run.api, &run.plan, id)
+    follow(client, &run.api, &run.plan, id, None)
 }
 
-/// Prints the job's steps as they end, until it ends or waits for an operator.
-fn follow(client: &Client, api: &str, plan: &str, id: u64) -> Result<()> {
+/// Prints the job's steps as they end, until it ends or waits for an operator (other than a
+/// wait at step `resumed`, one an operator has just resumed).
+fn follow(client: &Client, api: &str, plan: &str, id: u64, resumed: Option<usize>) -> Result<()> {
     let started = Instant::now();
     let mut shown = 0;
     loop {
@@ -179,7 +186,7 @@ fn follow(client: &Client, api: &str, plan: &str, id: u64) -> Result<()> {
         }
         if let Some(message) = steps
             .last()
-            .filter(|s| s["state"] == "running")
+            .filter(|s| s["state"] == "running" && Some(steps.len() - 1) != resumed)
             .and_then(|s| s["name"].as_str())
             .and_then(|n| n.strip_prefix(WAITING))
         {
