@@ -91,6 +91,26 @@ fn seed_key(key: StreamKey) -> String {
 }
 
 /// Refuses a path that is absolute or leaves the storage root.
+/// `path`, absolute and below `root` (both as given or both resolved), relative to `root`.
+fn below(root: &Path, path: &str) -> Option<String> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return None;
+    }
+    let rel = p
+        .strip_prefix(root)
+        .ok()
+        .map(Path::to_path_buf)
+        .or_else(|| {
+            let (p, r) = (
+                std::fs::canonicalize(p).ok()?,
+                std::fs::canonicalize(root).ok()?,
+            );
+            p.strip_prefix(r).ok().map(Path::to_path_buf)
+        })?;
+    Some(rel.to_str()?.to_string()).filter(|r| !r.is_empty())
+}
+
 fn check_relative(path: &str) -> Result<(), RecoveryError> {
     let p = Path::new(path);
     if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -108,7 +128,7 @@ fn check_relative(path: &str) -> Result<(), RecoveryError> {
 impl MasterTarget {
     /// `POST /v1/seeds`: agent `spec.agent_id`'s disk `spec.disk` will replicate onto the
     /// existing disk `spec.path` (module docs).
-    pub fn add_seed(&self, spec: SeedSpec) -> Result<SeedRecord, RecoveryError> {
+    pub fn add_seed(&self, mut spec: SeedSpec) -> Result<SeedRecord, RecoveryError> {
         let peer = parse_peer(&spec.agent_id).ok_or_else(|| {
             err(
                 ErrorKind::Invalid,
@@ -128,6 +148,15 @@ impl MasterTarget {
         let root = self
             .writer_root()
             .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
+        // A file named by its full path below the root (as a failover's image is shown): the
+        // same file, relative to the root.
+        if let Some(rel) = below(&root, &spec.path) {
+            spec.path = rel;
+        }
+        if let Some(kept) = self.seed_of_spec(&spec)? {
+            // Asked again (a resumed reprotect): the same seed is the answer.
+            return Ok(kept);
+        }
         if grants
             .devices
             .iter()
@@ -202,6 +231,21 @@ impl MasterTarget {
             .map_err(internal)?;
         tracing::info!(stream = %key, path = %record.spec.path, "seed recorded");
         Ok(record)
+    }
+
+    /// The seed recorded already for exactly `spec` (agent, disk, path and machine).
+    fn seed_of_spec(&self, spec: &SeedSpec) -> Result<Option<SeedRecord>, RecoveryError> {
+        let Some(peer) = parse_peer(&spec.agent_id) else {
+            return Ok(None);
+        };
+        let key = StreamKey {
+            peer,
+            disk: spec.disk,
+        };
+        Ok(self
+            .seed_of(key)
+            .map_err(internal)?
+            .filter(|s| s.spec.path == spec.path && s.spec.machine_name == spec.machine_name))
     }
 
     /// A seed below the storage root: a regular file inside it, not a link out of it.
