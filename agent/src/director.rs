@@ -100,19 +100,11 @@ pub async fn run(
                 process_server: Some(ps),
                 ..
             }) => {
-                let kept = Kept::from(&ps);
-                let target = Target::from(kept.clone());
+                let target = Target::from(Kept::from(&ps));
                 if targets.borrow().as_ref() != Some(&target) {
                     tracing::info!(process_server = %ps.name, address = %ps.contact.address,
                         previous = ?current, "the configuration server names the process server");
-                    let path = kept_path(machine.data_dir());
-                    let stored = serde_json::to_vec_pretty(&kept)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|b| Ok(haven_fsutil::write_atomic(&path, &b, 0o644)?));
-                    if let Err(e) = stored {
-                        tracing::warn!(file = %path.display(), error = %format!("{e:#}"),
-                            "cannot keep the assignment");
-                    }
+                    keep(machine.data_dir(), &ps);
                     targets.send_replace(Some(target));
                 }
             }
@@ -139,6 +131,46 @@ pub async fn run(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Keeps `ps` as the process server named last (`DATA/assignment.json`).
+fn keep(data_dir: &Path, ps: &AssignedProcessServer) {
+    let path = kept_path(data_dir);
+    let stored = serde_json::to_vec_pretty(&Kept::from(ps))
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(haven_fsutil::write_atomic(&path, &b, 0o644)?));
+    if let Err(e) = stored {
+        tracing::warn!(file = %path.display(), error = %format!("{e:#}"),
+            "cannot keep the assignment");
+    }
+}
+
+/// Right after enrollment: asks the configuration server once, so it knows the agent (its
+/// machine and site: a reprotect finds the agent of a replica machine this way before it
+/// runs) and names its process server, kept for `protect`. The process server's name, if it
+/// named one.
+pub fn register(data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let identity = Identity::load(data_dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ask = AgentAsk {
+        site: identity.info.site.clone(),
+        process_server: None,
+        connected: false,
+    };
+    let answer = rt.block_on(async {
+        let mut conn = None;
+        let answer = ask_once(&identity, &mut conn, ask).await;
+        if let Some(c) = conn {
+            c.close(0u32.into(), b"registered");
+        }
+        answer
+    })?;
+    Ok(answer.process_server.map(|ps| {
+        keep(data_dir, &ps);
+        ps.name
+    }))
 }
 
 async fn ask_once(

@@ -177,6 +177,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 id.info.server,
                 data_dir.join(identity::IDENTITY_DIR).display()
             );
+            if id.info.config_server {
+                // Known to the configuration server from now on; `protect` asks again anyway.
+                match haven_agent::director::register(&data_dir) {
+                    Ok(Some(ps)) => println!("assigned to process server {ps}"),
+                    Ok(None) => println!("no process server assigned yet"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                        "cannot ask the configuration server yet; `protect` will"),
+                }
+            }
             Ok(())
         }
         Command::Protect {

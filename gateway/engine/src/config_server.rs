@@ -402,9 +402,17 @@ impl ConfigServer {
             })
             .collect();
         drop((live, last));
+        // An agent that says it runs at another site than the machine's pipeline entry is the
+        // agent of its replica there (a reprotect): placed at its own site, its entry's
+        // process server not pinned.
+        let away = ask.site.is_some()
+            && policy
+                .as_ref()
+                .is_some_and(|p| p.site.is_some() && p.site != ask.site);
         let site = policy
             .as_ref()
             .and_then(|p| p.site.clone())
+            .filter(|_| !away)
             .or(ask.site.clone())
             .or_else(|| known.as_ref().and_then(|k| k.site.clone()));
         let current = known.as_ref().and_then(|k| k.process_server.clone());
@@ -415,7 +423,10 @@ impl ConfigServer {
                     p.process_server_grace_ms
                 }),
         );
-        let pinned = policy.as_ref().and_then(|p| p.process_server.clone());
+        let pinned = policy
+            .as_ref()
+            .and_then(|p| p.process_server.clone())
+            .filter(|_| !away);
         let placement = place(
             site.as_deref(),
             current.as_deref(),
