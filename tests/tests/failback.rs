@@ -646,3 +646,151 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
     assert_eq!(reprotect["item"], "web01", "{reprotect}");
     Ok(())
 }
+
+/// The pipeline of the named round trip: web01 at the primary site (its disk `disk`), in group
+/// `web`, in plan `back`, with a failback policy that shuts the replica down and reprotects.
+fn named_pipeline(cluster: &Cluster, disk: &Path) -> Result<String> {
+    Ok(format!(
+        r#"{head}[[policy]]
+name = "fast"
+kind = "replication"
+crash_consistent_interval = "1m"
+app_consistent_interval = "off"
+
+[[policy]]
+name = "home"
+kind = "failback"
+shutdown_replica = true
+reprotect_after_failback = true
+
+[[machine]]
+name = "web01"
+site = "primary"
+policy = "fast"
+failback_policy = "home"
+process_server = "ps1"
+master_target = "mt1"
+writer = "raw"
+disks = [{disk:?}]
+
+[[group]]
+name = "web"
+machines = ["web01"]
+
+[[plan]]
+name = "back"
+
+[[plan.step]]
+kind = "failover"
+groups = ["web"]
+"#,
+        head = cluster.pipeline_head("named")?,
+        disk = disk.display().to_string(),
+    ))
+}
+
+/// The newest job of `kind` at the configuration server, which must have succeeded.
+fn succeeded(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
+    let jobs = cs.jobs()?;
+    let job = jobs
+        .into_iter()
+        .find(|j| j["kind"] == kind)
+        .with_context(|| format!("no {kind} job"))?;
+    if job["state"] != "succeeded" {
+        bail!("the {kind} job did not succeed: {job:#}");
+    }
+    Ok(job)
+}
+
+#[test]
+fn by_names_alone_a_group_reprotects_and_a_plan_fails_back_with_its_policy() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let trip = failed_over_with(tmp.path(), 20, true)?;
+    let cs = trip.cluster.cs.as_ref().context("configuration server")?;
+    let file = tmp.path().join("named.toml");
+    fs::write(&file, named_pipeline(&trip.cluster, &trip.disk_a)?)?;
+    cs.haven(&["apply", file.to_str().context("path")?])?;
+    let _rev = trip
+        .cluster
+        .reverse(trip.disk_a.parent().context("site")?)?;
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        Ok(haven_e2e::http_get(
+            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
+            &cs.admin_token,
+        )
+        .map(drop)
+        .map_err(|e| format!("{e:#}")))
+    })?;
+    let bins = default_bin_dir();
+
+    // Without an agent of the replica machine, the reprotect says what to enroll.
+    let refused = cs
+        .haven(&["reprotect", "web"])
+        .expect_err("no agent at the secondary site");
+    assert!(
+        format!("{refused:#}").contains("no agent of web01 at site secondary"),
+        "{refused:#}"
+    );
+    // The replica machine's agent enrolls at its site; the group reprotects by name: the
+    // server finds the agent, the master target of the primary site and the disk web01 left.
+    let dir_b = tmp.path().join("agent-b");
+    Agent::enroll_with_config_server(&bins, cs, "secondary", &dir_b, "web01")?;
+    let out = cs.haven(&["reprotect", "web"])?;
+    eprintln!("{out}");
+    assert!(out.contains("replicates to mt-a now"), "{out}");
+    succeeded(cs, "group-reprotect")?;
+    let mut agent = Agent::start_disks(
+        &bins,
+        None,
+        &dir_b,
+        &trip.image_b,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    let sent = wait_protected(&mut agent)?;
+    assert!(sent <= 2 * trip.changed, "sent {sent} for {}", trip.changed);
+    point_now(cs)?;
+    wait_equal(&trip.disk_a, &trip.image_b)?;
+
+    // The agent that protects the primary site again enrolls there; the plan fails back with
+    // web01's policy: planned in place (nothing lost), then reprotected to the secondary site.
+    let dir_a = tmp.path().join("agent-a2");
+    Agent::enroll_with_config_server(&bins, cs, "primary", &dir_a, "web01")?;
+    workload(&agent, 16, 0x70)?;
+    let out = cs.haven(&["failback", "back"])?;
+    eprintln!("{out}");
+    assert!(out.contains("done"), "{out}");
+    let job = succeeded(cs, "plan-failback")?;
+    let steps: Vec<&str> = job["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with("failback web01 at mt-a"))
+            && steps.iter().any(|s| s.starts_with("reprotect web01")),
+        "{steps:?}"
+    );
+    assert!(
+        images_equal(&trip.disk_a, &trip.image_b)?,
+        "the failback lost writes"
+    );
+    agent.proc.kill();
+    let mut back = Agent::start_disks(
+        &bins,
+        None,
+        &dir_a,
+        &trip.disk_a,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    let sent = wait_protected(&mut back)?;
+    assert_eq!(sent, 0, "the disks were equal");
+    workload(&back, 8, 0x90)?;
+    point_now(cs)?;
+    wait_equal(&trip.image_b, &trip.disk_a)?;
+    Ok(())
+}

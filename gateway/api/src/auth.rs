@@ -48,6 +48,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
             || path == "/v1/group-points"
             || path.starts_with("/v1/groups/")
             || path.starts_with("/v1/plans/")
+            || path.starts_with("/v1/machines/")
             || (path.starts_with("/v1/platforms/") && path.ends_with("/refresh"))
         {
             Role::Operator

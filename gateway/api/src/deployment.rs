@@ -293,14 +293,18 @@ pub(crate) async fn item_change(cs: &Arc<ConfigServer>, change: ItemChange) -> R
         && method == Method::POST
         && ((action == "failover" && (platforms.source.is_some() || platforms.target.is_some()))
             || (action == "test-failover" && test_replica));
+    let query_has = |flag: &str| {
+        request.path.split_once('?').is_some_and(|(_, q)| {
+            q.split('&')
+                .any(|kv| kv == flag || kv == format!("{flag}=true"))
+        })
+    };
+    let planned = query_has("planned");
     let mode = match action.as_str() {
         "test-failover" => crate::machines::Mode::Test,
-        _ => crate::machines::Mode::Failover {
-            planned: request.path.split_once('?').is_some_and(|(_, q)| {
-                q.split('&')
-                    .any(|kv| kv == "planned" || kv == "planned=true")
-            }),
-        },
+        // A failback in place: the replica off, the source machine on.
+        _ if query_has("in_place") => crate::machines::Mode::Failback { planned },
+        _ => crate::machines::Mode::Failover { planned },
     };
     let ended = {
         let cs = cs.clone();

@@ -32,6 +32,9 @@
 //! | GET    | `/v1/plans` | at a configuration server: the pipeline's recovery plans            |
 //! | POST   | `/v1/plans/NAME/failover` | runs a plan as a job (`planned=true` or `point=ID\|latest`); also `test-failover`, `cleanup`, `commit` (operator) |
 //! | POST   | `/v1/plans/NAME/resume` | resumes a plan waiting at a manual step (operator)   |
+//! | POST   | `/v1/plans/NAME/reprotect` | reprotects the plan's failed-over machines, as a job (operator); also `failback` |
+//! | POST   | `/v1/groups/NAME/reprotect` | the same for a group; also `failback`             |
+//! | POST   | `/v1/machines/NAME/reprotect` | the same for one machine, agents and disks found by the server; also `failback` |
 //! | GET    | `/v1/platforms` | at a configuration server: the pipeline's adapters, what they checked and saw |
 //! | GET    | `/v1/platforms/NAME/machines` | the machines an adapter saw at its last inventory |
 //! | POST   | `/v1/platforms/NAME/refresh` | checks an adapter and takes its inventory now (operator) |
@@ -68,6 +71,7 @@ mod https;
 mod machines;
 mod plans;
 mod platforms;
+mod reprotect;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -257,6 +261,12 @@ fn router(api: Api) -> Result<axum::Router> {
         .routes(routes!(plans::cleanup_plan))
         .routes(routes!(plans::commit_plan))
         .routes(routes!(plans::resume_plan))
+        .routes(routes!(plans::reprotect_plan))
+        .routes(routes!(plans::failback_plan))
+        .routes(routes!(plans::reprotect_group))
+        .routes(routes!(plans::failback_group))
+        .routes(routes!(plans::reprotect_machine))
+        .routes(routes!(plans::failback_machine))
         .routes(routes!(platforms::list_platforms))
         .routes(routes!(platforms::platform_machines))
         .routes(routes!(platforms::refresh_platform))

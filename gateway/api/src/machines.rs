@@ -139,7 +139,7 @@ pub(crate) fn quiesce_lock(machine: &str) -> Arc<tokio::sync::Mutex<()>> {
 fn replica_key(machine: &str, mode: Mode) -> String {
     match mode {
         Mode::Test => format!("test-replica/{machine}"),
-        Mode::Failover { .. } => format!("replica/{machine}"),
+        Mode::Failover { .. } | Mode::Failback { .. } => format!("replica/{machine}"),
     }
 }
 
@@ -184,6 +184,9 @@ pub(crate) enum Mode {
     Failover { planned: bool },
     /// After a test failover: a `-test` machine on the test networks.
     Test,
+    /// After a failback in place: the replica machine powered off first when `planned` (the
+    /// failback policy's `shutdown_replica`), then the source machine powered on.
+    Failback { planned: bool },
 }
 
 /// The applied pipeline; an empty one when none was applied.
@@ -302,6 +305,9 @@ pub(crate) async fn steps(
     mode: Mode,
     ends: Ends,
 ) -> Result<(Job, bool)> {
+    if let Mode::Failback { planned } = mode {
+        return failback_steps(cs, job, gateway, item, planned, ends).await;
+    }
     let machine_name = item.split('/').next().unwrap_or(item).to_string();
     let p = pipeline(cs)?;
     let m = p.machine(&machine_name).cloned();
@@ -419,6 +425,79 @@ pub(crate) async fn steps(
         }
     })
     .await?;
+    Ok((job, on.is_some()))
+}
+
+/// The platform steps of a failback in place of `item` at `gateway`: the image (the disk
+/// itself) whole, then the replica machine a failover defined powered off at its platform
+/// when `planned` (the agent's final point is in: nothing written later exists), then the
+/// source machine powered on at its platform.
+async fn failback_steps(
+    cs: &Arc<ConfigServer>,
+    job: Job,
+    gateway: &str,
+    item: &str,
+    planned: bool,
+    ends: Ends,
+) -> Result<(Job, bool)> {
+    let machine_name = item.split('/').next().unwrap_or(item).to_string();
+    let p = pipeline(cs)?;
+    let source = p.machine(&machine_name).and_then(|m| m.platform.clone());
+    let replica: Option<ReplicaRecord> = match planned {
+        true => {
+            let (cs, key) = (
+                cs.clone(),
+                replica_key(&machine_name, Mode::Failover { planned }),
+            );
+            tokio::task::spawn_blocking(move || cs.record(&key)).await??
+        }
+        false => None,
+    };
+    let name = format!("wait for the disks at {gateway}");
+    let last = replica.is_none() && source.is_none();
+    let (mut job, images) =
+        step(cs, job, name, last, ends, wait_for_image(cs, gateway, item)).await?;
+    if images.is_none() {
+        return Ok((job, false));
+    }
+    if let Some(r) = replica {
+        let name = format!("power off replica {} at {}", r.machine.id, r.platform);
+        let run = {
+            let (cs, platform, id) = (cs.clone(), r.platform.clone(), r.machine.id.clone());
+            async move {
+                cs.adapter_call(&platform, move |a| a.power_off(&id, PowerOffMode::Graceful))
+                    .await?;
+                Ok(((), "stopped".to_string()))
+            }
+        };
+        let (next, done) = step(cs, job, name, source.is_none(), ends, run).await?;
+        job = next;
+        if done.is_none() {
+            return Ok((job, false));
+        }
+    }
+    let Some(platform) = source else {
+        return Ok((job, true));
+    };
+    let name = format!("power on {machine_name} at {platform}");
+    let run = {
+        let (cs, platform) = (cs.clone(), platform.clone());
+        let name = machine_name.clone();
+        async move {
+            let vm = source_machine(&cs, &platform, &name)
+                .await?
+                .with_context(|| {
+                    format!(
+                        "platform {platform} has no machine named `{name}` in its inventory; \
+                     `haven platform machines {platform}` lists what it sees"
+                    )
+                })?;
+            let id = vm.id.clone();
+            cs.adapter_call(&platform, move |a| a.power_on(&id)).await?;
+            Ok(((), format!("{} ({}) running", vm.name, vm.id)))
+        }
+    };
+    let (job, on) = step(cs, job, name, true, ends, run).await?;
     Ok((job, on.is_some()))
 }
 
@@ -715,8 +794,20 @@ pub(crate) struct DiskImage {
 }
 
 /// The items `item` names at master target `gateway` (every disk of a machine, or the one
-/// disk of `MACHINE/DISK`), in disk order.
+/// disk of `MACHINE/DISK`), in disk order: as the master target reads the name, the ones
+/// that replicate now when a reprotect left older ones there.
 pub(crate) async fn items_of(
+    cs: &Arc<ConfigServer>,
+    gateway: &str,
+    item: &str,
+) -> Result<Vec<ItemInfo>> {
+    let mut ours = all_items_of(cs, gateway, item).await?;
+    haven_engine::recovery::current(&mut ours, |i| i.item.state);
+    Ok(ours)
+}
+
+/// Every item `item` names at master target `gateway`, reprotected ones too, in disk order.
+pub(crate) async fn all_items_of(
     cs: &Arc<ConfigServer>,
     gateway: &str,
     item: &str,

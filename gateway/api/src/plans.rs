@@ -14,9 +14,18 @@
 //!   /v1/plans/{name}/resume` (`haven plan resume`); its step is named `wait for an operator:
 //!   MESSAGE` while it waits.
 //!
+//! - A reprotect (`POST /v1/plans/{name}/reprotect`) reprotects each machine of the failover
+//!   steps, and a failback (`…/failback`) fails each back in place with its failback policy
+//!   (then reprotects it, as the policy says); scripts and manual steps do not run in either
+//!   ([`crate::reprotect`]).
+//!
+//! A group (`POST /v1/groups/{name}/reprotect`, `…/failback`) and a machine (`POST
+//! /v1/machines/{name}/reprotect`, `…/failback`) run the same way, as a plan of one failover
+//! step naming them.
+//!
 //! A failing step stops the plan with its reason, unless the step says `continue_on_error`.
-//! One run per plan at a time. Events: `plan.started`, `plan.waiting`, `plan.completed`,
-//! `plan.failed`.
+//! One run per plan (group, machine) at a time. Events: `plan.started`, `plan.waiting`,
+//! `plan.completed`, `plan.failed`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +53,9 @@ pub const WAITING: &str = "wait for an operator: ";
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Progress {
     plan: String,
+    /// What `plan` names: a plan, a group or a machine.
+    #[serde(default)]
+    subject: Subject,
     action: String,
     query: String,
     /// Units of work done (machines, group points, scripts, manual steps), in order.
@@ -58,13 +70,54 @@ fn progress_key(job: u64) -> String {
     format!("planrun/{job:020}")
 }
 
+/// What a run takes its machines from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Subject {
+    /// A plan of the pipeline.
+    #[default]
+    Plan,
+    /// A group of the pipeline: one failover step naming it.
+    Group,
+    /// One machine: one failover step naming it.
+    Machine,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Plan => "plan",
+            Subject::Group => "group",
+            Subject::Machine => "machine",
+        }
+    }
+
+    /// The steps a run of `name` takes; `None` when the pipeline has no such plan or group.
+    fn steps(self, p: &Pipeline, name: &str) -> Option<Vec<Step>> {
+        let one = |machines: Vec<String>, groups: Vec<String>| {
+            vec![Step::Failover(haven_pipeline::model::FailoverStep {
+                machines,
+                groups,
+                continue_on_error: false,
+            })]
+        };
+        match self {
+            Subject::Plan => p.plan(name).map(|plan| plan.steps.clone()),
+            Subject::Group => p.group(name).map(|_| one(Vec::new(), vec![name.into()])),
+            Subject::Machine => Some(one(vec![name.into()], Vec::new())),
+        }
+    }
+}
+
 /// What a plan run does to each machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
+pub(crate) enum Action {
     Failover,
     TestFailover,
     Cleanup,
     Commit,
+    Reprotect,
+    Failback,
 }
 
 impl Action {
@@ -74,6 +127,8 @@ impl Action {
             Action::TestFailover,
             Action::Cleanup,
             Action::Commit,
+            Action::Reprotect,
+            Action::Failback,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -85,6 +140,8 @@ impl Action {
             Action::TestFailover => "test-failover",
             Action::Cleanup => "cleanup",
             Action::Commit => "commit",
+            Action::Reprotect => "reprotect",
+            Action::Failback => "failback",
         }
     }
 
@@ -157,9 +214,15 @@ fn no_plan(name: &str) -> ApiError {
     )
 }
 
-/// Starts a run of plan `name`; answers its job.
-async fn start(
+/// The waiter key of a run of `name`: one run of each at a time.
+fn run_key(subject: Subject, name: &str) -> String {
+    format!("{}/{name}", subject.name())
+}
+
+/// Starts a run of `action` over `subject` `name`; answers its job.
+pub(crate) async fn start(
     cs: Arc<ConfigServer>,
+    subject: Subject,
     name: String,
     action: Action,
     query: String,
@@ -169,35 +232,59 @@ async fn start(
         let (cs, name) = (cs.clone(), name.clone());
         blocking(move || -> Result<Option<(Vec<Step>, Pipeline)>> {
             let p = pipeline(&cs)?;
-            Ok(p.plan(&name).map(|plan| (plan.steps.clone(), p.clone())))
+            Ok(subject.steps(&p, &name).map(|steps| (steps, p.clone())))
         })
         .await?
     }
-    .ok_or_else(|| no_plan(&name))?;
-    let key = format!("plan/{name}");
+    .ok_or_else(|| match subject {
+        Subject::Group => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no group `{name}` in the applied pipeline; `haven export` shows it"),
+        ),
+        _ => no_plan(&name),
+    })?;
+    if subject == Subject::Machine && cs.master_target_of(&name).is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no master target joined to this configuration server holds `{name}` (a \
+                 machine name or agent id); `haven status` lists the items"
+            ),
+        ));
+    }
+    let key = run_key(subject, &name);
     let Some(waiter) = cs.claim_waiter(&key) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "plan `{name}` is running; follow it with `haven job list`, resume it with \
-                 `haven plan resume {name}` when it waits"
+                "{} `{name}` is running; follow it with `haven job list`, resume it with \
+                 `haven plan resume {name}` when it waits",
+                subject.name()
             ),
         ));
     };
     let job = {
         let (cs, name) = (cs.clone(), name.clone());
+        let kind = match (subject, action) {
+            (Subject::Plan, Action::Failover) => "plan-failover",
+            (Subject::Plan, Action::TestFailover) => "plan-test-failover",
+            (Subject::Plan, Action::Cleanup) => "plan-cleanup",
+            (Subject::Plan, Action::Commit) => "plan-commit",
+            (Subject::Plan, Action::Reprotect) => "plan-reprotect",
+            (Subject::Plan, Action::Failback) => "plan-failback",
+            (Subject::Group, Action::Reprotect) => "group-reprotect",
+            (Subject::Group, Action::Failback) => "group-failback",
+            (Subject::Machine, Action::Reprotect) => "machine-reprotect",
+            (Subject::Machine, Action::Failback) => "machine-failback",
+            (_, _) => "item-change",
+        };
         blocking(move || {
             cs.start_job(NewJob {
-                kind: match action {
-                    Action::Failover => "plan-failover",
-                    Action::TestFailover => "plan-test-failover",
-                    Action::Cleanup => "plan-cleanup",
-                    Action::Commit => "plan-commit",
-                },
+                kind,
                 item: Some(&name),
                 gateway: None,
                 caller: &caller,
-                step: &format!("start plan {name} ({})", action.name()),
+                step: &format!("start {} {name} ({})", subject.name(), action.name()),
             })
         })
         .await
@@ -226,11 +313,12 @@ async fn start(
         kind: "plan.started",
         gateway: None,
         item: Some(name.clone()),
-        text: format!("plan {name} ({}) started", action.name()),
+        text: format!("{} {name} ({}) started", subject.name(), action.name()),
     });
     let answer = first.clone();
     let progress = Progress {
         plan: name.clone(),
+        subject,
         action: action.name().to_string(),
         query,
         ..Progress::default()
@@ -252,7 +340,8 @@ fn spawn_run(
 ) {
     tokio::spawn(async move {
         let (id, name) = (job.id, progress.plan.clone());
-        let key = format!("plan/{name}");
+        let subject = progress.subject.name();
+        let key = run_key(progress.subject, &name);
         let outcome = run(&cs, job, &p, &plan_steps, action, &waiter, progress).await;
         if let Err(e) = &outcome {
             crate::machines::fail_job(&cs, id, e).await;
@@ -269,13 +358,17 @@ fn spawn_run(
             Ok(job) if job.state == JobState::Succeeded => (
                 Severity::Info,
                 "plan.completed",
-                format!("plan {name} ({}) completed; job {}", action.name(), job.id),
+                format!(
+                    "{subject} {name} ({}) completed; job {}",
+                    action.name(),
+                    job.id
+                ),
             ),
             Ok(job) => (
                 Severity::Error,
                 "plan.failed",
                 format!(
-                    "plan {name} ({}) stopped: {}; `haven job show {}` has its steps",
+                    "{subject} {name} ({}) stopped: {}; `haven job show {}` has its steps",
                     action.name(),
                     job.outcome(),
                     job.id
@@ -284,7 +377,7 @@ fn spawn_run(
             Err(e) => (
                 Severity::Error,
                 "plan.failed",
-                format!("plan {name} ({}) stopped: {e:#}", action.name()),
+                format!("{subject} {name} ({}) stopped: {e:#}", action.name()),
             ),
         };
         let _ = cs.raise(Raise {
@@ -323,18 +416,17 @@ async fn resume_one(cs: &Arc<ConfigServer>, job: Job) -> Result<()> {
         let cs = cs.clone();
         tokio::task::spawn_blocking(move || pipeline(&cs)).await??
     };
-    let steps = p
-        .plan(&progress.plan)
-        .map(|plan| plan.steps.clone())
-        .with_context(|| {
-            format!(
-                "plan `{}` is no longer in the applied pipeline",
-                progress.plan
-            )
-        })?;
+    let subject = progress.subject;
+    let steps = subject.steps(&p, &progress.plan).with_context(|| {
+        format!(
+            "{} `{}` is no longer in the applied pipeline",
+            subject.name(),
+            progress.plan
+        )
+    })?;
     let waiter = cs
-        .claim_waiter(&format!("plan/{}", progress.plan))
-        .with_context(|| format!("plan `{}` runs already", progress.plan))?;
+        .claim_waiter(&run_key(subject, &progress.plan))
+        .with_context(|| format!("{} `{}` runs already", subject.name(), progress.plan))?;
     tracing::warn!(job = job.id, plan = %progress.plan, unit = progress.done + 1,
         "resuming a plan's run a restart interrupted");
     let _ = cs.raise(Raise {
@@ -418,8 +510,9 @@ async fn run(
         .any(|kv| kv == "planned" || kv == "planned=true");
     // Every unit of work, in order, so the last one ends the job.
     enum Work<'a> {
-        /// A machine, with its group (whose point it fails over to) if any.
-        Machine(String, bool, Option<String>),
+        /// A machine, with its group (whose point it fails over to) if any, and what is done
+        /// to it.
+        Machine(String, bool, Option<String>, Action),
         /// Finding the group's latest point, before its members.
         GroupPoint(String, Vec<String>, bool),
         Script(&'a haven_pipeline::model::ScriptStep),
@@ -430,17 +523,25 @@ async fn run(
     let to_group_point = match action {
         Action::Failover => !planned && query == "point=latest",
         Action::TestFailover => true,
-        Action::Cleanup | Action::Commit => false,
+        Action::Cleanup | Action::Commit | Action::Reprotect | Action::Failback => false,
+    };
+    // A failback is followed by a reprotect the other way when the machine's policy says so.
+    let units = |m: &String, coe: bool, group: Option<String>| {
+        let mut units = vec![Work::Machine(m.clone(), coe, group, action)];
+        if action == Action::Failback
+            && crate::reprotect::failback_policy(p, m).reprotect_after_failback
+        {
+            units.push(Work::Machine(m.clone(), coe, None, Action::Reprotect));
+        }
+        units
     };
     let mut work = Vec::new();
     for s in steps {
         match s {
             Step::Failover(f) => {
-                work.extend(
-                    f.machines
-                        .iter()
-                        .map(|m| Work::Machine(m.clone(), f.continue_on_error, None)),
-                );
+                for m in &f.machines {
+                    work.extend(units(m, f.continue_on_error, None));
+                }
                 for g in &f.groups {
                     let group = p.group(g).with_context(|| format!("no group {g}"))?;
                     if to_group_point {
@@ -450,13 +551,13 @@ async fn run(
                             f.continue_on_error,
                         ));
                     }
-                    work.extend(group.machines.iter().map(|m| {
-                        Work::Machine(
-                            m.clone(),
+                    for m in &group.machines {
+                        work.extend(units(
+                            m,
                             f.continue_on_error,
                             to_group_point.then(|| g.clone()),
-                        )
-                    }));
+                        ));
+                    }
                 }
             }
             Step::Script(s) if action.runs_scripts() => work.push(Work::Script(s)),
@@ -476,8 +577,15 @@ async fn run(
         let last = i + 1 == count;
         let resumed = std::mem::take(&mut progress.resumed);
         let (next, go_on) = match w {
-            Work::Machine(machine, continue_on_error, group) => {
+            Work::Machine(machine, continue_on_error, group, action) => {
                 let point = group.and_then(|g| progress.group_points.get(&g).copied());
+                // A failback is planned when its policy shuts the replica down.
+                let planned = match action {
+                    Action::Failback => {
+                        crate::reprotect::failback_policy(p, &machine).shutdown_replica
+                    }
+                    _ => planned,
+                };
                 machine_step(
                     cs,
                     job,
@@ -598,13 +706,21 @@ async fn machine_step(
         ),
         (Action::Cleanup, _) => ("DELETE", format!("/v1/items/{machine}/test-failover")),
         (Action::Commit, _) => ("POST", format!("/v1/items/{machine}/commit")),
+        (Action::Failback, _) => (
+            "POST",
+            match planned {
+                true => format!("/v1/items/{machine}/failover?in_place=true&planned=true"),
+                false => format!("/v1/items/{machine}/failover?in_place=true&point=latest"),
+            },
+        ),
+        (Action::Reprotect, _) => ("POST", String::new()),
     };
     let name = format!(
         "{} {machine} at {}",
         action.name(),
         gateway.as_deref().unwrap_or("?")
     );
-    let failover = action == Action::Failover;
+    let failover = matches!(action, Action::Failover | Action::Failback);
     // A test failover a target platform runs: the disks as files too, and the test replica
     // deleted before its cleanup.
     let test_replica = matches!(action, Action::TestFailover | Action::Cleanup)
@@ -620,6 +736,9 @@ async fn machine_step(
             let gateway = gateway.with_context(|| {
                 format!("no master target joined to this configuration server holds {machine}")
             })?;
+            if action == Action::Reprotect {
+                return crate::reprotect::reprotect_machine(&cs, &gateway, &machine, resumed).await;
+            }
             if resumed && let Some(done) = done_already(&cs, &gateway, &machine, action).await? {
                 return Ok(done);
             }
@@ -675,6 +794,7 @@ async fn machine_step(
     };
     let mode = match action {
         Action::TestFailover => crate::machines::Mode::Test,
+        Action::Failback => crate::machines::Mode::Failback { planned },
         _ => crate::machines::Mode::Failover { planned },
     };
     let (job, all) = crate::machines::steps(cs, job, &gateway, machine, mode, ends).await?;
@@ -749,16 +869,29 @@ async fn script(run: &str, timeout: Duration, plan: &str, action: Action) -> Res
 
 macro_rules! plan_route {
     ($fn:ident, $path:literal, $action:expr, $what:literal) => {
+        run_route!(
+            $fn,
+            $path,
+            Subject::Plan,
+            $action,
+            $what,
+            "The plan's name in the pipeline"
+        );
+    };
+}
+
+macro_rules! run_route {
+    ($fn:ident, $path:literal, $subject:expr, $action:expr, $what:literal, $name:literal) => {
         #[doc = $what]
         #[utoipa::path(
             post,
             path = $path,
             tag = "deployment",
-            params(("name" = String, Path, description = "The plan's name in the pipeline")),
+            params(("name" = String, Path, description = $name)),
             responses(
-                (status = OK, description = "The plan's job, started", body = Job),
-                (status = NOT_FOUND, description = "No such plan, or this gateway is no configuration server", body = ErrorBody),
-                (status = CONFLICT, description = "The plan is running", body = ErrorBody),
+                (status = OK, description = "The run's job, started", body = Job),
+                (status = NOT_FOUND, description = "No such plan, group or machine, or this gateway is no configuration server", body = ErrorBody),
+                (status = CONFLICT, description = "It is running already", body = ErrorBody),
             )
         )]
         pub(crate) async fn $fn(
@@ -767,10 +900,55 @@ macro_rules! plan_route {
             caller: Option<axum::Extension<crate::auth::Caller>>,
         ) -> Result<Pretty<Job>, ApiError> {
             let caller = caller.map_or_else(String::new, |c| c.label());
-            start(cs, name, $action, String::new(), caller).await
+            start(cs, $subject, name, $action, String::new(), caller).await
         }
     };
 }
+
+plan_route!(
+    reprotect_plan,
+    "/v1/plans/{name}/reprotect",
+    Action::Reprotect,
+    "Reprotects every failed-over machine of the plan: each replicates back to the site it left."
+);
+plan_route!(
+    failback_plan,
+    "/v1/plans/{name}/failback",
+    Action::Failback,
+    "Fails every machine of the plan back in place, as its failback policy says."
+);
+run_route!(
+    reprotect_group,
+    "/v1/groups/{name}/reprotect",
+    Subject::Group,
+    Action::Reprotect,
+    "Reprotects every member of the group.",
+    "The group's name in the pipeline"
+);
+run_route!(
+    failback_group,
+    "/v1/groups/{name}/failback",
+    Subject::Group,
+    Action::Failback,
+    "Fails every member of the group back in place, as its failback policy says.",
+    "The group's name in the pipeline"
+);
+run_route!(
+    reprotect_machine,
+    "/v1/machines/{name}/reprotect",
+    Subject::Machine,
+    Action::Reprotect,
+    "Reprotects a failed-over machine: it replicates back to the site it left, onto the disks it left there.",
+    "The machine's name (or agent id)"
+);
+run_route!(
+    failback_machine,
+    "/v1/machines/{name}/failback",
+    Subject::Machine,
+    Action::Failback,
+    "Fails a reprotected machine back in place, as its failback policy says.",
+    "The machine's name (or agent id)"
+);
 
 plan_route!(
     test_failover_plan,
@@ -822,7 +1000,7 @@ pub(crate) async fn failover_plan(
         (false, None) => "point=latest".to_string(),
     };
     let caller = caller.map_or_else(String::new, |c| c.label());
-    start(cs, name, Action::Failover, query, caller).await
+    start(cs, Subject::Plan, name, Action::Failover, query, caller).await
 }
 
 /// Resumes a plan waiting at a manual step.
@@ -840,7 +1018,7 @@ pub(crate) async fn resume_plan(
     Deployment(cs): Deployment,
     Path(name): Path<String>,
 ) -> Result<Pretty<Resumed>, ApiError> {
-    if cs.resume(&format!("plan/{name}")) {
+    if cs.resume(&run_key(Subject::Plan, &name)) {
         Ok(Pretty(Resumed { resumed: name }))
     } else {
         Err(ApiError::new(
@@ -873,7 +1051,7 @@ async fn done_already(
         return Ok(None);
     }
     let done = match action {
-        Action::Failover => disks.iter().all(|i| {
+        Action::Failover | Action::Failback => disks.iter().all(|i| {
             matches!(
                 i.item.state,
                 ItemState::FailingOver | ItemState::FailedOver | ItemState::Committed
@@ -882,6 +1060,7 @@ async fn done_already(
         Action::TestFailover => disks.iter().all(|i| i.test_failover.is_some()),
         Action::Cleanup => disks.iter().all(|i| i.test_failover.is_none()),
         Action::Commit => disks.iter().all(|i| i.item.state == ItemState::Committed),
+        Action::Reprotect => disks.iter().all(|i| i.item.state == ItemState::Reprotected),
     };
     Ok(done.then(|| {
         format!(

@@ -7,8 +7,9 @@
 //! any restart. A job still running when the configuration server stopped cannot be continued
 //! (the gateway that ran its step answered a connection that is gone): it is marked failed as
 //! interrupted when the server starts, with what to check — except a recovery plan's run
-//! (kind `plan-…`): its interrupted step is marked so, the job stays running, and the API
-//! resumes it at that step ([`Jobs::take_interrupted_plans`]).
+//! (kind `plan-…`, and a group's or a machine's reprotect or failback, run as plans:
+//! `group-…`, `machine-…`): its interrupted step is marked so, the job stays running, and the
+//! API resumes it at that step ([`Jobs::take_interrupted_plans`]).
 
 use std::sync::Mutex;
 
@@ -118,7 +119,9 @@ impl Jobs {
             if job.state != JobState::Running {
                 continue;
             }
-            let plan = job.kind.starts_with("plan-");
+            let plan = ["plan-", "group-", "machine-"]
+                .iter()
+                .any(|p| job.kind.starts_with(p));
             let step = job.steps.iter().rposition(|s| s.state == JobState::Running);
             if let Some(s) = step.and_then(|i| job.steps.get_mut(i)) {
                 s.state = JobState::Failed;

@@ -172,9 +172,12 @@ enum Command {
     /// Failover: `haven failover ITEM --point P|latest` (or `--planned`), and `test`,
     /// `cleanup`, `commit`, `show`.
     Failover(recovery::FailoverArgs),
-    /// Reverses a failed-over machine's replication: the disks it runs on now replicate to
-    /// the disks it left (`--target`), sending only what differs.
+    /// Reverses the replication of a failed-over machine, group or plan: the disks it runs on
+    /// now replicate to the disks it left, sending only what differs.
     Reprotect(recovery::ReprotectArgs),
+    /// Fails a reprotected machine, group or plan back in place, as its failback policy says
+    /// (the replica shut down first; reprotected again afterwards).
+    Failback(recovery::FailbackArgs),
 }
 
 fn main() -> ExitCode {
@@ -248,6 +251,7 @@ fn main() -> ExitCode {
         Command::Point(c) => recovery::point(&client, c).map(|()| ExitCode::SUCCESS),
         Command::Failover(a) => recovery::failover(&client, a).map(|()| ExitCode::SUCCESS),
         Command::Reprotect(a) => recovery::reprotect(&client, a).map(|()| ExitCode::SUCCESS),
+        Command::Failback(a) => recovery::failback(&client, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

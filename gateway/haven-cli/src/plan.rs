@@ -134,7 +134,8 @@ pub fn plan(client: &Client, command: PlanCommand) -> Result<()> {
                 .map(|steps| steps.len())
                 .filter(|n| *n > 0)
                 .map(|n| n - 1);
-            return follow(client, &run.api, &run.plan, id, resumed);
+            let label = format!("plan {}", run.plan);
+            return follow(client, &run.api, &label, id, resumed);
         }
     };
     let body = client.request_with(&run.api, Method::POST, &path, Duration::from_secs(60))?;
@@ -144,12 +145,18 @@ pub fn plan(client: &Client, command: PlanCommand) -> Result<()> {
     if run.no_wait {
         return Ok(());
     }
-    follow(client, &run.api, &run.plan, id, None)
+    follow(client, &run.api, &format!("plan {}", run.plan), id, None)
 }
 
 /// Prints the job's steps as they end, until it ends or waits for an operator (other than a
 /// wait at step `resumed`, one an operator has just resumed).
-fn follow(client: &Client, api: &str, plan: &str, id: u64, resumed: Option<usize>) -> Result<()> {
+pub(crate) fn follow(
+    client: &Client,
+    api: &str,
+    plan: &str,
+    id: u64,
+    resumed: Option<usize>,
+) -> Result<()> {
     let started = Instant::now();
     let mut shown = 0;
     loop {
@@ -172,11 +179,11 @@ fn follow(client: &Client, api: &str, plan: &str, id: u64, resumed: Option<usize
         }
         match job["state"].as_str() {
             Some("succeeded") => {
-                println!("plan {plan}: done (job {id})");
+                println!("{plan}: done (job {id})");
                 return Ok(());
             }
             Some("failed") => bail!(
-                "plan {plan} stopped: {}; `haven job show {id}` has every step",
+                "{plan} stopped: {}; `haven job show {id}` has every step",
                 steps
                     .last()
                     .and_then(|s| s["output"].as_str())
@@ -190,13 +197,12 @@ fn follow(client: &Client, api: &str, plan: &str, id: u64, resumed: Option<usize
             .and_then(|s| s["name"].as_str())
             .and_then(|n| n.strip_prefix(WAITING))
         {
-            println!(
-                "plan {plan} waits for an operator: {message}\nThen: haven plan resume {plan}"
-            );
+            let name = plan.rsplit(' ').next().unwrap_or(plan);
+            println!("{plan} waits for an operator: {message}\nThen: haven plan resume {name}");
             return Ok(());
         }
         if started.elapsed() > FOLLOW {
-            println!("plan {plan} still runs; follow it with `haven job show {id}`");
+            println!("{plan} still runs; follow it with `haven job show {id}`");
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(300));

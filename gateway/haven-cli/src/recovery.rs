@@ -397,30 +397,113 @@ fn item_disks(client: &Client, api: &str, item: &str) -> Result<Vec<ItemInfo>> {
     Ok(ours)
 }
 
-/// `haven reprotect ITEM`: the failed-over machine replicates back to the site it left.
+/// `haven reprotect ITEM|GROUP|PLAN`: failed-over machines replicate back to the site they
+/// left.
+///
+/// Through a configuration server, a name alone is enough: it finds where each machine goes,
+/// the agent enrolled for it where it runs, and the disks it left there, and runs the
+/// reprotect as a job. `--agent`, `--to` and `--target` name them instead, for one machine.
 #[derive(Debug, Args)]
 pub struct ReprotectArgs {
-    /// The failed-over item: machine name or agent id.
+    /// A failed-over machine (name or agent id), or, through a configuration server, a group
+    /// or a plan of its pipeline.
     item: String,
     /// The agent that protects the machine where it runs now, enrolled with a process server
     /// of this site (the id `haven-agent enroll` printed).
-    #[arg(long)]
-    agent: String,
+    #[arg(long, requires_all = ["to", "targets"])]
+    agent: Option<String>,
     /// The master target at the site the machine left, which keeps the replica now: its API
     /// (`https://…`), or, through a configuration server, its gateway name.
-    #[arg(long)]
-    to: String,
+    #[arg(long, requires_all = ["agent", "targets"])]
+    to: Option<String>,
     /// The disk the machine left there, below that master target's writer storage root: the
     /// replica starts from it and only differences are sent. Once per disk, in disk order.
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", requires_all = ["agent", "to"])]
     targets: Vec<String>,
-    /// The master target where the machine failed over (its API).
+    /// The master target where the machine failed over (its API), or the configuration
+    /// server.
     #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
     api: String,
+    /// Start the job and print its id, without following it (configuration server).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `haven failback ITEM|GROUP|PLAN`: reprotected machines fail back in place, as their
+/// failback policies say (through a configuration server).
+#[derive(Debug, Args)]
+pub struct FailbackArgs {
+    /// A reprotected machine (name or agent id), a group or a plan of the pipeline.
+    item: String,
+    /// The configuration server.
+    #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
+    api: String,
+    /// Start the job and print its id, without following it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+pub fn failback(client: &Client, args: FailbackArgs) -> Result<()> {
+    run_at_server(client, &args.api, &args.item, "failback", args.no_wait)
+}
+
+/// Runs `action` (`reprotect`, `failback`) of the plan, group or machine `name` at the
+/// configuration server `api`, and follows its job.
+fn run_at_server(
+    client: &Client,
+    api: &str,
+    name: &str,
+    action: &str,
+    no_wait: bool,
+) -> Result<()> {
+    let plans: Vec<serde_json::Value> = call(
+        client,
+        api,
+        Method::GET,
+        "/v1/plans",
+        Duration::from_secs(10),
+    )
+    .with_context(|| {
+        format!("{api} is no configuration server: `haven {action} {name}` needs one")
+    })?;
+    let is_plan = plans.iter().any(|p| p["name"].as_str() == Some(name));
+    // No pipeline applied: no groups.
+    let pipeline: Option<serde_json::Value> = call(
+        client,
+        api,
+        Method::GET,
+        "/v1/pipeline",
+        Duration::from_secs(10),
+    )
+    .ok();
+    let is_group = pipeline.as_ref().is_some_and(|p| {
+        p["pipeline"]["group"]
+            .as_array()
+            .is_some_and(|gs| gs.iter().any(|g| g["name"].as_str() == Some(name)))
+    });
+    let (what, path) = match (is_plan, is_group) {
+        (true, true) => {
+            bail!("{name} names a plan and a group of the pipeline: rename one of them")
+        }
+        (true, false) => ("plan", format!("/v1/plans/{}/{action}", seg(name))),
+        (false, true) => ("group", format!("/v1/groups/{}/{action}", seg(name))),
+        (false, false) => ("machine", format!("/v1/machines/{}/{action}", seg(name))),
+    };
+    let job: serde_json::Value = call(client, api, Method::POST, &path, Duration::from_secs(60))?;
+    let id = job["id"].as_u64().unwrap_or(0);
+    let label = format!("{action} of {what} {name}");
+    eprintln!("{label} started: job {id}");
+    if no_wait {
+        return Ok(());
+    }
+    crate::plan::follow(client, api, &label, id, None)
 }
 
 pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
     use haven_engine::recovery::{ItemState, SeedRecord};
+    let (Some(agent), Some(to)) = (&args.agent, &args.to) else {
+        return run_at_server(client, &args.api, &args.item, "reprotect", args.no_wait);
+    };
     let item = &args.item;
     let disks = item_disks(client, &args.api, item)?;
     if disks.is_empty() {
@@ -446,16 +529,16 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
         );
     }
     // An API address, or a gateway the configuration server (`--server`) reaches.
-    let direct = args.to.starts_with("http://") || args.to.starts_with("https://");
+    let direct = to.starts_with("http://") || to.starts_with("https://");
     let (seed_api, via) = match direct {
-        true => (args.to.as_str(), String::new()),
-        false => (args.api.as_str(), format!("&gateway={}", seg(&args.to))),
+        true => (to.as_str(), String::new()),
+        false => (args.api.as_str(), format!("&gateway={}", seg(to))),
     };
     // The seeds first: a refusal there leaves this side as it was.
     for (i, target) in disks.iter().zip(&args.targets) {
         let path = format!(
             "/v1/seeds?agent_id={}&disk={}&path={}&machine_name={}&from={}{via}",
-            seg(&args.agent),
+            seg(agent),
             i.disk,
             seg(target),
             seg(&i.machine_name),
@@ -469,12 +552,12 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
             Duration::from_secs(30),
         )?;
         eprintln!(
-            "{item} disk {}: {} replicates onto {} at {}",
-            i.disk, s.spec.agent_id, s.spec.path, args.to
+            "{item} disk {}: {} replicates onto {} at {to}",
+            i.disk, s.spec.agent_id, s.spec.path
         );
     }
     // By the name given: the job and event of a configuration server carry it.
-    let path = format!("/v1/items/{}/reprotect?to={}", seg(item), seg(&args.to));
+    let path = format!("/v1/items/{}/reprotect?to={}", seg(item), seg(to));
     let _: ItemRecord = call(
         client,
         &args.api,
@@ -487,9 +570,8 @@ pub fn reprotect(client: &Client, args: ReprotectArgs) -> Result<()> {
     }
     eprintln!(
         "{item}: reprotected. Start the agent on the disks above (in this order) with \
-             `haven-agent protect --seeded --disk IMAGE …`: it compares them with the disks at {} \
-             and sends only what differs; they stay as they are until the first point after that.",
-        args.to
+             `haven-agent protect --seeded --disk IMAGE …`: it compares them with the disks at {to} \
+             and sends only what differs; they stay as they are until the first point after that."
     );
     Ok(())
 }
