@@ -402,5 +402,161 @@ fn the_vmware_example_runs_from_apply_through_plan_failover() -> Result<()> {
             );
         }
     }
+    fail_back_web01(&c, &a, &b, &mut agents[1], tmp.path())
+}
+
+/// Compares `a` (format `fa`) and `b` (format `fb`) with `qemu-img compare`.
+fn identical(a: &Path, fa: &str, b: &Path, fb: &str) -> Result<bool> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .output()?;
+    Ok(out.status.success())
+}
+
+/// Waits until `agent`'s disk is protected with everything acknowledged.
+fn wait_protected(agent: &mut Agent) -> Result<()> {
+    poll(Duration::from_secs(120), Duration::from_millis(100), || {
+        agent.proc.check_alive("haven-agent")?;
+        let report = agent.report();
+        let done = report
+            .as_ref()
+            .and_then(|r| r.disks.first())
+            .is_some_and(|d| {
+                d.state == haven_net::stream::DiskState::Protected && d.acked_seq == d.last_seq
+            });
+        Ok(match done {
+            true => Ok(()),
+            false => Err(format!("not protected and caught up: {report:?}")),
+        })
+    })
+}
+
+/// web01, failed over to DC-B's vCenter, comes back to its VM at DC-A by name: reprotected
+/// onto the VM's own VMDK on DC-A's datastore (found in vcenter-a's inventory), then failed
+/// back with the default failback policy: the replica VM powered off, the VM at DC-A
+/// running, its VMDK holding every write the replica made, and web01 reprotected to DC-B.
+fn fail_back_web01(
+    c: &Cluster,
+    a: &Vcsim,
+    b: &Vcsim,
+    source: &mut Agent,
+    tmp: &Path,
+) -> Result<()> {
+    let cs = c.cs.as_ref().context("cs")?;
+    let bins = haven_e2e::default_bin_dir();
+    // The VM's disk at DC-A holds what web01 had there when it failed over: its agent's disk,
+    // as the VM's VMDK (a descriptor and its flat extent).
+    source.proc.kill();
+    let vm_a = named(&machines(cs, "vcenter-a")?, "web01")
+        .cloned()
+        .context("no web01 at vcenter-a")?;
+    let location = locations(&vm_a)
+        .first()
+        .cloned()
+        .context("web01 has no disk")?;
+    let vmdk_a = a.local_path(&location)?;
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=monolithicFlat",
+            ])
+            .arg(&source.disk)
+            .arg(&vmdk_a),
+    )?;
+    let (_, root_a) = a.datastores().first().context("no datastore at DC-A")?;
+    let _rev = c.reverse_with(haven_e2e::ReverseWriter {
+        format: "vmdk".into(),
+        ..haven_e2e::ReverseWriter::raw(root_a)
+    })?;
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        Ok(haven_e2e::http_get(
+            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
+            &cs.admin_token,
+        )
+        .map(drop)
+        .map_err(|e| format!("{e:#}")))
+    })?;
+
+    // The replica VM's agent enrolls at DC-B; web01 reprotects by name alone.
+    let dir_b = tmp.join("agent-web01-b");
+    Agent::enroll_with_config_server(&bins, cs, "secondary", &dir_b, "web01")?;
+    let out = cs.haven(&["reprotect", "web01"])?;
+    assert!(out.contains("replicates to mt-a now"), "{out}");
+    let vm_b = named(&machines(cs, "vcenter-b")?, "web01")
+        .cloned()
+        .context("no web01 at vcenter-b")?;
+    let replica = b.local_path(locations(&vm_b).first().context("no disk")?)?;
+    let flat_b = replica.with_file_name(format!(
+        "{}-flat.vmdk",
+        replica
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("image name")?
+    ));
+    let mut agent = Agent::start_disks(
+        &bins,
+        None,
+        &dir_b,
+        &flat_b,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    wait_protected(&mut agent)?;
+    let mut client = NbdClient::connect(&format!("127.0.0.1:{}", agent.nbd_port), "disk")?;
+    client.write(2 << 20, &[0x5a; 8192])?;
+    client.flush()?;
+    drop(client);
+
+    // Its agent for the way back to DC-B enrolls at DC-A; then the failback.
+    Agent::enroll_with_config_server(&bins, cs, "primary", &tmp.join("agent-web01-a2"), "web01")?;
+    let out = cs.haven(&["failback", "web01"])?;
+    assert!(out.contains("failback of machine web01: done"), "{out}");
+    agent.proc.kill();
+    assert!(
+        identical(&vmdk_a, "vmdk", &flat_b, "raw")?,
+        "web01's VMDK at DC-A lacks writes its replica made"
+    );
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["check", "-f", "vmdk"])
+            .arg(&vmdk_a),
+    )?;
+    let on_b = named(&machines(cs, "vcenter-b")?, "web01")
+        .cloned()
+        .context("no web01 at vcenter-b")?;
+    assert_eq!(on_b["power"], "stopped", "{on_b}");
+    let on_a = named(&machines(cs, "vcenter-a")?, "web01")
+        .cloned()
+        .context("no web01 at vcenter-a")?;
+    assert_eq!(on_a["power"], "running", "{on_a}");
+    let jobs = cs.jobs()?;
+    let job = jobs
+        .iter()
+        .find(|j| j["kind"] == "machine-failback")
+        .context("no failback job")?;
+    let steps: Vec<&str> = job["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    for step in [
+        "power off replica",
+        "power on web01 at vcenter-a",
+        "reprotect web01",
+    ] {
+        assert!(
+            steps.iter().any(|s| s.starts_with(step)),
+            "{step}: {steps:?}"
+        );
+    }
     Ok(())
 }

@@ -484,14 +484,21 @@ async fn failback_steps(
         let (cs, platform) = (cs.clone(), platform.clone());
         let name = machine_name.clone();
         async move {
+            // As it is now: it may have run all along (an unplanned failover leaves it).
+            if let Some(e) = cs.refresh_platform(&platform).await {
+                tracing::warn!(%platform, error = %e, "no fresh inventory before a power-on");
+            }
             let vm = source_machine(&cs, &platform, &name)
                 .await?
                 .with_context(|| {
                     format!(
                         "platform {platform} has no machine named `{name}` in its inventory; \
-                     `haven platform machines {platform}` lists what it sees"
+                         `haven platform machines {platform}` lists what it sees"
                     )
                 })?;
+            if vm.power == haven_host::platform::PowerState::Running {
+                return Ok(((), format!("{} ({}) was running already", vm.name, vm.id)));
+            }
             let id = vm.id.clone();
             cs.adapter_call(&platform, move |a| a.power_on(&id)).await?;
             Ok(((), format!("{} ({}) running", vm.name, vm.id)))

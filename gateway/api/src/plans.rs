@@ -690,7 +690,15 @@ async fn machine_step(
         planned,
         resumed,
     } = call;
-    let gateway = cs.master_target_of(machine);
+    // A reprotect or a failback acts where the machine replicates to now, asked afresh.
+    let gateway = match action {
+        Action::Reprotect | Action::Failback => crate::reprotect::holder(cs, machine)
+            .await
+            .ok()
+            .flatten()
+            .or_else(|| cs.master_target_of(machine)),
+        _ => cs.master_target_of(machine),
+    };
     let (method, path) = match (action, point) {
         (Action::Failover, Some(id)) => {
             ("POST", format!("/v1/items/{machine}/failover?point={id}"))
@@ -741,6 +749,28 @@ async fn machine_step(
             }
             if resumed && let Some(done) = done_already(&cs, &gateway, &machine, action).await? {
                 return Ok(done);
+            }
+            if action == Action::Failback && planned {
+                // A point first, while the replica still runs: a reprotect's seed is written
+                // up to it, so the final point waits only for the writes made since.
+                let answer = cs
+                    .forward(
+                        &gateway,
+                        ApiRequest {
+                            method: "POST".into(),
+                            path: format!("/v1/items/{machine}/points"),
+                            caller: String::new(),
+                        },
+                    )
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                if !(200..300).contains(&answer.status) {
+                    bail!(
+                        "the point before the failback: HTTP {}: {}",
+                        answer.status,
+                        crate::deployment::error_text(&answer.body)
+                    );
+                }
             }
             let deleted = match (test_replica, action) {
                 (true, Action::Cleanup) => crate::machines::delete_test_replica(&cs, &machine)

@@ -253,6 +253,18 @@ async fn held_everywhere(
     Ok(held)
 }
 
+/// The master target that holds `machine` now, asked afresh (a status report may not list a
+/// stream that has just arrived): the one whose item is not reprotected, else any holding it.
+pub(crate) async fn holder(cs: &Arc<ConfigServer>, machine: &str) -> Result<Option<String>> {
+    let held = held_everywhere(cs, machine).await?;
+    let current = held
+        .iter()
+        .find(|(_, items)| items.iter().any(|i| i.item.state != ItemState::Reprotected));
+    Ok(current
+        .or_else(|| held.iter().find(|(_, items)| !items.is_empty()))
+        .map(|(g, _)| g.clone()))
+}
+
 /// Calls `method path` at `gateway`; the answer's body, or its error.
 async fn call(cs: &ConfigServer, gateway: &str, method: &str, path: String) -> Result<String> {
     let answer = cs
