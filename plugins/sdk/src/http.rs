@@ -1,4 +1,4 @@
-//! Blocking outgoing HTTP for adapters, over `wasi:http/outgoing-handler`.
+//! Blocking outgoing HTTP for adapters and cloud writers, over `wasi:http/outgoing-handler`.
 //!
 //! [`request`] sends one request and returns the whole response. Requests go only to the hosts
 //! the instance was granted; the host refuses any other, and [`request`] reports that as
@@ -12,9 +12,12 @@
 //! host, so a large body never waits on a buffer nobody drains. The response body is read to
 //! its end, at most [`MAX_RESPONSE_BYTES`]: a larger answer fails with `limit`.
 
-use crate::adapter::WitError;
-use crate::adapter::bindings::wasi::http::{outgoing_handler, types};
-use crate::adapter::bindings::wasi::io::streams::StreamError;
+#[cfg(feature = "adapter")]
+use crate::adapter::{WitError, bindings};
+#[cfg(feature = "cloud-writer")]
+use crate::cloud_writer::{WitError, bindings};
+use bindings::wasi::http::{outgoing_handler, types};
+use bindings::wasi::io::streams::StreamError;
 
 /// The largest response body [`request`] reads.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;

@@ -6,6 +6,10 @@
 //! - `writer`: a target writer (a disk image format). Implement [`writer::Disk`] and call
 //!   [`export_writer!`], or, for a format written against [`haven_image::Format`], call
 //!   [`export_format!`].
+//! - `cloud-writer`: a target writer of `haven:plugin@0.2.0` that keeps disks in cloud
+//!   storage: it reads its [`cloud_writer::setting`]s and reaches the granted hosts with
+//!   [`http::request`]; implement the generated `writer` export ([`cloud_writer::WriterGuest`],
+//!   [`cloud_writer::GuestDisk`]) and call [`export_cloud_writer!`].
 //! - `adapter`: a platform adapter. Implement the generated
 //!   `adapter::bindings::exports::haven::plugin::platform::Guest` and call [`export_adapter!`].
 //!   Talk to the platform with [`http::request`] (blocking, to the hosts the instance was
@@ -21,8 +25,14 @@
 pub use haven_image as image;
 pub use haven_image::{Error, ErrorKind, Result};
 
-#[cfg(all(feature = "writer", feature = "adapter"))]
-compile_error!("haven-plugin-sdk: enable exactly one of the features `writer` and `adapter`");
+#[cfg(any(
+    all(feature = "writer", feature = "adapter"),
+    all(feature = "writer", feature = "cloud-writer"),
+    all(feature = "adapter", feature = "cloud-writer"),
+))]
+compile_error!(
+    "haven-plugin-sdk: enable exactly one of the features `writer`, `cloud-writer` and `adapter`"
+);
 
 #[cfg(feature = "writer")]
 pub mod writer;
@@ -30,7 +40,10 @@ pub mod writer;
 #[cfg(feature = "adapter")]
 pub mod adapter;
 
-#[cfg(feature = "adapter")]
+#[cfg(feature = "cloud-writer")]
+pub mod cloud_writer;
+
+#[cfg(any(feature = "adapter", feature = "cloud-writer"))]
 pub mod http;
 
 /// Converts between the WIT `error` variant of a world's bindings and [`haven_image::Error`].
