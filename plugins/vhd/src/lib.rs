@@ -14,6 +14,43 @@
 
 mod meta;
 
+/// The 512-byte footer of a new fixed VHD of `size` bytes (a whole number of MiB): what follows
+/// the data in the file, or in the last page of an Azure page blob.
+pub fn fixed_footer(size: u64) -> Result<[u8; FOOTER_SIZE]> {
+    if size == 0 || !size.is_multiple_of(MIB) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("a fixed VHD is a whole number of MiB; {size} bytes is not"),
+        ));
+    }
+    Ok(CreatePlan {
+        size,
+        disk_type: DiskType::Fixed,
+        block_size: 0,
+    }
+    .footer()
+    .encode())
+}
+
+/// The disk size of a fixed VHD whose last 512 bytes are `footer` (read from `file` at
+/// `offset`); an error naming what is wrong when it is not one.
+pub fn fixed_size(footer: &[u8; FOOTER_SIZE], file: &str, offset: u64) -> Result<u64> {
+    let f = Footer::parse(footer, file, offset)?;
+    if f.disk_type != DiskType::Fixed {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{file}: a {} VHD; only fixed ones are kept this way",
+                f.disk_type.name()
+            ),
+        ));
+    }
+    Ok(f.virtual_size())
+}
+
+/// Size of a VHD footer.
+pub const FOOTER_BYTES: usize = FOOTER_SIZE;
+
 use haven_image::{
     Backend, CreateOptions, Error, ErrorKind, ExtentState, FileIo, Format, Image, ImageInfo,
     MapEntry, OpenMode, Options, Result, check_range, is_zero, limits, push_map, sibling,
@@ -1075,7 +1112,7 @@ impl<F: FileIo> Image for VhdImage<F> {
 }
 
 // The vhd target-writer plugin: this crate's `Format` over the host's storage.
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "plugin"))]
 haven_plugin_sdk::export_format!(
     Vhd,
     haven_plugin_sdk::writer::PluginInfo {
