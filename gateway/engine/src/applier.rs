@@ -413,12 +413,25 @@ impl Applier {
             slot => slot.insert(self.host.load_writer(&self.spec)?),
         };
         let path = &replica.path;
-        let root = self
-            .spec
-            .grants
-            .storage_root
-            .as_ref()
-            .context("the writer plugin has no storage root")?;
+        let root = self.spec.grants.storage_root.as_ref();
+        let Some(root) = root else {
+            // A writer that keeps disks elsewhere (page blobs): it tells whether the disk is
+            // there by opening it.
+            anyhow::ensure!(
+                !replica.seeded,
+                "a reprotect's seed needs a writer with a storage root"
+            );
+            return match plugin.open(path, Access::ReadWrite, &[]) {
+                Ok(disk) => Ok(disk),
+                Err(e)
+                    if e.plugin_error()
+                        .is_some_and(|e| e.kind == haven_image::ErrorKind::NotFound) =>
+                {
+                    Ok(plugin.create(path, replica.stream.info.size, 512, &self.create_options)?)
+                }
+                Err(e) => Err(e.into()),
+            };
+        };
         let exists = root.join(path).exists();
         let disk = if replica.seeded {
             // A seed is the disk that was here: never made anew, and as large as the source.

@@ -414,9 +414,11 @@ impl MasterTarget {
             "disk{}-point{}.{}",
             key.disk, point.point, self.config.writer.name
         );
+        let Some(root) = self.replica_root() else {
+            return self.materialise_remote(r, point, &format!("{agent_dir}/{name}"));
+        };
         let staging = format!("{agent_dir}/.staging-disk{}", key.disk);
         let image = format!("{staging}/{name}");
-        let root = self.writer_root()?;
         let (final_dir, staging_dir) = (root.join(&agent_dir), root.join(&staging));
         let full = final_dir.join(&name);
         if staging_dir.exists() {
@@ -429,6 +431,49 @@ impl MasterTarget {
         }
         // Each folder made is durable in its parent (the image's folder too, for the rename).
         haven_fsutil::create_dir_all(&staging_dir)?;
+        let started = Instant::now();
+        let size = self.write_point(r, point, &image, false)?;
+        publish(&staging_dir, &final_dir, &name)?;
+        tracing::info!(
+            image = %full.display(),
+            bytes = size,
+            seconds = started.elapsed().as_secs_f64(),
+            "failover image complete"
+        );
+        Ok(full.display().to_string())
+    }
+
+    /// [`MasterTarget::materialise`] through a writer that keeps disks elsewhere (page blobs,
+    /// no storage root and no rename): the image is written at its final name, the whole disk
+    /// over (zeros too) when one is there from a run a restart interrupted. It is the item's
+    /// image only once this returns (the item's record says so), so a partial one is never
+    /// used. The image's name in the writer's store.
+    fn materialise_remote(
+        &self,
+        r: &Replica,
+        point: PointRecord,
+        image: &str,
+    ) -> anyhow::Result<String> {
+        let started = Instant::now();
+        let size = self.write_point(r, point, image, true)?;
+        tracing::info!(
+            image,
+            bytes = size,
+            seconds = started.elapsed().as_secs_f64(),
+            "failover image complete"
+        );
+        Ok(image.to_string())
+    }
+
+    /// Writes the disk at `point` into a new image `image`, flushed and closed; its size. With
+    /// `reuse`, an image already at `image` is opened and written over, zeros included.
+    fn write_point(
+        &self,
+        r: &Replica,
+        point: PointRecord,
+        image: &str,
+        reuse: bool,
+    ) -> anyhow::Result<u64> {
         let base_seq = r.applied.load(Ordering::Acquire);
         let view = View::build(
             r.stream.clone(),
@@ -438,9 +483,29 @@ impl MasterTarget {
             Scratch::None,
         )?;
         let mut plugin = self.host.load_writer(&self.config.writer)?;
-        let disk = plugin.create(&image, view.size(), 512, &self.config.writer_options)?;
-        let started = Instant::now();
         let size = view.size();
+        let opened = match reuse {
+            true => match plugin.open(image, haven_host::Access::ReadWrite, &[]) {
+                Ok(disk) => {
+                    tracing::info!(image, "writing over a failover image made before a restart");
+                    Some(disk)
+                }
+                Err(e)
+                    if e.plugin_error()
+                        .is_some_and(|e| e.kind == haven_image::ErrorKind::NotFound) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+            false => None,
+        };
+        // A new image is all zeros: its zero runs stay holes. One written over gets them.
+        let zeros = opened.is_some();
+        let disk = match opened {
+            Some(disk) => disk,
+            None => plugin.create(image, size, 512, &self.config.writer_options)?,
+        };
         // Reading the view and writing the image overlap: a reader thread fills chunks (at
         // most two ahead) while this one writes the last.
         let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<(u64, Vec<u8>)>>(2);
@@ -465,31 +530,31 @@ impl MasterTarget {
             });
             let mut half_hit = false;
             for chunk in &rx {
-                let (pos, mut buf) = chunk?;
+                let (pos, buf) = chunk?;
                 // Runs of blocks that are not all zero are written; the rest stays a hole of
-                // the new (all-zero) image.
-                let mut run: Option<usize> = None;
-                for (i, block) in buf.chunks(SPARSE_BLOCK).enumerate() {
-                    let zero = haven_store::is_all_zero(block);
-                    match (run, zero) {
-                        (None, false) => run = Some(i * SPARSE_BLOCK),
-                        (Some(start), true) => {
-                            let mut data = buf[start..i * SPARSE_BLOCK].to_vec();
-                            plugin.write(&disk, pos + start as u64, &mut data)?;
-                            run = None;
-                        }
-                        _ => {}
+                // the new (all-zero) image, or is zeroed in one written over.
+                let mut at = 0usize;
+                while at < buf.len() {
+                    let zero =
+                        haven_store::is_all_zero(&buf[at..(at + SPARSE_BLOCK).min(buf.len())]);
+                    let mut end = at;
+                    while end < buf.len()
+                        && haven_store::is_all_zero(&buf[end..(end + SPARSE_BLOCK).min(buf.len())])
+                            == zero
+                    {
+                        end = (end + SPARSE_BLOCK).min(buf.len());
                     }
+                    let offset = pos + at as u64;
+                    match zero {
+                        false => plugin.write(&disk, offset, &mut buf[at..end].to_vec())?,
+                        true if zeros => {
+                            plugin.write_zeroes(&disk, offset, (end - at) as u64, true)?
+                        }
+                        true => {}
+                    }
+                    at = end;
                 }
                 let end = pos + buf.len() as u64;
-                match run {
-                    Some(0) => plugin.write(&disk, pos, &mut buf)?,
-                    Some(start) => {
-                        let mut data = buf[start..].to_vec();
-                        plugin.write(&disk, pos + start as u64, &mut data)?;
-                    }
-                    None => {}
-                }
                 if !half_hit && end >= size / 2 {
                     half_hit = true;
                     failpoint::hit("failover.mid-copy");
@@ -500,14 +565,7 @@ impl MasterTarget {
         plugin.flush(&disk)?;
         plugin.close(disk)?;
         let _ = view.discard();
-        publish(&staging_dir, &final_dir, &name)?;
-        tracing::info!(
-            image = %full.display(),
-            bytes = size,
-            seconds = started.elapsed().as_secs_f64(),
-            "failover image complete"
-        );
-        Ok(full.display().to_string())
+        Ok(size)
     }
 
     /// `haven failover commit`: the failover is final; the other points are discarded. Every
