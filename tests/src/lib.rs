@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
+pub mod azurite;
 pub mod nbd;
 pub mod vcsim;
 
@@ -1163,8 +1164,14 @@ impl Cluster {
 
 /// `qemu-img compare` of two raw images: `Ok(true)` when identical.
 pub fn images_equal(a: &Path, b: &Path) -> Result<bool> {
+    images_equal_as(a, "raw", b, "raw")
+}
+
+/// Whether `a` (format `fa`, as qemu-img names it) and `b` (format `fb`) hold the same disk
+/// (`qemu-img compare`).
+pub fn images_equal_as(a: &Path, fa: &str, b: &Path, fb: &str) -> Result<bool> {
     let out = Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .args(["compare", "-q", "-f", fa, "-F", fb])
         .arg(a)
         .arg(b)
         .output()

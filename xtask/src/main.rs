@@ -40,6 +40,12 @@ const WRITER_PLUGINS: &[&str] = &[
 ];
 /// Plugins that implement the `adapter` world.
 const ADAPTER_PLUGINS: &[&str] = &["haven-vmware", "test-http-probe", "test-unruly-adapter"];
+/// Target writers of `haven:plugin@0.2.0` that keep disks in cloud storage (built on their
+/// own: the page-blob writer uses haven-vhd's footers without its plugin exports).
+const CLOUD_PLUGINS: &[&str] = &["haven-azure-blob"];
+/// Azurite, the Azure Storage emulator the page-blob writer is tested against (npm; the
+/// newest release that runs on Node 20).
+const AZURITE: &str = "azurite@3.35.0";
 /// Crates of the plugins workspace that also build and test natively.
 const NATIVE_PLUGIN_CRATES: &[&str] = &[
     "haven-image",
@@ -48,6 +54,7 @@ const NATIVE_PLUGIN_CRATES: &[&str] = &[
     "haven-vhdx",
     "haven-vhd",
     "haven-qcow2",
+    "haven-azure-blob",
 ];
 /// Debian packages the tests use.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -71,6 +78,8 @@ const PYPI_PACKAGES: &[(&str, &str)] = &[
     ("openapi_spec_validator", "openapi-spec-validator"),
     ("schemathesis", "schemathesis"),
     ("selenium", "selenium"),
+    // An independent Blob client: reads back what the page-blob writer wrote into Azurite.
+    ("azure.storage.blob", "azure-storage-blob"),
 ];
 
 fn main() -> Result<()> {
@@ -158,7 +167,27 @@ fn ensure_wasm_target() -> Result<()> {
 /// Installs the Debian and PyPI packages the tests need when they are missing.
 fn ensure_test_tools() -> Result<()> {
     ensure_programs(DEBIAN_PACKAGES)?;
-    ensure_python_packages(PYPI_PACKAGES)
+    ensure_python_packages(PYPI_PACKAGES)?;
+    ensure_azurite()
+}
+
+/// Installs Azurite below `target/azurite` (npm, from its registry) when it is missing.
+fn ensure_azurite() -> Result<()> {
+    let dir = root().join("target/azurite");
+    if dir.join("node_modules/.bin/azurite-blob").exists() {
+        return Ok(());
+    }
+    if !have("npm") {
+        apt_install(&["npm"])?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    run(Command::new("npm").current_dir(&dir).args([
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--silent",
+        AZURITE,
+    ]))
 }
 
 /// Installs, from PyPI into `python3`'s environment, each package whose module is missing.
@@ -225,7 +254,7 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
 /// Builds the plugins for wasm32-wasip2 (always release: they are what the gateway runs).
 fn build_plugins() -> Result<()> {
     ensure_wasm_target()?;
-    for group in [WRITER_PLUGINS, ADAPTER_PLUGINS] {
+    for group in [WRITER_PLUGINS, ADAPTER_PLUGINS, CLOUD_PLUGINS] {
         let mut c = cargo();
         c.current_dir(root().join("plugins")).args([
             "build",
@@ -281,7 +310,7 @@ fn lint() -> Result<()> {
     }
     run(c.args(["--", "-D", "warnings"]))?;
     // Plugins of each world separately: a component carries one world's SDK feature.
-    for group in [WRITER_PLUGINS, ADAPTER_PLUGINS] {
+    for group in [WRITER_PLUGINS, ADAPTER_PLUGINS, CLOUD_PLUGINS] {
         let mut c = cargo();
         c.current_dir(root().join("plugins"))
             .args(["clippy", "--target", "wasm32-wasip2"]);
