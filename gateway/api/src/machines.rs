@@ -959,13 +959,9 @@ pub(crate) fn replica_spec(
     let memory_mib = number("memory_mib")?
         .or(source.map(|s| s.memory_mib))
         .unwrap_or(1024);
-    let datastore = m.target.get("datastore").with_context(|| {
-        format!(
-            "machine {}: the target setting `datastore` is needed to place the replica's disk \
-             (the datastore whose folder the master target's writer keeps replicas in)",
-            m.name
-        )
-    })?;
+    // A datastore whose folder the master target's writer keeps replicas in (VMware); without
+    // one, a disk is named as the writer keeps it (a page blob's name in its container).
+    let datastore = m.target.get("datastore");
     let target_site = p
         .gateway(&m.master_target)
         .map(|g| g.site.clone())
@@ -1028,9 +1024,10 @@ pub(crate) fn replica_spec(
                     .and_then(|s| s.disks.get(i.disk as usize - 1))
                     .map(|d| d.id.clone())
                     .unwrap_or_default(),
-                location: match folder {
-                    Some(folder) => format!("[{datastore}] {folder}/{image}"),
-                    None => format!("[{datastore}] {image}"),
+                location: match (datastore, folder) {
+                    (Some(ds), Some(folder)) => format!("[{ds}] {folder}/{image}"),
+                    (Some(ds), None) => format!("[{ds}] {image}"),
+                    (None, _) => image.to_string(),
                 },
                 format: writer,
                 size: i.size,
