@@ -242,3 +242,212 @@ fn a_failover_materialises_its_point_into_a_page_blob() -> Result<()> {
     );
     Ok(())
 }
+
+const SUB: &str = "00000000-0000-0000-0000-00000000a2e5";
+
+/// What the fake ARM holds at start: the DR resource group's network, availability set, sizes,
+/// and one VM already running there.
+fn arm_state() -> serde_json::Value {
+    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-dr/providers");
+    let subnet = format!("{rg}/Microsoft.Network/virtualNetworks/vnet-dr/subnets/snet-app");
+    let dc_nic = format!("{rg}/Microsoft.Network/networkInterfaces/dc01-nic");
+    let dc_disk = format!("{rg}/Microsoft.Compute/disks/dc01-os");
+    serde_json::json!({
+        "subscription_id": SUB,
+        "display_name": "DR-Prod",
+        "tenant_id": "tenant-1",
+        "client_id": "client-1",
+        "client_secret": "the-secret",
+        "vm_sizes": [
+            { "name": "Standard_D2s_v5", "numberOfCores": 2, "memoryInMB": 8192 },
+            { "name": "Standard_B1s", "numberOfCores": 1, "memoryInMB": 1024 }
+        ],
+        "resources": {
+            subnet.clone(): { "id": subnet, "name": "snet-app", "properties": {} },
+            format!("{rg}/Microsoft.Compute/availabilitySets/avset-app"): { "name": "avset-app" },
+            dc_disk.clone(): { "id": dc_disk, "name": "dc01-os", "location": "westeurope" },
+            dc_nic.clone(): { "id": dc_nic, "name": "dc01-nic", "location": "westeurope",
+                "properties": { "macAddress": "00-0D-3A-00-00-01", "ipConfigurations": [
+                    { "name": "ipconfig1", "properties": { "privateIPAddress": "10.1.0.4",
+                        "subnet": { "id": subnet } } } ] } },
+            format!("{rg}/Microsoft.Compute/virtualMachines/dc01"): {
+                "id": format!("{rg}/Microsoft.Compute/virtualMachines/dc01"), "name": "dc01",
+                "location": "westeurope", "_power": "running",
+                "properties": { "vmId": "0b7e-dc01", "hardwareProfile": { "vmSize": "Standard_B1s" },
+                    "storageProfile": { "osDisk": { "name": "dc01-os", "diskSizeGB": 32,
+                        "managedDisk": { "id": dc_disk } }, "dataDisks": [] },
+                    "networkProfile": { "networkInterfaces": [ { "id": dc_nic } ] } } }
+        }
+    })
+}
+
+#[test]
+fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Result<()> {
+    let a = Azurite::start()?;
+    let tmp = tempfile::tempdir()?;
+    let arm = haven_e2e::fake_arm::FakeArm::start(tmp.path(), &arm_state())?;
+    let disk = tmp.path().join("source.raw");
+    mixed_disk(&disk, 8 * MIB, 21)?;
+    let c = Cluster::start(
+        tmp.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            mt_config: azure_writer(&a),
+            retention: Some("window = \"1h\"".into()),
+            agent_args: vec!["--point-interval".into(), "1s".into()],
+            ..ClusterOptions::default()
+        },
+    )?;
+    let cs = c.cs.as_ref().context("cs")?;
+    cs.set_secret("dr-sp", "the-secret")?;
+    let storage = format!(
+        "/subscriptions/{SUB}/resourceGroups/rg-storage/providers/Microsoft.Storage/storageAccounts/devstoreaccount1"
+    );
+    let pipeline = format!(
+        r#"{head}[[plugin]]
+name = "azure"
+kind = "adapter"
+path = {wasm:?}
+
+[plugin.grants]
+http_hosts = [{host:?}]
+
+[plugin.settings]
+subscription_id = "{SUB}"
+tenant_id = "tenant-1"
+client_id = "client-1"
+client_secret = "secret:dr-sp"
+arm_endpoint = "{endpoint}"
+login_endpoint = "{endpoint}"
+resource_group = "rg-dr"
+location = "westeurope"
+blob_container_url = "{blobs}/replicas"
+storage_account_id = "{storage}"
+
+[[policy]]
+name = "servers"
+kind = "replication"
+crash_consistent_interval = "1s"
+app_consistent_interval = "off"
+
+[[machine]]
+name = "web01"
+site = "primary"
+target_platform = "azure"
+policy = "servers"
+master_target = "mt1"
+writer = "raw"
+
+[machine.target]
+resource_group = "rg-dr"
+vnet = "vnet-dr"
+subnet = "snet-app"
+availability_set = "avset-app"
+vm_size = "Standard_D2s_v5"
+static_ip = "10.1.0.5"
+"#,
+        head = c.pipeline_head("to-azure")?,
+        wasm = default_bin_dir().join("../wasm32-wasip2/release/haven_azure.wasm"),
+        host = arm.host(),
+        endpoint = arm.endpoint(),
+        blobs = a.endpoint(),
+    );
+    let file = tmp.path().join("to-azure.toml");
+    std::fs::write(&file, pipeline)?;
+    cs.haven(&["apply", file.to_str().context("path")?])?;
+
+    // The adapter's inventory: the VM already in the resource group, as ARM describes it.
+    cs.haven(&["platform", "refresh", "azure"])?;
+    let seen: Vec<serde_json::Value> =
+        serde_json::from_str(&cs.haven(&["platform", "machines", "azure", "--json"])?)?;
+    let dc01 = seen
+        .iter()
+        .find(|m| m["name"] == "dc01")
+        .context("no dc01")?;
+    assert_eq!(
+        (dc01["cpus"].as_u64(), dc01["memory_mib"].as_u64()),
+        (Some(1), Some(1024))
+    );
+    assert_eq!(dc01["power"], "running", "{dc01}");
+    assert_eq!(dc01["nics"][0]["network"], "vnet-dr/snet-app", "{dc01}");
+    assert_eq!(dc01["nics"][0]["addresses"][0], "10.1.0.4", "{dc01}");
+
+    let commands: Vec<String> = (0..8u64)
+        .map(|i| format!("write -P {} {} 64k", 0x70 + i, (i * 13 % 128) * 65536))
+        .collect();
+    qemu_io(&c.agent.nbd, &commands)?;
+    haven_e2e::wait_for_point(cs, "web01")?;
+    let image = cs.haven(&["failover", "web01", "--planned"])?;
+    let image = image.trim().to_string();
+    let job = haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(500), || {
+        let jobs = cs.jobs()?;
+        let job = jobs
+            .into_iter()
+            .find(|j| j["kind"] == "failover")
+            .context("no failover job")?;
+        Ok(match job["state"].as_str() {
+            Some("running") => Err(format!("still running: {job}")),
+            _ => Ok(job),
+        })
+    })?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+
+    // What the adapter asked of ARM, field by field: the disk imported from the image's page
+    // blob, an adapter with the static address in the mapped subnet, the VM, then its start.
+    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-dr/providers");
+    let requests = arm.requests()?;
+    let put = |path: &str| {
+        requests
+            .iter()
+            .find(|r| r["method"] == "PUT" && r["path"] == path)
+            .cloned()
+            .with_context(|| format!("no PUT {path}: {requests:#?}"))
+    };
+    let disk_id = format!("{rg}/Microsoft.Compute/disks/web01-disk0");
+    let d = put(&disk_id)?;
+    assert_eq!(d["query"]["api-version"], "2024-03-02");
+    assert_eq!(d["body"]["location"], "westeurope");
+    let creation = &d["body"]["properties"]["creationData"];
+    assert_eq!(creation["createOption"], "Import");
+    assert_eq!(
+        creation["sourceUri"],
+        format!("{}/replicas/{image}", a.endpoint())
+    );
+    assert_eq!(creation["storageAccountId"], storage);
+    let nic_id = format!("{rg}/Microsoft.Network/networkInterfaces/web01-nic0");
+    let n = put(&nic_id)?;
+    let ip = &n["body"]["properties"]["ipConfigurations"][0]["properties"];
+    assert_eq!(ip["privateIPAllocationMethod"], "Static");
+    assert_eq!(ip["privateIPAddress"], "10.1.0.5");
+    assert_eq!(
+        ip["subnet"]["id"],
+        format!("{rg}/Microsoft.Network/virtualNetworks/vnet-dr/subnets/snet-app")
+    );
+    let vm_id = format!("{rg}/Microsoft.Compute/virtualMachines/web01");
+    let vm = put(&vm_id)?;
+    assert_eq!(vm["query"]["api-version"], "2024-07-01");
+    let p = &vm["body"]["properties"];
+    assert_eq!(p["hardwareProfile"]["vmSize"], "Standard_D2s_v5");
+    assert_eq!(p["storageProfile"]["osDisk"]["createOption"], "Attach");
+    assert_eq!(p["storageProfile"]["osDisk"]["managedDisk"]["id"], disk_id);
+    assert_eq!(p["networkProfile"]["networkInterfaces"][0]["id"], nic_id);
+    assert_eq!(
+        p["availabilitySet"]["id"],
+        format!("{rg}/Microsoft.Compute/availabilitySets/avset-app")
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["method"] == "POST" && r["path"] == format!("{vm_id}/start")),
+        "the replica was not started"
+    );
+    let made = arm.resources()?;
+    assert_eq!(made[&vm_id.to_lowercase()]["_power"], "running");
+
+    // The disk ARM imports is the source at its final point.
+    let blob = tmp.path().join("imported.vhd");
+    a.download("replicas", &image, &blob)?;
+    assert!(images_equal_as(&disk, "raw", &blob, "vpc")?);
+    Ok(())
+}

@@ -39,7 +39,12 @@ const WRITER_PLUGINS: &[&str] = &[
     "test-ungranted",
 ];
 /// Plugins that implement the `adapter` world.
-const ADAPTER_PLUGINS: &[&str] = &["haven-vmware", "test-http-probe", "test-unruly-adapter"];
+const ADAPTER_PLUGINS: &[&str] = &[
+    "haven-vmware",
+    "haven-azure",
+    "test-http-probe",
+    "test-unruly-adapter",
+];
 /// Target writers of `haven:plugin@0.2.0` that keep disks in cloud storage (built on their
 /// own: the page-blob writer uses haven-vhd's footers without its plugin exports).
 const CLOUD_PLUGINS: &[&str] = &["haven-azure-blob"];
@@ -55,6 +60,7 @@ const NATIVE_PLUGIN_CRATES: &[&str] = &[
     "haven-vhd",
     "haven-qcow2",
     "haven-azure-blob",
+    "haven-azure",
 ];
 /// Debian packages the tests use.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
