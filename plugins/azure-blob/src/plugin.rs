@@ -25,11 +25,7 @@ fn account() -> Result<Account, WitError> {
 /// Sends `r` (with `body`) and returns the answer whatever its status.
 fn send(a: &Account, r: &Request, body: &[u8]) -> Result<http::Response, WitError> {
     let now = UNIX_EPOCH + Duration::from_millis(now_ms());
-    let mut headers = a.headers(r, now);
-    if body.is_empty() && r.method == "PUT" {
-        // Said outright: without it an empty body may go chunked, which the service refuses.
-        headers.push(("content-length".into(), "0".into()));
-    }
+    let headers = a.headers(r, now);
     let refs: Vec<(&str, &str)> = headers
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))

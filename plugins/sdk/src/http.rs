@@ -90,7 +90,10 @@ pub fn request(
         .iter()
         .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
         .collect();
-    if !body.is_empty()
+    // Said outright, also for an empty body of a method that carries one: without it the
+    // body may go chunked, which some servers refuse.
+    let carries_body = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
+    if carries_body
         && !headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
