@@ -138,6 +138,53 @@ impl MasterTarget {
         )
     }
 
+    /// The name, in a writer without a storage root, of the copy a test failover of `key`
+    /// makes for a platform: `test-failover/<agent>/disk<N>.<writer>`, one per disk, written
+    /// over by each test failover.
+    fn test_image(&self, key: StreamKey) -> String {
+        format!(
+            "test-failover/{}/disk{}.{}",
+            peer_hex(&key.peer),
+            key.disk,
+            self.config.writer.name
+        )
+    }
+
+    /// Writes `point` of `r` into its test image (see [`Self::test_image`]); its name. A
+    /// test failover served again after a restart keeps what its machine wrote there.
+    fn copy_test_image(
+        &self,
+        r: &Replica,
+        point: PointRecord,
+        reopen: bool,
+    ) -> anyhow::Result<String> {
+        let image = self.test_image(r.stream.key);
+        if !reopen {
+            self.write_point(r, point, &image, true)?;
+        }
+        Ok(image)
+    }
+
+    /// Clears the test image of `key` in a writer without a storage root: its data is freed
+    /// (zeroed, discarded), the empty image waits for the next test failover.
+    fn clear_test_image(&self, key: StreamKey) -> anyhow::Result<()> {
+        let mut plugin = self.host.load_writer(&self.config.writer)?;
+        let disk = match plugin.open(&self.test_image(key), haven_host::Access::ReadWrite, &[]) {
+            Ok(disk) => disk,
+            Err(e)
+                if e.plugin_error()
+                    .is_some_and(|e| e.kind == haven_image::ErrorKind::NotFound) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let size = plugin.info(&disk)?.size;
+        plugin.write_zeroes(&disk, 0, size, true)?;
+        plugin.close(disk)?;
+        Ok(())
+    }
+
     /// Removes the folder a test failover of `key` presented its disk in (unmounting what a
     /// killed run left mounted there), and its agent's folder once empty.
     fn remove_files(&self, key: StreamKey) -> std::io::Result<()> {
@@ -460,12 +507,16 @@ impl MasterTarget {
             view: view.clone(),
             earlier,
         });
-        // Presented as files first: a failure there leaves nothing served.
-        let files = match files {
-            true => {
-                Some(self.present_files(r.stream.key, backend.clone(), point.point, writable)?)
+        // Presented as files first: a failure there leaves nothing served. A writer without
+        // a storage root (page blobs) gets a copy of the point in its store instead.
+        let (files, image) = match (files, self.replica_root().is_some()) {
+            (true, true) => {
+                let (mount, image) =
+                    self.present_files(r.stream.key, backend.clone(), point.point, writable)?;
+                (Some(mount), Some(image))
             }
-            false => None,
+            (true, false) => (None, Some(self.copy_test_image(r, point, reopen)?)),
+            (false, _) => (None, None),
         };
         let mut server = haven_nbd::Server::new(backend, export.clone());
         let scheme = match &self.config.nbd_tls {
@@ -490,24 +541,21 @@ impl MasterTarget {
                 uri: format!("{scheme}://{addr}/{export}"),
                 writable,
                 started_ms: info.started_ms,
-                image: files.as_ref().map(|(_, image)| image.clone()),
+                image,
             },
             view,
             server,
             port: addr.port(),
-            files: files.map(|(mount, _)| mount),
+            files,
         })
     }
 
     /// How this master target presents disks as files: per its writer's format, a format of
-    /// one file of plain data (or a descriptor naming one). Refused (409) when its writer has
-    /// no storage root or keeps another format.
+    /// one file of plain data (or a descriptor naming one); a writer without a storage root
+    /// (page blobs) gets a copy in its store. Refused (409) for another format.
     fn files_format(&self) -> Result<FilesFormat, RecoveryError> {
         if self.replica_root().is_none() {
-            return Err(err(
-                ErrorKind::Conflict,
-                "this master target's writer has no storage root to present disks in as files",
-            ));
+            return Ok(FilesFormat::Copy);
         }
         match self.config.writer.name.as_str() {
             "vmdk" => Ok(FilesFormat::FlatVmdk),
@@ -556,6 +604,9 @@ impl MasterTarget {
                     },
                 ];
                 (files, descriptor)
+            }
+            FilesFormat::Copy => {
+                anyhow::bail!("a writer without a storage root presents no files (a copy instead)")
             }
             FilesFormat::Raw => {
                 let name = format!("{stem}.raw");
@@ -694,6 +745,11 @@ impl MasterTarget {
         if let Err(e) = self.remove_files(key) {
             tracing::warn!(item, error = %e, "removing the test failover's presented files");
         }
+        if self.replica_root().is_none()
+            && let Err(e) = self.clear_test_image(key)
+        {
+            tracing::warn!(item, error = %format!("{e:#}"), "clearing the test failover's copy");
+        }
         // A failover that started meanwhile (busy, or past `protected`) holds the base itself:
         // decided under the state lock, which a failover's claim takes too.
         let released = {
@@ -732,6 +788,8 @@ enum FilesFormat {
     FlatVmdk,
     /// The disk's bytes.
     Raw,
+    /// A copy of the point in the writer's own store (a writer without a storage root).
+    Copy,
 }
 
 /// Records a test failover event (history only: the item's state stays).
