@@ -997,6 +997,24 @@ pub(crate) fn replica_spec(
             static_address: m.target.get(&format!("nic{i}_address")).cloned(),
         });
     }
+    // A machine whose adapters are not known (a physical server) gets one, on the network
+    // its site's one mapping to the target site names.
+    if source.is_none_or(|s| s.nics.is_empty()) {
+        let mut mappings = p
+            .network_mappings
+            .iter()
+            .filter(|n| n.source_site == m.site && n.target_site == target_site);
+        if let (Some(mapping), None) = (mappings.next(), mappings.next()) {
+            nics.push(ReplicaNic {
+                source_nic: String::new(),
+                network: match test {
+                    true => mapping.test_network.clone(),
+                    false => mapping.target_network.clone(),
+                },
+                static_address: m.target.get("nic0_address").cloned(),
+            });
+        }
+    }
     let folder = m
         .target
         .get("datastore_folder")

@@ -627,10 +627,16 @@ pub fn replica_plan(s: &Settings, spec: &Spec) -> Result<(Plan, Vec<(String, Val
         ));
         disk_ids.push(id);
     }
-    // One adapter per network; a physical server (no adapters known) gets one.
+    // One adapter per network (a virtual network's name); without any, one in `vnet`. The
+    // first takes `static-ip` when the network mapping gave it no address.
     let mut nets: Vec<(String, Option<String>)> = spec.nics.clone();
     if nets.is_empty() {
-        nets.push((need("vnet")?, opt("static-ip")));
+        nets.push((need("vnet")?, None));
+    }
+    if let Some(first) = nets.first_mut()
+        && first.1.is_none()
+    {
+        first.1 = opt("static-ip");
     }
     let mut nic_ids = Vec::new();
     for (i, (vnet, address)) in nets.iter().enumerate() {
