@@ -243,6 +243,21 @@ fn a_failover_materialises_its_point_into_a_page_blob() -> Result<()> {
     Ok(())
 }
 
+/// The newest job of `kind` once it has ended.
+fn finished(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
+    haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(500), || {
+        let jobs = cs.jobs()?;
+        let job = jobs
+            .into_iter()
+            .find(|j| j["kind"] == kind)
+            .with_context(|| format!("no {kind} job"))?;
+        Ok(match job["state"].as_str() {
+            Some("running") => Err(format!("still running: {job}")),
+            _ => Ok(job),
+        })
+    })
+}
+
 const SUB: &str = "00000000-0000-0000-0000-00000000a2e5";
 
 /// What the fake ARM holds at start: the DR resource group's network, availability set, sizes,
@@ -250,6 +265,7 @@ const SUB: &str = "00000000-0000-0000-0000-00000000a2e5";
 fn arm_state() -> serde_json::Value {
     let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-dr/providers");
     let subnet = format!("{rg}/Microsoft.Network/virtualNetworks/vnet-dr/subnets/snet-app");
+    let test_subnet = format!("{rg}/Microsoft.Network/virtualNetworks/vnet-test/subnets/snet-app");
     let dc_nic = format!("{rg}/Microsoft.Network/networkInterfaces/dc01-nic");
     let dc_disk = format!("{rg}/Microsoft.Compute/disks/dc01-os");
     serde_json::json!({
@@ -264,6 +280,7 @@ fn arm_state() -> serde_json::Value {
         ],
         "resources": {
             subnet.clone(): { "id": subnet, "name": "snet-app", "properties": {} },
+            test_subnet.clone(): { "id": test_subnet, "name": "snet-app", "properties": {} },
             format!("{rg}/Microsoft.Compute/availabilitySets/avset-app"): { "name": "avset-app" },
             dc_disk.clone(): { "id": dc_disk, "name": "dc01-os", "location": "westeurope" },
             dc_nic.clone(): { "id": dc_nic, "name": "dc01-nic", "location": "westeurope",
@@ -331,6 +348,14 @@ kind = "replication"
 crash_consistent_interval = "1s"
 app_consistent_interval = "off"
 
+[[network_mapping]]
+name = "lan"
+source_site = "primary"
+target_site = "secondary"
+source_network = "LAN"
+target_network = "vnet-dr"
+test_network = "vnet-test"
+
 [[machine]]
 name = "web01"
 site = "primary"
@@ -378,24 +403,58 @@ static_ip = "10.1.0.5"
         .collect();
     qemu_io(&c.agent.nbd, &commands)?;
     haven_e2e::wait_for_point(cs, "web01")?;
+    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-dr/providers");
+
+    // A test failover: a copy of the point in the test blob, a `-test` VM on the isolated
+    // network; its cleanup deletes everything made for it and frees the copy.
+    cs.haven(&["point", "create", "web01"])?;
+    let at_point = tmp.path().join("at-point.raw");
+    std::fs::copy(&disk, &at_point)?;
+    cs.haven(&["failover", "test", "web01"])?;
+    let job = finished(cs, "test-failover")?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let made = arm.resources()?;
+    let nic =
+        &made[&format!("{rg}/Microsoft.Network/networkInterfaces/web01-test-nic0").to_lowercase()];
+    assert_eq!(
+        nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"],
+        format!("{rg}/Microsoft.Network/virtualNetworks/vnet-test/subnets/snet-app")
+    );
+    let test_disk = &made[&format!("{rg}/Microsoft.Compute/disks/web01-test-disk0").to_lowercase()];
+    let source_uri = test_disk["properties"]["creationData"]["sourceUri"]
+        .as_str()
+        .context("no sourceUri")?
+        .to_string();
+    let test_blob = source_uri
+        .strip_prefix(&format!("{}/replicas/", a.endpoint()))
+        .context("the test disk is not from the replica container")?
+        .to_string();
+    assert!(test_blob.starts_with("test-failover/"), "{test_blob}");
+    let copy = tmp.path().join("test-copy.vhd");
+    a.download("replicas", &test_blob, &copy)?;
+    assert!(images_equal_as(&at_point, "raw", &copy, "vpc")?);
+    cs.haven(&["failover", "cleanup", "web01"])?;
+    let left: Vec<String> = arm
+        .resources()?
+        .keys()
+        .filter(|k| k.contains("web01-test"))
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "left after the cleanup: {left:?}");
+    a.download("replicas", &test_blob, &copy)?;
+    let data = std::fs::read(&copy)?;
+    assert!(
+        data[..data.len() - 512].iter().all(|b| *b == 0),
+        "the test copy still holds data"
+    );
+
     let image = cs.haven(&["failover", "web01", "--planned"])?;
     let image = image.trim().to_string();
-    let job = haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(500), || {
-        let jobs = cs.jobs()?;
-        let job = jobs
-            .into_iter()
-            .find(|j| j["kind"] == "failover")
-            .context("no failover job")?;
-        Ok(match job["state"].as_str() {
-            Some("running") => Err(format!("still running: {job}")),
-            _ => Ok(job),
-        })
-    })?;
+    let job = finished(cs, "failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
 
     // What the adapter asked of ARM, field by field: the disk imported from the image's page
     // blob, an adapter with the static address in the mapped subnet, the VM, then its start.
-    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-dr/providers");
     let requests = arm.requests()?;
     let put = |path: &str| {
         requests

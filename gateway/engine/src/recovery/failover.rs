@@ -467,7 +467,7 @@ impl MasterTarget {
 
     /// Writes the disk at `point` into a new image `image`, flushed and closed; its size. With
     /// `reuse`, an image already at `image` is opened and written over, zeros included.
-    fn write_point(
+    pub(super) fn write_point(
         &self,
         r: &Replica,
         point: PointRecord,
