@@ -143,10 +143,10 @@ fn vhd_size(a: &Account, blob: &str, len: u64) -> Result<u64, WitError> {
             "blob {blob} is {len} bytes: too short for a VHD footer"
         ))
     })?;
-    let footer: [u8; haven_vhd::FOOTER_BYTES] = get(a, blob, footer_at, PAGE)?
+    let footer: [u8; haven_image::vhd::FOOTER_SIZE] = get(a, blob, footer_at, PAGE)?
         .try_into()
         .map_err(|_| WitError::Io(format!("blob {blob}: a footer of the wrong size")))?;
-    let size = haven_vhd::fixed_size(&footer, blob, footer_at)
+    let size = haven_image::vhd::fixed_size(&footer, blob, footer_at)
         .map_err(haven_plugin_sdk::cloud_writer::to_wit)?;
     if size != footer_at {
         return Err(WitError::Corrupt(format!(
@@ -231,7 +231,7 @@ impl GuestDisk for PageBlob {
                 options.sector_size
             )));
         }
-        let footer = haven_vhd::fixed_footer(options.size)
+        let footer = haven_image::vhd::fixed_footer(options.size)
             .map_err(haven_plugin_sdk::cloud_writer::to_wit)?;
         // The container, once (an existing one is fine). A SAS is scoped to what the operator
         // made: the container is theirs to create.

@@ -12,6 +12,7 @@ use std::fmt;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod std_backend;
+pub mod vhd;
 #[cfg(not(target_arch = "wasm32"))]
 pub use std_backend::StdBackend;
 

@@ -12,52 +12,13 @@
 //! A fixed VHD has no header at its start, so [`Vhd::probe`] does not recognise it (like
 //! qemu-img, which sees it as raw); opening a file explicitly as VHD finds its footer at the end.
 
-mod meta;
-
-/// The 512-byte footer of a new fixed VHD of `size` bytes (a whole number of MiB): what follows
-/// the data in the file, or in the last page of an Azure page blob.
-pub fn fixed_footer(size: u64) -> Result<[u8; FOOTER_SIZE]> {
-    if size == 0 || !size.is_multiple_of(MIB) {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!("a fixed VHD is a whole number of MiB; {size} bytes is not"),
-        ));
-    }
-    Ok(CreatePlan {
-        size,
-        disk_type: DiskType::Fixed,
-        block_size: 0,
-    }
-    .footer()
-    .encode())
-}
-
-/// The disk size of a fixed VHD whose last 512 bytes are `footer` (read from `file` at
-/// `offset`); an error naming what is wrong when it is not one.
-pub fn fixed_size(footer: &[u8; FOOTER_SIZE], file: &str, offset: u64) -> Result<u64> {
-    let f = Footer::parse(footer, file, offset)?;
-    if f.disk_type != DiskType::Fixed {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{file}: a {} VHD; only fixed ones are kept this way",
-                f.disk_type.name()
-            ),
-        ));
-    }
-    Ok(f.virtual_size())
-}
-
-/// Size of a VHD footer.
-pub const FOOTER_BYTES: usize = FOOTER_SIZE;
+use haven_image::vhd as meta;
 
 use haven_image::{
     Backend, CreateOptions, Error, ErrorKind, ExtentState, FileIo, Format, Image, ImageInfo,
     MapEntry, OpenMode, Options, Result, check_range, is_zero, limits, push_map, sibling,
 };
-use meta::{
-    DiskType, DynHeader, FOOTER_SIZE, Footer, HEADER_SIZE, NO_OFFSET, SECTOR, UNUSED, bitmap_size,
-};
+use meta::{DiskType, DynHeader, FOOTER_SIZE, Footer, HEADER_SIZE, SECTOR, UNUSED, bitmap_size};
 
 const NAME: &str = "vhd";
 const MIB: u64 = 1 << 20;
@@ -70,12 +31,6 @@ const MAX_BLOCK_SIZE: u64 = 256 * MIB;
 const MAX_DYNAMIC_SIZE: u64 = 0xFF00_0000 * SECTOR;
 /// Largest parent locator read.
 const MAX_LOCATOR_BYTES: u32 = 64 << 10;
-/// Creator fields of new disks. `win ` is what Hyper-V writes; readers (qemu among them) take
-/// the disk size of such images from the current size field, which is what makes the exact
-/// sizes Azure needs readable everywhere.
-const CREATOR_APP: [u8; 4] = *b"win ";
-const CREATOR_VERSION: u32 = 0x000a_0000;
-const CREATOR_OS: [u8; 4] = *b"Wi2k";
 /// Bytes of the BAT converted per read while loading it.
 const BAT_CHUNK: usize = 1 << 20;
 
@@ -225,25 +180,7 @@ impl CreatePlan {
     }
 
     fn footer(&self) -> Footer {
-        let (cylinders, heads, sectors_per_track) = meta::geometry(self.size);
-        Footer {
-            data_offset: if self.disk_type == DiskType::Fixed {
-                NO_OFFSET
-            } else {
-                512
-            },
-            timestamp: meta::timestamp_now(),
-            creator_app: CREATOR_APP,
-            creator_version: CREATOR_VERSION,
-            creator_os: CREATOR_OS,
-            original_size: self.size,
-            current_size: self.size,
-            cylinders,
-            heads,
-            sectors_per_track,
-            disk_type: self.disk_type,
-            unique_id: meta::random_uuid(),
-        }
+        Footer::new(self.size, self.disk_type)
     }
 
     fn write(&self, file: &impl FileIo) -> Result<()> {
@@ -1112,7 +1049,7 @@ impl<F: FileIo> Image for VhdImage<F> {
 }
 
 // The vhd target-writer plugin: this crate's `Format` over the host's storage.
-#[cfg(all(target_arch = "wasm32", feature = "plugin"))]
+#[cfg(target_arch = "wasm32")]
 haven_plugin_sdk::export_format!(
     Vhd,
     haven_plugin_sdk::writer::PluginInfo {

@@ -2,7 +2,7 @@
 //! locators, checksums and CHS geometry. Everything is big-endian. Pure functions over byte
 //! buffers: no I/O here.
 
-use haven_image::{Error, ErrorKind, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Size of the footer (and of its copy at the start of dynamic and differencing files).
 pub const FOOTER_SIZE: usize = 512;
@@ -107,7 +107,66 @@ pub struct Footer {
     pub unique_id: [u8; 16],
 }
 
+/// Creator fields of new disks. `win ` is what Hyper-V writes; readers (qemu among them) take
+/// the disk size of such images from the current size field, which is what makes the exact
+/// sizes Azure needs readable everywhere.
+pub const CREATOR_APP: [u8; 4] = *b"win ";
+pub const CREATOR_VERSION: u32 = 0x000a_0000;
+pub const CREATOR_OS: [u8; 4] = *b"Wi2k";
+
+/// The footer of a new fixed VHD of `size` bytes (a whole number of MiB): what follows the
+/// data in the file, or in the last page of an Azure page blob.
+pub fn fixed_footer(size: u64) -> Result<[u8; FOOTER_SIZE]> {
+    const MIB: u64 = 1 << 20;
+    if size == 0 || !size.is_multiple_of(MIB) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("a fixed VHD is a whole number of MiB; {size} bytes is not"),
+        ));
+    }
+    Ok(Footer::new(size, DiskType::Fixed).encode())
+}
+
+/// The disk size of a fixed VHD whose footer is `footer` (read from `file` at `offset`); an
+/// error naming what is wrong when it is not one.
+pub fn fixed_size(footer: &[u8; FOOTER_SIZE], file: &str, offset: u64) -> Result<u64> {
+    let f = Footer::parse(footer, file, offset)?;
+    if f.disk_type != DiskType::Fixed {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{file}: a {} VHD; only fixed ones are kept this way",
+                f.disk_type.name()
+            ),
+        ));
+    }
+    Ok(f.virtual_size())
+}
+
 impl Footer {
+    /// The footer of a new disk of `size` bytes and `disk_type`, as Hyper-V writes it.
+    pub fn new(size: u64, disk_type: DiskType) -> Footer {
+        let (cylinders, heads, sectors_per_track) = geometry(size);
+        Footer {
+            data_offset: if disk_type == DiskType::Fixed {
+                NO_OFFSET
+            } else {
+                512
+            },
+            timestamp: timestamp_now(),
+            creator_app: CREATOR_APP,
+            creator_version: CREATOR_VERSION,
+            creator_os: CREATOR_OS,
+            original_size: size,
+            current_size: size,
+            cylinders,
+            heads,
+            sectors_per_track,
+            disk_type,
+            unique_id: random_uuid(),
+        }
+    }
+
     /// True when `buf` starts with the footer cookie.
     pub fn has_cookie(buf: &[u8]) -> bool {
         buf.len() >= 8 && &buf[..8] == FOOTER_COOKIE
@@ -465,8 +524,8 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(haven_image::normalize_path("a/./b/../c.vhd"), "a/c.vhd");
-        assert_eq!(haven_image::normalize_path(".\\base.vhd"), "base.vhd");
+        assert_eq!(crate::normalize_path("a/./b/../c.vhd"), "a/c.vhd");
+        assert_eq!(crate::normalize_path(".\\base.vhd"), "base.vhd");
         assert_eq!(base_name("C:\\vms\\base.vhd"), "base.vhd");
         assert!(is_absolute("C:\\x"));
         assert!(!is_absolute(".\\x"));
