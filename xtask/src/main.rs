@@ -46,7 +46,7 @@ const ADAPTER_PLUGINS: &[&str] = &[
     "test-unruly-adapter",
 ];
 /// Target writers of `haven:plugin@0.2.0` that keep disks in cloud storage (built on their
-/// own: the page-blob writer uses haven-vhd's footers without its plugin exports).
+/// own: a component carries one world's SDK feature, `cloud-writer`).
 const CLOUD_PLUGINS: &[&str] = &["haven-azure-blob"];
 /// Azurite, the Azure Storage emulator the page-blob writer is tested against (npm; the
 /// newest release that runs on Node 20).
