@@ -751,6 +751,8 @@ pub struct ReverseWriter {
     pub storage_root: PathBuf,
     /// Block devices it may write too (a physical server's disks).
     pub devices: Vec<PathBuf>,
+    /// Extra lines of the master target's `[master_target]` section.
+    pub mt_config: String,
 }
 
 impl ReverseWriter {
@@ -760,6 +762,7 @@ impl ReverseWriter {
             format: "raw".into(),
             storage_root: storage_root.to_owned(),
             devices: Vec::new(),
+            mt_config: String::new(),
         }
     }
 }
@@ -800,10 +803,11 @@ impl Reverse {
             dir.clone(),
             format!(
                 "data_dir = {dir:?}\n{joined}\n[master_target]\nlisten = \"127.0.0.1:{port}\"\n\
-                 writer = \"origin\"\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
+                 writer = \"origin\"\n{}\n\n[master_target.retention]\nwindow = \"1h\"\n\n\
                  [[plugin]]\nkind = \"target-writer\"\nname = \"origin\"\npath = {plugin:?}\n\
                  grants = {{ storage_root = {storage_root:?}, devices = [{devices}] }}\n\n\
-                 [api]\nlisten = \"127.0.0.1:{api}\"\n"
+                 [api]\nlisten = \"127.0.0.1:{api}\"\n",
+                writer.mt_config
             ),
             port,
             api,

@@ -794,3 +794,68 @@ fn by_names_alone_a_group_reprotects_and_a_plan_fails_back_with_its_policy() -> 
     wait_equal(&trip.image_b, &trip.disk_a)?;
     Ok(())
 }
+
+#[test]
+fn differences_larger_than_the_journal_stop_with_an_error_saying_so() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let site_a = tmp.path().join("site-a");
+    fs::create_dir_all(&site_a)?;
+    // A 128 MiB disk, half of it data.
+    let disk_a = site_a.join("web01.raw");
+    {
+        let f = fs::File::create(&disk_a)?;
+        f.set_len(2 * SIZE)?;
+        let mut rng = Rng(41);
+        let mut buf = vec![0u8; CHUNK as usize];
+        for chunk in (0..2 * SIZE / CHUNK).step_by(2) {
+            for b in buf.chunks_mut(8) {
+                b.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            f.write_all_at(&buf, chunk * CHUNK)?;
+        }
+        f.sync_all()?;
+    }
+    let (cluster, image_b) = protect_and_fail_over(tmp.path(), &disk_a, false, 4)?;
+    // Where it ran, the machine rewrote 96 MiB: more than the 64 MiB journal at the way back.
+    {
+        let f = fs::OpenOptions::new().write(true).open(&image_b)?;
+        let mut rng = Rng(43);
+        let mut buf = vec![0u8; CHUNK as usize];
+        for chunk in 0..(96 << 20) / CHUNK {
+            for b in buf.chunks_mut(8) {
+                b.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            f.write_all_at(&buf, chunk * CHUNK)?;
+        }
+        f.sync_all()?;
+    }
+    let before = fs::read(&disk_a)?;
+    let rev = cluster.reverse_with(ReverseWriter {
+        mt_config: "journal_max_bytes = 67108864".into(),
+        ..ReverseWriter::raw(&site_a)
+    })?;
+    let _agent = reprotect_with(
+        &cluster.mt,
+        &rev,
+        &rev.mt.api,
+        "web01.raw",
+        &image_b,
+        &tmp.path().join("agent-b"),
+        true,
+    )?;
+    let error = poll(Duration::from_secs(120), Duration::from_millis(250), || {
+        let status = rev.mt.status()?;
+        let error = status
+            .master_target
+            .as_ref()
+            .and_then(|m| m.replicas.first())
+            .and_then(|r| r.error.clone());
+        Ok(error
+            .clone()
+            .filter(|e| e.contains("filled the journal"))
+            .ok_or_else(|| format!("no journal error yet: {error:?}")))
+    })?;
+    assert!(error.contains("raise journal_max_bytes"), "{error}");
+    assert!(fs::read(&disk_a)? == before, "the old disk changed");
+    Ok(())
+}

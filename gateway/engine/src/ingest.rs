@@ -295,6 +295,10 @@ pub trait Sink: Send + Sync + 'static {
         true
     }
 
+    /// `stream`'s journal is full (`full`), or takes records again (`!full`): a role that
+    /// cannot free it itself says why the stream waits.
+    fn journal_full(&self, _stream: &DiskStream, _full: bool) {}
+
     /// Whether compressed payloads are decompressed once on arrival to prove them sound (the
     /// first hop that takes them from an agent; later hops trust it).
     fn check_compressed(&self) -> bool;
@@ -583,6 +587,7 @@ fn append_pending<S: Sink>(
         let result = s.journal().append(r);
         match result {
             Ok(info) => {
+                sink.journal_full(s, false);
                 lock(&s.received).add(now, r.wire_extent());
                 s.stored_bytes_total
                     .fetch_add(info.stored_bytes, Ordering::Relaxed);
@@ -597,6 +602,7 @@ fn append_pending<S: Sink>(
                 appended.entry(r.disk()).or_default().push((r, info));
             }
             Err(StoreError::Full { .. }) => {
+                sink.journal_full(s, true);
                 blocked = Some(s.clone());
                 break;
             }

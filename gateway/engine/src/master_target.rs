@@ -766,7 +766,41 @@ impl MasterTarget {
     }
 }
 
+/// The start of the error a seeding replica whose journal is full shows.
+const SEEDING_FULL: &str = "the reprotect's differences filled the journal";
+
 impl Sink for MasterTarget {
+    fn journal_full(&self, stream: &DiskStream, full: bool) {
+        let error = stream.error();
+        let shown = error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(SEEDING_FULL));
+        if !full {
+            if shown {
+                stream.set_error(None);
+            }
+            return;
+        }
+        if shown {
+            return;
+        }
+        // Nothing of a seeding replica is applied before its comparison ends, so nothing frees
+        // its journal: it waits until an operator gives it room.
+        let seeding = lock(&self.replicas)
+            .get(&stream.key)
+            .is_some_and(|r| *lock(&r.recovery.seed) != crate::recovery::SeedHold::Off);
+        if seeding {
+            let message = format!(
+                "{SEEDING_FULL} ({} bytes, journal_max_bytes) before the comparison ended, and \
+                 nothing is applied to the old disk until it ends: raise journal_max_bytes in \
+                 [master_target] and restart this gateway; the agent's log holds the rest",
+                self.config.journal.max_bytes
+            );
+            tracing::error!(stream = %stream.key, "{message}");
+            stream.set_error(Some(message));
+        }
+    }
+
     fn open_disks(&self, hello: &Hello, via: &Via) -> Result<Vec<Arc<DiskStream>>> {
         if hello.role == haven_wire::Role::ProcessServer {
             self.check_owner(hello, via)?;
