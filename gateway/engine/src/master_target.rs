@@ -217,8 +217,8 @@ pub(crate) struct Replica {
     pub(crate) created: std::sync::atomic::AtomicBool,
     /// The replica is a seed (a disk that was here before the stream): never created.
     pub(crate) seeded: bool,
-    /// When the stream was first seen (ms since the Unix epoch): a seed's comparison started.
-    pub(crate) created_ms: u64,
+    /// A seed's comparison's recent pace, for its estimate of the time left.
+    pub(crate) compare_pace: Mutex<crate::status::Pace>,
 }
 
 impl Replica {
@@ -520,7 +520,7 @@ impl MasterTarget {
                 .clone()
                 .unwrap_or_else(|| format!("{}/disk{}.raw", peer_hex(&key.peer), key.disk)),
             seeded: record.replica_path.is_some(),
-            created_ms: record.created_ms,
+            compare_pace: Mutex::default(),
             applied: AtomicU64::new(record.applied_seq),
             recovery: Default::default(),
             unapplied: Mutex::new(unapplied),
@@ -607,7 +607,7 @@ impl MasterTarget {
                             crate::status::ReprotectProgress::of(
                                 d,
                                 s.info.size,
-                                r.created_ms,
+                                &mut lock(&r.compare_pace),
                                 now_ms(),
                             )
                         })

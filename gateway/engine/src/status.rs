@@ -178,28 +178,68 @@ pub struct ReprotectProgress {
     pub compared_bytes: u64,
     /// Bytes found different and sent (since the agent last started).
     pub sent_bytes: u64,
-    /// Seconds until the comparison ends at the pace so far; none before it has a pace, or
-    /// once it is done.
+    /// Seconds until the comparison ends at its pace of the last minute; none before it has
+    /// one (or while it is stalled), or once it is done.
     pub eta_seconds: Option<f64>,
 }
 
+/// How long the pace of a comparison looks back.
+const PACE_WINDOW_MS: u64 = 60_000;
+
+/// The recent pace of a comparison: samples of (ms, bytes compared), one per half second at
+/// most, over the last [`PACE_WINDOW_MS`]. A restart of the gateway or of the agent starts it
+/// again, so neither the downtime nor a pass started over makes the estimate wrong.
+#[derive(Clone, Debug, Default)]
+pub struct Pace {
+    samples: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Pace {
+    /// Notes that `compared` bytes were compared at `now_ms`.
+    pub fn note(&mut self, now_ms: u64, compared: u64) {
+        match self.samples.back() {
+            // A pass that started over.
+            Some(&(_, c)) if compared < c => self.samples.clear(),
+            Some(&(t, _)) if now_ms < t + 500 => return,
+            _ => {}
+        }
+        self.samples.push_back((now_ms, compared));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .front()
+                .is_some_and(|&(t, _)| t + PACE_WINDOW_MS < now_ms)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes compared per second over the window; none without progress to measure.
+    pub fn per_second(&self) -> Option<f64> {
+        let (&(t0, c0), &(t1, c1)) = (self.samples.front()?, self.samples.back()?);
+        (t1 > t0 && c1 > c0).then(|| (c1 - c0) as f64 * 1000.0 / (t1 - t0) as f64)
+    }
+}
+
 impl ReprotectProgress {
-    /// The progress of a comparison of `size` bytes that started at `started_ms`, as `disk`
-    /// reports it at `now_ms`.
+    /// The progress of a comparison of `size` bytes as `disk` reports it at `now_ms`, its
+    /// pace kept in `pace`.
     pub fn of(
         disk: &haven_net::stream::DiskReport,
         size: u64,
-        started_ms: u64,
+        pace: &mut Pace,
         now_ms: u64,
     ) -> Self {
         let done = disk.state != haven_net::stream::DiskState::Resyncing;
         let compared = if done { size } else { disk.sync_done_bytes };
-        let elapsed = now_ms.saturating_sub(started_ms) as f64 / 1000.0;
+        pace.note(now_ms, compared);
         ReprotectProgress {
             compared_bytes: compared,
             sent_bytes: disk.resync_sent_bytes,
-            eta_seconds: (!done && compared > 0)
-                .then(|| (size - compared.min(size)) as f64 * elapsed / compared as f64),
+            eta_seconds: pace
+                .per_second()
+                .filter(|_| !done)
+                .map(|rate| (size - compared.min(size)) as f64 / rate),
         }
     }
 }
@@ -241,6 +281,25 @@ mod tests {
     use haven_net::stream::DiskReport;
 
     use super::*;
+
+    #[test]
+    fn the_pace_is_the_last_minutes_and_starts_over_with_a_new_pass() {
+        let mut pace = Pace::default();
+        assert_eq!(pace.per_second(), None);
+        pace.note(1_000, 0);
+        pace.note(1_200, 10);
+        // Half a second apart at least.
+        assert_eq!(pace.per_second(), None);
+        pace.note(2_000, 100 << 20);
+        assert_eq!(pace.per_second(), Some(100.0 * (1 << 20) as f64));
+        // A long stop (a restart) leaves the window: the pace is the recent one.
+        pace.note(200_000, 110 << 20);
+        pace.note(201_000, 120 << 20);
+        assert_eq!(pace.per_second(), Some(10.0 * (1 << 20) as f64));
+        // A pass started over: no pace until it has progress again.
+        pace.note(202_000, 1 << 20);
+        assert_eq!(pace.per_second(), None);
+    }
 
     fn replica(durable: u64, applied: u64, points: usize, agent_last: u64) -> ReplicaStatus {
         ReplicaStatus {
