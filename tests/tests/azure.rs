@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use haven_e2e::azurite::{self, Azurite};
+use haven_e2e::nbd::NbdClient;
 use haven_e2e::{Cluster, ClusterOptions, default_bin_dir, images_equal_as, mixed_disk, qemu_io};
 use haven_host::{Access, Grants, Host, HostConfig, PluginSpec};
 
@@ -298,19 +299,24 @@ fn arm_state() -> serde_json::Value {
     })
 }
 
-#[test]
-fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Result<()> {
-    let a = Azurite::start()?;
-    let tmp = tempfile::tempdir()?;
-    let arm = haven_e2e::fake_arm::FakeArm::start(tmp.path(), &arm_state())?;
-    let disk = tmp.path().join("source.raw");
-    mixed_disk(&disk, 8 * MIB, 21)?;
+/// A master target writing page blobs into Azurite, its configuration server with the
+/// pipeline of web01 (a physical server of the primary site, its disk `disk`) protected to
+/// Azure through the fake ARM; `extra` is added to its `[[machine]]`, `policies` to the
+/// pipeline.
+fn to_azure(
+    tmp: &std::path::Path,
+    a: &Azurite,
+    arm: &haven_e2e::fake_arm::FakeArm,
+    disk: &std::path::Path,
+    extra: &str,
+    policies: &str,
+) -> Result<Cluster> {
     let c = Cluster::start(
-        tmp.path(),
-        &disk,
+        tmp,
+        disk,
         ClusterOptions {
             config_server: true,
-            mt_config: azure_writer(&a),
+            mt_config: azure_writer(a),
             retention: Some("window = \"1h\"".into()),
             agent_args: vec!["--point-interval".into(), "1s".into()],
             ..ClusterOptions::default()
@@ -318,9 +324,6 @@ fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Res
     )?;
     let cs = c.cs.as_ref().context("cs")?;
     cs.set_secret("dr-sp", "the-secret")?;
-    let storage = format!(
-        "/subscriptions/{SUB}/resourceGroups/rg-storage/providers/Microsoft.Storage/storageAccounts/devstoreaccount1"
-    );
     let pipeline = format!(
         r#"{head}[[plugin]]
 name = "azure"
@@ -340,14 +343,14 @@ login_endpoint = "{endpoint}"
 resource_group = "rg-dr"
 location = "westeurope"
 blob_container_url = "{blobs}/replicas"
-storage_account_id = "{storage}"
+storage_account_id = "{STORAGE}"
 
 [[policy]]
 name = "servers"
 kind = "replication"
 crash_consistent_interval = "1s"
 app_consistent_interval = "off"
-
+{policies}
 [[network_mapping]]
 name = "lan"
 source_site = "primary"
@@ -363,7 +366,7 @@ target_platform = "azure"
 policy = "servers"
 master_target = "mt1"
 writer = "raw"
-
+{extra}
 [machine.target]
 resource_group = "rg-dr"
 vnet = "vnet-dr"
@@ -378,9 +381,24 @@ static_ip = "10.1.0.5"
         endpoint = arm.endpoint(),
         blobs = a.endpoint(),
     );
-    let file = tmp.path().join("to-azure.toml");
+    let file = tmp.join("to-azure.toml");
     std::fs::write(&file, pipeline)?;
     cs.haven(&["apply", file.to_str().context("path")?])?;
+    Ok(c)
+}
+
+const STORAGE: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2e5/resourceGroups/rg-storage/providers/Microsoft.Storage/storageAccounts/devstoreaccount1";
+
+#[test]
+fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Result<()> {
+    let a = Azurite::start()?;
+    let tmp = tempfile::tempdir()?;
+    let arm = haven_e2e::fake_arm::FakeArm::start(tmp.path(), &arm_state())?;
+    let disk = tmp.path().join("source.raw");
+    mixed_disk(&disk, 8 * MIB, 21)?;
+    let c = to_azure(tmp.path(), &a, &arm, &disk, "", "")?;
+    let cs = c.cs.as_ref().context("cs")?;
+    let storage = STORAGE;
 
     // The adapter's inventory: the VM already in the resource group, as ARM describes it.
     cs.haven(&["platform", "refresh", "azure"])?;
@@ -508,5 +526,115 @@ static_ip = "10.1.0.5"
     let blob = tmp.path().join("imported.vhd");
     a.download("replicas", &image, &blob)?;
     assert!(images_equal_as(&disk, "raw", &blob, "vpc")?);
+    Ok(())
+}
+
+/// Waits until `agent`'s disk is protected with everything acknowledged; the bytes its
+/// comparison sent.
+fn wait_protected(agent: &mut haven_e2e::Agent) -> Result<u64> {
+    haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(100), || {
+        agent.proc.check_alive("haven-agent")?;
+        let report = agent.report();
+        Ok(report
+            .as_ref()
+            .and_then(|r| {
+                let d = r.disks.first()?;
+                (d.state == haven_net::stream::DiskState::Protected && d.acked_seq == d.last_seq)
+                    .then_some(d.resync_sent_bytes)
+            })
+            .ok_or_else(|| format!("not protected and caught up: {report:?}")))
+    })
+}
+
+#[test]
+fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()> {
+    let a = Azurite::start()?;
+    let tmp = tempfile::tempdir()?;
+    let arm = haven_e2e::fake_arm::FakeArm::start(tmp.path(), &arm_state())?;
+    let site_a = tmp.path().join("site-a");
+    std::fs::create_dir_all(&site_a)?;
+    let disk_a = site_a.join("web01.raw");
+    mixed_disk(&disk_a, 16 * MIB, 31)?;
+    let policy = "\n[[policy]]\nname = \"home\"\nkind = \"failback\"\n\
+                  reprotect_after_failback = false\n";
+    let extra = format!(
+        "failback_policy = \"home\"\ndisks = [{:?}]\n",
+        disk_a.display().to_string()
+    );
+    let c = to_azure(tmp.path(), &a, &arm, &disk_a, &extra, policy)?;
+    let cs = c.cs.as_ref().context("cs")?;
+    haven_e2e::wait_for_point(cs, "web01")?;
+    let image = cs
+        .haven(&["failover", "web01", "--planned"])?
+        .trim()
+        .to_string();
+    assert_eq!(finished(cs, "failover")?["state"], "succeeded");
+
+    // The VM runs in Azure on the imported disk, and changes it. (It cannot run here: its
+    // disk is the page blob, downloaded, with its agent on it.)
+    let blob = tmp.path().join("vm.vhd");
+    a.download("replicas", &image, &blob)?;
+    let vm_disk = tmp.path().join("vm-disk.raw");
+    haven_e2e::run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(&blob)
+            .arg(&vm_disk),
+    )?;
+    let commands: Vec<String> = (0..8u64)
+        .map(|i| format!("write -P {} {} 4k", 0xa0 + i, (i * 331 % 4096) * 4096))
+        .collect();
+    let mut qemu = std::process::Command::new("qemu-io");
+    qemu.args(["-f", "raw"]);
+    for cmd in &commands {
+        qemu.args(["-c", cmd]);
+    }
+    haven_e2e::run_ok(qemu.arg(&vm_disk))?;
+
+    // Back to the premises: a process server in Azure (the secondary site) forwarding to the
+    // master target at the primary site, whose writer reaches the server's disk.
+    let _rev = c.reverse(&site_a)?;
+    haven_e2e::poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        Ok(haven_e2e::http_get(
+            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
+            &cs.admin_token,
+        )
+        .map(drop)
+        .map_err(|e| format!("{e:#}")))
+    })?;
+    let bins = default_bin_dir();
+    let dir = tmp.path().join("agent-azure-vm");
+    haven_e2e::Agent::enroll_with_config_server(&bins, cs, "secondary", &dir, "web01")?;
+    let out = cs.haven(&["reprotect", "web01"])?;
+    assert!(out.contains("replicates to mt-a now"), "{out}");
+    let mut agent = haven_e2e::Agent::start_disks(
+        &bins,
+        None,
+        &dir,
+        &vm_disk,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    let sent = wait_protected(&mut agent)?;
+    assert!(
+        sent <= 2 * 8 * 4096,
+        "sent {sent} for 32 KiB changed in Azure"
+    );
+    // The failback policy: planned (the VM's last writes first), the Azure VM powered off.
+    let mut client = NbdClient::connect(&format!("127.0.0.1:{}", agent.nbd_port), "disk")?;
+    client.write(5 * MIB, &[0x5c; 8192])?;
+    client.flush()?;
+    drop(client);
+    let out = cs.haven(&["failback", "web01"])?;
+    assert!(out.contains("failback of machine web01: done"), "{out}");
+    agent.proc.kill();
+    assert!(
+        haven_e2e::images_equal(&disk_a, &vm_disk)?,
+        "the server's disk lacks what the VM wrote in Azure"
+    );
+    let vm = format!(
+        "/subscriptions/{SUB}/resourceGroups/rg-dr/providers/Microsoft.Compute/virtualMachines/web01"
+    );
+    assert_eq!(arm.resources()?[&vm.to_lowercase()]["_power"], "stopped");
     Ok(())
 }
