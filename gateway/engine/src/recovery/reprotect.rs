@@ -145,9 +145,17 @@ impl MasterTarget {
             return Err(err(ErrorKind::Invalid, "the seed needs the machine's name"));
         }
         let grants = &self.config.writer.grants;
-        let root = self
-            .writer_root()
-            .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
+        let root = self.writer_root().map_err(|_| {
+            err(
+                ErrorKind::Conflict,
+                format!(
+                    "this master target's writer `{}` keeps disks without a storage root (page \
+                     blobs): a reprotect cannot replicate onto a disk already there; fail back \
+                     with `reprotect_after_failback = false` and protect the machine anew",
+                    self.config.writer.name
+                ),
+            )
+        })?;
         // A file named by its full path below the root (as a failover's image is shown): the
         // same file, relative to the root.
         if let Some(rel) = below(&root, &spec.path) {
