@@ -417,16 +417,22 @@ impl Applier {
         let Some(root) = root else {
             // A writer that keeps disks elsewhere (page blobs): it tells whether the disk is
             // there by opening it.
-            anyhow::ensure!(
-                !replica.seeded,
-                "a reprotect's seed needs a writer with a storage root"
-            );
-            return match plugin.open(path, Access::ReadWrite, &[]) {
+            let access = match (replica.seeded, read_only) {
+                (true, true) => Access::ReadOnly,
+                _ => Access::ReadWrite,
+            };
+            return match plugin.open(path, access, &[]) {
+                Ok(disk) if replica.seeded => seed_sized(plugin, disk, replica),
                 Ok(disk) => Ok(disk),
                 Err(e)
                     if e.plugin_error()
                         .is_some_and(|e| e.kind == haven_image::ErrorKind::NotFound) =>
                 {
+                    anyhow::ensure!(
+                        !replica.seeded,
+                        "the seed {path} is gone from the writer's store; the reprotect must \
+                         start again"
+                    );
                     Ok(plugin.create(path, replica.stream.info.size, 512, &self.create_options)?)
                 }
                 Err(e) => Err(e.into()),
@@ -446,16 +452,7 @@ impl Applier {
                 false => Access::ReadWrite,
             };
             let disk = plugin.open(path, access, &[])?;
-            let size = plugin.info(&disk)?.size;
-            let want = replica.stream.info.size;
-            if size != want {
-                let _ = plugin.close(disk);
-                anyhow::bail!(
-                    "the seed {path} holds {size} bytes but the source announces {want}: a \
-                         reprotect needs the disk the machine failed over from"
-                );
-            }
-            disk
+            seed_sized(plugin, disk, replica)?
         } else if exists {
             plugin.open(path, Access::ReadWrite, &[])?
         } else {
@@ -467,6 +464,21 @@ impl Applier {
         };
         Ok(disk)
     }
+}
+
+/// `disk`, a seed, when it is as large as the source announces.
+fn seed_sized(plugin: &mut WriterPlugin, disk: Disk, replica: &Replica) -> Result<Disk> {
+    let size = plugin.info(&disk)?.size;
+    let want = replica.stream.info.size;
+    if size != want {
+        let _ = plugin.close(disk);
+        anyhow::bail!(
+            "the seed {} holds {size} bytes but the source announces {want}: a reprotect needs \
+             the disk the machine failed over from",
+            replica.path
+        );
+    }
+    Ok(disk)
 }
 
 /// Applying one replica's records (borrowed from its applier for one turn).

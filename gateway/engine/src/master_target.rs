@@ -699,12 +699,6 @@ impl MasterTarget {
     pub fn replica_root(&self) -> Option<PathBuf> {
         self.config.writer.grants.storage_root.clone()
     }
-
-    /// [`MasterTarget::replica_root`], or the error a writer without one is.
-    pub(crate) fn writer_root(&self) -> anyhow::Result<PathBuf> {
-        self.replica_root()
-            .ok_or_else(|| anyhow::anyhow!("the writer plugin has no storage root"))
-    }
 }
 
 /// The clock retention uses: the system's, shifted by the number of milliseconds in the file

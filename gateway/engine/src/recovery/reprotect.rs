@@ -145,20 +145,10 @@ impl MasterTarget {
             return Err(err(ErrorKind::Invalid, "the seed needs the machine's name"));
         }
         let grants = &self.config.writer.grants;
-        let root = self.writer_root().map_err(|_| {
-            err(
-                ErrorKind::Conflict,
-                format!(
-                    "this master target's writer `{}` keeps disks without a storage root (page \
-                     blobs): a reprotect cannot replicate onto a disk already there; fail back \
-                     with `reprotect_after_failback = false` and protect the machine anew",
-                    self.config.writer.name
-                ),
-            )
-        })?;
+        let root = self.replica_root();
         // A file named by its full path below the root (as a failover's image is shown): the
         // same file, relative to the root.
-        if let Some(rel) = below(&root, &spec.path) {
+        if let Some(rel) = root.as_deref().and_then(|root| below(root, &spec.path)) {
             spec.path = rel;
         }
         if let Some(kept) = self.seed_of_spec(&spec)? {
@@ -200,7 +190,11 @@ impl MasterTarget {
                 ));
                 e
             })?;
-            self.check_seed_file(&root, &spec.path)?;
+            match &root {
+                Some(root) => self.check_seed_file(root, &spec.path)?,
+                // A writer that keeps disks elsewhere (page blobs) says whether it is there.
+                None => self.check_seed_disk(&spec.path)?,
+            }
         }
         // One writer per disk: no other seed or replica may use it.
         let taken = self.seeds()?.into_iter().any(|s| s.spec.path == spec.path)
@@ -254,6 +248,39 @@ impl MasterTarget {
             .seed_of(key)
             .map_err(internal)?
             .filter(|s| s.spec.path == spec.path && s.spec.machine_name == spec.machine_name))
+    }
+
+    /// A seed in a writer without a storage root: a disk it opens.
+    fn check_seed_disk(&self, path: &str) -> Result<(), RecoveryError> {
+        let mut plugin = self
+            .host
+            .load_writer(&self.config.writer)
+            .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
+        match plugin.open(path, haven_host::Access::ReadOnly, &[]) {
+            Ok(disk) => {
+                let _ = plugin.close(disk);
+                Ok(())
+            }
+            Err(e)
+                if e.plugin_error()
+                    .is_some_and(|e| e.kind == haven_image::ErrorKind::NotFound) =>
+            {
+                Err(err(
+                    ErrorKind::NotFound,
+                    format!(
+                        "seed {path}: no such disk in the store of writer `{}`",
+                        self.config.writer.name
+                    ),
+                ))
+            }
+            Err(e) => Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "seed {path}: not a disk writer `{}` opens: {e}",
+                    self.config.writer.name
+                ),
+            )),
+        }
     }
 
     /// A seed below the storage root: a regular file inside it, not a link out of it.
@@ -399,9 +426,14 @@ impl MasterTarget {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let full = self.writer_root()?.join(&r.path);
-        tracing::info!(image = %full.display(), point = point.point, "failed over in place");
-        Ok(full.display().to_string())
+        // Named as the writer keeps it: its full path below a storage root, else its name in
+        // the writer's store (a page blob's).
+        let image = match self.replica_root() {
+            Some(root) => root.join(&r.path).display().to_string(),
+            None => r.path.clone(),
+        };
+        tracing::info!(image, point = point.point, "failed over in place");
+        Ok(image)
     }
 }
 
