@@ -692,11 +692,13 @@ async fn machine_step(
     } = call;
     // A reprotect or a failback acts where the machine replicates to now, asked afresh.
     let gateway = match action {
-        Action::Reprotect | Action::Failback => crate::reprotect::holder(cs, machine)
-            .await
-            .ok()
-            .flatten()
-            .or_else(|| cs.master_target_of(machine)),
+        Action::Reprotect | Action::Failback => match crate::reprotect::holder(cs, machine).await {
+            Ok(holder) => holder.or_else(|| cs.master_target_of(machine)),
+            Err(e) => {
+                tracing::warn!(machine, error = %format!("{e:#}"), "finding the master target");
+                cs.master_target_of(machine)
+            }
+        },
         _ => cs.master_target_of(machine),
     };
     let (method, path) = match (action, point) {

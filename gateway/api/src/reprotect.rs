@@ -256,13 +256,31 @@ async fn held_everywhere(
 /// The master target that holds `machine` now, asked afresh (a status report may not list a
 /// stream that has just arrived): the one whose item is not reprotected, else any holding it.
 pub(crate) async fn holder(cs: &Arc<ConfigServer>, machine: &str) -> Result<Option<String>> {
-    let held = held_everywhere(cs, machine).await?;
-    let current = held
-        .iter()
-        .find(|(_, items)| items.iter().any(|i| i.item.state != ItemState::Reprotected));
-    Ok(current
-        .or_else(|| held.iter().find(|(_, items)| !items.is_empty()))
-        .map(|(g, _)| g.clone()))
+    let mut failed = None;
+    // A master target that does not answer now may hold the current item: asked again.
+    for _ in 0..3 {
+        let mut held = Vec::new();
+        for gateway in cs.with_role("master-target") {
+            match crate::machines::all_items_of(cs, &gateway, machine).await {
+                Ok(items) => held.push((gateway, items)),
+                Err(e) => failed = Some(e.context(format!("listing the items at {gateway}"))),
+            }
+        }
+        let current = held
+            .iter()
+            .find(|(_, items)| items.iter().any(|i| i.item.state != ItemState::Reprotected));
+        if let Some((g, _)) = current {
+            return Ok(Some(g.clone()));
+        }
+        if failed.is_none() {
+            return Ok(held
+                .into_iter()
+                .find(|(_, items)| !items.is_empty())
+                .map(|(g, _)| g));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    Err(failed.expect("set when asked again"))
 }
 
 /// Calls `method path` at `gateway`; the answer's body, or its error.
