@@ -555,13 +555,8 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
     std::fs::create_dir_all(&site_a)?;
     let disk_a = site_a.join("web01.raw");
     mixed_disk(&disk_a, 16 * MIB, 31)?;
-    let policy = "\n[[policy]]\nname = \"home\"\nkind = \"failback\"\n\
-                  reprotect_after_failback = false\n";
-    let extra = format!(
-        "failback_policy = \"home\"\ndisks = [{:?}]\n",
-        disk_a.display().to_string()
-    );
-    let c = to_azure(tmp.path(), &a, &arm, &disk_a, &extra, policy)?;
+    let extra = format!("disks = [{:?}]\n", disk_a.display().to_string());
+    let c = to_azure(tmp.path(), &a, &arm, &disk_a, &extra, "")?;
     let cs = c.cs.as_ref().context("cs")?;
     haven_e2e::wait_for_point(cs, "web01")?;
     let image = cs
@@ -620,7 +615,11 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
         sent <= 2 * 8 * 4096,
         "sent {sent} for 32 KiB changed in Azure"
     );
-    // The failback policy: planned (the VM's last writes first), the Azure VM powered off.
+    // The default failback policy: planned (the VM's last writes first), the Azure VM
+    // powered off, then protected to Azure again — onto the page blob of its failover, so its
+    // agent (enrolled at the premises first) sends only what the VM changed since.
+    let dir_a = tmp.path().join("agent-a2");
+    haven_e2e::Agent::enroll_with_config_server(&bins, cs, "primary", &dir_a, "web01")?;
     let mut client = NbdClient::connect(&format!("127.0.0.1:{}", agent.nbd_port), "disk")?;
     client.write(5 * MIB, &[0x5c; 8192])?;
     client.flush()?;
@@ -636,5 +635,36 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
         "/subscriptions/{SUB}/resourceGroups/rg-dr/providers/Microsoft.Compute/virtualMachines/web01"
     );
     assert_eq!(arm.resources()?[&vm.to_lowercase()]["_power"], "stopped");
+    let mut back = haven_e2e::Agent::start_disks(
+        &bins,
+        None,
+        &dir_a,
+        &disk_a,
+        &[],
+        vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
+    )?;
+    let sent = wait_protected(&mut back)?;
+    let changed = 8 * 4096 + 8192;
+    assert!(sent <= 2 * changed, "sent {sent} for {changed} changed");
+    let mut client = NbdClient::connect(&format!("127.0.0.1:{}", back.nbd_port), "disk")?;
+    client.write(7 * MIB, &[0x7e; 4096])?;
+    client.flush()?;
+    drop(client);
+    // Once the configuration server has heard that web01 replicates to Azure again.
+    haven_e2e::poll(Duration::from_secs(30), Duration::from_millis(250), || {
+        Ok(cs
+            .haven(&["point", "create", "web01"])
+            .map(drop)
+            .map_err(|e| format!("{e:#}")))
+    })?;
+    // The page blob follows the server again.
+    haven_e2e::poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let copy = tmp.path().join("back.vhd");
+        a.download("replicas", &image, &copy)?;
+        Ok(match images_equal_as(&disk_a, "raw", &copy, "vpc") {
+            Ok(true) => Ok(()),
+            other => Err(format!("not equal yet: {other:?}")),
+        })
+    })?;
     Ok(())
 }
