@@ -90,9 +90,9 @@ pub fn request(
         .iter()
         .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
         .collect();
-    // Said outright, also for an empty body of a method that carries one: without it the
-    // body may go chunked, which some servers refuse.
-    let carries_body = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
+    // Said outright, also for an empty body of a method other than GET, HEAD and OPTIONS:
+    // without it the body may go chunked, which some servers refuse.
+    let carries_body = !body.is_empty() || !matches!(method, "GET" | "HEAD" | "OPTIONS");
     if carries_body
         && !headers
             .iter()
