@@ -29,6 +29,9 @@ pub const API_DISKS: &str = "2024-03-02";
 pub const API_NETWORK: &str = "2024-05-01";
 pub const API_SUBSCRIPTIONS: &str = "2022-12-01";
 
+/// Most disks (or adapters) of one replica VM looked for when cleaning up after it.
+const MAX_RESOURCES: usize = 64;
+
 /// Longest a long-running operation is followed.
 const OPERATION_POLLS: u32 = 600;
 
@@ -536,9 +539,14 @@ impl<T: Transport> Arm<T> {
         Ok((plan.vm_id, plan.summary))
     }
 
-    /// Deletes VM `id` and the disks and adapters made with it (tagged so).
+    /// Deletes VM `id` and the disks and adapters made with it (tagged so). Asked again after
+    /// the VM is gone (a retry), it deletes what is left of them, found by their names.
     pub fn delete(&self, id: &str) -> Result<(), String> {
-        let (_, vm) = self.call("GET", id, "", None)?;
+        let vm = match self.call("GET", id, "", None) {
+            Ok((_, vm)) => vm,
+            Err(e) if e.contains("HTTP 404") => return self.delete_leftovers(id),
+            Err(e) => return Err(e),
+        };
         let name = vm["name"].as_str().unwrap_or_default().to_string();
         if vm["tags"]["haven-replica"].as_str() != Some(name.as_str()) {
             return Err(format!(
@@ -561,6 +569,44 @@ impl<T: Transport> Arm<T> {
             let (_, v) = self.call("GET", r, "", None)?;
             if v["tags"]["haven-replica"].as_str() == Some(name.as_str()) {
                 self.call("DELETE", r, "", None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport> Arm<T> {
+    /// Deletes the disks and adapters made for the replica VM `id` that is gone: those named
+    /// as [`replica_plan`] names them and tagged with its name.
+    fn delete_leftovers(&self, id: &str) -> Result<(), String> {
+        let name = leaf(id);
+        let group = id
+            .split("/providers/")
+            .next()
+            .ok_or_else(|| format!("{id} is not a resource id"))?;
+        for kind in [
+            "Microsoft.Network/networkInterfaces/",
+            "Microsoft.Compute/disks/",
+        ] {
+            let suffix = if kind.ends_with("disks/") {
+                "disk"
+            } else {
+                "nic"
+            };
+            // Deleted in order: the first ones may be gone already, the rest follow on.
+            let mut seen = false;
+            for i in 0..=MAX_RESOURCES {
+                let r = format!("{group}/providers/{kind}{name}-{suffix}{i}");
+                let v = match self.call("GET", &r, "", None) {
+                    Ok((_, v)) => v,
+                    Err(e) if e.contains("HTTP 404") && seen => break,
+                    Err(e) if e.contains("HTTP 404") => continue,
+                    Err(e) => return Err(e),
+                };
+                seen = true;
+                if v["tags"]["haven-replica"].as_str() == Some(name) {
+                    self.call("DELETE", &r, "", None)?;
+                }
             }
         }
         Ok(())
