@@ -393,6 +393,13 @@ pub(crate) async fn steps(
         let machine = m.name.clone();
         async move {
             let spec = spec?;
+            // The replica an earlier failover defined (kept, powered off, by a failback) goes
+            // first: the new one takes its name. Only the machine is deleted; its disks are
+            // the master target's.
+            let earlier = match mode {
+                Mode::Failover { .. } => forget_earlier_replica(&cs, &machine).await?,
+                _ => None,
+            };
             let wit = spec.clone();
             let replica = cs
                 .adapter_call(&platform, move |a| a.define_replica(&wit))
@@ -405,7 +412,12 @@ pub(crate) async fn steps(
             };
             let key = replica_key(&machine, mode);
             tokio::task::spawn_blocking(move || cs.set_record(&key, Some(&record))).await??;
-            let output = format!("defined {}: {}", replica.id, replica.definition);
+            let output = format!(
+                "{}defined {}: {}",
+                earlier.map_or(String::new(), |e| format!("{e}; ")),
+                replica.id,
+                replica.definition
+            );
             Ok((replica, output))
         }
     })
@@ -426,6 +438,49 @@ pub(crate) async fn steps(
     })
     .await?;
     Ok((job, on.is_some()))
+}
+
+/// Deletes, at its platform, the replica machine an earlier failover of `machine` defined, if
+/// the platform still has it; what was deleted.
+async fn forget_earlier_replica(cs: &Arc<ConfigServer>, machine: &str) -> Result<Option<String>> {
+    let record: Option<ReplicaRecord> = {
+        let (cs, key) = (
+            cs.clone(),
+            replica_key(machine, Mode::Failover { planned: false }),
+        );
+        tokio::task::spawn_blocking(move || cs.record(&key)).await??
+    };
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    if let Some(e) = cs.refresh_platform(&record.platform).await {
+        tracing::warn!(platform = %record.platform, error = %e, "no fresh inventory");
+    }
+    let present = {
+        let (cs, platform) = (cs.clone(), record.platform.clone());
+        tokio::task::spawn_blocking(move || cs.platform_machines(&platform))
+            .await??
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.id == record.machine.id)
+    };
+    if !present {
+        return Ok(None);
+    }
+    let id = record.machine.id.clone();
+    cs.adapter_call(&record.platform, move |a| a.delete_machine(&id))
+        .await
+        .with_context(|| {
+            format!(
+                "deleting the replica {} an earlier failover defined at {}, whose name the new \
+                 one takes",
+                record.machine.id, record.platform
+            )
+        })?;
+    Ok(Some(format!(
+        "deleted the earlier replica {} at {}",
+        record.machine.id, record.platform
+    )))
 }
 
 /// The platform steps of a failback in place of `item` at `gateway`: the image (the disk
