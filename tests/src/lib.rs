@@ -470,6 +470,33 @@ impl Gateway {
         run_ok(self.haven_command().args(args).args(["--api", &self.api]))
     }
 
+    /// The newest job of `kind` at this configuration server, once it has ended.
+    pub fn finished_job(&self, kind: &str) -> Result<serde_json::Value> {
+        poll(Duration::from_secs(120), Duration::from_millis(500), || {
+            let jobs = self.jobs()?;
+            let job = jobs
+                .into_iter()
+                .find(|j| j["kind"] == kind)
+                .with_context(|| format!("no {kind} job"))?;
+            Ok(match job["state"].as_str() {
+                Some("running") => Err(format!("still running: {job}")),
+                _ => Ok(job),
+            })
+        })
+    }
+
+    /// Waits until this configuration server reaches gateway `name` (joined, answering).
+    pub fn wait_joined(&self, name: &str) -> Result<()> {
+        poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            Ok(http_get(
+                &format!("{}/v1/seeds?gateway={name}", self.api),
+                &self.admin_token,
+            )
+            .map(drop)
+            .map_err(|e| format!("{e:#}")))
+        })
+    }
+
     /// The jobs this configuration server ran, newest first (`haven job list --json`).
     pub fn jobs(&self) -> Result<Vec<serde_json::Value>> {
         Ok(serde_json::from_str(
@@ -709,6 +736,23 @@ impl Agent {
     pub fn report(&self) -> Option<Report> {
         let text = fs::read_to_string(self.data_dir.join("status.json")).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// Waits until its first disk is protected with everything acknowledged; the bytes its
+    /// comparisons (a resync, a reprotect's) sent.
+    pub fn wait_protected(&mut self) -> Result<u64> {
+        poll(Duration::from_secs(120), Duration::from_millis(100), || {
+            self.proc.check_alive("haven-agent")?;
+            let report = self.report();
+            Ok(report
+                .as_ref()
+                .and_then(|r| {
+                    let d = r.disks.first()?;
+                    (d.state == DiskState::Protected && d.acked_seq == d.last_seq)
+                        .then_some(d.resync_sent_bytes)
+                })
+                .ok_or_else(|| format!("the agent is not protected and caught up: {report:?}")))
+        })
     }
 }
 

@@ -244,21 +244,6 @@ fn a_failover_materialises_its_point_into_a_page_blob() -> Result<()> {
     Ok(())
 }
 
-/// The newest job of `kind` once it has ended.
-fn finished(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
-    haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(500), || {
-        let jobs = cs.jobs()?;
-        let job = jobs
-            .into_iter()
-            .find(|j| j["kind"] == kind)
-            .with_context(|| format!("no {kind} job"))?;
-        Ok(match job["state"].as_str() {
-            Some("running") => Err(format!("still running: {job}")),
-            _ => Ok(job),
-        })
-    })
-}
-
 const SUB: &str = "00000000-0000-0000-0000-00000000a2e5";
 
 /// What the fake ARM holds at start: the DR resource group's network, availability set, sizes,
@@ -429,7 +414,7 @@ fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Res
     let at_point = tmp.path().join("at-point.raw");
     std::fs::copy(&disk, &at_point)?;
     cs.haven(&["failover", "test", "web01"])?;
-    let job = finished(cs, "test-failover")?;
+    let job = cs.finished_job("test-failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let made = arm.resources()?;
     let nic =
@@ -468,7 +453,7 @@ fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Res
 
     let image = cs.haven(&["failover", "web01", "--planned"])?;
     let image = image.trim().to_string();
-    let job = finished(cs, "failover")?;
+    let job = cs.finished_job("failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
 
     // What the adapter asked of ARM, field by field: the disk imported from the image's page
@@ -529,23 +514,6 @@ fn a_physical_server_fails_over_to_an_azure_vm_made_from_its_page_blobs() -> Res
     Ok(())
 }
 
-/// Waits until `agent`'s disk is protected with everything acknowledged; the bytes its
-/// comparison sent.
-fn wait_protected(agent: &mut haven_e2e::Agent) -> Result<u64> {
-    haven_e2e::poll(Duration::from_secs(120), Duration::from_millis(100), || {
-        agent.proc.check_alive("haven-agent")?;
-        let report = agent.report();
-        Ok(report
-            .as_ref()
-            .and_then(|r| {
-                let d = r.disks.first()?;
-                (d.state == haven_net::stream::DiskState::Protected && d.acked_seq == d.last_seq)
-                    .then_some(d.resync_sent_bytes)
-            })
-            .ok_or_else(|| format!("not protected and caught up: {report:?}")))
-    })
-}
-
 #[test]
 fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()> {
     let a = Azurite::start()?;
@@ -563,7 +531,7 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
         .haven(&["failover", "web01", "--planned"])?
         .trim()
         .to_string();
-    assert_eq!(finished(cs, "failover")?["state"], "succeeded");
+    assert_eq!(cs.finished_job("failover")?["state"], "succeeded");
 
     // The VM runs in Azure on the imported disk, and changes it. (It cannot run here: its
     // disk is the page blob, downloaded, with its agent on it.)
@@ -589,14 +557,7 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
     // Back to the premises: a process server in Azure (the secondary site) forwarding to the
     // master target at the primary site, whose writer reaches the server's disk.
     let _rev = c.reverse(&site_a)?;
-    haven_e2e::poll(Duration::from_secs(30), Duration::from_millis(200), || {
-        Ok(haven_e2e::http_get(
-            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
-            &cs.admin_token,
-        )
-        .map(drop)
-        .map_err(|e| format!("{e:#}")))
-    })?;
+    cs.wait_joined("mt-a")?;
     let bins = default_bin_dir();
     let dir = tmp.path().join("agent-azure-vm");
     haven_e2e::Agent::enroll_with_config_server(&bins, cs, "secondary", &dir, "web01")?;
@@ -610,7 +571,7 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    let sent = wait_protected(&mut agent)?;
+    let sent = agent.wait_protected()?;
     assert!(
         sent <= 2 * 8 * 4096,
         "sent {sent} for 32 KiB changed in Azure"
@@ -643,7 +604,7 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    let sent = wait_protected(&mut back)?;
+    let sent = back.wait_protected()?;
     let changed = 8 * 4096 + 8192;
     assert!(sent <= 2 * changed, "sent {sent} for {changed} changed");
     let mut client = NbdClient::connect(&format!("127.0.0.1:{}", back.nbd_port), "disk")?;
@@ -666,5 +627,16 @@ fn a_server_fails_back_from_azure_sending_only_what_changed_there() -> Result<()
             other => Err(format!("not equal yet: {other:?}")),
         })
     })?;
+
+    // A second failover to Azure: the replica VM the first one defined goes first, and a new
+    // one of that name runs on the new image.
+    cs.haven(&["failover", "web01", "--planned"])?;
+    let job = cs.finished_job("failover")?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(
+        job.to_string().contains("deleted the earlier replica"),
+        "{job:#}"
+    );
+    assert_eq!(arm.resources()?[&vm.to_lowercase()]["_power"], "running");
     Ok(())
 }

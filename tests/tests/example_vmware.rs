@@ -415,24 +415,6 @@ fn identical(a: &Path, fa: &str, b: &Path, fb: &str) -> Result<bool> {
     Ok(out.status.success())
 }
 
-/// Waits until `agent`'s disk is protected with everything acknowledged.
-fn wait_protected(agent: &mut Agent) -> Result<()> {
-    poll(Duration::from_secs(120), Duration::from_millis(100), || {
-        agent.proc.check_alive("haven-agent")?;
-        let report = agent.report();
-        let done = report
-            .as_ref()
-            .and_then(|r| r.disks.first())
-            .is_some_and(|d| {
-                d.state == haven_net::stream::DiskState::Protected && d.acked_seq == d.last_seq
-            });
-        Ok(match done {
-            true => Ok(()),
-            false => Err(format!("not protected and caught up: {report:?}")),
-        })
-    })
-}
-
 /// web01, failed over to DC-B's vCenter, comes back to its VM at DC-A by name: reprotected
 /// onto the VM's own VMDK on DC-A's datastore (found in vcenter-a's inventory), then failed
 /// back with the default failback policy: the replica VM powered off, the VM at DC-A
@@ -476,14 +458,7 @@ fn fail_back_web01(
         format: "vmdk".into(),
         ..haven_e2e::ReverseWriter::raw(root_a)
     })?;
-    poll(Duration::from_secs(30), Duration::from_millis(200), || {
-        Ok(haven_e2e::http_get(
-            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
-            &cs.admin_token,
-        )
-        .map(drop)
-        .map_err(|e| format!("{e:#}")))
-    })?;
+    cs.wait_joined("mt-a")?;
 
     // The replica VM's agent enrolls at DC-B; web01 reprotects by name alone.
     let dir_b = tmp.join("agent-web01-b");
@@ -509,7 +484,7 @@ fn fail_back_web01(
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    wait_protected(&mut agent)?;
+    agent.wait_protected()?;
     let mut client = NbdClient::connect(&format!("127.0.0.1:{}", agent.nbd_port), "disk")?;
     client.write(2 << 20, &[0x5a; 8192])?;
     client.flush()?;

@@ -17,7 +17,6 @@ use haven_e2e::{
     Agent, Cluster, ClusterOptions, ReverseWriter, Rng, default_bin_dir, images_equal, poll,
     qemu_io, run_ok, wait_for_point,
 };
-use haven_net::stream::DiskState;
 
 const SIZE: u64 = 64 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -73,23 +72,6 @@ fn workload(agent: &Agent, n: u64, pattern: u8) -> Result<()> {
         })
         .collect();
     qemu_io(&agent.nbd, &commands)
-}
-
-/// Waits until the agent's disk is protected with everything acknowledged; returns the bytes
-/// its comparison sent.
-fn wait_protected(agent: &mut Agent) -> Result<u64> {
-    poll(Duration::from_secs(120), Duration::from_millis(100), || {
-        agent.proc.check_alive("haven-agent")?;
-        let report = agent.report();
-        Ok(report
-            .as_ref()
-            .and_then(|r| {
-                let d = r.disks.first()?;
-                (d.state == DiskState::Protected && d.acked_seq == d.last_seq)
-                    .then_some(d.resync_sent_bytes)
-            })
-            .ok_or_else(|| format!("the agent is not protected and caught up: {report:?}")))
-    })
 }
 
 /// Waits until `a` and `b` compare equal (`qemu-img compare`).
@@ -244,7 +226,7 @@ fn reprotect_sends_only_what_changed_on_a_sparse_disk() -> Result<()> {
     let trip = failed_over(tmp.path(), 5)?;
     let before = fs::read(&trip.disk_a)?;
     let (rev, mut agent) = reprotect(&trip, tmp.path())?;
-    let sent = wait_protected(&mut agent)?;
+    let sent = agent.wait_protected()?;
     eprintln!(
         "5 % populated: {} bytes changed, {sent} sent by the comparison",
         trip.changed
@@ -280,7 +262,7 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
         qemu_io(&nbd, &commands)
     });
     writes.join().expect("the workload thread")?;
-    let sent = wait_protected(&mut agent)?;
+    let sent = agent.wait_protected()?;
     eprintln!(
         "90 % populated: {} bytes changed, {sent} sent by the comparison",
         trip.changed
@@ -333,7 +315,7 @@ fn a_round_trip_fails_back_in_place_and_reprotects_again() -> Result<()> {
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    let sent = wait_protected(&mut back)?;
+    let sent = back.wait_protected()?;
     assert_eq!(sent, 0, "the disks were equal");
     workload(&back, 8, 0x90)?;
     point_now(&trip.cluster.mt)?;
@@ -460,7 +442,7 @@ fn fails_back_to_a_physical_disk_holding_ext4() -> Result<()> {
         &tmp.join("agent-b"),
         true,
     )?;
-    wait_protected(&mut agent)?;
+    agent.wait_protected()?;
     point_now(&rev.mt)?;
     fail_back(&rev.mt, Path::new(&disk.device))?;
     agent.proc.kill();
@@ -532,7 +514,7 @@ fn a_vmdk_disk_fails_back_in_its_format_after_a_raw_failover() -> Result<()> {
         &tmp.join("agent-b"),
         true,
     )?;
-    wait_protected(&mut agent)?;
+    agent.wait_protected()?;
     point_now(&rev.mt)?;
     workload(&agent, 8, 0x55)?;
     fail_back(&rev.mt, &vmdk)?;
@@ -598,14 +580,7 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
         .cluster
         .reverse(trip.disk_a.parent().context("site")?)?;
     // The primary site's master target has joined.
-    poll(Duration::from_secs(30), Duration::from_millis(200), || {
-        Ok(haven_e2e::http_get(
-            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
-            &cs.admin_token,
-        )
-        .map(drop)
-        .map_err(|e| format!("{e:#}")))
-    })?;
+    cs.wait_joined("mt-a")?;
     // A gateway named at a master target is refused: only a configuration server forwards.
     let refused = haven_e2e::http_get(
         &format!("{}/v1/seeds?gateway=mt-a", rev.mt.api),
@@ -625,7 +600,7 @@ fn through_the_configuration_server_the_name_follows_the_direction() -> Result<(
         &tmp.path().join("agent-b"),
         true,
     )?;
-    wait_protected(&mut agent)?;
+    agent.wait_protected()?;
     // `web01` means the item that replicates now: at the primary site.
     point_now(cs)?;
     wait_equal(&trip.disk_a, &trip.image_b)?;
@@ -713,14 +688,7 @@ fn by_names_alone_a_group_reprotects_and_a_plan_fails_back_with_its_policy() -> 
     let _rev = trip
         .cluster
         .reverse(trip.disk_a.parent().context("site")?)?;
-    poll(Duration::from_secs(30), Duration::from_millis(200), || {
-        Ok(haven_e2e::http_get(
-            &format!("{}/v1/seeds?gateway=mt-a", cs.api),
-            &cs.admin_token,
-        )
-        .map(drop)
-        .map_err(|e| format!("{e:#}")))
-    })?;
+    cs.wait_joined("mt-a")?;
     let bins = default_bin_dir();
 
     // Without an agent of the replica machine, the reprotect says what to enroll.
@@ -747,7 +715,7 @@ fn by_names_alone_a_group_reprotects_and_a_plan_fails_back_with_its_policy() -> 
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    let sent = wait_protected(&mut agent)?;
+    let sent = agent.wait_protected()?;
     assert!(sent <= 2 * trip.changed, "sent {sent} for {}", trip.changed);
     point_now(cs)?;
     wait_equal(&trip.disk_a, &trip.image_b)?;
@@ -787,7 +755,7 @@ fn by_names_alone_a_group_reprotects_and_a_plan_fails_back_with_its_policy() -> 
         &[],
         vec!["--seeded".into(), "--point-interval".into(), "1h".into()],
     )?;
-    let sent = wait_protected(&mut back)?;
+    let sent = back.wait_protected()?;
     assert_eq!(sent, 0, "the disks were equal");
     workload(&back, 8, 0x90)?;
     point_now(cs)?;

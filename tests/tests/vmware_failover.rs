@@ -42,19 +42,6 @@ fn platform_machines(c: &Cluster, platform: &str) -> Result<Vec<serde_json::Valu
 }
 
 /// The newest job of `kind`, once it has ended.
-fn finished_job(cs: &haven_e2e::Gateway, kind: &str) -> Result<serde_json::Value> {
-    poll(Duration::from_secs(120), Duration::from_millis(500), || {
-        let jobs = cs.jobs()?;
-        let job = jobs
-            .into_iter()
-            .find(|j| j["kind"] == kind)
-            .with_context(|| format!("no {kind} job"))?;
-        Ok(match job["state"].as_str() {
-            Some("running") => Err(format!("still running: {job}")),
-            _ => Ok(job),
-        })
-    })
-}
 
 #[test]
 fn a_planned_failover_powers_the_source_off_and_starts_a_replica_vm() -> Result<()> {
@@ -221,7 +208,7 @@ memory_mib = "2048"
     // The test failover also defined `<name>-test` at the secondary vCenter, on the test
     // network, its disks the point presented as VMDK files in the datastore (the writable
     // overlay the NBD exports serve).
-    let job = finished_job(cs, "test-failover")?;
+    let job = cs.finished_job("test-failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let steps = step_names(&job);
     assert_eq!(steps.len(), 4, "{steps:?}");
@@ -290,7 +277,7 @@ memory_mib = "2048"
     // The cleanup deletes the test VM, then ends the test failover: the secondary vCenter is
     // as it was, and no file is left in the datastore.
     cs.haven(&["failover", "cleanup", MACHINE])?;
-    let job = finished_job(cs, "test-failover-cleanup")?;
+    let job = cs.finished_job("test-failover-cleanup")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(
         step_names(&job)[0],
@@ -334,7 +321,7 @@ memory_mib = "2048"
     assert!(stopped_at > last, "the workload stopped at {stopped_at}");
 
     // The job goes on with the platforms' steps.
-    let job = finished_job(cs, "failover")?;
+    let job = cs.finished_job("failover")?;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let steps = step_names(&job);
     assert_eq!(steps.len(), 5, "{steps:?}");

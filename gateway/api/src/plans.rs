@@ -36,7 +36,6 @@ use axum::http::StatusCode;
 use haven_engine::config_server::ConfigServer;
 use haven_engine::events::{Raise, Severity};
 use haven_engine::jobs::{Job, JobState, NewJob};
-use haven_net::join::ApiRequest;
 use haven_pipeline::model::{Pipeline, Step};
 use serde::{Deserialize, Serialize};
 
@@ -755,24 +754,10 @@ async fn machine_step(
             if action == Action::Failback && planned {
                 // A point first, while the replica still runs: a reprotect's seed is written
                 // up to it, so the final point waits only for the writes made since.
-                let answer = cs
-                    .forward(
-                        &gateway,
-                        ApiRequest {
-                            method: "POST".into(),
-                            path: format!("/v1/items/{machine}/points"),
-                            caller: String::new(),
-                        },
-                    )
+                let path = format!("/v1/items/{machine}/points");
+                crate::reprotect::call(&cs, &gateway, "POST", path)
                     .await
-                    .map_err(|e| anyhow!("{e}"))?;
-                if !(200..300).contains(&answer.status) {
-                    bail!(
-                        "the point before the failback: HTTP {}: {}",
-                        answer.status,
-                        crate::deployment::error_text(&answer.body)
-                    );
-                }
+                    .context("the point before the failback")?;
             }
             let deleted = match (test_replica, action) {
                 (true, Action::Cleanup) => crate::machines::delete_test_replica(&cs, &machine)
@@ -780,28 +765,11 @@ async fn machine_step(
                     .map(|d| format!("{d}; ")),
                 _ => None,
             };
-            let answer = cs
-                .forward(
-                    &gateway,
-                    ApiRequest {
-                        method: method.into(),
-                        path,
-                        caller: String::new(),
-                    },
-                )
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            if !(200..300).contains(&answer.status) {
-                bail!(
-                    "HTTP {}: {}",
-                    answer.status,
-                    crate::deployment::error_text(&answer.body)
-                );
-            }
+            let body = crate::reprotect::call(&cs, &gateway, method, path).await?;
             Ok(format!(
                 "{}{}",
                 deleted.unwrap_or_default(),
-                crate::deployment::summary(&answer.body)
+                crate::deployment::summary(&body)
             ))
         }
     };

@@ -283,8 +283,13 @@ pub(crate) async fn holder(cs: &Arc<ConfigServer>, machine: &str) -> Result<Opti
     Err(failed.expect("set when asked again"))
 }
 
-/// Calls `method path` at `gateway`; the answer's body, or its error.
-async fn call(cs: &ConfigServer, gateway: &str, method: &str, path: String) -> Result<String> {
+/// Calls `method path` at `gateway`; the answer's body, or its error (`HTTP STATUS: WHY`).
+pub(crate) async fn call(
+    cs: &ConfigServer,
+    gateway: &str,
+    method: &str,
+    path: String,
+) -> Result<String> {
     let answer = cs
         .forward(
             gateway,
@@ -298,7 +303,7 @@ async fn call(cs: &ConfigServer, gateway: &str, method: &str, path: String) -> R
         .map_err(|e| anyhow!("{e}"))?;
     if !(200..300).contains(&answer.status) {
         bail!(
-            "{gateway}: HTTP {}: {}",
+            "HTTP {}: {}",
             answer.status,
             crate::deployment::error_text(&answer.body)
         );
@@ -383,7 +388,9 @@ pub(crate) async fn reprotect_machine(
             .with_context(|| format!("recording the seed of disk {} at {}", i.disk, found.to))?;
     }
     let path = format!("/v1/items/{}/reprotect?to={}", seg(machine), seg(&found.to));
-    call(cs, gateway, "POST", path).await?;
+    call(cs, gateway, "POST", path)
+        .await
+        .with_context(|| format!("marking {machine} reprotected at {gateway}"))?;
     let images: Vec<String> = items
         .iter()
         .map(|i| i.item.image.clone().unwrap_or_default())
