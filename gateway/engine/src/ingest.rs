@@ -62,6 +62,8 @@ pub struct DiskStream {
     pub stored_bytes_total: AtomicU64,
     /// Why this stream stopped; shown in status.
     pub error: Mutex<Option<String>>,
+    /// Its journal refused a record as full, and has taken none since.
+    journal_full: std::sync::atomic::AtomicBool,
     /// The latest records appended, as stored (compressed where they were), at most
     /// [`FRESH_BYTES`]: the consumer (forwarder, applier) takes them from here instead of
     /// reading and decrypting them back; older ones it reads from the journal.
@@ -107,6 +109,7 @@ impl DiskStream {
             received: Mutex::new(Rate::default()),
             stored_bytes_total: AtomicU64::new(0),
             error: Mutex::new(None),
+            journal_full: std::sync::atomic::AtomicBool::new(false),
             fresh: Mutex::new((VecDeque::new(), 0)),
         }
     }
@@ -295,8 +298,8 @@ pub trait Sink: Send + Sync + 'static {
         true
     }
 
-    /// `stream`'s journal is full (`full`), or takes records again (`!full`): a role that
-    /// cannot free it itself says why the stream waits.
+    /// `stream`'s journal became full (`full`), or takes records again (`!full`): a role
+    /// that cannot free it itself says why the stream waits. Called on changes only.
     fn journal_full(&self, _stream: &DiskStream, _full: bool) {}
 
     /// Whether compressed payloads are decompressed once on arrival to prove them sound (the
@@ -587,7 +590,9 @@ fn append_pending<S: Sink>(
         let result = s.journal().append(r);
         match result {
             Ok(info) => {
-                sink.journal_full(s, false);
+                if s.journal_full.swap(false, Ordering::Relaxed) {
+                    sink.journal_full(s, false);
+                }
                 lock(&s.received).add(now, r.wire_extent());
                 s.stored_bytes_total
                     .fetch_add(info.stored_bytes, Ordering::Relaxed);
@@ -602,7 +607,9 @@ fn append_pending<S: Sink>(
                 appended.entry(r.disk()).or_default().push((r, info));
             }
             Err(StoreError::Full { .. }) => {
-                sink.journal_full(s, true);
+                if !s.journal_full.swap(true, Ordering::Relaxed) {
+                    sink.journal_full(s, true);
+                }
                 blocked = Some(s.clone());
                 break;
             }

@@ -765,17 +765,10 @@ const SEEDING_FULL: &str = "the reprotect's differences filled the journal";
 
 impl Sink for MasterTarget {
     fn journal_full(&self, stream: &DiskStream, full: bool) {
-        let error = stream.error();
-        let shown = error
-            .as_deref()
-            .is_some_and(|e| e.starts_with(SEEDING_FULL));
         if !full {
-            if shown {
+            if stream.error().is_some_and(|e| e.starts_with(SEEDING_FULL)) {
                 stream.set_error(None);
             }
-            return;
-        }
-        if shown {
             return;
         }
         // Nothing of a seeding replica is applied before its comparison ends, so nothing frees
