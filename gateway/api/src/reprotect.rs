@@ -239,18 +239,19 @@ fn datastore_path(location: &str) -> Option<String> {
 }
 
 /// Every item of `machine` at every master target joined now, reprotected ones too.
+/// The items of the master targets that answered, and the error of one that did not.
 async fn held_everywhere(
     cs: &Arc<ConfigServer>,
     machine: &str,
-) -> Result<Vec<(String, Vec<ItemInfo>)>> {
-    let mut held = Vec::new();
+) -> (Vec<(String, Vec<ItemInfo>)>, Option<anyhow::Error>) {
+    let (mut held, mut failed) = (Vec::new(), None);
     for gateway in cs.with_role("master-target") {
-        let items = crate::machines::all_items_of(cs, &gateway, machine)
-            .await
-            .with_context(|| format!("listing the items at {gateway}"))?;
-        held.push((gateway, items));
+        match crate::machines::all_items_of(cs, &gateway, machine).await {
+            Ok(items) => held.push((gateway, items)),
+            Err(e) => failed = Some(e.context(format!("listing the items at {gateway}"))),
+        }
     }
-    Ok(held)
+    (held, failed)
 }
 
 /// The master target that holds `machine` now, asked afresh (a status report may not list a
@@ -259,13 +260,8 @@ pub(crate) async fn holder(cs: &Arc<ConfigServer>, machine: &str) -> Result<Opti
     let mut failed = None;
     // A master target that does not answer now may hold the current item: asked again.
     for _ in 0..3 {
-        let mut held = Vec::new();
-        for gateway in cs.with_role("master-target") {
-            match crate::machines::all_items_of(cs, &gateway, machine).await {
-                Ok(items) => held.push((gateway, items)),
-                Err(e) => failed = Some(e.context(format!("listing the items at {gateway}"))),
-            }
-        }
+        let held;
+        (held, failed) = held_everywhere(cs, machine).await;
         let current = held
             .iter()
             .find(|(_, items)| items.iter().any(|i| i.item.state != ItemState::Reprotected));
@@ -343,7 +339,10 @@ pub(crate) async fn reprotect_machine(
             i.item.state.name()
         );
     }
-    let held = held_everywhere(cs, machine).await?;
+    let held = match held_everywhere(cs, machine).await {
+        (held, None) => held,
+        (_, Some(e)) => return Err(e),
+    };
     let (gateways, agents, p) = {
         let cs = cs.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {

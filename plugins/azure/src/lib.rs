@@ -760,11 +760,6 @@ pub fn replica_plan(s: &Settings, spec: &Spec) -> Result<(Plan, Vec<(String, Val
     Ok((Plan { vm_id, summary }, resources))
 }
 
-/// Names the VM of resource id `id` (for messages).
-pub fn name_of(id: &str) -> &str {
-    leaf(id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
