@@ -13,6 +13,7 @@
 //! - [`replicate`]: the shipper, the initial pass, resync by hash compare, reports.
 //! - [`protect`]: `serve` and `protect`: opening the protected disks and running them.
 
+pub mod cache;
 pub mod director;
 pub mod disk;
 pub mod identity;

@@ -78,6 +78,8 @@ enum Command {
         window_bytes: u64,
         #[command(flatten)]
         points: haven_agent::points::PointsArgs,
+        #[command(flatten)]
+        cache: haven_agent::cache::CacheArgs,
         /// The replica already holds an older copy of these disks (`haven reprotect` prepared
         /// it: the old source after a failover, the failover image before a failback): on
         /// first protection, compare block hashes and send only what differs instead of the
@@ -197,6 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log_segment_bytes,
             window_bytes,
             points,
+            cache,
             seeded,
         } => protect::protect(ProtectConfig {
             data_dir,
@@ -209,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             window_bytes,
             points,
+            cache,
             seeded,
         }),
         Command::Status { data_dir, json } => status(&data_dir, json),

@@ -270,6 +270,8 @@ pub struct ProtectConfig {
     pub window_bytes: u64,
     /// Recovery points: intervals and quiesce hooks.
     pub points: crate::points::PointsArgs,
+    /// A cache storage account to ship to instead of a process server.
+    pub cache: crate::cache::CacheArgs,
     /// A disk protected for the first time is compared with a replica that already holds an
     /// older copy of it (reprotect, failback) instead of copied whole.
     pub seeded: bool,
@@ -600,8 +602,18 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
     points.set_hooks(hooks);
     // Where to replicate: the process server given, the one a configuration server names, or
     // the one enrolled with.
-    let (target, from_config_server) = match &cfg.server {
-        Some(server) => (
+    let cache = cfg.cache.open()?;
+    let (target, from_config_server) = match (&cfg.server, &cache) {
+        (_, Some(account)) => (
+            Some(Target {
+                name: Some("cache account".into()),
+                server: account.describe(),
+                server_name: String::new(),
+                ca_pem: None,
+            }),
+            false,
+        ),
+        (Some(server), None) => (
             Some(Target {
                 name: None,
                 server: server.clone(),
@@ -610,8 +622,8 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
             }),
             false,
         ),
-        None if identity.info.config_server => (crate::director::kept(&cfg.data_dir), true),
-        None => (
+        (None, None) if identity.info.config_server => (crate::director::kept(&cfg.data_dir), true),
+        (None, None) => (
             Some(Target {
                 name: None,
                 server: identity.info.server.clone(),
@@ -633,6 +645,7 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
         identity: identity.clone(),
         window_bytes: cfg.window_bytes,
         on_connection: Some(crate::points::control_hook(&machine, &points)),
+        cache,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

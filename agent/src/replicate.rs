@@ -116,6 +116,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cache::CacheLink;
 use crate::disk::seq_add;
 pub use crate::disk::{Machine, Shared};
 use crate::identity::{Identity, resolve};
@@ -162,6 +163,8 @@ pub struct ShipConfig {
     /// Called with each new connection to the process server (the master target's requests
     /// for points and planned failover arrive on it).
     pub on_connection: Option<Arc<dyn Fn(quinn::Connection) + Send + Sync>>,
+    /// Ship to this cache storage account instead of a process server (`cache.rs`).
+    pub cache: Option<Arc<haven_cache_account::CacheAccount>>,
 }
 
 impl ShipConfig {
@@ -183,6 +186,7 @@ impl ShipConfig {
             identity,
             window_bytes,
             on_connection,
+            cache: None,
         }
     }
 }
@@ -702,35 +706,27 @@ async fn connection(
     stop: &mut watch::Receiver<bool>,
     target_rx: &mut watch::Receiver<Option<Target>>,
 ) -> Outcome {
-    let id = &cfg.identity;
-    let addr = match resolve(&target.server).await {
-        Ok(a) => a,
-        Err(e) => return lost(format!("{e:#}"), false),
-    };
-    let ca_pem = target.ca_pem.as_deref().unwrap_or(&id.ca_pem);
-    let conn = tokio::select! {
-        c = endpoint::connect(addr, &target.server_name, ca_pem, &id.cert_pem, &id.key_pem) => c,
-        _ = overflowed(&shared.splitter) => return Outcome::Overflow,
-        _ = changed(target_rx) => return Outcome::Retarget,
-        _ = stop.changed() => return Outcome::Stop,
-    };
-    let conn = match conn {
-        Ok(c) => c,
-        Err(haven_net::NetError::Connection { source, .. }) => {
-            return lost(describe(&source), false);
+    let mut link = match &cfg.cache {
+        Some(account) => {
+            let peer = match cfg.identity.peer_id() {
+                Ok(p) => p,
+                Err(e) => return lost(e.to_string(), false),
+            };
+            let open = CacheLink::open(Arc::clone(account), peer, shared.disk);
+            tokio::select! {
+                l = open => match l {
+                    Ok(l) => Link::Cache(Box::new(l)),
+                    Err(e) => return lost(e, false),
+                },
+                _ = overflowed(&shared.splitter) => return Outcome::Overflow,
+                _ = stop.changed() => return Outcome::Stop,
+            }
         }
-        Err(e) => return lost(e.to_string(), false),
+        None => match quic(shared, cfg, target, stop, target_rx).await {
+            Ok(l) => l,
+            Err(outcome) => return outcome,
+        },
     };
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return lost(describe(&e), false),
-    };
-    *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-    if let Some(hook) = &cfg.on_connection {
-        // Requests from the master target (points, planned failover) come on this connection.
-        hook(conn.clone());
-    }
-    let mut reader = FrameReader::new(recv);
     s.shipper.connect(Instant::now());
     let mut welcomed = false;
     // The comparison of a range (resync) running, with the offset it answers.
@@ -738,7 +734,7 @@ async fn connection(
     let cancel = Cancel(Arc::new(AtomicBool::new(false)));
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!(%addr, first_seq = s.shipper.first_seq(), "replication connection open");
+    tracing::info!(server = %target.server, first_seq = s.shipper.first_seq(), "replication connection open");
 
     loop {
         if shared.splitter.overflow().is_some() {
@@ -802,12 +798,12 @@ async fn connection(
 
         let frames: Vec<Frame> = std::iter::from_fn(|| s.shipper.poll_transmit(now)).collect();
         if !frames.is_empty()
-            && let Err(e) = write_frames(&mut send, frames).await
+            && let Err(e) = link.write(frames).await
         {
             return lost(format!("sending: {e}"), welcomed);
         }
         if let Some(end) = s.shipper.poll_end() {
-            let _ = send.finish();
+            link.finish();
             return match end {
                 ShipperEnd::Rebase => Outcome::Rebase,
                 ShipperEnd::Lost { why, welcomed } => lost(why, welcomed),
@@ -820,23 +816,23 @@ async fn connection(
         tokio::select! {
             _ = stop.changed() => return Outcome::Stop,
             _ = changed(target_rx) => {
-                let _ = send.finish();
+                link.finish();
                 return Outcome::Retarget;
             }
-            frame = reader.next() => match frame {
+            frame = link.next(welcomed) => match frame {
                 Ok(Some(f)) => {
                     s.shipper.handle_frame(Instant::now(), f);
                     // Take what else has arrived without waiting.
                     loop {
-                        match reader.try_next() {
+                        match link.try_next(welcomed).await {
                             Ok(Some(f)) => s.shipper.handle_frame(Instant::now(), f),
                             Ok(None) => break,
-                            Err(e) => return decode_failed(&mut send, e, welcomed).await,
+                            Err(outcome) => return outcome,
                         }
                     }
                 }
                 Ok(None) => return lost("the gateway finished the stream", welcomed),
-                Err(e) => return decode_failed(&mut send, e, welcomed).await,
+                Err(outcome) => return outcome,
             },
             records = async {
                 match &mut s.fill {
@@ -892,6 +888,93 @@ async fn decode_failed(
             lost(describe(&c), welcomed)
         }
         other => lost(other.to_string(), welcomed),
+    }
+}
+
+/// Connects to the process server and opens the replication stream.
+async fn quic(
+    shared: &Arc<Shared>,
+    cfg: &ShipConfig,
+    target: &Target,
+    stop: &mut watch::Receiver<bool>,
+    target_rx: &mut watch::Receiver<Option<Target>>,
+) -> Result<Link, Outcome> {
+    let id = &cfg.identity;
+    let addr = resolve(&target.server)
+        .await
+        .map_err(|e| lost(format!("{e:#}"), false))?;
+    let ca_pem = target.ca_pem.as_deref().unwrap_or(&id.ca_pem);
+    let conn = tokio::select! {
+        c = endpoint::connect(addr, &target.server_name, ca_pem, &id.cert_pem, &id.key_pem) => c,
+        _ = overflowed(&shared.splitter) => return Err(Outcome::Overflow),
+        _ = changed(target_rx) => return Err(Outcome::Retarget),
+        _ = stop.changed() => return Err(Outcome::Stop),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(haven_net::NetError::Connection { source, .. }) => {
+            return Err(lost(describe(&source), false));
+        }
+        Err(e) => return Err(lost(e.to_string(), false)),
+    };
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| lost(describe(&e), false))?;
+    *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    if let Some(hook) = &cfg.on_connection {
+        // Requests from the master target (points, planned failover) come on this connection.
+        hook(conn);
+    }
+    Ok(Link::Quic {
+        send,
+        reader: FrameReader::new(recv),
+    })
+}
+
+/// Where the shipper's frames go: a process server's stream, or a cache storage account.
+enum Link {
+    Quic {
+        send: quinn::SendStream,
+        reader: FrameReader,
+    },
+    Cache(Box<CacheLink>),
+}
+
+impl Link {
+    async fn write(&mut self, frames: Vec<Frame>) -> Result<(), String> {
+        match self {
+            Link::Quic { send, .. } => write_frames(send, frames).await.map_err(|e| e.to_string()),
+            Link::Cache(c) => c.send(frames).await,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Link::Quic { send, .. } = self {
+            let _ = send.finish();
+        }
+    }
+
+    /// The next frame; `None` when the peer finished the stream. Cancel-safe.
+    async fn next(&mut self, welcomed: bool) -> Result<Option<Frame>, Outcome> {
+        match self {
+            Link::Quic { send, reader } => match reader.next().await {
+                Ok(f) => Ok(f),
+                Err(e) => Err(decode_failed(send, e, welcomed).await),
+            },
+            Link::Cache(c) => c.next().await.map_err(|why| lost(why, welcomed)),
+        }
+    }
+
+    /// A frame that has arrived already.
+    async fn try_next(&mut self, welcomed: bool) -> Result<Option<Frame>, Outcome> {
+        match self {
+            Link::Quic { send, reader } => match reader.try_next() {
+                Ok(f) => Ok(f),
+                Err(e) => Err(decode_failed(send, e, welcomed).await),
+            },
+            Link::Cache(c) => c.try_next().map_err(|why| lost(why, welcomed)),
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 
 mod applier;
 pub mod config_server;
+pub mod drain;
 pub mod events;
 pub mod failpoint;
 pub mod ingest;

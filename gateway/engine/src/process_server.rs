@@ -97,6 +97,8 @@ pub struct ProcessServerConfig {
     /// Agents may be moved between process servers: confirm with the master target that this
     /// one forwards an agent before serving it (see the module documentation).
     pub confirm_owner: bool,
+    /// A cache storage account to drain as well ([`crate::drain`]).
+    pub drain: Option<Arc<haven_cache_account::CacheAccount>>,
 }
 
 /// Churn (bytes stored in the caches) and throughput (bytes sent to the master target) per
@@ -316,7 +318,15 @@ impl ProcessServer {
         }
         ps.refresh_budget();
         tokio::spawn(budget_loop(Arc::downgrade(&ps)));
+        if let Some(account) = &ps.config.drain {
+            tokio::spawn(crate::drain::run(Arc::clone(&ps), Arc::clone(account)));
+        }
         Ok(ps)
+    }
+
+    /// Bytes forwarded and not yet acknowledged, per agent.
+    pub(crate) fn window_bytes(&self) -> u64 {
+        self.config.window_bytes
     }
 
     /// Sums the caches for [`admit`]; wakes the disks a refusal blocked.
@@ -769,7 +779,7 @@ impl ProcessServer {
     /// The connection to the master target, opened when there is none (or it closed). Every
     /// forwarder opens its stream on it, the agents' reports go up on it once a second, and the
     /// master target's control requests for any agent come down on it.
-    async fn upstream(&self) -> Result<quinn::Connection> {
+    pub(crate) async fn upstream(&self) -> Result<quinn::Connection> {
         let mut link = self.upstream.lock().await;
         if let Some(conn) = link.conn.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(conn.clone());
@@ -1071,7 +1081,11 @@ impl ProcessServer {
 
     /// One `Hello` for `hello`'s agent to the master target (taking the agent over with
     /// `takeover`): its resume points, or its refusal.
-    async fn probe(&self, hello: &Hello, takeover: bool) -> Result<Vec<haven_wire::Resume>> {
+    pub(crate) async fn probe(
+        &self,
+        hello: &Hello,
+        takeover: bool,
+    ) -> Result<Vec<haven_wire::Resume>> {
         let conn = self.upstream().await?;
         let exchange = async {
             let (mut send, recv) = conn.open_bi().await?;

@@ -64,6 +64,54 @@ pub struct ProcessServerSection {
     /// specific address.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Also drain a cache storage account (Azure → Azure): forward the records agents left
+    /// there to the master target.
+    #[serde(default)]
+    pub drain: Option<DrainSection>,
+}
+
+/// `[process_server.drain]`: a cache storage account this process server drains.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainSection {
+    /// The container's URL (`https://ACCOUNT.blob.core.windows.net/CONTAINER`), with a SAS
+    /// token as its query, or with `account_key_file`.
+    pub container_url: String,
+    /// A file holding the storage account's key (base64).
+    #[serde(default)]
+    pub account_key_file: Option<PathBuf>,
+    /// The deployment's cache key (64 hexadecimal digits, mode 600), the agents' too.
+    pub cache_key_file: PathBuf,
+    /// Length of the lease on each drained agent (15 to 60 s): how long the agents of a
+    /// gateway that died wait before another takes them over.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+}
+
+fn default_lease_seconds() -> u32 {
+    haven_cache_account::LEASE_SECONDS
+}
+
+impl DrainSection {
+    /// The account, or what is wrong with this section.
+    pub fn open(&self) -> Result<haven_cache_account::CacheAccount, String> {
+        let key = match &self.account_key_file {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                format!("process_server.drain.account_key_file {}: {e}", p.display())
+            })?),
+            None => None,
+        };
+        let account = haven_cache_account::Account::from_container_url(
+            &self.container_url,
+            key.as_deref().map(str::trim),
+        )
+        .map_err(|e| format!("process_server.drain.container_url: {e}"))?;
+        let cache_key = haven_cache_account::CacheKey::load(&self.cache_key_file)
+            .map_err(|e| format!("process_server.drain.cache_key_file: {e}"))?;
+        haven_cache_account::CacheAccount::new(account, cache_key)
+            .with_lease_seconds(self.lease_seconds)
+            .map_err(|e| format!("process_server.drain.lease_seconds: {e}"))
+    }
 }
 
 impl ProcessServerSection {
@@ -338,6 +386,13 @@ pub fn validate(path: &Path) -> Result<String, Vec<String>> {
             && let Err(e) = ps.advertised()
         {
             errors.push(e);
+        }
+        match ps.drain.as_ref().map(DrainSection::open) {
+            Some(Ok(a)) => {
+                let _ = writeln!(report, "process_server: drains {}", a.describe());
+            }
+            Some(Err(e)) => errors.push(e),
+            None => {}
         }
     }
     if let Err(e) = config.api.tls() {

@@ -540,6 +540,12 @@ async fn run(config: GatewayConfig, ready_file: Option<&Path>) -> Result<()> {
             window_bytes: section.window_bytes,
             // A configuration server may move agents here from another process server.
             confirm_owner: config.join.is_some(),
+            drain: section
+                .drain
+                .as_ref()
+                .map(|d| d.open().map(Arc::new))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?,
         })?;
         if let Some(a) = &kept {
             server.set_policies(a.machines.clone());

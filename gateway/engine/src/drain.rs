@@ -1,0 +1,407 @@
+//! Draining a cache storage account (Azure → Azure): a process server of the target region
+//! forwards to its master target the records agents left in the account, instead of records
+//! agents sent it.
+//!
+//! ```text
+//! agent ──HTTPS, sealed segments──▶ cache account ◀──lease, read, free── drain (this module)
+//!                                                                         │ Forwarder, as a
+//!                                                                         ▼ process server's
+//!                                                                     master target
+//! ```
+//!
+//! Every few seconds the drain looks for agents in the account and takes the lease of each it
+//! does not drain yet (`haven_cache_account` has the layout and the lease rules); for each
+//! leased agent it runs the same [`Forwarder`] as a process server's cache does, the account
+//! standing for the cache: what the account holds is durable, reads download and open
+//! segments, and a release records the freed seq under the lease before it deletes the
+//! segments the master target acknowledged. The agent's `Hello` goes to the master target with
+//! `TAKEOVER`: the lease says this gateway drains the agent now, so a gateway that drained it
+//! before is refused as moved. A lease that cannot be renewed stops the drain of that agent at
+//! once, before anything more is freed. A resync's digest requests are passed on once the
+//! master target holds every segment put before them, and answered into the account.
+//!
+//! Nothing is kept here: a gateway killed mid-drain loses nothing, since what it had not
+//! freed is still in the account and the next holder of the lease starts from `released`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use haven_cache_account::{CacheAccount, CacheError, Lease, Segments};
+use haven_net::stream::{FrameReader, write_frames};
+use haven_replication::forwarder::{
+    Forwarder, ForwarderAction, ForwarderConfig, ForwarderEnd, LaneStart,
+};
+use haven_wire::{DiskId, Hello, PeerId, Record, Role, SenderConfig, Seq};
+
+use crate::ingest::Refused;
+use crate::process_server::ProcessServer;
+use crate::{Backoff, peer_hex};
+
+/// How often the account is searched for agents not drained yet.
+const SCAN: Duration = Duration::from_secs(2);
+/// How often a drained disk's new segments and digest requests are looked for.
+const REFRESH: Duration = Duration::from_millis(250);
+/// Segments kept opened in memory per disk.
+const KEEP_OPEN: usize = 8;
+
+/// Runs `f` (blocking account calls) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .context("a cache-account call")??)
+}
+
+/// Drains `account` into `ps`'s master target until the process ends.
+pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
+    let id = haven_cache_account::new_lease_id();
+    tracing::info!(account = %account.describe(), lease = %id, "draining the cache account");
+    let mut draining: HashMap<PeerId, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        draining.retain(|_, h| !h.is_finished());
+        let a = Arc::clone(&account);
+        match blocking(move || a.agents()).await {
+            Err(e) => tracing::warn!(account = %account.describe(), error = %format!("{e:#}"),
+                "listing the cache account"),
+            Ok(agents) => {
+                for peer in agents {
+                    if draining.contains_key(&peer) {
+                        continue;
+                    }
+                    let (a, id) = (Arc::clone(&account), id.clone());
+                    match blocking(move || a.lease(&peer, &id)).await {
+                        Ok(Some(lease)) => {
+                            tracing::info!(agent = %peer_hex(&peer), "draining the agent's streams");
+                            let task =
+                                drain_agent(Arc::clone(&ps), Arc::clone(&account), peer, lease);
+                            draining.insert(peer, tokio::spawn(task));
+                        }
+                        // Another gateway drains it.
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(agent = %peer_hex(&peer),
+                            error = %format!("{e:#}"), "taking the lease of an agent's streams"),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(SCAN).await;
+    }
+}
+
+/// Drains one agent while the lease holds.
+async fn drain_agent(
+    ps: Arc<ProcessServer>,
+    account: Arc<CacheAccount>,
+    peer: PeerId,
+    lease: Lease,
+) {
+    let lost = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    // Renewed every quarter of its length: three renewals may fail before it lapses.
+    let renew = Duration::from_secs(u64::from(account.lease_seconds()) / 4);
+    let renewing = tokio::spawn({
+        let (account, lease, lost, wake) = (
+            Arc::clone(&account),
+            lease.clone(),
+            Arc::clone(&lost),
+            Arc::clone(&wake),
+        );
+        async move {
+            loop {
+                tokio::time::sleep(renew).await;
+                let (a, l) = (Arc::clone(&account), lease.clone());
+                if let Err(e) = blocking(move || a.renew(&l)).await {
+                    tracing::warn!(agent = %peer_hex(&peer), error = %format!("{e:#}"),
+                        "the lease of the agent's streams is lost; draining it stops here");
+                    lost.store(true, Ordering::Release);
+                    wake.notify_one();
+                    return;
+                }
+            }
+        }
+    });
+    let mut backoff = Backoff::default();
+    let mut drain = Drain {
+        ps,
+        account: Arc::clone(&account),
+        peer,
+        lease: lease.clone(),
+        lost: Arc::clone(&lost),
+        wake,
+    };
+    while !lost.load(Ordering::Acquire) {
+        match drain.once(&mut backoff).await {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(r) = e.downcast_ref::<Refused>()
+                    && r.code == haven_wire::frame::error_code::FAILED_OVER
+                {
+                    // The replica is production now: nothing more goes there. The lease is
+                    // kept so no other gateway tries either.
+                    tracing::warn!(agent = %peer_hex(&peer), "the master target failed the \
+                        agent over; its streams in the cache account are no longer drained: {}",
+                        r.message);
+                    let _ = renewing.await;
+                    return;
+                }
+                tracing::info!(agent = %peer_hex(&peer), error = %format!("{e:#}"),
+                    "draining interrupted; starting again");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    renewing.abort();
+}
+
+/// One disk's stream in the account.
+struct Lane {
+    segments: Segments,
+    /// Segments downloaded and opened: first seq → records.
+    open: BTreeMap<Seq, Vec<Record>>,
+}
+
+impl Lane {
+    fn held(&self) -> Option<Seq> {
+        self.segments.values().max().copied()
+    }
+}
+
+struct Drain {
+    ps: Arc<ProcessServer>,
+    account: Arc<CacheAccount>,
+    peer: PeerId,
+    lease: Lease,
+    lost: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Drain {
+    async fn segments(&self, disk: DiskId) -> Result<Segments> {
+        let (a, peer) = (Arc::clone(&self.account), self.peer);
+        blocking(move || a.segments(&peer, disk)).await
+    }
+
+    /// Records of `disk` from `from` to at most `to`, about `budget` bytes.
+    async fn read(
+        &self,
+        lane: &mut Lane,
+        disk: DiskId,
+        from: Seq,
+        to: Seq,
+        budget: u64,
+    ) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut at = from;
+        while at <= to && (out.is_empty() || bytes < budget) {
+            let Some((&first, &last)) = lane.segments.range(..=at).next_back() else {
+                break;
+            };
+            if last < at {
+                break;
+            }
+            if let std::collections::btree_map::Entry::Vacant(e) = lane.open.entry(first) {
+                let (a, peer) = (Arc::clone(&self.account), self.peer);
+                e.insert(blocking(move || a.read_segment(&peer, disk, first, last)).await?);
+            }
+            // Reads go forward: the oldest segments opened go first (never this one).
+            while lane.open.len() > KEEP_OPEN
+                && let Some(&old) = lane.open.keys().find(|k| **k != first)
+            {
+                lane.open.remove(&old);
+            }
+            for r in &lane.open[&first] {
+                if r.seq() < at || r.seq() > to || (!out.is_empty() && bytes >= budget) {
+                    continue;
+                }
+                bytes += r.wire_len();
+                at = r.seq() + 1;
+                out.push(r.clone());
+            }
+            if at <= last {
+                break;
+            }
+        }
+        if out.is_empty() {
+            bail!("records {from}..={to} of disk {disk} are not in the cache account");
+        }
+        Ok(out)
+    }
+
+    /// One connection to the master target.
+    async fn once(&mut self, backoff: &mut Backoff) -> Result<()> {
+        let (a, peer) = (Arc::clone(&self.account), self.peer);
+        let hellos = blocking(move || a.disks(&peer)).await?;
+        if hellos.is_empty() {
+            bail!("the agent announced no disk yet");
+        }
+        let disks: Vec<_> = hellos.iter().flat_map(|h| h.disks.clone()).collect();
+        let hello = Hello {
+            version: haven_wire::PROTOCOL_VERSION,
+            role: Role::ProcessServer,
+            peer_id: self.peer,
+            disks: disks.clone(),
+            takeover: true,
+        };
+        // This gateway forwards the agent now (the lease says so).
+        self.ps.probe(&hello, true).await?;
+        let (a, peer) = (Arc::clone(&self.account), self.peer);
+        let released = blocking(move || a.released(&peer)).await?;
+        let mut lanes: BTreeMap<DiskId, Lane> = BTreeMap::new();
+        let mut starts = Vec::new();
+        for d in &disks {
+            let segments = self.segments(d.id).await?;
+            let freed = released.get(&d.id).copied().unwrap_or(0);
+            let lane = Lane {
+                segments,
+                open: BTreeMap::new(),
+            };
+            starts.push(LaneStart {
+                info: *d,
+                next: freed + 1,
+                durable: lane.held().unwrap_or(freed).max(freed),
+            });
+            lanes.insert(d.id, lane);
+        }
+        let window = self.ps.window_bytes();
+        let mut config = SenderConfig::new(Role::ProcessServer, self.peer);
+        config.window_bytes = window;
+        config.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
+        let mut fwd = Forwarder::new(
+            ForwarderConfig {
+                sender: config,
+                read_ahead: window + (8 << 20),
+            },
+            starts,
+        )?;
+        let conn = self.ps.upstream().await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv);
+        fwd.connect(Instant::now());
+        // Digest requests passed on: job → (disk, offset).
+        let mut jobs: HashMap<u64, (DiskId, u64)> = HashMap::new();
+        let mut asked: HashSet<(DiskId, u64)> = HashSet::new();
+        let mut next_job = 0u64;
+        let mut refresh = tokio::time::interval(REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let agent = peer_hex(&self.peer);
+        let result: Result<()> = async {
+            loop {
+                if self.lost.load(Ordering::Acquire) {
+                    bail!("the lease was lost");
+                }
+                while let Some(action) = fwd.poll_action() {
+                    match action {
+                        ForwarderAction::Read { disk, from, to, budget } => {
+                            let Some(lane) = lanes.get_mut(&disk) else {
+                                fwd.records(disk, Vec::new());
+                                continue;
+                            };
+                            match self.read(lane, disk, from, to, budget).await {
+                                Ok(records) => fwd.records(disk, records),
+                                Err(e) => fwd.read_failed(disk, format!("{e:#}")),
+                            }
+                        }
+                        ForwarderAction::Release { disk, up_to } => {
+                            if self.lost.load(Ordering::Acquire) {
+                                bail!("the lease was lost");
+                            }
+                            let Some(lane) = lanes.get_mut(&disk) else { continue };
+                            let (a, l, peer, segs) = (
+                                Arc::clone(&self.account),
+                                self.lease.clone(),
+                                self.peer,
+                                lane.segments.clone(),
+                            );
+                            blocking(move || a.free(&l, &peer, disk, up_to, &segs)).await?;
+                            lane.segments.retain(|_, last| *last > up_to);
+                            lane.open.retain(|first, records| {
+                                *first > up_to
+                                    || records.last().is_some_and(|r| r.seq() > up_to)
+                            });
+                        }
+                        ForwarderAction::Answer { job, result } => {
+                            if let Some((disk, offset)) = jobs.remove(&job) {
+                                let (a, peer) = (Arc::clone(&self.account), self.peer);
+                                blocking(move || a.answer(&peer, disk, offset, result)).await?;
+                                asked.remove(&(disk, offset));
+                            }
+                        }
+                        ForwarderAction::DiskError { disk, message } => {
+                            tracing::error!(agent = %agent, disk, "{message}");
+                        }
+                        ForwarderAction::Connected => {
+                            backoff.reset();
+                            tracing::info!(agent = %agent, "forwarding the cache account's records to the master target");
+                        }
+                    }
+                }
+                let now = Instant::now();
+                let frames: Vec<_> = std::iter::from_fn(|| fwd.poll_transmit(now)).collect();
+                if !frames.is_empty() {
+                    write_frames(&mut send, frames).await?;
+                }
+                match fwd.poll_end() {
+                    None => {}
+                    Some(ForwarderEnd::FailedOver(message)) => return Err(Refused::failed_over(message)),
+                    Some(ForwarderEnd::Moved(message)) => return Err(Refused::moved(message)),
+                    Some(ForwarderEnd::Lost(why) | ForwarderEnd::StateLost(why)) => {
+                        let _ = send.finish();
+                        bail!("{why}");
+                    }
+                }
+                let deadline = fwd.poll_timeout().map(tokio::time::Instant::from_std);
+                tokio::select! {
+                    frame = reader.next() => match frame? {
+                        Some(f) => {
+                            let now = Instant::now();
+                            fwd.handle_frame(now, f);
+                            while let Ok(Some(f)) = reader.try_next() {
+                                fwd.handle_frame(now, f);
+                            }
+                        }
+                        None => bail!("the master target finished the stream"),
+                    },
+                    () = self.wake.notified() => {}
+                    _ = refresh.tick() => {
+                        for (&disk, lane) in lanes.iter_mut() {
+                            let (a, peer) = (Arc::clone(&self.account), self.peer);
+                            let requests = blocking(move || a.requests(&peer, disk)).await?;
+                            // Segments listed after the requests: every segment put before a
+                            // request is among them, so the digests describe those records.
+                            lane.segments = self.segments(disk).await?;
+                            if let Some(held) = lane.held() {
+                                fwd.durable(disk, held);
+                            }
+                            for request in requests {
+                                if asked.insert((disk, request.offset)) {
+                                    next_job += 1;
+                                    jobs.insert(next_job, (disk, request.offset));
+                                    fwd.request_hashes(next_job, request);
+                                }
+                            }
+                        }
+                    }
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => fwd.handle_timeout(Instant::now()),
+                }
+            }
+        }
+        .await;
+        let why = result
+            .as_ref()
+            .err()
+            .map_or_else(|| "ended".to_string(), |e| format!("{e:#}"));
+        // Requests not answered on this connection are asked again on the next.
+        let _ = fwd.connection_lost(&why);
+        result
+    }
+}
