@@ -63,6 +63,78 @@ impl CacheArgs {
     }
 }
 
+/// How often the agent's report is put in the account.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// Puts the machine's report into the account every [`REPORT_EVERY`] until `stop`: the
+/// draining gateway passes it on to the master target, as a process server passes on the
+/// reports agents send it.
+pub async fn report_loop(
+    machine: Arc<crate::disk::Machine>,
+    account: Arc<CacheAccount>,
+    peer: PeerId,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (m, a) = (Arc::clone(&machine), Arc::clone(&account));
+        let put = blocking(move || {
+            let json = serde_json::to_vec(&m.report()).expect("a report serialises");
+            a.put_report(&peer, &json)
+        });
+        if let Err(e) = put.await {
+            tracing::debug!(error = %e, "putting the report into the cache account");
+        }
+    }
+}
+
+/// How often the master target's requests are looked for.
+const CONTROL_POLL: Duration = Duration::from_millis(250);
+
+/// Runs the master target's requests (points, planned failover, policies) that a draining
+/// gateway leaves in the account, and puts the replies there: what a process server's
+/// connection carries otherwise. Until `stop`.
+pub async fn control_loop(
+    machine: Arc<crate::disk::Machine>,
+    points: Arc<crate::points::Points>,
+    account: Arc<CacheAccount>,
+    peer: PeerId,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CONTROL_POLL) => {}
+            _ = stop.changed() => return,
+        }
+        let a = Arc::clone(&account);
+        let requests = match blocking(move || a.control_requests(&peer)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for requests in the cache account");
+                continue;
+            }
+        };
+        for (id, json) in requests {
+            let reply = match serde_json::from_slice::<haven_net::control::Request>(&json) {
+                Ok(req) => {
+                    crate::points::handle(Arc::clone(&machine), Arc::clone(&points), req).await
+                }
+                Err(e) => haven_net::control::Reply::Failed(format!("bad request: {e}")),
+            };
+            let json = serde_json::to_vec(&reply).expect("a reply serialises");
+            let a = Arc::clone(&account);
+            if let Err(e) = blocking(move || a.put_reply(&peer, &id, &json)).await {
+                tracing::warn!(error = %e, "answering a request through the cache account");
+            }
+        }
+    }
+}
+
 /// How often an answer to a digest request is looked for.
 const ANSWER_POLL: Duration = Duration::from_millis(200);
 

@@ -671,64 +671,50 @@ pub async fn serve_control(machine: Arc<Machine>, points: Arc<Points>, conn: qui
         let points = Arc::clone(&points);
         tokio::spawn(async move {
             let reply = match haven_net::control::read_message::<Request>(&mut recv).await {
-                Ok(req) => {
-                    let (app, close, quiesced) = match req.command {
-                        Command::Point { app, quiesced } => (app, false, quiesced),
-                        Command::Stop => (false, true, false),
-                        Command::Policy {
-                            interval_ms,
-                            app_interval_ms,
-                        } => {
-                            let reply = match points.assign(interval_ms, app_interval_ms) {
-                                Ok(done) => Reply::Done(done),
-                                Err(why) => Reply::Failed(why),
-                            };
-                            return answer(&mut send, &reply).await;
-                        }
-                        Command::ClearPolicy => {
-                            return answer(&mut send, &Reply::Done(points.clear_assigned())).await;
-                        }
-                        Command::Hold { hold_ms } => {
-                            let reply = match tokio::task::spawn_blocking(move || {
-                                hold(machine, points, hold_ms)
-                            })
-                            .await
-                            {
-                                Ok(Ok((hold, last_point))) => Reply::Held { hold, last_point },
-                                Ok(Err(why)) => Reply::Failed(why),
-                                Err(_) => Reply::Failed("the agent's hold task failed".into()),
-                            };
-                            return answer(&mut send, &reply).await;
-                        }
-                        Command::Release { hold, point } => {
-                            let reply = match tokio::task::spawn_blocking(move || {
-                                release(&points, hold, point)
-                            })
-                            .await
-                            {
-                                Ok(Ok(taken)) if point.is_some() => Reply::Taken(taken),
-                                Ok(Ok(_)) => Reply::Done("released".into()),
-                                Ok(Err(why)) if point.is_none() => Reply::Done(why),
-                                Ok(Err(why)) => Reply::Failed(why),
-                                Err(_) => Reply::Failed("the agent's release task failed".into()),
-                            };
-                            return answer(&mut send, &reply).await;
-                        }
-                    };
-                    match tokio::task::spawn_blocking(move || {
-                        take(&machine, &points, app, close, quiesced)
-                    })
-                    .await
-                    {
-                        Ok(Ok(p)) => Reply::Taken(p),
-                        Ok(Err(why)) => Reply::Failed(why),
-                        Err(_) => Reply::Failed("the agent's point task failed".into()),
-                    }
-                }
+                Ok(req) => handle(machine, points, req).await,
                 Err(e) => Reply::Failed(format!("bad request: {e}")),
             };
             answer(&mut send, &reply).await;
         });
+    }
+}
+
+/// Runs one of the master target's requests (whichever way it came).
+pub async fn handle(machine: Arc<Machine>, points: Arc<Points>, req: Request) -> Reply {
+    let (app, close, quiesced) = match req.command {
+        Command::Point { app, quiesced } => (app, false, quiesced),
+        Command::Stop => (false, true, false),
+        Command::Policy {
+            interval_ms,
+            app_interval_ms,
+        } => {
+            return match points.assign(interval_ms, app_interval_ms) {
+                Ok(done) => Reply::Done(done),
+                Err(why) => Reply::Failed(why),
+            };
+        }
+        Command::ClearPolicy => return Reply::Done(points.clear_assigned()),
+        Command::Hold { hold_ms } => {
+            return match tokio::task::spawn_blocking(move || hold(machine, points, hold_ms)).await {
+                Ok(Ok((hold, last_point))) => Reply::Held { hold, last_point },
+                Ok(Err(why)) => Reply::Failed(why),
+                Err(_) => Reply::Failed("the agent's hold task failed".into()),
+            };
+        }
+        Command::Release { hold, point } => {
+            return match tokio::task::spawn_blocking(move || release(&points, hold, point)).await {
+                Ok(Ok(taken)) if point.is_some() => Reply::Taken(taken),
+                Ok(Ok(_)) => Reply::Done("released".into()),
+                Ok(Err(why)) if point.is_none() => Reply::Done(why),
+                Ok(Err(why)) => Reply::Failed(why),
+                Err(_) => Reply::Failed("the agent's release task failed".into()),
+            };
+        }
+    };
+    match tokio::task::spawn_blocking(move || take(&machine, &points, app, close, quiesced)).await {
+        Ok(Ok(p)) => Reply::Taken(p),
+        Ok(Err(why)) => Reply::Failed(why),
+        Err(_) => Reply::Failed("the agent's point task failed".into()),
     }
 }
 

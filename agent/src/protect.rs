@@ -664,6 +664,22 @@ pub fn protect(cfg: ProtectConfig) -> anyhow::Result<()> {
             rt.spawn(ship.instrument(tracing::info_span!("disk", id = d.disk)))
         })
         .collect();
+    if let Some(account) = &ship_cfg.cache {
+        let peer = identity.peer_id()?;
+        rt.spawn(crate::cache::report_loop(
+            Arc::clone(&machine),
+            Arc::clone(account),
+            peer,
+            stop_rx.clone(),
+        ));
+        rt.spawn(crate::cache::control_loop(
+            Arc::clone(&machine),
+            Arc::clone(&points),
+            Arc::clone(account),
+            peer,
+            stop_rx.clone(),
+        ));
+    }
     if from_config_server {
         rt.spawn(crate::director::run(
             Arc::clone(&machine),

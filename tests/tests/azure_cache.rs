@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use haven_e2e::azurite::{self, Azurite};
 use haven_e2e::{
     Cluster, ClusterOptions, Gateway, Rng, images_equal, mixed_disk, now_ms, poll, qemu_io,
@@ -152,6 +154,27 @@ fn an_azure_vm_replicates_through_a_cache_account_any_gateway_drains() {
     assert!(
         images_equal(&c.agent.disk, &replica).unwrap(),
         "the replica differs from the source after the kills"
+    );
+    // The agent's reports reach the master target through the account too.
+    poll(Duration::from_secs(30), Duration::from_millis(250), || {
+        let mt = c.mt.status()?.master_target.context("no master target")?;
+        let r = mt.replicas.first().context("no replica")?;
+        Ok(match (r.machine_name.as_str(), r.state()) {
+            ("shop-sql", "protected") => Ok(()),
+            other => Err(format!("the replica shows {other:?}")),
+        })
+    })
+    .unwrap();
+    // A point on request reaches the agent through the account, and its tag comes back
+    // through it, drained by the gateway that took over. (This master target keeps no points,
+    // window 0s, so that its replica follows the stream: it says the point arrived.)
+    let e =
+        c.mt.haven(&["point", "create", "shop-sql"])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("the point arrived but retention dropped it at once"),
+        "{e}"
     );
     // What the master target holds is freed from the account.
     poll(Duration::from_secs(30), Duration::from_millis(250), || {

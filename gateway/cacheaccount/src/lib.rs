@@ -8,6 +8,9 @@
 //! ```text
 //! leases/<agent>                          empty; a draining gateway holds its lease (fencing),
 //!                                         metadata `released_<disk>`: freed up to that seq
+//! streams/<agent>/report                  the agent's last report (JSON), every few seconds
+//! streams/<agent>/control/<id>            a request of the master target (JSON), for the agent
+//! streams/<agent>/reply/<id>              the agent's reply to it (JSON)
 //! streams/<agent>/<disk>/hello            the disk's Hello frame (its size and block size)
 //! streams/<agent>/<disk>/seg/<first>-<last>  records first..=last, in order (20 digits each)
 //! streams/<agent>/<disk>/req/<offset>     a resync's digest request
@@ -118,7 +121,12 @@ impl CacheKey {
                 what: format!("encoding: {e}"),
             })?;
         }
-        let mut body = zstd::bulk::compress(&plain, 1).map_err(|e| CacheError::Corrupt {
+        self.seal_bytes(name, &plain)
+    }
+
+    /// `plain` compressed and sealed as the body of blob `name`.
+    pub fn seal_bytes(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, CacheError> {
+        let mut body = zstd::bulk::compress(plain, 1).map_err(|e| CacheError::Corrupt {
             blob: name.into(),
             what: format!("compressing: {e}"),
         })?;
@@ -144,6 +152,21 @@ impl CacheKey {
 
     /// The frames of blob `name`'s body.
     pub fn open(&self, name: &str, body: &[u8]) -> Result<Vec<Frame>, CacheError> {
+        let plain = self.open_bytes(name, body)?;
+        let mut decoder = Decoder::new();
+        decoder.push(&plain);
+        let mut frames = Vec::new();
+        while let Some(f) = decoder.next().map_err(|e| CacheError::Corrupt {
+            blob: name.into(),
+            what: format!("decoding: {e}"),
+        })? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    /// The bytes sealed in blob `name`'s body.
+    pub fn open_bytes(&self, name: &str, body: &[u8]) -> Result<Vec<u8>, CacheError> {
         let corrupt = |what: &str| CacheError::Corrupt {
             blob: name.into(),
             what: what.into(),
@@ -168,18 +191,8 @@ impl CacheKey {
             .map_err(|_| {
                 corrupt("does not open with this cache key (another deployment's key, or damaged)")
             })?;
-        let plain = zstd::bulk::decompress(plain, raw_len as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
-        let mut decoder = Decoder::new();
-        decoder.push(&plain);
-        let mut frames = Vec::new();
-        while let Some(f) = decoder
-            .next()
-            .map_err(|e| corrupt(&format!("decoding: {e}")))?
-        {
-            frames.push(f);
-        }
-        Ok(frames)
+        zstd::bulk::decompress(plain, raw_len as usize)
+            .map_err(|e| corrupt(&format!("decompressing: {e}")))
     }
 }
 
@@ -364,7 +377,72 @@ impl CacheAccount {
         }))
     }
 
+    /// Puts the agent's report (its JSON).
+    pub fn put_report(&self, peer: &PeerId, json: &[u8]) -> Result<(), CacheError> {
+        let name = format!("streams/{}/report", agent_name(peer));
+        let body = self.key.seal_bytes(&name, json)?;
+        Ok(self.client.put(&name, &body, false)?)
+    }
+
+    /// The requests waiting for the agent: (id, JSON), oldest first.
+    pub fn control_requests(&self, peer: &PeerId) -> Result<Vec<(String, Vec<u8>)>, CacheError> {
+        let prefix = format!("streams/{}/control/", agent_name(peer));
+        let mut out = Vec::new();
+        for b in self.client.list(&prefix)? {
+            if let Some(body) = self.client.get(&b.name)? {
+                let id = b.name[prefix.len()..].to_string();
+                out.push((id, self.key.open_bytes(&b.name, &body)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Answers request `id` (the reply's JSON) and removes the request.
+    pub fn put_reply(&self, peer: &PeerId, id: &str, json: &[u8]) -> Result<(), CacheError> {
+        let agent = agent_name(peer);
+        let name = format!("streams/{agent}/reply/{id}");
+        let body = self.key.seal_bytes(&name, json)?;
+        self.client.put(&name, &body, false)?;
+        Ok(self
+            .client
+            .delete(&format!("streams/{agent}/control/{id}"))?)
+    }
+
     // --- The draining gateway's side.
+
+    /// Leaves a request for the agent under `id` (unique: time and a random part).
+    pub fn put_request_for(&self, peer: &PeerId, id: &str, json: &[u8]) -> Result<(), CacheError> {
+        let name = format!("streams/{}/control/{id}", agent_name(peer));
+        let body = self.key.seal_bytes(&name, json)?;
+        Ok(self.client.put(&name, &body, true)?)
+    }
+
+    /// The agent's reply to request `id`, taken (deleted) when it is there.
+    pub fn take_reply(&self, peer: &PeerId, id: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let name = format!("streams/{}/reply/{id}", agent_name(peer));
+        let Some(body) = self.client.get(&name)? else {
+            return Ok(None);
+        };
+        let json = self.key.open_bytes(&name, &body)?;
+        self.client.delete(&name)?;
+        Ok(Some(json))
+    }
+
+    /// Withdraws request `id` (no reply came in time).
+    pub fn withdraw_request(&self, peer: &PeerId, id: &str) -> Result<(), CacheError> {
+        Ok(self
+            .client
+            .delete(&format!("streams/{}/control/{id}", agent_name(peer)))?)
+    }
+
+    /// The agent's last report (its JSON), if it made one.
+    pub fn report(&self, peer: &PeerId) -> Result<Option<Vec<u8>>, CacheError> {
+        let name = format!("streams/{}/report", agent_name(peer));
+        match self.client.get(&name)? {
+            Some(body) => Ok(Some(self.key.open_bytes(&name, &body)?)),
+            None => Ok(None),
+        }
+    }
 
     /// The agents that have streams here.
     pub fn agents(&self) -> Result<Vec<PeerId>, CacheError> {

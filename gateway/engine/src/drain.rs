@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use haven_cache_account::{CacheAccount, CacheError, Lease, Segments};
-use haven_net::stream::{FrameReader, write_frames};
+use haven_net::stream::{FrameReader, Report, write_frames};
 use haven_replication::forwarder::{
     Forwarder, ForwarderAction, ForwarderConfig, ForwarderEnd, LaneStart,
 };
@@ -44,6 +44,8 @@ use crate::{Backoff, peer_hex};
 const SCAN: Duration = Duration::from_secs(2);
 /// How often a drained disk's new segments and digest requests are looked for.
 const REFRESH: Duration = Duration::from_millis(250);
+/// How often an agent's report is read from the account.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Segments kept opened in memory per disk.
 const KEEP_OPEN: usize = 8;
 
@@ -133,6 +135,11 @@ async fn drain_agent(
         lost: Arc::clone(&lost),
         wake,
     };
+    let reports = tokio::spawn(pass_reports(
+        Arc::clone(&drain.ps),
+        Arc::clone(&account),
+        peer,
+    ));
     while !lost.load(Ordering::Acquire) {
         match drain.once(&mut backoff).await {
             Ok(()) => {}
@@ -145,6 +152,8 @@ async fn drain_agent(
                     tracing::warn!(agent = %peer_hex(&peer), "the master target failed the \
                         agent over; its streams in the cache account are no longer drained: {}",
                         r.message);
+                    reports.abort();
+                    drain.ps.set_drained_report(peer, None);
                     let _ = renewing.await;
                     return;
                 }
@@ -155,6 +164,31 @@ async fn drain_agent(
         tokio::time::sleep(backoff.next_delay()).await;
     }
     renewing.abort();
+    reports.abort();
+    drain.ps.set_drained_report(peer, None);
+}
+
+/// Passes the agent's report, as it left it in the account, to the master target with this
+/// process server's own (every [`REPORT_EVERY`]). The id is the one its streams are kept
+/// under; the report opened with the cache key, so it is the agent's.
+async fn pass_reports(ps: Arc<ProcessServer>, account: Arc<CacheAccount>, peer: PeerId) {
+    loop {
+        let a = Arc::clone(&account);
+        match blocking(move || a.report(&peer)).await {
+            Ok(Some(json)) => match serde_json::from_slice::<Report>(&json) {
+                Ok(mut report) => {
+                    report.agent_id = peer_hex(&peer);
+                    ps.set_drained_report(peer, Some(report));
+                }
+                Err(e) => tracing::warn!(agent = %peer_hex(&peer), error = %e,
+                    "the agent's report in the cache account does not read"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!(agent = %peer_hex(&peer), error = %format!("{e:#}"),
+                "reading the agent's report from the cache account"),
+        }
+        tokio::time::sleep(REPORT_EVERY).await;
+    }
 }
 
 /// One disk's stream in the account.
@@ -403,5 +437,56 @@ impl Drain {
         // Requests not answered on this connection are asked again on the next.
         let _ = fwd.connection_lost(&why);
         result
+    }
+}
+
+/// Runs a request of the master target at an agent drained from `account`: left in the
+/// account, answered there by the agent (which looks every quarter second).
+pub(crate) async fn call(
+    account: Arc<CacheAccount>,
+    peer: PeerId,
+    req: &haven_net::control::Request,
+    timeout: Duration,
+) -> haven_net::control::Reply {
+    use haven_net::control::Reply;
+    let id = format!(
+        "{:016x}-{}",
+        crate::now_ms(),
+        &haven_cache_account::new_lease_id()[..8]
+    );
+    let json = serde_json::to_vec(req).expect("a request serialises");
+    let (a, i) = (Arc::clone(&account), id.clone());
+    if let Err(e) = blocking(move || a.put_request_for(&peer, &i, &json)).await {
+        return Reply::Failed(format!(
+            "process server: leaving the request for agent {} in the cache account: {e:#}",
+            req.agent_id
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (a, i) = (Arc::clone(&account), id.clone());
+        match blocking(move || a.take_reply(&peer, &i)).await {
+            Ok(Some(json)) => {
+                return serde_json::from_slice(&json).unwrap_or_else(|e| {
+                    Reply::Failed(format!(
+                        "agent {}: a reply that does not read: {e}",
+                        req.agent_id
+                    ))
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(agent = %req.agent_id, error = %format!("{e:#}"),
+                "looking for a reply in the cache account"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            let (a, i) = (Arc::clone(&account), id.clone());
+            let _ = blocking(move || a.withdraw_request(&peer, &i)).await;
+            return Reply::Failed(format!(
+                "agent {} did not answer through the cache account within {timeout:?}; check \
+                 that it runs and reaches the account",
+                req.agent_id
+            ));
+        }
     }
 }

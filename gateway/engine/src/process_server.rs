@@ -205,6 +205,8 @@ pub struct ProcessServer {
     me: std::sync::Weak<ProcessServer>,
     /// The one connection to the master target every forwarder shares.
     upstream: tokio::sync::Mutex<UpstreamLink>,
+    /// The last reports of the agents drained from a cache account ([`crate::drain`]).
+    drained: Mutex<HashMap<PeerId, Report>>,
     budget: CacheBudget,
     /// The point policies the configuration server assigned, by machine name; sent to each
     /// agent of the machine when it connects and when they change.
@@ -292,6 +294,7 @@ impl ProcessServer {
             policy_refusals: Mutex::new(HashMap::new()),
             me: me.clone(),
             upstream: tokio::sync::Mutex::new(UpstreamLink::default()),
+            drained: Mutex::new(HashMap::new()),
             budget: CacheBudget::default(),
             policies: Mutex::new(BTreeMap::new()),
             policy_sends: Mutex::new(HashMap::new()),
@@ -322,6 +325,15 @@ impl ProcessServer {
             tokio::spawn(crate::drain::run(Arc::clone(&ps), Arc::clone(account)));
         }
         Ok(ps)
+    }
+
+    /// Keeps the last report of an agent drained from a cache account (none: no longer
+    /// drained here), sent up with the others.
+    pub(crate) fn set_drained_report(&self, peer: PeerId, report: Option<Report>) {
+        match report {
+            Some(r) => lock(&self.drained).insert(peer, r),
+            None => lock(&self.drained).remove(&peer),
+        };
     }
 
     /// Bytes forwarded and not yet acknowledged, per agent.
@@ -806,7 +818,7 @@ impl ProcessServer {
             }
         };
         tracing::info!(upstream = %up.addr, "connected to the master target");
-        tokio::spawn(relay_control(self.listener.clone(), conn.clone()));
+        tokio::spawn(relay_control(self.me.clone(), conn.clone()));
         tokio::spawn(send_reports(self.me.clone(), conn.clone()));
         link.failed = None;
         link.conn = Some(conn.clone());
@@ -1326,10 +1338,11 @@ async fn send_reports(ps: std::sync::Weak<ProcessServer>, conn: quinn::Connectio
             _ = tick.tick() => {}
         }
         let Some(ps) = ps.upgrade() else { return };
-        let reports: Vec<Report> = lock(&ps.agents)
+        let mut reports: Vec<Report> = lock(&ps.agents)
             .values()
             .filter_map(|a| lock(&a.report).clone())
             .collect();
+        reports.extend(lock(&ps.drained).values().cloned());
         drop(ps);
         for report in reports {
             if let Err(e) = send_report(&conn, &report).await {
@@ -1341,18 +1354,26 @@ async fn send_reports(ps: std::sync::Weak<ProcessServer>, conn: quinn::Connectio
 
 /// Relays the master target's control requests (arriving on `upstream`, the connection every
 /// forwarder shares) to the named agent's own connection, and the replies back.
-async fn relay_control(listener: Arc<crate::Listener>, upstream: quinn::Connection) {
+async fn relay_control(ps: std::sync::Weak<ProcessServer>, upstream: quinn::Connection) {
     use haven_net::control::{self, Reply, Request};
     while let Ok((mut send, mut recv)) = upstream.accept_bi().await {
-        let listener = listener.clone();
+        let Some(ps) = ps.upgrade() else { return };
         tokio::spawn(async move {
+            let listener = &ps.listener;
             let (agent_id, reply) = match control::read_message::<Request>(&mut recv).await {
                 Err(e) => (
                     String::new(),
                     Reply::Failed(format!("process server: bad request: {e}")),
                 ),
                 Ok(req) => {
+                    let drained = parse_peer(&req.agent_id)
+                        .filter(|p| lock(&ps.drained).contains_key(p))
+                        .zip(ps.config.drain.clone());
                     let reply = match listener.connection(&req.agent_id) {
+                        // An agent drained from a cache account: its requests go there.
+                        None if let Some((peer, account)) = drained => {
+                            crate::drain::call(account, peer, &req, CONTROL_TIMEOUT).await
+                        }
                         None => Reply::Failed(format!(
                             "process server: agent {} is not connected; start it (or check \
                              its status) and try again",
