@@ -191,3 +191,274 @@ fn an_azure_vm_replicates_through_a_cache_account_any_gateway_drains() {
         "the restarted gateway took the agent back"
     );
 }
+
+const SUB: &str = "00000000-0000-0000-0000-000000000000";
+/// The example's VMs.
+const SHOP: [&str; 3] = ["shop-sql", "shop-web1", "shop-web2"];
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/azure-to-azure.toml")
+}
+
+fn tables(p: &toml::Table, key: &str) -> Vec<toml::Table> {
+    p.get(key)
+        .and_then(toml::Value::as_array)
+        .unwrap_or_else(|| panic!("the example has no [[{key}]]"))
+        .iter()
+        .map(|v| v.as_table().cloned().expect("a table"))
+        .collect()
+}
+
+fn array(tables: Vec<toml::Table>) -> toml::Value {
+    toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
+}
+
+/// `examples/pipelines/azure-to-azure.toml` with what names this machine's parts put in: the
+/// sites and gateways of the cluster (West Europe is `primary`, North Europe `secondary`, the
+/// drainers `ps1` and `ps2`, the master target `mt1`), plugin files, Azurite's containers and
+/// the fake ARM's endpoints.
+fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> String {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let mut p: toml::Table = text.parse().expect("the example parses");
+    let head: toml::Table = c.pipeline_head("weu-to-neu").unwrap().parse().unwrap();
+    p.insert("site".into(), head["site"].clone());
+    p.insert("gateway".into(), head["gateway"].clone());
+    let s = |v: &str| toml::Value::String(v.to_string());
+    let names = |v: &[&str]| toml::Value::Array(v.iter().map(|n| s(n)).collect());
+
+    let mut accounts = tables(&p, "cache_account");
+    for account in &mut accounts {
+        account.insert("site".into(), s("primary"));
+        account.insert(
+            "container_url".into(),
+            s(&format!("{}/{CONTAINER}", a.endpoint())),
+        );
+        account.insert("drained_by".into(), names(&["ps1", "ps2"]));
+    }
+    p.insert("cache_account".into(), array(accounts));
+    let mut machines = tables(&p, "machine");
+    for m in &mut machines {
+        m.insert("site".into(), s("primary"));
+        m.insert("master_target".into(), s("mt1"));
+    }
+    p.insert("machine".into(), array(machines));
+    let mut mappings = tables(&p, "network_mapping");
+    for m in &mut mappings {
+        m.insert("source_site".into(), s("primary"));
+        m.insert("target_site".into(), s("secondary"));
+    }
+    p.insert("network_mapping".into(), array(mappings));
+
+    let wasm = haven_e2e::default_bin_dir().join("../wasm32-wasip2/release");
+    let mut plugins = tables(&p, "plugin");
+    for plugin in &mut plugins {
+        let file = plugin["path"]
+            .as_str()
+            .and_then(|f| f.rsplit('/').next())
+            .unwrap_or_default()
+            .to_string();
+        plugin.insert("path".into(), s(&wasm.join(&file).display().to_string()));
+        let source = plugin["name"].as_str() == Some("azure-weu");
+        plugin.insert(
+            "gateways".into(),
+            names(if source { &["ps1", "ps2"] } else { &["mt1"] }),
+        );
+        let adapter = plugin["kind"].as_str() == Some("adapter");
+        let host = if adapter { arm.host() } else { a.host() };
+        let grants = plugin["grants"].as_table().cloned().unwrap_or_default();
+        let mut grants = grants;
+        grants.insert("http_hosts".into(), names(&[&host]));
+        plugin.insert("grants".into(), toml::Value::Table(grants));
+        let settings = plugin
+            .get_mut("settings")
+            .and_then(toml::Value::as_table_mut)
+            .expect("a plugin with settings");
+        if adapter {
+            settings.insert("arm_endpoint".into(), s(&arm.endpoint()));
+            settings.insert("login_endpoint".into(), s(&arm.endpoint()));
+            if settings.contains_key("blob_container_url") {
+                settings.insert(
+                    "blob_container_url".into(),
+                    s(&format!("{}/replicas", a.endpoint())),
+                );
+            }
+        } else {
+            settings.insert("endpoint".into(), s(&a.endpoint()));
+        }
+    }
+    p.insert("plugin".into(), array(plugins));
+    let mut hooks = tables(&p, "webhook");
+    for h in &mut hooks {
+        h.insert("url".into(), s("http://127.0.0.1:9/haven/shop"));
+    }
+    p.insert("webhook".into(), array(hooks));
+    toml::to_string(&p).unwrap()
+}
+
+/// North Europe as the fake ARM holds it: the service principal, the shop's resource group with
+/// its networks (production and test) and availability sets.
+fn arm_state() -> serde_json::Value {
+    let mut resources = serde_json::Map::new();
+    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg-shop-neu/providers");
+    for vnet in ["vnet-shop-neu", "vnet-shop-neu-test"] {
+        for subnet in ["snet-data", "snet-web"] {
+            let id = format!("{rg}/Microsoft.Network/virtualNetworks/{vnet}/subnets/{subnet}");
+            resources.insert(id.clone(), serde_json::json!({ "id": id, "name": subnet }));
+        }
+    }
+    for set in ["avset-shop-data", "avset-shop-web"] {
+        resources.insert(
+            format!("{rg}/Microsoft.Compute/availabilitySets/{set}"),
+            serde_json::json!({ "name": set }),
+        );
+    }
+    serde_json::json!({
+        "subscription_id": SUB,
+        "display_name": "Shop",
+        "tenant_id": "11111111-1111-1111-1111-111111111111",
+        "client_id": "22222222-2222-2222-2222-222222222222",
+        "client_secret": "the-service-principal-secret",
+        "vm_sizes": [
+            { "name": "Standard_E8s_v5", "numberOfCores": 8, "memoryInMB": 65536 },
+            { "name": "Standard_D2s_v5", "numberOfCores": 2, "memoryInMB": 8192 }
+        ],
+        "resources": resources,
+    })
+}
+
+#[test]
+fn the_azure_to_azure_example_runs_from_apply_through_plan_failover() {
+    use haven_e2e::nbd::NbdClient;
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Azurite::start().unwrap();
+    let arm = haven_e2e::fake_arm::FakeArm::start(tmp.path(), &arm_state()).unwrap();
+    let (agent_args, drain) = cache_config(tmp.path(), &a);
+    let disks: Vec<std::path::PathBuf> = SHOP
+        .iter()
+        .enumerate()
+        .map(|(n, m)| {
+            let path = tmp.path().join(format!("{m}.raw"));
+            mixed_disk(&path, 4 * MIB, 500 + n as u64).unwrap();
+            path
+        })
+        .collect();
+    let plugin =
+        haven_e2e::default_bin_dir().join("../wasm32-wasip2/release/haven_azure_blob.wasm");
+    let c = Cluster::start(
+        tmp.path(),
+        &disks[0],
+        ClusterOptions {
+            config_server: true,
+            second_process_server: true,
+            agent_via_config_server: true,
+            machine: Some(SHOP[0].into()),
+            retention: Some("window = \"1h\"".into()),
+            agent_args: agent_args.clone(),
+            ps_config: drain,
+            mt_config: format!(
+                "writer = \"blobs-neu\"\n\n[[plugin]]\nkind = \"target-writer\"\n\
+                 name = \"blobs-neu\"\npath = {plugin:?}\ngrants = {{ http_hosts = [{:?}] }}\n\
+                 settings = {{ endpoint = {:?}, container = \"replicas\", key = {:?} }}\n",
+                a.host(),
+                a.endpoint(),
+                azurite::KEY
+            ),
+            ..ClusterOptions::default()
+        },
+    )
+    .unwrap();
+    let cs = c.cs.as_ref().unwrap();
+    let bins = haven_e2e::default_bin_dir();
+    let mut agents = Vec::new();
+    for (m, disk) in SHOP.iter().zip(&disks).skip(1) {
+        let dir = tmp.path().join(format!("agent-{m}"));
+        haven_e2e::Agent::enroll_with_config_server(&bins, cs, "primary", &dir, m).unwrap();
+        agents.push(
+            haven_e2e::Agent::start_disks(&bins, None, &dir, disk, &[], agent_args.clone())
+                .unwrap(),
+        );
+    }
+    cs.set_secret("haven-sp", "the-service-principal-secret")
+        .unwrap();
+    cs.set_secret("havenreplicasneu-key", azurite::KEY).unwrap();
+    let file = tmp.path().join("azure-to-azure.toml");
+    std::fs::write(&file, localised(&c, &a, &arm)).unwrap();
+    haven_e2e::run_ok(cs.haven_command().arg("validate").arg(&file)).unwrap();
+    cs.haven(&["apply", file.to_str().unwrap()]).unwrap();
+
+    // Every VM's points arrive through the cache account; then each is written.
+    let ports: Vec<u16> = std::iter::once(&c.agent)
+        .chain(&agents)
+        .map(|a| a.nbd_port)
+        .collect();
+    for (m, port) in SHOP.iter().zip(&ports) {
+        haven_e2e::wait_for_point(cs, m).unwrap();
+        let mut client = NbdClient::connect(&format!("127.0.0.1:{port}"), "disk").unwrap();
+        let block = format!("{m} written before West Europe was lost ").repeat(128);
+        client.write(MIB, &block.as_bytes()[..4096]).unwrap();
+        client.flush().unwrap();
+    }
+
+    // A point of the whole group: each agent holds its writes and tags at one point, on
+    // requests that reach it through the account.
+    cs.haven(&["group", "point", "shop"]).unwrap();
+
+    // West Europe lost: the shop group to that point, then the operator's step.
+    let out = cs.haven(&["plan", "failover", "westeurope-lost"]).unwrap();
+    assert!(
+        out.contains("waits for an operator: Switch the Traffic Manager"),
+        "{out}"
+    );
+    let out = cs.haven(&["plan", "resume", "westeurope-lost"]).unwrap();
+    assert!(out.contains("plan westeurope-lost: done"), "{out}");
+
+    // ARM runs each VM in North Europe where the example puts it, on disks imported from the
+    // page blobs, each equal to its source with the last write.
+    let resources = arm.resources().unwrap();
+    let group = format!("/subscriptions/{SUB}/resourceGroups/rg-shop-neu/providers");
+    let get = |kind: &str, name: &str| -> &serde_json::Value {
+        let id = format!("{group}/{kind}/{name}").to_lowercase();
+        resources.get(&id).unwrap_or_else(|| panic!("no {id}"))
+    };
+    for (m, source) in SHOP.iter().zip(&disks) {
+        let (size, subnet, set) = match *m {
+            "shop-sql" => ("Standard_E8s_v5", "snet-data", "avset-shop-data"),
+            _ => ("Standard_D2s_v5", "snet-web", "avset-shop-web"),
+        };
+        let vm = get("Microsoft.Compute/virtualMachines", m);
+        assert_eq!(vm["_power"], "running", "{m}");
+        let p = &vm["properties"];
+        assert_eq!(p["hardwareProfile"]["vmSize"], size, "{m}");
+        assert!(
+            p["availabilitySet"]["id"]
+                .as_str()
+                .is_some_and(|id| id.ends_with(set)),
+            "{m}: {p}"
+        );
+        let nic = get("Microsoft.Network/networkInterfaces", &format!("{m}-nic0"));
+        let ip = &nic["properties"]["ipConfigurations"][0]["properties"];
+        assert!(
+            ip["subnet"]["id"].as_str().is_some_and(
+                |s| s.ends_with(&format!("virtualNetworks/vnet-shop-neu/subnets/{subnet}"))
+            ),
+            "{m}: {ip}"
+        );
+        if *m == "shop-sql" {
+            assert_eq!(ip["privateIPAddress"], "10.20.1.10", "{m}");
+        }
+        let disk = get("Microsoft.Compute/disks", &format!("{m}-disk0"));
+        let uri = disk["properties"]["creationData"]["sourceUri"]
+            .as_str()
+            .expect("a sourceUri");
+        let blob = uri
+            .strip_prefix(&format!("{}/replicas/", a.endpoint()))
+            .unwrap_or_else(|| panic!("{m}: {uri} is not in the replica container"));
+        let local = tmp.path().join(format!("{m}-imported.vhd"));
+        a.download("replicas", blob, &local).unwrap();
+        assert!(
+            haven_e2e::images_equal_as(source, "raw", &local, "vpc").unwrap(),
+            "{m}: the imported blob differs from the source"
+        );
+    }
+}

@@ -36,6 +36,7 @@ pub(crate) struct Decoded {
     pub(crate) plugins: Vec<Entry<Plugin>>,
     pub(crate) policies: Vec<Entry<Policy>>,
     pub(crate) network_mappings: Vec<Entry<NetworkMapping>>,
+    pub(crate) cache_accounts: Vec<Entry<CacheAccount>>,
     pub(crate) machines: Vec<Entry<Machine>>,
     pub(crate) groups: Vec<Entry<Group>>,
     pub(crate) plans: Vec<Entry<RecoveryPlan>>,
@@ -56,6 +57,7 @@ impl Decoded {
             plugins: all(self.plugins)?,
             policies: all(self.policies)?,
             network_mappings: all(self.network_mappings)?,
+            cache_accounts: all(self.cache_accounts)?,
             machines: all(self.machines)?,
             groups: all(self.groups)?,
             plans: all(self.plans)?,
@@ -119,11 +121,13 @@ const ROOT_FIELDS: &[&str] = &[
     "plugin",
     "policy",
     "network_mapping",
+    "cache_account",
     "machine",
     "group",
     "plan",
     "webhook",
 ];
+const CACHE_ACCOUNT_FIELDS: &[&str] = &["name", "site", "container_url", "drained_by"];
 const DEPLOYMENT_FIELDS: &[&str] = &["name", "description"];
 const SITE_FIELDS: &[&str] = &["name", "description"];
 const GATEWAY_FIELDS: &[&str] = &["name", "site", "roles", "address", "api"];
@@ -166,6 +170,7 @@ const MACHINE_FIELDS: &[&str] = &[
     "policy",
     "failback_policy",
     "process_server",
+    "cache_account",
     "master_target",
     "writer",
     "disks",
@@ -242,6 +247,7 @@ impl<'r, 's> Decoder<'r, 's> {
             plugins: self.entries(&root, "plugin", Self::plugin),
             policies: self.entries(&root, "policy", Self::policy),
             network_mappings: self.entries(&root, "network_mapping", Self::network_mapping),
+            cache_accounts: self.entries(&root, "cache_account", Self::cache_account),
             machines: self.entries(&root, "machine", Self::machine),
             groups: self.entries(&root, "group", Self::group),
             plans: self.entries(&root, "plan", Self::plan),
@@ -585,6 +591,25 @@ impl<'r, 's> Decoder<'r, 's> {
         })
     }
 
+    fn cache_account(&mut self, o: &Obj<'_, '_>) -> Option<CacheAccount> {
+        self.deny_unknown(o, CACHE_ACCOUNT_FIELDS);
+        let name = self.req(o, "name", "\"weu-cache\"", Self::string);
+        let site = self.req(o, "site", "\"westeurope\"", Self::string);
+        let container_url = self.req(
+            o,
+            "container_url",
+            "\"https://ACCOUNT.blob.core.windows.net/haven-cache\"",
+            Self::string,
+        );
+        let drained_by = self.req(o, "drained_by", "[\"mt-neu\"]", Self::names);
+        Some(CacheAccount {
+            name: name?,
+            site: site?,
+            container_url: container_url?,
+            drained_by: drained_by?,
+        })
+    }
+
     fn machine(&mut self, o: &Obj<'_, '_>) -> Option<Machine> {
         self.deny_unknown(o, MACHINE_FIELDS);
         let name = self.req(o, "name", "\"web01\"", Self::string);
@@ -594,6 +619,7 @@ impl<'r, 's> Decoder<'r, 's> {
         let policy = self.req(o, "policy", "\"gold\"", Self::string);
         let failback_policy = self.opt(o, "failback_policy", Self::string);
         let process_server = self.opt(o, "process_server", Self::string);
+        let cache_account = self.opt(o, "cache_account", Self::string);
         let master_target = self.req(o, "master_target", "\"mt1\"", Self::string);
         let writer = self.req(o, "writer", "\"vmdk\"", Self::string);
         let disks = self
@@ -610,6 +636,7 @@ impl<'r, 's> Decoder<'r, 's> {
             policy: policy?,
             failback_policy: failback_policy?,
             process_server: process_server?,
+            cache_account: cache_account?,
             master_target: master_target?,
             writer: writer?,
             disks: disks?,

@@ -30,6 +30,8 @@ pub enum ResourceKind {
     Policy,
     /// `[[network_mapping]]`.
     NetworkMapping,
+    /// `[[cache_account]]`.
+    CacheAccount,
     /// `[[machine]]`.
     Machine,
     /// `[[group]]`.
@@ -50,6 +52,7 @@ impl ResourceKind {
             ResourceKind::Plugin => "plugin",
             ResourceKind::Policy => "policy",
             ResourceKind::NetworkMapping => "network_mapping",
+            ResourceKind::CacheAccount => "cache_account",
             ResourceKind::Machine => "machine",
             ResourceKind::Group => "group",
             ResourceKind::Plan => "plan",
@@ -236,6 +239,14 @@ pub fn diff(current: &Pipeline, desired: &Pipeline) -> Plan {
         &current.network_mappings,
         &desired.network_mappings,
         |m| name(&m.name),
+        |_, _| None,
+    );
+    compare(
+        &mut changes,
+        ResourceKind::CacheAccount,
+        &current.cache_accounts,
+        &desired.cache_accounts,
+        |c| name(&c.name),
         |_, _| None,
     );
     compare(

@@ -76,7 +76,8 @@
 //! `version = 1` and `[deployment]` (`name`, `description`) are required; then any number of
 //! `[[site]]`, `[[gateway]]`, `[[plugin]]` (with `[plugin.grants]` and `[plugin.settings]`),
 //! `[[policy]]` (`kind = "replication"` with `[policy.retention]`, or `kind = "failback"`),
-//! `[[network_mapping]]`, `[[machine]]` (with `[machine.target]`), `[[group]]`, `[[plan]]`
+//! `[[network_mapping]]`, `[[cache_account]]`, `[[machine]]` (with `[machine.target]`),
+//! `[[group]]`, `[[plan]]`
 //! (with `[[plan.step]]`: `kind = "failover"`, `"script"` or `"manual"`) and `[[webhook]]`.
 //! Each field is documented on its struct in [`model`]. Durations are written as
 //! [`haven_engine::retention::parse_duration`] reads them (`"250ms"`, `"5s"`, `"15m"`, `"72h"`),
@@ -100,7 +101,9 @@
 //! different ones; its test network is not its target network); a machine's `site`, `policy`
 //! (a replication policy), `failback_policy` (a failback one), `platform` and `target_platform`
 //! (adapters), `writer` (a target writer), `process_server` (a gateway with that role at the
-//! machine's site; when left out, the site must have one) and `master_target` (a gateway with
+//! machine's site; when left out, the site must have one, unless the machine names a
+//! `cache_account` of its site instead, whose `drained_by` gateways have the process-server
+//! role and take the process servers' part) and `master_target` (a gateway with
 //! that role at another site), and the plugins a machine uses must be loaded on the gateways
 //! that use them; a group's 1 to 64 `machines` (each in at most one group, all at one site and
 //! one master target) and `policy`; a plan step's `machines` and `groups` (each machine failed
@@ -140,9 +143,9 @@ use toml::de::DeTable;
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use diff::{Action, Change, FieldChange, Plan, ResourceKind, diff};
 pub use model::{
-    Deployment, EVENT_KINDS, FailbackPolicy, FailoverStep, Gateway, Grants, Group, MAX_NAME_LEN,
-    Machine, ManualStep, NetworkMapping, Pipeline, Plugin, PluginKind, Policy, RecoveryPlan,
-    ReplicationPolicy, Role, ScriptStep, Severity, Site, Step, VERSION, Webhook,
+    CacheAccount, Deployment, EVENT_KINDS, FailbackPolicy, FailoverStep, Gateway, Grants, Group,
+    MAX_NAME_LEN, Machine, ManualStep, NetworkMapping, Pipeline, Plugin, PluginKind, Policy,
+    RecoveryPlan, ReplicationPolicy, Role, ScriptStep, Severity, Site, Step, VERSION, Webhook,
 };
 pub use render::to_toml;
 pub use validate::check_name;

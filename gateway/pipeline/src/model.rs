@@ -108,6 +108,13 @@ pub struct Pipeline {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub network_mappings: Vec<NetworkMapping>,
+    /// `[[cache_account]]`: storage accounts agents ship to instead of a process server.
+    #[serde(
+        rename = "cache_account",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub cache_accounts: Vec<CacheAccount>,
     /// `[[machine]]`: the protected machines.
     #[serde(rename = "machine", default, skip_serializing_if = "Vec::is_empty")]
     pub machines: Vec<Machine>,
@@ -136,6 +143,7 @@ impl Pipeline {
             plugins: Vec::new(),
             policies: Vec::new(),
             network_mappings: Vec::new(),
+            cache_accounts: Vec::new(),
             machines: Vec::new(),
             groups: Vec::new(),
             plans: Vec::new(),
@@ -486,6 +494,22 @@ pub struct NetworkMapping {
     pub test_network: String,
 }
 
+/// `[[cache_account]]`: a storage account of a source site that its machines' agents ship their
+/// changes to, over outbound HTTPS only (Azure → Azure), and that process servers drain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheAccount {
+    /// The account's name in this file.
+    pub name: String,
+    /// The site whose machines ship to it (it should be in that region).
+    pub site: String,
+    /// The container's URL, `https://ACCOUNT.blob.core.windows.net/CONTAINER`.
+    pub container_url: String,
+    /// The gateways with the process-server role that drain it (each configured with
+    /// `[process_server.drain]`); any of them takes over an agent another one left.
+    pub drained_by: Vec<String>,
+}
+
 /// `[[machine]]`: a protected machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -510,6 +534,9 @@ pub struct Machine {
     /// assigns the least loaded one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_server: Option<String>,
+    /// The cache account of its site its agent ships to instead of a process server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_account: Option<String>,
     /// The master target at another site that keeps its replica.
     pub master_target: String,
     /// The target-writer plugin that writes its replica's disks.

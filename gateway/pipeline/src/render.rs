@@ -85,6 +85,13 @@ pub fn to_toml(p: &Pipeline) -> String {
         w.str("target_network", &m.target_network);
         w.str("test_network", &m.test_network);
     }
+    for c in &p.cache_accounts {
+        w.header("[[cache_account]]");
+        w.str("name", &c.name);
+        w.str("site", &c.site);
+        w.str("container_url", &c.container_url);
+        w.list("drained_by", &c.drained_by);
+    }
     for m in &p.machines {
         w.header("[[machine]]");
         w.str("name", &m.name);
@@ -94,6 +101,7 @@ pub fn to_toml(p: &Pipeline) -> String {
         w.str("policy", &m.policy);
         w.opt_str("failback_policy", m.failback_policy.as_deref());
         w.opt_str("process_server", m.process_server.as_deref());
+        w.opt_str("cache_account", m.cache_account.as_deref());
         w.str("master_target", &m.master_target);
         w.str("writer", &m.writer);
         w.nonempty_list("disks", &m.disks);

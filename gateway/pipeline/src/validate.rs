@@ -80,6 +80,7 @@ impl<'a> Checker<'a, '_> {
         self.names("plugin", &d.plugins);
         self.names("policy", &d.policies);
         self.names("network_mapping", &d.network_mappings);
+        self.names("cache_account", &d.cache_accounts);
         self.names("machine", &d.machines);
         self.names("group", &d.groups);
         self.names("plan", &d.plans);
@@ -88,6 +89,7 @@ impl<'a> Checker<'a, '_> {
         self.plugins();
         self.policies();
         self.network_mappings();
+        self.cache_accounts();
         self.machines();
         self.groups();
         self.plans();
@@ -629,10 +631,38 @@ impl<'a> Checker<'a, '_> {
                 }
             }
 
-            // The process servers that may serve the machine.
+            // The process servers that may serve the machine (drain its cache account).
             let mut process_servers: Vec<&Gateway> = Vec::new();
-            match &m.process_server {
-                Some(ps) => {
+            match (&m.process_server, &m.cache_account) {
+                (Some(_), Some(_)) => self.at(
+                    &format!("{p}.cache_account"),
+                    "a machine ships to a process server or to a cache account, not both",
+                    "remove `process_server` (the account's `drained_by` gateways forward its \
+                     changes) or `cache_account`",
+                ),
+                (None, Some(name)) => {
+                    let at = format!("{p}.cache_account");
+                    if let Some(c) = self
+                        .resolve("cache_account", &d.cache_accounts, name, &at)
+                        .found()
+                    {
+                        if c.site != m.site {
+                            self.at(
+                                &at,
+                                format!(
+                                    "cache account `{name}` is for site `{}`, the machine is at `{}`",
+                                    c.site, m.site
+                                ),
+                                "name the cache account of the machine's site",
+                            );
+                        }
+                        process_servers = decoded(&d.gateways)
+                            .map(|(_, g)| g)
+                            .filter(|g| c.drained_by.contains(&g.name))
+                            .collect();
+                    }
+                }
+                (Some(ps), None) => {
                     let at = format!("{p}.process_server");
                     if let Some(g) = self.gateway(ps, &at).found() {
                         if !g.roles.contains(&Role::ProcessServer) {
@@ -662,7 +692,7 @@ impl<'a> Checker<'a, '_> {
                         }
                     }
                 }
-                None => {
+                (None, None) => {
                     process_servers = decoded(&d.gateways)
                         .map(|(_, g)| g)
                         .filter(|g| g.site == m.site && g.roles.contains(&Role::ProcessServer))
@@ -911,6 +941,60 @@ impl<'a> Checker<'a, '_> {
             );
         } else {
             failed_over.insert(machine.to_string(), (step, group.map(str::to_string)));
+        }
+    }
+
+    fn cache_accounts(&mut self) {
+        let d = self.d;
+        for (i, c) in decoded(&d.cache_accounts) {
+            let p = format!("cache_account[{i}]");
+            self.site(&c.site, &format!("{p}.site"));
+            let container = c
+                .container_url
+                .split_once("://")
+                .map(|(_, rest)| rest.split('?').next().unwrap_or(rest))
+                .and_then(|rest| rest.trim_end_matches('/').split_once('/'))
+                .is_some_and(|(host, path)| !host.is_empty() && !path.is_empty());
+            if let Err(why) = check_url(&c.container_url, &["http", "https"]) {
+                self.at(
+                    &format!("{p}.container_url"),
+                    format!("container_url `{}` {why}", c.container_url),
+                    "write the container's URL, e.g. \"https://ACCOUNT.blob.core.windows.net/haven-cache\"",
+                );
+            } else if !container || c.container_url.contains('?') {
+                self.at(
+                    &format!("{p}.container_url"),
+                    format!(
+                        "container_url `{}` does not name a container, or carries a token",
+                        c.container_url
+                    ),
+                    "write https://ACCOUNT.blob.core.windows.net/CONTAINER; credentials stay in \
+                     the gateways' [process_server.drain] and the agents' options",
+                );
+            }
+            if c.drained_by.is_empty() {
+                self.at(
+                    &format!("{p}.drained_by"),
+                    "`drained_by` is empty: nothing would forward the account's changes",
+                    "name the gateways with the process-server role that drain it",
+                );
+            }
+            for (j, name) in c.drained_by.iter().enumerate() {
+                let at = format!("{p}.drained_by[{j}]");
+                if let Some(g) = self.gateway(name, &at).found()
+                    && !g.roles.contains(&Role::ProcessServer)
+                {
+                    self.at(
+                        &at,
+                        format!(
+                            "gateway `{name}` does not have the process-server role (its roles: {})",
+                            roles_text(&g.roles)
+                        ),
+                        "name gateways with the process-server role (and [process_server.drain] \
+                         in their configuration)",
+                    );
+                }
+            }
         }
     }
 

@@ -184,8 +184,8 @@ fn type_errors_and_unknown_fields_name_the_field() {
              `replication`, `failback`; did you mean `replication`?",
             "p.toml:40:1: machine[0].polcy: unknown field `polcy` in [[machine]], expected one \
              of `name`, `site`, `platform`, `target_platform`, `policy`, `failback_policy`, \
-             `process_server`, `master_target`, `writer`, `disks`, `target`; did you mean \
-             `policy`?",
+             `process_server`, `cache_account`, `master_target`, `writer`, `disks`, `target`; \
+             did you mean `policy`?",
             "p.toml:41:9: machine[0].disks: `disks` is empty; name at least one disk, or leave \
              `disks` out to protect every disk found",
         ]

@@ -117,6 +117,14 @@ fn build(mask: u32) -> Pipeline {
         target_network: s("DR \"Production\""),
         test_network: s("DR Test"),
     });
+    if on(13) {
+        p.cache_accounts.push(CacheAccount {
+            name: s("a-cache"),
+            site: s("a"),
+            container_url: s("https://havencache.blob.core.windows.net/haven-cache"),
+            drained_by: vec![s("ps1")],
+        });
+    }
     for name in ["web01", "db01"] {
         p.machines.push(Machine {
             name: s(name),
@@ -126,6 +134,7 @@ fn build(mask: u32) -> Pipeline {
             policy: s("gold"),
             failback_policy: on(11).then(|| s("home")),
             process_server: on(12).then(|| s("ps1")),
+            cache_account: None,
             master_target: s("mt1"),
             writer: s("writer.v2"),
             disks: if on(13) {
