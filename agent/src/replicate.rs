@@ -613,7 +613,11 @@ pub async fn ship(shared: Arc<Shared>, cfg: ShipConfig, mut stop: watch::Receive
                 }
                 tracing::warn!(server = %target.server, retry_in_ms = backoff.as_millis() as u64,
                     "replication connection: {why}");
-                shared.set_link(Some(format!("process server {}: {why}", target.server)));
+                let peer = match cfg.cache {
+                    Some(_) => "cache account",
+                    None => "process server",
+                };
+                shared.set_link(Some(format!("{peer} {}: {why}", target.server)));
             }
         }
         tokio::select! {

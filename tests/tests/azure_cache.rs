@@ -24,6 +24,9 @@ fn cache_config(dir: &Path, azurite: &Azurite) -> (Vec<String>, String) {
     let cache_key = dir.join("cache.key");
     std::fs::write(&cache_key, format!("{}\n", "5c".repeat(32))).unwrap();
     std::fs::set_permissions(&cache_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The gateways' copy of the key.
+    let drain_key = dir.join("drain-cache.key");
+    std::fs::copy(&cache_key, &drain_key).unwrap();
     let account_key = dir.join("account.key");
     std::fs::write(&account_key, azurite::KEY).unwrap();
     let url = format!("{}/{CONTAINER}", azurite.endpoint());
@@ -39,7 +42,7 @@ fn cache_config(dir: &Path, azurite: &Azurite) -> (Vec<String>, String) {
         "\n[process_server.drain]\ncontainer_url = {url:?}\naccount_key_file = {:?}\n\
          cache_key_file = {:?}\nlease_seconds = 15\n",
         account_key.display().to_string(),
-        cache_key.display().to_string()
+        drain_key.display().to_string()
     );
     (agent, gateway)
 }
@@ -190,6 +193,15 @@ fn an_azure_vm_replicates_through_a_cache_account_any_gateway_drains() {
         drained_before,
         "the restarted gateway took the agent back"
     );
+    // The account holds no plaintext: the report, which names the machine, is sealed.
+    let agent = c.agent.report().unwrap().agent_id;
+    let out = azurite
+        .python(&format!(
+            "d = client.get_blob_client({CONTAINER:?}, 'streams/{agent}/report').download_blob().readall()\n\
+             print(d[:8].decode(), b'shop-sql' in d, len(d) > 64)"
+        ))
+        .unwrap();
+    assert_eq!(out.trim(), "HVNCACH1 False True");
 }
 
 const SUB: &str = "00000000-0000-0000-0000-000000000000";
@@ -461,4 +473,66 @@ fn the_azure_to_azure_example_runs_from_apply_through_plan_failover() {
             "{m}: the imported blob differs from the source"
         );
     }
+}
+
+#[test]
+fn a_gateway_with_another_cache_key_drains_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let azurite = Azurite::start().unwrap();
+    let (agent_args, drain) = cache_config(dir.path(), &azurite);
+    let drain_key = dir.path().join("drain-cache.key");
+    std::fs::write(&drain_key, format!("{}\n", "a7".repeat(32))).unwrap();
+    let disk = dir.path().join("shop-web1.raw");
+    mixed_disk(&disk, 8 << 20, 23).unwrap();
+    let mut c = Cluster::start(
+        dir.path(),
+        &disk,
+        ClusterOptions {
+            config_server: true,
+            agent_via_config_server: true,
+            machine: Some("shop-web1".into()),
+            agent_args,
+            ps_config: drain,
+            ..ClusterOptions::default()
+        },
+    )
+    .unwrap();
+    // The agent ships all the same: the account keeps its records.
+    c.agent.wait_protected().unwrap();
+    poll(Duration::from_secs(30), Duration::from_millis(250), || {
+        let log = std::fs::read_to_string(&c.ps.proc.log).unwrap_or_default();
+        Ok(
+            match log.contains("do not open with this gateway's cache key")
+                && log.contains("does not open with this cache key")
+            {
+                true => Ok(()),
+                false => Err("the gateway has not said why it does not drain".to_string()),
+            },
+        )
+    })
+    .unwrap();
+    assert_eq!(
+        drains(&c.ps),
+        0,
+        "a gateway that cannot open the streams leased them"
+    );
+    assert!(
+        !segments(&azurite).is_empty(),
+        "the account lost the agent's records"
+    );
+    assert!(
+        c.mt.status()
+            .unwrap()
+            .master_target
+            .unwrap()
+            .replicas
+            .is_empty()
+    );
+
+    // With the deployment's key, it drains them, and nothing was lost.
+    std::fs::copy(dir.path().join("cache.key"), &drain_key).unwrap();
+    c.ps.restart().unwrap();
+    c.wait_caught_up(now_ms(), Duration::from_secs(120), |_, _| {})
+        .unwrap();
+    assert!(images_equal(&c.agent.disk, &c.replica().unwrap()).unwrap());
 }

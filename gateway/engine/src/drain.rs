@@ -63,6 +63,9 @@ pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
     let id = haven_cache_account::new_lease_id();
     tracing::info!(account = %account.describe(), lease = %id, "draining the cache account");
     let mut draining: HashMap<PeerId, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Agents whose streams do not open here (another cache key?), and why: never leased, so
+    // a gateway configured right drains them; each logged once.
+    let mut unreadable: HashMap<PeerId, String> = HashMap::new();
     loop {
         draining.retain(|_, h| !h.is_finished());
         let a = Arc::clone(&account);
@@ -73,6 +76,32 @@ pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
                 for peer in agents {
                     if draining.contains_key(&peer) {
                         continue;
+                    }
+                    let a = Arc::clone(&account);
+                    match blocking(move || a.disks(&peer)).await {
+                        Err(e)
+                            if e.downcast_ref::<CacheError>()
+                                .is_none_or(|c| !matches!(c, CacheError::Corrupt { .. })) =>
+                        {
+                            tracing::warn!(agent = %peer_hex(&peer), error = %format!("{e:#}"),
+                                "reading the agent's disks in the cache account");
+                            continue;
+                        }
+                        Err(e) => {
+                            let why = format!("{e:#}");
+                            if unreadable.get(&peer) != Some(&why) {
+                                tracing::error!(agent = %peer_hex(&peer), error = %why,
+                                    "the agent's streams in the cache account do not open with \
+                                     this gateway's cache key; not draining it (check \
+                                     cache_key_file in [process_server.drain] against the \
+                                     agents' --cache-key)");
+                                unreadable.insert(peer, why);
+                            }
+                            continue;
+                        }
+                        Ok(_) => {
+                            unreadable.remove(&peer);
+                        }
                     }
                     let (a, id) = (Arc::clone(&account), id.clone());
                     match blocking(move || a.lease(&peer, &id)).await {
