@@ -26,15 +26,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use haven_cache_account::{CacheAccount, CacheError, Lease, Segments};
-use haven_net::stream::{FrameReader, Report, write_frames};
-use haven_replication::forwarder::{
-    Forwarder, ForwarderAction, ForwarderConfig, ForwarderEnd, LaneStart,
-};
-use haven_wire::{DiskId, Hello, PeerId, Record, Role, SenderConfig, Seq};
+use haven_net::stream::{FrameReader, Report};
+use haven_replication::forwarder::{Forwarder, LaneStart};
+use haven_wire::{DiskId, Hashes, Hello, PeerId, Record, Role, Seq};
 
 use crate::ingest::Refused;
 use crate::process_server::ProcessServer;
@@ -248,53 +246,6 @@ impl Drain {
         blocking(move || a.segments(&peer, disk)).await
     }
 
-    /// Records of `disk` from `from` to at most `to`, about `budget` bytes.
-    async fn read(
-        &self,
-        lane: &mut Lane,
-        disk: DiskId,
-        from: Seq,
-        to: Seq,
-        budget: u64,
-    ) -> Result<Vec<Record>> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        let mut at = from;
-        while at <= to && (out.is_empty() || bytes < budget) {
-            let Some((&first, &last)) = lane.segments.range(..=at).next_back() else {
-                break;
-            };
-            if last < at {
-                break;
-            }
-            if let std::collections::btree_map::Entry::Vacant(e) = lane.open.entry(first) {
-                let (a, peer) = (Arc::clone(&self.account), self.peer);
-                e.insert(blocking(move || a.read_segment(&peer, disk, first, last)).await?);
-            }
-            // Reads go forward: the oldest segments opened go first (never this one).
-            while lane.open.len() > KEEP_OPEN
-                && let Some(&old) = lane.open.keys().find(|k| **k != first)
-            {
-                lane.open.remove(&old);
-            }
-            for r in &lane.open[&first] {
-                if r.seq() < at || r.seq() > to || (!out.is_empty() && bytes >= budget) {
-                    continue;
-                }
-                bytes += r.wire_len();
-                at = r.seq() + 1;
-                out.push(r.clone());
-            }
-            if at <= last {
-                break;
-            }
-        }
-        if out.is_empty() {
-            bail!("records {from}..={to} of disk {disk} are not in the cache account");
-        }
-        Ok(out)
-    }
-
     /// One connection to the master target.
     async fn once(&mut self, backoff: &mut Backoff) -> Result<()> {
         let (a, peer) = (Arc::clone(&self.account), self.peer);
@@ -330,142 +281,180 @@ impl Drain {
             });
             lanes.insert(d.id, lane);
         }
-        let window = self.ps.window_bytes();
-        let mut config = SenderConfig::new(Role::ProcessServer, self.peer);
-        config.window_bytes = window;
-        config.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
-        let mut fwd = Forwarder::new(
-            ForwarderConfig {
-                sender: config,
-                read_ahead: window + (8 << 20),
-            },
-            starts,
-        )?;
+        let mut fwd = crate::forward::forwarder(self.peer, self.ps.window_bytes(), starts)?;
         let conn = self.ps.upstream().await?;
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv);
-        fwd.connect(Instant::now());
-        // Digest requests passed on: job → (disk, offset).
-        let mut jobs: HashMap<u64, (DiskId, u64)> = HashMap::new();
-        let mut asked: HashSet<(DiskId, u64)> = HashSet::new();
-        let mut next_job = 0u64;
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let agent = peer_hex(&self.peer);
-        let result: Result<()> = async {
-            loop {
-                if self.lost.load(Ordering::Acquire) {
-                    bail!("the lease was lost");
-                }
-                while let Some(action) = fwd.poll_action() {
-                    match action {
-                        ForwarderAction::Read { disk, from, to, budget } => {
-                            let Some(lane) = lanes.get_mut(&disk) else {
-                                fwd.records(disk, Vec::new());
-                                continue;
-                            };
-                            match self.read(lane, disk, from, to, budget).await {
-                                Ok(records) => fwd.records(disk, records),
-                                Err(e) => fwd.read_failed(disk, format!("{e:#}")),
-                            }
-                        }
-                        ForwarderAction::Release { disk, up_to } => {
-                            if self.lost.load(Ordering::Acquire) {
-                                bail!("the lease was lost");
-                            }
-                            let Some(lane) = lanes.get_mut(&disk) else { continue };
-                            let (a, l, peer, segs) = (
-                                Arc::clone(&self.account),
-                                self.lease.clone(),
-                                self.peer,
-                                lane.segments.clone(),
-                            );
-                            blocking(move || a.free(&l, &peer, disk, up_to, &segs)).await?;
-                            lane.segments.retain(|_, last| *last > up_to);
-                            lane.open.retain(|first, records| {
-                                *first > up_to
-                                    || records.last().is_some_and(|r| r.seq() > up_to)
-                            });
-                        }
-                        ForwarderAction::Answer { job, result } => {
-                            if let Some((disk, offset)) = jobs.remove(&job) {
-                                let (a, peer) = (Arc::clone(&self.account), self.peer);
-                                blocking(move || a.answer(&peer, disk, offset, result)).await?;
-                                asked.remove(&(disk, offset));
-                            }
-                        }
-                        ForwarderAction::DiskError { disk, message } => {
-                            tracing::error!(agent = %agent, disk, "{message}");
-                        }
-                        ForwarderAction::Connected => {
-                            backoff.reset();
-                            tracing::info!(agent = %agent, "forwarding the cache account's records to the master target");
-                        }
-                    }
-                }
-                let now = Instant::now();
-                let frames: Vec<_> = std::iter::from_fn(|| fwd.poll_transmit(now)).collect();
-                if !frames.is_empty() {
-                    write_frames(&mut send, frames).await?;
-                }
-                match fwd.poll_end() {
-                    None => {}
-                    Some(ForwarderEnd::FailedOver(message)) => return Err(Refused::failed_over(message)),
-                    Some(ForwarderEnd::Moved(message)) => return Err(Refused::moved(message)),
-                    Some(ForwarderEnd::Lost(why) | ForwarderEnd::StateLost(why)) => {
-                        let _ = send.finish();
-                        bail!("{why}");
-                    }
-                }
-                let deadline = fwd.poll_timeout().map(tokio::time::Instant::from_std);
-                tokio::select! {
-                    frame = reader.next() => match frame? {
-                        Some(f) => {
-                            let now = Instant::now();
-                            fwd.handle_frame(now, f);
-                            while let Ok(Some(f)) = reader.try_next() {
-                                fwd.handle_frame(now, f);
-                            }
-                        }
-                        None => bail!("the master target finished the stream"),
-                    },
-                    () = self.wake.notified() => {}
-                    _ = refresh.tick() => {
-                        for (&disk, lane) in lanes.iter_mut() {
-                            let (a, peer) = (Arc::clone(&self.account), self.peer);
-                            let requests = blocking(move || a.requests(&peer, disk)).await?;
-                            // Segments listed after the requests: every segment put before a
-                            // request is among them, so the digests describe those records.
-                            lane.segments = self.segments(disk).await?;
-                            if let Some(held) = lane.held() {
-                                fwd.durable(disk, held);
-                            }
-                            for request in requests {
-                                if asked.insert((disk, request.offset)) {
-                                    next_job += 1;
-                                    jobs.insert(next_job, (disk, request.offset));
-                                    fwd.request_hashes(next_job, request);
-                                }
-                            }
-                        }
-                    }
-                    () = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => fwd.handle_timeout(Instant::now()),
-                }
-            }
-        }
-        .await;
+        let mut cache = AccountCache {
+            drain: self,
+            lanes,
+            jobs: HashMap::new(),
+            asked: HashSet::new(),
+            next_job: 0,
+            refresh,
+            backoff,
+        };
+        let result = crate::forward::drive(&mut fwd, &mut send, &mut reader, &mut cache).await;
+        // Requests not answered on this connection are asked again on the next.
         let why = result
             .as_ref()
             .err()
             .map_or_else(|| "ended".to_string(), |e| format!("{e:#}"));
-        // Requests not answered on this connection are asked again on the next.
         let _ = fwd.connection_lost(&why);
         result
+    }
+}
+
+/// The account, as one leased agent's forwarder sees it.
+struct AccountCache<'a> {
+    drain: &'a Drain,
+    lanes: BTreeMap<DiskId, Lane>,
+    /// Digest requests passed on: job → (disk, offset).
+    jobs: HashMap<u64, (DiskId, u64)>,
+    asked: HashSet<(DiskId, u64)>,
+    next_job: u64,
+    refresh: tokio::time::Interval,
+    backoff: &'a mut Backoff,
+}
+
+impl AccountCache<'_> {
+    fn check_lease(&self) -> Result<()> {
+        match self.drain.lost.load(Ordering::Acquire) {
+            true => bail!("the lease was lost"),
+            false => Ok(()),
+        }
+    }
+}
+
+impl crate::forward::Cache for AccountCache<'_> {
+    /// Time to look at the account again (or the lease was lost).
+    type Event = ();
+
+    async fn next_event(&mut self) {
+        tokio::select! {
+            () = self.drain.wake.notified() => {}
+            _ = self.refresh.tick() => {}
+        }
+    }
+
+    async fn update(&mut self, fwd: &mut Forwarder, event: Option<()>) -> Result<()> {
+        self.check_lease()?;
+        if event.is_none() {
+            return Ok(());
+        }
+        let (account, peer) = (&self.drain.account, self.drain.peer);
+        for (&disk, lane) in self.lanes.iter_mut() {
+            let a = Arc::clone(account);
+            let requests = blocking(move || a.requests(&peer, disk)).await?;
+            // Segments listed after the requests: every segment put before a request is among
+            // them, so the digests describe those records.
+            lane.segments = self.drain.segments(disk).await?;
+            if let Some(held) = lane.held() {
+                fwd.durable(disk, held);
+            }
+            for request in requests {
+                if self.asked.insert((disk, request.offset)) {
+                    self.next_job += 1;
+                    self.jobs.insert(self.next_job, (disk, request.offset));
+                    fwd.request_hashes(self.next_job, request);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &mut self,
+        disk: DiskId,
+        from: Seq,
+        to: Seq,
+        budget: u64,
+    ) -> Result<Vec<Record>, String> {
+        let Some(lane) = self.lanes.get_mut(&disk) else {
+            return Ok(Vec::new());
+        };
+        let (account, peer) = (&self.drain.account, self.drain.peer);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut at = from;
+        while at <= to && (out.is_empty() || bytes < budget) {
+            let Some((&first, &last)) = lane.segments.range(..=at).next_back() else {
+                break;
+            };
+            if last < at {
+                break;
+            }
+            if let std::collections::btree_map::Entry::Vacant(e) = lane.open.entry(first) {
+                let a = Arc::clone(account);
+                let records = blocking(move || a.read_segment(&peer, disk, first, last))
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                e.insert(records);
+            }
+            // Reads go forward: the oldest segments opened go first (never this one).
+            while lane.open.len() > KEEP_OPEN
+                && let Some(&old) = lane.open.keys().find(|k| **k != first)
+            {
+                lane.open.remove(&old);
+            }
+            for r in &lane.open[&first] {
+                if r.seq() < at || r.seq() > to || (!out.is_empty() && bytes >= budget) {
+                    continue;
+                }
+                bytes += r.wire_len();
+                at = r.seq() + 1;
+                out.push(r.clone());
+            }
+            if at <= last {
+                break;
+            }
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "records {from}..={to} of disk {disk} are not in the cache account"
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn release(&mut self, disk: DiskId, up_to: Seq) -> Result<()> {
+        self.check_lease()?;
+        let Some(lane) = self.lanes.get_mut(&disk) else {
+            return Ok(());
+        };
+        let (a, l, peer, segs) = (
+            Arc::clone(&self.drain.account),
+            self.drain.lease.clone(),
+            self.drain.peer,
+            lane.segments.clone(),
+        );
+        blocking(move || a.free(&l, &peer, disk, up_to, &segs)).await?;
+        lane.segments.retain(|_, last| *last > up_to);
+        lane.open.retain(|first, records| {
+            *first > up_to || records.last().is_some_and(|r| r.seq() > up_to)
+        });
+        Ok(())
+    }
+
+    async fn answer(&mut self, job: u64, result: Result<Hashes, String>) -> Result<()> {
+        if let Some((disk, offset)) = self.jobs.remove(&job) {
+            let (a, peer) = (Arc::clone(&self.drain.account), self.drain.peer);
+            blocking(move || a.answer(&peer, disk, offset, result)).await?;
+            self.asked.remove(&(disk, offset));
+        }
+        Ok(())
+    }
+
+    fn disk_error(&mut self, disk: DiskId, message: String) {
+        tracing::error!(agent = %peer_hex(&self.drain.peer), disk, "{message}");
+    }
+
+    fn connected(&mut self) {
+        self.backoff.reset();
+        tracing::info!(agent = %peer_hex(&self.drain.peer),
+            "forwarding the cache account's records to the master target");
     }
 }
 

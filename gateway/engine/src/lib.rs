@@ -25,6 +25,7 @@ pub mod config_server;
 pub mod drain;
 pub mod events;
 pub mod failpoint;
+mod forward;
 pub mod ingest;
 pub mod jobs;
 pub mod join;

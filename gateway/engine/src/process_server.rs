@@ -49,22 +49,18 @@ use haven_net::endpoint::{self, Refusal, ServerTls};
 use haven_net::join::MachinePolicy;
 use haven_net::stream::{FrameReader, Report, read_report, send_report, write_frames};
 use haven_net::{SiteCa, quinn};
-use haven_replication::forwarder::{
-    Forwarder, ForwarderAction, ForwarderConfig, ForwarderEnd, LaneStart,
-};
+use haven_replication::forwarder::{Forwarder, ForwarderAction, LaneStart};
 use haven_store::journal::{AppendInfo, Journal, JournalOptions};
 use haven_store::key::Key;
 use haven_store::state::{StateDb, StreamKey, StreamRecord};
 use haven_wire::frame::error_code;
-use haven_wire::{DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, SenderConfig, Seq};
+use haven_wire::{DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, Seq};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ingest::{self, DiskStream, Refused, Sink, Via, lock};
 use crate::status::{CachedDisk, ProcessServerStatus};
 use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
 
-/// Bytes a forwarder reads ahead of what the master target acknowledged, beyond the window.
-const READ_AHEAD: u64 = 8 << 20;
 /// Longest an agent may take to answer a control request (its quiesce hooks included).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -835,10 +831,6 @@ impl ProcessServer {
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv);
         let disks: Vec<Arc<DiskStream>> = lock(&entry.disks).values().cloned().collect();
-        let mut config = SenderConfig::new(Role::ProcessServer, entry.peer);
-        config.window_bytes = self.config.window_bytes;
-        // QUIC finds a master target that is gone; a busy one answers late, and is waited for.
-        config.keepalive_timeout = haven_net::endpoint::STREAM_WATCHDOG;
         let mut lanes: BTreeMap<DiskId, Lane> = BTreeMap::new();
         let mut starts = Vec::new();
         for s in &disks {
@@ -868,110 +860,17 @@ impl ProcessServer {
                 },
             );
         }
-        let mut fwd = Forwarder::new(
-            ForwarderConfig {
-                sender: config,
-                read_ahead: self.config.window_bytes + READ_AHEAD,
-            },
-            starts,
-        )?;
-        fwd.connect(Instant::now());
-        // Digest requests by job id, answered when the master target's digests come back.
-        let mut jobs: HashMap<u64, oneshot::Sender<Result<Hashes, String>>> = HashMap::new();
-        let mut next_job = 0u64;
-        let result = async {
-            loop {
-                for lane in lanes.values() {
-                    fwd.durable(lane.stream.info.id, lane.stream.durable());
-                }
-                while let Some(action) = fwd.poll_action() {
-                    match action {
-                        ForwarderAction::Read {
-                            disk,
-                            from,
-                            to,
-                            budget,
-                        } => match lanes.get_mut(&disk) {
-                            // Reading back (file I/O, decryption) blocks: the worker's other
-                            // tasks move to another worker meanwhile.
-                            Some(lane) => match tokio::task::block_in_place(|| {
-                                lane.read(from, to, budget)
-                            }) {
-                                Ok(records) => fwd.records(disk, records),
-                                Err(e) => fwd.read_failed(disk, e),
-                            },
-                            None => fwd.records(disk, Vec::new()),
-                        },
-                        ForwarderAction::Release { disk, up_to } => {
-                            if let Some(lane) = lanes.get(&disk) {
-                                // Segment removal and a redb commit.
-                                tokio::task::block_in_place(|| lane.released(&self.state, up_to))?;
-                            }
-                        }
-                        ForwarderAction::Answer { job, result } => {
-                            if let Some(tx) = jobs.remove(&job) {
-                                let _ = tx.send(result);
-                            }
-                        }
-                        ForwarderAction::DiskError { disk, message } => {
-                            if let Some(lane) = lanes.get(&disk) {
-                                lane.stream.set_error(Some(message));
-                            }
-                        }
-                        ForwarderAction::Connected => {
-                            backoff.reset();
-                            lock(&self.confirmed).extend(lanes.values().map(|l| l.stream.key));
-                            entry.upstream_connected.store(true, Ordering::Release);
-                            tracing::info!(agent = %peer_hex(&entry.peer), "forwarding to the master target");
-                        }
-                    }
-                }
-                let now = Instant::now();
-                let frames: Vec<_> = std::iter::from_fn(|| fwd.poll_transmit(now)).collect();
-                if !frames.is_empty() {
-                    write_frames(&mut send, frames).await?;
-                }
-                match fwd.poll_end() {
-                    None => {}
-                    Some(ForwarderEnd::FailedOver(message)) => {
-                        return Err(Refused::failed_over(message));
-                    }
-                    Some(ForwarderEnd::Moved(message)) => {
-                        return Err(Refused::moved(message));
-                    }
-                    Some(ForwarderEnd::Lost(why) | ForwarderEnd::StateLost(why)) => {
-                        let _ = send.finish();
-                        bail!("{why}");
-                    }
-                }
-                let deadline = fwd.poll_timeout().map(tokio::time::Instant::from_std);
-                tokio::select! {
-                    frame = reader.next() => match frame? {
-                        Some(f) => {
-                            let now = Instant::now();
-                            fwd.handle_frame(now, f);
-                            while let Ok(Some(f)) = reader.try_next() {
-                                fwd.handle_frame(now, f);
-                            }
-                        }
-                        None => bail!("the master target finished the stream"),
-                    },
-                    () = entry.wake.notified() => {}
-                    Some((request, tx)) = hash_rx.recv() => {
-                        next_job += 1;
-                        jobs.insert(next_job, tx);
-                        fwd.request_hashes(next_job, request);
-                    }
-                    () = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => fwd.handle_timeout(Instant::now()),
-                }
-            }
-        }
-        .await;
+        let mut fwd = crate::forward::forwarder(entry.peer, self.config.window_bytes, starts)?;
+        let mut cache = OwnCache {
+            ps: self,
+            entry,
+            lanes,
+            hash_rx,
+            jobs: HashMap::new(),
+            next_job: 0,
+            backoff,
+        };
+        let result = crate::forward::drive(&mut fwd, &mut send, &mut reader, &mut cache).await;
         // Digest requests not answered on this connection fail; the agent asks again.
         let why = result
             .as_ref()
@@ -979,12 +878,91 @@ impl ProcessServer {
             .map_or_else(|| "ended".to_string(), |e| format!("{e:#}"));
         for action in fwd.connection_lost(&why) {
             if let ForwarderAction::Answer { job, result } = action
-                && let Some(tx) = jobs.remove(&job)
+                && let Some(tx) = cache.jobs.remove(&job)
             {
                 let _ = tx.send(result);
             }
         }
         result
+    }
+}
+
+/// The process server's own cache, as one agent's forwarder sees it.
+struct OwnCache<'a> {
+    ps: &'a ProcessServer,
+    entry: &'a Arc<AgentEntry>,
+    lanes: BTreeMap<DiskId, Lane>,
+    hash_rx: &'a mut mpsc::UnboundedReceiver<HashJob>,
+    /// Digest requests by job id, answered when the master target's digests come back.
+    jobs: HashMap<u64, oneshot::Sender<Result<Hashes, String>>>,
+    next_job: u64,
+    backoff: &'a mut Backoff,
+}
+
+impl crate::forward::Cache for OwnCache<'_> {
+    /// A digest request from the agent, or `None`: records were cached.
+    type Event = Option<HashJob>;
+
+    async fn next_event(&mut self) -> Self::Event {
+        tokio::select! {
+            () = self.entry.wake.notified() => None,
+            Some(job) = self.hash_rx.recv() => Some(job),
+        }
+    }
+
+    async fn update(&mut self, fwd: &mut Forwarder, event: Option<Self::Event>) -> Result<()> {
+        for lane in self.lanes.values() {
+            fwd.durable(lane.stream.info.id, lane.stream.durable());
+        }
+        if let Some(Some((request, tx))) = event {
+            self.next_job += 1;
+            self.jobs.insert(self.next_job, tx);
+            fwd.request_hashes(self.next_job, request);
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &mut self,
+        disk: DiskId,
+        from: Seq,
+        to: Seq,
+        budget: u64,
+    ) -> Result<Vec<Record>, String> {
+        match self.lanes.get_mut(&disk) {
+            // Reading back (file I/O, decryption) blocks: the worker's other tasks move to
+            // another worker meanwhile.
+            Some(lane) => tokio::task::block_in_place(|| lane.read(from, to, budget)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn release(&mut self, disk: DiskId, up_to: Seq) -> Result<()> {
+        if let Some(lane) = self.lanes.get(&disk) {
+            // Segment removal and a redb commit.
+            tokio::task::block_in_place(|| lane.released(&self.ps.state, up_to))?;
+        }
+        Ok(())
+    }
+
+    async fn answer(&mut self, job: u64, result: Result<Hashes, String>) -> Result<()> {
+        if let Some(tx) = self.jobs.remove(&job) {
+            let _ = tx.send(result);
+        }
+        Ok(())
+    }
+
+    fn disk_error(&mut self, disk: DiskId, message: String) {
+        if let Some(lane) = self.lanes.get(&disk) {
+            lane.stream.set_error(Some(message));
+        }
+    }
+
+    fn connected(&mut self) {
+        self.backoff.reset();
+        lock(&self.ps.confirmed).extend(self.lanes.values().map(|l| l.stream.key));
+        self.entry.upstream_connected.store(true, Ordering::Release);
+        tracing::info!(agent = %peer_hex(&self.entry.peer), "forwarding to the master target");
     }
 }
 
