@@ -48,7 +48,8 @@ pub(crate) struct GroupPointParams {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct HoldParams {
-    /// Longest the members' writes are held, ms (default 500, at most 5000).
+    /// Longest the members' writes are held, ms (default 500, at most 5000; at least 4000
+    /// when a member ships through a cache account).
     hold_ms: Option<u64>,
 }
 
@@ -104,9 +105,29 @@ pub(crate) async fn take_group_point(
 }
 
 /// The members of group `name` of the applied pipeline and the master target holding them.
-fn members(cs: &ConfigServer, name: &str) -> Result<(Vec<String>, String), ApiError> {
+/// The least hold of a group point when a member ships through a cache account: its requests
+/// and replies travel through the account, each looked for every quarter second.
+pub const ACCOUNT_HOLD: Duration = Duration::from_secs(4);
+
+/// The members of group `name`, the master target holding them, and the least hold their
+/// points need ([`ACCOUNT_HOLD`] when one ships through a cache account, else none).
+fn members(cs: &ConfigServer, name: &str) -> Result<(Vec<String>, String, Duration), ApiError> {
     let p = crate::machines::pipeline(cs).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    members_in(&p, cs, name)
+    let (members, gateway) = members_in(&p, cs, name)?;
+    Ok((members, gateway, least_hold(&p, name)))
+}
+
+/// [`ACCOUNT_HOLD`] when a member of group `name` ships through a cache account.
+fn least_hold(p: &haven_pipeline::model::Pipeline, name: &str) -> Duration {
+    let through_account = p.group(name).is_some_and(|g| {
+        g.machines
+            .iter()
+            .any(|m| p.machine(m).is_some_and(|m| m.cache_account.is_some()))
+    });
+    match through_account {
+        true => ACCOUNT_HOLD,
+        false => Duration::ZERO,
+    }
 }
 
 /// The members of group `name` of pipeline `p` and the master target holding them.
@@ -179,10 +200,11 @@ pub(crate) async fn create_group_point(
     caller: Option<axum::Extension<crate::auth::Caller>>,
 ) -> Result<Response, ApiError> {
     let hold = hold_of(q.hold_ms)?;
-    let (members, gateway) = {
+    let (members, gateway, least) = {
         let (cs, name) = (cs.clone(), name.clone());
         crate::blocking(move || members(&cs, &name)).await?
     };
+    let hold = hold.max(least);
     let members: Vec<String> = members
         .iter()
         .map(|m| {
@@ -224,7 +246,7 @@ pub(crate) async fn list_group_points(
     Deployment(cs): Deployment,
     Path(name): Path<String>,
 ) -> Result<Pretty<Vec<GroupPoint>>, ApiError> {
-    let (members, gateway) = {
+    let (members, gateway, _) = {
         let (cs, name) = (cs.clone(), name.clone());
         crate::blocking(move || members(&cs, &name)).await?
     };
@@ -425,7 +447,7 @@ async fn take_for(
                 path: format!(
                     "/v1/group-points?members={}&hold_ms={}",
                     members.join(","),
-                    DEFAULT_HOLD.as_millis()
+                    DEFAULT_HOLD.max(least_hold(p, group)).as_millis()
                 ),
                 caller: "the group's policy".into(),
             },

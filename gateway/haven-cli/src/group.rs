@@ -18,7 +18,7 @@ pub enum GroupCommand {
         /// The group's name in the pipeline.
         group: String,
         /// Longest the members' writes are held, ms; a member that does not hold in time makes
-        /// the point fail.
+        /// the point fail (at least 4000 when a member ships through a cache account).
         #[arg(long, default_value_t = 500)]
         hold_ms: u64,
         #[arg(long = "server", visible_alias = "api", env = "HAVEN_SERVER", default_value_t = default_server())]
