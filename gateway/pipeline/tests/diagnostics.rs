@@ -344,3 +344,66 @@ fn columns_count_characters() {
         "p.toml:11:23"
     );
 }
+
+#[test]
+fn cache_accounts_stand_where_process_servers_would() {
+    // A machine of a site without a process server ships through its site's cache account,
+    // drained by a process server elsewhere.
+    let drained = BASE
+        .replace(
+            "name = \"ps1\"\nsite = \"a\"",
+            "name = \"ps1\"\nsite = \"b\"",
+        )
+        .replace(
+            "[[machine]]",
+            "[[cache_account]]\nname = \"a-cache\"\nsite = \"a\"\n\
+             container_url = \"https://havencache.blob.core.windows.net/haven-cache\"\n\
+             drained_by = [\"ps1\"]\n\n[[machine]]",
+        )
+        .replace(
+            "writer = \"raw\"",
+            "writer = \"raw\"\ncache_account = \"a-cache\"",
+        );
+    let p = parse(&drained, "p.toml").unwrap();
+    assert_eq!(p.machines[0].cache_account.as_deref(), Some("a-cache"));
+    assert_eq!(p.cache_accounts[0].drained_by, ["ps1"]);
+    // Without it, the site has no process server.
+    let without = drained.replace("cache_account = \"a-cache\"\n", "");
+    let e = errors(&without);
+    assert!(
+        e.iter()
+            .any(|e| e.contains("no gateway at site `a` has the process-server role")),
+        "{e:?}"
+    );
+
+    let wrong = drained
+        .replace(
+            "cache_account = \"a-cache\"",
+            "cache_account = \"a-cache\"\nprocess_server = \"ps1\"",
+        )
+        .replace("site = \"a\"\ncontainer_url", "site = \"b\"\ncontainer_url")
+        .replace("drained_by = [\"ps1\"]", "drained_by = [\"mt1\"]")
+        .replace("haven-cache\"", "haven-cache?sv=2024&sig=x\"");
+    let e = errors(&wrong);
+    for expected in [
+        "cache_account[0].container_url: container_url \
+         `https://havencache.blob.core.windows.net/haven-cache?sv=2024&sig=x` does not name a \
+         container, or carries a token",
+        "cache_account[0].drained_by[0]: gateway `mt1` does not have the process-server role",
+        "machine[0].cache_account: a machine ships to a process server or to a cache account, \
+         not both",
+    ] {
+        assert!(
+            e.iter().any(|e| e.contains(expected)),
+            "{expected}\nnot in {e:?}"
+        );
+    }
+    let e = errors(&wrong.replace("process_server = \"ps1\"\n", ""));
+    assert!(
+        e.iter().any(|e| e.contains(
+            "machine[0].cache_account: cache account `a-cache` is for site `b`, the machine is \
+             at `a`"
+        )),
+        "{e:?}"
+    );
+}
