@@ -168,6 +168,23 @@ fn an_azure_vm_replicates_through_a_cache_account_any_gateway_drains() {
         })
     })
     .unwrap();
+    // The gateway that took over shows the agent among those it drains.
+    let drain =
+        c.ps.status()
+            .unwrap()
+            .process_server
+            .unwrap()
+            .drain
+            .unwrap();
+    assert_eq!(drain.account, format!("{}/{CONTAINER}", azurite.endpoint()));
+    assert_eq!(
+        drain
+            .agents
+            .iter()
+            .map(|a| a.machine_name.as_str())
+            .collect::<Vec<_>>(),
+        ["shop-sql"]
+    );
     // A point on request reaches the agent through the account, and its tag comes back
     // through it, drained by the gateway that took over. (This master target keeps no points,
     // window 0s, so that its replica follows the stream: it says the point arrived.)

@@ -154,6 +154,7 @@ fn both_roles() -> GatewayStatus {
                 failed_over: None,
                 policy_refused: None,
             }],
+            drain: None,
         }),
         master_target: Some(MasterTargetStatus {
             listen: "0.0.0.0:7500".into(),

@@ -58,7 +58,7 @@ use haven_wire::{DiskId, HashRequest, Hashes, Hello, PeerId, Record, Role, Seq};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ingest::{self, DiskStream, Refused, Sink, Via, lock};
-use crate::status::{CachedDisk, ProcessServerStatus};
+use crate::status::{CachedDisk, DrainStatus, DrainedAgent, ProcessServerStatus};
 use crate::{Backoff, Identity, now_ms, parse_peer, peer_hex};
 
 /// Longest an agent may take to answer a control request (its quiesce hooks included).
@@ -711,6 +711,21 @@ impl ProcessServer {
             upload_bytes_per_second: upload,
             achievable_rpo_seconds: achievable_rpo(cache_bytes, churn, upload),
             disks,
+            drain: self.config.drain.as_ref().map(|account| {
+                let mut agents: Vec<DrainedAgent> = lock(&self.drained)
+                    .values()
+                    .map(|r| DrainedAgent {
+                        agent_id: r.agent_id.clone(),
+                        machine_name: r.machine_name.clone(),
+                        report_time_ms: r.time_ms,
+                    })
+                    .collect();
+                agents.sort_by(|a, b| a.machine_name.cmp(&b.machine_name));
+                DrainStatus {
+                    account: account.describe(),
+                    agents,
+                }
+            }),
         }
     }
 

@@ -46,6 +46,27 @@ pub struct ProcessServerStatus {
     pub achievable_rpo_seconds: Option<f64>,
     /// One entry per protected disk whose stream passes here.
     pub disks: Vec<CachedDisk>,
+    /// The cache storage account this process server drains (Azure → Azure), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+}
+
+/// A cache storage account a process server drains.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DrainStatus {
+    /// The container's URL (no credentials).
+    pub account: String,
+    /// The agents drained here now (this gateway holds their lease), by their last report.
+    pub agents: Vec<DrainedAgent>,
+}
+
+/// An agent a process server drains from a cache account.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DrainedAgent {
+    pub agent_id: String,
+    pub machine_name: String,
+    /// When the agent made its last report, ms since the Unix epoch.
+    pub report_time_ms: u64,
 }
 
 /// One disk's stream through the process server.

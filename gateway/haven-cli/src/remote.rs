@@ -731,6 +731,21 @@ fn print_status(api: &str, s: &GatewayStatus) {
                     "{s:.1} s"
                 ))
         );
+        if let Some(drain) = &ps.drain {
+            let agents: Vec<String> = drain
+                .agents
+                .iter()
+                .map(|a| format!("{} ({})", a.machine_name, a.agent_id))
+                .collect();
+            println!(
+                "  drains cache account {}: {}",
+                drain.account,
+                match agents.is_empty() {
+                    true => "no agent now".to_string(),
+                    false => agents.join(", "),
+                }
+            );
+        }
         println!(
             "  {:<16} {:>4} {:<13} {:>7} {:>12} {:>12} {:>10}",
             "MACHINE", "DISK", "STATE", "SYNC", "RECEIVING", "CACHE", "AGENT"

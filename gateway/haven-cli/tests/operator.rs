@@ -8,7 +8,9 @@ use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 
-use haven_engine::status::{CachedDisk, GatewayStatus, ProcessServerStatus};
+use haven_engine::status::{
+    CachedDisk, DrainStatus, DrainedAgent, GatewayStatus, ProcessServerStatus,
+};
 
 /// `haven ARGS` with `envs` set, in an environment without the variables that change its
 /// defaults or its logging.
@@ -59,6 +61,14 @@ fn process_server_status() -> GatewayStatus {
             upload_bytes_per_second: 0.0,
             achievable_rpo_seconds: Some(0.0),
             disks: vec![disk],
+            drain: Some(DrainStatus {
+                account: "https://havencache.blob.core.windows.net/haven-cache".into(),
+                agents: vec![DrainedAgent {
+                    agent_id: "fedcba9876543210fedcba9876543210".into(),
+                    machine_name: "shop-sql".into(),
+                    report_time_ms: 1,
+                }],
+            }),
         }),
         master_target: None,
         config_server: None,
@@ -117,6 +127,13 @@ fn status_shows_the_gateways_that_answer_and_marks_the_others() {
     );
     assert!(
         stdout.contains(&format!("gateway {up} (site primary)")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "  drains cache account https://havencache.blob.core.windows.net/haven-cache: \
+             shop-sql (fedcba9876543210fedcba9876543210)\n"
+        ),
         "{stdout}"
     );
     let row = stdout
