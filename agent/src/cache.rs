@@ -135,6 +135,15 @@ pub async fn control_loop(
     }
 }
 
+/// How often a streaming link asks whether the machine failed over.
+const FAILED_OVER_CHECK: Duration = Duration::from_secs(5);
+
+/// The refusal a process server hands an agent whose machine failed over.
+fn refusal(message: String) -> (Frame, bool) {
+    let error = haven_wire::ErrorFrame::new(haven_wire::frame::error_code::FAILED_OVER, message);
+    (Frame::Error(error), false)
+}
+
 /// How often an answer to a digest request is looked for.
 const ANSWER_POLL: Duration = Duration::from_millis(200);
 
@@ -148,6 +157,11 @@ pub struct CacheLink {
     answers: mpsc::UnboundedReceiver<Result<Hashes, String>>,
     answers_tx: mpsc::UnboundedSender<Result<Hashes, String>>,
     polling: Option<JoinHandle<()>>,
+    /// The machine failed over (a draining gateway said so): the refusal to hand the shipper,
+    /// and whether it was handed.
+    failed_over: Option<(Frame, bool)>,
+    /// When the account was last asked whether the machine failed over.
+    checked: Instant,
 }
 
 impl Drop for CacheLink {
@@ -177,6 +191,8 @@ impl CacheLink {
     ) -> Result<CacheLink, String> {
         let a = Arc::clone(&account);
         let frontier = blocking(move || a.frontier(&peer, disk)).await?;
+        let a = Arc::clone(&account);
+        let failed_over = blocking(move || a.failed_over(&peer)).await?;
         let mut receiver = Receiver::new(
             ReceiverConfig {
                 // Nothing is received when the shipper is idle and the link is local: it is
@@ -195,12 +211,23 @@ impl CacheLink {
             answers,
             answers_tx,
             polling: None,
+            failed_over: failed_over.map(refusal),
+            checked: Instant::now(),
         })
     }
 
     /// The shipper's frames: records go up as one segment, then are acknowledged.
     pub async fn send(&mut self, frames: Vec<Frame>) -> Result<(), String> {
         let now = Instant::now();
+        if self.failed_over.is_none() && now.duration_since(self.checked) >= FAILED_OVER_CHECK {
+            self.checked = now;
+            let (a, peer) = (Arc::clone(&self.account), self.peer);
+            self.failed_over = blocking(move || a.failed_over(&peer)).await?.map(refusal);
+        }
+        if self.failed_over.is_some() {
+            // Nothing more goes up: the replica is the production copy now.
+            return Ok(());
+        }
         let mut records: Vec<Record> = Vec::new();
         for f in frames {
             self.receiver.handle(now, f);
@@ -283,6 +310,13 @@ impl CacheLink {
 
     /// A frame for the shipper if one is ready.
     pub fn try_next(&mut self) -> Result<Option<Frame>, String> {
+        if let Some((frame, handed)) = &mut self.failed_over {
+            if *handed {
+                return Ok(None);
+            }
+            *handed = true;
+            return Ok(Some(frame.clone()));
+        }
         Ok(self.receiver.poll_transmit(Instant::now()))
     }
 }

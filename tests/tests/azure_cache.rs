@@ -442,6 +442,17 @@ fn the_azure_to_azure_example_runs_from_apply_through_plan_failover() {
     let out = cs.haven(&["plan", "resume", "westeurope-lost"]).unwrap();
     assert!(out.contains("plan westeurope-lost: done"), "{out}");
 
+    // The VMs in West Europe are told through the account, and stop shipping.
+    for agent in std::iter::once(&c.agent).chain(&agents) {
+        poll(Duration::from_secs(60), Duration::from_millis(250), || {
+            Ok(match agent.report() {
+                Some(r) if r.disks[0].state == haven_net::stream::DiskState::FailedOver => Ok(()),
+                r => Err(format!("the agent does not report failed-over: {r:?}")),
+            })
+        })
+        .unwrap();
+    }
+
     // ARM runs each VM in North Europe where the example puts it, on disks imported from the
     // page blobs, each equal to its source with the last write.
     let resources = arm.resources().unwrap();

@@ -9,6 +9,7 @@
 //! leases/<agent>                          empty; a draining gateway holds its lease (fencing),
 //!                                         metadata `released_<disk>`: freed up to that seq
 //! streams/<agent>/report                  the agent's last report (JSON), every few seconds
+//! streams/<agent>/failed-over             why the agent's machine failed over: it stops shipping
 //! streams/<agent>/control/<id>            a request of the master target (JSON), for the agent
 //! streams/<agent>/reply/<id>              the agent's reply to it (JSON)
 //! streams/<agent>/<disk>/hello            the disk's Hello frame (its size and block size)
@@ -381,6 +382,24 @@ impl CacheAccount {
     pub fn put_report(&self, peer: &PeerId, json: &[u8]) -> Result<(), CacheError> {
         let name = format!("streams/{}/report", agent_name(peer));
         let body = self.key.seal_bytes(&name, json)?;
+        Ok(self.client.put(&name, &body, false)?)
+    }
+
+    /// Why the agent's machine failed over, when a draining gateway said so.
+    pub fn failed_over(&self, peer: &PeerId) -> Result<Option<String>, CacheError> {
+        let name = format!("streams/{}/failed-over", agent_name(peer));
+        match self.client.get(&name)? {
+            Some(body) => Ok(Some(
+                String::from_utf8_lossy(&self.key.open_bytes(&name, &body)?).into_owned(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Tells the agent its machine failed over (the master target's `message`).
+    pub fn put_failed_over(&self, peer: &PeerId, message: &str) -> Result<(), CacheError> {
+        let name = format!("streams/{}/failed-over", agent_name(peer));
+        let body = self.key.seal_bytes(&name, message.as_bytes())?;
         Ok(self.client.put(&name, &body, false)?)
     }
 

@@ -175,10 +175,15 @@ async fn drain_agent(
                     && r.code == haven_wire::frame::error_code::FAILED_OVER
                 {
                     // The replica is production now: nothing more goes there. The lease is
-                    // kept so no other gateway tries either.
+                    // kept so no other gateway tries either, and the agent is told.
                     tracing::warn!(agent = %peer_hex(&peer), "the master target failed the \
                         agent over; its streams in the cache account are no longer drained: {}",
                         r.message);
+                    let (a, message) = (Arc::clone(&account), r.message.clone());
+                    if let Err(e) = blocking(move || a.put_failed_over(&peer, &message)).await {
+                        tracing::warn!(agent = %peer_hex(&peer), error = %format!("{e:#}"),
+                            "telling the agent through the cache account that it failed over");
+                    }
                     reports.abort();
                     drain.ps.set_drained_report(peer, None);
                     let _ = renewing.await;
