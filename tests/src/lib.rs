@@ -19,6 +19,7 @@ use haven_engine::status::GatewayStatus;
 use haven_net::stream::{DiskState, Report};
 
 pub mod azurite;
+pub mod example;
 pub mod fake_arm;
 pub mod nbd;
 pub mod vcsim;

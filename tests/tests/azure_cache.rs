@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use haven_e2e::azurite::{self, Azurite};
+use haven_e2e::example::{array, tables};
 use haven_e2e::{
     Cluster, ClusterOptions, Gateway, Rng, images_equal, mixed_disk, now_ms, poll, qemu_io,
 };
@@ -225,29 +226,12 @@ const SUB: &str = "00000000-0000-0000-0000-000000000000";
 /// The example's VMs.
 const SHOP: [&str; 3] = ["shop-sql", "shop-web1", "shop-web2"];
 
-fn example() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/azure-to-azure.toml")
-}
-
-fn tables(p: &toml::Table, key: &str) -> Vec<toml::Table> {
-    p.get(key)
-        .and_then(toml::Value::as_array)
-        .unwrap_or_else(|| panic!("the example has no [[{key}]]"))
-        .iter()
-        .map(|v| v.as_table().cloned().expect("a table"))
-        .collect()
-}
-
-fn array(tables: Vec<toml::Table>) -> toml::Value {
-    toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
-}
-
 /// `examples/pipelines/azure-to-azure.toml` with what names this machine's parts put in: the
 /// sites and gateways of the cluster (West Europe is `primary`, North Europe `secondary`, the
 /// drainers `ps1` and `ps2`, the master target `mt1`), plugin files, Azurite's containers and
 /// the fake ARM's endpoints.
 fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> String {
-    let text = std::fs::read_to_string(example()).unwrap();
+    let text = std::fs::read_to_string(haven_e2e::example::path("azure-to-azure.toml")).unwrap();
     let mut p: toml::Table = text.parse().expect("the example parses");
     let head: toml::Table = c.pipeline_head("weu-to-neu").unwrap().parse().unwrap();
     p.insert("site".into(), head["site"].clone());
@@ -255,7 +239,7 @@ fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> St
     let s = |v: &str| toml::Value::String(v.to_string());
     let names = |v: &[&str]| toml::Value::Array(v.iter().map(|n| s(n)).collect());
 
-    let mut accounts = tables(&p, "cache_account");
+    let mut accounts = tables(&p, "cache_account").unwrap();
     for account in &mut accounts {
         account.insert("site".into(), s("primary"));
         account.insert(
@@ -265,13 +249,13 @@ fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> St
         account.insert("drained_by".into(), names(&["ps1", "ps2"]));
     }
     p.insert("cache_account".into(), array(accounts));
-    let mut machines = tables(&p, "machine");
+    let mut machines = tables(&p, "machine").unwrap();
     for m in &mut machines {
         m.insert("site".into(), s("primary"));
         m.insert("master_target".into(), s("mt1"));
     }
     p.insert("machine".into(), array(machines));
-    let mut mappings = tables(&p, "network_mapping");
+    let mut mappings = tables(&p, "network_mapping").unwrap();
     for m in &mut mappings {
         m.insert("source_site".into(), s("primary"));
         m.insert("target_site".into(), s("secondary"));
@@ -279,7 +263,7 @@ fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> St
     p.insert("network_mapping".into(), array(mappings));
 
     let wasm = haven_e2e::default_bin_dir().join("../wasm32-wasip2/release");
-    let mut plugins = tables(&p, "plugin");
+    let mut plugins = tables(&p, "plugin").unwrap();
     for plugin in &mut plugins {
         let file = plugin["path"]
             .as_str()
@@ -316,7 +300,7 @@ fn localised(c: &Cluster, a: &Azurite, arm: &haven_e2e::fake_arm::FakeArm) -> St
         }
     }
     p.insert("plugin".into(), array(plugins));
-    let mut hooks = tables(&p, "webhook");
+    let mut hooks = tables(&p, "webhook").unwrap();
     for h in &mut hooks {
         h.insert("url".into(), s("http://127.0.0.1:9/haven/shop"));
     }

@@ -8,10 +8,11 @@
 //! step resumed — after which ARM holds a running VM per server where the example puts it, each
 //! on disks imported from page blobs that `qemu-img compare` finds equal to the sources.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use haven_e2e::azurite::{self, Azurite};
+use haven_e2e::example::{array, tables};
 use haven_e2e::fake_arm::FakeArm;
 use haven_e2e::nbd::NbdClient;
 use haven_e2e::{Agent, Cluster, ClusterOptions, images_equal_as, mixed_disk};
@@ -22,20 +23,7 @@ const MIB: u64 = 1 << 20;
 const MACHINES: [(&str, usize); 3] = [("erp-db", 1), ("erp-app", 1), ("files", 2)];
 
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/physical-to-azure.toml")
-}
-
-fn array(tables: Vec<toml::Table>) -> toml::Value {
-    toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
-}
-
-fn tables(p: &toml::Table, key: &str) -> Result<Vec<toml::Table>> {
-    p.get(key)
-        .and_then(toml::Value::as_array)
-        .with_context(|| format!("the example has no [[{key}]]"))?
-        .iter()
-        .map(|v| v.as_table().cloned().context("not a table"))
-        .collect()
+    haven_e2e::example::path("physical-to-azure.toml")
 }
 
 /// The example with what names this machine's parts put in.

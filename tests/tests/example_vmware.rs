@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use haven_e2e::example::{array, tables};
 use haven_e2e::nbd::NbdClient;
 use haven_e2e::vcsim::Vcsim;
 use haven_e2e::{Agent, Cluster, ClusterOptions, mixed_disk, poll, run_ok};
@@ -30,11 +31,7 @@ const MACHINES: [(&str, usize); 5] = [
 const DISK: u64 = 4 << 20;
 
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/vmware-to-vmware.toml")
-}
-
-fn array(tables: Vec<toml::Table>) -> toml::Value {
-    toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
+    haven_e2e::example::path("vmware-to-vmware.toml")
 }
 
 /// The example pipeline with what names this machine's parts put in.
@@ -50,26 +47,18 @@ fn localised(c: &Cluster, a: &Vcsim, b: &Vcsim, datastore: &Path) -> Result<Stri
         "dc-b" => "secondary".to_string(),
         other => other.to_string(),
     };
-    let tables = |p: &mut toml::Table, key: &str| -> Result<Vec<toml::Table>> {
-        p.get(key)
-            .and_then(toml::Value::as_array)
-            .with_context(|| format!("the example has no [[{key}]]"))?
-            .iter()
-            .map(|v| v.as_table().cloned().context("not a table"))
-            .collect()
-    };
     let set = |t: &mut toml::Table, key: &str, v: toml::Value| {
         t.insert(key.to_string(), v);
     };
     let s = |v: &str| toml::Value::String(v.to_string());
 
-    let mut machines = tables(&mut p, "machine")?;
+    let mut machines = tables(&p, "machine")?;
     for m in &mut machines {
         let name = m["site"].as_str().unwrap_or_default().to_string();
         set(m, "site", s(&site(&name)));
     }
     p.insert("machine".into(), array(machines));
-    let mut mappings = tables(&mut p, "network_mapping")?;
+    let mut mappings = tables(&p, "network_mapping")?;
     for m in &mut mappings {
         for key in ["source_site", "target_site"] {
             let name = m[key].as_str().unwrap_or_default().to_string();
@@ -79,7 +68,7 @@ fn localised(c: &Cluster, a: &Vcsim, b: &Vcsim, datastore: &Path) -> Result<Stri
     p.insert("network_mapping".into(), array(mappings));
 
     let wasm = haven_e2e::default_bin_dir().join("../wasm32-wasip2/release");
-    let mut plugins = tables(&mut p, "plugin")?;
+    let mut plugins = tables(&p, "plugin")?;
     for plugin in &mut plugins {
         let file = plugin["path"]
             .as_str()
@@ -120,7 +109,7 @@ fn localised(c: &Cluster, a: &Vcsim, b: &Vcsim, datastore: &Path) -> Result<Stri
     }
     p.insert("plugin".into(), array(plugins));
 
-    let mut plans = tables(&mut p, "plan")?;
+    let mut plans = tables(&p, "plan")?;
     for plan in &mut plans {
         let mut steps = tables(plan, "step")?;
         for step in &mut steps {
@@ -135,7 +124,7 @@ fn localised(c: &Cluster, a: &Vcsim, b: &Vcsim, datastore: &Path) -> Result<Stri
         plan.insert("step".into(), array(steps));
     }
     p.insert("plan".into(), array(plans));
-    let mut hooks = tables(&mut p, "webhook")?;
+    let mut hooks = tables(&p, "webhook")?;
     for h in &mut hooks {
         set(h, "url", s("http://127.0.0.1:9/haven/dc-a"));
     }
