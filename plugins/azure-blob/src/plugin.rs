@@ -67,22 +67,9 @@ fn expect(
     }
 }
 
-fn request(method: &'static str, path: String, query: &[(&str, &str)]) -> Request {
-    Request {
-        method,
-        path,
-        query: query
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        headers: Vec::new(),
-        content_length: 0,
-    }
-}
-
 /// The blob's length, or `None` when there is no such blob. Fails when it is not a page blob.
 fn length(a: &Account, blob: &str) -> Result<Option<u64>, WitError> {
-    let resp = send(a, &request("HEAD", a.blob_path(blob), &[]), &[])?;
+    let resp = send(a, &Request::new("HEAD", a.blob_path(blob), &[]), &[])?;
     if resp.status == 404 {
         return Ok(None);
     }
@@ -103,7 +90,7 @@ fn length(a: &Account, blob: &str) -> Result<Option<u64>, WitError> {
 
 /// Bytes `[offset, offset+len)` of the blob.
 fn get(a: &Account, blob: &str, offset: u64, len: u64) -> Result<Vec<u8>, WitError> {
-    let mut r = request("GET", a.blob_path(blob), &[]);
+    let mut r = Request::new("GET", a.blob_path(blob), &[]);
     r.headers.push((
         "x-ms-range".into(),
         format!("bytes={offset}-{}", offset + len - 1),
@@ -124,7 +111,7 @@ fn put_pages(a: &Account, blob: &str, offset: u64, data: &[u8]) -> Result<(), Wi
     while done < data.len() as u64 {
         let n = (data.len() as u64 - done).min(MAX_PUT_PAGE);
         let at = offset + done;
-        let mut r = request("PUT", a.blob_path(blob), &[("comp", "page")]);
+        let mut r = Request::new("PUT", a.blob_path(blob), &[("comp", "page")]);
         r.headers
             .push(("x-ms-range".into(), format!("bytes={at}-{}", at + n - 1)));
         r.headers.push(("x-ms-page-write".into(), "update".into()));
@@ -236,7 +223,7 @@ impl GuestDisk for PageBlob {
         // The container, once (an existing one is fine). A SAS is scoped to what the operator
         // made: the container is theirs to create.
         if matches!(a.auth, crate::Auth::SharedKey(_)) {
-            let r = request("PUT", a.container_path(), &[("restype", "container")]);
+            let r = Request::new("PUT", a.container_path(), &[("restype", "container")]);
             expect(
                 "container creation",
                 &a.container,
@@ -244,7 +231,7 @@ impl GuestDisk for PageBlob {
                 &[201, 409],
             )?;
         }
-        let mut r = request("PUT", a.blob_path(&path), &[]);
+        let mut r = Request::new("PUT", a.blob_path(&path), &[]);
         r.headers.push(("x-ms-blob-type".into(), "PageBlob".into()));
         r.headers.push((
             "x-ms-blob-content-length".into(),
@@ -329,7 +316,7 @@ impl GuestDisk for PageBlob {
             return Ok(());
         }
         // Cleared pages read as zeros and hold no data: always a discard.
-        let mut r = request(
+        let mut r = Request::new(
             "PUT",
             self.account.blob_path(&self.blob),
             &[("comp", "page")],
@@ -358,7 +345,7 @@ impl GuestDisk for PageBlob {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let mut r = request(
+        let mut r = Request::new(
             "GET",
             self.account.blob_path(&self.blob),
             &[("comp", "pagelist")],

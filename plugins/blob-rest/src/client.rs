@@ -178,27 +178,16 @@ impl Client {
     }
 
     fn request(&self, method: &'static str, blob: &str, query: &[(&str, &str)]) -> Request {
-        Request {
-            method,
-            path: self.account.blob_path(blob),
-            query: query
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            headers: Vec::new(),
-            content_length: 0,
-        }
+        Request::new(method, self.account.blob_path(blob), query)
     }
 
     /// Creates the container; one that exists already is fine.
     pub fn create_container(&self) -> Result<(), BlobError> {
-        let r = Request {
-            method: "PUT",
-            path: self.account.container_path(),
-            query: vec![("restype".into(), "container".into())],
-            headers: Vec::new(),
-            content_length: 0,
-        };
+        let r = Request::new(
+            "PUT",
+            self.account.container_path(),
+            &[("restype", "container")],
+        );
         self.send("create", "(container)", r, &[], &[201, 409])
             .map(drop)
     }
@@ -286,21 +275,15 @@ impl Client {
         let mut marker: Option<String> = None;
         loop {
             let mut query = vec![
-                ("restype".to_string(), "container".to_string()),
-                ("comp".to_string(), "list".to_string()),
-                ("prefix".to_string(), prefix.to_string()),
-                ("include".to_string(), "metadata".to_string()),
+                ("restype", "container"),
+                ("comp", "list"),
+                ("prefix", prefix),
+                ("include", "metadata"),
             ];
             if let Some(m) = &marker {
-                query.push(("marker".into(), m.clone()));
+                query.push(("marker", m));
             }
-            let r = Request {
-                method: "GET",
-                path: self.account.container_path(),
-                query,
-                headers: Vec::new(),
-                content_length: 0,
-            };
+            let r = Request::new("GET", self.account.container_path(), &query);
             let a = match self.send("list", prefix, r, &[], &[200]) {
                 Ok(a) => a,
                 // No container yet: nothing in it.

@@ -66,6 +66,22 @@ pub struct Request {
     pub content_length: u64,
 }
 
+impl Request {
+    /// A request without headers or body: `method` on the encoded `path`, with `query`.
+    pub fn new(method: &'static str, path: String, query: &[(&str, &str)]) -> Request {
+        Request {
+            method,
+            path,
+            query: query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            headers: Vec::new(),
+            content_length: 0,
+        }
+    }
+}
+
 impl Account {
     /// Reads an account from the writer's settings: `endpoint`
     /// (`https://ACCOUNT.blob.core.windows.net`, or an emulator's
