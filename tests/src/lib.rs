@@ -1051,6 +1051,36 @@ impl Cluster {
         })
     }
 
+    /// More machines of site `primary`, each with its disks (the first, then the others):
+    /// enrolled with the cluster's configuration server and protected by an agent of their
+    /// own (data folder `agent-NAME` beside the cluster's), with `extra` arguments.
+    pub fn more_agents(
+        &self,
+        machines: &[(&str, &[PathBuf])],
+        extra: &[String],
+    ) -> Result<Vec<Agent>> {
+        let cs = self
+            .cs
+            .as_ref()
+            .context("the cluster has no configuration server")?;
+        let bins = default_bin_dir();
+        let mut agents = Vec::new();
+        for (m, disks) in machines {
+            let dir = self.root.join(format!("agent-{m}"));
+            Agent::enroll_with_config_server(&bins, cs, "primary", &dir, m)?;
+            let (first, more) = disks.split_first().context("a machine without disks")?;
+            agents.push(Agent::start_disks(
+                &bins,
+                None,
+                &dir,
+                first,
+                more,
+                extra.to_vec(),
+            )?);
+        }
+        Ok(agents)
+    }
+
     /// `examples/pipelines/quickstart.toml` with this cluster's addresses and folders (its
     /// configuration server must run: [`ClusterOptions::config_server`]).
     pub fn quickstart_pipeline(&self) -> Result<String> {

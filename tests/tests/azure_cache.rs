@@ -382,16 +382,13 @@ fn the_azure_to_azure_example_runs_from_apply_through_plan_failover() {
     )
     .unwrap();
     let cs = c.cs.as_ref().unwrap();
-    let bins = haven_e2e::default_bin_dir();
-    let mut agents = Vec::new();
-    for (m, disk) in SHOP.iter().zip(&disks).skip(1) {
-        let dir = tmp.path().join(format!("agent-{m}"));
-        haven_e2e::Agent::enroll_with_config_server(&bins, cs, "primary", &dir, m).unwrap();
-        agents.push(
-            haven_e2e::Agent::start_disks(&bins, None, &dir, disk, &[], agent_args.clone())
-                .unwrap(),
-        );
-    }
+    let more: Vec<(&str, &[std::path::PathBuf])> = SHOP
+        .iter()
+        .zip(&disks)
+        .skip(1)
+        .map(|(m, d)| (*m, std::slice::from_ref(d)))
+        .collect();
+    let agents = c.more_agents(&more, &agent_args).unwrap();
     cs.set_secret("haven-sp", "the-service-principal-secret")
         .unwrap();
     cs.set_secret("havenreplicasneu-key", azurite::KEY).unwrap();

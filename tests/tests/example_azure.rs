@@ -15,7 +15,7 @@ use haven_e2e::azurite::{self, Azurite};
 use haven_e2e::example::{array, tables};
 use haven_e2e::fake_arm::FakeArm;
 use haven_e2e::nbd::NbdClient;
-use haven_e2e::{Agent, Cluster, ClusterOptions, images_equal_as, mixed_disk};
+use haven_e2e::{Cluster, ClusterOptions, images_equal_as, mixed_disk};
 
 const SUB: &str = "00000000-0000-0000-0000-000000000000";
 const MIB: u64 = 1 << 20;
@@ -189,20 +189,13 @@ fn the_physical_to_azure_example_runs_from_apply_through_plan_failover() -> Resu
         },
     )?;
     let cs = c.cs.as_ref().context("cs")?;
-    let bins = haven_e2e::default_bin_dir();
-    let mut agents = Vec::new();
-    for ((m, _), own) in MACHINES.iter().zip(&disks).skip(1) {
-        let dir = tmp.path().join(format!("agent-{m}"));
-        Agent::enroll_with_config_server(&bins, cs, "primary", &dir, m)?;
-        agents.push(Agent::start_disks(
-            &bins,
-            None,
-            &dir,
-            &own[0],
-            &own[1..],
-            Vec::new(),
-        )?);
-    }
+    let more: Vec<(&str, &[PathBuf])> = MACHINES
+        .iter()
+        .zip(&disks)
+        .skip(1)
+        .map(|((m, _), own)| (*m, own.as_slice()))
+        .collect();
+    let agents = c.more_agents(&more, &[])?;
     cs.set_secret("haven-dr-sp", "the-service-principal-secret")?;
     cs.set_secret("havenreplicasweu-key", azurite::KEY)?;
     let file = tmp.path().join("physical-to-azure.toml");

@@ -236,20 +236,13 @@ fn the_vmware_example_runs_from_apply_through_plan_failover() -> Result<()> {
         },
     )?;
     let cs = c.cs.as_ref().context("cs")?;
-    let bins = haven_e2e::default_bin_dir();
-    let mut agents = Vec::new();
-    for ((m, _), own) in MACHINES.iter().zip(&disks).skip(1) {
-        let dir = tmp.path().join(format!("agent-{m}"));
-        Agent::enroll_with_config_server(&bins, cs, "primary", &dir, m)?;
-        agents.push(Agent::start_disks(
-            &bins,
-            None,
-            &dir,
-            &own[0],
-            &own[1..],
-            Vec::new(),
-        )?);
-    }
+    let more: Vec<(&str, &[PathBuf])> = MACHINES
+        .iter()
+        .zip(&disks)
+        .skip(1)
+        .map(|((m, _), own)| (*m, own.as_slice()))
+        .collect();
+    let mut agents = c.more_agents(&more, &[])?;
 
     // The secrets the example names, then the example itself.
     cs.set_secret("vcenter-a-password", a.password())?;
