@@ -64,6 +64,9 @@ pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
     // Agents whose streams do not open here (another cache key?), and why: never leased, so
     // a gateway configured right drains them; each logged once.
     let mut unreadable: HashMap<PeerId, String> = HashMap::new();
+    // Agents whose streams opened here: not read again before each lease attempt (the key
+    // does not change while the process runs).
+    let mut readable: HashSet<PeerId> = HashSet::new();
     loop {
         draining.retain(|_, h| !h.is_finished());
         let a = Arc::clone(&account);
@@ -76,7 +79,11 @@ pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
                         continue;
                     }
                     let a = Arc::clone(&account);
-                    match blocking(move || a.disks(&peer)).await {
+                    let opened = match readable.contains(&peer) {
+                        true => Ok(Vec::new()),
+                        false => blocking(move || a.disks(&peer)).await,
+                    };
+                    match opened {
                         Err(e)
                             if e.downcast_ref::<CacheError>()
                                 .is_none_or(|c| !matches!(c, CacheError::Corrupt { .. })) =>
@@ -99,6 +106,7 @@ pub async fn run(ps: Arc<ProcessServer>, account: Arc<CacheAccount>) {
                         }
                         Ok(_) => {
                             unreadable.remove(&peer);
+                            readable.insert(peer);
                         }
                     }
                     let (a, id) = (Arc::clone(&account), id.clone());
